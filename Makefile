@@ -1,0 +1,35 @@
+# Concord's two entry points: `make demo` trains the demo config on 2 local ranks; `make test` runs the
+# test suite. Both create .venv on first use and install the pinned CPU stack once (stamp file).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.concord-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torchrec's metadata asks for the CUDA `fbgemm-gpu`, which cannot load without libtorch_cuda: install
+# torchrec with --no-deps and its other requirements (requirements/cpu.txt) beside fbgemm-gpu-cpu.
+# torch goes first and pinned, so that nothing later resolves a CUDA build.
+$(STAMP): pyproject.toml requirements/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements/cpu.txt
+	$(PIP) install --no-deps torchrec==1.8.0
+	$(PIP) install --no-deps -e .
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('concord: torch', torch.__version__, 'torchrec', torchrec.__version__)"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/concord train --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/concord bench --config configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) runs data

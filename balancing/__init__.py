@@ -1,0 +1,21 @@
+"""Gradient balancing at the shared representation. Depends on torch only: lift it into any model.
+
+>>> from balancing import RepresentationBoundary, build_balancer
+"""
+
+from balancing.base import Balancer, available_balancers, balancer_class, build_balancer, register
+from balancing.boundary import RepresentationBoundary
+from balancing.stats import StepStats
+
+# Importing the method modules registers them.
+from balancing import cograd, emtl, equal, multibalance  # noqa: F401,E402
+
+__all__ = [
+    "Balancer",
+    "RepresentationBoundary",
+    "StepStats",
+    "available_balancers",
+    "balancer_class",
+    "build_balancer",
+    "register",
+]

@@ -1,0 +1,206 @@
+"""One small base class and one registry for every balancing method (LibMTL style).
+
+A *coefficient method* implements :meth:`Balancer.coefficients`: a (T,) float64 vector ``c`` computed
+from the step's global statistics and its own state, so that ``A = sum_k c_k G_k``. An *element-wise
+method* (CoGrad, GradDrop) overrides :meth:`Balancer.aggregate` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
+
+import torch
+
+from balancing.stats import StepStats
+
+logger = logging.getLogger("concord.balancing")
+
+_REGISTRY: Dict[str, Type["Balancer"]] = {}
+
+
+def register(name: str) -> Callable[[Type["Balancer"]], Type["Balancer"]]:
+    """Class decorator: makes a balancer available by ``name`` in configs and :func:`build_balancer`."""
+
+    def wrap(cls: Type["Balancer"]) -> Type["Balancer"]:
+        if name in _REGISTRY:
+            raise ValueError(f"balancer {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_balancers() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def balancer_class(name: str) -> Type["Balancer"]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown balancer {name!r}; available: {', '.join(available_balancers())}"
+        ) from None
+
+
+def build_balancer(name: str, task_names: Sequence[str], **knobs: Any) -> "Balancer":
+    """Instantiates a registered balancer; unknown or out-of-range knobs raise ``ValueError``."""
+    cls = balancer_class(name)
+    allowed = cls.knob_names()
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"balancer {name!r} has no knob {', '.join(map(repr, unknown))}; its knobs: "
+            f"{', '.join(allowed) or '(none)'}"
+        )
+    return cls(task_names, **knobs)
+
+
+class RateLimitedWarning:
+    """Logs a warning per (task, kind) at steps 1, 2, 4, 8, ... of its occurrences, with the count."""
+
+    def __init__(self) -> None:
+        self._counts: Dict[tuple, int] = {}
+
+    def __call__(self, task: str, kind: str, message: str) -> None:
+        n = self._counts.get((task, kind), 0) + 1
+        self._counts[(task, kind)] = n
+        if n & (n - 1) == 0:
+            logger.warning("task %r: %s (occurrence %d; repeats are rate-limited)", task, message, n)
+
+    def count(self, task: str, kind: str) -> int:
+        return self._counts.get((task, kind), 0)
+
+
+class Balancer:
+    """Turns the per-task gradients ``G_k = dL_k/dz`` (B, d) into one aggregated gradient ``A`` (B, d).
+
+    Subclasses declare their knobs as keyword arguments of ``__init__`` (validated there, raising
+    ``ValueError`` that names the knob) and keep their state in tensors listed in ``state_names`` so that
+    :meth:`state_dict` round-trips exactly.
+    """
+
+    name: ClassVar[str] = ""
+    state_names: ClassVar[tuple] = ()
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        if len(task_names) < 1:
+            raise ValueError("a balancer needs at least one task")
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"task names must be unique, got {list(task_names)}")
+        self.task_names = list(task_names)
+        self.num_tasks = len(task_names)
+        self.step = 0
+        self.warn = RateLimitedWarning()
+        self.last_telemetry: Dict[str, Any] = {}
+
+    @classmethod
+    def knob_names(cls) -> List[str]:
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        return [p for p in params if p not in ("self", "task_names")]
+
+    # --- the update rule -------------------------------------------------------------------------
+    def coefficients(self, stats: StepStats) -> torch.Tensor:
+        """(T,) float64 coefficients ``c`` with ``A = sum_k c_k G_k``; inactive tasks must get 0."""
+        raise NotImplementedError
+
+    def aggregate(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats) -> torch.Tensor:
+        """``A = sum_k c_k G_k`` accumulated in place in the gradients' dtype (no stacked copy)."""
+        coeffs = self.coefficients(stats)
+        self.last_telemetry["coefficients"] = coeffs.tolist()
+        return weighted_sum(grads, coeffs, stats.active)
+
+    def before_backward(self, losses: torch.Tensor) -> torch.Tensor:
+        """Hook for loss-level methods (Uncertainty): the scalar whose backward is taken. Default: sum,
+        so each head receives its raw task gradient and the boundary sees each ``G_k`` unscaled."""
+        return losses.sum()
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def telemetry(self, stats: StepStats) -> Dict[str, Any]:
+        """Per-step values worth logging: raw norms and pairwise cosines, plus the method's own."""
+        norms = stats.norms
+        denom = torch.outer(norms, norms)
+        cos = torch.where(denom > 0, stats.gram / torch.where(denom > 0, denom, 1.0), 0.0)
+        out: Dict[str, Any] = {
+            "grad_norm": norms.tolist(),
+            "loss": stats.losses.tolist(),
+            "cosine": {
+                f"{self.task_names[i]}~{self.task_names[j]}": float(cos[i, j])
+                for i in range(self.num_tasks)
+                for j in range(i + 1, self.num_tasks)
+            },
+        }
+        out.update(self.last_telemetry)
+        return out
+
+    def note_inactive(self, stats: StepStats) -> None:
+        for k in range(self.num_tasks):
+            if not bool(stats.active[k]):
+                self.warn(
+                    self.task_names[k],
+                    "inactive",
+                    "zero, missing or non-finite gradient/loss at the boundary; its contribution is "
+                    "skipped this step",
+                )
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"step": self.step}
+        for key in self.state_names:
+            value = getattr(self, key)
+            state[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        missing = ({"step"} | set(self.state_names)) - set(state)
+        if missing:
+            raise KeyError(f"{self.name} balancer state lacks {sorted(missing)}")
+        self.step = int(state["step"])
+        for key in self.state_names:
+            value = state[key]
+            setattr(self, key, value.clone() if isinstance(value, torch.Tensor) else value)
+
+
+def weighted_sum(
+    grads: Sequence[Optional[torch.Tensor]], coeffs: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
+    """``sum_k c_k G_k`` over active tasks, accumulated in place; zeros if no task is active."""
+    out: Optional[torch.Tensor] = None
+    for k, g in enumerate(grads):
+        if g is None or not bool(active[k]):
+            continue
+        c = float(coeffs[k])
+        if out is None:
+            out = g * c
+        else:
+            out.add_(g, alpha=c)
+    if out is None:
+        template = next(g for g in grads if g is not None)
+        out = torch.zeros_like(template)
+    return out
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_task_vector(name: str, values: Optional[Sequence[float]], num_tasks: int) -> Optional[torch.Tensor]:
+    """Validates a per-task knob (length T, finite, >= 0) and returns it as float64, or None."""
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        values = [float(values)] * num_tasks
+    vec = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if vec.numel() != num_tasks:
+        raise ValueError(f"{name} needs one value per task ({num_tasks}), got {len(values)}")
+    if not torch.isfinite(vec).all() or (vec < 0).any():
+        raise ValueError(f"{name} values must be finite and >= 0, got {list(values)}")
+    return vec

@@ -1,0 +1,122 @@
+"""The representation boundary: ``z`` goes to T heads as T views, one aggregated gradient comes back.
+
+Usage in any PyTorch model (TorchRec or not)::
+
+    boundary = RepresentationBoundary(build_balancer("multibalance", ["ctr", "cvr"]))
+    z_ctr, z_cvr = boundary(z)                     # views of z (B, d), no copy
+    losses = torch.stack([loss_ctr(head_ctr(z_ctr)), loss_cvr(head_cvr(z_cvr))])
+    boundary.objective(losses).backward()          # one backward pass
+
+In that backward pass the heads receive their raw task gradients; the bottom (and, through it, the
+embedding tables) receives ``A`` from the balancer instead of ``sum_k G_k``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from balancing.base import Balancer
+from balancing.stats import local_statistics, reduce_statistics
+
+
+class _Replicate(torch.autograd.Function):
+    """Forward: T views of ``z``. Backward: ``A = boundary.balance(G_1..G_T)`` for ``z``."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> Tuple[torch.Tensor, ...]:
+        ctx.boundary = boundary
+        # Heads whose loss is absent give None rather than a materialised zero tensor.
+        ctx.set_materialize_grads(False)
+        return tuple(z.view_as(z) for _ in range(boundary.num_tasks))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        return ctx.boundary.balance(grads), None
+
+
+class RepresentationBoundary(nn.Module):
+    """Replicates the shared representation ``z`` (B, d) into one view per task head.
+
+    Args:
+        balancer: the method that combines the per-task gradients.
+        reduction: ``mean`` keeps task weights on the simplex (``equal`` gives the gradient of the mean
+            task loss); ``sum`` multiplies the aggregated gradient by T.
+        process_group: where the step's statistics are all-reduced; ``None`` means the default group
+            when ``torch.distributed`` is initialised, and no communication otherwise. A dedicated
+            group keeps this collective apart from DDP's gradient buckets.
+    """
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        reduction: str = "mean",
+        process_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.balancer = balancer
+        self.reduction = reduction
+        self.process_group = process_group
+        self.num_tasks = balancer.num_tasks
+        self._losses: Optional[torch.Tensor] = None
+        self.last_stats = None
+        self.backward_seconds = 0.0  # wall time spent in the last backward through the boundary
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if z.dim() != 2:
+            raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
+        if not torch.is_grad_enabled() or not z.requires_grad:
+            return tuple(z for _ in range(self.num_tasks))
+        return _Replicate.apply(z, self)
+
+    def objective(self, losses: torch.Tensor) -> torch.Tensor:
+        """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
+
+        The losses reach the balancer here, detached, so no second backward is needed.
+        """
+        if losses.shape != (self.num_tasks,):
+            raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
+        self._losses = losses.detach()
+        return self.balancer.before_backward(losses)
+
+    def balance(self, grads: Tuple[Optional[torch.Tensor], ...]) -> torch.Tensor:
+        """Runs inside autograd's backward: statistics, one all-reduce, the balancer, the aggregate."""
+        start = time.perf_counter()
+        template = next(g for g in grads if g is not None)
+        if self._losses is None:
+            raise RuntimeError(
+                "RepresentationBoundary.objective(losses) must be called before backward so the "
+                "balancer sees the task losses"
+            )
+        packed, _ = local_statistics(grads, self._losses, template.shape[0])
+        stats = reduce_statistics(
+            packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
+        )
+        self.balancer.note_inactive(stats)
+        aggregated = self.balancer.aggregate(grads, stats)
+        self.balancer.step += 1
+        if self.reduction == "sum":
+            aggregated.mul_(self.num_tasks)
+        self.last_stats = stats
+        self._losses = None
+        self.backward_seconds = time.perf_counter() - start
+        return aggregated
+
+    def telemetry(self) -> dict:
+        """The last step's values (weights, norms, cosines, method-specific), for logging."""
+        if self.last_stats is None:
+            return {}
+        return self.balancer.telemetry(self.last_stats)
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """NCCL reduces on the GPU; gloo and no-distributed on the CPU."""
+    if t.is_cuda and dist.is_initialized() and dist.get_backend() == "nccl":
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,74 @@
+"""CoGrad (Alibaba; paper 002, Algorithm 1 line 9, Eqs. 10-11 with lambda = 1), per ALGORITHMS.md.
+
+Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``, applied at
+per-sample scale (``U_k = B G_k``) so that the rule does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from balancing.base import Balancer, check_task_vector, register, weighted_sum
+from balancing.stats import StepStats
+
+
+@register("cograd")
+class CoGrad(Balancer):
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        gamma: Sequence[float] | float = 0.01,
+        weights: Optional[Sequence[float]] = None,
+    ) -> None:
+        super().__init__(task_names)
+        self.gamma = check_task_vector("cograd.gamma", gamma, self.num_tasks)
+        c = check_task_vector("cograd.weights", weights, self.num_tasks)
+        if c is None:
+            c = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+        elif float(c.sum()) <= 0:
+            raise ValueError("cograd.weights must not all be zero")
+        else:
+            c = c / c.sum()
+        self.weights = c
+        self._warned_large = set()
+
+    def aggregate(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats) -> torch.Tensor:
+        active = stats.active
+        c = self.weights * active
+        plain = weighted_sum(grads, c, active)  # sum_i c_i G_i
+        live = [k for k, g in enumerate(grads) if g is not None and bool(active[k])]
+        if not live or float(self.gamma[live].abs().sum()) == 0.0:
+            self.last_telemetry = {"weights": c.tolist(), "correction_ratio": 0.0}
+            return plain
+        b = stats.local_batch_size
+        # With U = B G and S = sum_j gamma_j U_j (Algorithm 1, line 9):
+        #   (1/B) sum_i c_i U_i⊙U_i⊙(S - gamma_i U_i) = B^2 sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i),
+        # where S' = sum_j gamma_j G_j. One (B, d) buffer for S', one for the correction.
+        s_prime = weighted_sum(grads, self.gamma, active)
+        correction = torch.zeros_like(plain)
+        per_task_ratio = [0.0] * self.num_tasks
+        for i in live:
+            g = grads[i]
+            term = g * g * (s_prime - float(self.gamma[i]) * g)
+            term_norm, g_norm = float(term.norm()), float(g.norm())
+            ratio = b * b * term_norm / g_norm if g_norm > 0 else 0.0
+            per_task_ratio[i] = ratio
+            if ratio > 1.0 and i not in self._warned_large:
+                self._warned_large.add(i)
+                self.warn(
+                    self.task_names[i],
+                    "cograd-large",
+                    f"CoGrad's transference term is {ratio:.2f}x this task's own gradient (gamma="
+                    f"{float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
+                )
+            correction.add_(term, alpha=float(c[i]))
+        correction.mul_(b * b)
+        plain_norm = float(plain.norm())
+        self.last_telemetry = {
+            "weights": c.tolist(),
+            "correction_ratio": float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0,
+            "task_correction_ratio": per_task_ratio,
+        }
+        return plain.sub_(correction)

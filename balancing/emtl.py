@@ -1,0 +1,115 @@
+"""EMTL, equitable multi-task learning (paper 000, Eqs. 1, 11-13), as specified in ALGORITHMS.md.
+
+MGDA's min-norm weights merged with bandit weights that mirror-ascend on each task's relative rate
+(loss / gradient norm), inside a KL ball around uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from balancing.base import Balancer, check_positive, register
+from balancing.simplex import min_norm_weights
+from balancing.stats import StepStats
+
+_EPS = 1e-12
+MGDA_NORMS = ("none", "l2", "loss", "loss+")
+
+
+def normalized_gram(stats: StepStats, how: str) -> torch.Tensor:
+    """MGDA-UB normalisation: divide ``G_k`` by 1, ``n_k``, ``Lbar_k`` or ``Lbar_k n_k``."""
+    if how == "none":
+        return stats.gram
+    n, loss = stats.norms, torch.abs(stats.losses)
+    div = {"l2": n, "loss": loss, "loss+": loss * n}[how]
+    inv = torch.where(div > 0, 1.0 / torch.clamp(div, min=_EPS), 0.0) * stats.active
+    return stats.gram * torch.outer(inv, inv)
+
+
+def kl_to_uniform(p: torch.Tensor) -> float:
+    """``KL(p || uniform) = log T - H(p)``."""
+    nz = p[p > 0]
+    return float((nz * torch.log(nz * p.numel())).sum())
+
+
+def kl_constrained_mirror_step(log_q: torch.Tensor, rho: float, iters: int = 100) -> tuple[torch.Tensor, float]:
+    """Step 3: ``p ∝ q^(1/(1+lam))`` with ``lam = 0`` if KL <= rho, else bisection so that KL = rho."""
+
+    def tempered(lam: float) -> torch.Tensor:
+        return torch.softmax(log_q / (1.0 + lam), dim=0)
+
+    p = tempered(0.0)
+    if kl_to_uniform(p) <= rho:
+        return p, 0.0
+    lo, hi = 0.0, 1.0
+    while kl_to_uniform(tempered(hi)) > rho:  # KL falls monotonically to 0 as lam grows
+        lo, hi = hi, hi * 2.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if kl_to_uniform(tempered(mid)) > rho:
+            lo = mid
+        else:
+            hi = mid
+    return tempered(hi), hi
+
+
+@register("emtl")
+class EMTL(Balancer):
+    state_names = ("bandit",)
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        beta: float = 0.5,
+        rho: float | None = None,
+        eta: float = 1.0,
+        mgda_norm: str = "none",
+    ) -> None:
+        super().__init__(task_names)
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"emtl.beta merges MGDA and bandit weights and must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+        log_t = math.log(self.num_tasks)
+        self.rho = 0.5 * log_t if rho is None else check_positive("emtl.rho", rho, allow_zero=True)
+        if self.num_tasks > 1 and self.rho >= log_t:
+            raise ValueError(
+                f"emtl.rho = {self.rho} must be < log T = {log_t:.4f} for T = {self.num_tasks}: "
+                "KL(p || uniform) <= log T always, so such a radius never constrains the bandit"
+            )
+        self.eta = check_positive("emtl.eta", eta, allow_zero=True)
+        if mgda_norm not in MGDA_NORMS:
+            raise ValueError(f"emtl.mgda_norm must be one of {MGDA_NORMS}, got {mgda_norm!r}")
+        self.mgda_norm = mgda_norm
+        self.bandit = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)  # p
+
+    def coefficients(self, stats: StepStats) -> torch.Tensor:
+        active = stats.active
+        if not bool(active.any()):
+            return torch.zeros(self.num_tasks, dtype=torch.float64)
+        idx = torch.nonzero(active).flatten()
+        # Step 1: alpha = MGDA min-norm weights over the active tasks.
+        alpha = torch.zeros(self.num_tasks, dtype=torch.float64)
+        alpha[idx] = min_norm_weights(normalized_gram(stats, self.mgda_norm)[idx][:, idx])
+        # Step 2 (Eq. 1): relative rates r_k = Lbar_k / n_k, rewards normalised to mean 1.
+        rate = stats.losses / (stats.norms + _EPS)
+        reward = torch.zeros(self.num_tasks, dtype=torch.float64)
+        mean_rate = rate[idx].mean()
+        if float(mean_rate) != 0.0:
+            reward[idx] = rate[idx] / mean_rate
+        # Step 3 (Eqs. 11-13): mirror ascent in log space, projected into the KL ball of radius rho.
+        log_q = torch.log(torch.clamp(self.bandit, min=1e-300)) + self.eta * reward
+        self.bandit, kl_multiplier = kl_constrained_mirror_step(log_q, self.rho)
+        # Step 4: merge, then step 5: A = sum_k w_k G_k (inactive tasks contribute nothing).
+        weights = self.beta * alpha + (1.0 - self.beta) * self.bandit
+        self.last_telemetry = {
+            "weights": weights.tolist(),
+            "alpha": alpha.tolist(),
+            "p": self.bandit.tolist(),
+            "relative_rate": rate.tolist(),
+            "relative_rate_var": float(reward[idx].var(unbiased=False)) if idx.numel() > 1 else 0.0,
+            "kl_multiplier": kl_multiplier,
+        }
+        return weights * active

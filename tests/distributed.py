@@ -1,0 +1,50 @@
+"""Helpers for multi-process tests: run a function on W gloo ranks and collect what each returns."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+from trainer.runtime import free_port
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        payload = ("ok", result)
+    except BaseException:
+        payload = ("error", traceback.format_exc())
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(payload, f)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args):
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; returns their results
+    in rank order, raising with the rank's traceback if any failed."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, start_method="spawn"
+        )
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results

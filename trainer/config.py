@@ -1,0 +1,421 @@
+"""Typed configuration: YAML files in ``configs/`` mapped onto dataclasses and validated on load.
+
+Every error names the file and the dotted key (``configs/demo.yaml: model.tables[1].features: ...``).
+``key=value`` overrides from the command line are applied to the YAML tree before validation, with
+values parsed as YAML scalars (``train.max_steps=100``, ``tasks.0.loss_weight=2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+SHARDING_TYPES_CPU = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+SHARDING_TYPES_ALL = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise", "grid_shard")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+# --- the schema ----------------------------------------------------------------------------------
+@dataclass
+class SyntheticSparse:
+    name: str
+    vocab: int
+    mean_len: float = 1.0  # multi-hot: ids per row ~ 1 + Poisson(mean_len - 1)
+    zipf: float = 1.2  # Zipf exponent of the id popularity (> 1)
+
+
+@dataclass
+class SyntheticTask:
+    name: str
+    type: str = "binary"  # binary | regression
+    positive_rate: float = 0.2  # binary: target share of positives
+    shared: float = 0.7  # cosine between this task's hidden direction and the shared one (<0: conflict)
+    scale: float = 10.0  # regression: label = scale * (score + noise), so MSE ~ scale^2
+
+
+@dataclass
+class SyntheticConfig:
+    rows: int = 200_000
+    eval_rows: int = 20_000
+    row_group_size: int = 16_384
+    seed: int = 7
+    num_dense: int = 8
+    latent_dim: int = 8
+    sparse: List[SyntheticSparse] = field(default_factory=list)
+    tasks: List[SyntheticTask] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    train: str
+    eval: Optional[str] = None
+    dense_columns: List[str] = field(default_factory=list)
+    sparse_columns: Dict[str, str] = field(default_factory=dict)  # feature name -> Parquet column
+    weight_column: Optional[str] = None
+    batch_size: int = 512  # per rank
+    synthetic: Optional[SyntheticConfig] = None  # generate train/eval here on first use
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    label: str  # Parquet column
+    type: str = "binary"  # binary (BCE with logits) | regression (MSE)
+    loss_weight: float = 1.0
+    head: List[int] = field(default_factory=lambda: [64])
+
+
+@dataclass
+class TableConfig:
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    features: List[str]
+    pooling: str = "sum"  # sum | mean
+    sharding_types: Optional[List[str]] = None  # None: the planner chooses among CPU-legal types
+
+
+@dataclass
+class OptimizerConfig:
+    name: str
+    lr: float
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class InteractionConfig:
+    type: str = "dcn"  # dcn (DCN-v2 low-rank cross layers) | concat (concat + MLP)
+    num_layers: int = 2
+    low_rank: int = 64
+    mlp: List[int] = field(default_factory=list)  # concat: MLP after the concatenation
+
+
+@dataclass
+class ModelConfig:
+    tables: List[TableConfig]
+    dense_mlp: List[int] = field(default_factory=lambda: [128, 64])
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    shared: List[int] = field(default_factory=lambda: [256])  # MLP ending in z; d = shared[-1]
+    embedding_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
+    )
+
+
+@dataclass
+class BalancerConfig:
+    name: str = "equal"
+    reduction: str = "mean"
+    knobs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop earlier than `epochs`
+    dense_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
+    eval_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 20
+    warmup_steps: int = 5  # excluded from QPS
+    qps_window: int = 50
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    tasks: List[TaskConfig]
+    model: ModelConfig
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    source: str = "<dict>"  # file it was loaded from; set by the loader
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def representation_dim(self) -> int:
+        return self.model.shared[-1]
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.nproc_per_node * self.dist.nnodes
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML file, applies ``key=value`` overrides, builds and validates the :class:`Config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
+    raw = dict(raw)
+    raw.pop("source", None)
+    balancer = raw.get("balancer")
+    if isinstance(balancer, dict):  # knobs sit beside name/reduction in the YAML
+        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "knobs")}
+        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction")}
+        raw["balancer"]["knobs"] = {**balancer.get("knobs", {}), **knobs}
+    cfg = _build(Config, raw, source, "")
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text != "" else None
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: override {key}: {part!r} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"{source}: override {key}: {part} is not a mapping")
+
+
+def _build(tp: Any, value: Any, source: str, key: str) -> Any:
+    where = key or "(top level)"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, source, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.name != "source"}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{source}: {_join(key, unknown[0])}: unknown key (allowed: {', '.join(fields)})"
+            )
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], source, _join(key, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {_join(key, name)}: required key is missing")
+        return tp(**kwargs)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_build(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, source, _join(key, str(k))) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: every message names the file and the key."""
+    src = cfg.source
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    d = cfg.data
+    if d.batch_size < 1:
+        fail("data.batch_size", f"must be >= 1, got {d.batch_size}")
+    if not cfg.tasks:
+        fail("tasks", "at least one task is required")
+    names = cfg.task_names
+    for i, t in enumerate(cfg.tasks):
+        if names.count(t.name) > 1:
+            fail(f"tasks[{i}].name", f"task name {t.name!r} is used twice")
+        if t.type not in ("binary", "regression"):
+            fail(f"tasks[{i}].type", f"must be 'binary' or 'regression', got {t.type!r}")
+        if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
+            fail(f"tasks[{i}].loss_weight", f"must be finite and >= 0, got {t.loss_weight}")
+        if any(h < 1 for h in t.head):
+            fail(f"tasks[{i}].head", f"layer sizes must be >= 1, got {t.head}")
+    m = cfg.model
+    if not m.tables:
+        fail("model.tables", "at least one embedding table is required")
+    seen_tables, feature_table = set(), {}
+    for i, tb in enumerate(m.tables):
+        k = f"model.tables[{i}]"
+        if tb.name in seen_tables:
+            fail(f"{k}.name", f"table name {tb.name!r} is used twice")
+        seen_tables.add(tb.name)
+        if tb.num_embeddings < 1:
+            fail(f"{k}.num_embeddings", f"must be >= 1, got {tb.num_embeddings}")
+        if tb.embedding_dim < 1 or tb.embedding_dim % 4:
+            fail(f"{k}.embedding_dim", f"must be a positive multiple of 4 (FBGEMM), got {tb.embedding_dim}")
+        if not tb.features:
+            fail(f"{k}.features", f"table {tb.name!r} has no features")
+        if tb.pooling not in ("sum", "mean"):
+            fail(f"{k}.pooling", f"must be 'sum' or 'mean', got {tb.pooling!r}")
+        for st in tb.sharding_types or []:
+            if st not in SHARDING_TYPES_ALL:
+                fail(f"{k}.sharding_types", f"unknown sharding type {st!r}; one of {SHARDING_TYPES_ALL}")
+        for f in tb.features:
+            if f in feature_table:
+                fail(f"{k}.features", f"feature {f!r} is already read by table {feature_table[f]!r}")
+            feature_table[f] = tb.name
+            if f not in d.sparse_columns:
+                fail(f"{k}.features", f"feature {f!r} has no column in data.sparse_columns")
+    for f in d.sparse_columns:
+        if f not in feature_table:
+            fail(f"data.sparse_columns.{f}", f"feature {f!r} is not read by any table in model.tables")
+    if not d.dense_columns and m.dense_mlp:
+        fail("data.dense_columns", "model.dense_mlp is set but there are no dense columns")
+    for key, sizes in (("model.dense_mlp", m.dense_mlp), ("model.shared", m.shared)):
+        if any(s < 1 for s in sizes):
+            fail(key, f"layer sizes must be >= 1, got {sizes}")
+    if not m.shared:
+        fail("model.shared", "needs at least one layer: its last size is the representation dim d")
+    if m.interaction.type not in ("dcn", "concat"):
+        fail("model.interaction.type", f"must be 'dcn' or 'concat', got {m.interaction.type!r}")
+    if m.interaction.num_layers < 0 or m.interaction.low_rank < 1:
+        fail("model.interaction", "num_layers must be >= 0 and low_rank >= 1")
+    if m.embedding_optimizer.name not in EMBEDDING_OPTIMIZERS:
+        fail("model.embedding_optimizer.name", f"must be one of {EMBEDDING_OPTIMIZERS}, got {m.embedding_optimizer.name!r}")
+    for key, opt in (("model.embedding_optimizer", m.embedding_optimizer), ("train.dense_optimizer", cfg.train.dense_optimizer)):
+        if not (opt.lr > 0 and math.isfinite(opt.lr)):
+            fail(f"{key}.lr", f"must be > 0, got {opt.lr}")
+    if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZERS:
+        fail("train.dense_optimizer.name", f"must be one of {DENSE_OPTIMIZERS}, got {cfg.train.dense_optimizer.name!r}")
+    tr = cfg.train
+    if tr.epochs < 1:
+        fail("train.epochs", f"must be >= 1, got {tr.epochs}")
+    if tr.max_steps is not None and tr.max_steps < 1:
+        fail("train.max_steps", f"must be >= 1, got {tr.max_steps}")
+    for key in ("eval_every", "warmup_steps"):
+        if getattr(tr, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
+    for key in ("log_every", "qps_window"):
+        if getattr(tr, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    ds = cfg.dist
+    if ds.nproc_per_node < 1 or ds.nnodes < 1:
+        fail("dist", "nproc_per_node and nnodes must be >= 1")
+    if ds.backend not in ("auto", "gloo", "nccl"):
+        fail("dist.backend", f"must be auto, gloo or nccl, got {ds.backend!r}")
+    if ds.device not in ("auto", "cpu", "cuda"):
+        fail("dist.device", f"must be auto, cpu or cuda, got {ds.device!r}")
+    if ds.device == "cpu" or ds.device == "auto":
+        for i, tb in enumerate(m.tables):
+            for st in tb.sharding_types or []:
+                if st not in SHARDING_TYPES_CPU and ds.device == "cpu":
+                    fail(f"model.tables[{i}].sharding_types", f"{st!r} needs CUDA; on CPU use one of {SHARDING_TYPES_CPU}")
+    _validate_balancer(cfg, fail)
+    if d.synthetic is not None:
+        _validate_synthetic(cfg, fail)
+
+
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+
+def _validate_balancer(cfg: Config, fail) -> None:
+    from balancing import build_balancer
+
+    b = cfg.balancer
+    if b.reduction not in ("mean", "sum"):
+        fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
+    try:
+        build_balancer(b.name, cfg.task_names, **b.knobs)
+    except (ValueError, TypeError) as e:
+        fail("balancer", str(e))
+
+
+def _validate_synthetic(cfg: Config, fail) -> None:
+    s = cfg.data.synthetic
+    assert s is not None
+    if s.rows < 1 or s.eval_rows < 0 or s.row_group_size < 1:
+        fail("data.synthetic", "rows and row_group_size must be >= 1, eval_rows >= 0")
+    for i, sp in enumerate(s.sparse):
+        if sp.vocab < 1:
+            fail(f"data.synthetic.sparse[{i}].vocab", f"must be >= 1, got {sp.vocab}")
+        if sp.zipf <= 1.0:
+            fail(f"data.synthetic.sparse[{i}].zipf", f"a Zipf exponent must be > 1, got {sp.zipf}")
+        if sp.mean_len < 1.0:
+            fail(f"data.synthetic.sparse[{i}].mean_len", f"must be >= 1, got {sp.mean_len}")
+    for i, t in enumerate(s.tasks):
+        if t.type not in ("binary", "regression"):
+            fail(f"data.synthetic.tasks[{i}].type", f"must be binary or regression, got {t.type!r}")
+        if not 0.0 < t.positive_rate < 1.0:
+            fail(f"data.synthetic.tasks[{i}].positive_rate", f"must be in (0, 1), got {t.positive_rate}")
+        if not -1.0 <= t.shared <= 1.0:
+            fail(f"data.synthetic.tasks[{i}].shared", f"is a cosine in [-1, 1], got {t.shared}")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain-dict form, for the run directory's ``config.yaml``."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    knobs = out["balancer"].pop("knobs")
+    out["balancer"].update(knobs)
+    return out

@@ -1,0 +1,298 @@
+"""Parquet input streamed by row group; each rank reads a disjoint share of the row groups.
+
+The column-to-role mapping (dense features, sparse features, one label per task, optional sample
+weight) comes from the config. A batch is a :class:`Batch`: dense (B, n_dense) float32, a
+``KeyedJaggedTensor`` of the sparse features, labels (B, T) float32 and weights (B,) float32.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file, row group, column and value."""
+
+
+@dataclass
+class Batch:
+    """One rank's batch. dense: (B, n_dense); sparse: KJT over the features, B rows per key;
+    labels: (B, T); weights: (B,)."""
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which Parquet column plays which role. ``sparse`` maps feature name -> column; ``tables`` maps
+    feature name -> table size, for the id range check."""
+
+    dense: Tuple[str, ...]
+    sparse: Tuple[Tuple[str, str], ...]
+    labels: Tuple[str, ...]
+    weight: Optional[str] = None
+    table_sizes: Tuple[Tuple[str, int], ...] = ()
+
+    @property
+    def all(self) -> List[str]:
+        cols = list(self.dense) + [c for _, c in self.sparse] + list(self.labels)
+        return cols + ([self.weight] if self.weight else [])
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    num_rows: int
+
+
+def list_files(spec: str) -> List[str]:
+    """A directory (its ``*.parquet``), a file, or a glob; sorted so every rank sees the same order."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{spec}: directory holds no *.parquet files")
+        return files
+    if p.is_file():
+        return [str(p)]
+    files = sorted(glob.glob(spec))
+    if not files:
+        raise DataError(f"{spec}: no such file or directory")
+    return files
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
+    names = set(schema.names)
+    for col in columns.all:
+        if col not in names:
+            raise DataError(f"{path}: missing column {col!r} (file has: {', '.join(schema.names)})")
+    numeric = lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+    for col in list(columns.dense) + list(columns.labels) + ([columns.weight] if columns.weight else []):
+        t = schema.field(col).type
+        if not numeric(t):
+            raise DataError(f"{path}: column {col!r} must be numeric, has type {t}")
+    for _, col in columns.sparse:
+        t = schema.field(col).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+            raise DataError(f"{path}: sparse column {col!r} must be a list of integers, has type {t}")
+
+
+def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
+    """Every row group of every file, in a fixed order; checks each file's schema once."""
+    groups: List[RowGroup] = []
+    for f in files:
+        pf = _open(f)
+        _check_schema(f, pf.schema_arrow, columns)
+        if pf.metadata.num_rows == 0:
+            raise DataError(f"{f}: file has no rows")
+        for i in range(pf.num_row_groups):
+            groups.append(RowGroup(f, i, pf.metadata.row_group(i).num_rows))
+    return groups
+
+
+def rank_share(groups: Sequence[RowGroup], rank: int, world_size: int) -> List[RowGroup]:
+    """Round-robin: rank r reads row groups r, r + W, r + 2W, ... (disjoint, together all of them)."""
+    if len(groups) < world_size:
+        raise DataError(
+            f"{len(groups)} row groups cannot be shared by {world_size} ranks; write smaller row groups"
+        )
+    return list(groups[rank::world_size])
+
+
+class _Block:
+    """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,)."""
+
+    def __init__(self, dense, sparse, labels, weights):
+        self.dense, self.sparse, self.labels, self.weights = dense, sparse, labels, weights
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def split(self, n: int) -> Tuple["_Block", "_Block"]:
+        head_sparse, tail_sparse = [], []
+        for lengths, values in self.sparse:
+            cut = int(lengths[:n].sum())
+            head_sparse.append((lengths[:n], values[:cut]))
+            tail_sparse.append((lengths[n:], values[cut:]))
+        return (
+            _Block(self.dense[:n], head_sparse, self.labels[:n], self.weights[:n]),
+            _Block(self.dense[n:], tail_sparse, self.labels[n:], self.weights[n:]),
+        )
+
+    @staticmethod
+    def concat(blocks: List["_Block"]) -> "_Block":
+        if len(blocks) == 1:
+            return blocks[0]
+        sparse = [
+            (np.concatenate([b.sparse[f][0] for b in blocks]), np.concatenate([b.sparse[f][1] for b in blocks]))
+            for f in range(len(blocks[0].sparse))
+        ]
+        return _Block(
+            np.concatenate([b.dense for b in blocks]),
+            sparse,
+            np.concatenate([b.labels for b in blocks]),
+            np.concatenate([b.weights for b in blocks]),
+        )
+
+    def to_batch(self, keys: Sequence[str]) -> Batch:
+        lengths = np.concatenate([l for l, _ in self.sparse]) if self.sparse else np.zeros(0, np.int32)
+        values = np.concatenate([v for _, v in self.sparse]) if self.sparse else np.zeros(0, np.int64)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(keys),
+            values=torch.from_numpy(values.astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(lengths.astype(np.int32, copy=False)),
+        )
+        return Batch(
+            torch.from_numpy(np.ascontiguousarray(self.dense)),
+            kjt,
+            torch.from_numpy(np.ascontiguousarray(self.labels)),
+            torch.from_numpy(np.ascontiguousarray(self.weights)),
+        )
+
+
+class ParquetReader:
+    """Streams one rank's share of the row groups as :class:`Batch` es of ``batch_size`` rows.
+
+    Only one row group (plus a partial batch carried over) is in memory at a time. With
+    ``drop_last=False`` the final partial batch is returned, so across ranks every row comes out
+    exactly once.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        columns: Columns,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.columns = columns
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.world_size = world_size
+        self.groups = plan_row_groups(list_files(spec), columns)
+        self.share = rank_share(self.groups, rank, world_size)
+        self.keys = [f for f, _ in columns.sparse]
+        self._sizes = dict(columns.table_sizes)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(g.num_rows for g in self.share)
+
+    def full_batches_per_rank(self) -> int:
+        """Batches of ``batch_size`` that *every* rank can make: all ranks agree without talking."""
+        rows = [sum(g.num_rows for g in self.groups[r :: self.world_size]) for r in range(self.world_size)]
+        return min(rows) // self.batch_size
+
+    def max_batches_per_rank(self) -> int:
+        rows = [sum(g.num_rows for g in self.groups[r :: self.world_size]) for r in range(self.world_size)]
+        return math.ceil(max(rows) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending: List[_Block] = []
+        pending_rows = 0
+        for group in self.share:
+            block = self._decode(group)
+            pending.append(block)
+            pending_rows += len(block)
+            while pending_rows >= self.batch_size:
+                merged = _Block.concat(pending)
+                head, tail = merged.split(self.batch_size)
+                yield head.to_batch(self.keys)
+                pending, pending_rows = ([tail] if len(tail) else []), len(tail)
+        if pending_rows and not self.drop_last:
+            yield _Block.concat(pending).to_batch(self.keys)
+
+    def _decode(self, group: RowGroup) -> _Block:
+        cols = self.columns
+        try:
+            table = _open(group.file).read_row_group(group.index, columns=cols.all)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{group.file}: row group {group.index}: cannot be read ({e})") from None
+        where = f"{group.file}: row group {group.index}"
+
+        def numeric(name: str) -> np.ndarray:
+            arr = table.column(name)
+            if arr.null_count:
+                row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{where}: column {name!r}: null value at row {row}")
+            return arr.to_numpy().astype(np.float32, copy=False)
+
+        n = table.num_rows
+        dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
+        labels = np.stack([numeric(c) for c in cols.labels], axis=1)
+        weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
+        for name, arr in ((c, dense[:, j]) for j, c in enumerate(cols.dense)):
+            if not np.isfinite(arr).all():
+                row = int(np.flatnonzero(~np.isfinite(arr))[0])
+                raise DataError(f"{where}: column {name!r}: non-finite value {arr[row]} at row {row}")
+        sparse = []
+        for feature, name in cols.sparse:
+            arr = table.column(name).combine_chunks()
+            if arr.null_count:
+                raise DataError(f"{where}: column {name!r}: null list at row {int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}")
+            flat = arr.flatten()
+            if flat.null_count:
+                raise DataError(f"{where}: column {name!r}: null id inside a list")
+            offsets = arr.offsets.to_numpy()
+            lengths = np.diff(offsets).astype(np.int32)
+            values = flat.to_numpy().astype(np.int64, copy=False)
+            size = self._sizes.get(feature)
+            if size is not None and values.size:
+                bad = (values < 0) | (values >= size)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise DataError(
+                        f"{where}: column {name!r}: id {values[i]} outside the table's range [0, {size})"
+                    )
+            sparse.append((lengths, values))
+        return _Block(dense, sparse, labels, weights)
+
+
+def columns_from_config(cfg) -> Columns:
+    """The reader's column roles for a :class:`trainer.config.Config`."""
+    sizes = {f: t.num_embeddings for t in cfg.model.tables for f in t.features}
+    features = [f for t in cfg.model.tables for f in t.features]  # KJT key order = table order
+    return Columns(
+        dense=tuple(cfg.data.dense_columns),
+        sparse=tuple((f, cfg.data.sparse_columns[f]) for f in features),
+        labels=tuple(t.label for t in cfg.tasks),
+        weight=cfg.data.weight_column,
+        table_sizes=tuple(sizes.items()),
+    )
