@@ -96,6 +96,9 @@ class Balancer:
         self.step = 0
         self.warn = RateLimitedWarning()
         self.last_telemetry: Dict[str, Any] = {}
+        # Set by the boundary: whether this step's telemetry will be read. Methods whose telemetry
+        # costs extra passes over (B, d) tensors compute it only then.
+        self.telemetry_due = True
 
     @classmethod
     def knob_names(cls) -> List[str]:

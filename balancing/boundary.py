@@ -49,6 +49,8 @@ class RepresentationBoundary(nn.Module):
         process_group: where the step's statistics are all-reduced; ``None`` means the default group
             when ``torch.distributed`` is initialised, and no communication otherwise. A dedicated
             group keeps this collective apart from DDP's gradient buckets.
+        telemetry_every: compute the costlier telemetry (e.g. CoGrad's correction norms) every N
+            steps, the ones a trainer logs; weights and norms are always available.
     """
 
     def __init__(
@@ -56,8 +58,12 @@ class RepresentationBoundary(nn.Module):
         balancer: Balancer,
         reduction: str = "mean",
         process_group: Optional[dist.ProcessGroup] = None,
+        telemetry_every: int = 1,
     ) -> None:
         super().__init__()
+        if telemetry_every < 1:
+            raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
+        self.telemetry_every = telemetry_every
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.balancer = balancer
@@ -99,6 +105,8 @@ class RepresentationBoundary(nn.Module):
             packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
         )
         self.balancer.note_inactive(stats)
+        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         aggregated = self.balancer.aggregate(grads, stats)
         self.balancer.step += 1
         if self.reduction == "sum":

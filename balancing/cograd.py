@@ -42,33 +42,36 @@ class CoGrad(Balancer):
         if not live or float(self.gamma[live].abs().sum()) == 0.0:
             self.last_telemetry = {"weights": c.tolist(), "correction_ratio": 0.0}
             return plain
-        b = stats.local_batch_size
+        b2 = float(stats.local_batch_size) ** 2
         # With U = B G and S = sum_j gamma_j U_j (Algorithm 1, line 9):
         #   (1/B) sum_i c_i U_i⊙U_i⊙(S - gamma_i U_i) = B^2 sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i),
-        # where S' = sum_j gamma_j G_j. One (B, d) buffer for S', one for the correction.
+        # where S' = sum_j gamma_j G_j. Buffers: S', one scratch, the correction; 4 passes per task.
         s_prime = weighted_sum(grads, self.gamma, active)
         correction = torch.zeros_like(plain)
-        per_task_ratio = [0.0] * self.num_tasks
+        scratch = torch.empty_like(plain)
+        task_ratio = [0.0] * self.num_tasks
         for i in live:
             g = grads[i]
-            term = g * g * (s_prime - float(self.gamma[i]) * g)
-            term_norm, g_norm = float(term.norm()), float(g.norm())
-            ratio = b * b * term_norm / g_norm if g_norm > 0 else 0.0
-            per_task_ratio[i] = ratio
-            if ratio > 1.0 and i not in self._warned_large:
-                self._warned_large.add(i)
-                self.warn(
-                    self.task_names[i],
-                    "cograd-large",
-                    f"CoGrad's transference term is {ratio:.2f}x this task's own gradient (gamma="
-                    f"{float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
-                )
-            correction.add_(term, alpha=float(c[i]))
-        correction.mul_(b * b)
-        plain_norm = float(plain.norm())
-        self.last_telemetry = {
-            "weights": c.tolist(),
-            "correction_ratio": float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0,
-            "task_correction_ratio": per_task_ratio,
-        }
+            torch.add(s_prime, g, alpha=-float(self.gamma[i]), out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
+            if self.telemetry_due:
+                g_norm = float(g.norm())
+                task_ratio[i] = b2 * float((scratch * g).norm()) / g_norm if g_norm > 0 else 0.0
+            correction.addcmul_(scratch, g, value=float(c[i]))
+        correction.mul_(b2)
+        if self.telemetry_due:
+            plain_norm = float(plain.norm())
+            self.last_telemetry = {
+                "weights": c.tolist(),
+                "correction_ratio": float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0,
+                "task_correction_ratio": task_ratio,
+            }
+            for i in live:
+                if task_ratio[i] > 1.0 and i not in self._warned_large:
+                    self._warned_large.add(i)
+                    self.warn(
+                        self.task_names[i],
+                        "cograd-large",
+                        f"CoGrad's transference term is {task_ratio[i]:.2f}x this task's own gradient "
+                        f"(gamma={float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
+                    )
         return plain.sub_(correction)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from balancing.base import Balancer, check_positive, register
-from balancing.simplex import min_norm_weights
+from balancing.simplex import kl_constrained_softmax, min_norm_weights
 from balancing.stats import StepStats
 
 _EPS = 1e-12
@@ -27,33 +27,6 @@ def normalized_gram(stats: StepStats, how: str) -> torch.Tensor:
     div = {"l2": n, "loss": loss, "loss+": loss * n}[how]
     inv = torch.where(div > 0, 1.0 / torch.clamp(div, min=_EPS), 0.0) * stats.active
     return stats.gram * torch.outer(inv, inv)
-
-
-def kl_to_uniform(p: torch.Tensor) -> float:
-    """``KL(p || uniform) = log T - H(p)``."""
-    nz = p[p > 0]
-    return float((nz * torch.log(nz * p.numel())).sum())
-
-
-def kl_constrained_mirror_step(log_q: torch.Tensor, rho: float, iters: int = 100) -> tuple[torch.Tensor, float]:
-    """Step 3: ``p ∝ q^(1/(1+lam))`` with ``lam = 0`` if KL <= rho, else bisection so that KL = rho."""
-
-    def tempered(lam: float) -> torch.Tensor:
-        return torch.softmax(log_q / (1.0 + lam), dim=0)
-
-    p = tempered(0.0)
-    if kl_to_uniform(p) <= rho:
-        return p, 0.0
-    lo, hi = 0.0, 1.0
-    while kl_to_uniform(tempered(hi)) > rho:  # KL falls monotonically to 0 as lam grows
-        lo, hi = hi, hi * 2.0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if kl_to_uniform(tempered(mid)) > rho:
-            lo = mid
-        else:
-            hi = mid
-    return tempered(hi), hi
 
 
 @register("emtl")
@@ -101,7 +74,7 @@ class EMTL(Balancer):
             reward[idx] = rate[idx] / mean_rate
         # Step 3 (Eqs. 11-13): mirror ascent in log space, projected into the KL ball of radius rho.
         log_q = torch.log(torch.clamp(self.bandit, min=1e-300)) + self.eta * reward
-        self.bandit, kl_multiplier = kl_constrained_mirror_step(log_q, self.rho)
+        self.bandit, kl_multiplier = kl_constrained_softmax(log_q, self.rho)
         # Step 4: merge, then step 5: A = sum_k w_k G_k (inactive tasks contribute nothing).
         weights = self.beta * alpha + (1.0 - self.beta) * self.bandit
         self.last_telemetry = {

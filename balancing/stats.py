@@ -44,41 +44,34 @@ class StepStats:
         return self.local_batch_size / self.global_batch_size
 
 
-def _is_finite(g: torch.Tensor) -> bool:
-    return bool(torch.isfinite(g).all())
-
-
 def local_statistics(
     grads: Sequence[Optional[torch.Tensor]], losses: torch.Tensor, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packs this rank's statistics into one float64 vector ``[B^2 Gram, B L, bad, B]``.
 
     ``grads``: T tensors (B, d) or None for a head without loss this step. ``losses``: (T,).
-    Also returns the (T,) local non-finite mask so callers skip bad gradients before touching them.
-    The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T gradients.
+    The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T
+    gradients. A NaN or inf anywhere in ``G_k`` makes ``<G_k, G_k>`` non-finite, so the diagonal
+    doubles as the finiteness check without another pass over the gradients. Returns the vector and
+    the (T,) local mask of non-finite tasks.
     """
     t = len(grads)
-    bad = torch.zeros(t, dtype=torch.bool)
-    for k, g in enumerate(grads):
-        if g is not None and not _is_finite(g):
-            bad[k] = True
-    losses64 = losses.detach().to(device="cpu", dtype=torch.float64)
-    bad |= ~torch.isfinite(losses64)
-    flat = [None if (g is None or bad[k]) else g.reshape(-1) for k, g in enumerate(grads)]
-    dots = []
+    flat = [None if g is None else g.reshape(-1) for g in grads]
     pairs = [(i, j) for i in range(t) for j in range(i, t) if flat[i] is not None and flat[j] is not None]
-    for i, j in pairs:
-        dots.append(torch.dot(flat[i], flat[j]))
     gram = torch.zeros(t, t, dtype=torch.float64)
-    if dots:
-        values = torch.stack(dots).to(device="cpu", dtype=torch.float64)
-        for (i, j), v in zip(pairs, values):
+    if pairs:
+        values = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]).to(device="cpu", dtype=torch.float64)
+        for (i, j), v in zip(pairs, values.tolist()):
             gram[i, j] = gram[j, i] = v
+    losses64 = losses.detach().to(device="cpu", dtype=torch.float64)
+    bad = ~torch.isfinite(torch.diagonal(gram)) | ~torch.isfinite(losses64)
+    keep = ~bad
+    gram = torch.where(keep[:, None] & keep[None, :], gram, 0.0)
     b = float(batch_size)
     packed = torch.cat(
         [
             gram.reshape(-1) * b * b,
-            torch.where(bad, torch.zeros_like(losses64), losses64) * b,
+            torch.where(bad, 0.0, losses64) * b,
             bad.to(torch.float64),
             torch.tensor([b], dtype=torch.float64),
         ]

@@ -90,7 +90,7 @@ class MultiTaskModel(nn.Module):
 def build_model(cfg, device: torch.device | str = "meta", process_group=None) -> MultiTaskModel:
     """The unsharded model for a config; the embedding tables on ``device`` (meta: sharding allocates)."""
     balancer = build_balancer(cfg.balancer.name, cfg.task_names, **cfg.balancer.knobs)
-    boundary = RepresentationBoundary(balancer, cfg.balancer.reduction, process_group)
+    boundary = RepresentationBoundary(balancer, cfg.balancer.reduction, process_group, cfg.train.log_every)
     ebc = build_embedding_bags(cfg.model.tables, device)
     bottom = DenseBottom(len(cfg.data.dense_columns), pooled_dim(cfg.model.tables), cfg.model)
     heads = TaskHeads(cfg.representation_dim, cfg.tasks)

@@ -1,0 +1,131 @@
+"""``concord``: train, synth, bench, plot.
+
+``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
+or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from trainer.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="concord", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+
+    with_config(sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)"))
+    sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
+    with_config(sp)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
+    with_config(sp)
+    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated balancers")
+    sp.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds per method")
+    sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
+    sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
+    sp.add_argument("run_dir")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    # FBGEMM and TorchRec log every kernel choice at INFO on the root logger: keep theirs at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("concord").setLevel(logging.INFO)
+    try:
+        if args.command == "plot":
+            from trainer.plots import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "synth":
+            return _synth(cfg, args.force)
+        if args.command == "train":
+            if _is_worker() or cfg.world_size == 1:
+                return _train_worker(cfg)
+            return _launch(cfg, ["train", "--config", args.config, *args.overrides])
+        if args.command == "bench":
+            if _is_worker() or cfg.world_size == 1:
+                from trainer.bench import run_bench
+
+                run_bench(cfg, args.methods.split(","), args.rounds, args.steps)
+                return 0
+            return _launch(cfg, ["bench", "--config", args.config, "--methods", args.methods,
+                                 "--rounds", str(args.rounds), "--steps", str(args.steps), *args.overrides])
+    except ConfigError as e:
+        print(f"concord: config error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _is_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+
+
+def _synth(cfg, force: bool) -> int:
+    from trainer.synth import dataset_ready, generate
+
+    if cfg.data.synthetic is None:
+        print(f"concord: {cfg.source}: data.synthetic is not set; nothing to generate", file=sys.stderr)
+        return 2
+    for path in (cfg.data.train, cfg.data.eval):
+        if path and dataset_ready(path):
+            if not force:
+                print(f"concord: {path} already holds Parquet files; use --force to overwrite", file=sys.stderr)
+                return 2
+            shutil.rmtree(path)
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval)
+    return 0
+
+
+def _train_worker(cfg) -> int:
+    from trainer.runtime import init_runtime, shutdown
+    from trainer.train import Trainer, ensure_data
+
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend)
+    try:
+        ensure_data(cfg, rt)
+        Trainer.build(cfg, rt).fit()
+    finally:
+        shutdown()
+    return 0
+
+
+def _launch(cfg, worker_args: List[str]) -> int:
+    """Runs this command again as ``nproc_per_node`` local workers under torchrun (single node)."""
+    if cfg.dist.nnodes != 1:
+        print(
+            f"concord: dist.nnodes={cfg.dist.nnodes}: launch multi-node jobs with torchx "
+            "(see README, 'Launch'), or run torchrun on each node",
+            file=sys.stderr,
+        )
+        return 2
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={cfg.dist.nproc_per_node}", "-m", "trainer.cli", *worker_args,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node)))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

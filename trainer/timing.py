@@ -1,0 +1,93 @@
+"""Step timing and QPS: wall clocks on CPU, CUDA events on GPU, chosen by device in one place."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Deque, Dict, List, Optional
+
+import torch
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+class StepTimer:
+    """Times the phases of one step. ``mark(phase)`` closes the phase that ran since the last mark.
+
+    On CUDA, events are recorded and only read (one synchronize) when :meth:`read` is called, so timing
+    does not serialise the GPU; on CPU the work is synchronous and ``perf_counter`` is exact.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: List[tuple] = []
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._marks = [("start", self._now())]
+
+    def mark(self, phase: str) -> None:
+        self._marks.append((phase, self._now()))
+
+    def read(self) -> Dict[str, float]:
+        """Seconds per phase of the last step, and their sum under ``step``."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: Dict[str, float] = {}
+        for (_, a), (phase, b) in zip(self._marks, self._marks[1:]):
+            out[phase] = (a.elapsed_time(b) / 1000.0) if self.cuda else (b - a)
+        out["step"] = sum(out.values())
+        return out
+
+
+class QPSMeter:
+    """Global training QPS: samples over all ranks per second of rank 0's step time.
+
+    Warm-up steps are excluded from both the windowed figure (last ``window`` steps) and the lifetime
+    figure. ``breakdown()`` averages each phase (and the boundary's share) over the window.
+    """
+
+    def __init__(self, global_batch_size: int, warmup_steps: int, window: int) -> None:
+        self.global_batch_size = global_batch_size
+        self.warmup_steps = warmup_steps
+        self.window: Deque[Dict[str, float]] = deque(maxlen=window)
+        self.steps_seen = 0
+        self.lifetime_seconds = 0.0
+        self.lifetime_steps = 0
+
+    def update(self, timings: Dict[str, float]) -> None:
+        self.steps_seen += 1
+        if self.steps_seen <= self.warmup_steps:
+            return
+        self.window.append(timings)
+        self.lifetime_seconds += timings["step"]
+        self.lifetime_steps += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.lifetime_steps > 0
+
+    def windowed_qps(self) -> Optional[float]:
+        seconds = sum(t["step"] for t in self.window)
+        return len(self.window) * self.global_batch_size / seconds if seconds > 0 else None
+
+    def lifetime_qps(self) -> Optional[float]:
+        if self.lifetime_seconds <= 0:
+            return None
+        return self.lifetime_steps * self.global_batch_size / self.lifetime_seconds
+
+    def breakdown(self) -> Dict[str, float]:
+        """Mean milliseconds per phase over the window, plus ``boundary_share`` (% of the step)."""
+        if not self.window:
+            return {}
+        keys = self.window[0].keys()
+        out = {f"{k}_ms": 1000.0 * sum(t.get(k, 0.0) for t in self.window) / len(self.window) for k in keys}
+        if "boundary" in keys and out["step_ms"] > 0:
+            out["boundary_share_pct"] = 100.0 * out["boundary_ms"] / out["step_ms"]
+        return out

@@ -1,0 +1,252 @@
+"""The training loop: sharded model, fused embedding optimizer + dense optimizer, QPS, eval, logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
+from trainer.config import Config, to_dict
+from trainer.data import Batch, ParquetReader, columns_from_config
+from trainer.metrics import RunLog, TaskMetrics, format_table
+from trainer.model import MultiTaskModel, build_model
+from trainer.runtime import Runtime
+from trainer.synth import dataset_ready, generate
+from trainer.timing import QPSMeter, StepTimer
+
+logger = logging.getLogger("concord.train")
+
+_DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+def ensure_data(cfg: Config, rt: Runtime) -> None:
+    """Generates the configured synthetic data on first use (global rank 0; the others wait)."""
+    synth = cfg.data.synthetic
+    if synth is not None and rt.is_main and not dataset_ready(cfg.data.train):
+        logger.info("generating synthetic data under %s (first use)", cfg.data.train)
+        generate(synth, cfg.data.train, cfg.data.eval, show_progress=cfg.train.progress)
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+@dataclass
+class Trainer:
+    """Holds the sharded model and optimizers; :meth:`fit` runs the configured training."""
+
+    cfg: Config
+    rt: Runtime
+    model: MultiTaskModel  # the unwrapped module (its boundary is reachable here)
+    dmp: torch.nn.Module
+    optimizer: CombinedOptimizer
+    log: RunLog
+
+    @classmethod
+    def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, "meta", process_group=rt.balancer_group)
+        apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer)
+        dmp, plan = shard_model(model, cfg.model.tables, rt.device)
+        opt_cfg = cfg.train.dense_optimizer
+        opt_cls = _DENSE_OPTIMIZERS[opt_cfg.name]
+        kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay}
+        if opt_cfg.name != "sgd":
+            kwargs["eps"] = opt_cfg.eps
+        dense = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: opt_cls(params, **kwargs)
+        )
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+        log = RunLog(cfg.train.run_dir, enabled=rt.is_main)
+        if rt.is_main:
+            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
+        return cls(cfg, rt, model, dmp, optimizer, log)
+
+    # --- data -------------------------------------------------------------------------------------
+    def _reader(self, spec: str, drop_last: bool) -> ParquetReader:
+        return ParquetReader(
+            spec, columns_from_config(self.cfg), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size, drop_last
+        )
+
+    # --- training ---------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        reader = self._reader(cfg.data.train, drop_last=True)
+        steps_per_epoch = reader.full_batches_per_rank()
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.data.train}: not one full batch of {cfg.data.batch_size} rows per rank for "
+                f"{rt.world_size} ranks; lower data.batch_size"
+            )
+        total = steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.warmup_steps, cfg.train.qps_window)
+        timer = StepTimer(rt.device)
+        bar = _progress(total, enabled=rt.is_main and cfg.train.progress)
+        self.dmp.train()
+        step, started = 0, time.time()
+        batches = self._epochs(reader, steps_per_epoch)
+        while step < total:
+            timer.start()
+            batch = next(batches).to(rt.device, non_blocking=True)
+            timer.mark("data")
+            out = self.dmp(batch)
+            timer.mark("forward")
+            out.objective.backward()
+            timer.mark("backward")
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            timer.mark("optimizer")
+            step += 1
+            timings = timer.read()
+            timings["boundary"] = self.model.boundary.backward_seconds
+            qps.update(timings)
+            if rt.is_main:
+                bar.update(1)
+                if qps.ready:
+                    bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
+            if step % cfg.train.log_every == 0 or step == total:
+                self._log_train(step, out.losses, qps)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                self.evaluate(step)
+        bar.close()
+        final = self.evaluate(step)
+        summary = {
+            "kind": "summary",
+            "step": step,
+            "wall_seconds": time.time() - started,
+            "qps_lifetime": qps.lifetime_qps(),
+            "qps_window": qps.windowed_qps(),
+            "breakdown": qps.breakdown(),
+            "eval": final,
+            "balancer": self.cfg.balancer.name,
+        }
+        self.log.write(summary)
+        if rt.is_main:
+            print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {rt.world_size}")
+            print(format_table(final, cfg.tasks))
+            print(_qps_line(qps))
+        self.log.close()
+        return summary
+
+    def _epochs(self, reader: ParquetReader, steps_per_epoch: int) -> Iterator[Batch]:
+        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch."""
+        while True:
+            for i, batch in enumerate(reader):
+                if i >= steps_per_epoch:
+                    break
+                yield batch
+
+    def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
+        stats = self.model.boundary.last_stats
+        losses = stats.losses.tolist() if stats is not None else local_losses.tolist()
+        names = self.cfg.task_names
+        record = {
+            "kind": "train",
+            "step": step,
+            "loss": dict(zip(names, losses)),
+            "qps_window": qps.windowed_qps(),
+            "qps_lifetime": qps.lifetime_qps(),
+            "breakdown": qps.breakdown(),
+            "balancer": _per_task(self.model.boundary.telemetry(), names),
+        }
+        self.log.write(record, step)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        """NE/AUC/MSE per task on the held-out split; every rank runs the same number of batches."""
+        if not self.cfg.data.eval:
+            return {}
+        reader = self._reader(self.cfg.data.eval, drop_last=False)
+        n_batches = reader.max_batches_per_rank()
+        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, self.cfg.data.batch_size)
+        self.dmp.eval()
+        it = iter(reader)
+        template: Optional[Batch] = None
+        for _ in range(n_batches):
+            batch = next(it, None)
+            template = template or batch
+            batch = pad_batch(batch if batch is not None else template, self.cfg.data.batch_size, empty=batch is None)
+            batch = batch.to(self.rt.device)
+            out = self.dmp(batch)
+            metrics.update(self.model.heads.predictions(out.logits), batch.labels, batch.weights)
+        results = metrics.compute()
+        self.dmp.train()
+        self.log.write({"kind": "eval", "step": step, "eval": results}, step)
+        return results
+
+
+def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:
+    """Pads ``batch`` to ``size`` rows with weight-0 rows that have no ids (``empty``: all padding).
+
+    Sharded forward passes are collectives, so in evaluation every rank runs the same number of
+    full batches; padding rows carry weight 0 and so count in no metric.
+    """
+    n = 0 if empty else batch.batch_size
+    if n == size and not empty:
+        return batch
+    keys = batch.sparse.keys()
+    lengths = batch.sparse.lengths().view(len(keys), -1)[:, :n]
+    lengths = torch.cat([lengths, torch.zeros(len(keys), size - n, dtype=lengths.dtype)], dim=1)
+    values = batch.sparse.values()[: int(lengths.sum())] if not empty else batch.sparse.values()[:0]
+    pad = lambda t: torch.cat([t[:n], torch.zeros((size - n,) + t.shape[1:], dtype=t.dtype)])
+    return Batch(
+        pad(batch.dense),
+        KeyedJaggedTensor.from_lengths_sync(keys, values, lengths.reshape(-1)),
+        pad(batch.labels),
+        pad(batch.weights),
+    )
+
+
+def _per_task(telemetry: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """Per-task lists become {task: value} so logs and TensorBoard read by name."""
+    out: Dict[str, Any] = {}
+    for key, value in telemetry.items():
+        if isinstance(value, list) and len(value) == len(names):
+            out[key] = dict(zip(names, value))
+        else:
+            out[key] = value
+    return out
+
+
+def _qps_line(qps: QPSMeter) -> str:
+    life, win = qps.lifetime_qps(), qps.windowed_qps()
+    if life is None:
+        return "QPS: not enough steps after warm-up to measure"
+    b = qps.breakdown()
+    return (
+        f"training QPS (global, warm-up excluded): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
+        f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + forward {b['forward_ms']:.1f} + backward "
+        f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
+        f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward)"
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    import sys
+
+    # Redirected output (CI, torchx logs) gets a line every 10 s instead of a redraw per step.
+    interval = 0.5 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=interval)
