@@ -109,14 +109,13 @@ class Balancer:
 
     # --- the update rule -------------------------------------------------------------------------
     def coefficients(self, stats: StepStats) -> torch.Tensor:
-        """(T,) float64 coefficients ``c`` with ``A = sum_k c_k G_k``; inactive tasks must get 0."""
+        """(T,) float64 coefficients ``c`` with ``A = sum_k c_k G_k``; inactive tasks must get 0.
+        Implementations record at least ``weights`` (on the simplex) in ``self.last_telemetry``."""
         raise NotImplementedError
 
     def aggregate(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats) -> torch.Tensor:
         """``A = sum_k c_k G_k`` accumulated in place in the gradients' dtype (no stacked copy)."""
-        coeffs = self.coefficients(stats)
-        self.last_telemetry["coefficients"] = coeffs.tolist()
-        return weighted_sum(grads, coeffs, stats.active)
+        return weighted_sum(grads, self.coefficients(stats), stats.active)
 
     def before_backward(self, losses: torch.Tensor) -> torch.Tensor:
         """Hook for loss-level methods (Uncertainty): the scalar whose backward is taken. Default: sum,

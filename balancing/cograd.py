@@ -40,7 +40,7 @@ class CoGrad(Balancer):
         plain = weighted_sum(grads, c, active)  # sum_i c_i G_i
         live = [k for k, g in enumerate(grads) if g is not None and bool(active[k])]
         if not live or float(self.gamma[live].abs().sum()) == 0.0:
-            self.last_telemetry = {"weights": c.tolist(), "correction_ratio": 0.0}
+            self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
             return plain
         b2 = float(stats.local_batch_size) ** 2
         # With U = B G and S = sum_j gamma_j U_j (Algorithm 1, line 9):
@@ -58,13 +58,11 @@ class CoGrad(Balancer):
                 task_ratio[i] = b2 * float((scratch * g).norm()) / g_norm if g_norm > 0 else 0.0
             correction.addcmul_(scratch, g, value=float(c[i]))
         correction.mul_(b2)
+        self.last_telemetry = {"weights": self.weights.tolist()}
         if self.telemetry_due:
             plain_norm = float(plain.norm())
-            self.last_telemetry = {
-                "weights": c.tolist(),
-                "correction_ratio": float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0,
-                "task_correction_ratio": task_ratio,
-            }
+            self.last_telemetry["correction_ratio"] = float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0
+            self.last_telemetry["task_correction_ratio"] = task_ratio
             for i in live:
                 if task_ratio[i] > 1.0 and i not in self._warned_large:
                     self._warned_large.add(i)

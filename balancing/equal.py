@@ -15,7 +15,9 @@ class Equal(Balancer):
     """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (ALGORITHMS.md, reduction convention)."""
 
     def coefficients(self, stats: StepStats) -> torch.Tensor:
-        return torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64) * stats.active
+        weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+        self.last_telemetry = {"weights": weights.tolist()}
+        return weights * stats.active
 
 
 @register("fixed")
@@ -32,4 +34,5 @@ class Fixed(Balancer):
         self.weights = vec / vec.sum()
 
     def coefficients(self, stats: StepStats) -> torch.Tensor:
+        self.last_telemetry = {"weights": self.weights.tolist()}
         return self.weights * stats.active

@@ -1,0 +1,65 @@
+"""torchx components for Concord.
+
+Local (two ranks on this machine, or two simulated nodes of one rank each)::
+
+    torchx run -s local_cwd launch/components.py:train --j 1x2
+    torchx run -s local_cwd launch/components.py:train --j 2x1 --config configs/demo.yaml train.max_steps=100
+
+Cluster: the same component with ``-s slurm`` or ``-s kubernetes`` (see README, "Launch").
+"""
+
+
+from typing import Dict, Optional
+
+import torchx.specs as specs
+from torchx.components import dist
+
+
+def train(
+    *overrides: str,
+    config: str = "configs/demo.yaml",
+    j: str = "1x2",
+    image: str = "",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    env: Optional[Dict[str, str]] = None,
+) -> specs.AppDef:
+    """Trains a Concord multi-task model with torchrun on every node (built on ``dist.ddp``).
+
+    Args:
+        overrides: ``key=value`` config overrides, e.g. ``train.max_steps=100 balancer.name=emtl``
+        config: YAML config, relative to the working directory (local_cwd) or the image
+        j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2`` or ``2x1``
+        image: container image (ignored by local_cwd, which runs in the current directory)
+        h: named resource (takes precedence over cpu/gpu/memMB)
+        cpu: CPUs per node
+        gpu: GPUs per node (the trainer then picks CUDA and NCCL)
+        memMB: memory per node in MB
+        max_retries: job restarts after a failed rank
+        rdzv_port: c10d rendezvous port on the first node
+        env: extra environment variables
+    """
+    nproc = int(j.split("x")[-1]) if "x" in j else int(j)
+    job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc)))}
+    job_env.update(env or {})
+    return dist.ddp(
+        "train",
+        "--config",
+        config,
+        *overrides,
+        m="trainer.cli",
+        image=image,
+        name="concord",
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=job_env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+    )

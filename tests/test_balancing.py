@@ -1,0 +1,339 @@
+"""The properties of ALGORITHMS.md ("Properties every implementation must pass"), single process.
+
+Property 6 (2 ranks = 1 rank on the concatenated batch) is in test_balancing_distributed.py.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from balancing import RepresentationBoundary, available_balancers, build_balancer
+from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
+from mtl_helpers import ToyMTL, grads_of, stats_for, toy_batch
+
+TASKS = ["a", "b", "c"]
+METHODS = ["equal", "fixed", "multibalance", "emtl", "cograd"]
+
+
+def run_boundary(model, balancer, x, y, scales=(1.0, 1.0, 1.0), reduction="mean"):
+    boundary = RepresentationBoundary(balancer, reduction)
+    model.zero_grad()
+    views = boundary(model.bottom(x))
+    boundary.objective(model.losses(views, y, scales)).backward()
+    return boundary
+
+
+def balance(balancer, grads, losses=(1.0, 1.0, 1.0)):
+    """What the boundary does in backward with these per-task gradients."""
+    boundary = RepresentationBoundary(balancer)
+    boundary.objective(torch.tensor(losses, dtype=torch.float64))
+    return boundary.balance(tuple(grads))
+
+
+def simplex_grid(step: float = 1e-3) -> np.ndarray:
+    """Every point of the 3-simplex on a grid of the given step, (N, 3)."""
+    n = int(round(1 / step))
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = i + j <= n
+    w1, w2 = i[keep] * step, j[keep] * step
+    return np.stack([w1, w2, 1.0 - w1 - w2], axis=1)
+
+
+def test_registry_has_the_three_methods_and_baselines():
+    assert set(METHODS) <= set(available_balancers())
+    with pytest.raises(ValueError, match="unknown balancer 'nope'"):
+        build_balancer("nope", TASKS)
+    with pytest.raises(ValueError, match="has no knob 'betta'"):
+        build_balancer("multibalance", TASKS, betta=0.5)
+
+
+# --- Property 1: equal = gradient of the mean task loss; fixed = of the weighted sum -------------
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_equal_gives_the_gradient_of_the_mean_task_loss(reduction):
+    x, y = toy_batch(32, 3)
+    model = ToyMTL(3)
+    run_boundary(model, build_balancer("equal", TASKS), x, y, scales=(1.0, 5.0, 0.2), reduction=reduction)
+    got_bottom = [p.grad.clone() for p in model.bottom.parameters()]
+    got_heads = [[p.grad.clone() for p in h.parameters()] for h in model.heads]
+
+    ref = ToyMTL(3)
+    ref.zero_grad()
+    z = ref.bottom(x)
+    losses = ref.losses([z] * 3, y, (1.0, 5.0, 0.2))
+    (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    for g, p in zip(got_bottom, ref.bottom.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+    # Each head receives its own raw task gradient, dL_k/dtheta_k (ALGORITHMS.md, notation).
+    for k, head in enumerate(ref.heads):
+        ref.zero_grad()
+        ref.losses([ref.bottom(x)] * 3, y, (1.0, 5.0, 0.2))[k].backward()
+        for g, p in zip(got_heads[k], head.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_fixed_gives_the_gradient_of_the_weighted_sum():
+    x, y = toy_batch(32, 3)
+    model = ToyMTL(3)
+    run_boundary(model, build_balancer("fixed", TASKS, weights=[2.0, 1.0, 1.0]), x, y)
+    ref = ToyMTL(3)
+    ref.zero_grad()
+    losses = ref.losses([ref.bottom(x)] * 3, y, (1.0, 1.0, 1.0))
+    (0.5 * losses[0] + 0.25 * losses[1] + 0.25 * losses[2]).backward()
+    for p, q in zip(model.bottom.parameters(), ref.bottom.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_views_share_storage_with_z():
+    z = torch.randn(4, 3, requires_grad=True)
+    views = RepresentationBoundary(build_balancer("equal", TASKS))(z)
+    assert len(views) == 3 and all(v.data_ptr() == z.data_ptr() for v in views)
+
+
+# --- Property 2: simplex, and no NaN on zero or non-finite gradients ------------------------------
+@pytest.mark.parametrize("name", ["equal", "multibalance", "emtl"])
+def test_weights_stay_on_the_simplex(name):
+    balancer = build_balancer(name, TASKS)
+    g = torch.Generator().manual_seed(0)
+    for step in range(50):
+        grads = [torch.randn(16, 4, generator=g, dtype=torch.float64) * s for s in (1.0, 10.0, 0.1)]
+        coeffs = balancer.coefficients(stats_for(grads, [0.5, 3.0, 0.01]))
+        w = torch.tensor(balancer.last_telemetry["weights"], dtype=torch.float64)
+        assert torch.all(w >= -1e-12) and abs(float(w.sum()) - 1.0) < 1e-9, (step, w)
+        assert torch.isfinite(coeffs).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_task_with_zero_gradient_gives_no_nan(name, caplog):
+    balancer = build_balancer(name, TASKS)
+    grads = [torch.randn(8, 4, dtype=torch.float64), torch.zeros(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)]
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        for _ in range(3):
+            out = balance(balancer, grads)
+    assert torch.isfinite(out).all()
+    assert "task 'b'" in caplog.text and "skipped" in caplog.text
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_non_finite_task_gradient_is_skipped_with_a_warning(name, caplog):
+    g = torch.Generator().manual_seed(3)
+    good = [torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    bad = [good[0], good[1].clone(), good[2]]
+    bad[1][2, 1] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        out = balance(build_balancer(name, TASKS), bad)
+    assert torch.isfinite(out).all()
+    assert "task 'b'" in caplog.text
+    # Skipping means: exactly what the method gives when task b has no gradient at all.
+    zero = [good[0], torch.zeros_like(good[1]), good[2]]
+    torch.testing.assert_close(out, balance(build_balancer(name, TASKS), zero))
+
+
+def test_warnings_are_rate_limited(caplog):
+    balancer = build_balancer("equal", TASKS)
+    grads = [torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2)]
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        for _ in range(100):
+            balance(balancer, grads)
+    assert 0 < caplog.text.count("task 'b'") <= 8  # occurrences 1, 2, 4, ..., 64
+
+
+def test_a_head_without_loss_gives_zero_gradient_not_a_crash():
+    model = ToyMTL(3)
+    x, y = toy_batch(16, 3)
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS))
+    views = boundary(model.bottom(x))
+    losses = model.losses(views[:2], y, (1.0, 1.0))  # head c has no loss this step
+    objective = boundary.objective(torch.cat([losses, torch.zeros(1, dtype=losses.dtype)]))
+    objective.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.bottom.parameters())
+    assert not bool(boundary.last_stats.active[2])
+
+
+def test_objective_must_be_called_before_backward():
+    model = ToyMTL(3)
+    x, y = toy_batch(4, 3)
+    views = RepresentationBoundary(build_balancer("equal", TASKS))(model.bottom(x))
+    with pytest.raises(RuntimeError, match="objective"):
+        model.losses(views, y, (1.0, 1.0, 1.0)).sum().backward()
+
+
+# --- simplex helpers, against brute force -----------------------------------------------------------
+def test_projection_onto_the_simplex_is_the_nearest_point():
+    grid = simplex_grid(2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        v = torch.randn(3, generator=g, dtype=torch.float64)
+        p = project_to_simplex(v).numpy()
+        best = grid[np.argmin(((grid - v.numpy()) ** 2).sum(1))]
+        assert np.abs(p - best).max() < 2e-3
+        assert abs(p.sum() - 1) < 1e-12 and (p >= 0).all()
+
+
+def test_min_norm_for_three_tasks_matches_a_grid_search():
+    grid = simplex_grid(1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        vecs = torch.randn(3, 7, generator=g, dtype=torch.float64)
+        m = vecs @ vecs.T
+        c = min_norm_weights(m)
+        brute = np.einsum("ni,ij,nj->n", grid, m.numpy(), grid).min()
+        assert float(c @ m @ c) <= brute + 1e-6
+
+
+# --- Property 3: MultiBalance -------------------------------------------------------------------------
+def conflicting_gradients(scale_c: float = 1.0):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    b = -0.6 * a + 0.8 * torch.randn(64, 8, generator=g, dtype=torch.float64)  # conflicts with a
+    c = torch.randn(64, 8, generator=g, dtype=torch.float64) * scale_c
+    return [a, b, c]
+
+
+def test_multibalance_converges_to_the_min_norm_point_with_prior_on_fixed_gradients():
+    grads = conflicting_gradients()
+    stats = stats_for(grads)
+    mb = build_balancer("multibalance", TASKS)
+    history = []
+    for _ in range(600):
+        mb.coefficients(stats)
+        history.append(mb.weights.clone())
+    w_end, w_prev, w_prev2 = history[-1], history[-2], history[-3]
+    assert float((w_end - w_prev).abs().max()) < 1e-6  # converged ...
+    assert float((w_end - w_prev2).abs().max()) < 1e-6  # ... with no period-2 bounce
+    # On fixed gradients m_k = n_k, so every rescaled gradient has norm mbar: Mt = M / (n n^T) mbar^2.
+    n = stats.norms
+    mt = (stats.gram / torch.outer(n, n)).numpy()
+    grid = simplex_grid(1e-3)
+    u = grid + mb.lam * mb.prior.numpy()
+    best = grid[np.argmin(np.einsum("ni,ij,nj->n", u, mt, u))]
+    assert np.abs(w_end.numpy() - best).max() < 5e-3, (w_end, best)
+
+
+def test_multibalance_does_not_let_a_100x_task_take_the_weight():
+    grads = conflicting_gradients(scale_c=100.0)
+    unit = [g / g.norm() for g in grads]
+    mb = build_balancer("multibalance", TASKS)
+    for _ in range(200):
+        out = mb.aggregate(grads, stats_for(grads))
+    projections = torch.tensor([float((out * u).sum()) for u in unit]).abs()
+    plain = build_balancer("equal", TASKS).aggregate(grads, stats_for(grads))
+    plain_proj = torch.tensor([float((plain * u).sum()) for u in unit]).abs()
+    assert float(plain_proj[2] / plain_proj[:2].max()) > 50  # summing: task c dominates
+    assert float(projections[2] / projections[:2].max()) < 3  # MultiBalance: it does not
+
+
+def test_multibalance_without_ema_differs_on_noisy_gradients():
+    base = conflicting_gradients()
+    g = torch.Generator().manual_seed(9)
+    default, ablation = build_balancer("multibalance", TASKS), build_balancer("multibalance", TASKS, beta=0.0)
+    diff = 0.0
+    for _ in range(30):
+        noisy = [x * float(torch.rand(1, generator=g) * 3 + 0.1) for x in base]
+        default.coefficients(stats_for(noisy))
+        ablation.coefficients(stats_for(noisy))
+        diff = max(diff, float((default.weights - ablation.weights).abs().max()))
+    assert diff > 1e-3
+
+
+def test_multibalance_validates_its_knobs():
+    with pytest.raises(ValueError, match="multibalance.beta"):
+        build_balancer("multibalance", TASKS, beta=1.0)
+    with pytest.raises(ValueError, match="multibalance.prior"):
+        build_balancer("multibalance", TASKS, prior=[0.5, 0.5, 0.5])
+
+
+# --- Property 4: EMTL -----------------------------------------------------------------------------------
+def test_emtl_with_beta_one_is_mgda():
+    grads = conflicting_gradients()
+    stats = stats_for(grads, [0.7, 0.2, 1.5])
+    emtl = build_balancer("emtl", TASKS, beta=1.0)
+    torch.testing.assert_close(emtl.coefficients(stats), min_norm_weights(stats.gram), rtol=0, atol=1e-15)
+
+
+def test_mgda_for_two_tasks_is_the_closed_form():
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        a, b = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        m = torch.stack([a, b]) @ torch.stack([a, b]).T
+        c1 = min(max(float((m[1, 1] - m[0, 1]) / (m[0, 0] + m[1, 1] - 2 * m[0, 1])), 0.0), 1.0)
+        torch.testing.assert_close(min_norm_weights(m), torch.tensor([c1, 1 - c1], dtype=torch.float64))
+
+
+def test_emtl_bandit_stays_in_the_kl_ball_and_favours_slow_tasks():
+    emtl = build_balancer("emtl", TASKS, beta=0.0, eta=1.0)
+    grads = [torch.ones(4, 2, dtype=torch.float64) * s for s in (1.0, 1.0, 1.0)]
+    for _ in range(20):
+        emtl.coefficients(stats_for(grads, [1.0, 1.0, 4.0]))  # task c: 4x the loss per gradient norm
+        assert kl_to_uniform(emtl.bandit) <= emtl.rho + 1e-9
+    p = emtl.bandit
+    assert p[2] > p[0] and abs(float(p[0] - p[1])) < 1e-12
+    assert abs(kl_to_uniform(p) - emtl.rho) < 1e-8  # the constraint binds
+
+
+def test_emtl_rejects_a_radius_of_log_t_or_more_and_says_why():
+    with pytest.raises(ValueError, match=r"log T"):
+        build_balancer("emtl", TASKS, rho=math.log(3))
+
+
+# --- Property 5: CoGrad ---------------------------------------------------------------------------------
+def test_cograd_with_zero_gamma_is_equal():
+    grads = conflicting_gradients()
+    got = build_balancer("cograd", TASKS, gamma=0.0).aggregate(grads, stats_for(grads))
+    torch.testing.assert_close(got, build_balancer("equal", TASKS).aggregate(grads, stats_for(grads)))
+
+
+def test_cograd_matches_the_rule_written_out():
+    grads = conflicting_gradients()
+    gamma, b = [0.01, 0.02, 0.03], grads[0].shape[0]
+    got = build_balancer("cograd", TASKS, gamma=gamma).aggregate(grads, stats_for(grads))
+    u = [b * g for g in grads]
+    uhat = [u[i] - sum(gamma[j] * u[i] * u[i] * u[j] for j in range(3) if j != i) for i in range(3)]
+    torch.testing.assert_close(got, sum(uhat) / (3 * b))
+
+
+def test_cograd_is_independent_of_batch_duplication():
+    model = ToyMTL(3)
+    x, y = toy_batch(16, 3)
+    captured = {}
+
+    def run(xx, yy):
+        boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=0.05))
+        z = model.bottom(xx).detach().requires_grad_()
+        views = boundary(z)
+        boundary.objective(model.losses(views, yy, (1.0, 1.0, 1.0))).backward()
+        return z.grad
+
+    single = run(x, y)
+    double = run(torch.cat([x, x]), torch.cat([y, y]))
+    # Per-sample scale B * A is what the rule fixes: each duplicated row gets the same per-sample value.
+    torch.testing.assert_close(32 * double[:16], 16 * single)
+    torch.testing.assert_close(32 * double[16:], 16 * single)
+
+
+# --- Property 7: state survives save and restore exactly ------------------------------------------------
+@pytest.mark.parametrize("name", ["multibalance", "emtl", "cograd", "fixed"])
+def test_state_survives_checkpoint_and_restore(name):
+    g = torch.Generator().manual_seed(4)
+    steps = [[torch.randn(8, 3, generator=g, dtype=torch.float64) * s for s in (1.0, 5.0, 0.5)] for _ in range(10)]
+    first = build_balancer(name, TASKS)
+    for grads in steps[:5]:
+        first.aggregate(grads, stats_for(grads, [1.0, 2.0, 0.3]))
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = build_balancer(name, TASKS)
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    for grads in steps[5:]:
+        a = first.aggregate(grads, stats_for(grads, [1.0, 2.0, 0.3]))
+        b = second.aggregate(grads, stats_for(grads, [1.0, 2.0, 0.3]))
+        assert torch.equal(a, b)
+    for key, value in first.state_dict().items():
+        other = second.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other

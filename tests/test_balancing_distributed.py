@@ -1,0 +1,66 @@
+"""Property 6: W ranks holding B rows each give the same task weights, and the same parameter
+gradients, as 1 rank holding the W*B rows concatenated (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from balancing import RepresentationBoundary, build_balancer
+from distributed import run_ranks
+from mtl_helpers import ToyMTL, toy_batch
+
+pytestmark = pytest.mark.multiprocess
+
+TASKS = ["a", "b", "c"]
+ROWS, STEPS = 24, 6
+SCALES = (1.0, 30.0, 0.3)  # unequal loss scales, so weights move
+
+
+def _run(rank: int, world_size: int, name: str, knobs: dict):
+    """Runs STEPS steps on this rank's rows; returns per-step weights, A rows and averaged gradients."""
+    if world_size > 1:
+        dist.init_process_group("gloo")
+        group = dist.new_group()
+    else:
+        group = None
+    model = ToyMTL(3)
+    boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
+    per_rank = ROWS // world_size
+    out = []
+    for step in range(STEPS):
+        x, y = toy_batch(ROWS, 3, seed=100 + step)
+        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        model.zero_grad()
+        z = model.bottom(x)
+        z.retain_grad()
+        boundary.objective(model.losses(boundary(z), y, SCALES)).backward()
+        grads = [p.grad.clone() for p in model.bottom.parameters()]
+        if world_size > 1:
+            for g in grads:  # what DDP does: average over ranks
+                dist.all_reduce(g)
+                g /= world_size
+        out.append({"weights": boundary.telemetry()["weights"], "A": z.grad.clone(), "grads": grads})
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, knobs",
+    [("equal", {}), ("multibalance", {}), ("multibalance", {"beta": 0.0, "lr": 0.5}), ("emtl", {}), ("emtl", {"beta": 0.0}), ("cograd", {"gamma": 0.05})],
+)
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(name, knobs):
+    (single,) = run_ranks(_run, 1, name, knobs)
+    ranks = run_ranks(_run, 2, name, knobs)
+    for step in range(STEPS):
+        ref = single[step]
+        for rank, result in enumerate(ranks):
+            got = result[step]
+            torch.testing.assert_close(
+                torch.tensor(got["weights"]), torch.tensor(ref["weights"]), rtol=1e-9, atol=1e-12
+            )
+            # A local row is a global row times W (local mean over B rows vs global mean over W*B).
+            rows = slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)
+            torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
+            for g, r in zip(got["grads"], ref["grads"]):
+                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
