@@ -1,0 +1,75 @@
+"""A sharded Concord model on W gloo ranks next to the same model unsharded in one process."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.sharding import apply_fused_optimizer, load_full_tables, shard_model
+from trainer.data import Batch, ParquetReader, columns_from_config
+from trainer.model import build_model
+from trainer.runtime import init_runtime
+
+
+def global_batches(cfg, count: int, rows: int) -> List[Batch]:
+    it = iter(ParquetReader(cfg.data.train, columns_from_config(cfg), rows))
+    return [next(it) for _ in range(count)]
+
+
+def row_slice(batch: Batch, lo: int, hi: int) -> Batch:
+    kjt = batch.sparse
+    values, lengths = [], []
+    for key in kjt.keys():
+        jt = kjt[key]
+        offsets = jt.offsets()
+        values.append(jt.values()[offsets[lo] : offsets[hi]])
+        lengths.append(jt.lengths()[lo:hi])
+    sparse = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
+    return Batch(batch.dense[lo:hi], sparse, batch.labels[lo:hi], batch.weights[lo:hi])
+
+
+def initial_state(cfg, seed: int = 0) -> Dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in build_model(cfg, "cpu").state_dict().items()}
+
+
+def table_name(key: str) -> str:
+    return key.split(".")[-2]
+
+
+def sharded_sgd_run(rank: int, world_size: int, cfg, state, batches, sharding: str, lr: float):
+    """Trains with SGD (fused for the tables, plain for dense) on this rank's rows of each batch.
+
+    Returns the first step's logits for these rows and every parameter after training: dense ones
+    whole, table shards as {(table, row_offset, col_offset): tensor}.
+    """
+    rt = init_runtime("cpu")
+    for t in cfg.model.tables:
+        t.sharding_types = [sharding]
+    cfg.model.embedding_optimizer.name, cfg.model.embedding_optimizer.lr = "sgd", lr
+    model = build_model(cfg, "meta", process_group=rt.balancer_group)
+    apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer)
+    dmp, _ = shard_model(model, cfg.model.tables, rt.device)
+    load_full_tables(dmp, {table_name(k): v for k, v in state.items() if "embedding_bags" in k})
+    dmp.load_state_dict({**dmp.state_dict(), **{k: v for k, v in state.items() if "embedding_bags" not in k}})
+    dense = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=lr)
+    first_logits = None
+    for batch in batches:
+        rows = batch.batch_size // world_size
+        out = dmp(row_slice(batch, rank * rows, (rank + 1) * rows))
+        first_logits = out.logits.detach().clone() if first_logits is None else first_logits
+        dense.zero_grad()
+        out.objective.backward()
+        dense.step()
+    params = {}
+    for key, value in dmp.state_dict().items():
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                r, c = shard.metadata.shard_offsets
+                params[(table_name(key), r, c)] = shard.tensor.clone()
+        else:
+            params[key] = value.clone()
+    return first_logits, params

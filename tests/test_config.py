@@ -1,0 +1,55 @@
+"""Config validation: every error names the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_config
+
+DEMO = "configs/demo.yaml"
+
+
+def with_change(tmp_path, edit):
+    raw = yaml.safe_load(open(DEMO))
+    edit(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_shipped_configs_load():
+    for path in ("configs/demo.yaml", "configs/tiny.yaml"):
+        cfg = load_config(path)
+        assert cfg.task_names and cfg.model.tables
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(DEMO, ["train.max_steps=7", "tasks.1.loss_weight=2.5", "balancer.name=emtl", "balancer.beta=0.3"])
+    assert cfg.train.max_steps == 7 and cfg.tasks[1].loss_weight == 2.5
+    assert cfg.balancer.name == "emtl" and cfg.balancer.knobs == {"beta": 0.3}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["train"].update(bogus=1), r"c\.yaml: train\.bogus: unknown key"),
+        (lambda r: r["data"].update(batch_size="big"), r"c\.yaml: data\.batch_size: expected an integer, got 'big'"),
+        (lambda r: r["model"]["tables"][0].update(features=[]), r"model\.tables\[0\]\.features: table 't_user' has no features"),
+        (lambda r: r["data"]["sparse_columns"].update(orphan="orphan"), r"data\.sparse_columns\.orphan: feature 'orphan' is not read by any table"),
+        (lambda r: r["model"]["tables"][1]["features"].append("ghost"), r"model\.tables\[1\]\.features: feature 'ghost' has no column"),
+        (lambda r: r["tasks"][0].update(type="ranking"), r"tasks\[0\]\.type: must be 'binary' or 'regression'"),
+        (lambda r: r.update(balancer={"name": "emtl", "rho": 5.0}), r"balancer: emtl\.rho = 5\.0 must be < log T"),
+        (lambda r: r.update(balancer={"name": "multibalance", "speed": 1}), r"balancer: balancer 'multibalance' has no knob 'speed'"),
+        (lambda r: r["model"]["tables"][0].update(embedding_dim=30), r"embedding_dim: must be a positive multiple of 4"),
+        (lambda r: r.pop("tasks"), r"c\.yaml: tasks: required key is missing"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(with_change(tmp_path, edit))
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match=r"override tasks\.9\.name: '9' is not an index"):
+        load_config(DEMO, ["tasks.9.name=x"])

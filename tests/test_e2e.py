@@ -1,0 +1,72 @@
+"""End to end: a 2-rank job through the torchx component (local_cwd scheduler) trains and writes
+metrics; `concord train` does the same through torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env_with_venv():
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # torchrun
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def read_summary(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert {"plan", "train", "eval", "summary"} <= kinds
+    return next(r for r in records if r["kind"] == "summary")
+
+
+def check_summary(summary: dict) -> None:
+    assert summary["qps_lifetime"] > 0
+    assert set(summary["eval"]) == {"ctr", "cvr", "watch"}
+    assert {"ne", "auc"} <= set(summary["eval"]["ctr"]) and "mse" in summary["eval"]["watch"]
+
+
+@pytest.mark.parametrize("j", ["1x2", "2x1"])
+def test_torchx_component_trains_and_writes_metrics(tmp_path, j):
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd",
+        "launch/components.py:train", "--j", j, "--config", "configs/tiny.yaml",
+        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+        f"train.run_dir={run_dir}", "train.max_steps=12",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_summary(read_summary(run_dir))
+
+
+def test_concord_train_launches_torchrun(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml",
+        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+        f"train.run_dir={run_dir}", "train.max_steps=12", "balancer.name=multibalance",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training QPS" in proc.stdout and "NE" in proc.stdout
+    summary = read_summary(run_dir)
+    check_summary(summary)
+    assert summary["balancer"] == "multibalance"
+
+
+def test_config_error_is_reported_not_raised(tmp_path):
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml", "train.nope=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "configs/tiny.yaml: train.nope: unknown key" in proc.stderr
