@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 
+import numpy as np
 import torch
 
 from balancing.stats import StepStats
@@ -79,8 +80,9 @@ class Balancer:
     """Turns the per-task gradients ``G_k = dL_k/dz`` (B, d) into one aggregated gradient ``A`` (B, d).
 
     Subclasses declare their knobs as keyword arguments of ``__init__`` (validated there, raising
-    ``ValueError`` that names the knob) and keep their state in tensors listed in ``state_names`` so that
-    :meth:`state_dict` round-trips exactly.
+    ``ValueError`` that names the knob) and keep their state in float64 NumPy arrays listed in
+    ``state_names``; :meth:`state_dict` hands them out as torch tensors (loadable with
+    ``weights_only=True``) and round-trips exactly.
     """
 
     name: ClassVar[str] = ""
@@ -108,7 +110,7 @@ class Balancer:
         return [p for p in params if p not in ("self", "task_names")]
 
     # --- the update rule -------------------------------------------------------------------------
-    def coefficients(self, stats: StepStats) -> torch.Tensor:
+    def coefficients(self, stats: StepStats) -> np.ndarray:
         """(T,) float64 coefficients ``c`` with ``A = sum_k c_k G_k``; inactive tasks must get 0.
         Implementations record at least ``weights`` (on the simplex) in ``self.last_telemetry``."""
         raise NotImplementedError
@@ -126,8 +128,8 @@ class Balancer:
     def telemetry(self, stats: StepStats) -> Dict[str, Any]:
         """Per-step values worth logging: raw norms and pairwise cosines, plus the method's own."""
         norms = stats.norms
-        denom = torch.outer(norms, norms)
-        cos = torch.where(denom > 0, stats.gram / torch.where(denom > 0, denom, 1.0), 0.0)
+        denom = np.outer(norms, norms)
+        cos = np.divide(stats.gram, denom, out=np.zeros_like(denom), where=denom > 0)
         out: Dict[str, Any] = {
             "grad_norm": norms.tolist(),
             "loss": stats.losses.tolist(),
@@ -151,10 +153,9 @@ class Balancer:
                 )
 
     def state_dict(self) -> Dict[str, Any]:
-        state = {"step": self.step}
+        state: Dict[str, Any] = {"step": self.step}
         for key in self.state_names:
-            value = getattr(self, key)
-            state[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            state[key] = torch.from_numpy(np.array(getattr(self, key), dtype=np.float64))
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -163,12 +164,14 @@ class Balancer:
             raise KeyError(f"{self.name} balancer state lacks {sorted(missing)}")
         self.step = int(state["step"])
         for key in self.state_names:
-            value = state[key]
-            setattr(self, key, value.clone() if isinstance(value, torch.Tensor) else value)
+            value = torch.as_tensor(state[key], dtype=torch.float64)
+            if value.shape != (self.num_tasks,):
+                raise ValueError(f"{self.name} balancer state {key!r} has shape {tuple(value.shape)}, expected ({self.num_tasks},)")
+            setattr(self, key, value.numpy().copy())
 
 
 def weighted_sum(
-    grads: Sequence[Optional[torch.Tensor]], coeffs: torch.Tensor, active: torch.Tensor
+    grads: Sequence[Optional[torch.Tensor]], coeffs: np.ndarray, active: np.ndarray
 ) -> torch.Tensor:
     """``sum_k c_k G_k`` over active tasks, accumulated in place; zeros if no task is active."""
     out: Optional[torch.Tensor] = None
@@ -194,15 +197,15 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return value
 
 
-def check_task_vector(name: str, values: Optional[Sequence[float]], num_tasks: int) -> Optional[torch.Tensor]:
+def check_task_vector(name: str, values: Optional[Sequence[float]], num_tasks: int) -> Optional[np.ndarray]:
     """Validates a per-task knob (length T, finite, >= 0) and returns it as float64, or None."""
     if values is None:
         return None
     if isinstance(values, (int, float)):
         values = [float(values)] * num_tasks
-    vec = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if vec.numel() != num_tasks:
+    vec = np.array([float(v) for v in values], dtype=np.float64)
+    if vec.size != num_tasks:
         raise ValueError(f"{name} needs one value per task ({num_tasks}), got {len(values)}")
-    if not torch.isfinite(vec).all() or (vec < 0).any():
+    if not np.isfinite(vec).all() or (vec < 0).any():
         raise ValueError(f"{name} values must be finite and >= 0, got {list(values)}")
     return vec

@@ -72,7 +72,8 @@ class RepresentationBoundary(nn.Module):
         self.num_tasks = balancer.num_tasks
         self._losses: Optional[torch.Tensor] = None
         self.last_stats = None
-        self.backward_seconds = 0.0  # wall time spent in the last backward through the boundary
+        self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
+        self.comm_seconds = 0.0  # ... of which in the statistics all-reduce (waiting for peers included)
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
@@ -100,10 +101,12 @@ class RepresentationBoundary(nn.Module):
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
             )
-        packed, _ = local_statistics(grads, self._losses, template.shape[0])
+        packed = local_statistics(grads, self._losses, template.shape[0])
+        comm_start = time.perf_counter()
         stats = reduce_statistics(
             packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
         )
+        self.comm_seconds = time.perf_counter() - comm_start
         self.balancer.note_inactive(stats)
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from balancing.base import Balancer, check_task_vector, register, weighted_sum
@@ -26,7 +27,7 @@ class CoGrad(Balancer):
         self.gamma = check_task_vector("cograd.gamma", gamma, self.num_tasks)
         c = check_task_vector("cograd.weights", weights, self.num_tasks)
         if c is None:
-            c = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+            c = np.full(self.num_tasks, 1.0 / self.num_tasks)
         elif float(c.sum()) <= 0:
             raise ValueError("cograd.weights must not all be zero")
         else:
@@ -38,8 +39,8 @@ class CoGrad(Balancer):
         active = stats.active
         c = self.weights * active
         plain = weighted_sum(grads, c, active)  # sum_i c_i G_i
-        live = [k for k, g in enumerate(grads) if g is not None and bool(active[k])]
-        if not live or float(self.gamma[live].abs().sum()) == 0.0:
+        live = [k for k, g in enumerate(grads) if g is not None and active[k]]
+        if not live or float(np.abs(self.gamma[live]).sum()) == 0.0:
             self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
             return plain
         b2 = float(stats.local_batch_size) ** 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+import numpy as np
 
 from balancing.base import Balancer, check_positive, register
 from balancing.simplex import kl_constrained_softmax, min_norm_weights
@@ -23,10 +23,10 @@ def normalized_gram(stats: StepStats, how: str) -> torch.Tensor:
     """MGDA-UB normalisation: divide ``G_k`` by 1, ``n_k``, ``Lbar_k`` or ``Lbar_k n_k``."""
     if how == "none":
         return stats.gram
-    n, loss = stats.norms, torch.abs(stats.losses)
+    n, loss = stats.norms, np.abs(stats.losses)
     div = {"l2": n, "loss": loss, "loss+": loss * n}[how]
-    inv = torch.where(div > 0, 1.0 / torch.clamp(div, min=_EPS), 0.0) * stats.active
-    return stats.gram * torch.outer(inv, inv)
+    inv = np.where(div > 0, 1.0 / np.maximum(div, _EPS), 0.0) * stats.active
+    return stats.gram * np.outer(inv, inv)
 
 
 @register("emtl")
@@ -56,24 +56,24 @@ class EMTL(Balancer):
         if mgda_norm not in MGDA_NORMS:
             raise ValueError(f"emtl.mgda_norm must be one of {MGDA_NORMS}, got {mgda_norm!r}")
         self.mgda_norm = mgda_norm
-        self.bandit = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)  # p
+        self.bandit = np.full(self.num_tasks, 1.0 / self.num_tasks)  # p
 
-    def coefficients(self, stats: StepStats) -> torch.Tensor:
+    def coefficients(self, stats: StepStats) -> np.ndarray:
         active = stats.active
-        if not bool(active.any()):
-            return torch.zeros(self.num_tasks, dtype=torch.float64)
-        idx = torch.nonzero(active).flatten()
+        if not active.any():
+            return np.zeros(self.num_tasks)
+        idx = np.flatnonzero(active)
         # Step 1: alpha = MGDA min-norm weights over the active tasks.
-        alpha = torch.zeros(self.num_tasks, dtype=torch.float64)
-        alpha[idx] = min_norm_weights(normalized_gram(stats, self.mgda_norm)[idx][:, idx])
+        alpha = np.zeros(self.num_tasks)
+        alpha[idx] = min_norm_weights(normalized_gram(stats, self.mgda_norm)[np.ix_(idx, idx)])
         # Step 2 (Eq. 1): relative rates r_k = Lbar_k / n_k, rewards normalised to mean 1.
         rate = stats.losses / (stats.norms + _EPS)
-        reward = torch.zeros(self.num_tasks, dtype=torch.float64)
+        reward = np.zeros(self.num_tasks)
         mean_rate = rate[idx].mean()
-        if float(mean_rate) != 0.0:
+        if mean_rate != 0.0:
             reward[idx] = rate[idx] / mean_rate
         # Step 3 (Eqs. 11-13): mirror ascent in log space, projected into the KL ball of radius rho.
-        log_q = torch.log(torch.clamp(self.bandit, min=1e-300)) + self.eta * reward
+        log_q = np.log(np.maximum(self.bandit, 1e-300)) + self.eta * reward
         self.bandit, kl_multiplier = kl_constrained_softmax(log_q, self.rho)
         # Step 4: merge, then step 5: A = sum_k w_k G_k (inactive tasks contribute nothing).
         weights = self.beta * alpha + (1.0 - self.beta) * self.bandit
@@ -82,7 +82,7 @@ class EMTL(Balancer):
             "alpha": alpha.tolist(),
             "p": self.bandit.tolist(),
             "relative_rate": rate.tolist(),
-            "relative_rate_var": float(reward[idx].var(unbiased=False)) if idx.numel() > 1 else 0.0,
+            "relative_rate_var": float(reward[idx].var()) if idx.size > 1 else 0.0,
             "kl_multiplier": kl_multiplier,
         }
         return weights * active

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
+import numpy as np
 
 from balancing.base import Balancer, check_task_vector, register
 from balancing.stats import StepStats
@@ -14,8 +14,8 @@ from balancing.stats import StepStats
 class Equal(Balancer):
     """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (ALGORITHMS.md, reduction convention)."""
 
-    def coefficients(self, stats: StepStats) -> torch.Tensor:
-        weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+    def coefficients(self, stats: StepStats) -> np.ndarray:
+        weights = np.full(self.num_tasks, 1.0 / self.num_tasks)
         self.last_telemetry = {"weights": weights.tolist()}
         return weights * stats.active
 
@@ -28,11 +28,11 @@ class Fixed(Balancer):
         super().__init__(task_names)
         vec = check_task_vector("fixed.weights", weights, self.num_tasks)
         if vec is None:
-            vec = torch.ones(self.num_tasks, dtype=torch.float64)
+            vec = np.ones(self.num_tasks)
         if float(vec.sum()) <= 0:
             raise ValueError("fixed.weights must not all be zero")
         self.weights = vec / vec.sum()
 
-    def coefficients(self, stats: StepStats) -> torch.Tensor:
+    def coefficients(self, stats: StepStats) -> np.ndarray:
         self.last_telemetry = {"weights": self.weights.tolist()}
         return self.weights * stats.active

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
+import numpy as np
 
 from balancing.base import Balancer, check_positive, check_task_vector, register
 from balancing.simplex import project_to_simplex
@@ -38,30 +38,29 @@ class MultiBalance(Balancer):
         self.lam = check_positive("multibalance.lam", lam, allow_zero=True)
         w0 = check_task_vector("multibalance.prior", prior, self.num_tasks)
         if w0 is None:
-            w0 = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+            w0 = np.full(self.num_tasks, 1.0 / self.num_tasks)
         if abs(float(w0.sum()) - 1.0) > 1e-6:
             raise ValueError(f"multibalance.prior must lie on the simplex (sum to 1), got sum {float(w0.sum())}")
         self.prior = w0
-        self.weights = w0.clone()  # w, starts at w0
-        self.ema_norms = torch.zeros(self.num_tasks, dtype=torch.float64)  # m; 0 = not yet seen
+        self.weights = w0.copy()  # w, starts at w0
+        self.ema_norms = np.zeros(self.num_tasks)  # m; 0 = not yet seen
 
-    def coefficients(self, stats: StepStats) -> torch.Tensor:
+    def coefficients(self, stats: StepStats) -> np.ndarray:
         active, n = stats.active, stats.norms
-        if not bool(active.any()):
-            return torch.zeros(self.num_tasks, dtype=torch.float64)
+        if not active.any():
+            return np.zeros(self.num_tasks)
         # Step 1: m_k <- n_k at a task's first step, else beta m_k + (1 - beta) n_k.
-        seen = self.ema_norms > 0
-        ema = torch.where(seen, self.beta * self.ema_norms + (1 - self.beta) * n, n)
-        self.ema_norms = torch.where(active, ema, self.ema_norms)
+        ema = np.where(self.ema_norms > 0, self.beta * self.ema_norms + (1 - self.beta) * n, n)
+        self.ema_norms = np.where(active, ema, self.ema_norms)
         # Step 2: Gtilde_k = (mbar / m_k) G_k, so every active task enters with the same magnitude.
         mbar = self.ema_norms[active].mean()
-        scale = torch.where(active, mbar / torch.clamp(self.ema_norms, min=_EPS), 0.0)
-        gram_t = stats.gram * torch.outer(scale, scale)
+        scale = np.where(active, mbar / np.maximum(self.ema_norms, _EPS), 0.0)
+        gram_t = stats.gram * np.outer(scale, scale)
         # Step 3: d_k = <Gtilde_k, v> / (||Gtilde_k|| ||v|| + eps), v = sum_j (w_j + lam w0_j) Gtilde_j.
         u = (self.weights + self.lam * self.prior) * active
         gu = gram_t @ u
-        v_norm = torch.sqrt(torch.clamp(u @ gu, min=0.0))
-        tilde_norms = torch.sqrt(torch.clamp(torch.diagonal(gram_t), min=0.0))
+        v_norm = np.sqrt(max(float(u @ gu), 0.0))
+        tilde_norms = np.sqrt(np.maximum(np.diagonal(gram_t), 0.0))
         direction = gu / (tilde_norms * v_norm + _EPS)
         # Step 4 (Eq. 12): projected step on the simplex.
         self.weights = project_to_simplex(self.weights - self.lr * direction)

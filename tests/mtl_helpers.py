@@ -13,7 +13,7 @@ def stats_for(grads: Sequence[torch.Tensor], losses: Sequence[float] | None = No
     """The statistics one rank holding these gradients would compute (no communication)."""
     t = len(grads)
     losses_t = torch.tensor(losses if losses is not None else [1.0] * t, dtype=torch.float64)
-    packed, _ = local_statistics(list(grads), losses_t, grads[0].shape[0])
+    packed = local_statistics(list(grads), losses_t, grads[0].shape[0])
     return reduce_statistics(packed, t, grads[0].shape[0])
 
 

@@ -161,13 +161,13 @@ def write_split(
 
 def generate(cfg: SyntheticConfig, train_dir: str | Path, eval_dir: Optional[str | Path], show_progress: bool = True) -> None:
     """Writes the train split and, if ``eval_dir`` and ``eval_rows``, the held-out split."""
-    from tqdm import tqdm
+    from trainer.progress import progress_bar
 
     splits = [(train_dir, cfg.rows, 0)]
     if eval_dir is not None and cfg.eval_rows > 0:
         splits.append((eval_dir, cfg.eval_rows, 1))
     for path, rows, split_id in splits:
-        with tqdm(total=rows, desc=f"synth {path}", unit="rows", disable=not show_progress) as bar:
+        with progress_bar(rows, f"synth {path}", "rows", enabled=show_progress) as bar:
             write_split(cfg, path, rows, split_id, progress=bar.update)
 
 

@@ -21,6 +21,7 @@ from trainer.data import Batch, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
 from trainer.model import MultiTaskModel, build_model
 from trainer.runtime import Runtime
+from trainer.progress import progress_bar
 from trainer.synth import dataset_ready, generate
 from trainer.timing import QPSMeter, StepTimer
 
@@ -81,36 +82,19 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         cfg, rt = self.cfg, self.rt
-        reader = self._reader(cfg.data.train, drop_last=True)
-        steps_per_epoch = reader.full_batches_per_rank()
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{cfg.data.train}: not one full batch of {cfg.data.batch_size} rows per rank for "
-                f"{rt.world_size} ranks; lower data.batch_size"
-            )
+        batches = self.train_batches()
+        steps_per_epoch = self._reader(cfg.data.train, drop_last=True).full_batches_per_rank()
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.warmup_steps, cfg.train.qps_window)
         timer = StepTimer(rt.device)
-        bar = _progress(total, enabled=rt.is_main and cfg.train.progress)
+        bar = progress_bar(total, "train", "step", enabled=rt.is_main and cfg.train.progress)
         self.dmp.train()
         step, started = 0, time.time()
-        batches = self._epochs(reader, steps_per_epoch)
         while step < total:
-            timer.start()
-            batch = next(batches).to(rt.device, non_blocking=True)
-            timer.mark("data")
-            out = self.dmp(batch)
-            timer.mark("forward")
-            out.objective.backward()
-            timer.mark("backward")
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            timer.mark("optimizer")
+            out, timings = self.train_step(batches, timer)
             step += 1
-            timings = timer.read()
-            timings["boundary"] = self.model.boundary.backward_seconds
             qps.update(timings)
             if rt.is_main:
                 bar.update(1)
@@ -139,6 +123,34 @@ class Trainer:
             print(_qps_line(qps))
         self.log.close()
         return summary
+
+    def train_step(self, batches: Iterator[Batch], timer: StepTimer):
+        """One optimisation step on the next batch; returns the model output and phase timings (s)."""
+        timer.start()
+        batch = next(batches).to(self.rt.device, non_blocking=True)
+        timer.mark("data")
+        out = self.dmp(batch)
+        timer.mark("forward")
+        out.objective.backward()
+        timer.mark("backward")
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        timer.mark("optimizer")
+        timings = timer.read()
+        timings["boundary"] = self.model.boundary.backward_seconds
+        timings["boundary_comm"] = self.model.boundary.comm_seconds
+        return out, timings
+
+    def train_batches(self) -> Iterator[Batch]:
+        """The training split, full batches only, epoch after epoch (the same count on every rank)."""
+        reader = self._reader(self.cfg.data.train, drop_last=True)
+        steps = reader.full_batches_per_rank()
+        if steps == 0:
+            raise ValueError(
+                f"{self.cfg.data.train}: not one full batch of {self.cfg.data.batch_size} rows per rank for "
+                f"{self.rt.world_size} ranks; lower data.batch_size"
+            )
+        return self._epochs(reader, steps)
 
     def _epochs(self, reader: ParquetReader, steps_per_epoch: int) -> Iterator[Batch]:
         """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch."""
@@ -230,23 +242,6 @@ def _qps_line(qps: QPSMeter) -> str:
         f"training QPS (global, warm-up excluded): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
         f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + forward {b['forward_ms']:.1f} + backward "
         f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
-        f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward)"
+        f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward; of it "
+        f"{b['boundary_comm_ms']:.2f} ms in the statistics all-reduce, waiting for peers included)"
     )
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    import sys
-
-    # Redirected output (CI, torchx logs) gets a line every 10 s instead of a redraw per step.
-    interval = 0.5 if sys.stderr.isatty() else 10.0
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=interval)

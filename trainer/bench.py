@@ -1,0 +1,117 @@
+"""``concord bench``: training QPS per balancer, measured side by side in one process tree.
+
+One sharded model and one data stream; the boundary's balancer is swapped between timed blocks and
+the methods alternate (A B C A B C ...), so drift in the machine's speed hits every method alike.
+Each round gives a paired QPS drop of every method against ``equal`` in that round; the table shows
+their mean and spread. The boundary's own time (inside backward, the statistics all-reduce
+included) is shown as a share of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List
+
+import torch.distributed as dist
+
+from balancing import build_balancer
+from trainer.config import Config
+from trainer.runtime import init_runtime, shutdown
+from trainer.timing import StepTimer
+from trainer.train import Trainer, ensure_data
+
+
+def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[str, dict]:
+    if "equal" not in methods:
+        methods = ["equal"] + methods
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend)
+    try:
+        ensure_data(cfg, rt)
+        cfg.train.progress = False
+        trainer = Trainer.build(cfg, rt)
+        boundary = trainer.model.boundary
+        balancers = {
+            m: build_balancer(m, cfg.task_names, **(cfg.balancer.knobs if m == cfg.balancer.name else {}))
+            for m in methods
+        }
+        for b in balancers.values():
+            b.telemetry_due = False
+        boundary.telemetry_every = 10**9  # no logging-step extras inside timed blocks
+        batches = trainer.train_batches()
+        timer = StepTimer(rt.device)
+        global_batch = cfg.data.batch_size * rt.world_size
+        for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
+            boundary.balancer = balancers[m]
+            for _ in range(max(cfg.train.warmup_steps, 3)):
+                trainer.train_step(batches, timer)
+        samples: Dict[str, List[dict]] = {m: [] for m in methods}
+        for r in range(rounds):
+            for m in methods:
+                boundary.balancer = balancers[m]
+                if rt.world_size > 1:
+                    dist.barrier()
+                step_s = boundary_s = comm_s = 0.0
+                for _ in range(steps):
+                    _, timings = trainer.train_step(batches, timer)
+                    step_s += timings["step"]
+                    boundary_s += timings["boundary"]
+                    comm_s += timings["boundary_comm"]
+                compute_s = boundary_s - comm_s
+                samples[m].append({"qps": steps * global_batch / step_s, "step_ms": 1000 * step_s / steps,
+                                   "boundary_ms": 1000 * boundary_s / steps, "comm_ms": 1000 * comm_s / steps,
+                                   "boundary_share": boundary_s / step_s, "compute_share": compute_s / step_s})
+            if rt.is_main:
+                print(f"bench: round {r + 1}/{rounds} done", flush=True)
+        report = summarize(samples)
+        if rt.is_main:
+            print(format_report(report, cfg, rt.world_size, rounds, steps))
+            out = Path(cfg.train.run_dir) / "bench.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"rounds": rounds, "steps": steps, "world_size": rt.world_size,
+                                       "global_batch": global_batch, "methods": report}, indent=2))
+            print(f"written: {out}")
+        return report
+    finally:
+        shutdown()
+
+
+def summarize(samples: Dict[str, List[dict]]) -> Dict[str, dict]:
+    base = [s["qps"] for s in samples["equal"]]
+    report = {}
+    for m, rows in samples.items():
+        qps = [s["qps"] for s in rows]
+        drops = [100.0 * (b - q) / b for b, q in zip(base, qps)]  # paired by round
+        report[m] = {
+            "qps_mean": statistics.mean(qps),
+            "qps_std": statistics.pstdev(qps),
+            "drop_pct_mean": statistics.mean(drops),
+            "drop_pct_std": statistics.pstdev(drops),
+            "step_ms": statistics.mean(s["step_ms"] for s in rows),
+            "boundary_ms": statistics.mean(s["boundary_ms"] for s in rows),
+            "comm_ms": statistics.mean(s["comm_ms"] for s in rows),
+            "boundary_share_pct": 100.0 * statistics.mean(s["boundary_share"] for s in rows),
+            "compute_share_pct": 100.0 * statistics.mean(s["compute_share"] for s in rows),
+        }
+    return report
+
+
+def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int) -> str:
+    lines = [
+        f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
+        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method",
+        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± std':>8}{'step ms':>9}"
+        f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
+    ]
+    for m, r in report.items():
+        lines.append(
+            f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_std']:>7.2f}%"
+            f"{r['step_ms']:>9.2f}{r['boundary_ms']:>13.3f}{r['comm_ms']:>14.3f}{r['boundary_share_pct']:>7.2f}%"
+            f"{r['compute_share_pct']:>14.2f}%"
+        )
+    lines.append(
+        "share: boundary time / step time; compute share leaves out the statistics all-reduce, whose time "
+        "is mostly waiting for the slower rank (a wait DDP's gradient all-reduce would otherwise absorb)."
+    )
+    return "\n".join(lines)
