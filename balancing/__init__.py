@@ -1,4 +1,5 @@
-"""Gradient balancing at the shared representation. Depends on torch only: lift it into any model.
+"""Gradient balancing at the shared representation. Depends on torch and NumPy only: lift it into
+any model.
 
 >>> from balancing import RepresentationBoundary, build_balancer
 """
@@ -8,7 +9,19 @@ from balancing.boundary import RepresentationBoundary
 from balancing.stats import StepStats
 
 # Importing the method modules registers them.
-from balancing import cograd, emtl, equal, multibalance  # noqa: F401,E402
+from balancing import (  # noqa: F401,E402
+    cograd,
+    dbmtl,
+    emtl,
+    equal,
+    graddrop,
+    gradvac,
+    imtlg,
+    mgda,
+    multibalance,
+    pcgrad,
+    uncertainty,
+)
 
 __all__ = [
     "Balancer",

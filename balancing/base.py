@@ -96,6 +96,7 @@ class Balancer:
         self.task_names = list(task_names)
         self.num_tasks = len(task_names)
         self.step = 0
+        self.process_group = None  # set by the boundary; for methods with statistics of their own
         self.warn = RateLimitedWarning()
         self.last_telemetry: Dict[str, Any] = {}
         # Set by the boundary: whether this step's telemetry will be read. Methods whose telemetry
@@ -115,9 +116,17 @@ class Balancer:
         Implementations record at least ``weights`` (on the simplex) in ``self.last_telemetry``."""
         raise NotImplementedError
 
-    def aggregate(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats) -> torch.Tensor:
-        """``A = sum_k c_k G_k`` accumulated in place in the gradients' dtype (no stacked copy)."""
+    def aggregate(
+        self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, z: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``A = sum_k c_k G_k`` accumulated in place in the gradients' dtype (no stacked copy).
+        ``z`` (B, d) is the representation itself, for element-wise methods that read it."""
         return weighted_sum(grads, self.coefficients(stats), stats.active)
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        """Learnable balancer parameters (loss-level methods); the boundary registers them so that the
+        dense optimizer trains them and DDP averages their gradients."""
+        return []
 
     def before_backward(self, losses: torch.Tensor) -> torch.Tensor:
         """Hook for loss-level methods (Uncertainty): the scalar whose backward is taken. Default: sum,
@@ -153,9 +162,17 @@ class Balancer:
                 )
 
     def state_dict(self) -> Dict[str, Any]:
+        """Tensors only (float64 state, uint8 generator state), so ``torch.load(weights_only=True)``
+        reads it back."""
         state: Dict[str, Any] = {"step": self.step}
         for key in self.state_names:
-            state[key] = torch.from_numpy(np.array(getattr(self, key), dtype=np.float64))
+            value = getattr(self, key)
+            if isinstance(value, torch.Generator):
+                state[key] = value.get_state()
+            elif isinstance(value, torch.Tensor):
+                state[key] = value.detach().clone()
+            else:
+                state[key] = torch.from_numpy(np.array(value, dtype=np.float64))
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -164,10 +181,18 @@ class Balancer:
             raise KeyError(f"{self.name} balancer state lacks {sorted(missing)}")
         self.step = int(state["step"])
         for key in self.state_names:
-            value = torch.as_tensor(state[key], dtype=torch.float64)
-            if value.shape != (self.num_tasks,):
-                raise ValueError(f"{self.name} balancer state {key!r} has shape {tuple(value.shape)}, expected ({self.num_tasks},)")
-            setattr(self, key, value.numpy().copy())
+            current, value = getattr(self, key), state[key]
+            if isinstance(current, torch.Generator):
+                current.set_state(value)
+                continue
+            expected = tuple(current.shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{self.name} balancer state {key!r} has shape {tuple(value.shape)}, expected {expected}")
+            if isinstance(current, torch.Tensor):
+                with torch.no_grad():
+                    current.copy_(value)
+            else:
+                setattr(self, key, torch.as_tensor(value, dtype=torch.float64).numpy().copy())
 
 
 def weighted_sum(
@@ -187,6 +212,11 @@ def weighted_sum(
         template = next(g for g in grads if g is not None)
         out = torch.zeros_like(template)
     return out
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """The method's randomness: the same seed on every rank, so every rank draws the same numbers."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> float:

@@ -30,13 +30,14 @@ class _Replicate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> Tuple[torch.Tensor, ...]:
         ctx.boundary = boundary
+        ctx.z = z.detach()  # a reference, no copy; read by element-wise methods such as GradDrop
         # Heads whose loss is absent give None rather than a materialised zero tensor.
         ctx.set_materialize_grads(False)
         return tuple(z.view_as(z) for _ in range(boundary.num_tasks))
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
-        return ctx.boundary.balance(grads), None
+        return ctx.boundary.balance(grads, ctx.z), None
 
 
 class RepresentationBoundary(nn.Module):
@@ -61,15 +62,17 @@ class RepresentationBoundary(nn.Module):
         telemetry_every: int = 1,
     ) -> None:
         super().__init__()
+        self.num_tasks = balancer.num_tasks
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
         self.telemetry_every = telemetry_every
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.balancer = balancer
         self.reduction = reduction
         self.process_group = process_group
-        self.num_tasks = balancer.num_tasks
+        self.balancer = balancer
+        # Loss-level methods learn parameters; as module parameters the dense optimizer trains them.
+        self.balancer_parameters = nn.ParameterList(balancer.parameters())
         self._losses: Optional[torch.Tensor] = None
         self.last_stats = None
         self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
@@ -92,7 +95,18 @@ class RepresentationBoundary(nn.Module):
         self._losses = losses.detach()
         return self.balancer.before_backward(losses)
 
-    def balance(self, grads: Tuple[Optional[torch.Tensor], ...]) -> torch.Tensor:
+    @property
+    def balancer(self) -> Balancer:
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, balancer: Balancer) -> None:
+        if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
+            raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
+        balancer.process_group = self.process_group
+        self._balancer = balancer
+
+    def balance(self, grads: Tuple[Optional[torch.Tensor], ...], z: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs inside autograd's backward: statistics, one all-reduce, the balancer, the aggregate."""
         start = time.perf_counter()
         template = next(g for g in grads if g is not None)
@@ -110,7 +124,7 @@ class RepresentationBoundary(nn.Module):
         self.balancer.note_inactive(stats)
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
-        aggregated = self.balancer.aggregate(grads, stats)
+        aggregated = self.balancer.aggregate(grads, stats, z)
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)

@@ -35,7 +35,9 @@ class CoGrad(Balancer):
         self.weights = c
         self._warned_large = set()
 
-    def aggregate(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats) -> torch.Tensor:
+    def aggregate(
+        self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, z: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         active = stats.active
         c = self.weights * active
         plain = weighted_sum(grads, c, active)  # sum_i c_i G_i

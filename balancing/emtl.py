@@ -12,21 +12,11 @@ from typing import Sequence
 import numpy as np
 
 from balancing.base import Balancer, check_positive, register
-from balancing.simplex import kl_constrained_softmax, min_norm_weights
+from balancing.mgda import NORMALIZATIONS, active_min_norm, normalized_gram
+from balancing.simplex import kl_constrained_softmax
 from balancing.stats import StepStats
 
 _EPS = 1e-12
-MGDA_NORMS = ("none", "l2", "loss", "loss+")
-
-
-def normalized_gram(stats: StepStats, how: str) -> torch.Tensor:
-    """MGDA-UB normalisation: divide ``G_k`` by 1, ``n_k``, ``Lbar_k`` or ``Lbar_k n_k``."""
-    if how == "none":
-        return stats.gram
-    n, loss = stats.norms, np.abs(stats.losses)
-    div = {"l2": n, "loss": loss, "loss+": loss * n}[how]
-    inv = np.where(div > 0, 1.0 / np.maximum(div, _EPS), 0.0) * stats.active
-    return stats.gram * np.outer(inv, inv)
 
 
 @register("emtl")
@@ -53,8 +43,8 @@ class EMTL(Balancer):
                 "KL(p || uniform) <= log T always, so such a radius never constrains the bandit"
             )
         self.eta = check_positive("emtl.eta", eta, allow_zero=True)
-        if mgda_norm not in MGDA_NORMS:
-            raise ValueError(f"emtl.mgda_norm must be one of {MGDA_NORMS}, got {mgda_norm!r}")
+        if mgda_norm not in NORMALIZATIONS:
+            raise ValueError(f"emtl.mgda_norm must be one of {NORMALIZATIONS}, got {mgda_norm!r}")
         self.mgda_norm = mgda_norm
         self.bandit = np.full(self.num_tasks, 1.0 / self.num_tasks)  # p
 
@@ -64,8 +54,7 @@ class EMTL(Balancer):
             return np.zeros(self.num_tasks)
         idx = np.flatnonzero(active)
         # Step 1: alpha = MGDA min-norm weights over the active tasks.
-        alpha = np.zeros(self.num_tasks)
-        alpha[idx] = min_norm_weights(normalized_gram(stats, self.mgda_norm)[np.ix_(idx, idx)])
+        alpha = active_min_norm(normalized_gram(stats, self.mgda_norm), active)
         # Step 2 (Eq. 1): relative rates r_k = Lbar_k / n_k, rewards normalised to mean 1.
         rate = stats.losses / (stats.norms + _EPS)
         reward = np.zeros(self.num_tasks)

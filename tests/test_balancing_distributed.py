@@ -1,5 +1,5 @@
 """Property 6: W ranks holding B rows each give the same task weights, and the same parameter
-gradients, as 1 rank holding the W*B rows concatenated (2 gloo ranks)."""
+gradients, as 1 rank holding the W*B rows concatenated (2 gloo ranks), for every balancer."""
 
 from __future__ import annotations
 
@@ -16,49 +16,66 @@ pytestmark = pytest.mark.multiprocess
 TASKS = ["a", "b", "c"]
 ROWS, STEPS = 24, 6
 SCALES = (1.0, 30.0, 0.3)  # unequal loss scales, so weights move
+CASES = {
+    "equal": ("equal", {}),
+    "multibalance": ("multibalance", {}),
+    "multibalance-no-ema": ("multibalance", {"beta": 0.0, "lr": 0.5}),
+    "emtl": ("emtl", {}),
+    "emtl-bandit-only": ("emtl", {"beta": 0.0}),
+    "cograd": ("cograd", {"gamma": 0.05}),
+    "mgda-loss+": ("mgda", {"normalization": "loss+"}),
+    "uncertainty": ("uncertainty", {"init": 0.2}),
+    "pcgrad": ("pcgrad", {"seed": 3}),
+    "gradvac": ("gradvac", {"seed": 3}),
+    "graddrop": ("graddrop", {"seed": 3}),
+    "dbmtl": ("dbmtl", {}),
+    "imtlg": ("imtlg", {}),
+}
 
 
-def _run(rank: int, world_size: int, name: str, knobs: dict):
-    """Runs STEPS steps on this rank's rows; returns per-step weights, A rows and averaged gradients."""
+def _run(rank: int, world_size: int):
+    """Every case: STEPS steps on this rank's rows; per step the weights, A rows, averaged gradients."""
+    group = None
     if world_size > 1:
         dist.init_process_group("gloo")
         group = dist.new_group()
-    else:
-        group = None
-    model = ToyMTL(3)
-    boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
-    per_rank = ROWS // world_size
-    out = []
-    for step in range(STEPS):
-        x, y = toy_batch(ROWS, 3, seed=100 + step)
-        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
-        model.zero_grad()
-        z = model.bottom(x)
-        z.retain_grad()
-        boundary.objective(model.losses(boundary(z), y, SCALES)).backward()
-        grads = [p.grad.clone() for p in model.bottom.parameters()]
-        if world_size > 1:
-            for g in grads:  # what DDP does: average over ranks
-                dist.all_reduce(g)
-                g /= world_size
-        out.append({"weights": boundary.telemetry()["weights"], "A": z.grad.clone(), "grads": grads})
-    return out
+    results = {}
+    for case, (name, knobs) in CASES.items():
+        model = ToyMTL(3)
+        boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
+        per_rank = ROWS // world_size
+        out = []
+        for step in range(STEPS):
+            x, y = toy_batch(ROWS, 3, seed=100 + step)
+            x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+            model.zero_grad()
+            z = model.bottom(x)
+            z.retain_grad()
+            boundary.objective(model.losses(boundary(z), y, SCALES)).backward()
+            grads = [p.grad.clone() for p in model.bottom.parameters()]
+            if world_size > 1:
+                for g in grads:  # what DDP does: average over ranks
+                    dist.all_reduce(g)
+                    g /= world_size
+            out.append({"weights": boundary.telemetry()["weights"], "A": z.grad.clone(), "grads": grads})
+        results[case] = out
+    return results
 
 
-@pytest.mark.parametrize(
-    "name, knobs",
-    [("equal", {}), ("multibalance", {}), ("multibalance", {"beta": 0.0, "lr": 0.5}), ("emtl", {}), ("emtl", {"beta": 0.0}), ("cograd", {"gamma": 0.05})],
-)
-def test_two_ranks_equal_one_rank_on_the_concatenated_batch(name, knobs):
-    (single,) = run_ranks(_run, 1, name, knobs)
-    ranks = run_ranks(_run, 2, name, knobs)
+@pytest.fixture(scope="module")
+def runs():
+    (single,) = run_ranks(_run, 1)
+    return single, run_ranks(_run, 2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
+    single, ranks = runs
     for step in range(STEPS):
-        ref = single[step]
+        ref = single[case][step]
         for rank, result in enumerate(ranks):
-            got = result[step]
-            torch.testing.assert_close(
-                torch.tensor(got["weights"]), torch.tensor(ref["weights"]), rtol=1e-9, atol=1e-12
-            )
+            got = result[case][step]
+            torch.testing.assert_close(torch.tensor(got["weights"]), torch.tensor(ref["weights"]), rtol=1e-9, atol=1e-12)
             # A local row is a global row times W (local mean over B rows vs global mean over W*B).
             rows = slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)
             torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
