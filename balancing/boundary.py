@@ -13,8 +13,9 @@ embedding tables) receives ``A`` from the balancer instead of ``sum_k G_k``.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,6 +75,7 @@ class RepresentationBoundary(nn.Module):
         # Loss-level methods learn parameters; as module parameters the dense optimizer trains them.
         self.balancer_parameters = nn.ParameterList(balancer.parameters())
         self._losses: Optional[torch.Tensor] = None
+        self._passthrough = False
         self.last_stats = None
         self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
         self.comm_seconds = 0.0  # ... of which in the statistics all-reduce (waiting for peers included)
@@ -106,8 +108,22 @@ class RepresentationBoundary(nn.Module):
         balancer.process_group = self.process_group
         self._balancer = balancer
 
+    @contextlib.contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """Backward passes run inside return ``sum_k G_k`` untouched, with no statistics and no
+        balancer step: for extra gradient computations such as parameter-level balancing's per-task
+        ``torch.autograd.grad`` calls."""
+        self._passthrough = True
+        try:
+            yield
+        finally:
+            self._passthrough = False
+
     def balance(self, grads: Tuple[Optional[torch.Tensor], ...], z: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs inside autograd's backward: statistics, one all-reduce, the balancer, the aggregate."""
+        if self._passthrough:
+            present = [g for g in grads if g is not None]
+            return torch.stack(present).sum(0) if len(present) > 1 else present[0].clone()
         start = time.perf_counter()
         template = next(g for g in grads if g is not None)
         if self._losses is None:

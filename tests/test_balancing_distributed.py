@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from balancing import RepresentationBoundary, build_balancer
+from balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
 from mtl_helpers import ToyMTL, toy_batch
 
@@ -30,6 +31,8 @@ CASES = {
     "graddrop": ("graddrop", {"seed": 3}),
     "dbmtl": ("dbmtl", {}),
     "imtlg": ("imtlg", {}),
+    "param_mgda": ("param_mgda", {}),
+    "param_moco": ("param_moco", {}),
 }
 
 
@@ -42,7 +45,12 @@ def _run(rank: int, world_size: int):
     results = {}
     for case, (name, knobs) in CASES.items():
         model = ToyMTL(3)
-        boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
+        param_level = None
+        if name in PARAMETER_LEVEL:  # weights the losses; the boundary passes the gradient through
+            boundary = RepresentationBoundary(build_balancer("equal", TASKS), "sum", process_group=group)
+            param_level = build_parameter_level(name, TASKS, list(model.bottom.parameters()), group, **knobs)
+        else:
+            boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
         per_rank = ROWS // world_size
         out = []
         for step in range(STEPS):
@@ -51,13 +59,19 @@ def _run(rank: int, world_size: int):
             model.zero_grad()
             z = model.bottom(x)
             z.retain_grad()
-            boundary.objective(model.losses(boundary(z), y, SCALES)).backward()
+            losses = model.losses(boundary(z), y, SCALES)
+            objective = boundary.objective(losses)
+            if param_level is not None:
+                with boundary.passthrough():
+                    objective = param_level.objective(losses)
+            objective.backward()
             grads = [p.grad.clone() for p in model.bottom.parameters()]
             if world_size > 1:
                 for g in grads:  # what DDP does: average over ranks
                     dist.all_reduce(g)
                     g /= world_size
-            out.append({"weights": boundary.telemetry()["weights"], "A": z.grad.clone(), "grads": grads})
+            weights = (param_level or boundary.balancer).last_telemetry["weights"]
+            out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
     return results
 

@@ -1,7 +1,8 @@
 """``concord bench``: training QPS per balancer, measured side by side in one process tree.
 
-One sharded model and one data stream; the boundary's balancer is swapped between timed blocks and
-the methods alternate (A B C A B C ...), so drift in the machine's speed hits every method alike.
+One sharded model and one data stream; the method is swapped between timed blocks (the boundary's
+balancer, or a parameter-level method) and the methods alternate (A B C A B C ...), so drift in the
+machine's speed hits every method alike.
 Each round gives a paired QPS drop of every method against ``equal`` in that round; the table shows
 their mean and spread. The boundary's own time (inside backward, the statistics all-reduce
 included) is shown as a share of the step.
@@ -16,7 +17,6 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
-from balancing import build_balancer
 from trainer.config import Config
 from trainer.runtime import init_runtime, shutdown
 from trainer.timing import StepTimer
@@ -32,24 +32,20 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         cfg.train.progress = False
         trainer = Trainer.build(cfg, rt)
         boundary = trainer.model.boundary
-        balancers = {
-            m: build_balancer(m, cfg.task_names, **(cfg.balancer.knobs if m == cfg.balancer.name else {}))
-            for m in methods
-        }
-        for b in balancers.values():
-            b.telemetry_due = False
         boundary.telemetry_every = 10**9  # no logging-step extras inside timed blocks
+        knobs = {m: (cfg.balancer.knobs if m == cfg.balancer.name else {}) for m in methods}
         batches = trainer.train_batches()
         timer = StepTimer(rt.device)
         global_batch = cfg.data.batch_size * rt.world_size
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
-            boundary.balancer = balancers[m]
+            trainer.use_method(m, knobs[m])
             for _ in range(max(cfg.train.warmup_steps, 3)):
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
         for r in range(rounds):
             for m in methods:
-                boundary.balancer = balancers[m]
+                trainer.use_method(m, knobs[m])
+                boundary.balancer.telemetry_due = False
                 if rt.world_size > 1:
                     dist.barrier()
                 step_s = boundary_s = comm_s = 0.0

@@ -382,11 +382,16 @@ DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 def _validate_balancer(cfg: Config, fail) -> None:
     from balancing import build_balancer
 
+    from balancing.param_level import PARAMETER_LEVEL, check_parameter_level_knobs
+
     b = cfg.balancer
     if b.reduction not in ("mean", "sum"):
         fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
     try:
-        build_balancer(b.name, cfg.task_names, **b.knobs)
+        if b.name in PARAMETER_LEVEL:
+            check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)
+        else:
+            build_balancer(b.name, cfg.task_names, **b.knobs)
     except (ValueError, TypeError) as e:
         fail("balancer", str(e))
 

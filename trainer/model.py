@@ -50,7 +50,7 @@ class ModelOutput(NamedTuple):
     all-reduce through them; an opaque output would leave that iteration's gradients unsynced."""
 
     objective: torch.Tensor  # scalar to backward
-    losses: torch.Tensor  # (T,) task losses, detached
+    losses: torch.Tensor  # (T,) task losses (with their graph, for parameter-level methods)
     logits: torch.Tensor  # (B, T)
 
 
@@ -84,13 +84,25 @@ class MultiTaskModel(nn.Module):
         views = self.boundary(z)
         losses, logits = self.heads(views, batch.labels, batch.weights)
         objective = self.boundary.objective(losses) if torch.is_grad_enabled() else losses.sum()
-        return ModelOutput(objective, losses.detach(), logits)
+        return ModelOutput(objective, losses, logits)
+
+
+def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):
+    """The boundary's balancer and reduction for a method. A parameter-level method weights the losses
+    itself, so the boundary then passes the plain gradient of its objective through (equal, sum)."""
+    from balancing.param_level import PARAMETER_LEVEL
+
+    name = name or cfg.balancer.name
+    knobs = cfg.balancer.knobs if knobs is None else knobs
+    if name in PARAMETER_LEVEL:
+        return build_balancer("equal", cfg.task_names), "sum"
+    return build_balancer(name, cfg.task_names, **knobs), cfg.balancer.reduction
 
 
 def build_model(cfg, device: torch.device | str = "meta", process_group=None) -> MultiTaskModel:
     """The unsharded model for a config; the embedding tables on ``device`` (meta: sharding allocates)."""
-    balancer = build_balancer(cfg.balancer.name, cfg.task_names, **cfg.balancer.knobs)
-    boundary = RepresentationBoundary(balancer, cfg.balancer.reduction, process_group, cfg.train.log_every)
+    balancer, reduction = boundary_method(cfg)
+    boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every)
     ebc = build_embedding_bags(cfg.model.tables, device)
     bottom = DenseBottom(len(cfg.data.dense_columns), pooled_dim(cfg.model.tables), cfg.model)
     heads = TaskHeads(cfg.representation_dim, cfg.tasks)

@@ -19,7 +19,8 @@ from embeddings.sharding import apply_fused_optimizer, shard_model, table_shardi
 from trainer.config import Config, to_dict
 from trainer.data import Batch, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
-from trainer.model import MultiTaskModel, build_model
+from balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
+from trainer.model import MultiTaskModel, boundary_method, build_model
 from trainer.runtime import Runtime
 from trainer.progress import progress_bar
 from trainer.synth import dataset_ready, generate
@@ -50,6 +51,7 @@ class Trainer:
     dmp: torch.nn.Module
     optimizer: CombinedOptimizer
     log: RunLog
+    param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
 
     @classmethod
     def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
@@ -71,7 +73,20 @@ class Trainer:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
-        return cls(cfg, rt, model, dmp, optimizer, log)
+        trainer = cls(cfg, rt, model, dmp, optimizer, log)
+        trainer.use_method(cfg.balancer.name, cfg.balancer.knobs)
+        return trainer
+
+    def use_method(self, name: str, knobs: Optional[Dict[str, Any]] = None) -> None:
+        """Switches the balancing method on the same model (used by ``concord bench``)."""
+        balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
+        boundary = self.model.boundary
+        boundary.balancer, boundary.reduction = balancer, reduction
+        self.param_balancer = None
+        if name in PARAMETER_LEVEL:
+            self.param_balancer = build_parameter_level(
+                name, self.cfg.task_names, list(self.model.bottom.parameters()), self.rt.balancer_group, **(knobs or {})
+            )
 
     # --- data -------------------------------------------------------------------------------------
     def _reader(self, spec: str, drop_last: bool) -> ParquetReader:
@@ -131,7 +146,12 @@ class Trainer:
         timer.mark("data")
         out = self.dmp(batch)
         timer.mark("forward")
-        out.objective.backward()
+        if self.param_balancer is not None:
+            with self.model.boundary.passthrough():  # the T per-task gradients skip the balancer
+                objective = self.param_balancer.objective(out.losses)
+        else:
+            objective = out.objective
+        objective.backward()
         timer.mark("backward")
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -162,8 +182,11 @@ class Trainer:
 
     def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
         stats = self.model.boundary.last_stats
-        losses = stats.losses.tolist() if stats is not None else local_losses.tolist()
+        losses = stats.losses.tolist() if stats is not None else local_losses.detach().tolist()
         names = self.cfg.task_names
+        telemetry = self.model.boundary.telemetry()
+        if self.param_balancer is not None:
+            telemetry = {**telemetry, **self.param_balancer.last_telemetry}
         record = {
             "kind": "train",
             "step": step,
@@ -171,7 +194,7 @@ class Trainer:
             "qps_window": qps.windowed_qps(),
             "qps_lifetime": qps.lifetime_qps(),
             "breakdown": qps.breakdown(),
-            "balancer": _per_task(self.model.boundary.telemetry(), names),
+            "balancer": _per_task(telemetry, names),
         }
         self.log.write(record, step)
 
