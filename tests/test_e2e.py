@@ -70,3 +70,22 @@ def test_config_error_is_reported_not_raised(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "configs/tiny.yaml: train.nope: unknown key" in proc.stderr
+
+
+def test_compare_writes_the_report_and_resumes(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "compare", "--config", "configs/tiny.yaml",
+        "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out),
+        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", "train.max_steps=8",
+    ]
+    first = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "[2/2] multibalance, seed 0: training" in first.stdout
+    report = (out / "report.md").read_text()
+    assert "| multibalance | shared representation z" in report and "## Table 3" in report
+    assert (out / "gains.png").is_file() and (out / "runs/multibalance-seed0/plots/balancer.png").is_file()
+    second = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0
+    assert "[1/2] equal, seed 0: done earlier, reused" in second.stdout
+    assert "[2/2] multibalance, seed 0: done earlier, reused" in second.stdout

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated balancers")
     sp.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds per method")
     sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
+    sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
+    with_config(sp)
+    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated methods")
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
     sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
     sp.add_argument("run_dir")
     return p
@@ -53,6 +58,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             for path in plot_run(args.run_dir):
                 print(path)
+            return 0
+        if args.command == "compare":
+            from trainer.compare import run_compare
+
+            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "synth":

@@ -133,6 +133,7 @@ class Trainer:
         }
         self.log.write(summary)
         if rt.is_main:
+            write_json_atomic(Path(cfg.train.run_dir) / "summary.json", summary)
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {rt.world_size}")
             print(format_table(final, cfg.tasks))
             print(_qps_line(qps))
@@ -221,6 +222,15 @@ class Trainer:
         self.dmp.train()
         self.log.write({"kind": "eval", "step": step, "eval": results}, step)
         return results
+
+
+def write_json_atomic(path: Path, record: Dict[str, Any]) -> None:
+    """Written under a temporary name and renamed: a reader sees the whole file or none."""
+    import json
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:

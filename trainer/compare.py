@@ -1,0 +1,200 @@
+"""``concord compare``: the papers' comparison on your own config, N seeds, one command.
+
+Every (seed, method) cell trains the same config with that balancer and ``train.seed`` (the same
+initialisation and data order for every method of a seed), evaluates on the held-out split and leaves
+``summary.json`` in its run directory. A cell whose summary exists is reused, so an interrupted
+comparison resumes where it stopped. The report (Markdown + PNG) then has:
+
+- Table 2 (MultiBalance paper): method, what is balanced, QPS drop vs ``equal`` of the same seed, and
+  the quality gain per task, mean ± std over seeds;
+- Table 3: quality gain per task and averaged, and AUC per task;
+- each balancer's weight/gradient figure (seed 0).
+
+Gain is ``(NE_equal - NE_method) / NE_equal * 100`` for binary tasks, and the same with MSE for
+regression tasks. Cells run one after another, so the QPS drops carry the machine's drift between
+runs; ``concord bench`` measures QPS side by side when that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import yaml
+
+from balancing import available_balancers
+from balancing.param_level import PARAMETER_LEVEL
+from trainer.config import Config, load_config
+
+WHAT_IS_BALANCED = {
+    "boundary": "shared representation z (dense bottom and embedding tables)",
+    "parameter": "dense bottom parameters (numerical MLP, interaction, shared MLP); tables unbalanced",
+}
+
+
+def cell_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def run_compare(config_path: str, overrides: Sequence[str], methods: List[str], seeds: int, out_dir: str) -> Path:
+    cfg = load_config(config_path, overrides)  # validates the base config and the method names below
+    unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
+    methods = ["equal"] + [m for m in methods if m != "equal"]
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    cells = [(seed, m) for seed in range(seeds) for m in methods]
+    for i, (seed, method) in enumerate(cells, 1):
+        run_dir = out / "runs" / cell_name(method, seed)
+        if (run_dir / "summary.json").is_file():
+            print(f"[{i}/{len(cells)}] {method}, seed {seed}: done earlier, reused", flush=True)
+            continue
+        print(f"[{i}/{len(cells)}] {method}, seed {seed}: training ...", flush=True)
+        _train_cell(config_path, overrides, cfg, method, seed, run_dir)
+    summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
+    report = write_report(out, cfg, methods, seeds, summaries)
+    print(f"report: {report}")
+    return report
+
+
+def _train_cell(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path) -> None:
+    """Writes the cell's config (the base config with this method's default knobs, or the base config's
+    knobs for its own method) and trains it with ``concord train``."""
+    raw = yaml.safe_load(Path(config_path).read_text())
+    balancer = {"name": method, "reduction": cfg.balancer.reduction}
+    if method == cfg.balancer.name:
+        balancer.update(cfg.balancer.knobs)
+    raw["balancer"] = balancer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cell_config = run_dir / "input.yaml"
+    cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(cell_config), *overrides,
+           f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
+    log = run_dir / "train.log"
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0 or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"{method}, seed {seed}: training failed (exit {rc}); see {log}")
+
+
+def _quality(summary: dict, task) -> float:
+    return summary["eval"][task.name]["ne" if task.type == "binary" else "mse"]
+
+
+def gains(cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Dict[str, Dict[str, List[float]]]:
+    """{method: {task: [gain % per seed]}} against ``equal`` of the same seed."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for m in methods:
+        for t in cfg.tasks:
+            per_seed = []
+            for s in range(seeds):
+                base, got = _quality(summaries[(s, "equal")], t), _quality(summaries[(s, m)], t)
+                per_seed.append(100.0 * (base - got) / base)
+            out.setdefault(m, {})[t.name] = per_seed
+    return out
+
+
+def _mean_std(values: List[float]) -> str:
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
+
+
+def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Path:
+    g = gains(cfg, methods, seeds, summaries)
+    qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
+    drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
+    label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
+    lines = [
+        f"# Balancer comparison: `{cfg.source}`",
+        "",
+        f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
+        "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
+        "positive is better. Mean ± std over seeds. QPS: lifetime training QPS of each run, which ran one "
+        "after another (see `concord bench` for side-by-side QPS).",
+        "",
+        "## Table 2: what is balanced, cost, gain",
+        "",
+        "| method | balanced | QPS | QPS drop (%) | " + " | ".join(f"{label[t.name]} gain {t.name} (%)" for t in cfg.tasks) + " |",
+        "|---|---|---|---|" + "---|" * len(cfg.tasks),
+    ]
+    for m in methods:
+        kind = "parameter" if m in PARAMETER_LEVEL else "boundary"
+        lines.append(
+            f"| {m} | {WHAT_IS_BALANCED[kind]} | {statistics.mean(qps[m]):,.0f} | {_mean_std(drops[m])} | "
+            + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + " |"
+        )
+    binary = [t for t in cfg.tasks if t.type == "binary"]
+    lines += [
+        "",
+        "## Table 3: gain per task and averaged; AUC",
+        "",
+        "| method | " + " | ".join(f"{label[t.name]} gain {t.name}" for t in cfg.tasks) + " | average gain | "
+        + " | ".join(f"AUC {t.name}" for t in binary) + " |",
+        "|---|" + "---|" * (len(cfg.tasks) + 1 + len(binary)),
+    ]
+    for m in methods:
+        avg = [statistics.mean(g[m][t.name][s] for t in cfg.tasks) for s in range(seeds)]
+        aucs = [statistics.mean(summaries[(s, m)]["eval"][t.name]["auc"] for s in range(seeds)) for t in binary]
+        lines.append(
+            f"| {m} | " + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + f" | {_mean_std(avg)} | "
+            + " | ".join(f"{a:.4f}" for a in aucs) + " |"
+        )
+    lines += ["", "## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
+    lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
+    from trainer.plots import plot_run
+
+    for m in methods:
+        (path,) = plot_run(out / "runs" / cell_name(m, 0))
+        lines.append(f"![{m}]({path.relative_to(out)})")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def worst_task_verdicts(cfg: Config, methods, seeds, summaries, g) -> List[str]:
+    """Does each method improve the worst binary task (highest NE under ``equal``) while keeping every
+    other task within 0.1% of ``equal``? Judged on the mean over seeds."""
+    binary = [t for t in cfg.tasks if t.type == "binary"]
+    if not binary:
+        return ["(no binary task)"]
+    worst = max(binary, key=lambda t: statistics.mean(summaries[(s, "equal")]["eval"][t.name]["ne"] for s in range(seeds)))
+    lines = [f"Worst task under `equal`: **{worst.name}** (highest held-out NE). A method passes if its mean NE gain "
+             "on it is positive and every other task's mean gain is at least -0.1%.", "",
+             "| method | gain on worst | worst other task | passes |", "|---|---|---|---|"]
+    for m in methods:
+        if m == "equal":
+            continue
+        others = [(t.name, statistics.mean(g[m][t.name])) for t in cfg.tasks if t.name != worst.name]
+        name, value = min(others, key=lambda x: x[1])
+        ok = statistics.mean(g[m][worst.name]) > 0 and value >= -0.1
+        lines.append(f"| {m} | {_mean_std(g[m][worst.name])}% | {name}: {value:+.2f}% | {'yes' if ok else 'no'} |")
+    return lines
+
+
+def plot_gains(out: Path, cfg: Config, methods: List[str], g) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [m for m in methods if m != "equal"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(others) * len(cfg.tasks) / 2), 4))
+    width = 0.8 / len(cfg.tasks)
+    for k, t in enumerate(cfg.tasks):
+        means = [statistics.mean(g[m][t.name]) for m in others]
+        stds = [statistics.pstdev(g[m][t.name]) if len(g[m][t.name]) > 1 else 0.0 for m in others]
+        ax.bar([i + k * width for i in range(len(others))], means, width, yerr=stds, label=t.name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(cfg.tasks) - 1) / 2 for i in range(len(others))], others, rotation=30)
+    ax.set_ylabel("gain vs equal (%)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "gains.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
