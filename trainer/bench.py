@@ -67,7 +67,8 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"rounds": rounds, "steps": steps, "world_size": rt.world_size,
                                        "global_batch": global_batch, "methods": report}, indent=2))
-            print(f"written: {out}")
+            out.with_suffix(".md").write_text(format_markdown(report, cfg, rt.world_size, rounds, steps))
+            print(f"written: {out} and {out.with_suffix('.md')}")
         return report
     finally:
         shutdown()
@@ -111,3 +112,23 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
         "is mostly waiting for the slower rank (a wait DDP's gradient all-reduce would otherwise absorb)."
     )
     return "\n".join(lines)
+
+
+def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int) -> str:
+    from balancing.param_level import PARAMETER_LEVEL
+
+    lines = [
+        f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
+        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
+        "",
+        "| method | level | QPS | drop vs equal (%) | step (ms) | boundary (ms) | of it all-reduce (ms) | boundary share | compute share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in report.items():
+        level = "parameter" if m in PARAMETER_LEVEL else "representation"
+        lines.append(
+            f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} ± {r['drop_pct_std']:.2f} "
+            f"| {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
+            f"| {r['compute_share_pct']:.2f}% |"
+        )
+    return "\n".join(lines) + "\n"
