@@ -164,7 +164,7 @@ class Balancer:
     def state_dict(self) -> Dict[str, Any]:
         """Tensors only (float64 state, uint8 generator state), so ``torch.load(weights_only=True)``
         reads it back."""
-        state: Dict[str, Any] = {"step": self.step}
+        state: Dict[str, Any] = {"step": torch.tensor(self.step)}
         for key in self.state_names:
             value = getattr(self, key)
             if isinstance(value, torch.Generator):

@@ -10,7 +10,7 @@ are all-reduced (T x P numbers a step) so that every rank computes the same weig
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Dict, Sequence, Type
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class ParameterLevelBalancer:
         return (torch.as_tensor(c, dtype=losses.dtype, device=losses.device) * losses).sum()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        state: Dict[str, object] = {"step": self.step}
+        state: Dict[str, object] = {"step": torch.tensor(self.step)}
         for key in self.state_names:
             value = getattr(self, key)
             if isinstance(value, np.ndarray):
@@ -104,7 +104,8 @@ class ParamMoCo(ParameterLevelBalancer):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"param_moco.{knob} must be finite and >= 0, got {value}")
         self.beta, self.gamma, self.rho = float(beta), float(gamma), float(rho)
-        self.tracked: Optional[torch.Tensor] = None  # Y (T, P), created on the first step
+        size = sum(p.numel() for p in self.params)
+        self.tracked = torch.zeros(self.num_tasks, size, dtype=self.params[0].dtype, device=self.params[0].device)  # Y
         self.lam = np.full(self.num_tasks, 1.0 / self.num_tasks)
 
     def weights(self, grads: torch.Tensor, losses: torch.Tensor) -> np.ndarray:
@@ -112,8 +113,6 @@ class ParamMoCo(ParameterLevelBalancer):
         beta_t, gamma_t = self.beta / math.sqrt(t), self.gamma / math.sqrt(t)
         norms = grads.norm(dim=1, keepdim=True).clamp_min(1e-12)
         target = losses.to(grads.dtype).reshape(-1, 1) * grads / norms
-        if self.tracked is None:
-            self.tracked = torch.zeros_like(grads)
         self.tracked -= beta_t * (self.tracked - target)
         yy = (self.tracked.double() @ self.tracked.double().T).cpu().numpy()
         step = self.lam - gamma_t * (yy + self.rho * np.eye(self.num_tasks)) @ self.lam

@@ -84,7 +84,8 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert "[2/2] multibalance, seed 0: training" in first.stdout
     report = (out / "report.md").read_text()
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
-    assert (out / "gains.png").is_file() and (out / "runs/multibalance-seed0/plots/balancer.png").is_file()
+    assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
+    assert "](figures/balancer-multibalance.png)" in report
     second = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
     assert "[1/2] equal, seed 0: done earlier, reused" in second.stdout

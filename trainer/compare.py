@@ -8,7 +8,7 @@ comparison resumes where it stopped. The report (Markdown + PNG) then has:
 - Table 2 (MultiBalance paper): method, what is balanced, QPS drop vs ``equal`` of the same seed, and
   the quality gain per task, mean ± std over seeds;
 - Table 3: quality gain per task and averaged, and AUC per task;
-- each balancer's weight/gradient figure (seed 0).
+- each balancer's weight/gradient figure (seed 0), copied to ``figures/`` beside the report.
 
 Gain is ``(NE_equal - NE_method) / NE_equal * 100`` for binary tasks, and the same with MSE for
 regression tasks. Cells run one after another, so the QPS drops carry the machine's drift between
@@ -146,11 +146,17 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
         )
     lines += ["", "## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
     lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
+    import shutil
+
     from trainer.plots import plot_run
 
+    figures = out / "figures"  # beside the report: the runs/ directories are not meant to be committed
+    figures.mkdir(exist_ok=True)
     for m in methods:
         (path,) = plot_run(out / "runs" / cell_name(m, 0))
-        lines.append(f"![{m}]({path.relative_to(out)})")
+        copy = figures / f"balancer-{m}.png"
+        shutil.copyfile(path, copy)
+        lines.append(f"![{m}]({copy.relative_to(out)})")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

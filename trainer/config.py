@@ -130,6 +130,10 @@ class TrainConfig:
     warmup_steps: int = 5  # excluded from QPS
     qps_window: int = 50
     progress: bool = True
+    checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
+    checkpoint_final: bool = True
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
 
 
 @dataclass
@@ -355,7 +359,9 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "warmup_steps"):
         if getattr(tr, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
-    for key in ("log_every", "qps_window"):
+    if tr.checkpoint_every < 0:
+        fail("train.checkpoint_every", f"must be >= 0, got {tr.checkpoint_every}")
+    for key in ("log_every", "qps_window", "keep_checkpoints"):
         if getattr(tr, key) < 1:
             fail(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
     ds = cfg.dist

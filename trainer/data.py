@@ -225,10 +225,21 @@ class ParquetReader:
         return math.ceil(max(rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    def batches(self, skip_rows: int = 0) -> Iterator[Batch]:
+        """Batches after the first ``skip_rows`` rows of this rank's share (resuming mid-epoch): whole
+        row groups inside the skipped range are not read at all."""
         pending: List[_Block] = []
         pending_rows = 0
         for group in self.share:
+            if skip_rows >= group.num_rows:
+                skip_rows -= group.num_rows
+                continue
             block = self._decode(group)
+            if skip_rows:
+                _, block = block.split(skip_rows)
+                skip_rows = 0
             pending.append(block)
             pending_rows += len(block)
             while pending_rows >= self.batch_size:

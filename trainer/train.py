@@ -16,6 +16,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
+from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_dict
 from trainer.data import Batch, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
@@ -51,6 +52,7 @@ class Trainer:
     dmp: torch.nn.Module
     optimizer: CombinedOptimizer
     log: RunLog
+    dense_optimizer: KeyedOptimizerWrapper
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
 
     @classmethod
@@ -68,12 +70,13 @@ class Trainer:
             dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: opt_cls(params, **kwargs)
         )
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+        optimizer.save_param_groups(False)  # hyper-parameters come from the config: state tensors only
         log = RunLog(cfg.train.run_dir, enabled=rt.is_main)
         if rt.is_main:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
-        trainer = cls(cfg, rt, model, dmp, optimizer, log)
+        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense)
         trainer.use_method(cfg.balancer.name, cfg.balancer.knobs)
         return trainer
 
@@ -94,19 +97,61 @@ class Trainer:
             spec, columns_from_config(self.cfg), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size, drop_last
         )
 
+    # --- checkpoints --------------------------------------------------------------------------------
+    @property
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(Path(self.cfg.train.run_dir) / "checkpoints", self.cfg.train.keep_checkpoints)
+
+    def checkpoint_state(self, step: int) -> Dict[str, Any]:
+        """Everything a resumed run needs, tensors only (see trainer.checkpoint)."""
+        state: Dict[str, Any] = {
+            "model": self.dmp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.model.boundary.balancer.state_dict(),
+            "progress": {"step": torch.tensor(step)},
+        }
+        if self.param_balancer is not None:
+            state["param_balancer"] = self.param_balancer.state_dict()
+        return state
+
+    def save_checkpoint(self, step: int) -> Path:
+        return self.checkpointer.save(step, self.checkpoint_state(step))
+
+    def resume(self) -> int:
+        """Loads the newest complete checkpoint, if any; returns the step to continue from."""
+        path = self.checkpointer.latest() if self.cfg.train.resume else None
+        if path is None:
+            return 0
+        self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
+        state = self.checkpoint_state(0)
+        Checkpointer.load(path, state)
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.boundary.balancer.load_state_dict(state["balancer"])
+        if self.param_balancer is not None:
+            self.param_balancer.load_state_dict(state["param_balancer"])
+        step = int(state["progress"]["step"])
+        if self.rt.is_main:
+            print(f"resumed from {path} at step {step}", flush=True)
+        self.log.write({"kind": "resume", "step": step, "checkpoint": str(path)})
+        return step
+
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         cfg, rt = self.cfg, self.rt
-        batches = self.train_batches()
         steps_per_epoch = self._reader(cfg.data.train, drop_last=True).full_batches_per_rank()
+        step = self.resume()
+        batches = self.train_batches(start_step=step)
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.warmup_steps, cfg.train.qps_window)
         timer = StepTimer(rt.device)
         bar = progress_bar(total, "train", "step", enabled=rt.is_main and cfg.train.progress)
+        bar.update(step)
         self.dmp.train()
-        step, started = 0, time.time()
+        started = time.time()
+        saved_at = step
         while step < total:
             out, timings = self.train_step(batches, timer)
             step += 1
@@ -119,7 +164,12 @@ class Trainer:
                 self._log_train(step, out.losses, qps)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 self.evaluate(step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                self.save_checkpoint(step)
+                saved_at = step
         bar.close()
+        if cfg.train.checkpoint_final and saved_at != step:
+            self.save_checkpoint(step)
         final = self.evaluate(step)
         summary = {
             "kind": "summary",
@@ -162,8 +212,9 @@ class Trainer:
         timings["boundary_comm"] = self.model.boundary.comm_seconds
         return out, timings
 
-    def train_batches(self) -> Iterator[Batch]:
-        """The training split, full batches only, epoch after epoch (the same count on every rank)."""
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """The training split, full batches only, epoch after epoch (the same count on every rank),
+        starting where step ``start_step`` left off."""
         reader = self._reader(self.cfg.data.train, drop_last=True)
         steps = reader.full_batches_per_rank()
         if steps == 0:
@@ -171,15 +222,17 @@ class Trainer:
                 f"{self.cfg.data.train}: not one full batch of {self.cfg.data.batch_size} rows per rank for "
                 f"{self.rt.world_size} ranks; lower data.batch_size"
             )
-        return self._epochs(reader, steps)
+        return self._epochs(reader, steps, start_step)
 
-    def _epochs(self, reader: ParquetReader, steps_per_epoch: int) -> Iterator[Batch]:
-        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch."""
+    def _epochs(self, reader: ParquetReader, steps_per_epoch: int, start_step: int) -> Iterator[Batch]:
+        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch. Every
+        epoch reads the same rows in the same order, so a step's data is a function of the step."""
+        done_in_epoch = start_step % steps_per_epoch
         while True:
-            for i, batch in enumerate(reader):
-                if i >= steps_per_epoch:
-                    break
-                yield batch
+            batches = reader.batches(skip_rows=done_in_epoch * reader.batch_size)
+            for _ in range(steps_per_epoch - done_in_epoch):
+                yield next(batches)
+            done_in_epoch = 0
 
     def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
         stats = self.model.boundary.last_stats

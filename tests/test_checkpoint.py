@@ -1,0 +1,109 @@
+"""Checkpoints: exact resume on 2 gloo ranks, atomic publication, last K kept, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from trainer.checkpoint import CheckpointError, Checkpointer, SafeFileSystemReader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp_path, run_dir, balancer, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml",
+           f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={run_dir}",
+           f"balancer.name={balancer}", "train.log_every=1", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _local_tensors(state, prefix=""):
+    """Flattens a checkpoint state into {key: local tensor} (ShardedTensors: their local shards)."""
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_local_tensors(value, name + "/"))
+        elif hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                out[f"{name}@{tuple(shard.metadata.shard_offsets)}"] = shard.tensor.detach().clone()
+        elif isinstance(value, torch.Tensor):
+            out[name] = value.detach().clone()
+    return out
+
+
+def _compare_checkpoints(rank, world_size, cfg_overrides, path_a, path_b):
+    from trainer.config import load_config
+    from trainer.runtime import init_runtime
+    from trainer.train import Trainer
+
+    cfg = load_config("configs/tiny.yaml", cfg_overrides)
+    trainer = Trainer.build(cfg, init_runtime("cpu"))
+    trainer.dense_optimizer.init_state()
+    state = trainer.checkpoint_state(0)
+    Checkpointer.load(Path(path_a), state)
+    a = _local_tensors(state)
+    Checkpointer.load(Path(path_b), state)
+    b = _local_tensors(state)
+    assert a.keys() == b.keys()
+    return {"keys": sorted(a), "different": sorted(k for k in a if not torch.equal(a[k], b[k]))}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("balancer", ["multibalance", "gradvac"])
+def test_resume_is_exact(tmp_path, balancer):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(tmp_path, whole, balancer, "train.max_steps=10")
+    _train(tmp_path, split, balancer, "train.max_steps=4", "train.checkpoint_every=4")
+    out = _train(tmp_path, split, balancer, "train.max_steps=10")
+    assert "resumed from" in out and "at step 4" in out
+    overrides = [f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+                 f"train.run_dir={tmp_path}/probe", f"balancer.name={balancer}"]
+    results = run_ranks(_compare_checkpoints, 2, overrides,
+                        str(whole / "checkpoints/step-00000010"), str(split / "checkpoints/step-00000010"))
+    for result in results:
+        keys = result["keys"]
+        # The comparison covers tables, dense parameters, both optimizers' state and the balancer's.
+        assert any("embedding_bags" in k for k in keys) and any(k.startswith("optimizer/") for k in keys)
+        assert any(k.startswith("balancer/") for k in keys) and "progress/step" in keys
+        assert result["different"] == []
+
+
+def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path):
+    ck = Checkpointer(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        ck.save(step, {"w": torch.full((3,), float(step))})
+    assert [p.name for p in ck.complete()] == ["step-00000002", "step-00000003"]
+    (tmp_path / "step-00000004.tmp").mkdir()  # a run killed mid-write leaves this
+    assert ck.latest().name == "step-00000003"
+    state = {"w": torch.zeros(3)}
+    Checkpointer.load(ck.latest(), state)
+    assert torch.equal(state["w"], torch.full((3,), 3.0))
+    ck.save(5, {"w": torch.ones(3)})
+    assert not (tmp_path / "step-00000004.tmp").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_metadata_that_would_run_code_is_refused(tmp_path):
+    ck = Checkpointer(tmp_path / "ck")
+    path = ck.save(1, {"w": torch.ones(2)})
+    payload = _Payload()
+    payload.marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        SafeFileSystemReader(str(path)).read_metadata()
+    assert not payload.marker.exists()
