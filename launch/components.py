@@ -25,6 +25,7 @@ def train(
     gpu: int = 0,
     memMB: int = 8192,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
 ) -> specs.AppDef:
@@ -39,12 +40,15 @@ def train(
         cpu: CPUs per node
         gpu: GPUs per node (the trainer then picks CUDA and NCCL)
         memMB: memory per node in MB
-        max_retries: job restarts after a failed rank
+        max_retries: scheduler-level retries of the whole job (slurm, kubernetes)
+        max_restarts: torchrun-level restarts of the workers after a rank fails (any scheduler,
+            local_cwd included); a restarted job resumes from its newest complete checkpoint
         rdzv_port: c10d rendezvous port on the first node
         env: extra environment variables
     """
     nproc = int(j.split("x")[-1]) if "x" in j else int(j)
-    job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc)))}
+    # torchrun reads every option from PET_<NAME>; dist.ddp does not expose --max-restarts itself.
+    job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), "PET_MAX_RESTARTS": str(max_restarts)}
     job_env.update(env or {})
     return dist.ddp(
         "train",

@@ -107,3 +107,68 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="posix.system|os.system"):
         SafeFileSystemReader(str(path)).read_metadata()
     assert not payload.marker.exists()
+
+
+def _worker_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the training workers under a `concord train` launcher (its torchrun's children)."""
+    def children(pid):
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+        return out
+
+    workers = []
+    for agent in children(launcher_pid):
+        for pid in children(agent):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"trainer.cli" in cmdline:
+                workers.append(pid)
+    return workers
+
+
+@pytest.mark.multiprocess
+def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_model(tmp_path):
+    import json
+    import signal
+    import time
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    common = ["train.max_steps=24", "train.checkpoint_every=4"]
+    _train(tmp_path, whole, "multibalance", *common)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml",
+           f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={killed}",
+           "balancer.name=multibalance", "train.log_every=1", "dist.max_restarts=1", *common]
+    # Output goes to files: an unread pipe fills up (64 KiB of warnings) and blocks the workers.
+    out_file, err_file = open(tmp_path / "out.log", "w"), open(tmp_path / "err.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_file, stderr=err_file, text=True, start_new_session=True)
+    try:
+        log = killed / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until training is past the first checkpoint
+            steps = [json.loads(l)["step"] for l in log.read_text().splitlines() if '"kind": "train"' in l] if log.exists() else []
+            if steps and max(steps) >= 9:
+                break
+            time.sleep(0.2)
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:  # never leave a job behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    results = run_ranks(_compare_checkpoints, 2,
+                        [f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+                         f"train.run_dir={tmp_path}/probe", "balancer.name=multibalance"],
+                        str(whole / "checkpoints/step-00000024"), str(killed / "checkpoints/step-00000024"))
+    assert all(r["different"] == [] for r in results)

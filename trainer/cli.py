@@ -129,7 +129,8 @@ def _launch(cfg, worker_args: List[str]) -> int:
         return 2
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={cfg.dist.nproc_per_node}", "-m", "trainer.cli", *worker_args,
+        f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
+        "-m", "trainer.cli", *worker_args,
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node)))

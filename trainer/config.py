@@ -142,6 +142,7 @@ class DistConfig:
     nnodes: int = 1
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     device: str = "auto"  # auto | cpu | cuda
+    max_restarts: int = 0  # torchrun restarts the whole job this often after a rank fails; it resumes
 
 
 @dataclass
@@ -367,6 +368,8 @@ def validate(cfg: Config) -> None:
     ds = cfg.dist
     if ds.nproc_per_node < 1 or ds.nnodes < 1:
         fail("dist", "nproc_per_node and nnodes must be >= 1")
+    if ds.max_restarts < 0:
+        fail("dist.max_restarts", f"must be >= 0, got {ds.max_restarts}")
     if ds.backend not in ("auto", "gloo", "nccl"):
         fail("dist.backend", f"must be auto, gloo or nccl, got {ds.backend!r}")
     if ds.device not in ("auto", "cpu", "cuda"):

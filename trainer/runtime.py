@@ -52,7 +52,14 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 6
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        # torch's env:// rendezvous, with the store namespaced by torchrun's restart count: after a
+        # rank fails and torchrun restarts the job, no key left by the dead incarnation (such as a
+        # gloo peer's old address) can be read by the new one.
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"concord/attempt{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     world = dist.get_world_size()
     group = dist.new_group(backend=backend) if world > 1 else None
     return Runtime(dist.get_rank(), world, local_rank, dev, backend, group)
