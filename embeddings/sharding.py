@@ -27,6 +27,10 @@ _FUSED_OPTIMIZERS = {
 }
 
 
+class ShardingPlanError(ValueError):
+    """The tables do not fit the ranks' memory (or the allowed sharding types)."""
+
+
 def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg) -> None:
     """Registers the embedding optimizer to run inside backward (FBGEMM's fused TBE update)."""
     cls, keys = _FUSED_OPTIMIZERS[opt_cfg.name]
@@ -65,7 +69,7 @@ def shard_model(
         plan = planner.collective_plan(model, sharders, pg)
     except PlannerError as e:
         sizes = ", ".join(f"{t.name}: {t.num_embeddings} x {t.embedding_dim}" for t in tables)
-        raise RuntimeError(
+        raise ShardingPlanError(
             f"the sharding planner found no plan for {world_size} rank(s) on {device.type} for tables "
             f"[{sizes}]: {str(e).splitlines()[0]}"
         ) from None

@@ -43,6 +43,9 @@ def test_overrides_apply_with_types():
         (lambda r: r.update(balancer={"name": "multibalance", "speed": 1}), r"balancer: balancer 'multibalance' has no knob 'speed'"),
         (lambda r: r["model"]["tables"][0].update(embedding_dim=30), r"embedding_dim: must be a positive multiple of 4"),
         (lambda r: r.pop("tasks"), r"c\.yaml: tasks: required key is missing"),
+        (lambda r: r["data"].update(on_bad_id="drop"), r"data\.on_bad_id: must be 'error' or 'hash', got 'drop'"),
+        (lambda r: r["train"].update(on_nonfinite="ignore"), r"train\.on_nonfinite: must be 'abort' or 'skip'"),
+        (lambda r: r["train"].update(keep_checkpoints=0), r"train\.keep_checkpoints: must be >= 1"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, edit, message):

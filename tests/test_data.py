@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,3 +91,74 @@ def test_null_in_a_required_column(tmp_path):
     write(path, 10, y=pa.array([0.0] * 9 + [None], pa.float32()))
     with pytest.raises(DataError, match="column 'y': null value at row 2"):
         list(ParquetReader(str(path), COLUMNS, 4))
+
+
+LABELED = Columns(dense=("d0", "d1"), sparse=(("f", "f"), ("g", "g")), labels=("y",), table_sizes=(("f", 1000), ("g", 1000)),
+                  label_types=("binary",))
+
+
+def test_empty_file_and_file_without_rows(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.parquet: not a readable Parquet file"):
+        ParquetReader(str(tmp_path / "empty.parquet"), COLUMNS, 4)
+    write(tmp_path / "norows.parquet", 0)
+    with pytest.raises(DataError, match=r"norows\.parquet: file has no rows"):
+        ParquetReader(str(tmp_path / "norows.parquet"), COLUMNS, 4)
+
+
+def test_truncated_and_corrupt_parquet(tmp_path):
+    path = tmp_path / "x.parquet"
+    write(path, 40)
+    data = path.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.parquet: not a readable Parquet file"):
+        ParquetReader(str(tmp_path / "cut.parquet"), COLUMNS, 4)
+    pf = pq.ParquetFile(path)
+    start = pf.metadata.row_group(2).column(0).data_page_offset
+    corrupt = bytearray(data)
+    corrupt[start : start + 40] = b"\xff" * 40
+    (tmp_path / "bad.parquet").write_bytes(bytes(corrupt))
+    with pytest.raises(DataError, match=r"bad\.parquet: row group 2"):
+        list(ParquetReader(str(tmp_path / "bad.parquet"), COLUMNS, 4))
+
+
+def test_dense_column_of_the_wrong_type(tmp_path):
+    path = tmp_path / "x.parquet"
+    write(path, 10, d1=pa.array(["a"] * 10))
+    with pytest.raises(DataError, match="column 'd1' must be numeric, has type string"):
+        ParquetReader(str(path), COLUMNS, 4)
+
+
+def test_negative_id_is_an_error_by_default_and_hashed_and_counted_on_request(tmp_path):
+    path = tmp_path / "x.parquet"
+    write(path, 10, g=pa.array([[1, 2]] * 8 + [[-3, 5], [1004, 2000]], pa.list_(pa.int64())))
+    with pytest.raises(DataError, match=r"id -3 outside the table's range \[0, 1000\)"):
+        list(ParquetReader(str(path), COLUMNS, 4))
+    reader = ParquetReader(str(path), dataclasses.replace(COLUMNS, on_bad_id="hash"), 10)
+    (batch,) = list(reader)
+    assert batch.sparse["g"].values().tolist()[-4:] == [997, 5, 4, 0]
+    assert reader.counts["hashed_ids"] == 3
+
+
+def test_nonfinite_dense_is_an_error_or_imputed_and_counted(tmp_path):
+    path = tmp_path / "x.parquet"
+    d1 = np.arange(10, dtype=np.float32) * 2
+    d1[3], d1[7] = np.nan, np.inf
+    write(path, 10, d1=d1)
+    with pytest.raises(DataError, match="column 'd1': non-finite value nan at row 3"):
+        list(ParquetReader(str(path), COLUMNS, 10))
+    reader = ParquetReader(str(path), dataclasses.replace(COLUMNS, on_nonfinite_dense="impute", impute_value=-1.0), 10)
+    (batch,) = list(reader)
+    assert batch.dense[3, 1] == -1.0 and batch.dense[7, 1] == -1.0 and batch.dense[4, 1] == 8.0
+    assert reader.counts["imputed_dense"] == 2
+
+
+def test_binary_label_outside_0_1_and_regression_label_nan(tmp_path):
+    path = tmp_path / "x.parquet"
+    write(path, 10, y=np.array([0, 1, 1, 0, 2, 0, 1, 0, 0, 1], dtype=np.float32))
+    with pytest.raises(DataError, match="row group 0: label column 'y': value 2.0 at row 4; a binary label must be 0 or 1"):
+        list(ParquetReader(str(path), LABELED, 10))
+    write(path, 10, y=np.array([0.5] * 9 + [np.nan], dtype=np.float32))
+    regression = dataclasses.replace(LABELED, label_types=("regression",))
+    with pytest.raises(DataError, match="row group 1: label column 'y': value nan at row 2; a regression label must be a finite number"):
+        list(ParquetReader(str(path), regression, 10))

@@ -109,10 +109,18 @@ def _train_worker(cfg) -> int:
     from trainer.runtime import init_runtime, shutdown
     from trainer.train import Trainer, ensure_data
 
+    from embeddings.sharding import ShardingPlanError
+    from trainer.data import DataError
+    from trainer.train import NonFiniteLoss
+
     rt = init_runtime(cfg.dist.device, cfg.dist.backend)
     try:
         ensure_data(cfg, rt)
         Trainer.build(cfg, rt).fit()
+    except (DataError, NonFiniteLoss, ShardingPlanError) as e:
+        if rt.is_main:
+            print(f"concord: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
     finally:
         shutdown()
     return 0

@@ -63,6 +63,9 @@ class DataConfig:
     weight_column: Optional[str] = None
     batch_size: int = 512  # per rank
     synthetic: Optional[SyntheticConfig] = None  # generate train/eval here on first use
+    on_bad_id: str = "error"  # a sparse id < 0 or >= its table's size: error | hash (modulo, counted)
+    on_nonfinite_dense: str = "error"  # NaN/inf in a dense feature: error | impute (counted)
+    impute_value: float = 0.0
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop earlier than `epochs`
     dense_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
     eval_every: int = 0  # steps; 0 = only at the end
+    on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
     log_every: int = 20
     warmup_steps: int = 5  # excluded from QPS
     qps_window: int = 50
@@ -293,6 +297,12 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     if d.batch_size < 1:
         fail("data.batch_size", f"must be >= 1, got {d.batch_size}")
+    if d.on_bad_id not in ("error", "hash"):
+        fail("data.on_bad_id", f"must be 'error' or 'hash', got {d.on_bad_id!r}")
+    if d.on_nonfinite_dense not in ("error", "impute"):
+        fail("data.on_nonfinite_dense", f"must be 'error' or 'impute', got {d.on_nonfinite_dense!r}")
+    if not math.isfinite(d.impute_value):
+        fail("data.impute_value", f"must be finite, got {d.impute_value}")
     if not cfg.tasks:
         fail("tasks", "at least one task is required")
     names = cfg.task_names
@@ -360,6 +370,8 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "warmup_steps"):
         if getattr(tr, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
+    if tr.on_nonfinite not in ("abort", "skip"):
+        fail("train.on_nonfinite", f"must be 'abort' or 'skip', got {tr.on_nonfinite!r}")
     if tr.checkpoint_every < 0:
         fail("train.checkpoint_every", f"must be >= 0, got {tr.checkpoint_every}")
     for key in ("log_every", "qps_window", "keep_checkpoints"):

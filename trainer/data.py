@@ -57,6 +57,10 @@ class Columns:
     labels: Tuple[str, ...]
     weight: Optional[str] = None
     table_sizes: Tuple[Tuple[str, int], ...] = ()
+    label_types: Tuple[str, ...] = ()  # per label: binary (must be 0 or 1) | regression (finite)
+    on_bad_id: str = "error"  # or "hash": id modulo the table size, counted
+    on_nonfinite_dense: str = "error"  # or "impute": replaced by impute_value, counted
+    impute_value: float = 0.0
 
     @property
     def all(self) -> List[str]:
@@ -210,6 +214,8 @@ class ParquetReader:
         self.share = rank_share(self.groups, rank, world_size)
         self.keys = [f for f, _ in columns.sparse]
         self._sizes = dict(columns.table_sizes)
+        # Documented, counted repairs (data.on_bad_id: hash, data.on_nonfinite_dense: impute).
+        self.counts = {"hashed_ids": 0, "imputed_dense": 0}
 
     @property
     def num_rows(self) -> int:
@@ -269,10 +275,24 @@ class ParquetReader:
         dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
         labels = np.stack([numeric(c) for c in cols.labels], axis=1)
         weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
-        for name, arr in ((c, dense[:, j]) for j, c in enumerate(cols.dense)):
-            if not np.isfinite(arr).all():
-                row = int(np.flatnonzero(~np.isfinite(arr))[0])
-                raise DataError(f"{where}: column {name!r}: non-finite value {arr[row]} at row {row}")
+        for j, name in enumerate(cols.dense):
+            bad = ~np.isfinite(dense[:, j])
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                if cols.on_nonfinite_dense != "impute":
+                    raise DataError(
+                        f"{where}: column {name!r}: non-finite value {dense[row, j]} at row {row} "
+                        "(data.on_nonfinite_dense: impute replaces such values)"
+                    )
+                dense[bad, j] = cols.impute_value
+                self.counts["imputed_dense"] += int(bad.sum())
+        for k, (name, kind) in enumerate(zip(cols.labels, cols.label_types)):
+            y = labels[:, k]
+            bad = ~np.isfinite(y) if kind == "regression" else ~((y == 0) | (y == 1))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                expected = "a finite number" if kind == "regression" else "0 or 1"
+                raise DataError(f"{where}: label column {name!r}: value {y[row]} at row {row}; a {kind} label must be {expected}")
         sparse = []
         for feature, name in cols.sparse:
             arr = table.column(name).combine_chunks()
@@ -288,10 +308,14 @@ class ParquetReader:
             if size is not None and values.size:
                 bad = (values < 0) | (values >= size)
                 if bad.any():
-                    i = int(np.flatnonzero(bad)[0])
-                    raise DataError(
-                        f"{where}: column {name!r}: id {values[i]} outside the table's range [0, {size})"
-                    )
+                    if cols.on_bad_id != "hash":
+                        i = int(np.flatnonzero(bad)[0])
+                        raise DataError(
+                            f"{where}: column {name!r}: id {values[i]} outside the table's range [0, {size}) "
+                            "(data.on_bad_id: hash maps such ids into the table)"
+                        )
+                    values = np.mod(values, size)  # non-negative for negative ids too
+                    self.counts["hashed_ids"] += int(bad.sum())
             sparse.append((lengths, values))
         return _Block(dense, sparse, labels, weights)
 
@@ -306,4 +330,8 @@ def columns_from_config(cfg) -> Columns:
         labels=tuple(t.label for t in cfg.tasks),
         weight=cfg.data.weight_column,
         table_sizes=tuple(sizes.items()),
+        label_types=tuple(t.type for t in cfg.tasks),
+        on_bad_id=cfg.data.on_bad_id,
+        on_nonfinite_dense=cfg.data.on_nonfinite_dense,
+        impute_value=cfg.data.impute_value,
     )

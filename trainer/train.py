@@ -54,6 +54,9 @@ class Trainer:
     log: RunLog
     dense_optimizer: KeyedOptimizerWrapper
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
+    step: int = 0  # optimisation steps taken (skipped steps included)
+    skipped_steps: int = 0
+    train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
 
     @classmethod
     def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
@@ -153,6 +156,7 @@ class Trainer:
         started = time.time()
         saved_at = step
         while step < total:
+            self.step = step
             out, timings = self.train_step(batches, timer)
             step += 1
             qps.update(timings)
@@ -180,6 +184,8 @@ class Trainer:
             "breakdown": qps.breakdown(),
             "eval": final,
             "balancer": self.cfg.balancer.name,
+            "skipped_steps": self.skipped_steps,
+            "data_repairs": self._data_repairs(),
         }
         self.log.write(summary)
         if rt.is_main:
@@ -190,13 +196,40 @@ class Trainer:
         self.log.close()
         return summary
 
+    def nonfinite_tasks(self, losses: torch.Tensor) -> List[str]:
+        """Tasks whose loss is NaN or inf on any rank (one all-reduce of T flags: all ranks agree)."""
+        flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
+        if self.rt.world_size > 1:
+            dist.all_reduce(flags, group=self.rt.balancer_group)
+        return [name for name, bad in zip(self.cfg.task_names, flags.tolist()) if bad > 0]
+
     def train_step(self, batches: Iterator[Batch], timer: StepTimer):
-        """One optimisation step on the next batch; returns the model output and phase timings (s)."""
+        """One optimisation step on the next batch; returns the model output and phase timings (s).
+
+        A non-finite task loss (on any rank) either stops training (``train.on_nonfinite: abort``,
+        raising :class:`NonFiniteLoss` before anything is updated) or drops the step on every rank
+        together (``skip``: no backward, no update, counted in ``self.skipped_steps``)."""
         timer.start()
         batch = next(batches).to(self.rt.device, non_blocking=True)
         timer.mark("data")
         out = self.dmp(batch)
         timer.mark("forward")
+        bad = self.nonfinite_tasks(out.losses)
+        if bad:
+            if self.cfg.train.on_nonfinite == "abort":
+                raise NonFiniteLoss(
+                    f"non-finite loss for task(s) {bad} at step {self.step + 1}; stopping without writing a "
+                    "checkpoint (the newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps)"
+                )
+            self.skipped_steps += 1
+            logger.warning("step %d: non-finite loss for task(s) %s; step skipped on every rank", self.step + 1, bad)
+            self.log.write({"kind": "skipped_step", "step": self.step + 1, "tasks": bad})
+            self.optimizer.zero_grad()
+            timer.mark("backward")
+            timer.mark("optimizer")
+            timings = timer.read()
+            timings["boundary"] = timings["boundary_comm"] = 0.0
+            return out, timings
         if self.param_balancer is not None:
             with self.model.boundary.passthrough():  # the T per-task gradients skip the balancer
                 objective = self.param_balancer.objective(out.losses)
@@ -212,10 +245,18 @@ class Trainer:
         timings["boundary_comm"] = self.model.boundary.comm_seconds
         return out, timings
 
+    def _data_repairs(self) -> Dict[str, int]:
+        """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
+        counts = self.train_reader.counts if self.train_reader is not None else {"hashed_ids": 0, "imputed_dense": 0}
+        values = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64)
+        if self.rt.world_size > 1:
+            dist.all_reduce(values, group=self.rt.balancer_group)
+        return dict(zip(counts, (int(v) for v in values.tolist())))
+
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """The training split, full batches only, epoch after epoch (the same count on every rank),
         starting where step ``start_step`` left off."""
-        reader = self._reader(self.cfg.data.train, drop_last=True)
+        reader = self.train_reader = self._reader(self.cfg.data.train, drop_last=True)
         steps = reader.full_batches_per_rank()
         if steps == 0:
             raise ValueError(
@@ -275,6 +316,10 @@ class Trainer:
         self.dmp.train()
         self.log.write({"kind": "eval", "step": step, "eval": results}, step)
         return results
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on a NaN/inf task loss (train.on_nonfinite: abort)."""
 
 
 def write_json_atomic(path: Path, record: Dict[str, Any]) -> None:

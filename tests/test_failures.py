@@ -1,0 +1,90 @@
+"""Failures during training: non-finite losses (abort or skip on every rank), tables that fit no
+plan, bad data; each ends with a clear message and never with a checkpoint holding NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trainer.config import load_config
+from trainer.synth import generate
+
+pytestmark = pytest.mark.multiprocess
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The tiny data set, plus a copy whose training rows include one dense value of 1e30: finite
+    input, but its squared error overflows, so every task's loss is non-finite in that batch."""
+    root = tmp_path_factory.mktemp("data")
+    cfg = load_config("configs/tiny.yaml", [f"data.train={root}/train", f"data.eval={root}/eval"])
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval, show_progress=False)
+    table = pq.read_table(next((root / "train").glob("*.parquet")))
+    dense = table["dense_0"].to_numpy().copy()
+    dense[70] = 1e30  # rank 0's second batch (row groups of 512 rows, batches of 64)
+    table = table.set_column(table.schema.get_field_index("dense_0"), "dense_0", pa.array(dense))
+    (root / "overflow").mkdir()
+    pq.write_table(table, root / "overflow/part-00000.parquet", row_group_size=512)
+    return root
+
+
+def concord(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
+    run = tmp_path / "run"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
+                   f"train.run_dir={run}", "train.max_steps=6", "train.checkpoint_every=1")
+    assert proc.returncode != 0
+    assert "NonFiniteLoss: non-finite loss for task(s) ['ctr', 'cvr', 'watch'] at step 2" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path):
+    run = tmp_path / "run"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
+                   f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["step"] == 6
+    skipped = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"skipped_step"' in l]
+    assert skipped == [{"kind": "skipped_step", "step": 2, "tasks": ["ctr", "cvr", "watch"]}]
+    assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())
+
+
+def test_tables_that_fit_no_plan_are_reported(data, tmp_path):
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/train", f"data.eval={data}/eval",
+                   f"train.run_dir={tmp_path}/run", "model.tables.0.num_embeddings=100000000000", "dist.nproc_per_node=1")
+    assert proc.returncode == 3
+    assert "ShardingPlanError: the sharding planner found no plan for 1 rank(s) on cpu for tables [t_user: 100000000000 x 8" in proc.stderr
+    assert "insufficient storage" in proc.stderr
+
+
+def test_bad_data_ends_with_the_readers_message(data, tmp_path):
+    table = pq.read_table(next((data / "train").glob("*.parquet")))
+    ids = table["user"].to_pylist()
+    ids[5] = [999_999]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("user"), "user", pa.array(ids, pa.list_(pa.int64()))),
+                   bad / "part-00000.parquet", row_group_size=512)
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={bad}", f"data.eval={data}/eval",
+                   f"train.run_dir={tmp_path}/run", "train.max_steps=3")
+    assert proc.returncode != 0
+    assert "row group 0: column 'user': id 999999 outside the table's range [0, 500)" in proc.stderr
+    hashed = concord("train", "--config", "configs/tiny.yaml", f"data.train={bad}", f"data.eval={data}/eval",
+                     f"train.run_dir={tmp_path}/run2", "train.max_steps=3", "data.on_bad_id=hash")
+    assert hashed.returncode == 0, hashed.stderr[-2000:]
+    assert json.loads((tmp_path / "run2/summary.json").read_text())["data_repairs"]["hashed_ids"] == 1
