@@ -76,6 +76,9 @@ class RepresentationBoundary(nn.Module):
         self.balancer_parameters = nn.ParameterList(balancer.parameters())
         self._losses: Optional[torch.Tensor] = None
         self._passthrough = False
+        # Off: z goes to the heads as is and autograd sums the task gradients (plain multi-task
+        # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
+        self.enabled = True
         self.last_stats = None
         self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
         self.comm_seconds = 0.0  # ... of which in the statistics all-reduce (waiting for peers included)
@@ -83,7 +86,7 @@ class RepresentationBoundary(nn.Module):
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
-        if not torch.is_grad_enabled() or not z.requires_grad:
+        if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         return _Replicate.apply(z, self)
 
@@ -94,6 +97,8 @@ class RepresentationBoundary(nn.Module):
         """
         if losses.shape != (self.num_tasks,):
             raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
+        if not self.enabled:
+            return losses.mean()
         self._losses = losses.detach()
         return self.balancer.before_backward(losses)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
@@ -39,6 +39,3 @@ def toy_batch(rows: int, num_tasks: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, 6, generator=g, dtype=torch.float64), torch.randn(rows, num_tasks, generator=g, dtype=torch.float64)
 
-
-def grads_of(model: torch.nn.Module) -> List[torch.Tensor]:
-    return [p.grad.clone() for p in model.parameters()]

@@ -6,7 +6,6 @@ Property 6 (2 ranks = 1 rank on the concatenated batch) is in test_balancing_dis
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import math
 
@@ -16,7 +15,7 @@ import torch
 
 from balancing import RepresentationBoundary, available_balancers, build_balancer
 from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
-from mtl_helpers import ToyMTL, grads_of, stats_for, toy_batch
+from mtl_helpers import ToyMTL, stats_for, toy_batch
 
 TASKS = ["a", "b", "c"]
 METHODS = ["equal", "fixed", "multibalance", "emtl", "cograd"]
@@ -301,7 +300,6 @@ def test_cograd_matches_the_rule_written_out():
 def test_cograd_is_independent_of_batch_duplication():
     model = ToyMTL(3)
     x, y = toy_batch(16, 3)
-    captured = {}
 
     def run(xx, yy):
         boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=0.05))
@@ -337,3 +335,18 @@ def test_state_survives_checkpoint_and_restore(name):
     for key, value in first.state_dict().items():
         other = second.state_dict()[key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_a_disabled_boundary_is_plain_autograd_on_the_mean_loss():
+    x, y = toy_batch(16, 3)
+    model = ToyMTL(3)
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS))
+    boundary.enabled = False
+    views = boundary(model.bottom(x))
+    assert all(v is views[0] for v in views)
+    boundary.objective(model.losses(views, y, (1.0, 5.0, 0.2))).backward()
+    ref = ToyMTL(3)
+    ref.losses([ref.bottom(x)] * 3, y, (1.0, 5.0, 0.2)).mean().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert boundary.last_stats is None  # no statistics, no balancer step

@@ -56,7 +56,6 @@ def test_sharded_equals_unsharded(cfg, sharding):
     state = initial_state(cfg)
     ref_logits, ref_params = unsharded_reference(cfg, state, batches)
     ranks = run_ranks(sharded_sgd_run, 2, cfg, state, batches, sharding, LR)
-    rows = cfg.data.batch_size
     torch.testing.assert_close(torch.cat([ranks[0][0], ranks[1][0]]), ref_logits, rtol=1e-5, atol=1e-6)
     checked_tables = set()
     for _, params in ranks:
@@ -70,7 +69,7 @@ def test_sharded_equals_unsharded(cfg, sharding):
                 expected = ref_params[key]
                 if "embedding_bags" in key:
                     checked_tables.add(key.split(".")[-2])
-            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     assert checked_tables == {t.name for t in cfg.model.tables}
     # The run must have moved every table, or the comparison above proves nothing.
     for t in cfg.model.tables:

@@ -24,6 +24,8 @@ from trainer.train import Trainer, ensure_data
 
 
 def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[str, dict]:
+    """``none`` in ``methods`` adds the model without the boundary (autograd sums the task gradients
+    at ``z``): the difference to ``equal`` is what the boundary itself costs."""
     if "equal" not in methods:
         methods = ["equal"] + methods
     rt = init_runtime(cfg.dist.device, cfg.dist.backend)
@@ -125,7 +127,7 @@ def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, round
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():
-        level = "parameter" if m in PARAMETER_LEVEL else "representation"
+        level = "parameter" if m in PARAMETER_LEVEL else ("no boundary" if m == "none" else "representation")
         lines.append(
             f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} ± {r['drop_pct_std']:.2f} "
             f"| {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "

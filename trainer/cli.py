@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
     with_config(sp)
-    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated balancers")
+    sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
+                    help="comma-separated balancers; 'none' is the model without the boundary")
     sp.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds per method")
     sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")

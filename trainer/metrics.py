@@ -61,10 +61,12 @@ class TaskMetrics:
 def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
     """A fixed-width table: task, type, NE, AUC, MSE."""
     lines = [f"{'task':<14}{'type':<12}{'NE':>10}{'AUC':>10}{'MSE':>12}"]
+    def cell(r: Dict[str, float], key: str, width: int, fmt: str) -> str:
+        return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
+
     for t in tasks:
         r = results.get(t.name, {})
-        cell = lambda key, width, fmt: f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
-        lines.append(f"{t.name:<14}{t.type:<12}{cell('ne', 10, '.4f')}{cell('auc', 10, '.4f')}{cell('mse', 12, '.4f')}")
+        lines.append(f"{t.name:<14}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
     return "\n".join(lines)
 
 

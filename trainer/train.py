@@ -84,9 +84,12 @@ class Trainer:
         return trainer
 
     def use_method(self, name: str, knobs: Optional[Dict[str, Any]] = None) -> None:
-        """Switches the balancing method on the same model (used by ``concord bench``)."""
-        balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
+        """Switches the balancing method on the same model (used by ``concord bench``). ``none``
+        switches the boundary off: plain training on the mean task loss, the cost baseline."""
         boundary = self.model.boundary
+        boundary.enabled = name != NO_BOUNDARY
+        name = "equal" if name == NO_BOUNDARY else name
+        balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
         boundary.balancer, boundary.reduction = balancer, reduction
         self.param_balancer = None
         if name in PARAMETER_LEVEL:
@@ -241,8 +244,9 @@ class Trainer:
         self.optimizer.zero_grad()
         timer.mark("optimizer")
         timings = timer.read()
-        timings["boundary"] = self.model.boundary.backward_seconds
-        timings["boundary_comm"] = self.model.boundary.comm_seconds
+        boundary = self.model.boundary
+        timings["boundary"] = boundary.backward_seconds if boundary.enabled else 0.0
+        timings["boundary_comm"] = boundary.comm_seconds if boundary.enabled else 0.0
         return out, timings
 
     def _data_repairs(self) -> Dict[str, int]:
@@ -316,6 +320,9 @@ class Trainer:
         self.dmp.train()
         self.log.write({"kind": "eval", "step": step, "eval": results}, step)
         return results
+
+
+NO_BOUNDARY = "none"  # concord bench: the model without the boundary
 
 
 class NonFiniteLoss(RuntimeError):
