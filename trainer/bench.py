@@ -110,8 +110,8 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
             f"{r['compute_share_pct']:>14.2f}%"
         )
     lines.append(
-        "share: boundary time / step time; compute share leaves out the statistics all-reduce, whose time "
-        "is mostly waiting for the slower rank (a wait DDP's gradient all-reduce would otherwise absorb)."
+        "share: boundary time / step time; compute share leaves out the statistics all-reduce (latency plus "
+        "waiting for the slower rank). Compare 'none' with 'equal' for the boundary's whole cost."
     )
     return "\n".join(lines)
 
