@@ -216,6 +216,7 @@ class ParquetReader:
         self._sizes = dict(columns.table_sizes)
         # Documented, counted repairs (data.on_bad_id: hash, data.on_nonfinite_dense: impute).
         self.counts = {"hashed_ids": 0, "imputed_dense": 0}
+        self._current: Tuple[Optional[str], Optional[pq.ParquetFile]] = (None, None)  # file being read
 
     @property
     def num_rows(self) -> int:
@@ -258,8 +259,10 @@ class ParquetReader:
 
     def _decode(self, group: RowGroup) -> _Block:
         cols = self.columns
+        if self._current[0] != group.file:  # open each file once, not once per row group
+            self._current = (group.file, _open(group.file))
         try:
-            table = _open(group.file).read_row_group(group.index, columns=cols.all)
+            table = self._current[1].read_row_group(group.index, columns=cols.all)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{group.file}: row group {group.index}: cannot be read ({e})") from None
         where = f"{group.file}: row group {group.index}"

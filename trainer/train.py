@@ -145,9 +145,9 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         cfg, rt = self.cfg, self.rt
-        steps_per_epoch = self._reader(cfg.data.train, drop_last=True).full_batches_per_rank()
         step = self.resume()
         batches = self.train_batches(start_step=step)
+        steps_per_epoch = self.train_reader.full_batches_per_rank()
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
@@ -163,12 +163,11 @@ class Trainer:
             out, timings = self.train_step(batches, timer)
             step += 1
             qps.update(timings)
-            if rt.is_main:
-                bar.update(1)
-                if qps.ready:
-                    bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
+            bar.update(1)
             if step % cfg.train.log_every == 0 or step == total:
                 self._log_train(step, out.losses, qps)
+                if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
+                    bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 self.evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
