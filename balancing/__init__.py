@@ -5,7 +5,7 @@ any model.
 """
 
 from balancing.base import Balancer, available_balancers, balancer_class, build_balancer, register
-from balancing.boundary import RepresentationBoundary
+from balancing.boundary import NonFiniteLossError, RepresentationBoundary
 from balancing.stats import StepStats
 
 # Importing the method modules registers them.
@@ -25,6 +25,7 @@ from balancing import (  # noqa: F401,E402
 
 __all__ = [
     "Balancer",
+    "NonFiniteLossError",
     "RepresentationBoundary",
     "StepStats",
     "available_balancers",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,18 @@ from torch import nn
 
 from balancing.base import Balancer
 from balancing.stats import local_statistics, reduce_statistics
+
+
+NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task loss was NaN or inf on some rank (``on_nonfinite_loss="raise"``); raised on every rank
+    inside backward, before the bottom or the embedding tables receive a gradient."""
+
+    def __init__(self, tasks: List[str]) -> None:
+        super().__init__(f"non-finite loss for task(s) {tasks}")
+        self.tasks = tasks
 
 
 class _Replicate(torch.autograd.Function):
@@ -53,6 +65,12 @@ class RepresentationBoundary(nn.Module):
             group keeps this collective apart from DDP's gradient buckets.
         telemetry_every: compute the costlier telemetry (e.g. CoGrad's correction norms) every N
             steps, the ones a trainer logs; weights and norms are always available.
+        on_nonfinite_loss: what a NaN or inf task loss (on any rank) does, decided on every rank
+            alike from the step's reduced statistics, before anything below ``z`` gets a gradient:
+            ``drop_task`` skips that task's contribution for the step (as for a non-finite
+            gradient); ``skip_step`` returns a zero gradient for ``z`` without a balancer step and
+            names the tasks in :attr:`skipped_tasks` (the caller then drops its optimizer step);
+            ``raise`` raises :class:`NonFiniteLossError` out of ``backward()``.
     """
 
     def __init__(
@@ -61,6 +79,7 @@ class RepresentationBoundary(nn.Module):
         reduction: str = "mean",
         process_group: Optional[dist.ProcessGroup] = None,
         telemetry_every: int = 1,
+        on_nonfinite_loss: str = "drop_task",
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
@@ -70,6 +89,7 @@ class RepresentationBoundary(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
+        self.on_nonfinite_loss = on_nonfinite_loss
         self.process_group = process_group
         self.balancer = balancer
         # Loss-level methods learn parameters; as module parameters the dense optimizer trains them.
@@ -80,6 +100,7 @@ class RepresentationBoundary(nn.Module):
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
         self.enabled = True
         self.last_stats = None
+        self.skipped_tasks: List[str] = []  # non-finite losses of the last step, under skip_step
         self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
         self.comm_seconds = 0.0  # ... of which in the statistics all-reduce (waiting for peers included)
 
@@ -100,7 +121,18 @@ class RepresentationBoundary(nn.Module):
         if not self.enabled:
             return losses.mean()
         self._losses = losses.detach()
+        self.skipped_tasks = []
         return self.balancer.before_backward(losses)
+
+    @property
+    def on_nonfinite_loss(self) -> str:
+        return self._on_nonfinite_loss
+
+    @on_nonfinite_loss.setter
+    def on_nonfinite_loss(self, policy: str) -> None:
+        if policy not in NONFINITE_LOSS_POLICIES:
+            raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_LOSS_POLICIES}, got {policy!r}")
+        self._on_nonfinite_loss = policy
 
     @property
     def balancer(self) -> Balancer:
@@ -142,6 +174,15 @@ class RepresentationBoundary(nn.Module):
             packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
         )
         self.comm_seconds = time.perf_counter() - comm_start
+        self._losses = None
+        self.last_stats = stats
+        nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
+        self.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
+        if nonfinite and self.on_nonfinite_loss == "raise":
+            raise NonFiniteLossError(nonfinite)
+        if self.skipped_tasks:
+            self.backward_seconds = time.perf_counter() - start
+            return torch.zeros_like(template)
         self.balancer.note_inactive(stats)
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
@@ -149,8 +190,6 @@ class RepresentationBoundary(nn.Module):
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)
-        self.last_stats = stats
-        self._losses = None
         self.backward_seconds = time.perf_counter() - start
         return aggregated
 

@@ -2,9 +2,11 @@
 
 With DDP the dense gradients are averaged over ranks, so training minimises the global-batch mean
 loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (ALGORITHMS.md, "Global
-statistics"). We reduce ``B^2 <G_i, G_j>``, ``B * L_k``, a non-finite flag per task and ``B`` itself,
-then divide by ``B_g^2`` and ``B_g``: every rank ends with the statistics of one rank holding the
-concatenated global batch.
+statistics"). We reduce ``B^2 <G_i, G_j>``, ``B * L_k``, a non-finite-gradient flag per task and ``B``
+itself, then divide by ``B_g^2`` and ``B_g``: every rank ends with the statistics of one rank holding
+the concatenated global batch. Losses are packed as they are, so a NaN or inf loss on any rank
+survives the sum: the same reduction tells every rank which losses were non-finite, and a trainer
+needs no collective of its own to agree on stopping or skipping the step.
 
 The statistics are tiny, so after the reduction they live in NumPy float64: the balancers' update
 rules then cost microseconds, where torch ops on 3-element tensors would cost milliseconds a step.
@@ -25,8 +27,9 @@ class StepStats:
     """Global statistics of one step; identical on every rank. NumPy float64.
 
     gram: (T, T), ``M_ij = sum_ranks s^2 <G_i, G_j>`` (rows/columns of inactive tasks are 0).
-    losses: (T,), ``Lbar_k = sum_ranks s * L_k``.
+    losses: (T,), ``Lbar_k = sum_ranks s * L_k`` (0 where non-finite).
     active: (T,) bool, tasks with a finite, non-zero gradient and finite loss on every rank.
+    nonfinite_loss: (T,) bool, tasks whose loss was NaN or inf on some rank.
     local_batch_size: rows of ``z`` on this rank (B); global_batch_size: over all ranks (B_g).
     """
 
@@ -35,6 +38,11 @@ class StepStats:
     active: np.ndarray
     local_batch_size: int
     global_batch_size: int
+    nonfinite_loss: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite_loss is None:
+            self.nonfinite_loss = np.zeros(len(self.losses), dtype=bool)
 
     @property
     def norms(self) -> np.ndarray:
@@ -45,7 +53,7 @@ class StepStats:
 def local_statistics(
     grads: Sequence[Optional[torch.Tensor]], losses: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
-    """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad, B]``.
+    """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B]``.
 
     ``grads``: T tensors (B, d) or None for a head without loss this step. ``losses``: (T,).
     The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T
@@ -61,11 +69,11 @@ def local_statistics(
         for (i, j), v in zip(pairs, values):
             gram[i, j] = gram[j, i] = v
     loss = losses.detach().to("cpu", torch.float64).numpy()
-    bad = ~np.isfinite(np.diagonal(gram)) | ~np.isfinite(loss)
+    bad = ~np.isfinite(np.diagonal(gram))
     keep = ~bad
     gram = np.where(keep[:, None] & keep[None, :], gram, 0.0)
     b = float(batch_size)
-    packed = np.concatenate([gram.reshape(-1) * b * b, np.where(bad, 0.0, loss) * b, bad.astype(np.float64), [b]])
+    packed = np.concatenate([gram.reshape(-1) * b * b, loss * b, bad.astype(np.float64), [b]])
     return torch.from_numpy(packed)
 
 
@@ -86,7 +94,9 @@ def reduce_statistics(
     b_global = float(v[-1])
     gram = v[: t * t].reshape(t, t) / (b_global * b_global)
     losses = v[t * t : t * t + t] / b_global
+    nonfinite_loss = ~np.isfinite(losses)
+    losses = np.where(nonfinite_loss, 0.0, losses)
     bad = v[t * t + t : t * t + 2 * t] > 0
-    active = ~bad & (np.diagonal(gram) > 0)
+    active = ~bad & ~nonfinite_loss & (np.diagonal(gram) > 0)
     gram = gram * active[:, None] * active[None, :]
-    return StepStats(gram, losses, active, batch_size, int(round(b_global)))
+    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss)

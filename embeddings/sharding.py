@@ -31,8 +31,21 @@ class ShardingPlanError(ValueError):
     """The tables do not fit the ranks' memory (or the allowed sharding types)."""
 
 
-def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg) -> None:
+class EmbeddingOptimizerError(ValueError):
+    """The configured fused embedding optimizer has no kernel on this device."""
+
+
+# FBGEMM's CPU kernels implement these only; adam needs the CUDA kernels.
+CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg, device: torch.device) -> None:
     """Registers the embedding optimizer to run inside backward (FBGEMM's fused TBE update)."""
+    if device.type == "cpu" and opt_cfg.name not in CPU_FUSED_OPTIMIZERS:
+        raise EmbeddingOptimizerError(
+            f"model.embedding_optimizer.name: {opt_cfg.name!r} has no CPU kernel in FBGEMM; on CPU use one "
+            f"of {CPU_FUSED_OPTIMIZERS}"
+        )
     cls, keys = _FUSED_OPTIMIZERS[opt_cfg.name]
     apply_optimizer_in_backward(cls, ebc.parameters(), {k: getattr(opt_cfg, k) for k in keys})
 

@@ -51,7 +51,7 @@ def sharded_sgd_run(rank: int, world_size: int, cfg, state, batches, sharding: s
         t.sharding_types = [sharding]
     cfg.model.embedding_optimizer.name, cfg.model.embedding_optimizer.lr = "sgd", lr
     model = build_model(cfg, "meta", process_group=rt.balancer_group)
-    apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer)
+    apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
     dmp, _ = shard_model(model, cfg.model.tables, rt.device)
     load_full_tables(dmp, {table_name(k): v for k, v in state.items() if "embedding_bags" in k})
     dmp.load_state_dict({**dmp.state_dict(), **{k: v for k, v in state.items() if "embedding_bags" not in k}})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import RepresentationBoundary, available_balancers, build_balancer
+from balancing import NonFiniteLossError, RepresentationBoundary, available_balancers, build_balancer
 from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -132,6 +132,40 @@ def test_a_non_finite_task_gradient_is_skipped_with_a_warning(name, caplog):
     # Skipping means: exactly what the method gives when task b has no gradient at all.
     zero = [good[0], torch.zeros_like(good[1]), good[2]]
     torch.testing.assert_close(out, balance(build_balancer(name, TASKS), zero))
+
+
+def _step_with_nan_loss(policy: str):
+    """One step whose task-b loss is NaN; returns the boundary and the bottom's gradients."""
+    torch.manual_seed(0)
+    model = ToyMTL(3)
+    x, y = toy_batch(16, 3)
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), on_nonfinite_loss=policy)
+    losses = model.losses(boundary(model.bottom(x)), y, (1.0, 1.0, 1.0))
+    losses = losses * torch.tensor([1.0, float("nan"), 1.0], dtype=losses.dtype)
+    error = None
+    try:
+        boundary.objective(losses).backward()
+    except NonFiniteLossError as caught:
+        error = caught
+    return boundary, [p.grad for p in model.bottom.parameters()], error
+
+
+def test_a_nan_loss_drops_the_task_or_skips_the_step_or_raises():
+    dropped, grads, _ = _step_with_nan_loss("drop_task")
+    assert dropped.skipped_tasks == [] and dropped.balancer.step == 1
+    assert list(dropped.last_stats.active) == [True, False, True]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+    skipped, grads, _ = _step_with_nan_loss("skip_step")
+    assert skipped.skipped_tasks == ["b"] and skipped.balancer.step == 0
+    assert all(g is None or g.abs().sum() == 0 for g in grads)  # nothing below z moves
+
+    raised, grads, error = _step_with_nan_loss("raise")
+    assert isinstance(error, NonFiniteLossError) and error.tasks == ["b"]
+    assert all(g is None for g in grads) and raised.balancer.step == 0
+
+    with pytest.raises(ValueError, match="on_nonfinite_loss must be one of"):
+        RepresentationBoundary(build_balancer("equal", TASKS), on_nonfinite_loss="ignore")
 
 
 def test_warnings_are_rate_limited(caplog):

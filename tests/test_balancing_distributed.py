@@ -73,7 +73,22 @@ def _run(rank: int, world_size: int):
             weights = (param_level or boundary.balancer).last_telemetry["weights"]
             out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
+    results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
     return results
+
+
+def _nonfinite_on_the_last_rank(rank: int, world_size: int, group):
+    """Task b's loss is NaN on the last rank only; what each rank's boundary (skip_step) decides."""
+    model = ToyMTL(3)
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), process_group=group, on_nonfinite_loss="skip_step")
+    x, y = toy_batch(ROWS // world_size, 3, seed=7 + rank)
+    z = model.bottom(x)
+    z.retain_grad()
+    losses = model.losses(boundary(z), y, SCALES)
+    if rank == world_size - 1:
+        losses = losses * torch.tensor([1.0, float("nan"), 1.0], dtype=losses.dtype)
+    boundary.objective(losses).backward()
+    return {"skipped": boundary.skipped_tasks, "A": z.grad.clone(), "balancer_step": boundary.balancer.step}
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +110,12 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
             torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
             for g, r in zip(got["grads"], ref["grads"]):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_a_nan_loss_on_one_rank_makes_every_rank_skip_the_step(runs):
+    """The losses travel in the statistics' one all-reduce, so no rank needs a collective of its own
+    to agree: every rank skips, gives z a zero gradient and leaves the balancer untouched."""
+    for result in runs[1]:
+        got = result["nonfinite"]
+        assert got["skipped"] == ["b"] and got["balancer_step"] == 0
+        assert torch.count_nonzero(got["A"]) == 0

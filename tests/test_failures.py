@@ -52,10 +52,14 @@ def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
 
 
-def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path):
+# Without weight decay the boundary's statistics decide and the tables get a zero gradient (a no-op);
+# with it a zero gradient would still move the tables, so the ranks agree in an all-reduce before backward.
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay):
     run = tmp_path / "run"
     proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
-                   f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip")
+                   f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip",
+                   f"model.embedding_optimizer.weight_decay={weight_decay}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["step"] == 6
@@ -70,6 +74,13 @@ def test_tables_that_fit_no_plan_are_reported(data, tmp_path):
     assert proc.returncode == 3
     assert "ShardingPlanError: the sharding planner found no plan for 1 rank(s) on cpu for tables [t_user: 100000000000 x 8" in proc.stderr
     assert "insufficient storage" in proc.stderr
+
+
+def test_an_embedding_optimizer_without_a_cpu_kernel_is_reported(data, tmp_path):
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/train", f"data.eval={data}/eval",
+                   f"train.run_dir={tmp_path}/run", "model.embedding_optimizer.name=adam", "dist.nproc_per_node=1")
+    assert proc.returncode == 3
+    assert "EmbeddingOptimizerError: model.embedding_optimizer.name: 'adam' has no CPU kernel in FBGEMM" in proc.stderr
 
 
 def test_bad_data_ends_with_the_readers_message(data, tmp_path):

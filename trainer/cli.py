@@ -110,7 +110,7 @@ def _train_worker(cfg) -> int:
     from trainer.runtime import init_runtime, shutdown
     from trainer.train import Trainer, ensure_data
 
-    from embeddings.sharding import ShardingPlanError
+    from embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
     from trainer.data import DataError
     from trainer.train import NonFiniteLoss
 
@@ -118,7 +118,7 @@ def _train_worker(cfg) -> int:
     try:
         ensure_data(cfg, rt)
         Trainer.build(cfg, rt).fit()
-    except (DataError, NonFiniteLoss, ShardingPlanError) as e:
+    except (DataError, EmbeddingOptimizerError, NonFiniteLoss, ShardingPlanError) as e:
         if rt.is_main:
             print(f"concord: {type(e).__name__}: {e}", file=sys.stderr)
         return 3

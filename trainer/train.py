@@ -20,6 +20,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_dict
 from trainer.data import Batch, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
+from balancing import NonFiniteLossError
 from balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from trainer.model import MultiTaskModel, boundary_method, build_model
 from trainer.runtime import Runtime
@@ -62,7 +63,7 @@ class Trainer:
     def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
-        apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer)
+        apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = _DENSE_OPTIMIZERS[opt_cfg.name]
@@ -91,6 +92,7 @@ class Trainer:
         name = "equal" if name == NO_BOUNDARY else name
         balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
         boundary.balancer, boundary.reduction = balancer, reduction
+        boundary.on_nonfinite_loss = "raise" if self.cfg.train.on_nonfinite == "abort" else "skip_step"
         self.param_balancer = None
         if name in PARAMETER_LEVEL:
             self.param_balancer = build_parameter_level(
@@ -198,10 +200,30 @@ class Trainer:
         self.log.close()
         return summary
 
-    def nonfinite_tasks(self, losses: torch.Tensor) -> List[str]:
-        """Tasks whose loss is NaN or inf on any rank (one all-reduce of T flags: all ranks agree)."""
+    # Fused embedding optimizers update the tables inside backward, so a dropped step must give them
+    # a zero gradient, which leaves both weights and state untouched only for these optimizers.
+    _ZERO_GRAD_IS_NOOP = ("sgd", "adagrad", "rowwise_adagrad")
+
+    def nonfinite_guard(self) -> str:
+        """Where a non-finite task loss is detected so that every rank agrees, at no extra sync point
+        where possible: ``boundary`` (in its one statistics all-reduce; abort raises inside backward
+        before the bottom and tables get a gradient, skip zeroes their gradient), ``collective`` (an
+        all-reduce of T flags before backward: parameter-level methods, and skip with an embedding
+        optimizer for which a zero gradient is not a no-op) or ``local`` (no boundary: this rank's
+        losses only, so a non-finite loss always stops the job)."""
+        if self.param_balancer is not None:
+            return "collective"
+        if not self.model.boundary.enabled:
+            return "local"
+        emb = self.cfg.model.embedding_optimizer
+        if self.cfg.train.on_nonfinite == "skip" and not (emb.name in self._ZERO_GRAD_IS_NOOP and emb.weight_decay == 0):
+            return "collective"
+        return "boundary"
+
+    def nonfinite_tasks(self, losses: torch.Tensor, collective: bool) -> List[str]:
+        """Tasks whose loss is NaN or inf on this rank, or on any rank (one all-reduce of T flags)."""
         flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
-        if self.rt.world_size > 1:
+        if collective and self.rt.world_size > 1:
             dist.all_reduce(flags, group=self.rt.balancer_group)
         return [name for name, bad in zip(self.cfg.task_names, flags.tolist()) if bad > 0]
 
@@ -210,43 +232,50 @@ class Trainer:
 
         A non-finite task loss (on any rank) either stops training (``train.on_nonfinite: abort``,
         raising :class:`NonFiniteLoss` before anything is updated) or drops the step on every rank
-        together (``skip``: no backward, no update, counted in ``self.skipped_steps``)."""
+        together (``skip``: no update, counted in ``self.skipped_steps``); see :meth:`nonfinite_guard`."""
         timer.start()
         batch = next(batches).to(self.rt.device, non_blocking=True)
         timer.mark("data")
         out = self.dmp(batch)
         timer.mark("forward")
-        bad = self.nonfinite_tasks(out.losses)
+        boundary = self.model.boundary
+        guard = self.nonfinite_guard()
+        bad = [] if guard == "boundary" else self.nonfinite_tasks(out.losses, collective=guard == "collective")
+        if bad and guard == "local":
+            self._stop_on_nonfinite(bad, "; with the boundary off ranks cannot agree to skip")
+        if not bad:
+            if self.param_balancer is not None:
+                with boundary.passthrough():  # the T per-task gradients skip the balancer
+                    objective = self.param_balancer.objective(out.losses)
+            else:
+                objective = out.objective
+            try:
+                objective.backward()
+            except NonFiniteLossError as error:  # raised on every rank alike, before any update
+                self._stop_on_nonfinite(error.tasks)
+            bad = boundary.skipped_tasks if guard == "boundary" else []
+        timer.mark("backward")
         if bad:
             if self.cfg.train.on_nonfinite == "abort":
-                raise NonFiniteLoss(
-                    f"non-finite loss for task(s) {bad} at step {self.step + 1}; stopping without writing a "
-                    "checkpoint (the newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps)"
-                )
+                self._stop_on_nonfinite(bad)
             self.skipped_steps += 1
             logger.warning("step %d: non-finite loss for task(s) %s; step skipped on every rank", self.step + 1, bad)
             self.log.write({"kind": "skipped_step", "step": self.step + 1, "tasks": bad})
-            self.optimizer.zero_grad()
-            timer.mark("backward")
-            timer.mark("optimizer")
-            timings = timer.read()
-            timings["boundary"] = timings["boundary_comm"] = 0.0
-            return out, timings
-        if self.param_balancer is not None:
-            with self.model.boundary.passthrough():  # the T per-task gradients skip the balancer
-                objective = self.param_balancer.objective(out.losses)
         else:
-            objective = out.objective
-        objective.backward()
-        timer.mark("backward")
-        self.optimizer.step()
+            self.optimizer.step()
         self.optimizer.zero_grad()
         timer.mark("optimizer")
         timings = timer.read()
-        boundary = self.model.boundary
-        timings["boundary"] = boundary.backward_seconds if boundary.enabled else 0.0
-        timings["boundary_comm"] = boundary.comm_seconds if boundary.enabled else 0.0
+        used = boundary.enabled and self.param_balancer is None
+        timings["boundary"] = boundary.backward_seconds if used else 0.0
+        timings["boundary_comm"] = boundary.comm_seconds if used else 0.0
         return out, timings
+
+    def _stop_on_nonfinite(self, tasks: List[str], why: str = "") -> None:
+        raise NonFiniteLoss(
+            f"non-finite loss for task(s) {tasks} at step {self.step + 1}; stopping without writing a "
+            f"checkpoint (the newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps{why})"
+        )
 
     def _data_repairs(self) -> Dict[str, int]:
         """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
