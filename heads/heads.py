@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,16 +40,23 @@ def prediction(task_type: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 class TaskHeads(nn.Module):
-    """T heads; ``forward(views, labels (B, T), weights (B,))`` -> (losses (T,), logits (B, T))."""
+    """T heads; ``forward(views, labels (B, T), weights (B,))`` -> (losses (T,), logits (B, T)).
 
-    def __init__(self, in_dim: int, tasks: Sequence) -> None:
+    ``task_inputs``: optional per-task modules between a view and its tower (MMoE/PLE gates); the
+    towers then read their outputs, (B, ``in_dim``).
+    """
+
+    def __init__(self, in_dim: int, tasks: Sequence, task_inputs: Optional[nn.ModuleList] = None) -> None:
         super().__init__()
+        self.task_inputs = task_inputs
         self.names: List[str] = [t.name for t in tasks]
         self.types: List[str] = [t.type for t in tasks]
         self.loss_weights: List[float] = [float(t.loss_weight) for t in tasks]
         self.heads = nn.ModuleList([TaskHead(in_dim, t.head) for t in tasks])
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor):
+        if self.task_inputs is not None:
+            views = [module(v) for module, v in zip(self.task_inputs, views)]
         logits = [head(v) for head, v in zip(self.heads, views)]
         losses = [
             w * task_loss(kind, lg, labels[:, k], weights)

@@ -30,6 +30,12 @@ def test_overrides_apply_with_types():
     assert cfg.balancer.name == "emtl" and cfg.balancer.knobs == {"beta": 0.3}
 
 
+def test_a_partial_mapping_keeps_the_other_defaults():
+    cfg = load_config("configs/tiny.yaml", ["train.dense_optimizer.lr=0.01", "model.experts.type=ple"])
+    assert (cfg.train.dense_optimizer.name, cfg.train.dense_optimizer.lr) == ("adam", 0.01)
+    assert cfg.model.experts.num_shared == 4 and cfg.representation_dim == 64
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -46,6 +52,9 @@ def test_overrides_apply_with_types():
         (lambda r: r["data"].update(on_bad_id="drop"), r"data\.on_bad_id: must be 'error' or 'hash', got 'drop'"),
         (lambda r: r["train"].update(on_nonfinite="ignore"), r"train\.on_nonfinite: must be 'abort' or 'skip'"),
         (lambda r: r["train"].update(keep_checkpoints=0), r"train\.keep_checkpoints: must be >= 1"),
+        (lambda r: r["model"].update(experts={"type": "moe"}), r"model\.experts\.type: must be none, mmoe or ple, got 'moe'"),
+        (lambda r: r["model"].update(experts={"type": "ple", "num_task": 0}), r"model\.experts\.num_task: must be >= 1 for ple"),
+        (lambda r: r["model"].update(shared=[]), r"model\.shared: needs at least one layer"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, edit, message):

@@ -104,11 +104,23 @@ class InteractionConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """Mixture-of-experts bottoms; the boundary sits at the per-task gates (see heads/experts.py)."""
+
+    type: str = "none"  # none (shared bottom: z = the shared MLP's output) | mmoe | ple
+    num_shared: int = 4  # mmoe: experts; ple: shared experts per level
+    num_task: int = 1  # ple: task-specific experts per task and level
+    layers: List[int] = field(default_factory=lambda: [64])  # each expert's MLP; towers read layers[-1]
+    levels: int = 1  # ple: extraction levels; the last one's gates and task experts follow the boundary
+
+
+@dataclass
 class ModelConfig:
     tables: List[TableConfig]
     dense_mlp: List[int] = field(default_factory=lambda: [128, 64])
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
-    shared: List[int] = field(default_factory=lambda: [256])  # MLP ending in z; d = shared[-1]
+    shared: List[int] = field(default_factory=lambda: [256])  # MLP ending in z; d = shared[-1] (may be [] with experts)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     embedding_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
     )
@@ -165,7 +177,8 @@ class Config:
 
     @property
     def representation_dim(self) -> int:
-        return self.model.shared[-1]
+        """What each tower reads: z itself for a shared bottom, a gate's mixture for MMoE/PLE."""
+        return self.model.experts.layers[-1] if self.model.experts.type != "none" else self.model.shared[-1]
 
     @property
     def world_size(self) -> int:
@@ -250,7 +263,12 @@ def _build(tp: Any, value: Any, source: str, key: str) -> Any:
         kwargs = {}
         for name, f in fields.items():
             if name in value:
-                kwargs[name] = _build(hints[name], value[name], source, _join(key, name))
+                given = value[name]
+                if isinstance(given, dict) and f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                    if dataclasses.is_dataclass(default):  # a partial mapping keeps the other defaults
+                        given = {**dataclasses.asdict(default), **given}
+                kwargs[name] = _build(hints[name], given, source, _join(key, name))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{source}: {_join(key, name)}: required key is missing")
         return tp(**kwargs)
@@ -349,8 +367,19 @@ def validate(cfg: Config) -> None:
     for key, sizes in (("model.dense_mlp", m.dense_mlp), ("model.shared", m.shared)):
         if any(s < 1 for s in sizes):
             fail(key, f"layer sizes must be >= 1, got {sizes}")
-    if not m.shared:
+    ex = m.experts
+    if ex.type not in ("none", "mmoe", "ple"):
+        fail("model.experts.type", f"must be none, mmoe or ple, got {ex.type!r}")
+    if not m.shared and ex.type == "none":
         fail("model.shared", "needs at least one layer: its last size is the representation dim d")
+    if ex.type != "none":
+        if not ex.layers or any(s < 1 for s in ex.layers):
+            fail("model.experts.layers", f"needs layer sizes >= 1, got {ex.layers}")
+        for key in ("num_shared", "levels"):
+            if getattr(ex, key) < 1:
+                fail(f"model.experts.{key}", f"must be >= 1, got {getattr(ex, key)}")
+        if ex.type == "ple" and ex.num_task < 1:
+            fail("model.experts.num_task", f"must be >= 1 for ple, got {ex.num_task}")
     if m.interaction.type not in ("dcn", "concat"):
         fail("model.interaction.type", f"must be 'dcn' or 'concat', got {m.interaction.type!r}")
     if m.interaction.num_layers < 0 or m.interaction.low_rank < 1:
