@@ -1,4 +1,4 @@
-"""``concord``: train, synth, bench, plot.
+"""``concord``: train, synth, convert, bench, compare, plot.
 
 ``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
 or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
     with_config(sp)
     sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    sp = sub.add_parser("convert", help="raw CSV/Parquet -> Concord's Parquet layout (data.convert in the config)")
+    with_config(sp)
+    sp.add_argument("--force", action="store_true", help="overwrite existing train/eval data")
     sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
     with_config(sp)
     sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
@@ -68,6 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "synth":
             return _synth(cfg, args.force)
+        if args.command == "convert":
+            return _convert(cfg, args.force)
         if args.command == "train":
             if _is_worker() or cfg.world_size == 1:
                 return _train_worker(cfg)
@@ -88,6 +93,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+
+
+def _convert(cfg, force: bool) -> int:
+    from trainer.convert import ConvertError, convert
+
+    try:
+        report = convert(cfg, force)
+    except ConvertError as e:
+        print(f"concord: ConvertError: {e}", file=sys.stderr)
+        return 3
+    skipped = sum(report["skipped_rows"].values())
+    print(
+        f"concord convert: {report['rows']['train']:,} training and {report['rows']['eval']:,} eval rows "
+        f"-> {cfg.data.train}, {cfg.data.eval}; {skipped:,} rows skipped; "
+        f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
+    )
+    return 0
 
 
 def _synth(cfg, force: bool) -> int:

@@ -55,6 +55,50 @@ class SyntheticConfig:
 
 
 @dataclass
+class CategoricalColumn:
+    column: str  # input column
+    feature: str  # the feature (a key of data.sparse_columns) it becomes
+    separator: Optional[str] = None  # multi-hot: several values in one cell, e.g. "|"
+    hash: bool = False  # hash into the feature's table size instead of a vocabulary
+    min_count: int = 1  # vocabulary: values seen fewer times in the training split map to 0 (unseen)
+
+
+@dataclass
+class DenseColumn:
+    column: str  # input column
+    name: Optional[str] = None  # the output column (one of data.dense_columns); default: column
+    log: bool = False  # sign(x) * log(1 + |x|), before standardizing
+    standardize: bool = False  # (x - mean) / std with the training split's statistics
+    fill: float = 0.0  # a missing value becomes this, after the transforms (0 = the mean if standardized)
+
+
+@dataclass
+class SplitConfig:
+    by: str = "seed"  # seed (a seeded coin per row) | time (rows at or after the cutoff go to eval)
+    eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the cutoff is this quantile from the end
+    seed: int = 0
+    column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column
+    cutoff: Any = None  # time: a number or an ISO-8601 timestamp (quote it in YAML)
+
+
+@dataclass
+class ConvertConfig:
+    """``concord convert``: raw CSV/Parquet -> Parquet at data.train / data.eval (see trainer/convert.py)."""
+
+    input: str  # a CSV or Parquet file, a directory of them, or a glob
+    categorical: List[CategoricalColumn] = field(default_factory=list)
+    dense: List[DenseColumn] = field(default_factory=list)
+    labels: Dict[str, str] = field(default_factory=dict)  # task label column -> input column (default: same name)
+    weight: Optional[str] = None  # input column for data.weight_column
+    split: SplitConfig = field(default_factory=SplitConfig)
+    format: str = "auto"  # auto (by extension) | csv | parquet
+    delimiter: str = ","
+    on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
+    row_group_size: int = 16_384
+    chunk_rows: int = 65_536  # rows decoded at a time: memory stays bounded whatever the input size
+
+
+@dataclass
 class DataConfig:
     train: str
     eval: Optional[str] = None
@@ -63,6 +107,7 @@ class DataConfig:
     weight_column: Optional[str] = None
     batch_size: int = 512  # per rank
     synthetic: Optional[SyntheticConfig] = None  # generate train/eval here on first use
+    convert: Optional[ConvertConfig] = None  # concord convert writes train/eval from raw files
     on_bad_id: str = "error"  # a sparse id < 0 or >= its table's size: error | hash (modulo, counted)
     on_nonfinite_dense: str = "error"  # NaN/inf in a dense feature: error | impute (counted)
     impute_value: float = 0.0
@@ -423,6 +468,63 @@ def validate(cfg: Config) -> None:
     _validate_balancer(cfg, fail)
     if d.synthetic is not None:
         _validate_synthetic(cfg, fail)
+    if d.convert is not None:
+        _validate_convert(cfg, fail)
+
+
+def _validate_convert(cfg: Config, fail) -> None:
+    """Every column the trainer reads is produced by exactly one conversion rule."""
+    cv, d = cfg.data.convert, cfg.data
+    if d.synthetic is not None:
+        fail("data.convert", "data.synthetic is set too; a data set is either generated or converted")
+    if d.eval is None:
+        fail("data.eval", "concord convert writes an eval split; set data.eval")
+    if cv.format not in ("auto", "csv", "parquet"):
+        fail("data.convert.format", f"must be auto, csv or parquet, got {cv.format!r}")
+    if cv.on_bad_row not in ("error", "skip"):
+        fail("data.convert.on_bad_row", f"must be 'error' or 'skip', got {cv.on_bad_row!r}")
+    if len(cv.delimiter) != 1:
+        fail("data.convert.delimiter", f"must be one character, got {cv.delimiter!r}")
+    for key in ("row_group_size", "chunk_rows"):
+        if getattr(cv, key) < 1:
+            fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")
+    features = [c.feature for c in cv.categorical]
+    for i, c in enumerate(cv.categorical):
+        if c.feature not in d.sparse_columns:
+            fail(f"data.convert.categorical[{i}].feature", f"{c.feature!r} is not a key of data.sparse_columns")
+        if features.count(c.feature) > 1:
+            fail(f"data.convert.categorical[{i}].feature", f"feature {c.feature!r} is produced twice")
+        if c.min_count < 1:
+            fail(f"data.convert.categorical[{i}].min_count", f"must be >= 1, got {c.min_count}")
+        if c.separator == "":
+            fail(f"data.convert.categorical[{i}].separator", "must not be empty")
+    for f in d.sparse_columns:
+        if f not in features:
+            fail("data.convert.categorical", f"no rule produces feature {f!r} (data.sparse_columns)")
+    names = [c.name or c.column for c in cv.dense]
+    for i, name in enumerate(names):
+        if name not in d.dense_columns:
+            fail(f"data.convert.dense[{i}]", f"output column {name!r} is not in data.dense_columns")
+        if names.count(name) > 1:
+            fail(f"data.convert.dense[{i}]", f"output column {name!r} is produced twice")
+        if not math.isfinite(cv.dense[i].fill):
+            fail(f"data.convert.dense[{i}].fill", f"must be finite, got {cv.dense[i].fill}")
+    for col in d.dense_columns:
+        if col not in names:
+            fail("data.convert.dense", f"no rule produces dense column {col!r} (data.dense_columns)")
+    labels = [t.label for t in cfg.tasks]
+    for col in cv.labels:
+        if col not in labels:
+            fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task")
+    if (d.weight_column is None) != (cv.weight is None):
+        fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
+    sp = cv.split
+    if sp.by not in ("seed", "time"):
+        fail("data.convert.split.by", f"must be 'seed' or 'time', got {sp.by!r}")
+    if not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
+        fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
+    if sp.by == "time" and not sp.column:
+        fail("data.convert.split.column", "a time split needs the time column")
 
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_dict
-from trainer.data import Batch, ParquetReader, columns_from_config
+from trainer.data import Batch, DataError, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
 from balancing import NonFiniteLossError
 from balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
@@ -36,6 +36,8 @@ _DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "
 def ensure_data(cfg: Config, rt: Runtime) -> None:
     """Generates the configured synthetic data on first use (global rank 0; the others wait)."""
     synth = cfg.data.synthetic
+    if cfg.data.convert is not None and not dataset_ready(cfg.data.train):
+        raise DataError(f"{cfg.data.train}: no data yet; run `concord convert --config {cfg.source}` first")
     if synth is not None and rt.is_main and not dataset_ready(cfg.data.train):
         logger.info("generating synthetic data under %s (first use)", cfg.data.train)
         generate(synth, cfg.data.train, cfg.data.eval, show_progress=cfg.train.progress)
