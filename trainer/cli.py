@@ -109,6 +109,10 @@ def _convert(cfg, force: bool) -> int:
         f"-> {cfg.data.train}, {cfg.data.eval}; {skipped:,} rows skipped; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
+    for split, groups in report["row_groups"].items():
+        if groups < cfg.world_size:  # the reader shares row groups among ranks
+            print(f"concord convert: warning: {split} has {groups} row group(s), fewer than the config's "
+                  f"{cfg.world_size} ranks; lower data.convert.row_group_size", file=sys.stderr)
     return 0
 
 

@@ -92,22 +92,20 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
     except OSError as e:
         raise ConvertError(f"{path}: cannot read ({e})") from None
     _check_columns(path, [h.strip('"') for h in header], columns)
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=16 << 20),
-        parse_options=pacsv.ParseOptions(delimiter=cv.delimiter, invalid_row_handler=on_invalid),
-        # Everything as text: the converter parses each value itself, to name a bad one exactly.
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
-        ),
-    )
-    while True:
-        try:
-            yield reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as e:
-            raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
+    try:  # opening reads the first block, so parse errors can come from here too
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(delimiter=cv.delimiter, invalid_row_handler=on_invalid),
+            # Everything as text: the converter parses each value itself, to name a bad one exactly.
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+            ),
+        )
+        for batch in reader:
+            yield batch
+    except pa.ArrowInvalid as e:
+        raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
 
 
 def _check_columns(path: str, have: List[str], need: List[str]) -> None:
@@ -423,6 +421,7 @@ class Converter:
             "input": [p for p, _ in self.files],
             "split": {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None},
             "rows": {"train": rows[0], "eval": rows[1]},
+            "row_groups": {"train": writers[0].row_groups, "eval": writers[1].row_groups},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
@@ -443,6 +442,7 @@ class _SplitWriter:
         self.path, self.size = path, row_group_size
         self.pending: List[pa.Table] = []
         self.rows = 0
+        self.row_groups = 0
         self.writer: Optional[pq.ParquetWriter] = None
 
     def write(self, table: pa.Table) -> None:
@@ -460,6 +460,7 @@ class _SplitWriter:
             self.writer = pq.ParquetWriter(self.path, table.schema)
         if full:
             self.writer.write_table(table.slice(0, full), row_group_size=self.size)
+            self.row_groups += -(-full // self.size)
         rest = table.slice(full)
         self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
 

@@ -1,0 +1,199 @@
+"""concord convert: vocabularies and statistics from the training split only, hashing, multi-hot,
+splits, bad rows, streaming in chunks; and raw CSV -> convert -> train (2 ranks)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trainer.config import config_from_dict
+from trainer.convert import ConvertError, convert, stable_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "day,user,tags,price,click,amount"
+ROWS = [  # day 1-3 train, day 4 eval under the time split
+    "1,alice,a|b,10,1,2.5",
+    "1,bob,b,,0,0",
+    "2,alice,,100,0,1",
+    "2,carol, c | a |,1000,1,3",
+    "3,alice,b|b,1,0,0.5",
+    "4,dave,a|z,10,1,4",  # dave and z are seen in eval only
+    "4,bob,b,5,0,1",
+]
+
+
+def base(tmp_path: Path, rows=ROWS, **convert_changes) -> dict:
+    (tmp_path / "raw.csv").write_text("\n".join([HEADER, *rows]) + "\n")
+    cv = {
+        "input": str(tmp_path / "raw.csv"),
+        "categorical": [{"column": "user", "feature": "user"}, {"column": "tags", "feature": "tags", "separator": "|"}],
+        "dense": [{"column": "price", "log": True, "standardize": True}],
+        "split": {"by": "time", "column": "day", "cutoff": 4},
+        "row_group_size": 2,
+    }
+    cv.update(convert_changes)
+    return {
+        "data": {"train": str(tmp_path / "out/train"), "eval": str(tmp_path / "out/eval"), "dense_columns": ["price"],
+                 "sparse_columns": {"user": "user", "tags": "tags"}, "convert": cv},
+        "tasks": [{"name": "ctr", "label": "click"}, {"name": "amount", "label": "amount", "type": "regression"}],
+        "model": {"tables": [{"name": "t_user", "num_embeddings": 8, "embedding_dim": 4, "features": ["user"]},
+                             {"name": "t_tags", "num_embeddings": 8, "embedding_dim": 4, "features": ["tags"]}]},
+    }
+
+
+def run(raw: dict, force: bool = False) -> dict:
+    return convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), force=force, show_progress=False)
+
+
+def read(tmp_path: Path, split: str) -> dict:
+    return pq.read_table(tmp_path / f"out/{split}").to_pydict()
+
+
+def test_vocabulary_comes_from_the_training_split_only(tmp_path):
+    report = run(base(tmp_path))
+    # Training counts: alice 3, bob 1, carol 1 -> ids by falling count, then value; dave unseen -> 0.
+    assert read(tmp_path, "train")["user"] == [[1], [2], [1], [3], [1]]
+    assert read(tmp_path, "eval")["user"] == [[0], [2]]
+    # Tags in training: b 3, a 2, c 1 (trimmed, empty tokens dropped); z unseen.
+    assert read(tmp_path, "train")["tags"] == [[2, 1], [1], [], [3, 2], [1, 1]]
+    assert read(tmp_path, "eval")["tags"] == [[2, 0], [1]]
+    vocab = pq.read_table(tmp_path / "out/vocab/user.parquet").to_pydict()
+    assert vocab == {"value": ["alice", "bob", "carol"], "id": [1, 2, 3]}
+    assert report["vocab_sizes"] == {"user": 3, "tags": 3} and report["rows"] == {"train": 5, "eval": 2}
+
+
+def test_hashing_is_stable_and_fits_the_table(tmp_path):
+    raw = base(tmp_path)
+    raw["data"]["convert"]["categorical"][0]["hash"] = True
+    run(raw)
+    expected = stable_hash(["alice", "bob", "alice", "carol", "alice"], 8)
+    assert read(tmp_path, "train")["user"] == [[int(i)] for i in expected]
+    assert all(0 <= i < 8 for i in expected)
+    assert not (tmp_path / "out/vocab/user.parquet").exists()
+
+
+def test_dense_columns_use_the_training_statistics_after_the_log(tmp_path):
+    report = run(base(tmp_path))
+    train_logs = np.log1p([10.0, 100.0, 1000.0, 1.0])  # bob's price is missing
+    mean, std = train_logs.mean(), train_logs.std()
+    assert report["dense"]["price"]["mean"] == pytest.approx(mean) and report["dense"]["price"]["std"] == pytest.approx(std)
+    got = read(tmp_path, "train")["price"]
+    assert got[1] == 0.0 and report["filled_dense"] == {"price": 1}  # missing -> fill (the mean)
+    np.testing.assert_allclose(np.array(got)[[0, 2, 3, 4]], (train_logs - mean) / std, rtol=1e-6)
+    np.testing.assert_allclose(read(tmp_path, "eval")["price"], (np.log1p([10.0, 5.0]) - mean) / std, rtol=1e-6)
+
+
+def test_a_time_split_without_cutoff_takes_the_quantile_and_records_it(tmp_path):
+    raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.3})
+    report = run(raw)
+    assert report["split"]["cutoff_used"] == pytest.approx(np.quantile([1, 1, 2, 2, 3, 4, 4], 0.7))
+    assert report["rows"] == {"train": 5, "eval": 2}
+    meta = json.loads((tmp_path / "out/convert.json").read_text())
+    assert meta["split"]["by"] == "time" and meta["split"]["column"] == "day"
+
+
+def test_iso_timestamps_split_by_time(tmp_path):
+    rows = [r.replace(r.split(",")[0], f"2026-01-0{r.split(',')[0]}T12:00:00", 1) for r in ROWS]
+    report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "cutoff": "2026-01-04"}))
+    assert report["rows"] == {"train": 5, "eval": 2}
+    assert report["split"]["cutoff_used_utc"].startswith("2026-01-04T00:00:00")
+
+
+def test_a_seed_split_is_reproducible_and_independent_of_the_chunk_size(tmp_path):
+    rows = [f"1,u{i % 13},t{i % 5},{i},{i % 2},{i / 10}" for i in range(400)]
+    raw = base(tmp_path, rows=rows, split={"by": "seed", "seed": 5, "eval_fraction": 0.25}, chunk_rows=10_000)
+    for t in raw["model"]["tables"]:
+        t["num_embeddings"] = 16
+    first = run(raw)
+    outputs = {s: read(tmp_path, s) for s in ("train", "eval")}
+    raw["data"]["convert"]["chunk_rows"] = 7  # vocabularies and moments merged over 58 chunks
+    second = run(raw, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == outputs
+    dense = [r.pop("dense")["price"] for r in (first, second)]
+    assert first == second and 70 < first["rows"]["eval"] < 130
+    # The same moments up to float64 rounding: merged over 58 chunks instead of summed at once.
+    assert dense[1]["mean"] == pytest.approx(dense[0]["mean"], rel=1e-12)
+    assert dense[1]["std"] == pytest.approx(dense[0]["std"], rel=1e-12)
+
+
+def test_parquet_input_gives_the_same_output_as_csv(tmp_path):
+    run(base(tmp_path))
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(tmp_path / "raw.csv")
+    pq.write_table(table, tmp_path / "raw.parquet")
+    run(base(tmp_path, input=str(tmp_path / "raw.parquet")), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+
+
+@pytest.mark.parametrize("row, message", [
+    ("2,erin,a,cheap,1,1", r"raw\.csv: line 9: column 'price': not a number \(value 'cheap'\)"),
+    ("2,erin,a,1,yes,1", r"raw\.csv: line 9: column 'click': not a number \(value 'yes'\)"),
+    ("2,erin,a,1,2,1", r"line 9: column 'click': task 'ctr' is binary: the label must be 0 or 1 \(value '2'\)"),
+    ("2,erin,a,1,1,", r"line 9: column 'amount': missing label"),
+    ("x,erin,a,1,1,1", r"line 9: column 'day': missing or not a time \(value 'x'\)"),
+    ("2,erin,a,1,1", r"raw\.csv: CSV parse error: Row #9: Expected 6 columns, got 5: 2,erin,a,1,1"),
+])
+def test_a_bad_row_is_an_error_that_names_file_line_column_and_value(tmp_path, row, message):
+    with pytest.raises(ConvertError, match=message):
+        run(base(tmp_path, rows=ROWS + [row]))
+    assert not (tmp_path / "out/train").exists()  # nothing half-written
+
+
+def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
+    bad = ["2,erin,a,cheap,1,1", "2,erin,a,1,2,1", "2,erin,a,1,1", "2,erin,a,inf,1,1"]
+    report = run(base(tmp_path, rows=ROWS + bad, on_bad_row="skip"))
+    assert report["skipped_rows"] == {
+        "price: not a number": 1, "click: task 'ctr' is binary: the label must be 0 or 1": 1,
+        "malformed row": 1, "price: not finite": 1,
+    }
+    assert report["rows"] == {"train": 5, "eval": 2}
+
+
+def test_a_vocabulary_larger_than_its_table_is_an_error_with_the_way_out(tmp_path):
+    raw = base(tmp_path)
+    raw["model"]["tables"][0]["num_embeddings"] = 3
+    with pytest.raises(ConvertError, match=r"feature 'user': the training split has 3 values \(\+1 for unseen\) but its table holds 3 rows"):
+        run(raw)
+
+
+def test_existing_output_needs_force_and_missing_columns_are_named(tmp_path):
+    run(base(tmp_path))
+    with pytest.raises(ConvertError, match=r"out/train: already holds data; use --force"):
+        run(base(tmp_path))
+    raw = base(tmp_path)
+    raw["data"]["convert"]["dense"][0]["column"] = "cost"
+    raw["data"]["convert"]["dense"][0]["name"] = "price"
+    with pytest.raises(ConvertError, match=r"raw\.csv: missing column 'cost' \(file has: day, user, tags, price, click, amount\)"):
+        run(raw, force=True)
+
+
+@pytest.mark.multiprocess
+def test_raw_csv_to_a_trained_model(tmp_path):
+    """The path a user takes: the sample script, concord convert, concord train (2 ranks, MMoE)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    where = [f"data.convert.input={tmp_path}/raw.csv", f"data.train={tmp_path}/data/train",
+             f"data.eval={tmp_path}/data/eval", f"train.run_dir={tmp_path}/run", "train.epochs=1", "train.progress=false"]
+
+    def call(*args):
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    call("configs/aliccp_sample.py", str(tmp_path / "raw.csv"), "--rows", "6000")
+    out = call("-m", "trainer.cli", "convert", "--config", "configs/aliccp.yaml", *where).stdout
+    assert "training and" in out and "split by time" in out
+    call("-m", "trainer.cli", "train", "--config", "configs/aliccp.yaml", *where)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert set(summary["eval"]) == {"ctr", "ctcvr"}
+    assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())
