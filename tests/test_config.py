@@ -65,3 +65,12 @@ def test_errors_name_the_file_and_key(tmp_path, edit, message):
 def test_bad_override_names_the_key():
     with pytest.raises(ConfigError, match=r"override tasks\.9\.name: '9' is not an index"):
         load_config(DEMO, ["tasks.9.name=x"])
+
+
+def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
+    cfg = load_config("configs/tiny.yaml", ["balancer.name=emtl"], single_task="cvr")
+    assert cfg.task_names == ["cvr"] and cfg.balancer.name == "equal"
+    with pytest.raises(ConfigError, match=r"--single-task ctcvr: no such task \(tasks: ctr, cvr, watch\)"):
+        load_config("configs/tiny.yaml", single_task="ctcvr")
+    converted = load_config("configs/aliccp.yaml", single_task="ctcvr")
+    assert converted.data.convert.labels == {"purchase": "purchase"}

@@ -86,7 +86,16 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
     assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
     assert "](figures/balancer-multibalance.png)" in report
-    second = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0
-    assert "[1/2] equal, seed 0: done earlier, reused" in second.stdout
-    assert "[2/2] multibalance, seed 0: done earlier, reused" in second.stdout
+    # Resumed with the single-task baselines: the two cells are reused, each task trains alone.
+    second = subprocess.run([*cmd, "--single-task"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "[1/5] equal, seed 0: done earlier, reused" in second.stdout
+    assert "[2/5] multibalance, seed 0: done earlier, reused" in second.stdout
+    assert "[3/5] ctr alone, seed 0: training" in second.stdout
+    alone = json.loads((out / "runs/single-ctr-seed0/summary.json").read_text())
+    assert set(alone["eval"]) == {"ctr"} and alone["balancer"] == "equal"
+    multi = json.loads((out / "runs/equal-seed0/summary.json").read_text())
+    transfer = 100 * (alone["eval"]["ctr"]["ne"] - multi["eval"]["ctr"]["ne"]) / alone["eval"]["ctr"]["ne"]
+    report = (out / "report.md").read_text()
+    assert "## Transfer: multi-task against single-task models" in report
+    assert f"| equal | {multi['eval']['ctr']['ne']:.4f} |" in report and f"{transfer:+.2f} ± 0.00" in report

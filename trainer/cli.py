@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
-    with_config(sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)"))
+    sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")
+    with_config(sp)
+    sp.add_argument("--single-task", metavar="TASK", help="train that task alone: the single-task baseline")
     sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
     with_config(sp)
     sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated methods")
     sp.add_argument("--seeds", type=int, default=3)
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
+    sp.add_argument("--single-task", action="store_true",
+                    help="also train each task alone per seed and report the negative transfer")
     sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
     sp.add_argument("run_dir")
     return p
@@ -66,9 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "compare":
             from trainer.compare import run_compare
 
-            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out)
+            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task)
             return 0
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
         if args.command == "synth":
             return _synth(cfg, args.force)
         if args.command == "convert":
@@ -76,7 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             if _is_worker() or cfg.world_size == 1:
                 return _train_worker(cfg)
-            return _launch(cfg, ["train", "--config", args.config, *args.overrides])
+            single = ["--single-task", args.single_task] if args.single_task else []
+            return _launch(cfg, ["train", "--config", args.config, *single, *args.overrides])
         if args.command == "bench":
             if _is_worker() or cfg.world_size == 1:
                 from trainer.bench import run_bench

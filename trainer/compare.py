@@ -40,7 +40,13 @@ def cell_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def run_compare(config_path: str, overrides: Sequence[str], methods: List[str], seeds: int, out_dir: str) -> Path:
+def single_cell_name(task: str, seed: int) -> str:
+    return f"single-{task}-seed{seed}"
+
+
+def run_compare(
+    config_path: str, overrides: Sequence[str], methods: List[str], seeds: int, out_dir: str, single_task: bool = False
+) -> Path:
     cfg = load_config(config_path, overrides)  # validates the base config and the method names below
     unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
     if unknown:
@@ -49,22 +55,28 @@ def run_compare(config_path: str, overrides: Sequence[str], methods: List[str], 
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     cells = [(seed, m) for seed in range(seeds) for m in methods]
-    for i, (seed, method) in enumerate(cells, 1):
-        run_dir = out / "runs" / cell_name(method, seed)
+    singles = [(seed, t) for seed in range(seeds) for t in cfg.task_names] if single_task else []
+    todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
+    todo += [(s, "equal", out / "runs" / single_cell_name(t, s), t) for s, t in singles]
+    for i, (seed, method, run_dir, task) in enumerate(todo, 1):
+        what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
         if (run_dir / "summary.json").is_file():
-            print(f"[{i}/{len(cells)}] {method}, seed {seed}: done earlier, reused", flush=True)
+            print(f"[{i}/{len(todo)}] {what}: done earlier, reused", flush=True)
             continue
-        print(f"[{i}/{len(cells)}] {method}, seed {seed}: training ...", flush=True)
-        _train_cell(config_path, overrides, cfg, method, seed, run_dir)
+        print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
+        _train_cell(config_path, overrides, cfg, method, seed, run_dir, task)
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
-    report = write_report(out, cfg, methods, seeds, summaries)
+    single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
+    report = write_report(out, cfg, methods, seeds, summaries, single)
     print(f"report: {report}")
     return report
 
 
-def _train_cell(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path) -> None:
+def _train_cell(
+    config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path, task: str | None = None
+) -> None:
     """Writes the cell's config (the base config with this method's default knobs, or the base config's
-    knobs for its own method) and trains it with ``concord train``."""
+    knobs for its own method) and trains it with ``concord train`` (``--single-task`` for ``task``)."""
     raw = yaml.safe_load(Path(config_path).read_text())
     balancer = {"name": method, "reduction": cfg.balancer.reduction}
     if method == cfg.balancer.name:
@@ -73,13 +85,14 @@ def _train_cell(config_path: str, overrides: Sequence[str], cfg: Config, method:
     run_dir.mkdir(parents=True, exist_ok=True)
     cell_config = run_dir / "input.yaml"
     cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(cell_config), *overrides,
+    single = ["--single-task", task] if task else []
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
            f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
     log = run_dir / "train.log"
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0 or not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"{method}, seed {seed}: training failed (exit {rc}); see {log}")
+        raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
 
 
 def _quality(summary: dict, task) -> float:
@@ -104,7 +117,7 @@ def _mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
 
 
-def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Path:
+def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None) -> Path:
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
@@ -145,6 +158,8 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
             + " | ".join(f"{a:.4f}" for a in aucs) + " |"
         )
     lines += ["", "## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
+    if single:
+        lines += ["## Transfer: multi-task against single-task models", "", *transfer_table(cfg, methods, seeds, summaries, single), ""]
     lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
     import shutil
 
@@ -160,6 +175,30 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def transfer_table(cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict) -> List[str]:
+    """Per task, ``(Q_single - Q_method) / Q_single * 100`` of the same seed: negative where sharing the
+    model hurts the task (negative transfer), positive where it helps."""
+    label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
+    lines = [
+        "Each task also trained alone (`concord train --single-task`, same seed, data and model). Transfer: "
+        "`(single - multi) / single * 100` of the held-out NE or MSE; negative means negative transfer.",
+        "",
+        "| model | " + " | ".join(f"{label[t.name]} {t.name}" for t in cfg.tasks) + " | "
+        + " | ".join(f"transfer {t.name} (%)" for t in cfg.tasks) + " |",
+        "|---|" + "---|" * (2 * len(cfg.tasks)),
+    ]
+    alone = [statistics.mean(_quality(single[(s, t.name)], t) for s in range(seeds)) for t in cfg.tasks]
+    lines.append("| single-task | " + " | ".join(f"{q:.4f}" for q in alone) + " |" + " – |" * len(cfg.tasks))
+    for m in methods:
+        quality = [statistics.mean(_quality(summaries[(s, m)], t) for s in range(seeds)) for t in cfg.tasks]
+        transfer = [
+            [100.0 * (_quality(single[(s, t.name)], t) - _quality(summaries[(s, m)], t)) / _quality(single[(s, t.name)], t) for s in range(seeds)]
+            for t in cfg.tasks
+        ]
+        lines.append(f"| {m} | " + " | ".join(f"{q:.4f}" for q in quality) + " | " + " | ".join(_mean_std(v) for v in transfer) + " |")
+    return lines
 
 
 def worst_task_verdicts(cfg: Config, methods, seeds, summaries, g) -> List[str]:

@@ -231,8 +231,12 @@ class Config:
 
 
 # --- loading -------------------------------------------------------------------------------------
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML file, applies ``key=value`` overrides, builds and validates the :class:`Config`."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Optional[str] = None) -> Config:
+    """Reads a YAML file, applies ``key=value`` overrides, builds and validates the :class:`Config`.
+
+    ``single_task``: keep that task only (with ``equal``), the single-task baseline against which a
+    multi-task model's negative transfer is measured; the data and the rest of the model are unchanged.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -244,7 +248,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item, str(path))
+    if single_task is not None:
+        keep_one_task(raw, single_task, str(path))
     return config_from_dict(raw, source=str(path))
+
+
+def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
+    tasks = raw.get("tasks") or []
+    kept = [t for t in tasks if isinstance(t, dict) and t.get("name") == name]
+    if not kept:
+        names = [t.get("name") for t in tasks if isinstance(t, dict)]
+        raise ConfigError(f"{source}: --single-task {name}: no such task (tasks: {', '.join(map(str, names))})")
+    raw["tasks"] = kept
+    raw["balancer"] = {"name": "equal"}  # one task: every balancer is the identity
+    convert = (raw.get("data") or {}).get("convert")
+    if isinstance(convert, dict) and isinstance(convert.get("labels"), dict):
+        convert["labels"] = {k: v for k, v in convert["labels"].items() if k == kept[0].get("label")}
 
 
 def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
