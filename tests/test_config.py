@@ -19,7 +19,7 @@ def with_change(tmp_path, edit):
 
 
 def test_shipped_configs_load():
-    for path in ("configs/demo.yaml", "configs/tiny.yaml"):
+    for path in ("configs/demo.yaml", "configs/tiny.yaml", "configs/conflict.yaml", "configs/aliccp.yaml"):
         cfg = load_config(path)
         assert cfg.task_names and cfg.model.tables
 
@@ -74,3 +74,15 @@ def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
         load_config("configs/tiny.yaml", single_task="ctcvr")
     converted = load_config("configs/aliccp.yaml", single_task="ctcvr")
     assert converted.data.convert.labels == {"purchase": "purchase"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.convert.categorical.0.feature=account", r"data\.convert\.categorical\[0\]\.feature: 'account' is not a key of data\.sparse_columns"),
+    ("data.convert.dense=[]", r"data\.convert\.dense: no rule produces dense column 'price'"),
+    ("data.convert.split={by: time}", r"data\.convert\.split\.column: a time split needs the time column"),
+    ("data.convert.on_bad_row=drop", r"data\.convert\.on_bad_row: must be 'error' or 'skip'"),
+    ("data.convert.labels={clicked: click}", r"data\.convert\.labels\.clicked: 'clicked' is not the label column of any task"),
+])
+def test_convert_rules_must_produce_exactly_what_the_trainer_reads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/aliccp.yaml", [override])
