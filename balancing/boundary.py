@@ -160,7 +160,10 @@ class RepresentationBoundary(nn.Module):
         """Runs inside autograd's backward: statistics, one all-reduce, the balancer, the aggregate."""
         if self._passthrough:
             present = [g for g in grads if g is not None]
-            return torch.stack(present).sum(0) if len(present) > 1 else present[0].clone()
+            total = present[0].clone()
+            for g in present[1:]:
+                total.add_(g)
+            return total
         start = time.perf_counter()
         template = next(g for g in grads if g is not None)
         if self._losses is None:

@@ -1,8 +1,8 @@
 """``concord bench``: training QPS per balancer, measured side by side in one process tree.
 
 One sharded model and one data stream; the method is swapped between timed blocks (the boundary's
-balancer, or a parameter-level method) and the methods alternate (A B C A B C ...), so drift in the
-machine's speed hits every method alike.
+balancer, or a parameter-level method) and the methods alternate (A B C, B C A, C A B, ...), so drift
+in the machine's speed and the cost of following another method hit every method alike.
 Each round gives a paired QPS drop of every method against ``equal`` in that round; the table shows
 their mean and spread. The boundary's own time (inside backward, the statistics all-reduce
 included) is shown as a share of the step.
@@ -45,8 +45,11 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
         for r in range(rounds):
-            for m in methods:
+            # The order rotates every round, so no method always follows the same one (a switch
+            # leaves caches and allocator state behind that the next block pays for).
+            for m in methods[r % len(methods):] + methods[: r % len(methods)]:
                 trainer.use_method(m, knobs[m])
+                trainer.train_step(batches, timer)  # one untimed step after the switch
                 boundary.balancer.telemetry_due = False
                 if rt.world_size > 1:
                     dist.barrier()

@@ -245,14 +245,14 @@ class Trainer:
         bad = [] if guard == "boundary" else self.nonfinite_tasks(out.losses, collective=guard == "collective")
         if bad and guard == "local":
             self._stop_on_nonfinite(bad, "; with the boundary off ranks cannot agree to skip")
-        if not bad:
-            if self.param_balancer is not None:
-                with boundary.passthrough():  # the T per-task gradients skip the balancer
-                    objective = self.param_balancer.objective(out.losses)
-            else:
-                objective = out.objective
+        if not bad and self.param_balancer is not None:
+            # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
+            # plain gradient through, with no statistics (the losses are weighted already).
+            with boundary.passthrough():
+                self.param_balancer.objective(out.losses).backward()
+        elif not bad:
             try:
-                objective.backward()
+                out.objective.backward()
             except NonFiniteLossError as error:  # raised on every rank alike, before any update
                 self._stop_on_nonfinite(error.tasks)
             bad = boundary.skipped_tasks if guard == "boundary" else []
