@@ -95,7 +95,7 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=16 << 20),
+            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),  # small blocks: the reader reads ahead
             parse_options=pacsv.ParseOptions(delimiter=cv.delimiter, invalid_row_handler=on_invalid),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
