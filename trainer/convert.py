@@ -185,7 +185,7 @@ def stable_hash(values: List[str], size: int) -> np.ndarray:
     )
 
 
-# --- the plan --------------------------------------------------------------------------------------
+# --- the conversion ------------------------------------------------------------------------------
 @dataclass
 class _Welford:
     """Mean and variance merged chunk by chunk (Chan et al.), stable for long streams."""
@@ -223,6 +223,8 @@ class _Decoded:
 
 @dataclass
 class Converter:
+    """One conversion of ``cfg.data.convert``; :meth:`run` makes the passes and returns the report."""
+
     cfg: Config
     show_progress: bool = True
 
@@ -231,8 +233,8 @@ class Converter:
         d = self.cfg.data
         self.cv = d.convert
         self.label_inputs = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
-        self.dense_rules = {(rule.name or rule.column): rule for rule in self.cv.dense}
-        self.dense_rules = [self.dense_rules[c] for c in d.dense_columns]  # in the trainer's order
+        by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
+        self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
         self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
         columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules] + self.label_inputs
         columns += [self.cv.weight] if self.cv.weight else []
