@@ -18,6 +18,7 @@ from torchx.components import dist
 def train(
     *overrides: str,
     config: str = "configs/demo.yaml",
+    single_task: str = "",
     j: str = "1x2",
     image: str = "",
     h: Optional[str] = None,
@@ -34,6 +35,7 @@ def train(
     Args:
         overrides: ``key=value`` config overrides, e.g. ``train.max_steps=100 balancer.name=emtl``
         config: YAML config, relative to the working directory (local_cwd) or the image
+        single_task: train this task alone (the single-task baseline); empty: every task
         j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2`` or ``2x1``
         image: container image (ignored by local_cwd, which runs in the current directory)
         h: named resource (takes precedence over cpu/gpu/memMB)
@@ -54,6 +56,7 @@ def train(
         "train",
         "--config",
         config,
+        *(["--single-task", single_task] if single_task else []),
         *overrides,
         m="trainer.cli",
         image=image,

@@ -99,3 +99,15 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Transfer: multi-task against single-task models" in report
     assert f"| equal | {multi['eval']['ctr']['ne']:.4f} |" in report and f"{transfer:+.2f} ± 0.00" in report
+
+
+def test_torchx_component_passes_the_single_task_and_restarts():
+    sys.path.insert(0, str(ROOT))
+    from launch.components import train
+
+    app = train("train.max_steps=5", config="configs/tiny.yaml", single_task="cvr", max_restarts=2)
+    (role,) = app.roles
+    command = role.args[-1]  # dist.ddp runs torchrun through bash -c
+    assert command.endswith("-m trainer.cli train --config configs/tiny.yaml --single-task cvr train.max_steps=5")
+    assert role.env["PET_MAX_RESTARTS"] == "2"
+    assert "--single-task" not in train(config="configs/tiny.yaml").roles[0].args[-1]
