@@ -260,7 +260,7 @@ class Converter:
             return cutoff
         self._pass_skips = Counter()
         times = []
-        for path, fmt, first, batch in self._stream("time column", [sp.column]):
+        for *_, batch in self._stream("time column", [sp.column]):
             values, bad = parse_numbers(batch.column(0), time=True)
             times.append(values[~bad & np.isfinite(values)])
         times = np.concatenate(times) if times else np.zeros(0)

@@ -28,7 +28,7 @@ class Ranker(nn.Module):
 torch.manual_seed(0)
 model = Ranker()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-for step in range(20):
+for _ in range(20):
     ids, offsets = torch.randint(0, 1000, (256,)), torch.arange(0, 256, 2)  # 128 rows, 2 ids each
     dense = torch.randn(128, 4)
     click, watch = (dense[:, 0] > 0).float(), 10 * dense[:, 1]

@@ -43,7 +43,7 @@ apply_optimizer_in_backward(torch.optim.SGD, model.ebc.parameters(), {"lr": 0.05
 dmp = DistributedModelParallel(model, device=torch.device("cpu"))
 dense_opt = torch.optim.Adam([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=1e-3)
 generator = torch.Generator().manual_seed(rank)  # each rank reads its own rows
-for step in range(10):
+for _ in range(10):
     rows = 64
     features = KeyedJaggedTensor.from_lengths_sync(
         keys=["user", "item"], values=torch.randint(0, 1000, (2 * rows,), generator=generator),
