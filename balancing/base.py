@@ -123,6 +123,11 @@ class Balancer:
         ``z`` (B, d) is the representation itself, for element-wise methods that read it."""
         return weighted_sum(grads, self.coefficients(stats), stats.active)
 
+    def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Method-specific numbers to sum over ranks in the step's one statistics all-reduce (this
+        rank's share, any shape); they come back flattened as ``stats.extra``. Default: none."""
+        return None
+
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable balancer parameters (loss-level methods); the boundary registers them so that the
         dense optimizer trains them and DDP averages their gradients."""

@@ -171,7 +171,7 @@ class RepresentationBoundary(nn.Module):
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
             )
-        packed = local_statistics(grads, self._losses, template.shape[0])
+        packed = local_statistics(grads, self._losses, template.shape[0], self.balancer.local_extra(grads, z))
         comm_start = time.perf_counter()
         stats = reduce_statistics(
             packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)

@@ -1,4 +1,4 @@
-"""The step's global statistics: one all-reduce of ``T*T + 2T + 1`` numbers.
+"""The step's global statistics: one all-reduce of ``T*T + 2T + 1`` numbers (plus a method's extras).
 
 With DDP the dense gradients are averaged over ranks, so training minimises the global-batch mean
 loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (ALGORITHMS.md, "Global
@@ -39,6 +39,7 @@ class StepStats:
     local_batch_size: int
     global_batch_size: int
     nonfinite_loss: Optional[np.ndarray] = None
+    extra: Optional[np.ndarray] = None  # the balancer's local_extra, summed over ranks (flattened)
 
     def __post_init__(self) -> None:
         if self.nonfinite_loss is None:
@@ -51,9 +52,9 @@ class StepStats:
 
 
 def local_statistics(
-    grads: Sequence[Optional[torch.Tensor]], losses: torch.Tensor, batch_size: int
+    grads: Sequence[Optional[torch.Tensor]], losses: torch.Tensor, batch_size: int, extra: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B]``.
+    """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B, extra]``.
 
     ``grads``: T tensors (B, d) or None for a head without loss this step. ``losses``: (T,).
     The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T
@@ -73,7 +74,8 @@ def local_statistics(
     keep = ~bad
     gram = np.where(keep[:, None] & keep[None, :], gram, 0.0)
     b = float(batch_size)
-    packed = np.concatenate([gram.reshape(-1) * b * b, loss * b, bad.astype(np.float64), [b]])
+    extra_values = [] if extra is None else extra.detach().to("cpu", torch.float64).numpy().ravel()
+    packed = np.concatenate([gram.reshape(-1) * b * b, loss * b, bad.astype(np.float64), [b], extra_values])
     return torch.from_numpy(packed)
 
 
@@ -91,7 +93,7 @@ def reduce_statistics(
         packed = buf.cpu()
     v = packed.numpy()
     t = num_tasks
-    b_global = float(v[-1])
+    b_global = float(v[t * t + 2 * t])
     gram = v[: t * t].reshape(t, t) / (b_global * b_global)
     losses = v[t * t : t * t + t] / b_global
     nonfinite_loss = ~np.isfinite(losses)
@@ -99,4 +101,5 @@ def reduce_statistics(
     bad = v[t * t + t : t * t + 2 * t] > 0
     active = ~bad & ~nonfinite_loss & (np.diagonal(gram) > 0)
     gram = gram * active[:, None] * active[None, :]
-    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss)
+    extra = v[t * t + 2 * t + 1 :].copy() if len(v) > t * t + 2 * t + 1 else None
+    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss, extra)

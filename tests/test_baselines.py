@@ -132,9 +132,11 @@ def test_graddrop_matches_the_rule():
     torch.testing.assert_close(boundary.balance(tuple(grads), z), expected / 3)
 
 
-def test_graddrop_needs_z():
+def test_graddrop_needs_z_and_its_reduced_column_sums():
     grads = rand_grads(0)
     with pytest.raises(ValueError, match="sign of z"):
+        build_balancer("graddrop", TASKS).local_extra(grads, None)
+    with pytest.raises(ValueError, match="column sums"):
         build_balancer("graddrop", TASKS).aggregate(grads, stats_for(grads))
 
 
