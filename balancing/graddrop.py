@@ -54,10 +54,15 @@ class GradDrop(Balancer):
         purity = 0.5 * (1.0 + signed.sum(0) / signed.abs().sum(0).clamp_min(1e-30))  # (d,)
         uniform = torch.rand(purity.shape, generator=self.generator).to(purity.device, purity.dtype)
         keep_positive = purity > uniform  # (d,), broadcast over rows
-        out = torch.zeros_like(template)
+        # The kept part of G_k is s ⊙ relu(s ⊙ G_k) with s = +1 where positives are kept, -1 elsewhere,
+        # so A = (1/T) [(1 - leak) s ⊙ sum_k relu(s ⊙ G_k) + leak sum_k G_k]: three in-place passes a task.
+        s = torch.where(keep_positive, 1.0, -1.0).to(template.dtype)
+        out, scratch = torch.zeros_like(template), torch.empty_like(template)
         for k in live:
-            g = grads[k]
-            keep = torch.where(keep_positive, g > 0, g < 0)
-            out.add_(torch.where(keep, g, g * self.leak))
+            out.add_(torch.mul(grads[k], s, out=scratch).clamp_(min=0))
+        out.mul_(s * ((1.0 - self.leak) / t))
+        if self.leak:
+            for k in live:
+                out.add_(grads[k], alpha=self.leak / t)
         self.last_telemetry["kept_positive_share"] = float(keep_positive.float().mean())
-        return out.div_(t)
+        return out

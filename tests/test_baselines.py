@@ -115,7 +115,8 @@ def test_gradvac_matches_the_rule_over_several_steps():
 
 
 # --- GradDrop -----------------------------------------------------------------------------------------------
-def test_graddrop_matches_the_rule():
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_matches_the_rule(leak):
     grads = rand_grads(4, scales=(1.0, -0.8, 0.3))
     z = torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     uniform = torch.rand(4, generator=torch.Generator().manual_seed(7)).double()
@@ -126,8 +127,8 @@ def test_graddrop_matches_the_rule():
         for r in range(6):
             for c in range(4):
                 keep = g[r, c] > 0 if purity[c] > uniform[c] else g[r, c] < 0
-                expected[r, c] += g[r, c] if keep else 0.0
-    boundary = RepresentationBoundary(build_balancer("graddrop", TASKS, seed=7))
+                expected[r, c] += g[r, c] if keep else leak * g[r, c]
+    boundary = RepresentationBoundary(build_balancer("graddrop", TASKS, seed=7, leak=leak))
     boundary.objective(torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(boundary.balance(tuple(grads), z), expected / 3)
 
