@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
                     help="comma-separated balancers; 'none' is the model without the boundary")
-    sp.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds per method")
+    sp.add_argument("--rounds", type=int, default=3, help="rounds; every method runs once a round, in an order that rotates")
     sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
     with_config(sp)
