@@ -27,11 +27,11 @@ class DenseBottom(nn.Module):
 
     dense (B, n_dense) -> MLP -> (B, m); concat with pooled embeddings (B, e) -> (B, m + e);
     interaction: DCN-v2 low-rank cross layers (same width) or MLP; shared MLP -> ``z`` (B, d).
-    With ``experts`` the shared MLP's output x (B, :func:`bottom_width`) feeds the shared experts and
-    ``z`` is what the per-task gates after the boundary read (heads/experts.py).
+    With :attr:`experts` set (MMoE/PLE), the shared MLP's output x (B, :attr:`width`) feeds the shared
+    experts and ``z`` is what the per-task gates after the boundary read (heads/experts.py).
     """
 
-    def __init__(self, num_dense: int, embedding_width: int, model_cfg, experts: Optional[nn.Module] = None) -> None:
+    def __init__(self, num_dense: int, embedding_width: int, model_cfg) -> None:
         super().__init__()
         self.dense_mlp = MLP(num_dense, list(model_cfg.dense_mlp)) if model_cfg.dense_mlp else None
         width = (model_cfg.dense_mlp[-1] if model_cfg.dense_mlp else num_dense) + embedding_width
@@ -42,21 +42,13 @@ class DenseBottom(nn.Module):
             self.interaction = MLP(width, list(inter.mlp)) if inter.mlp else nn.Identity()
             width = inter.mlp[-1] if inter.mlp else width
         self.shared = MLP(width, list(model_cfg.shared)) if model_cfg.shared else nn.Identity()
-        self.experts = experts  # MMoE/PLE: the shared experts (and PLE's lower levels) end the bottom
+        self.width = model_cfg.shared[-1] if model_cfg.shared else width  # of x, the shared MLP's output
+        self.experts: Optional[nn.Module] = None  # MMoE/PLE: the shared experts (and PLE's lower levels)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         numeric = self.dense_mlp(dense) if self.dense_mlp is not None else dense
         x = self.shared(self.interaction(torch.cat([numeric, pooled], dim=1)))
         return self.experts(x) if self.experts is not None else x
-
-
-def bottom_width(num_dense: int, embedding_width: int, model_cfg) -> int:
-    """The width of the shared MLP's output (of the interaction's when there is no shared MLP)."""
-    if model_cfg.shared:
-        return model_cfg.shared[-1]
-    width = (model_cfg.dense_mlp[-1] if model_cfg.dense_mlp else num_dense) + embedding_width
-    inter = model_cfg.interaction
-    return inter.mlp[-1] if inter.type != "dcn" and inter.mlp else width
 
 
 class ModelOutput(NamedTuple):
@@ -118,12 +110,10 @@ def build_model(cfg, device: torch.device | str = "meta", process_group=None) ->
     balancer, reduction = boundary_method(cfg)
     boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every)
     ebc = build_embedding_bags(cfg.model.tables, device)
-    num_dense, embedding_width = len(cfg.data.dense_columns), pooled_dim(cfg.model.tables)
-    experts, task_inputs = None, None
+    bottom = DenseBottom(len(cfg.data.dense_columns), pooled_dim(cfg.model.tables), cfg.model)
+    task_inputs = None  # MMoE/PLE: the gates (and PLE's task experts) go after the boundary, with the heads
     if cfg.model.experts.type != "none":
-        width = bottom_width(num_dense, embedding_width, cfg.model)
-        experts, task_inputs = build_experts(cfg.model.experts, width, len(cfg.tasks))
-    bottom = DenseBottom(num_dense, embedding_width, cfg.model, experts)
+        bottom.experts, task_inputs = build_experts(cfg.model.experts, bottom.width, len(cfg.tasks))
     heads = TaskHeads(cfg.representation_dim, cfg.tasks, task_inputs)
     features = [f for t in cfg.model.tables for f in t.features]
     return MultiTaskModel(ebc, bottom, boundary, heads, features)
