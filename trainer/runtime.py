@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("concord.runtime")
 
 
 @dataclass
@@ -35,6 +40,28 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def keep_freed_memory() -> bool:
+    """Keeps freed CPU tensors in the process heap instead of handing them back to the kernel.
+
+    glibc serves blocks above its mmap threshold with fresh pages and gives the heap's top back
+    once it exceeds the trim threshold, so each step's (B, d) temporaries page-fault anew: 0.5 ms
+    per 1 MiB tensor here, several times what the arithmetic on it costs. Both thresholds must be
+    set (setting either one alone turns off glibc's own adaptive raising of the other). Allocations
+    up to 32 MiB then come from the heap, and up to 1 GiB of freed heap is kept for reuse. Skipped
+    when the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``, and off glibc.
+    """
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    done = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    logger.debug("malloc thresholds %s", "set" if done else "left as they were")
+    return done
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +74,7 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 6
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    keep_freed_memory()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     if backend == "auto":
