@@ -116,11 +116,27 @@ class Balancer:
         Implementations record at least ``weights`` (on the simplex) in ``self.last_telemetry``."""
         raise NotImplementedError
 
+    def prepare(
+        self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray
+    ) -> Optional[Any]:
+        """Work that needs no global statistics, done while their all-reduce is in flight.
+
+        ``live`` (T,) bool is this rank's guess of ``stats.active`` for its present gradients. The
+        boundary passes the result on to :meth:`aggregate` as ``early`` only when the guess proves
+        right, so ``aggregate(grads, stats, z, early)`` must then equal ``aggregate(grads, stats, z)``.
+        Default: nothing (coefficient methods need the statistics before touching a gradient)."""
+        return None
+
     def aggregate(
-        self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, z: Optional[torch.Tensor] = None
+        self,
+        grads: Sequence[Optional[torch.Tensor]],
+        stats: StepStats,
+        z: Optional[torch.Tensor] = None,
+        early: Optional[Any] = None,
     ) -> torch.Tensor:
         """``A = sum_k c_k G_k`` accumulated in place in the gradients' dtype (no stacked copy).
-        ``z`` (B, d) is the representation itself, for element-wise methods that read it."""
+        ``z`` (B, d) is the representation itself, for element-wise methods that read it; ``early`` is
+        what :meth:`prepare` returned, when it applies."""
         return weighted_sum(grads, self.coefficients(stats), stats.active)
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

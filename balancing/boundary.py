@@ -17,12 +17,13 @@ import contextlib
 import time
 from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from balancing.base import Balancer
-from balancing.stats import local_statistics, reduce_statistics
+from balancing.stats import PendingStatistics, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -102,7 +103,7 @@ class RepresentationBoundary(nn.Module):
         self.last_stats = None
         self.skipped_tasks: List[str] = []  # non-finite losses of the last step, under skip_step
         self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
-        self.comm_seconds = 0.0  # ... of which in the statistics all-reduce (waiting for peers included)
+        self.comm_seconds = 0.0  # ... of which blocked on the statistics all-reduce (waiting for peers included)
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
@@ -157,7 +158,8 @@ class RepresentationBoundary(nn.Module):
             self._passthrough = False
 
     def balance(self, grads: Tuple[Optional[torch.Tensor], ...], z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Runs inside autograd's backward: statistics, one all-reduce, the balancer, the aggregate."""
+        """Runs inside autograd's backward: statistics, one all-reduce (overlapped with the balancer's
+        :meth:`~Balancer.prepare`), the balancer, the aggregate."""
         if self._passthrough:
             present = [g for g in grads if g is not None]
             total = present[0].clone()
@@ -172,11 +174,21 @@ class RepresentationBoundary(nn.Module):
                 "balancer sees the task losses"
             )
         packed = local_statistics(grads, self._losses, template.shape[0], self.balancer.local_extra(grads, z))
-        comm_start = time.perf_counter()
-        stats = reduce_statistics(
+        usable = usable_here(grads, packed)
+        pending = PendingStatistics(
             packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
         )
+        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        # While the statistics travel, the balancer does the work that does not need them (e.g. the
+        # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
+        early = self.balancer.prepare(grads, z, usable)
+        comm_start = time.perf_counter()
+        stats = pending.wait()
         self.comm_seconds = time.perf_counter() - comm_start
+        present = np.array([g is not None for g in grads])
+        if not np.array_equal(usable, stats.active & present):
+            early = None  # another rank saw a non-finite value, or every rank a zero gradient
         self._losses = None
         self.last_stats = stats
         nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
@@ -187,9 +199,7 @@ class RepresentationBoundary(nn.Module):
             self.backward_seconds = time.perf_counter() - start
             return torch.zeros_like(template)
         self.balancer.note_inactive(stats)
-        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
-        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
-        aggregated = self.balancer.aggregate(grads, stats, z)
+        aggregated = self.balancer.aggregate(grads, stats, z, early)
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)

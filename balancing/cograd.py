@@ -35,17 +35,27 @@ class CoGrad(Balancer):
         self.weights = c
         self._warned_large = set()
 
+    def prepare(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray) -> torch.Tensor:
+        # The rule needs no global statistics: all of it runs while they are in flight.
+        return self._transfer(grads, live)
+
     def aggregate(
-        self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, z: Optional[torch.Tensor] = None
+        self,
+        grads: Sequence[Optional[torch.Tensor]],
+        stats: StepStats,
+        z: Optional[torch.Tensor] = None,
+        early: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        active = stats.active
+        return early if early is not None else self._transfer(grads, stats.active)
+
+    def _transfer(self, grads: Sequence[Optional[torch.Tensor]], active: np.ndarray) -> torch.Tensor:
         c = self.weights * active
         plain = weighted_sum(grads, c, active)  # sum_i c_i G_i
         live = [k for k, g in enumerate(grads) if g is not None and active[k]]
         if not live or float(np.abs(self.gamma[live]).sum()) == 0.0:
             self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
             return plain
-        b2 = float(stats.local_batch_size) ** 2
+        b2 = float(grads[live[0]].shape[0]) ** 2  # the local batch size B, squared
         # With U = B G and S = sum_j gamma_j U_j (Algorithm 1, line 9):
         #   (1/B) sum_i c_i U_i⊙U_i⊙(S - gamma_i U_i) = B^2 sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i),
         # where S' = sum_j gamma_j G_j. Buffers: S', one scratch, the correction; 4 passes per task.

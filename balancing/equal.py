@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 
-from balancing.base import Balancer, check_task_vector, register
+from balancing.base import Balancer, check_task_vector, register, weighted_sum
 from balancing.stats import StepStats
 
 
-@register("equal")
-class Equal(Balancer):
-    """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (ALGORITHMS.md, reduction convention)."""
+class ConstantWeights(Balancer):
+    """``A = sum_k w_k G_k`` with weights that need no statistics: the sum is formed while the
+    step's statistics all-reduce is in flight (:meth:`prepare`)."""
+
+    weights: np.ndarray
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
-        weights = np.full(self.num_tasks, 1.0 / self.num_tasks)
-        self.last_telemetry = {"weights": weights.tolist()}
-        return weights * stats.active
+        self.last_telemetry = {"weights": self.weights.tolist()}
+        return self.weights * stats.active
+
+    def prepare(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray) -> torch.Tensor:
+        return weighted_sum(grads, self.weights * live, live)
+
+    def aggregate(self, grads, stats: StepStats, z=None, early: Optional[Any] = None) -> torch.Tensor:
+        if early is None:
+            return super().aggregate(grads, stats, z)
+        self.last_telemetry = {"weights": self.weights.tolist()}
+        return early
+
+
+@register("equal")
+class Equal(ConstantWeights):
+    """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (ALGORITHMS.md, reduction convention)."""
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        super().__init__(task_names)
+        self.weights = np.full(self.num_tasks, 1.0 / self.num_tasks)
 
 
 @register("fixed")
-class Fixed(Balancer):
+class Fixed(ConstantWeights):
     """``A = sum_k c_k G_k`` with user weights ``c`` normalised to sum to 1."""
 
     def __init__(self, task_names: Sequence[str], weights: Optional[Sequence[float]] = None) -> None:
@@ -32,7 +52,3 @@ class Fixed(Balancer):
         if float(vec.sum()) <= 0:
             raise ValueError("fixed.weights must not all be zero")
         self.weights = vec / vec.sum()
-
-    def coefficients(self, stats: StepStats) -> np.ndarray:
-        self.last_telemetry = {"weights": self.weights.tolist()}
-        return self.weights * stats.active

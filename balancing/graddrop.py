@@ -9,7 +9,7 @@ rank). Every ``G_k`` keeps its positive parts where ``P > U`` and its negative p
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,35 +34,51 @@ class GradDrop(Balancer):
         if z is None:
             raise ValueError("graddrop reads the sign of z: call it through RepresentationBoundary")
         sign = torch.sign(z)
-        rows = [torch.zeros(z.shape[1], dtype=z.dtype, device=z.device) if g is None else (g * sign).sum(dim=0) for g in grads]
+        scratch = torch.empty_like(z)
+        rows = [torch.zeros(z.shape[1], dtype=z.dtype, device=z.device) if g is None else torch.mul(g, sign, out=scratch).sum(dim=0) for g in grads]
         return torch.stack(rows) * float(z.shape[0])
 
+    def prepare(
+        self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The mask is one choice per column shared by every task, so the masked sum splits into
+        ``pos = sum_k relu(G_k)`` and ``neg = sum_k G_k - pos``; with the leak, what a column keeps is
+        ``keep_neg = (neg + leak pos) / T`` or ``keep_neg + diff`` with ``diff = (1 - leak)(pos - neg) / T``.
+        Both are formed while the statistics are in flight; :meth:`aggregate` then needs one pass."""
+        tasks = [k for k, g in enumerate(grads) if g is not None and live[k]]
+        if not tasks:
+            return None
+        template = grads[tasks[0]]
+        pos, neg, scratch = torch.zeros_like(template), torch.zeros_like(template), torch.empty_like(template)
+        for k in tasks:
+            pos.add_(torch.clamp(grads[k], min=0, out=scratch))
+            neg.add_(grads[k])
+        neg.sub_(pos)
+        t = self.num_tasks
+        diff = torch.sub(pos, neg, out=scratch).mul_((1.0 - self.leak) / t)
+        keep_neg = neg.add_(pos, alpha=self.leak).mul_(1.0 / t)
+        return keep_neg, diff
+
     def aggregate(
-        self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, z: Optional[torch.Tensor] = None
+        self,
+        grads: Sequence[Optional[torch.Tensor]],
+        stats: StepStats,
+        z: Optional[torch.Tensor] = None,
+        early: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        live = [k for k, g in enumerate(grads) if g is not None and stats.active[k]]
         t = self.num_tasks
         self.last_telemetry = {"weights": np.full(t, 1.0 / t).tolist()}
+        live = [k for k, g in enumerate(grads) if g is not None and stats.active[k]]
         if not live:
             return weighted_sum(grads, np.zeros(t), stats.active)
         if stats.extra is None:
             raise ValueError("graddrop needs the column sums of local_extra: call it through RepresentationBoundary")
-        template = grads[live[0]]
-        # Column sums at the global-gradient scale: B * local sums, summed over ranks, over B_g.
-        signed = torch.from_numpy(stats.extra.reshape(t, -1)[live] / float(stats.global_batch_size))
-        signed = signed.to(template.device, template.dtype)
-        purity = 0.5 * (1.0 + signed.sum(0) / signed.abs().sum(0).clamp_min(1e-30))  # (d,)
-        uniform = torch.rand(purity.shape, generator=self.generator).to(purity.device, purity.dtype)
-        keep_positive = purity > uniform  # (d,), broadcast over rows
-        # The kept part of G_k is s ⊙ relu(s ⊙ G_k) with s = +1 where positives are kept, -1 elsewhere,
-        # so A = (1/T) [(1 - leak) s ⊙ sum_k relu(s ⊙ G_k) + leak sum_k G_k]: three in-place passes a task.
-        s = torch.where(keep_positive, 1.0, -1.0).to(template.dtype)
-        out, scratch = torch.zeros_like(template), torch.empty_like(template)
-        for k in live:
-            out.add_(torch.mul(grads[k], s, out=scratch).clamp_(min=0))
-        out.mul_(s * ((1.0 - self.leak) / t))
-        if self.leak:
-            for k in live:
-                out.add_(grads[k], alpha=self.leak / t)
-        self.last_telemetry["kept_positive_share"] = float(keep_positive.float().mean())
-        return out
+        keep_neg, diff = early if early is not None else self.prepare(grads, z, stats.active)
+        # Column sums at the global-gradient scale: B * local sums, summed over ranks, over B_g. The
+        # (d,) vectors stay in NumPy float64: a handful of torch ops on them would cost more than the pass.
+        signed = stats.extra.reshape(t, -1)[live] / float(stats.global_batch_size)
+        purity = 0.5 * (1.0 + signed.sum(0) / np.maximum(np.abs(signed).sum(0), 1e-30))
+        uniform = torch.rand(purity.shape, generator=self.generator).numpy()
+        keep_positive = purity > uniform  # (d,), the same choice for every task and row
+        self.last_telemetry["kept_positive_share"] = float(keep_positive.mean())
+        return keep_neg.addcmul_(diff, torch.from_numpy(keep_positive).to(diff.device, diff.dtype))

@@ -79,6 +79,49 @@ def local_statistics(
     return torch.from_numpy(packed)
 
 
+def usable_here(grads: Sequence[Optional[torch.Tensor]], packed: torch.Tensor) -> np.ndarray:
+    """(T,) bool: the tasks with a gradient on this rank, finite here, and a finite local loss.
+
+    This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
+    reduction starts (it reduces ``packed`` in place): it is wrong only when another rank saw a non-finite value or every rank a
+    zero gradient, and :meth:`RepresentationBoundary.balance` then discards the work done on it.
+    """
+    t = len(grads)
+    v = packed.numpy()
+    finite_loss = np.isfinite(v[t * t : t * t + t])
+    good_grad = v[t * t + t : t * t + 2 * t] == 0
+    present = np.array([g is not None for g in grads])
+    return present & finite_loss & good_grad
+
+
+class PendingStatistics:
+    """The step's one statistics all-reduce, started asynchronously (when a process group of more
+    than one rank is initialised): work that does not need the global statistics can run before
+    :meth:`wait` returns them. On NCCL the reduction runs on the GPU (``device``)."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        num_tasks: int,
+        batch_size: int,
+        process_group: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        self.num_tasks = num_tasks
+        self.batch_size = batch_size
+        self._buf = packed
+        self._work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            if device is not None and device.type != "cpu":
+                self._buf = packed.to(device)
+            self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
+
+    def wait(self) -> StepStats:
+        if self._work is not None:
+            self._work.wait()
+        return unpack_statistics(self._buf.cpu(), self.num_tasks, self.batch_size)
+
+
 def reduce_statistics(
     packed: torch.Tensor,
     num_tasks: int,
@@ -87,10 +130,11 @@ def reduce_statistics(
     device: Optional[torch.device] = None,
 ) -> StepStats:
     """All-reduces the packed vector once (when a process group is initialised) and unpacks it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-        buf = packed.to(device) if device is not None and device.type != "cpu" else packed
-        dist.all_reduce(buf, group=process_group)
-        packed = buf.cpu()
+    return PendingStatistics(packed, num_tasks, batch_size, process_group, device).wait()
+
+
+def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int) -> StepStats:
+    """The reduced vector of :func:`local_statistics` as global statistics."""
     v = packed.numpy()
     t = num_tasks
     b_global = float(v[t * t + 2 * t])

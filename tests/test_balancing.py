@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import NonFiniteLossError, RepresentationBoundary, available_balancers, build_balancer
+from balancing import Balancer, NonFiniteLossError, RepresentationBoundary, available_balancers, build_balancer
+from balancing.stats import local_statistics, reduce_statistics
 from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -132,6 +133,53 @@ def test_a_non_finite_task_gradient_is_skipped_with_a_warning(name, caplog):
     # Skipping means: exactly what the method gives when task b has no gradient at all.
     zero = [good[0], torch.zeros_like(good[1]), good[2]]
     torch.testing.assert_close(out, balance(build_balancer(name, TASKS), zero))
+
+
+class _Spy(Balancer):
+    """Records what the boundary hands to prepare() and aggregate()."""
+
+    def __init__(self, task_names):
+        super().__init__(task_names)
+        self.live, self.early = [], []
+
+    def prepare(self, grads, z, live):
+        self.live.append(live.tolist())
+        return "prepared"
+
+    def aggregate(self, grads, stats, z=None, early=None):
+        self.early.append(early)
+        return torch.zeros_like(next(g for g in grads if g is not None))
+
+
+def test_early_work_is_used_only_when_the_guess_of_active_tasks_holds():
+    g = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    cases = {  # gradients -> (this rank's guess, the prepared work reaches aggregate)
+        "all fine": (g, [True, True, True], "prepared"),
+        "no loss for b": ([g[0], None, g[2]], [True, False, True], "prepared"),
+        "NaN in b": ([g[0], g[1] * float("nan"), g[2]], [True, False, True], "prepared"),
+        # A zero gradient is usable as far as one rank can tell; globally it is inactive.
+        "zero for b": ([g[0], torch.zeros_like(g[1]), g[2]], [True, True, True], None),
+    }
+    for case, (grads, live, early) in cases.items():
+        spy = _Spy(TASKS)
+        balance(spy, grads)
+        assert (spy.live, spy.early) == ([live], [early]), case
+
+
+@pytest.mark.parametrize("name", available_balancers())
+def test_the_boundary_with_early_work_equals_the_rule_applied_after_the_reduction(name):
+    through_boundary, direct = build_balancer(name, TASKS), build_balancer(name, TASKS)
+    for step in range(3):
+        grads = [torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * step + k), dtype=torch.float64) * s
+                 for k, s in enumerate((1.0, -3.0, 0.2))]
+        z = torch.randn(6, 4, generator=torch.Generator().manual_seed(99 + step), dtype=torch.float64)
+        boundary = RepresentationBoundary(through_boundary)
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        got = boundary.balance(tuple(grads), z)
+        packed = local_statistics(grads, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), 6, direct.local_extra(grads, z))
+        expected = direct.aggregate(grads, reduce_statistics(packed, 3, 6), z)
+        direct.step += 1
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
 
 
 def _step_with_nan_loss(policy: str):

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from balancing import RepresentationBoundary, build_balancer
 from balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
-from mtl_helpers import ToyMTL, toy_batch
+from mtl_helpers import ToyMTL, stats_for, toy_batch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -74,6 +74,7 @@ def _run(rank: int, world_size: int):
             out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
+    results["nan_gradient"] = {name: _nan_gradient_on_the_last_rank(name, rank, world_size, group) for name in ("equal", "cograd")}
     return results
 
 
@@ -89,6 +90,27 @@ def _nonfinite_on_the_last_rank(rank: int, world_size: int, group):
         losses = losses * torch.tensor([1.0, float("nan"), 1.0], dtype=losses.dtype)
     boundary.objective(losses).backward()
     return {"skipped": boundary.skipped_tasks, "A": z.grad.clone(), "balancer_step": boundary.balancer.step}
+
+
+def _nan_gradient_on_the_last_rank(name: str, rank: int, world_size: int, group):
+    """Task b's gradient is NaN on the last rank only. The other ranks guessed b usable while the
+    statistics were in flight (the early aggregate of equal and CoGrad); they must drop that work.
+    Returns this rank's A and the rule's A without task b, from its own task gradients."""
+    model = ToyMTL(3)
+    boundary = RepresentationBoundary(build_balancer(name, TASKS), process_group=group)
+    x, y = toy_batch(ROWS // world_size, 3, seed=11 + rank)
+    z = model.bottom(x)
+    z.retain_grad()
+    copies = boundary(z)
+    seen = {}
+    for k, copy in enumerate(copies):
+        copy.register_hook(lambda g, k=k: seen.setdefault(k, g.clone()))
+    if rank == world_size - 1:
+        copies[1].register_hook(lambda g: g * float("nan"))
+    boundary.objective(model.losses(copies, y, SCALES)).backward()
+    grads = [seen[0], None, seen[2]]  # b dropped: what the rule gives with b inactive
+    expected = build_balancer(name, TASKS).aggregate(grads, stats_for(grads))
+    return {"A": z.grad.clone(), "expected": expected, "active": boundary.last_stats.active.tolist()}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +132,14 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
             torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
             for g, r in zip(got["grads"], ref["grads"]):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["equal", "cograd"])
+def test_a_nan_gradient_on_one_rank_drops_the_task_on_every_rank(runs, name):
+    for result in runs[1]:
+        got = result["nan_gradient"][name]
+        assert got["active"] == [True, False, True]
+        torch.testing.assert_close(got["A"], got["expected"], rtol=1e-12, atol=0)
 
 
 def test_a_nan_loss_on_one_rank_makes_every_rank_skip_the_step(runs):
