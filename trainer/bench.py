@@ -4,8 +4,8 @@ One sharded model and one data stream; the method is swapped between timed block
 balancer, or a parameter-level method) and the methods alternate (A B C, B C A, C A B, ...), so drift
 in the machine's speed and the cost of following another method hit every method alike.
 Each round gives a paired QPS drop of every method against ``equal`` in that round; the table shows
-their mean and spread. The boundary's own time (inside backward, the statistics all-reduce
-included) is shown as a share of the step.
+their mean and spread. The boundary's own time (inside backward, the time blocked on the
+statistics all-reduce included) is shown as a share of the step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
     at ``z``): the difference to ``equal`` is what the boundary itself costs."""
     if "equal" not in methods:
         methods = ["equal"] + methods
-    rt = init_runtime(cfg.dist.device, cfg.dist.backend)
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
         ensure_data(cfg, rt)
         cfg.train.progress = False
@@ -113,8 +113,9 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
             f"{r['compute_share_pct']:>14.2f}%"
         )
     lines.append(
-        "share: boundary time / step time; compute share leaves out the statistics all-reduce (latency plus "
-        "waiting for the slower rank). Compare 'none' with 'equal' for the boundary's whole cost."
+        "share: boundary time / step time; compute share leaves out the time blocked on the statistics "
+        "all-reduce (latency plus waiting for the slower rank, less the balancer's work done while it is in "
+        "flight). Compare 'none' with 'equal' for the boundary's whole cost."
     )
     return "\n".join(lines)
 
@@ -126,7 +127,7 @@ def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, round
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
         "",
-        "| method | level | QPS | drop vs equal (%) | step (ms) | boundary (ms) | of it all-reduce (ms) | boundary share | compute share |",
+        "| method | level | QPS | drop vs equal (%) | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():

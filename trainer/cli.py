@@ -145,7 +145,7 @@ def _train_worker(cfg) -> int:
     from trainer.data import DataError
     from trainer.train import NonFiniteLoss
 
-    rt = init_runtime(cfg.dist.device, cfg.dist.backend)
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
         ensure_data(cfg, rt)
         Trainer.build(cfg, rt).fit()

@@ -204,6 +204,7 @@ class DistConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     device: str = "auto"  # auto | cpu | cuda
     max_restarts: int = 0  # torchrun restarts the whole job this often after a rank fails; it resumes
+    keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
 
 
 @dataclass

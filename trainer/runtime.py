@@ -68,13 +68,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 600) -> Runtime:
-    """Joins the job started by torchrun/torchx (env://), or makes a 1-rank group when run alone."""
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 600, keep_memory: bool = True) -> Runtime:
+    """Joins the job started by torchrun/torchx (env://), or makes a 1-rank group when run alone;
+    ``keep_memory`` applies :func:`keep_freed_memory`."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    keep_freed_memory()
+    if keep_memory:
+        keep_freed_memory()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     if backend == "auto":
