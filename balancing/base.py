@@ -87,6 +87,9 @@ class Balancer:
 
     name: ClassVar[str] = ""
     state_names: ClassVar[tuple] = ()
+    # Whether the update rule reads the Gram's off-diagonal entries; methods that need only the norms
+    # (its diagonal) set False and skip T(T-1)/2 dot products on steps whose telemetry is not logged.
+    needs_cross_terms: ClassVar[bool] = True
 
     def __init__(self, task_names: Sequence[str]) -> None:
         if len(task_names) < 1:
@@ -158,17 +161,15 @@ class Balancer:
     def telemetry(self, stats: StepStats) -> Dict[str, Any]:
         """Per-step values worth logging: raw norms and pairwise cosines, plus the method's own."""
         norms = stats.norms
-        denom = np.outer(norms, norms)
-        cos = np.divide(stats.gram, denom, out=np.zeros_like(denom), where=denom > 0)
-        out: Dict[str, Any] = {
-            "grad_norm": norms.tolist(),
-            "loss": stats.losses.tolist(),
-            "cosine": {
+        out: Dict[str, Any] = {"grad_norm": norms.tolist(), "loss": stats.losses.tolist()}
+        if stats.cross_terms:
+            denom = np.outer(norms, norms)
+            cos = np.divide(stats.gram, denom, out=np.zeros_like(denom), where=denom > 0)
+            out["cosine"] = {
                 f"{self.task_names[i]}~{self.task_names[j]}": float(cos[i, j])
                 for i in range(self.num_tasks)
                 for j in range(i + 1, self.num_tasks)
-            },
-        }
+            }
         out.update(self.last_telemetry)
         return out
 

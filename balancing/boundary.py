@@ -173,13 +173,16 @@ class RepresentationBoundary(nn.Module):
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
             )
-        packed = local_statistics(grads, self._losses, template.shape[0], self.balancer.local_extra(grads, z))
-        usable = usable_here(grads, packed)
-        pending = PendingStatistics(
-            packed, self.num_tasks, template.shape[0], self.process_group, device=_comm_device(template)
-        )
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
+        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+        extra = self.balancer.local_extra(grads, z)
+        packed = local_statistics(grads, self._losses, template.shape[0], extra, cross_terms)
+        usable = usable_here(grads, packed)
+        pending = PendingStatistics(
+            packed, self.num_tasks, template.shape[0], self.process_group, _comm_device(template), cross_terms
+        )
         # While the statistics travel, the balancer does the work that does not need them (e.g. the
         # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
         early = self.balancer.prepare(grads, z, usable)

@@ -17,6 +17,7 @@ from balancing.stats import StepStats
 
 @register("cograd")
 class CoGrad(Balancer):
+    needs_cross_terms = False  # fixed weights; the rule is element-wise
     def __init__(
         self,
         task_names: Sequence[str],

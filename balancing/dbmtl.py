@@ -19,6 +19,7 @@ from balancing.stats import StepStats
 @register("dbmtl")
 class DBMTL(Balancer):
     state_names = ("ema_norms",)
+    needs_cross_terms = False  # norms only
 
     def __init__(self, task_names: Sequence[str], beta: float = 0.9) -> None:
         super().__init__(task_names)

@@ -16,6 +16,7 @@ class ConstantWeights(Balancer):
     step's statistics all-reduce is in flight (:meth:`prepare`)."""
 
     weights: np.ndarray
+    needs_cross_terms = False
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
         self.last_telemetry = {"weights": self.weights.tolist()}

@@ -21,6 +21,7 @@ from balancing.stats import StepStats
 @register("graddrop")
 class GradDrop(Balancer):
     state_names = ("generator",)
+    needs_cross_terms = False  # its statistics are the column sums of local_extra
 
     def __init__(self, task_names: Sequence[str], leak: float = 0.0, seed: int = 0) -> None:
         super().__init__(task_names)

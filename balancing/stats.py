@@ -26,7 +26,8 @@ import torch.distributed as dist
 class StepStats:
     """Global statistics of one step; identical on every rank. NumPy float64.
 
-    gram: (T, T), ``M_ij = sum_ranks s^2 <G_i, G_j>`` (rows/columns of inactive tasks are 0).
+    gram: (T, T), ``M_ij = sum_ranks s^2 <G_i, G_j>`` (rows/columns of inactive tasks are 0); only
+        its diagonal when ``cross_terms`` is False (a step of a method that needs only the norms).
     losses: (T,), ``Lbar_k = sum_ranks s * L_k`` (0 where non-finite).
     active: (T,) bool, tasks with a finite, non-zero gradient and finite loss on every rank.
     nonfinite_loss: (T,) bool, tasks whose loss was NaN or inf on some rank.
@@ -40,6 +41,7 @@ class StepStats:
     global_batch_size: int
     nonfinite_loss: Optional[np.ndarray] = None
     extra: Optional[np.ndarray] = None  # the balancer's local_extra, summed over ranks (flattened)
+    cross_terms: bool = True
 
     def __post_init__(self) -> None:
         if self.nonfinite_loss is None:
@@ -52,18 +54,28 @@ class StepStats:
 
 
 def local_statistics(
-    grads: Sequence[Optional[torch.Tensor]], losses: torch.Tensor, batch_size: int, extra: Optional[torch.Tensor] = None
+    grads: Sequence[Optional[torch.Tensor]],
+    losses: torch.Tensor,
+    batch_size: int,
+    extra: Optional[torch.Tensor] = None,
+    cross_terms: bool = True,
 ) -> torch.Tensor:
     """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B, extra]``.
 
     ``grads``: T tensors (B, d) or None for a head without loss this step. ``losses``: (T,).
     The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T
     gradients. A NaN or inf anywhere in ``G_k`` makes ``<G_k, G_k>`` non-finite, so the diagonal
-    doubles as the finiteness check without another pass over the gradients.
+    doubles as the finiteness check without another pass over the gradients. With ``cross_terms``
+    False only the T diagonal products are taken (the off-diagonal entries are sent as 0).
     """
     t = len(grads)
     flat = [None if g is None else g.reshape(-1) for g in grads]
-    pairs = [(i, j) for i in range(t) for j in range(i, t) if flat[i] is not None and flat[j] is not None]
+    pairs = [
+        (i, j)
+        for i in range(t)
+        for j in range(i, t if cross_terms else i + 1)
+        if flat[i] is not None and flat[j] is not None
+    ]
     gram = np.zeros((t, t))
     if pairs:
         values = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]).to("cpu", torch.float64).numpy()
@@ -106,9 +118,11 @@ class PendingStatistics:
         batch_size: int,
         process_group: Optional[dist.ProcessGroup] = None,
         device: Optional[torch.device] = None,
+        cross_terms: bool = True,
     ) -> None:
         self.num_tasks = num_tasks
         self.batch_size = batch_size
+        self.cross_terms = cross_terms
         self._buf = packed
         self._work = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
@@ -119,7 +133,7 @@ class PendingStatistics:
     def wait(self) -> StepStats:
         if self._work is not None:
             self._work.wait()
-        return unpack_statistics(self._buf.cpu(), self.num_tasks, self.batch_size)
+        return unpack_statistics(self._buf.cpu(), self.num_tasks, self.batch_size, self.cross_terms)
 
 
 def reduce_statistics(
@@ -133,7 +147,7 @@ def reduce_statistics(
     return PendingStatistics(packed, num_tasks, batch_size, process_group, device).wait()
 
 
-def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int) -> StepStats:
+def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int, cross_terms: bool = True) -> StepStats:
     """The reduced vector of :func:`local_statistics` as global statistics."""
     v = packed.numpy()
     t = num_tasks
@@ -146,4 +160,4 @@ def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int) -> 
     active = ~bad & ~nonfinite_loss & (np.diagonal(gram) > 0)
     gram = gram * active[:, None] * active[None, :]
     extra = v[t * t + 2 * t + 1 :].copy() if len(v) > t * t + 2 * t + 1 else None
-    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss, extra)
+    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss, extra, cross_terms)

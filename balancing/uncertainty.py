@@ -18,6 +18,7 @@ from balancing.stats import StepStats
 @register("uncertainty")
 class Uncertainty(Balancer):
     state_names = ("log_vars",)
+    needs_cross_terms = False  # a loss-level method
 
     def __init__(self, task_names: Sequence[str], init: float = 0.0) -> None:
         super().__init__(task_names)

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import Balancer, NonFiniteLossError, RepresentationBoundary, available_balancers, build_balancer
+from balancing import (
+    Balancer,
+    NonFiniteLossError,
+    RepresentationBoundary,
+    available_balancers,
+    balancer_class,
+    build_balancer,
+)
 from balancing.stats import local_statistics, reduce_statistics
 from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
@@ -180,6 +187,30 @@ def test_the_boundary_with_early_work_equals_the_rule_applied_after_the_reductio
         expected = direct.aggregate(grads, reduce_statistics(packed, 3, 6), z)
         direct.step += 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_norm_only_methods_skip_the_cross_products_except_when_telemetry_is_logged():
+    """Methods whose rule reads only the Gram's diagonal give the same aggregate without its
+    off-diagonal products; those come back (for the logged cosines) on telemetry steps."""
+    norm_only = [n for n in available_balancers() if not balancer_class(n).needs_cross_terms]
+    assert {"equal", "fixed", "cograd", "graddrop", "dbmtl", "uncertainty"} <= set(norm_only)
+    for name in available_balancers():
+        lean, full = RepresentationBoundary(build_balancer(name, TASKS), telemetry_every=3), RepresentationBoundary(build_balancer(name, TASKS))
+        for step in range(1, 5):
+            grads = [torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * step + k), dtype=torch.float64) * s
+                     for k, s in enumerate((1.0, -3.0, 0.2))]
+            z = torch.randn(6, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            results = []
+            for boundary in (lean, full):
+                boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+                results.append(boundary.balance(tuple(grads), z))
+            torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-15)
+            logged = step % 3 == 0
+            assert lean.last_stats.cross_terms == (logged or name not in norm_only), (name, step)
+            assert ("cosine" in lean.telemetry()) == lean.last_stats.cross_terms
+            assert full.last_stats.cross_terms and "cosine" in full.telemetry()
+            if not lean.last_stats.cross_terms:
+                np.testing.assert_array_equal(lean.last_stats.gram, np.diag(np.diagonal(full.last_stats.gram)))
 
 
 def _step_with_nan_loss(policy: str):
