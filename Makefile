@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.concord-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+ARGS ?=  # config overrides for demo and bench, e.g. ARGS="train.resume=false"
 
 .PHONY: install demo test bench clean
 
@@ -23,13 +24,13 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/concord train --config configs/demo.yaml
+	$(BIN)/concord train --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/concord bench --config configs/demo.yaml
+	$(BIN)/concord bench --config configs/demo.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data

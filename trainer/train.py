@@ -69,7 +69,8 @@ class Trainer:
         dmp, plan = shard_model(model, cfg.model.tables, rt.device)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = _DENSE_OPTIMIZERS[opt_cfg.name]
-        kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay}
+        # fused: one kernel over all dense parameters (Adam's step 1.3 -> 0.26 ms on the demo, CPU).
+        kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay, "fused": True}
         if opt_cfg.name != "sgd":
             kwargs["eps"] = opt_cfg.eps
         dense = KeyedOptimizerWrapper(
@@ -155,6 +156,13 @@ class Trainer:
         total = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
+        if step >= total and rt.is_main:
+            print(
+                f"{cfg.train.run_dir} already holds this run's last checkpoint (step {step} of {total}): "
+                "evaluating it without training. To train again, pass train.resume=false or another "
+                "train.run_dir.",
+                flush=True,
+            )
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.warmup_steps, cfg.train.qps_window)
         timer = StepTimer(rt.device)
         bar = progress_bar(total, "train", "step", enabled=rt.is_main and cfg.train.progress)
@@ -404,7 +412,9 @@ def _per_task(telemetry: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
 def _qps_line(qps: QPSMeter) -> str:
     life, win = qps.lifetime_qps(), qps.windowed_qps()
     if life is None:
-        return "QPS: not enough steps after warm-up to measure"
+        if qps.steps_seen == 0:
+            return "QPS: not measured (no step trained in this invocation)"
+        return f"QPS: not measured ({qps.steps_seen} step(s) trained in this invocation, all inside the {qps.warmup_steps}-step warm-up)"
     b = qps.breakdown()
     return (
         f"training QPS (global, warm-up excluded): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
