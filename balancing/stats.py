@@ -95,8 +95,9 @@ def usable_here(grads: Sequence[Optional[torch.Tensor]], packed: torch.Tensor) -
     """(T,) bool: the tasks with a gradient on this rank, finite here, and a finite local loss.
 
     This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
-    reduction starts (it reduces ``packed`` in place): it is wrong only when another rank saw a non-finite value or every rank a
-    zero gradient, and :meth:`RepresentationBoundary.balance` then discards the work done on it.
+    reduction starts (it reduces ``packed`` in place). It is wrong only when another rank saw a
+    non-finite value or every rank a zero gradient; :meth:`RepresentationBoundary.balance` then
+    discards the work done on it.
     """
     t = len(grads)
     v = packed.numpy()
