@@ -111,3 +111,13 @@ def test_torchx_component_passes_the_single_task_and_restarts():
     assert command.endswith("-m trainer.cli train --config configs/tiny.yaml --single-task cvr train.max_steps=5")
     assert role.env["PET_MAX_RESTARTS"] == "2"
     assert "--single-task" not in train(config="configs/tiny.yaml").roles[0].args[-1]
+
+
+def test_an_improvement_must_show_at_two_decimals_and_exceed_its_seed_spread():
+    from trainer.compare import improves
+
+    assert improves([0.4, 0.6, 0.5])  # +0.50 ± 0.08
+    assert not improves([1e-6, 2e-6, 3e-6])  # +0.00: rounding, not a gain
+    assert not improves([0.9, -0.3, 0.3])  # +0.30 ± 0.49: inside its spread
+    assert not improves([-0.2, -0.1, -0.3])
+    assert improves([0.02])  # one seed: no spread to beat
