@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import yaml
 
@@ -112,9 +112,14 @@ def gains(cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Dict[
     return out
 
 
+def _mean_and_spread(values: List[float]) -> Tuple[float, float]:
+    """Mean and population standard deviation over seeds (0 for one seed)."""
+    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
 def _mean_std(values: List[float]) -> str:
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
+    mean, sd = _mean_and_spread(values)
+    return f"{mean:+.2f} ± {sd:.2f}"
 
 
 def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None) -> Path:
@@ -225,8 +230,7 @@ def worst_task_verdicts(cfg: Config, methods, seeds, summaries, g) -> List[str]:
 
 def improves(gains_pct: List[float]) -> bool:
     """A mean gain (%) over seeds that is visible at two decimals and larger than its spread."""
-    mean = statistics.mean(gains_pct)
-    spread = statistics.pstdev(gains_pct) if len(gains_pct) > 1 else 0.0
+    mean, spread = _mean_and_spread(gains_pct)
     return mean >= 0.01 and mean > spread
 
 
