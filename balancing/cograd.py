@@ -6,23 +6,26 @@ per-sample scale (``U_k = B G_k``) so that the rule does not depend on the batch
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from balancing.base import Balancer, check_task_vector, register, weighted_sum
+from balancing.fused import FusedRule
 from balancing.stats import StepStats
 
 
 @register("cograd")
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
+
     def __init__(
         self,
         task_names: Sequence[str],
         gamma: Sequence[float] | float = 0.01,
         weights: Optional[Sequence[float]] = None,
+        fused: bool = True,
     ) -> None:
         super().__init__(task_names)
         self.gamma = check_task_vector("cograd.gamma", gamma, self.num_tasks)
@@ -35,6 +38,7 @@ class CoGrad(Balancer):
             c = c / c.sum()
         self.weights = c
         self._warned_large = set()
+        self._rule = FusedRule(transference, fused)  # one pass over the gradients instead of ~6 per task
 
     def prepare(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray) -> torch.Tensor:
         # The rule needs no global statistics: all of it runs while they are in flight.
@@ -50,40 +54,43 @@ class CoGrad(Balancer):
         return early if early is not None else self._transfer(grads, stats.active)
 
     def _transfer(self, grads: Sequence[Optional[torch.Tensor]], active: np.ndarray) -> torch.Tensor:
-        c = self.weights * active
-        plain = weighted_sum(grads, c, active)  # sum_i c_i G_i
         live = [k for k, g in enumerate(grads) if g is not None and active[k]]
         if not live or float(np.abs(self.gamma[live]).sum()) == 0.0:
             self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
-            return plain
-        b2 = float(grads[live[0]].shape[0]) ** 2  # the local batch size B, squared
-        # With U = B G and S = sum_j gamma_j U_j (Algorithm 1, line 9):
-        #   (1/B) sum_i c_i U_i⊙U_i⊙(S - gamma_i U_i) = B^2 sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i),
-        # where S' = sum_j gamma_j G_j. Buffers: S', one scratch, the correction; 4 passes per task.
-        s_prime = weighted_sum(grads, self.gamma, active)
-        correction = torch.zeros_like(plain)
-        scratch = torch.empty_like(plain)
-        task_ratio = [0.0] * self.num_tasks
-        for i in live:
-            g = grads[i]
-            torch.add(s_prime, g, alpha=-float(self.gamma[i]), out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
-            if self.telemetry_due:
-                g_norm = float(g.norm())
-                task_ratio[i] = b2 * float((scratch * g).norm()) / g_norm if g_norm > 0 else 0.0
-            correction.addcmul_(scratch, g, value=float(c[i]))
-        correction.mul_(b2)
+            return weighted_sum(grads, self.weights * active, active)
+        g_live = [grads[k] for k in live]
+        b2 = float(g_live[0].shape[0]) ** 2  # the local batch size B, squared
+        aggregated = self._rule(g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
         self.last_telemetry = {"weights": self.weights.tolist()}
         if self.telemetry_due:
-            plain_norm = float(plain.norm())
-            self.last_telemetry["correction_ratio"] = float(correction.norm()) / plain_norm if plain_norm > 0 else 0.0
-            self.last_telemetry["task_correction_ratio"] = task_ratio
-            for i in live:
-                if task_ratio[i] > 1.0 and i not in self._warned_large:
-                    self._warned_large.add(i)
-                    self.warn(
-                        self.task_names[i],
-                        "cograd-large",
-                        f"CoGrad's transference term is {task_ratio[i]:.2f}x this task's own gradient "
-                        f"(gamma={float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
-                    )
-        return plain.sub_(correction)
+            self._record_correction(grads, live, aggregated, b2)
+        return aggregated
+
+    def _record_correction(self, grads, live, aggregated: torch.Tensor, b2: float) -> None:
+        """Logging steps only: the correction's size against the plain gradient, overall and per task."""
+        plain = weighted_sum(grads, self.weights, np.isin(np.arange(self.num_tasks), live))
+        s_prime = sum(float(self.gamma[j]) * grads[j] for j in live)
+        task_ratio = [0.0] * self.num_tasks
+        for i in live:
+            g, g_norm = grads[i], float(grads[i].norm())
+            task_ratio[i] = b2 * float((g * g * (s_prime - float(self.gamma[i]) * g)).norm()) / g_norm if g_norm > 0 else 0.0
+        plain_norm = float(plain.norm())
+        self.last_telemetry["correction_ratio"] = float((plain - aggregated).norm()) / plain_norm if plain_norm > 0 else 0.0
+        self.last_telemetry["task_correction_ratio"] = task_ratio
+        for i in live:
+            if task_ratio[i] > 1.0 and i not in self._warned_large:
+                self._warned_large.add(i)
+                self.warn(
+                    self.task_names[i],
+                    "cograd-large",
+                    f"CoGrad's transference term is {task_ratio[i]:.2f}x this task's own gradient "
+                    f"(gamma={float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
+                )
+
+
+def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float], b2: float) -> torch.Tensor:
+    """``A = sum_i c_i (G_i - B^2 G_i⊙G_i⊙(S' - gamma_i G_i))`` with ``S' = sum_j gamma_j G_j``: Algorithm 1,
+    line 9 at per-sample scale (``U = B G``, ``S = B S'``; ``(1/B) U_i⊙U_i⊙(S - gamma_i U_i)`` is the
+    ``B^2`` term), over the live tasks' gradients (B, d)."""
+    s_prime = sum(gamma_j * g_j for gamma_j, g_j in zip(gamma, grads))
+    return sum(c_i * (g_i - b2 * g_i * g_i * (s_prime - gamma_i * g_i)) for c_i, gamma_i, g_i in zip(c, gamma, grads))

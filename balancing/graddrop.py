@@ -9,12 +9,13 @@ rank). Every ``G_k`` keeps its positive parts where ``P > U`` and its negative p
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from balancing.base import Balancer, register, seeded_generator, weighted_sum
+from balancing.fused import FusedRule
 from balancing.stats import StepStats
 
 
@@ -23,21 +24,26 @@ class GradDrop(Balancer):
     state_names = ("generator",)
     needs_cross_terms = False  # its statistics are the column sums of local_extra
 
-    def __init__(self, task_names: Sequence[str], leak: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str], leak: float = 0.0, seed: int = 0, fused: bool = True) -> None:
         super().__init__(task_names)
         if not 0.0 <= float(leak) <= 1.0:
             raise ValueError(f"graddrop.leak must be in [0, 1], got {leak}")
         self.leak = float(leak)
         self.generator = seeded_generator(seed)
+        self._column_sums = FusedRule(signed_column_sums, fused)
+        self._sign_split = FusedRule(sign_split, fused)
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
         """(T, d) ``B * sum over rows of G_k ⊙ sign(z)``: summed over ranks with the step's statistics."""
         if z is None:
             raise ValueError("graddrop reads the sign of z: call it through RepresentationBoundary")
-        sign = torch.sign(z)
-        scratch = torch.empty_like(z)
-        rows = [torch.zeros(z.shape[1], dtype=z.dtype, device=z.device) if g is None else torch.mul(g, sign, out=scratch).sum(dim=0) for g in grads]
-        return torch.stack(rows) * float(z.shape[0])
+        present = [k for k, g in enumerate(grads) if g is not None]
+        sums = self._column_sums([grads[k] for k in present], z)
+        if len(present) == self.num_tasks:
+            return sums
+        rows = torch.zeros(self.num_tasks, z.shape[1], dtype=z.dtype, device=z.device)
+        rows[present] = sums
+        return rows
 
     def prepare(
         self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray
@@ -49,16 +55,7 @@ class GradDrop(Balancer):
         tasks = [k for k, g in enumerate(grads) if g is not None and live[k]]
         if not tasks:
             return None
-        template = grads[tasks[0]]
-        pos, neg, scratch = torch.zeros_like(template), torch.zeros_like(template), torch.empty_like(template)
-        for k in tasks:
-            pos.add_(torch.clamp(grads[k], min=0, out=scratch))
-            neg.add_(grads[k])
-        neg.sub_(pos)
-        t = self.num_tasks
-        diff = torch.sub(pos, neg, out=scratch).mul_((1.0 - self.leak) / t)
-        keep_neg = neg.add_(pos, alpha=self.leak).mul_(1.0 / t)
-        return keep_neg, diff
+        return self._sign_split([grads[k] for k in tasks], self.leak, self.num_tasks)
 
     def aggregate(
         self,
@@ -83,3 +80,16 @@ class GradDrop(Balancer):
         keep_positive = purity > uniform  # (d,), the same choice for every task and row
         self.last_telemetry["kept_positive_share"] = float(keep_positive.mean())
         return keep_neg.addcmul_(diff, torch.from_numpy(keep_positive).to(diff.device, diff.dtype))
+
+
+def signed_column_sums(grads: List[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """(n, d): ``B * sum over rows of G_k ⊙ sign(z)`` for the n gradients (B, d) given."""
+    sign = torch.sign(z)
+    return torch.stack([(g * sign).sum(dim=0) for g in grads]) * float(z.shape[0])
+
+
+def sign_split(grads: List[torch.Tensor], leak: float, num_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(keep_neg, diff)`` of :meth:`GradDrop.prepare` for the live gradients (B, d)."""
+    pos = sum(torch.clamp(g, min=0) for g in grads)  # sum_k relu(G_k)
+    neg = sum(grads) - pos
+    return (neg + leak * pos) / num_tasks, (1.0 - leak) * (pos - neg) / num_tasks

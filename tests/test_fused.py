@@ -1,0 +1,72 @@
+"""The element-wise rules compiled into one kernel give what the same rules give eagerly."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from balancing import RepresentationBoundary, build_balancer
+from balancing import fused as fused_module
+from balancing.fused import MIN_FUSED_NUMEL, FusedRule
+
+TASKS = ["a", "b", "c"]
+
+
+def _gradients(rows: int, cols: int, step: int):
+    g = torch.Generator().manual_seed(step)
+    # CoGrad's cubic term at the scale of real gradients (rows of G are per-sample gradients / B)
+    grads = tuple(torch.randn(rows, cols, generator=g) * s / rows for s in (1.0, -3.0, 10.0))
+    return grads, torch.randn(rows, cols, generator=g)
+
+
+def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict):
+    boundary = RepresentationBoundary(build_balancer(name, TASKS, fused=fused, **knobs))
+    out = []
+    for step in range(3):
+        grads, z = _gradients(rows, cols, step)
+        boundary.objective(torch.tensor([0.6, 0.05, 40.0]))
+        out.append(boundary.balance(grads, z))
+    return out, boundary
+
+
+def test_compiled_cograd_and_graddrop_equal_their_eager_rules():
+    rows, cols = 256, MIN_FUSED_NUMEL // 256
+    for name, knobs in (("cograd", {"gamma": [0.02, 0.01, 0.05]}), ("graddrop", {"leak": 0.2, "seed": 5})):
+        eager, _ = _aggregates(name, False, rows, cols, knobs)
+        compiled, boundary = _aggregates(name, True, rows, cols, knobs)
+        rules = [r for r in vars(boundary.balancer).values() if isinstance(r, FusedRule)]
+        assert rules and all(r._compiled is not None and r._failure is None for r in rules), name
+        for step, (a, b) in enumerate(zip(compiled, eager)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9, msg=f"{name}, step {step}")
+        if name == "cograd":  # the correction is a visible share of the step, not rounding
+            assert boundary.telemetry()["correction_ratio"] > 1e-3
+
+
+def test_small_gradients_run_eagerly_without_compiling():
+    _, boundary = _aggregates("cograd", True, 8, 4, {})
+    assert boundary.balancer._rule._compiled is None
+
+
+def test_a_rule_that_does_not_compile_runs_eagerly_after_one_warning(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(fused_module.torch, "compile", broken_compile)
+    calls = []
+
+    def rule(grads, scale: float):
+        calls.append(1)
+        return sum(grads) * scale
+
+    fused = FusedRule(rule)
+    grads = [torch.ones(MIN_FUSED_NUMEL), torch.full((MIN_FUSED_NUMEL,), 2.0)]
+    with caplog.at_level(logging.WARNING, logger="balancing.fused"):
+        first, second = fused(grads, 0.5), fused(grads, 0.5)
+    assert torch.equal(first, torch.full((MIN_FUSED_NUMEL,), 1.5)) and torch.equal(second, first)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "more detail" not in warnings[0]
+    assert len(calls) == 2  # both calls ran the eager rule; the second did not try to compile again
