@@ -121,3 +121,26 @@ def test_an_improvement_must_show_at_two_decimals_and_exceed_its_seed_spread():
     assert not improves([0.9, -0.3, 0.3])  # +0.30 ± 0.49: inside its spread
     assert not improves([-0.2, -0.1, -0.3])
     assert improves([0.02])  # one seed: no spread to beat
+
+
+def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
+    """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
+    once and swapped back in, so its step count runs on across rounds; the report gives the standard
+    error of each mean drop."""
+    run_dir = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "bench", "--config", "configs/tiny.yaml",
+        "--methods", "none,equal,multibalance", "--rounds", "4", "--steps", "1",
+        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={run_dir}",
+        "train.warmup_steps=2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((run_dir / "bench.json").read_text())["methods"]
+    assert set(report) == {"none", "equal", "multibalance"}
+    assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
+    assert all(r["qps_mean"] > 0 for r in report.values())
+    assert "± s.e." in (run_dir / "bench.md").read_text()
+    # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
+    assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
+    assert report["none"]["balancer_steps"] == 0

@@ -11,6 +11,7 @@ statistics all-reduce included) is shown as a share of the step.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Dict, List
@@ -21,6 +22,16 @@ from trainer.config import Config
 from trainer.runtime import init_runtime, shutdown
 from trainer.timing import StepTimer
 from trainer.train import Trainer, ensure_data
+
+
+def _switch(trainer: Trainer, method: str, knobs: dict, built: Dict[str, tuple]) -> None:
+    """Makes ``method`` the model's method: built on first use, then swapped back in with the state
+    it had (a balancer's EMA and step count go on across blocks, as in one long training run)."""
+    boundary = trainer.model.boundary
+    if method not in built:
+        trainer.use_method(method, knobs)
+        built[method] = (boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer)
+    boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = built[method]
 
 
 def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[str, dict]:
@@ -39,8 +50,9 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         batches = trainer.train_batches()
         timer = StepTimer(rt.device)
         global_batch = cfg.data.batch_size * rt.world_size
+        built: Dict[str, tuple] = {}
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
-            trainer.use_method(m, knobs[m])
+            _switch(trainer, m, knobs[m], built)
             for _ in range(max(cfg.train.warmup_steps, 3)):
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
@@ -48,8 +60,9 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
             # The order rotates every round, so no method always follows the same one (a switch
             # leaves caches and allocator state behind that the next block pays for).
             for m in methods[r % len(methods):] + methods[: r % len(methods)]:
-                trainer.use_method(m, knobs[m])
-                trainer.train_step(batches, timer)  # one untimed step after the switch
+                _switch(trainer, m, knobs[m], built)
+                if steps > 1:
+                    trainer.train_step(batches, timer)  # one untimed step after the switch
                 boundary.balancer.telemetry_due = False
                 if rt.world_size > 1:
                     dist.barrier()
@@ -66,6 +79,8 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
             if rt.is_main:
                 print(f"bench: round {r + 1}/{rounds} done", flush=True)
         report = summarize(samples)
+        for m in methods:  # how many steps each method's balancer took in all (none: 0)
+            report[m]["balancer_steps"] = built[m][1].step
         if rt.is_main:
             print(format_report(report, cfg, rt.world_size, rounds, steps))
             out = Path(cfg.train.run_dir) / "bench.json"
@@ -90,6 +105,9 @@ def summarize(samples: Dict[str, List[dict]]) -> Dict[str, dict]:
             "qps_std": statistics.pstdev(qps),
             "drop_pct_mean": statistics.mean(drops),
             "drop_pct_std": statistics.pstdev(drops),
+            # the uncertainty of the mean drop: with many short rounds (``--steps 1``) the spread of
+            # single rounds is wide but the mean is tight
+            "drop_pct_sem": statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0,
             "step_ms": statistics.mean(s["step_ms"] for s in rows),
             "boundary_ms": statistics.mean(s["boundary_ms"] for s in rows),
             "comm_ms": statistics.mean(s["comm_ms"] for s in rows),
@@ -103,17 +121,19 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
     lines = [
         f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method",
-        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± std':>8}{'step ms':>9}"
+        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± std':>8}{'± s.e.':>8}{'step ms':>9}"
         f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
     ]
     for m, r in report.items():
         lines.append(
             f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_std']:>7.2f}%"
+            f"{r['drop_pct_sem']:>7.2f}%"
             f"{r['step_ms']:>9.2f}{r['boundary_ms']:>13.3f}{r['comm_ms']:>14.3f}{r['boundary_share_pct']:>7.2f}%"
             f"{r['compute_share_pct']:>14.2f}%"
         )
     lines.append(
-        "share: boundary time / step time; compute share leaves out the time blocked on the statistics "
+        "drop: mean over rounds of each round's paired drop; ± std: its spread over rounds; ± s.e.: the "
+        "standard error of the mean drop. share: boundary time / step time; compute share leaves out the time blocked on the statistics "
         "all-reduce (latency plus waiting for the slower rank, less the balancer's work done while it is in "
         "flight). Compare 'none' with 'equal' for the boundary's whole cost."
     )
@@ -127,14 +147,14 @@ def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, round
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
         "",
-        "| method | level | QPS | drop vs equal (%) | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | level | QPS | drop vs equal (%), mean ± std | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():
         level = "parameter" if m in PARAMETER_LEVEL else ("no boundary" if m == "none" else "representation")
         lines.append(
             f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} ± {r['drop_pct_std']:.2f} "
-            f"| {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
+            f"| {r['drop_pct_sem']:.2f} | {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
             f"| {r['compute_share_pct']:.2f}% |"
         )
     return "\n".join(lines) + "\n"
