@@ -85,7 +85,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
                                    "boundary_share": boundary_s / step_s, "compute_share": compute_s / step_s})
             if rt.is_main and ((r + 1) % max(1, rounds // 20) == 0 or r + 1 == rounds):
                 print(f"bench: round {r + 1}/{rounds} done", flush=True)
-        report = summarize(samples)
+        report = summarize(samples, global_batch)
         for m in methods:  # how many steps each method's balancer took in all (none: 0); raw rounds
             report[m]["balancer_steps"] = built[m][1].step
             report[m]["rounds"] = samples[m]
@@ -102,21 +102,23 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         shutdown()
 
 
-def summarize(samples: Dict[str, List[dict]]) -> Dict[str, dict]:
-    base = [s["qps"] for s in samples["equal"]]
+def summarize(samples: Dict[str, List[dict]], global_batch: int) -> Dict[str, dict]:
+    """Per method: QPS over all its timed steps, and its drop against ``equal``,
+    ``1 - QPS / QPS_equal = mean(t - t_equal) / mean(t)`` from the per-round step times ``t`` (paired
+    by round), with its standard error. A mean of per-round QPS ratios would be biased upwards when
+    single rounds vary by ~15%, as they do at ``--steps 1``."""
+    base = [s["step_ms"] for s in samples["equal"]]
     report = {}
     for m, rows in samples.items():
-        qps = [s["qps"] for s in rows]
-        drops = [100.0 * (b - q) / b for b, q in zip(base, qps)]  # paired by round
+        step_ms = statistics.mean(s["step_ms"] for s in rows)
+        diffs = [s["step_ms"] - b for s, b in zip(rows, base)]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         report[m] = {
-            "qps_mean": statistics.mean(qps),
-            "qps_std": statistics.pstdev(qps),
-            "drop_pct_mean": statistics.mean(drops),
-            "drop_pct_std": statistics.pstdev(drops),
-            # the uncertainty of the mean drop: with many short rounds (``--steps 1``) the spread of
-            # single rounds is wide but the mean is tight
-            "drop_pct_sem": statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0,
-            "step_ms": statistics.mean(s["step_ms"] for s in rows),
+            "qps_mean": 1000.0 * global_batch / step_ms,
+            "qps_std": statistics.pstdev(s["qps"] for s in rows),  # over rounds
+            "drop_pct_mean": 100.0 * statistics.mean(diffs) / step_ms,
+            "drop_pct_sem": 100.0 * spread / math.sqrt(len(diffs)) / step_ms,
+            "step_ms": step_ms,
             "boundary_ms": statistics.mean(s["boundary_ms"] for s in rows),
             "comm_ms": statistics.mean(s["comm_ms"] for s in rows),
             "boundary_share_pct": 100.0 * statistics.mean(s["boundary_share"] for s in rows),
@@ -129,19 +131,18 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
     lines = [
         f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method",
-        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± std':>8}{'± s.e.':>8}{'step ms':>9}"
+        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'step ms':>9}"
         f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
     ]
     for m, r in report.items():
         lines.append(
-            f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_std']:>7.2f}%"
-            f"{r['drop_pct_sem']:>7.2f}%"
+            f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_sem']:>7.2f}%"
             f"{r['step_ms']:>9.2f}{r['boundary_ms']:>13.3f}{r['comm_ms']:>14.3f}{r['boundary_share_pct']:>7.2f}%"
             f"{r['compute_share_pct']:>14.2f}%"
         )
     lines.append(
-        "drop: mean over rounds of each round's paired drop; ± std: its spread over rounds; ± s.e.: the "
-        "standard error of the mean drop. share: boundary time / step time; compute share leaves out the time blocked on the statistics "
+        "QPS: over all timed steps (± std over rounds); drop: 1 - QPS / QPS of equal, from step times paired "
+        "by round, ± its standard error. share: boundary time / step time; compute share leaves out the time blocked on the statistics "
         "all-reduce (latency plus waiting for the slower rank, less the balancer's work done while it is in "
         "flight). Compare 'none' with 'equal' for the boundary's whole cost."
     )
@@ -155,13 +156,13 @@ def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, round
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
         "",
-        "| method | level | QPS | drop vs equal (%), mean ± std | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
+        "| method | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():
         level = "parameter" if m in PARAMETER_LEVEL else ("no boundary" if m == "none" else "representation")
         lines.append(
-            f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} ± {r['drop_pct_std']:.2f} "
+            f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} "
             f"| {r['drop_pct_sem']:.2f} | {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
             f"| {r['compute_share_pct']:.2f}% |"
         )

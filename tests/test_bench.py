@@ -1,0 +1,34 @@
+"""``concord bench``'s statistics, on hand-made rounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainer.bench import summarize
+
+
+def _round(step_ms: float, batch: int) -> dict:
+    return {"qps": 1000.0 * batch / step_ms, "step_ms": step_ms, "boundary_ms": 1.0, "comm_ms": 0.5,
+            "boundary_share": 1.0 / step_ms, "compute_share": 0.5 / step_ms}
+
+
+def test_the_drop_is_one_minus_the_qps_ratio_over_all_timed_steps():
+    batch = 2048
+    equal, slower = [40.0, 60.0], [42.0, 62.0]  # 2 ms more in each round
+    report = summarize({"equal": [_round(t, batch) for t in equal], "m": [_round(t, batch) for t in slower]}, batch)
+    assert report["m"]["qps_mean"] == pytest.approx(1000.0 * batch / 52.0)  # all samples over all time
+    assert report["m"]["drop_pct_mean"] == pytest.approx(100.0 * (1.0 - report["m"]["qps_mean"] / report["equal"]["qps_mean"]))
+    assert report["m"]["drop_pct_mean"] == pytest.approx(100.0 * 2.0 / 52.0)  # not the mean of 2/42 and 2/62
+    assert report["m"]["drop_pct_sem"] == 0.0  # the paired difference does not vary
+    assert report["equal"]["drop_pct_mean"] == 0.0
+
+
+def test_the_standard_error_comes_from_the_paired_differences():
+    batch = 1024
+    equal, other = [50.0, 50.0, 50.0, 50.0], [51.0, 49.0, 53.0, 51.0]  # differences 1, -1, 3, 1
+    report = summarize({"equal": [_round(t, batch) for t in equal], "m": [_round(t, batch) for t in other]}, batch)
+    spread = math.sqrt(((1 - 1) ** 2 + (-1 - 1) ** 2 + (3 - 1) ** 2 + (1 - 1) ** 2) / 3)
+    assert report["m"]["drop_pct_sem"] == pytest.approx(100.0 * spread / 2.0 / 51.0)
+    assert report["m"]["drop_pct_mean"] == pytest.approx(100.0 * 1.0 / 51.0)
