@@ -91,6 +91,14 @@ class CoGrad(Balancer):
 def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float], b2: float) -> torch.Tensor:
     """``A = sum_i c_i (G_i - B^2 G_i⊙G_i⊙(S' - gamma_i G_i))`` with ``S' = sum_j gamma_j G_j``: Algorithm 1,
     line 9 at per-sample scale (``U = B G``, ``S = B S'``; ``(1/B) U_i⊙U_i⊙(S - gamma_i U_i)`` is the
-    ``B^2`` term), over the live tasks' gradients (B, d)."""
-    s_prime = sum(gamma_j * g_j for gamma_j, g_j in zip(gamma, grads))
-    return sum(c_i * (g_i - b2 * g_i * g_i * (s_prime - gamma_i * g_i)) for c_i, gamma_i, g_i in zip(c, gamma, grads))
+    ``B^2`` term), over the live tasks' gradients (B, d). In-place on its own buffers: run eagerly that
+    is 4 passes per task instead of 7, and compiled it is the same single loop."""
+    plain, s_prime = grads[0] * c[0], grads[0] * gamma[0]
+    for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
+        plain.add_(g, alpha=c_i)
+        s_prime.add_(g, alpha=gamma_i)
+    correction, scratch = torch.zeros_like(plain), torch.empty_like(plain)
+    for c_i, gamma_i, g in zip(c, gamma, grads):
+        torch.add(s_prime, g, alpha=-gamma_i, out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
+        correction.addcmul_(scratch, g, value=c_i)
+    return plain.sub_(correction.mul_(b2))

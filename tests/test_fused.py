@@ -20,25 +20,34 @@ def _gradients(rows: int, cols: int, step: int):
     return grads, torch.randn(rows, cols, generator=g)
 
 
-def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict):
+def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict, dtype=torch.float32):
     boundary = RepresentationBoundary(build_balancer(name, TASKS, fused=fused, **knobs))
     out = []
     for step in range(3):
         grads, z = _gradients(rows, cols, step)
+        grads, z = tuple(g.to(dtype) for g in grads), z.to(dtype)
         boundary.objective(torch.tensor([0.6, 0.05, 40.0]))
         out.append(boundary.balance(grads, z))
     return out, boundary
 
 
 def test_compiled_cograd_and_graddrop_equal_their_eager_rules():
+    """Compiled and eager run the same float32 arithmetic in different orders, so they agree to a
+    few float32 roundings of the largest term: for CoGrad that is the cubic correction, which can
+    exceed the aggregate (the two are checked against a float64 run for scale)."""
     rows, cols = 256, MIN_FUSED_NUMEL // 256
+    eps = torch.finfo(torch.float32).eps
     for name, knobs in (("cograd", {"gamma": [0.02, 0.01, 0.05]}), ("graddrop", {"leak": 0.2, "seed": 5})):
         eager, _ = _aggregates(name, False, rows, cols, knobs)
         compiled, boundary = _aggregates(name, True, rows, cols, knobs)
+        in_float64, _ = _aggregates(name, False, rows, cols, knobs, torch.float64)
         rules = [r for r in vars(boundary.balancer).values() if isinstance(r, FusedRule)]
         assert rules and all(r._compiled is not None and r._failure is None for r in rules), name
-        for step, (a, b) in enumerate(zip(compiled, eager)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9, msg=f"{name}, step {step}")
+        for step, (a, b, exact) in enumerate(zip(compiled, eager, in_float64)):
+            plain = sum(g.double() for g in _gradients(rows, cols, step)[0]) / 3
+            scale = float(plain.abs().max() + (exact - plain).abs().max())  # the largest term's size
+            for got in (a, b):
+                torch.testing.assert_close(got.double(), exact, rtol=0, atol=16 * eps * scale, msg=f"{name}, step {step}")
         if name == "cograd":  # the correction is a visible share of the step, not rounding
             assert boundary.telemetry()["correction_ratio"] > 1e-3
 
