@@ -38,7 +38,7 @@ class CoGrad(Balancer):
             c = c / c.sum()
         self.weights = c
         self._warned_large = set()
-        self._rule = FusedRule(transference, fused)  # one pass over the gradients instead of ~6 per task
+        self._rule = FusedRule(transference, fused)  # one pass over the gradients instead of 4 per task
 
     def prepare(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray) -> torch.Tensor:
         # The rule needs no global statistics: all of it runs while they are in flight.
@@ -66,7 +66,9 @@ class CoGrad(Balancer):
             self._record_correction(grads, live, aggregated, b2)
         return aggregated
 
-    def _record_correction(self, grads, live, aggregated: torch.Tensor, b2: float) -> None:
+    def _record_correction(
+        self, grads: Sequence[Optional[torch.Tensor]], live: List[int], aggregated: torch.Tensor, b2: float
+    ) -> None:
         """Logging steps only: the correction's size against the plain gradient, overall and per task."""
         plain = weighted_sum(grads, self.weights, np.isin(np.arange(self.num_tasks), live))
         s_prime = sum(float(self.gamma[j]) * grads[j] for j in live)

@@ -4,8 +4,8 @@ One sharded model and one data stream; the method is swapped between timed block
 balancer, or a parameter-level method) and the methods alternate (A B C, B C A, C A B, ...), so drift
 in the machine's speed and the cost of following another method hit every method alike. The methods
 of a round train on the same batches; ``--steps 1`` alternates them every step.
-Each round gives a paired QPS drop of every method against ``equal`` in that round; the table shows
-their mean, spread and standard error. The boundary's own time (inside backward, the time blocked on
+Each method's drop against ``equal`` is ``1 - QPS / QPS_equal`` over all timed steps, from step
+times paired by round, with its standard error. The boundary's own time (inside backward, the time blocked on
 the statistics all-reduce included) is shown as a share of the step. QPS counts the training step;
 reading the data, the same for every method, is left out.
 """
