@@ -95,10 +95,10 @@ def test_the_statistics_travel_through_the_backend(backend, device, monkeypatch)
 
 def test_the_torch_only_boundary_bench_times_every_method(capsys):
     """``python -m trainer.boundary_bench`` (the bench for a GPU machine without fbgemm-gpu), run small
-    on the CPU: a QPS per method and round, and the table."""
+    on the CPU: a step time per method and round, and the table."""
     from trainer.boundary_bench import run
 
-    qps = run(["none", "equal", "cograd"], "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
-    assert set(qps) == {"none", "equal", "cograd"} and all(len(v) == 2 and min(v) > 0 for v in qps.values())
+    step_ms = run(["none", "equal", "cograd"], "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
+    assert set(step_ms) == {"none", "equal", "cograd"} and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())
     table = capsys.readouterr().out
-    assert "| cograd |" in table and "drop vs equal" in table
+    assert "| cograd |" in table and "drop vs equal (± s.e.)" in table

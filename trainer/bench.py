@@ -13,7 +13,6 @@ reading the data, the same for every method, is left out.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Dict, List
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 from trainer.config import Config
 from trainer.runtime import init_runtime, shutdown
-from trainer.timing import StepTimer
+from trainer.timing import StepTimer, paired_drop
 from trainer.train import Trainer, ensure_data
 
 
@@ -103,21 +102,18 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
 
 
 def summarize(samples: Dict[str, List[dict]], global_batch: int) -> Dict[str, dict]:
-    """Per method: QPS over all its timed steps, and its drop against ``equal``,
-    ``1 - QPS / QPS_equal = mean(t - t_equal) / mean(t)`` from the per-round step times ``t`` (paired
-    by round), with its standard error. A mean of per-round QPS ratios would be biased upwards when
-    single rounds vary by ~15%, as they do at ``--steps 1``."""
+    """Per method: QPS over all its timed steps, and its drop against ``equal`` with its standard
+    error (:func:`trainer.timing.paired_drop`)."""
     base = [s["step_ms"] for s in samples["equal"]]
     report = {}
     for m, rows in samples.items():
         step_ms = statistics.mean(s["step_ms"] for s in rows)
-        diffs = [s["step_ms"] - b for s, b in zip(rows, base)]
-        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        drop, drop_sem = paired_drop([s["step_ms"] for s in rows], base)
         report[m] = {
             "qps_mean": 1000.0 * global_batch / step_ms,
             "qps_std": statistics.pstdev(s["qps"] for s in rows),  # over rounds
-            "drop_pct_mean": 100.0 * statistics.mean(diffs) / step_ms,
-            "drop_pct_sem": 100.0 * spread / math.sqrt(len(diffs)) / step_ms,
+            "drop_pct_mean": drop,
+            "drop_pct_sem": drop_sem,
             "step_ms": step_ms,
             "boundary_ms": statistics.mean(s["boundary_ms"] for s in rows),
             "comm_ms": statistics.mean(s["comm_ms"] for s in rows),

@@ -5,9 +5,9 @@ torch alone, so it runs wherever a GPU is (a machine without fbgemm-gpu included
 demo's shape: ``nn.EmbeddingBag`` tables of the demo's sizes (sparse gradients, SGD), a dense MLP,
 an MLP to ``z`` (B, d), and one MLP head per task. Inputs are drawn once on the device, so the step
 is model work only. Methods alternate, their order rotating each round as in ``concord bench``; a
-block's time ends with a device synchronisation. Printed: QPS per method and each round's paired
-drop against ``equal`` and against ``none`` (no boundary: autograd sums the task gradients), mean
-and spread over rounds, plus the host synchronisations a step makes (CUDA only).
+block's time ends with a device synchronisation. Printed: QPS per method and its drop against
+``equal`` and against ``none`` (no boundary: autograd sums the task gradients), from step times
+paired by round, with standard errors, plus the host synchronisations a step makes (CUDA only).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from balancing import RepresentationBoundary, build_balancer
+from trainer.timing import paired_drop
 
 TABLES = [(1_000_000, 32, 1), (200_000, 32, 2), (1_000, 16, 1), (100, 16, 1)]  # rows, dim, features
 
@@ -116,7 +117,7 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
                 step(0)
                 torch.cuda.set_sync_debug_mode("default")
             syncs[m] = sum("synchroniz" in str(w.message) for w in caught)
-    qps: Dict[str, List[float]] = {m: [] for m in methods}
+    step_ms: Dict[str, List[float]] = {m: [] for m in methods}
     for r in range(rounds):
         for m in methods[r % len(methods):] + methods[: r % len(methods)]:
             use(m)
@@ -126,27 +127,27 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
             for i in range(steps):
                 step(i)
             sync()
-            qps[m].append(batch * steps / (time.perf_counter() - start))
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {qps[m][-1]:,.0f}" for m in methods), flush=True)
-    _report(qps, syncs, device, batch, d, num_tasks, steps)
-    return qps
+            step_ms[m].append(1000.0 * (time.perf_counter() - start) / steps)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {1000 * batch / step_ms[m][-1]:,.0f}" for m in methods), flush=True)
+    _report(step_ms, syncs, device, batch, d, num_tasks, steps)
+    return step_ms
 
 
-def _drop(qps: Dict[str, List[float]], method: str, base: str) -> str:
-    if base not in qps or method == base:
+def _drop(step_ms: Dict[str, List[float]], method: str, base: str) -> str:
+    if base not in step_ms or method == base:
         return "–"
-    drops = [100.0 * (1.0 - a / b) for a, b in zip(qps[method], qps[base])]
-    spread = statistics.stdev(drops) if len(drops) > 1 else 0.0
-    return f"{statistics.mean(drops):+.2f} ± {spread:.2f}%"
+    drop, sem = paired_drop(step_ms[method], step_ms[base])
+    return f"{drop:+.2f} ± {sem:.2f}%"
 
 
-def _report(qps, syncs, device, batch, d, num_tasks, steps) -> None:
+def _report(step_ms, syncs, device, batch, d, num_tasks, steps) -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, {steps} steps a block, {len(next(iter(qps.values())))} rounds")
-    print("| method | QPS (median) | drop vs equal | drop vs none | host syncs a step |")
+    print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, {steps} steps a block, {len(next(iter(step_ms.values())))} rounds")
+    print("| method | QPS | drop vs equal (± s.e.) | drop vs none (± s.e.) | host syncs a step |")
     print("|---|---|---|---|---|")
-    for m, values in qps.items():
-        print(f"| {m} | {statistics.median(values):,.0f} | {_drop(qps, m, 'equal')} | {_drop(qps, m, 'none')} | {syncs.get(m, '–')} |")
+    for m, times in step_ms.items():
+        qps = 1000.0 * batch / statistics.mean(times)
+        print(f"| {m} | {qps:,.0f} | {_drop(step_ms, m, 'equal')} | {_drop(step_ms, m, 'none')} | {syncs.get(m, '–')} |")
 
 
 def main(argv=None) -> None:
