@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from balancing import RepresentationBoundary, build_balancer
@@ -11,6 +12,7 @@ from balancing import fused as fused_module
 from balancing.fused import MIN_FUSED_NUMEL, FusedRule
 
 TASKS = ["a", "b", "c"]
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 
 def _gradients(rows: int, cols: int, step: int):
@@ -20,26 +22,27 @@ def _gradients(rows: int, cols: int, step: int):
     return grads, torch.randn(rows, cols, generator=g)
 
 
-def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict, dtype=torch.float32):
+def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict, dtype=torch.float32, device="cpu"):
     boundary = RepresentationBoundary(build_balancer(name, TASKS, fused=fused, **knobs))
     out = []
     for step in range(3):
         grads, z = _gradients(rows, cols, step)
-        grads, z = tuple(g.to(dtype) for g in grads), z.to(dtype)
-        boundary.objective(torch.tensor([0.6, 0.05, 40.0]))
-        out.append(boundary.balance(grads, z))
+        grads, z = tuple(g.to(device, dtype) for g in grads), z.to(device, dtype)
+        boundary.objective(torch.tensor([0.6, 0.05, 40.0], device=device))
+        out.append(boundary.balance(grads, z).cpu())
     return out, boundary
 
 
-def test_compiled_cograd_and_graddrop_equal_their_eager_rules():
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # Inductor's C++ loop on the CPU, Triton on CUDA
+def test_compiled_cograd_and_graddrop_equal_their_eager_rules(device):
     """Compiled and eager run the same float32 arithmetic in different orders, so they agree to a
     few float32 roundings of the largest term: for CoGrad that is the cubic correction, which can
     exceed the aggregate (the two are checked against a float64 run for scale)."""
     rows, cols = 256, MIN_FUSED_NUMEL // 256
     eps = torch.finfo(torch.float32).eps
     for name, knobs in (("cograd", {"gamma": [0.02, 0.01, 0.05]}), ("graddrop", {"leak": 0.2, "seed": 5})):
-        eager, _ = _aggregates(name, False, rows, cols, knobs)
-        compiled, boundary = _aggregates(name, True, rows, cols, knobs)
+        eager, _ = _aggregates(name, False, rows, cols, knobs, device=device)
+        compiled, boundary = _aggregates(name, True, rows, cols, knobs, device=device)
         in_float64, _ = _aggregates(name, False, rows, cols, knobs, torch.float64)
         rules = [r for r in vars(boundary.balancer).values() if isinstance(r, FusedRule)]
         assert rules and all(r._compiled is not None and r._failure is None for r in rules), name
