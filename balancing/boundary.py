@@ -179,7 +179,8 @@ class RepresentationBoundary(nn.Module):
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
         packed = local_statistics(grads, self._losses, template.shape[0], extra, cross_terms)
-        usable = usable_here(grads, packed)
+        present = np.array([g is not None for g in grads])
+        usable = usable_here(present, packed)
         pending = PendingStatistics(
             packed, self.num_tasks, template.shape[0], self.process_group, _comm_device(template), cross_terms
         )
@@ -189,7 +190,6 @@ class RepresentationBoundary(nn.Module):
         comm_start = time.perf_counter()
         stats = pending.wait()
         self.comm_seconds = time.perf_counter() - comm_start
-        present = np.array([g is not None for g in grads])
         if not np.array_equal(usable, stats.active & present):
             early = None  # another rank saw a non-finite value, or every rank a zero gradient
         self._losses = None

@@ -63,14 +63,19 @@ class CoGrad(Balancer):
         aggregated = self._rule(g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
         self.last_telemetry = {"weights": self.weights.tolist()}
         if self.telemetry_due:
-            self._record_correction(grads, live, aggregated, b2)
+            self._record_correction(grads, active, live, aggregated, b2)
         return aggregated
 
     def _record_correction(
-        self, grads: Sequence[Optional[torch.Tensor]], live: List[int], aggregated: torch.Tensor, b2: float
+        self,
+        grads: Sequence[Optional[torch.Tensor]],
+        active: np.ndarray,
+        live: List[int],
+        aggregated: torch.Tensor,
+        b2: float,
     ) -> None:
         """Logging steps only: the correction's size against the plain gradient, overall and per task."""
-        plain = weighted_sum(grads, self.weights, np.isin(np.arange(self.num_tasks), live))
+        plain = weighted_sum(grads, self.weights, active)  # skips absent gradients, as ``live`` does
         s_prime = sum(float(self.gamma[j]) * grads[j] for j in live)
         task_ratio = [0.0] * self.num_tasks
         for i in live:

@@ -91,19 +91,18 @@ def local_statistics(
     return torch.from_numpy(packed)
 
 
-def usable_here(grads: Sequence[Optional[torch.Tensor]], packed: torch.Tensor) -> np.ndarray:
-    """(T,) bool: the tasks with a gradient on this rank, finite here, and a finite local loss.
+def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
+    """(T,) bool: the tasks with a gradient on this rank (``present``), finite here, and a finite local loss.
 
     This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
     reduction starts (it reduces ``packed`` in place). It is wrong only when another rank saw a
     non-finite value or every rank a zero gradient; :meth:`RepresentationBoundary.balance` then
     discards the work done on it.
     """
-    t = len(grads)
+    t = len(present)
     v = packed.numpy()
     finite_loss = np.isfinite(v[t * t : t * t + t])
     good_grad = v[t * t + t : t * t + 2 * t] == 0
-    present = np.array([g is not None for g in grads])
     return present & finite_loss & good_grad
 
 
