@@ -1,4 +1,4 @@
-"""The step's global statistics: one all-reduce of ``T*T + 2T + 1`` numbers (plus a method's extras).
+"""The step's global statistics: one sum over ranks of ``T*T + 2T + 1`` numbers (plus a method's extras).
 
 With DDP the dense gradients are averaged over ranks, so training minimises the global-batch mean
 loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (ALGORITHMS.md, "Global
@@ -95,7 +95,7 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
     """(T,) bool: the tasks with a gradient on this rank (``present``), finite here, and a finite local loss.
 
     This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
-    reduction starts (it reduces ``packed`` in place). It is wrong only when another rank saw a
+    reduction starts (an all_reduce sums ``packed`` in place). It is wrong only when another rank saw a
     non-finite value or every rank a zero gradient; :meth:`RepresentationBoundary.balance` then
     discards the work done on it.
     """
@@ -106,10 +106,21 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
     return present & finite_loss & good_grad
 
 
+# How the statistics are summed over ranks. "all_to_all": every rank sends its vector to every rank
+# and adds the W vectors up itself, in rank order (so every rank gets the same bits). For vectors this
+# small gloo's all_reduce takes 1.5-2 ms a call on this project's 2-core development VM, its
+# all-to-all 0.2-0.3 ms (docs/performance.md), and the call sits in the middle of backward.
+# "all_reduce": one all_reduce, what NCCL does best on a GPU. "auto": all_to_all for a CPU buffer
+# (gloo), all_reduce for a GPU buffer (NCCL).
+STATS_COLLECTIVES = ("auto", "all_reduce", "all_to_all")
+
+
 class PendingStatistics:
-    """The step's one statistics all-reduce, started asynchronously (when a process group of more
-    than one rank is initialised): work that does not need the global statistics can run before
-    :meth:`wait` returns them. On NCCL the reduction runs on the GPU (``device``)."""
+    """The step's one statistics reduction (a sum over ranks), started asynchronously when a process
+    group of more than one rank is initialised: work that does not need the global statistics can run
+    before :meth:`wait` returns them. On NCCL the reduction runs on the GPU (``device``).
+    ``collective`` picks how the sum is formed (see ``STATS_COLLECTIVES``); every choice gives every
+    rank the same statistics."""
 
     def __init__(
         self,
@@ -119,21 +130,40 @@ class PendingStatistics:
         process_group: Optional[dist.ProcessGroup] = None,
         device: Optional[torch.device] = None,
         cross_terms: bool = True,
+        collective: str = "auto",
     ) -> None:
+        if collective not in STATS_COLLECTIVES:
+            raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
         self.num_tasks = num_tasks
         self.batch_size = batch_size
         self.cross_terms = cross_terms
         self._buf = packed
         self._work = None
+        self._world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
             if device is not None and device.type != "cpu":
                 self._buf = packed.to(device)
-            self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
+            if collective == "auto":
+                collective = "all_reduce" if self._buf.is_cuda else "all_to_all"
+            if collective == "all_reduce":
+                self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
+            else:
+                self._world = dist.get_world_size(process_group)
+                sent = self._buf.repeat(self._world)
+                self._buf = torch.empty_like(sent)
+                self._work = dist.all_to_all_single(self._buf, sent, group=process_group, async_op=True)
 
     def wait(self) -> StepStats:
         if self._work is not None:
             self._work.wait()
-        return unpack_statistics(self._buf.cpu(), self.num_tasks, self.batch_size, self.cross_terms)
+        summed = self._buf.cpu()
+        if self._world > 1:  # the all-to-all's W vectors, added in rank order
+            rows = summed.view(self._world, -1).numpy()
+            total = rows[0].copy()
+            for row in rows[1:]:
+                total += row
+            summed = torch.from_numpy(total)
+        return unpack_statistics(summed, self.num_tasks, self.batch_size, self.cross_terms)
 
 
 def reduce_statistics(

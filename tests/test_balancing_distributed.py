@@ -3,6 +3,7 @@ gradients, as 1 rank holding the W*B rows concatenated (2 gloo ranks), for every
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -149,3 +150,40 @@ def test_a_nan_loss_on_one_rank_makes_every_rank_skip_the_step(runs):
         got = result["nonfinite"]
         assert got["skipped"] == ["b"] and got["balancer_step"] == 0
         assert torch.count_nonzero(got["A"]) == 0
+
+
+def _packed(rank: int) -> torch.Tensor:
+    """A statistics vector (T = 3, one extra) with values of very different sizes, as each rank packs it."""
+    g = torch.Generator().manual_seed(40 + rank)
+    v = torch.randn(3 * 3 + 2 * 3 + 1 + 4, generator=g, dtype=torch.float64)
+    return v * torch.logspace(-8, 8, v.numel(), dtype=torch.float64)
+
+
+def _sum_both_ways(rank: int, world_size: int):
+    from balancing.stats import PendingStatistics
+
+    dist.init_process_group("gloo")
+    out = {}
+    for collective in ("all_reduce", "all_to_all"):
+        stats = PendingStatistics(_packed(rank), 3, 8, collective=collective).wait()
+        out[collective] = (stats.gram, stats.losses, stats.extra, stats.global_batch_size)
+    return out
+
+
+def test_both_ways_of_summing_the_statistics_agree_on_every_rank():
+    """The statistics' sum over 3 gloo ranks: all_to_all (every rank adds the W vectors itself, in rank
+    order; the CPU default) gives every rank the same bits, equal to all_reduce's and to the sum in
+    rank order of what the ranks packed."""
+    world = 3
+    ranks = run_ranks(_sum_both_ways, world)
+    total = sum((_packed(r) for r in range(world)), torch.zeros(20, dtype=torch.float64)).numpy()
+    b_global = total[15]
+    for result in ranks:
+        gram, losses, extra, global_batch = result["all_to_all"]
+        assert np.array_equal(gram, ranks[0]["all_to_all"][0]) and np.array_equal(extra, ranks[0]["all_to_all"][2])
+        np.testing.assert_array_equal(extra, total[16:])
+        np.testing.assert_array_equal(losses, np.where(np.isfinite(total[9:12]), total[9:12] / b_global, 0.0))
+        assert global_batch == round(b_global)
+        # all_reduce adds in its own order: the same sum up to a rounding per addition.
+        magnitude = sum(np.abs(_packed(r).numpy()[16:]) for r in range(world))
+        assert (np.abs(result["all_reduce"][2] - extra) <= 2 * np.finfo(np.float64).eps * magnitude).all()

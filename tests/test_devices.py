@@ -68,27 +68,33 @@ def test_equal_in_float32_is_the_gradient_of_the_mean_task_loss(device):
 @pytest.mark.parametrize("backend, device", [("gloo", "cpu"), pytest.param("nccl", "cuda", marks=CUDA.marks)])
 def test_the_statistics_travel_through_the_backend(backend, device, monkeypatch):
     """One rank taking the collective path (one GPU cannot hold two NCCL ranks): the statistics go
-    through the process group, on the GPU for NCCL, and give what the boundary gives without one."""
+    through the process group (NCCL: one all_reduce on the GPU; gloo: one all-to-all, which here
+    hands this rank its vector twice, the statistics of two ranks holding the same batch) and give
+    what the boundary gives without one."""
     if backend == "nccl" and not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     expected, _ = _steps("multibalance", device, torch.float32)
     dist.init_process_group(backend, device_id=torch.device("cuda", 0) if backend == "nccl" else None)
+    collective = "all_reduce" if backend == "nccl" else "all_to_all_single"
     try:
         calls = []
-        real_all_reduce = dist.all_reduce
 
-        def counting_all_reduce(tensor, *args, **kwargs):
-            calls.append(tensor.device.type)
-            return real_all_reduce(tensor, *args, **kwargs)
+        def counting(real):
+            def call(output, *args, **kwargs):
+                calls.append((real.__name__, output.device.type))
+                return real(output, *args, **kwargs)
+
+            return call
 
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # take the collective path
-        monkeypatch.setattr(dist, "all_reduce", counting_all_reduce)
+        for name in ("all_reduce", "all_to_all_single"):
+            monkeypatch.setattr(dist, name, counting(getattr(dist, name)))
         got, _ = _steps("multibalance", device, torch.float32)
     finally:
         dist.destroy_process_group()
-    assert calls == [device] * len(expected)  # one all-reduce a step, on the GPU for NCCL
+    assert calls == [(collective, device)] * len(expected)  # one collective a step, on the GPU for NCCL
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
