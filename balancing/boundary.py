@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from balancing.base import Balancer
-from balancing.stats import PendingStatistics, local_statistics, usable_here
+from balancing.stats import PendingStatistics, StepStats, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -36,6 +37,18 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, tasks: List[str]) -> None:
         super().__init__(f"non-finite loss for task(s) {tasks}")
         self.tasks = tasks
+
+
+@dataclass
+class _StepRecord:
+    """The boundary's per-step values, kept out of ``nn.Module``'s ``__setattr__``, which costs several
+    microseconds an assignment (about 40 us a step over the ~7 that a step makes)."""
+
+    losses: Optional[torch.Tensor] = None  # from objective(), consumed by backward
+    stats: Optional[StepStats] = None
+    skipped_tasks: List[str] = field(default_factory=list)
+    backward_seconds: float = 0.0
+    comm_seconds: float = 0.0
 
 
 class _Replicate(torch.autograd.Function):
@@ -95,15 +108,11 @@ class RepresentationBoundary(nn.Module):
         self.balancer = balancer
         # Loss-level methods learn parameters; as module parameters the dense optimizer trains them.
         self.balancer_parameters = nn.ParameterList(balancer.parameters())
-        self._losses: Optional[torch.Tensor] = None
         self._passthrough = False
         # Off: z goes to the heads as is and autograd sums the task gradients (plain multi-task
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
         self.enabled = True
-        self.last_stats = None
-        self.skipped_tasks: List[str] = []  # non-finite losses of the last step, under skip_step
-        self.backward_seconds = 0.0  # wall time of the last backward through the boundary ...
-        self.comm_seconds = 0.0  # ... of which blocked on the statistics all-reduce (waiting for peers included)
+        self._record = _StepRecord()
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
@@ -121,9 +130,29 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
         if not self.enabled:
             return losses.mean()
-        self._losses = losses.detach()
-        self.skipped_tasks = []
+        self._record.losses = losses.detach()
+        self._record.skipped_tasks = []
         return self.balancer.before_backward(losses)
+
+    @property
+    def last_stats(self) -> Optional[StepStats]:
+        """The last step's global statistics (identical on every rank)."""
+        return self._record.stats
+
+    @property
+    def skipped_tasks(self) -> List[str]:
+        """Tasks with a non-finite loss in the last step, under ``on_nonfinite_loss="skip_step"``."""
+        return self._record.skipped_tasks
+
+    @property
+    def backward_seconds(self) -> float:
+        """Wall time of the last backward through the boundary ..."""
+        return self._record.backward_seconds
+
+    @property
+    def comm_seconds(self) -> float:
+        """... of which blocked on the statistics' reduction (waiting for peers included)."""
+        return self._record.comm_seconds
 
     @property
     def on_nonfinite_loss(self) -> str:
@@ -167,8 +196,9 @@ class RepresentationBoundary(nn.Module):
                 total.add_(g)
             return total
         start = time.perf_counter()
+        record = self._record
         template = next(g for g in grads if g is not None)
-        if self._losses is None:
+        if record.losses is None:
             raise RuntimeError(
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
@@ -178,7 +208,7 @@ class RepresentationBoundary(nn.Module):
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
-        packed = local_statistics(grads, self._losses, template.shape[0], extra, cross_terms)
+        packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
         present = np.array([g is not None for g in grads])
         usable = usable_here(present, packed)
         pending = PendingStatistics(
@@ -189,31 +219,31 @@ class RepresentationBoundary(nn.Module):
         early = self.balancer.prepare(grads, z, usable)
         comm_start = time.perf_counter()
         stats = pending.wait()
-        self.comm_seconds = time.perf_counter() - comm_start
+        record.comm_seconds = time.perf_counter() - comm_start
         if not np.array_equal(usable, stats.active & present):
             early = None  # another rank saw a non-finite value, or every rank a zero gradient
-        self._losses = None
-        self.last_stats = stats
+        record.losses = None
+        record.stats = stats
         nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
-        self.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
+        record.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
         if nonfinite and self.on_nonfinite_loss == "raise":
             raise NonFiniteLossError(nonfinite)
-        if self.skipped_tasks:
-            self.backward_seconds = time.perf_counter() - start
+        if record.skipped_tasks:
+            record.backward_seconds = time.perf_counter() - start
             return torch.zeros_like(template)
         self.balancer.note_inactive(stats)
         aggregated = self.balancer.aggregate(grads, stats, z, early)
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)
-        self.backward_seconds = time.perf_counter() - start
+        record.backward_seconds = time.perf_counter() - start
         return aggregated
 
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""
-        if self.last_stats is None:
+        if self._record.stats is None:
             return {}
-        return self.balancer.telemetry(self.last_stats)
+        return self.balancer.telemetry(self._record.stats)
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:

@@ -14,6 +14,7 @@ rules then cost microseconds, where torch ops on 3-element tensors would cost mi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -67,6 +68,10 @@ def local_statistics(
     gradients. A NaN or inf anywhere in ``G_k`` makes ``<G_k, G_k>`` non-finite, so the diagonal
     doubles as the finiteness check without another pass over the gradients. With ``cross_terms``
     False only the T diagonal products are taken (the off-diagonal entries are sent as 0).
+
+    The dot products, losses and extras reach the host in one copy (one synchronisation on a GPU);
+    the T x T bookkeeping is then done on Python floats, which at this size cost a fraction of what
+    a NumPy or torch call costs.
     """
     t = len(grads)
     flat = [None if g is None else g.reshape(-1) for g in grads]
@@ -76,19 +81,21 @@ def local_statistics(
         for j in range(i, t if cross_terms else i + 1)
         if flat[i] is not None and flat[j] is not None
     ]
-    gram = np.zeros((t, t))
+    parts = [losses.detach().reshape(-1)]
     if pairs:
-        values = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]).to("cpu", torch.float64).numpy()
-        for (i, j), v in zip(pairs, values):
-            gram[i, j] = gram[j, i] = v
-    loss = losses.detach().to("cpu", torch.float64).numpy()
-    bad = ~np.isfinite(np.diagonal(gram))
-    keep = ~bad
-    gram = np.where(keep[:, None] & keep[None, :], gram, 0.0)
+        parts.insert(0, torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]))
+    if extra is not None:
+        parts.append(extra.detach().reshape(-1))
+    values = torch.cat(parts).to("cpu", torch.float64).tolist()  # widening float conversions: exact
+    gram = [[0.0] * t for _ in range(t)]
+    for (i, j), v in zip(pairs, values):
+        gram[i][j] = gram[j][i] = v
+    loss = values[len(pairs) : len(pairs) + t]
+    bad = [not math.isfinite(gram[k][k]) for k in range(t)]
     b = float(batch_size)
-    extra_values = [] if extra is None else extra.detach().to("cpu", torch.float64).numpy().ravel()
-    packed = np.concatenate([gram.reshape(-1) * b * b, loss * b, bad.astype(np.float64), [b], extra_values])
-    return torch.from_numpy(packed)
+    packed = [0.0 if bad[i] or bad[j] else gram[i][j] * b * b for i in range(t) for j in range(t)]
+    packed += [v * b for v in loss] + [float(x) for x in bad] + [b] + values[len(pairs) + t :]
+    return torch.tensor(packed, dtype=torch.float64)
 
 
 def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
@@ -100,10 +107,8 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
     discards the work done on it.
     """
     t = len(present)
-    v = packed.numpy()
-    finite_loss = np.isfinite(v[t * t : t * t + t])
-    good_grad = v[t * t + t : t * t + 2 * t] == 0
-    return present & finite_loss & good_grad
+    v = packed[t * t : t * t + 2 * t].tolist()
+    return np.array([bool(present[k]) and math.isfinite(v[k]) and v[t + k] == 0 for k in range(t)])
 
 
 # How the statistics are summed over ranks. "all_to_all": every rank sends its vector to every rank
@@ -179,15 +184,24 @@ def reduce_statistics(
 
 def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int, cross_terms: bool = True) -> StepStats:
     """The reduced vector of :func:`local_statistics` as global statistics."""
-    v = packed.numpy()
-    t = num_tasks
-    b_global = float(v[t * t + 2 * t])
-    gram = v[: t * t].reshape(t, t) / (b_global * b_global)
-    losses = v[t * t : t * t + t] / b_global
-    nonfinite_loss = ~np.isfinite(losses)
-    losses = np.where(nonfinite_loss, 0.0, losses)
-    bad = v[t * t + t : t * t + 2 * t] > 0
-    active = ~bad & ~nonfinite_loss & (np.diagonal(gram) > 0)
-    gram = gram * active[:, None] * active[None, :]
-    extra = v[t * t + 2 * t + 1 :].copy() if len(v) > t * t + 2 * t + 1 else None
-    return StepStats(gram, losses, active, batch_size, int(round(b_global)), nonfinite_loss, extra, cross_terms)
+    v = packed.tolist()
+    t, n = num_tasks, num_tasks * num_tasks
+    b_global = v[n + 2 * t]
+    b2 = b_global * b_global
+    losses = [x / b_global for x in v[n : n + t]]
+    nonfinite_loss = [not math.isfinite(x) for x in losses]
+    bad = [x > 0 for x in v[n + t : n + 2 * t]]
+    active = [not (bad[k] or nonfinite_loss[k]) and v[k * t + k] / b2 > 0 for k in range(t)]
+    on = [1.0 if a else 0.0 for a in active]
+    gram = [[v[i * t + j] / b2 * on[i] * on[j] for j in range(t)] for i in range(t)]
+    extra = np.array(v[n + 2 * t + 1 :]) if len(v) > n + 2 * t + 1 else None
+    return StepStats(
+        np.array(gram).reshape(t, t),
+        np.array([0.0 if bad_loss else x for x, bad_loss in zip(losses, nonfinite_loss)]),
+        np.array(active),
+        batch_size,
+        int(round(b_global)),
+        np.array(nonfinite_loss),
+        extra,
+        cross_terms,
+    )
