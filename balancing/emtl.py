@@ -49,29 +49,30 @@ class EMTL(Balancer):
         self.bandit = np.full(self.num_tasks, 1.0 / self.num_tasks)  # p
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
-        active = stats.active
-        if not active.any():
+        # T is a handful: Python floats, as in balancing/simplex.py.
+        active = stats.active.tolist()
+        if not any(active):
             return np.zeros(self.num_tasks)
-        idx = np.flatnonzero(active)
         # Step 1: alpha = MGDA min-norm weights over the active tasks.
-        alpha = active_min_norm(normalized_gram(stats, self.mgda_norm), active)
+        alpha = active_min_norm(normalized_gram(stats, self.mgda_norm), stats.active).tolist()
         # Step 2 (Eq. 1): relative rates r_k = Lbar_k / n_k, rewards normalised to mean 1.
-        rate = stats.losses / (stats.norms + _EPS)
-        reward = np.zeros(self.num_tasks)
-        mean_rate = rate[idx].mean()
-        if mean_rate != 0.0:
-            reward[idx] = rate[idx] / mean_rate
+        rate = [loss / (n + _EPS) for loss, n in zip(stats.losses.tolist(), stats.norms.tolist())]
+        live = [r for r, on in zip(rate, active) if on]
+        mean_rate = sum(live) / len(live)
+        reward = [r / mean_rate if on and mean_rate != 0.0 else 0.0 for r, on in zip(rate, active)]
         # Step 3 (Eqs. 11-13): mirror ascent in log space, projected into the KL ball of radius rho.
-        log_q = np.log(np.maximum(self.bandit, 1e-300)) + self.eta * reward
+        log_q = [math.log(max(p, 1e-300)) + self.eta * r for p, r in zip(self.bandit.tolist(), reward)]
         self.bandit, kl_multiplier = kl_constrained_softmax(log_q, self.rho)
         # Step 4: merge, then step 5: A = sum_k w_k G_k (inactive tasks contribute nothing).
-        weights = self.beta * alpha + (1.0 - self.beta) * self.bandit
+        weights = [self.beta * a + (1.0 - self.beta) * p for a, p in zip(alpha, self.bandit.tolist())]
+        live_rewards = [r for r, on in zip(reward, active) if on]
+        mean_reward = sum(live_rewards) / len(live_rewards)
         self.last_telemetry = {
-            "weights": weights.tolist(),
-            "alpha": alpha.tolist(),
+            "weights": weights,
+            "alpha": alpha,
             "p": self.bandit.tolist(),
-            "relative_rate": rate.tolist(),
-            "relative_rate_var": float(reward[idx].var()) if idx.size > 1 else 0.0,
+            "relative_rate": rate,
+            "relative_rate_var": sum((r - mean_reward) ** 2 for r in live_rewards) / len(live_rewards),
             "kl_multiplier": kl_multiplier,
         }
-        return weights * active
+        return np.array([w if on else 0.0 for w, on in zip(weights, active)])

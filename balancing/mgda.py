@@ -7,7 +7,7 @@ as in LibMTL the aggregate is taken over the normalised gradients, ``A = sum_k c
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -19,29 +19,30 @@ NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 _EPS = 1e-12
 
 
-def normalization_inverse(stats: StepStats, how: str) -> np.ndarray:
+def normalization_inverse(stats: StepStats, how: str) -> List[float]:
     """(T,) ``1 / div_k`` for the normalisation ``how``; 0 for inactive tasks."""
     if how not in NORMALIZATIONS:
         raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {how!r}")
+    on = [1.0 if a else 0.0 for a in stats.active.tolist()]
     if how == "none":
-        return stats.active.astype(np.float64)
-    n, loss = stats.norms, np.abs(stats.losses)
-    div = {"l2": n, "loss": loss, "loss+": loss * n}[how]
-    return np.where(div > 0, 1.0 / np.maximum(div, _EPS), 0.0) * stats.active
+        return on
+    n, loss = stats.norms.tolist(), [abs(v) for v in stats.losses.tolist()]
+    div = {"l2": n, "loss": loss, "loss+": [a * b for a, b in zip(loss, n)]}[how]
+    return [(1.0 / max(v, _EPS) if v > 0 else 0.0) * a for v, a in zip(div, on)]
 
 
-def normalized_gram(stats: StepStats, how: str) -> np.ndarray:
+def normalized_gram(stats: StepStats, how: str) -> List[List[float]]:
     """``M'``: the Gram matrix of ``G_k / div_k``."""
     inv = normalization_inverse(stats, how)
-    return stats.gram * np.outer(inv, inv)
+    return [[m * (inv[i] * inv[j]) for j, m in enumerate(row)] for i, row in enumerate(stats.gram.tolist())]
 
 
-def active_min_norm(gram: np.ndarray, active: np.ndarray) -> np.ndarray:
+def active_min_norm(gram: Sequence[Sequence[float]], active: np.ndarray) -> np.ndarray:
     """Min-norm weights over the active tasks; 0 for the others."""
-    out = np.zeros(active.size)
-    idx = np.flatnonzero(active)
-    if idx.size:
-        out[idx] = min_norm_weights(gram[np.ix_(idx, idx)])
+    out = np.zeros(len(active))
+    idx = np.flatnonzero(active).tolist()
+    if idx:
+        out[idx] = min_norm_weights([[gram[i][j] for j in idx] for i in idx])
     return out
 
 
@@ -56,4 +57,4 @@ class MGDA(Balancer):
     def coefficients(self, stats: StepStats) -> np.ndarray:
         weights = active_min_norm(normalized_gram(stats, self.normalization), stats.active)
         self.last_telemetry = {"weights": weights.tolist()}
-        return weights * normalization_inverse(stats, self.normalization)
+        return weights * np.array(normalization_inverse(stats, self.normalization))

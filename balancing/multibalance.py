@@ -7,6 +7,8 @@ Everything is algebra on the global Gram matrix.
 
 from __future__ import annotations
 
+import math
+from operator import mul
 from typing import Optional, Sequence
 
 import numpy as np
@@ -46,31 +48,37 @@ class MultiBalance(Balancer):
         self.ema_norms = np.zeros(self.num_tasks)  # m; 0 = not yet seen
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
-        active, n = stats.active, stats.norms
-        if not active.any():
+        # T is a handful: Python floats, as in balancing/simplex.py.
+        active = stats.active.tolist()
+        if not any(active):
             return np.zeros(self.num_tasks)
+        t, beta, gram = self.num_tasks, self.beta, stats.gram.tolist()
         # Step 1: m_k <- n_k at a task's first step, else beta m_k + (1 - beta) n_k.
-        ema = np.where(self.ema_norms > 0, self.beta * self.ema_norms + (1 - self.beta) * n, n)
-        self.ema_norms = np.where(active, ema, self.ema_norms)
+        ema = [
+            (beta * m + (1 - beta) * n if m > 0 else n) if on else m
+            for m, n, on in zip(self.ema_norms.tolist(), stats.norms.tolist(), active)
+        ]
+        self.ema_norms = np.array(ema)
         # Step 2: Gtilde_k = (mbar / m_k) G_k, so every active task enters with the same magnitude.
-        mbar = self.ema_norms[active].mean()
-        scale = np.where(active, mbar / np.maximum(self.ema_norms, _EPS), 0.0)
-        gram_t = stats.gram * np.outer(scale, scale)
+        seen = [m for m, on in zip(ema, active) if on]
+        mbar = sum(seen) / len(seen)
+        scale = [mbar / max(m, _EPS) if on else 0.0 for m, on in zip(ema, active)]
+        gram_t = [[gram[i][j] * (scale[i] * scale[j]) for j in range(t)] for i in range(t)]
         # Step 3: d_k = <Gtilde_k, v> / (||Gtilde_k|| ||v|| + eps), v = sum_j (w_j + lam w0_j) Gtilde_j.
-        u = (self.weights + self.lam * self.prior) * active
-        gu = gram_t @ u
-        v_norm = np.sqrt(max(float(u @ gu), 0.0))
-        tilde_norms = np.sqrt(np.maximum(np.diagonal(gram_t), 0.0))
-        direction = gu / (tilde_norms * v_norm + _EPS)
+        u = [(w + self.lam * w0) if on else 0.0 for w, w0, on in zip(self.weights.tolist(), self.prior.tolist(), active)]
+        gu = [sum(map(mul, row, u)) for row in gram_t]
+        v_norm = math.sqrt(max(sum(map(mul, u, gu)), 0.0))
+        tilde_norms = [math.sqrt(max(gram_t[k][k], 0.0)) for k in range(t)]
+        direction = [g / (n * v_norm + _EPS) for g, n in zip(gu, tilde_norms)]
         # Step 4 (Eq. 12): projected step on the simplex.
-        self.weights = project_to_simplex(self.weights - self.lr * direction)
+        self.weights = project_to_simplex([w - self.lr * d for w, d in zip(self.weights.tolist(), direction)])
         # Step 5: A = sum_k w_k Gtilde_k, i.e. c_k = w_k * mbar / m_k on the raw gradients.
-        coeffs = self.weights * scale
+        weights = self.weights.tolist()
         self.last_telemetry = {
-            "weights": self.weights.tolist(),
-            "ema_norm": self.ema_norms.tolist(),
-            "direction": direction.tolist(),
-            "rescaled_grad_norm": tilde_norms.tolist(),
-            "weighted_grad_norm": (self.weights * tilde_norms).tolist(),
+            "weights": weights,
+            "ema_norm": ema,
+            "direction": direction,
+            "rescaled_grad_norm": tilde_norms,
+            "weighted_grad_norm": [w * n for w, n in zip(weights, tilde_norms)],
         }
-        return coeffs
+        return np.array([w * s for w, s in zip(weights, scale)])

@@ -1,17 +1,29 @@
-"""Small float64 solvers on the simplex, shared by the balancers (NumPy: inputs are T or T x T)."""
+"""Small float64 solvers on the simplex, shared by the balancers.
+
+Inputs are T-vectors or T x T matrices with T a handful, so the arithmetic runs on Python floats: a
+NumPy call costs microseconds of dispatch whatever its size, and these solvers run inside backward
+every step (host time that a GPU waits for). They take sequences or arrays and return NumPy arrays.
+"""
 
 from __future__ import annotations
+
+import math
+from operator import mul, sub
+from typing import List, Sequence
 
 import numpy as np
 
 
-def project_to_simplex(v: np.ndarray) -> np.ndarray:
+def project_to_simplex(v: Sequence[float]) -> np.ndarray:
     """Euclidean projection of ``v`` (T,) onto {w : w >= 0, sum w = 1} (sort-based, Duchi et al. 2008)."""
-    v = np.asarray(v, dtype=np.float64)
-    u = np.sort(v)[::-1]
-    cumsum = np.cumsum(u) - 1.0
-    rho = int(np.nonzero(u - cumsum / np.arange(1, v.size + 1) > 0)[0].max())
-    return np.maximum(v - cumsum[rho] / (rho + 1), 0.0)
+    values = [float(x) for x in v]
+    running, theta = 0.0, 0.0
+    for i, u in enumerate(sorted(values, reverse=True)):
+        running += u
+        shift = (running - 1.0) / (i + 1)
+        if u - shift > 0:
+            theta = shift  # the largest i with u_i > (sum_{j<=i} u_j - 1) / i fixes the threshold
+    return np.array([max(x - theta, 0.0) for x in values])
 
 
 def _min_norm_pair(v11: float, v12: float, v22: float) -> tuple[float, float]:
@@ -24,53 +36,51 @@ def _min_norm_pair(v11: float, v12: float, v22: float) -> tuple[float, float]:
     return g, v22 + g * (v12 - v22)
 
 
-def min_norm_weights(gram: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> np.ndarray:
+def min_norm_weights(gram: Sequence[Sequence[float]], max_iter: int = 250, tol: float = 1e-5) -> np.ndarray:
     """MGDA min-norm point: argmin over the simplex of ``c^T gram c`` (Sener & Koltun 2018).
 
     T = 2 uses the closed form ``c_1 = clip((M22 - M12) / (M11 + M22 - 2 M12), 0, 1)``; T > 2 runs
     Frank-Wolfe from the best pair, at most ``max_iter`` iterations, tolerance ``tol``.
     """
-    m = np.asarray(gram, dtype=np.float64)
-    t = m.shape[0]
+    m = np.asarray(gram, dtype=np.float64).tolist()
+    t = len(m)
     if t == 1:
         return np.ones(1)
-    best_cost, sol = float("inf"), np.zeros(t)
+    best_cost, x = float("inf"), [0.0] * t
     for i in range(t):
         for j in range(i + 1, t):
-            g, cost = _min_norm_pair(m[i, i], m[i, j], m[j, j])
+            g, cost = _min_norm_pair(m[i][i], m[i][j], m[j][j])
             if cost < best_cost:
-                best_cost, sol = cost, np.zeros(t)
-                sol[i], sol[j] = g, 1.0 - g
+                best_cost, x = cost, [0.0] * t
+                x[i], x[j] = g, 1.0 - g
     if t > 2:
-        # Plain Python floats: at T of a few, NumPy's per-call dispatch would dominate each iteration.
-        mm, x = m.tolist(), sol.tolist()
         for _ in range(max_iter):
-            grad = [sum(row[j] * x[j] for j in range(t)) for row in mm]
+            grad = [sum(map(mul, row, x)) for row in m]
             k = min(range(t), key=grad.__getitem__)
-            g, _ = _min_norm_pair(sum(a * b for a, b in zip(x, grad)), grad[k], mm[k][k])
+            g, _ = _min_norm_pair(sum(map(mul, x, grad)), grad[k], m[k][k])
             new = [g * v for v in x]
             new[k] += 1.0 - g
-            done = sum(abs(a - b) for a, b in zip(new, x)) < tol
+            done = sum(map(abs, map(sub, new, x))) < tol
             x = new
             if done:
                 break
-        sol = np.array(x)
-    return sol
+    return np.array(x)
 
 
-def kl_to_uniform(p: np.ndarray) -> float:
+def kl_to_uniform(p: Sequence[float]) -> float:
     """``KL(p || uniform) = log T - H(p)``."""
-    p = np.asarray(p, dtype=np.float64)
-    nz = p[p > 0]
-    return float((nz * np.log(nz * p.size)).sum())
+    t = len(p)
+    return sum(v * math.log(v * t) for v in map(float, p) if v > 0)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
+def _softmax(x: List[float]) -> List[float]:
+    top = max(x)
+    e = [math.exp(v - top) for v in x]
+    total = sum(e)
+    return [v / total for v in e]
 
 
-def kl_constrained_softmax(log_q: np.ndarray, rho: float, tol: float = 1e-10) -> tuple[np.ndarray, float]:
+def kl_constrained_softmax(log_q: Sequence[float], rho: float, tol: float = 1e-10) -> tuple[np.ndarray, float]:
     """``p ∝ q^(1/(1+lam))`` with ``lam = 0`` if ``KL(p || uniform) <= rho``, else the ``lam > 0``
     for which ``KL = rho``. Returns (p, lam).
 
@@ -78,13 +88,13 @@ def kl_constrained_softmax(log_q: np.ndarray, rho: float, tol: float = 1e-10) ->
     monotonically from 0 and ``dKL/dtau = tau Var_p(x)``, so Newton steps kept inside a shrinking
     bisection bracket converge in a handful of iterations.
     """
-    x = np.asarray(log_q, dtype=np.float64)
-    p = softmax(x)
+    x = [float(v) for v in log_q]
+    p = _softmax(x)
     if kl_to_uniform(p) <= rho:
-        return p, 0.0
+        return np.array(p), 0.0
     lo, hi, tau = 0.0, 1.0, 1.0
     for _ in range(100):
-        p = softmax(tau * x)
+        p = _softmax([tau * v for v in x])
         f = kl_to_uniform(p) - rho
         if abs(f) <= tol * max(rho, 1e-12):
             break
@@ -92,7 +102,8 @@ def kl_constrained_softmax(log_q: np.ndarray, rho: float, tol: float = 1e-10) ->
             hi = tau
         else:
             lo = tau
-        slope = tau * float(p @ (x - p @ x) ** 2)
+        mean = sum(map(mul, p, x))
+        slope = tau * sum(a * (b - mean) ** 2 for a, b in zip(p, x))
         step = tau - f / slope if slope > 0 else -1.0
         tau = step if lo < step < hi else 0.5 * (lo + hi)
-    return softmax(tau * x), 1.0 / tau - 1.0
+    return np.array(_softmax([tau * v for v in x])), 1.0 / tau - 1.0
