@@ -74,7 +74,7 @@ class RepresentationBoundary(nn.Module):
         balancer: the method that combines the per-task gradients.
         reduction: ``mean`` keeps task weights on the simplex (``equal`` gives the gradient of the mean
             task loss); ``sum`` multiplies the aggregated gradient by T.
-        process_group: where the step's statistics are all-reduced; ``None`` means the default group
+        process_group: where the step's statistics are summed over ranks; ``None`` means the default group
             when ``torch.distributed`` is initialised, and no communication otherwise. A dedicated
             group keeps this collective apart from DDP's gradient buckets.
         telemetry_every: compute the costlier telemetry (e.g. CoGrad's correction norms) every N

@@ -28,7 +28,7 @@ class ConstantWeights(Balancer):
     def aggregate(self, grads, stats: StepStats, z=None, early: Optional[Any] = None) -> torch.Tensor:
         if early is None:
             return super().aggregate(grads, stats, z)
-        self.last_telemetry = {"weights": self.weights.tolist()}
+        self.coefficients(stats)  # the telemetry; the sum itself was formed in prepare()
         return early
 
 

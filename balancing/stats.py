@@ -154,9 +154,9 @@ class PendingStatistics:
                 self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
             else:
                 self._world = dist.get_world_size(process_group)
-                sent = self._buf.repeat(self._world)
-                self._buf = torch.empty_like(sent)
-                self._work = dist.all_to_all_single(self._buf, sent, group=process_group, async_op=True)
+                self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
+                self._buf = torch.empty_like(self._sent)
+                self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
 
     def wait(self) -> StepStats:
         if self._work is not None:
