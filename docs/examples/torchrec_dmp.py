@@ -21,7 +21,7 @@ class Ranker(nn.Module):
                   for f in ("user", "item")]
         self.ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))  # DMP allocates the shards
         self.bottom = nn.Sequential(nn.Linear(32, d), nn.ReLU())
-        # Statistics are all-reduced on their own group, apart from DDP's buckets: every rank gets
+        # Statistics are summed over ranks on their own group, apart from DDP's buckets: every rank gets
         # the weights one rank would compute on the global batch.
         self.boundary = RepresentationBoundary(build_balancer("emtl", tasks), process_group=group)
         self.heads = nn.ModuleList(nn.Linear(d, 1) for _ in tasks)
