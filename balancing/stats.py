@@ -178,7 +178,7 @@ def reduce_statistics(
     process_group: Optional[dist.ProcessGroup] = None,
     device: Optional[torch.device] = None,
 ) -> StepStats:
-    """All-reduces the packed vector once (when a process group is initialised) and unpacks it."""
+    """Sums the packed vector over ranks once (when a process group is initialised) and unpacks it."""
     return PendingStatistics(packed, num_tasks, batch_size, process_group, device).wait()
 
 
