@@ -41,8 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class _StepRecord:
-    """The boundary's per-step values, kept out of ``nn.Module``'s ``__setattr__``, which costs several
-    microseconds an assignment (about 40 us a step over the ~7 that a step makes)."""
+    """The boundary's per-step values, kept out of ``nn.Module``'s ``__setattr__`` (2.2 us an
+    assignment here, against 0.02 us on a plain object; a step makes about seven)."""
 
     losses: Optional[torch.Tensor] = None  # from objective(), consumed by backward
     stats: Optional[StepStats] = None
