@@ -120,12 +120,59 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
 STATS_COLLECTIVES = ("auto", "all_reduce", "all_to_all")
 
 
+class PendingSum:
+    """A float64 CPU vector summed over the ranks of ``process_group``, started asynchronously when a
+    group of more than one rank is initialised (else the vector itself); :meth:`wait` returns the
+    sum, the same on every rank. ``device``: reduce there (NCCL reduces on the GPU). ``collective``:
+    see ``STATS_COLLECTIVES``."""
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        process_group: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+        collective: str = "auto",
+    ) -> None:
+        if collective not in STATS_COLLECTIVES:
+            raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
+        self._buf = values
+        self._work = None
+        self._world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            if device is not None and device.type != "cpu":
+                self._buf = values.to(device)
+            if collective == "auto":
+                collective = "all_reduce" if self._buf.is_cuda else "all_to_all"
+            if collective == "all_reduce":
+                self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
+            else:
+                self._world = dist.get_world_size(process_group)
+                self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
+                self._buf = torch.empty_like(self._sent)
+                self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        summed = self._buf.cpu()
+        if self._world > 1:  # the all-to-all's W vectors, added in rank order
+            rows = summed.view(self._world, -1).numpy()
+            total = rows[0].copy()
+            for row in rows[1:]:
+                total += row
+            summed = torch.from_numpy(total)
+        return summed
+
+
+def sum_over_ranks(values: torch.Tensor, process_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """A small float64 CPU vector summed over ranks (itself without a process group), the same on
+    every rank: one collective, the cheaper one for the backend (``STATS_COLLECTIVES``)."""
+    return PendingSum(values, process_group).wait()
+
+
 class PendingStatistics:
-    """The step's one statistics reduction (a sum over ranks), started asynchronously when a process
-    group of more than one rank is initialised: work that does not need the global statistics can run
-    before :meth:`wait` returns them. On NCCL the reduction runs on the GPU (``device``).
-    ``collective`` picks how the sum is formed (see ``STATS_COLLECTIVES``); every choice gives every
-    rank the same statistics."""
+    """The step's one statistics reduction (a :class:`PendingSum` of the packed vector): work that
+    does not need the global statistics can run before :meth:`wait` returns them."""
 
     def __init__(
         self,
@@ -137,38 +184,13 @@ class PendingStatistics:
         cross_terms: bool = True,
         collective: str = "auto",
     ) -> None:
-        if collective not in STATS_COLLECTIVES:
-            raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
         self.num_tasks = num_tasks
         self.batch_size = batch_size
         self.cross_terms = cross_terms
-        self._buf = packed
-        self._work = None
-        self._world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-            if device is not None and device.type != "cpu":
-                self._buf = packed.to(device)
-            if collective == "auto":
-                collective = "all_reduce" if self._buf.is_cuda else "all_to_all"
-            if collective == "all_reduce":
-                self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
-            else:
-                self._world = dist.get_world_size(process_group)
-                self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
-                self._buf = torch.empty_like(self._sent)
-                self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
+        self._sum = PendingSum(packed, process_group, device, collective)
 
     def wait(self) -> StepStats:
-        if self._work is not None:
-            self._work.wait()
-        summed = self._buf.cpu()
-        if self._world > 1:  # the all-to-all's W vectors, added in rank order
-            rows = summed.view(self._world, -1).numpy()
-            total = rows[0].copy()
-            for row in rows[1:]:
-                total += row
-            summed = torch.from_numpy(total)
-        return unpack_statistics(summed, self.num_tasks, self.batch_size, self.cross_terms)
+        return unpack_statistics(self._sum.wait(), self.num_tasks, self.batch_size, self.cross_terms)
 
 
 def reduce_statistics(

@@ -160,10 +160,10 @@ def _packed(rank: int) -> torch.Tensor:
 
 
 def _sum_both_ways(rank: int, world_size: int):
-    from balancing.stats import PendingStatistics
+    from balancing.stats import PendingStatistics, sum_over_ranks
 
     dist.init_process_group("gloo")
-    out = {}
+    out = {"sum_over_ranks": sum_over_ranks(_packed(rank))}
     for collective in ("all_reduce", "all_to_all"):
         stats = PendingStatistics(_packed(rank), 3, 8, collective=collective).wait()
         out[collective] = (stats.gram, stats.losses, stats.extra, stats.global_batch_size)
@@ -172,13 +172,14 @@ def _sum_both_ways(rank: int, world_size: int):
 
 def test_both_ways_of_summing_the_statistics_agree_on_every_rank():
     """The statistics' sum over 3 gloo ranks: all_to_all (every rank adds the W vectors itself, in rank
-    order; the CPU default) gives every rank the same bits, equal to all_reduce's and to the sum in
-    rank order of what the ranks packed."""
+    order; the CPU default, also behind ``sum_over_ranks``) gives every rank the same bits, equal to
+    all_reduce's and to the sum in rank order of what the ranks packed."""
     world = 3
     ranks = run_ranks(_sum_both_ways, world)
     total = sum((_packed(r) for r in range(world)), torch.zeros(20, dtype=torch.float64)).numpy()
     b_global = total[15]
     for result in ranks:
+        assert torch.equal(result["sum_over_ranks"], torch.from_numpy(total))  # the sum in rank order, bit for bit
         gram, losses, extra, global_batch = result["all_to_all"]
         assert np.array_equal(gram, ranks[0]["all_to_all"][0]) and np.array_equal(extra, ranks[0]["all_to_all"][2])
         np.testing.assert_array_equal(extra, total[16:])

@@ -22,6 +22,7 @@ from trainer.data import Batch, DataError, ParquetReader, columns_from_config
 from trainer.metrics import RunLog, TaskMetrics, format_table
 from balancing import NonFiniteLossError
 from balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
+from balancing.stats import sum_over_ranks
 from trainer.model import MultiTaskModel, boundary_method, build_model
 from trainer.runtime import Runtime
 from trainer.progress import progress_bar
@@ -231,10 +232,10 @@ class Trainer:
         return "boundary"
 
     def nonfinite_tasks(self, losses: torch.Tensor, collective: bool) -> List[str]:
-        """Tasks whose loss is NaN or inf on this rank, or on any rank (one all-reduce of T flags)."""
+        """Tasks whose loss is NaN or inf on this rank, or on any rank (one sum of T flags over ranks)."""
         flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
-        if collective and self.rt.world_size > 1:
-            dist.all_reduce(flags, group=self.rt.balancer_group)
+        if collective:
+            flags = sum_over_ranks(flags, self.rt.balancer_group)
         return [name for name, bad in zip(self.cfg.task_names, flags.tolist()) if bad > 0]
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer):
@@ -290,9 +291,7 @@ class Trainer:
     def _data_repairs(self) -> Dict[str, int]:
         """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
         counts = self.train_reader.counts if self.train_reader is not None else {"hashed_ids": 0, "imputed_dense": 0}
-        values = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64)
-        if self.rt.world_size > 1:
-            dist.all_reduce(values, group=self.rt.balancer_group)
+        values = sum_over_ranks(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64), self.rt.balancer_group)
         return dict(zip(counts, (int(v) for v in values.tolist())))
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
