@@ -102,7 +102,7 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
     """(T,) bool: the tasks with a gradient on this rank (``present``), finite here, and a finite local loss.
 
     This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
-    reduction starts (an all_reduce sums ``packed`` in place). It is wrong only when another rank saw a
+    reduction starts (the all_reduce path sums ``packed`` in place). It is wrong only when another rank saw a
     non-finite value or every rank a zero gradient; :meth:`RepresentationBoundary.balance` then
     discards the work done on it.
     """
@@ -137,8 +137,9 @@ class PendingSum:
             raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
         self._buf = values
         self._work = None
-        self._world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        self._world = 1  # > 1: the buffer holds the all-to-all's W vectors, summed in wait()
+        world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
             if device is not None and device.type != "cpu":
                 self._buf = values.to(device)
             if collective == "auto":
@@ -146,7 +147,7 @@ class PendingSum:
             if collective == "all_reduce":
                 self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
             else:
-                self._world = dist.get_world_size(process_group)
+                self._world = world
                 self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
                 self._buf = torch.empty_like(self._sent)
                 self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
