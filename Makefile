@@ -1,5 +1,7 @@
 # Concord's two entry points: `make demo` trains the demo config on 2 local ranks; `make test` runs the
 # test suite. Both create .venv on first use and install the pinned CPU stack once (stamp file).
+# `make install-gpu` builds a separate .venv-gpu with the CUDA stack (docs/gpu.md); the CPU path is
+# left as it is.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +9,11 @@ STAMP := $(VENV)/.concord-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS ?=  # config overrides for demo and bench, e.g. ARGS="train.resume=false"
 
-.PHONY: install demo test bench clean
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.concord-installed
+GPU_PIP := $(GPU_VENV)/bin/python -m pip --disable-pip-version-check -q
+
+.PHONY: install install-gpu demo test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +29,19 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('concord: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $@
 
+install-gpu: $(GPU_STAMP)
+
+# PyPI's Linux torch wheel is the CUDA build; fbgemm-gpu is FBGEMM's CUDA build for that torch. Local
+# wheel folders (find-links) are ignored here, since they may hold a CPU torch of the same version.
+$(GPU_STAMP): pyproject.toml requirements/cuda.txt
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	PIP_FIND_LINKS= $(GPU_PIP) install torch==2.13.0
+	$(GPU_PIP) install -r requirements/cuda.txt
+	$(GPU_PIP) install --no-deps torchrec==1.8.0
+	$(GPU_PIP) install --no-deps -e .
+	$(GPU_VENV)/bin/python -c "import torch, torchrec, fbgemm_gpu; assert torch.version.cuda, 'a CPU torch was installed'; print('concord (CUDA): torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/concord train --config configs/demo.yaml $(ARGS)
 
@@ -33,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/concord bench --config configs/demo.yaml $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) $(GPU_VENV) runs data

@@ -1,15 +1,15 @@
 """Gradient balancing at the shared representation. Depends on torch and NumPy only: lift it into
 any model.
 
->>> from balancing import RepresentationBoundary, build_balancer
+>>> from concord.balancing import RepresentationBoundary, build_balancer
 """
 
-from balancing.base import Balancer, available_balancers, balancer_class, build_balancer, register
-from balancing.boundary import NonFiniteLossError, RepresentationBoundary
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, available_balancers, balancer_class, build_balancer, register
+from concord.balancing.boundary import NonFiniteLossError, RepresentationBoundary
+from concord.balancing.stats import StepStats
 
 # Importing the method modules registers them.
-from balancing import (  # noqa: F401,E402
+from concord.balancing import (  # noqa: F401,E402
     cograd,
     dbmtl,
     emtl,

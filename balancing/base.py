@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 import numpy as np
 import torch
 
-from balancing.stats import StepStats
+from concord.balancing.stats import StepStats
 
 logger = logging.getLogger("concord.balancing")
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balancing.base import Balancer
-from balancing.stats import PendingStatistics, StepStats, local_statistics, usable_here
+from concord.balancing.base import Balancer
+from concord.balancing.stats import PendingStatistics, StepStats, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -106,8 +106,6 @@ class RepresentationBoundary(nn.Module):
         self.on_nonfinite_loss = on_nonfinite_loss
         self.process_group = process_group
         self.balancer = balancer
-        # Loss-level methods learn parameters; as module parameters the dense optimizer trains them.
-        self.balancer_parameters = nn.ParameterList(balancer.parameters())
         self._passthrough = False
         # Off: z goes to the heads as is and autograd sums the task gradients (plain multi-task
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
@@ -174,6 +172,18 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
         balancer.process_group = self.process_group
         self._balancer = balancer
+        # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
+        # DDP averages their gradients and ``.to(device)`` moves them (in place, so the balancer's
+        # own references stay valid).
+        self.balancer_parameters = nn.ParameterList(balancer.parameters())
+
+    def get_extra_state(self) -> dict:
+        """The balancer's state (EMA norms, weights, bandit, step, random generators) travels with
+        ``model.state_dict()``, so saving a model saves how its tasks were being balanced."""
+        return self._balancer.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self._balancer.load_state_dict(state)
 
     @contextlib.contextmanager
     def passthrough(self) -> Iterator[None]:

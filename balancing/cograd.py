@@ -1,4 +1,6 @@
-"""CoGrad (Alibaba; paper 002, Algorithm 1 line 9, Eqs. 10-11 with lambda = 1), per ALGORITHMS.md.
+"""CoGrad, from "Gradient Coordination for Quantifying and Maximizing Knowledge Transference in
+Multi-Task Learning" (Yang et al., Alibaba), Algorithm 1 line 9 and Eqs. 10-11 with lambda = 1, as
+specified in docs/ALGORITHMS.md.
 
 Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``, applied at
 per-sample scale (``U_k = B G_k``) so that the rule does not depend on the batch size.
@@ -11,9 +13,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from balancing.base import Balancer, check_task_vector, register, weighted_sum
-from balancing.fused import FusedRule
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, check_task_vector, register, weighted_sum
+from concord.balancing.fused import FusedRule
+from concord.balancing.stats import StepStats
 
 
 @register("cograd")

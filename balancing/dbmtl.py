@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from balancing.base import Balancer, register
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, register
+from concord.balancing.stats import StepStats
 
 
 @register("dbmtl")

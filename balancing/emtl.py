@@ -1,4 +1,4 @@
-"""EMTL, equitable multi-task learning (paper 000, Eqs. 1, 11-13), as specified in ALGORITHMS.md.
+"""EMTL, from "Equitable Multi-Task Learning", Eqs. 1 and 11-13, as specified in docs/ALGORITHMS.md.
 
 MGDA's min-norm weights merged with bandit weights that mirror-ascend on each task's relative rate
 (loss / gradient norm), inside a KL ball around uniform.
@@ -11,10 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from balancing.base import Balancer, check_positive, register
-from balancing.mgda import NORMALIZATIONS, active_min_norm, normalized_gram
-from balancing.simplex import kl_constrained_softmax
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, check_positive, register
+from concord.balancing.mgda import NORMALIZATIONS, active_min_norm, normalized_gram
+from concord.balancing.simplex import kl_constrained_softmax
+from concord.balancing.stats import StepStats
 
 _EPS = 1e-12
 

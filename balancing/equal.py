@@ -7,8 +7,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from balancing.base import Balancer, check_task_vector, register, weighted_sum
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, check_task_vector, register, weighted_sum
+from concord.balancing.stats import StepStats
 
 
 class ConstantWeights(Balancer):
@@ -34,7 +34,7 @@ class ConstantWeights(Balancer):
 
 @register("equal")
 class Equal(ConstantWeights):
-    """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (ALGORITHMS.md, reduction convention)."""
+    """``A = (1/T) sum_k G_k``: the gradient of the mean task loss (docs/ALGORITHMS.md, reduction convention)."""
 
     def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__(task_names)

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from balancing.base import Balancer, register, seeded_generator
-from balancing.pcgrad import other_tasks_in_random_order
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, register, seeded_generator
+from concord.balancing.pcgrad import other_tasks_in_random_order
+from concord.balancing.stats import StepStats
 
 
 @register("gradvac")

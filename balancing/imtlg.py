@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from balancing.base import Balancer, register
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, register
+from concord.balancing.stats import StepStats
 
 
 def imtlg_weights(gram: np.ndarray) -> np.ndarray:

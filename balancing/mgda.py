@@ -1,6 +1,6 @@
 """MGDA-UB on the representation (Sener & Koltun 2018): the min-norm point of the task gradients.
 
-ALGORITHMS.md, Baselines: ``c = argmin over the simplex of c^T M' c`` where ``M'`` is ``M`` after the
+docs/ALGORITHMS.md, Baselines: ``c = argmin over the simplex of c^T M' c`` where ``M'`` is ``M`` after the
 normalisation ``none | l2 | loss | loss+`` (``G_k`` divided by 1, ``n_k``, ``Lbar_k``, ``Lbar_k n_k``);
 as in LibMTL the aggregate is taken over the normalised gradients, ``A = sum_k c_k G_k / div_k``.
 """
@@ -11,9 +11,9 @@ from typing import List, Sequence
 
 import numpy as np
 
-from balancing.base import Balancer, register
-from balancing.simplex import min_norm_weights
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, register
+from concord.balancing.simplex import min_norm_weights
+from concord.balancing.stats import StepStats
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 _EPS = 1e-12

@@ -1,4 +1,5 @@
-"""MultiBalance (Meta; paper 001, Algorithm 3, Eq. 12), as specified in ALGORITHMS.md.
+"""MultiBalance, from "MultiBalance: Multi-Objective Gradient Balancing in Industrial-Scale Multi-Task
+Recommendation System" (He et al., Meta), Algorithm 3 and Eq. 12, as specified in docs/ALGORITHMS.md.
 
 EMA of per-task gradient norms, rescaling to a common magnitude, and a projected simplex step on the
 task weights whose direction is a cosine between each rescaled task gradient and the weighted sum.
@@ -13,9 +14,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from balancing.base import Balancer, check_positive, check_task_vector, register
-from balancing.simplex import project_to_simplex
-from balancing.stats import StepStats
+from concord.balancing.base import Balancer, check_positive, check_task_vector, register
+from concord.balancing.simplex import project_to_simplex
+from concord.balancing.stats import StepStats
 
 _EPS = 1e-12
 

@@ -1,7 +1,7 @@
 """The step's global statistics: one sum over ranks of ``T*T + 2T + 1`` numbers (plus a method's extras).
 
 With DDP the dense gradients are averaged over ranks, so training minimises the global-batch mean
-loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (ALGORITHMS.md, "Global
+loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (docs/ALGORITHMS.md, "Global
 statistics"). We reduce ``B^2 <G_i, G_j>``, ``B * L_k``, a non-finite-gradient flag per task and ``B``
 itself, then divide by ``B_g^2`` and ``B_g``: every rank ends with the statistics of one rank holding
 the concatenated global batch. Losses are packed as they are, so a NaN or inf loss on any rank

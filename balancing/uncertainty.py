@@ -12,9 +12,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from balancing.base import register
-from balancing.equal import ConstantWeights
-from balancing.stats import StepStats
+from concord.balancing.base import register
+from concord.balancing.equal import ConstantWeights
+from concord.balancing.stats import StepStats
 
 
 @register("uncertainty")

@@ -1,5 +1,2 @@
-"""The sparse side: embedding tables from the config and their sharding (planner, DMP, fused optimizer)."""
-
-from embeddings.tables import build_embedding_bags, pooled_dim, table_configs
-
-__all__ = ["build_embedding_bags", "pooled_dim", "table_configs"]
+"""The sparse side: embedding tables from the config (``tables``) and their sharding (``sharding``:
+planner, DistributedModelParallel, fused optimizer); ``options`` lists what each device supports."""

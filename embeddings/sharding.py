@@ -3,6 +3,7 @@ and set the fused (in-backward) embedding optimizer."""
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -10,14 +11,22 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-CPU_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "data_parallel"]
+from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES
 
 _FUSED_OPTIMIZERS = {
     "rowwise_adagrad": (RowWiseAdagrad, ("lr", "eps", "weight_decay")),
@@ -35,16 +44,12 @@ class EmbeddingOptimizerError(ValueError):
     """The configured fused embedding optimizer has no kernel on this device."""
 
 
-# FBGEMM's CPU kernels implement these only; adam needs the CUDA kernels.
-CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
-
-
 def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg, device: torch.device) -> None:
     """Registers the embedding optimizer to run inside backward (FBGEMM's fused TBE update)."""
-    if device.type == "cpu" and opt_cfg.name not in CPU_FUSED_OPTIMIZERS:
+    if device.type == "cpu" and opt_cfg.name not in CPU_EMBEDDING_OPTIMIZERS:
         raise EmbeddingOptimizerError(
             f"model.embedding_optimizer.name: {opt_cfg.name!r} has no CPU kernel in FBGEMM; on CPU use one "
-            f"of {CPU_FUSED_OPTIMIZERS}"
+            f"of {CPU_EMBEDDING_OPTIMIZERS}"
         )
     cls, keys = _FUSED_OPTIMIZERS[opt_cfg.name]
     apply_optimizer_in_backward(cls, ebc.parameters(), {k: getattr(opt_cfg, k) for k in keys})
@@ -52,7 +57,7 @@ def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg, device: torch.de
 
 def sharding_constraints(tables: Sequence, device: torch.device) -> Dict[str, ParameterConstraints]:
     """Per-table allowed sharding types: the config's, else every type legal on this device."""
-    default = CPU_SHARDING_TYPES if device.type == "cpu" else None
+    default = list(CPU_SHARDING_TYPES) if device.type == "cpu" else None
     out = {}
     for t in tables:
         types = t.sharding_types or default
@@ -61,22 +66,41 @@ def sharding_constraints(tables: Sequence, device: torch.device) -> Dict[str, Pa
     return out
 
 
+# Share of each device's memory the planner leaves to dense parameters, activations and input batches.
+PLANNER_RESERVED_FRACTION = 0.15
+
+
+def planner_topology(world_size: int, device: torch.device) -> Topology:
+    """The planner's view of the job, from this machine: ranks per node, and on CUDA the device's
+    memory (the planner would otherwise assume a default HBM size)."""
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size)
+    if device.type == "cuda":
+        trainer.hbm_cap_bytes = torch.cuda.get_device_properties(device).total_memory
+    return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device.type))
+
+
 def shard_model(
     model: nn.Module,
     tables: Sequence,
     device: torch.device,
     process_group: Optional[dist.ProcessGroup] = None,
+    batch_size: Optional[int] = None,
 ) -> Tuple[DistributedModelParallel, ShardingPlan]:
     """Plans (the same plan on every rank: ``collective_plan``) and wraps ``model`` in DMP.
 
     The dense part goes to DDP, the ``EmbeddingBagCollection`` is sharded; the fused optimizer set by
-    :func:`apply_fused_optimizer` becomes ``dmp.fused_optimizer``. Returns the DMP and its plan.
+    :func:`apply_fused_optimizer` becomes ``dmp.fused_optimizer``. ``batch_size`` (per rank) sizes the
+    planner's estimates of input and output buffers. Returns the DMP and its plan.
     """
     pg = process_group or dist.GroupMember.WORLD
     world_size = dist.get_world_size(pg)
-    local_world_size = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world_size))
-    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=sharding_constraints(tables, device))
+    planner = EmbeddingShardingPlanner(
+        topology=planner_topology(world_size, device),
+        batch_size=batch_size,
+        storage_reservation=FixedPercentageStorageReservation(PLANNER_RESERVED_FRACTION),
+        constraints=sharding_constraints(tables, device),
+    )
     sharders = [EmbeddingBagCollectionSharder()]
     try:
         plan = planner.collective_plan(model, sharders, pg)

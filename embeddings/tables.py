@@ -12,7 +12,7 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_configs(tables: Sequence) -> list[EmbeddingBagConfig]:
-    """``TableConfig`` (trainer.config) -> torchrec ``EmbeddingBagConfig``; names and sizes kept."""
+    """``TableConfig`` (concord.trainer.config) -> torchrec ``EmbeddingBagConfig``; names and sizes kept."""
     return [
         EmbeddingBagConfig(
             name=t.name,

@@ -1,5 +1,1 @@
-"""One MLP head per task, and the task losses."""
-
-from heads.heads import TaskHead, TaskHeads, task_loss
-
-__all__ = ["TaskHead", "TaskHeads", "task_loss"]
+"""One MLP head per task and the task losses (``heads``); mixture-of-experts bottoms (``experts``)."""

@@ -58,7 +58,7 @@ def train(
         config,
         *(["--single-task", single_task] if single_task else []),
         *overrides,
-        m="trainer.cli",
+        m="concord.trainer.cli",
         image=image,
         name="concord",
         h=h,

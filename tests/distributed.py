@@ -9,7 +9,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from trainer.runtime import free_port
+from concord.trainer.runtime import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:

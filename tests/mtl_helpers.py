@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from balancing.stats import StepStats, local_statistics, reduce_statistics
+from concord.balancing.stats import StepStats, local_statistics, reduce_statistics
 
 
 def stats_for(grads: Sequence[torch.Tensor], losses: Sequence[float] | None = None) -> StepStats:

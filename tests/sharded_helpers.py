@@ -8,10 +8,10 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.sharding import apply_fused_optimizer, load_full_tables, shard_model
-from trainer.data import Batch, ParquetReader, columns_from_config
-from trainer.model import build_model
-from trainer.runtime import init_runtime
+from concord.embeddings.sharding import apply_fused_optimizer, load_full_tables, shard_model
+from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
+from concord.trainer.model import build_model
+from concord.trainer.runtime import init_runtime
 
 
 def global_batches(cfg, count: int, rows: int) -> List[Batch]:
@@ -33,7 +33,8 @@ def row_slice(batch: Batch, lo: int, hi: int) -> Batch:
 
 def initial_state(cfg, seed: int = 0) -> Dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return {k: v.clone() for k, v in build_model(cfg, "cpu").state_dict().items()}
+    state = build_model(cfg, "cpu").state_dict()
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def table_name(key: str) -> str:
@@ -70,6 +71,6 @@ def sharded_sgd_run(rank: int, world_size: int, cfg, state, batches, sharding: s
             for shard in value.local_shards():
                 r, c = shard.metadata.shard_offsets
                 params[(table_name(key), r, c)] = shard.tensor.clone()
-        else:
+        elif isinstance(value, torch.Tensor):  # not the boundary's balancer state (a dict)
             params[key] = value.clone()
     return first_logits, params

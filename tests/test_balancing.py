@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import (
+from concord.balancing import (
     Balancer,
     NonFiniteLossError,
     RepresentationBoundary,
@@ -21,8 +21,8 @@ from balancing import (
     balancer_class,
     build_balancer,
 )
-from balancing.stats import local_statistics, reduce_statistics
-from balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
+from concord.balancing.stats import local_statistics, reduce_statistics
+from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
 TASKS = ["a", "b", "c"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from balancing import RepresentationBoundary, build_balancer
-from balancing.param_level import PARAMETER_LEVEL, build_parameter_level
+from concord.balancing import RepresentationBoundary, build_balancer
+from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -160,7 +160,7 @@ def _packed(rank: int) -> torch.Tensor:
 
 
 def _sum_both_ways(rank: int, world_size: int):
-    from balancing.stats import PendingStatistics, sum_over_ranks
+    from concord.balancing.stats import PendingStatistics, sum_over_ranks
 
     dist.init_process_group("gloo")
     out = {"sum_over_ranks": sum_over_ranks(_packed(rank))}

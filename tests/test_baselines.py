@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import RepresentationBoundary, build_balancer
+from concord.balancing import RepresentationBoundary, build_balancer
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
 TASKS = ["a", "b", "c"]
@@ -227,7 +227,7 @@ def test_zero_and_non_finite_tasks_give_finite_results(name):
 
 # --- parameter level ----------------------------------------------------------------------------------------
 def test_param_mgda_weights_are_the_min_norm_of_parameter_gradients_and_drive_one_backward():
-    from balancing.param_level import build_parameter_level
+    from concord.balancing.param_level import build_parameter_level
 
     model = ToyMTL(3)
     x, y = toy_batch(16, 3)
@@ -263,7 +263,7 @@ def _simplex_points(step):
 
 
 def test_param_moco_matches_the_rule_over_several_steps():
-    from balancing.param_level import build_parameter_level
+    from concord.balancing.param_level import build_parameter_level
 
     model = ToyMTL(3)
     params = list(model.bottom.parameters())

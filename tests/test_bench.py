@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.bench import summarize
+from concord.trainer.tools.bench import summarize
 
 
 def _round(step_ms: float, batch: int) -> dict:

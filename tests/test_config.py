@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from trainer.config import ConfigError, load_config
+from concord.trainer.config import ConfigError, load_config
 
 DEMO = "configs/demo.yaml"
 
@@ -44,7 +44,7 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["model"]["tables"][0].update(features=[]), r"model\.tables\[0\]\.features: table 't_user' has no features"),
         (lambda r: r["data"]["sparse_columns"].update(orphan="orphan"), r"data\.sparse_columns\.orphan: feature 'orphan' is not read by any table"),
         (lambda r: r["model"]["tables"][1]["features"].append("ghost"), r"model\.tables\[1\]\.features: feature 'ghost' has no column"),
-        (lambda r: r["tasks"][0].update(type="ranking"), r"tasks\[0\]\.type: must be 'binary' or 'regression'"),
+        (lambda r: r["tasks"][0].update(type="ranking"), r"tasks\[0\]\.type: must be one of 'binary', 'regression', got 'ranking'"),
         (lambda r: r.update(balancer={"name": "emtl", "rho": 5.0}), r"balancer: emtl\.rho = 5\.0 must be < log T"),
         (lambda r: r.update(balancer={"name": "multibalance", "speed": 1}), r"balancer: balancer 'multibalance' has no knob 'speed'"),
         (lambda r: r["model"]["tables"][0].update(embedding_dim=30), r"embedding_dim: must be a positive multiple of 4"),

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.config import config_from_dict
-from trainer.convert import ConvertError, convert, stable_hash
+from concord.trainer.config import config_from_dict
+from concord.trainer.data.convert import ConvertError, convert, stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "day,user,tags,price,click,amount"
@@ -190,9 +190,9 @@ def test_raw_csv_to_a_trained_model(tmp_path):
         return proc
 
     call("configs/aliccp_sample.py", str(tmp_path / "raw.csv"), "--rows", "6000")
-    out = call("-m", "trainer.cli", "convert", "--config", "configs/aliccp.yaml", *where).stdout
+    out = call("-m", "concord.trainer.cli", "convert", "--config", "configs/aliccp.yaml", *where).stdout
     assert "training and" in out and "split by time" in out
-    call("-m", "trainer.cli", "train", "--config", "configs/aliccp.yaml", *where)
+    call("-m", "concord.trainer.cli", "train", "--config", "configs/aliccp.yaml", *where)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert set(summary["eval"]) == {"ctr", "ctcvr"}
     assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())

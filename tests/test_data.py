@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer.data import Columns, DataError, ParquetReader
+from concord.trainer.data.reader import Columns, DataError, ParquetReader
 
 COLUMNS = Columns(dense=("d0", "d1"), sparse=(("f", "f"), ("g", "g")), labels=("y",), table_sizes=(("f", 1000), ("g", 1000)))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from balancing import RepresentationBoundary, available_balancers, build_balancer
+from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
@@ -100,9 +100,9 @@ def test_the_statistics_travel_through_the_backend(backend, device, monkeypatch)
 
 
 def test_the_torch_only_boundary_bench_times_every_method(capsys):
-    """``python -m trainer.boundary_bench`` (the bench for a GPU machine without fbgemm-gpu), run small
+    """``python -m concord.trainer.tools.boundary_bench`` (the bench for a GPU machine without fbgemm-gpu), run small
     on the CPU: a step time per method and round, and the table."""
-    from trainer.boundary_bench import run
+    from concord.trainer.tools.boundary_bench import run
 
     step_ms = run(["none", "equal", "cograd"], "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
     assert set(step_ms) == {"none", "equal", "cograd"} and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())

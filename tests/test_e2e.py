@@ -53,7 +53,7 @@ def test_torchx_component_trains_and_writes_metrics(tmp_path, j):
 def test_concord_train_launches_torchrun(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml",
+        sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml",
         f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
         f"train.run_dir={run_dir}", "train.max_steps=12", "balancer.name=multibalance",
     ]
@@ -66,7 +66,7 @@ def test_concord_train_launches_torchrun(tmp_path):
 
 
 def test_config_error_is_reported_not_raised(tmp_path):
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/tiny.yaml", "train.nope=1"]
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", "train.nope=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "configs/tiny.yaml: train.nope: unknown key" in proc.stderr
@@ -75,7 +75,7 @@ def test_config_error_is_reported_not_raised(tmp_path):
 def test_compare_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, "-m", "trainer.cli", "compare", "--config", "configs/tiny.yaml",
+        sys.executable, "-m", "concord.trainer.cli", "compare", "--config", "configs/tiny.yaml",
         "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out),
         f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", "train.max_steps=8",
     ]
@@ -103,18 +103,18 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
 
 def test_torchx_component_passes_the_single_task_and_restarts():
     sys.path.insert(0, str(ROOT))
-    from launch.components import train
+    from concord.launch.components import train
 
     app = train("train.max_steps=5", config="configs/tiny.yaml", single_task="cvr", max_restarts=2)
     (role,) = app.roles
     command = role.args[-1]  # dist.ddp runs torchrun through bash -c
-    assert command.endswith("-m trainer.cli train --config configs/tiny.yaml --single-task cvr train.max_steps=5")
+    assert command.endswith("-m concord.trainer.cli train --config configs/tiny.yaml --single-task cvr train.max_steps=5")
     assert role.env["PET_MAX_RESTARTS"] == "2"
     assert "--single-task" not in train(config="configs/tiny.yaml").roles[0].args[-1]
 
 
 def test_an_improvement_must_show_at_two_decimals_and_exceed_its_seed_spread():
-    from trainer.compare import improves
+    from concord.trainer.tools.compare import improves
 
     assert improves([0.4, 0.6, 0.5])  # +0.50 ± 0.08
     assert not improves([1e-6, 2e-6, 3e-6])  # +0.00: rounding, not a gain
@@ -129,10 +129,10 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     error of each mean drop."""
     run_dir = tmp_path / "bench"
     cmd = [
-        sys.executable, "-m", "trainer.cli", "bench", "--config", "configs/tiny.yaml",
+        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
         "--methods", "none,equal,multibalance", "--rounds", "4", "--steps", "1",
         f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={run_dir}",
-        "train.warmup_steps=2",
+        "train.qps_skip_steps=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from balancing import build_balancer
+from concord.balancing import build_balancer
 from test_model import batch_for
-from trainer.config import load_config
-from trainer.model import build_model
+from concord.trainer.config import load_config
+from concord.trainer.model import build_model
 
 BOTTOMS = {
     "shared": [],

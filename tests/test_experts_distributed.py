@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from trainer.config import load_config
-from trainer.synth import generate
+from concord.trainer.config import load_config
+from concord.trainer.data.synth import generate
 
 pytestmark = pytest.mark.multiprocess
 
@@ -22,8 +22,8 @@ BALANCERS = ["multibalance", "emtl", "cograd"]
 
 
 def _train_each(rank: int, world_size: int, data: str, runs: str):
-    from trainer.runtime import init_runtime
-    from trainer.train import Trainer
+    from concord.trainer.runtime import init_runtime
+    from concord.trainer.train import Trainer
 
     results = {}
     for bottom, overrides in BOTTOMS.items():

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.config import load_config
-from trainer.synth import generate
+from concord.trainer.config import load_config
+from concord.trainer.data.synth import generate
 
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def data(tmp_path_factory):
 
 def concord(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "concord.trainer.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from balancing import RepresentationBoundary, build_balancer
-from balancing import fused as fused_module
-from balancing.fused import MIN_FUSED_NUMEL, FusedRule
+from concord.balancing import RepresentationBoundary, build_balancer
+from concord.balancing import fused as fused_module
+from concord.balancing.fused import MIN_FUSED_NUMEL, FusedRule
 
 TASKS = ["a", "b", "c"]
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.data import Batch
-from trainer.model import build_model
+from concord.trainer.config import load_config
+from concord.trainer.data.reader import Batch
+from concord.trainer.model import build_model
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 

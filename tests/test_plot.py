@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.metrics import RunLog
-from trainer.plots import plot_run
+from concord.trainer.observe.runlog import RunLog
+from concord.trainer.observe.plots import plot_run
 
 
 def test_plot_from_a_log(tmp_path):

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import resource, torch
-    from trainer.runtime import keep_freed_memory
+    from concord.trainer.runtime import keep_freed_memory
 
     grads = [torch.randn(1024, 256) for _ in range(3)]
 
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
 
 def _run(malloc_env=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(PYTHONPATH=str(ROOT), **(malloc_env or {}))
+    env.update(**(malloc_env or {}))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True).stdout
     applied, before, after = out.split()
     return applied == "True", int(before), int(after)

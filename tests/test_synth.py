@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from trainer.config import SyntheticConfig, SyntheticSparse, SyntheticTask
-from trainer.synth import write_split
+from concord.trainer.config import SyntheticConfig, SyntheticSparse, SyntheticTask
+from concord.trainer.data.synth import write_split
 
 
 def small(seed: int) -> SyntheticConfig:

@@ -2,6 +2,9 @@
 
 ``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
 or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
+
+Exit codes: 0 done; 1 an unexpected error (traceback in the worker's log); 2 a config or usage error;
+3 a data, model or training error named on one line; 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,22 +13,29 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from trainer.config import ConfigError, load_config
+import concord
+from concord.trainer import failures
+from concord.trainer.config import ConfigError, load_config
 
-DEFAULT_CONFIG = "configs/demo.yaml"
+DEFAULT_CONFIG = "demo"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="concord", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"concord {concord.__version__}")
+    p.add_argument("--show-warnings", action="store_true",
+                   help="show the third-party warnings Concord filters as known harmless")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example (demo, tiny, conflict, aliccp; default {DEFAULT_CONFIG})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
     sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")
@@ -58,17 +68,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     # FBGEMM and TorchRec log every kernel choice at INFO on the root logger: keep theirs at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     logging.getLogger("concord").setLevel(logging.INFO)
+    if not args.show_warnings:
+        failures.filter_known_warnings()
     try:
         if args.command == "plot":
-            from trainer.plots import plot_run
+            from concord.trainer.observe.plots import plot_run
 
             for path in plot_run(args.run_dir):
                 print(path)
             return 0
         if args.command == "compare":
-            from trainer.compare import run_compare
+            from concord.trainer.tools.compare import run_compare
 
             run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task)
             return 0
@@ -81,14 +93,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             if _is_worker() or cfg.world_size == 1:
                 return _train_worker(cfg)
             single = ["--single-task", args.single_task] if args.single_task else []
-            return _launch(cfg, ["train", "--config", args.config, *single, *args.overrides])
+            return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
         if args.command == "bench":
             if _is_worker() or cfg.world_size == 1:
-                from trainer.bench import run_bench
+                from concord.trainer.tools.bench import run_bench
 
                 run_bench(cfg, args.methods.split(","), args.rounds, args.steps)
                 return 0
-            return _launch(cfg, ["bench", "--config", args.config, "--methods", args.methods,
+            return _launch(cfg, ["bench", "--config", str(cfg.source), "--methods", args.methods,
                                  "--rounds", str(args.rounds), "--steps", str(args.steps), *args.overrides])
     except ConfigError as e:
         print(f"concord: config error: {e}", file=sys.stderr)
@@ -101,7 +113,7 @@ def _is_worker() -> bool:
 
 
 def _convert(cfg, force: bool) -> int:
-    from trainer.convert import ConvertError, convert
+    from concord.trainer.data.convert import ConvertError, convert
 
     try:
         report = convert(cfg, force)
@@ -122,7 +134,7 @@ def _convert(cfg, force: bool) -> int:
 
 
 def _synth(cfg, force: bool) -> int:
-    from trainer.synth import dataset_ready, generate
+    from concord.trainer.data.synth import dataset_ready, generate
 
     if cfg.data.synthetic is None:
         print(f"concord: {cfg.source}: data.synthetic is not set; nothing to generate", file=sys.stderr)
@@ -138,20 +150,19 @@ def _synth(cfg, force: bool) -> int:
 
 
 def _train_worker(cfg) -> int:
-    from trainer.runtime import init_runtime, shutdown
-    from trainer.train import Trainer, ensure_data
+    from concord.trainer.runtime import init_runtime, shutdown
+    from concord.trainer.train import Trainer, ensure_data
 
-    from embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
-    from trainer.data import DataError
-    from trainer.train import NonFiniteLoss
+    from concord.embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
+    from concord.trainer.data.reader import DataError
+    from concord.trainer.train import NonFiniteLoss
 
     rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
         ensure_data(cfg, rt)
         Trainer.build(cfg, rt).fit()
     except (DataError, EmbeddingOptimizerError, NonFiniteLoss, ShardingPlanError) as e:
-        if rt.is_main:
-            print(f"concord: {type(e).__name__}: {e}", file=sys.stderr)
+        failures.report(e, rt.rank, rt.world_size)
         return 3
     finally:
         shutdown()
@@ -159,7 +170,10 @@ def _train_worker(cfg) -> int:
 
 
 def _launch(cfg, worker_args: List[str]) -> int:
-    """Runs this command again as ``nproc_per_node`` local workers under torchrun (single node)."""
+    """Runs this command again as ``nproc_per_node`` local workers under torchrun (single node).
+
+    SIGINT and SIGTERM reach torchrun, which stops the workers, and this process waits for it: no
+    worker outlives the launcher. A failed job ends with the first failing rank's one-line cause."""
     if cfg.dist.nnodes != 1:
         print(
             f"concord: dist.nnodes={cfg.dist.nnodes}: launch multi-node jobs with torchx "
@@ -170,13 +184,33 @@ def _launch(cfg, worker_args: List[str]) -> int:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
-        "-m", "trainer.cli", *worker_args,
+        "-m", "concord.trainer.cli", *worker_args,
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node)))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir:
+        env[failures.ERROR_DIR_ENV] = error_dir
+        job = subprocess.Popen(cmd, env=env)
+        forwarded: List[int] = []
+
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            job.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = job.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if forwarded:
+            return 128 + forwarded[0]
+        if code != 0:
+            first = failures.first_error(error_dir)
+            if first:
+                print(f"concord: failed: {first}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(failures.recorded(main)())

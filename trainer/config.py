@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-SHARDING_TYPES_CPU = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
-SHARDING_TYPES_ALL = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise", "grid_shard")
+from concord.embeddings.options import CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+from concord.heads.heads import TASK_TYPES
+from concord.trainer.optimizers import DENSE_OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -188,7 +190,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
     log_every: int = 20
-    warmup_steps: int = 5  # excluded from QPS
+    qps_skip_steps: int = 5  # the first steps of each invocation, excluded from QPS (allocations, caches)
     qps_window: int = 50
     progress: bool = True
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
@@ -238,11 +240,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Op
     ``single_task``: keep that task only (with ``equal``), the single-task baseline against which a
     multi-task model's negative transfer is measured; the data and the rest of the model are unchanged.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -252,6 +252,50 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Op
     if single_task is not None:
         keep_one_task(raw, single_task, str(path))
     return config_from_dict(raw, source=str(path))
+
+
+def packaged_configs() -> Dict[str, Path]:
+    """The example configs shipped in ``concord.configs``, by name (``demo``, ``tiny``, ...)."""
+    import concord.configs
+
+    folder = Path(concord.configs.__file__).parent
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file by path; failing that, a shipped example by name (``demo`` or ``configs/demo.yaml``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = packaged_configs()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "configs"):
+        return shipped[name]
+    raise ConfigError(f"{path}: config file not found (shipped examples: {', '.join(shipped)})")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a person reads it: a key given twice is an error rather than silently the last one,
+    and ``1e6`` is the number 10^6 (YAML 1.1 wants ``1.0e+6``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
@@ -285,7 +329,7 @@ def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else None
+    value = yaml.load(text, Loader=StrictLoader) if text != "" else None
     node: Any = raw
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -392,8 +436,8 @@ def validate(cfg: Config) -> None:
     for i, t in enumerate(cfg.tasks):
         if names.count(t.name) > 1:
             fail(f"tasks[{i}].name", f"task name {t.name!r} is used twice")
-        if t.type not in ("binary", "regression"):
-            fail(f"tasks[{i}].type", f"must be 'binary' or 'regression', got {t.type!r}")
+        if t.type not in TASK_TYPES:
+            fail(f"tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
         if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
             fail(f"tasks[{i}].loss_weight", f"must be finite and >= 0, got {t.loss_weight}")
         if any(h < 1 for h in t.head):
@@ -416,8 +460,8 @@ def validate(cfg: Config) -> None:
         if tb.pooling not in ("sum", "mean"):
             fail(f"{k}.pooling", f"must be 'sum' or 'mean', got {tb.pooling!r}")
         for st in tb.sharding_types or []:
-            if st not in SHARDING_TYPES_ALL:
-                fail(f"{k}.sharding_types", f"unknown sharding type {st!r}; one of {SHARDING_TYPES_ALL}")
+            if st not in SHARDING_TYPES:
+                fail(f"{k}.sharding_types", f"unknown sharding type {st!r}; one of {SHARDING_TYPES}")
         for f in tb.features:
             if f in feature_table:
                 fail(f"{k}.features", f"feature {f!r} is already read by table {feature_table[f]!r}")
@@ -455,13 +499,13 @@ def validate(cfg: Config) -> None:
         if not (opt.lr > 0 and math.isfinite(opt.lr)):
             fail(f"{key}.lr", f"must be > 0, got {opt.lr}")
     if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZERS:
-        fail("train.dense_optimizer.name", f"must be one of {DENSE_OPTIMIZERS}, got {cfg.train.dense_optimizer.name!r}")
+        fail("train.dense_optimizer.name", f"must be one of {tuple(DENSE_OPTIMIZERS)}, got {cfg.train.dense_optimizer.name!r}")
     tr = cfg.train
     if tr.epochs < 1:
         fail("train.epochs", f"must be >= 1, got {tr.epochs}")
     if tr.max_steps is not None and tr.max_steps < 1:
         fail("train.max_steps", f"must be >= 1, got {tr.max_steps}")
-    for key in ("eval_every", "warmup_steps"):
+    for key in ("eval_every", "qps_skip_steps"):
         if getattr(tr, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
     if tr.on_nonfinite not in ("abort", "skip"):
@@ -483,8 +527,8 @@ def validate(cfg: Config) -> None:
     if ds.device == "cpu" or ds.device == "auto":
         for i, tb in enumerate(m.tables):
             for st in tb.sharding_types or []:
-                if st not in SHARDING_TYPES_CPU and ds.device == "cpu":
-                    fail(f"model.tables[{i}].sharding_types", f"{st!r} needs CUDA; on CPU use one of {SHARDING_TYPES_CPU}")
+                if st not in CPU_SHARDING_TYPES and ds.device == "cpu":
+                    fail(f"model.tables[{i}].sharding_types", f"{st!r} needs CUDA; on CPU use one of {CPU_SHARDING_TYPES}")
     _validate_balancer(cfg, fail)
     if d.synthetic is not None:
         _validate_synthetic(cfg, fail)
@@ -547,14 +591,12 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.split.column", "a time split needs the time column")
 
 
-EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
-DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 
 
 def _validate_balancer(cfg: Config, fail) -> None:
-    from balancing import build_balancer
+    from concord.balancing import build_balancer
 
-    from balancing.param_level import PARAMETER_LEVEL, check_parameter_level_knobs
+    from concord.balancing.param_level import PARAMETER_LEVEL, check_parameter_level_knobs
 
     b = cfg.balancer
     if b.reduction not in ("mean", "sum"):
@@ -581,8 +623,8 @@ def _validate_synthetic(cfg: Config, fail) -> None:
         if sp.mean_len < 1.0:
             fail(f"data.synthetic.sparse[{i}].mean_len", f"must be >= 1, got {sp.mean_len}")
     for i, t in enumerate(s.tasks):
-        if t.type not in ("binary", "regression"):
-            fail(f"data.synthetic.tasks[{i}].type", f"must be binary or regression, got {t.type!r}")
+        if t.type not in TASK_TYPES:
+            fail(f"data.synthetic.tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
         if not 0.0 < t.positive_rate < 1.0:
             fail(f"data.synthetic.tasks[{i}].positive_rate", f"must be in (0, 1), got {t.positive_rate}")
         if not -1.0 <= t.shared <= 1.0:

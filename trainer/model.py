@@ -15,11 +15,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from balancing import RepresentationBoundary, build_balancer
-from embeddings import build_embedding_bags, pooled_dim
-from heads import TaskHeads
-from heads.experts import build_experts
-from trainer.data import Batch
+from concord.balancing import RepresentationBoundary, build_balancer
+from concord.embeddings.tables import build_embedding_bags, pooled_dim
+from concord.heads.heads import TaskHeads
+from concord.heads.experts import build_experts
+from concord.trainer.data.reader import Batch
 
 
 class DenseBottom(nn.Module):
@@ -96,7 +96,7 @@ class MultiTaskModel(nn.Module):
 def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):
     """The boundary's balancer and reduction for a method. A parameter-level method weights the losses
     itself, so the boundary then passes the plain gradient of its objective through (equal, sum)."""
-    from balancing.param_level import PARAMETER_LEVEL
+    from concord.balancing.param_level import PARAMETER_LEVEL
 
     name = name or cfg.balancer.name
     knobs = cfg.balancer.knobs if knobs is None else knobs

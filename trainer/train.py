@@ -15,23 +15,25 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
-from trainer.checkpoint import Checkpointer
-from trainer.config import Config, to_dict
-from trainer.data import Batch, DataError, ParquetReader, columns_from_config
-from trainer.metrics import RunLog, TaskMetrics, format_table
-from balancing import NonFiniteLossError
-from balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
-from balancing.stats import sum_over_ranks
-from trainer.model import MultiTaskModel, boundary_method, build_model
-from trainer.runtime import Runtime
-from trainer.progress import progress_bar
-from trainer.synth import dataset_ready, generate
-from trainer.timing import QPSMeter, StepTimer
+from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
+from concord.trainer.checkpoint import Checkpointer
+from concord.trainer.config import Config, to_dict
+from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
+from concord.trainer.observe.metrics import TaskMetrics, format_table
+from concord.trainer.observe.runlog import RunLog
+from concord.balancing import NonFiniteLossError
+from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
+from concord.balancing.stats import sum_over_ranks
+from concord.trainer.model import MultiTaskModel, boundary_method, build_model
+from concord.trainer.optimizers import DENSE_OPTIMIZERS
+from concord.trainer.runtime import Runtime
+from concord.trainer.observe.progress import progress_bar
+from concord.trainer.data.synth import dataset_ready, generate
+from concord.trainer.observe.timing import QPSMeter, StepTimer
 
 logger = logging.getLogger("concord.train")
 
-_DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
 
 
 def ensure_data(cfg: Config, rt: Runtime) -> None:
@@ -67,9 +69,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
-        dmp, plan = shard_model(model, cfg.model.tables, rt.device)
+        dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
         opt_cfg = cfg.train.dense_optimizer
-        opt_cls = _DENSE_OPTIMIZERS[opt_cfg.name]
+        opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
         # fused: one kernel over all dense parameters (Adam's step 1.3 -> 0.26 ms on the demo, CPU).
         kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay, "fused": True}
         if opt_cfg.name != "sgd":
@@ -85,17 +87,22 @@ class Trainer:
             (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
         trainer = cls(cfg, rt, model, dmp, optimizer, log, dense)
-        trainer.use_method(cfg.balancer.name, cfg.balancer.knobs)
+        # The model was built with the configured balancer, whose parameters (if any) the dense
+        # optimizer and DDP already hold: keep that instance.
+        trainer.use_method(cfg.balancer.name, cfg.balancer.knobs, rebuild=False)
         return trainer
 
-    def use_method(self, name: str, knobs: Optional[Dict[str, Any]] = None) -> None:
+    def use_method(self, name: str, knobs: Optional[Dict[str, Any]] = None, rebuild: bool = True) -> None:
         """Switches the balancing method on the same model (used by ``concord bench``). ``none``
-        switches the boundary off: plain training on the mean task loss, the cost baseline."""
+        switches the boundary off: plain training on the mean task loss, the cost baseline.
+        A swapped-in balancer with learnable parameters (uncertainty) is not trained: they are in
+        neither the dense optimizer nor DDP, which were built with the model."""
         boundary = self.model.boundary
         boundary.enabled = name != NO_BOUNDARY
         name = "equal" if name == NO_BOUNDARY else name
-        balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
-        boundary.balancer, boundary.reduction = balancer, reduction
+        if rebuild:
+            balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
+            boundary.balancer, boundary.reduction = balancer, reduction
         boundary.on_nonfinite_loss = "raise" if self.cfg.train.on_nonfinite == "abort" else "skip_step"
         self.param_balancer = None
         if name in PARAMETER_LEVEL:
@@ -115,11 +122,10 @@ class Trainer:
         return Checkpointer(Path(self.cfg.train.run_dir) / "checkpoints", self.cfg.train.keep_checkpoints)
 
     def checkpoint_state(self, step: int) -> Dict[str, Any]:
-        """Everything a resumed run needs, tensors only (see trainer.checkpoint)."""
+        """Everything a resumed run needs, tensors only (see concord.trainer.checkpoint)."""
         state: Dict[str, Any] = {
             "model": self.dmp.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "balancer": self.model.boundary.balancer.state_dict(),
             "progress": {"step": torch.tensor(step)},
         }
         if self.param_balancer is not None:
@@ -139,7 +145,6 @@ class Trainer:
         Checkpointer.load(path, state)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.model.boundary.balancer.load_state_dict(state["balancer"])
         if self.param_balancer is not None:
             self.param_balancer.load_state_dict(state["param_balancer"])
         step = int(state["progress"]["step"])
@@ -164,7 +169,7 @@ class Trainer:
                 "train.run_dir.",
                 flush=True,
             )
-        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.warmup_steps, cfg.train.qps_window)
+        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
         timer = StepTimer(rt.device)
         bar = progress_bar(total, "train", "step", enabled=rt.is_main and cfg.train.progress)
         bar.update(step)
@@ -413,10 +418,10 @@ def _qps_line(qps: QPSMeter) -> str:
     if life is None:
         if qps.steps_seen == 0:
             return "QPS: not measured (no step trained in this invocation)"
-        return f"QPS: not measured ({qps.steps_seen} step(s) trained in this invocation, all inside the {qps.warmup_steps}-step warm-up)"
+        return f"QPS: not measured ({qps.steps_seen} step(s) trained in this invocation, all among the first {qps.qps_skip_steps} that QPS skips: train.qps_skip_steps)"
     b = qps.breakdown()
     return (
-        f"training QPS (global, warm-up excluded): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
+        f"training QPS (global, first steps skipped): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
         f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + forward {b['forward_ms']:.1f} + backward "
         f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
         f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward; of it "

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from balancing import RepresentationBoundary, build_balancer
+from concord.balancing import RepresentationBoundary, build_balancer
 
 
 class Ranker(nn.Module):

@@ -11,7 +11,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from balancing import RepresentationBoundary, build_balancer
+from concord.balancing import RepresentationBoundary, build_balancer
 
 
 class Ranker(nn.Module):

@@ -1,6 +1,6 @@
 """``concord convert``: raw CSV or Parquet logs -> Concord's Parquet layout, streamed.
 
-Driven by ``data.convert`` in the config (:class:`trainer.config.ConvertConfig`). The input is read
+Driven by ``data.convert`` in the config (:class:`concord.trainer.config.ConvertConfig`). The input is read
 ``chunk_rows`` at a time, so files larger than memory work:
 
 - pass 0, a time split without a cutoff only: the time column, for the cutoff quantile (8 bytes a row);
@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from trainer.config import Config
-from trainer.progress import progress_bar
+from concord.trainer.config import Config
+from concord.trainer.observe.progress import progress_bar
 
 
 class ConvertError(ValueError):

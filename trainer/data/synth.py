@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.config import SyntheticConfig
+from concord.trainer.config import SyntheticConfig
 
 ROW_GROUPS_PER_FILE = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -161,7 +161,7 @@ def write_split(
 
 def generate(cfg: SyntheticConfig, train_dir: str | Path, eval_dir: Optional[str | Path], show_progress: bool = True) -> None:
     """Writes the train split and, if ``eval_dir`` and ``eval_rows``, the held-out split."""
-    from trainer.progress import progress_bar
+    from concord.trainer.observe.progress import progress_bar
 
     splits = [(train_dir, cfg.rows, 0)]
     if eval_dir is not None and cfg.eval_rows > 0:

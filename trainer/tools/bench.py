@@ -19,10 +19,10 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
-from trainer.config import Config
-from trainer.runtime import init_runtime, shutdown
-from trainer.timing import StepTimer, paired_drop
-from trainer.train import Trainer, ensure_data
+from concord.trainer.config import Config
+from concord.trainer.runtime import init_runtime, shutdown
+from concord.trainer.observe.timing import StepTimer, paired_drop
+from concord.trainer.train import Trainer, ensure_data
 
 
 def _switch(trainer: Trainer, method: str, knobs: dict, built: Dict[str, tuple]) -> None:
@@ -54,7 +54,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         built: Dict[str, tuple] = {}
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
             _switch(trainer, m, knobs[m], built)
-            for _ in range(max(cfg.train.warmup_steps, 3)):
+            for _ in range(max(cfg.train.qps_skip_steps, 3)):
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
         for r in range(rounds):
@@ -103,7 +103,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
 
 def summarize(samples: Dict[str, List[dict]], global_batch: int) -> Dict[str, dict]:
     """Per method: QPS over all its timed steps, and its drop against ``equal`` with its standard
-    error (:func:`trainer.timing.paired_drop`)."""
+    error (:func:`concord.trainer.observe.timing.paired_drop`)."""
     base = [s["step_ms"] for s in samples["equal"]]
     report = {}
     for m, rows in samples.items():
@@ -146,7 +146,7 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
 
 
 def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int) -> str:
-    from balancing.param_level import PARAMETER_LEVEL
+    from concord.balancing.param_level import PARAMETER_LEVEL
 
     lines = [
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "

@@ -1,4 +1,4 @@
-"""The boundary's cost on one device, without TorchRec: ``python -m trainer.boundary_bench --device cuda``.
+"""The boundary's cost on one device, without TorchRec: ``python -m concord.trainer.tools.boundary_bench --device cuda``.
 
 ``concord bench`` measures the sharded demo job, which needs TorchRec and fbgemm; this bench needs
 torch alone, so it runs wherever a GPU is (a machine without fbgemm-gpu included). The model has the
@@ -21,8 +21,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from balancing import RepresentationBoundary, build_balancer
-from trainer.timing import paired_drop
+from concord.balancing import RepresentationBoundary, build_balancer
+from concord.trainer.observe.timing import paired_drop
 
 TABLES = [(1_000_000, 32, 1), (200_000, 32, 2), (1_000, 16, 1), (100, 16, 1)]  # rows, dim, features
 

@@ -324,7 +324,7 @@ class ParquetReader:
 
 
 def columns_from_config(cfg) -> Columns:
-    """The reader's column roles for a :class:`trainer.config.Config`."""
+    """The reader's column roles for a :class:`concord.trainer.config.Config`."""
     sizes = {f: t.num_embeddings for t in cfg.model.tables for f in t.features}
     features = [f for t in cfg.model.tables for f in t.features]  # KJT key order = table order
     return Columns(

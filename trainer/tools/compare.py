@@ -26,9 +26,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import yaml
 
-from balancing import available_balancers
-from balancing.param_level import PARAMETER_LEVEL
-from trainer.config import Config, load_config
+from concord.balancing import available_balancers
+from concord.balancing.param_level import PARAMETER_LEVEL
+from concord.trainer.config import Config, load_config
 
 WHAT_IS_BALANCED = {
     "boundary": "shared representation z (dense bottom and embedding tables)",
@@ -86,7 +86,7 @@ def _train_cell(
     cell_config = run_dir / "input.yaml"
     cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
     single = ["--single-task", task] if task else []
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
            f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
     log = run_dir / "train.log"
     with open(log, "w") as f:
@@ -168,7 +168,7 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
     lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
     import shutil
 
-    from trainer.plots import plot_run
+    from concord.trainer.observe.plots import plot_run
 
     figures = out / "figures"  # beside the report: the runs/ directories are not meant to be committed
     figures.mkdir(exist_ok=True)

@@ -55,9 +55,9 @@ class QPSMeter:
     figure. ``breakdown()`` averages each phase (and the boundary's share) over the window.
     """
 
-    def __init__(self, global_batch_size: int, warmup_steps: int, window: int) -> None:
+    def __init__(self, global_batch_size: int, qps_skip_steps: int, window: int) -> None:
         self.global_batch_size = global_batch_size
-        self.warmup_steps = warmup_steps
+        self.qps_skip_steps = qps_skip_steps
         self.window: Deque[Dict[str, float]] = deque(maxlen=window)
         self.steps_seen = 0
         self.lifetime_seconds = 0.0
@@ -65,7 +65,7 @@ class QPSMeter:
 
     def update(self, timings: Dict[str, float]) -> None:
         self.steps_seen += 1
-        if self.steps_seen <= self.warmup_steps:
+        if self.steps_seen <= self.qps_skip_steps:
             return
         self.window.append(timings)
         self.lifetime_seconds += timings["step"]
