@@ -2,8 +2,12 @@
 Multi-Task Learning" (Yang et al., Alibaba), Algorithm 1 line 9 and Eqs. 10-11 with lambda = 1, as
 specified in docs/ALGORITHMS.md.
 
-Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``, applied at
-per-sample scale (``U_k = B G_k``) so that the rule does not depend on the batch size.
+Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``. The ``g`` are
+per-sample gradients measured in units of their global root-mean-square (docs/ALGORITHMS.md,
+Clarification 4): ``V_k = U_k / r`` with ``U_k = B G_k`` and ``r^2`` the mean of the squared entries of
+the present tasks' per-sample gradients over the global batch, read from the Gram's diagonal. The rule
+then depends neither on the batch size nor on the gradients' overall scale, so ``gamma`` is a relative
+strength: the correction is a few percent of the gradient at the default.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from concord.balancing.fused import FusedRule
 from concord.balancing.stats import StepStats
 
 
+DEFAULT_GAMMA = 0.1  # relative: a correction of a few percent of the gradient on the demo and on real data
+
+
 @register("cograd")
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
@@ -25,7 +32,7 @@ class CoGrad(Balancer):
     def __init__(
         self,
         task_names: Sequence[str],
-        gamma: Sequence[float] | float = 0.01,
+        gamma: Sequence[float] | float = DEFAULT_GAMMA,
         weights: Optional[Sequence[float]] = None,
         fused: bool = True,
     ) -> None:
@@ -42,10 +49,6 @@ class CoGrad(Balancer):
         self._warned_large = set()
         self._rule = FusedRule(transference, fused)  # one pass over the gradients instead of 4 per task
 
-    def prepare(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray) -> torch.Tensor:
-        # The rule needs no global statistics: all of it runs while they are in flight.
-        return self._transfer(grads, live)
-
     def aggregate(
         self,
         grads: Sequence[Optional[torch.Tensor]],
@@ -53,20 +56,28 @@ class CoGrad(Balancer):
         z: Optional[torch.Tensor] = None,
         early: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return early if early is not None else self._transfer(grads, stats.active)
-
-    def _transfer(self, grads: Sequence[Optional[torch.Tensor]], active: np.ndarray) -> torch.Tensor:
+        active = stats.active
         live = [k for k, g in enumerate(grads) if g is not None and active[k]]
-        if not live or float(np.abs(self.gamma[live]).sum()) == 0.0:
+        b2 = self.cubic_scale(stats, live, grads[live[0]].shape[1]) if live else 0.0
+        if b2 == 0.0 or float(np.abs(self.gamma[live]).sum()) == 0.0:
             self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
             return weighted_sum(grads, self.weights * active, active)
         g_live = [grads[k] for k in live]
-        b2 = float(g_live[0].shape[0]) ** 2  # the local batch size B, squared
         aggregated = self._rule(g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
         self.last_telemetry = {"weights": self.weights.tolist()}
         if self.telemetry_due:
             self._record_correction(grads, active, live, aggregated, b2)
         return aggregated
+
+    @staticmethod
+    def cubic_scale(stats: StepStats, live: List[int], width: int) -> float:
+        """``B^2 / r^2``: the factor on ``G_i⊙G_i⊙G_j`` that applies the rule to ``V = B G / r``.
+
+        Per-sample gradients are ``B_g`` times the global gradient's rows, so the sum of their squared
+        entries is ``B_g^2 M_kk`` and their mean square over ``B_g`` rows and ``d`` columns, averaged over
+        the present tasks, is ``r^2 = B_g mean_k M_kk / d``."""
+        r2 = stats.global_batch_size * float(np.mean(np.diagonal(stats.gram)[live])) / width
+        return float(stats.local_batch_size) ** 2 / r2 if r2 > 0 else 0.0
 
     def _record_correction(
         self,
@@ -98,9 +109,9 @@ class CoGrad(Balancer):
 
 
 def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float], b2: float) -> torch.Tensor:
-    """``A = sum_i c_i (G_i - B^2 G_i⊙G_i⊙(S' - gamma_i G_i))`` with ``S' = sum_j gamma_j G_j``: Algorithm 1,
-    line 9 at per-sample scale (``U = B G``, ``S = B S'``; ``(1/B) U_i⊙U_i⊙(S - gamma_i U_i)`` is the
-    ``B^2`` term), over the live tasks' gradients (B, d). In-place on its own buffers: run eagerly that
+    """``A = sum_i c_i (G_i - b2 G_i⊙G_i⊙(S' - gamma_i G_i))`` with ``S' = sum_j gamma_j G_j``: Algorithm 1,
+    line 9 on ``V = B G / r`` (``b2 = B^2 / r^2``; ``(r/B) V_i⊙V_i⊙(S_V - gamma_i V_i)`` is the ``b2``
+    term in units of ``G``), over the live tasks' gradients (B, d). In-place on its own buffers: run eagerly that
     is 4 passes per task instead of 7, and compiled it is the same single loop."""
     plain, s_prime = grads[0] * c[0], grads[0] * gamma[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):

@@ -4,6 +4,10 @@ For each task i, over the other tasks j in a random order (the same on every ran
 ``phi = cos(g'_i, g_j)``: when ``phi < phihat_ij`` add
 ``g_j * ||g'_i|| (phihat sqrt(1 - phi^2) - phi sqrt(1 - phihat^2)) / (||g_j|| sqrt(1 - phihat^2))``;
 then ``phihat_ij <- (1 - b) phihat_ij + b phi`` (LibMTL's order). ``A = (1/T) sum_i g'_i``.
+
+Guards (docs/ALGORITHMS.md, Clarification 3): ``phi`` is clamped to [-1, 1] (rounding can put an exactly
+opposite pair at -1 - 1 ulp), and a pair whose target has reached ``|phihat| = 1`` (``1 - phihat^2 <
+1e-8``: the tasks were identical long enough) gets no adjustment, whose formula divides by zero there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import numpy as np
 from concord.balancing.base import Balancer, register, seeded_generator
 from concord.balancing.pcgrad import other_tasks_in_random_order
 from concord.balancing.stats import StepStats
+
+
+_DEGENERATE = 1e-8  # 1 - phihat^2 below this: the adjustment is undefined (division by ~0)
 
 
 @register("gradvac")
@@ -39,9 +46,9 @@ class GradVac(Balancer):
                 gi_norm = math.sqrt(max(c[i] @ m @ c[i], 0.0))
                 if gi_norm == 0.0:
                     continue
-                phi = float(c[i] @ m[:, j]) / (gi_norm * norms[j])
+                phi = min(max(float(c[i] @ m[:, j]) / (gi_norm * norms[j]), -1.0), 1.0)
                 target = self.target[i, j]
-                if phi < target:
+                if phi < target and 1.0 - target**2 >= _DEGENERATE:
                     c[i, j] += gi_norm * (target * math.sqrt(1 - phi**2) - phi * math.sqrt(1 - target**2)) / (
                         norms[j] * math.sqrt(1 - target**2)
                     )

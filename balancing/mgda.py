@@ -1,8 +1,9 @@
 """MGDA-UB on the representation (Sener & Koltun 2018): the min-norm point of the task gradients.
 
 docs/ALGORITHMS.md, Baselines: ``c = argmin over the simplex of c^T M' c`` where ``M'`` is ``M`` after the
-normalisation ``none | l2 | loss | loss+`` (``G_k`` divided by 1, ``n_k``, ``Lbar_k``, ``Lbar_k n_k``);
-as in LibMTL the aggregate is taken over the normalised gradients, ``A = sum_k c_k G_k / div_k``.
+normalisation ``none | l2 | loss | loss+`` (``G_k`` divided by 1, ``n_k``, ``Lbar_k``, ``Lbar_k n_k``).
+The normalisation is for the solver only: the aggregate is on the raw gradients, ``A = sum_k c_k G_k``
+(Sener & Koltun's released code; docs/ALGORITHMS.md, Clarification 1).
 """
 
 from __future__ import annotations
@@ -57,4 +58,4 @@ class MGDA(Balancer):
     def coefficients(self, stats: StepStats) -> np.ndarray:
         weights = active_min_norm(normalized_gram(stats, self.normalization), stats.active)
         self.last_telemetry = {"weights": weights.tolist()}
-        return weights * np.array(normalization_inverse(stats, self.normalization))
+        return weights

@@ -8,8 +8,6 @@ Everything is algebra on the global Gram matrix.
 
 from __future__ import annotations
 
-import math
-from operator import mul
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,6 +21,10 @@ _EPS = 1e-12
 
 @register("multibalance")
 class MultiBalance(Balancer):
+    """Knobs: ``beta`` EMA of the norms (0 = the paper's no-EMA ablation), ``lr`` the simplex step,
+    ``prior`` w0 and ``lam`` its strength, ``relax`` how far magnitudes are equalised (MetaBalance's
+    relax factor: 1 = the specified full rescaling, 0 = none)."""
+
     state_names = ("ema_norms", "weights")
 
     def __init__(
@@ -32,6 +34,7 @@ class MultiBalance(Balancer):
         lr: float = 0.1,
         prior: Optional[Sequence[float]] = None,
         lam: float = 0.3,
+        relax: float = 1.0,
     ) -> None:
         super().__init__(task_names)
         if not 0.0 <= float(beta) < 1.0:
@@ -39,6 +42,9 @@ class MultiBalance(Balancer):
         self.beta = float(beta)
         self.lr = check_positive("multibalance.lr", lr)
         self.lam = check_positive("multibalance.lam", lam, allow_zero=True)
+        if not 0.0 <= float(relax) <= 1.0:
+            raise ValueError(f"multibalance.relax is in [0, 1] (0: no rescaling, 1: full), got {relax}")
+        self.relax = float(relax)
         w0 = check_task_vector("multibalance.prior", prior, self.num_tasks)
         if w0 is None:
             w0 = np.full(self.num_tasks, 1.0 / self.num_tasks)
@@ -49,37 +55,37 @@ class MultiBalance(Balancer):
         self.ema_norms = np.zeros(self.num_tasks)  # m; 0 = not yet seen
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
-        # T is a handful: Python floats, as in balancing/simplex.py.
-        active = stats.active.tolist()
-        if not any(active):
+        present = stats.active  # absent tasks keep their m and w this step, and get coefficient 0
+        if not present.any():
             return np.zeros(self.num_tasks)
-        t, beta, gram = self.num_tasks, self.beta, stats.gram.tolist()
         # Step 1: m_k <- n_k at a task's first step, else beta m_k + (1 - beta) n_k.
-        ema = [
-            (beta * m + (1 - beta) * n if m > 0 else n) if on else m
-            for m, n, on in zip(self.ema_norms.tolist(), stats.norms.tolist(), active)
-        ]
-        self.ema_norms = np.array(ema)
-        # Step 2: Gtilde_k = (mbar / m_k) G_k, so every active task enters with the same magnitude.
-        seen = [m for m, on in zip(ema, active) if on]
-        mbar = sum(seen) / len(seen)
-        scale = [mbar / max(m, _EPS) if on else 0.0 for m, on in zip(ema, active)]
-        gram_t = [[gram[i][j] * (scale[i] * scale[j]) for j in range(t)] for i in range(t)]
+        m, n = self.ema_norms, stats.norms
+        m = np.where(present, np.where(m > 0, self.beta * m + (1 - self.beta) * n, n), m)
+        self.ema_norms = m
+        # Step 2: Gtilde_k = (mbar / m_k)^relax G_k: with relax = 1 every present task enters with the
+        # same smoothed magnitude.
+        mbar = m[present].mean()
+        scale = np.where(present, (mbar / np.maximum(m, _EPS)) ** self.relax, 0.0)
+        gram = stats.gram * np.outer(scale, scale)  # <Gtilde_i, Gtilde_j>
         # Step 3: d_k = <Gtilde_k, v> / (||Gtilde_k|| ||v|| + eps), v = sum_j (w_j + lam w0_j) Gtilde_j.
-        u = [(w + self.lam * w0) if on else 0.0 for w, w0, on in zip(self.weights.tolist(), self.prior.tolist(), active)]
-        gu = [sum(map(mul, row, u)) for row in gram_t]
-        v_norm = math.sqrt(max(sum(map(mul, u, gu)), 0.0))
-        tilde_norms = [math.sqrt(max(gram_t[k][k], 0.0)) for k in range(t)]
-        direction = [g / (n * v_norm + _EPS) for g, n in zip(gu, tilde_norms)]
-        # Step 4 (Eq. 12): projected step on the simplex.
-        self.weights = project_to_simplex([w - self.lr * d for w, d in zip(self.weights.tolist(), direction)])
-        # Step 5: A = sum_k w_k Gtilde_k, i.e. c_k = w_k * mbar / m_k on the raw gradients.
-        weights = self.weights.tolist()
+        u = np.where(present, self.weights + self.lam * self.prior, 0.0)
+        gram_u = gram @ u
+        v_norm = np.sqrt(max(float(u @ gram_u), 0.0))
+        tilde_norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+        direction = gram_u / (tilde_norms * v_norm + _EPS)
+        # Step 4 (Eq. 12): projected step, on the part of the simplex the present tasks hold.
+        mass = 1.0 - float(self.weights[~present].sum())
+        stepped = (self.weights - self.lr * direction)[present]
+        weights = self.weights.copy()
+        weights[present] = mass * project_to_simplex(stepped / mass) if mass > 0 else 0.0
+        self.weights = weights
+        # Step 5: A = sum_k w_k Gtilde_k, i.e. c_k = w_k * scale_k on the raw gradients.
+        applied = np.where(present, weights, 0.0)
         self.last_telemetry = {
-            "weights": weights,
-            "ema_norm": ema,
-            "direction": direction,
-            "rescaled_grad_norm": tilde_norms,
-            "weighted_grad_norm": [w * n for w, n in zip(weights, tilde_norms)],
+            "weights": applied.tolist(),
+            "ema_norm": m.tolist(),
+            "direction": direction.tolist(),
+            "rescaled_grad_norm": tilde_norms.tolist(),
+            "weighted_grad_norm": (applied * tilde_norms).tolist(),
         }
-        return np.array([w * s for w, s in zip(weights, scale)])
+        return applied * scale

@@ -405,9 +405,32 @@ def test_cograd_matches_the_rule_written_out():
     grads = conflicting_gradients()
     gamma, b = [0.01, 0.02, 0.03], grads[0].shape[0]
     got = build_balancer("cograd", TASKS, gamma=gamma).aggregate(grads, stats_for(grads))
-    u = [b * g for g in grads]
-    uhat = [u[i] - sum(gamma[j] * u[i] * u[i] * u[j] for j in range(3) if j != i) for i in range(3)]
-    torch.testing.assert_close(got, sum(uhat) / (3 * b))
+    u = [b * g for g in grads]  # per-sample gradients
+    r = math.sqrt(sum(float((x * x).mean()) for x in u) / 3)  # their root-mean-square entry
+    v = [x / r for x in u]
+    vhat = [v[i] - sum(gamma[j] * v[i] * v[i] * v[j] for j in range(3) if j != i) for i in range(3)]
+    torch.testing.assert_close(got, sum(vhat) * r / (3 * b))
+
+
+def test_cograd_is_scale_free():
+    grads = conflicting_gradients()
+    cograd = build_balancer("cograd", TASKS)
+    small = cograd.aggregate(grads, stats_for(grads))
+    big = [1000.0 * g for g in grads]
+    torch.testing.assert_close(cograd.aggregate(big, stats_for(big)), 1000.0 * small)
+
+
+def test_cograd_default_makes_a_visible_correction():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    # Related tasks of different scales: each a mix of a shared and an own direction.
+    grads = [s * (base + torch.randn(256, 64, generator=g, dtype=torch.float64)) for s in (1.0, 0.1, 10.0)]
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS))
+    z = torch.zeros(256, 64, dtype=torch.float64, requires_grad=True)
+    boundary.objective(torch.ones(3, dtype=torch.float64))
+    boundary.balance(tuple(grads), z)
+    ratio = boundary.telemetry()["correction_ratio"]
+    assert 0.01 < ratio < 0.2, ratio
 
 
 def test_cograd_is_independent_of_batch_duplication():

@@ -42,9 +42,9 @@ def test_mgda_two_tasks_equals_the_closed_form(normalization):
         "loss": losses,
         "loss+": [losses[0] * g1.norm().item(), losses[1] * g2.norm().item()],
     }[normalization]
-    v1, v2 = g1 / div[0], g2 / div[1]
+    v1, v2 = g1 / div[0], g2 / div[1]  # what the solver sees
     c1 = min(max((dot(v2, v2) - dot(v1, v2)) / (dot(v1, v1) + dot(v2, v2) - 2 * dot(v1, v2)), 0.0), 1.0)
-    expected = c1 * v1 + (1 - c1) * v2
+    expected = c1 * g1 + (1 - c1) * g2  # the weights apply to the raw gradients (Clarification 1)
     got = build_balancer("mgda", ["a", "b"], normalization=normalization).aggregate([g1, g2], stats_for([g1, g2], losses))
     torch.testing.assert_close(got, expected)
 
@@ -280,3 +280,80 @@ def test_param_moco_matches_the_rule_over_several_steps():
         lam = np.exp(step - step.max()) / np.exp(step - step.max()).sum()
         pl.objective(losses)
         np.testing.assert_allclose(pl.lam, lam, rtol=1e-10)
+
+
+# --- Clarifications of docs/ALGORITHMS.md ---------------------------------------------------------------
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_emtl_with_beta_one_is_mgda_bit_for_bit(normalization):
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(16, 4, generator=g, dtype=torch.float64) * s for s in (1.0, 30.0, 0.2)]
+    stats = stats_for(grads, [0.7, 2.0, 0.1])
+    emtl = build_balancer("emtl", ["a", "b", "c"], beta=1.0, mgda_norm=normalization)
+    mgda = build_balancer("mgda", ["a", "b", "c"], normalization=normalization)
+    assert emtl.coefficients(stats).tolist() == mgda.coefficients(stats).tolist()
+    assert torch.equal(emtl.aggregate(grads, stats), mgda.aggregate(grads, stats))
+
+
+def _with_absent(grads, absent):
+    return [torch.zeros_like(x) if k == absent else x for k, x in enumerate(grads)]
+
+
+def test_multibalance_freezes_an_absent_tasks_state_and_gives_it_no_coefficient():
+    g = torch.Generator().manual_seed(6)
+    steps = [[torch.randn(8, 4, generator=g, dtype=torch.float64) * s for s in (1.0, 5.0, 0.5)] for _ in range(6)]
+    mb = build_balancer("multibalance", ["a", "b", "c"])
+    for grads in steps[:5]:
+        mb.coefficients(stats_for(grads))
+    before_m, before_w = mb.ema_norms.copy(), mb.weights.copy()
+    c = mb.coefficients(stats_for(_with_absent(steps[5], 1)))
+    assert c[1] == 0.0 and mb.last_telemetry["weights"][1] == 0.0
+    assert mb.ema_norms[1] == before_m[1] and mb.weights[1] == before_w[1]
+    assert mb.ema_norms[0] != before_m[0]  # the present tasks moved on
+    assert abs(mb.weights.sum() - 1.0) < 1e-12
+
+
+def test_emtl_gives_an_absent_task_the_neutral_reward():
+    """Every task learns at the same relative rate, so the bandit stays uniform; a task absent one step
+    in three must stay there too (absence neither rewards nor punishes it)."""
+    g = torch.Generator().manual_seed(7)
+    base = [torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    losses = [float(x.norm()) for x in base]  # relative rate L_k / n_k = 1 for every task
+    emtl = build_balancer("emtl", ["a", "b", "c"], eta=0.5)
+    for step in range(60):
+        grads = _with_absent(base, 2) if step % 3 == 0 else base
+        emtl.coefficients(stats_for(grads, losses))
+    np.testing.assert_allclose(emtl.bandit, [1 / 3] * 3, rtol=1e-9)  # reward 0 for absence sank c to 0.11
+
+
+def test_emtl_moves_gradually_at_its_defaults():
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    emtl = build_balancer("emtl", ["a", "b"])
+    multipliers = []
+    for _ in range(100):  # one task's relative rate 4x the other's, every step
+        emtl.coefficients(stats_for(grads, [4.0 * float(grads[0].norm()), float(grads[1].norm())]))
+        multipliers.append(emtl.last_telemetry["kl_multiplier"])
+    assert max(multipliers) == 0.0  # the KL ball's boundary is not reached in 100 steps
+    assert emtl.bandit[0] > 0.55  # but the bandit does move towards the slower-learning task
+
+
+@pytest.mark.parametrize("case", ["opposite", "identical"])
+def test_gradvac_survives_exactly_opposite_and_identical_gradients(case):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    grads = [x, -x] if case == "opposite" else [x, x.clone()]
+    gv = build_balancer("gradvac", ["a", "b"], beta=1.0 if case == "identical" else 0.5)
+    for _ in range(50):  # identical long enough for the target to reach 1
+        out = gv.aggregate(grads, stats_for(grads))
+        assert torch.isfinite(out).all()
+    assert np.isfinite(gv.target).all()
+
+
+def test_multibalance_relax_zero_keeps_the_raw_magnitudes():
+    g = torch.Generator().manual_seed(10)
+    grads = [torch.randn(8, 4, generator=g, dtype=torch.float64) * s for s in (1.0, 100.0)]
+    mb = build_balancer("multibalance", ["a", "b"], relax=0.0)
+    c = mb.coefficients(stats_for(grads))
+    np.testing.assert_array_equal(c, mb.weights)  # no rescaling: the coefficients are the weights
+    full = build_balancer("multibalance", ["a", "b"]).coefficients(stats_for(grads))
+    assert full[0] / full[1] > 10  # full rescaling lifts the small task's gradient

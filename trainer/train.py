@@ -213,6 +213,7 @@ class Trainer:
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {rt.world_size}")
             print(format_table(final, cfg.tasks))
             print(_qps_line(qps))
+            print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
         self.log.close()
         return summary
 
@@ -347,7 +348,7 @@ class Trainer:
             return {}
         reader = self._reader(self.cfg.data.eval, drop_last=False)
         n_batches = reader.max_batches_per_rank()
-        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, self.cfg.data.batch_size)
+        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, self.cfg.data.batch_size, self.rt.device)
         self.dmp.eval()
         it = iter(reader)
         template: Optional[Batch] = None
