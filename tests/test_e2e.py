@@ -84,14 +84,15 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert "[2/2] multibalance, seed 0: training" in first.stdout
     report = (out / "report.md").read_text()
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
+    assert "## Verdicts: paired differences to `equal`" in report and "[one seed]: no detectable difference" in report
     assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
     assert "](figures/balancer-multibalance.png)" in report
     # Resumed with the single-task baselines: the two cells are reused, each task trains alone.
-    second = subprocess.run([*cmd, "--single-task"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    second = subprocess.run([*cmd, "--single-task", "--jobs", "2"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "[1/5] equal, seed 0: done earlier, reused" in second.stdout
     assert "[2/5] multibalance, seed 0: done earlier, reused" in second.stdout
-    assert "[3/5] ctr alone, seed 0: training" in second.stdout
+    assert "[3/5] ctr alone, seed 0: training" in second.stdout and "[5/5] watch alone, seed 0: done" in second.stdout
     alone = json.loads((out / "runs/single-ctr-seed0/summary.json").read_text())
     assert set(alone["eval"]) == {"ctr"} and alone["balancer"] == "equal"
     multi = json.loads((out / "runs/equal-seed0/summary.json").read_text())
@@ -113,34 +114,12 @@ def test_torchx_component_passes_the_single_task_and_restarts():
     assert "--single-task" not in train(config="configs/tiny.yaml").roles[0].args[-1]
 
 
-def test_an_improvement_must_show_at_two_decimals_and_exceed_its_seed_spread():
-    from concord.trainer.tools.compare import improves
+def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
+    from concord.trainer.tools.compare import paired_interval, verdict
 
-    assert improves([0.4, 0.6, 0.5])  # +0.50 ± 0.08
-    assert not improves([1e-6, 2e-6, 3e-6])  # +0.00: rounding, not a gain
-    assert not improves([0.9, -0.3, 0.3])  # +0.30 ± 0.49: inside its spread
-    assert not improves([-0.2, -0.1, -0.3])
-    assert improves([0.02])  # one seed: no spread to beat
-
-
-def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
-    """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
-    once and swapped back in, so its step count runs on across rounds; the report gives the standard
-    error of each mean drop."""
-    run_dir = tmp_path / "bench"
-    cmd = [
-        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
-        "--methods", "none,equal,multibalance", "--rounds", "4", "--steps", "1",
-        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={run_dir}",
-        "train.qps_skip_steps=2",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads((run_dir / "bench.json").read_text())["methods"]
-    assert set(report) == {"none", "equal", "multibalance"}
-    assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
-    assert all(r["qps_mean"] > 0 for r in report.values())
-    assert "± s.e." in (run_dir / "bench.md").read_text()
-    # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
-    assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
-    assert report["none"]["balancer_steps"] == 0
+    mean, lo, hi = paired_interval([0.4, 0.6, 0.5])  # sd 0.1, t(2) = 4.303: half-width 0.248
+    assert mean == pytest.approx(0.5) and lo == pytest.approx(0.5 - 4.303 * 0.1 / 3**0.5)
+    assert verdict([0.4, 0.6, 0.5]) == "better"
+    assert verdict([0.30, 0.05, 0.16]) == "no detectable difference"  # +0.17, but inside its interval
+    assert verdict([-0.2, -0.25, -0.3]) == "worse"
+    assert verdict([0.02]) == "no detectable difference"  # one seed: no interval

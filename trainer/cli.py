@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
     sp.add_argument("--single-task", action="store_true",
                     help="also train each task alone per seed and report the negative transfer")
+    sp.add_argument("--jobs", type=int, default=1, help="cells trained at a time, the cores shared among them")
     sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
     sp.add_argument("run_dir")
     return p
@@ -82,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "compare":
             from concord.trainer.tools.compare import run_compare
 
-            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task)
+            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
             return 0
         cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
         if args.command == "synth":

@@ -7,20 +7,25 @@ comparison resumes where it stopped. The report (Markdown + PNG) then has:
 
 - Table 2 (MultiBalance paper): method, what is balanced, QPS drop vs ``equal`` of the same seed, and
   the quality gain per task, mean ± std over seeds;
-- Table 3: quality gain per task and averaged, and AUC per task;
+- Table 3: quality gain per task and averaged, AUC and calibration per task;
+- the verdicts: for each method and task, the paired difference to ``equal`` over seeds with its 95%
+  confidence interval, and "better", "worse" or "no detectable difference";
 - each balancer's weight/gradient figure (seed 0), copied to ``figures/`` beside the report.
 
 Gain is ``(NE_equal - NE_method) / NE_equal * 100`` for binary tasks, and the same with MSE for
-regression tasks. Cells run one after another, so the QPS drops carry the machine's drift between
-runs; ``concord bench`` measures QPS side by side when that matters.
+regression tasks. Cells run ``--jobs`` at a time (each on its own ranks, the cores shared out), so the
+QPS drops carry the machine's load and drift between runs; ``concord bench`` measures QPS side by side.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -28,7 +33,7 @@ import yaml
 
 from concord.balancing import available_balancers
 from concord.balancing.param_level import PARAMETER_LEVEL
-from concord.trainer.config import Config, load_config
+from concord.trainer.config import Config, load_config, resolve_config_path
 
 WHAT_IS_BALANCED = {
     "boundary": "shared representation z (dense bottom and embedding tables)",
@@ -45,7 +50,13 @@ def single_cell_name(task: str, seed: int) -> str:
 
 
 def run_compare(
-    config_path: str, overrides: Sequence[str], methods: List[str], seeds: int, out_dir: str, single_task: bool = False
+    config_path: str,
+    overrides: Sequence[str],
+    methods: List[str],
+    seeds: int,
+    out_dir: str,
+    single_task: bool = False,
+    jobs: int = 1,
 ) -> Path:
     cfg = load_config(config_path, overrides)  # validates the base config and the method names below
     unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
@@ -58,13 +69,22 @@ def run_compare(
     singles = [(seed, t) for seed in range(seeds) for t in cfg.task_names] if single_task else []
     todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
     todo += [(s, "equal", out / "runs" / single_cell_name(t, s), t) for s, t in singles]
-    for i, (seed, method, run_dir, task) in enumerate(todo, 1):
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
+
+    def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
         what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
         if (run_dir / "summary.json").is_file():
             print(f"[{i}/{len(todo)}] {what}: done earlier, reused", flush=True)
-            continue
+            return
         print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
-        _train_cell(config_path, overrides, cfg, method, seed, run_dir, task)
+        _train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
+        print(f"[{i}/{len(todo)}] {what}: done", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run, i, *cell) for i, cell in enumerate(todo, 1)]:
+            future.result()
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
     report = write_report(out, cfg, methods, seeds, summaries, single)
@@ -73,11 +93,19 @@ def run_compare(
 
 
 def _train_cell(
-    config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path, task: str | None = None
+    config_path: str,
+    overrides: Sequence[str],
+    cfg: Config,
+    method: str,
+    seed: int,
+    run_dir: Path,
+    task: str | None = None,
+    threads: int = 1,
 ) -> None:
     """Writes the cell's config (the base config with this method's default knobs, or the base config's
-    knobs for its own method) and trains it with ``concord train`` (``--single-task`` for ``task``)."""
-    raw = yaml.safe_load(Path(config_path).read_text())
+    knobs for its own method) and trains it with ``concord train`` (``--single-task`` for ``task``),
+    each rank on ``threads`` intra-op threads."""
+    raw = yaml.safe_load(resolve_config_path(config_path).read_text())
     balancer = {"name": method, "reduction": cfg.balancer.reduction}
     if method == cfg.balancer.name:
         balancer.update(cfg.balancer.knobs)
@@ -89,8 +117,9 @@ def _train_cell(
     cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
            f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
     log = run_dir / "train.log"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
 
@@ -152,17 +181,19 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
         "## Table 3: gain per task and averaged; AUC",
         "",
         "| method | " + " | ".join(f"{label[t.name]} gain {t.name}" for t in cfg.tasks) + " | average gain | "
-        + " | ".join(f"AUC {t.name}" for t in binary) + " |",
-        "|---|" + "---|" * (len(cfg.tasks) + 1 + len(binary)),
+        + " | ".join(f"AUC {t.name}" for t in binary) + " | " + " | ".join(f"calibration {t.name}" for t in binary) + " |",
+        "|---|" + "---|" * (len(cfg.tasks) + 1 + 2 * len(binary)),
     ]
     for m in methods:
         avg = [statistics.mean(g[m][t.name][s] for t in cfg.tasks) for s in range(seeds)]
         aucs = [statistics.mean(summaries[(s, m)]["eval"][t.name]["auc"] for s in range(seeds)) for t in binary]
+        calib = [_mean_metric(summaries, m, seeds, t.name, "calibration") for t in binary]
         lines.append(
             f"| {m} | " + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + f" | {_mean_std(avg)} | "
-            + " | ".join(f"{a:.4f}" for a in aucs) + " |"
+            + " | ".join(f"{a:.4f}" for a in aucs) + " | " + " | ".join(calib) + " |"
         )
-    lines += ["", "## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
+    lines += ["", "## Verdicts: paired differences to `equal`", "", *verdict_table(cfg, methods, g), ""]
+    lines += ["## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
     if single:
         lines += ["## Transfer: multi-task against single-task models", "", *transfer_table(cfg, methods, seeds, summaries, single), ""]
     lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
@@ -206,32 +237,74 @@ def transfer_table(cfg: Config, methods: List[str], seeds: int, summaries: Dict,
     return lines
 
 
+def _mean_metric(summaries: Dict, method: str, seeds: int, task: str, metric: str) -> str:
+    values = [summaries[(s, method)]["eval"][task].get(metric) for s in range(seeds)]
+    return f"{statistics.mean(values):.4f}" if None not in values else "–"
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no SciPy in the stack).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def paired_interval(differences: Sequence[float]) -> Tuple[float, float, float]:
+    """Mean of per-seed paired differences and its 95% confidence interval (Student's t, n - 1 degrees
+    of freedom); with one seed the interval is unbounded."""
+    n = len(differences)
+    mean = statistics.mean(differences)
+    if n < 2:
+        return mean, -math.inf, math.inf
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.960) * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(differences: Sequence[float]) -> str:
+    """"better" / "worse" when the interval excludes 0, else "no detectable difference"."""
+    _, lo, hi = paired_interval(differences)
+    return "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
+
+
+def _interval(differences: Sequence[float]) -> str:
+    mean, lo, hi = paired_interval(differences)
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) else f"{mean:+.2f} [one seed]"
+
+
+def verdict_table(cfg: Config, methods: List[str], g) -> List[str]:
+    """Per method and task: the mean paired gain (%) with its 95% interval, and the verdict."""
+    lines = [
+        "Each seed pairs a method with `equal` on the same initialisation and data. Gain (%) with its 95% "
+        "confidence interval over seeds (Student's t); \"better\" or \"worse\" only where the interval "
+        "excludes zero.",
+        "",
+        "| method | " + " | ".join(t.name for t in cfg.tasks) + " |",
+        "|---|" + "---|" * len(cfg.tasks),
+    ]
+    for m in methods:
+        if m == "equal":
+            continue
+        cells = [f"{_interval(g[m][t.name])}: {verdict(g[m][t.name])}" for t in cfg.tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def worst_task_verdicts(cfg: Config, methods, seeds, summaries, g) -> List[str]:
-    """Does each method improve the worst binary task (highest NE under ``equal``) while keeping every
-    other task within 0.1% of ``equal``? Judged on the mean over seeds; an improvement counts only if it
-    shows at the report's precision (0.01%) and exceeds its spread over seeds."""
+    """Does each method improve the worst binary task (highest NE under ``equal``), with a paired
+    confidence interval above zero, while no other task is worse (interval below zero)?"""
     binary = [t for t in cfg.tasks if t.type == "binary"]
     if not binary:
         return ["(no binary task)"]
     worst = max(binary, key=lambda t: statistics.mean(summaries[(s, "equal")]["eval"][t.name]["ne"] for s in range(seeds)))
-    lines = [f"Worst task under `equal`: **{worst.name}** (highest held-out NE). A method passes if its mean NE gain "
-             "on it is at least 0.01% and larger than its standard deviation over seeds, and every other task's "
-             "mean gain is at least -0.1%.", "",
-             "| method | gain on worst | worst other task | passes |", "|---|---|---|---|"]
+    lines = [f"Worst task under `equal`: **{worst.name}** (highest held-out NE). A method passes if its paired NE "
+             "gain on it has a 95% interval above zero and no other task's interval lies below zero.", "",
+             "| method | gain on worst [95% CI] | other tasks worse | passes |", "|---|---|---|---|"]
     for m in methods:
         if m == "equal":
             continue
-        others = [(t.name, statistics.mean(g[m][t.name])) for t in cfg.tasks if t.name != worst.name]
-        name, value = min(others, key=lambda x: x[1])
-        ok = improves(g[m][worst.name]) and value >= -0.1
-        lines.append(f"| {m} | {_mean_std(g[m][worst.name])}% | {name}: {value:+.2f}% | {'yes' if ok else 'no'} |")
+        worse = [t.name for t in cfg.tasks if t.name != worst.name and verdict(g[m][t.name]) == "worse"]
+        ok = verdict(g[m][worst.name]) == "better" and not worse
+        lines.append(f"| {m} | {_interval(g[m][worst.name])}% | {', '.join(worse) or 'none'} | {'yes' if ok else 'no'} |")
     return lines
-
-
-def improves(gains_pct: List[float]) -> bool:
-    """A mean gain (%) over seeds that is visible at two decimals and larger than its spread."""
-    mean, spread = _mean_and_spread(gains_pct)
-    return mean >= 0.01 and mean > spread
 
 
 def plot_gains(out: Path, cfg: Config, methods: List[str], g) -> Path:
