@@ -42,13 +42,16 @@ $(GPU_STAMP): pyproject.toml requirements/cuda.txt
 	$(GPU_VENV)/bin/python -c "import torch, torchrec, fbgemm_gpu; assert torch.version.cuda, 'a CPU torch was installed'; print('concord (CUDA): torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
 	touch $@
 
+# The demo's synthetic data is written once, explicitly: training never generates data for a missing path.
 demo: $(STAMP)
+	$(BIN)/concord synth --config configs/demo.yaml --if-missing
 	$(BIN)/concord train --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	$(BIN)/concord synth --config configs/demo.yaml --if-missing
 	$(BIN)/concord bench --config configs/demo.yaml $(ARGS)
 
 clean:

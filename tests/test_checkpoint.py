@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from tiny_data import tiny_data
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, SafeFileSystemReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _train(tmp_path, run_dir, balancer, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml",
-           f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"train.run_dir={run_dir}",
-           f"balancer.name={balancer}", "train.log_every=1", *extra]
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *tiny_data(tmp_path),
+           f"train.run_dir={run_dir}", f"balancer.name={balancer}", "train.log_every=1", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -162,3 +162,92 @@ def test_binary_label_outside_0_1_and_regression_label_nan(tmp_path):
     regression = dataclasses.replace(LABELED, label_types=("regression",))
     with pytest.raises(DataError, match="row group 1: label column 'y': value nan at row 2; a regression label must be a finite number"):
         list(ParquetReader(str(path), regression, 10))
+
+
+# --- equal work, nothing lost, shuffling ------------------------------------------------------------------
+def _ids(reader, epoch=0, skip_rows=0):
+    return [int(i) for b in reader.batches(epoch=epoch, skip_rows=skip_rows) for i in b.dense[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("groups,world_size", [((30, 30, 30), 2), ((90,), 2), ((50, 7, 33), 3), ((5, 60), 2)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_training_trains_every_row_once_per_epoch_but_the_counted_remainder(tmp_path, groups, world_size, shuffle):
+    start = 0
+    for i, rows in enumerate(groups):
+        write(tmp_path / f"part{i}.parquet", rows, start=start, row_group_size=rows)
+        start += rows
+    total, batch = sum(groups), 4
+    readers = [ParquetReader(str(tmp_path), COLUMNS, batch, r, world_size, drop_last=True, shuffle=shuffle,
+                             shuffle_rows=16) for r in range(world_size)]
+    for epoch in range(2):
+        per_rank = [_ids(r, epoch) for r in readers]
+        steps = readers[0].full_batches_per_rank()
+        assert all(len(ids) == steps * batch for ids in per_rank)  # equal work on every rank
+        seen = [i for ids in per_rank for i in ids]
+        assert len(seen) == len(set(seen))  # no row twice
+        left_out = readers[0].rows_left_out()
+        assert len(seen) + left_out == total  # the rest is counted exactly
+        assert left_out < world_size * batch + world_size  # at most a partial batch per rank, plus < W
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_evaluation_reads_every_row_exactly_once(tmp_path, world_size):
+    write(tmp_path / "a.parquet", 5, row_group_size=5)  # one row group, fewer rows than some world sizes
+    seen = []
+    for r in range(world_size):
+        reader = ParquetReader(str(tmp_path), COLUMNS, 2, r, world_size)
+        seen += _ids(reader)
+        assert reader.empty_batch().batch_size == 0
+    assert sorted(seen) == list(range(5))
+
+
+def test_shuffling_differs_between_epochs_repeats_for_a_seed_and_resumes_exactly(tmp_path):
+    write(tmp_path / "a.parquet", 200, row_group_size=25)
+
+    def reader(seed):
+        return ParquetReader(str(tmp_path), COLUMNS, 8, 0, 1, drop_last=True, shuffle=True, seed=seed, shuffle_rows=64)
+
+    first, again = reader(3), reader(3)
+    epoch0, epoch1 = _ids(first, 0), _ids(first, 1)
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) == list(range(200))
+    assert _ids(again, 1) == epoch1  # the same seed gives the same order
+    assert _ids(reader(4), 0) != epoch0
+    assert epoch0 != sorted(epoch0)  # rows are mixed, not only row groups
+    for skip in (0, 8, 64, 72, 192):  # resuming mid-window, at a window's start, near the end
+        assert _ids(again, 1, skip_rows=skip) == epoch1[skip:]
+
+
+def test_unshuffled_training_keeps_the_file_order(tmp_path):
+    write(tmp_path / "a.parquet", 40, row_group_size=10)
+    assert _ids(ParquetReader(str(tmp_path), COLUMNS, 8, 0, 1, drop_last=True)) == list(range(40))
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_bad_sample_weight_is_named(tmp_path, value):
+    path = tmp_path / "w.parquet"
+    weights = np.ones(10, np.float32)
+    weights[6] = value
+    write(path, 10, w=weights)
+    cols = dataclasses.replace(COLUMNS, weight="w")
+    with pytest.raises(DataError, match=r"w\.parquet: row group 0: weight column 'w': value .* at row 6; a sample weight must be finite and >= 0"):
+        list(ParquetReader(str(path), cols, 4))
+
+
+# --- the background pipeline ----------------------------------------------------------------------------
+def test_the_prefetcher_yields_the_same_batches_in_order_and_passes_errors_on():
+    from concord.trainer.data.prefetch import Prefetcher
+
+    assert list(Prefetcher(iter(range(20)), depth=3)) == list(range(20))
+
+    def failing():
+        yield 1
+        raise DataError("x.parquet: row group 1: bad")
+
+    it = Prefetcher(failing())
+    assert next(it) == 1
+    with pytest.raises(DataError, match="row group 1"):
+        next(it)
+    endless = Prefetcher(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()  # the thread stops instead of running on
+    assert not endless._thread.is_alive()

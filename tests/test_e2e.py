@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_data import tiny_data
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +43,7 @@ def test_torchx_component_trains_and_writes_metrics(tmp_path, j):
     run_dir = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd",
-        "launch/components.py:train", "--j", j, "--config", "configs/tiny.yaml",
-        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+        "launch/components.py:train", "--j", j, "--config", "configs/tiny.yaml", *tiny_data(tmp_path),
         f"train.run_dir={run_dir}", "train.max_steps=12",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
@@ -53,8 +54,7 @@ def test_torchx_component_trains_and_writes_metrics(tmp_path, j):
 def test_concord_train_launches_torchrun(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml",
-        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
+        sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *tiny_data(tmp_path),
         f"train.run_dir={run_dir}", "train.max_steps=12", "balancer.name=multibalance",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
@@ -76,8 +76,7 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "concord.trainer.cli", "compare", "--config", "configs/tiny.yaml",
-        "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out),
-        f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", "train.max_steps=8",
+        "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out), *tiny_data(tmp_path), "train.max_steps=8",
     ]
     first = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
@@ -123,3 +122,26 @@ def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
     assert verdict([0.30, 0.05, 0.16]) == "no detectable difference"  # +0.17, but inside its interval
     assert verdict([-0.2, -0.25, -0.3]) == "worse"
     assert verdict([0.02]) == "no detectable difference"  # one seed: no interval
+
+
+def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
+    """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
+    once and swapped back in, so its step count runs on across rounds; the report gives the standard
+    error of each mean drop."""
+    run_dir = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
+        "--methods", "none,equal,multibalance", "--rounds", "4", "--steps", "1",
+        *tiny_data(tmp_path), f"train.run_dir={run_dir}",
+        "train.qps_skip_steps=2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((run_dir / "bench.json").read_text())["methods"]
+    assert set(report) == {"none", "equal", "multibalance"}
+    assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
+    assert all(r["qps_mean"] > 0 for r in report.values())
+    assert "± s.e." in (run_dir / "bench.md").read_text()
+    # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
+    assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
+    assert report["none"]["balancer_steps"] == 0

@@ -46,7 +46,7 @@ def concord(*args):
 def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
     run = tmp_path / "run"
     proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
-                   f"train.run_dir={run}", "train.max_steps=6", "train.checkpoint_every=1")
+                   f"train.run_dir={run}", "train.max_steps=6", "train.checkpoint_every=1", "data.shuffle=false")
     assert proc.returncode != 0
     assert "NonFiniteLoss: non-finite loss for task(s) ['ctr', 'cvr', 'watch'] at step 2" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
@@ -58,7 +58,7 @@ def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
 def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay):
     run = tmp_path / "run"
     proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
-                   f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip",
+                   f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip", "data.shuffle=false",
                    f"model.embedding_optimizer.weight_decay={weight_decay}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -99,3 +99,47 @@ def test_bad_data_ends_with_the_readers_message(data, tmp_path):
                      f"train.run_dir={tmp_path}/run2", "train.max_steps=3", "data.on_bad_id=hash")
     assert hashed.returncode == 0, hashed.stderr[-2000:]
     assert json.loads((tmp_path / "run2/summary.json").read_text())["data_repairs"]["hashed_ids"] == 1
+
+
+def _trained_steps(run: Path) -> int:
+    log = run / "metrics.jsonl"
+    return sum('"kind": "train"' in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_a_mistyped_data_path_stops_with_one_line_and_generates_nothing(data, tmp_path):
+    typo = tmp_path / "dtaa/train"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={typo}", f"data.eval={data}/eval",
+                   f"train.run_dir={tmp_path}/run")
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"concord: DataError: data.train: {typo} holds no Parquet data; `concord synth --config configs/tiny.yaml` "
+        "writes the config's synthetic data there"
+    )
+    assert not typo.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_negative_weight_anywhere_stops_before_training(data, tmp_path):
+    table = pq.read_table(next((data / "train").glob("*.parquet")))
+    weights = np.ones(table.num_rows)
+    weights[1500] = -0.5  # in the third row group: not in the first sample the reader decodes
+    weighted = tmp_path / "weighted"
+    weighted.mkdir()
+    pq.write_table(table.append_column("w", pa.array(weights)), weighted / "part-00000.parquet", row_group_size=512)
+    run = tmp_path / "run"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={weighted}", f"data.eval={data}/eval",
+                   f"train.run_dir={run}", "data.weight_column=w")
+    assert proc.returncode == 3
+    assert "row group 2: weight column 'w': value -0.5 at row 476; a sample weight must be finite and >= 0" in proc.stderr
+    assert _trained_steps(run) == 0
+
+
+def test_an_unreadable_eval_split_stops_before_training(data, tmp_path):
+    broken = tmp_path / "eval"
+    broken.mkdir()
+    (broken / "part-00000.parquet").write_bytes(b"PAR1 not really")
+    run = tmp_path / "run"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/train", f"data.eval={broken}",
+                   f"train.run_dir={run}")
+    assert proc.returncode == 3
+    assert "part-00000.parquet: not a readable Parquet file" in proc.stderr.strip().splitlines()[-1]
+    assert _trained_steps(run) == 0

@@ -23,6 +23,7 @@ from typing import List, Optional
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config
+from concord.trainer.data.reader import DataError
 
 DEFAULT_CONFIG = "demo"
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
     with_config(sp)
     sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    sp.add_argument("--if-missing", action="store_true", help="do nothing (exit 0) where the data already exists")
     sp = sub.add_parser("convert", help="raw CSV/Parquet -> Concord's Parquet layout (data.convert in the config)")
     with_config(sp)
     sp.add_argument("--force", action="store_true", help="overwrite existing train/eval data")
@@ -87,9 +89,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
         if args.command == "synth":
-            return _synth(cfg, args.force)
+            return _synth(cfg, args.force, args.if_missing)
         if args.command == "convert":
             return _convert(cfg, args.force)
+        if args.command in ("train", "bench"):
+            from concord.trainer.train import check_data_exists
+
+            check_data_exists(cfg)
         if args.command == "train":
             if _is_worker() or cfg.world_size == 1:
                 return _train_worker(cfg)
@@ -106,6 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"concord: config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"concord: DataError: {e}", file=sys.stderr)
+        return 3
     return 1
 
 
@@ -127,14 +136,10 @@ def _convert(cfg, force: bool) -> int:
         f"-> {cfg.data.train}, {cfg.data.eval}; {skipped:,} rows skipped; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
-    for split, groups in report["row_groups"].items():
-        if groups < cfg.world_size:  # the reader shares row groups among ranks
-            print(f"concord convert: warning: {split} has {groups} row group(s), fewer than the config's "
-                  f"{cfg.world_size} ranks; lower data.convert.row_group_size", file=sys.stderr)
     return 0
 
 
-def _synth(cfg, force: bool) -> int:
+def _synth(cfg, force: bool, if_missing: bool = False) -> int:
     from concord.trainer.data.synth import dataset_ready, generate
 
     if cfg.data.synthetic is None:
@@ -142,6 +147,8 @@ def _synth(cfg, force: bool) -> int:
         return 2
     for path in (cfg.data.train, cfg.data.eval):
         if path and dataset_ready(path):
+            if if_missing and not force:
+                return 0
             if not force:
                 print(f"concord: {path} already holds Parquet files; use --force to overwrite", file=sys.stderr)
                 return 2
@@ -152,7 +159,7 @@ def _synth(cfg, force: bool) -> int:
 
 def _train_worker(cfg) -> int:
     from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.train import Trainer, ensure_data
+    from concord.trainer.train import Trainer
 
     from concord.embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
     from concord.trainer.data.reader import DataError
@@ -160,7 +167,6 @@ def _train_worker(cfg) -> int:
 
     rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
-        ensure_data(cfg, rt)
         Trainer.build(cfg, rt).fit()
     except (DataError, EmbeddingOptimizerError, NonFiniteLoss, ShardingPlanError) as e:
         failures.report(e, rt.rank, rt.world_size)
@@ -206,10 +212,10 @@ def _launch(cfg, worker_args: List[str]) -> int:
                 signal.signal(s, handler)
         if forwarded:
             return 128 + forwarded[0]
-        if code != 0:
-            first = failures.first_error(error_dir)
-            if first:
-                print(f"concord: failed: {first}", file=sys.stderr)
+        first = failures.first_error(error_dir) if code != 0 else None
+        if first:  # the root cause, last, and its exit code rather than torchrun's 1
+            print(f"concord: failed: {first[1]}", file=sys.stderr)
+            return first[0]
         return code
 
 

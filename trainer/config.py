@@ -113,6 +113,8 @@ class DataConfig:
     on_bad_id: str = "error"  # a sparse id < 0 or >= its table's size: error | hash (modulo, counted)
     on_nonfinite_dense: str = "error"  # NaN/inf in a dense feature: error | impute (counted)
     impute_value: float = 0.0
+    shuffle: bool = True  # training: row groups reordered and rows mixed every epoch (seeded by train.seed)
+    shuffle_rows: int = 65_536  # the shuffle window per rank: rows held in memory to mix them
 
 
 @dataclass
@@ -428,6 +430,8 @@ def validate(cfg: Config) -> None:
         fail("data.on_bad_id", f"must be 'error' or 'hash', got {d.on_bad_id!r}")
     if d.on_nonfinite_dense not in ("error", "impute"):
         fail("data.on_nonfinite_dense", f"must be 'error' or 'impute', got {d.on_nonfinite_dense!r}")
+    if d.shuffle_rows < 1:
+        fail("data.shuffle_rows", f"must be >= 1, got {d.shuffle_rows}")
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
     if not cfg.tasks:

@@ -16,13 +16,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 ERROR_DIR_ENV = "CONCORD_ERROR_DIR"
 
 
-def report(error: BaseException, rank: int, world_size: int) -> str:
-    """Prints ``error`` as one line and records it for the launcher; returns the line."""
+def report(error: BaseException, rank: int, world_size: int, exit_code: int = 3) -> str:
+    """Prints ``error`` as one line and records it, with the exit code it ends the worker with, for the
+    launcher; returns the line."""
     where = f"rank {rank}: " if world_size > 1 else ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"{where}{type(error).__name__}: {message}"
@@ -30,19 +31,19 @@ def report(error: BaseException, rank: int, world_size: int) -> str:
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder:
         try:
-            (Path(folder) / f"rank-{rank}.txt").write_text(f"{time.time():.6f} {line}\n")
+            (Path(folder) / f"rank-{rank}.txt").write_text(f"{time.time():.6f} {exit_code} {line}\n")
         except OSError:
             pass  # the launcher is gone; the printed line is all there is
     return line
 
 
-def first_error(folder: str | Path) -> Optional[str]:
-    """The earliest line any rank recorded in ``folder``, or None."""
-    lines = []
+def first_error(folder: str | Path) -> Optional[Tuple[int, str]]:
+    """(exit code, line) of the earliest failure any rank recorded in ``folder``, or None."""
+    records = []
     for path in Path(folder).glob("rank-*.txt"):
-        stamp, _, line = path.read_text().strip().partition(" ")
-        lines.append((float(stamp), line))
-    return min(lines)[1] if lines else None
+        stamp, code, line = path.read_text().strip().split(" ", 2)
+        records.append((float(stamp), int(code), line))
+    return min(records)[1:] if records else None
 
 
 def recorded(main: Callable[[], int]) -> Callable[[], int]:
@@ -55,7 +56,7 @@ def recorded(main: Callable[[], int]) -> Callable[[], int]:
         try:
             return main()
         except Exception as error:
-            report(error, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+            report(error, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), exit_code=1)
             raise
 
     return record(run)

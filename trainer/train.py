@@ -28,7 +28,7 @@ from concord.trainer.model import MultiTaskModel, boundary_method, build_model
 from concord.trainer.optimizers import DENSE_OPTIMIZERS
 from concord.trainer.runtime import Runtime
 from concord.trainer.observe.progress import progress_bar
-from concord.trainer.data.synth import dataset_ready, generate
+from concord.trainer.data.synth import dataset_ready
 from concord.trainer.observe.timing import QPSMeter, StepTimer
 
 logger = logging.getLogger("concord.train")
@@ -36,16 +36,19 @@ logger = logging.getLogger("concord.train")
 
 
 
-def ensure_data(cfg: Config, rt: Runtime) -> None:
-    """Generates the configured synthetic data on first use (global rank 0; the others wait)."""
-    synth = cfg.data.synthetic
-    if cfg.data.convert is not None and not dataset_ready(cfg.data.train):
-        raise DataError(f"{cfg.data.train}: no data yet; run `concord convert --config {cfg.source}` first")
-    if synth is not None and rt.is_main and not dataset_ready(cfg.data.train):
-        logger.info("generating synthetic data under %s (first use)", cfg.data.train)
-        generate(synth, cfg.data.train, cfg.data.eval, show_progress=cfg.train.progress)
-    if rt.world_size > 1:
-        dist.barrier()
+def check_data_exists(cfg: Config) -> None:
+    """Training reads data that exists: nothing is generated because a path is missing (a mistyped
+    ``data.train`` must not become a fresh synthetic data set); the error says how to make it."""
+    for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if not path or dataset_ready(path) or Path(path).is_file():
+            continue
+        if cfg.data.convert is not None:
+            how = f"; `concord convert --config {cfg.source}` writes it from data.convert.input"
+        elif cfg.data.synthetic is not None:
+            how = f"; `concord synth --config {cfg.source}` writes the config's synthetic data there"
+        else:
+            how = ""
+        raise DataError(f"{key}: {path} holds no Parquet data{how}")
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Trainer:
             (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
         trainer = cls(cfg, rt, model, dmp, optimizer, log, dense)
+        trainer.check_data()
         # The model was built with the configured balancer, whose parameters (if any) the dense
         # optimizer and DDP already hold: keep that instance.
         trainer.use_method(cfg.balancer.name, cfg.balancer.knobs, rebuild=False)
@@ -111,10 +115,25 @@ class Trainer:
             )
 
     # --- data -------------------------------------------------------------------------------------
-    def _reader(self, spec: str, drop_last: bool) -> ParquetReader:
+    def _reader(self, spec: str, train: bool) -> ParquetReader:
+        data = self.cfg.data
         return ParquetReader(
-            spec, columns_from_config(self.cfg), self.cfg.data.batch_size, self.rt.rank, self.rt.world_size, drop_last
+            spec, columns_from_config(self.cfg), data.batch_size, self.rt.rank, self.rt.world_size,
+            drop_last=train, shuffle=train and data.shuffle, seed=self.cfg.train.seed, shuffle_rows=data.shuffle_rows,
         )
+
+    def check_data(self) -> None:
+        """Before the first step: both splits open with the right schema (every file), and their first
+        row group decodes cleanly (ids in range, labels and weights valid) on every rank."""
+        splits = [("data.train", self.cfg.data.train, True)]
+        if self.cfg.data.eval:
+            splits.append(("data.eval", self.cfg.data.eval, False))
+        for key, spec, train in splits:
+            reader = self._reader(spec, train)
+            if reader.total_rows == 0:
+                raise DataError(f"{key}: {spec} has no rows")
+            reader.check_weights()
+            next(reader.batches(), None)
 
     # --- checkpoints --------------------------------------------------------------------------------
     @property
@@ -206,6 +225,11 @@ class Trainer:
             "balancer": self.cfg.balancer.name,
             "skipped_steps": self.skipped_steps,
             "data_repairs": self._data_repairs(),
+            "rows": {
+                "train": self.train_reader.total_rows,
+                "trained_per_epoch": self.train_reader.total_rows - self.train_reader.rows_left_out(),
+                "left_out_per_epoch": self.train_reader.rows_left_out(),
+            },
         }
         self.log.write(summary)
         if rt.is_main:
@@ -303,24 +327,33 @@ class Trainer:
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """The training split, full batches only, epoch after epoch (the same count on every rank),
         starting where step ``start_step`` left off."""
-        reader = self.train_reader = self._reader(self.cfg.data.train, drop_last=True)
+        reader = self.train_reader = self._reader(self.cfg.data.train, train=True)
         steps = reader.full_batches_per_rank()
         if steps == 0:
-            raise ValueError(
-                f"{self.cfg.data.train}: not one full batch of {self.cfg.data.batch_size} rows per rank for "
-                f"{self.rt.world_size} ranks; lower data.batch_size"
+            raise DataError(
+                f"data.train: {self.cfg.data.train}: {reader.total_rows} rows make not one full batch of "
+                f"{self.cfg.data.batch_size} rows per rank for {self.rt.world_size} ranks; lower data.batch_size"
+            )
+        if start_step == 0 and self.rt.is_main:
+            logger.info(
+                "an epoch trains %d steps x %d rows x %d ranks = %d of the %d training rows; %d left out (%s)",
+                steps, reader.batch_size, self.rt.world_size, reader.total_rows - reader.rows_left_out(),
+                reader.total_rows, reader.rows_left_out(),
+                "other rows each epoch: shuffled" if reader.shuffle else "the same rows each epoch: data.shuffle is off",
             )
         return self._epochs(reader, steps, start_step)
 
-    def _epochs(self, reader: ParquetReader, steps_per_epoch: int, start_step: int) -> Iterator[Batch]:
-        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch. Every
-        epoch reads the same rows in the same order, so a step's data is a function of the step."""
-        done_in_epoch = start_step % steps_per_epoch
+    @staticmethod
+    def _epochs(reader: ParquetReader, steps_per_epoch: int, start_step: int) -> Iterator[Batch]:
+        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch. An
+        epoch's order is a function of the seed and the epoch, so a step's data is a function of the
+        step and a resumed run continues exactly."""
+        epoch, done_in_epoch = divmod(start_step, steps_per_epoch)
         while True:
-            batches = reader.batches(skip_rows=done_in_epoch * reader.batch_size)
+            batches = reader.batches(epoch=epoch, skip_rows=done_in_epoch * reader.batch_size)
             for _ in range(steps_per_epoch - done_in_epoch):
                 yield next(batches)
-            done_in_epoch = 0
+            epoch, done_in_epoch = epoch + 1, 0
 
     def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
         stats = self.model.boundary.last_stats
@@ -346,12 +379,12 @@ class Trainer:
         """NE/AUC/MSE per task on the held-out split; every rank runs the same number of batches."""
         if not self.cfg.data.eval:
             return {}
-        reader = self._reader(self.cfg.data.eval, drop_last=False)
+        reader = self._reader(self.cfg.data.eval, train=False)
         n_batches = reader.max_batches_per_rank()
         metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, self.cfg.data.batch_size, self.rt.device)
         self.dmp.eval()
         it = iter(reader)
-        template: Optional[Batch] = None
+        template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
         for _ in range(n_batches):
             batch = next(it, None)
             template = template or batch

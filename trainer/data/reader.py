@@ -1,4 +1,13 @@
-"""Parquet input streamed by row group; each rank reads a disjoint share of the row groups.
+"""Parquet input streamed by row group; each rank reads an equal, disjoint range of the rows.
+
+An epoch lays every row group of every file end to end (in an order shuffled per epoch when training)
+and cuts the sequence into one contiguous range per rank: equal ranges for training (the remainder of
+fewer than ``world_size`` rows is left out of that epoch), ranges differing by at most one row for
+evaluation, which reads every row exactly once. Ranks therefore get equal work however few or uneven
+the row groups are. Training shuffles rows, too, inside windows of ``shuffle_rows`` rows of a rank's
+range, each permuted by a generator seeded with (seed, epoch, rank, window): memory stays bounded, an
+epoch's order is a function of the seed, and a resumed run skips to any row without replaying the
+epoch.
 
 The column-to-role mapping (dense features, sparse features, one label per task, optional sample
 weight) comes from the config. A batch is a :class:`Batch`: dense (B, n_dense) float32, a
@@ -129,15 +138,6 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
     return groups
 
 
-def rank_share(groups: Sequence[RowGroup], rank: int, world_size: int) -> List[RowGroup]:
-    """Round-robin: rank r reads row groups r, r + W, r + 2W, ... (disjoint, together all of them)."""
-    if len(groups) < world_size:
-        raise DataError(
-            f"{len(groups)} row groups cannot be shared by {world_size} ranks; write smaller row groups"
-        )
-    return list(groups[rank::world_size])
-
-
 class _Block:
     """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,)."""
 
@@ -148,15 +148,30 @@ class _Block:
         return self.labels.shape[0]
 
     def split(self, n: int) -> Tuple["_Block", "_Block"]:
-        head_sparse, tail_sparse = [], []
+        return self.slice(0, n), self.slice(n, len(self))
+
+    def slice(self, start: int, stop: int) -> "_Block":
+        sparse = []
         for lengths, values in self.sparse:
-            cut = int(lengths[:n].sum())
-            head_sparse.append((lengths[:n], values[:cut]))
-            tail_sparse.append((lengths[n:], values[cut:]))
-        return (
-            _Block(self.dense[:n], head_sparse, self.labels[:n], self.weights[:n]),
-            _Block(self.dense[n:], tail_sparse, self.labels[n:], self.weights[n:]),
-        )
+            first, last = int(lengths[:start].sum()), int(lengths[:stop].sum())
+            sparse.append((lengths[start:stop], values[first:last]))
+        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop])
+
+    def take(self, rows: np.ndarray) -> "_Block":
+        """The rows at ``rows`` (e.g. a permutation), jagged values moved with their rows."""
+        sparse = []
+        for lengths, values in self.sparse:
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)[rows]
+            counts = lengths[rows].astype(np.int64)
+            within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            sparse.append((lengths[rows], values[np.repeat(starts, counts) + within]))
+        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows])
+
+    @staticmethod
+    def empty(columns: "Columns") -> "_Block":
+        sparse = [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in columns.sparse]
+        return _Block(np.zeros((0, len(columns.dense)), np.float32), sparse,
+                      np.zeros((0, len(columns.labels)), np.float32), np.zeros(0, np.float32))
 
     @staticmethod
     def concat(blocks: List["_Block"]) -> "_Block":
@@ -190,11 +205,14 @@ class _Block:
 
 
 class ParquetReader:
-    """Streams one rank's share of the row groups as :class:`Batch` es of ``batch_size`` rows.
+    """Streams one rank's range of the rows as :class:`Batch` es of ``batch_size`` rows.
 
-    Only one row group (plus a partial batch carried over) is in memory at a time. With
-    ``drop_last=False`` the final partial batch is returned, so across ranks every row comes out
-    exactly once.
+    ``drop_last=True`` (training): every rank gets ``total_rows // world_size`` rows and yields only
+    full batches, so every rank takes the same number of steps; :meth:`rows_left_out` says how many
+    rows an epoch leaves out (at most one partial batch per rank, plus fewer than ``world_size``).
+    ``drop_last=False`` (evaluation): every row exactly once across ranks, the last batch partial.
+    ``shuffle``: row groups in a new order each epoch and rows permuted within windows of
+    ``shuffle_rows`` (the memory bound), all seeded by ``seed``.
     """
 
     def __init__(
@@ -205,64 +223,152 @@ class ParquetReader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_rows: int = 65_536,
     ) -> None:
+        if shuffle_rows < 1:
+            raise ValueError(f"shuffle_rows must be >= 1, got {shuffle_rows}")
         self.columns = columns
         self.batch_size = batch_size
-        self.drop_last = drop_last
+        self.rank = rank
         self.world_size = world_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_rows = shuffle_rows
         self.groups = plan_row_groups(list_files(spec), columns)
-        self.share = rank_share(self.groups, rank, world_size)
+        self.total_rows = sum(g.num_rows for g in self.groups)
         self.keys = [f for f, _ in columns.sparse]
         self._sizes = dict(columns.table_sizes)
         # Documented, counted repairs (data.on_bad_id: hash, data.on_nonfinite_dense: impute).
         self.counts = {"hashed_ids": 0, "imputed_dense": 0}
-        self._current: Tuple[Optional[str], Optional[pq.ParquetFile]] = (None, None)  # file being read
+        self._file: Tuple[Optional[str], Optional[pq.ParquetFile]] = (None, None)  # file being read
+        self._decoded: Tuple[Optional[RowGroup], Optional[_Block]] = (None, None)  # last row group
+
+    # --- how the rows are shared ----------------------------------------------------------------
+    def rank_range(self, rank: int) -> Tuple[int, int]:
+        """``rank``'s rows ``[start, stop)`` in an epoch's sequence of all rows."""
+        if self.drop_last:
+            each = self.total_rows // self.world_size
+            return rank * each, (rank + 1) * each
+        each, extra = divmod(self.total_rows, self.world_size)
+        start = rank * each + min(rank, extra)
+        return start, start + each + (1 if rank < extra else 0)
 
     @property
     def num_rows(self) -> int:
-        return sum(g.num_rows for g in self.share)
+        """This rank's rows per epoch."""
+        start, stop = self.rank_range(self.rank)
+        return stop - start
 
     def full_batches_per_rank(self) -> int:
-        """Batches of ``batch_size`` that *every* rank can make: all ranks agree without talking."""
-        rows = [sum(g.num_rows for g in self.groups[r :: self.world_size]) for r in range(self.world_size)]
-        return min(rows) // self.batch_size
+        """Full batches every rank makes per epoch (training: all ranks alike)."""
+        return min(b - a for a, b in map(self.rank_range, range(self.world_size))) // self.batch_size
 
     def max_batches_per_rank(self) -> int:
-        rows = [sum(g.num_rows for g in self.groups[r :: self.world_size]) for r in range(self.world_size)]
-        return math.ceil(max(rows) / self.batch_size)
+        return math.ceil(max(b - a for a, b in map(self.rank_range, range(self.world_size))) / self.batch_size)
 
+    def rows_left_out(self) -> int:
+        """Rows an epoch of full batches on every rank does not train (different rows each epoch when
+        shuffled)."""
+        return self.total_rows - self.full_batches_per_rank() * self.batch_size * self.world_size
+
+    def _pieces(self, epoch: int) -> List[Tuple[RowGroup, int, int]]:
+        """This rank's range as (row group, first row, end row) pieces, in the epoch's order."""
+        order = range(len(self.groups))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups)).tolist()
+        lo, hi = self.rank_range(self.rank)
+        pieces, offset = [], 0
+        for i in order:
+            group = self.groups[i]
+            start, stop = max(lo - offset, 0), min(hi - offset, group.num_rows)
+            if start < stop:
+                pieces.append((group, start, stop))
+            offset += group.num_rows
+            if offset >= hi:
+                break
+        return pieces
+
+    # --- reading --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()
 
-    def batches(self, skip_rows: int = 0) -> Iterator[Batch]:
-        """Batches after the first ``skip_rows`` rows of this rank's share (resuming mid-epoch): whole
-        row groups inside the skipped range are not read at all."""
+    def batches(self, epoch: int = 0, skip_rows: int = 0) -> Iterator[Batch]:
+        """Epoch ``epoch``'s batches after the first ``skip_rows`` rows of this rank's range (resuming
+        mid-epoch): row groups and windows wholly inside the skipped range are not read."""
         pending: List[_Block] = []
         pending_rows = 0
-        for group in self.share:
-            if skip_rows >= group.num_rows:
-                skip_rows -= group.num_rows
-                continue
-            block = self._decode(group)
-            if skip_rows:
-                _, block = block.split(skip_rows)
-                skip_rows = 0
+        for block in self._blocks(epoch, skip_rows):
             pending.append(block)
             pending_rows += len(block)
             while pending_rows >= self.batch_size:
-                merged = _Block.concat(pending)
-                head, tail = merged.split(self.batch_size)
+                head, tail = _Block.concat(pending).split(self.batch_size)
                 yield head.to_batch(self.keys)
                 pending, pending_rows = ([tail] if len(tail) else []), len(tail)
         if pending_rows and not self.drop_last:
             yield _Block.concat(pending).to_batch(self.keys)
 
+    def check_weights(self) -> None:
+        """Reads only the weight column of every row group: a negative or non-finite sample weight
+        anywhere stops the run before its first step rather than in the middle."""
+        if not self.columns.weight:
+            return
+        for group in self.groups:
+            if self._file[0] != group.file:
+                self._file = (group.file, _open(group.file))
+            column = self._file[1].read_row_group(group.index, columns=[self.columns.weight]).column(0)
+            weights = column.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = ~(np.isfinite(weights) & (weights >= 0))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{group.file}: row group {group.index}: weight column {self.columns.weight!r}: value "
+                    f"{weights[row]} at row {row}; a sample weight must be finite and >= 0 (0 makes a row count for nothing)"
+                )
+
+    def empty_batch(self) -> Batch:
+        """A batch of no rows, with this data's columns (for a rank whose range is empty)."""
+        return _Block.empty(self.columns).to_batch(self.keys)
+
+    def _blocks(self, epoch: int, skip_rows: int) -> Iterator[_Block]:
+        pieces = self._pieces(epoch)
+        if not self.shuffle:
+            for group, start, stop in pieces:
+                if skip_rows >= stop - start:
+                    skip_rows -= stop - start
+                    continue
+                yield self._rows(group, start + skip_rows, stop)
+                skip_rows = 0
+            return
+        window = self.shuffle_rows
+        bounds = np.cumsum([0] + [stop - start for _, start, stop in pieces])  # rank-local row offsets
+        for k in range(skip_rows // window, math.ceil(self.num_rows / window)):
+            lo, hi = k * window, min((k + 1) * window, self.num_rows)
+            parts = [
+                self._rows(group, start + max(lo - a, 0), start + min(hi, b) - a)
+                for (group, start, _), a, b in zip(pieces, bounds[:-1], bounds[1:])
+                if a < hi and b > lo
+            ]
+            block = _Block.concat(parts)
+            block = block.take(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(len(block)))
+            yield block.slice(max(skip_rows - lo, 0), len(block))
+
+    def _rows(self, group: RowGroup, start: int, stop: int) -> _Block:
+        """Rows ``[start, stop)`` of a row group; the last decoded row group is kept, since shuffle
+        windows and rank ranges cut row groups."""
+        if self._decoded[0] != group:
+            self._decoded = (group, self._decode(group))
+        block = self._decoded[1]
+        return block if (start, stop) == (0, len(block)) else block.slice(start, stop)
+
     def _decode(self, group: RowGroup) -> _Block:
         cols = self.columns
-        if self._current[0] != group.file:  # open each file once, not once per row group
-            self._current = (group.file, _open(group.file))
+        if self._file[0] != group.file:  # open each file once, not once per row group
+            self._file = (group.file, _open(group.file))
         try:
-            table = self._current[1].read_row_group(group.index, columns=cols.all)
+            table = self._file[1].read_row_group(group.index, columns=cols.all)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{group.file}: row group {group.index}: cannot be read ({e})") from None
         where = f"{group.file}: row group {group.index}"
@@ -278,6 +384,13 @@ class ParquetReader:
         dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
         labels = np.stack([numeric(c) for c in cols.labels], axis=1)
         weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
+        bad = ~(np.isfinite(weights) & (weights >= 0))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{where}: weight column {cols.weight!r}: value {weights[row]} at row {row}; a sample weight "
+                "must be finite and >= 0 (0 makes a row count for nothing)"
+            )
         for j, name in enumerate(cols.dense):
             bad = ~np.isfinite(dense[:, j])
             if bad.any():

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from concord.trainer.config import Config
 from concord.trainer.runtime import init_runtime, shutdown
 from concord.trainer.observe.timing import StepTimer, paired_drop
-from concord.trainer.train import Trainer, ensure_data
+from concord.trainer.train import Trainer
 
 
 def _switch(trainer: Trainer, method: str, knobs: dict, built: Dict[str, tuple]) -> None:
@@ -42,7 +42,6 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         methods = ["equal"] + methods
     rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
-        ensure_data(cfg, rt)
         cfg.train.progress = False
         trainer = Trainer.build(cfg, rt)
         boundary = trainer.model.boundary
