@@ -221,9 +221,7 @@ class RepresentationBoundary(nn.Module):
         packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
         present = np.array([g is not None for g in grads])
         usable = usable_here(present, packed)
-        pending = PendingStatistics(
-            packed, self.num_tasks, template.shape[0], self.process_group, _comm_device(template), cross_terms
-        )
+        pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
         # While the statistics travel, the balancer does the work that does not need them (e.g. the
         # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
         early = self.balancer.prepare(grads, z, usable)
@@ -254,10 +252,3 @@ class RepresentationBoundary(nn.Module):
         if self._record.stats is None:
             return {}
         return self.balancer.telemetry(self._record.stats)
-
-
-def _comm_device(t: torch.Tensor) -> torch.device:
-    """NCCL reduces on the GPU; gloo and no-distributed on the CPU."""
-    if t.is_cuda and dist.is_initialized() and dist.get_backend() == "nccl":
-        return t.device
-    return torch.device("cpu")

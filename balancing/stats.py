@@ -120,11 +120,19 @@ def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
 STATS_COLLECTIVES = ("auto", "all_reduce", "all_to_all")
 
 
+def group_device(process_group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a collective on ``process_group`` must find its tensors: the current GPU for an NCCL group,
+    the CPU for gloo (or without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class PendingSum:
     """A float64 CPU vector summed over the ranks of ``process_group``, started asynchronously when a
     group of more than one rank is initialised (else the vector itself); :meth:`wait` returns the
-    sum, the same on every rank. ``device``: reduce there (NCCL reduces on the GPU). ``collective``:
-    see ``STATS_COLLECTIVES``."""
+    sum, the same on every rank, on the CPU. ``device``: reduce there; by default where the group's
+    backend reduces (:func:`group_device`). ``collective``: see ``STATS_COLLECTIVES``."""
 
     def __init__(
         self,
@@ -140,7 +148,8 @@ class PendingSum:
         self._world = 1  # > 1: the buffer holds the all-to-all's W vectors, summed in wait()
         world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
-            if device is not None and device.type != "cpu":
+            device = device if device is not None else group_device(process_group)
+            if device.type != "cpu":
                 self._buf = values.to(device)
             if collective == "auto":
                 collective = "all_reduce" if self._buf.is_cuda else "all_to_all"

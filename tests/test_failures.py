@@ -64,7 +64,8 @@ def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["step"] == 6
     skipped = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"skipped_step"' in l]
-    assert skipped == [{"kind": "skipped_step", "step": 2, "tasks": ["ctr", "cvr", "watch"]}]
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    assert skipped == [{"kind": "skipped_step", "step": 2, "tasks": ["ctr", "cvr", "watch"], "run_id": run_id}]
     assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())
 
 

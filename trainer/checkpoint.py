@@ -6,9 +6,13 @@ config, so param_groups are left out), the balancer's state (EMA norms, weights,
 generators) and the progress (global step; the data position follows from it, since every rank reads
 exactly ``steps_per_epoch`` full batches per epoch in a fixed order).
 
-Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier rank 0 renames it to
-``step-XXXXXXXX``, so a directory without ``.tmp`` is complete on every rank. A run killed mid-write
+Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier rank 0 records the size and
+CRC-32 of every file in ``concord.json`` (with the run's resume fingerprint) and renames the directory
+to ``step-XXXXXXXX``, so a directory without ``.tmp`` is complete on every rank. A run killed mid-write
 leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
+
+Integrity: before loading, every file is checked against ``concord.json``. A damaged checkpoint (a
+file missing, truncated or changed) is reported and the previous intact one is used.
 
 Safe loading: DCP reads its ``.metadata`` file with ``pickle.load``, and non-tensor entries with
 ``torch.load(weights_only=False)``. Concord saves no non-tensor entries, and reads the metadata with an
@@ -18,10 +22,13 @@ checkpoint can run code when it is loaded.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -95,18 +102,40 @@ class Checkpointer:
         self.keep = keep
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Published checkpoints (intact or damaged), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / ".metadata").is_file()]
+        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Optional[Path]:
-        done = self.complete()
-        return done[-1] if done else None
+        """The newest intact checkpoint; damaged newer ones are reported (logged) and passed over.
+        Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
+        published = self.complete()
+        damaged = []
+        for path in reversed(published):
+            problem = verify(path)
+            if problem is None:
+                if damaged:
+                    logger.warning("using %s instead of the damaged newer checkpoint(s): %s", path.name, "; ".join(damaged))
+                return path
+            damaged.append(f"{path.name}: {problem}")
+        if damaged:
+            raise CheckpointError(
+                f"{self.root}: no intact checkpoint ({'; '.join(damaged)}); train.resume=false starts afresh "
+                "(the damaged run moves to previous-<id>/)"
+            )
+        return None
 
-    def save(self, step: int, state: Dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its own (sharded) state."""
+    def info(self, path: Path) -> Dict[str, Any]:
+        """What :meth:`save` recorded beside the tensors (``concord.json``), less the file list."""
+        record = json.loads((path / INFO_FILE).read_text()) if (path / INFO_FILE).is_file() else {}
+        record.pop("files", None)
+        return record
+
+    def save(self, step: int, state: Dict[str, Any], info: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective: every rank calls it with its own (sharded) state; ``info`` (JSON) is recorded
+        beside it with the files' checksums."""
         final = self.root / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if _is_main():
@@ -116,9 +145,14 @@ class Checkpointer:
             if final.exists():  # re-saving a step (after a restart): the new one replaces it
                 shutil.rmtree(final)
         _barrier()
-        dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
+        try:
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
+        except Exception as error:  # noqa: BLE001 - named below when the cause is the disk
+            raise CheckpointError(f"cannot write checkpoint {final}: {_disk_problem(self.root) or error}") from error
         _barrier()
         if _is_main():
+            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / INFO_FILE).write_text(json.dumps({**(info or {}), "step": step, "files": files}, sort_keys=True))
             tmp.rename(final)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -130,6 +164,47 @@ class Checkpointer:
     def load(path: Path, state: Dict[str, Any]) -> None:
         """Collective: loads into ``state``'s tensors in place (resharding as DCP does)."""
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+
+
+INFO_FILE = "concord.json"
+
+
+def _disk_problem(folder: Path) -> Optional[str]:
+    """Why writing under ``folder`` fails, when the disk is the reason: read-only, or (nearly) full."""
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable (read-only file system or permissions)"
+    free = shutil.disk_usage(folder).free
+    if free < (256 << 20):
+        return f"the disk holding {folder} is full ({free >> 20} MiB free)"
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if every file of the checkpoint matches its recorded size and CRC-32, else what is wrong."""
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        return f"{INFO_FILE} is missing (not written by this version, or the directory was damaged)"
+    try:
+        files = json.loads(info_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{INFO_FILE} is unreadable ({e})"
+    for name, (size, crc) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if _crc32(f) != crc:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def step_of(path: Path) -> int:

@@ -158,17 +158,24 @@ def _synth(cfg, force: bool, if_missing: bool = False) -> int:
 
 
 def _train_worker(cfg) -> int:
-    from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.train import Trainer
-
     from concord.embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
-    from concord.trainer.data.reader import DataError
-    from concord.trainer.train import NonFiniteLoss
+    from concord.trainer.checkpoint import CheckpointError
+    from concord.trainer.lifecycle import Stopped, die_with_parent
+    from concord.trainer.rundir import RunDirError
+    from concord.trainer.runtime import init_runtime, shutdown
+    from concord.trainer.train import NonFiniteLoss, ResumeError, Trainer
 
+    if _is_worker():
+        die_with_parent()  # a worker never trains on after torchrun's agent is gone
     rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
     try:
         Trainer.build(cfg, rt).fit()
-    except (DataError, EmbeddingOptimizerError, NonFiniteLoss, ShardingPlanError) as e:
+    except Stopped as stopped:
+        if rt.is_main:
+            print(f"concord: {stopped}", file=sys.stderr, flush=True)
+        return stopped.exit_code
+    except (CheckpointError, DataError, EmbeddingOptimizerError, NonFiniteLoss, ResumeError, RunDirError,
+            ShardingPlanError) as e:
         failures.report(e, rt.rank, rt.world_size)
         return 3
     finally:

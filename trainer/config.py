@@ -91,6 +91,9 @@ class ConvertConfig:
     categorical: List[CategoricalColumn] = field(default_factory=list)
     dense: List[DenseColumn] = field(default_factory=list)
     labels: Dict[str, str] = field(default_factory=dict)  # task label column -> input column (default: same name)
+    # task label column -> the input values that mean 1 (every other value is 0), for text labels
+    # such as income: [">50K"]; without an entry a label must already be 0/1 (binary) or a number
+    positive: Dict[str, List[str]] = field(default_factory=dict)
     weight: Optional[str] = None  # input column for data.weight_column
     split: SplitConfig = field(default_factory=SplitConfig)
     format: str = "auto"  # auto (by extension) | csv | parquet
@@ -115,6 +118,7 @@ class DataConfig:
     impute_value: float = 0.0
     shuffle: bool = True  # training: row groups reordered and rows mixed every epoch (seeded by train.seed)
     shuffle_rows: int = 65_536  # the shuffle window per rank: rows held in memory to mix them
+    prefetch: int = 2  # training batches decoded ahead in a background thread (0: decode in the step)
 
 
 @dataclass
@@ -198,7 +202,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
     checkpoint_final: bool = True
     keep_checkpoints: int = 3
-    resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    resume: bool = True  # continue from the newest intact checkpoint in run_dir/checkpoints
+    allow_changes: List[str] = field(default_factory=list)  # fingerprint keys that may differ on resume: [balancer]
+    max_skipped_steps: int = 10  # on_nonfinite: skip stops with an error once more steps than this were skipped
 
 
 @dataclass
@@ -430,6 +436,8 @@ def validate(cfg: Config) -> None:
         fail("data.on_bad_id", f"must be 'error' or 'hash', got {d.on_bad_id!r}")
     if d.on_nonfinite_dense not in ("error", "impute"):
         fail("data.on_nonfinite_dense", f"must be 'error' or 'impute', got {d.on_nonfinite_dense!r}")
+    if d.prefetch < 0:
+        fail("data.prefetch", f"must be >= 0, got {d.prefetch}")
     if d.shuffle_rows < 1:
         fail("data.shuffle_rows", f"must be >= 1, got {d.shuffle_rows}")
     if not math.isfinite(d.impute_value):
@@ -514,6 +522,13 @@ def validate(cfg: Config) -> None:
             fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
     if tr.on_nonfinite not in ("abort", "skip"):
         fail("train.on_nonfinite", f"must be 'abort' or 'skip', got {tr.on_nonfinite!r}")
+    from concord.trainer.fingerprint import SAFE_CHANGES
+
+    for change in tr.allow_changes:
+        if change not in SAFE_CHANGES:
+            fail("train.allow_changes", f"{change!r} cannot change on resume; only {sorted(SAFE_CHANGES)} can")
+    if tr.max_skipped_steps < 0:
+        fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
     if tr.checkpoint_every < 0:
         fail("train.checkpoint_every", f"must be >= 0, got {tr.checkpoint_every}")
     for key in ("log_every", "qps_window", "keep_checkpoints"):
@@ -584,6 +599,13 @@ def _validate_convert(cfg: Config, fail) -> None:
     for col in cv.labels:
         if col not in labels:
             fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task")
+    for col, values in cv.positive.items():
+        if col not in labels:
+            fail(f"data.convert.positive.{col}", f"{col!r} is not the label column of any task")
+        elif next(t for t in cfg.tasks if t.label == col).type != "binary":
+            fail(f"data.convert.positive.{col}", "positive values make a binary label; this task is a regression")
+        elif not values:
+            fail(f"data.convert.positive.{col}", "list at least one value that means 1")
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
     sp = cv.split

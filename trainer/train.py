@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import Checkpointer
+from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
+from concord.trainer.lifecycle import StopRequest, Stopped
+from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.config import Config, to_dict
+from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
 from concord.trainer.observe.metrics import TaskMetrics, format_table
 from concord.trainer.observe.runlog import RunLog
@@ -67,8 +72,19 @@ class Trainer:
     skipped_steps: int = 0
     train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
 
+    run_id: str = ""
+    lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
+
     @classmethod
     def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
+        run_dir = Path(cfg.train.run_dir)
+        lock, run_id = None, ""
+        if rt.is_main:  # before anything is written there: one job per directory, one run in it
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+            run_id = start_run(run_dir, resume=cfg.train.resume)
+        if rt.world_size > 1:
+            dist.barrier()
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
@@ -84,12 +100,11 @@ class Trainer:
         )
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
         optimizer.save_param_groups(False)  # hyper-parameters come from the config: state tensors only
-        log = RunLog(cfg.train.run_dir, enabled=rt.is_main)
+        log = RunLog(run_dir, run_id, enabled=rt.is_main)
         if rt.is_main:
-            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.train.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
-        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense)
+        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock)
         trainer.check_data()
         # The model was built with the configured balancer, whose parameters (if any) the dense
         # optimizer and DDP already hold: keep that instance.
@@ -151,17 +166,34 @@ class Trainer:
             state["param_balancer"] = self.param_balancer.state_dict()
         return state
 
+    def fingerprint(self) -> Dict[str, Any]:
+        rows = self._reader(self.cfg.data.train, train=True).total_rows
+        return fingerprint(self.cfg, self.rt.world_size, rows)
+
     def save_checkpoint(self, step: int) -> Path:
-        return self.checkpointer.save(step, self.checkpoint_state(step))
+        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id}
+        return self.checkpointer.save(step, self.checkpoint_state(step), info)
 
     def resume(self) -> int:
-        """Loads the newest complete checkpoint, if any; returns the step to continue from."""
+        """Loads the newest intact checkpoint, if any, after checking that it was written by a
+        compatible setup (:mod:`concord.trainer.fingerprint`); returns the step to continue from."""
         path = self.checkpointer.latest() if self.cfg.train.resume else None
         if path is None:
             return 0
+        saved, now = self.checkpointer.info(path).get("fingerprint", {}), self.fingerprint()
+        changed = differences(saved, now)
+        refused = [key for key in changed if key not in self.cfg.train.allow_changes]
+        if refused:
+            raise ResumeError(mismatch_message(str(path), refused, saved, now, self.cfg.train.allow_changes))
         self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
         state = self.checkpoint_state(0)
+        fresh = {}
+        if "balancer" in changed:  # allowed: the new balancer keeps its fresh state and parameters
+            fresh = _pop_balancer_entries(state)
+            if self.rt.is_main:
+                logger.info("resuming with balancer %s (was %s): its state starts fresh", now["balancer"], saved.get("balancer"))
         Checkpointer.load(path, state)
+        _restore_entries(state, fresh)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.param_balancer is not None:
@@ -174,26 +206,45 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        """Resumes if it can, trains to the configured step, evaluates, writes the summary. SIGTERM or
+        SIGINT stop it after a step that every rank agrees on (SIGTERM writes a checkpoint first)."""
         cfg, rt = self.cfg, self.rt
         step = self.resume()
         batches = self.train_batches(start_step=step)
-        steps_per_epoch = self.train_reader.full_batches_per_rank()
-        total = steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps is not None:
-            total = min(total, cfg.train.max_steps)
-        if step >= total and rt.is_main:
+        if cfg.data.prefetch:
+            pin = (lambda b: b.pin_memory()) if rt.device.type == "cuda" else None
+            batches = Prefetcher(batches, cfg.data.prefetch, pin)
+        total = self._total_steps(step)
+        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
+        stop = StopRequest().install()
+        started = time.time()
+        try:
+            step = self._train_until(total, step, batches, qps, stop)
+        finally:
+            stop.uninstall()
+            if isinstance(batches, Prefetcher):
+                batches.close()
+        return self._finish(step, qps, time.time() - started)
+
+    def _total_steps(self, step: int) -> int:
+        total = self.train_reader.full_batches_per_rank() * self.cfg.train.epochs
+        if self.cfg.train.max_steps is not None:
+            total = min(total, self.cfg.train.max_steps)
+        if step >= total and self.rt.is_main:
             print(
-                f"{cfg.train.run_dir} already holds this run's last checkpoint (step {step} of {total}): "
-                "evaluating it without training. To train again, pass train.resume=false or another "
-                "train.run_dir.",
+                f"{self.cfg.train.run_dir} already holds this run's last checkpoint (step {step} of {total}): "
+                "evaluating it without training. To train again, pass train.resume=false (the finished run "
+                "moves to previous-<id>/) or another train.run_dir.",
                 flush=True,
             )
-        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
-        timer = StepTimer(rt.device)
-        bar = progress_bar(total, "train", "step", enabled=rt.is_main and cfg.train.progress)
+        return total
+
+    def _train_until(self, total: int, step: int, batches: Iterator[Batch], qps: QPSMeter, stop: StopRequest) -> int:
+        cfg = self.cfg.train
+        timer = StepTimer(self.rt.device)
+        bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
         bar.update(step)
         self.dmp.train()
-        started = time.time()
         saved_at = step
         while step < total:
             self.step = step
@@ -201,44 +252,59 @@ class Trainer:
             step += 1
             qps.update(timings)
             bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == total:
                 self._log_train(step, out.losses, qps)
                 if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
                     bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 self.evaluate(step)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
                 saved_at = step
+            if step % STOP_CHECK_EVERY == 0 or step == total:
+                signum = stop.agreed(self.rt.balancer_group)
+                if signum is not None:
+                    bar.close()
+                    preempted = signum == signal.SIGTERM
+                    if preempted and saved_at != step:
+                        self.save_checkpoint(step)
+                    self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
+                    raise Stopped(signum, step, checkpoint=preempted)
         bar.close()
-        if cfg.train.checkpoint_final and saved_at != step:
+        if cfg.checkpoint_final and saved_at != step:
             self.save_checkpoint(step)
+        return step
+
+    def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
+        cfg, reader = self.cfg, self.train_reader
         final = self.evaluate(step)
         summary = {
             "kind": "summary",
             "step": step,
-            "wall_seconds": time.time() - started,
+            "wall_seconds": seconds,
             "qps_lifetime": qps.lifetime_qps(),
             "qps_window": qps.windowed_qps(),
             "breakdown": qps.breakdown(),
             "eval": final,
-            "balancer": self.cfg.balancer.name,
+            "balancer": cfg.balancer.name,
             "skipped_steps": self.skipped_steps,
             "data_repairs": self._data_repairs(),
             "rows": {
-                "train": self.train_reader.total_rows,
-                "trained_per_epoch": self.train_reader.total_rows - self.train_reader.rows_left_out(),
-                "left_out_per_epoch": self.train_reader.rows_left_out(),
+                "train": reader.total_rows,
+                "trained_per_epoch": reader.total_rows - reader.rows_left_out(),
+                "left_out_per_epoch": reader.rows_left_out(),
             },
         }
         self.log.write(summary)
-        if rt.is_main:
+        if self.rt.is_main:
             write_json_atomic(Path(cfg.train.run_dir) / "summary.json", summary)
-            print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {rt.world_size}")
+            print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
             print(format_table(final, cfg.tasks))
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         return summary
 
     # Fused embedding optimizers update the tables inside backward, so a dropped step must give them
@@ -302,6 +368,12 @@ class Trainer:
             self.skipped_steps += 1
             logger.warning("step %d: non-finite loss for task(s) %s; step skipped on every rank", self.step + 1, bad)
             self.log.write({"kind": "skipped_step", "step": self.step + 1, "tasks": bad})
+            if self.skipped_steps > self.cfg.train.max_skipped_steps:
+                raise NonFiniteLoss(
+                    f"{self.skipped_steps} steps skipped for non-finite losses (the last at step {self.step + 1}, "
+                    f"task(s) {bad}), more than train.max_skipped_steps={self.cfg.train.max_skipped_steps}: "
+                    "the data or the learning rate needs a look"
+                )
         else:
             self.optimizer.step()
         self.optimizer.zero_grad()
@@ -399,19 +471,30 @@ class Trainer:
 
 
 NO_BOUNDARY = "none"  # concord bench: the model without the boundary
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM / SIGINT (one tiny sum)
+
+
+class ResumeError(RuntimeError):
+    """The newest checkpoint was written by a setup that cannot be continued; the message names the
+    differing keys and the ways out."""
+
+
+def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
+    """Removes (and returns, by path) the balancer's state and parameters from a checkpoint state."""
+    popped = {}
+    for section in ("model", "optimizer"):
+        for key in [k for k in state[section] if "boundary._extra_state" in k or "balancer_parameters" in k]:
+            popped[(section, key)] = state[section].pop(key)
+    return popped
+
+
+def _restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
+    for (section, key), value in entries.items():
+        state[section][key] = value
 
 
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a NaN/inf task loss (train.on_nonfinite: abort)."""
-
-
-def write_json_atomic(path: Path, record: Dict[str, Any]) -> None:
-    """Written under a temporary name and renamed: a reader sees the whole file or none."""
-    import json
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)
 
 
 def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:

@@ -298,6 +298,13 @@ class Converter:
             dense[:, k] = values  # NaN = missing, filled after standardizing
         labels = np.zeros((n, len(self.label_inputs)))
         for k, (column, task) in enumerate(zip(self.label_inputs, self.cfg.tasks)):
+            if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
+                text = _as_text(batch.column(column))
+                missing = text.is_null().to_numpy(zero_copy_only=False)
+                check(missing, column, "missing label")
+                positive = pc.is_in(pc.utf8_trim_whitespace(text), value_set=pa.array(self.cv.positive[task.label]))
+                labels[:, k] = positive.fill_null(False).to_numpy(zero_copy_only=False).astype(np.float64)
+                continue
             values, bad = parse_numbers(batch.column(column))
             check(bad, column, "not a number")
             check(~bad & np.isnan(values), column, "missing label")
@@ -459,7 +466,7 @@ class _SplitWriter:
         table = pa.concat_tables(self.pending)
         full = table.num_rows if final else table.num_rows - table.num_rows % self.size
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
+            self.writer = pq.ParquetWriter(self.path, table.schema, write_page_checksum=True)  # verified by the reader
         if full:
             self.writer.write_table(table.slice(0, full), row_group_size=self.size)
             self.row_groups += -(-full // self.size)

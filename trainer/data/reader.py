@@ -47,6 +47,10 @@ class Batch:
     def batch_size(self) -> int:
         return self.labels.shape[0]
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` does not block the host."""
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), self.weights.pin_memory())
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
             self.dense.to(device, non_blocking=non_blocking),
@@ -102,7 +106,8 @@ def list_files(spec: str) -> List[str]:
 
 def _open(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        # Pages written with checksums (concord convert and synth write them) are verified on read.
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -363,6 +368,15 @@ class ParquetReader:
         block = self._decoded[1]
         return block if (start, stop) == (0, len(block)) else block.slice(start, stop)
 
+    def _unreadable_column(self, group: RowGroup) -> str:
+        """``"column 'x': "`` for the first column of a row group that fails to read on its own."""
+        for name in self.columns.all:
+            try:
+                self._file[1].read_row_group(group.index, columns=[name])
+            except (pa.ArrowInvalid, OSError):
+                return f"column {name!r}: "
+        return ""
+
     def _decode(self, group: RowGroup) -> _Block:
         cols = self.columns
         if self._file[0] != group.file:  # open each file once, not once per row group
@@ -370,7 +384,7 @@ class ParquetReader:
         try:
             table = self._file[1].read_row_group(group.index, columns=cols.all)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{group.file}: row group {group.index}: cannot be read ({e})") from None
+            raise DataError(f"{group.file}: row group {group.index}: {self._unreadable_column(group)}cannot be read ({e})") from None
         where = f"{group.file}: row group {group.index}"
 
         def numeric(name: str) -> np.ndarray:

@@ -146,7 +146,7 @@ def write_split(
         if writer is None:
             final = out / f"part-{len(files):05d}.parquet"
             tmp = final.with_suffix(".parquet.tmp")
-            writer = pq.ParquetWriter(tmp, table.schema)
+            writer = pq.ParquetWriter(tmp, table.schema, write_page_checksum=True)  # verified by the reader
             files.append(final)
         writer.write_table(table, row_group_size=cfg.row_group_size)
         written_in_file += 1

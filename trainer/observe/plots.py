@@ -10,15 +10,13 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+from concord.trainer.observe.runlog import read_records
+
 
 def _train_records(run_dir: Path) -> List[dict]:
-    log = run_dir / "metrics.jsonl"
-    if not log.is_file():
-        raise FileNotFoundError(f"{log}: no metrics log (is {run_dir} a Concord run directory?)")
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    train = [r for r in records if r.get("kind") == "train" and r.get("balancer")]
+    train = [r for r in read_records(run_dir) if r.get("kind") == "train" and r.get("balancer")]
     if not train:
-        raise ValueError(f"{log}: no training records with balancer telemetry to plot")
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training records with balancer telemetry to plot")
     return train
 
 

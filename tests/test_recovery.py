@@ -1,0 +1,290 @@
+"""Nothing lost, no one surprised: the run directory's owner and runs, checkpoint integrity, resume
+compatibility, corrupt data pages, signals and orphans."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
+from concord.trainer.config import ConfigError, load_config
+from concord.trainer.data.reader import Columns, DataError, ParquetReader
+from concord.trainer.fingerprint import differences, mismatch_message
+from concord.trainer.observe.runlog import RunLog, read_records
+from concord.trainer.rundir import RunDirError, RunDirLock, read_run, start_run
+from tiny_data import tiny_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the run directory ------------------------------------------------------------------------------------
+def _hold_lock(run_dir, ready, release):
+    lock = RunDirLock(Path(run_dir))
+    lock.acquire()
+    ready.set()
+    release.wait(30)
+
+
+def test_a_run_directory_has_one_owner_and_a_dead_owner_does_not_block(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(RunDirError, match=rf"{tmp_path} is in use by another job \(pid {holder.pid} on "):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # dies holding the lock, as a crashed job would
+        holder.join()
+    lock = RunDirLock(tmp_path)
+    lock.acquire()  # the kernel released the dead job's lock
+    lock.release()
+
+
+def test_a_fresh_start_moves_the_old_run_aside_and_logs_carry_the_run_id(tmp_path):
+    first = start_run(tmp_path, resume=True)
+    log = RunLog(tmp_path, first)
+    log.write({"kind": "train", "step": 1, "loss": 1.0}, 1)
+    log.close()
+    (tmp_path / "checkpoints").mkdir()
+    assert start_run(tmp_path, resume=True) == first  # resuming keeps the run
+    second = start_run(tmp_path, resume=False)
+    assert second != first and read_run(tmp_path)["run_id"] == second
+    aside = tmp_path / f"previous-{first}"
+    assert (aside / "metrics.jsonl").is_file() and (aside / "checkpoints").is_dir()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    log = RunLog(tmp_path, second)
+    log.write({"kind": "train", "step": 1, "loss": 2.0}, 1)
+    log.close()
+    records = read_records(tmp_path)
+    assert [r["loss"] for r in records] == [2.0] and all(r["run_id"] == second for r in records)
+
+
+def test_records_of_another_run_in_the_same_log_are_not_read(tmp_path):
+    run_id = start_run(tmp_path, resume=True)
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"kind": "train", "step": 1, "run_id": "someone-else"}) + "\n")
+        f.write(json.dumps({"kind": "train", "step": 1, "run_id": run_id}) + "\n")
+    assert [r["run_id"] for r in read_records(tmp_path)] == [run_id]
+
+
+# --- checkpoint integrity ---------------------------------------------------------------------------------
+def _three_checkpoints(root):
+    ck = Checkpointer(root, keep=3)
+    for step in (1, 2, 3):
+        ck.save(step, {"w": torch.full((1000,), float(step))}, {"fingerprint": {"seed": 0}})
+    return ck
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "deleted shard", "truncated metadata", "missing metadata"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage, caplog):
+    ck = _three_checkpoints(tmp_path)
+    newest = ck.complete()[-1]
+    shard = next(newest.glob("*.distcp"))
+    if damage == "flipped":
+        _flip_a_byte(shard)
+    elif damage == "deleted shard":
+        shard.unlink()
+    elif damage == "truncated metadata":
+        (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:10])
+    else:
+        (newest / ".metadata").unlink()
+    assert verify(newest) is not None
+    with caplog.at_level("WARNING"):
+        assert ck.latest().name == "step-00000002"
+    assert "step-00000003" in caplog.text  # reported, not silently skipped
+    state = {"w": torch.zeros(1000)}
+    Checkpointer.load(ck.latest(), state)
+    assert torch.equal(state["w"], torch.full((1000,), 2.0))
+    assert ck.info(ck.latest()) == {"fingerprint": {"seed": 0}, "step": 2}
+
+
+def test_no_intact_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
+    ck = _three_checkpoints(tmp_path)
+    for path in ck.complete():
+        _flip_a_byte(next(path.glob("*.distcp")))
+    with pytest.raises(CheckpointError, match="no intact checkpoint .* train.resume=false starts afresh"):
+        ck.latest()
+
+
+def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
+    saved = {"batch_size": 64, "world_size": 2, "balancer": {"name": "equal"}}
+    now = {"batch_size": 128, "world_size": 2, "balancer": {"name": "emtl"}}
+    keys = differences(saved, now)
+    assert keys == ["balancer", "batch_size"]
+    message = mismatch_message("ck", keys, saved, now, [])
+    assert "batch_size: 64 -> 128" in message and "train.resume=false" in message
+    assert "only balancer may differ with train.allow_changes=[balancer]" in message
+
+
+# --- data integrity ---------------------------------------------------------------------------------------
+def test_a_corrupt_data_page_is_named_by_file_row_group_and_column(tmp_path):
+    from concord.trainer.config import load_config as _load
+    from concord.trainer.data.synth import generate
+
+    cfg = _load(ROOT / "configs/tiny.yaml", [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval"])
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval, show_progress=False)
+    path = next((tmp_path / "train").glob("*.parquet"))
+    meta = pq.ParquetFile(path).metadata.row_group(1)
+    column = next(i for i in range(meta.num_columns) if meta.column(i).path_in_schema == "dense_2")
+    chunk = meta.column(column)
+    data = bytearray(path.read_bytes())
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[start + chunk.total_compressed_size - 8] ^= 0xFF  # in the chunk's last page, past its header
+    path.write_bytes(bytes(data))
+    cols = Columns(dense=tuple(f"dense_{j}" for j in range(4)), sparse=(), labels=("label_ctr",))
+    with pytest.raises(DataError, match=rf"{path.name}: row group 1: column 'dense_2': cannot be read .*(CRC|checksum)"):
+        list(ParquetReader(str(path), cols, 64))
+
+
+# --- config ---------------------------------------------------------------------------------------------
+def test_duplicate_yaml_keys_are_refused_and_1e6_is_a_number(tmp_path):
+    text = (ROOT / "configs/tiny.yaml").read_text()
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text + "\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: not valid YAML: key 'train' appears twice"):
+        load_config(dup)
+    assert load_config(ROOT / "configs/tiny.yaml", ["train.dense_optimizer.lr=1e-3"]).train.dense_optimizer.lr == 1e-3
+
+
+# --- processes: signals, orphans, resume ------------------------------------------------------------------
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_long_job(tmp_path, run_dir):
+    data = tiny_data(tmp_path)
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *data,
+           f"train.run_dir={run_dir}", "train.epochs=1000", "train.log_every=1", "train.progress=false"]
+    out = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 180
+    log = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if log.exists() and sum('"kind": "train"' in l for l in log.read_text().splitlines()) >= 15:
+            break
+        assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        time.sleep(0.2)
+    agent = _children(proc.pid)[0]
+    workers = _children(agent)
+    assert len(workers) == 2
+    return proc, agent, workers
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, agent, workers = _start_long_job(tmp_path, run_dir)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not any(_alive(pid) for pid in [agent, *workers])
+    stopped = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"stopped"' in l]
+    assert stopped and stopped[0]["signal"] == "SIGTERM"
+    step = stopped[0]["step"]
+    assert Checkpointer(run_dir / "checkpoints").latest().name == f"step-{step:08d}"  # preemption: saved there
+
+
+@pytest.mark.multiprocess
+def test_no_worker_outlives_a_killed_torchrun(tmp_path):
+    proc, agent, workers = _start_long_job(tmp_path, tmp_path / "run")
+    try:
+        os.kill(agent, signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _concord(*args):
+    return subprocess.run([sys.executable, "-m", "concord.trainer.cli", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.multiprocess
+def test_resume_refuses_another_batch_size_and_allows_another_balancer_when_asked(tmp_path):
+    data = tiny_data(tmp_path)
+    run = [f"train.run_dir={tmp_path}/run", "train.max_steps=8"]
+    assert _concord("train", "--config", "configs/tiny.yaml", *data, *run).returncode == 0
+    bigger = _concord("train", "--config", "configs/tiny.yaml", *data, *run, "train.max_steps=12", "data.batch_size=32")
+    assert bigger.returncode == 3
+    last = bigger.stderr.strip().splitlines()[-1]
+    assert "ResumeError" in last and "batch_size: 64 -> 32" in last and "train.resume=false" in last
+    other = _concord("train", "--config", "configs/tiny.yaml", *data, *run, "train.max_steps=12",
+                     "balancer.name=multibalance", "train.allow_changes=[balancer]")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "resumed from" in other.stdout and "at step 8" in other.stdout
+
+
+@pytest.mark.multiprocess
+def test_bad_data_on_rank_one_is_the_launchers_last_line(tmp_path):
+    data = tiny_data(tmp_path)
+    table = pq.read_table(next((tmp_path / "data/train").glob("*.parquet")))
+    ids = table["user"].to_pylist()
+    ids[-1] = [10**9]  # the last row: in rank 1's range, read after training started
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("user"), "user", pa.array(ids, pa.list_(pa.int64()))),
+                   bad / "part-00000.parquet", row_group_size=512)
+    proc = _concord("train", "--config", "configs/tiny.yaml", f"data.train={bad}", data[1],
+                    f"train.run_dir={tmp_path}/run", "data.shuffle=false")
+    assert proc.returncode == 3
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("concord: failed: rank 1: DataError: ") and "id 1000000000 outside the table's range" in last
+
+
+@pytest.mark.multiprocess
+def test_skipping_nonfinite_steps_has_a_limit(tmp_path):
+    data = tiny_data(tmp_path)
+    proc = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={tmp_path}/run",
+                    "train.on_nonfinite=skip", "train.max_skipped_steps=2", "train.dense_optimizer.lr=1e30")
+    assert proc.returncode == 3
+    assert "more than train.max_skipped_steps=2" in proc.stderr.strip().splitlines()[-1]
