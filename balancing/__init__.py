@@ -1,15 +1,15 @@
 """Gradient balancing at the shared representation. Depends on torch and NumPy only: lift it into
 any model.
 
->>> from concord.balancing import RepresentationBoundary, build_balancer
+>>> from concord.balancing import RepresentationBoundary, build_balancer  # installed; copied: your own name
 """
 
-from concord.balancing.base import Balancer, available_balancers, balancer_class, build_balancer, register
-from concord.balancing.boundary import NonFiniteLossError, RepresentationBoundary
-from concord.balancing.stats import StepStats
+from .base import Balancer, available_balancers, balancer_class, build_balancer, register
+from .boundary import NonFiniteLossError, RepresentationBoundary
+from .statistics import StepStats
 
 # Importing the method modules registers them.
-from concord.balancing import (  # noqa: F401,E402
+from . import (  # noqa: F401,E402
     cograd,
     dbmtl,
     emtl,

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 import numpy as np
 import torch
 
-from concord.balancing.stats import StepStats
+from .statistics import StepStats
 
 logger = logging.getLogger("concord.balancing")
 

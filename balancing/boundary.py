@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from concord.balancing.base import Balancer
-from concord.balancing.stats import PendingStatistics, StepStats, local_statistics, usable_here
+from .base import Balancer
+from .collectives import PendingStatistics
+from .statistics import StepStats, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")

@@ -17,9 +17,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from concord.balancing.base import Balancer, check_task_vector, register, weighted_sum
-from concord.balancing.fused import FusedRule
-from concord.balancing.stats import StepStats
+from .base import Balancer, check_task_vector, register, weighted_sum
+from .fused import FusedRule
+from .statistics import StepStats
 
 
 DEFAULT_GAMMA = 0.1  # relative: a correction of a few percent of the gradient on the demo and on real data

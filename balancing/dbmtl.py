@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from concord.balancing.base import Balancer, register
-from concord.balancing.stats import StepStats
+from .base import Balancer, register
+from .statistics import StepStats
 
 
 @register("dbmtl")

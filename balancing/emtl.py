@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from concord.balancing.base import Balancer, check_positive, register
-from concord.balancing.mgda import NORMALIZATIONS, active_min_norm, normalized_gram
-from concord.balancing.simplex import kl_constrained_softmax
-from concord.balancing.stats import StepStats
+from .base import Balancer, check_positive, register
+from .mgda import NORMALIZATIONS, active_min_norm, normalized_gram
+from .simplex import kl_constrained_softmax
+from .statistics import StepStats
 
 _EPS = 1e-12
 

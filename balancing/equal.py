@@ -7,8 +7,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from concord.balancing.base import Balancer, check_task_vector, register, weighted_sum
-from concord.balancing.stats import StepStats
+from .base import Balancer, check_task_vector, register, weighted_sum
+from .statistics import StepStats
 
 
 class ConstantWeights(Balancer):

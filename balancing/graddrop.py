@@ -14,9 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from concord.balancing.base import Balancer, register, seeded_generator, weighted_sum
-from concord.balancing.fused import FusedRule
-from concord.balancing.stats import StepStats
+from .base import Balancer, register, seeded_generator, weighted_sum
+from .fused import FusedRule
+from .statistics import StepStats
 
 
 @register("graddrop")

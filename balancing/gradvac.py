@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from concord.balancing.base import Balancer, register, seeded_generator
-from concord.balancing.pcgrad import other_tasks_in_random_order
-from concord.balancing.stats import StepStats
+from .base import Balancer, register, seeded_generator
+from .pcgrad import other_tasks_in_random_order
+from .statistics import StepStats
 
 
 _DEGENERATE = 1e-8  # 1 - phihat^2 below this: the adjustment is undefined (division by ~0)

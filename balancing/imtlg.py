@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from concord.balancing.base import Balancer, register
-from concord.balancing.stats import StepStats
+from .base import Balancer, register
+from .statistics import StepStats
 
 
 def imtlg_weights(gram: np.ndarray) -> np.ndarray:

@@ -12,9 +12,9 @@ from typing import List, Sequence
 
 import numpy as np
 
-from concord.balancing.base import Balancer, register
-from concord.balancing.simplex import min_norm_weights
-from concord.balancing.stats import StepStats
+from .base import Balancer, register
+from .simplex import min_norm_weights
+from .statistics import StepStats
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 _EPS = 1e-12

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from concord.balancing.base import Balancer, check_positive, check_task_vector, register
-from concord.balancing.simplex import project_to_simplex
-from concord.balancing.stats import StepStats
+from .base import Balancer, check_positive, check_task_vector, register
+from .simplex import project_to_simplex
+from .statistics import StepStats
 
 _EPS = 1e-12
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from concord.balancing.simplex import min_norm_weights
+from .simplex import min_norm_weights
 
 
 class ParameterLevelBalancer:

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from concord.balancing.base import Balancer, register, seeded_generator
-from concord.balancing.stats import StepStats
+from .base import Balancer, register, seeded_generator
+from .statistics import StepStats
 
 
 def other_tasks_in_random_order(i: int, active: np.ndarray, generator: torch.Generator) -> list:

@@ -12,9 +12,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from concord.balancing.base import register
-from concord.balancing.equal import ConstantWeights
-from concord.balancing.stats import StepStats
+from .base import register
+from .equal import ConstantWeights
+from .statistics import StepStats
 
 
 @register("uncertainty")

@@ -49,6 +49,11 @@ def train(
         env: extra environment variables
     """
     nproc = int(j.split("x")[-1]) if "x" in j else int(j)
+    devices = [o.split("=", 1)[1] for o in overrides if o.startswith("dist.device=")]
+    if devices and devices[-1] == "cuda" and gpu < 1 and h is None:
+        raise ValueError("dist.device=cuda needs GPUs: pass --gpu N (per node) or a named resource with -h")
+    if gpu > 0 and nproc > gpu:
+        raise ValueError(f"--j {j} starts {nproc} ranks per node but --gpu {gpu}: one rank per GPU")
     # torchrun reads every option from PET_<NAME>; dist.ddp does not expose --max-restarts itself.
     job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), "PET_MAX_RESTARTS": str(max_restarts)}
     job_env.update(env or {})

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from concord.balancing.stats import StepStats, local_statistics, reduce_statistics
+from concord.balancing.collectives import reduce_statistics
+from concord.balancing.statistics import StepStats, local_statistics
 
 
 def stats_for(grads: Sequence[torch.Tensor], losses: Sequence[float] | None = None) -> StepStats:

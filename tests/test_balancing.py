@@ -21,7 +21,8 @@ from concord.balancing import (
     balancer_class,
     build_balancer,
 )
-from concord.balancing.stats import local_statistics, reduce_statistics
+from concord.balancing.collectives import reduce_statistics
+from concord.balancing.statistics import local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 

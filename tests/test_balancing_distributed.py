@@ -160,7 +160,7 @@ def _packed(rank: int) -> torch.Tensor:
 
 
 def _sum_both_ways(rank: int, world_size: int):
-    from concord.balancing.stats import PendingStatistics, sum_over_ranks
+    from concord.balancing.collectives import PendingStatistics, sum_over_ranks
 
     dist.init_process_group("gloo")
     out = {"sum_over_ranks": sum_over_ranks(_packed(rank))}

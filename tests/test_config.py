@@ -86,3 +86,24 @@ def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
 def test_convert_rules_must_produce_exactly_what_the_trainer_reads(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/aliccp.yaml", [override])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a machine without a GPU refuses")
+@pytest.mark.parametrize("override,message", [
+    ("dist.device=cuda", r"dist\.device: cuda, but this machine has no usable GPU"),
+    ("dist.backend=nccl", r"dist\.backend: nccl needs CUDA devices; on CPU use gloo"),
+    ("model.tables.0.sharding_types=[row_wise]", r"model\.tables\[0\]\.sharding_types: 'row_wise' needs CUDA"),
+])
+def test_what_this_machine_cannot_run_is_a_config_error(override, message):
+    from concord.trainer.config import check_machine
+
+    cfg = load_config("configs/tiny.yaml", [override, "dist.device=auto"] if "device" not in override else [override])
+    with pytest.raises(ConfigError, match=message):
+        check_machine(cfg)
+
+
+def test_the_torchx_component_refuses_cuda_without_gpus():
+    from concord.launch.components import train
+
+    with pytest.raises(ValueError, match="dist.device=cuda needs GPUs"):
+        train("dist.device=cuda", gpu=0)

@@ -85,3 +85,28 @@ def test_swapped_balancer_registers_its_parameters():
     assert [p is model.boundary.balancer.log_vars for p in model.boundary.parameters()] == [True]
     restored = copy.deepcopy(model)
     assert "boundary.balancer_parameters.0" in restored.state_dict()
+
+
+def test_the_balancing_package_can_be_lifted_alone(tmp_path):
+    """Copied into another code base under another name, ``balancing/`` imports and balances: it
+    imports nothing from the rest of Concord."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "balancing", tmp_path / "their_balancing", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (tmp_path / "their_balancing").glob("*.py"):
+        code = [line for line in path.read_text().splitlines() if line.lstrip().startswith(("from ", "import "))]
+        assert not [line for line in code if "concord" in line], path.name
+    script = (
+        "import sys, torch; import their_balancing as b\n"
+        "assert not any(m == 'concord' or m.startswith('concord.') for m in sys.modules), 'concord was imported'\n"
+        "boundary = b.RepresentationBoundary(b.build_balancer('multibalance', ['a', 'b']))\n"
+        "z = torch.randn(4, 3, requires_grad=True); u, v = boundary(z)\n"
+        "boundary.objective(torch.stack([u.sum(), (v * 2).pow(2).sum()])).backward(); print(z.grad.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([4, 3])" in out.stdout

@@ -93,8 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "convert":
             return _convert(cfg, args.force)
         if args.command in ("train", "bench"):
+            from concord.trainer.config import check_machine
             from concord.trainer.train import check_data_exists
 
+            check_machine(cfg)
             check_data_exists(cfg)
         if args.command == "train":
             if _is_worker() or cfg.world_size == 1:
@@ -167,7 +169,7 @@ def _train_worker(cfg) -> int:
 
     if _is_worker():
         die_with_parent()  # a worker never trains on after torchrun's agent is gone
-    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory)
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
     try:
         Trainer.build(cfg, rt).fit()
     except Stopped as stopped:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from concord.embeddings.options import CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 from concord.heads.heads import TASK_TYPES
 from concord.trainer.optimizers import DENSE_OPTIMIZERS
 
@@ -215,6 +215,7 @@ class DistConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_restarts: int = 0  # torchrun restarts the whole job this often after a rank fails; it resumes
     keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
+    threads: int = 0  # intra-op threads per rank; 0: the cores this machine gives each local rank
 
 
 @dataclass
@@ -543,6 +544,8 @@ def validate(cfg: Config) -> None:
         fail("dist.backend", f"must be auto, gloo or nccl, got {ds.backend!r}")
     if ds.device not in ("auto", "cpu", "cuda"):
         fail("dist.device", f"must be auto, cpu or cuda, got {ds.device!r}")
+    if ds.threads < 0:
+        fail("dist.threads", f"must be >= 0 (0: automatic), got {ds.threads}")
     if ds.device == "cpu" or ds.device == "auto":
         for i, tb in enumerate(m.tables):
             for st in tb.sharding_types or []:
@@ -553,6 +556,35 @@ def validate(cfg: Config) -> None:
         _validate_synthetic(cfg, fail)
     if d.convert is not None:
         _validate_convert(cfg, fail)
+
+
+def check_machine(cfg: Config) -> None:
+    """What this machine cannot run, before anything starts: a config valid for a GPU cluster may not
+    be for this host. Raises :class:`ConfigError` naming the key."""
+    import torch
+
+    ds = cfg.dist
+    has_gpu = torch.cuda.is_available()
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{cfg.source}: {key}: {message}")
+
+    if ds.device == "cuda" and not has_gpu:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (make install-gpu)"
+        fail("dist.device", f"cuda, but this machine has no usable GPU (torch {torch.__version__} is {build})")
+    on_gpu = ds.device == "cuda" or (ds.device == "auto" and has_gpu)
+    if on_gpu and ds.nproc_per_node > torch.cuda.device_count():
+        fail("dist.nproc_per_node", f"{ds.nproc_per_node} ranks, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if not on_gpu:
+        if ds.backend == "nccl":
+            fail("dist.backend", "nccl needs CUDA devices; on CPU use gloo (or auto)")
+        for i, t in enumerate(cfg.model.tables):
+            gpu_only = [st for st in t.sharding_types or () if st not in CPU_SHARDING_TYPES]
+            if gpu_only:
+                fail(f"model.tables[{i}].sharding_types", f"{gpu_only[0]!r} needs CUDA; on CPU use one of {CPU_SHARDING_TYPES}")
+        if cfg.model.embedding_optimizer.name not in CPU_EMBEDDING_OPTIMIZERS:
+            fail("model.embedding_optimizer.name",
+                 f"{cfg.model.embedding_optimizer.name!r} has no CPU kernel in FBGEMM; on CPU use one of {CPU_EMBEDDING_OPTIMIZERS}")
 
 
 def _validate_convert(cfg: Config, fail) -> None:

@@ -61,7 +61,7 @@ class StopRequest:
 
     def agreed(self, group) -> Optional[int]:
         """Collective: the signal some rank received (SIGTERM wins over SIGINT), or None."""
-        from concord.balancing.stats import sum_over_ranks
+        from concord.balancing.collectives import sum_over_ranks
 
         flags = torch.tensor([float(self.signal == signal.SIGTERM), float(self.signal == signal.SIGINT)], dtype=torch.float64)
         if group is not None:

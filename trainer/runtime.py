@@ -68,15 +68,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 600, keep_memory: bool = True) -> Runtime:
+def intra_op_threads(requested: int = 0) -> int:
+    """``requested``, else ``OMP_NUM_THREADS`` when set, else the cores this process may use shared
+    among the node's ranks (a rank that takes every core slows its neighbours down)."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def init_runtime(
+    device: str = "auto", backend: str = "auto", timeout_s: int = 600, keep_memory: bool = True, threads: int = 0
+) -> Runtime:
     """Joins the job started by torchrun/torchx (env://), or makes a 1-rank group when run alone;
-    ``keep_memory`` applies :func:`keep_freed_memory`."""
+    ``keep_memory`` applies :func:`keep_freed_memory`; ``threads``: see :func:`intra_op_threads`."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if keep_memory:
         keep_freed_memory()
+    torch.set_num_threads(intra_op_threads(threads))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     if backend == "auto":
@@ -89,7 +103,9 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 6
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"concord/attempt{attempt}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        # NCCL binds the group to this rank's GPU up front (device_id), instead of guessing at first use.
+        device_id = dev if dev.type == "cuda" else None
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, device_id=device_id)
     world = dist.get_world_size()
     group = dist.new_group(backend=backend) if world > 1 else None
     return Runtime(dist.get_rank(), world, local_rank, dev, backend, group)

@@ -28,7 +28,7 @@ from concord.trainer.observe.metrics import TaskMetrics, format_table
 from concord.trainer.observe.runlog import RunLog
 from concord.balancing import NonFiniteLossError
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
-from concord.balancing.stats import sum_over_ranks
+from concord.balancing.collectives import sum_over_ranks
 from concord.trainer.model import MultiTaskModel, boundary_method, build_model
 from concord.trainer.optimizers import DENSE_OPTIMIZERS
 from concord.trainer.runtime import Runtime
