@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--single-task", action="store_true",
                     help="also train each task alone per seed and report the negative transfer")
     sp.add_argument("--jobs", type=int, default=1, help="cells trained at a time, the cores shared among them")
+    sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
+    with_config(sp)
+    sp.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run whose newest intact checkpoint scores")
+    sp.add_argument("--data", help="Parquet data to score (default: the config's data.eval)")
+    sp.add_argument("--out", required=True, help="the predictions' Parquet file")
     sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
     sp.add_argument("run_dir")
     return p
@@ -103,6 +108,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return _train_worker(cfg)
             single = ["--single-task", args.single_task] if args.single_task else []
             return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
+        if args.command == "predict":
+            if _is_worker() or cfg.world_size == 1:
+                return _predict_worker(cfg, args.checkpoint, args.data, args.out)
+            data = ["--data", args.data] if args.data else []
+            return _launch(cfg, ["predict", "--config", str(cfg.source), "--checkpoint", args.checkpoint, *data,
+                                 "--out", args.out, *args.overrides])
         if args.command == "bench":
             if _is_worker() or cfg.world_size == 1:
                 from concord.trainer.tools.bench import run_bench
@@ -182,6 +193,31 @@ def _train_worker(cfg) -> int:
         return 3
     finally:
         shutdown()
+    return 0
+
+
+def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
+    from concord.trainer.checkpoint import CheckpointError
+    from concord.trainer.observe.metrics import format_table
+    from concord.trainer.predict import predict
+    from concord.trainer.runtime import init_runtime, shutdown
+    from concord.trainer.train import ResumeError
+
+    if _is_worker():
+        from concord.trainer.lifecycle import die_with_parent
+
+        die_with_parent()
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
+    try:
+        results = predict(cfg, rt, run_dir, data, out)
+    except (CheckpointError, DataError, ResumeError) as e:
+        failures.report(e, rt.rank, rt.world_size)
+        return 3
+    finally:
+        shutdown()
+    if rt.is_main:
+        print(format_table(results, cfg.tasks))
+        print(f"predictions: {out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
+from concord.trainer.evaluation import Evaluator
 from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
 from concord.trainer.observe.metrics import TaskMetrics, format_table
 from concord.trainer.observe.runlog import RunLog
@@ -76,10 +77,12 @@ class Trainer:
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
 
     @classmethod
-    def build(cls, cfg: Config, rt: Runtime) -> "Trainer":
+    def build(cls, cfg: Config, rt: Runtime, own_run_dir: bool = True) -> "Trainer":
+        """The sharded model and its optimizers. ``own_run_dir``: lock ``train.run_dir``, start or
+        continue the run there and check the data (training); False builds the model alone (scoring)."""
         run_dir = Path(cfg.train.run_dir)
         lock, run_id = None, ""
-        if rt.is_main:  # before anything is written there: one job per directory, one run in it
+        if rt.is_main and own_run_dir:  # before anything is written there: one job per directory, one run in it
             lock = RunDirLock(run_dir)
             lock.acquire()
             run_id = start_run(run_dir, resume=cfg.train.resume)
@@ -100,12 +103,13 @@ class Trainer:
         )
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
         optimizer.save_param_groups(False)  # hyper-parameters come from the config: state tensors only
-        log = RunLog(run_dir, run_id, enabled=rt.is_main)
-        if rt.is_main:
+        log = RunLog(run_dir, run_id, enabled=rt.is_main and own_run_dir)
+        if rt.is_main and own_run_dir:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
         trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock)
-        trainer.check_data()
+        if own_run_dir:
+            trainer.check_data()
         # The model was built with the configured balancer, whose parameters (if any) the dense
         # optimizer and DDP already hold: keep that instance.
         trainer.use_method(cfg.balancer.name, cfg.balancer.knobs, rebuild=False)
@@ -446,26 +450,11 @@ class Trainer:
         self.log.write(record, step)
 
     # --- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        """NE/AUC/MSE per task on the held-out split; every rank runs the same number of batches."""
+        """NE/AUC/calibration/MSE per task on the held-out split (every row once)."""
         if not self.cfg.data.eval:
             return {}
-        reader = self._reader(self.cfg.data.eval, train=False)
-        n_batches = reader.max_batches_per_rank()
-        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, self.cfg.data.batch_size, self.rt.device)
-        self.dmp.eval()
-        it = iter(reader)
-        template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
-        for _ in range(n_batches):
-            batch = next(it, None)
-            template = template or batch
-            batch = pad_batch(batch if batch is not None else template, self.cfg.data.batch_size, empty=batch is None)
-            batch = batch.to(self.rt.device)
-            out = self.dmp(batch)
-            metrics.update(self.model.heads.predictions(out.logits), batch.labels, batch.weights)
-        results = metrics.compute()
-        self.dmp.train()
+        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self._reader(self.cfg.data.eval, train=False))
         self.log.write({"kind": "eval", "step": step, "eval": results}, step)
         return results
 
@@ -495,28 +484,6 @@ def _restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
 
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a NaN/inf task loss (train.on_nonfinite: abort)."""
-
-
-def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:
-    """Pads ``batch`` to ``size`` rows with weight-0 rows that have no ids (``empty``: all padding).
-
-    Sharded forward passes are collectives, so in evaluation every rank runs the same number of
-    full batches; padding rows carry weight 0 and so count in no metric.
-    """
-    n = 0 if empty else batch.batch_size
-    if n == size and not empty:
-        return batch
-    keys = batch.sparse.keys()
-    lengths = batch.sparse.lengths().view(len(keys), -1)[:, :n]
-    lengths = torch.cat([lengths, torch.zeros(len(keys), size - n, dtype=lengths.dtype)], dim=1)
-    values = batch.sparse.values()[: int(lengths.sum())] if not empty else batch.sparse.values()[:0]
-    pad = lambda t: torch.cat([t[:n], torch.zeros((size - n,) + t.shape[1:], dtype=t.dtype)])
-    return Batch(
-        pad(batch.dense),
-        KeyedJaggedTensor.from_lengths_sync(keys, values, lengths.reshape(-1)),
-        pad(batch.labels),
-        pad(batch.weights),
-    )
 
 
 def _per_task(telemetry: Dict[str, Any], names: List[str]) -> Dict[str, Any]:

@@ -63,7 +63,7 @@ class Batch:
 @dataclass(frozen=True)
 class Columns:
     """Which Parquet column plays which role. ``sparse`` maps feature name -> column; ``tables`` maps
-    feature name -> table size, for the id range check."""
+    feature name -> table size, for the id range check; a label of None is absent from the data."""
 
     dense: Tuple[str, ...]
     sparse: Tuple[Tuple[str, str], ...]
@@ -77,7 +77,7 @@ class Columns:
 
     @property
     def all(self) -> List[str]:
-        cols = list(self.dense) + [c for _, c in self.sparse] + list(self.labels)
+        cols = list(self.dense) + [c for _, c in self.sparse] + [c for c in self.labels if c is not None]
         return cols + ([self.weight] if self.weight else [])
 
 
@@ -120,7 +120,7 @@ def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
         if col not in names:
             raise DataError(f"{path}: missing column {col!r} (file has: {', '.join(schema.names)})")
     numeric = lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
-    for col in list(columns.dense) + list(columns.labels) + ([columns.weight] if columns.weight else []):
+    for col in list(columns.dense) + [c for c in columns.labels if c] + ([columns.weight] if columns.weight else []):
         t = schema.field(col).type
         if not numeric(t):
             raise DataError(f"{path}: column {col!r} must be numeric, has type {t}")
@@ -396,7 +396,8 @@ class ParquetReader:
 
         n = table.num_rows
         dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
-        labels = np.stack([numeric(c) for c in cols.labels], axis=1)
+        # A label column of None is absent (scoring unlabelled data): zeros, never checked.
+        labels = np.stack([numeric(c) if c else np.zeros(n, np.float32) for c in cols.labels], axis=1)
         weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
         bad = ~(np.isfinite(weights) & (weights >= 0))
         if bad.any():
@@ -417,6 +418,8 @@ class ParquetReader:
                 dense[bad, j] = cols.impute_value
                 self.counts["imputed_dense"] += int(bad.sum())
         for k, (name, kind) in enumerate(zip(cols.labels, cols.label_types)):
+            if name is None:
+                continue
             y = labels[:, k]
             bad = ~np.isfinite(y) if kind == "regression" else ~((y == 0) | (y == 1))
             if bad.any():
