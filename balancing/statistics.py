@@ -53,6 +53,9 @@ class StepStats:
         return np.sqrt(np.maximum(np.diagonal(self.gram), 0.0))
 
 
+_NARROW = (torch.bfloat16, torch.float16)
+
+
 def local_statistics(
     grads: Sequence[Optional[torch.Tensor]],
     losses: torch.Tensor,
@@ -73,7 +76,8 @@ def local_statistics(
     a NumPy or torch call costs.
     """
     t = len(grads)
-    flat = [None if g is None else g.reshape(-1) for g in grads]
+    # Half-precision gradients (bf16 autocast) are widened so that the dot products sum in float64.
+    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
     pairs = [
         (i, j)
         for i in range(t)

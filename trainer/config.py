@@ -149,6 +149,17 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The learning rate over training: linear warm-up from ~0, then constant, linear or cosine decay
+    to ``min_ratio`` of the configured rate at the last step."""
+
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | linear | cosine
+    min_ratio: float = 0.0
+    embeddings: bool = True  # the fused embedding optimizer's rate follows the same schedule
+
+
+@dataclass
 class InteractionConfig:
     type: str = "dcn"  # dcn (DCN-v2 low-rank cross layers) | concat (concat + MLP)
     num_layers: int = 2
@@ -193,6 +204,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None  # stop earlier than `epochs`
     dense_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    clip_grad_norm: float = 0.0  # > 0: the dense gradients' global norm is clipped to this (tables: fused, unclipped)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; the boundary's statistics stay float64)
     eval_every: int = 0  # steps; 0 = only at the end
     on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
     log_every: int = 20
@@ -528,6 +542,17 @@ def validate(cfg: Config) -> None:
     for change in tr.allow_changes:
         if change not in SAFE_CHANGES:
             fail("train.allow_changes", f"{change!r} cannot change on resume; only {sorted(SAFE_CHANGES)} can")
+    sched = tr.lr_schedule
+    if sched.warmup_steps < 0:
+        fail("train.lr_schedule.warmup_steps", f"must be >= 0, got {sched.warmup_steps}")
+    if sched.decay not in ("constant", "linear", "cosine"):
+        fail("train.lr_schedule.decay", f"must be constant, linear or cosine, got {sched.decay!r}")
+    if not 0.0 <= sched.min_ratio <= 1.0:
+        fail("train.lr_schedule.min_ratio", f"must be in [0, 1], got {sched.min_ratio}")
+    if not (tr.clip_grad_norm >= 0 and math.isfinite(tr.clip_grad_norm)):
+        fail("train.clip_grad_norm", f"must be >= 0 (0: off), got {tr.clip_grad_norm}")
+    if tr.precision not in ("fp32", "bf16"):
+        fail("train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
     if tr.max_skipped_steps < 0:
         fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
     if tr.checkpoint_every < 0:

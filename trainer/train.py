@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -31,7 +32,7 @@ from concord.balancing import NonFiniteLossError
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.balancing.collectives import sum_over_ranks
 from concord.trainer.model import MultiTaskModel, boundary_method, build_model
-from concord.trainer.optimizers import DENSE_OPTIMIZERS
+from concord.trainer.optimizers import DENSE_OPTIMIZERS, LRSchedule
 from concord.trainer.runtime import Runtime
 from concord.trainer.observe.progress import progress_bar
 from concord.trainer.data.synth import dataset_ready
@@ -75,6 +76,13 @@ class Trainer:
 
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
+    schedule: Optional[LRSchedule] = None  # set by fit
+
+    def precision(self):
+        """The forward's autocast context (``train.precision``)."""
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @classmethod
     def build(cls, cfg: Config, rt: Runtime, own_run_dir: bool = True) -> "Trainer":
@@ -219,6 +227,7 @@ class Trainer:
             pin = (lambda b: b.pin_memory()) if rt.device.type == "cuda" else None
             batches = Prefetcher(batches, cfg.data.prefetch, pin)
         total = self._total_steps(step)
+        self.schedule = self._schedule(total)
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
         stop = StopRequest().install()
         started = time.time()
@@ -229,6 +238,12 @@ class Trainer:
             if isinstance(batches, Prefetcher):
                 batches.close()
         return self._finish(step, qps, time.time() - started)
+
+    def _schedule(self, total: int) -> LRSchedule:
+        groups = list(self.dense_optimizer.param_groups)
+        if self.cfg.train.lr_schedule.embeddings:
+            groups += list(self.dmp.fused_optimizer.param_groups)
+        return LRSchedule(self.cfg.train.lr_schedule, total, groups)
 
     def _total_steps(self, step: int) -> int:
         total = self.train_reader.full_batches_per_rank() * self.cfg.train.epochs
@@ -347,7 +362,10 @@ class Trainer:
         timer.start()
         batch = next(batches).to(self.rt.device, non_blocking=True)
         timer.mark("data")
-        out = self.dmp(batch)
+        if self.schedule is not None:
+            self.schedule.apply(self.step)
+        with self.precision():
+            out = self.dmp(batch)
         timer.mark("forward")
         boundary = self.model.boundary
         guard = self.nonfinite_guard()
@@ -379,6 +397,8 @@ class Trainer:
                     "the data or the learning rate needs a look"
                 )
         else:
+            if self.cfg.train.clip_grad_norm > 0:  # DDP averaged the gradients: every rank clips alike
+                torch.nn.utils.clip_grad_norm_(self.dense_optimizer.params.values(), self.cfg.train.clip_grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad()
         timer.mark("optimizer")

@@ -1,0 +1,71 @@
+"""The training basics: the learning-rate schedule (dense and embedding optimizers), gradient clipping
+and bf16 autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from concord.trainer.config import ScheduleConfig
+from concord.trainer.optimizers import LRSchedule
+
+
+def _factors(total, **kw):
+    schedule = LRSchedule(ScheduleConfig(**kw), total, [])
+    return [schedule.factor(t) for t in range(total)]
+
+
+def test_warmup_rises_linearly_then_the_rate_holds():
+    f = _factors(10, warmup_steps=4)
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4:] == [1.0] * 6
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_decay_ends_at_the_minimum_on_the_last_step(decay):
+    f = _factors(20, warmup_steps=5, decay=decay, min_ratio=0.1)
+    assert f[4] == 1.0 and f[5] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[5:], f[6:]))  # never rises after the warm-up
+    if decay == "cosine":
+        mid = 5 + (20 - 5 - 1) / 2
+        assert _factors(20, warmup_steps=5, decay="cosine")[int(mid)] == pytest.approx(0.5 * (1 + math.cos(math.pi * (int(mid) - 5) / 14)))
+
+
+def test_the_schedule_sets_every_groups_rate():
+    groups = [{"lr": 0.1}, {"lr": 0.05}]
+    schedule = LRSchedule(ScheduleConfig(warmup_steps=2), 10, groups)
+    schedule.apply(0)
+    assert [g["lr"] for g in groups] == [0.05, 0.025]
+    schedule.apply(5)
+    assert [g["lr"] for g in groups] == [0.1, 0.05]
+
+
+def _one_rank_run(rank, world_size, overrides):
+    from concord.trainer.config import load_config
+    from concord.trainer.runtime import init_runtime
+    from concord.trainer.train import Trainer
+
+    cfg = load_config("configs/tiny.yaml", overrides)
+    trainer = Trainer.build(cfg, init_runtime("cpu"))
+    summary = trainer.fit()
+    return {
+        "dense_lr": [g["lr"] for g in trainer.dense_optimizer.param_groups],
+        "table_lr": [g["lr"] for g in trainer.dmp.fused_optimizer.param_groups],
+        "eval": summary["eval"],
+    }
+
+
+@pytest.mark.multiprocess
+def test_the_tables_follow_the_schedule_and_bf16_with_clipping_trains(tmp_path):
+    from distributed import run_ranks
+    from tiny_data import tiny_data
+
+    overrides = [*tiny_data(tmp_path), f"train.run_dir={tmp_path}/run", "train.max_steps=12", "dist.nproc_per_node=1",
+                 "train.lr_schedule.decay=linear", "train.lr_schedule.min_ratio=0.25", "train.clip_grad_norm=0.5",
+                 "train.precision=bf16", "train.progress=false"]
+    (result,) = run_ranks(_one_rank_run, 1, overrides)
+    # After the last of 12 steps the rates are the configured ones times min_ratio.
+    assert result["dense_lr"] == [pytest.approx(0.001 * 0.25)] * len(result["dense_lr"])  # the default Adam rate
+    assert all(lr == pytest.approx(0.05 * 0.25) for lr in result["table_lr"])
+    assert all(math.isfinite(v) for task in result["eval"].values() for v in task.values())
