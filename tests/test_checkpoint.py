@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from processes import children
 from tiny_data import tiny_data
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, SafeFileSystemReader
 
@@ -111,18 +112,6 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
 
 def _worker_pids(launcher_pid: int) -> list[int]:
     """PIDs of the training workers under a `concord train` launcher (its torchrun's children)."""
-    def children(pid):
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-        return out
-
     workers = []
     for agent in children(launcher_pid):
         for pid in children(agent):

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -24,6 +23,7 @@ from concord.trainer.data.reader import Columns, DataError, ParquetReader
 from concord.trainer.fingerprint import differences, mismatch_message
 from concord.trainer.observe.runlog import RunLog, read_records
 from concord.trainer.rundir import RunDirError, RunDirLock, read_run, start_run
+from processes import alive, children
 from tiny_data import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,27 +173,6 @@ def _env():
     return env
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _start_long_job(tmp_path, run_dir):
     data = tiny_data(tmp_path)
     cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *data,
@@ -207,8 +186,8 @@ def _start_long_job(tmp_path, run_dir):
             break
         assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
         time.sleep(0.2)
-    agent = _children(proc.pid)[0]
-    workers = _children(agent)
+    agent = children(proc.pid)[0]
+    workers = children(agent)
     assert len(workers) == 2
     return proc, agent, workers
 
@@ -223,7 +202,7 @@ def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not any(_alive(pid) for pid in [agent, *workers])
+    assert not any(alive(pid) for pid in [agent, *workers])
     stopped = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"stopped"' in l]
     assert stopped and stopped[0]["signal"] == "SIGTERM"
     step = stopped[0]["step"]
@@ -236,9 +215,9 @@ def test_no_worker_outlives_a_killed_torchrun(tmp_path):
     try:
         os.kill(agent, signal.SIGKILL)
         deadline = time.time() + 60
-        while time.time() < deadline and any(_alive(pid) for pid in workers):
+        while time.time() < deadline and any(alive(pid) for pid in workers):
             time.sleep(0.2)
-        assert not any(_alive(pid) for pid in workers)
+        assert not any(alive(pid) for pid in workers)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

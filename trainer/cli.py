@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import List, Optional
 
 import concord

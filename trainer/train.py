@@ -15,7 +15,6 @@ import torch.distributed as dist
 import yaml
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import Checkpointer
@@ -26,7 +25,7 @@ from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
-from concord.trainer.observe.metrics import TaskMetrics, format_table
+from concord.trainer.observe.metrics import format_table
 from concord.trainer.observe.runlog import RunLog
 from concord.balancing import NonFiniteLossError
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level

@@ -6,7 +6,6 @@ magnitudes (weight x rescaled norm for MultiBalance, weight x raw norm otherwise
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
