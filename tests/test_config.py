@@ -107,3 +107,9 @@ def test_the_torchx_component_refuses_cuda_without_gpus():
 
     with pytest.raises(ValueError, match="dist.device=cuda needs GPUs"):
         train("dist.device=cuda", gpu=0)
+
+
+def test_single_task_drops_the_other_tasks_label_rules():
+    cfg = load_config("configs/adult.yaml", single_task="income")
+    assert cfg.task_names == ["income"]
+    assert cfg.data.convert.labels == {"income": "income"} and cfg.data.convert.positive == {"income": [">50K"]}

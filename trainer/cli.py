@@ -87,9 +87,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(path)
             return 0
         if args.command == "compare":
-            from concord.trainer.tools.compare import run_compare
+            from concord.trainer.tools.compare import CompareError, run_compare
 
-            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
+            try:
+                run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
+            except CompareError as e:
+                print(f"concord: compare: {e}", file=sys.stderr)
+                return 3
             return 0
         cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
         if args.command == "synth":

@@ -330,8 +330,9 @@ def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
     raw["tasks"] = kept
     raw["balancer"] = {"name": "equal"}  # one task: every balancer is the identity
     convert = (raw.get("data") or {}).get("convert")
-    if isinstance(convert, dict) and isinstance(convert.get("labels"), dict):
-        convert["labels"] = {k: v for k, v in convert["labels"].items() if k == kept[0].get("label")}
+    for key in ("labels", "positive"):  # the other tasks' label rules go with them
+        if isinstance(convert, dict) and isinstance(convert.get(key), dict):
+            convert[key] = {k: v for k, v in convert[key].items() if k == kept[0].get("label")}
 
 
 def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:

@@ -13,11 +13,53 @@ import torch
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
+class StepTimings(dict):
+    """Seconds per phase of one step, and their sum under ``step``. On CUDA the phases are events on
+    the device's stream, turned into seconds only when a phase is first read (waiting for the step's
+    last event), so a step that nobody reads never makes the host wait for the GPU."""
+
+    def __init__(self, marks: List[tuple], cuda: bool) -> None:
+        super().__init__()
+        self._marks, self._cuda = marks, cuda
+        if not cuda:
+            self._fill()
+
+    def _fill(self) -> None:
+        if self._marks is None:
+            return
+        marks, self._marks = self._marks, None
+        if self._cuda:
+            marks[-1][1].synchronize()
+        phases = {}
+        for (_, a), (phase, b) in zip(marks, marks[1:]):
+            phases[phase] = (a.elapsed_time(b) / 1000.0) if self._cuda else (b - a)
+        phases["step"] = sum(phases.values())
+        for key, value in phases.items():
+            super().setdefault(key, value)
+
+    def __getitem__(self, key):
+        self._fill()
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._fill()
+        return super().get(key, default)
+
+    def keys(self):
+        self._fill()
+        return super().keys()
+
+    def items(self):
+        self._fill()
+        return super().items()
+
+
 class StepTimer:
     """Times the phases of one step. ``mark(phase)`` closes the phase that ran since the last mark.
 
-    On CUDA, events are recorded and only read (one synchronize) when :meth:`read` is called, so timing
-    does not serialise the GPU; on CPU the work is synchronous and ``perf_counter`` is exact.
+    On CUDA, events are recorded on the stream and read only when a figure is asked for (see
+    :class:`StepTimings`), never with a per-step ``torch.cuda.synchronize()``; on CPU the work is
+    synchronous and ``perf_counter`` is exact.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -37,15 +79,9 @@ class StepTimer:
     def mark(self, phase: str) -> None:
         self._marks.append((phase, self._now()))
 
-    def read(self) -> Dict[str, float]:
-        """Seconds per phase of the last step, and their sum under ``step``."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        out: Dict[str, float] = {}
-        for (_, a), (phase, b) in zip(self._marks, self._marks[1:]):
-            out[phase] = (a.elapsed_time(b) / 1000.0) if self.cuda else (b - a)
-        out["step"] = sum(out.values())
-        return out
+    def read(self) -> StepTimings:
+        """The last step's phases (lazily, on CUDA)."""
+        return StepTimings(self._marks, self.cuda)
 
 
 class QPSMeter:
@@ -60,16 +96,24 @@ class QPSMeter:
         self.qps_skip_steps = qps_skip_steps
         self.window: Deque[Dict[str, float]] = deque(maxlen=window)
         self.steps_seen = 0
-        self.lifetime_seconds = 0.0
+        self._seconds = 0.0
+        self._unread: List[Dict[str, float]] = []  # counted steps whose times are not summed yet
         self.lifetime_steps = 0
 
     def update(self, timings: Dict[str, float]) -> None:
+        """Counts a step; its times are read when a figure is asked for (on CUDA: at logging steps)."""
         self.steps_seen += 1
         if self.steps_seen <= self.qps_skip_steps:
             return
         self.window.append(timings)
-        self.lifetime_seconds += timings["step"]
+        self._unread.append(timings)
         self.lifetime_steps += 1
+
+    @property
+    def lifetime_seconds(self) -> float:
+        self._seconds += sum(t["step"] for t in self._unread)
+        self._unread = []
+        return self._seconds
 
     @property
     def ready(self) -> bool:
@@ -80,9 +124,10 @@ class QPSMeter:
         return len(self.window) * self.global_batch_size / seconds if seconds > 0 else None
 
     def lifetime_qps(self) -> Optional[float]:
-        if self.lifetime_seconds <= 0:
+        seconds = self.lifetime_seconds
+        if seconds <= 0:
             return None
-        return self.lifetime_steps * self.global_batch_size / self.lifetime_seconds
+        return self.lifetime_steps * self.global_batch_size / seconds
 
     def breakdown(self) -> Dict[str, float]:
         """Mean milliseconds per phase over the window, plus ``boundary_share`` (% of the step)."""

@@ -41,6 +41,10 @@ WHAT_IS_BALANCED = {
 }
 
 
+class CompareError(RuntimeError):
+    """Some cells did not train; the message names the first and its log."""
+
+
 def cell_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
@@ -83,8 +87,10 @@ def run_compare(
         print(f"[{i}/{len(todo)}] {what}: done", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(run, i, *cell) for i, cell in enumerate(todo, 1)]:
-            future.result()
+        futures = [pool.submit(run, i, *cell) for i, cell in enumerate(todo, 1)]
+    failed = [str(f.exception()) for f in futures if f.exception() is not None]
+    if failed:  # every other cell ran; a rerun trains only the failed ones
+        raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
     report = write_report(out, cfg, methods, seeds, summaries, single)
