@@ -14,6 +14,7 @@ embedding tables) receives ``A`` from the balancer instead of ``sum_k G_k``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
@@ -23,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import Balancer
+from .base import Balancer, weighted_sum
 from .collectives import PendingStatistics
 from .statistics import StepStats, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
+STATISTICS_MODES = ("current", "previous")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +88,15 @@ class RepresentationBoundary(nn.Module):
             gradient); ``skip_step`` returns a zero gradient for ``z`` without a balancer step and
             names the tasks in :attr:`skipped_tasks` (the caller then drops its optimizer step);
             ``raise`` raises :class:`NonFiniteLossError` out of ``backward()``.
+        statistics: ``current`` (the specified rule): step t's aggregate uses step t's global
+            statistics, so backward waits at ``z`` for their sum over ranks. ``previous``: it uses the
+            coefficients from step t-1's global statistics, whose sum travelled during step t's
+            forward, so backward never waits; the first step uses the prior (equal weights). Every
+            rank still computes the same weights, those of one rank holding the global batch under
+            the same lag. A rank drops its own non-finite gradient or loss at once; the other ranks
+            learn of it with the next step's statistics, and then ``raise`` raises and
+            ``skip_step`` skips that next step. Methods that need the step's own statistics in the
+            sum (GradDrop's column signs) cannot lag.
     """
 
     def __init__(
@@ -95,8 +106,13 @@ class RepresentationBoundary(nn.Module):
         process_group: Optional[dist.ProcessGroup] = None,
         telemetry_every: int = 1,
         on_nonfinite_loss: str = "drop_task",
+        statistics: str = "current",
     ) -> None:
         super().__init__()
+        if statistics not in STATISTICS_MODES:
+            raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+        self.statistics = statistics
+        self._in_flight = None  # previous mode: the last step's statistics, still being summed
         self.num_tasks = balancer.num_tasks
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
@@ -171,6 +187,8 @@ class RepresentationBoundary(nn.Module):
     def balancer(self, balancer: Balancer) -> None:
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
+        if getattr(self, "statistics", "current") == "previous" and _needs_its_own_statistics(balancer):
+            raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
         balancer.process_group = self.process_group
         self._balancer = balancer
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
@@ -180,11 +198,22 @@ class RepresentationBoundary(nn.Module):
 
     def get_extra_state(self) -> dict:
         """The balancer's state (EMA norms, weights, bandit, step, random generators) travels with
-        ``model.state_dict()``, so saving a model saves how its tasks were being balanced."""
-        return self._balancer.state_dict()
+        ``model.state_dict()``, so saving a model saves how its tasks were being balanced; with
+        ``statistics="previous"`` so do the statistics still in flight."""
+        state = self._balancer.state_dict()
+        if self.statistics == "previous":
+            stats = self._in_flight.wait() if self._in_flight is not None else None
+            self._in_flight = _Ready(stats) if stats is not None else None
+            state.update(_stats_to_tensors(stats, self.num_tasks))
+        return state
 
     def set_extra_state(self, state: dict) -> None:
+        state = dict(state)
+        in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
         self._balancer.load_state_dict(state)
+        if self.statistics == "previous" and in_flight:
+            stats = _stats_from_tensors(in_flight)
+            self._in_flight = _Ready(stats) if stats is not None else None
 
     @contextlib.contextmanager
     def passthrough(self) -> Iterator[None]:
@@ -214,6 +243,8 @@ class RepresentationBoundary(nn.Module):
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
             )
+        if self.statistics == "previous":
+            return self._balance_lagged(grads, z, template, start)
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
@@ -248,8 +279,106 @@ class RepresentationBoundary(nn.Module):
         record.backward_seconds = time.perf_counter() - start
         return aggregated
 
+    def _balance_lagged(self, grads, z, template: torch.Tensor, start: float) -> torch.Tensor:
+        """``statistics="previous"``: this step's statistics start their sum over ranks and the step
+        is balanced with the previous step's, which have arrived by now."""
+        record = self._record
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+        packed = local_statistics(grads, record.losses, template.shape[0], None, cross_terms)
+        usable = usable_here(np.array([g is not None for g in grads]), packed)
+        previous, self._in_flight = self._in_flight, PendingStatistics(
+            packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms
+        )
+        comm_start = time.perf_counter()
+        stats = previous.wait() if previous is not None else None
+        record.comm_seconds = time.perf_counter() - comm_start
+        record.losses, record.stats, record.skipped_tasks = None, stats, []
+        if stats is not None:
+            nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
+            if nonfinite and self.on_nonfinite_loss == "raise":
+                raise NonFiniteLossError(nonfinite)
+            if nonfinite and self.on_nonfinite_loss == "skip_step":
+                record.skipped_tasks = nonfinite
+                record.backward_seconds = time.perf_counter() - start
+                return torch.zeros_like(template)
+            self.balancer.note_inactive(stats)
+        early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
+        prior = np.full(self.num_tasks, 1.0 / self.num_tasks)
+        if early is not None:
+            if stats is not None:
+                self.balancer.coefficients(stats)  # their telemetry
+            else:
+                self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", prior))}
+            aggregated = early
+        elif stats is None:  # the first step: the prior, equal weights
+            self.balancer.last_telemetry = {"weights": prior.tolist()}
+            aggregated = weighted_sum(grads, prior * usable, usable)
+        elif type(self.balancer).aggregate is not Balancer.aggregate:  # element-wise rules
+            aggregated = self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
+        else:  # the same coefficients on every rank; a rank leaves out what is not finite here
+            aggregated = weighted_sum(grads, self.balancer.coefficients(stats) * usable, usable)
+        self.balancer.step += 1
+        if self.reduction == "sum":
+            aggregated.mul_(self.num_tasks)
+        record.backward_seconds = time.perf_counter() - start
+        return aggregated
+
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""
         if self._record.stats is None:
             return {}
         return self.balancer.telemetry(self._record.stats)
+
+
+class _Ready:
+    """Statistics already summed (restored from a checkpoint), with :class:`PendingStatistics`' wait()."""
+
+    def __init__(self, stats: StepStats) -> None:
+        self.stats = stats
+
+    def wait(self) -> StepStats:
+        return self.stats
+
+
+def _needs_its_own_statistics(balancer: Balancer) -> bool:
+    """Methods that add numbers of their own to the step's reduction need that step's sum."""
+    return type(balancer).local_extra is not Balancer.local_extra
+
+
+_IN_FLIGHT = "in_flight_"
+
+
+def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int) -> dict:
+    """Tensors only, with the same keys whether or not statistics are in flight (so that a checkpoint
+    template always asks for them)."""
+    t = num_tasks
+    if stats is None:
+        stats = StepStats(np.zeros((t, t)), np.zeros(t), np.zeros(t, dtype=bool), 0, 0)
+        valid = 0.0
+    else:
+        valid = 1.0
+    return {
+        f"{_IN_FLIGHT}valid": torch.tensor(valid, dtype=torch.float64),
+        f"{_IN_FLIGHT}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
+        f"{_IN_FLIGHT}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
+        f"{_IN_FLIGHT}active": torch.from_numpy(np.array(stats.active, dtype=np.float64)),
+        f"{_IN_FLIGHT}nonfinite_loss": torch.from_numpy(np.array(stats.nonfinite_loss, dtype=np.float64)),
+        f"{_IN_FLIGHT}batch": torch.tensor([stats.local_batch_size, stats.global_batch_size, float(stats.cross_terms)], dtype=torch.float64),
+    }
+
+
+def _stats_from_tensors(state: dict) -> Optional[StepStats]:
+    if float(state[f"{_IN_FLIGHT}valid"]) == 0.0:
+        return None
+    local, total, cross = state[f"{_IN_FLIGHT}batch"].tolist()
+    return StepStats(
+        state[f"{_IN_FLIGHT}gram"].numpy().copy(),
+        state[f"{_IN_FLIGHT}losses"].numpy().copy(),
+        state[f"{_IN_FLIGHT}active"].numpy() > 0,
+        int(local),
+        int(total),
+        state[f"{_IN_FLIGHT}nonfinite_loss"].numpy() > 0,
+        None,
+        bool(cross),
+    )

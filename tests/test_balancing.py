@@ -21,6 +21,7 @@ from concord.balancing import (
     balancer_class,
     build_balancer,
 )
+from concord.balancing.base import weighted_sum
 from concord.balancing.collectives import reduce_statistics
 from concord.balancing.statistics import local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
@@ -487,3 +488,50 @@ def test_a_disabled_boundary_is_plain_autograd_on_the_mean_loss():
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     assert boundary.last_stats is None  # no statistics, no balancer step
+
+
+# --- Lagged statistics (statistics="previous") --------------------------------------------------------------
+def _lagged_steps(method, steps, boundary=None):
+    boundary = boundary or RepresentationBoundary(build_balancer(method, TASKS), statistics="previous")
+    out = []
+    for grads in steps:
+        z = torch.zeros_like(grads[0], requires_grad=True)
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        out.append(boundary.balance(tuple(g.clone() for g in grads), z))
+    return boundary, out
+
+
+@pytest.mark.parametrize("method", ["multibalance", "emtl", "mgda", "equal", "cograd"])
+def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
+    g = torch.Generator().manual_seed(11)
+    steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(5)]
+    _, got = _lagged_steps(method, steps)
+    torch.testing.assert_close(got[0], sum(steps[0]) / 3)  # the first step: the prior, equal weights
+    reference = build_balancer(method, TASKS)
+    for t in range(1, 5):
+        previous = stats_for(steps[t - 1], [1.0, 2.0, 0.5])
+        if method == "cograd":  # element-wise: the previous step's RMS, this step's gradients
+            expected = reference.aggregate(steps[t], previous)
+        else:
+            expected = weighted_sum(steps[t], reference.coefficients(previous), np.ones(3, dtype=bool))
+        torch.testing.assert_close(got[t], expected)
+
+
+def test_lagged_statistics_in_flight_survive_a_checkpoint():
+    g = torch.Generator().manual_seed(12)
+    steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(6)]
+    whole, expected = _lagged_steps("multibalance", steps)
+    first, _ = _lagged_steps("multibalance", steps[:3])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    restored = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="previous")
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    _, got = _lagged_steps("multibalance", steps[3:], restored)
+    for a, b in zip(got, expected[3:]):
+        assert torch.equal(a, b)
+
+
+def test_graddrop_cannot_lag():
+    with pytest.raises(ValueError, match="graddrop needs each step's own statistics"):
+        RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="previous")

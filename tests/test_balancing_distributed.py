@@ -32,6 +32,11 @@ CASES = {
     "graddrop": ("graddrop", {"seed": 3}),
     "dbmtl": ("dbmtl", {}),
     "imtlg": ("imtlg", {}),
+    # statistics="previous": step t balanced with step t-1's global statistics, the same on every rank
+    "multibalance-lagged": ("multibalance", {}, "previous"),
+    "emtl-lagged": ("emtl", {}, "previous"),
+    "cograd-lagged": ("cograd", {"gamma": 0.05}, "previous"),
+    "equal-lagged": ("equal", {}, "previous"),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }
@@ -44,14 +49,15 @@ def _run(rank: int, world_size: int):
         dist.init_process_group("gloo")
         group = dist.new_group()
     results = {}
-    for case, (name, knobs) in CASES.items():
+    for case, (name, knobs, *mode) in CASES.items():
         model = ToyMTL(3)
         param_level = None
         if name in PARAMETER_LEVEL:  # weights the losses; the boundary passes the gradient through
             boundary = RepresentationBoundary(build_balancer("equal", TASKS), "sum", process_group=group)
             param_level = build_parameter_level(name, TASKS, list(model.bottom.parameters()), group, **knobs)
         else:
-            boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group)
+            boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group,
+                                              statistics=mode[0] if mode else "current")
         per_rank = ROWS // world_size
         out = []
         for step in range(STEPS):

@@ -113,3 +113,10 @@ def test_single_task_drops_the_other_tasks_label_rules():
     cfg = load_config("configs/adult.yaml", single_task="income")
     assert cfg.task_names == ["income"]
     assert cfg.data.convert.labels == {"income": "income"} and cfg.data.convert.positive == {"income": [">50K"]}
+
+
+def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
+    cfg = load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=previous"])
+    assert cfg.balancer.statistics == "previous" and cfg.balancer.knobs == {}
+    with pytest.raises(ConfigError, match="graddrop needs each step's own statistics"):
+        load_config("configs/tiny.yaml", ["balancer.name=graddrop", "balancer.statistics=previous"])

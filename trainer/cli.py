@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             try:
                 run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
-            except CompareError as e:
+            except (CompareError, DataError) as e:
                 print(f"concord: compare: {e}", file=sys.stderr)
                 return 3
             return 0

@@ -194,6 +194,7 @@ class ModelConfig:
 class BalancerConfig:
     name: str = "equal"
     reduction: str = "mean"
+    statistics: str = "current"  # current (the specified rule) | previous (lagged: backward never waits)
     knobs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -340,8 +341,8 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
     raw.pop("source", None)
     balancer = raw.get("balancer")
     if isinstance(balancer, dict):  # knobs sit beside name/reduction in the YAML
-        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "knobs")}
-        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction")}
+        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "knobs")}
+        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction", "statistics")}
         raw["balancer"]["knobs"] = {**balancer.get("knobs", {}), **knobs}
     cfg = _build(Config, raw, source, "")
     cfg.source = source
@@ -685,11 +686,15 @@ def _validate_balancer(cfg: Config, fail) -> None:
     b = cfg.balancer
     if b.reduction not in ("mean", "sum"):
         fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
+    if b.statistics not in ("current", "previous"):
+        fail("balancer.statistics", f"must be 'current' or 'previous', got {b.statistics!r}")
     try:
         if b.name in PARAMETER_LEVEL:
             check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)
         else:
-            build_balancer(b.name, cfg.task_names, **b.knobs)
+            from concord.balancing import RepresentationBoundary
+
+            RepresentationBoundary(build_balancer(b.name, cfg.task_names, **b.knobs), statistics=b.statistics)
     except (ValueError, TypeError) as e:
         fail("balancer", str(e))
 

@@ -16,6 +16,7 @@ from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from concord.balancing import RepresentationBoundary, build_balancer
+from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.embeddings.tables import build_embedding_bags, pooled_dim
 from concord.heads.heads import TaskHeads
 from concord.heads.experts import build_experts
@@ -96,8 +97,6 @@ class MultiTaskModel(nn.Module):
 def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):
     """The boundary's balancer and reduction for a method. A parameter-level method weights the losses
     itself, so the boundary then passes the plain gradient of its objective through (equal, sum)."""
-    from concord.balancing.param_level import PARAMETER_LEVEL
-
     name = name or cfg.balancer.name
     knobs = cfg.balancer.knobs if knobs is None else knobs
     if name in PARAMETER_LEVEL:
@@ -108,7 +107,8 @@ def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):
 def build_model(cfg, device: torch.device | str = "meta", process_group=None) -> MultiTaskModel:
     """The unsharded model for a config; the embedding tables on ``device`` (meta: sharding allocates)."""
     balancer, reduction = boundary_method(cfg)
-    boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every)
+    statistics = cfg.balancer.statistics if cfg.balancer.name not in PARAMETER_LEVEL else "current"
+    boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every, statistics=statistics)
     ebc = build_embedding_bags(cfg.model.tables, device)
     bottom = DenseBottom(len(cfg.data.dense_columns), pooled_dim(cfg.model.tables), cfg.model)
     task_inputs = None  # MMoE/PLE: the gates (and PLE's task experts) go after the boundary, with the heads

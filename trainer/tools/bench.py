@@ -25,14 +25,24 @@ from concord.trainer.observe.timing import StepTimer, paired_drop
 from concord.trainer.train import Trainer
 
 
-def _switch(trainer: Trainer, method: str, knobs: dict, built: Dict[str, tuple]) -> None:
-    """Makes ``method`` the model's method: built on first use, then swapped back in with the state
-    it had (a balancer's EMA and step count go on across blocks, as in one long training run)."""
+def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) -> None:
+    """Makes ``spec`` (a method, ``@previous`` for lagged statistics) the model's method: built on
+    first use, then swapped back in with the state it had (a balancer's EMA and step count, and its
+    statistics in flight, go on across blocks, as in one long training run)."""
     boundary = trainer.model.boundary
-    if method not in built:
+    current = built.get("__current__")
+    if current is not None:
+        built[current][5] = boundary._in_flight
+    method, _, mode = spec.partition("@")
+    if spec not in built:
+        boundary.statistics, boundary._in_flight = mode or "current", None
         trainer.use_method(method, knobs)
-        built[method] = (boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer)
-    boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = built[method]
+        built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer, mode or "current", None]
+    enabled, balancer, reduction, param_balancer, statistics, in_flight = built[spec]
+    boundary.statistics = statistics  # before the balancer, which checks it
+    boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = enabled, balancer, reduction, param_balancer
+    boundary._in_flight = in_flight
+    built["__current__"] = spec
 
 
 def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[str, dict]:
@@ -46,11 +56,11 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         trainer = Trainer.build(cfg, rt)
         boundary = trainer.model.boundary
         boundary.telemetry_every = 10**9  # no logging-step extras inside timed blocks
-        knobs = {m: (cfg.balancer.knobs if m == cfg.balancer.name else {}) for m in methods}
+        knobs = {m: (cfg.balancer.knobs if m.partition("@")[0] == cfg.balancer.name else {}) for m in methods}
         batches = trainer.train_batches()
         timer = StepTimer(rt.device)
         global_batch = cfg.data.batch_size * rt.world_size
-        built: Dict[str, tuple] = {}
+        built: Dict[str, list] = {}
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
             _switch(trainer, m, knobs[m], built)
             for _ in range(max(cfg.train.qps_skip_steps, 3)):

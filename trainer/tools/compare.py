@@ -63,6 +63,9 @@ def run_compare(
     jobs: int = 1,
 ) -> Path:
     cfg = load_config(config_path, overrides)  # validates the base config and the method names below
+    from concord.trainer.train import check_data_exists
+
+    check_data_exists(cfg)  # one line now, rather than the same failure in every cell
     unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
