@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 import numpy as np
 import torch
 
+from .fused import FusedRule
 from .statistics import StepStats
 
 logger = logging.getLogger("concord.balancing")
@@ -90,6 +91,8 @@ class Balancer:
     # Whether the update rule reads the Gram's off-diagonal entries; methods that need only the norms
     # (its diagonal) set False and skip T(T-1)/2 dot products on steps whose telemetry is not logged.
     needs_cross_terms: ClassVar[bool] = True
+    # Element-wise rules (run_rule) run as one compiled kernel where that pays; False: always eagerly.
+    fused: bool = True
 
     def __init__(self, task_names: Sequence[str]) -> None:
         if len(task_names) < 1:
@@ -141,6 +144,14 @@ class Balancer:
         ``z`` (B, d) is the representation itself, for element-wise methods that read it; ``early`` is
         what :meth:`prepare` returned, when it applies."""
         return weighted_sum(grads, self.coefficients(stats), stats.active)
+
+    def run_rule(self, rule: Callable, grads: Sequence[torch.Tensor], *args: Any) -> Any:
+        """``rule(grads, *args)`` for an element-wise update rule written with torch operations: one
+        fused kernel over the gradients where that pays, else eagerly (``balancing/fused.py``)."""
+        rules = self.__dict__.setdefault("_fused_rules", {})
+        if rule not in rules:
+            rules[rule] = FusedRule(rule, self.fused)
+        return rules[rule](list(grads), *args)
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Method-specific numbers to sum over ranks in the step's one statistics all-reduce (this

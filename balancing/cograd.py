@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .base import Balancer, check_task_vector, register, weighted_sum
-from .fused import FusedRule
 from .statistics import StepStats
 
 
@@ -47,7 +46,7 @@ class CoGrad(Balancer):
             c = c / c.sum()
         self.weights = c
         self._warned_large = set()
-        self._rule = FusedRule(transference, fused)  # one pass over the gradients instead of 4 per task
+        self.fused = bool(fused)
 
     def aggregate(
         self,
@@ -63,7 +62,7 @@ class CoGrad(Balancer):
             self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
             return weighted_sum(grads, self.weights * active, active)
         g_live = [grads[k] for k in live]
-        aggregated = self._rule(g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
+        aggregated = self.run_rule(transference, g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
         self.last_telemetry = {"weights": self.weights.tolist()}
         if self.telemetry_due:
             self._record_correction(grads, active, live, aggregated, b2)

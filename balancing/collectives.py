@@ -15,8 +15,8 @@ from .statistics import StepStats, unpack_statistics
 
 # How the statistics are summed over ranks. "all_to_all": every rank sends its vector to every rank
 # and adds the W vectors up itself, in rank order (so every rank gets the same bits). For vectors this
-# small gloo's all_reduce takes 1.5-2 ms a call on this project's 2-core development VM, its
-# all-to-all 0.2-0.3 ms (docs/performance.md), and the call sits in the middle of backward.
+# small gloo's all_reduce runs a multi-round algorithm that costs several times its all-to-all
+# (docs/performance.md), and the call sits in the middle of backward.
 # "all_reduce": one all_reduce, what NCCL does best on a GPU. "auto": all_to_all for a CPU buffer
 # (gloo), all_reduce for a GPU buffer (NCCL).
 STATS_COLLECTIVES = ("auto", "all_reduce", "all_to_all")

@@ -3,8 +3,7 @@ the fallback.
 
 Run as separate torch operations, CoGrad's rule makes 4 passes over (B, d) tensors per task and
 GradDrop's sign split 3; each pass costs a kernel launch (a GPU) or a trip through memory (a CPU).
-Compiled, each rule is one loop that reads every ``G_k`` once: at the demo's B = 1024, d = 256 on one
-CPU core, CoGrad's rule takes 0.15-0.19 ms instead of 0.8-1.3 ms (``docs/performance.md``).
+Compiled, each rule is one loop that reads every ``G_k`` once (figures in ``docs/performance.md``).
 
 Compilation happens on a rule's first large call (seconds; cached by Inductor across processes) and
 again if the batch size changes (then once for all sizes: dynamic shapes). Small tensors, where a

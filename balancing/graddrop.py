@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .base import Balancer, register, seeded_generator, weighted_sum
-from .fused import FusedRule
 from .statistics import StepStats
 
 
@@ -30,15 +29,14 @@ class GradDrop(Balancer):
             raise ValueError(f"graddrop.leak must be in [0, 1], got {leak}")
         self.leak = float(leak)
         self.generator = seeded_generator(seed)
-        self._column_sums = FusedRule(signed_column_sums, fused)
-        self._sign_split = FusedRule(sign_split, fused)
+        self.fused = bool(fused)
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
         """(T, d) ``B * sum over rows of G_k ⊙ sign(z)``: summed over ranks with the step's statistics."""
         if z is None:
             raise ValueError("graddrop reads the sign of z: call it through RepresentationBoundary")
         present = [k for k, g in enumerate(grads) if g is not None]
-        sums = self._column_sums([grads[k] for k in present], z)
+        sums = self.run_rule(signed_column_sums, [grads[k] for k in present], z)
         if len(present) == self.num_tasks:
             return sums
         rows = torch.zeros(self.num_tasks, z.shape[1], dtype=z.dtype, device=z.device)
@@ -55,7 +53,7 @@ class GradDrop(Balancer):
         tasks = [k for k, g in enumerate(grads) if g is not None and live[k]]
         if not tasks:
             return None
-        return self._sign_split([grads[k] for k in tasks], self.leak, self.num_tasks)
+        return self.run_rule(sign_split, [grads[k] for k in tasks], self.leak, self.num_tasks)
 
     def aggregate(
         self,

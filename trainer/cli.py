@@ -179,7 +179,8 @@ def _train_worker(cfg) -> int:
     from concord.trainer.lifecycle import Stopped, die_with_parent
     from concord.trainer.rundir import RunDirError
     from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.train import NonFiniteLoss, ResumeError, Trainer
+    from concord.trainer.nonfinite import NonFiniteLoss
+    from concord.trainer.train import ResumeError, Trainer
 
     if _is_worker():
         die_with_parent()  # a worker never trains on after torchrun's agent is gone

@@ -20,6 +20,7 @@ from concord.embeddings.sharding import apply_fused_optimizer, shard_model, tabl
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
 from concord.trainer.lifecycle import StopRequest, Stopped
+from concord.trainer.nonfinite import NonFinitePolicy
 from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
@@ -70,12 +71,12 @@ class Trainer:
     dense_optimizer: KeyedOptimizerWrapper
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
     step: int = 0  # optimisation steps taken (skipped steps included)
-    skipped_steps: int = 0
     train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
 
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
+    nonfinite: Optional[NonFinitePolicy] = None  # set by build
 
     def precision(self):
         """The forward's autocast context (``train.precision``)."""
@@ -101,7 +102,7 @@ class Trainer:
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
-        # fused: one kernel over all dense parameters (Adam's step 1.3 -> 0.26 ms on the demo, CPU).
+        # fused: one kernel over all dense parameters instead of one per tensor.
         kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay, "fused": True}
         if opt_cfg.name != "sgd":
             kwargs["eps"] = opt_cfg.eps
@@ -114,7 +115,8 @@ class Trainer:
         if rt.is_main and own_run_dir:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
-        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock)
+        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock,
+                      nonfinite=NonFinitePolicy(cfg, rt.balancer_group, log))
         if own_run_dir:
             trainer.check_data()
         # The model was built with the configured balancer, whose parameters (if any) the dense
@@ -305,7 +307,7 @@ class Trainer:
             "breakdown": qps.breakdown(),
             "eval": final,
             "balancer": cfg.balancer.name,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.nonfinite.skipped_steps,
             "data_repairs": self._data_repairs(),
             "rows": {
                 "train": reader.total_rows,
@@ -325,39 +327,10 @@ class Trainer:
             self.lock.release()
         return summary
 
-    # Fused embedding optimizers update the tables inside backward, so a dropped step must give them
-    # a zero gradient, which leaves both weights and state untouched only for these optimizers.
-    _ZERO_GRAD_IS_NOOP = ("sgd", "adagrad", "rowwise_adagrad")
-
-    def nonfinite_guard(self) -> str:
-        """Where a non-finite task loss is detected so that every rank agrees, at no extra sync point
-        where possible: ``boundary`` (in its one statistics all-reduce; abort raises inside backward
-        before the bottom and tables get a gradient, skip zeroes their gradient), ``collective`` (an
-        all-reduce of T flags before backward: parameter-level methods, and skip with an embedding
-        optimizer for which a zero gradient is not a no-op) or ``local`` (no boundary: this rank's
-        losses only, so a non-finite loss always stops the job)."""
-        if self.param_balancer is not None:
-            return "collective"
-        if not self.model.boundary.enabled:
-            return "local"
-        emb = self.cfg.model.embedding_optimizer
-        if self.cfg.train.on_nonfinite == "skip" and not (emb.name in self._ZERO_GRAD_IS_NOOP and emb.weight_decay == 0):
-            return "collective"
-        return "boundary"
-
-    def nonfinite_tasks(self, losses: torch.Tensor, collective: bool) -> List[str]:
-        """Tasks whose loss is NaN or inf on this rank, or on any rank (one sum of T flags over ranks)."""
-        flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
-        if collective:
-            flags = sum_over_ranks(flags, self.rt.balancer_group)
-        return [name for name, bad in zip(self.cfg.task_names, flags.tolist()) if bad > 0]
-
     def train_step(self, batches: Iterator[Batch], timer: StepTimer):
         """One optimisation step on the next batch; returns the model output and phase timings (s).
-
-        A non-finite task loss (on any rank) either stops training (``train.on_nonfinite: abort``,
-        raising :class:`NonFiniteLoss` before anything is updated) or drops the step on every rank
-        together (``skip``: no update, counted in ``self.skipped_steps``); see :meth:`nonfinite_guard`."""
+        A non-finite task loss on any rank stops training or drops the step on every rank together
+        (:mod:`concord.trainer.nonfinite`)."""
         timer.start()
         batch = next(batches).to(self.rt.device, non_blocking=True)
         timer.mark("data")
@@ -367,10 +340,8 @@ class Trainer:
             out = self.dmp(batch)
         timer.mark("forward")
         boundary = self.model.boundary
-        guard = self.nonfinite_guard()
-        bad = [] if guard == "boundary" else self.nonfinite_tasks(out.losses, collective=guard == "collective")
-        if bad and guard == "local":
-            self._stop_on_nonfinite(bad, "; with the boundary off ranks cannot agree to skip")
+        guard = self.nonfinite.guard(boundary.enabled, self.param_balancer is not None)
+        bad = self.nonfinite.tasks_before_backward(out.losses, guard, self.step + 1)
         if not bad and self.param_balancer is not None:
             # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
             # plain gradient through, with no statistics (the losses are weighted already).
@@ -380,21 +351,11 @@ class Trainer:
             try:
                 out.objective.backward()
             except NonFiniteLossError as error:  # raised on every rank alike, before any update
-                self._stop_on_nonfinite(error.tasks)
+                self.nonfinite.stop(error.tasks, self.step + 1)
             bad = boundary.skipped_tasks if guard == "boundary" else []
         timer.mark("backward")
         if bad:
-            if self.cfg.train.on_nonfinite == "abort":
-                self._stop_on_nonfinite(bad)
-            self.skipped_steps += 1
-            logger.warning("step %d: non-finite loss for task(s) %s; step skipped on every rank", self.step + 1, bad)
-            self.log.write({"kind": "skipped_step", "step": self.step + 1, "tasks": bad})
-            if self.skipped_steps > self.cfg.train.max_skipped_steps:
-                raise NonFiniteLoss(
-                    f"{self.skipped_steps} steps skipped for non-finite losses (the last at step {self.step + 1}, "
-                    f"task(s) {bad}), more than train.max_skipped_steps={self.cfg.train.max_skipped_steps}: "
-                    "the data or the learning rate needs a look"
-                )
+            self.nonfinite.skip(bad, self.step + 1)
         else:
             if self.cfg.train.clip_grad_norm > 0:  # DDP averaged the gradients: every rank clips alike
                 torch.nn.utils.clip_grad_norm_(self.dense_optimizer.params.values(), self.cfg.train.clip_grad_norm)
@@ -406,12 +367,6 @@ class Trainer:
         timings["boundary"] = boundary.backward_seconds if used else 0.0
         timings["boundary_comm"] = boundary.comm_seconds if used else 0.0
         return out, timings
-
-    def _stop_on_nonfinite(self, tasks: List[str], why: str = "") -> None:
-        raise NonFiniteLoss(
-            f"non-finite loss for task(s) {tasks} at step {self.step + 1}; stopping without writing a "
-            f"checkpoint (the newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps{why})"
-        )
 
     def _data_repairs(self) -> Dict[str, int]:
         """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
@@ -499,10 +454,6 @@ def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
 def _restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
     for (section, key), value in entries.items():
         state[section][key] = value
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped on a NaN/inf task loss (train.on_nonfinite: abort)."""
 
 
 def _per_task(telemetry: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
