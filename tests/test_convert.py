@@ -196,3 +196,32 @@ def test_raw_csv_to_a_trained_model(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert set(summary["eval"]) == {"ctr", "ctcvr"}
     assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())
+
+
+def test_a_split_the_user_already_has_as_files(tmp_path):
+    raw = base(tmp_path)
+    (tmp_path / "train.csv").write_text("\n".join([HEADER, *ROWS[:5]]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join([HEADER, *ROWS[5:]]) + "\n")
+    del raw["data"]["convert"]["input"]
+    raw["data"]["convert"]["split"] = {"by": "files", "train": [str(tmp_path / "train.csv")], "eval": [str(tmp_path / "test*.csv")]}
+    report = run(raw)
+    assert report["rows"] == {"train": 5, "eval": 2}
+    assert report["split"]["by"] == "files" and report["split"]["eval"] == [str(tmp_path / "test*.csv")]
+    assert read(tmp_path, "eval")["click"] == [1.0, 0.0]  # dave's and bob's day-4 rows
+
+
+def test_a_column_naming_each_rows_split(tmp_path):
+    header = HEADER + ",part"
+    rows = [r + (",test" if r.startswith("4,") else ",train") for r in ROWS]
+    raw = base(tmp_path, split={"by": "column", "column": "part", "eval": ["test"]})
+    (tmp_path / "raw.csv").write_text("\n".join([header, *rows]) + "\n")
+    report = run(raw)
+    assert report["rows"] == {"train": 5, "eval": 2}
+
+
+def test_a_split_by_files_needs_both_lists(tmp_path):
+    from concord.trainer.config import ConfigError
+
+    raw = base(tmp_path, split={"by": "files", "train": ["a.csv"]})
+    with pytest.raises(ConfigError, match="a split by files lists both train"):
+        config_from_dict(raw, "test.yaml")

@@ -76,18 +76,22 @@ class DenseColumn:
 
 @dataclass
 class SplitConfig:
-    by: str = "seed"  # seed (a seeded coin per row) | time (rows at or after the cutoff go to eval)
+    # seed: a seeded coin per row | time: rows at or after the cutoff go to eval | files: the split the
+    # user already has, as files (train / eval) | column: a column names each row's split
+    by: str = "seed"
     eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the cutoff is this quantile from the end
     seed: int = 0
-    column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column
+    column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column; column: the split column
     cutoff: Any = None  # time: a number or an ISO-8601 timestamp (quote it in YAML)
+    train: List[str] = field(default_factory=list)  # files: the training files (paths or globs)
+    eval: List[str] = field(default_factory=list)  # files: the held-out files; column: the values meaning eval
 
 
 @dataclass
 class ConvertConfig:
     """``concord convert``: raw CSV/Parquet -> Parquet at data.train / data.eval (see trainer/convert.py)."""
 
-    input: str  # a CSV or Parquet file, a directory of them, or a glob
+    input: Optional[str] = None  # a CSV or Parquet file, a directory of them, or a glob (split.by files: unused)
     categorical: List[CategoricalColumn] = field(default_factory=list)
     dense: List[DenseColumn] = field(default_factory=list)
     labels: Dict[str, str] = field(default_factory=dict)  # task label column -> input column (default: same name)
@@ -668,12 +672,18 @@ def _validate_convert(cfg: Config, fail) -> None:
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
     sp = cv.split
-    if sp.by not in ("seed", "time"):
-        fail("data.convert.split.by", f"must be 'seed' or 'time', got {sp.by!r}")
-    if not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
+    if sp.by not in ("seed", "time", "files", "column"):
+        fail("data.convert.split.by", f"must be seed, time, files or column, got {sp.by!r}")
+    if sp.by in ("seed", "time") and not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
         fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
-    if sp.by == "time" and not sp.column:
-        fail("data.convert.split.column", "a time split needs the time column")
+    if sp.by in ("time", "column") and not sp.column:
+        fail("data.convert.split.column", f"a {sp.by} split needs its column")
+    if sp.by != "files" and not cv.input:
+        fail("data.convert.input", "name the raw data (a file, a directory or a glob)")
+    if sp.by == "files" and not (sp.train and sp.eval):
+        fail("data.convert.split", "a split by files lists both train: [...] and eval: [...] (paths or globs)")
+    if sp.by == "column" and not sp.eval:
+        fail("data.convert.split.eval", "list the column's values that mean a held-out row, e.g. [test]")
 
 
 

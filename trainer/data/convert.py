@@ -238,9 +238,18 @@ class Converter:
         self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
         columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules] + self.label_inputs
         columns += [self.cv.weight] if self.cv.weight else []
-        columns += [self.cv.split.column] if self.cv.split.by == "time" else []
+        columns += [self.cv.split.column] if self.cv.split.by in ("time", "column") else []
         self.columns = list(dict.fromkeys(columns))
-        self.files = input_files(self.cv.input, self.cv.format)
+        sp = self.cv.split
+        if sp.by == "files":  # the user's own split: its files are the input
+            self.train_files = {p for spec in sp.train for p, _ in input_files(spec, self.cv.format)}
+            self.eval_files = {p for spec in sp.eval for p, _ in input_files(spec, self.cv.format)}
+            both = sorted(self.train_files & self.eval_files)
+            if both:
+                raise ConvertError(f"{both[0]}: listed in both data.convert.split.train and .eval")
+            self.files = sorted((p, fmt) for spec in sp.train + sp.eval for p, fmt in input_files(spec, self.cv.format))
+        else:
+            self.files = input_files(self.cv.input, self.cv.format)
 
     # --- passes --------------------------------------------------------------------------------
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
@@ -321,6 +330,13 @@ class Converter:
             times, bad = parse_numbers(batch.column(self.cv.split.column), time=True)
             check(bad | ~np.isfinite(times), self.cv.split.column, "missing or not a time")
             is_eval = times >= cutoff
+        elif self.cv.split.by == "files":
+            is_eval = np.full(n, path in self.eval_files)
+        elif self.cv.split.by == "column":
+            names = _as_text(batch.column(self.cv.split.column))
+            check(names.is_null().to_numpy(zero_copy_only=False), self.cv.split.column, "missing split name")
+            is_eval = pc.is_in(pc.utf8_trim_whitespace(names), value_set=pa.array([str(v) for v in self.cv.split.eval]))
+            is_eval = is_eval.fill_null(False).to_numpy(zero_copy_only=False)
         else:
             is_eval = rng.random(n) < self.cv.split.eval_fraction  # drawn for every row, so passes agree
         keep = ~bad_rows

@@ -1,0 +1,384 @@
+"""The representation boundary: ``z`` goes to T heads as T views, one aggregated gradient comes back.
+
+Usage in any PyTorch model (TorchRec or not)::
+
+    boundary = RepresentationBoundary(build_balancer("multibalance", ["ctr", "cvr"]))
+    z_ctr, z_cvr = boundary(z)                     # views of z (B, d), no copy
+    losses = torch.stack([loss_ctr(head_ctr(z_ctr)), loss_cvr(head_cvr(z_cvr))])
+    boundary.objective(losses).backward()          # one backward pass
+
+In that backward pass the heads receive their raw task gradients; the bottom (and, through it, the
+embedding tables) receives ``A`` from the balancer instead of ``sum_k G_k``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Balancer, weighted_sum
+from .collectives import PendingStatistics
+from .statistics import StepStats, local_statistics, usable_here
+
+
+NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
+STATISTICS_MODES = ("current", "previous")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task loss was NaN or inf on some rank (``on_nonfinite_loss="raise"``); raised on every rank
+    inside backward, before the bottom or the embedding tables receive a gradient."""
+
+    def __init__(self, tasks: List[str]) -> None:
+        super().__init__(f"non-finite loss for task(s) {tasks}")
+        self.tasks = tasks
+
+
+@dataclass
+class _StepRecord:
+    """The boundary's per-step values, in a plain object: ``nn.Module.__setattr__`` is slow enough to
+    matter at a handful of assignments inside every backward."""
+
+    losses: Optional[torch.Tensor] = None  # from objective(), consumed by backward
+    stats: Optional[StepStats] = None
+    skipped_tasks: List[str] = field(default_factory=list)
+    backward_seconds: float = 0.0
+    comm_seconds: float = 0.0
+
+
+class _Replicate(torch.autograd.Function):
+    """Forward: T views of ``z``. Backward: ``A = boundary.balance(G_1..G_T)`` for ``z``."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> Tuple[torch.Tensor, ...]:
+        ctx.boundary = boundary
+        ctx.z = z.detach()  # a reference, no copy; read by element-wise methods such as GradDrop
+        # Heads whose loss is absent give None rather than a materialised zero tensor.
+        ctx.set_materialize_grads(False)
+        return tuple(z.view_as(z) for _ in range(boundary.num_tasks))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        return ctx.boundary.balance(grads, ctx.z), None
+
+
+class RepresentationBoundary(nn.Module):
+    """Replicates the shared representation ``z`` (B, d) into one view per task head.
+
+    Args:
+        balancer: the method that combines the per-task gradients.
+        reduction: ``mean`` keeps task weights on the simplex (``equal`` gives the gradient of the mean
+            task loss); ``sum`` multiplies the aggregated gradient by T.
+        process_group: where the step's statistics are summed over ranks; ``None`` means the default group
+            when ``torch.distributed`` is initialised, and no communication otherwise. A dedicated
+            group keeps this collective apart from DDP's gradient buckets.
+        telemetry_every: compute the costlier telemetry (e.g. CoGrad's correction norms) every N
+            steps, the ones a trainer logs; weights and norms are always available.
+        on_nonfinite_loss: what a NaN or inf task loss (on any rank) does, decided on every rank
+            alike from the step's reduced statistics, before anything below ``z`` gets a gradient:
+            ``drop_task`` skips that task's contribution for the step (as for a non-finite
+            gradient); ``skip_step`` returns a zero gradient for ``z`` without a balancer step and
+            names the tasks in :attr:`skipped_tasks` (the caller then drops its optimizer step);
+            ``raise`` raises :class:`NonFiniteLossError` out of ``backward()``.
+        statistics: ``current`` (the specified rule): step t's aggregate uses step t's global
+            statistics, so backward waits at ``z`` for their sum over ranks. ``previous``: it uses the
+            coefficients from step t-1's global statistics, whose sum travelled during step t's
+            forward, so backward never waits; the first step uses the prior (equal weights). Every
+            rank still computes the same weights, those of one rank holding the global batch under
+            the same lag. A rank drops its own non-finite gradient or loss at once; the other ranks
+            learn of it with the next step's statistics, and then ``raise`` raises and
+            ``skip_step`` skips that next step. Methods that need the step's own statistics in the
+            sum (GradDrop's column signs) cannot lag.
+    """
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        reduction: str = "mean",
+        process_group: Optional[dist.ProcessGroup] = None,
+        telemetry_every: int = 1,
+        on_nonfinite_loss: str = "drop_task",
+        statistics: str = "current",
+    ) -> None:
+        super().__init__()
+        if statistics not in STATISTICS_MODES:
+            raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+        self.statistics = statistics
+        self._in_flight = None  # previous mode: the last step's statistics, still being summed
+        self.num_tasks = balancer.num_tasks
+        if telemetry_every < 1:
+            raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
+        self.telemetry_every = telemetry_every
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.process_group = process_group
+        self.balancer = balancer
+        self._passthrough = False
+        # Off: z goes to the heads as is and autograd sums the task gradients (plain multi-task
+        # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
+        self.enabled = True
+        self._record = _StepRecord()
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if z.dim() != 2:
+            raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
+        if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
+            return tuple(z for _ in range(self.num_tasks))
+        return _Replicate.apply(z, self)
+
+    def objective(self, losses: torch.Tensor) -> torch.Tensor:
+        """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
+
+        The losses reach the balancer here, detached, so no second backward is needed.
+        """
+        if losses.shape != (self.num_tasks,):
+            raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
+        if not self.enabled:
+            return losses.mean()
+        self._record.losses = losses.detach()
+        self._record.skipped_tasks = []
+        return self.balancer.before_backward(losses)
+
+    @property
+    def last_stats(self) -> Optional[StepStats]:
+        """The last step's global statistics (identical on every rank)."""
+        return self._record.stats
+
+    @property
+    def skipped_tasks(self) -> List[str]:
+        """Tasks with a non-finite loss in the last step, under ``on_nonfinite_loss="skip_step"``."""
+        return self._record.skipped_tasks
+
+    @property
+    def backward_seconds(self) -> float:
+        """Wall time of the last backward through the boundary ..."""
+        return self._record.backward_seconds
+
+    @property
+    def comm_seconds(self) -> float:
+        """... of which blocked on the statistics' reduction (waiting for peers included)."""
+        return self._record.comm_seconds
+
+    @property
+    def on_nonfinite_loss(self) -> str:
+        return self._on_nonfinite_loss
+
+    @on_nonfinite_loss.setter
+    def on_nonfinite_loss(self, policy: str) -> None:
+        if policy not in NONFINITE_LOSS_POLICIES:
+            raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_LOSS_POLICIES}, got {policy!r}")
+        self._on_nonfinite_loss = policy
+
+    @property
+    def balancer(self) -> Balancer:
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, balancer: Balancer) -> None:
+        if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
+            raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
+        if getattr(self, "statistics", "current") == "previous" and _needs_its_own_statistics(balancer):
+            raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
+        balancer.process_group = self.process_group
+        self._balancer = balancer
+        # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
+        # DDP averages their gradients and ``.to(device)`` moves them (in place, so the balancer's
+        # own references stay valid).
+        self.balancer_parameters = nn.ParameterList(balancer.parameters())
+
+    def get_extra_state(self) -> dict:
+        """The balancer's state (EMA norms, weights, bandit, step, random generators) travels with
+        ``model.state_dict()``, so saving a model saves how its tasks were being balanced; with
+        ``statistics="previous"`` so do the statistics still in flight."""
+        state = self._balancer.state_dict()
+        if self.statistics == "previous":
+            stats = self._in_flight.wait() if self._in_flight is not None else None
+            self._in_flight = _Ready(stats) if stats is not None else None
+            state.update(_stats_to_tensors(stats, self.num_tasks))
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        state = dict(state)
+        in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
+        self._balancer.load_state_dict(state)
+        if self.statistics == "previous" and in_flight:
+            stats = _stats_from_tensors(in_flight)
+            self._in_flight = _Ready(stats) if stats is not None else None
+
+    @contextlib.contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """Backward passes run inside return ``sum_k G_k`` untouched, with no statistics and no
+        balancer step: for extra gradient computations such as parameter-level balancing's per-task
+        ``torch.autograd.grad`` calls."""
+        self._passthrough = True
+        try:
+            yield
+        finally:
+            self._passthrough = False
+
+    def balance(self, grads: Tuple[Optional[torch.Tensor], ...], z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Runs inside autograd's backward: statistics, one all-reduce (overlapped with the balancer's
+        :meth:`~Balancer.prepare`), the balancer, the aggregate."""
+        if self._passthrough:
+            present = [g for g in grads if g is not None]
+            total = present[0].clone()
+            for g in present[1:]:
+                total.add_(g)
+            return total
+        start = time.perf_counter()
+        record = self._record
+        template = next(g for g in grads if g is not None)
+        if record.losses is None:
+            raise RuntimeError(
+                "RepresentationBoundary.objective(losses) must be called before backward so the "
+                "balancer sees the task losses"
+            )
+        if self.statistics == "previous":
+            return self._balance_lagged(grads, z, template, start)
+        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
+        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+        extra = self.balancer.local_extra(grads, z)
+        packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
+        present = np.array([g is not None for g in grads])
+        usable = usable_here(present, packed)
+        pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
+        # While the statistics travel, the balancer does the work that does not need them (e.g. the
+        # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
+        early = self.balancer.prepare(grads, z, usable)
+        comm_start = time.perf_counter()
+        stats = pending.wait()
+        record.comm_seconds = time.perf_counter() - comm_start
+        if not np.array_equal(usable, stats.active & present):
+            early = None  # another rank saw a non-finite value, or every rank a zero gradient
+        record.losses = None
+        record.stats = stats
+        nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
+        record.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
+        if nonfinite and self.on_nonfinite_loss == "raise":
+            raise NonFiniteLossError(nonfinite)
+        if record.skipped_tasks:
+            record.backward_seconds = time.perf_counter() - start
+            return torch.zeros_like(template)
+        self.balancer.note_inactive(stats)
+        aggregated = self.balancer.aggregate(grads, stats, z, early)
+        self.balancer.step += 1
+        if self.reduction == "sum":
+            aggregated.mul_(self.num_tasks)
+        record.backward_seconds = time.perf_counter() - start
+        return aggregated
+
+    def _balance_lagged(self, grads, z, template: torch.Tensor, start: float) -> torch.Tensor:
+        """``statistics="previous"``: this step's statistics start their sum over ranks and the step
+        is balanced with the previous step's, which have arrived by now."""
+        record = self._record
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+        packed = local_statistics(grads, record.losses, template.shape[0], None, cross_terms)
+        usable = usable_here(np.array([g is not None for g in grads]), packed)
+        previous, self._in_flight = self._in_flight, PendingStatistics(
+            packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms
+        )
+        comm_start = time.perf_counter()
+        stats = previous.wait() if previous is not None else None
+        record.comm_seconds = time.perf_counter() - comm_start
+        record.losses, record.stats, record.skipped_tasks = None, stats, []
+        if stats is not None:
+            nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
+            if nonfinite and self.on_nonfinite_loss == "raise":
+                raise NonFiniteLossError(nonfinite)
+            if nonfinite and self.on_nonfinite_loss == "skip_step":
+                record.skipped_tasks = nonfinite
+                record.backward_seconds = time.perf_counter() - start
+                return torch.zeros_like(template)
+            self.balancer.note_inactive(stats)
+        early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
+        prior = np.full(self.num_tasks, 1.0 / self.num_tasks)
+        if early is not None:
+            if stats is not None:
+                self.balancer.coefficients(stats)  # their telemetry
+            else:
+                self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", prior))}
+            aggregated = early
+        elif stats is None:  # the first step: the prior, equal weights
+            self.balancer.last_telemetry = {"weights": prior.tolist()}
+            aggregated = weighted_sum(grads, prior * usable, usable)
+        elif type(self.balancer).aggregate is not Balancer.aggregate:  # element-wise rules
+            aggregated = self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
+        else:  # the same coefficients on every rank; a rank leaves out what is not finite here
+            aggregated = weighted_sum(grads, self.balancer.coefficients(stats) * usable, usable)
+        self.balancer.step += 1
+        if self.reduction == "sum":
+            aggregated.mul_(self.num_tasks)
+        record.backward_seconds = time.perf_counter() - start
+        return aggregated
+
+    def telemetry(self) -> dict:
+        """The last step's values (weights, norms, cosines, method-specific), for logging."""
+        if self._record.stats is None:
+            return {}
+        return self.balancer.telemetry(self._record.stats)
+
+
+class _Ready:
+    """Statistics already summed (restored from a checkpoint), with :class:`PendingStatistics`' wait()."""
+
+    def __init__(self, stats: StepStats) -> None:
+        self.stats = stats
+
+    def wait(self) -> StepStats:
+        return self.stats
+
+
+def _needs_its_own_statistics(balancer: Balancer) -> bool:
+    """Methods that add numbers of their own to the step's reduction need that step's sum."""
+    return type(balancer).local_extra is not Balancer.local_extra
+
+
+_IN_FLIGHT = "in_flight_"
+
+
+def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int) -> dict:
+    """Tensors only, with the same keys whether or not statistics are in flight (so that a checkpoint
+    template always asks for them)."""
+    t = num_tasks
+    if stats is None:
+        stats = StepStats(np.zeros((t, t)), np.zeros(t), np.zeros(t, dtype=bool), 0, 0)
+        valid = 0.0
+    else:
+        valid = 1.0
+    return {
+        f"{_IN_FLIGHT}valid": torch.tensor(valid, dtype=torch.float64),
+        f"{_IN_FLIGHT}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
+        f"{_IN_FLIGHT}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
+        f"{_IN_FLIGHT}active": torch.from_numpy(np.array(stats.active, dtype=np.float64)),
+        f"{_IN_FLIGHT}nonfinite_loss": torch.from_numpy(np.array(stats.nonfinite_loss, dtype=np.float64)),
+        f"{_IN_FLIGHT}batch": torch.tensor([stats.local_batch_size, stats.global_batch_size, float(stats.cross_terms)], dtype=torch.float64),
+    }
+
+
+def _stats_from_tensors(state: dict) -> Optional[StepStats]:
+    if float(state[f"{_IN_FLIGHT}valid"]) == 0.0:
+        return None
+    local, total, cross = state[f"{_IN_FLIGHT}batch"].tolist()
+    return StepStats(
+        state[f"{_IN_FLIGHT}gram"].numpy().copy(),
+        state[f"{_IN_FLIGHT}losses"].numpy().copy(),
+        state[f"{_IN_FLIGHT}active"].numpy() > 0,
+        int(local),
+        int(total),
+        state[f"{_IN_FLIGHT}nonfinite_loss"].numpy() > 0,
+        None,
+        bool(cross),
+    )

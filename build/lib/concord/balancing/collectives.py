@@ -1,0 +1,116 @@
+"""Summing the step's statistics over ranks: one small collective per step, started asynchronously,
+on the device where the group's backend reduces. The balancers never import this file; the boundary
+and the trainer do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .statistics import StepStats, unpack_statistics
+
+
+# How the statistics are summed over ranks. "all_to_all": every rank sends its vector to every rank
+# and adds the W vectors up itself, in rank order (so every rank gets the same bits). For vectors this
+# small gloo's all_reduce runs a multi-round algorithm that costs several times its all-to-all
+# (docs/performance.md), and the call sits in the middle of backward.
+# "all_reduce": one all_reduce, what NCCL does best on a GPU. "auto": all_to_all for a CPU buffer
+# (gloo), all_reduce for a GPU buffer (NCCL).
+STATS_COLLECTIVES = ("auto", "all_reduce", "all_to_all")
+
+
+def group_device(process_group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a collective on ``process_group`` must find its tensors: the current GPU for an NCCL group,
+    the CPU for gloo (or without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class PendingSum:
+    """A float64 CPU vector summed over the ranks of ``process_group``, started asynchronously when a
+    group of more than one rank is initialised (else the vector itself); :meth:`wait` returns the
+    sum, the same on every rank, on the CPU. ``device``: reduce there; by default where the group's
+    backend reduces (:func:`group_device`). ``collective``: see ``STATS_COLLECTIVES``."""
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        process_group: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+        collective: str = "auto",
+    ) -> None:
+        if collective not in STATS_COLLECTIVES:
+            raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
+        self._buf = values
+        self._work = None
+        self._world = 1  # > 1: the buffer holds the all-to-all's W vectors, summed in wait()
+        world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            device = device if device is not None else group_device(process_group)
+            if device.type != "cpu":
+                self._buf = values.to(device)
+            if collective == "auto":
+                collective = "all_reduce" if self._buf.is_cuda else "all_to_all"
+            if collective == "all_reduce":
+                self._work = dist.all_reduce(self._buf, group=process_group, async_op=True)
+            else:
+                self._world = world
+                self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
+                self._buf = torch.empty_like(self._sent)
+                self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        summed = self._buf.cpu()
+        if self._world > 1:  # the all-to-all's W vectors, added in rank order
+            rows = summed.view(self._world, -1).numpy()
+            total = rows[0].copy()
+            for row in rows[1:]:
+                total += row
+            summed = torch.from_numpy(total)
+        return summed
+
+
+def sum_over_ranks(values: torch.Tensor, process_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """A small float64 CPU vector summed over ranks (itself without a process group), the same on
+    every rank: one collective, the cheaper one for the backend (``STATS_COLLECTIVES``)."""
+    return PendingSum(values, process_group).wait()
+
+
+class PendingStatistics:
+    """The step's one statistics reduction (a :class:`PendingSum` of the packed vector): work that
+    does not need the global statistics can run before :meth:`wait` returns them."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        num_tasks: int,
+        batch_size: int,
+        process_group: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+        cross_terms: bool = True,
+        collective: str = "auto",
+    ) -> None:
+        self.num_tasks = num_tasks
+        self.batch_size = batch_size
+        self.cross_terms = cross_terms
+        self._sum = PendingSum(packed, process_group, device, collective)
+
+    def wait(self) -> StepStats:
+        return unpack_statistics(self._sum.wait(), self.num_tasks, self.batch_size, self.cross_terms)
+
+
+def reduce_statistics(
+    packed: torch.Tensor,
+    num_tasks: int,
+    batch_size: int,
+    process_group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+) -> StepStats:
+    """Sums the packed vector over ranks once (when a process group is initialised) and unpacks it."""
+    return PendingStatistics(packed, num_tasks, batch_size, process_group, device).wait()

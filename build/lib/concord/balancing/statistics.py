@@ -1,0 +1,139 @@
+"""The step's global statistics: one sum over ranks of ``T*T + 2T + 1`` numbers (plus a method's extras).
+
+With DDP the dense gradients are averaged over ranks, so training minimises the global-batch mean
+loss and each rank's rows of ``G_k`` must be scaled by ``s = B / B_g`` (docs/ALGORITHMS.md, "Global
+statistics"). We reduce ``B^2 <G_i, G_j>``, ``B * L_k``, a non-finite-gradient flag per task and ``B``
+itself, then divide by ``B_g^2`` and ``B_g``: every rank ends with the statistics of one rank holding
+the concatenated global batch. Losses are packed as they are, so a NaN or inf loss on any rank
+survives the sum: the same reduction tells every rank which losses were non-finite, and a trainer
+needs no collective of its own to agree on stopping or skipping the step.
+
+The statistics are tiny, so after the reduction they live in NumPy float64: the balancers' update
+rules then cost microseconds, where torch ops on 3-element tensors would cost milliseconds a step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepStats:
+    """Global statistics of one step; identical on every rank. NumPy float64.
+
+    gram: (T, T), ``M_ij = sum_ranks s^2 <G_i, G_j>`` (rows/columns of inactive tasks are 0); only
+        its diagonal when ``cross_terms`` is False (a step of a method that needs only the norms).
+    losses: (T,), ``Lbar_k = sum_ranks s * L_k`` (0 where non-finite).
+    active: (T,) bool, tasks with a finite, non-zero gradient and finite loss on every rank.
+    nonfinite_loss: (T,) bool, tasks whose loss was NaN or inf on some rank.
+    local_batch_size: rows of ``z`` on this rank (B); global_batch_size: over all ranks (B_g).
+    """
+
+    gram: np.ndarray
+    losses: np.ndarray
+    active: np.ndarray
+    local_batch_size: int
+    global_batch_size: int
+    nonfinite_loss: Optional[np.ndarray] = None
+    extra: Optional[np.ndarray] = None  # the balancer's local_extra, summed over ranks (flattened)
+    cross_terms: bool = True
+
+    def __post_init__(self) -> None:
+        if self.nonfinite_loss is None:
+            self.nonfinite_loss = np.zeros(len(self.losses), dtype=bool)
+
+    @property
+    def norms(self) -> np.ndarray:
+        """(T,) ``n_k = sqrt(M_kk)``."""
+        return np.sqrt(np.maximum(np.diagonal(self.gram), 0.0))
+
+
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def local_statistics(
+    grads: Sequence[Optional[torch.Tensor]],
+    losses: torch.Tensor,
+    batch_size: int,
+    extra: Optional[torch.Tensor] = None,
+    cross_terms: bool = True,
+) -> torch.Tensor:
+    """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B, extra]``.
+
+    ``grads``: T tensors (B, d) or None for a head without loss this step. ``losses``: (T,).
+    The Gram uses T(T+1)/2 dot products on the flattened gradients: no stacked copy of the T
+    gradients. A NaN or inf anywhere in ``G_k`` makes ``<G_k, G_k>`` non-finite, so the diagonal
+    doubles as the finiteness check without another pass over the gradients. With ``cross_terms``
+    False only the T diagonal products are taken (the off-diagonal entries are sent as 0).
+
+    The dot products, losses and extras reach the host in one copy (one synchronisation on a GPU);
+    the T x T bookkeeping is then done on Python floats, which at this size cost a fraction of what
+    a NumPy or torch call costs.
+    """
+    t = len(grads)
+    # Half-precision gradients (bf16 autocast) are widened so that the dot products sum in float64.
+    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
+    pairs = [
+        (i, j)
+        for i in range(t)
+        for j in range(i, t if cross_terms else i + 1)
+        if flat[i] is not None and flat[j] is not None
+    ]
+    parts = [losses.detach().reshape(-1)]
+    if pairs:
+        parts.insert(0, torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]))
+    if extra is not None:
+        parts.append(extra.detach().reshape(-1))
+    values = torch.cat(parts).to("cpu", torch.float64).tolist()  # widening float conversions: exact
+    gram = [[0.0] * t for _ in range(t)]
+    for (i, j), v in zip(pairs, values):
+        gram[i][j] = gram[j][i] = v
+    loss = values[len(pairs) : len(pairs) + t]
+    bad = [not math.isfinite(gram[k][k]) for k in range(t)]
+    b = float(batch_size)
+    packed = [0.0 if bad[i] or bad[j] else gram[i][j] * b * b for i in range(t) for j in range(t)]
+    packed += [v * b for v in loss] + [float(x) for x in bad] + [b] + values[len(pairs) + t :]
+    return torch.tensor(packed, dtype=torch.float64)
+
+
+def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
+    """(T,) bool: the tasks with a gradient on this rank (``present``), finite here, and a finite local loss.
+
+    This rank's guess of ``StepStats.active`` (restricted to its present gradients), read before the
+    reduction starts (the all_reduce path sums ``packed`` in place). It is wrong only when another rank saw a
+    non-finite value or every rank a zero gradient; :meth:`RepresentationBoundary.balance` then
+    discards the work done on it.
+    """
+    t = len(present)
+    v = packed[t * t : t * t + 2 * t].tolist()
+    return np.array([bool(present[k]) and math.isfinite(v[k]) and v[t + k] == 0 for k in range(t)])
+
+
+def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int, cross_terms: bool = True) -> StepStats:
+    """The reduced vector of :func:`local_statistics` as global statistics."""
+    v = packed.tolist()
+    t, n = num_tasks, num_tasks * num_tasks
+    b_global = v[n + 2 * t]
+    b2 = b_global * b_global
+    losses = [x / b_global for x in v[n : n + t]]
+    nonfinite_loss = [not math.isfinite(x) for x in losses]
+    bad = [x > 0 for x in v[n + t : n + 2 * t]]
+    active = [not (bad[k] or nonfinite_loss[k]) and v[k * t + k] / b2 > 0 for k in range(t)]
+    on = [1.0 if a else 0.0 for a in active]
+    gram = [[v[i * t + j] / b2 * on[i] * on[j] for j in range(t)] for i in range(t)]
+    extra = np.array(v[n + 2 * t + 1 :]) if len(v) > n + 2 * t + 1 else None
+    return StepStats(
+        np.array(gram).reshape(t, t),
+        np.array([0.0 if bad_loss else x for x, bad_loss in zip(losses, nonfinite_loss)]),
+        np.array(active),
+        batch_size,
+        int(round(b_global)),
+        np.array(nonfinite_loss),
+        extra,
+        cross_terms,
+    )

@@ -1,0 +1,145 @@
+"""Sharding kept out of model code: plan with torchrec's planner, wrap with DistributedModelParallel,
+and set the fused (in-backward) embedding optimizer."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES
+
+_FUSED_OPTIMIZERS = {
+    "rowwise_adagrad": (RowWiseAdagrad, ("lr", "eps", "weight_decay")),
+    "adagrad": (torch.optim.Adagrad, ("lr", "eps", "weight_decay")),
+    "sgd": (torch.optim.SGD, ("lr", "weight_decay")),
+    "adam": (torch.optim.Adam, ("lr", "eps", "weight_decay")),
+}
+
+
+class ShardingPlanError(ValueError):
+    """The tables do not fit the ranks' memory (or the allowed sharding types)."""
+
+
+class EmbeddingOptimizerError(ValueError):
+    """The configured fused embedding optimizer has no kernel on this device."""
+
+
+def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg, device: torch.device) -> None:
+    """Registers the embedding optimizer to run inside backward (FBGEMM's fused TBE update)."""
+    if device.type == "cpu" and opt_cfg.name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise EmbeddingOptimizerError(
+            f"model.embedding_optimizer.name: {opt_cfg.name!r} has no CPU kernel in FBGEMM; on CPU use one "
+            f"of {CPU_EMBEDDING_OPTIMIZERS}"
+        )
+    cls, keys = _FUSED_OPTIMIZERS[opt_cfg.name]
+    apply_optimizer_in_backward(cls, ebc.parameters(), {k: getattr(opt_cfg, k) for k in keys})
+
+
+def sharding_constraints(tables: Sequence, device: torch.device) -> Dict[str, ParameterConstraints]:
+    """Per-table allowed sharding types: the config's, else every type legal on this device."""
+    default = list(CPU_SHARDING_TYPES) if device.type == "cpu" else None
+    out = {}
+    for t in tables:
+        types = t.sharding_types or default
+        if types is not None:
+            out[t.name] = ParameterConstraints(sharding_types=list(types))
+    return out
+
+
+# Share of each device's memory the planner leaves to dense parameters, activations and input batches.
+PLANNER_RESERVED_FRACTION = 0.15
+
+
+def planner_topology(world_size: int, device: torch.device) -> Topology:
+    """The planner's view of the job, from this machine: ranks per node, and on CUDA the device's
+    memory (the planner would otherwise assume a default HBM size)."""
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size)
+    if device.type == "cuda":
+        trainer.hbm_cap_bytes = torch.cuda.get_device_properties(device).total_memory
+    return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device.type))
+
+
+def shard_model(
+    model: nn.Module,
+    tables: Sequence,
+    device: torch.device,
+    process_group: Optional[dist.ProcessGroup] = None,
+    batch_size: Optional[int] = None,
+) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """Plans (the same plan on every rank: ``collective_plan``) and wraps ``model`` in DMP.
+
+    The dense part goes to DDP, the ``EmbeddingBagCollection`` is sharded; the fused optimizer set by
+    :func:`apply_fused_optimizer` becomes ``dmp.fused_optimizer``. ``batch_size`` (per rank) sizes the
+    planner's estimates of input and output buffers. Returns the DMP and its plan.
+    """
+    pg = process_group or dist.GroupMember.WORLD
+    world_size = dist.get_world_size(pg)
+    planner = EmbeddingShardingPlanner(
+        topology=planner_topology(world_size, device),
+        batch_size=batch_size,
+        storage_reservation=FixedPercentageStorageReservation(PLANNER_RESERVED_FRACTION),
+        constraints=sharding_constraints(tables, device),
+    )
+    sharders = [EmbeddingBagCollectionSharder()]
+    try:
+        plan = planner.collective_plan(model, sharders, pg)
+    except PlannerError as e:
+        sizes = ", ".join(f"{t.name}: {t.num_embeddings} x {t.embedding_dim}" for t in tables)
+        raise ShardingPlanError(
+            f"the sharding planner found no plan for {world_size} rank(s) on {device.type} for tables "
+            f"[{sizes}]: {str(e).splitlines()[0]}"
+        ) from None
+    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders), plan
+
+
+def table_shardings(plan: ShardingPlan) -> Dict[str, str]:
+    """Table name -> sharding type chosen by the planner."""
+    return {
+        table: ps.sharding_type
+        for module_plan in plan.plan.values()
+        for table, ps in module_plan.items()  # type: ignore[union-attr]
+    }
+
+
+
+def load_full_tables(dmp: nn.Module, full: Dict[str, torch.Tensor]) -> None:
+    """Copies whole tables (name -> (num_embeddings, dim)) into this rank's shards, whatever the
+    sharding type; used to start a sharded model from the same weights as an unsharded one."""
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            if not key.endswith(".weight") or "embedding_bags" not in key:
+                continue
+            table = key.split(".")[-2]
+            if table not in full:
+                continue
+            src = full[table]
+            if hasattr(value, "local_shards"):  # ShardedTensor: row/column offsets per shard
+                for shard in value.local_shards():
+                    r, c = shard.metadata.shard_offsets
+                    rows, cols = shard.metadata.shard_sizes
+                    shard.tensor.copy_(src[r : r + rows, c : c + cols])
+            elif hasattr(value, "to_local"):  # DTensor
+                raise NotImplementedError("DTensor embedding shards are not handled here")
+            else:  # replicated (data_parallel)
+                value.copy_(src)

@@ -1,0 +1,1 @@
+"""One MLP head per task and the task losses (``heads``); mixture-of-experts bottoms (``experts``)."""

@@ -1,0 +1,1 @@
+"""torchx components for launching Concord jobs."""

@@ -1,0 +1,1 @@
+"""Concord's trainer: config, data, model assembly, training loop, CLI."""

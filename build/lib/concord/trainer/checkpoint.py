@@ -1,0 +1,214 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, newest found on start, last K kept.
+
+What is saved, all of it tensors: the sharded model (tables as ShardedTensors, dense parameters), the
+optimizers' state (the fused embedding optimizer's and the dense one's; hyper-parameters come from the
+config, so param_groups are left out), the balancer's state (EMA norms, weights, bandit, random
+generators) and the progress (global step; the data position follows from it, since every rank reads
+exactly ``steps_per_epoch`` full batches per epoch in a fixed order).
+
+Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier rank 0 records the size and
+CRC-32 of every file in ``concord.json`` (with the run's resume fingerprint) and renames the directory
+to ``step-XXXXXXXX``, so a directory without ``.tmp`` is complete on every rank. A run killed mid-write
+leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
+
+Integrity: before loading, every file is checked against ``concord.json``. A damaged checkpoint (a
+file missing, truncated or changed) is reported and the previous intact one is used.
+
+Safe loading: DCP reads its ``.metadata`` file with ``pickle.load``, and non-tensor entries with
+``torch.load(weights_only=False)``. Concord saves no non-tensor entries, and reads the metadata with an
+unpickler that only admits DCP's metadata classes and torch's dtype/size/layout values, so nothing in a
+checkpoint can run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+logger = logging.getLogger("concord.checkpoint")
+
+_NAME = re.compile(r"^step-(\d{8})$")
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "StorageMeta", "Metadata", "MetadataIndex",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size", "strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format"}
+    | {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)},
+    "collections": {"OrderedDict"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath"},  # StorageMeta.checkpoint_id
+    "builtins": {"set", "frozenset", "tuple", "list", "dict"},
+    "torch.serialization": {"_get_layout"},  # maps a layout name to torch.strided etc.
+}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed to load")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under ``root``; ``keep`` newest complete ones are kept."""
+
+    def __init__(self, root: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Published checkpoints (intact or damaged), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        """The newest intact checkpoint; damaged newer ones are reported (logged) and passed over.
+        Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
+        published = self.complete()
+        damaged = []
+        for path in reversed(published):
+            problem = verify(path)
+            if problem is None:
+                if damaged:
+                    logger.warning("using %s instead of the damaged newer checkpoint(s): %s", path.name, "; ".join(damaged))
+                return path
+            damaged.append(f"{path.name}: {problem}")
+        if damaged:
+            raise CheckpointError(
+                f"{self.root}: no intact checkpoint ({'; '.join(damaged)}); train.resume=false starts afresh "
+                "(the damaged run moves to previous-<id>/)"
+            )
+        return None
+
+    def info(self, path: Path) -> Dict[str, Any]:
+        """What :meth:`save` recorded beside the tensors (``concord.json``), less the file list."""
+        record = json.loads((path / INFO_FILE).read_text()) if (path / INFO_FILE).is_file() else {}
+        record.pop("files", None)
+        return record
+
+    def save(self, step: int, state: Dict[str, Any], info: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective: every rank calls it with its own (sharded) state; ``info`` (JSON) is recorded
+        beside it with the files' checksums."""
+        final = self.root / f"step-{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if _is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # re-saving a step (after a restart): the new one replaces it
+                shutil.rmtree(final)
+        _barrier()
+        try:
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
+        except Exception as error:  # noqa: BLE001 - named below when the cause is the disk
+            raise CheckpointError(f"cannot write checkpoint {final}: {_disk_problem(self.root) or error}") from error
+        _barrier()
+        if _is_main():
+            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / INFO_FILE).write_text(json.dumps({**(info or {}), "step": step, "files": files}, sort_keys=True))
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("checkpoint written: %s", final)
+        _barrier()
+        return final
+
+    @staticmethod
+    def load(path: Path, state: Dict[str, Any]) -> None:
+        """Collective: loads into ``state``'s tensors in place (resharding as DCP does)."""
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+
+
+INFO_FILE = "concord.json"
+
+
+def _disk_problem(folder: Path) -> Optional[str]:
+    """Why writing under ``folder`` fails, when the disk is the reason: read-only, or (nearly) full."""
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable (read-only file system or permissions)"
+    free = shutil.disk_usage(folder).free
+    if free < (256 << 20):
+        return f"the disk holding {folder} is full ({free >> 20} MiB free)"
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if every file of the checkpoint matches its recorded size and CRC-32, else what is wrong."""
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        return f"{INFO_FILE} is missing (not written by this version, or the directory was damaged)"
+    try:
+        files = json.loads(info_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{INFO_FILE} is unreadable ({e})"
+    for name, (size, crc) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if _crc32(f) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def step_of(path: Path) -> int:
+    match = _NAME.match(path.name)
+    if not match:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (step-XXXXXXXX)")
+    return int(match.group(1))

@@ -1,0 +1,272 @@
+"""``concord``: train, synth, convert, bench, compare, plot.
+
+``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
+or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
+
+Exit codes: 0 done; 1 an unexpected error (traceback in the worker's log); 2 a config or usage error;
+3 a data, model or training error named on one line; 130 / 143 stopped by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import List, Optional
+
+import concord
+from concord.trainer import failures
+from concord.trainer.config import ConfigError, load_config
+from concord.trainer.data.reader import DataError
+
+DEFAULT_CONFIG = "demo"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="concord", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"concord {concord.__version__}")
+    p.add_argument("--show-warnings", action="store_true",
+                   help="show the third-party warnings Concord filters as known harmless")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example (demo, tiny, conflict, aliccp; default {DEFAULT_CONFIG})")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+
+    sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")
+    with_config(sp)
+    sp.add_argument("--single-task", metavar="TASK", help="train that task alone: the single-task baseline")
+    sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
+    with_config(sp)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    sp.add_argument("--if-missing", action="store_true", help="do nothing (exit 0) where the data already exists")
+    sp = sub.add_parser("convert", help="raw CSV/Parquet -> Concord's Parquet layout (data.convert in the config)")
+    with_config(sp)
+    sp.add_argument("--force", action="store_true", help="overwrite existing train/eval data")
+    sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
+    with_config(sp)
+    sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
+                    help="comma-separated balancers; 'none' is the model without the boundary")
+    sp.add_argument("--rounds", type=int, default=3, help="rounds; every method runs once a round, in an order that rotates")
+    sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
+    sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
+    with_config(sp)
+    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated methods")
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
+    sp.add_argument("--single-task", action="store_true",
+                    help="also train each task alone per seed and report the negative transfer")
+    sp.add_argument("--jobs", type=int, default=1, help="cells trained at a time, the cores shared among them")
+    sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
+    with_config(sp)
+    sp.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run whose newest intact checkpoint scores")
+    sp.add_argument("--data", help="Parquet data to score (default: the config's data.eval)")
+    sp.add_argument("--out", required=True, help="the predictions' Parquet file")
+    sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
+    sp.add_argument("run_dir")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    # FBGEMM and TorchRec log every kernel choice at INFO on the root logger: keep theirs at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    logging.getLogger("concord").setLevel(logging.INFO)
+    if not args.show_warnings:
+        failures.filter_known_warnings()
+    try:
+        if args.command == "plot":
+            from concord.trainer.observe.plots import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        if args.command == "compare":
+            from concord.trainer.tools.compare import CompareError, run_compare
+
+            try:
+                run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
+            except (CompareError, DataError) as e:
+                print(f"concord: compare: {e}", file=sys.stderr)
+                return 3
+            return 0
+        cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
+        if args.command == "synth":
+            return _synth(cfg, args.force, args.if_missing)
+        if args.command == "convert":
+            return _convert(cfg, args.force)
+        if args.command in ("train", "bench"):
+            from concord.trainer.config import check_machine
+            from concord.trainer.train import check_data_exists
+
+            check_machine(cfg)
+            check_data_exists(cfg)
+        if args.command == "train":
+            if _is_worker() or cfg.world_size == 1:
+                return _train_worker(cfg)
+            single = ["--single-task", args.single_task] if args.single_task else []
+            return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
+        if args.command == "predict":
+            if _is_worker() or cfg.world_size == 1:
+                return _predict_worker(cfg, args.checkpoint, args.data, args.out)
+            data = ["--data", args.data] if args.data else []
+            return _launch(cfg, ["predict", "--config", str(cfg.source), "--checkpoint", args.checkpoint, *data,
+                                 "--out", args.out, *args.overrides])
+        if args.command == "bench":
+            if _is_worker() or cfg.world_size == 1:
+                from concord.trainer.tools.bench import run_bench
+
+                run_bench(cfg, args.methods.split(","), args.rounds, args.steps)
+                return 0
+            return _launch(cfg, ["bench", "--config", str(cfg.source), "--methods", args.methods,
+                                 "--rounds", str(args.rounds), "--steps", str(args.steps), *args.overrides])
+    except ConfigError as e:
+        print(f"concord: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"concord: DataError: {e}", file=sys.stderr)
+        return 3
+    return 1
+
+
+def _is_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+
+
+def _convert(cfg, force: bool) -> int:
+    from concord.trainer.data.convert import ConvertError, convert
+
+    try:
+        report = convert(cfg, force)
+    except ConvertError as e:
+        print(f"concord: ConvertError: {e}", file=sys.stderr)
+        return 3
+    skipped = sum(report["skipped_rows"].values())
+    print(
+        f"concord convert: {report['rows']['train']:,} training and {report['rows']['eval']:,} eval rows "
+        f"-> {cfg.data.train}, {cfg.data.eval}; {skipped:,} rows skipped; "
+        f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
+    )
+    return 0
+
+
+def _synth(cfg, force: bool, if_missing: bool = False) -> int:
+    from concord.trainer.data.synth import dataset_ready, generate
+
+    if cfg.data.synthetic is None:
+        print(f"concord: {cfg.source}: data.synthetic is not set; nothing to generate", file=sys.stderr)
+        return 2
+    for path in (cfg.data.train, cfg.data.eval):
+        if path and dataset_ready(path):
+            if if_missing and not force:
+                return 0
+            if not force:
+                print(f"concord: {path} already holds Parquet files; use --force to overwrite", file=sys.stderr)
+                return 2
+            shutil.rmtree(path)
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval)
+    return 0
+
+
+def _train_worker(cfg) -> int:
+    from concord.embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
+    from concord.trainer.checkpoint import CheckpointError
+    from concord.trainer.lifecycle import Stopped, die_with_parent
+    from concord.trainer.rundir import RunDirError
+    from concord.trainer.runtime import init_runtime, shutdown
+    from concord.trainer.nonfinite import NonFiniteLoss
+    from concord.trainer.train import ResumeError, Trainer
+
+    if _is_worker():
+        die_with_parent()  # a worker never trains on after torchrun's agent is gone
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
+    try:
+        Trainer.build(cfg, rt).fit()
+    except Stopped as stopped:
+        if rt.is_main:
+            print(f"concord: {stopped}", file=sys.stderr, flush=True)
+        return stopped.exit_code
+    except (CheckpointError, DataError, EmbeddingOptimizerError, NonFiniteLoss, ResumeError, RunDirError,
+            ShardingPlanError) as e:
+        failures.report(e, rt.rank, rt.world_size)
+        return 3
+    finally:
+        shutdown()
+    return 0
+
+
+def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
+    from concord.trainer.checkpoint import CheckpointError
+    from concord.trainer.observe.metrics import format_table
+    from concord.trainer.predict import predict
+    from concord.trainer.runtime import init_runtime, shutdown
+    from concord.trainer.train import ResumeError
+
+    if _is_worker():
+        from concord.trainer.lifecycle import die_with_parent
+
+        die_with_parent()
+    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
+    try:
+        results = predict(cfg, rt, run_dir, data, out)
+    except (CheckpointError, DataError, ResumeError) as e:
+        failures.report(e, rt.rank, rt.world_size)
+        return 3
+    finally:
+        shutdown()
+    if rt.is_main:
+        print(format_table(results, cfg.tasks))
+        print(f"predictions: {out}")
+    return 0
+
+
+def _launch(cfg, worker_args: List[str]) -> int:
+    """Runs this command again as ``nproc_per_node`` local workers under torchrun (single node).
+
+    SIGINT and SIGTERM reach torchrun, which stops the workers, and this process waits for it: no
+    worker outlives the launcher. A failed job ends with the first failing rank's one-line cause."""
+    if cfg.dist.nnodes != 1:
+        print(
+            f"concord: dist.nnodes={cfg.dist.nnodes}: launch multi-node jobs with torchx "
+            "(see README, 'Launch'), or run torchrun on each node",
+            file=sys.stderr,
+        )
+        return 2
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
+        "-m", "concord.trainer.cli", *worker_args,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node)))
+    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir:
+        env[failures.ERROR_DIR_ENV] = error_dir
+        job = subprocess.Popen(cmd, env=env)
+        forwarded: List[int] = []
+
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            job.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = job.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if forwarded:
+            return 128 + forwarded[0]
+        first = failures.first_error(error_dir) if code != 0 else None
+        if first:  # the root cause, last, and its exit code rather than torchrun's 1
+            print(f"concord: failed: {first[1]}", file=sys.stderr)
+            return first[0]
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(failures.recorded(main)())

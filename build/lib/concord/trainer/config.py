@@ -1,0 +1,729 @@
+"""Typed configuration: YAML files in ``configs/`` mapped onto dataclasses and validated on load.
+
+Every error names the file and the dotted key (``configs/demo.yaml: model.tables[1].features: ...``).
+``key=value`` overrides from the command line are applied to the YAML tree before validation, with
+values parsed as YAML scalars (``train.max_steps=100``, ``tasks.0.loss_weight=2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+from concord.heads.heads import TASK_TYPES
+from concord.trainer.optimizers import DENSE_OPTIMIZERS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+# --- the schema ----------------------------------------------------------------------------------
+@dataclass
+class SyntheticSparse:
+    name: str
+    vocab: int
+    mean_len: float = 1.0  # multi-hot: ids per row ~ 1 + Poisson(mean_len - 1)
+    zipf: float = 1.2  # Zipf exponent of the id popularity (> 1)
+
+
+@dataclass
+class SyntheticTask:
+    name: str
+    type: str = "binary"  # binary | regression
+    positive_rate: float = 0.2  # binary: target share of positives
+    shared: float = 0.7  # cosine between this task's hidden direction and the shared one (<0: conflict)
+    scale: float = 10.0  # regression: label = scale * (score + noise), so MSE ~ scale^2
+
+
+@dataclass
+class SyntheticConfig:
+    rows: int = 200_000
+    eval_rows: int = 20_000
+    row_group_size: int = 16_384
+    seed: int = 7
+    num_dense: int = 8
+    latent_dim: int = 8
+    sparse: List[SyntheticSparse] = field(default_factory=list)
+    tasks: List[SyntheticTask] = field(default_factory=list)
+
+
+@dataclass
+class CategoricalColumn:
+    column: str  # input column
+    feature: str  # the feature (a key of data.sparse_columns) it becomes
+    separator: Optional[str] = None  # multi-hot: several values in one cell, e.g. "|"
+    hash: bool = False  # hash into the feature's table size instead of a vocabulary
+    min_count: int = 1  # vocabulary: values seen fewer times in the training split map to 0 (unseen)
+
+
+@dataclass
+class DenseColumn:
+    column: str  # input column
+    name: Optional[str] = None  # the output column (one of data.dense_columns); default: column
+    log: bool = False  # sign(x) * log(1 + |x|), before standardizing
+    standardize: bool = False  # (x - mean) / std with the training split's statistics
+    fill: float = 0.0  # a missing value becomes this, after the transforms (0 = the mean if standardized)
+
+
+@dataclass
+class SplitConfig:
+    by: str = "seed"  # seed (a seeded coin per row) | time (rows at or after the cutoff go to eval)
+    eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the cutoff is this quantile from the end
+    seed: int = 0
+    column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column
+    cutoff: Any = None  # time: a number or an ISO-8601 timestamp (quote it in YAML)
+
+
+@dataclass
+class ConvertConfig:
+    """``concord convert``: raw CSV/Parquet -> Parquet at data.train / data.eval (see trainer/convert.py)."""
+
+    input: str  # a CSV or Parquet file, a directory of them, or a glob
+    categorical: List[CategoricalColumn] = field(default_factory=list)
+    dense: List[DenseColumn] = field(default_factory=list)
+    labels: Dict[str, str] = field(default_factory=dict)  # task label column -> input column (default: same name)
+    # task label column -> the input values that mean 1 (every other value is 0), for text labels
+    # such as income: [">50K"]; without an entry a label must already be 0/1 (binary) or a number
+    positive: Dict[str, List[str]] = field(default_factory=dict)
+    weight: Optional[str] = None  # input column for data.weight_column
+    split: SplitConfig = field(default_factory=SplitConfig)
+    format: str = "auto"  # auto (by extension) | csv | parquet
+    delimiter: str = ","
+    on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
+    row_group_size: int = 16_384
+    chunk_rows: int = 65_536  # rows decoded at a time: memory stays bounded whatever the input size
+
+
+@dataclass
+class DataConfig:
+    train: str
+    eval: Optional[str] = None
+    dense_columns: List[str] = field(default_factory=list)
+    sparse_columns: Dict[str, str] = field(default_factory=dict)  # feature name -> Parquet column
+    weight_column: Optional[str] = None
+    batch_size: int = 512  # per rank
+    synthetic: Optional[SyntheticConfig] = None  # generate train/eval here on first use
+    convert: Optional[ConvertConfig] = None  # concord convert writes train/eval from raw files
+    on_bad_id: str = "error"  # a sparse id < 0 or >= its table's size: error | hash (modulo, counted)
+    on_nonfinite_dense: str = "error"  # NaN/inf in a dense feature: error | impute (counted)
+    impute_value: float = 0.0
+    shuffle: bool = True  # training: row groups reordered and rows mixed every epoch (seeded by train.seed)
+    shuffle_rows: int = 65_536  # the shuffle window per rank: rows held in memory to mix them
+    prefetch: int = 2  # training batches decoded ahead in a background thread (0: decode in the step)
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    label: str  # Parquet column
+    type: str = "binary"  # binary (BCE with logits) | regression (MSE)
+    loss_weight: float = 1.0
+    head: List[int] = field(default_factory=lambda: [64])
+
+
+@dataclass
+class TableConfig:
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    features: List[str]
+    pooling: str = "sum"  # sum | mean
+    sharding_types: Optional[List[str]] = None  # None: the planner chooses among CPU-legal types
+
+
+@dataclass
+class OptimizerConfig:
+    name: str
+    lr: float
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate over training: linear warm-up from ~0, then constant, linear or cosine decay
+    to ``min_ratio`` of the configured rate at the last step."""
+
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | linear | cosine
+    min_ratio: float = 0.0
+    embeddings: bool = True  # the fused embedding optimizer's rate follows the same schedule
+
+
+@dataclass
+class InteractionConfig:
+    type: str = "dcn"  # dcn (DCN-v2 low-rank cross layers) | concat (concat + MLP)
+    num_layers: int = 2
+    low_rank: int = 64
+    mlp: List[int] = field(default_factory=list)  # concat: MLP after the concatenation
+
+
+@dataclass
+class ExpertsConfig:
+    """Mixture-of-experts bottoms; the boundary sits at the per-task gates (see heads/experts.py)."""
+
+    type: str = "none"  # none (shared bottom: z = the shared MLP's output) | mmoe | ple
+    num_shared: int = 4  # mmoe: experts; ple: shared experts per level
+    num_task: int = 1  # ple: task-specific experts per task and level
+    layers: List[int] = field(default_factory=lambda: [64])  # each expert's MLP; towers read layers[-1]
+    levels: int = 1  # ple: extraction levels; the last one's gates and task experts follow the boundary
+
+
+@dataclass
+class ModelConfig:
+    tables: List[TableConfig]
+    dense_mlp: List[int] = field(default_factory=lambda: [128, 64])
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    shared: List[int] = field(default_factory=lambda: [256])  # MLP ending in z; d = shared[-1] (may be [] with experts)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    embedding_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
+    )
+
+
+@dataclass
+class BalancerConfig:
+    name: str = "equal"
+    reduction: str = "mean"
+    statistics: str = "current"  # current (the specified rule) | previous (lagged: backward never waits)
+    knobs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop earlier than `epochs`
+    dense_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    clip_grad_norm: float = 0.0  # > 0: the dense gradients' global norm is clipped to this (tables: fused, unclipped)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; the boundary's statistics stay float64)
+    eval_every: int = 0  # steps; 0 = only at the end
+    on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
+    log_every: int = 20
+    qps_skip_steps: int = 5  # the first steps of each invocation, excluded from QPS (allocations, caches)
+    qps_window: int = 50
+    progress: bool = True
+    checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
+    checkpoint_final: bool = True
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest intact checkpoint in run_dir/checkpoints
+    allow_changes: List[str] = field(default_factory=list)  # fingerprint keys that may differ on resume: [balancer]
+    max_skipped_steps: int = 10  # on_nonfinite: skip stops with an error once more steps than this were skipped
+
+
+@dataclass
+class DistConfig:
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    device: str = "auto"  # auto | cpu | cuda
+    max_restarts: int = 0  # torchrun restarts the whole job this often after a rank fails; it resumes
+    keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
+    threads: int = 0  # intra-op threads per rank; 0: the cores this machine gives each local rank
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    tasks: List[TaskConfig]
+    model: ModelConfig
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    source: str = "<dict>"  # file it was loaded from; set by the loader
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def representation_dim(self) -> int:
+        """What each tower reads: z itself for a shared bottom, a gate's mixture for MMoE/PLE."""
+        return self.model.experts.layers[-1] if self.model.experts.type != "none" else self.model.shared[-1]
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.nproc_per_node * self.dist.nnodes
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Optional[str] = None) -> Config:
+    """Reads a YAML file, applies ``key=value`` overrides, builds and validates the :class:`Config`.
+
+    ``single_task``: keep that task only (with ``equal``), the single-task baseline against which a
+    multi-task model's negative transfer is measured; the data and the rest of the model are unchanged.
+    """
+    path = resolve_config_path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    if single_task is not None:
+        keep_one_task(raw, single_task, str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def packaged_configs() -> Dict[str, Path]:
+    """The example configs shipped in ``concord.configs``, by name (``demo``, ``tiny``, ...)."""
+    import concord.configs
+
+    folder = Path(concord.configs.__file__).parent
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file by path; failing that, a shipped example by name (``demo`` or ``configs/demo.yaml``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = packaged_configs()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "configs"):
+        return shipped[name]
+    raise ConfigError(f"{path}: config file not found (shipped examples: {', '.join(shipped)})")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a person reads it: a key given twice is an error rather than silently the last one,
+    and ``1e6`` is the number 10^6 (YAML 1.1 wants ``1.0e+6``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
+    tasks = raw.get("tasks") or []
+    kept = [t for t in tasks if isinstance(t, dict) and t.get("name") == name]
+    if not kept:
+        names = [t.get("name") for t in tasks if isinstance(t, dict)]
+        raise ConfigError(f"{source}: --single-task {name}: no such task (tasks: {', '.join(map(str, names))})")
+    raw["tasks"] = kept
+    raw["balancer"] = {"name": "equal"}  # one task: every balancer is the identity
+    convert = (raw.get("data") or {}).get("convert")
+    for key in ("labels", "positive"):  # the other tasks' label rules go with them
+        if isinstance(convert, dict) and isinstance(convert.get(key), dict):
+            convert[key] = {k: v for k, v in convert[key].items() if k == kept[0].get("label")}
+
+
+def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
+    raw = dict(raw)
+    raw.pop("source", None)
+    balancer = raw.get("balancer")
+    if isinstance(balancer, dict):  # knobs sit beside name/reduction in the YAML
+        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "knobs")}
+        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction", "statistics")}
+        raw["balancer"]["knobs"] = {**balancer.get("knobs", {}), **knobs}
+    cfg = _build(Config, raw, source, "")
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    value = yaml.load(text, Loader=StrictLoader) if text != "" else None
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: override {key}: {part!r} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"{source}: override {key}: {part} is not a mapping")
+
+
+def _build(tp: Any, value: Any, source: str, key: str) -> Any:
+    where = key or "(top level)"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, source, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.name != "source"}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{source}: {_join(key, unknown[0])}: unknown key (allowed: {', '.join(fields)})"
+            )
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                given = value[name]
+                if isinstance(given, dict) and f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                    if dataclasses.is_dataclass(default):  # a partial mapping keeps the other defaults
+                        given = {**dataclasses.asdict(default), **given}
+                kwargs[name] = _build(hints[name], given, source, _join(key, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {_join(key, name)}: required key is missing")
+        return tp(**kwargs)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_build(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, source, _join(key, str(k))) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: every message names the file and the key."""
+    src = cfg.source
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    d = cfg.data
+    if d.batch_size < 1:
+        fail("data.batch_size", f"must be >= 1, got {d.batch_size}")
+    if d.on_bad_id not in ("error", "hash"):
+        fail("data.on_bad_id", f"must be 'error' or 'hash', got {d.on_bad_id!r}")
+    if d.on_nonfinite_dense not in ("error", "impute"):
+        fail("data.on_nonfinite_dense", f"must be 'error' or 'impute', got {d.on_nonfinite_dense!r}")
+    if d.prefetch < 0:
+        fail("data.prefetch", f"must be >= 0, got {d.prefetch}")
+    if d.shuffle_rows < 1:
+        fail("data.shuffle_rows", f"must be >= 1, got {d.shuffle_rows}")
+    if not math.isfinite(d.impute_value):
+        fail("data.impute_value", f"must be finite, got {d.impute_value}")
+    if not cfg.tasks:
+        fail("tasks", "at least one task is required")
+    names = cfg.task_names
+    for i, t in enumerate(cfg.tasks):
+        if names.count(t.name) > 1:
+            fail(f"tasks[{i}].name", f"task name {t.name!r} is used twice")
+        if t.type not in TASK_TYPES:
+            fail(f"tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
+        if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
+            fail(f"tasks[{i}].loss_weight", f"must be finite and >= 0, got {t.loss_weight}")
+        if any(h < 1 for h in t.head):
+            fail(f"tasks[{i}].head", f"layer sizes must be >= 1, got {t.head}")
+    m = cfg.model
+    if not m.tables:
+        fail("model.tables", "at least one embedding table is required")
+    seen_tables, feature_table = set(), {}
+    for i, tb in enumerate(m.tables):
+        k = f"model.tables[{i}]"
+        if tb.name in seen_tables:
+            fail(f"{k}.name", f"table name {tb.name!r} is used twice")
+        seen_tables.add(tb.name)
+        if tb.num_embeddings < 1:
+            fail(f"{k}.num_embeddings", f"must be >= 1, got {tb.num_embeddings}")
+        if tb.embedding_dim < 1 or tb.embedding_dim % 4:
+            fail(f"{k}.embedding_dim", f"must be a positive multiple of 4 (FBGEMM), got {tb.embedding_dim}")
+        if not tb.features:
+            fail(f"{k}.features", f"table {tb.name!r} has no features")
+        if tb.pooling not in ("sum", "mean"):
+            fail(f"{k}.pooling", f"must be 'sum' or 'mean', got {tb.pooling!r}")
+        for st in tb.sharding_types or []:
+            if st not in SHARDING_TYPES:
+                fail(f"{k}.sharding_types", f"unknown sharding type {st!r}; one of {SHARDING_TYPES}")
+        for f in tb.features:
+            if f in feature_table:
+                fail(f"{k}.features", f"feature {f!r} is already read by table {feature_table[f]!r}")
+            feature_table[f] = tb.name
+            if f not in d.sparse_columns:
+                fail(f"{k}.features", f"feature {f!r} has no column in data.sparse_columns")
+    for f in d.sparse_columns:
+        if f not in feature_table:
+            fail(f"data.sparse_columns.{f}", f"feature {f!r} is not read by any table in model.tables")
+    if not d.dense_columns and m.dense_mlp:
+        fail("data.dense_columns", "model.dense_mlp is set but there are no dense columns")
+    for key, sizes in (("model.dense_mlp", m.dense_mlp), ("model.shared", m.shared)):
+        if any(s < 1 for s in sizes):
+            fail(key, f"layer sizes must be >= 1, got {sizes}")
+    ex = m.experts
+    if ex.type not in ("none", "mmoe", "ple"):
+        fail("model.experts.type", f"must be none, mmoe or ple, got {ex.type!r}")
+    if not m.shared and ex.type == "none":
+        fail("model.shared", "needs at least one layer: its last size is the representation dim d")
+    if ex.type != "none":
+        if not ex.layers or any(s < 1 for s in ex.layers):
+            fail("model.experts.layers", f"needs layer sizes >= 1, got {ex.layers}")
+        for key in ("num_shared", "levels"):
+            if getattr(ex, key) < 1:
+                fail(f"model.experts.{key}", f"must be >= 1, got {getattr(ex, key)}")
+        if ex.type == "ple" and ex.num_task < 1:
+            fail("model.experts.num_task", f"must be >= 1 for ple, got {ex.num_task}")
+    if m.interaction.type not in ("dcn", "concat"):
+        fail("model.interaction.type", f"must be 'dcn' or 'concat', got {m.interaction.type!r}")
+    if m.interaction.num_layers < 0 or m.interaction.low_rank < 1:
+        fail("model.interaction", "num_layers must be >= 0 and low_rank >= 1")
+    if m.embedding_optimizer.name not in EMBEDDING_OPTIMIZERS:
+        fail("model.embedding_optimizer.name", f"must be one of {EMBEDDING_OPTIMIZERS}, got {m.embedding_optimizer.name!r}")
+    for key, opt in (("model.embedding_optimizer", m.embedding_optimizer), ("train.dense_optimizer", cfg.train.dense_optimizer)):
+        if not (opt.lr > 0 and math.isfinite(opt.lr)):
+            fail(f"{key}.lr", f"must be > 0, got {opt.lr}")
+    if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZERS:
+        fail("train.dense_optimizer.name", f"must be one of {tuple(DENSE_OPTIMIZERS)}, got {cfg.train.dense_optimizer.name!r}")
+    tr = cfg.train
+    if tr.epochs < 1:
+        fail("train.epochs", f"must be >= 1, got {tr.epochs}")
+    if tr.max_steps is not None and tr.max_steps < 1:
+        fail("train.max_steps", f"must be >= 1, got {tr.max_steps}")
+    for key in ("eval_every", "qps_skip_steps"):
+        if getattr(tr, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
+    if tr.on_nonfinite not in ("abort", "skip"):
+        fail("train.on_nonfinite", f"must be 'abort' or 'skip', got {tr.on_nonfinite!r}")
+    from concord.trainer.fingerprint import SAFE_CHANGES
+
+    for change in tr.allow_changes:
+        if change not in SAFE_CHANGES:
+            fail("train.allow_changes", f"{change!r} cannot change on resume; only {sorted(SAFE_CHANGES)} can")
+    sched = tr.lr_schedule
+    if sched.warmup_steps < 0:
+        fail("train.lr_schedule.warmup_steps", f"must be >= 0, got {sched.warmup_steps}")
+    if sched.decay not in ("constant", "linear", "cosine"):
+        fail("train.lr_schedule.decay", f"must be constant, linear or cosine, got {sched.decay!r}")
+    if not 0.0 <= sched.min_ratio <= 1.0:
+        fail("train.lr_schedule.min_ratio", f"must be in [0, 1], got {sched.min_ratio}")
+    if not (tr.clip_grad_norm >= 0 and math.isfinite(tr.clip_grad_norm)):
+        fail("train.clip_grad_norm", f"must be >= 0 (0: off), got {tr.clip_grad_norm}")
+    if tr.precision not in ("fp32", "bf16"):
+        fail("train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
+    if tr.max_skipped_steps < 0:
+        fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
+    if tr.checkpoint_every < 0:
+        fail("train.checkpoint_every", f"must be >= 0, got {tr.checkpoint_every}")
+    for key in ("log_every", "qps_window", "keep_checkpoints"):
+        if getattr(tr, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    ds = cfg.dist
+    if ds.nproc_per_node < 1 or ds.nnodes < 1:
+        fail("dist", "nproc_per_node and nnodes must be >= 1")
+    if ds.max_restarts < 0:
+        fail("dist.max_restarts", f"must be >= 0, got {ds.max_restarts}")
+    if ds.backend not in ("auto", "gloo", "nccl"):
+        fail("dist.backend", f"must be auto, gloo or nccl, got {ds.backend!r}")
+    if ds.device not in ("auto", "cpu", "cuda"):
+        fail("dist.device", f"must be auto, cpu or cuda, got {ds.device!r}")
+    if ds.threads < 0:
+        fail("dist.threads", f"must be >= 0 (0: automatic), got {ds.threads}")
+    if ds.device == "cpu" or ds.device == "auto":
+        for i, tb in enumerate(m.tables):
+            for st in tb.sharding_types or []:
+                if st not in CPU_SHARDING_TYPES and ds.device == "cpu":
+                    fail(f"model.tables[{i}].sharding_types", f"{st!r} needs CUDA; on CPU use one of {CPU_SHARDING_TYPES}")
+    _validate_balancer(cfg, fail)
+    if d.synthetic is not None:
+        _validate_synthetic(cfg, fail)
+    if d.convert is not None:
+        _validate_convert(cfg, fail)
+
+
+def check_machine(cfg: Config) -> None:
+    """What this machine cannot run, before anything starts: a config valid for a GPU cluster may not
+    be for this host. Raises :class:`ConfigError` naming the key."""
+    import torch
+
+    ds = cfg.dist
+    has_gpu = torch.cuda.is_available()
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{cfg.source}: {key}: {message}")
+
+    if ds.device == "cuda" and not has_gpu:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (make install-gpu)"
+        fail("dist.device", f"cuda, but this machine has no usable GPU (torch {torch.__version__} is {build})")
+    on_gpu = ds.device == "cuda" or (ds.device == "auto" and has_gpu)
+    if on_gpu and ds.nproc_per_node > torch.cuda.device_count():
+        fail("dist.nproc_per_node", f"{ds.nproc_per_node} ranks, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if not on_gpu:
+        if ds.backend == "nccl":
+            fail("dist.backend", "nccl needs CUDA devices; on CPU use gloo (or auto)")
+        for i, t in enumerate(cfg.model.tables):
+            gpu_only = [st for st in t.sharding_types or () if st not in CPU_SHARDING_TYPES]
+            if gpu_only:
+                fail(f"model.tables[{i}].sharding_types", f"{gpu_only[0]!r} needs CUDA; on CPU use one of {CPU_SHARDING_TYPES}")
+        if cfg.model.embedding_optimizer.name not in CPU_EMBEDDING_OPTIMIZERS:
+            fail("model.embedding_optimizer.name",
+                 f"{cfg.model.embedding_optimizer.name!r} has no CPU kernel in FBGEMM; on CPU use one of {CPU_EMBEDDING_OPTIMIZERS}")
+
+
+def _validate_convert(cfg: Config, fail) -> None:
+    """Every column the trainer reads is produced by exactly one conversion rule."""
+    cv, d = cfg.data.convert, cfg.data
+    if d.synthetic is not None:
+        fail("data.convert", "data.synthetic is set too; a data set is either generated or converted")
+    if d.eval is None:
+        fail("data.eval", "concord convert writes an eval split; set data.eval")
+    if cv.format not in ("auto", "csv", "parquet"):
+        fail("data.convert.format", f"must be auto, csv or parquet, got {cv.format!r}")
+    if cv.on_bad_row not in ("error", "skip"):
+        fail("data.convert.on_bad_row", f"must be 'error' or 'skip', got {cv.on_bad_row!r}")
+    if len(cv.delimiter) != 1:
+        fail("data.convert.delimiter", f"must be one character, got {cv.delimiter!r}")
+    for key in ("row_group_size", "chunk_rows"):
+        if getattr(cv, key) < 1:
+            fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")
+    features = [c.feature for c in cv.categorical]
+    for i, c in enumerate(cv.categorical):
+        if c.feature not in d.sparse_columns:
+            fail(f"data.convert.categorical[{i}].feature", f"{c.feature!r} is not a key of data.sparse_columns")
+        if features.count(c.feature) > 1:
+            fail(f"data.convert.categorical[{i}].feature", f"feature {c.feature!r} is produced twice")
+        if c.min_count < 1:
+            fail(f"data.convert.categorical[{i}].min_count", f"must be >= 1, got {c.min_count}")
+        if c.separator == "":
+            fail(f"data.convert.categorical[{i}].separator", "must not be empty")
+    for f in d.sparse_columns:
+        if f not in features:
+            fail("data.convert.categorical", f"no rule produces feature {f!r} (data.sparse_columns)")
+    names = [c.name or c.column for c in cv.dense]
+    for i, name in enumerate(names):
+        if name not in d.dense_columns:
+            fail(f"data.convert.dense[{i}]", f"output column {name!r} is not in data.dense_columns")
+        if names.count(name) > 1:
+            fail(f"data.convert.dense[{i}]", f"output column {name!r} is produced twice")
+        if not math.isfinite(cv.dense[i].fill):
+            fail(f"data.convert.dense[{i}].fill", f"must be finite, got {cv.dense[i].fill}")
+    for col in d.dense_columns:
+        if col not in names:
+            fail("data.convert.dense", f"no rule produces dense column {col!r} (data.dense_columns)")
+    labels = [t.label for t in cfg.tasks]
+    for col in cv.labels:
+        if col not in labels:
+            fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task")
+    for col, values in cv.positive.items():
+        if col not in labels:
+            fail(f"data.convert.positive.{col}", f"{col!r} is not the label column of any task")
+        elif next(t for t in cfg.tasks if t.label == col).type != "binary":
+            fail(f"data.convert.positive.{col}", "positive values make a binary label; this task is a regression")
+        elif not values:
+            fail(f"data.convert.positive.{col}", "list at least one value that means 1")
+    if (d.weight_column is None) != (cv.weight is None):
+        fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
+    sp = cv.split
+    if sp.by not in ("seed", "time"):
+        fail("data.convert.split.by", f"must be 'seed' or 'time', got {sp.by!r}")
+    if not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
+        fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
+    if sp.by == "time" and not sp.column:
+        fail("data.convert.split.column", "a time split needs the time column")
+
+
+
+
+def _validate_balancer(cfg: Config, fail) -> None:
+    from concord.balancing import build_balancer
+
+    from concord.balancing.param_level import PARAMETER_LEVEL, check_parameter_level_knobs
+
+    b = cfg.balancer
+    if b.reduction not in ("mean", "sum"):
+        fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
+    if b.statistics not in ("current", "previous"):
+        fail("balancer.statistics", f"must be 'current' or 'previous', got {b.statistics!r}")
+    try:
+        if b.name in PARAMETER_LEVEL:
+            check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)
+        else:
+            from concord.balancing import RepresentationBoundary
+
+            RepresentationBoundary(build_balancer(b.name, cfg.task_names, **b.knobs), statistics=b.statistics)
+    except (ValueError, TypeError) as e:
+        fail("balancer", str(e))
+
+
+def _validate_synthetic(cfg: Config, fail) -> None:
+    s = cfg.data.synthetic
+    assert s is not None
+    if s.rows < 1 or s.eval_rows < 0 or s.row_group_size < 1:
+        fail("data.synthetic", "rows and row_group_size must be >= 1, eval_rows >= 0")
+    for i, sp in enumerate(s.sparse):
+        if sp.vocab < 1:
+            fail(f"data.synthetic.sparse[{i}].vocab", f"must be >= 1, got {sp.vocab}")
+        if sp.zipf <= 1.0:
+            fail(f"data.synthetic.sparse[{i}].zipf", f"a Zipf exponent must be > 1, got {sp.zipf}")
+        if sp.mean_len < 1.0:
+            fail(f"data.synthetic.sparse[{i}].mean_len", f"must be >= 1, got {sp.mean_len}")
+    for i, t in enumerate(s.tasks):
+        if t.type not in TASK_TYPES:
+            fail(f"data.synthetic.tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
+        if not 0.0 < t.positive_rate < 1.0:
+            fail(f"data.synthetic.tasks[{i}].positive_rate", f"must be in (0, 1), got {t.positive_rate}")
+        if not -1.0 <= t.shared <= 1.0:
+            fail(f"data.synthetic.tasks[{i}].shared", f"is a cosine in [-1, 1], got {t.shared}")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain-dict form, for the run directory's ``config.yaml``."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    knobs = out["balancer"].pop("knobs")
+    out["balancer"].update(knobs)
+    return out

@@ -1,0 +1,490 @@
+"""``concord convert``: raw CSV or Parquet logs -> Concord's Parquet layout, streamed.
+
+Driven by ``data.convert`` in the config (:class:`concord.trainer.config.ConvertConfig`). The input is read
+``chunk_rows`` at a time, so files larger than memory work:
+
+- pass 0, a time split without a cutoff only: the time column, for the cutoff quantile (8 bytes a row);
+- pass 1: the training split only, for the vocabularies (value counts) and the dense statistics
+  (mean and variance after the log transform, merged chunk by chunk);
+- pass 2: every row, mapped and written to ``data.train`` and ``data.eval``.
+
+Categorical values become ids through a vocabulary of the training split (ids 1..V by falling count,
+0 for values unseen in training or rarer than ``min_count``) saved as ``vocab/<feature>.parquet``,
+or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
+empty bag. Beside the data, ``convert.json`` records the split used, the row counts, every skipped
+row by reason and column, the vocabulary sizes and the dense statistics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import hashlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from concord.trainer.config import Config
+from concord.trainer.observe.progress import progress_bar
+
+
+class ConvertError(ValueError):
+    """Bad input to ``concord convert``; the message names the file, the row and the column."""
+
+
+# --- reading -------------------------------------------------------------------------------------
+def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
+    """(path, format) for a file, a directory (its *.csv / *.parquet) or a glob, sorted."""
+    p = Path(spec)
+    if p.is_dir():
+        paths = sorted(str(f) for f in p.iterdir() if f.suffix in (".csv", ".parquet"))
+    elif p.is_file():
+        paths = [str(p)]
+    else:
+        paths = sorted(glob.glob(spec))
+    if not paths:
+        raise ConvertError(f"{spec}: no CSV or Parquet input found")
+    out = []
+    for path in paths:
+        kind = fmt if fmt != "auto" else ("parquet" if path.endswith(".parquet") else "csv")
+        out.append((path, kind))
+    return out
+
+
+def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter) -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most."""
+    if fmt == "parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
+        _check_columns(path, pf.schema_arrow.names, columns)
+        batches = pf.iter_batches(batch_size=cv.chunk_rows, columns=columns)
+    else:
+        batches = _csv_batches(path, columns, cv, skipped)
+    first = 0
+    for batch in batches:
+        for start in range(0, batch.num_rows, cv.chunk_rows):
+            piece = batch.slice(start, cv.chunk_rows)
+            yield first, piece
+            first += piece.num_rows
+
+
+def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
+    def on_invalid(row) -> str:  # a row with the wrong number of fields
+        if cv.on_bad_row == "skip":
+            skipped["malformed row"] += 1
+            return "skip"
+        return "error"
+
+    try:
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n").split(cv.delimiter)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e})") from None
+    _check_columns(path, [h.strip('"') for h in header], columns)
+    try:  # opening reads the first block, so parse errors can come from here too
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),  # small blocks: the reader reads ahead
+            parse_options=pacsv.ParseOptions(delimiter=cv.delimiter, invalid_row_handler=on_invalid),
+            # Everything as text: the converter parses each value itself, to name a bad one exactly.
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+            ),
+        )
+        for batch in reader:
+            yield batch
+    except pa.ArrowInvalid as e:
+        raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
+
+
+def _check_columns(path: str, have: List[str], need: List[str]) -> None:
+    for col in need:
+        if col not in have:
+            raise ConvertError(f"{path}: missing column {col!r} (file has: {', '.join(have)})")
+
+
+def _as_text(arr: pa.Array) -> pa.Array:
+    return arr if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) else pc.cast(arr, pa.string())
+
+
+def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """(values float64 with NaN where missing, mask of unparseable values). ``time`` also accepts
+    ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given)."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        if pa.types.is_timestamp(arr.type):
+            arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
+        values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+        return values, np.zeros(len(values), dtype=bool)
+    try:
+        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.zeros(len(arr), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values = np.full(len(arr), np.nan)
+    bad = np.zeros(len(arr), dtype=bool)
+    for i, text in enumerate(arr.to_pylist()):  # the slow path, only for chunks with text in them
+        if text is None:
+            continue
+        number = parse_number(text, time)
+        if number is None:
+            bad[i] = True
+        else:
+            values[i] = number
+    return values, bad
+
+
+def parse_number(text, time: bool = False) -> Optional[float]:
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if time and isinstance(text, dt.date):
+        text = text.isoformat()
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        pass
+    if not time:
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return stamp.timestamp()
+
+
+def tokens_of(arr: pa.Array, separator: Optional[str]) -> Tuple[pa.Array, np.ndarray]:
+    """The non-empty values of a categorical column and the row each came from (ascending)."""
+    arr = _as_text(arr)
+    if separator:
+        lists = pc.split_pattern(arr, separator)
+        tokens = pc.list_flatten(lists)
+        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    else:
+        tokens, parents = arr, np.arange(len(arr))
+    tokens = pc.utf8_trim_whitespace(tokens)
+    keep = pc.fill_null(pc.greater(pc.utf8_length(tokens), 0), False)
+    return tokens.filter(keep), parents[keep.to_numpy(zero_copy_only=False)]
+
+
+def stable_hash(values: List[str], size: int) -> np.ndarray:
+    """Ids in [0, size): the first 8 bytes of BLAKE2b of the UTF-8 value, the same on every machine."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % size for v in values],
+        dtype=np.int64,
+    )
+
+
+# --- the conversion ------------------------------------------------------------------------------
+@dataclass
+class _Welford:
+    """Mean and variance merged chunk by chunk (Chan et al.), stable for long streams."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        n, mean = x.size, float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        delta, total = mean - self.mean, self.n + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.n)) if self.n else 0.0
+
+
+@dataclass
+class _Decoded:
+    """One chunk's good rows: dense (n, D) transformed except standardizing, labels (n, T), weights,
+    whether each row goes to eval, and the raw chunk (for the categoricals)."""
+
+    batch: pa.RecordBatch
+    dense: np.ndarray
+    labels: np.ndarray
+    weights: Optional[np.ndarray]
+    is_eval: np.ndarray
+
+
+@dataclass
+class Converter:
+    """One conversion of ``cfg.data.convert``; :meth:`run` makes the passes and returns the report."""
+
+    cfg: Config
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
+        d = self.cfg.data
+        self.cv = d.convert
+        self.label_inputs = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
+        by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
+        self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
+        self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
+        columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules] + self.label_inputs
+        columns += [self.cv.weight] if self.cv.weight else []
+        columns += [self.cv.split.column] if self.cv.split.by == "time" else []
+        self.columns = list(dict.fromkeys(columns))
+        self.files = input_files(self.cv.input, self.cv.format)
+
+    # --- passes --------------------------------------------------------------------------------
+    def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
+        bar = progress_bar(None, f"convert: {what}", "row", enabled=self.show_progress)
+        for path, fmt in self.files:
+            for first, batch in _chunks(path, fmt, columns or self.columns, self.cv, self._pass_skips):
+                yield path, fmt, first, batch
+                bar.update(batch.num_rows)
+        bar.close()
+
+    def time_cutoff(self) -> float:
+        sp = self.cv.split
+        if sp.cutoff is not None:
+            cutoff = parse_number(sp.cutoff, time=True)
+            if cutoff is None:
+                raise ConvertError(f"{self.cfg.source}: data.convert.split.cutoff: not a number or ISO-8601 time: {sp.cutoff!r}")
+            return cutoff
+        self._pass_skips = Counter()
+        times = []
+        for *_, batch in self._stream("time column", [sp.column]):
+            values, bad = parse_numbers(batch.column(0), time=True)
+            times.append(values[~bad & np.isfinite(values)])
+        times = np.concatenate(times) if times else np.zeros(0)
+        if times.size == 0:
+            raise ConvertError(f"{self.cv.input}: time column {sp.column!r} holds no valid time")
+        return float(np.quantile(times, 1.0 - sp.eval_fraction))
+
+    def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rng, cutoff) -> _Decoded:
+        """Parses one chunk; drops (skip) or reports (error) its bad rows; assigns the split."""
+        n = batch.num_rows
+        bad_rows = np.zeros(n, dtype=bool)
+
+        def check(bad: np.ndarray, column: str, reason: str) -> None:
+            new = bad & ~bad_rows
+            if not new.any():
+                return
+            if self.cv.on_bad_row == "error":
+                i = int(np.flatnonzero(new)[0])
+                where = f"line {first + i + 2}" if fmt == "csv" else f"row {first + i + 1}"
+                value = batch.column(column)[i].as_py()
+                raise ConvertError(
+                    f"{path}: {where}: column {column!r}: {reason} (value {value!r}); "
+                    "data.convert.on_bad_row: skip drops such rows, counted"
+                )
+            self._pass_skips[f"{column}: {reason}"] += int(new.sum())
+            bad_rows[new] = True
+
+        dense = np.zeros((n, len(self.dense_rules)))
+        for k, rule in enumerate(self.dense_rules):
+            values, bad = parse_numbers(batch.column(rule.column))
+            check(bad, rule.column, "not a number")
+            check(np.isinf(values), rule.column, "not finite")
+            if rule.log:
+                values = np.sign(values) * np.log1p(np.abs(values))
+            dense[:, k] = values  # NaN = missing, filled after standardizing
+        labels = np.zeros((n, len(self.label_inputs)))
+        for k, (column, task) in enumerate(zip(self.label_inputs, self.cfg.tasks)):
+            if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
+                text = _as_text(batch.column(column))
+                missing = text.is_null().to_numpy(zero_copy_only=False)
+                check(missing, column, "missing label")
+                positive = pc.is_in(pc.utf8_trim_whitespace(text), value_set=pa.array(self.cv.positive[task.label]))
+                labels[:, k] = positive.fill_null(False).to_numpy(zero_copy_only=False).astype(np.float64)
+                continue
+            values, bad = parse_numbers(batch.column(column))
+            check(bad, column, "not a number")
+            check(~bad & np.isnan(values), column, "missing label")
+            check(np.isinf(values), column, "not finite")
+            if task.type == "binary":
+                check(np.isfinite(values) & (values != 0) & (values != 1), column, f"task {task.name!r} is binary: the label must be 0 or 1")
+            labels[:, k] = values
+        weights = None
+        if self.cv.weight:
+            weights, bad = parse_numbers(batch.column(self.cv.weight))
+            check(bad | ~np.isfinite(weights), self.cv.weight, "missing or not a finite number")
+            check(np.isfinite(weights) & (weights < 0), self.cv.weight, "negative weight")
+        if self.cv.split.by == "time":
+            times, bad = parse_numbers(batch.column(self.cv.split.column), time=True)
+            check(bad | ~np.isfinite(times), self.cv.split.column, "missing or not a time")
+            is_eval = times >= cutoff
+        else:
+            is_eval = rng.random(n) < self.cv.split.eval_fraction  # drawn for every row, so passes agree
+        keep = ~bad_rows
+        return _Decoded(
+            batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], is_eval[keep]
+        )
+
+    def _decoded(self, what: str, cutoff) -> Iterator[_Decoded]:
+        self._pass_skips = Counter()
+        rng = np.random.default_rng(self.cv.split.seed)
+        for path, fmt, first, batch in self._stream(what):
+            yield self.decode(path, fmt, first, batch, rng, cutoff)
+
+    def statistics(self, cutoff) -> Tuple[Dict[str, List[str]], List[_Welford]]:
+        """Pass 1: vocabularies and dense statistics over the training split."""
+        counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
+        moments = [_Welford() for _ in self.dense_rules]
+        for chunk in self._decoded("statistics (training split)", cutoff):
+            train = chunk.batch.filter(pa.array(~chunk.is_eval))
+            for rule in self.cv.categorical:
+                if not rule.hash:
+                    tokens, _ = tokens_of(train.column(rule.column), rule.separator)
+                    vc = pc.value_counts(tokens)
+                    counts[rule.feature].update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+            dense = chunk.dense[~chunk.is_eval]
+            for k, m in enumerate(moments):
+                column = dense[:, k]
+                m.add(column[np.isfinite(column)])
+        vocabs = {}
+        for rule in self.cv.categorical:
+            if rule.hash:
+                continue
+            kept = [(-c, v) for v, c in counts[rule.feature].items() if c >= rule.min_count]
+            vocabs[rule.feature] = [v for _, v in sorted(kept)]  # by falling count, then value
+            size = self.table_size[rule.feature]
+            if len(vocabs[rule.feature]) + 1 > size:
+                raise ConvertError(
+                    f"{self.cfg.source}: feature {rule.feature!r}: the training split has {len(vocabs[rule.feature])} "
+                    f"values (+1 for unseen) but its table holds {size} rows; raise the table's num_embeddings, "
+                    "raise data.convert.categorical min_count, or set hash: true"
+                )
+        return vocabs, moments
+
+    def ids(self, arr: pa.Array, rule, vocab: Optional[pa.Array]) -> pa.Array:
+        """A categorical column -> list<int64> ids per row."""
+        tokens, parents = tokens_of(arr, rule.separator)
+        if rule.hash:
+            uniques = pc.unique(tokens)
+            table = stable_hash(uniques.to_pylist(), self.table_size[rule.feature])
+            ids = table[pc.index_in(tokens, value_set=uniques).to_numpy(zero_copy_only=False)] if len(tokens) else np.zeros(0, np.int64)
+        else:
+            index = pc.fill_null(pc.index_in(tokens, value_set=vocab), -1).to_numpy(zero_copy_only=False)
+            ids = index.astype(np.int64) + 1  # 0 = unseen
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(parents, minlength=len(arr)))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
+
+    def run(self, force: bool = False) -> Dict:
+        d = self.cfg.data
+        outputs = [Path(d.train), Path(d.eval)]
+        for out in outputs:
+            if out.exists() and any(out.iterdir()) and not force:
+                raise ConvertError(f"{out}: already holds data; use --force to overwrite")
+        meta_dir = Path(d.train).parent
+        cutoff = self.time_cutoff() if self.cv.split.by == "time" else None
+        vocabs, moments = self.statistics(cutoff)
+        vocab_arrays = {f: pa.array(v, pa.string()) for f, v in vocabs.items()}
+        scale = [(m.mean, m.std if m.std > 0 else 1.0) if r.standardize else (0.0, 1.0) for r, m in zip(self.dense_rules, moments)]
+        tmp = [out.with_name(out.name + ".tmp") for out in outputs]
+        for t in tmp:
+            shutil.rmtree(t, ignore_errors=True)
+            t.mkdir(parents=True)
+        writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
+        rows, filled = [0, 0], Counter()
+        for chunk in self._decoded("writing", cutoff):
+            for split, mask in enumerate((~chunk.is_eval, chunk.is_eval)):
+                if not mask.any():
+                    continue
+                part = chunk.batch.filter(pa.array(mask))
+                cols: Dict[str, pa.Array] = {}
+                for rule in self.cv.categorical:
+                    cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
+                for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
+                    values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
+                    missing = np.isnan(values)
+                    filled[name] += int(missing.sum())
+                    cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
+                for k, task in enumerate(self.cfg.tasks):
+                    cols[task.label] = pa.array(chunk.labels[mask, k].astype(np.float32))
+                if d.weight_column:
+                    cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
+                writers[split].write(pa.table(cols))
+                rows[split] += int(mask.sum())
+        for w in writers:
+            w.close()
+        for split, count in zip(("train", "eval"), rows):
+            if count == 0:
+                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split")
+        for t, out in zip(tmp, outputs):  # replace the outputs only once everything is written
+            shutil.rmtree(out, ignore_errors=True)
+            t.rename(out)
+        vocab_dir = meta_dir / "vocab"
+        shutil.rmtree(vocab_dir, ignore_errors=True)
+        vocab_dir.mkdir(parents=True)
+        for feature, values in vocabs.items():
+            pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
+        report = {
+            "input": [p for p, _ in self.files],
+            "split": {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None},
+            "rows": {"train": rows[0], "eval": rows[1]},
+            "row_groups": {"train": writers[0].row_groups, "eval": writers[1].row_groups},
+            "skipped_rows": dict(self._pass_skips),
+            "filled_dense": dict(filled),
+            "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
+            "hashed": {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash},
+            "dense": {
+                name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize}
+                for name, r, m in zip(d.dense_columns, self.dense_rules, moments)
+            },
+        }
+        (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return report
+
+
+class _SplitWriter:
+    """Appends tables to one Parquet file in row groups of exactly ``row_group_size`` (the last shorter)."""
+
+    def __init__(self, path: Path, row_group_size: int) -> None:
+        self.path, self.size = path, row_group_size
+        self.pending: List[pa.Table] = []
+        self.rows = 0
+        self.row_groups = 0
+        self.writer: Optional[pq.ParquetWriter] = None
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.size:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        full = table.num_rows if final else table.num_rows - table.num_rows % self.size
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, write_page_checksum=True)  # verified by the reader
+        if full:
+            self.writer.write_table(table.slice(0, full), row_group_size=self.size)
+            self.row_groups += -(-full // self.size)
+        rest = table.slice(full)
+        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        self._flush(final=True)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
+
+
+def convert(cfg: Config, force: bool = False, show_progress: bool = True) -> Dict:
+    """Converts ``cfg.data.convert.input`` into ``cfg.data.train`` / ``cfg.data.eval``; returns the report."""
+    if cfg.data.convert is None:
+        raise ConvertError(f"{cfg.source}: data.convert is not set; nothing to convert")
+    return Converter(cfg, show_progress).run(force)

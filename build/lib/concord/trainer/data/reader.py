@@ -1,0 +1,470 @@
+"""Parquet input streamed by row group; each rank reads an equal, disjoint range of the rows.
+
+An epoch lays every row group of every file end to end (in an order shuffled per epoch when training)
+and cuts the sequence into one contiguous range per rank: equal ranges for training (the remainder of
+fewer than ``world_size`` rows is left out of that epoch), ranges differing by at most one row for
+evaluation, which reads every row exactly once. Ranks therefore get equal work however few or uneven
+the row groups are. Training shuffles rows, too, inside windows of ``shuffle_rows`` rows of a rank's
+range, each permuted by a generator seeded with (seed, epoch, rank, window): memory stays bounded, an
+epoch's order is a function of the seed, and a resumed run skips to any row without replaying the
+epoch.
+
+The column-to-role mapping (dense features, sparse features, one label per task, optional sample
+weight) comes from the config. A batch is a :class:`Batch`: dense (B, n_dense) float32, a
+``KeyedJaggedTensor`` of the sparse features, labels (B, T) float32 and weights (B,) float32.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file, row group, column and value."""
+
+
+@dataclass
+class Batch:
+    """One rank's batch. dense: (B, n_dense); sparse: KJT over the features, B rows per key;
+    labels: (B, T); weights: (B,)."""
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` does not block the host."""
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), self.weights.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which Parquet column plays which role. ``sparse`` maps feature name -> column; ``tables`` maps
+    feature name -> table size, for the id range check; a label of None is absent from the data."""
+
+    dense: Tuple[str, ...]
+    sparse: Tuple[Tuple[str, str], ...]
+    labels: Tuple[str, ...]
+    weight: Optional[str] = None
+    table_sizes: Tuple[Tuple[str, int], ...] = ()
+    label_types: Tuple[str, ...] = ()  # per label: binary (must be 0 or 1) | regression (finite)
+    on_bad_id: str = "error"  # or "hash": id modulo the table size, counted
+    on_nonfinite_dense: str = "error"  # or "impute": replaced by impute_value, counted
+    impute_value: float = 0.0
+
+    @property
+    def all(self) -> List[str]:
+        cols = list(self.dense) + [c for _, c in self.sparse] + [c for c in self.labels if c is not None]
+        return cols + ([self.weight] if self.weight else [])
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    num_rows: int
+
+
+def list_files(spec: str) -> List[str]:
+    """A directory (its ``*.parquet``), a file, or a glob; sorted so every rank sees the same order."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{spec}: directory holds no *.parquet files")
+        return files
+    if p.is_file():
+        return [str(p)]
+    files = sorted(glob.glob(spec))
+    if not files:
+        raise DataError(f"{spec}: no such file or directory")
+    return files
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        # Pages written with checksums (concord convert and synth write them) are verified on read.
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
+    names = set(schema.names)
+    for col in columns.all:
+        if col not in names:
+            raise DataError(f"{path}: missing column {col!r} (file has: {', '.join(schema.names)})")
+    numeric = lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+    for col in list(columns.dense) + [c for c in columns.labels if c] + ([columns.weight] if columns.weight else []):
+        t = schema.field(col).type
+        if not numeric(t):
+            raise DataError(f"{path}: column {col!r} must be numeric, has type {t}")
+    for _, col in columns.sparse:
+        t = schema.field(col).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+            raise DataError(f"{path}: sparse column {col!r} must be a list of integers, has type {t}")
+
+
+def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
+    """Every row group of every file, in a fixed order; checks each file's schema once."""
+    groups: List[RowGroup] = []
+    for f in files:
+        pf = _open(f)
+        _check_schema(f, pf.schema_arrow, columns)
+        if pf.metadata.num_rows == 0:
+            raise DataError(f"{f}: file has no rows")
+        for i in range(pf.num_row_groups):
+            groups.append(RowGroup(f, i, pf.metadata.row_group(i).num_rows))
+    return groups
+
+
+class _Block:
+    """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,)."""
+
+    def __init__(self, dense, sparse, labels, weights):
+        self.dense, self.sparse, self.labels, self.weights = dense, sparse, labels, weights
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def split(self, n: int) -> Tuple["_Block", "_Block"]:
+        return self.slice(0, n), self.slice(n, len(self))
+
+    def slice(self, start: int, stop: int) -> "_Block":
+        sparse = []
+        for lengths, values in self.sparse:
+            first, last = int(lengths[:start].sum()), int(lengths[:stop].sum())
+            sparse.append((lengths[start:stop], values[first:last]))
+        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop])
+
+    def take(self, rows: np.ndarray) -> "_Block":
+        """The rows at ``rows`` (e.g. a permutation), jagged values moved with their rows."""
+        sparse = []
+        for lengths, values in self.sparse:
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)[rows]
+            counts = lengths[rows].astype(np.int64)
+            within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            sparse.append((lengths[rows], values[np.repeat(starts, counts) + within]))
+        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows])
+
+    @staticmethod
+    def empty(columns: "Columns") -> "_Block":
+        sparse = [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in columns.sparse]
+        return _Block(np.zeros((0, len(columns.dense)), np.float32), sparse,
+                      np.zeros((0, len(columns.labels)), np.float32), np.zeros(0, np.float32))
+
+    @staticmethod
+    def concat(blocks: List["_Block"]) -> "_Block":
+        if len(blocks) == 1:
+            return blocks[0]
+        sparse = [
+            (np.concatenate([b.sparse[f][0] for b in blocks]), np.concatenate([b.sparse[f][1] for b in blocks]))
+            for f in range(len(blocks[0].sparse))
+        ]
+        return _Block(
+            np.concatenate([b.dense for b in blocks]),
+            sparse,
+            np.concatenate([b.labels for b in blocks]),
+            np.concatenate([b.weights for b in blocks]),
+        )
+
+    def to_batch(self, keys: Sequence[str]) -> Batch:
+        lengths = np.concatenate([l for l, _ in self.sparse]) if self.sparse else np.zeros(0, np.int32)
+        values = np.concatenate([v for _, v in self.sparse]) if self.sparse else np.zeros(0, np.int64)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(keys),
+            values=torch.from_numpy(values.astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(lengths.astype(np.int32, copy=False)),
+        )
+        return Batch(
+            torch.from_numpy(np.ascontiguousarray(self.dense)),
+            kjt,
+            torch.from_numpy(np.ascontiguousarray(self.labels)),
+            torch.from_numpy(np.ascontiguousarray(self.weights)),
+        )
+
+
+class ParquetReader:
+    """Streams one rank's range of the rows as :class:`Batch` es of ``batch_size`` rows.
+
+    ``drop_last=True`` (training): every rank gets ``total_rows // world_size`` rows and yields only
+    full batches, so every rank takes the same number of steps; :meth:`rows_left_out` says how many
+    rows an epoch leaves out (at most one partial batch per rank, plus fewer than ``world_size``).
+    ``drop_last=False`` (evaluation): every row exactly once across ranks, the last batch partial.
+    ``shuffle``: row groups in a new order each epoch and rows permuted within windows of
+    ``shuffle_rows`` (the memory bound), all seeded by ``seed``.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        columns: Columns,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_rows: int = 65_536,
+    ) -> None:
+        if shuffle_rows < 1:
+            raise ValueError(f"shuffle_rows must be >= 1, got {shuffle_rows}")
+        self.columns = columns
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_rows = shuffle_rows
+        self.groups = plan_row_groups(list_files(spec), columns)
+        self.total_rows = sum(g.num_rows for g in self.groups)
+        self.keys = [f for f, _ in columns.sparse]
+        self._sizes = dict(columns.table_sizes)
+        # Documented, counted repairs (data.on_bad_id: hash, data.on_nonfinite_dense: impute).
+        self.counts = {"hashed_ids": 0, "imputed_dense": 0}
+        self._file: Tuple[Optional[str], Optional[pq.ParquetFile]] = (None, None)  # file being read
+        self._decoded: Tuple[Optional[RowGroup], Optional[_Block]] = (None, None)  # last row group
+
+    # --- how the rows are shared ----------------------------------------------------------------
+    def rank_range(self, rank: int) -> Tuple[int, int]:
+        """``rank``'s rows ``[start, stop)`` in an epoch's sequence of all rows."""
+        if self.drop_last:
+            each = self.total_rows // self.world_size
+            return rank * each, (rank + 1) * each
+        each, extra = divmod(self.total_rows, self.world_size)
+        start = rank * each + min(rank, extra)
+        return start, start + each + (1 if rank < extra else 0)
+
+    @property
+    def num_rows(self) -> int:
+        """This rank's rows per epoch."""
+        start, stop = self.rank_range(self.rank)
+        return stop - start
+
+    def full_batches_per_rank(self) -> int:
+        """Full batches every rank makes per epoch (training: all ranks alike)."""
+        return min(b - a for a, b in map(self.rank_range, range(self.world_size))) // self.batch_size
+
+    def max_batches_per_rank(self) -> int:
+        return math.ceil(max(b - a for a, b in map(self.rank_range, range(self.world_size))) / self.batch_size)
+
+    def rows_left_out(self) -> int:
+        """Rows an epoch of full batches on every rank does not train (different rows each epoch when
+        shuffled)."""
+        return self.total_rows - self.full_batches_per_rank() * self.batch_size * self.world_size
+
+    def _pieces(self, epoch: int) -> List[Tuple[RowGroup, int, int]]:
+        """This rank's range as (row group, first row, end row) pieces, in the epoch's order."""
+        order = range(len(self.groups))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups)).tolist()
+        lo, hi = self.rank_range(self.rank)
+        pieces, offset = [], 0
+        for i in order:
+            group = self.groups[i]
+            start, stop = max(lo - offset, 0), min(hi - offset, group.num_rows)
+            if start < stop:
+                pieces.append((group, start, stop))
+            offset += group.num_rows
+            if offset >= hi:
+                break
+        return pieces
+
+    # --- reading --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    def batches(self, epoch: int = 0, skip_rows: int = 0) -> Iterator[Batch]:
+        """Epoch ``epoch``'s batches after the first ``skip_rows`` rows of this rank's range (resuming
+        mid-epoch): row groups and windows wholly inside the skipped range are not read."""
+        pending: List[_Block] = []
+        pending_rows = 0
+        for block in self._blocks(epoch, skip_rows):
+            pending.append(block)
+            pending_rows += len(block)
+            while pending_rows >= self.batch_size:
+                head, tail = _Block.concat(pending).split(self.batch_size)
+                yield head.to_batch(self.keys)
+                pending, pending_rows = ([tail] if len(tail) else []), len(tail)
+        if pending_rows and not self.drop_last:
+            yield _Block.concat(pending).to_batch(self.keys)
+
+    def check_weights(self) -> None:
+        """Reads only the weight column of every row group: a negative or non-finite sample weight
+        anywhere stops the run before its first step rather than in the middle."""
+        if not self.columns.weight:
+            return
+        for group in self.groups:
+            if self._file[0] != group.file:
+                self._file = (group.file, _open(group.file))
+            column = self._file[1].read_row_group(group.index, columns=[self.columns.weight]).column(0)
+            weights = column.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = ~(np.isfinite(weights) & (weights >= 0))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{group.file}: row group {group.index}: weight column {self.columns.weight!r}: value "
+                    f"{weights[row]} at row {row}; a sample weight must be finite and >= 0 (0 makes a row count for nothing)"
+                )
+
+    def empty_batch(self) -> Batch:
+        """A batch of no rows, with this data's columns (for a rank whose range is empty)."""
+        return _Block.empty(self.columns).to_batch(self.keys)
+
+    def _blocks(self, epoch: int, skip_rows: int) -> Iterator[_Block]:
+        pieces = self._pieces(epoch)
+        if not self.shuffle:
+            for group, start, stop in pieces:
+                if skip_rows >= stop - start:
+                    skip_rows -= stop - start
+                    continue
+                yield self._rows(group, start + skip_rows, stop)
+                skip_rows = 0
+            return
+        window = self.shuffle_rows
+        bounds = np.cumsum([0] + [stop - start for _, start, stop in pieces])  # rank-local row offsets
+        for k in range(skip_rows // window, math.ceil(self.num_rows / window)):
+            lo, hi = k * window, min((k + 1) * window, self.num_rows)
+            parts = [
+                self._rows(group, start + max(lo - a, 0), start + min(hi, b) - a)
+                for (group, start, _), a, b in zip(pieces, bounds[:-1], bounds[1:])
+                if a < hi and b > lo
+            ]
+            block = _Block.concat(parts)
+            block = block.take(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(len(block)))
+            yield block.slice(max(skip_rows - lo, 0), len(block))
+
+    def _rows(self, group: RowGroup, start: int, stop: int) -> _Block:
+        """Rows ``[start, stop)`` of a row group; the last decoded row group is kept, since shuffle
+        windows and rank ranges cut row groups."""
+        if self._decoded[0] != group:
+            self._decoded = (group, self._decode(group))
+        block = self._decoded[1]
+        return block if (start, stop) == (0, len(block)) else block.slice(start, stop)
+
+    def _unreadable_column(self, group: RowGroup) -> str:
+        """``"column 'x': "`` for the first column of a row group that fails to read on its own."""
+        for name in self.columns.all:
+            try:
+                self._file[1].read_row_group(group.index, columns=[name])
+            except (pa.ArrowInvalid, OSError):
+                return f"column {name!r}: "
+        return ""
+
+    def _decode(self, group: RowGroup) -> _Block:
+        cols = self.columns
+        if self._file[0] != group.file:  # open each file once, not once per row group
+            self._file = (group.file, _open(group.file))
+        try:
+            table = self._file[1].read_row_group(group.index, columns=cols.all)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{group.file}: row group {group.index}: {self._unreadable_column(group)}cannot be read ({e})") from None
+        where = f"{group.file}: row group {group.index}"
+
+        def numeric(name: str) -> np.ndarray:
+            arr = table.column(name)
+            if arr.null_count:
+                row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{where}: column {name!r}: null value at row {row}")
+            return arr.to_numpy().astype(np.float32, copy=False)
+
+        n = table.num_rows
+        dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
+        # A label column of None is absent (scoring unlabelled data): zeros, never checked.
+        labels = np.stack([numeric(c) if c else np.zeros(n, np.float32) for c in cols.labels], axis=1)
+        weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
+        bad = ~(np.isfinite(weights) & (weights >= 0))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{where}: weight column {cols.weight!r}: value {weights[row]} at row {row}; a sample weight "
+                "must be finite and >= 0 (0 makes a row count for nothing)"
+            )
+        for j, name in enumerate(cols.dense):
+            bad = ~np.isfinite(dense[:, j])
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                if cols.on_nonfinite_dense != "impute":
+                    raise DataError(
+                        f"{where}: column {name!r}: non-finite value {dense[row, j]} at row {row} "
+                        "(data.on_nonfinite_dense: impute replaces such values)"
+                    )
+                dense[bad, j] = cols.impute_value
+                self.counts["imputed_dense"] += int(bad.sum())
+        for k, (name, kind) in enumerate(zip(cols.labels, cols.label_types)):
+            if name is None:
+                continue
+            y = labels[:, k]
+            bad = ~np.isfinite(y) if kind == "regression" else ~((y == 0) | (y == 1))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                expected = "a finite number" if kind == "regression" else "0 or 1"
+                raise DataError(f"{where}: label column {name!r}: value {y[row]} at row {row}; a {kind} label must be {expected}")
+        sparse = []
+        for feature, name in cols.sparse:
+            arr = table.column(name).combine_chunks()
+            if arr.null_count:
+                raise DataError(f"{where}: column {name!r}: null list at row {int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}")
+            flat = arr.flatten()
+            if flat.null_count:
+                raise DataError(f"{where}: column {name!r}: null id inside a list")
+            offsets = arr.offsets.to_numpy()
+            lengths = np.diff(offsets).astype(np.int32)
+            values = flat.to_numpy().astype(np.int64, copy=False)
+            size = self._sizes.get(feature)
+            if size is not None and values.size:
+                bad = (values < 0) | (values >= size)
+                if bad.any():
+                    if cols.on_bad_id != "hash":
+                        i = int(np.flatnonzero(bad)[0])
+                        raise DataError(
+                            f"{where}: column {name!r}: id {values[i]} outside the table's range [0, {size}) "
+                            "(data.on_bad_id: hash maps such ids into the table)"
+                        )
+                    values = np.mod(values, size)  # non-negative for negative ids too
+                    self.counts["hashed_ids"] += int(bad.sum())
+            sparse.append((lengths, values))
+        return _Block(dense, sparse, labels, weights)
+
+
+def columns_from_config(cfg) -> Columns:
+    """The reader's column roles for a :class:`concord.trainer.config.Config`."""
+    sizes = {f: t.num_embeddings for t in cfg.model.tables for f in t.features}
+    features = [f for t in cfg.model.tables for f in t.features]  # KJT key order = table order
+    return Columns(
+        dense=tuple(cfg.data.dense_columns),
+        sparse=tuple((f, cfg.data.sparse_columns[f]) for f in features),
+        labels=tuple(t.label for t in cfg.tasks),
+        weight=cfg.data.weight_column,
+        table_sizes=tuple(sizes.items()),
+        label_types=tuple(t.type for t in cfg.tasks),
+        on_bad_id=cfg.data.on_bad_id,
+        on_nonfinite_dense=cfg.data.on_nonfinite_dense,
+        impute_value=cfg.data.impute_value,
+    )

@@ -1,0 +1,68 @@
+"""Scoring a split with a trained model: every row exactly once, the same number of batches on every
+rank (sharded forward passes are collectives), per-task metrics, and optionally each row's predictions."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from concord.trainer.data.reader import Batch, ParquetReader
+from concord.trainer.observe.metrics import TaskMetrics
+
+# Called with each batch's real rows: (first row's index in the split, batch, predictions (n, T)).
+RowSink = Callable[[int, Batch, torch.Tensor], None]
+
+
+class Evaluator:
+    """Runs ``dmp`` in eval mode over a reader's range of a split and computes the task metrics
+    (a collective: every rank calls :meth:`run`; rank 0 gets the results)."""
+
+    def __init__(self, cfg, rt, dmp: torch.nn.Module, heads) -> None:
+        self.cfg, self.rt, self.dmp, self.heads = cfg, rt, dmp, heads
+
+    @torch.no_grad()
+    def run(self, reader: ParquetReader, sink: Optional[RowSink] = None) -> Dict[str, Dict[str, float]]:
+        batch_size = self.cfg.data.batch_size
+        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, batch_size, self.rt.device)
+        self.dmp.eval()
+        it = iter(reader)
+        template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
+        row = reader.rank_range(reader.rank)[0]
+        for _ in range(reader.max_batches_per_rank()):
+            batch = next(it, None)
+            template = template or batch
+            real = batch.batch_size if batch is not None else 0
+            padded = pad_batch(batch if batch is not None else template, batch_size, empty=batch is None).to(self.rt.device)
+            out = self.dmp(padded)
+            predictions = self.heads.predictions(out.logits)
+            metrics.update(predictions, padded.labels, padded.weights)
+            if sink is not None and real:
+                sink(row, batch, predictions[:real].detach().cpu())
+            row += real
+        results = metrics.compute()
+        self.dmp.train()
+        return results
+
+
+def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:
+    """Pads ``batch`` to ``size`` rows with weight-0 rows that have no ids (``empty``: all padding).
+
+    Sharded forward passes are collectives, so in evaluation every rank runs the same number of
+    full batches; padding rows carry weight 0 and so count in no metric.
+    """
+    n = 0 if empty else batch.batch_size
+    if n == size and not empty:
+        return batch
+    keys = batch.sparse.keys()
+    lengths = batch.sparse.lengths().view(len(keys), -1)[:, :n]
+    lengths = torch.cat([lengths, torch.zeros(len(keys), size - n, dtype=lengths.dtype)], dim=1)
+    values = batch.sparse.values()[: int(lengths.sum())] if not empty else batch.sparse.values()[:0]
+    pad = lambda t: torch.cat([t[:n], torch.zeros((size - n,) + t.shape[1:], dtype=t.dtype)])
+    return Batch(
+        pad(batch.dense),
+        KeyedJaggedTensor.from_lengths_sync(keys, values, lengths.reshape(-1)),
+        pad(batch.labels),
+        pad(batch.weights),
+    )

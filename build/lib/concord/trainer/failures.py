@@ -1,0 +1,99 @@
+"""How a failure reaches the user: one line naming the cause, from whichever rank met it first.
+
+Each worker that fails writes its line into the launcher's error folder (``CONCORD_ERROR_DIR``) and
+prints it; the launcher prints the earliest one last, so the job's final line is the root cause rather
+than a peer's "connection closed". Unexpected exceptions also go through torchelastic's ``@record``,
+so torchrun and torchx name the failing rank and keep the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+ERROR_DIR_ENV = "CONCORD_ERROR_DIR"
+
+
+def report(error: BaseException, rank: int, world_size: int, exit_code: int = 3) -> str:
+    """Prints ``error`` as one line and records it, with the exit code it ends the worker with, for the
+    launcher; returns the line."""
+    where = f"rank {rank}: " if world_size > 1 else ""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"{where}{type(error).__name__}: {message}"
+    print(f"concord: {line}", file=sys.stderr, flush=True)
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder:
+        try:
+            (Path(folder) / f"rank-{rank}.txt").write_text(f"{time.time():.6f} {exit_code} {line}\n")
+        except OSError:
+            pass  # the launcher is gone; the printed line is all there is
+    return line
+
+
+def first_error(folder: str | Path) -> Optional[Tuple[int, str]]:
+    """(exit code, line) of the earliest failure any rank recorded in ``folder``, or None."""
+    records = []
+    for path in Path(folder).glob("rank-*.txt"):
+        stamp, code, line = path.read_text().strip().split(" ", 2)
+        records.append((float(stamp), int(code), line))
+    return min(records)[1:] if records else None
+
+
+def recorded(main: Callable[[], int]) -> Callable[[], int]:
+    """A worker's entry point: an unexpected exception is reported as one line, then re-raised through
+    torchelastic's ``@record`` (which writes the launcher's error file)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @functools.wraps(main)
+    def run() -> int:
+        try:
+            return main()
+        except Exception as error:
+            report(error, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), exit_code=1)
+            raise
+
+    return record(run)
+
+
+# Third-party messages that every Concord run on CPU would print and that ask nothing of the user:
+# (logger name, or "warnings" for Python warnings; the start of the message). `--show-warnings` keeps them.
+KNOWN_HARMLESS = (
+    # DMP wraps the dense part in DDP with an argument torch has renamed; TorchRec's to update.
+    ("warnings", "`broadcast_buffers` is deprecated"),
+    # FBGEMM's CPU lookup for data-parallel tables registers no autograd kernel; TorchRec trains those
+    # tables through DDP instead, and tests/test_sharding.py checks their gradients.
+    ("warnings", "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered"),
+    ("torchrec.distributed.utils", "Sharding Type is data_parallel, caching params will be ignored"),
+    ("", "Sharding spec not found for"),  # logged on the root logger for data-parallel tables
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
+    # TorchRec 1.8 still hands DCP its tables as ShardedTensors.
+    ("warnings", "Please use DTensor instead and we are deprecating ShardedTensor"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def filter_known_warnings() -> None:
+    """Silences :data:`KNOWN_HARMLESS` in this process (each worker calls it too)."""
+    by_logger: dict = {}
+    for source, prefix in KNOWN_HARMLESS:
+        if source == "warnings":
+            warnings.filterwarnings("ignore", message=re.escape(prefix))
+        else:
+            by_logger.setdefault(source, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logging.getLogger(name or None).addFilter(_DropMessages(prefixes))

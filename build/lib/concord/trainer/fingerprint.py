@@ -1,0 +1,52 @@
+"""What must match for a checkpoint to be resumed, recorded beside every checkpoint.
+
+A mismatch stops the run with one line naming the differing keys and the ways out. Only a change of
+balancer is safe to continue from (``train.allow_changes=[balancer]``): the new balancer starts fresh
+on the trained model. Everything else (tables, model shape, tasks, batch size, world size, the training
+data, the seed) would silently re-train rows or load the wrong shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+# Keys of the fingerprint a user may let differ, with what then happens.
+SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the trained model"}
+
+
+def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
+    model = dataclasses.asdict(cfg.model)
+    embedding_optimizer = model.pop("embedding_optimizer")
+    return {
+        "model": model,
+        "embedding_optimizer": embedding_optimizer["name"],
+        "dense_optimizer": cfg.train.dense_optimizer.name,
+        "tasks": [[t.name, t.type, t.label, list(t.head)] for t in cfg.tasks],
+        "balancer": {"name": cfg.balancer.name, "reduction": cfg.balancer.reduction,
+                     "statistics": cfg.balancer.statistics, **cfg.balancer.knobs},
+        "batch_size": cfg.data.batch_size,
+        "world_size": world_size,
+        "data": {"train": cfg.data.train, "rows": train_rows, "shuffle": cfg.data.shuffle, "shuffle_rows": cfg.data.shuffle_rows},
+        "seed": cfg.train.seed,
+    }
+
+
+def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    return sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+
+
+def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> str:
+    details = "; ".join(f"{k}: {_short(saved.get(k))} -> {_short(now.get(k))}" for k in keys)
+    safe = [k for k in keys if k in SAFE_CHANGES]
+    ways = ["train.resume=false (the old run moves to previous-<id>/)", "another train.run_dir"]
+    if safe and set(safe) != set(keys):
+        ways.append(f"only {', '.join(safe)} may differ with train.allow_changes=[{','.join(safe)}]")
+    elif safe:
+        ways.append(f"train.allow_changes=[{','.join(safe)}] ({'; '.join(SAFE_CHANGES[k] for k in safe)})")
+    return f"{checkpoint} was written by a different setup ({details}); to go on: {' or '.join(ways)}"
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,81 @@
+"""What a NaN or inf task loss does (``train.on_nonfinite``), decided alike on every rank.
+
+``abort`` stops training before anything is updated and writes no checkpoint after it; ``skip`` drops
+the step on every rank together, at most ``train.max_skipped_steps`` times. Where the ranks learn of
+it, at no extra synchronisation where possible, is the *guard*:
+
+- ``boundary``: in the boundary's own statistics reduction (abort raises inside backward before the
+  bottom and the tables get a gradient; skip hands them a zero gradient);
+- ``collective``: one sum of T flags over ranks before backward (parameter-level methods, and skip with
+  a table optimizer for which a zero gradient is not a no-op);
+- ``local``: no boundary, this rank's losses only, so a non-finite loss always stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+
+from concord.balancing.collectives import sum_over_ranks
+
+logger = logging.getLogger("concord.train")
+
+# Fused embedding optimizers update the tables inside backward, so a dropped step must give them a
+# zero gradient, which leaves both weights and state untouched only for these optimizers.
+ZERO_GRAD_IS_NOOP = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on a NaN/inf task loss (abort, or more skipped steps than allowed)."""
+
+
+class NonFinitePolicy:
+    def __init__(self, cfg, process_group, log) -> None:
+        self.cfg, self.group, self.log = cfg, process_group, log
+        self.skipped_steps = 0
+
+    def guard(self, boundary_enabled: bool, parameter_level: bool) -> str:
+        if parameter_level:
+            return "collective"
+        if not boundary_enabled:
+            return "local"
+        emb = self.cfg.model.embedding_optimizer
+        if self.cfg.train.on_nonfinite == "skip" and not (emb.name in ZERO_GRAD_IS_NOOP and emb.weight_decay == 0):
+            return "collective"
+        return "boundary"
+
+    def tasks_before_backward(self, losses: torch.Tensor, guard: str, step: int) -> List[str]:
+        """Tasks whose loss is NaN or inf, on this rank (``local``) or on any rank (``collective``);
+        none for the ``boundary`` guard, which learns it in backward."""
+        if guard == "boundary":
+            return []
+        flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
+        if guard == "collective":
+            flags = sum_over_ranks(flags, self.group)
+        bad = [name for name, flag in zip(self.cfg.task_names, flags.tolist()) if flag > 0]
+        if bad and guard == "local":
+            self.stop(bad, step, "; with the boundary off ranks cannot agree to skip")
+        return bad
+
+    def skip(self, tasks: List[str], step: int) -> None:
+        """Step ``step`` had a non-finite loss for ``tasks`` on some rank: stop (abort) or count it."""
+        if self.cfg.train.on_nonfinite == "abort":
+            self.stop(tasks, step)
+        self.skipped_steps += 1
+        logger.warning("step %d: non-finite loss for task(s) %s; step skipped on every rank", step, tasks)
+        self.log.write({"kind": "skipped_step", "step": step, "tasks": tasks})
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_steps > limit:
+            raise NonFiniteLoss(
+                f"{self.skipped_steps} steps skipped for non-finite losses (the last at step {step}, task(s) "
+                f"{tasks}), more than train.max_skipped_steps={limit}: the data or the learning rate needs a look"
+            )
+
+    @staticmethod
+    def stop(tasks: List[str], step: int, why: str = "") -> None:
+        raise NonFiniteLoss(
+            f"non-finite loss for task(s) {tasks} at step {step}; stopping without writing a checkpoint (the "
+            f"newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps{why})"
+        )

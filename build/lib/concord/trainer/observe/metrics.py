@@ -1,0 +1,69 @@
+"""Per-task quality with ``torchrec.metrics``: NE, AUC and calibration (sum of predictions over sum of
+labels, 1.0 when the mean prediction matches the base rate) for binary tasks, MSE for regression."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.calibration import CalibrationMetric
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.mse import MSEMetric
+from torchrec.metrics.ne import NEMetric
+
+_BINARY = (("ne", NEMetric), ("auc", AUCMetric), ("calibration", CalibrationMetric))
+_REGRESSION = (("mse", MSEMetric),)
+
+
+class TaskMetrics:
+    """One torchrec metric object per (task, metric). ``update`` on every rank's rows; ``compute`` is a
+    collective (every rank calls it) and returns ``{task: {metric: value}}`` on rank 0, ``{}`` elsewhere."""
+
+    def __init__(self, tasks: Sequence, world_size: int, rank: int, batch_size: int, device: torch.device | str = "cpu") -> None:
+        self.tasks = list(tasks)
+        self.rank = rank
+        self._metrics: List[tuple] = []
+        for t in self.tasks:
+            info = [RecTaskInfo(name=t.name, label_name="label", prediction_name="prediction", weight_name="weight")]
+            for metric_name, cls in _BINARY if t.type == "binary" else _REGRESSION:
+                metric = cls(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=info, window_size=10**9)
+                metric.to(device)  # its state must live where the predictions do (a CUDA run: the GPU)
+                self._metrics.append((t.name, metric_name, metric))
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        """predictions, labels: (B, T); weights: (B,) (rows of weight 0 are padding and do not count)."""
+        index = {t.name: k for k, t in enumerate(self.tasks)}
+        for task, _, metric in self._metrics:
+            k = index[task]
+            metric.update(
+                predictions={task: predictions[:, k].detach().float()},
+                labels={task: labels[:, k].float()},
+                weights={task: weights.float()},
+            )
+
+    def compute(self) -> Dict[str, Dict[str, float]]:
+        out: Dict[str, Dict[str, float]] = {}
+        for task, metric_name, metric in self._metrics:
+            values = {key.split("|")[-1]: value for key, value in metric.compute().items()}
+            # AUC reports only a window; its window (10^9 rows) spans the whole evaluation.
+            value = values.get(f"lifetime_{metric_name}", values.get(f"window_{metric_name}"))
+            if value is not None:
+                out.setdefault(task, {})[metric_name] = float(value)
+        return out
+
+    def reset(self) -> None:
+        for _, _, metric in self._metrics:
+            metric.reset()
+
+
+def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
+    """A fixed-width table: task, type, NE, AUC, calibration, MSE."""
+    lines = [f"{'task':<14}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}"]
+    def cell(r: Dict[str, float], key: str, width: int, fmt: str) -> str:
+        return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
+
+    for t in tasks:
+        r = results.get(t.name, {})
+        lines.append(f"{t.name:<14}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""``concord predict``: a trained model's per-row predictions on a data set, with the same metrics as
+training's evaluation.
+
+Every rank scores a contiguous range of the rows (every row exactly once) and writes its part; rank 0
+joins the parts in rank order, so the output's rows follow the data's order. Columns: ``row`` (the
+row's index in the data set, files in sorted order), ``pred_<task>`` for every task, ``label_<task>``
+for every task whose label column the data has, and ``weight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from concord.trainer.checkpoint import Checkpointer
+from concord.trainer.config import Config
+from concord.trainer.data.reader import Columns, DataError, ParquetReader, columns_from_config, list_files
+from concord.trainer.evaluation import Evaluator
+from concord.trainer.fingerprint import differences, fingerprint
+from concord.trainer.runtime import Runtime
+from concord.trainer.train import ResumeError, Trainer, _pop_balancer_entries, _restore_entries
+
+logger = logging.getLogger("concord.predict")
+
+# Fingerprint keys that must match for a checkpoint to be loaded into the config's model.
+MODEL_KEYS = ("model", "tasks")
+
+
+def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: str) -> Dict[str, Dict[str, float]]:
+    spec = data or cfg.data.eval
+    if not spec:
+        raise DataError("predict needs data: --data PATH, or data.eval in the config")
+    trainer = Trainer.build(cfg, rt, own_run_dir=False)
+    path = _load_model(trainer, Path(run_dir))
+    columns = _columns_present(cfg, spec)
+    reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size)
+    parts = Path(str(out) + ".parts")
+    if rt.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+    if rt.world_size > 1:
+        dist.barrier()
+    rows: List[pa.Table] = []
+
+    def sink(first: int, batch, predictions: torch.Tensor) -> None:
+        table = {"row": np.arange(first, first + batch.batch_size, dtype=np.int64)}
+        for k, task in enumerate(cfg.tasks):
+            table[f"pred_{task.name}"] = predictions[:, k].float().numpy()
+            if columns.labels[k] is not None:
+                table[f"label_{task.name}"] = batch.labels[:, k].numpy()
+        table["weight"] = batch.weights.numpy()
+        rows.append(pa.table(table))
+
+    results = Evaluator(cfg, rt, trainer.dmp, trainer.model.heads).run(reader, sink)
+    if rows:
+        pq.write_table(pa.concat_tables(rows), parts / f"rank-{rt.rank:05d}.parquet")
+    if rt.world_size > 1:
+        dist.barrier()
+    if rt.is_main:
+        tables = [pq.read_table(p) for p in sorted(parts.glob("rank-*.parquet"))]
+        pq.write_table(pa.concat_tables(tables), out)
+        shutil.rmtree(parts)
+        logger.info("%d rows scored with %s -> %s", reader.total_rows, path, out)
+    return results
+
+
+def _load_model(trainer: Trainer, run_dir: Path) -> Path:
+    """The newest intact checkpoint of ``run_dir`` into the model (tables, dense part, balancer state
+    when the balancer is the same); refuses one written for another model or other tasks."""
+    ck = Checkpointer(run_dir / "checkpoints")
+    path = ck.latest()
+    if path is None:
+        raise ResumeError(f"{run_dir}: no checkpoint to score with (run_dir/checkpoints holds none)")
+    saved = ck.info(path).get("fingerprint", {})
+    now = fingerprint(trainer.cfg, trainer.rt.world_size, 0)
+    changed = differences(saved, now)
+    wrong = [k for k in MODEL_KEYS if k in changed]
+    if wrong:
+        raise ResumeError(f"{path} holds another model ({', '.join(wrong)} differ from {trainer.cfg.source}); "
+                          "pass the config the run was trained with (its run_dir/config.yaml)")
+    state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
+    fresh = _pop_balancer_entries(state) if "balancer" in changed else {}
+    Checkpointer.load(path, {"model": state["model"]})
+    _restore_entries(state, fresh)
+    trainer.dmp.load_state_dict(state["model"])
+    return path
+
+
+def _columns_present(cfg: Config, spec: str) -> Columns:
+    """The config's columns, with the labels the data does not have marked absent."""
+    columns = columns_from_config(cfg)
+    names = set(pq.ParquetFile(list_files(spec)[0]).schema_arrow.names)
+    labels = tuple(label if label in names else None for label in columns.labels)
+    weight = columns.weight if columns.weight in names else None
+    return Columns(**{**columns.__dict__, "labels": labels, "weight": weight})

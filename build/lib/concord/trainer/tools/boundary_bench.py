@@ -1,0 +1,170 @@
+"""The boundary's cost on one device, without TorchRec: ``python -m concord.trainer.tools.boundary_bench --device cuda``.
+
+``concord bench`` measures the sharded demo job, which needs TorchRec and fbgemm; this bench needs
+torch alone, so it runs wherever a GPU is (a machine without fbgemm-gpu included). The model has the
+demo's shape: ``nn.EmbeddingBag`` tables of the demo's sizes (sparse gradients, SGD), a dense MLP,
+an MLP to ``z`` (B, d), and one MLP head per task. Inputs are drawn once on the device, so the step
+is model work only. Methods alternate, their order rotating each round as in ``concord bench``; a
+block's time ends with a device synchronisation. Printed: QPS per method and its drop against
+``equal`` and against ``none`` (no boundary: autograd sums the task gradients), from step times
+paired by round, with standard errors, plus the host synchronisations a step makes (CUDA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from concord.balancing import RepresentationBoundary, build_balancer
+from concord.trainer.observe.timing import paired_drop
+
+TABLES = [(1_000_000, 32, 1), (200_000, 32, 2), (1_000, 16, 1), (100, 16, 1)]  # rows, dim, features
+
+
+def _mlp(sizes: List[int]) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class DemoShapedRanker(nn.Module):
+    """ids (F, B*L) per feature, dense (B, 8) -> z (B, d) -> T heads -> losses (T,)."""
+
+    def __init__(self, num_tasks: int, d: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList([nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for rows, dim, _ in TABLES])
+        pooled = sum(dim * features for _, dim, features in TABLES)
+        self.dense = _mlp([8, 128, 64])
+        self.to_z = nn.Sequential(_mlp([pooled + 64, 512, d]), nn.ReLU())
+        self.boundary = RepresentationBoundary(build_balancer("equal", [f"task{k}" for k in range(num_tasks)]))
+        self.heads = nn.ModuleList([_mlp([d, 64, 1]) for _ in range(num_tasks)])
+
+    def forward(self, ids: List[torch.Tensor], dense: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        b = dense.shape[0]
+        pooled, f = [], 0
+        for table, (_, _, features) in zip(self.tables, TABLES):
+            for _ in range(features):
+                pooled.append(table(ids[f].view(b, -1)))
+                f += 1
+        z = self.to_z(torch.cat(pooled + [self.dense(dense)], dim=1))
+        views = self.boundary(z)
+        losses = []
+        for k, (head, view) in enumerate(zip(self.heads, views)):
+            logit = head(view).squeeze(1)
+            if k == len(self.heads) - 1:  # a regression task with ~100x the loss scale
+                losses.append(nn.functional.mse_loss(logit, 10 * labels[:, k]))
+            else:
+                losses.append(nn.functional.binary_cross_entropy_with_logits(logit, (labels[:, k] > 0).float()))
+        return self.boundary.objective(torch.stack(losses))
+
+
+def _batches(count: int, batch: int, num_tasks: int, device: torch.device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = [torch.randint(0, rows, (batch, 2 if feature else 1), generator=g).to(device)
+               for rows, _, features in TABLES for feature in range(features)]
+        out.append((ids, torch.randn(batch, 8, generator=g).to(device), torch.randn(batch, num_tasks, generator=g).to(device)))
+    return out
+
+
+def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rounds: int, steps: int) -> Dict[str, List[float]]:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = DemoShapedRanker(num_tasks, d).to(dev)
+    sparse = [p for t in model.tables for p in t.parameters()]
+    dense = [p for n, p in model.named_parameters() if not n.startswith("tables.")]
+    sgd = torch.optim.SGD(sparse, lr=0.01)
+    adam = torch.optim.Adam(dense, lr=1e-3, fused=dev.type == "cuda")
+    data = _batches(16, batch, num_tasks, dev)
+    names = [f"task{k}" for k in range(num_tasks)]
+
+    def use(method: str) -> None:
+        model.boundary.enabled = method != "none"
+        if method != "none":
+            model.boundary.balancer = build_balancer(method, names)
+
+    def step(i: int) -> None:
+        ids, x, y = data[i % len(data)]
+        sgd.zero_grad(set_to_none=True)
+        adam.zero_grad(set_to_none=True)
+        model(ids, x, y).backward()
+        sgd.step()
+        adam.step()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    model.boundary.telemetry_every = 10**9
+    syncs = {}
+    for m in methods:  # warm-up, and the host synchronisations of one step
+        use(m)
+        for i in range(5):
+            step(i)
+        sync()
+        if dev.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                step(0)
+                torch.cuda.set_sync_debug_mode("default")
+            syncs[m] = sum("synchroniz" in str(w.message) for w in caught)
+    step_ms: Dict[str, List[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+            use(m)
+            step(0)
+            sync()
+            start = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            sync()
+            step_ms[m].append(1000.0 * (time.perf_counter() - start) / steps)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {1000 * batch / step_ms[m][-1]:,.0f}" for m in methods), flush=True)
+    _report(step_ms, syncs, device, batch, d, num_tasks, steps)
+    return step_ms
+
+
+def _drop(step_ms: Dict[str, List[float]], method: str, base: str) -> str:
+    if base not in step_ms or method == base:
+        return "–"
+    drop, sem = paired_drop(step_ms[method], step_ms[base])
+    return f"{drop:+.2f} ± {sem:.2f}%"
+
+
+def _report(step_ms, syncs, device, batch, d, num_tasks, steps) -> None:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, {steps} steps a block, {len(next(iter(step_ms.values())))} rounds")
+    print("| method | QPS | drop vs equal (± s.e.) | drop vs none (± s.e.) | host syncs a step |")
+    print("|---|---|---|---|---|")
+    for m, times in step_ms.items():
+        qps = 1000.0 * batch / statistics.mean(times)
+        print(f"| {m} | {qps:,.0f} | {_drop(step_ms, m, 'equal')} | {_drop(step_ms, m, 'none')} | {syncs.get(m, '–')} |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="none,equal,multibalance,emtl,cograd,graddrop")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if "equal" not in methods:
+        methods.insert(0, "equal")
+    run(methods, args.device, args.batch, args.dim, args.tasks, args.rounds, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""``concord compare``: the papers' comparison on your own config, N seeds, one command.
+
+Every (seed, method) cell trains the same config with that balancer and ``train.seed`` (the same
+initialisation and data order for every method of a seed), evaluates on the held-out split and leaves
+``summary.json`` in its run directory. A cell whose summary exists is reused, so an interrupted
+comparison resumes where it stopped. The report (Markdown + PNG) then has:
+
+- Table 2 (MultiBalance paper): method, what is balanced, QPS drop vs ``equal`` of the same seed, and
+  the quality gain per task, mean ± std over seeds;
+- Table 3: quality gain per task and averaged, AUC and calibration per task;
+- the verdicts: for each method and task, the paired difference to ``equal`` over seeds with its 95%
+  confidence interval, and "better", "worse" or "no detectable difference";
+- each balancer's weight/gradient figure (seed 0), copied to ``figures/`` beside the report.
+
+Gain is ``(NE_equal - NE_method) / NE_equal * 100`` for binary tasks, and the same with MSE for
+regression tasks. Cells run ``--jobs`` at a time (each on its own ranks, the cores shared out), so the
+QPS drops carry the machine's load and drift between runs; ``concord bench`` measures QPS side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import yaml
+
+from concord.balancing import available_balancers
+from concord.balancing.param_level import PARAMETER_LEVEL
+from concord.trainer.config import Config, load_config, resolve_config_path
+
+WHAT_IS_BALANCED = {
+    "boundary": "shared representation z (dense bottom and embedding tables)",
+    "parameter": "dense bottom parameters (numerical MLP, interaction, shared MLP); tables unbalanced",
+}
+
+
+class CompareError(RuntimeError):
+    """Some cells did not train; the message names the first and its log."""
+
+
+def cell_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def single_cell_name(task: str, seed: int) -> str:
+    return f"single-{task}-seed{seed}"
+
+
+def run_compare(
+    config_path: str,
+    overrides: Sequence[str],
+    methods: List[str],
+    seeds: int,
+    out_dir: str,
+    single_task: bool = False,
+    jobs: int = 1,
+) -> Path:
+    cfg = load_config(config_path, overrides)  # validates the base config and the method names below
+    from concord.trainer.train import check_data_exists
+
+    check_data_exists(cfg)  # one line now, rather than the same failure in every cell
+    unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
+    methods = ["equal"] + [m for m in methods if m != "equal"]
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    cells = [(seed, m) for seed in range(seeds) for m in methods]
+    singles = [(seed, t) for seed in range(seeds) for t in cfg.task_names] if single_task else []
+    todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
+    todo += [(s, "equal", out / "runs" / single_cell_name(t, s), t) for s, t in singles]
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
+
+    def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
+        what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
+        if (run_dir / "summary.json").is_file():
+            print(f"[{i}/{len(todo)}] {what}: done earlier, reused", flush=True)
+            return
+        print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
+        _train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
+        print(f"[{i}/{len(todo)}] {what}: done", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, i, *cell) for i, cell in enumerate(todo, 1)]
+    failed = [str(f.exception()) for f in futures if f.exception() is not None]
+    if failed:  # every other cell ran; a rerun trains only the failed ones
+        raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
+    summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
+    single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
+    report = write_report(out, cfg, methods, seeds, summaries, single)
+    print(f"report: {report}")
+    return report
+
+
+def _train_cell(
+    config_path: str,
+    overrides: Sequence[str],
+    cfg: Config,
+    method: str,
+    seed: int,
+    run_dir: Path,
+    task: str | None = None,
+    threads: int = 1,
+) -> None:
+    """Writes the cell's config (the base config with this method's default knobs, or the base config's
+    knobs for its own method) and trains it with ``concord train`` (``--single-task`` for ``task``),
+    each rank on ``threads`` intra-op threads."""
+    raw = yaml.safe_load(resolve_config_path(config_path).read_text())
+    balancer = {"name": method, "reduction": cfg.balancer.reduction}
+    if method == cfg.balancer.name:
+        balancer.update(cfg.balancer.knobs)
+    raw["balancer"] = balancer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cell_config = run_dir / "input.yaml"
+    cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    single = ["--single-task", task] if task else []
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
+           f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
+    log = run_dir / "train.log"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if rc != 0 or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
+
+
+def _quality(summary: dict, task) -> float:
+    return summary["eval"][task.name]["ne" if task.type == "binary" else "mse"]
+
+
+def gains(cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Dict[str, Dict[str, List[float]]]:
+    """{method: {task: [gain % per seed]}} against ``equal`` of the same seed."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for m in methods:
+        for t in cfg.tasks:
+            per_seed = []
+            for s in range(seeds):
+                base, got = _quality(summaries[(s, "equal")], t), _quality(summaries[(s, m)], t)
+                per_seed.append(100.0 * (base - got) / base)
+            out.setdefault(m, {})[t.name] = per_seed
+    return out
+
+
+def _mean_and_spread(values: List[float]) -> Tuple[float, float]:
+    """Mean and population standard deviation over seeds (0 for one seed)."""
+    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _mean_std(values: List[float]) -> str:
+    mean, sd = _mean_and_spread(values)
+    return f"{mean:+.2f} ± {sd:.2f}"
+
+
+def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None) -> Path:
+    g = gains(cfg, methods, seeds, summaries)
+    qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
+    drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
+    label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
+    lines = [
+        f"# Balancer comparison: `{cfg.source}`",
+        "",
+        f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
+        "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
+        "positive is better. Mean ± std over seeds. QPS: lifetime training QPS of each run, which ran one "
+        "after another (see `concord bench` for side-by-side QPS).",
+        "",
+        "## Table 2: what is balanced, cost, gain",
+        "",
+        "| method | balanced | QPS | QPS drop (%) | " + " | ".join(f"{label[t.name]} gain {t.name} (%)" for t in cfg.tasks) + " |",
+        "|---|---|---|---|" + "---|" * len(cfg.tasks),
+    ]
+    for m in methods:
+        kind = "parameter" if m in PARAMETER_LEVEL else "boundary"
+        lines.append(
+            f"| {m} | {WHAT_IS_BALANCED[kind]} | {statistics.mean(qps[m]):,.0f} | {_mean_std(drops[m])} | "
+            + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + " |"
+        )
+    binary = [t for t in cfg.tasks if t.type == "binary"]
+    lines += [
+        "",
+        "## Table 3: gain per task and averaged; AUC",
+        "",
+        "| method | " + " | ".join(f"{label[t.name]} gain {t.name}" for t in cfg.tasks) + " | average gain | "
+        + " | ".join(f"AUC {t.name}" for t in binary) + " | " + " | ".join(f"calibration {t.name}" for t in binary) + " |",
+        "|---|" + "---|" * (len(cfg.tasks) + 1 + 2 * len(binary)),
+    ]
+    for m in methods:
+        avg = [statistics.mean(g[m][t.name][s] for t in cfg.tasks) for s in range(seeds)]
+        aucs = [statistics.mean(summaries[(s, m)]["eval"][t.name]["auc"] for s in range(seeds)) for t in binary]
+        calib = [_mean_metric(summaries, m, seeds, t.name, "calibration") for t in binary]
+        lines.append(
+            f"| {m} | " + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + f" | {_mean_std(avg)} | "
+            + " | ".join(f"{a:.4f}" for a in aucs) + " | " + " | ".join(calib) + " |"
+        )
+    lines += ["", "## Verdicts: paired differences to `equal`", "", *verdict_table(cfg, methods, g), ""]
+    lines += ["## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
+    if single:
+        lines += ["## Transfer: multi-task against single-task models", "", *transfer_table(cfg, methods, seeds, summaries, single), ""]
+    lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
+    import shutil
+
+    from concord.trainer.observe.plots import plot_run
+
+    figures = out / "figures"  # beside the report: the runs/ directories are not meant to be committed
+    figures.mkdir(exist_ok=True)
+    for m in methods:
+        (path,) = plot_run(out / "runs" / cell_name(m, 0))
+        copy = figures / f"balancer-{m}.png"
+        shutil.copyfile(path, copy)
+        lines.append(f"![{m}]({copy.relative_to(out)})")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def transfer_table(cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict) -> List[str]:
+    """Per task, ``(Q_single - Q_method) / Q_single * 100`` of the same seed: negative where sharing the
+    model hurts the task (negative transfer), positive where it helps."""
+    label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
+    lines = [
+        "Each task also trained alone (`concord train --single-task`, same seed, data and model). Transfer: "
+        "`(single - multi) / single * 100` of the held-out NE or MSE; negative means negative transfer.",
+        "",
+        "| model | " + " | ".join(f"{label[t.name]} {t.name}" for t in cfg.tasks) + " | "
+        + " | ".join(f"transfer {t.name} (%)" for t in cfg.tasks) + " |",
+        "|---|" + "---|" * (2 * len(cfg.tasks)),
+    ]
+    alone = [statistics.mean(_quality(single[(s, t.name)], t) for s in range(seeds)) for t in cfg.tasks]
+    lines.append("| single-task | " + " | ".join(f"{q:.4f}" for q in alone) + " |" + " – |" * len(cfg.tasks))
+    for m in methods:
+        quality = [statistics.mean(_quality(summaries[(s, m)], t) for s in range(seeds)) for t in cfg.tasks]
+        transfer = [
+            [100.0 * (_quality(single[(s, t.name)], t) - _quality(summaries[(s, m)], t)) / _quality(single[(s, t.name)], t) for s in range(seeds)]
+            for t in cfg.tasks
+        ]
+        lines.append(f"| {m} | " + " | ".join(f"{q:.4f}" for q in quality) + " | " + " | ".join(_mean_std(v) for v in transfer) + " |")
+    return lines
+
+
+def _mean_metric(summaries: Dict, method: str, seeds: int, task: str, metric: str) -> str:
+    values = [summaries[(s, method)]["eval"][task].get(metric) for s in range(seeds)]
+    return f"{statistics.mean(values):.4f}" if None not in values else "–"
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no SciPy in the stack).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def paired_interval(differences: Sequence[float]) -> Tuple[float, float, float]:
+    """Mean of per-seed paired differences and its 95% confidence interval (Student's t, n - 1 degrees
+    of freedom); with one seed the interval is unbounded."""
+    n = len(differences)
+    mean = statistics.mean(differences)
+    if n < 2:
+        return mean, -math.inf, math.inf
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.960) * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(differences: Sequence[float]) -> str:
+    """"better" / "worse" when the interval excludes 0, else "no detectable difference"."""
+    _, lo, hi = paired_interval(differences)
+    return "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
+
+
+def _interval(differences: Sequence[float]) -> str:
+    mean, lo, hi = paired_interval(differences)
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) else f"{mean:+.2f} [one seed]"
+
+
+def verdict_table(cfg: Config, methods: List[str], g) -> List[str]:
+    """Per method and task: the mean paired gain (%) with its 95% interval, and the verdict."""
+    lines = [
+        "Each seed pairs a method with `equal` on the same initialisation and data. Gain (%) with its 95% "
+        "confidence interval over seeds (Student's t); \"better\" or \"worse\" only where the interval "
+        "excludes zero.",
+        "",
+        "| method | " + " | ".join(t.name for t in cfg.tasks) + " |",
+        "|---|" + "---|" * len(cfg.tasks),
+    ]
+    for m in methods:
+        if m == "equal":
+            continue
+        cells = [f"{_interval(g[m][t.name])}: {verdict(g[m][t.name])}" for t in cfg.tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def worst_task_verdicts(cfg: Config, methods, seeds, summaries, g) -> List[str]:
+    """Does each method improve the worst binary task (highest NE under ``equal``), with a paired
+    confidence interval above zero, while no other task is worse (interval below zero)?"""
+    binary = [t for t in cfg.tasks if t.type == "binary"]
+    if not binary:
+        return ["(no binary task)"]
+    worst = max(binary, key=lambda t: statistics.mean(summaries[(s, "equal")]["eval"][t.name]["ne"] for s in range(seeds)))
+    lines = [f"Worst task under `equal`: **{worst.name}** (highest held-out NE). A method passes if its paired NE "
+             "gain on it has a 95% interval above zero and no other task's interval lies below zero.", "",
+             "| method | gain on worst [95% CI] | other tasks worse | passes |", "|---|---|---|---|"]
+    for m in methods:
+        if m == "equal":
+            continue
+        worse = [t.name for t in cfg.tasks if t.name != worst.name and verdict(g[m][t.name]) == "worse"]
+        ok = verdict(g[m][worst.name]) == "better" and not worse
+        lines.append(f"| {m} | {_interval(g[m][worst.name])}% | {', '.join(worse) or 'none'} | {'yes' if ok else 'no'} |")
+    return lines
+
+
+def plot_gains(out: Path, cfg: Config, methods: List[str], g) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [m for m in methods if m != "equal"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(others) * len(cfg.tasks) / 2), 4))
+    width = 0.8 / len(cfg.tasks)
+    for k, t in enumerate(cfg.tasks):
+        means = [statistics.mean(g[m][t.name]) for m in others]
+        stds = [statistics.pstdev(g[m][t.name]) if len(g[m][t.name]) > 1 else 0.0 for m in others]
+        ax.bar([i + k * width for i in range(len(others))], means, width, yerr=stds, label=t.name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(cfg.tasks) - 1) / 2 for i in range(len(others))], others, rotation=30)
+    ax.set_ylabel("gain vs equal (%)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "gains.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

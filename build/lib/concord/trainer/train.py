@@ -1,0 +1,483 @@
+"""The training loop: sharded model, fused embedding optimizer + dense optimizer, QPS, eval, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
+from concord.trainer.checkpoint import Checkpointer
+from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
+from concord.trainer.lifecycle import StopRequest, Stopped
+from concord.trainer.nonfinite import NonFinitePolicy
+from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
+from concord.trainer.config import Config, to_dict
+from concord.trainer.data.prefetch import Prefetcher
+from concord.trainer.evaluation import Evaluator
+from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
+from concord.trainer.observe.metrics import format_table
+from concord.trainer.observe.runlog import RunLog
+from concord.balancing import NonFiniteLossError
+from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
+from concord.balancing.collectives import sum_over_ranks
+from concord.trainer.model import MultiTaskModel, boundary_method, build_model
+from concord.trainer.optimizers import DENSE_OPTIMIZERS, LRSchedule
+from concord.trainer.runtime import Runtime
+from concord.trainer.observe.progress import progress_bar
+from concord.trainer.data.synth import dataset_ready
+from concord.trainer.observe.timing import QPSMeter, StepTimer
+
+logger = logging.getLogger("concord.train")
+
+
+
+
+def check_data_exists(cfg: Config) -> None:
+    """Training reads data that exists: nothing is generated because a path is missing (a mistyped
+    ``data.train`` must not become a fresh synthetic data set); the error says how to make it."""
+    for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if not path or dataset_ready(path) or Path(path).is_file():
+            continue
+        if cfg.data.convert is not None:
+            how = f"; `concord convert --config {cfg.source}` writes it from data.convert.input"
+        elif cfg.data.synthetic is not None:
+            how = f"; `concord synth --config {cfg.source}` writes the config's synthetic data there"
+        else:
+            how = ""
+        raise DataError(f"{key}: {path} holds no Parquet data{how}")
+
+
+@dataclass
+class Trainer:
+    """Holds the sharded model and optimizers; :meth:`fit` runs the configured training."""
+
+    cfg: Config
+    rt: Runtime
+    model: MultiTaskModel  # the unwrapped module (its boundary is reachable here)
+    dmp: torch.nn.Module
+    optimizer: CombinedOptimizer
+    log: RunLog
+    dense_optimizer: KeyedOptimizerWrapper
+    param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
+    step: int = 0  # optimisation steps taken (skipped steps included)
+    train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
+
+    run_id: str = ""
+    lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
+    schedule: Optional[LRSchedule] = None  # set by fit
+    nonfinite: Optional[NonFinitePolicy] = None  # set by build
+
+    def precision(self):
+        """The forward's autocast context (``train.precision``)."""
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @classmethod
+    def build(cls, cfg: Config, rt: Runtime, own_run_dir: bool = True) -> "Trainer":
+        """The sharded model and its optimizers. ``own_run_dir``: lock ``train.run_dir``, start or
+        continue the run there and check the data (training); False builds the model alone (scoring)."""
+        run_dir = Path(cfg.train.run_dir)
+        lock, run_id = None, ""
+        if rt.is_main and own_run_dir:  # before anything is written there: one job per directory, one run in it
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+            run_id = start_run(run_dir, resume=cfg.train.resume)
+        if rt.world_size > 1:
+            dist.barrier()
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, "meta", process_group=rt.balancer_group)
+        apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
+        dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
+        opt_cfg = cfg.train.dense_optimizer
+        opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
+        # fused: one kernel over all dense parameters instead of one per tensor.
+        kwargs: Dict[str, Any] = {"lr": opt_cfg.lr, "weight_decay": opt_cfg.weight_decay, "fused": True}
+        if opt_cfg.name != "sgd":
+            kwargs["eps"] = opt_cfg.eps
+        dense = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: opt_cls(params, **kwargs)
+        )
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+        optimizer.save_param_groups(False)  # hyper-parameters come from the config: state tensors only
+        log = RunLog(run_dir, run_id, enabled=rt.is_main and own_run_dir)
+        if rt.is_main and own_run_dir:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
+        trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock,
+                      nonfinite=NonFinitePolicy(cfg, rt.balancer_group, log))
+        if own_run_dir:
+            trainer.check_data()
+        # The model was built with the configured balancer, whose parameters (if any) the dense
+        # optimizer and DDP already hold: keep that instance.
+        trainer.use_method(cfg.balancer.name, cfg.balancer.knobs, rebuild=False)
+        return trainer
+
+    def use_method(self, name: str, knobs: Optional[Dict[str, Any]] = None, rebuild: bool = True) -> None:
+        """Switches the balancing method on the same model (used by ``concord bench``). ``none``
+        switches the boundary off: plain training on the mean task loss, the cost baseline.
+        A swapped-in balancer with learnable parameters (uncertainty) is not trained: they are in
+        neither the dense optimizer nor DDP, which were built with the model."""
+        boundary = self.model.boundary
+        boundary.enabled = name != NO_BOUNDARY
+        name = "equal" if name == NO_BOUNDARY else name
+        if rebuild:
+            balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
+            boundary.balancer, boundary.reduction = balancer, reduction
+        boundary.on_nonfinite_loss = "raise" if self.cfg.train.on_nonfinite == "abort" else "skip_step"
+        self.param_balancer = None
+        if name in PARAMETER_LEVEL:
+            self.param_balancer = build_parameter_level(
+                name, self.cfg.task_names, list(self.model.bottom.parameters()), self.rt.balancer_group, **(knobs or {})
+            )
+
+    # --- data -------------------------------------------------------------------------------------
+    def _reader(self, spec: str, train: bool) -> ParquetReader:
+        data = self.cfg.data
+        return ParquetReader(
+            spec, columns_from_config(self.cfg), data.batch_size, self.rt.rank, self.rt.world_size,
+            drop_last=train, shuffle=train and data.shuffle, seed=self.cfg.train.seed, shuffle_rows=data.shuffle_rows,
+        )
+
+    def check_data(self) -> None:
+        """Before the first step: both splits open with the right schema (every file), and their first
+        row group decodes cleanly (ids in range, labels and weights valid) on every rank."""
+        splits = [("data.train", self.cfg.data.train, True)]
+        if self.cfg.data.eval:
+            splits.append(("data.eval", self.cfg.data.eval, False))
+        for key, spec, train in splits:
+            reader = self._reader(spec, train)
+            if reader.total_rows == 0:
+                raise DataError(f"{key}: {spec} has no rows")
+            reader.check_weights()
+            next(reader.batches(), None)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    @property
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(Path(self.cfg.train.run_dir) / "checkpoints", self.cfg.train.keep_checkpoints)
+
+    def checkpoint_state(self, step: int) -> Dict[str, Any]:
+        """Everything a resumed run needs, tensors only (see concord.trainer.checkpoint)."""
+        state: Dict[str, Any] = {
+            "model": self.dmp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {"step": torch.tensor(step)},
+        }
+        if self.param_balancer is not None:
+            state["param_balancer"] = self.param_balancer.state_dict()
+        return state
+
+    def fingerprint(self) -> Dict[str, Any]:
+        rows = self._reader(self.cfg.data.train, train=True).total_rows
+        return fingerprint(self.cfg, self.rt.world_size, rows)
+
+    def save_checkpoint(self, step: int) -> Path:
+        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id}
+        return self.checkpointer.save(step, self.checkpoint_state(step), info)
+
+    def resume(self) -> int:
+        """Loads the newest intact checkpoint, if any, after checking that it was written by a
+        compatible setup (:mod:`concord.trainer.fingerprint`); returns the step to continue from."""
+        path = self.checkpointer.latest() if self.cfg.train.resume else None
+        if path is None:
+            return 0
+        saved, now = self.checkpointer.info(path).get("fingerprint", {}), self.fingerprint()
+        changed = differences(saved, now)
+        refused = [key for key in changed if key not in self.cfg.train.allow_changes]
+        if refused:
+            raise ResumeError(mismatch_message(str(path), refused, saved, now, self.cfg.train.allow_changes))
+        self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
+        state = self.checkpoint_state(0)
+        fresh = {}
+        if "balancer" in changed:  # allowed: the new balancer keeps its fresh state and parameters
+            fresh = _pop_balancer_entries(state)
+            if self.rt.is_main:
+                logger.info("resuming with balancer %s (was %s): its state starts fresh", now["balancer"], saved.get("balancer"))
+        Checkpointer.load(path, state)
+        _restore_entries(state, fresh)
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.param_balancer is not None:
+            self.param_balancer.load_state_dict(state["param_balancer"])
+        step = int(state["progress"]["step"])
+        if self.rt.is_main:
+            print(f"resumed from {path} at step {step}", flush=True)
+        self.log.write({"kind": "resume", "step": step, "checkpoint": str(path)})
+        return step
+
+    # --- training ---------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Resumes if it can, trains to the configured step, evaluates, writes the summary. SIGTERM or
+        SIGINT stop it after a step that every rank agrees on (SIGTERM writes a checkpoint first)."""
+        cfg, rt = self.cfg, self.rt
+        step = self.resume()
+        batches = self.train_batches(start_step=step)
+        if cfg.data.prefetch:
+            pin = (lambda b: b.pin_memory()) if rt.device.type == "cuda" else None
+            batches = Prefetcher(batches, cfg.data.prefetch, pin)
+        total = self._total_steps(step)
+        self.schedule = self._schedule(total)
+        qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
+        stop = StopRequest().install()
+        started = time.time()
+        try:
+            step = self._train_until(total, step, batches, qps, stop)
+        finally:
+            stop.uninstall()
+            if isinstance(batches, Prefetcher):
+                batches.close()
+        return self._finish(step, qps, time.time() - started)
+
+    def _schedule(self, total: int) -> LRSchedule:
+        groups = list(self.dense_optimizer.param_groups)
+        if self.cfg.train.lr_schedule.embeddings:
+            groups += list(self.dmp.fused_optimizer.param_groups)
+        return LRSchedule(self.cfg.train.lr_schedule, total, groups)
+
+    def _total_steps(self, step: int) -> int:
+        total = self.train_reader.full_batches_per_rank() * self.cfg.train.epochs
+        if self.cfg.train.max_steps is not None:
+            total = min(total, self.cfg.train.max_steps)
+        if step >= total and self.rt.is_main:
+            print(
+                f"{self.cfg.train.run_dir} already holds this run's last checkpoint (step {step} of {total}): "
+                "evaluating it without training. To train again, pass train.resume=false (the finished run "
+                "moves to previous-<id>/) or another train.run_dir.",
+                flush=True,
+            )
+        return total
+
+    def _train_until(self, total: int, step: int, batches: Iterator[Batch], qps: QPSMeter, stop: StopRequest) -> int:
+        cfg = self.cfg.train
+        timer = StepTimer(self.rt.device)
+        bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
+        bar.update(step)
+        self.dmp.train()
+        saved_at = step
+        while step < total:
+            self.step = step
+            out, timings = self.train_step(batches, timer)
+            step += 1
+            qps.update(timings)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                self._log_train(step, out.losses, qps)
+                if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
+                    bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                self.evaluate(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(step)
+                saved_at = step
+            if step % STOP_CHECK_EVERY == 0 or step == total:
+                signum = stop.agreed(self.rt.balancer_group)
+                if signum is not None:
+                    bar.close()
+                    preempted = signum == signal.SIGTERM
+                    if preempted and saved_at != step:
+                        self.save_checkpoint(step)
+                    self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
+                    raise Stopped(signum, step, checkpoint=preempted)
+        bar.close()
+        if cfg.checkpoint_final and saved_at != step:
+            self.save_checkpoint(step)
+        return step
+
+    def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
+        cfg, reader = self.cfg, self.train_reader
+        final = self.evaluate(step)
+        summary = {
+            "kind": "summary",
+            "step": step,
+            "wall_seconds": seconds,
+            "qps_lifetime": qps.lifetime_qps(),
+            "qps_window": qps.windowed_qps(),
+            "breakdown": qps.breakdown(),
+            "eval": final,
+            "balancer": cfg.balancer.name,
+            "skipped_steps": self.nonfinite.skipped_steps,
+            "data_repairs": self._data_repairs(),
+            "rows": {
+                "train": reader.total_rows,
+                "trained_per_epoch": reader.total_rows - reader.rows_left_out(),
+                "left_out_per_epoch": reader.rows_left_out(),
+            },
+        }
+        self.log.write(summary)
+        if self.rt.is_main:
+            write_json_atomic(Path(cfg.train.run_dir) / "summary.json", summary)
+            print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
+            print(format_table(final, cfg.tasks))
+            print(_qps_line(qps))
+            print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
+        self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+        return summary
+
+    def train_step(self, batches: Iterator[Batch], timer: StepTimer):
+        """One optimisation step on the next batch; returns the model output and phase timings (s).
+        A non-finite task loss on any rank stops training or drops the step on every rank together
+        (:mod:`concord.trainer.nonfinite`)."""
+        timer.start()
+        batch = next(batches).to(self.rt.device, non_blocking=True)
+        timer.mark("data")
+        if self.schedule is not None:
+            self.schedule.apply(self.step)
+        with self.precision():
+            out = self.dmp(batch)
+        timer.mark("forward")
+        boundary = self.model.boundary
+        guard = self.nonfinite.guard(boundary.enabled, self.param_balancer is not None)
+        bad = self.nonfinite.tasks_before_backward(out.losses, guard, self.step + 1)
+        if not bad and self.param_balancer is not None:
+            # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
+            # plain gradient through, with no statistics (the losses are weighted already).
+            with boundary.passthrough():
+                self.param_balancer.objective(out.losses).backward()
+        elif not bad:
+            try:
+                out.objective.backward()
+            except NonFiniteLossError as error:  # raised on every rank alike, before any update
+                self.nonfinite.stop(error.tasks, self.step + 1)
+            bad = boundary.skipped_tasks if guard == "boundary" else []
+        timer.mark("backward")
+        if bad:
+            self.nonfinite.skip(bad, self.step + 1)
+        else:
+            if self.cfg.train.clip_grad_norm > 0:  # DDP averaged the gradients: every rank clips alike
+                torch.nn.utils.clip_grad_norm_(self.dense_optimizer.params.values(), self.cfg.train.clip_grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        timer.mark("optimizer")
+        timings = timer.read()
+        used = boundary.enabled and self.param_balancer is None
+        timings["boundary"] = boundary.backward_seconds if used else 0.0
+        timings["boundary_comm"] = boundary.comm_seconds if used else 0.0
+        return out, timings
+
+    def _data_repairs(self) -> Dict[str, int]:
+        """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
+        counts = self.train_reader.counts if self.train_reader is not None else {"hashed_ids": 0, "imputed_dense": 0}
+        values = sum_over_ranks(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64), self.rt.balancer_group)
+        return dict(zip(counts, (int(v) for v in values.tolist())))
+
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """The training split, full batches only, epoch after epoch (the same count on every rank),
+        starting where step ``start_step`` left off."""
+        reader = self.train_reader = self._reader(self.cfg.data.train, train=True)
+        steps = reader.full_batches_per_rank()
+        if steps == 0:
+            raise DataError(
+                f"data.train: {self.cfg.data.train}: {reader.total_rows} rows make not one full batch of "
+                f"{self.cfg.data.batch_size} rows per rank for {self.rt.world_size} ranks; lower data.batch_size"
+            )
+        if start_step == 0 and self.rt.is_main:
+            logger.info(
+                "an epoch trains %d steps x %d rows x %d ranks = %d of the %d training rows; %d left out (%s)",
+                steps, reader.batch_size, self.rt.world_size, reader.total_rows - reader.rows_left_out(),
+                reader.total_rows, reader.rows_left_out(),
+                "other rows each epoch: shuffled" if reader.shuffle else "the same rows each epoch: data.shuffle is off",
+            )
+        return self._epochs(reader, steps, start_step)
+
+    @staticmethod
+    def _epochs(reader: ParquetReader, steps_per_epoch: int, start_step: int) -> Iterator[Batch]:
+        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch. An
+        epoch's order is a function of the seed and the epoch, so a step's data is a function of the
+        step and a resumed run continues exactly."""
+        epoch, done_in_epoch = divmod(start_step, steps_per_epoch)
+        while True:
+            batches = reader.batches(epoch=epoch, skip_rows=done_in_epoch * reader.batch_size)
+            for _ in range(steps_per_epoch - done_in_epoch):
+                yield next(batches)
+            epoch, done_in_epoch = epoch + 1, 0
+
+    def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
+        stats = self.model.boundary.last_stats
+        losses = stats.losses.tolist() if stats is not None else local_losses.detach().tolist()
+        names = self.cfg.task_names
+        telemetry = self.model.boundary.telemetry()
+        if self.param_balancer is not None:
+            telemetry = {**telemetry, **self.param_balancer.last_telemetry}
+        record = {
+            "kind": "train",
+            "step": step,
+            "loss": dict(zip(names, losses)),
+            "qps_window": qps.windowed_qps(),
+            "qps_lifetime": qps.lifetime_qps(),
+            "breakdown": qps.breakdown(),
+            "balancer": _per_task(telemetry, names),
+        }
+        self.log.write(record, step)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        """NE/AUC/calibration/MSE per task on the held-out split (every row once)."""
+        if not self.cfg.data.eval:
+            return {}
+        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self._reader(self.cfg.data.eval, train=False))
+        self.log.write({"kind": "eval", "step": step, "eval": results}, step)
+        return results
+
+
+NO_BOUNDARY = "none"  # concord bench: the model without the boundary
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM / SIGINT (one tiny sum)
+
+
+class ResumeError(RuntimeError):
+    """The newest checkpoint was written by a setup that cannot be continued; the message names the
+    differing keys and the ways out."""
+
+
+def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
+    """Removes (and returns, by path) the balancer's state and parameters from a checkpoint state."""
+    popped = {}
+    for section in ("model", "optimizer"):
+        for key in [k for k in state[section] if "boundary._extra_state" in k or "balancer_parameters" in k]:
+            popped[(section, key)] = state[section].pop(key)
+    return popped
+
+
+def _restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
+    for (section, key), value in entries.items():
+        state[section][key] = value
+
+
+def _per_task(telemetry: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """Per-task lists become {task: value} so logs and TensorBoard read by name."""
+    out: Dict[str, Any] = {}
+    for key, value in telemetry.items():
+        if isinstance(value, list) and len(value) == len(names):
+            out[key] = dict(zip(names, value))
+        else:
+            out[key] = value
+    return out
+
+
+def _qps_line(qps: QPSMeter) -> str:
+    life, win = qps.lifetime_qps(), qps.windowed_qps()
+    if life is None:
+        if qps.steps_seen == 0:
+            return "QPS: not measured (no step trained in this invocation)"
+        return f"QPS: not measured ({qps.steps_seen} step(s) trained in this invocation, all among the first {qps.qps_skip_steps} that QPS skips: train.qps_skip_steps)"
+    b = qps.breakdown()
+    return (
+        f"training QPS (global, first steps skipped): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
+        f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + forward {b['forward_ms']:.1f} + backward "
+        f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
+        f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward; of it "
+        f"{b['boundary_comm_ms']:.2f} ms blocked on the statistics all-reduce, waiting for peers included)"
+    )
