@@ -204,7 +204,7 @@ class RepresentationBoundary(nn.Module):
         if self.statistics == "previous":
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
-            state.update(_stats_to_tensors(stats, self.num_tasks))
+            state.update(_stats_to_tensors(stats, self.num_tasks, getattr(self._balancer, "extra_size", 0)))
         return state
 
     def set_extra_state(self, state: dict) -> None:
@@ -285,7 +285,8 @@ class RepresentationBoundary(nn.Module):
         record = self._record
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
-        packed = local_statistics(grads, record.losses, template.shape[0], None, cross_terms)
+        extra = self.balancer.local_extra(grads, z)
+        packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
         usable = usable_here(np.array([g is not None for g in grads]), packed)
         previous, self._in_flight = self._in_flight, PendingStatistics(
             packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms
@@ -342,23 +343,26 @@ class _Ready:
 
 
 def _needs_its_own_statistics(balancer: Balancer) -> bool:
-    """Methods that add numbers of their own to the step's reduction need that step's sum."""
-    return type(balancer).local_extra is not Balancer.local_extra
+    """Methods that add numbers of their own to the step's reduction need that step's sum, unless
+    they declare that the previous step's serve (``lag_safe_extras``)."""
+    return type(balancer).local_extra is not Balancer.local_extra and not getattr(balancer, "lag_safe_extras", False)
 
 
 _IN_FLIGHT = "in_flight_"
 
 
-def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int) -> dict:
-    """Tensors only, with the same keys whether or not statistics are in flight (so that a checkpoint
-    template always asks for them)."""
+def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: int) -> dict:
+    """Tensors only, with the same keys and shapes whether or not statistics are in flight (so that a
+    checkpoint template always asks for them)."""
     t = num_tasks
     if stats is None:
-        stats = StepStats(np.zeros((t, t)), np.zeros(t), np.zeros(t, dtype=bool), 0, 0)
+        stats = StepStats(np.zeros((t, t)), np.zeros(t), np.zeros(t, dtype=bool), 0, 0, extra=np.zeros(extra_size))
         valid = 0.0
     else:
         valid = 1.0
+    extra = np.zeros(extra_size) if stats.extra is None else np.array(stats.extra, dtype=np.float64)
     return {
+        f"{_IN_FLIGHT}extra": torch.from_numpy(extra),
         f"{_IN_FLIGHT}valid": torch.tensor(valid, dtype=torch.float64),
         f"{_IN_FLIGHT}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
         f"{_IN_FLIGHT}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
@@ -379,6 +383,6 @@ def _stats_from_tensors(state: dict) -> Optional[StepStats]:
         int(local),
         int(total),
         state[f"{_IN_FLIGHT}nonfinite_loss"].numpy() > 0,
-        None,
+        state[f"{_IN_FLIGHT}extra"].numpy().copy() if state[f"{_IN_FLIGHT}extra"].numel() else None,
         bool(cross),
     )

@@ -2,37 +2,43 @@
 Multi-Task Learning" (Yang et al., Alibaba), Algorithm 1 line 9 and Eqs. 10-11 with lambda = 1, as
 specified in docs/ALGORITHMS.md.
 
-Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``. The ``g`` are
-per-sample gradients measured in units of their global root-mean-square (docs/ALGORITHMS.md,
-Clarification 4): ``V_k = U_k / r`` with ``U_k = B G_k`` and ``r^2`` the mean of the squared entries of
-the present tasks' per-sample gradients over the global batch, read from the Gram's diagonal. The rule
-then depends neither on the batch size nor on the gradients' overall scale, so ``gamma`` is a relative
-strength: the correction is a few percent of the gradient at the default.
+Each task gradient gains the transference term ``-sum_{j != i} gamma_j g_i ⊙ g_i ⊙ g_j``:
+
+    A = P - kappa C,   P = sum_i c_i G_i,   C = sum_i c_i G_i ⊙ G_i ⊙ (S' - gamma_i G_i),   S' = sum_j gamma_j G_j
+
+The cubic term's size relative to the gradient depends on the data (on how heavy the gradients' tails
+are: 100 times apart between a synthetic and a real data set at one fixed coefficient), so Concord
+fixes its global size instead (docs/ALGORITHMS.md, Clarification 4): ``kappa`` makes ``||kappa C|| =
+strength * ||P||`` over the global batch. ``gamma`` weighs the tasks' transference against each other;
+``strength`` is the correction's share of the gradient. Both norms travel in the step's statistics
+(this rank's share, at per-sample scale), so every rank uses the same ``kappa``; with lagged statistics
+it is the previous step's.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import Balancer, check_task_vector, register, weighted_sum
+from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
 from .statistics import StepStats
-
-
-DEFAULT_GAMMA = 0.1  # relative: a correction of a few percent of the gradient on the demo and on real data
 
 
 @register("cograd")
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
+    lag_safe_extras = True  # kappa from the previous step's norms is still the same on every rank
+    extra_size = 2  # ||P||^2 and ||C||^2
 
     def __init__(
         self,
         task_names: Sequence[str],
-        gamma: Sequence[float] | float = DEFAULT_GAMMA,
+        gamma: Sequence[float] | float = 1.0,
         weights: Optional[Sequence[float]] = None,
+        strength: float = 0.05,
         fused: bool = True,
     ) -> None:
         super().__init__(task_names)
@@ -45,8 +51,23 @@ class CoGrad(Balancer):
         else:
             c = c / c.sum()
         self.weights = c
-        self._warned_large = set()
+        self.strength = check_positive("cograd.strength", strength, allow_zero=True)
         self.fused = bool(fused)
+        self._terms: Optional[Tuple[List[int], torch.Tensor, torch.Tensor]] = None  # live, P, C of this step
+
+    def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
+        """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``: summed over ranks (and divided by ``B_g^2``,
+        which cancels in ``kappa``) they are the global batch's norms at per-sample scale."""
+        live = [k for k, g in enumerate(grads) if g is not None and bool(torch.isfinite(g).all())]
+        if not live:
+            self._terms = None
+            return torch.zeros(2, dtype=torch.float64)
+        plain, correction = self.run_rule(
+            transference, [grads[k] for k in live], [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live]
+        )
+        self._terms = (live, plain, correction)
+        b2 = float(plain.shape[0]) ** 2
+        return torch.stack([plain.double().pow(2).sum(), correction.double().pow(2).sum()]) * b2
 
     def aggregate(
         self,
@@ -57,61 +78,35 @@ class CoGrad(Balancer):
     ) -> torch.Tensor:
         active = stats.active
         live = [k for k, g in enumerate(grads) if g is not None and active[k]]
-        b2 = self.cubic_scale(stats, live, grads[live[0]].shape[1]) if live else 0.0
-        if b2 == 0.0 or float(np.abs(self.gamma[live]).sum()) == 0.0:
-            self.last_telemetry = {"weights": self.weights.tolist(), "correction_ratio": 0.0}
+        # A task with a gradient here that is inactive globally (non-finite or zero on some rank) was
+        # in some ranks' norms and not in others': no kappa fits every rank, so this step goes
+        # uncorrected, on every rank alike.
+        dropped = any(g is not None and not active[k] for k, g in enumerate(grads))
+        kappa = 0.0 if dropped else self.kappa(stats)
+        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa}
+        if not live or kappa == 0.0 or self._terms is None or self._terms[0] != live:
+            self._terms = None
+            self.last_telemetry["correction_ratio"] = 0.0
             return weighted_sum(grads, self.weights * active, active)
-        g_live = [grads[k] for k in live]
-        aggregated = self.run_rule(transference, g_live, [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live], b2)
-        self.last_telemetry = {"weights": self.weights.tolist()}
+        _, plain, correction = self._terms
+        self._terms = None
         if self.telemetry_due:
-            self._record_correction(grads, active, live, aggregated, b2)
-        return aggregated
+            norm = float(plain.norm())
+            self.last_telemetry["correction_ratio"] = kappa * float(correction.norm()) / norm if norm > 0 else 0.0
+        return plain.sub_(correction, alpha=kappa)
 
-    @staticmethod
-    def cubic_scale(stats: StepStats, live: List[int], width: int) -> float:
-        """``B^2 / r^2``: the factor on ``G_i⊙G_i⊙G_j`` that applies the rule to ``V = B G / r``.
-
-        Per-sample gradients are ``B_g`` times the global gradient's rows, so the sum of their squared
-        entries is ``B_g^2 M_kk`` and their mean square over ``B_g`` rows and ``d`` columns, averaged over
-        the present tasks, is ``r^2 = B_g mean_k M_kk / d``."""
-        r2 = stats.global_batch_size * float(np.mean(np.diagonal(stats.gram)[live])) / width
-        return float(stats.local_batch_size) ** 2 / r2 if r2 > 0 else 0.0
-
-    def _record_correction(
-        self,
-        grads: Sequence[Optional[torch.Tensor]],
-        active: np.ndarray,
-        live: List[int],
-        aggregated: torch.Tensor,
-        b2: float,
-    ) -> None:
-        """Logging steps only: the correction's size against the plain gradient, overall and per task."""
-        plain = weighted_sum(grads, self.weights, active)  # skips absent gradients, as ``live`` does
-        s_prime = sum(float(self.gamma[j]) * grads[j] for j in live)
-        task_ratio = [0.0] * self.num_tasks
-        for i in live:
-            g, g_norm = grads[i], float(grads[i].norm())
-            task_ratio[i] = b2 * float((g * g * (s_prime - float(self.gamma[i]) * g)).norm()) / g_norm if g_norm > 0 else 0.0
-        plain_norm = float(plain.norm())
-        self.last_telemetry["correction_ratio"] = float((plain - aggregated).norm()) / plain_norm if plain_norm > 0 else 0.0
-        self.last_telemetry["task_correction_ratio"] = task_ratio
-        for i in live:
-            if task_ratio[i] > 1.0 and i not in self._warned_large:
-                self._warned_large.add(i)
-                self.warn(
-                    self.task_names[i],
-                    "cograd-large",
-                    f"CoGrad's transference term is {task_ratio[i]:.2f}x this task's own gradient "
-                    f"(gamma={float(self.gamma[i])}); with unbalanced loss scales the cubic term can dominate",
-                )
+    def kappa(self, stats: StepStats) -> float:
+        """``strength * ||P|| / ||C||`` over the global batch (0 where there is nothing to correct)."""
+        if stats.extra is None or self.strength == 0.0:
+            return 0.0
+        plain2, correction2 = float(stats.extra[0]), float(stats.extra[1])
+        return self.strength * math.sqrt(plain2 / correction2) if correction2 > 0 and plain2 > 0 else 0.0
 
 
-def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float], b2: float) -> torch.Tensor:
-    """``A = sum_i c_i (G_i - b2 G_i⊙G_i⊙(S' - gamma_i G_i))`` with ``S' = sum_j gamma_j G_j``: Algorithm 1,
-    line 9 on ``V = B G / r`` (``b2 = B^2 / r^2``; ``(r/B) V_i⊙V_i⊙(S_V - gamma_i V_i)`` is the ``b2``
-    term in units of ``G``), over the live tasks' gradients (B, d). In-place on its own buffers: run eagerly that
-    is 4 passes per task instead of 7, and compiled it is the same single loop."""
+def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` with ``S' = sum_j gamma_j G_j``
+    (Algorithm 1, line 9, before its overall scale), over the live tasks' gradients (B, d). In-place on
+    its own buffers: run eagerly that is 4 passes per task instead of 7, and compiled one loop."""
     plain, s_prime = grads[0] * c[0], grads[0] * gamma[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
         plain.add_(g, alpha=c_i)
@@ -120,4 +115,4 @@ def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float], 
     for c_i, gamma_i, g in zip(c, gamma, grads):
         torch.add(s_prime, g, alpha=-gamma_i, out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
         correction.addcmul_(scratch, g, value=c_i)
-    return plain.sub_(correction.mul_(b2))
+    return plain, correction

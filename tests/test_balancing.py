@@ -397,42 +397,46 @@ def test_emtl_rejects_a_radius_of_log_t_or_more_and_says_why():
 
 
 # --- Property 5: CoGrad ---------------------------------------------------------------------------------
+def _through_boundary(name, grads, **knobs):
+    """One step of a balancer inside a boundary (which adds its extras to the statistics)."""
+    boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs))
+    boundary.objective(torch.ones(len(grads), dtype=torch.float64))
+    out = boundary.balance(tuple(g.clone() for g in grads), torch.zeros_like(grads[0]))
+    return out, boundary.telemetry()
+
+
 def test_cograd_with_zero_gamma_is_equal():
     grads = conflicting_gradients()
-    got = build_balancer("cograd", TASKS, gamma=0.0).aggregate(grads, stats_for(grads))
+    got, _ = _through_boundary("cograd", grads, gamma=0.0)
     torch.testing.assert_close(got, build_balancer("equal", TASKS).aggregate(grads, stats_for(grads)))
 
 
 def test_cograd_matches_the_rule_written_out():
     grads = conflicting_gradients()
-    gamma, b = [0.01, 0.02, 0.03], grads[0].shape[0]
-    got = build_balancer("cograd", TASKS, gamma=gamma).aggregate(grads, stats_for(grads))
-    u = [b * g for g in grads]  # per-sample gradients
-    r = math.sqrt(sum(float((x * x).mean()) for x in u) / 3)  # their root-mean-square entry
-    v = [x / r for x in u]
-    vhat = [v[i] - sum(gamma[j] * v[i] * v[i] * v[j] for j in range(3) if j != i) for i in range(3)]
-    torch.testing.assert_close(got, sum(vhat) * r / (3 * b))
+    gamma, strength = [0.5, 1.0, 2.0], 0.07
+    got, telemetry = _through_boundary("cograd", grads, gamma=gamma, strength=strength)
+    plain = sum(grads) / 3
+    correction = sum(grads[i] * grads[i] * sum(gamma[j] * grads[j] for j in range(3) if j != i) for i in range(3)) / 3
+    kappa = strength * float(plain.norm()) / float(correction.norm())
+    torch.testing.assert_close(got, plain - kappa * correction)
+    assert telemetry["correction_ratio"] == pytest.approx(strength)  # the correction's share, by construction
 
 
 def test_cograd_is_scale_free():
     grads = conflicting_gradients()
-    cograd = build_balancer("cograd", TASKS)
-    small = cograd.aggregate(grads, stats_for(grads))
-    big = [1000.0 * g for g in grads]
-    torch.testing.assert_close(cograd.aggregate(big, stats_for(big)), 1000.0 * small)
+    small, _ = _through_boundary("cograd", grads)
+    big, _ = _through_boundary("cograd", [1000.0 * g for g in grads])
+    torch.testing.assert_close(big, 1000.0 * small)
 
 
-def test_cograd_default_makes_a_visible_correction():
+def test_cograd_default_makes_a_visible_correction_whatever_the_gradients_tails():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(256, 64, generator=g, dtype=torch.float64)
-    # Related tasks of different scales: each a mix of a shared and an own direction.
-    grads = [s * (base + torch.randn(256, 64, generator=g, dtype=torch.float64)) for s in (1.0, 0.1, 10.0)]
-    boundary = RepresentationBoundary(build_balancer("cograd", TASKS))
-    z = torch.zeros(256, 64, dtype=torch.float64, requires_grad=True)
-    boundary.objective(torch.ones(3, dtype=torch.float64))
-    boundary.balance(tuple(grads), z)
-    ratio = boundary.telemetry()["correction_ratio"]
-    assert 0.01 < ratio < 0.2, ratio
+    gaussian = [s * (base + torch.randn(256, 64, generator=g, dtype=torch.float64)) for s in (1.0, 0.1, 10.0)]
+    sparse = [x * (torch.rand(256, 64, generator=g, dtype=torch.float64) < 0.02) for x in gaussian]  # heavy tails
+    for grads in (gaussian, sparse):
+        _, telemetry = _through_boundary("cograd", grads)
+        assert telemetry["correction_ratio"] == pytest.approx(0.05)
 
 
 def test_cograd_is_independent_of_batch_duplication():
@@ -510,8 +514,11 @@ def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
     reference = build_balancer(method, TASKS)
     for t in range(1, 5):
         previous = stats_for(steps[t - 1], [1.0, 2.0, 0.5])
-        if method == "cograd":  # element-wise: the previous step's RMS, this step's gradients
-            expected = reference.aggregate(steps[t], previous)
+        if method == "cograd":  # element-wise: the previous step's kappa, this step's gradients
+            from concord.balancing.cograd import transference
+
+            (p_prev, c_prev), (p_now, c_now) = (transference(steps[s], [1 / 3] * 3, [1.0] * 3) for s in (t - 1, t))
+            expected = p_now - 0.05 * float(p_prev.norm()) / float(c_prev.norm()) * c_now
         else:
             expected = weighted_sum(steps[t], reference.coefficients(previous), np.ones(3, dtype=bool))
         torch.testing.assert_close(got[t], expected)

@@ -16,31 +16,29 @@ import yaml
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from concord.balancing import NonFiniteLossError
+from concord.balancing.collectives import sum_over_ranks
+from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import Checkpointer
-from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
-from concord.trainer.lifecycle import StopRequest, Stopped
-from concord.trainer.nonfinite import NonFinitePolicy
-from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
-from concord.trainer.evaluation import Evaluator
 from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
-from concord.trainer.observe.metrics import format_table
-from concord.trainer.observe.runlog import RunLog
-from concord.balancing import NonFiniteLossError
-from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
-from concord.balancing.collectives import sum_over_ranks
-from concord.trainer.model import MultiTaskModel, boundary_method, build_model
-from concord.trainer.optimizers import DENSE_OPTIMIZERS, LRSchedule
-from concord.trainer.runtime import Runtime
-from concord.trainer.observe.progress import progress_bar
 from concord.trainer.data.synth import dataset_ready
+from concord.trainer.evaluation import Evaluator
+from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
+from concord.trainer.lifecycle import StopRequest, Stopped
+from concord.trainer.model import MultiTaskModel, boundary_method, build_model
+from concord.trainer.nonfinite import NonFinitePolicy
+from concord.trainer.observe.metrics import format_table
+from concord.trainer.observe.progress import progress_bar
+from concord.trainer.observe.runlog import RunLog
 from concord.trainer.observe.timing import QPSMeter, StepTimer
+from concord.trainer.optimizers import DENSE_OPTIMIZERS, LRSchedule
+from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
+from concord.trainer.runtime import Runtime
 
 logger = logging.getLogger("concord.train")
-
-
 
 
 def check_data_exists(cfg: Config) -> None:
@@ -72,7 +70,6 @@ class Trainer:
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
     step: int = 0  # optimisation steps taken (skipped steps included)
     train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
-
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
