@@ -676,8 +676,10 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.split.by", f"must be seed, time, files or column, got {sp.by!r}")
     if sp.by in ("seed", "time") and not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
         fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
-    if sp.by in ("time", "column") and not sp.column:
-        fail("data.convert.split.column", f"a {sp.by} split needs its column")
+    if sp.by == "time" and not sp.column:
+        fail("data.convert.split.column", "a time split needs the time column")
+    if sp.by == "column" and not sp.column:
+        fail("data.convert.split.column", "a split by column needs the column that names each row's split")
     if sp.by != "files" and not cv.input:
         fail("data.convert.input", "name the raw data (a file, a directory or a glob)")
     if sp.by == "files" and not (sp.train and sp.eval):
