@@ -1,1 +1,0 @@
-"""One MLP head per task and the task losses (``heads``); mixture-of-experts bottoms (``experts``)."""

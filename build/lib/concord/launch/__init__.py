@@ -1,1 +1,0 @@
-"""torchx components for launching Concord jobs."""

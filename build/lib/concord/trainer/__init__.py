@@ -1,1 +1,0 @@
-"""Concord's trainer: config, data, model assembly, training loop, CLI."""

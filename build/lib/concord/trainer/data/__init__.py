@@ -1,1 +1,0 @@
-"""Reading, generating and converting training data (Parquet)."""

@@ -1,1 +1,0 @@
-"""Research tools on top of the trainer: QPS benches and multi-seed comparisons."""
