@@ -267,3 +267,40 @@ def test_skipping_nonfinite_steps_has_a_limit(tmp_path):
                     "train.on_nonfinite=skip", "train.max_skipped_steps=2", "train.dense_optimizer.lr=1e30")
     assert proc.returncode == 3
     assert "more than train.max_skipped_steps=2" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.multiprocess
+def test_a_new_run_can_start_from_another_runs_checkpoint(tmp_path):
+    data = tiny_data(tmp_path)
+    assert _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={tmp_path}/a",
+                    "train.max_steps=8").returncode == 0
+    proc = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={tmp_path}/b",
+                    "train.max_steps=12", f"train.resume_from={tmp_path}/a")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {tmp_path}/a/checkpoints/step-00000008 at step 8" in proc.stdout
+    assert (tmp_path / "b/checkpoints/step-00000012").is_dir() and not (tmp_path / "a/checkpoints/step-00000012").exists()
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ["full", "read-only"])
+def test_a_full_or_read_only_disk_ends_with_one_line(tmp_path, case):
+    data = tiny_data(tmp_path)
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "128k"):  # room for the logs, not for a checkpoint (~250 KB)
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        if case == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={disk}/run")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    assert proc.returncode == 3
+    last = proc.stderr.strip().splitlines()[-1]
+    expected = "is full" if case == "full" else "Read-only file system"
+    assert expected in last or "No space left on device" in last, last

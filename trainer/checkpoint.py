@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 logger = logging.getLogger("concord.checkpoint")
@@ -147,7 +148,7 @@ class Checkpointer:
         _barrier()
         try:
             dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
-        except Exception as error:  # noqa: BLE001 - named below when the cause is the disk
+        except (Exception, CheckpointException) as error:  # noqa: BLE001 - named below when the cause is the disk
             raise CheckpointError(f"cannot write checkpoint {final}: {_disk_problem(self.root) or error}") from error
         _barrier()
         if _is_main():
@@ -163,7 +164,11 @@ class Checkpointer:
     @staticmethod
     def load(path: Path, state: Dict[str, Any]) -> None:
         """Collective: loads into ``state``'s tensors in place (resharding as DCP does)."""
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+        except CheckpointException as error:  # every rank's traceback in one exception: keep the first line
+            first = next((line for line in str(error).splitlines() if "Error" in line), str(error).splitlines()[0])
+            raise CheckpointError(f"{path}: cannot be loaded ({first.strip()})") from None
 
 
 INFO_FILE = "concord.json"

@@ -223,6 +223,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest intact checkpoint in run_dir/checkpoints
     allow_changes: List[str] = field(default_factory=list)  # fingerprint keys that may differ on resume: [balancer]
+    resume_from: Optional[str] = None  # a run directory (or one checkpoint) to start from when run_dir has none
     max_skipped_steps: int = 10  # on_nonfinite: skip stops with an error once more steps than this were skipped
 
 

@@ -104,5 +104,8 @@ def start_run(run_dir: Path, resume: bool) -> str:
 def write_json_atomic(path: Path, record: Dict[str, Any]) -> None:
     """Written under a temporary name and renamed: a reader sees the whole file or none."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.replace(path)
+    except OSError as e:  # a full or read-only disk: one line naming the file
+        raise RunDirError(f"{path}: cannot write ({e.strerror})") from None

@@ -20,7 +20,7 @@ from concord.balancing import NonFiniteLossError
 from concord.balancing.collectives import sum_over_ranks
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
-from concord.trainer.checkpoint import Checkpointer
+from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
 from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
@@ -188,6 +188,8 @@ class Trainer:
         """Loads the newest intact checkpoint, if any, after checking that it was written by a
         compatible setup (:mod:`concord.trainer.fingerprint`); returns the step to continue from."""
         path = self.checkpointer.latest() if self.cfg.train.resume else None
+        if path is None and self.cfg.train.resume_from:
+            path = _checkpoint_in(Path(self.cfg.train.resume_from))
         if path is None:
             return 0
         saved, now = self.checkpointer.info(path).get("fingerprint", {}), self.fingerprint()
@@ -437,6 +439,19 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM
 class ResumeError(RuntimeError):
     """The newest checkpoint was written by a setup that cannot be continued; the message names the
     differing keys and the ways out."""
+
+
+def _checkpoint_in(source: Path) -> Path:
+    """``train.resume_from``: a checkpoint directory itself, or a run directory's newest intact one."""
+    if (source / "concord.json").is_file() or (source / ".metadata").is_file():
+        problem = verify(source)
+        if problem is not None:
+            raise CheckpointError(f"train.resume_from: {source} is damaged: {problem}")
+        return source
+    path = Checkpointer(source / "checkpoints").latest()
+    if path is None:
+        raise ResumeError(f"train.resume_from: {source} holds no checkpoint (neither a run directory nor a step-… directory)")
+    return path
 
 
 def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:

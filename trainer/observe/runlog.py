@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from concord.trainer.rundir import RunDirError
+
 
 class RunLog:
     """Appends JSON records, each carrying the run id, to ``run_dir/metrics.jsonl`` and scalars to
@@ -18,8 +20,11 @@ class RunLog:
         self.run_id = run_id
         self._tb = None
         if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            except OSError as e:
+                raise RunDirError(f"{self.run_dir / 'metrics.jsonl'}: cannot write ({e.strerror})") from None
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb" / run_id))
@@ -27,7 +32,10 @@ class RunLog:
     def write(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({**record, "run_id": self.run_id}, sort_keys=True) + "\n")
+        try:
+            self._file.write(json.dumps({**record, "run_id": self.run_id}, sort_keys=True) + "\n")
+        except OSError as e:  # a full or read-only disk: one line naming the file, not a traceback
+            raise RunDirError(f"{self.run_dir / 'metrics.jsonl'}: cannot write ({e.strerror})") from None
         if self._tb is not None and step is not None:
             for key, value in _flatten(record).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
