@@ -177,8 +177,8 @@ class Trainer:
         return state
 
     def fingerprint(self) -> Dict[str, Any]:
-        rows = self._reader(self.cfg.data.train, train=True).total_rows
-        return fingerprint(self.cfg, self.rt.world_size, rows)
+        reader = self.train_reader or self._reader(self.cfg.data.train, train=True)  # no re-scan per checkpoint
+        return fingerprint(self.cfg, self.rt.world_size, reader.total_rows)
 
     def save_checkpoint(self, step: int) -> Path:
         info = {"fingerprint": self.fingerprint(), "run_id": self.run_id}
