@@ -91,8 +91,10 @@ class Balancer:
     # Whether the update rule reads the Gram's off-diagonal entries; methods that need only the norms
     # (its diagonal) set False and skip T(T-1)/2 dot products on steps whose telemetry is not logged.
     needs_cross_terms: ClassVar[bool] = True
-    # How many numbers local_extra adds to the step's reduction (fixed per method; 0: none).
+    # How many numbers local_extra adds to the step's reduction (fixed per method; 0: none), and
+    # whether the previous step's sum of them serves as well (lagged statistics).
     extra_size: ClassVar[int] = 0
+    lag_safe_extras: ClassVar[bool] = False
     # Element-wise rules (run_rule) run as one compiled kernel where that pays; False: always eagerly.
     fused: bool = True
 

@@ -187,7 +187,7 @@ class RepresentationBoundary(nn.Module):
     def balancer(self, balancer: Balancer) -> None:
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
-        if getattr(self, "statistics", "current") == "previous" and _needs_its_own_statistics(balancer):
+        if self.statistics == "previous" and _needs_its_own_statistics(balancer):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
         balancer.process_group = self.process_group
         self._balancer = balancer
@@ -204,7 +204,7 @@ class RepresentationBoundary(nn.Module):
         if self.statistics == "previous":
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
-            state.update(_stats_to_tensors(stats, self.num_tasks, getattr(self._balancer, "extra_size", 0)))
+            state.update(_stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
         return state
 
     def set_extra_state(self, state: dict) -> None:
@@ -245,63 +245,68 @@ class RepresentationBoundary(nn.Module):
             )
         if self.statistics == "previous":
             return self._balance_lagged(grads, z, template, start)
+        usable, pending = self._start_statistics(grads, z, template)
+        # While the statistics travel, the balancer does the work that does not need them (e.g. the
+        # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
+        early = self.balancer.prepare(grads, z, usable)
+        stats = self._wait(pending)
+        present = np.array([g is not None for g in grads])
+        if not np.array_equal(usable, stats.active & present):
+            early = None  # another rank saw a non-finite value, or every rank a zero gradient
+        if self._skip_for_nonfinite_loss(stats):
+            record.backward_seconds = time.perf_counter() - start
+            return torch.zeros_like(template)
+        self.balancer.note_inactive(stats)
+        return self._finish(self.balancer.aggregate(grads, stats, z, early), start)
+
+    def _start_statistics(self, grads, z, template: torch.Tensor) -> Tuple[np.ndarray, PendingStatistics]:
+        """This rank's statistics, their sum over ranks started; and this rank's usable tasks."""
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
-        packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
-        present = np.array([g is not None for g in grads])
-        usable = usable_here(present, packed)
-        pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
-        # While the statistics travel, the balancer does the work that does not need them (e.g. the
-        # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
-        early = self.balancer.prepare(grads, z, usable)
+        packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
+        usable = usable_here(np.array([g is not None for g in grads]), packed)
+        return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
+
+    def _wait(self, pending) -> StepStats:
+        """The summed statistics (timed: the wait is what a step loses to the reduction)."""
         comm_start = time.perf_counter()
         stats = pending.wait()
+        record = self._record
         record.comm_seconds = time.perf_counter() - comm_start
-        if not np.array_equal(usable, stats.active & present):
-            early = None  # another rank saw a non-finite value, or every rank a zero gradient
-        record.losses = None
-        record.stats = stats
+        record.losses, record.stats = None, stats
+        return stats
+
+    def _skip_for_nonfinite_loss(self, stats: StepStats) -> bool:
+        """Applies ``on_nonfinite_loss`` to a non-finite loss on any rank: raises, or says to skip."""
         nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
-        record.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
+        self._record.skipped_tasks = nonfinite if self.on_nonfinite_loss == "skip_step" else []
         if nonfinite and self.on_nonfinite_loss == "raise":
             raise NonFiniteLossError(nonfinite)
-        if record.skipped_tasks:
-            record.backward_seconds = time.perf_counter() - start
-            return torch.zeros_like(template)
-        self.balancer.note_inactive(stats)
-        aggregated = self.balancer.aggregate(grads, stats, z, early)
+        return bool(self._record.skipped_tasks)
+
+    def _finish(self, aggregated: torch.Tensor, start: float) -> torch.Tensor:
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)
-        record.backward_seconds = time.perf_counter() - start
+        self._record.backward_seconds = time.perf_counter() - start
         return aggregated
 
     def _balance_lagged(self, grads, z, template: torch.Tensor, start: float) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the previous step's, which have arrived by now."""
-        record = self._record
-        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
-        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
-        extra = self.balancer.local_extra(grads, z)
-        packed = local_statistics(grads, record.losses, template.shape[0], extra, cross_terms)
-        usable = usable_here(np.array([g is not None for g in grads]), packed)
-        previous, self._in_flight = self._in_flight, PendingStatistics(
-            packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms
-        )
-        comm_start = time.perf_counter()
-        stats = previous.wait() if previous is not None else None
-        record.comm_seconds = time.perf_counter() - comm_start
-        record.losses, record.stats, record.skipped_tasks = None, stats, []
-        if stats is not None:
-            nonfinite = [name for name, bad in zip(self.balancer.task_names, stats.nonfinite_loss) if bad]
-            if nonfinite and self.on_nonfinite_loss == "raise":
-                raise NonFiniteLossError(nonfinite)
-            if nonfinite and self.on_nonfinite_loss == "skip_step":
-                record.skipped_tasks = nonfinite
-                record.backward_seconds = time.perf_counter() - start
+        usable, pending = self._start_statistics(grads, z, template)
+        previous, self._in_flight = self._in_flight, pending
+        if previous is None:
+            self._record.losses, self._record.stats, self._record.comm_seconds = None, None, 0.0
+            self._record.skipped_tasks = []
+            stats = None
+        else:
+            stats = self._wait(previous)
+            if self._skip_for_nonfinite_loss(stats):
+                self._record.backward_seconds = time.perf_counter() - start
                 return torch.zeros_like(template)
             self.balancer.note_inactive(stats)
         early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
@@ -319,11 +324,7 @@ class RepresentationBoundary(nn.Module):
             aggregated = self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
         else:  # the same coefficients on every rank; a rank leaves out what is not finite here
             aggregated = weighted_sum(grads, self.balancer.coefficients(stats) * usable, usable)
-        self.balancer.step += 1
-        if self.reduction == "sum":
-            aggregated.mul_(self.num_tasks)
-        record.backward_seconds = time.perf_counter() - start
-        return aggregated
+        return self._finish(aggregated, start)
 
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""
@@ -345,7 +346,7 @@ class _Ready:
 def _needs_its_own_statistics(balancer: Balancer) -> bool:
     """Methods that add numbers of their own to the step's reduction need that step's sum, unless
     they declare that the previous step's serve (``lag_safe_extras``)."""
-    return type(balancer).local_extra is not Balancer.local_extra and not getattr(balancer, "lag_safe_extras", False)
+    return type(balancer).local_extra is not Balancer.local_extra and not balancer.lag_safe_extras
 
 
 _IN_FLIGHT = "in_flight_"
