@@ -173,20 +173,22 @@ def _synth(cfg, force: bool, if_missing: bool = False) -> int:
     return 0
 
 
-def _train_worker(cfg) -> int:
+def _run_worker(cfg, work) -> int:
+    """One rank's life: ``work(rt)`` between joining the job and leaving it; the errors Concord names
+    end as one line and exit code 3, a signal's stop as 128 + the signal."""
     from concord.embeddings.sharding import EmbeddingOptimizerError, ShardingPlanError
     from concord.trainer.checkpoint import CheckpointError
     from concord.trainer.lifecycle import Stopped, die_with_parent
+    from concord.trainer.nonfinite import NonFiniteLoss
     from concord.trainer.rundir import RunDirError
     from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.nonfinite import NonFiniteLoss
-    from concord.trainer.train import ResumeError, Trainer
+    from concord.trainer.train import ResumeError
 
     if _is_worker():
-        die_with_parent()  # a worker never trains on after torchrun's agent is gone
+        die_with_parent()  # a worker never runs on after torchrun's agent is gone
     rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
     try:
-        Trainer.build(cfg, rt).fit()
+        work(rt)
     except Stopped as stopped:
         if rt.is_main:
             print(f"concord: {stopped}", file=sys.stderr, flush=True)
@@ -200,29 +202,23 @@ def _train_worker(cfg) -> int:
     return 0
 
 
+def _train_worker(cfg) -> int:
+    from concord.trainer.train import Trainer
+
+    return _run_worker(cfg, lambda rt: Trainer.build(cfg, rt).fit())
+
+
 def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
-    from concord.trainer.checkpoint import CheckpointError
     from concord.trainer.observe.metrics import format_table
     from concord.trainer.predict import predict
-    from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.train import ResumeError
 
-    if _is_worker():
-        from concord.trainer.lifecycle import die_with_parent
-
-        die_with_parent()
-    rt = init_runtime(cfg.dist.device, cfg.dist.backend, keep_memory=cfg.dist.keep_freed_memory, threads=cfg.dist.threads)
-    try:
+    def work(rt) -> None:
         results = predict(cfg, rt, run_dir, data, out)
-    except (CheckpointError, DataError, ResumeError) as e:
-        failures.report(e, rt.rank, rt.world_size)
-        return 3
-    finally:
-        shutdown()
-    if rt.is_main:
-        print(format_table(results, cfg.tasks))
-        print(f"predictions: {out}")
-    return 0
+        if rt.is_main:
+            print(format_table(results, cfg.tasks))
+            print(f"predictions: {out}")
+
+    return _run_worker(cfg, work)
 
 
 def _launch(cfg, worker_args: List[str]) -> int:

@@ -325,13 +325,7 @@ class ParquetReader:
                 self._file = (group.file, _open(group.file))
             column = self._file[1].read_row_group(group.index, columns=[self.columns.weight]).column(0)
             weights = column.to_numpy(zero_copy_only=False).astype(np.float64)
-            bad = ~(np.isfinite(weights) & (weights >= 0))
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise DataError(
-                    f"{group.file}: row group {group.index}: weight column {self.columns.weight!r}: value "
-                    f"{weights[row]} at row {row}; a sample weight must be finite and >= 0 (0 makes a row count for nothing)"
-                )
+            _check_weights(weights, f"{group.file}: row group {group.index}", self.columns.weight)
 
     def empty_batch(self) -> Batch:
         """A batch of no rows, with this data's columns (for a rank whose range is empty)."""
@@ -399,13 +393,7 @@ class ParquetReader:
         # A label column of None is absent (scoring unlabelled data): zeros, never checked.
         labels = np.stack([numeric(c) if c else np.zeros(n, np.float32) for c in cols.labels], axis=1)
         weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
-        bad = ~(np.isfinite(weights) & (weights >= 0))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                f"{where}: weight column {cols.weight!r}: value {weights[row]} at row {row}; a sample weight "
-                "must be finite and >= 0 (0 makes a row count for nothing)"
-            )
+        _check_weights(weights, where, cols.weight)
         for j, name in enumerate(cols.dense):
             bad = ~np.isfinite(dense[:, j])
             if bad.any():
@@ -451,6 +439,16 @@ class ParquetReader:
                     self.counts["hashed_ids"] += int(bad.sum())
             sparse.append((lengths, values))
         return _Block(dense, sparse, labels, weights)
+
+
+def _check_weights(weights: np.ndarray, where: str, column: str) -> None:
+    bad = ~(np.isfinite(weights) & (weights >= 0))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{where}: weight column {column!r}: value {weights[row]} at row {row}; a sample weight must be "
+            "finite and >= 0 (0 makes a row count for nothing)"
+        )
 
 
 def columns_from_config(cfg) -> Columns:
