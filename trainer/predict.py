@@ -26,7 +26,7 @@ from concord.trainer.data.reader import Columns, DataError, ParquetReader, colum
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint
 from concord.trainer.runtime import Runtime
-from concord.trainer.train import ResumeError, Trainer, _pop_balancer_entries, _restore_entries
+from concord.trainer.train import ResumeError, Trainer, pop_balancer_entries, restore_entries
 
 logger = logging.getLogger("concord.predict")
 
@@ -87,9 +87,9 @@ def _load_model(trainer: Trainer, run_dir: Path) -> Path:
         raise ResumeError(f"{path} holds another model ({', '.join(wrong)} differ from {trainer.cfg.source}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
     state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
-    fresh = _pop_balancer_entries(state) if "balancer" in changed else {}
+    fresh = pop_balancer_entries(state) if "balancer" in changed else {}
     Checkpointer.load(path, {"model": state["model"]})
-    _restore_entries(state, fresh)
+    restore_entries(state, fresh)
     trainer.dmp.load_state_dict(state["model"])
     return path
 

@@ -201,11 +201,11 @@ class Trainer:
         state = self.checkpoint_state(0)
         fresh = {}
         if "balancer" in changed:  # allowed: the new balancer keeps its fresh state and parameters
-            fresh = _pop_balancer_entries(state)
+            fresh = pop_balancer_entries(state)
             if self.rt.is_main:
                 logger.info("resuming with balancer %s (was %s): its state starts fresh", now["balancer"], saved.get("balancer"))
         Checkpointer.load(path, state)
-        _restore_entries(state, fresh)
+        restore_entries(state, fresh)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.param_balancer is not None:
@@ -454,7 +454,7 @@ def _checkpoint_in(source: Path) -> Path:
     return path
 
 
-def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
+def pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
     """Removes (and returns, by path) the balancer's state and parameters from a checkpoint state."""
     popped = {}
     for section in ("model", "optimizer"):
@@ -463,7 +463,7 @@ def _pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
     return popped
 
 
-def _restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
+def restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
     for (section, key), value in entries.items():
         state[section][key] = value
 
