@@ -212,6 +212,7 @@ class TrainConfig:
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     clip_grad_norm: float = 0.0  # > 0: the dense gradients' global norm is clipped to this (tables: fused, unclipped)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; the boundary's statistics stay float64)
+    pipeline: str = "sparse_dist"  # sparse_dist (TorchRec's TrainPipelineSparseDist) | plain (one batch at a time)
     eval_every: int = 0  # steps; 0 = only at the end
     on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
     log_every: int = 20
@@ -560,6 +561,10 @@ def validate(cfg: Config) -> None:
         fail("train.clip_grad_norm", f"must be >= 0 (0: off), got {tr.clip_grad_norm}")
     if tr.precision not in ("fp32", "bf16"):
         fail("train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
+    from concord.trainer.pipeline import PIPELINES
+
+    if tr.pipeline not in PIPELINES:
+        fail("train.pipeline", f"must be one of {PIPELINES}, got {tr.pipeline!r}")
     if tr.max_skipped_steps < 0:
         fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
     if tr.checkpoint_every < 0:

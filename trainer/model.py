@@ -90,8 +90,15 @@ class MultiTaskModel(nn.Module):
         z = self.bottom(batch.dense, pooled)
         views = self.boundary(z)
         losses, logits = self.heads(views, batch.labels, batch.weights)
-        objective = self.boundary.objective(losses) if torch.is_grad_enabled() else losses.sum()
-        return ModelOutput(objective, losses, logits)
+        return ModelOutput(training_objective(self.boundary, losses), losses, logits)
+
+
+@torch.fx.wrap
+def training_objective(boundary: RepresentationBoundary, losses: torch.Tensor) -> torch.Tensor:
+    """The scalar to backward: the boundary's objective when training, the summed losses otherwise.
+    Opaque to FX (``torch.fx.wrap``): TorchRec's train pipeline traces the model's forward to find the
+    tables' inputs, and the boundary's checks of the losses' shape cannot be traced symbolically."""
+    return boundary.objective(losses) if torch.is_grad_enabled() else losses.sum()
 
 
 def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):

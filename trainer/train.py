@@ -28,13 +28,14 @@ from concord.trainer.data.synth import dataset_ready
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
 from concord.trainer.lifecycle import StopRequest, Stopped
-from concord.trainer.model import MultiTaskModel, boundary_method, build_model
+from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
 from concord.trainer.observe.metrics import format_table
 from concord.trainer.observe.progress import progress_bar
 from concord.trainer.observe.runlog import RunLog
 from concord.trainer.observe.timing import QPSMeter, StepTimer
 from concord.trainer.optimizers import DENSE_OPTIMIZERS, LRSchedule
+from concord.trainer.pipeline import step_driver
 from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.runtime import Runtime
 
@@ -232,7 +233,7 @@ class Trainer:
         stop = StopRequest().install()
         started = time.time()
         try:
-            step = self._train_until(total, step, batches, qps, stop)
+            step = self._train_until(total, step, step_driver(self, batches), qps, stop)
         finally:
             stop.uninstall()
             if isinstance(batches, Prefetcher):
@@ -258,7 +259,7 @@ class Trainer:
             )
         return total
 
-    def _train_until(self, total: int, step: int, batches: Iterator[Batch], qps: QPSMeter, stop: StopRequest) -> int:
+    def _train_until(self, total: int, step: int, steps, qps: QPSMeter, stop: StopRequest) -> int:
         cfg = self.cfg.train
         timer = StepTimer(self.rt.device)
         bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
@@ -267,7 +268,7 @@ class Trainer:
         saved_at = step
         while step < total:
             self.step = step
-            out, timings = self.train_step(batches, timer)
+            out, timings = steps.step(timer)
             step += 1
             qps.update(timings)
             bar.update(1)
@@ -276,6 +277,7 @@ class Trainer:
                 if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
                     bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                steps.pause()
                 self.evaluate(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
@@ -290,6 +292,7 @@ class Trainer:
                     self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
                     raise Stopped(signum, step, checkpoint=preempted)
         bar.close()
+        steps.close()
         if cfg.checkpoint_final and saved_at != step:
             self.save_checkpoint(step)
         return step
@@ -327,45 +330,63 @@ class Trainer:
         return summary
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer):
-        """One optimisation step on the next batch; returns the model output and phase timings (s).
-        A non-finite task loss on any rank stops training or drops the step on every rank together
-        (:mod:`concord.trainer.nonfinite`)."""
+        """One optimisation step on the next batch, without a pipeline; returns the model output and
+        phase timings (s)."""
         timer.start()
         batch = next(batches).to(self.rt.device, non_blocking=True)
         timer.mark("data")
+        out = self.forward(batch)
+        timer.mark("forward")
+        bad = self.backward(out)
+        timer.mark("backward")
+        self.update(bad)
+        self.optimizer.zero_grad()
+        timer.mark("optimizer")
+        return out, self.step_timings(timer)
+
+    def forward(self, batch: Batch) -> ModelOutput:
         if self.schedule is not None:
             self.schedule.apply(self.step)
         with self.precision():
-            out = self.dmp(batch)
-        timer.mark("forward")
+            return self.dmp(batch)
+
+    def backward(self, out: ModelOutput) -> List[str]:
+        """Backward through the boundary (or a parameter-level method's own); returns the tasks whose
+        loss was not finite on some rank when the step is to be dropped. A non-finite task loss on any
+        rank stops training or drops the step on every rank together (:mod:`concord.trainer.nonfinite`)."""
         boundary = self.model.boundary
         guard = self.nonfinite.guard(boundary.enabled, self.param_balancer is not None)
         bad = self.nonfinite.tasks_before_backward(out.losses, guard, self.step + 1)
-        if not bad and self.param_balancer is not None:
+        if bad:
+            return bad
+        if self.param_balancer is not None:
             # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
             # plain gradient through, with no statistics (the losses are weighted already).
             with boundary.passthrough():
                 self.param_balancer.objective(out.losses).backward()
-        elif not bad:
-            try:
-                out.objective.backward()
-            except NonFiniteLossError as error:  # raised on every rank alike, before any update
-                self.nonfinite.stop(error.tasks, self.step + 1)
-            bad = boundary.skipped_tasks if guard == "boundary" else []
-        timer.mark("backward")
+            return []
+        try:
+            out.objective.backward()
+        except NonFiniteLossError as error:  # raised on every rank alike, before any update
+            self.nonfinite.stop(error.tasks, self.step + 1)
+        return boundary.skipped_tasks if guard == "boundary" else []
+
+    def update(self, bad: List[str]) -> None:
+        """The optimizer step, or the dropped step's record when ``bad`` names tasks."""
         if bad:
             self.nonfinite.skip(bad, self.step + 1)
-        else:
-            if self.cfg.train.clip_grad_norm > 0:  # DDP averaged the gradients: every rank clips alike
-                torch.nn.utils.clip_grad_norm_(self.dense_optimizer.params.values(), self.cfg.train.clip_grad_norm)
-            self.optimizer.step()
-        self.optimizer.zero_grad()
-        timer.mark("optimizer")
+            return
+        if self.cfg.train.clip_grad_norm > 0:  # DDP averaged the gradients: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(self.dense_optimizer.params.values(), self.cfg.train.clip_grad_norm)
+        self.optimizer.step()
+
+    def step_timings(self, timer: StepTimer) -> Dict[str, float]:
         timings = timer.read()
+        boundary = self.model.boundary
         used = boundary.enabled and self.param_balancer is None
         timings["boundary"] = boundary.backward_seconds if used else 0.0
         timings["boundary_comm"] = boundary.comm_seconds if used else 0.0
-        return out, timings
+        return timings
 
     def _data_repairs(self) -> Dict[str, int]:
         """Counted repairs of the training data (hashed ids, imputed values), summed over ranks."""
@@ -488,7 +509,9 @@ def _qps_line(qps: QPSMeter) -> str:
     b = qps.breakdown()
     return (
         f"training QPS (global, first steps skipped): lifetime {life:,.0f}, last {len(qps.window)} steps {win:,.0f}\n"
-        f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + forward {b['forward_ms']:.1f} + backward "
+        f"step {b['step_ms']:.1f} ms = data {b['data_ms']:.1f} + "
+        + (f"input dist {b['input_dist_ms']:.1f} + " if "input_dist_ms" in b else "")
+        + f"forward {b['forward_ms']:.1f} + backward "
         f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
         f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward; of it "
         f"{b['boundary_comm_ms']:.2f} ms blocked on the statistics all-reduce, waiting for peers included)"

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 
 class DataError(ValueError):
@@ -34,9 +35,10 @@ class DataError(ValueError):
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One rank's batch. dense: (B, n_dense); sparse: KJT over the features, B rows per key;
-    labels: (B, T); weights: (B,)."""
+    labels: (B, T); weights: (B,). Pipelineable: TorchRec's train pipelines copy it to the device on
+    a stream of their own."""
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
@@ -58,6 +60,10 @@ class Batch:
             self.labels.to(device, non_blocking=non_blocking),
             self.weights.to(device, non_blocking=non_blocking),
         )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for tensor in (self.dense, self.sparse, self.labels, self.weights):
+            tensor.record_stream(stream)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-PHASES = ("data", "forward", "backward", "optimizer")
-
 
 class StepTimings(dict):
     """Seconds per phase of one step, and their sum under ``step``. On CUDA the phases are events on
@@ -31,8 +29,8 @@ class StepTimings(dict):
         if self._cuda:
             marks[-1][1].synchronize()
         phases = {}
-        for (_, a), (phase, b) in zip(marks, marks[1:]):
-            phases[phase] = (a.elapsed_time(b) / 1000.0) if self._cuda else (b - a)
+        for (_, a), (phase, b) in zip(marks, marks[1:]):  # a phase marked twice: its two spans added
+            phases[phase] = phases.get(phase, 0.0) + ((a.elapsed_time(b) / 1000.0) if self._cuda else (b - a))
         phases["step"] = sum(phases.values())
         for key, value in phases.items():
             super().setdefault(key, value)
