@@ -33,7 +33,7 @@ import yaml
 
 from concord.balancing import available_balancers
 from concord.balancing.param_level import PARAMETER_LEVEL
-from concord.trainer.config import Config, load_config, resolve_config_path
+from concord.trainer.config import Config, load_config, packaged_configs, resolve_config_path
 
 WHAT_IS_BALANCED = {
     "boundary": "shared representation z (dense bottom and embedding tables)",
@@ -160,13 +160,26 @@ def _mean_std(values: List[float]) -> str:
     return f"{mean:+.2f} ± {sd:.2f}"
 
 
+def _config_label(source: str) -> str:
+    """How the report names its config: a shipped example by its ``--config`` name, another file by
+    its path from the working directory where it lies below it (a report is read on other machines)."""
+    path = Path(source).resolve()
+    for name, shipped in packaged_configs().items():
+        if shipped.resolve() == path:
+            return f"--config {name}"
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None) -> Path:
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
     label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
     lines = [
-        f"# Balancer comparison: `{cfg.source}`",
+        f"# Balancer comparison: `{_config_label(cfg.source)}`",
         "",
         f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
         "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
