@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
-from .statistics import StepStats
+from .statistics import StepStats, all_finite, squared_norm
 
 
 @register("cograd")
@@ -58,7 +58,7 @@ class CoGrad(Balancer):
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``: summed over ranks (and divided by ``B_g^2``,
         which cancels in ``kappa``) they are the global batch's norms at per-sample scale."""
-        live = [k for k, g in enumerate(grads) if g is not None and bool(torch.isfinite(g).all())]
+        live = [k for k, g in enumerate(grads) if g is not None and all_finite(g)]
         if not live:
             self._terms = None
             return torch.zeros(2, dtype=torch.float64)
@@ -67,7 +67,7 @@ class CoGrad(Balancer):
         )
         self._terms = (live, plain, correction)
         b2 = float(plain.shape[0]) ** 2
-        return torch.stack([plain.double().pow(2).sum(), correction.double().pow(2).sum()]) * b2
+        return torch.stack([squared_norm(plain), squared_norm(correction)]) * b2
 
     def aggregate(
         self,
