@@ -95,6 +95,9 @@ class Balancer:
     # whether the previous step's sum of them serves as well (lagged statistics).
     extra_size: ClassVar[int] = 0
     lag_safe_extras: ClassVar[bool] = False
+    # Whether the rule reads the step's statistics at all. Rules that do not (constant weights) need
+    # them only for telemetry: with lagged statistics the boundary then gathers them on logged steps only.
+    reads_statistics: ClassVar[bool] = True
     # Element-wise rules (run_rule) run as one compiled kernel where that pays; False: always eagerly.
     fused: bool = True
 

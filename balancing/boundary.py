@@ -26,7 +26,7 @@ from torch import nn
 
 from .base import Balancer, weighted_sum
 from .collectives import PendingStatistics
-from .statistics import StepStats, local_statistics, usable_here
+from .statistics import StepStats, all_finite, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -97,6 +97,12 @@ class RepresentationBoundary(nn.Module):
             learn of it with the next step's statistics, and then ``raise`` raises and
             ``skip_step`` skips that next step. Methods that need the step's own statistics in the
             sum (GradDrop's column signs) cannot lag.
+        statistics_every: with ``previous``, gather and sum the statistics on every k-th step only;
+            the steps between reuse the coefficients of the last sum (the rule runs every k steps).
+            Rules that read no statistics (constant weights) gather them only for the logged steps,
+            whatever k. Between sums a rank drops its own non-finite loss or gradient at once and
+            reports a non-finite loss with the next sum, where ``raise`` and ``skip_step`` act.
+            Element-wise rules (CoGrad) form each step's correction with the statistics: k must be 1.
     """
 
     def __init__(
@@ -107,11 +113,17 @@ class RepresentationBoundary(nn.Module):
         telemetry_every: int = 1,
         on_nonfinite_loss: str = "drop_task",
         statistics: str = "current",
+        statistics_every: int = 1,
     ) -> None:
         super().__init__()
         if statistics not in STATISTICS_MODES:
             raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+        if statistics_every < 1 or (statistics_every > 1 and statistics != "previous"):
+            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous'; got {statistics_every} with {statistics!r}")
         self.statistics = statistics
+        self.statistics_every = statistics_every
+        self._held: Optional[np.ndarray] = None  # statistics_every > 1: the coefficients of the last sum
+        self._unreported = np.zeros(balancer.num_tasks, dtype=bool)  # non-finite losses since the last sum
         self._in_flight = None  # previous mode: the last step's statistics, still being summed
         self.num_tasks = balancer.num_tasks
         if telemetry_every < 1:
@@ -189,6 +201,8 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
         if self.statistics == "previous" and _needs_its_own_statistics(balancer):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
+        if self.statistics_every > 1 and balancer.reads_statistics and type(balancer).aggregate is not Balancer.aggregate:
+            raise ValueError(f"{balancer.name} forms each step's sum with the statistics; use statistics_every=1")
         balancer.process_group = self.process_group
         self._balancer = balancer
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
@@ -205,11 +219,17 @@ class RepresentationBoundary(nn.Module):
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
             state.update(_stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
+            state[_HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported.astype(np.float64)]))
         return state
 
     def set_extra_state(self, state: dict) -> None:
         state = dict(state)
         in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
+        held = state.pop(_HELD, None)
+        if held is not None:
+            values, t = held.numpy().astype(np.float64), self.num_tasks
+            self._held = values[1 : 1 + t].copy() if values[0] > 0 else None
+            self._unreported = values[1 + t :] > 0
         self._balancer.load_state_dict(state)
         if self.statistics == "previous" and in_flight:
             stats = _stats_from_tensors(in_flight)
@@ -294,36 +314,64 @@ class RepresentationBoundary(nn.Module):
         self._record.backward_seconds = time.perf_counter() - start
         return aggregated
 
+    def _statistics_due(self) -> bool:
+        """Whether this step gathers statistics (``previous`` mode): every ``statistics_every``-th step
+        (every logged step for rules that read none), timed so that the sum is read on steps counted
+        by k: started at step n, it is read at n + 1."""
+        every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
+        return every == 1 or (self.balancer.step + 2) % every == 0
+
     def _balance_lagged(self, grads, z, template: torch.Tensor, start: float) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
-        is balanced with the previous step's, which have arrived by now."""
-        usable, pending = self._start_statistics(grads, z, template)
+        is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
+        steps between hold the coefficients of the last sum)."""
+        record = self._record
+        if self._statistics_due():
+            if self._unreported.any():  # reported as this step's: every rank acts on them with this sum
+                flags = torch.from_numpy(self._unreported).to(record.losses.device)
+                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
+                self._unreported[:] = False
+            usable, pending = self._start_statistics(grads, z, template)
+        else:  # no statistics of this step: this rank's usable tasks from its losses (gradients below)
+            present = np.array([g is not None for g in grads])
+            finite_loss = np.isfinite(np.array(record.losses.detach().tolist(), dtype=np.float64))
+            self._unreported |= present & ~finite_loss
+            usable, pending = present & finite_loss, None
         previous, self._in_flight = self._in_flight, pending
+        stats = None
         if previous is None:
-            self._record.losses, self._record.stats, self._record.comm_seconds = None, None, 0.0
-            self._record.skipped_tasks = []
-            stats = None
+            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
         else:
             stats = self._wait(previous)
             if self._skip_for_nonfinite_loss(stats):
-                self._record.backward_seconds = time.perf_counter() - start
+                record.backward_seconds = time.perf_counter() - start
                 return torch.zeros_like(template)
             self.balancer.note_inactive(stats)
-        early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
-        prior = np.full(self.num_tasks, 1.0 / self.num_tasks)
-        if early is not None:
-            if stats is not None:
-                self.balancer.coefficients(stats)  # their telemetry
-            else:
-                self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", prior))}
-            aggregated = early
-        elif stats is None:  # the first step: the prior, equal weights
-            self.balancer.last_telemetry = {"weights": prior.tolist()}
-            aggregated = weighted_sum(grads, prior * usable, usable)
-        elif type(self.balancer).aggregate is not Balancer.aggregate:  # element-wise rules
-            aggregated = self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
-        else:  # the same coefficients on every rank; a rank leaves out what is not finite here
-            aggregated = weighted_sum(grads, self.balancer.coefficients(stats) * usable, usable)
+        elementwise = type(self.balancer).aggregate is not Balancer.aggregate
+        if stats is not None and not elementwise:
+            coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
+            self._held = coefficients if self.balancer.reads_statistics else None
+        if self._held is None and stats is None and record.stats is None:  # nothing summed yet: the prior
+            self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", np.full(self.num_tasks, 1.0 / self.num_tasks)))}
+
+        def combine(usable: np.ndarray) -> torch.Tensor:
+            early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
+            if early is not None:
+                return early
+            if elementwise and stats is not None:
+                return self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
+            # The same coefficients on every rank; a rank leaves out what is not finite here.
+            held = self._held if self._held is not None and not elementwise else np.full(self.num_tasks, 1.0 / self.num_tasks)
+            return weighted_sum(grads, held * usable, usable)
+
+        aggregated = combine(usable)
+        # Without statistics of its own a rank has not looked at its gradients: one pass over the sum
+        # finds a non-finite value in any of them, and only then are they read one by one.
+        if pending is None and not all_finite(aggregated):
+            finite = np.array([g is not None and all_finite(g) for g in grads])
+            for k in np.flatnonzero(usable & ~finite):
+                self.balancer.warn(self.balancer.task_names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
+            aggregated = combine(usable & finite)
         return self._finish(aggregated, start)
 
     def telemetry(self) -> dict:
@@ -350,6 +398,7 @@ def _needs_its_own_statistics(balancer: Balancer) -> bool:
 
 
 _IN_FLIGHT = "in_flight_"
+_HELD = "held_coefficients"  # [valid, c_1..c_T, unreported non-finite loss flags 1..T]
 
 
 def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: int) -> dict:

@@ -17,6 +17,7 @@ class ConstantWeights(Balancer):
 
     weights: np.ndarray
     needs_cross_terms = False
+    reads_statistics = False
 
     def coefficients(self, stats: StepStats) -> np.ndarray:
         self.last_telemetry = {"weights": self.weights.tolist()}

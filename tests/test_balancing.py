@@ -542,3 +542,88 @@ def test_lagged_statistics_in_flight_survive_a_checkpoint():
 def test_graddrop_cannot_lag():
     with pytest.raises(ValueError, match="graddrop needs each step's own statistics"):
         RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="previous")
+
+
+# --- Statistics every k steps (statistics="previous", statistics_every=k) -----------------------------------
+def _every_k(method, k, telemetry_every=1):
+    return RepresentationBoundary(build_balancer(method, TASKS), statistics="previous", statistics_every=k,
+                                  telemetry_every=telemetry_every)
+
+
+def _random_steps(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(n)]
+
+
+def test_statistics_every_k_steps_run_the_rule_every_k_steps_and_hold_its_coefficients_between():
+    steps = _random_steps(21, 9)
+    _, got = _lagged_steps("multibalance", steps, _every_k("multibalance", 3))
+    reference = build_balancer("multibalance", TASKS)
+    # Gathered on steps 1, 4, 7 (0-based), read one step later: the rule runs on steps 2, 5 and 8.
+    held = np.full(3, 1.0 / 3)
+    for t in range(9):
+        if t in (2, 5, 8):
+            held = reference.coefficients(stats_for(steps[t - 1], [1.0, 2.0, 0.5]))
+        torch.testing.assert_close(got[t], weighted_sum(steps[t], held, np.ones(3, dtype=bool)))
+
+
+def test_rules_without_statistics_gather_them_for_the_logged_steps_only():
+    boundary = _every_k("equal", 1, telemetry_every=5)
+    seen = []
+    steps = _random_steps(22, 10)
+    for grads in steps:
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        out = boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+        torch.testing.assert_close(out, sum(grads) / 3)
+        seen.append(boundary.last_stats)
+    # Started on the 4th and 9th steps, read on the 5th and 10th: the steps a trainer logs.
+    assert [s is not None for s in seen] == [False] * 4 + [True] * 6
+    assert seen[4] is seen[8] and seen[9] is not seen[8]
+    np.testing.assert_allclose(seen[9].norms, stats_for(steps[8], [1.0, 2.0, 0.5]).norms)  # the 9th step's
+
+
+def test_a_nonfinite_loss_between_sums_is_left_out_at_once_and_raised_with_the_next_sum():
+    boundary = _every_k("multibalance", 3)
+    boundary.on_nonfinite_loss = "raise"
+    steps = _random_steps(23, 6)
+    for t, grads in enumerate(steps):
+        losses = torch.tensor([1.0, float("nan") if t == 2 else 2.0, 0.5], dtype=torch.float64)
+        boundary.objective(losses)
+        if t == 5:  # the sum started on step 4 carries step 2's report
+            with pytest.raises(NonFiniteLossError, match="'b'"):
+                boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+            return
+        out = boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+        if t == 2:  # left out here, with the coefficients held from step 2's read (itself the prior on b)
+            assert torch.isfinite(out).all()
+            assert boundary._unreported.tolist() == [False, True, False]
+
+
+def test_a_nonfinite_gradient_between_sums_is_left_out_of_that_step():
+    boundary = _every_k("multibalance", 4)
+    grads = _random_steps(24, 1)[0]
+    grads[2][3, 1] = float("inf")
+    boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    out = boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))  # step 0: no statistics
+    torch.testing.assert_close(out, (grads[0] + grads[1]) / 3)
+
+
+def test_held_coefficients_survive_a_checkpoint():
+    steps = _random_steps(25, 9)
+    _, expected = _lagged_steps("multibalance", steps, _every_k("multibalance", 3))
+    first, _ = _lagged_steps("multibalance", steps[:4], _every_k("multibalance", 3))
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    restored = _every_k("multibalance", 3)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    _, got = _lagged_steps("multibalance", steps[4:], restored)
+    for a, b in zip(got, expected[4:]):
+        assert torch.equal(a, b)
+
+
+def test_statistics_every_k_needs_lagged_statistics_and_a_coefficient_rule():
+    with pytest.raises(ValueError, match="statistics_every"):
+        RepresentationBoundary(build_balancer("multibalance", TASKS), statistics_every=2)
+    with pytest.raises(ValueError, match="cograd forms each step's sum"):
+        _every_k("cograd", 2)

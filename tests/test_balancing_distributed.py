@@ -37,6 +37,9 @@ CASES = {
     "emtl-lagged": ("emtl", {}, "previous"),
     "cograd-lagged": ("cograd", {"gamma": 0.05}, "previous"),
     "equal-lagged": ("equal", {}, "previous"),
+    # statistics_every=2: the rule runs on every other step's sum, the coefficients held between
+    "multibalance-every-2": ("multibalance", {}, "previous", 2),
+    "emtl-every-2": ("emtl", {}, "previous", 2),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }
@@ -57,7 +60,8 @@ def _run(rank: int, world_size: int):
             param_level = build_parameter_level(name, TASKS, list(model.bottom.parameters()), group, **knobs)
         else:
             boundary = RepresentationBoundary(build_balancer(name, TASKS, **knobs), process_group=group,
-                                              statistics=mode[0] if mode else "current")
+                                              statistics=mode[0] if mode else "current",
+                                              statistics_every=mode[1] if len(mode) > 1 else 1)
         per_rank = ROWS // world_size
         out = []
         for step in range(STEPS):

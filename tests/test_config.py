@@ -120,3 +120,7 @@ def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
     assert cfg.balancer.statistics == "previous" and cfg.balancer.knobs == {}
     with pytest.raises(ConfigError, match="graddrop needs each step's own statistics"):
         load_config("configs/tiny.yaml", ["balancer.name=graddrop", "balancer.statistics=previous"])
+    cfg = load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=previous", "balancer.statistics_every=10"])
+    assert cfg.balancer.statistics_every == 10 and cfg.balancer.knobs == {}
+    with pytest.raises(ConfigError, match="statistics_every must be 1, or > 1 with statistics='previous'"):
+        load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics_every=10"])

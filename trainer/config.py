@@ -48,6 +48,7 @@ class SyntheticTask:
 class SyntheticConfig:
     rows: int = 200_000
     eval_rows: int = 20_000
+    validation_rows: int = 0  # > 0: a validation split at data.validation (choosing hyper-parameters)
     row_group_size: int = 16_384
     seed: int = 7
     num_dense: int = 8
@@ -80,6 +81,7 @@ class SplitConfig:
     # user already has, as files (train / eval) | column: a column names each row's split
     by: str = "seed"
     eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the cutoff is this quantile from the end
+    validation_fraction: float = 0.0  # > 0: this share of the training rows (a seeded coin) goes to data.validation
     seed: int = 0
     column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column; column: the split column
     cutoff: Any = None  # time: a number or an ISO-8601 timestamp (quote it in YAML)
@@ -111,6 +113,7 @@ class ConvertConfig:
 class DataConfig:
     train: str
     eval: Optional[str] = None
+    validation: Optional[str] = None  # written by synth (validation_rows) / convert (split.validation_fraction)
     dense_columns: List[str] = field(default_factory=list)
     sparse_columns: Dict[str, str] = field(default_factory=dict)  # feature name -> Parquet column
     weight_column: Optional[str] = None
@@ -199,6 +202,7 @@ class BalancerConfig:
     name: str = "equal"
     reduction: str = "mean"
     statistics: str = "current"  # current (the specified rule) | previous (lagged: backward never waits)
+    statistics_every: int = 1  # previous: gather and sum the statistics every k steps (the rule runs every k steps)
     knobs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -347,8 +351,8 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
     raw.pop("source", None)
     balancer = raw.get("balancer")
     if isinstance(balancer, dict):  # knobs sit beside name/reduction in the YAML
-        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "knobs")}
-        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction", "statistics")}
+        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "statistics_every", "knobs")}
+        raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction", "statistics", "statistics_every")}
         raw["balancer"]["knobs"] = {**balancer.get("knobs", {}), **knobs}
     cfg = _build(Config, raw, source, "")
     cfg.source = source
@@ -682,6 +686,10 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.split.by", f"must be seed, time, files or column, got {sp.by!r}")
     if sp.by in ("seed", "time") and not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
         fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
+    if not 0.0 <= sp.validation_fraction < 1.0:
+        fail("data.convert.split.validation_fraction", f"must be in [0, 1), got {sp.validation_fraction}")
+    if sp.validation_fraction > 0 and not d.validation:
+        fail("data.validation", "not set: data.convert.split.validation_fraction needs a path to write the validation split to")
     if sp.by == "time" and not sp.column:
         fail("data.convert.split.column", "a time split needs the time column")
     if sp.by == "column" and not sp.column:
@@ -712,7 +720,8 @@ def _validate_balancer(cfg: Config, fail) -> None:
         else:
             from concord.balancing import RepresentationBoundary
 
-            RepresentationBoundary(build_balancer(b.name, cfg.task_names, **b.knobs), statistics=b.statistics)
+            RepresentationBoundary(build_balancer(b.name, cfg.task_names, **b.knobs), statistics=b.statistics,
+                                   statistics_every=b.statistics_every)
     except (ValueError, TypeError) as e:
         fail("balancer", str(e))
 
@@ -720,8 +729,10 @@ def _validate_balancer(cfg: Config, fail) -> None:
 def _validate_synthetic(cfg: Config, fail) -> None:
     s = cfg.data.synthetic
     assert s is not None
-    if s.rows < 1 or s.eval_rows < 0 or s.row_group_size < 1:
-        fail("data.synthetic", "rows and row_group_size must be >= 1, eval_rows >= 0")
+    if s.rows < 1 or s.eval_rows < 0 or s.validation_rows < 0 or s.row_group_size < 1:
+        fail("data.synthetic", "rows and row_group_size must be >= 1, eval_rows and validation_rows >= 0")
+    if s.validation_rows > 0 and not cfg.data.validation:
+        fail("data.validation", "not set: data.synthetic.validation_rows needs a path to write the validation split to")
     for i, sp in enumerate(s.sparse):
         if sp.vocab < 1:
             fail(f"data.synthetic.sparse[{i}].vocab", f"must be >= 1, got {sp.vocab}")
