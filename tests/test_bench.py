@@ -32,3 +32,14 @@ def test_the_standard_error_comes_from_the_paired_differences():
     spread = math.sqrt(((1 - 1) ** 2 + (-1 - 1) ** 2 + (3 - 1) ** 2 + (1 - 1) ** 2) / 3)
     assert report["m"]["drop_pct_sem"] == pytest.approx(100.0 * spread / 2.0 / 51.0)
     assert report["m"]["drop_pct_mean"] == pytest.approx(100.0 * 1.0 / 51.0)
+
+
+def test_the_drop_against_the_model_without_the_boundary_is_paired_too():
+    batch = 1024
+    rounds = {"none": [40.0, 50.0], "equal": [41.0, 51.0], "m": [42.0, 52.0]}
+    report = summarize({m: [_round(t, batch) for t in ts] for m, ts in rounds.items()}, batch)
+    assert report["m"]["drop_vs_none_pct_mean"] == pytest.approx(100.0 * 2.0 / 47.0)
+    assert report["equal"]["drop_vs_none_pct_mean"] == pytest.approx(100.0 * 1.0 / 46.0)
+    assert report["none"]["drop_vs_none_pct_mean"] == 0.0
+    without = summarize({m: [_round(t, batch) for t in ts] for m, ts in rounds.items() if m != "none"}, batch)
+    assert math.isnan(without["m"]["drop_vs_none_pct_mean"])  # no baseline ran

@@ -104,7 +104,8 @@ def test_the_torch_only_boundary_bench_times_every_method(capsys):
     on the CPU: a step time per method and round, and the table."""
     from concord.trainer.tools.boundary_bench import run
 
-    step_ms = run(["none", "equal", "cograd"], "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
-    assert set(step_ms) == {"none", "equal", "cograd"} and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())
+    methods = ["none", "equal", "cograd", "multibalance@previous/2"]
+    step_ms = run(methods, "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
+    assert set(step_ms) == set(methods) and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())
     table = capsys.readouterr().out
     assert "| cograd |" in table and "drop vs equal (± s.e.)" in table

@@ -13,10 +13,12 @@ reading the data, the same for every method, is left out.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch.distributed as dist
 
 from concord.trainer.config import Config
@@ -26,22 +28,26 @@ from concord.trainer.train import Trainer
 
 
 def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) -> None:
-    """Makes ``spec`` (a method, ``@previous`` for lagged statistics) the model's method: built on
-    first use, then swapped back in with the state it had (a balancer's EMA and step count, and its
-    statistics in flight, go on across blocks, as in one long training run)."""
+    """Makes ``spec`` (a method; ``@previous`` for lagged statistics, ``@previous/K`` gathered every K
+    steps) the model's method: built on first use, then swapped back in with the state it had (a
+    balancer's EMA and step count, its statistics in flight and held coefficients, go on across
+    blocks, as in one long training run)."""
     boundary = trainer.model.boundary
     current = built.get("__current__")
     if current is not None:
-        built[current][5] = boundary._in_flight
+        built[current][6] = (boundary._in_flight, boundary._held, boundary._unreported)
     method, _, mode = spec.partition("@")
+    mode, _, every = mode.partition("/")
     if spec not in built:
-        boundary.statistics, boundary._in_flight = mode or "current", None
+        boundary.statistics, boundary.statistics_every = mode or "current", int(every or 1)
+        boundary._in_flight, boundary._held = None, None
         trainer.use_method(method, knobs)
-        built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer, mode or "current", None]
-    enabled, balancer, reduction, param_balancer, statistics, in_flight = built[spec]
-    boundary.statistics = statistics  # before the balancer, which checks it
+        built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer,
+                       boundary.statistics, boundary.statistics_every, (None, None, np.zeros(boundary.num_tasks, dtype=bool))]
+    enabled, balancer, reduction, param_balancer, statistics, every, lagged = built[spec]
+    boundary.statistics, boundary.statistics_every = statistics, every  # before the balancer, which checks them
     boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = enabled, balancer, reduction, param_balancer
-    boundary._in_flight = in_flight
+    boundary._in_flight, boundary._held, boundary._unreported = lagged
     built["__current__"] = spec
 
 
@@ -118,11 +124,15 @@ def summarize(samples: Dict[str, List[dict]], global_batch: int) -> Dict[str, di
     for m, rows in samples.items():
         step_ms = statistics.mean(s["step_ms"] for s in rows)
         drop, drop_sem = paired_drop([s["step_ms"] for s in rows], base)
+        # Against the model without the boundary, where it ran: the boundary's whole cost.
+        vs_none = paired_drop([s["step_ms"] for s in rows], [s["step_ms"] for s in samples["none"]]) if "none" in samples else (math.nan, math.nan)
         report[m] = {
             "qps_mean": 1000.0 * global_batch / step_ms,
             "qps_std": statistics.pstdev(s["qps"] for s in rows),  # over rounds
             "drop_pct_mean": drop,
             "drop_pct_sem": drop_sem,
+            "drop_vs_none_pct_mean": vs_none[0],
+            "drop_vs_none_pct_sem": vs_none[1],
             "step_ms": step_ms,
             "boundary_ms": statistics.mean(s["boundary_ms"] for s in rows),
             "comm_ms": statistics.mean(s["comm_ms"] for s in rows),
@@ -136,17 +146,19 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
     lines = [
         f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method",
-        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'step ms':>9}"
+        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'vs none':>9}{'± s.e.':>8}{'step ms':>9}"
         f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
     ]
     for m, r in report.items():
         lines.append(
             f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_sem']:>7.2f}%"
+            f"{r['drop_vs_none_pct_mean']:>8.2f}%{r['drop_vs_none_pct_sem']:>7.2f}%"
             f"{r['step_ms']:>9.2f}{r['boundary_ms']:>13.3f}{r['comm_ms']:>14.3f}{r['boundary_share_pct']:>7.2f}%"
             f"{r['compute_share_pct']:>14.2f}%"
         )
     lines.append(
-        "QPS: over all timed steps (± std over rounds); drop: 1 - QPS / QPS of equal, from step times paired "
+        "QPS: over all timed steps (± std over rounds); drop: 1 - QPS / QPS of equal (vs none: of the model "
+        "without the boundary, where 'none' ran), from step times paired "
         "by round, ± its standard error. share: boundary time / step time; compute share leaves out the time blocked on the statistics "
         "all-reduce (latency plus waiting for the slower rank, less the balancer's work done while it is in "
         "flight). Compare 'none' with 'equal' for the boundary's whole cost."
@@ -161,14 +173,14 @@ def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, round
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
         "",
-        "| method | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | drop vs none (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():
         level = "parameter" if m in PARAMETER_LEVEL else ("no boundary" if m == "none" else "representation")
         lines.append(
             f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} "
-            f"| {r['drop_pct_sem']:.2f} | {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
+            f"| {r['drop_pct_sem']:.2f} | {r['drop_vs_none_pct_mean']:.2f} | {r['drop_vs_none_pct_sem']:.2f} | {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
             f"| {r['compute_share_pct']:.2f}% |"
         )
     return "\n".join(lines) + "\n"

@@ -86,10 +86,16 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
     data = _batches(16, batch, num_tasks, dev)
     names = [f"task{k}" for k in range(num_tasks)]
 
-    def use(method: str) -> None:
-        model.boundary.enabled = method != "none"
+    def use(spec: str) -> None:
+        """``METHOD``, ``METHOD@previous`` (lagged statistics) or ``METHOD@previous/K`` (every K steps)."""
+        method, _, mode = spec.partition("@")
+        mode, _, every = mode.partition("/")
+        boundary = model.boundary
+        boundary.enabled = method != "none"
         if method != "none":
-            model.boundary.balancer = build_balancer(method, names)
+            boundary.statistics, boundary.statistics_every = mode or "current", int(every or 1)
+            boundary._in_flight, boundary._held = None, None
+            boundary.balancer = build_balancer(method, names)
 
     def step(i: int) -> None:
         ids, x, y = data[i % len(data)]
@@ -152,7 +158,8 @@ def _report(step_ms, syncs, device, batch, d, num_tasks, steps) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="none,equal,multibalance,emtl,cograd,graddrop")
+    parser.add_argument("--methods", default="none,equal,multibalance,emtl,cograd,graddrop",
+                        help="comma-separated; METHOD@previous for lagged statistics, METHOD@previous/K for every K steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
