@@ -124,6 +124,32 @@ def test_a_seed_split_is_reproducible_and_independent_of_the_chunk_size(tmp_path
     assert dense[1]["std"] == pytest.approx(dense[0]["std"], rel=1e-12)
 
 
+def test_a_validation_split_comes_out_of_the_training_rows_and_leaves_eval_unchanged(tmp_path):
+    rows = [f"1,u{i % 13},t{i % 5},{i},{i % 2},{i / 10}" for i in range(400)]
+    raw = base(tmp_path, rows=rows, split={"by": "seed", "seed": 5, "eval_fraction": 0.25})
+    for t in raw["model"]["tables"]:
+        t["num_embeddings"] = 16
+    run(raw)
+    before = {s: read(tmp_path, s) for s in ("train", "eval")}
+    raw["data"]["validation"] = str(tmp_path / "out/validation")
+    raw["data"]["convert"]["split"]["validation_fraction"] = 0.2
+    report = run(raw, force=True)
+    after = {s: read(tmp_path, s) for s in ("train", "eval", "validation")}
+    assert after["eval"]["amount"] == before["eval"]["amount"]  # the held-out rows do not move (amount: raw, unique)
+    assert sorted(after["train"]["amount"] + after["validation"]["amount"]) == sorted(before["train"]["amount"])
+    assert report["rows"]["validation"] == len(after["validation"]["amount"]) and 40 < report["rows"]["validation"] < 90
+    # Statistics come from the training rows only: standardized, they have mean 0 there.
+    assert abs(np.mean(after["train"]["price"])) < 1e-6 and abs(np.mean(after["validation"]["price"])) > 1e-3
+
+
+def test_a_validation_split_needs_its_path(tmp_path):
+    from concord.trainer.config import ConfigError
+
+    raw = base(tmp_path, split={"by": "seed", "eval_fraction": 0.25, "validation_fraction": 0.2})
+    with pytest.raises(ConfigError, match="data.validation: not set"):
+        config_from_dict(raw, "test.yaml")
+
+
 def test_parquet_input_gives_the_same_output_as_csv(tmp_path):
     run(base(tmp_path))
     expected = {s: read(tmp_path, s) for s in ("train", "eval")}

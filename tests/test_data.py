@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -251,3 +252,21 @@ def test_the_prefetcher_yields_the_same_batches_in_order_and_passes_errors_on():
     assert next(endless) == 0
     endless.close()  # the thread stops instead of running on
     assert not endless._thread.is_alive()
+
+
+def test_synth_writes_a_validation_split_drawn_apart_and_only_missing_splits_with_if_missing(tmp_path):
+    from concord.trainer.cli import _synth
+    from concord.trainer.config import load_config
+
+    paths = [f"data.{s}={tmp_path}/{s}" for s in ("train", "eval", "validation")]
+    cfg = load_config("configs/tiny.yaml", [*paths, "data.synthetic.validation_rows=512", "data.synthetic.eval_rows=512"])
+    assert _synth(cfg, force=False) == 0
+    validation, held_out = (pq.read_table(tmp_path / s).to_pydict() for s in ("validation", "eval"))
+    assert len(validation["label_ctr"]) == 512 and validation["dense_0"] != held_out["dense_0"]  # another draw
+    train_files = sorted((tmp_path / "train").glob("*.parquet"))
+    mtimes = [f.stat().st_mtime_ns for f in train_files]
+    shutil.rmtree(tmp_path / "validation")
+    assert _synth(cfg, force=False, if_missing=True) == 0
+    assert pq.read_table(tmp_path / "validation").to_pydict() == validation  # the same draw again
+    assert [f.stat().st_mtime_ns for f in train_files] == mtimes  # the splits on disk were kept
+    assert _synth(cfg, force=False) == 2  # without --force nothing is overwritten

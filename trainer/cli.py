@@ -147,9 +147,11 @@ def _convert(cfg, force: bool) -> int:
         print(f"concord: ConvertError: {e}", file=sys.stderr)
         return 3
     skipped = sum(report["skipped_rows"].values())
+    rows = report["rows"]
+    validation = (f", {rows['validation']:,} validation rows -> {cfg.data.validation}" if "validation" in rows else "")
     print(
-        f"concord convert: {report['rows']['train']:,} training and {report['rows']['eval']:,} eval rows "
-        f"-> {cfg.data.train}, {cfg.data.eval}; {skipped:,} rows skipped; "
+        f"concord convert: {rows['train']:,} training and {rows['eval']:,} eval rows "
+        f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped:,} rows skipped; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
     return 0
@@ -161,15 +163,14 @@ def _synth(cfg, force: bool, if_missing: bool = False) -> int:
     if cfg.data.synthetic is None:
         print(f"concord: {cfg.source}: data.synthetic is not set; nothing to generate", file=sys.stderr)
         return 2
-    for path in (cfg.data.train, cfg.data.eval):
-        if path and dataset_ready(path):
-            if if_missing and not force:
-                return 0
+    keep = if_missing and not force  # only the splits not on disk yet are written
+    for path in (cfg.data.train, cfg.data.eval, cfg.data.validation):
+        if path and dataset_ready(path) and not keep:
             if not force:
                 print(f"concord: {path} already holds Parquet files; use --force to overwrite", file=sys.stderr)
                 return 2
             shutil.rmtree(path)
-    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval)
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval, validation_dir=cfg.data.validation, skip_ready=keep)
     return 0
 
 

@@ -212,13 +212,16 @@ class _Welford:
 @dataclass
 class _Decoded:
     """One chunk's good rows: dense (n, D) transformed except standardizing, labels (n, T), weights,
-    whether each row goes to eval, and the raw chunk (for the categoricals)."""
+    each row's split (``SPLITS``: 0 train, 1 eval, 2 validation), and the raw chunk (for the categoricals)."""
 
     batch: pa.RecordBatch
     dense: np.ndarray
     labels: np.ndarray
     weights: Optional[np.ndarray]
-    is_eval: np.ndarray
+    split: np.ndarray
+
+
+SPLITS = ("train", "eval", "validation")
 
 
 @dataclass
@@ -277,7 +280,7 @@ class Converter:
             raise ConvertError(f"{self.cv.input}: time column {sp.column!r} holds no valid time")
         return float(np.quantile(times, 1.0 - sp.eval_fraction))
 
-    def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rng, cutoff) -> _Decoded:
+    def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rngs, cutoff) -> _Decoded:
         """Parses one chunk; drops (skip) or reports (error) its bad rows; assigns the split."""
         n = batch.num_rows
         bad_rows = np.zeros(n, dtype=bool)
@@ -338,30 +341,34 @@ class Converter:
             is_eval = pc.is_in(pc.utf8_trim_whitespace(names), value_set=pa.array([str(v) for v in self.cv.split.eval]))
             is_eval = is_eval.fill_null(False).to_numpy(zero_copy_only=False)
         else:
-            is_eval = rng.random(n) < self.cv.split.eval_fraction  # drawn for every row, so passes agree
+            is_eval = rngs[0].random(n) < self.cv.split.eval_fraction  # drawn for every row, so passes agree
+        split = is_eval.astype(np.int8)
+        if self.cv.split.validation_fraction > 0:  # a coin of its own: the eval rows stay the same with or without it
+            split[~is_eval & (rngs[1].random(n) < self.cv.split.validation_fraction)] = 2
         keep = ~bad_rows
         return _Decoded(
-            batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], is_eval[keep]
+            batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], split[keep]
         )
 
     def _decoded(self, what: str, cutoff) -> Iterator[_Decoded]:
         self._pass_skips = Counter()
-        rng = np.random.default_rng(self.cv.split.seed)
+        rngs = (np.random.default_rng(self.cv.split.seed), np.random.default_rng([self.cv.split.seed, 2]))
         for path, fmt, first, batch in self._stream(what):
-            yield self.decode(path, fmt, first, batch, rng, cutoff)
+            yield self.decode(path, fmt, first, batch, rngs, cutoff)
 
     def statistics(self, cutoff) -> Tuple[Dict[str, List[str]], List[_Welford]]:
         """Pass 1: vocabularies and dense statistics over the training split."""
         counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
         moments = [_Welford() for _ in self.dense_rules]
         for chunk in self._decoded("statistics (training split)", cutoff):
-            train = chunk.batch.filter(pa.array(~chunk.is_eval))
+            in_train = chunk.split == 0
+            train = chunk.batch.filter(pa.array(in_train))
             for rule in self.cv.categorical:
                 if not rule.hash:
                     tokens, _ = tokens_of(train.column(rule.column), rule.separator)
                     vc = pc.value_counts(tokens)
                     counts[rule.feature].update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
-            dense = chunk.dense[~chunk.is_eval]
+            dense = chunk.dense[in_train]
             for k, m in enumerate(moments):
                 column = dense[:, k]
                 m.add(column[np.isfinite(column)])
@@ -395,7 +402,7 @@ class Converter:
 
     def run(self, force: bool = False) -> Dict:
         d = self.cfg.data
-        outputs = [Path(d.train), Path(d.eval)]
+        outputs = [Path(d.train), Path(d.eval)] + ([Path(d.validation)] if self.cv.split.validation_fraction > 0 else [])
         for out in outputs:
             if out.exists() and any(out.iterdir()) and not force:
                 raise ConvertError(f"{out}: already holds data; use --force to overwrite")
@@ -409,9 +416,10 @@ class Converter:
             shutil.rmtree(t, ignore_errors=True)
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
-        rows, filled = [0, 0], Counter()
+        rows, filled = [0] * len(outputs), Counter()
         for chunk in self._decoded("writing", cutoff):
-            for split, mask in enumerate((~chunk.is_eval, chunk.is_eval)):
+            for split in range(len(outputs)):
+                mask = chunk.split == split
                 if not mask.any():
                     continue
                 part = chunk.batch.filter(pa.array(mask))
@@ -431,7 +439,7 @@ class Converter:
                 rows[split] += int(mask.sum())
         for w in writers:
             w.close()
-        for split, count in zip(("train", "eval"), rows):
+        for split, count in zip(SPLITS, rows):
             if count == 0:
                 raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split")
         for t, out in zip(tmp, outputs):  # replace the outputs only once everything is written
@@ -445,8 +453,8 @@ class Converter:
         report = {
             "input": [p for p, _ in self.files],
             "split": {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None},
-            "rows": {"train": rows[0], "eval": rows[1]},
-            "row_groups": {"train": writers[0].row_groups, "eval": writers[1].row_groups},
+            "rows": dict(zip(SPLITS, rows)),
+            "row_groups": {split: w.row_groups for split, w in zip(SPLITS, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},

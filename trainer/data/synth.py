@@ -159,14 +159,28 @@ def write_split(
     return files
 
 
-def generate(cfg: SyntheticConfig, train_dir: str | Path, eval_dir: Optional[str | Path], show_progress: bool = True) -> None:
-    """Writes the train split and, if ``eval_dir`` and ``eval_rows``, the held-out split."""
+def generate(
+    cfg: SyntheticConfig,
+    train_dir: str | Path,
+    eval_dir: Optional[str | Path],
+    show_progress: bool = True,
+    validation_dir: Optional[str | Path] = None,
+    skip_ready: bool = False,
+) -> None:
+    """Writes the train split and, if ``eval_dir`` and ``eval_rows``, the held-out split; if
+    ``validation_dir`` and ``validation_rows``, a validation split (for choosing hyper-parameters
+    without reading the held-out one). Each split is its own draw from the same hidden model, so one
+    can be written without the others (``skip_ready``: the splits already on disk are kept)."""
     from concord.trainer.observe.progress import progress_bar
 
     splits = [(train_dir, cfg.rows, 0)]
     if eval_dir is not None and cfg.eval_rows > 0:
         splits.append((eval_dir, cfg.eval_rows, 1))
+    if validation_dir is not None and cfg.validation_rows > 0:
+        splits.append((validation_dir, cfg.validation_rows, 2))
     for path, rows, split_id in splits:
+        if skip_ready and dataset_ready(path):
+            continue
         with progress_bar(rows, f"synth {path}", "rows", enabled=show_progress) as bar:
             write_split(cfg, path, rows, split_id, progress=bar.update)
 
