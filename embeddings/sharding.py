@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES
+from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, SHARDING_TYPES
 
 _FUSED_OPTIMIZERS = {
     "rowwise_adagrad": (RowWiseAdagrad, ("lr", "eps", "weight_decay")),
@@ -56,14 +56,14 @@ def apply_fused_optimizer(ebc: EmbeddingBagCollection, opt_cfg, device: torch.de
 
 
 def sharding_constraints(tables: Sequence, device: torch.device) -> Dict[str, ParameterConstraints]:
-    """Per-table allowed sharding types: the config's, else every type legal on this device."""
-    default = list(CPU_SHARDING_TYPES) if device.type == "cpu" else None
-    out = {}
-    for t in tables:
-        types = t.sharding_types or default
-        if types is not None:
-            out[t.name] = ParameterConstraints(sharding_types=list(types))
-    return out
+    """Per-table allowed sharding types: the config's, else every type legal on this device but
+    ``data_parallel``. A data-parallel table is replicated and TorchRec trains it with the dense
+    parameters (its gradient all-reduced, the dense optimizer's update), not with the fused
+    ``model.embedding_optimizer``: left to itself the planner picks it for small tables, which would
+    change their optimizer behind the config's back, so only a table that lists it gets it."""
+    legal = CPU_SHARDING_TYPES if device.type == "cpu" else SHARDING_TYPES
+    return {t.name: ParameterConstraints(sharding_types=list(t.sharding_types or [k for k in legal if k != "data_parallel"]))
+            for t in tables}
 
 
 # Share of each device's memory the planner leaves to dense parameters, activations and input batches.

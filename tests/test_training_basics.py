@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from concord.trainer.config import ScheduleConfig
 from concord.trainer.optimizers import LRSchedule
@@ -69,3 +70,38 @@ def test_the_tables_follow_the_schedule_and_bf16_with_clipping_trains(tmp_path):
     assert result["dense_lr"] == [pytest.approx(0.001 * 0.25)] * len(result["dense_lr"])  # the default Adam rate
     assert all(lr == pytest.approx(0.05 * 0.25) for lr in result["table_lr"])
     assert all(math.isfinite(v) for task in result["eval"].values() for v in task.values())
+
+
+def test_no_table_is_left_to_the_dense_optimizer_unless_its_config_asks_for_data_parallel():
+    """The planner would replicate small tables (data_parallel), which TorchRec trains with the dense
+    optimizer: only a table whose sharding_types list it may be planned so."""
+    from types import SimpleNamespace
+
+    from concord.embeddings.sharding import sharding_constraints
+
+    tables = [SimpleNamespace(name="small", sharding_types=None), SimpleNamespace(name="mine", sharding_types=["data_parallel"])]
+    for device in ("cpu", "cuda"):
+        allowed = sharding_constraints(tables, torch.device(device))
+        assert "data_parallel" not in allowed["small"].sharding_types and allowed["small"].sharding_types
+        assert allowed["mine"].sharding_types == ["data_parallel"]
+
+
+def _optimizer_of_each_table(rank, world_size, overrides):
+    from concord.trainer.config import load_config
+    from concord.trainer.runtime import init_runtime
+    from concord.trainer.train import Trainer
+
+    trainer = Trainer.build(load_config("configs/tiny.yaml", overrides), init_runtime("cpu"))
+    dense = [k for k in trainer.dense_optimizer.params if "embedding_bags" in k]
+    return dense, len(trainer.dmp.fused_optimizer.param_groups)
+
+
+@pytest.mark.multiprocess
+def test_tiny_tables_are_trained_by_the_configured_embedding_optimizer(tmp_path):
+    from distributed import run_ranks
+    from tiny_data import tiny_data
+
+    tables = [f"model.tables.{k}.num_embeddings=8" for k in range(3)]  # ids are hashed into them
+    overrides = [*tiny_data(tmp_path), f"train.run_dir={tmp_path}/run", "dist.nproc_per_node=1", "data.on_bad_id=hash", *tables]
+    ((dense, fused_groups),) = run_ranks(_optimizer_of_each_table, 1, overrides)
+    assert dense == [] and fused_groups >= 1

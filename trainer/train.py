@@ -112,7 +112,12 @@ class Trainer:
         log = RunLog(run_dir, run_id, enabled=rt.is_main and own_run_dir)
         if rt.is_main and own_run_dir:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            log.write({"kind": "plan", "world_size": rt.world_size, "sharding": table_shardings(plan)})
+            shardings = table_shardings(plan)
+            log.write({"kind": "plan", "world_size": rt.world_size, "sharding": shardings})
+            replicated = sorted(t for t, kind in shardings.items() if kind == "data_parallel")
+            if replicated:
+                logger.info("tables %s are data_parallel (their sharding_types say so): replicated and trained by the "
+                            "dense optimizer (train.dense_optimizer), not by model.embedding_optimizer", ", ".join(replicated))
         trainer = cls(cfg, rt, model, dmp, optimizer, log, dense, run_id=run_id, lock=lock,
                       nonfinite=NonFinitePolicy(cfg, rt.balancer_group, log))
         if own_run_dir:
