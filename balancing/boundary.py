@@ -365,9 +365,10 @@ class RepresentationBoundary(nn.Module):
             return weighted_sum(grads, held * usable, usable)
 
         aggregated = combine(usable)
-        # Without statistics of its own a rank has not looked at its gradients: one pass over the sum
-        # finds a non-finite value in any of them, and only then are they read one by one.
-        if pending is None and not all_finite(aggregated):
+        # Without statistics of its own a rank has not looked at its gradients: the sum of the aggregate
+        # is NaN or inf if any of them holds a NaN or inf (or if it overflows: then the exact check
+        # below finds nothing to leave out), and only then are they read one by one.
+        if pending is None and not bool(torch.isfinite(aggregated.sum())):
             finite = np.array([g is not None and all_finite(g) for g in grads])
             for k in np.flatnonzero(usable & ~finite):
                 self.balancer.warn(self.balancer.task_names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
