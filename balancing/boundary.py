@@ -50,7 +50,7 @@ class _StepRecord:
     losses: Optional[torch.Tensor] = None  # from objective(), consumed by backward
     stats: Optional[StepStats] = None
     skipped_tasks: List[str] = field(default_factory=list)
-    backward_seconds: float = 0.0
+    backward_clock: Optional["_Clock"] = None
     comm_seconds: float = 0.0
 
 
@@ -173,8 +173,15 @@ class RepresentationBoundary(nn.Module):
 
     @property
     def backward_seconds(self) -> float:
-        """Wall time of the last backward through the boundary ..."""
-        return self._record.backward_seconds
+        """Time of the last backward through the boundary (on CUDA: between events on the gradients'
+        stream, so reading it waits for that step's boundary work) ..."""
+        clock = self._record.backward_clock
+        return clock.seconds() if clock is not None else 0.0
+
+    @property
+    def backward_clock(self) -> Optional["_Clock"]:
+        """... and its clock, for readers that take the figure later (no wait for the GPU now)."""
+        return self._record.backward_clock
 
     @property
     def comm_seconds(self) -> float:
@@ -255,9 +262,9 @@ class RepresentationBoundary(nn.Module):
             for g in present[1:]:
                 total.add_(g)
             return total
-        start = time.perf_counter()
         record = self._record
         template = next(g for g in grads if g is not None)
+        start = record.backward_clock = _Clock(template.device)
         if record.losses is None:
             raise RuntimeError(
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
@@ -274,7 +281,7 @@ class RepresentationBoundary(nn.Module):
         if not np.array_equal(usable, stats.active & present):
             early = None  # another rank saw a non-finite value, or every rank a zero gradient
         if self._skip_for_nonfinite_loss(stats):
-            record.backward_seconds = time.perf_counter() - start
+            start.stop()
             return torch.zeros_like(template)
         self.balancer.note_inactive(stats)
         return self._finish(self.balancer.aggregate(grads, stats, z, early), start)
@@ -307,11 +314,11 @@ class RepresentationBoundary(nn.Module):
             raise NonFiniteLossError(nonfinite)
         return bool(self._record.skipped_tasks)
 
-    def _finish(self, aggregated: torch.Tensor, start: float) -> torch.Tensor:
+    def _finish(self, aggregated: torch.Tensor, start: "_Clock") -> torch.Tensor:
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)
-        self._record.backward_seconds = time.perf_counter() - start
+        start.stop()
         return aggregated
 
     def _statistics_due(self) -> bool:
@@ -321,7 +328,7 @@ class RepresentationBoundary(nn.Module):
         every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
         return every == 1 or (self.balancer.step + 2) % every == 0
 
-    def _balance_lagged(self, grads, z, template: torch.Tensor, start: float) -> torch.Tensor:
+    def _balance_lagged(self, grads, z, template: torch.Tensor, start: "_Clock") -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
@@ -344,7 +351,7 @@ class RepresentationBoundary(nn.Module):
         else:
             stats = self._wait(previous)
             if self._skip_for_nonfinite_loss(stats):
-                record.backward_seconds = time.perf_counter() - start
+                start.stop()
                 return torch.zeros_like(template)
             self.balancer.note_inactive(stats)
         elementwise = type(self.balancer).aggregate is not Balancer.aggregate
@@ -380,6 +387,34 @@ class RepresentationBoundary(nn.Module):
         if self._record.stats is None:
             return {}
         return self.balancer.telemetry(self._record.stats)
+
+
+class _Clock:
+    """The boundary's time in one backward: the host clock on a CPU; on a GPU two CUDA events on the
+    current stream, turned into seconds only when read (never a synchronisation inside backward)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.start = self._now()
+        self.end = None
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self) -> None:
+        self.end = self._now()
+
+    def seconds(self) -> float:
+        if self.end is None:
+            return 0.0
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1000.0
+        return self.end - self.start
 
 
 class _Ready:

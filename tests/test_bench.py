@@ -43,3 +43,26 @@ def test_the_drop_against_the_model_without_the_boundary_is_paired_too():
     assert report["none"]["drop_vs_none_pct_mean"] == 0.0
     without = summarize({m: [_round(t, batch) for t in ts] for m, ts in rounds.items() if m != "none"}, batch)
     assert math.isnan(without["m"]["drop_vs_none_pct_mean"])  # no baseline ran
+
+
+def test_step_timings_add_up_repeated_phases_and_read_deferred_figures_apart_from_the_step():
+    from concord.trainer.observe.timing import StepTimings
+
+    marks = [("start", 0.0), ("input_dist", 1.0), ("data", 1.5), ("input_dist", 2.0), ("forward", 5.0)]
+    timings = StepTimings(marks, cuda=False)
+    timings.defer("boundary", lambda: 0.25)
+    assert timings["input_dist"] == 1.5 and timings["data"] == 0.5 and timings["forward"] == 3.0
+    assert timings["step"] == 5.0 and timings["boundary"] == 0.25  # the boundary is inside a phase, not added
+
+
+def test_the_boundary_times_each_backward_on_its_own_clock():
+    import torch
+
+    from concord.balancing import RepresentationBoundary, build_balancer
+
+    boundary = RepresentationBoundary(build_balancer("mgda", ["a", "b"]))
+    z = torch.randn(8, 4, requires_grad=True)
+    views = boundary(z)
+    boundary.objective(torch.stack([(v ** 2).sum() * (k + 1) for k, v in enumerate(views)])).backward()
+    clock = boundary.backward_clock
+    assert clock is not None and clock.end is not None and boundary.backward_seconds == clock.seconds() > 0

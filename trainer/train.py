@@ -389,7 +389,8 @@ class Trainer:
         timings = timer.read()
         boundary = self.model.boundary
         used = boundary.enabled and self.param_balancer is None
-        timings["boundary"] = boundary.backward_seconds if used else 0.0
+        clock = boundary.backward_clock if used else None
+        timings.defer("boundary", clock.seconds if clock is not None else (lambda: 0.0))  # CUDA: read when logged
         timings["boundary_comm"] = boundary.comm_seconds if used else 0.0
         return timings
 

@@ -6,7 +6,7 @@ import math
 import statistics
 import time
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,8 +19,16 @@ class StepTimings(dict):
     def __init__(self, marks: List[tuple], cuda: bool) -> None:
         super().__init__()
         self._marks, self._cuda = marks, cuda
+        self._deferred: Dict[str, Callable[[], float]] = {}
         if not cuda:
             self._fill()
+
+    def defer(self, key: str, read: Callable[[], float]) -> None:
+        """A figure of its own (the boundary's CUDA-event time), read when the phases are."""
+        if self._marks is None:
+            super().__setitem__(key, read())
+        else:
+            self._deferred[key] = read
 
     def _fill(self) -> None:
         if self._marks is None:
@@ -32,6 +40,8 @@ class StepTimings(dict):
         for (_, a), (phase, b) in zip(marks, marks[1:]):  # a phase marked twice: its two spans added
             phases[phase] = phases.get(phase, 0.0) + ((a.elapsed_time(b) / 1000.0) if self._cuda else (b - a))
         phases["step"] = sum(phases.values())
+        for key, read in self._deferred.items():
+            phases[key] = read()
         for key, value in phases.items():
             super().setdefault(key, value)
 
