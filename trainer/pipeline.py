@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import NoWait
 
 from concord.trainer.data.reader import Batch
 from concord.trainer.observe.timing import StepTimer
@@ -54,16 +55,32 @@ class SparseDistSteps(TrainPipelineSparseDist):
     def step(self, timer: StepTimer):
         self._timer = timer
         timer.start()
+        if not self._model_attached and self.contexts:
+            # TorchRec's attach starts batch i+1's input all-to-all again; completed here, no
+            # collective is left behind unwaited.
+            self.attach(self._model)
+            self.wait_sparse_data_dist(self.contexts[0])
         out = self.progress(self._data)
         return out, self._trainer.step_timings(timer)
 
     def pause(self) -> None:
         """Before the model is called outside the pipeline (evaluation): its own forwards back. The
         batches in flight stay; the next :meth:`step` re-attaches."""
+        self._settle()
         self.detach()
 
     def close(self) -> None:
+        self._settle()
         self.detach()
+
+    def _settle(self) -> None:
+        """Completes the input all-to-alls already under way for the batches in flight (their results
+        kept for those batches' forward), so that none is pending while the model is used outside the
+        pipeline or when the process group is destroyed."""
+        with self._stream_context(self._data_dist_stream):
+            for context in self.contexts:
+                for name, request in list(context.input_dist_tensors_requests.items()):
+                    context.input_dist_tensors_requests[name] = NoWait(request.wait())
 
     # TorchRec's hooks -------------------------------------------------------------------------
     def _forward(self, batch: Batch) -> Tuple[torch.Tensor, object]:
