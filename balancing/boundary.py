@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Balancer, weighted_sum
+from .clock import Clock
 from .collectives import PendingStatistics
 from .statistics import StepStats, all_finite, local_statistics, usable_here
 
@@ -50,7 +51,7 @@ class _StepRecord:
     losses: Optional[torch.Tensor] = None  # from objective(), consumed by backward
     stats: Optional[StepStats] = None
     skipped_tasks: List[str] = field(default_factory=list)
-    backward_clock: Optional["_Clock"] = None
+    backward_clock: Optional[Clock] = None
     comm_seconds: float = 0.0
 
 
@@ -179,7 +180,7 @@ class RepresentationBoundary(nn.Module):
         return clock.seconds() if clock is not None else 0.0
 
     @property
-    def backward_clock(self) -> Optional["_Clock"]:
+    def backward_clock(self) -> Optional[Clock]:
         """... and its clock, for readers that take the figure later (no wait for the GPU now)."""
         return self._record.backward_clock
 
@@ -264,7 +265,7 @@ class RepresentationBoundary(nn.Module):
             return total
         record = self._record
         template = next(g for g in grads if g is not None)
-        start = record.backward_clock = _Clock(template.device)
+        start = record.backward_clock = Clock(template.device)
         if record.losses is None:
             raise RuntimeError(
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
@@ -314,7 +315,7 @@ class RepresentationBoundary(nn.Module):
             raise NonFiniteLossError(nonfinite)
         return bool(self._record.skipped_tasks)
 
-    def _finish(self, aggregated: torch.Tensor, start: "_Clock") -> torch.Tensor:
+    def _finish(self, aggregated: torch.Tensor, start: Clock) -> torch.Tensor:
         self.balancer.step += 1
         if self.reduction == "sum":
             aggregated.mul_(self.num_tasks)
@@ -328,7 +329,7 @@ class RepresentationBoundary(nn.Module):
         every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
         return every == 1 or (self.balancer.step + 2) % every == 0
 
-    def _balance_lagged(self, grads, z, template: torch.Tensor, start: "_Clock") -> torch.Tensor:
+    def _balance_lagged(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
@@ -387,34 +388,6 @@ class RepresentationBoundary(nn.Module):
         if self._record.stats is None:
             return {}
         return self.balancer.telemetry(self._record.stats)
-
-
-class _Clock:
-    """The boundary's time in one backward: the host clock on a CPU; on a GPU two CUDA events on the
-    current stream, turned into seconds only when read (never a synchronisation inside backward)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.start = self._now()
-        self.end = None
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self) -> None:
-        self.end = self._now()
-
-    def seconds(self) -> float:
-        if self.end is None:
-            return 0.0
-        if self.cuda:
-            self.end.synchronize()
-            return self.start.elapsed_time(self.end) / 1000.0
-        return self.end - self.start
 
 
 class _Ready:

@@ -527,15 +527,22 @@ def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
 def test_lagged_statistics_in_flight_survive_a_checkpoint():
     g = torch.Generator().manual_seed(12)
     steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(6)]
-    whole, expected = _lagged_steps("multibalance", steps)
-    first, _ = _lagged_steps("multibalance", steps[:3])
+    _assert_a_restored_boundary_goes_on_alike(
+        steps, 3, lambda: RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="previous"))
+
+
+def _assert_a_restored_boundary_goes_on_alike(steps, stop, make):
+    """``make()``'s boundary saved after ``stop`` steps and restored into a new one takes the steps
+    after ``stop`` exactly as the boundary that never stopped."""
+    _, expected = _lagged_steps("multibalance", steps, make())
+    first, _ = _lagged_steps("multibalance", steps[:stop], make())
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
-    restored = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="previous")
+    restored = make()
     restored.load_state_dict(torch.load(buf, weights_only=True))
-    _, got = _lagged_steps("multibalance", steps[3:], restored)
-    for a, b in zip(got, expected[3:]):
+    _, got = _lagged_steps("multibalance", steps[stop:], restored)
+    for a, b in zip(got, expected[stop:]):
         assert torch.equal(a, b)
 
 
@@ -609,17 +616,7 @@ def test_a_nonfinite_gradient_between_sums_is_left_out_of_that_step():
 
 
 def test_held_coefficients_survive_a_checkpoint():
-    steps = _random_steps(25, 9)
-    _, expected = _lagged_steps("multibalance", steps, _every_k("multibalance", 3))
-    first, _ = _lagged_steps("multibalance", steps[:4], _every_k("multibalance", 3))
-    buf = io.BytesIO()
-    torch.save(first.state_dict(), buf)
-    buf.seek(0)
-    restored = _every_k("multibalance", 3)
-    restored.load_state_dict(torch.load(buf, weights_only=True))
-    _, got = _lagged_steps("multibalance", steps[4:], restored)
-    for a, b in zip(got, expected[4:]):
-        assert torch.equal(a, b)
+    _assert_a_restored_boundary_goes_on_alike(_random_steps(25, 9), 4, lambda: _every_k("multibalance", 3))
 
 
 def test_statistics_every_k_needs_lagged_statistics_and_a_coefficient_rule():

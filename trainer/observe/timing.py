@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from concord.balancing.clock import mark, seconds_between
 
 
 class StepTimings(dict):
@@ -34,11 +35,9 @@ class StepTimings(dict):
         if self._marks is None:
             return
         marks, self._marks = self._marks, None
-        if self._cuda:
-            marks[-1][1].synchronize()
         phases = {}
         for (_, a), (phase, b) in zip(marks, marks[1:]):  # a phase marked twice: its two spans added
-            phases[phase] = phases.get(phase, 0.0) + ((a.elapsed_time(b) / 1000.0) if self._cuda else (b - a))
+            phases[phase] = phases.get(phase, 0.0) + seconds_between(a, b, self._cuda)
         phases["step"] = sum(phases.values())
         for key, read in self._deferred.items():
             phases[key] = read()
@@ -74,18 +73,11 @@ class StepTimer:
         self.cuda = device.type == "cuda"
         self._marks: List[tuple] = []
 
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
     def start(self) -> None:
-        self._marks = [("start", self._now())]
+        self._marks = [("start", mark(self.cuda))]
 
     def mark(self, phase: str) -> None:
-        self._marks.append((phase, self._now()))
+        self._marks.append((phase, mark(self.cuda)))
 
     def read(self) -> StepTimings:
         """The last step's phases (lazily, on CUDA)."""
