@@ -144,3 +144,31 @@ def test_an_unreadable_eval_split_stops_before_training(data, tmp_path):
     assert proc.returncode == 3
     assert "part-00000.parquet: not a readable Parquet file" in proc.stderr.strip().splitlines()[-1]
     assert _trained_steps(run) == 0
+
+
+def test_a_workers_objects_are_freed_before_its_process_group_is_destroyed(monkeypatch):
+    """A run's objects in reference cycles (TorchRec's pipeline holds its own bound methods) are
+    collected before the process group goes: left to interpreter teardown, a rank could abort at exit."""
+    import gc
+    import weakref
+
+    from concord.trainer import cli, runtime
+
+    class Cyclic:
+        pass
+
+    ref = {}
+
+    def work(rt):
+        obj = Cyclic()
+        obj.self = obj
+        ref["obj"] = weakref.ref(obj)
+
+    freed_at_shutdown = []
+    monkeypatch.setattr(runtime, "shutdown", lambda: freed_at_shutdown.append(ref["obj"]() is None))
+    gc.disable()
+    try:
+        assert cli._run_worker(load_config("configs/tiny.yaml", ["dist.nproc_per_node=1"]), work) == 0
+    finally:
+        gc.enable()
+    assert freed_at_shutdown == [True]
