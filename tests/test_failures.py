@@ -165,10 +165,19 @@ def test_a_workers_objects_are_freed_before_its_process_group_is_destroyed(monke
         ref["obj"] = weakref.ref(obj)
 
     freed_at_shutdown = []
-    monkeypatch.setattr(runtime, "shutdown", lambda: freed_at_shutdown.append(ref["obj"]() is None))
+    real_shutdown = runtime.shutdown
+
+    def shutdown():
+        freed_at_shutdown.append(ref["obj"]() is None)
+        real_shutdown()
+
+    monkeypatch.setattr(runtime, "shutdown", shutdown)
+    environ = dict(os.environ)  # a one-process job sets RANK, MASTER_PORT, ...: later tests' jobs must not inherit them
     gc.disable()
     try:
         assert cli._run_worker(load_config("configs/tiny.yaml", ["dist.nproc_per_node=1"]), work) == 0
     finally:
         gc.enable()
+        os.environ.clear()
+        os.environ.update(environ)
     assert freed_at_shutdown == [True]
