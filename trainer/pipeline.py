@@ -70,8 +70,8 @@ class SparseDistSteps(TrainPipelineSparseDist):
         self.detach()
 
     def close(self) -> None:
-        self._settle()
-        self.detach()
+        """After the last step: as before an evaluation."""
+        self.pause()
 
     def _settle(self) -> None:
         """Completes the input all-to-alls already under way for the batches in flight (their results
