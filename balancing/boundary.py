@@ -117,16 +117,8 @@ class RepresentationBoundary(nn.Module):
         statistics_every: int = 1,
     ) -> None:
         super().__init__()
-        if statistics not in STATISTICS_MODES:
-            raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-        if statistics_every < 1 or (statistics_every > 1 and statistics != "previous"):
-            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous'; got {statistics_every} with {statistics!r}")
-        self.statistics = statistics
-        self.statistics_every = statistics_every
-        self._held: Optional[np.ndarray] = None  # statistics_every > 1: the coefficients of the last sum
-        self._unreported = np.zeros(balancer.num_tasks, dtype=bool)  # non-finite losses since the last sum
-        self._in_flight = None  # previous mode: the last step's statistics, still being summed
         self.num_tasks = balancer.num_tasks
+        self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
         self.telemetry_every = telemetry_every
@@ -148,6 +140,29 @@ class RepresentationBoundary(nn.Module):
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         return _Replicate.apply(z, self)
+
+    def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
+        """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
+        statistics in flight, no held coefficients. A balancer set afterwards is checked against it."""
+        if statistics not in STATISTICS_MODES:
+            raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+        if statistics_every < 1 or (statistics_every > 1 and statistics != "previous"):
+            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous'; got {statistics_every} with {statistics!r}")
+        self.statistics = statistics
+        self.statistics_every = statistics_every
+        self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
+
+    @property
+    def lagged_state(self) -> tuple:
+        """What ``previous`` mode carries from step to step: the statistics in flight (the last
+        step's, still being summed), the held coefficients of the last sum (``statistics_every`` > 1)
+        and the non-finite losses not yet reported. For tools that interleave several boundaries'
+        worth of state on one module (``concord bench``)."""
+        return self._in_flight, self._held, self._unreported
+
+    @lagged_state.setter
+    def lagged_state(self, state: tuple) -> None:
+        self._in_flight, self._held, self._unreported = state
 
     def objective(self, losses: torch.Tensor) -> torch.Tensor:
         """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
@@ -359,8 +374,9 @@ class RepresentationBoundary(nn.Module):
         if stats is not None and not elementwise:
             coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
             self._held = coefficients if self.balancer.reads_statistics else None
+        prior = np.full(self.num_tasks, 1.0 / self.num_tasks)
         if self._held is None and stats is None and record.stats is None:  # nothing summed yet: the prior
-            self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", np.full(self.num_tasks, 1.0 / self.num_tasks)))}
+            self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", prior))}
 
         def combine(usable: np.ndarray) -> torch.Tensor:
             early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
@@ -369,7 +385,7 @@ class RepresentationBoundary(nn.Module):
             if elementwise and stats is not None:
                 return self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
             # The same coefficients on every rank; a rank leaves out what is not finite here.
-            held = self._held if self._held is not None and not elementwise else np.full(self.num_tasks, 1.0 / self.num_tasks)
+            held = self._held if self._held is not None and not elementwise else prior
             return weighted_sum(grads, held * usable, usable)
 
         aggregated = combine(usable)

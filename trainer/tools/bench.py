@@ -18,12 +18,12 @@ import statistics
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import torch.distributed as dist
 
 from concord.trainer.config import Config
 from concord.trainer.runtime import init_runtime, shutdown
 from concord.trainer.observe.timing import StepTimer, paired_drop
+from concord.trainer.tools.methods import parse_method
 from concord.trainer.train import Trainer
 
 
@@ -35,19 +35,17 @@ def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) ->
     boundary = trainer.model.boundary
     current = built.get("__current__")
     if current is not None:
-        built[current][6] = (boundary._in_flight, boundary._held, boundary._unreported)
-    method, _, mode = spec.partition("@")
-    mode, _, every = mode.partition("/")
+        built[current][5] = boundary.lagged_state
+    method, statistics, every = parse_method(spec)
     if spec not in built:
-        boundary.statistics, boundary.statistics_every = mode or "current", int(every or 1)
-        boundary._in_flight, boundary._held = None, None
+        boundary.use_statistics(statistics, every)
         trainer.use_method(method, knobs)
-        built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer,
-                       boundary.statistics, boundary.statistics_every, (None, None, np.zeros(boundary.num_tasks, dtype=bool))]
-    enabled, balancer, reduction, param_balancer, statistics, every, lagged = built[spec]
-    boundary.statistics, boundary.statistics_every = statistics, every  # before the balancer, which checks them
+        built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer, (statistics, every),
+                       boundary.lagged_state]
+    enabled, balancer, reduction, param_balancer, mode, lagged = built[spec]
+    boundary.use_statistics(*mode)  # before the balancer, which checks it
     boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = enabled, balancer, reduction, param_balancer
-    boundary._in_flight, boundary._held, boundary._unreported = lagged
+    boundary.lagged_state = lagged
     built["__current__"] = spec
 
 
@@ -62,7 +60,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         trainer = Trainer.build(cfg, rt)
         boundary = trainer.model.boundary
         boundary.telemetry_every = 10**9  # no logging-step extras inside timed blocks
-        knobs = {m: (cfg.balancer.knobs if m.partition("@")[0] == cfg.balancer.name else {}) for m in methods}
+        knobs = {m: (cfg.balancer.knobs if parse_method(m)[0] == cfg.balancer.name else {}) for m in methods}
         batches = trainer.train_batches()
         timer = StepTimer(rt.device)
         global_batch = cfg.data.batch_size * rt.world_size

@@ -23,6 +23,7 @@ from torch import nn
 
 from concord.balancing import RepresentationBoundary, build_balancer
 from concord.trainer.observe.timing import paired_drop
+from concord.trainer.tools.methods import parse_method
 
 TABLES = [(1_000_000, 32, 1), (200_000, 32, 2), (1_000, 16, 1), (100, 16, 1)]  # rows, dim, features
 
@@ -88,13 +89,11 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
 
     def use(spec: str) -> None:
         """``METHOD``, ``METHOD@previous`` (lagged statistics) or ``METHOD@previous/K`` (every K steps)."""
-        method, _, mode = spec.partition("@")
-        mode, _, every = mode.partition("/")
+        method, statistics, every = parse_method(spec)
         boundary = model.boundary
         boundary.enabled = method != "none"
         if method != "none":
-            boundary.statistics, boundary.statistics_every = mode or "current", int(every or 1)
-            boundary._in_flight, boundary._held = None, None
+            boundary.use_statistics(statistics, every)
             boundary.balancer = build_balancer(method, names)
 
     def step(i: int) -> None:
