@@ -165,13 +165,13 @@ def test_a_workers_objects_are_freed_before_its_process_group_is_destroyed(monke
         ref["obj"] = weakref.ref(obj)
 
     freed_at_shutdown = []
-    real_shutdown = runtime.shutdown
+    real_destroy = runtime.dist.destroy_process_group
 
-    def shutdown():
+    def destroy_process_group():
         freed_at_shutdown.append(ref["obj"]() is None)
-        real_shutdown()
+        real_destroy()
 
-    monkeypatch.setattr(runtime, "shutdown", shutdown)
+    monkeypatch.setattr(runtime.dist, "destroy_process_group", destroy_process_group)
     environ = dict(os.environ)  # a one-process job sets RANK, MASTER_PORT, ...: later tests' jobs must not inherit them
     gc.disable()
     try:

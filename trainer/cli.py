@@ -10,7 +10,6 @@ Exit codes: 0 done; 1 an unexpected error (traceback in the worker's log); 2 a c
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import shutil
@@ -200,10 +199,6 @@ def _run_worker(cfg, work) -> int:
         failures.report(e, rt.rank, rt.world_size)
         return 3
     finally:
-        # The job's objects (model, DDP, pipeline, pending collectives) are freed while the process
-        # group still exists: left to the cyclic collector, some were destroyed during interpreter
-        # teardown, after the group, and a rank aborted at exit once its run was already complete.
-        gc.collect()
         shutdown()
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import socket
@@ -112,5 +113,10 @@ def init_runtime(
 
 
 def shutdown() -> None:
+    """Leaves the job. The run's objects (model, DDP, TorchRec's pipeline, pending collectives) are
+    freed first, while the process group still exists: TorchRec's pipeline holds its own bound
+    methods, so left to the cyclic collector they were destroyed during interpreter teardown, after
+    the group, and a rank aborted at exit once its run was already complete."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
