@@ -82,6 +82,8 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "[2/2] multibalance, seed 0: training" in first.stdout
     report = (out / "report.md").read_text()
+    title = report.splitlines()[0]  # names what ran: the config and every override
+    assert title.startswith("# Balancer comparison: `--config tiny data.train=") and title.endswith(" train.max_steps=8`")
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
     assert "## Verdicts: paired differences to `equal`" in report and "[one seed]: no detectable difference" in report
     assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
@@ -122,6 +124,41 @@ def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
     assert verdict([0.30, 0.05, 0.16]) == "no detectable difference"  # +0.17, but inside its interval
     assert verdict([-0.2, -0.25, -0.3]) == "worse"
     assert verdict([0.02]) == "no detectable difference"  # one seed: no interval
+
+
+def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, monkeypatch):
+    """``METHOD@previous[/K]`` in ``--methods``: checked before any cell trains, and its cell's config
+    sets the statistics mode (so one report pairs both modes with ``equal`` over the same seeds)."""
+    import yaml
+
+    from concord.trainer.config import load_config
+    from concord.trainer.tools import compare
+
+    tasks = ["ctr", "cvr"]
+    compare.check_methods(["equal", "multibalance", "multibalance@previous/10", "cograd@previous"], tasks)
+    for spec, message in [("graddrop@previous", "needs each step's own statistics"), ("cograd@previous/5", "statistics_every=1"),
+                          ("param_mgda@previous", "parameter-level"), ("emtl@later", "statistics must be one of"),
+                          ("emtl@previous/x", "whole number"), ("nosuch@previous", "unknown method")]:
+        with pytest.raises(ValueError, match=message):
+            compare.check_methods([spec], tasks)
+    assert compare.cell_name("multibalance@previous/10", 3) == "multibalance@previous-every10-seed3"
+
+    commands = []
+
+    def fake_train(cmd, **_):
+        commands.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("train.run_dir=")).split("=", 1)[1])
+        (run_dir / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(compare.subprocess, "call", fake_train)
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"))
+    for spec in ("multibalance@previous/10", "multibalance"):
+        run_dir = tmp_path / compare.cell_name(spec, 0)
+        compare._train_cell(str(ROOT / "configs/tiny.yaml"), [], cfg, spec, 0, run_dir)
+        written = yaml.safe_load((run_dir / "input.yaml").read_text())["balancer"]
+        expected = {"statistics": "previous", "statistics_every": 10} if "@" in spec else {}
+        assert written == {"name": "multibalance", "reduction": cfg.balancer.reduction, **expected}
 
 
 def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):

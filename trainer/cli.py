@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
     with_config(sp)
-    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd", help="comma-separated methods")
+    sp.add_argument("--methods", default="equal,multibalance,emtl,cograd",
+                    help="comma-separated methods; METHOD@previous[/K] for lagged statistics (every K steps)")
     sp.add_argument("--seeds", type=int, default=3)
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
     sp.add_argument("--single-task", action="store_true",

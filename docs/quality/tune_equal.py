@@ -4,9 +4,10 @@
         --out docs/quality/tuning/adult.md data.train=runs/adult/val/train
 
 Trains `equal` on the training split for every cell of a small grid (the dense optimizer's and the
-tables' learning rates) and several seeds, scores each cell on the validation split, never on the
-held-out one, and writes a table. Score: the mean over tasks of the held-out metric (NE for binary
-tasks, MSE for regression) relative to the config's own cell, averaged over seeds; lower is better.
+tables' learning rates, and with --epochs the number of epochs) and several seeds, scores each cell
+on the validation split, never on the held-out one, and writes a table. Score: the mean over tasks
+of the held-out metric (NE for binary tasks, MSE for regression) relative to the config's own cell,
+averaged over seeds; lower is better.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import sys
 from pathlib import Path
 
 
-def train(config: str, overrides: list, run_dir: Path) -> dict:
-    """One run; its output goes to ``run_dir``.log (kept when it fails)."""
+def train(config: str, overrides: list, run_dir: Path, reuse: bool) -> dict:
+    """One run; its output goes to ``run_dir``.log (kept when it fails). With ``reuse``, a cell that
+    already finished (its summary written) is read instead of trained again: a grid extended at its
+    edge trains only the new cells."""
+    summary = run_dir / "summary.json"
+    if reuse and summary.exists():
+        return json.loads(summary.read_text())["eval"]
     cmd = [sys.executable, "-m", "concord", "train", "--config", config, *overrides, f"train.run_dir={run_dir}",
            "train.resume=false", "train.progress=false", "train.checkpoint_final=false"]
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -30,7 +36,7 @@ def train(config: str, overrides: list, run_dir: Path) -> dict:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} exited with {code}; its output: {log}")
-    return json.loads((run_dir / "summary.json").read_text())["eval"]
+    return json.loads(summary.read_text())["eval"]
 
 
 def metric(task: dict) -> float:
@@ -45,39 +51,58 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--dense-lr", default="0.0003,0.001,0.003")
     parser.add_argument("--table-lr", default="0.02,0.05,0.1")
-    parser.add_argument("--base", default="0.001,0.05", help="the config's own cell: dense lr, table lr")
+    parser.add_argument("--epochs", default=None, help="also search train.epochs over these values (default: the config's)")
+    parser.add_argument("--base", default="0.001,0.05", help="the config's own cell: dense lr, table lr[, epochs]")
+    parser.add_argument("--reuse", action="store_true", help="read the cells already trained under runs/tune/<out>/")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     runs = Path("runs/tune") / Path(args.out).stem
-    grid = list(itertools.product([float(v) for v in args.dense_lr.split(",")], [float(v) for v in args.table_lr.split(",")]))
+    epochs = [int(v) for v in args.epochs.split(",")] if args.epochs else [None]
+    grid = list(itertools.product([float(v) for v in args.dense_lr.split(",")], [float(v) for v in args.table_lr.split(",")], epochs))
     results = {}
     for cell in grid:
+        dense, table, epoch = cell
         for seed in range(args.seeds):
             overrides = [*args.overrides, f"data.eval={args.validation}", f"train.seed={seed}",
-                         f"train.dense_optimizer.lr={cell[0]}", f"model.embedding_optimizer.lr={cell[1]}"]
-            results[cell, seed] = train(args.config, overrides, runs / f"dense{cell[0]}-table{cell[1]}-seed{seed}")
-            print(f"dense lr {cell[0]}, table lr {cell[1]}, seed {seed}: "
-                  + ", ".join(f"{t} {metric(v):.4f}" for t, v in results[cell, seed].items()), flush=True)
-    base = tuple(float(v) for v in args.base.split(","))
+                         f"train.dense_optimizer.lr={dense}", f"model.embedding_optimizer.lr={table}"]
+            name = f"dense{dense}-table{table}"
+            if epoch is not None:
+                overrides.append(f"train.epochs={epoch}")
+                name += f"-epochs{epoch}"
+            results[cell, seed] = train(args.config, overrides, runs / f"{name}-seed{seed}", args.reuse)
+            print(f"{describe(cell)}, seed {seed}: " + ", ".join(f"{t} {metric(v):.4f}" for t, v in results[cell, seed].items()), flush=True)
+    base_values = args.base.split(",")
+    base = (float(base_values[0]), float(base_values[1]), int(base_values[2]) if len(base_values) > 2 else None)
+    if base not in grid:
+        raise SystemExit(f"the base cell {describe(base)} is not in the grid")
     tasks = list(results[base, 0])
     score = {cell: statistics.mean(metric(results[cell, s][t]) / metric(results[base, s][t]) for s in range(args.seeds) for t in tasks)
              for cell in grid}
     best = min(grid, key=score.get)
+    columns = ["dense lr", "table lr"] + (["epochs"] if args.epochs else [])
     lines = [f"# `equal` on the validation split: `--config {args.config}`", "",
              f"Validation split `{args.validation}`; {args.seeds} seeds; overrides `{' '.join(args.overrides) or '-'}`. "
              "Score: mean over tasks and seeds of the validation metric relative to the config's own cell "
-             f"(dense lr {base[0]}, table lr {base[1]}); lower is better.", "",
-             "| dense lr | table lr | " + " | ".join(f"{t} (mean over seeds)" for t in tasks) + " | score |",
-             "|---|---|" + "---|" * len(tasks) + "---|"]
+             f"({describe(base)}); lower is better.", "",
+             "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in tasks) + " | score |",
+             "|" + "---|" * len(columns) + "---|" * len(tasks) + "---|"]
     for cell in grid:
         means = [statistics.mean(metric(results[cell, s][t]) for s in range(args.seeds)) for t in tasks]
         mark = " **chosen**" if cell == best else (" (config)" if cell == base else "")
-        lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {score[cell]:.4f}{mark} |")
+        values = [str(v) for v in cell if v is not None]
+        lines.append("| " + " | ".join(values) + " | " + " | ".join(f"{m:.4f}" for m in means) + f" | {score[cell]:.4f}{mark} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     chosen = {"train.dense_optimizer.lr": best[0], "model.embedding_optimizer.lr": best[1]}
+    if best[2] is not None:
+        chosen["train.epochs"] = best[2]
     Path(args.out).with_suffix(".json").write_text(json.dumps({"chosen": chosen, "score": score[best]}, indent=2) + "\n")
-    print(f"chosen: dense lr {best[0]}, table lr {best[1]} (score {score[best]:.4f}); table in {args.out}")
+    print(f"chosen: {describe(best)} (score {score[best]:.4f}); table in {args.out}")
+
+
+def describe(cell: tuple) -> str:
+    dense, table, epochs = cell
+    return f"dense lr {dense}, table lr {table}" + (f", {epochs} epochs" if epochs is not None else "")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import yaml
 
-from concord.balancing import available_balancers
+from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.trainer.config import Config, load_config, packaged_configs, resolve_config_path
+from concord.trainer.tools.methods import parse_method
 
 WHAT_IS_BALANCED = {
     "boundary": "shared representation z (dense bottom and embedding tables)",
@@ -46,7 +47,12 @@ class CompareError(RuntimeError):
 
 
 def cell_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+    return f"{_file_name(method)}-seed{seed}"
+
+
+def _file_name(method: str) -> str:
+    """``METHOD@previous/K`` as one path component."""
+    return method.replace("/", "-every")
 
 
 def single_cell_name(task: str, seed: int) -> str:
@@ -66,9 +72,7 @@ def run_compare(
     from concord.trainer.train import check_data_exists
 
     check_data_exists(cfg)  # one line now, rather than the same failure in every cell
-    unknown = [m for m in methods if m not in available_balancers() and m not in PARAMETER_LEVEL]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
+    check_methods(methods, cfg.task_names)
     methods = ["equal"] + [m for m in methods if m != "equal"]
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -96,9 +100,24 @@ def run_compare(
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
-    report = write_report(out, cfg, methods, seeds, summaries, single)
+    report = write_report(out, cfg, methods, seeds, summaries, single, overrides)
     print(f"report: {report}")
     return report
+
+
+def check_methods(methods: Sequence[str], task_names: List[str]) -> None:
+    """Every ``METHOD`` or ``METHOD@previous[/K]`` names a method, and its statistics mode suits it."""
+    unknown = [m for m in methods if parse_method(m)[0] not in available_balancers() and parse_method(m)[0] not in PARAMETER_LEVEL]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
+    for spec in (m for m in methods if "@" in m):
+        name, mode, every = parse_method(spec)
+        if name in PARAMETER_LEVEL:
+            raise ValueError(f"{spec}: a parameter-level method has no boundary statistics to lag")
+        try:
+            RepresentationBoundary(build_balancer(name, task_names), statistics=mode, statistics_every=every)
+        except ValueError as error:
+            raise ValueError(f"{spec}: {error}") from None
 
 
 def _train_cell(
@@ -112,11 +131,14 @@ def _train_cell(
     threads: int = 1,
 ) -> None:
     """Writes the cell's config (the base config with this method's default knobs, or the base config's
-    knobs for its own method) and trains it with ``concord train`` (``--single-task`` for ``task``),
-    each rank on ``threads`` intra-op threads."""
+    knobs for its own method; ``METHOD@previous[/K]`` sets its statistics mode) and trains it with
+    ``concord train`` (``--single-task`` for ``task``), each rank on ``threads`` intra-op threads."""
     raw = yaml.safe_load(resolve_config_path(config_path).read_text())
-    balancer = {"name": method, "reduction": cfg.balancer.reduction}
-    if method == cfg.balancer.name:
+    name, mode, every = parse_method(method)
+    balancer = {"name": name, "reduction": cfg.balancer.reduction}
+    if "@" in method:
+        balancer.update(statistics=mode, statistics_every=every)
+    if name == cfg.balancer.name:
         balancer.update(cfg.balancer.knobs)
     raw["balancer"] = balancer
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,13 +195,15 @@ def _config_label(source: str) -> str:
         return str(path)
 
 
-def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None) -> Path:
+def write_report(
+    out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None, overrides: Sequence[str] = ()
+) -> Path:
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
     label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
     lines = [
-        f"# Balancer comparison: `{_config_label(cfg.source)}`",
+        f"# Balancer comparison: `{' '.join([_config_label(cfg.source), *overrides])}`",
         "",
         f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
         "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
@@ -192,7 +216,7 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
         "|---|---|---|---|" + "---|" * len(cfg.tasks),
     ]
     for m in methods:
-        kind = "parameter" if m in PARAMETER_LEVEL else "boundary"
+        kind = "parameter" if parse_method(m)[0] in PARAMETER_LEVEL else "boundary"
         lines.append(
             f"| {m} | {WHAT_IS_BALANCED[kind]} | {statistics.mean(qps[m]):,.0f} | {_mean_std(drops[m])} | "
             + " | ".join(_mean_std(g[m][t.name]) for t in cfg.tasks) + " |"
@@ -227,7 +251,7 @@ def write_report(out: Path, cfg: Config, methods: List[str], seeds: int, summari
     figures.mkdir(exist_ok=True)
     for m in methods:
         (path,) = plot_run(out / "runs" / cell_name(m, 0))
-        copy = figures / f"balancer-{m}.png"
+        copy = figures / f"balancer-{_file_name(m)}.png"
         shutil.copyfile(path, copy)
         lines.append(f"![{m}]({copy.relative_to(out)})")
     report = out / "report.md"
