@@ -128,19 +128,21 @@ def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
 
 def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, monkeypatch):
     """``METHOD@previous[/K]`` in ``--methods``: checked before any cell trains, and its cell's config
-    sets the statistics mode (so one report pairs both modes with ``equal`` over the same seeds)."""
+    sets the statistics mode (so one report pairs both modes with ``equal`` over the same seeds).
+    ``balancer.*`` overrides describe the base config's method: its cells get them, the others not."""
     import yaml
 
     from concord.trainer.config import load_config
     from concord.trainer.tools import compare
 
-    tasks = ["ctr", "cvr"]
-    compare.check_methods(["equal", "multibalance", "multibalance@previous/10", "cograd@previous"], tasks)
+    config = str(ROOT / "configs/tiny.yaml")
+    cfg = load_config(config)
+    compare.check_methods(["equal", "multibalance", "multibalance@previous/10", "cograd@previous"], cfg)
     for spec, message in [("graddrop@previous", "needs each step's own statistics"), ("cograd@previous/5", "statistics_every=1"),
                           ("param_mgda@previous", "parameter-level"), ("emtl@later", "statistics must be one of"),
                           ("emtl@previous/x", "whole number"), ("nosuch@previous", "unknown method")]:
         with pytest.raises(ValueError, match=message):
-            compare.check_methods([spec], tasks)
+            compare.check_methods([spec], cfg)
     assert compare.cell_name("multibalance@previous/10", 3) == "multibalance@previous-every10-seed3"
 
     commands = []
@@ -152,13 +154,21 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
         return 0
 
     monkeypatch.setattr(compare.subprocess, "call", fake_train)
-    cfg = load_config(str(ROOT / "configs/tiny.yaml"))
-    for spec in ("multibalance@previous/10", "multibalance"):
+    overrides = ["balancer.name=multibalance", "balancer.relax=0.5", "balancer.statistics=previous", "train.max_steps=3"]
+    cfg = load_config(config, overrides)
+    with pytest.raises(ValueError, match="cograd@previous/10: .*statistics_every=1"):
+        compare.check_methods(["cograd@previous/10"], cfg)
+    reduction = cfg.balancer.reduction
+    for spec, expected in [
+        ("multibalance@previous/10", {"name": "multibalance", "statistics": "previous", "statistics_every": 10, "relax": 0.5}),
+        ("multibalance", {"name": "multibalance", "statistics": "previous", "statistics_every": 1, "relax": 0.5}),
+        ("equal", {"name": "equal", "statistics": "previous", "statistics_every": 1}),
+        ("emtl@current", {"name": "emtl", "statistics": "current", "statistics_every": 1}),
+    ]:
         run_dir = tmp_path / compare.cell_name(spec, 0)
-        compare._train_cell(str(ROOT / "configs/tiny.yaml"), [], cfg, spec, 0, run_dir)
-        written = yaml.safe_load((run_dir / "input.yaml").read_text())["balancer"]
-        expected = {"statistics": "previous", "statistics_every": 10} if "@" in spec else {}
-        assert written == {"name": "multibalance", "reduction": cfg.balancer.reduction, **expected}
+        compare._train_cell(config, overrides, cfg, spec, 0, run_dir)
+        assert yaml.safe_load((run_dir / "input.yaml").read_text())["balancer"] == {"reduction": reduction, **expected}
+        assert "train.max_steps=3" in commands[-1] and not any(a.startswith("balancer.") for a in commands[-1])
 
 
 def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):

@@ -6,8 +6,8 @@
 Trains `equal` on the training split for every cell of a small grid (the dense optimizer's and the
 tables' learning rates, and with --epochs the number of epochs) and several seeds, scores each cell
 on the validation split, never on the held-out one, and writes a table. Score: the mean over tasks
-of the held-out metric (NE for binary tasks, MSE for regression) relative to the config's own cell,
-averaged over seeds; lower is better.
+of the held-out metric (NE for binary tasks, MSE for regression) relative to a base cell (the config's
+own, by default), averaged over seeds; lower is better.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ def main() -> None:
     parser.add_argument("--table-lr", default="0.02,0.05,0.1")
     parser.add_argument("--epochs", default=None, help="also search train.epochs over these values (default: the config's)")
     parser.add_argument("--base", default="0.001,0.05", help="the config's own cell: dense lr, table lr[, epochs]")
-    parser.add_argument("--reuse", action="store_true", help="read the cells already trained under runs/tune/<out>/")
+    parser.add_argument("--runs", default=None, help="where the cells' runs go (default runs/tune/<out's name>)")
+    parser.add_argument("--reuse", action="store_true", help="read the cells already trained there")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    runs = Path("runs/tune") / Path(args.out).stem
+    runs = Path(args.runs) if args.runs else Path("runs/tune") / Path(args.out).stem
     epochs = [int(v) for v in args.epochs.split(",")] if args.epochs else [None]
     grid = list(itertools.product([float(v) for v in args.dense_lr.split(",")], [float(v) for v in args.table_lr.split(",")], epochs))
     results = {}
@@ -82,7 +83,7 @@ def main() -> None:
     columns = ["dense lr", "table lr"] + (["epochs"] if args.epochs else [])
     lines = [f"# `equal` on the validation split: `--config {args.config}`", "",
              f"Validation split `{args.validation}`; {args.seeds} seeds; overrides `{' '.join(args.overrides) or '-'}`. "
-             "Score: mean over tasks and seeds of the validation metric relative to the config's own cell "
+             "Score: mean over tasks and seeds of the validation metric relative to the base cell "
              f"({describe(base)}); lower is better.", "",
              "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in tasks) + " | score |",
              "|" + "---|" * len(columns) + "---|" * len(tasks) + "---|"]

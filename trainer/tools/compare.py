@@ -72,7 +72,7 @@ def run_compare(
     from concord.trainer.train import check_data_exists
 
     check_data_exists(cfg)  # one line now, rather than the same failure in every cell
-    check_methods(methods, cfg.task_names)
+    check_methods(methods, cfg)
     methods = ["equal"] + [m for m in methods if m != "equal"]
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -105,19 +105,37 @@ def run_compare(
     return report
 
 
-def check_methods(methods: Sequence[str], task_names: List[str]) -> None:
+def check_methods(methods: Sequence[str], cfg: Config) -> None:
     """Every ``METHOD`` or ``METHOD@previous[/K]`` names a method, and its statistics mode suits it."""
     unknown = [m for m in methods if parse_method(m)[0] not in available_balancers() and parse_method(m)[0] not in PARAMETER_LEVEL]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
-    for spec in (m for m in methods if "@" in m):
-        name, mode, every = parse_method(spec)
-        if name in PARAMETER_LEVEL:
-            raise ValueError(f"{spec}: a parameter-level method has no boundary statistics to lag")
+    for spec in methods:
+        balancer = cell_balancer(cfg, spec)
+        if balancer["name"] in PARAMETER_LEVEL:
+            if "@" in spec:
+                raise ValueError(f"{spec}: a parameter-level method has no boundary statistics to lag")
+            continue
+        knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "statistics_every")}
         try:
-            RepresentationBoundary(build_balancer(name, task_names), statistics=mode, statistics_every=every)
-        except ValueError as error:
+            RepresentationBoundary(build_balancer(balancer["name"], cfg.task_names, **knobs), statistics=balancer["statistics"],
+                                   statistics_every=balancer["statistics_every"])
+        except (TypeError, ValueError) as error:
             raise ValueError(f"{spec}: {error}") from None
+
+
+def cell_balancer(cfg: Config, spec: str) -> dict:
+    """The ``balancer`` section of a cell: the method of ``spec``, with the base config's knobs where it
+    is the base config's own method (``--config`` and ``balancer.*`` overrides), the base config's
+    statistics mode unless ``spec`` names one (``METHOD@previous[/K]``)."""
+    name, mode, every = parse_method(spec)
+    base = cfg.balancer
+    balancer = {"name": name, "reduction": base.reduction, "statistics": base.statistics, "statistics_every": base.statistics_every}
+    if "@" in spec:
+        balancer.update(statistics=mode, statistics_every=every)
+    if name == base.name:
+        balancer.update(base.knobs)
+    return balancer
 
 
 def _train_cell(
@@ -130,21 +148,18 @@ def _train_cell(
     task: str | None = None,
     threads: int = 1,
 ) -> None:
-    """Writes the cell's config (the base config with this method's default knobs, or the base config's
-    knobs for its own method; ``METHOD@previous[/K]`` sets its statistics mode) and trains it with
-    ``concord train`` (``--single-task`` for ``task``), each rank on ``threads`` intra-op threads."""
+    """Writes the cell's config (the base config with the balancer section of :func:`cell_balancer`)
+    and trains it with ``concord train`` (``--single-task`` for ``task``), each rank on ``threads``
+    intra-op threads."""
     raw = yaml.safe_load(resolve_config_path(config_path).read_text())
-    name, mode, every = parse_method(method)
-    balancer = {"name": name, "reduction": cfg.balancer.reduction}
-    if "@" in method:
-        balancer.update(statistics=mode, statistics_every=every)
-    if name == cfg.balancer.name:
-        balancer.update(cfg.balancer.knobs)
-    raw["balancer"] = balancer
+    raw["balancer"] = cell_balancer(cfg, method)
     run_dir.mkdir(parents=True, exist_ok=True)
     cell_config = run_dir / "input.yaml"
     cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
     single = ["--single-task", task] if task else []
+    # The balancer.* overrides are in the cell's balancer section already (cfg has them); passed on
+    # they would make every cell train the base config's method.
+    overrides = [o for o in overrides if not o.startswith("balancer.")]
     cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
            f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
     log = run_dir / "train.log"
