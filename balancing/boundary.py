@@ -31,7 +31,7 @@ from .statistics import StepStats, all_finite, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
-STATISTICS_MODES = ("current", "previous")
+STATISTICS_MODES = ("current", "previous", "auto")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,7 +97,8 @@ class RepresentationBoundary(nn.Module):
             the same lag. A rank drops its own non-finite gradient or loss at once; the other ranks
             learn of it with the next step's statistics, and then ``raise`` raises and
             ``skip_step`` skips that next step. Methods that need the step's own statistics in the
-            sum (GradDrop's column signs) cannot lag.
+            sum (GradDrop's column signs) cannot lag. ``auto``: ``previous`` for every method that
+            can lag, ``current`` for the others (decided again whenever a balancer is set).
         statistics_every: with ``previous``, gather and sum the statistics on every k-th step only;
             the steps between reuse the coefficients of the last sum (the rule runs every k steps).
             Rules that read no statistics (constant weights) gather them only for the logged steps,
@@ -143,14 +144,19 @@ class RepresentationBoundary(nn.Module):
 
     def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
-        statistics in flight, no held coefficients. A balancer set afterwards is checked against it."""
+        statistics in flight, no held coefficients. A balancer set afterwards is checked against it
+        (and, with ``auto``, decides the mode)."""
         if statistics not in STATISTICS_MODES:
             raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-        if statistics_every < 1 or (statistics_every > 1 and statistics != "previous"):
-            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous'; got {statistics_every} with {statistics!r}")
+        if statistics_every < 1 or (statistics_every > 1 and statistics == "current"):
+            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every} with {statistics!r}")
+        self.statistics_requested = statistics
         self.statistics = statistics
+        if statistics == "auto":  # settled by the balancer, and again by each one set later
+            self.statistics = _auto_mode(self._balancer) if hasattr(self, "_balancer") else "previous"
         self.statistics_every = statistics_every
         self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
+        self._gather_for_log = False
 
     @property
     def lagged_state(self) -> tuple:
@@ -222,6 +228,13 @@ class RepresentationBoundary(nn.Module):
     def balancer(self, balancer: Balancer) -> None:
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
+        if self.statistics_requested == "auto":
+            mode = _auto_mode(balancer)
+            if mode == "current" and self.statistics_every > 1:
+                raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
+            if mode != self.statistics:
+                self.statistics = mode
+                self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
         if self.statistics == "previous" and _needs_its_own_statistics(balancer):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
         if self.statistics_every > 1 and balancer.reads_statistics and type(balancer).aggregate is not Balancer.aggregate:
@@ -342,7 +355,15 @@ class RepresentationBoundary(nn.Module):
         (every logged step for rules that read none), timed so that the sum is read on steps counted
         by k: started at step n, it is read at n + 1."""
         every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
-        return every == 1 or (self.balancer.step + 2) % every == 0
+        for_log, self._gather_for_log = self._gather_for_log, False
+        return every == 1 or (self.balancer.step + 2) % every == 0 or (for_log and not self.balancer.reads_statistics)
+
+    def gather_for_log(self) -> None:
+        """The step after the next one is logged off the ``telemetry_every`` schedule (a run's last
+        step). In ``previous`` mode a rule that reads no statistics gathers them on the next step
+        for that log; rules that read statistics keep their schedule (a log between their sums
+        shows the last sum's), so their coefficients never depend on when a run logs."""
+        self._gather_for_log = True
 
     def _balance_lagged(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
@@ -420,6 +441,11 @@ def _needs_its_own_statistics(balancer: Balancer) -> bool:
     """Methods that add numbers of their own to the step's reduction need that step's sum, unless
     they declare that the previous step's serve (``lag_safe_extras``)."""
     return type(balancer).local_extra is not Balancer.local_extra and not balancer.lag_safe_extras
+
+
+def _auto_mode(balancer: Balancer) -> str:
+    """``statistics="auto"``: lagged wherever the method allows it."""
+    return "current" if _needs_its_own_statistics(balancer) else "previous"
 
 
 _IN_FLIGHT = "in_flight_"

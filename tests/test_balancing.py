@@ -589,6 +589,32 @@ def test_rules_without_statistics_gather_them_for_the_logged_steps_only():
     np.testing.assert_allclose(seen[9].norms, stats_for(steps[8], [1.0, 2.0, 0.5]).norms)  # the 9th step's
 
 
+def test_a_log_off_the_schedule_gets_statistics_and_a_rule_that_reads_them_keeps_its_schedule():
+    """A run's last step is logged even when ``telemetry_every`` does not schedule it: the step before
+    gathers for it (rules without statistics), while a rule's sums stay every k steps."""
+    equal = _every_k("equal", 1, telemetry_every=10)
+    steps = _random_steps(26, 3)
+    seen = []
+    for t, grads in enumerate(steps):
+        if t == 1:
+            equal.gather_for_log()  # the trainer, before the second-to-last step
+        equal.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        equal.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+        seen.append(equal.last_stats)
+    assert [s is not None for s in seen] == [False, False, True]
+    np.testing.assert_allclose(seen[2].norms, stats_for(steps[1], [1.0, 2.0, 0.5]).norms)
+
+    scheduled, asked = _every_k("multibalance", 3), _every_k("multibalance", 3)
+    for t, grads in enumerate(_random_steps(27, 6)):
+        if t == 3:
+            asked.gather_for_log()
+        outs = []
+        for boundary in (scheduled, asked):
+            boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+            outs.append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
 def test_a_nonfinite_loss_between_sums_is_left_out_at_once_and_raised_with_the_next_sum():
     boundary = _every_k("multibalance", 3)
     boundary.on_nonfinite_loss = "raise"
@@ -624,3 +650,18 @@ def test_statistics_every_k_needs_lagged_statistics_and_a_coefficient_rule():
         RepresentationBoundary(build_balancer("multibalance", TASKS), statistics_every=2)
     with pytest.raises(ValueError, match="cograd forms each step's sum"):
         _every_k("cograd", 2)
+
+
+def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
+    """``statistics="auto"`` (the trainer's default): lagged for every method but GradDrop, whose sum
+    needs its own step's column signs; swapping the balancer decides the mode again, afresh."""
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="auto")
+    assert boundary.statistics == "previous"
+    for name in available_balancers():
+        boundary.balancer = build_balancer(name, TASKS)
+        assert boundary.statistics == ("current" if name == "graddrop" else "previous"), name
+    boundary.balancer = build_balancer("graddrop", TASKS)
+    boundary.use_statistics("auto")
+    assert boundary.statistics == "current"
+    with pytest.raises(ValueError, match="graddrop needs each step's own statistics; use statistics_every=1"):
+        RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="auto", statistics_every=10)

@@ -116,11 +116,15 @@ def test_single_task_drops_the_other_tasks_label_rules():
 
 
 def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
+    assert load_config("configs/tiny.yaml").balancer.statistics == "auto"  # lagged wherever the method allows
+    assert load_config("configs/tiny.yaml", ["balancer.name=graddrop"]).balancer.statistics == "auto"  # current for it
+    with pytest.raises(ConfigError, match="graddrop needs each step's own statistics; use statistics_every=1"):
+        load_config("configs/tiny.yaml", ["balancer.name=graddrop", "balancer.statistics_every=10"])
     cfg = load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=previous"])
     assert cfg.balancer.statistics == "previous" and cfg.balancer.knobs == {}
     with pytest.raises(ConfigError, match="graddrop needs each step's own statistics"):
         load_config("configs/tiny.yaml", ["balancer.name=graddrop", "balancer.statistics=previous"])
     cfg = load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=previous", "balancer.statistics_every=10"])
     assert cfg.balancer.statistics_every == 10 and cfg.balancer.knobs == {}
-    with pytest.raises(ConfigError, match="statistics_every must be 1, or > 1 with statistics='previous'"):
-        load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics_every=10"])
+    with pytest.raises(ConfigError, match="statistics_every must be 1, or > 1 with statistics='previous' or 'auto'"):
+        load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=current", "balancer.statistics_every=10"])

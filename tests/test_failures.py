@@ -43,10 +43,14 @@ def concord(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
+# Both statistics modes stop at, or drop, the step with the non-finite loss on every rank: the current
+# step's statistics say so inside backward; with lagged ones (the default) a sum of flags read after it.
+@pytest.mark.parametrize("statistics", ["auto", "current"])
+def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path, statistics):
     run = tmp_path / "run"
     proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
-                   f"train.run_dir={run}", "train.max_steps=6", "train.checkpoint_every=1", "data.shuffle=false")
+                   f"train.run_dir={run}", "train.max_steps=6", "train.checkpoint_every=1", "data.shuffle=false",
+                   f"balancer.statistics={statistics}")
     assert proc.returncode != 0
     assert "NonFiniteLoss: non-finite loss for task(s) ['ctr', 'cvr', 'watch'] at step 2" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
@@ -54,12 +58,12 @@ def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path):
 
 # Without weight decay the boundary's statistics decide and the tables get a zero gradient (a no-op);
 # with it a zero gradient would still move the tables, so the ranks agree in an all-reduce before backward.
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay):
+@pytest.mark.parametrize("weight_decay,statistics", [(0.0, "auto"), (0.0, "current"), (0.01, "current")])
+def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay, statistics):
     run = tmp_path / "run"
     proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
                    f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip", "data.shuffle=false",
-                   f"model.embedding_optimizer.weight_decay={weight_decay}")
+                   f"model.embedding_optimizer.weight_decay={weight_decay}", f"balancer.statistics={statistics}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["step"] == 6

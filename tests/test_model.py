@@ -21,7 +21,7 @@ def batch_for(cfg, rows: int) -> Batch:
 
 @pytest.mark.parametrize("overrides", [[], ["model.interaction.type=concat", "model.interaction.mlp=[24, 12]"]])
 def test_forward_shapes_and_one_backward(overrides):
-    cfg = load_config("configs/tiny.yaml", overrides)
+    cfg = load_config("configs/tiny.yaml", [*overrides, "balancer.statistics=current"])  # the step's own statistics
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")
     out = model(batch_for(cfg, 10))
@@ -31,3 +31,13 @@ def test_forward_shapes_and_one_backward(overrides):
     assert all(h.out.weight.grad is not None for h in model.heads.heads)
     stats = model.boundary.last_stats
     assert stats is not None and stats.active.all()
+
+
+def test_the_trainer_lags_the_statistics_by_default_where_the_method_allows():
+    modes = {}
+    for name in ("multibalance", "cograd", "graddrop", "param_mgda"):
+        boundary = build_model(load_config("configs/tiny.yaml", [f"balancer.name={name}"]), "cpu").boundary
+        modes[name] = boundary.statistics
+    assert modes == {"multibalance": "previous", "cograd": "previous", "graddrop": "current", "param_mgda": "current"}
+    explicit = build_model(load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=current"]), "cpu")
+    assert explicit.boundary.statistics == "current"

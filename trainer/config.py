@@ -201,8 +201,10 @@ class ModelConfig:
 class BalancerConfig:
     name: str = "equal"
     reduction: str = "mean"
-    statistics: str = "current"  # current (the specified rule) | previous (lagged: backward never waits)
-    statistics_every: int = 1  # previous: gather and sum the statistics every k steps (the rule runs every k steps)
+    # auto: previous wherever the method allows it (all but GradDrop), else current; current: the
+    # specified rule (backward waits at z for the step's statistics); previous: lagged by one step.
+    statistics: str = "auto"
+    statistics_every: int = 1  # previous/auto: gather and sum the statistics every k steps (the rule runs every k steps)
     knobs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -712,8 +714,8 @@ def _validate_balancer(cfg: Config, fail) -> None:
     b = cfg.balancer
     if b.reduction not in ("mean", "sum"):
         fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
-    if b.statistics not in ("current", "previous"):
-        fail("balancer.statistics", f"must be 'current' or 'previous', got {b.statistics!r}")
+    if b.statistics not in ("current", "previous", "auto"):
+        fail("balancer.statistics", f"must be 'auto', 'current' or 'previous', got {b.statistics!r}")
     try:
         if b.name in PARAMETER_LEVEL:
             check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)

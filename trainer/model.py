@@ -115,7 +115,7 @@ def build_model(cfg, device: torch.device | str = "meta", process_group=None) ->
     """The unsharded model for a config; the embedding tables on ``device`` (meta: sharding allocates)."""
     balancer, reduction = boundary_method(cfg)
     statistics = cfg.balancer.statistics if cfg.balancer.name not in PARAMETER_LEVEL else "current"
-    every = cfg.balancer.statistics_every if statistics == "previous" else 1
+    every = cfg.balancer.statistics_every if statistics != "current" else 1
     boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every, statistics=statistics,
                                       statistics_every=every)
     ebc = build_embedding_bags(cfg.model.tables, device)

@@ -8,6 +8,11 @@ it, at no extra synchronisation where possible, is the *guard*:
   bottom and the tables get a gradient; skip hands them a zero gradient);
 - ``collective``: one sum of T flags over ranks before backward (parameter-level methods, and skip with
   a table optimizer for which a zero gradient is not a no-op);
+- ``after_backward``: lagged statistics (``balancer.statistics: previous``, or ``auto``), whose sums
+  arrive a step late: T flags are summed over ranks while backward runs and read before the
+  optimizer step, so every rank drops (or stops at) the same step. The boundary has already left each
+  rank's own non-finite contributions out of ``z``'s gradient, so the tables received the other
+  ranks' finite part of that step; the dense parameters are not updated;
 - ``local``: no boundary, this rank's losses only, so a non-finite loss always stops the job.
 """
 
@@ -18,7 +23,7 @@ from typing import List
 
 import torch
 
-from concord.balancing.collectives import sum_over_ranks
+from concord.balancing.collectives import PendingSum, sum_over_ranks
 
 logger = logging.getLogger("concord.train")
 
@@ -36,11 +41,13 @@ class NonFinitePolicy:
         self.cfg, self.group, self.log = cfg, process_group, log
         self.skipped_steps = 0
 
-    def guard(self, boundary_enabled: bool, parameter_level: bool) -> str:
+    def guard(self, boundary_enabled: bool, parameter_level: bool, lagged: bool = False) -> str:
         if parameter_level:
             return "collective"
         if not boundary_enabled:
             return "local"
+        if lagged:
+            return "after_backward"
         emb = self.cfg.model.embedding_optimizer
         if self.cfg.train.on_nonfinite == "skip" and not (emb.name in ZERO_GRAD_IS_NOOP and emb.weight_decay == 0):
             return "collective"
@@ -48,8 +55,8 @@ class NonFinitePolicy:
 
     def tasks_before_backward(self, losses: torch.Tensor, guard: str, step: int) -> List[str]:
         """Tasks whose loss is NaN or inf, on this rank (``local``) or on any rank (``collective``);
-        none for the ``boundary`` guard, which learns it in backward."""
-        if guard == "boundary":
+        none for the ``boundary`` and ``after_backward`` guards, which learn it later."""
+        if guard in ("boundary", "after_backward"):
             return []
         flags = (~torch.isfinite(losses.detach())).to(torch.float64).cpu()
         if guard == "collective":
@@ -58,6 +65,14 @@ class NonFinitePolicy:
         if bad and guard == "local":
             self.stop(bad, step, "; with the boundary off ranks cannot agree to skip")
         return bad
+
+    def flags_in_flight(self, losses: torch.Tensor) -> PendingSum:
+        """``after_backward``: this rank's non-finite flags, their sum over ranks started now."""
+        return PendingSum((~torch.isfinite(losses.detach())).to(torch.float64).cpu(), self.group)
+
+    def tasks_after_backward(self, pending: PendingSum) -> List[str]:
+        """``after_backward``: the tasks whose loss was not finite on some rank, the same on every rank."""
+        return [name for name, flag in zip(self.cfg.task_names, pending.wait().tolist()) if flag > 0]
 
     def skip(self, tasks: List[str], step: int) -> None:
         """Step ``step`` had a non-finite loss for ``tasks`` on some rank: stop (abort) or count it."""

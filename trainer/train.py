@@ -138,7 +138,10 @@ class Trainer:
         if rebuild:
             balancer, reduction = boundary_method(self.cfg, name, knobs if knobs is not None else {})
             boundary.balancer, boundary.reduction = balancer, reduction
-        boundary.on_nonfinite_loss = "raise" if self.cfg.train.on_nonfinite == "abort" else "skip_step"
+        if boundary.statistics == "previous":  # the trainer's own flags decide, at the same step (nonfinite.py)
+            boundary.on_nonfinite_loss = "drop_task"
+        else:
+            boundary.on_nonfinite_loss = "raise" if self.cfg.train.on_nonfinite == "abort" else "skip_step"
         self.param_balancer = None
         if name in PARAMETER_LEVEL:
             self.param_balancer = build_parameter_level(
@@ -273,6 +276,8 @@ class Trainer:
         saved_at = step
         while step < total:
             self.step = step
+            if step + 2 == total and total % cfg.log_every != 0:
+                self.model.boundary.gather_for_log()  # the last step's log, off the schedule
             out, timings = steps.step(timer)
             step += 1
             qps.update(timings)
@@ -360,10 +365,11 @@ class Trainer:
         loss was not finite on some rank when the step is to be dropped. A non-finite task loss on any
         rank stops training or drops the step on every rank together (:mod:`concord.trainer.nonfinite`)."""
         boundary = self.model.boundary
-        guard = self.nonfinite.guard(boundary.enabled, self.param_balancer is not None)
+        guard = self.nonfinite.guard(boundary.enabled, self.param_balancer is not None, boundary.statistics == "previous")
         bad = self.nonfinite.tasks_before_backward(out.losses, guard, self.step + 1)
         if bad:
             return bad
+        pending = self.nonfinite.flags_in_flight(out.losses) if guard == "after_backward" else None
         if self.param_balancer is not None:
             # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
             # plain gradient through, with no statistics (the losses are weighted already).
@@ -374,6 +380,8 @@ class Trainer:
             out.objective.backward()
         except NonFiniteLossError as error:  # raised on every rank alike, before any update
             self.nonfinite.stop(error.tasks, self.step + 1)
+        if pending is not None:
+            return self.nonfinite.tasks_after_backward(pending)
         return boundary.skipped_tasks if guard == "boundary" else []
 
     def update(self, bad: List[str]) -> None:
