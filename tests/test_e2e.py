@@ -171,6 +171,21 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
         assert "train.max_steps=3" in commands[-1] and not any(a.startswith("balancer.") for a in commands[-1])
 
 
+def test_the_report_pairs_a_method_across_statistics_modes():
+    from concord.trainer.config import load_config
+    from concord.trainer.tools.compare import mode_pairs, mode_table
+
+    methods = ["equal", "emtl", "emtl@current", "cograd@current", "emtl@previous/10"]
+    assert mode_pairs(methods) == [("emtl@current", "emtl"), ("emtl@previous/10", "emtl")]  # cograd ran in one mode
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"))
+    ne = {"emtl": [0.50, 0.40], "emtl@current": [0.45, 0.38], "emtl@previous/10": [0.50, 0.40]}
+    summaries = {(s, m): {"eval": {t.name: {"ne": v[s], "mse": v[s]} for t in cfg.tasks}} for m, v in ne.items() for s in range(2)}
+    table = mode_table(cfg, 2, summaries, mode_pairs(methods))
+    current = next(line for line in table if line.startswith("| emtl@current | emtl |"))
+    assert current.count("+7.50 [") == len(cfg.tasks)  # (10% + 5%) / 2, paired by seed
+    assert "| emtl@previous/10 | emtl | +0.00 [+0.00, +0.00]: no detectable difference |" in "\n".join(table)
+
+
 def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
     """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
     once and swapped back in, so its step count runs on across rounds; the report gives the standard

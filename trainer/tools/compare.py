@@ -255,6 +255,8 @@ def write_report(
         )
     lines += ["", "## Verdicts: paired differences to `equal`", "", *verdict_table(cfg, methods, g), ""]
     lines += ["## Worst task", "", *worst_task_verdicts(cfg, methods, seeds, summaries, g), ""]
+    if mode_pairs(methods):
+        lines += ["## Statistics modes: the same method, paired", "", *mode_table(cfg, seeds, summaries, mode_pairs(methods)), ""]
     if single:
         lines += ["## Transfer: multi-task against single-task models", "", *transfer_table(cfg, methods, seeds, summaries, single), ""]
     lines += ["## Figures", "", f"![gains]({plot_gains(out, cfg, methods, g).relative_to(out)})", ""]
@@ -350,6 +352,31 @@ def verdict_table(cfg: Config, methods: List[str], g) -> List[str]:
             continue
         cells = [f"{_interval(g[m][t.name])}: {verdict(g[m][t.name])}" for t in cfg.tasks]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mode_pairs(methods: Sequence[str]) -> List[Tuple[str, str]]:
+    """``(METHOD@mode, METHOD)`` for every spec with a statistics mode whose plain method also ran."""
+    return [(m, parse_method(m)[0]) for m in methods if "@" in m and parse_method(m)[0] in methods]
+
+
+def mode_table(cfg: Config, seeds: int, summaries: Dict, pairs: List[Tuple[str, str]]) -> List[str]:
+    """Per pair and task: the gain (%) of ``METHOD@mode`` over ``METHOD`` (the base config's mode),
+    paired by seed, with its interval: what the statistics mode alone changes."""
+    lines = [
+        "Each seed pairs a method in another statistics mode with the same method in the base config's "
+        "mode (`auto` unless set: lagged wherever the method allows). Gain (%) of the first over the second.",
+        "",
+        "| method | against | " + " | ".join(t.name for t in cfg.tasks) + " |",
+        "|---|---|" + "---|" * len(cfg.tasks),
+    ]
+    for spec, plain in pairs:
+        cells = []
+        for t in cfg.tasks:
+            diffs = [100.0 * (_quality(summaries[(s, plain)], t) - _quality(summaries[(s, spec)], t)) / _quality(summaries[(s, plain)], t)
+                     for s in range(seeds)]
+            cells.append(f"{_interval(diffs)}: {verdict(diffs)}")
+        lines.append(f"| {spec} | {plain} | " + " | ".join(cells) + " |")
     return lines
 
 
