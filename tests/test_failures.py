@@ -34,6 +34,11 @@ def data(tmp_path_factory):
     table = table.set_column(table.schema.get_field_index("dense_0"), "dense_0", pa.array(dense))
     (root / "overflow").mkdir()
     pq.write_table(table, root / "overflow/part-00000.parquet", row_group_size=512)
+    dense = table["dense_0"].to_numpy().copy()
+    dense[70], dense[2048 + 70] = dense[0], 1e30  # rank 1's second batch: the main rank must learn it
+    (root / "overflow-rank1").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("dense_0"), "dense_0", pa.array(dense)),
+                   root / "overflow-rank1/part-00000.parquet", row_group_size=512)
     return root
 
 
@@ -58,10 +63,11 @@ def test_nonfinite_loss_aborts_without_a_checkpoint_after_it(data, tmp_path, sta
 
 # Without weight decay the boundary's statistics decide and the tables get a zero gradient (a no-op);
 # with it a zero gradient would still move the tables, so the ranks agree in an all-reduce before backward.
-@pytest.mark.parametrize("weight_decay,statistics", [(0.0, "auto"), (0.0, "current"), (0.01, "current")])
-def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay, statistics):
+@pytest.mark.parametrize("weight_decay,statistics,bad_rank", [(0.0, "auto", 0), (0.0, "auto", 1), (0.0, "current", 1), (0.01, "current", 0)])
+def test_nonfinite_loss_skip_drops_the_step_on_every_rank(data, tmp_path, weight_decay, statistics, bad_rank):
     run = tmp_path / "run"
-    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={data}/overflow", f"data.eval={data}/eval",
+    train = f"{data}/overflow" if bad_rank == 0 else f"{data}/overflow-rank1"
+    proc = concord("train", "--config", "configs/tiny.yaml", f"data.train={train}", f"data.eval={data}/eval",
                    f"train.run_dir={run}", "train.max_steps=6", "train.on_nonfinite=skip", "data.shuffle=false",
                    f"model.embedding_optimizer.weight_decay={weight_decay}", f"balancer.statistics={statistics}")
     assert proc.returncode == 0, proc.stderr[-3000:]

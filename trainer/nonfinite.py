@@ -9,10 +9,12 @@ it, at no extra synchronisation where possible, is the *guard*:
 - ``collective``: one sum of T flags over ranks before backward (parameter-level methods, and skip with
   a table optimizer for which a zero gradient is not a no-op);
 - ``after_backward``: lagged statistics (``balancer.statistics: previous``, or ``auto``), whose sums
-  arrive a step late: T flags are summed over ranks while backward runs and read before the
-  optimizer step, so every rank drops (or stops at) the same step. The boundary has already left each
-  rank's own non-finite contributions out of ``z``'s gradient, so the tables received the other
-  ranks' finite part of that step; the dense parameters are not updated;
+  arrive a step late. A rank whose loss of task k is not finite writes NaN into the gradient of task
+  k's head output bias (a term of the objective that adds exactly 0 elsewhere); DDP's own gradient
+  average carries it to every rank, which reads the T biases' gradients before the optimizer step:
+  every rank drops (or stops at) the same step, with no collective of its own. The boundary has
+  already left each rank's own non-finite contributions out of ``z``'s gradient, so the tables
+  received the other ranks' finite part of that step; the dense parameters are not updated;
 - ``local``: no boundary, this rank's losses only, so a non-finite loss always stops the job.
 """
 
@@ -23,7 +25,7 @@ from typing import List
 
 import torch
 
-from concord.balancing.collectives import PendingSum, sum_over_ranks
+from concord.balancing.collectives import sum_over_ranks
 
 logger = logging.getLogger("concord.train")
 
@@ -66,13 +68,18 @@ class NonFinitePolicy:
             self.stop(bad, step, "; with the boundary off ranks cannot agree to skip")
         return bad
 
-    def flags_in_flight(self, losses: torch.Tensor) -> PendingSum:
-        """``after_backward``: this rank's non-finite flags, their sum over ranks started now."""
-        return PendingSum((~torch.isfinite(losses.detach())).to(torch.float64).cpu(), self.group)
+    @staticmethod
+    def flag_term(losses: torch.Tensor, canaries: List[torch.Tensor]) -> torch.Tensor:
+        """``after_backward``: added to the objective; its gradient is 0 for canary k where this
+        rank's loss of task k is finite and NaN where it is not, and 0 for everything else."""
+        marks = torch.where(torch.isfinite(losses.detach()), 0.0, float("nan")).to(canaries[0].dtype)
+        return (torch.stack([c.sum() for c in canaries]) * marks).sum()
 
-    def tasks_after_backward(self, pending: PendingSum) -> List[str]:
-        """``after_backward``: the tasks whose loss was not finite on some rank, the same on every rank."""
-        return [name for name, flag in zip(self.cfg.task_names, pending.wait().tolist()) if flag > 0]
+    def tasks_after_backward(self, canaries: List[torch.Tensor]) -> List[str]:
+        """``after_backward``: the tasks whose canary gradient (averaged over ranks by DDP) is not
+        finite, the same on every rank."""
+        finite = torch.stack([torch.isfinite(c.grad).all() for c in canaries]).tolist()
+        return [name for name, ok in zip(self.cfg.task_names, finite) if not ok]
 
     def skip(self, tasks: List[str], step: int) -> None:
         """Step ``step`` had a non-finite loss for ``tasks`` on some rank: stop (abort) or count it."""

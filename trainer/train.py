@@ -369,7 +369,10 @@ class Trainer:
         bad = self.nonfinite.tasks_before_backward(out.losses, guard, self.step + 1)
         if bad:
             return bad
-        pending = self.nonfinite.flags_in_flight(out.losses) if guard == "after_backward" else None
+        objective = out.objective
+        if guard == "after_backward":
+            canaries = [head.out.bias for head in self.model.heads.heads]
+            objective = objective + self.nonfinite.flag_term(out.losses, canaries)
         if self.param_balancer is not None:
             # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
             # plain gradient through, with no statistics (the losses are weighted already).
@@ -377,11 +380,11 @@ class Trainer:
                 self.param_balancer.objective(out.losses).backward()
             return []
         try:
-            out.objective.backward()
+            objective.backward()
         except NonFiniteLossError as error:  # raised on every rank alike, before any update
             self.nonfinite.stop(error.tasks, self.step + 1)
-        if pending is not None:
-            return self.nonfinite.tasks_after_backward(pending)
+        if guard == "after_backward":
+            return self.nonfinite.tasks_after_backward(canaries)
         return boundary.skipped_tasks if guard == "boundary" else []
 
     def update(self, bad: List[str]) -> None:
