@@ -95,6 +95,9 @@ class Balancer:
     # whether the previous step's sum of them serves as well (lagged statistics).
     extra_size: ClassVar[int] = 0
     lag_safe_extras: ClassVar[bool] = False
+    # Whether ``statistics="auto"`` lags this method. False where the rule can but should not: its
+    # output is unstable when the last step's statistics meet this step's gradients.
+    lags_by_default: ClassVar[bool] = True
     # Whether the rule reads the step's statistics at all. Rules that do not (constant weights) need
     # them only for telemetry: with lagged statistics the boundary then gathers them on logged steps only.
     reads_statistics: ClassVar[bool] = True

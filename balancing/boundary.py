@@ -98,7 +98,8 @@ class RepresentationBoundary(nn.Module):
             learn of it with the next step's statistics, and then ``raise`` raises and
             ``skip_step`` skips that next step. Methods that need the step's own statistics in the
             sum (GradDrop's column signs) cannot lag. ``auto``: ``previous`` for every method that
-            can lag, ``current`` for the others (decided again whenever a balancer is set).
+            can lag and is stable lagged, ``current`` for the others (GradDrop, CoGrad; decided again
+            whenever a balancer is set).
         statistics_every: with ``previous``, gather and sum the statistics on every k-th step only;
             the steps between reuse the coefficients of the last sum (the rule runs every k steps).
             Rules that read no statistics (constant weights) gather them only for the logged steps,
@@ -444,8 +445,8 @@ def _needs_its_own_statistics(balancer: Balancer) -> bool:
 
 
 def _auto_mode(balancer: Balancer) -> str:
-    """``statistics="auto"``: lagged wherever the method allows it."""
-    return "current" if _needs_its_own_statistics(balancer) else "previous"
+    """``statistics="auto"``: lagged wherever the method allows it and is stable lagged."""
+    return "previous" if balancer.lags_by_default and not _needs_its_own_statistics(balancer) else "current"
 
 
 _IN_FLIGHT = "in_flight_"

@@ -31,6 +31,10 @@ from .statistics import StepStats, all_finite, squared_norm
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
     lag_safe_extras = True  # kappa from the previous step's norms is still the same on every rank
+    # ... but not the right size: C is cubic in G, so a step whose gradients are twice the last one's
+    # gets a correction four times `strength` (up to 0.38 of the gradient seen, one seed of five
+    # diverging on the Ali-CCP-shaped log). `auto` keeps each step's own kappa.
+    lags_by_default = False
     extra_size = 2  # ||P||^2 and ||C||^2
 
     def __init__(
