@@ -365,7 +365,7 @@ def mode_table(cfg: Config, seeds: int, summaries: Dict, pairs: List[Tuple[str, 
     paired by seed, with its interval: what the statistics mode alone changes."""
     lines = [
         "Each seed pairs a method in another statistics mode with the same method in the base config's "
-        "mode (`auto` unless set: lagged wherever the method allows). Gain (%) of the first over the second.",
+        "mode (`auto` unless set: docs/ALGORITHMS.md, item 8). Gain (%) of the first over the second.",
         "",
         "| method | against | " + " | ".join(t.name for t in cfg.tasks) + " |",
         "|---|---|" + "---|" * len(cfg.tasks),
