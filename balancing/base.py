@@ -143,6 +143,11 @@ class Balancer:
         Default: nothing (coefficient methods need the statistics before touching a gradient)."""
         return None
 
+    def weights_without_statistics(self) -> Optional[np.ndarray]:
+        """(T,) coefficients that need no statistics (constant-weight rules), used on the steps that
+        gather none; None (the default) for rules that read the statistics."""
+        return None
+
     def aggregate(
         self,
         grads: Sequence[Optional[torch.Tensor]],
@@ -239,16 +244,27 @@ class Balancer:
 
 
 def weighted_sum(
-    grads: Sequence[Optional[torch.Tensor]], coeffs: np.ndarray, active: np.ndarray
+    grads: Sequence[Optional[torch.Tensor]],
+    coeffs: Sequence[float],
+    active: Sequence[bool],
+    donated: Sequence[bool] = (),
 ) -> torch.Tensor:
-    """``sum_k c_k G_k`` over active tasks, accumulated in place; zeros if no task is active."""
+    """``sum_k c_k G_k`` over active tasks, accumulated in place; zeros if no task is active.
+
+    ``donated[k]`` says the caller gives ``G_k`` up (autograd handed it to the boundary and nothing
+    else holds it): if it is the first active gradient, the sum is formed in its storage, as
+    autograd accumulates gradients, instead of in a fresh (B, d) buffer. The arithmetic, and so
+    the result, is the same either way."""
     out: Optional[torch.Tensor] = None
     for k, g in enumerate(grads):
-        if g is None or not bool(active[k]):
+        if g is None or not active[k]:
             continue
         c = float(coeffs[k])
         if out is None:
-            out = g * c
+            if k < len(donated) and donated[k]:
+                out = g if c == 1.0 else g.mul_(c)
+            else:
+                out = g * c
         else:
             out.add_(g, alpha=c)
     if out is None:

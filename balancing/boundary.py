@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,6 +57,55 @@ class _StepRecord:
     comm_seconds: float = 0.0
 
 
+def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
+    """Python references to each gradient, as counted from a custom Function's ``backward(ctx, *grads)``."""
+    return [sys.getrefcount(g) for g in grads]
+
+
+class _Probe(torch.autograd.Function):
+    """Counts the references a gradient that nothing else holds has inside ``backward``: the baseline
+    of :func:`_donated`, measured rather than assumed, as it depends on the Python version."""
+
+    references: Optional[int] = None
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        _Probe.references = _references(grads)[0]
+        return grads[0]
+
+
+def _alone_references() -> Optional[int]:
+    if _Probe.references is None:
+        x = torch.zeros(2, 2, requires_grad=True)
+        with torch.enable_grad():
+            (_Probe.apply(x) * 2.0).sum().backward()  # MulBackward's output: a fresh gradient
+    return _Probe.references
+
+
+def _donated(grads: Tuple[Optional[torch.Tensor], ...]) -> List[bool]:
+    """Whether autograd handed the boundary the first of the gradients with nothing else holding it,
+    so the sum may be formed in it as autograd's own accumulation would: no other Python reference
+    (a hook that kept it, ``retain_grad``), no other C++ owner, no other tensor on its storage (a
+    head whose backward sent the same gradient elsewhere), contiguous, and not a ``create_graph``
+    backward. Only the first is looked at: the sum starts there."""
+    first = next((k for k, g in enumerate(grads) if g is not None), None)
+    if first is None or torch.is_grad_enabled() or not hasattr(torch._C, "_storage_Use_Count"):
+        return []
+    alone = _references(grads)[first] <= _alone_references()  # counted before this frame holds it too
+    g = grads[first]
+    alone = (
+        alone
+        and g._use_count() == 1
+        and torch._C._storage_Use_Count(g.untyped_storage()._cdata) == 2  # its tensor's and this call's
+        and g.is_contiguous()
+    )
+    return [False] * first + [alone]
+
+
 class _Replicate(torch.autograd.Function):
     """Forward: T views of ``z``. Backward: ``A = boundary.balance(G_1..G_T)`` for ``z``."""
 
@@ -68,7 +119,7 @@ class _Replicate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
-        return ctx.boundary.balance(grads, ctx.z), None
+        return ctx.boundary.balance(grads, ctx.z, _donated(grads)), None
 
 
 class RepresentationBoundary(nn.Module):
@@ -283,9 +334,15 @@ class RepresentationBoundary(nn.Module):
         finally:
             self._passthrough = False
 
-    def balance(self, grads: Tuple[Optional[torch.Tensor], ...], z: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def balance(
+        self,
+        grads: Tuple[Optional[torch.Tensor], ...],
+        z: Optional[torch.Tensor] = None,
+        donated: Sequence[bool] = (),
+    ) -> torch.Tensor:
         """Runs inside autograd's backward: statistics, one all-reduce (overlapped with the balancer's
-        :meth:`~Balancer.prepare`), the balancer, the aggregate."""
+        :meth:`~Balancer.prepare`), the balancer, the aggregate. ``donated[k]``: nothing but this call
+        holds ``grads[k]``, so the sum may be formed in it (lagged statistics only)."""
         if self._passthrough:
             present = [g for g in grads if g is not None]
             total = present[0].clone()
@@ -301,7 +358,7 @@ class RepresentationBoundary(nn.Module):
                 "balancer sees the task losses"
             )
         if self.statistics == "previous":
-            return self._balance_lagged(grads, z, template, start)
+            return self._balance_lagged(grads, z, template, start, donated)
         usable, pending = self._start_statistics(grads, z, template)
         # While the statistics travel, the balancer does the work that does not need them (e.g. the
         # whole aggregate of a method with fixed weights), on this rank's guess of the active tasks.
@@ -366,12 +423,18 @@ class RepresentationBoundary(nn.Module):
         shows the last sum's), so their coefficients never depend on when a run logs."""
         self._gather_for_log = True
 
-    def _balance_lagged(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
+    def _balance_lagged(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
         record = self._record
-        if self._statistics_due():
+        # Rules that form the sum themselves (CoGrad); constant weights override aggregate() only to
+        # reuse the sum formed while the statistics travel.
+        elementwise = type(self.balancer).aggregate is not Balancer.aggregate and self.balancer.weights_without_statistics() is None
+        due = self._statistics_due()
+        if not due and self._in_flight is None and not elementwise:
+            return self._between_sums(grads, start, donated)
+        if due:
             if self._unreported.any():  # reported as this step's: every rank acts on them with this sum
                 flags = torch.from_numpy(self._unreported).to(record.losses.device)
                 record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
@@ -392,34 +455,70 @@ class RepresentationBoundary(nn.Module):
                 start.stop()
                 return torch.zeros_like(template)
             self.balancer.note_inactive(stats)
-        elementwise = type(self.balancer).aggregate is not Balancer.aggregate
         if stats is not None and not elementwise:
             coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
             self._held = coefficients if self.balancer.reads_statistics else None
-        prior = np.full(self.num_tasks, 1.0 / self.num_tasks)
-        if self._held is None and stats is None and record.stats is None:  # nothing summed yet: the prior
-            self.balancer.last_telemetry = {"weights": list(getattr(self.balancer, "weights", prior))}
-
-        def combine(usable: np.ndarray) -> torch.Tensor:
+        if elementwise:
             early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
             if early is not None:
-                return early
-            if elementwise and stats is not None:
-                return self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z)
-            # The same coefficients on every rank; a rank leaves out what is not finite here.
-            held = self._held if self._held is not None and not elementwise else prior
-            return weighted_sum(grads, held * usable, usable)
+                return self._finish(early, start)
+            if stats is not None:
+                return self._finish(self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z), start)
+        coefficients = self._coefficients_between_sums()
+        if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
+            return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
+        return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
 
-        aggregated = combine(usable)
-        # Without statistics of its own a rank has not looked at its gradients: the sum of the aggregate
-        # is NaN or inf if any of them holds a NaN or inf (or if it overflows: then the exact check
-        # below finds nothing to leave out), and only then are they read one by one.
-        if pending is None and not bool(torch.isfinite(aggregated.sum())):
-            finite = np.array([g is not None and all_finite(g) for g in grads])
-            for k in np.flatnonzero(usable & ~finite):
-                self.balancer.warn(self.balancer.task_names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
-            aggregated = combine(usable & finite)
-        return self._finish(aggregated, start)
+    def _coefficients_between_sums(self) -> Sequence[float]:
+        """The same coefficients on every rank: a constant-weight rule's, else those of the last sum
+        (the prior, equal weights, before the first)."""
+        fixed = self.balancer.weights_without_statistics()
+        held = fixed if fixed is not None else self._held
+        if held is None:
+            held = [1.0 / self.num_tasks] * self.num_tasks
+        if self._record.stats is None:  # nothing summed yet: the weights in use, for the log
+            self.balancer.last_telemetry = {"weights": list(held)}
+        return held
+
+    def _between_sums(self, grads, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
+        """A step that neither gathers statistics nor reads a sum: the held coefficients over this
+        rank's tasks with a gradient and a finite loss. It runs on most steps, so it keeps to Python
+        floats: here a NumPy or torch call on T numbers costs more than the arithmetic."""
+        record = self._record
+        losses = record.losses.tolist()
+        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        usable = [g is not None and math.isfinite(loss) for g, loss in zip(grads, losses)]
+        for k, (g, loss) in enumerate(zip(grads, losses)):
+            if g is not None and not math.isfinite(loss):
+                self._unreported[k] = True  # reported with the next sum
+        return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
+
+    def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
+        """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients: the sum
+        of the result is NaN or inf if any of them holds a NaN or inf, and only then are they read
+        one by one and the non-finite ones left out. The sum may have been formed in the first usable
+        gradient (``donated``); that task is then left out with them, its own gradient being gone.
+        A sum that overflows with every gradient finite leaves this rank's whole contribution out."""
+        aggregated = weighted_sum(grads, coefficients, usable, donated)
+        if math.isfinite(aggregated.sum().item()):
+            return aggregated
+        first = next((k for k, ok in enumerate(usable) if ok), None)
+        spent = first if first is not None and first < len(donated) and donated[first] else None
+        finite = [g is not None and k != spent and all_finite(g) for k, g in enumerate(grads)]
+        names, warn = self.balancer.task_names, self.balancer.warn
+        for k in range(self.num_tasks):
+            if usable[k] and not finite[k] and k != spent:
+                warn(names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
+        if spent is not None:
+            others_bad = any(usable[k] and not finite[k] for k in range(self.num_tasks) if k != spent)
+            why = "summed with a non-finite gradient of another task before the check" if others_bad else "non-finite gradient at z on this rank"
+            warn(names[spent], "nonfinite_grad", f"{why}: left out of this step")
+        keep = [usable[k] and finite[k] for k in range(self.num_tasks)]
+        aggregated = weighted_sum(grads, coefficients, keep)
+        if not math.isfinite(aggregated.sum().item()):
+            warn("(all)", "overflow", "the weighted sum at z overflowed on this rank: its whole contribution is left out of this step")
+            aggregated.zero_()
+        return aggregated
 
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""

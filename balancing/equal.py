@@ -19,6 +19,9 @@ class ConstantWeights(Balancer):
     needs_cross_terms = False
     reads_statistics = False
 
+    def weights_without_statistics(self) -> np.ndarray:
+        return self.weights
+
     def coefficients(self, stats: StepStats) -> np.ndarray:
         self.last_telemetry = {"weights": self.weights.tolist()}
         return self.weights * stats.active

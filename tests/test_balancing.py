@@ -666,3 +666,86 @@ def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
     assert boundary.statistics == "current"
     with pytest.raises(ValueError, match="graddrop needs each step's own statistics; use statistics_every=1"):
         RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="auto", statistics_every=10)
+
+
+# --- The lagged sum formed in a gradient autograd gave up ----------------------------------------
+def _backward_through(boundary, grads, touch=None, nonfinite=()):
+    """One backward in which head k's gradient at its view is ``grads[k]`` and its loss is finite
+    (for k in ``nonfinite`` a NaN is added to the gradient: sqrt's derivative at 0, times 0);
+    ``touch(views)`` may hook the views first. Returns z's gradient."""
+    z = torch.zeros_like(grads[0], requires_grad=True)
+    views = boundary(z)
+    if touch is not None:
+        touch(views)
+    losses = [(v * g).sum() + (torch.sqrt(v[3, 1] * 0) if k in nonfinite else 0) for k, (v, g) in enumerate(zip(views, grads))]
+    boundary.objective(torch.stack(losses)).backward()
+    return z.grad
+
+
+@pytest.fixture
+def donations(monkeypatch):
+    """What the boundary's backward was told it may write into, call by call."""
+    import concord.balancing.boundary as module
+
+    seen, real = [], module._donated
+    monkeypatch.setattr(module, "_donated", lambda grads: seen.append(real(grads)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("method", ["equal", "multibalance"])
+def test_the_sum_formed_in_a_given_up_gradient_is_bitwise_the_same(method, donations):
+    through, direct = _every_k(method, 3), _every_k(method, 3)
+    for grads in _random_steps(31, 7):
+        got = _backward_through(through, grads)
+        direct.objective(torch.stack([(g * g).sum() for g in grads]))  # losses do not enter the rule's sum
+        torch.testing.assert_close(got, direct.balance(tuple(g.clone() for g in grads)), rtol=0, atol=0)
+    assert donations and all(d == [True] for d in donations)
+
+
+def test_a_gradient_someone_else_holds_is_never_written_into(donations):
+    """A hook that keeps head a's gradient, ``retain_grad`` on a view, and a head whose backward sends
+    the same gradient to a leaf and to a node still to run all see the raw G_a after the sum."""
+    grads = _random_steps(32, 1)[0]
+    kept = []
+    _backward_through(_every_k("equal", 3), grads, lambda views: views[0].register_hook(kept.append))
+    torch.testing.assert_close(kept[0], grads[0], rtol=0, atol=0)
+    assert donations[-1] == [False]
+
+    retained = []
+    _backward_through(_every_k("equal", 3), grads, lambda views: views[0].retain_grad() or retained.append(views[0]))
+    torch.testing.assert_close(retained[0].grad, grads[0], rtol=0, atol=0)
+
+    leaf = torch.zeros_like(grads[0], requires_grad=True)
+    pending = torch.zeros_like(grads[0], requires_grad=True)
+    not_yet_run = pending * 2  # made before the boundary's node, so its backward runs after it
+    for other in (leaf, not_yet_run):
+        z = torch.zeros_like(grads[0], requires_grad=True)
+        boundary = _every_k("equal", 3)
+        views = boundary(z)
+        # AddBackward hands the same gradient tensor to views[0] and to `other`
+        first = ((views[0] + other) * grads[0]).sum()
+        boundary.objective(torch.stack([first] + [(v * g).sum() for v, g in zip(views[1:], grads[1:])])).backward()
+        torch.testing.assert_close(z.grad, sum(grads) / 3)
+    torch.testing.assert_close(leaf.grad, grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(pending.grad, 2 * grads[0], rtol=0, atol=0)
+    assert donations[-1] == [False]
+
+
+def test_a_nonfinite_gradient_between_sums_through_autograd(donations, caplog):
+    """The sum starts in task a's gradient: a non-finite G_c then leaves out c and, its gradient being
+    spent, a; a non-finite G_a leaves out a alone."""
+    grads = _random_steps(33, 1)[0]
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        got = _backward_through(_every_k("equal", 4, telemetry_every=10), grads, nonfinite=(2,))
+    torch.testing.assert_close(got, grads[1] * (1 / 3), rtol=0, atol=0)
+    assert "task 'c': non-finite gradient" in caplog.text and "task 'a': summed with a non-finite gradient" in caplog.text
+    torch.testing.assert_close(_backward_through(_every_k("equal", 4, telemetry_every=10), grads, nonfinite=(0,)), grads[1] / 3 + grads[2] / 3)
+    assert donations == [[True], [True]]
+
+
+def test_a_sum_that_overflows_leaves_the_ranks_contribution_out():
+    big = [torch.full((8, 5), 1.5e308, dtype=torch.float64) for _ in range(3)]  # 3 x 1.5e308 / 3 overflows
+    boundary = _every_k("fixed", 4)
+    boundary.balancer = build_balancer("fixed", TASKS, weights=[1.0, 1.0, 1.0])
+    boundary.objective(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+    assert torch.count_nonzero(boundary.balance(tuple(big))) == 0

@@ -191,3 +191,25 @@ def test_a_workers_objects_are_freed_before_its_process_group_is_destroyed(monke
         os.environ.clear()
         os.environ.update(environ)
     assert freed_at_shutdown == [True]
+
+
+def test_the_marks_reach_the_canaries_of_the_nonfinite_tasks_only():
+    """``after_backward``'s marks, both ways they are made: through the node (a GPU's way, and a CPU
+    rank's with a non-finite loss) the canary of a NaN task gets NaN and the others 0 added; a CPU
+    rank with finite losses adds nothing to the graph."""
+    import torch
+
+    from concord.trainer.nonfinite import NonFinitePolicy, _Marks
+
+    canaries = [torch.zeros(1, requires_grad=True) for _ in range(3)]
+    for losses in (torch.tensor([0.5, float("nan"), 2.0]), torch.tensor([0.5, 1.0, 2.0])):
+        head = sum(c.sum() * loss for c, loss in zip(canaries, losses.tolist()) if loss == loss)
+        objective = _Marks.apply(head, losses, *canaries)
+        for c in canaries:
+            c.grad = None
+        objective.backward()
+        got = [c.grad.item() for c in canaries]
+        expected = [loss if loss == loss else float("nan") for loss in losses.tolist()]
+        np.testing.assert_array_equal(got, expected)
+    objective = canaries[0].sum() * 2
+    assert NonFinitePolicy.mark(objective, torch.tensor([0.5, 1.0, 2.0]), canaries) is objective

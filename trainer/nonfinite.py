@@ -10,7 +10,7 @@ it, at no extra synchronisation where possible, is the *guard*:
   a table optimizer for which a zero gradient is not a no-op);
 - ``after_backward``: lagged statistics (``balancer.statistics: previous``, or ``auto``), whose sums
   arrive a step late. A rank whose loss of task k is not finite writes NaN into the gradient of task
-  k's head output bias (a term of the objective that adds exactly 0 elsewhere); DDP's own gradient
+  k's head output bias (one autograd node on the objective, adding nothing elsewhere); DDP's own gradient
   average carries it to every rank, which reads the T biases' gradients before the optimizer step:
   every rank drops (or stops at) the same step, with no collective of its own. The boundary has
   already left each rank's own non-finite contributions out of ``z``'s gradient, so the tables
@@ -21,6 +21,7 @@ it, at no extra synchronisation where possible, is the *guard*:
 from __future__ import annotations
 
 import logging
+import math
 from typing import List
 
 import torch
@@ -69,16 +70,23 @@ class NonFinitePolicy:
         return bad
 
     @staticmethod
-    def flag_term(losses: torch.Tensor, canaries: List[torch.Tensor]) -> torch.Tensor:
-        """``after_backward``: added to the objective; its gradient is 0 for canary k where this
-        rank's loss of task k is finite and NaN where it is not, and 0 for everything else."""
-        marks = torch.where(torch.isfinite(losses.detach()), 0.0, float("nan")).to(canaries[0].dtype)
-        return (torch.stack([c.sum() for c in canaries]) * marks).sum()
+    def mark(objective: torch.Tensor, losses: torch.Tensor, canaries: List[torch.Tensor]) -> torch.Tensor:
+        """``after_backward``: ``objective`` unchanged, through one autograd node whose backward adds NaN
+        to canary k's gradient where this rank's loss of task k is not finite (0 elsewhere). A CPU rank
+        reads its T losses first (a host read costs nothing there) and adds the node only when one
+        is not finite; on a GPU the marks are formed on the device every step, so no step waits for
+        the host."""
+        if losses.device.type == "cpu" and all(map(math.isfinite, losses.detach().tolist())):
+            return objective
+        return _Marks.apply(objective, losses.detach(), *canaries)
 
     def tasks_after_backward(self, canaries: List[torch.Tensor]) -> List[str]:
         """``after_backward``: the tasks whose canary gradient (averaged over ranks by DDP) is not
-        finite, the same on every rank."""
-        finite = torch.stack([torch.isfinite(c.grad).all() for c in canaries]).tolist()
+        finite, the same on every rank; one host read (per canary on a CPU, where a read is free)."""
+        if canaries[0].grad.device.type == "cpu":
+            finite = [all(map(math.isfinite, c.grad.reshape(-1).tolist())) for c in canaries]
+        else:  # a NaN or inf anywhere survives the canary's sum
+            finite = [math.isfinite(v) for v in torch.stack([c.grad.sum() for c in canaries]).tolist()]
         return [name for name, ok in zip(self.cfg.task_names, finite) if not ok]
 
     def skip(self, tasks: List[str], step: int) -> None:
@@ -101,3 +109,18 @@ class NonFinitePolicy:
             f"non-finite loss for task(s) {tasks} at step {step}; stopping without writing a checkpoint (the "
             f"newest checkpoint holds no NaN; train.on_nonfinite: skip drops such steps{why})"
         )
+
+
+class _Marks(torch.autograd.Function):
+    """Forward: the objective. Backward: its gradient passed on, and for canary k NaN where this rank's
+    loss of task k is not finite, 0 where it is."""
+
+    @staticmethod
+    def forward(ctx, objective: torch.Tensor, losses: torch.Tensor, *canaries: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [c.shape for c in canaries]
+        ctx.marks = torch.where(torch.isfinite(losses), 0.0, float("nan")).to(canaries[0].dtype)
+        return objective.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, None) + tuple(ctx.marks[k].expand(shape) for k, shape in enumerate(ctx.shapes))

@@ -372,7 +372,7 @@ class Trainer:
         objective = out.objective
         if guard == "after_backward":
             canaries = [head.out.bias for head in self.model.heads.heads]
-            objective = objective + self.nonfinite.flag_term(out.losses, canaries)
+            objective = self.nonfinite.mark(objective, out.losses, canaries)
         if self.param_balancer is not None:
             # The T per-task gradients and the backward of sum_k c_k L_k: the boundary passes the
             # plain gradient through, with no statistics (the losses are weighted already).
