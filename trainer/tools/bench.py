@@ -41,11 +41,11 @@ def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) ->
         boundary.use_statistics(statistics, every)
         trainer.use_method(method, knobs)
         built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer, (statistics, every),
-                       boundary.lagged_state]
-    enabled, balancer, reduction, param_balancer, mode, lagged = built[spec]
+                       boundary.lagged_state, boundary.on_nonfinite_loss]
+    enabled, balancer, reduction, param_balancer, mode, lagged, on_nonfinite = built[spec]
     boundary.use_statistics(*mode)  # before the balancer, which checks it
     boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = enabled, balancer, reduction, param_balancer
-    boundary.lagged_state = lagged
+    boundary.lagged_state, boundary.on_nonfinite_loss = lagged, on_nonfinite  # the policy goes with the mode
     built["__current__"] = spec
 
 
