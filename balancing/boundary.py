@@ -216,11 +216,19 @@ class RepresentationBoundary(nn.Module):
         step's, still being summed), the held coefficients of the last sum (``statistics_every`` > 1)
         and the non-finite losses not yet reported. For tools that interleave several boundaries'
         worth of state on one module (``concord bench``)."""
-        return self._in_flight, self._held, self._unreported
+        return self._in_flight, self._held, self._unreported_losses()
 
     @lagged_state.setter
     def lagged_state(self, state: tuple) -> None:
         self._in_flight, self._held, self._unreported = state
+        self._unreported_on_device: Optional[torch.Tensor] = None  # a GPU's flags, read at the next sum
+
+    def _unreported_losses(self) -> np.ndarray:
+        """The non-finite losses not yet reported, the device's flags folded in (a host read)."""
+        if self._unreported_on_device is not None:
+            self._unreported |= self._unreported_on_device.cpu().numpy()
+            self._unreported_on_device = None
+        return self._unreported
 
     def objective(self, losses: torch.Tensor) -> torch.Tensor:
         """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
@@ -307,7 +315,7 @@ class RepresentationBoundary(nn.Module):
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
             state.update(_stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
-            state[_HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported.astype(np.float64)]))
+            state[_HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported_losses().astype(np.float64)]))
         return state
 
     def set_extra_state(self, state: dict) -> None:
@@ -433,12 +441,19 @@ class RepresentationBoundary(nn.Module):
         elementwise = type(self.balancer).aggregate is not Balancer.aggregate and self.balancer.weights_without_statistics() is None
         due = self._statistics_due()
         if not due and self._in_flight is None and not elementwise:
-            return self._between_sums(grads, start, donated)
+            if _reads_on_host(template.device):
+                return self._between_sums(grads, start, donated)
+            return self._between_sums_on_device(grads, start)
         if due:
-            if self._unreported.any():  # reported as this step's: every rank acts on them with this sum
-                flags = torch.from_numpy(self._unreported).to(record.losses.device)
-                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
+            # Reported as this step's: every rank acts on them with this sum.
+            flags = self._unreported_on_device
+            if self._unreported.any():
+                host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)  # cleared below
+                flags = host if flags is None else flags | host
                 self._unreported[:] = False
+            if flags is not None:
+                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
+                self._unreported_on_device = None
             usable, pending = self._start_statistics(grads, z, template)
         else:  # no statistics of this step: this rank's usable tasks from its losses (gradients below)
             present = np.array([g is not None for g in grads])
@@ -493,6 +508,33 @@ class RepresentationBoundary(nn.Module):
                 self._unreported[k] = True  # reported with the next sum
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
+    def _between_sums_on_device(self, grads, start: Clock) -> torch.Tensor:
+        """:meth:`_between_sums` on a GPU, with no host read: whether a task is usable (its loss finite,
+        its gradient finite: a NaN or inf survives the gradient's sum) stays a flag on the device,
+        and the sum masks what is not. A non-finite loss joins the next sum's report through a device
+        flag; a non-finite gradient is left out without a warning (one would need a host read)."""
+        record = self._record
+        finite_loss = torch.isfinite(record.losses)
+        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        nonfinite = ~finite_loss
+        for k, g in enumerate(grads):
+            if g is None:  # an absent head's loss is not reported
+                nonfinite[k] = False
+        known = self._unreported_on_device
+        self._unreported_on_device = nonfinite if known is None else known | nonfinite
+        coefficients = self._coefficients_between_sums()
+        aggregated = None
+        for k, g in enumerate(grads):
+            if g is None:
+                continue
+            usable = finite_loss[k] & torch.isfinite(g.sum())
+            term = torch.where(usable, g, 0.0)
+            if aggregated is None:
+                aggregated = term.mul_(float(coefficients[k]))
+            else:
+                aggregated.add_(term, alpha=float(coefficients[k]))
+        return self._finish(aggregated, start)
+
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
         """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients: the sum
         of the result is NaN or inf if any of them holds a NaN or inf, and only then are they read
@@ -535,6 +577,12 @@ class _Ready:
 
     def wait(self) -> StepStats:
         return self.stats
+
+
+def _reads_on_host(device: torch.device) -> bool:
+    """Whether the boundary may read a few numbers on the host each step: free on a CPU, a
+    synchronisation with the device's queue on a GPU."""
+    return device.type == "cpu"
 
 
 def _needs_its_own_statistics(balancer: Balancer) -> bool:

@@ -749,3 +749,42 @@ def test_a_sum_that_overflows_leaves_the_ranks_contribution_out():
     boundary.balancer = build_balancer("fixed", TASKS, weights=[1.0, 1.0, 1.0])
     boundary.objective(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
     assert torch.count_nonzero(boundary.balance(tuple(big))) == 0
+
+
+def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
+    """The GPU's between-sums step (no host read: usability stays a device flag, the sum masks it),
+    run here on CPU tensors: the same aggregate as the CPU's step, non-finite gradients left out,
+    and a non-finite loss raised with the next sum."""
+    import concord.balancing.boundary as module
+
+    steps = _random_steps(34, 6)
+    steps[1][2][3, 1] = float("nan")  # a non-finite gradient between sums, with a finite loss
+    losses = [torch.tensor([1.0, float("inf") if t == 2 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
+    outs = {}
+    for on_host in (True, False):
+        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        boundary = _every_k("multibalance", 3)
+        boundary.on_nonfinite_loss = "raise"
+        outs[on_host] = []
+        for t, grads in enumerate(steps):
+            boundary.objective(losses[t])
+            if t == 5:  # the sum started on step 4 carries step 2's report
+                with pytest.raises(NonFiniteLossError, match="'b'"):
+                    boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+                break
+            outs[on_host].append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
+    for host, device in zip(outs[True], outs[False]):
+        torch.testing.assert_close(device, host)
+    assert torch.isfinite(outs[False][1]).all()
+
+
+def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
+    import concord.balancing.boundary as module
+
+    monkeypatch.setattr(module, "_reads_on_host", lambda device: False)
+    boundary = _every_k("multibalance", 3)
+    boundary.objective(torch.tensor([1.0, float("nan"), 0.5], dtype=torch.float64))
+    boundary.balance(tuple(_random_steps(35, 1)[0]), torch.zeros(8, 5))  # step 0: between sums
+    restored = _every_k("multibalance", 3)
+    restored.load_state_dict(boundary.state_dict())
+    assert restored.lagged_state[2].tolist() == [False, True, False]
