@@ -29,7 +29,7 @@ from torch import nn
 from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import PendingStatistics
-from .statistics import StepStats, all_finite, local_statistics, usable_here
+from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -439,11 +439,11 @@ class RepresentationBoundary(nn.Module):
         # Rules that form the sum themselves (CoGrad); constant weights override aggregate() only to
         # reuse the sum formed while the statistics travel.
         elementwise = type(self.balancer).aggregate is not Balancer.aggregate and self.balancer.weights_without_statistics() is None
+        if not elementwise and not _reads_on_host(template.device):
+            return self._balance_lagged_on_device(grads, z, template, start)
         due = self._statistics_due()
         if not due and self._in_flight is None and not elementwise:
-            if _reads_on_host(template.device):
-                return self._between_sums(grads, start, donated)
-            return self._between_sums_on_device(grads, start)
+            return self._between_sums(grads, start, donated)
         if due:
             # Reported as this step's: every rank acts on them with this sum.
             flags = self._unreported_on_device
@@ -508,27 +508,55 @@ class RepresentationBoundary(nn.Module):
                 self._unreported[k] = True  # reported with the next sum
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
-    def _between_sums_on_device(self, grads, start: Clock) -> torch.Tensor:
-        """:meth:`_between_sums` on a GPU, with no host read: whether a task is usable (its loss finite,
-        its gradient finite: a NaN or inf survives the gradient's sum) stays a flag on the device,
-        and the sum masks what is not. A non-finite loss joins the next sum's report through a device
-        flag; a non-finite gradient is left out without a warning (one would need a host read)."""
+    def _balance_lagged_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
+        """:meth:`_balance_lagged` for a coefficient rule on a GPU, with no host read in backward:
+        whether a task is usable (finite loss, finite gradient, from the Gram's diagonal or, between
+        sums, the gradient's own sum) stays a flag on the device that the sum masks; the statistics
+        are packed and summed there, and the last sum, copied to pinned memory as it arrived, is
+        read now. A non-finite loss joins the next sum's report through a device flag; a non-finite
+        gradient is left out without a warning (one would need a host read)."""
         record = self._record
         finite_loss = torch.isfinite(record.losses)
-        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
         nonfinite = ~finite_loss
         for k, g in enumerate(grads):
             if g is None:  # an absent head's loss is not reported
                 nonfinite[k] = False
-        known = self._unreported_on_device
-        self._unreported_on_device = nonfinite if known is None else known | nonfinite
+        pending = None
+        if self._statistics_due():
+            flags = self._unreported_on_device  # reported with this sum: every rank acts on them with it
+            if self._unreported.any():
+                host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)
+                flags = host if flags is None else flags | host
+                self._unreported[:] = False
+            if flags is not None:
+                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
+                self._unreported_on_device = None
+            self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+            cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+            packed, usable = device_statistics(grads, record.losses, template.shape[0], self.balancer.local_extra(grads, z), cross_terms)
+            pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
+        else:
+            known = self._unreported_on_device
+            self._unreported_on_device = nonfinite if known is None else known | nonfinite
+            usable = finite_loss
+        previous, self._in_flight = self._in_flight, pending
+        if previous is None:
+            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        else:
+            stats = self._wait(previous)
+            if self._skip_for_nonfinite_loss(stats):
+                start.stop()
+                return torch.zeros_like(template)
+            self.balancer.note_inactive(stats)
+            coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
+            self._held = coefficients if self.balancer.reads_statistics else None
         coefficients = self._coefficients_between_sums()
         aggregated = None
         for k, g in enumerate(grads):
             if g is None:
                 continue
-            usable = finite_loss[k] & torch.isfinite(g.sum())
-            term = torch.where(usable, g, 0.0)
+            ok = usable[k] if pending is not None else usable[k] & torch.isfinite(g.sum())
+            term = torch.where(ok, g, 0.0)
             if aggregated is None:
                 aggregated = term.mul_(float(coefficients[k]))
             else:

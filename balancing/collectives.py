@@ -47,6 +47,7 @@ class PendingSum:
             raise ValueError(f"collective must be one of {STATS_COLLECTIVES}, got {collective!r}")
         self._buf = values
         self._work = None
+        self._ready: Optional[torch.cuda.Event] = None  # a GPU buffer's copy to pinned host memory
         self._world = 1  # > 1: the buffer holds the all-to-all's W vectors, summed in wait()
         world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
@@ -62,8 +63,29 @@ class PendingSum:
                 self._sent = self._buf.repeat(self._world)  # held until wait(): the collective reads it
                 self._buf = torch.empty_like(self._sent)
                 self._work = dist.all_to_all_single(self._buf, self._sent, group=process_group, async_op=True)
+        if self._buf.is_cuda:
+            self._copy_to_host()
+
+    def _copy_to_host(self) -> None:
+        """Queues the sum's copy into pinned host memory on a side stream, behind the collective, so
+        that neither the host nor the compute stream waits for it; :meth:`wait` then waits for that
+        copy alone (by the next step, long done)."""
+        side = _side_stream(self._buf.device)
+        side.wait_stream(torch.cuda.current_stream(self._buf.device))  # the kernels that filled the buffer
+        with torch.cuda.stream(side):
+            if self._work is not None:
+                self._work.wait()  # the side stream waits for the collective, not the host
+                self._work = None
+            host = torch.empty(self._buf.shape, dtype=self._buf.dtype, pin_memory=True)
+            host.copy_(self._buf, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(side)
+        self._buf.record_stream(side)
+        self._buf = host
 
     def wait(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
         if self._work is not None:
             self._work.wait()
         summed = self._buf.cpu()
@@ -74,6 +96,15 @@ class PendingSum:
                 total += row
             summed = torch.from_numpy(total)
         return summed
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
 
 
 def sum_over_ranks(values: torch.Tensor, process_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -114,6 +114,38 @@ def local_statistics(
     packed = [0.0 if bad[i] or bad[j] else gram[i][j] * b * b for i in range(t) for j in range(t)]
     packed += [v * b for v in loss] + [float(x) for x in bad] + [b] + values[len(pairs) + t :]
     return torch.tensor(packed, dtype=torch.float64)
+
+
+def device_statistics(
+    grads: Sequence[Optional[torch.Tensor]],
+    losses: torch.Tensor,
+    batch_size: int,
+    extra: Optional[torch.Tensor] = None,
+    cross_terms: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_statistics` with no host read (a GPU): the same packed vector, formed where the
+    gradients are, in float64; and (T,) bool flags, also there, of this rank's tasks whose gradient
+    and loss are finite (absent tasks: True; their gradient is None)."""
+    t = len(grads)
+    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
+    zero = torch.zeros((), dtype=torch.float64, device=losses.device)
+    entries = {}
+    for i in range(t):
+        for j in range(i, t if cross_terms else i + 1):
+            if flat[i] is not None and flat[j] is not None:
+                entries[i, j] = torch.dot(flat[i], flat[j]).double()
+    gram = torch.stack([torch.stack([entries.get((min(i, j), max(i, j)), zero) for j in range(t)]) for i in range(t)])
+    finite = torch.isfinite(gram.diagonal())  # a NaN or inf anywhere in G_k makes <G_k, G_k> one
+    b = float(batch_size)
+    parts = [
+        torch.where(finite[:, None] & finite[None, :], gram, zero).mul_(b).mul_(b).reshape(-1),
+        losses.detach().double() * b,
+        (~finite).double(),
+        torch.full((1,), b, dtype=torch.float64, device=losses.device),
+    ]
+    if extra is not None:
+        parts.append(extra.detach().reshape(-1).double())
+    return torch.cat(parts), finite & torch.isfinite(losses.detach())
 
 
 def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import concord.balancing.boundary as boundary_module
 from concord.balancing import RepresentationBoundary, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
@@ -40,6 +41,9 @@ CASES = {
     # statistics_every=2: the rule runs on every other step's sum, the coefficients held between
     "multibalance-every-2": ("multibalance", {}, "previous", 2),
     "emtl-every-2": ("emtl", {}, "previous", 2),
+    # a GPU's lagged path (no host read in backward), run on these CPU tensors
+    "equal-lagged-no-host-reads": ("equal", {}, "previous", 1, "device"),
+    "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }
@@ -52,7 +56,9 @@ def _run(rank: int, world_size: int):
         dist.init_process_group("gloo")
         group = dist.new_group()
     results = {}
+    reads_on_host = boundary_module._reads_on_host
     for case, (name, knobs, *mode) in CASES.items():
+        boundary_module._reads_on_host = (lambda device: False) if mode[2:] == ["device"] else reads_on_host
         model = ToyMTL(3)
         param_level = None
         if name in PARAMETER_LEVEL:  # weights the losses; the boundary passes the gradient through
@@ -84,6 +90,7 @@ def _run(rank: int, world_size: int):
             weights = (param_level or boundary.balancer).last_telemetry["weights"]
             out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
+    boundary_module._reads_on_host = reads_on_host
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
     results["nan_gradient"] = {name: _nan_gradient_on_the_last_rank(name, rank, world_size, group) for name in ("equal", "cograd")}
     return results

@@ -109,3 +109,33 @@ def test_the_torch_only_boundary_bench_times_every_method(capsys):
     assert set(step_ms) == set(methods) and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())
     table = capsys.readouterr().out
     assert "| cograd |" in table and "drop vs equal (± s.e.)" in table
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("name", ["equal", "multibalance", "emtl"])
+def test_lagged_statistics_read_nothing_on_the_host_inside_backward(name, device):
+    """Lagged statistics on a GPU: no synchronisation with the host in any backward (statistics
+    steps, the steps between sums and the steps that read a sum alike), and the same aggregates as
+    on the CPU; on the CPU (where a host read is free) the host path, for the same figures."""
+    def run(device: str):
+        boundary = RepresentationBoundary(build_balancer(name, TASKS), statistics="previous", statistics_every=2,
+                                          telemetry_every=4).to(device)
+        out = []
+        for step in range(8):
+            g = torch.Generator().manual_seed(step)
+            grads = [torch.randn(64, 16, generator=g) * s for s in (1.0, -3.0, 0.2)]
+            z = torch.zeros(64, 16, device=device, requires_grad=True)
+            views = boundary(z)
+            losses = torch.stack([(v * x.to(device)).sum() for v, x in zip(views, grads)])
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                boundary.objective(losses).backward()
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            out.append(z.grad.cpu())
+        return out
+
+    for got, expected in zip(run(device), run("cpu")):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
