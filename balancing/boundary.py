@@ -445,34 +445,19 @@ class RepresentationBoundary(nn.Module):
         if not due and self._in_flight is None and not elementwise:
             return self._between_sums(grads, start, donated)
         if due:
-            # Reported as this step's: every rank acts on them with this sum.
-            flags = self._unreported_on_device
-            if self._unreported.any():
-                host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)  # cleared below
-                flags = host if flags is None else flags | host
-                self._unreported[:] = False
-            if flags is not None:
-                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
-                self._unreported_on_device = None
+            self._report_unreported()
             usable, pending = self._start_statistics(grads, z, template)
         else:  # no statistics of this step: this rank's usable tasks from its losses (gradients below)
             present = np.array([g is not None for g in grads])
             finite_loss = np.isfinite(np.array(record.losses.detach().tolist(), dtype=np.float64))
             self._unreported |= present & ~finite_loss
             usable, pending = present & finite_loss, None
-        previous, self._in_flight = self._in_flight, pending
-        stats = None
-        if previous is None:
-            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
-        else:
-            stats = self._wait(previous)
-            if self._skip_for_nonfinite_loss(stats):
-                start.stop()
-                return torch.zeros_like(template)
-            self.balancer.note_inactive(stats)
+        stats, skip = self._read_last_sum(pending)
+        if skip:
+            start.stop()
+            return torch.zeros_like(template)
         if stats is not None and not elementwise:
-            coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
-            self._held = coefficients if self.balancer.reads_statistics else None
+            self._hold(stats)
         if elementwise:
             early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
             if early is not None:
@@ -483,6 +468,39 @@ class RepresentationBoundary(nn.Module):
         if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
             return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
         return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
+
+    def _report_unreported(self) -> None:
+        """Non-finite losses of the steps since the last sum, reported as this step's (NaN in its
+        statistics): every rank acts on them with this sum."""
+        record = self._record
+        flags = self._unreported_on_device
+        if self._unreported.any():
+            host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)  # cleared below
+            flags = host if flags is None else flags | host
+            self._unreported[:] = False
+        if flags is not None:
+            record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
+            self._unreported_on_device = None
+
+    def _read_last_sum(self, pending) -> Tuple[Optional[StepStats], bool]:
+        """Puts this step's statistics (or None) in flight and reads the last step's sum, if one is
+        in flight; the bool says the step is to be skipped (``skip_step``)."""
+        record = self._record
+        previous, self._in_flight = self._in_flight, pending
+        if previous is None:
+            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+            return None, False
+        stats = self._wait(previous)
+        if self._skip_for_nonfinite_loss(stats):
+            return stats, True
+        self.balancer.note_inactive(stats)
+        return stats, False
+
+    def _hold(self, stats: StepStats) -> None:
+        """A coefficient rule's step on the last sum; its coefficients are held until the next
+        (constant weights: their telemetry only)."""
+        coefficients = self.balancer.coefficients(stats)
+        self._held = coefficients if self.balancer.reads_statistics else None
 
     def _coefficients_between_sums(self) -> Sequence[float]:
         """The same coefficients on every rank: a constant-weight rule's, else those of the last sum
@@ -516,40 +534,27 @@ class RepresentationBoundary(nn.Module):
         read now. A non-finite loss joins the next sum's report through a device flag; a non-finite
         gradient is left out without a warning (one would need a host read)."""
         record = self._record
-        finite_loss = torch.isfinite(record.losses)
-        nonfinite = ~finite_loss
-        for k, g in enumerate(grads):
-            if g is None:  # an absent head's loss is not reported
-                nonfinite[k] = False
         pending = None
         if self._statistics_due():
-            flags = self._unreported_on_device  # reported with this sum: every rank acts on them with it
-            if self._unreported.any():
-                host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)
-                flags = host if flags is None else flags | host
-                self._unreported[:] = False
-            if flags is not None:
-                record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
-                self._unreported_on_device = None
+            self._report_unreported()
             self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
             cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
             packed, usable = device_statistics(grads, record.losses, template.shape[0], self.balancer.local_extra(grads, z), cross_terms)
             pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
         else:
+            usable = torch.isfinite(record.losses)
+            nonfinite = ~usable
+            for k, g in enumerate(grads):
+                if g is None:  # an absent head's loss is not reported
+                    nonfinite[k] = False
             known = self._unreported_on_device
             self._unreported_on_device = nonfinite if known is None else known | nonfinite
-            usable = finite_loss
-        previous, self._in_flight = self._in_flight, pending
-        if previous is None:
-            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
-        else:
-            stats = self._wait(previous)
-            if self._skip_for_nonfinite_loss(stats):
-                start.stop()
-                return torch.zeros_like(template)
-            self.balancer.note_inactive(stats)
-            coefficients = self.balancer.coefficients(stats)  # constant weights: their telemetry only
-            self._held = coefficients if self.balancer.reads_statistics else None
+        stats, skip = self._read_last_sum(pending)
+        if skip:
+            start.stop()
+            return torch.zeros_like(template)
+        if stats is not None:
+            self._hold(stats)
         coefficients = self._coefficients_between_sums()
         aggregated = None
         for k, g in enumerate(grads):
