@@ -119,7 +119,9 @@ class _Replicate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
-        return ctx.boundary.balance(grads, ctx.z, _donated(grads)), None
+        # Counted here, before any frame below holds a gradient; only the lagged sum takes them.
+        donated = _donated(grads) if ctx.boundary.statistics == "previous" else []
+        return ctx.boundary.balance(grads, ctx.z, donated), None
 
 
 class RepresentationBoundary(nn.Module):

@@ -52,7 +52,7 @@ class PendingSum:
         world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             device = device if device is not None else group_device(process_group)
-            if device.type != "cpu":
+            if values.device != device:  # e.g. a GPU's statistics for a gloo group: to the CPU
                 self._buf = values.to(device)
             if collective == "auto":
                 collective = "all_reduce" if self._buf.is_cuda else "all_to_all"
