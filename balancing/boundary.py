@@ -79,10 +79,15 @@ class _Probe(torch.autograd.Function):
 
 
 def _alone_references() -> Optional[int]:
+    """The baseline, measured once (when the first boundary is made, outside any backward); None
+    where it cannot be (made under ``inference_mode``): then the sum is never formed in a gradient."""
     if _Probe.references is None:
-        x = torch.zeros(2, 2, requires_grad=True)
-        with torch.enable_grad():
-            (_Probe.apply(x) * 2.0).sum().backward()  # MulBackward's output: a fresh gradient
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                x = torch.zeros(2, 2, requires_grad=True)
+                (_Probe.apply(x) * 2.0).sum().backward()  # MulBackward's output: a fresh gradient
+        except RuntimeError:
+            return None
     return _Probe.references
 
 
@@ -93,9 +98,10 @@ def _donated(grads: Tuple[Optional[torch.Tensor], ...]) -> List[bool]:
     head whose backward sent the same gradient elsewhere), contiguous, and not a ``create_graph``
     backward. Only the first is looked at: the sum starts there."""
     first = next((k for k, g in enumerate(grads) if g is not None), None)
-    if first is None or torch.is_grad_enabled() or not hasattr(torch._C, "_storage_Use_Count"):
+    baseline = _Probe.references
+    if first is None or baseline is None or torch.is_grad_enabled() or not hasattr(torch._C, "_storage_Use_Count"):
         return []
-    alone = _references(grads)[first] <= _alone_references()  # counted before this frame holds it too
+    alone = _references(grads)[first] <= baseline  # counted before this frame holds it too
     g = grads[first]
     alone = (
         alone
@@ -173,6 +179,7 @@ class RepresentationBoundary(nn.Module):
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
+        _alone_references()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
