@@ -126,7 +126,7 @@ class _Replicate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
         # Counted here, before any frame below holds a gradient; only the lagged sum takes them.
-        donated = _donated(grads) if ctx.boundary.statistics == "previous" else []
+        donated = _donated(grads) if ctx.boundary.statistics == "previous" and _reads_on_host(ctx.z.device) else []
         return ctx.boundary.balance(grads, ctx.z, donated), None
 
 
@@ -390,15 +390,19 @@ class RepresentationBoundary(nn.Module):
         self.balancer.note_inactive(stats)
         return self._finish(self.balancer.aggregate(grads, stats, z, early), start)
 
-    def _start_statistics(self, grads, z, template: torch.Tensor) -> Tuple[np.ndarray, PendingStatistics]:
-        """This rank's statistics, their sum over ranks started; and this rank's usable tasks."""
+    def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True):
+        """This rank's statistics, their sum over ranks started; and this rank's usable tasks, as a
+        NumPy array (``on_host``) or as flags on the gradients' device (packed there, no host read)."""
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
-        packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
-        usable = usable_here(np.array([g is not None for g in grads]), packed)
+        if on_host:
+            packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
+            usable = usable_here(np.array([g is not None for g in grads]), packed)
+        else:
+            packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
         return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
 
     def _wait(self, pending) -> StepStats:
@@ -530,9 +534,9 @@ class RepresentationBoundary(nn.Module):
         losses = record.losses.tolist()
         record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
         usable = [g is not None and math.isfinite(loss) for g, loss in zip(grads, losses)]
-        for k, (g, loss) in enumerate(zip(grads, losses)):
-            if g is not None and not math.isfinite(loss):
-                self._unreported[k] = True  # reported with the next sum
+        for k, g in enumerate(grads):
+            if g is not None and not usable[k]:
+                self._unreported[k] = True  # a non-finite loss, reported with the next sum
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
     def _balance_lagged_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
@@ -546,10 +550,7 @@ class RepresentationBoundary(nn.Module):
         pending = None
         if self._statistics_due():
             self._report_unreported()
-            self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
-            cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
-            packed, usable = device_statistics(grads, record.losses, template.shape[0], self.balancer.local_extra(grads, z), cross_terms)
-            pending = PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
+            usable, pending = self._start_statistics(grads, z, template, on_host=False)
         else:
             usable = torch.isfinite(record.losses)
             nonfinite = ~usable
