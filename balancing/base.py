@@ -118,6 +118,10 @@ class Balancer:
         # Set by the boundary: whether this step's telemetry will be read. Methods whose telemetry
         # costs extra passes over (B, d) tensors compute it only then.
         self.telemetry_due = True
+        # Set by local_extra where its own pass over the gradients found ``||G_k||^2`` on the way
+        # (the present gradients', in task order): the boundary's statistics take them for the Gram's
+        # diagonal instead of dot products of their own, and clear them.
+        self.squared_norms_seen: Optional[torch.Tensor] = None
 
     @classmethod
     def knob_names(cls) -> List[str]:

@@ -398,11 +398,12 @@ class RepresentationBoundary(nn.Module):
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
+        seen, self.balancer.squared_norms_seen = self.balancer.squared_norms_seen, None
         if on_host:
-            packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
+            packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
             usable = usable_here(np.array([g is not None for g in grads]), packed)
         else:
-            packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms)
+            packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
         return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
 
     def _wait(self, pending) -> StepStats:

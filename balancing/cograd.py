@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
-from .statistics import StepStats, all_finite, squared_norm
+from .statistics import StepStats
 
 
 @register("cograd")
@@ -61,17 +61,24 @@ class CoGrad(Balancer):
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``: summed over ranks (and divided by ``B_g^2``,
-        which cancels in ``kappa``) they are the global batch's norms at per-sample scale."""
-        live = [k for k, g in enumerate(grads) if g is not None and all_finite(g)]
-        if not live:
+        which cancels in ``kappa``) they are the global batch's norms at per-sample scale.
+
+        One pass over the present gradients forms ``P``, ``C``, their norms and each ``||G_k||^2``
+        (handed to the boundary's statistics as :attr:`squared_norms_seen`, so the Gram's diagonal
+        costs no second pass). A non-finite gradient is not looked for here: it makes the norms
+        non-finite, the statistics then mark its task inactive on every rank, and :meth:`aggregate`
+        leaves that step uncorrected, so the terms formed with it are never used."""
+        present = [k for k, g in enumerate(grads) if g is not None]
+        if not present:
             self._terms = None
             return torch.zeros(2, dtype=torch.float64)
-        plain, correction = self.run_rule(
-            transference, [grads[k] for k in live], [float(self.weights[k]) for k in live], [float(self.gamma[k]) for k in live]
+        plain, correction, squares = self.run_rule(
+            transference, [grads[k] for k in present], [float(self.weights[k]) for k in present], [float(self.gamma[k]) for k in present]
         )
-        self._terms = (live, plain, correction)
+        self._terms = (present, plain, correction)
+        self.squared_norms_seen = squares[:-2]
         b2 = float(plain.shape[0]) ** 2
-        return torch.stack([squared_norm(plain), squared_norm(correction)]) * b2
+        return squares[-2:].double() * b2
 
     def aggregate(
         self,
@@ -104,13 +111,16 @@ class CoGrad(Balancer):
         if stats.extra is None or self.strength == 0.0:
             return 0.0
         plain2, correction2 = float(stats.extra[0]), float(stats.extra[1])
-        return self.strength * math.sqrt(plain2 / correction2) if correction2 > 0 and plain2 > 0 else 0.0
+        usable = math.isfinite(plain2) and math.isfinite(correction2) and correction2 > 0 and plain2 > 0
+        return self.strength * math.sqrt(plain2 / correction2) if usable else 0.0
 
 
-def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` with ``S' = sum_j gamma_j G_j``
-    (Algorithm 1, line 9, before its overall scale), over the live tasks' gradients (B, d). In-place on
-    its own buffers: run eagerly that is 4 passes per task instead of 7, and compiled one loop."""
+    (Algorithm 1, line 9, before its overall scale), over the given gradients (B, d); and the squared
+    norms ``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2]``. In-place on its own buffers: run eagerly that
+    is 4 passes per task instead of 7; compiled, the products, the sums and the norms are one loop
+    that reads each ``G_i`` once."""
     plain, s_prime = grads[0] * c[0], grads[0] * gamma[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
         plain.add_(g, alpha=c_i)
@@ -119,4 +129,10 @@ def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float]) 
     for c_i, gamma_i, g in zip(c, gamma, grads):
         torch.add(s_prime, g, alpha=-gamma_i, out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
         correction.addcmul_(scratch, g, value=c_i)
-    return plain, correction
+    squares = torch.stack([_squared_sum(t) for t in (*grads, plain, correction)])
+    return plain, correction, squares
+
+
+def _squared_sum(t: torch.Tensor) -> torch.Tensor:
+    """``sum t^2``, accumulated in float32 at least (half-precision gradients widened)."""
+    return t.square().sum(dtype=torch.promote_types(t.dtype, torch.float32))

@@ -77,6 +77,7 @@ def local_statistics(
     batch_size: int,
     extra: Optional[torch.Tensor] = None,
     cross_terms: bool = True,
+    squared_norms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B, extra]``.
 
@@ -85,6 +86,8 @@ def local_statistics(
     gradients. A NaN or inf anywhere in ``G_k`` makes ``<G_k, G_k>`` non-finite, so the diagonal
     doubles as the finiteness check without another pass over the gradients. With ``cross_terms``
     False only the T diagonal products are taken (the off-diagonal entries are sent as 0).
+    ``squared_norms``: the diagonal already computed (``||G_k||^2`` of the present gradients, in
+    task order, from a balancer's own pass over them), taken instead of those dot products.
 
     The dot products, losses and extras reach the host in one copy (one synchronisation on a GPU);
     the T x T bookkeeping is then done on Python floats, which at this size cost a fraction of what
@@ -93,15 +96,12 @@ def local_statistics(
     t = len(grads)
     # Half-precision gradients (bf16 autocast) are widened so that the dot products sum in float64.
     flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
-    pairs = [
-        (i, j)
-        for i in range(t)
-        for j in range(i, t if cross_terms else i + 1)
-        if flat[i] is not None and flat[j] is not None
-    ]
-    parts = [losses.detach().reshape(-1)]
-    if pairs:
-        parts.insert(0, torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]))
+    pairs = _gram_pairs(flat, cross_terms)
+    known = _known_diagonal(squared_norms, pairs)
+    parts = [] if squared_norms is None else [squared_norms.detach().reshape(-1)]
+    if len(pairs) > known:
+        parts.append(torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs[known:]]))
+    parts.append(losses.detach().reshape(-1))
     if extra is not None:
         parts.append(extra.detach().reshape(-1))
     values = torch.cat(parts).to("cpu", torch.float64).tolist()  # widening float conversions: exact
@@ -116,24 +116,42 @@ def local_statistics(
     return torch.tensor(packed, dtype=torch.float64)
 
 
+def _gram_pairs(flat: Sequence[Optional[torch.Tensor]], cross_terms: bool) -> list:
+    """The Gram entries to form, ``(i, j)`` with ``i <= j`` over the present gradients: the diagonal
+    first, then (``cross_terms``) the products of distinct tasks."""
+    present = [k for k, f in enumerate(flat) if f is not None]
+    cross = [(i, j) for i in present for j in present if j > i] if cross_terms else []
+    return [(k, k) for k in present] + cross
+
+
+def _known_diagonal(squared_norms: Optional[torch.Tensor], pairs: list) -> int:
+    """How many of ``pairs`` (the diagonal, which comes first) ``squared_norms`` gives."""
+    if squared_norms is None:
+        return 0
+    diagonal = sum(1 for i, j in pairs if i == j)
+    if squared_norms.numel() != diagonal:
+        raise ValueError(f"squared_norms has {squared_norms.numel()} entries for {diagonal} present gradients")
+    return diagonal
+
+
 def device_statistics(
     grads: Sequence[Optional[torch.Tensor]],
     losses: torch.Tensor,
     batch_size: int,
     extra: Optional[torch.Tensor] = None,
     cross_terms: bool = True,
+    squared_norms: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`local_statistics` with no host read (a GPU): the same packed vector, formed where the
     gradients are, in float64; and (T,) bool flags, also there, of this rank's tasks whose gradient
     and loss are finite (absent tasks: True; their gradient is None)."""
     t = len(grads)
     flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
+    pairs = _gram_pairs(flat, cross_terms)
+    known = _known_diagonal(squared_norms, pairs)
+    entries = {pair: squared_norms[n].double() for n, pair in enumerate(pairs[:known])}
+    entries.update({(i, j): torch.dot(flat[i], flat[j]).double() for i, j in pairs[known:]})
     zero = torch.zeros((), dtype=torch.float64, device=losses.device)
-    entries = {}
-    for i in range(t):
-        for j in range(i, t if cross_terms else i + 1):
-            if flat[i] is not None and flat[j] is not None:
-                entries[i, j] = torch.dot(flat[i], flat[j]).double()
     gram = torch.stack([torch.stack([entries.get((min(i, j), max(i, j)), zero) for j in range(t)]) for i in range(t)])
     finite = torch.isfinite(gram.diagonal())  # a NaN or inf anywhere in G_k makes <G_k, G_k> one
     b = float(batch_size)

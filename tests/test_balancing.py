@@ -23,7 +23,7 @@ from concord.balancing import (
 )
 from concord.balancing.base import weighted_sum
 from concord.balancing.collectives import reduce_statistics
-from concord.balancing.statistics import local_statistics
+from concord.balancing.statistics import device_statistics, local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -189,6 +189,43 @@ def test_the_boundary_with_early_work_equals_the_rule_applied_after_the_reductio
         expected = direct.aggregate(grads, reduce_statistics(packed, 3, 6), z)
         direct.step += 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cross_terms", [True, False])
+def test_a_diagonal_computed_on_the_way_packs_as_the_dot_products_do(cross_terms):
+    """A balancer that found ``||G_k||^2`` in its own pass (CoGrad) hands them over; the packed
+    statistics are those of the boundary's own dot products, an absent task included."""
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(6, 4, generator=g, dtype=torch.float64) * s for s in (1.0, -3.0)] + [None]
+    grads[1][2, 1] = float("nan")  # its squared norm says so, as the dot product would
+    losses = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    seen = torch.stack([(grads[0] ** 2).sum(), (grads[1] ** 2).sum()])
+    expected = local_statistics(grads, losses, 6, None, cross_terms)
+    torch.testing.assert_close(local_statistics(grads, losses, 6, None, cross_terms, seen), expected, equal_nan=True)
+    on_device, _ = device_statistics(grads, losses, 6, None, cross_terms, seen)
+    torch.testing.assert_close(on_device, expected, equal_nan=True)
+    with pytest.raises(ValueError, match="squared_norms has 3 entries for 2 present gradients"):
+        local_statistics(grads, losses, 6, None, cross_terms, torch.ones(3, dtype=torch.float64))
+
+
+def test_cograd_finds_the_gram_diagonal_in_its_own_pass():
+    """CoGrad's pass over the gradients gives the statistics their norms (no dot products of the
+    boundary's own), and they are the norms: a non-finite gradient still leaves its task out."""
+    g = torch.Generator().manual_seed(6)
+    grads = tuple(torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, -3.0, 0.2))
+    balancer = build_balancer("cograd", TASKS)
+    boundary = RepresentationBoundary(balancer)
+    boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    boundary.balance(grads, None)
+    norms = [float(x.norm()) for x in grads]
+    np.testing.assert_allclose(boundary.last_stats.norms, norms, rtol=1e-12)
+    assert balancer.squared_norms_seen is None  # taken by the statistics
+    bad = (grads[0], grads[1].clone(), grads[2])
+    bad[1][0, 0] = float("inf")
+    boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    got = boundary.balance(bad, None)
+    assert list(boundary.last_stats.active) == [True, False, True]
+    torch.testing.assert_close(got, (grads[0] + grads[2]) / 3)  # uncorrected: a task left out on this step
 
 
 def test_norm_only_methods_skip_the_cross_products_except_when_telemetry_is_logged():
@@ -517,7 +554,7 @@ def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
         if method == "cograd":  # element-wise: the previous step's kappa, this step's gradients
             from concord.balancing.cograd import transference
 
-            (p_prev, c_prev), (p_now, c_now) = (transference(steps[s], [1 / 3] * 3, [1.0] * 3) for s in (t - 1, t))
+            (p_prev, c_prev, _), (p_now, c_now, _) = (transference(steps[s], [1 / 3] * 3, [1.0] * 3) for s in (t - 1, t))
             expected = p_now - 0.05 * float(p_prev.norm()) / float(c_prev.norm()) * c_now
         else:
             expected = weighted_sum(steps[t], reference.coefficients(previous), np.ones(3, dtype=bool))
