@@ -177,6 +177,11 @@ class Balancer:
         rank's share, any shape); they come back flattened as ``stats.extra``. Default: none."""
         return None
 
+    def warm_up(self, template: torch.Tensor) -> None:
+        """Runs the method's element-wise rules (:meth:`run_rule`) once on zeros shaped like the
+        step's gradients (``template``, (B, d)), so that a compiled rule is built here and not inside
+        a backward; the boundary calls it from its forward, once per shape. Default: no rules."""
+
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable balancer parameters (loss-level methods); the boundary registers them so that the
         dense optimizer trains them and DDP averages their gradients."""

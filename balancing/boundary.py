@@ -195,13 +195,27 @@ class RepresentationBoundary(nn.Module):
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
         self.enabled = True
         self._record = _StepRecord()
+        self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
+        self._warm_up(z)
         return _Replicate.apply(z, self)
+
+    def _warm_up(self, z: torch.Tensor) -> None:
+        """Builds the balancer's compiled rules for ``z``'s shape here, in the forward pass, the first
+        time a balancer meets that shape: a compile inside backward would stall the step that met
+        it for seconds (with a GPU's queue drained)."""
+        if type(self._balancer).warm_up is Balancer.warm_up:
+            return
+        key = (id(self._balancer), tuple(z.shape), z.dtype, z.device)
+        if key not in self._warmed:
+            self._warmed.add(key)
+            with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
+                self._balancer.warm_up(z.detach())
 
     def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no

@@ -80,6 +80,10 @@ class CoGrad(Balancer):
         b2 = float(plain.shape[0]) ** 2
         return squares[-2:].double() * b2
 
+    def warm_up(self, template: torch.Tensor) -> None:
+        zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
+        self.run_rule(transference, zeros, [float(c) for c in self.weights], [float(g) for g in self.gamma])
+
     def aggregate(
         self,
         grads: Sequence[Optional[torch.Tensor]],

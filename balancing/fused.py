@@ -6,7 +6,8 @@ GradDrop's sign split 3; each pass costs a kernel launch (a GPU) or a trip throu
 Compiled, each rule is one loop that reads every ``G_k`` once (figures in ``docs/performance.md``).
 
 Compilation happens on a rule's first large call (seconds; cached by Inductor across processes) and
-again if the batch size changes (then once for all sizes: dynamic shapes). Small tensors, where a
+again if the batch size changes (then once for all sizes: dynamic shapes). The boundary makes that
+first call itself, on zeros, in its forward pass (``Balancer.warm_up``), so no compile stalls a backward. Small tensors, where a
 compile would cost more than it saves, run eagerly; so does every call after a compile fails (no C++
 compiler, say), with one warning that says why.
 """

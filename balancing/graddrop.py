@@ -43,6 +43,11 @@ class GradDrop(Balancer):
         rows[present] = sums
         return rows
 
+    def warm_up(self, template: torch.Tensor) -> None:
+        zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
+        self.run_rule(signed_column_sums, zeros, torch.zeros_like(template))
+        self.run_rule(sign_split, zeros, self.leak, self.num_tasks)
+
     def prepare(
         self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor], live: np.ndarray
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -82,3 +82,32 @@ def test_a_rule_that_does_not_compile_runs_eagerly_after_one_warning(monkeypatch
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "more detail" not in warnings[0]
     assert len(calls) == 2  # both calls ran the eager rule; the second did not try to compile again
+
+
+@pytest.mark.parametrize("name", ["cograd", "graddrop"])
+def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch, name):
+    """The first call of a compiled rule builds it (seconds): the boundary's forward makes that
+    call, on zeros of the representation's shape, and again for a new shape; backward only runs it."""
+    built, ran = [], []
+
+    def recording_compile(fn, **kwargs):
+        def run(*args):
+            inside_backward = torch._C._current_graph_task_id() != -1
+            (ran if (fn, args[0][0].shape) in [b[:2] for b in built] else built).append((fn, args[0][0].shape, inside_backward))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(fused_module.torch, "compile", recording_compile)
+    boundary = RepresentationBoundary(build_balancer(name, TASKS))
+    heads = [torch.nn.Linear(MIN_FUSED_NUMEL // 256, 1) for _ in TASKS]
+    for rows in (256, 256, 300):
+        z = torch.randn(rows, MIN_FUSED_NUMEL // 256, requires_grad=True)
+        views = boundary(z)
+        assert not any(inside for *_, inside in built), "built inside backward"
+        boundary.objective(torch.stack([h(v).square().mean() for h, v in zip(heads, views)])).backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all()
+    rules = {fn for fn, *_ in built}
+    assert len(rules) == (1 if name == "cograd" else 2)
+    assert sorted({shape[0] for _, shape, _ in built}) == [256, 300]  # each shape built once, in forward
+    assert len(built) == 2 * len(rules) and ran and all(inside for *_, inside in ran)
