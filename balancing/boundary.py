@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import Balancer, weighted_sum
 from .clock import Clock
-from .collectives import PendingStatistics
+from .collectives import DDPRide, PendingStatistics
 from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
 
 
@@ -196,6 +196,9 @@ class RepresentationBoundary(nn.Module):
         self.enabled = True
         self._record = _StepRecord()
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
+        # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
+        # summed over DDP's group, which must be the boundary's.
+        self.ride: Optional[DDPRide] = None
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
@@ -203,6 +206,8 @@ class RepresentationBoundary(nn.Module):
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         self._warm_up(z)
+        if self.ride is not None:
+            self.ride.expect_backward()
         return _Replicate.apply(z, self)
 
     def _warm_up(self, z: torch.Tensor) -> None:
@@ -418,7 +423,8 @@ class RepresentationBoundary(nn.Module):
             usable = usable_here(np.array([g is not None for g in grads]), packed)
         else:
             packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
-        return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms)
+        ride = self.ride if on_host and self.statistics == "previous" and self.ride is not None and self.ride.open() else None
+        return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms, ride=ride)
 
     def _wait(self, pending) -> StepStats:
         """The summed statistics (timed: the wait is what a step loses to the reduction)."""

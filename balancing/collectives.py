@@ -113,9 +113,84 @@ def sum_over_ranks(values: torch.Tensor, process_group: Optional[dist.ProcessGro
     return PendingSum(values, process_group).wait()
 
 
+class RidingSum:
+    """A vector handed to :class:`DDPRide`, summed over ranks by DDP's gradient all-reduce; :meth:`wait`
+    returns the sum once that all-reduce has run (by the end of the backward that carried it)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+        self._sum: Optional[torch.Tensor] = None
+
+    def deliver(self, summed: torch.Tensor) -> None:
+        self._sum = summed
+
+    def wait(self) -> torch.Tensor:
+        if self._sum is None:
+            raise RuntimeError(
+                "the boundary's statistics were handed to DDP's gradient all-reduce, which never carried them: "
+                "the backward stopped before DDP's last gradient bucket, or the model's DDP lacks DDPRide.hook"
+            )
+        return self._sum
+
+
+class DDPRide:
+    """Carries the boundary's statistics in DDP's own gradient all-reduce instead of a collective of
+    their own: registered as DDP's communication hook (``ddp.register_comm_hook(None, ride.hook)``),
+    it reduces every bucket as DDP's default hook does and appends the waiting statistics to the last
+    bucket of the backward (the one DDP reduces last; it holds the first parameters of the model, below
+    ``z``, so it fires after the boundary's backward). On gloo a collective of its own costs a rank's
+    core about as much as the boundary's whole arithmetic; the numbers appended to a bucket cost a
+    copy of the bucket (figures in docs/performance.md). Lagged statistics only: the sum arrives after
+    the boundary's backward. The sum is formed in the bucket's dtype (float32 for a float32 model):
+    every rank still reads the same bits, and the statistics differ from a float64 sum by float32
+    rounding, as the dot products behind them already do. CPU (gloo) buckets."""
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
+        self.process_group = process_group
+        self._waiting: Optional[RidingSum] = None
+        self._last_bucket_gone = False
+
+    def expect_backward(self) -> None:
+        """A forward pass began: its backward's last bucket is still to come. Statistics that waited
+        for a backward that never reached it (one that raised) are dropped."""
+        self._last_bucket_gone, self._waiting = False, None
+
+    def open(self) -> bool:
+        """Whether statistics handed over now go with this backward's last bucket (every rank answers
+        alike: the order of a backward's steps is the same on each)."""
+        return not self._last_bucket_gone
+
+    def carry(self, values: torch.Tensor) -> RidingSum:
+        if self._waiting is not None:
+            raise RuntimeError("two statistics vectors for one backward")
+        self._waiting = RidingSum(values)
+        return self._waiting
+
+    def hook(self, state, bucket):  # no annotations: DDP checks them against the classes themselves
+        """DDP's communication hook (``state`` unused): ``bucket`` a ``dist.GradBucket``; returns the
+        future of the averaged bucket."""
+        group = self.process_group
+        buffer = bucket.buffer().div_(dist.get_world_size(group))  # DDP's average, as its default hook
+        riding = None
+        if bucket.is_last():
+            self._last_bucket_gone, riding, self._waiting = True, self._waiting, None
+        if riding is None:
+            return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        size = buffer.numel()
+        combined = torch.cat([buffer, riding.values.to(buffer.dtype)])
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            summed = fut.value()[0]
+            riding.deliver(summed[size:].to(torch.float64))
+            return buffer.copy_(summed[:size])
+
+        return dist.all_reduce(combined, group=group, async_op=True).get_future().then(done)
+
+
 class PendingStatistics:
-    """The step's one statistics reduction (a :class:`PendingSum` of the packed vector): work that
-    does not need the global statistics can run before :meth:`wait` returns them."""
+    """The step's one statistics reduction (a :class:`PendingSum` of the packed vector, or a
+    :class:`RidingSum` where ``ride`` carries it): work that does not need the global statistics
+    can run before :meth:`wait` returns them."""
 
     def __init__(
         self,
@@ -126,11 +201,12 @@ class PendingStatistics:
         device: Optional[torch.device] = None,
         cross_terms: bool = True,
         collective: str = "auto",
+        ride: Optional[DDPRide] = None,
     ) -> None:
         self.num_tasks = num_tasks
         self.batch_size = batch_size
         self.cross_terms = cross_terms
-        self._sum = PendingSum(packed, process_group, device, collective)
+        self._sum = ride.carry(packed) if ride is not None else PendingSum(packed, process_group, device, collective)
 
     def wait(self) -> StepStats:
         return unpack_statistics(self._sum.wait(), self.num_tasks, self.batch_size, self.cross_terms)

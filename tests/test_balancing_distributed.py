@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import concord.balancing.boundary as boundary_module
 from concord.balancing import RepresentationBoundary, build_balancer
+from concord.balancing.collectives import DDPRide
 from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
 from mtl_helpers import ToyMTL, stats_for, toy_batch
@@ -41,6 +42,11 @@ CASES = {
     # statistics_every=2: the rule runs on every other step's sum, the coefficients held between
     "multibalance-every-2": ("multibalance", {}, "previous", 2),
     "emtl-every-2": ("emtl", {}, "previous", 2),
+    # the lagged statistics carried by DDP's gradient all-reduce (DDPRide) instead of their own collective
+    "multibalance-lagged-in-ddp": ("multibalance", {}, "previous", 1, "ddp"),
+    "emtl-every-2-in-ddp": ("emtl", {}, "previous", 2, "ddp"),
+    "cograd-lagged-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 1, "ddp"),
+    "equal-lagged-in-ddp": ("equal", {}, "previous", 1, "ddp"),
     # a GPU's lagged path (no host read in backward), run on these CPU tensors
     "equal-lagged-no-host-reads": ("equal", {}, "previous", 1, "device"),
     "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
@@ -69,31 +75,52 @@ def _run(rank: int, world_size: int):
                                               statistics=mode[0] if mode else "current",
                                               statistics_every=mode[1] if len(mode) > 1 else 1)
         per_rank = ROWS // world_size
+        in_ddp = mode[2:] == ["ddp"] and world_size > 1
+        forward = _Forward(model, boundary)
+        if in_ddp:  # DDP averages the gradients, and its last bucket carries the statistics
+            forward = torch.nn.parallel.DistributedDataParallel(forward)
+            boundary.ride = DDPRide()
+            forward.register_comm_hook(None, boundary.ride.hook)
+            carried, carry = [], boundary.ride.carry
+            boundary.ride.carry = lambda values: carried.append(1) or carry(values)
         out = []
         for step in range(STEPS):
             x, y = toy_batch(ROWS, 3, seed=100 + step)
             x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
             model.zero_grad()
-            z = model.bottom(x)
-            z.retain_grad()
-            losses = model.losses(boundary(z), y, SCALES)
+            z, losses = forward(x, y)
             objective = boundary.objective(losses)
             if param_level is not None:
                 with boundary.passthrough():
                     objective = param_level.objective(losses)
             objective.backward()
             grads = [p.grad.clone() for p in model.bottom.parameters()]
-            if world_size > 1:
+            if world_size > 1 and not in_ddp:
                 for g in grads:  # what DDP does: average over ranks
                     dist.all_reduce(g)
                     g /= world_size
             weights = (param_level or boundary.balancer).last_telemetry["weights"]
             out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
+        if in_ddp:
+            results[f"{case}:carried"] = len(carried)
     boundary_module._reads_on_host = reads_on_host
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
     results["nan_gradient"] = {name: _nan_gradient_on_the_last_rank(name, rank, world_size, group) for name in ("equal", "cograd")}
     return results
+
+
+class _Forward(torch.nn.Module):
+    """The toy model's step up to its losses, as one module (DDP hooks a backward through its forward)."""
+
+    def __init__(self, model: ToyMTL, boundary: RepresentationBoundary) -> None:
+        super().__init__()
+        self.model, self.boundary = model, boundary
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        z = self.model.bottom(x)
+        z.retain_grad()
+        return z, self.model.losses(self.boundary(z), y, SCALES)
 
 
 def _nonfinite_on_the_last_rank(rank: int, world_size: int, group):
@@ -150,6 +177,15 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
             torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
             for g, r in zip(got["grads"], ref["grads"]):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_ddp_carries_the_lagged_statistics(runs):
+    """The in-DDP cases above did not fall back to a collective of their own: every statistics step's
+    vector went with DDP's last bucket (every step, or every other with statistics_every=2)."""
+    for result in runs[1]:
+        for case, (_, _, *mode) in CASES.items():
+            if mode[2:] == ["ddp"]:
+                assert result[f"{case}:carried"] == STEPS // mode[1], case
 
 
 @pytest.mark.parametrize("name", ["equal", "cograd"])

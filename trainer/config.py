@@ -243,6 +243,9 @@ class DistConfig:
     max_restarts: int = 0  # torchrun restarts the whole job this often after a rank fails; it resumes
     keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
     threads: int = 0  # intra-op threads per rank; 0: the cores this machine gives each local rank
+    # gloo: lagged statistics ride in DDP's gradient all-reduce instead of a collective of their own
+    # (balancing/collectives.py, DDPRide); false: their own collective, summed in float64
+    statistics_in_ddp: bool = True
 
 
 @dataclass
