@@ -7,9 +7,9 @@ Compiled, each rule is one loop that reads every ``G_k`` once (figures in ``docs
 
 Compilation happens on a rule's first large call (seconds; cached by Inductor across processes) and
 again if the batch size changes (then once for all sizes: dynamic shapes). The boundary makes that
-first call itself, on zeros, in its forward pass (``Balancer.warm_up``), so no compile stalls a backward. Small tensors, where a
-compile would cost more than it saves, run eagerly; so does every call after a compile fails (no C++
-compiler, say), with one warning that says why.
+first call itself, on zeros, in its forward pass (``Balancer.warm_up``), so no compile stalls a
+backward. Small tensors, where a compile would cost more than it saves, run eagerly; so does every
+call after a compile fails (no C++ compiler, say), with one warning that says why.
 """
 
 from __future__ import annotations
