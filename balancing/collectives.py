@@ -143,7 +143,8 @@ class DDPRide:
     copy of the bucket (figures in docs/performance.md). Lagged statistics only: the sum arrives after
     the boundary's backward. The sum is formed in the bucket's dtype (float32 for a float32 model):
     every rank still reads the same bits, and the statistics differ from a float64 sum by float32
-    rounding, as the dot products behind them already do. CPU (gloo) buckets."""
+    rounding, as the dot products behind them already do; a half-precision last bucket leaves them to
+    a float64 collective of their own. CPU (gloo) buckets."""
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
         self.process_group = process_group
@@ -176,6 +177,14 @@ class DDPRide:
             self._last_bucket_gone, riding, self._waiting = True, self._waiting, None
         if riding is None:
             return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        if buffer.dtype not in (torch.float32, torch.float64):  # too coarse a sum: their own, in float64
+            own = PendingSum(riding.values, group)
+
+            def reduced(fut: torch.futures.Future) -> torch.Tensor:
+                riding.deliver(own.wait())
+                return fut.value()[0]
+
+            return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(reduced)
         size = buffer.numel()
         combined = torch.cat([buffer, riding.values.to(buffer.dtype)])
 

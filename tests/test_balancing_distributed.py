@@ -188,6 +188,49 @@ def test_ddp_carries_the_lagged_statistics(runs):
                 assert result[f"{case}:carried"] == STEPS // mode[1], case
 
 
+class _Bucket:
+    """What DDPRide.hook reads of a ``dist.GradBucket``."""
+
+    def __init__(self, buffer: torch.Tensor, last: bool) -> None:
+        self._buffer, self._last = buffer, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def is_last(self) -> bool:
+        return self._last
+
+
+def _ride_buckets(rank: int, world_size: int):
+    dist.init_process_group("gloo")
+    out = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        ride = DDPRide()
+        ride.expect_backward()
+        gradients = torch.full((5,), float(rank + 1), dtype=dtype)
+        first = ride.hook(None, _Bucket(gradients.clone(), last=False)).wait()  # not the last: nothing rides
+        riding = ride.carry(_packed(rank))
+        last = ride.hook(None, _Bucket(gradients.clone(), last=True)).wait()
+        out[dtype] = {"first": first.double(), "last": last.double(), "stats": riding.wait(), "open": ride.open()}
+    return out
+
+
+def test_ddp_ride_averages_the_buckets_and_sums_the_statistics_with_the_last():
+    """Every bucket is averaged as DDP's default hook averages it; the statistics go with the last one,
+    summed in its dtype (float32: float32 rounding of the float64 sum), or by a float64 collective of
+    their own where that dtype is too coarse (bfloat16)."""
+    world = 2
+    ranks = run_ranks(_ride_buckets, world)
+    total = sum((_packed(r) for r in range(world)), torch.zeros(20, dtype=torch.float64))
+    for result in ranks:
+        for dtype, got in result.items():
+            assert torch.equal(got["first"], torch.full((5,), 1.5, dtype=torch.float64)) and torch.equal(got["last"], got["first"])
+            assert not got["open"]  # the last bucket has gone: statistics handed over now cannot ride
+            expected = total.float().double() if dtype == torch.float32 else total
+            torch.testing.assert_close(got["stats"], expected, rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
+        assert torch.equal(result[torch.bfloat16]["stats"], ranks[0][torch.bfloat16]["stats"])
+
+
 @pytest.mark.parametrize("name", ["equal", "cograd"])
 def test_a_nan_gradient_on_one_rank_drops_the_task_on_every_rank(runs, name):
     for result in runs[1]:
