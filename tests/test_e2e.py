@@ -193,19 +193,22 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     run_dir = tmp_path / "bench"
     cmd = [
         sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
-        "--methods", "none,equal,multibalance", "--rounds", "4", "--steps", "1",
+        "--methods", "none,equal,multibalance,multibalance@previous", "--rounds", "4", "--steps", "1",
         *tiny_data(tmp_path), f"train.run_dir={run_dir}",
         "train.qps_skip_steps=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((run_dir / "bench.json").read_text())["methods"]
-    assert set(report) == {"none", "equal", "multibalance"}
+    assert set(report) == {"none", "equal", "multibalance", "multibalance@previous"}
     assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
     assert all(r["qps_mean"] > 0 for r in report.values())
-    assert "± s.e." in (run_dir / "bench.md").read_text()
+    table = (run_dir / "bench.md").read_text()
+    assert "± s.e." in table and "lagged statistics summed in DDP's gradient all-reduce" in table  # 2 gloo ranks
     # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
     assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
+    # Lagged, its sums rode in DDP's all-reduce; one that never arrived would have stopped the run.
+    assert report["multibalance@previous"]["balancer_steps"] == 3 + 4
     assert report["none"]["balancer_steps"] == 0
 
 

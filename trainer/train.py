@@ -66,6 +66,8 @@ def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
         ride = DDPRide(ddp.process_group)
         ddp.register_comm_hook(None, ride.hook)
         model.boundary.ride = ride
+        if rt.is_main:
+            logger.info("lagged balancer statistics travel in DDP's gradient all-reduce (dist.statistics_in_ddp: true)")
 
 
 @dataclass

@@ -102,12 +102,13 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
             report[m]["balancer_steps"] = built[m][1].step
             report[m]["rounds"] = samples[m]
         if rt.is_main:
-            print(format_report(report, cfg, rt.world_size, rounds, steps))
+            lagged_sum = lagged_statistics_path(boundary, rt.world_size)
+            print(format_report(report, cfg, rt.world_size, rounds, steps, lagged_sum))
             out = Path(cfg.train.run_dir) / "bench.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"rounds": rounds, "steps": steps, "world_size": rt.world_size,
                                        "global_batch": global_batch, "methods": report}, indent=2))
-            out.with_suffix(".md").write_text(format_markdown(report, cfg, rt.world_size, rounds, steps))
+            out.with_suffix(".md").write_text(format_markdown(report, cfg, rt.world_size, rounds, steps, lagged_sum))
             print(f"written: {out} and {out.with_suffix('.md')}")
         return report
     finally:
@@ -140,10 +141,20 @@ def summarize(samples: Dict[str, List[dict]], global_batch: int) -> Dict[str, di
     return report
 
 
-def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int) -> str:
+def lagged_statistics_path(boundary, world_size: int) -> str:
+    """How lagged statistics (``METHOD@previous``) are summed over ranks in this run, for the header."""
+    if world_size == 1:
+        return ""
+    if boundary.ride is not None:
+        return "lagged statistics summed in DDP's gradient all-reduce (dist.statistics_in_ddp)"
+    return "lagged statistics summed by a collective of their own"
+
+
+def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int, lagged_sum: str = "") -> str:
     lines = [
         f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
-        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method",
+        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method"
+        + (f"; {lagged_sum}" if lagged_sum else ""),
         f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'vs none':>9}{'± s.e.':>8}{'step ms':>9}"
         f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
     ]
@@ -164,12 +175,13 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
     return "\n".join(lines)
 
 
-def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int) -> str:
+def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int, lagged_sum: str = "") -> str:
     from concord.balancing.param_level import PARAMETER_LEVEL
 
     lines = [
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
-        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating.",
+        f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating"
+        + (f"; {lagged_sum}." if lagged_sum else "."),
         "",
         "| method | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | drop vs none (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
