@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .statistics import StepStats, unpack_statistics
 
@@ -169,22 +170,22 @@ class DDPRide:
 
     def hook(self, state, bucket):  # no annotations: DDP checks them against the classes themselves
         """DDP's communication hook (``state`` unused): ``bucket`` a ``dist.GradBucket``; returns the
-        future of the averaged bucket."""
-        group = self.process_group
-        buffer = bucket.buffer().div_(dist.get_world_size(group))  # DDP's average, as its default hook
+        future of the averaged bucket. Buckets that carry nothing go through DDP's default hook."""
         riding = None
         if bucket.is_last():
             self._last_bucket_gone, riding, self._waiting = True, self._waiting, None
         if riding is None:
-            return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-        if buffer.dtype not in (torch.float32, torch.float64):  # too coarse a sum: their own, in float64
-            own = PendingSum(riding.values, group)
+            return default_hooks.allreduce_hook(self.process_group, bucket)
+        if bucket.buffer().dtype not in (torch.float32, torch.float64):  # too coarse a sum: their own, in float64
+            own = PendingSum(riding.values, self.process_group)
 
             def reduced(fut: torch.futures.Future) -> torch.Tensor:
                 riding.deliver(own.wait())
-                return fut.value()[0]
+                return fut.value()
 
-            return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(reduced)
+            return default_hooks.allreduce_hook(self.process_group, bucket).then(reduced)
+        group = self.process_group
+        buffer = bucket.buffer().div_(dist.get_world_size(group))  # DDP's average, as its default hook
         size = buffer.numel()
         combined = torch.cat([buffer, riding.values.to(buffer.dtype)])
 
