@@ -59,8 +59,9 @@ def check_data_exists(cfg: Config) -> None:
 
 def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
     """On gloo, lagged statistics travel in DDP's gradient all-reduce (``DDPRide``): a collective of
-    their own costs a rank's core about 1 ms a step there. DDP's group spans every rank, as the
-    boundary's statistics group does. NCCL launches a collective for next to nothing: not used there."""
+    their own costs a rank's core more than the boundary's arithmetic there (docs/performance.md).
+    DDP's group spans every rank, as the boundary's statistics group does. NCCL launches a collective
+    for next to nothing: not used there."""
     ddp = dmp._dmp_wrapped_module
     if rt.world_size > 1 and rt.device.type == "cpu" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         ride = DDPRide(ddp.process_group)
