@@ -94,10 +94,7 @@ def local_statistics(
     a NumPy or torch call costs.
     """
     t = len(grads)
-    # Half-precision gradients (bf16 autocast) are widened so that the dot products sum in float64.
-    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
-    pairs = _gram_pairs(flat, cross_terms)
-    known = _known_diagonal(squared_norms, pairs)
+    flat, pairs, known = _gram_plan(grads, cross_terms, squared_norms)
     parts = [] if squared_norms is None else [squared_norms.detach().reshape(-1)]
     if len(pairs) > known:
         parts.append(torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs[known:]]))
@@ -114,6 +111,14 @@ def local_statistics(
     packed = [0.0 if bad[i] or bad[j] else gram[i][j] * b * b for i in range(t) for j in range(t)]
     packed += [v * b for v in loss] + [float(x) for x in bad] + [b] + values[len(pairs) + t :]
     return torch.tensor(packed, dtype=torch.float64)
+
+
+def _gram_plan(grads: Sequence[Optional[torch.Tensor]], cross_terms: bool, squared_norms: Optional[torch.Tensor]):
+    """The flattened gradients (half precision widened, so that the dot products sum in float64), the
+    Gram entries to form and how many of them (the first) ``squared_norms`` gives."""
+    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
+    pairs = _gram_pairs(flat, cross_terms)
+    return flat, pairs, _known_diagonal(squared_norms, pairs)
 
 
 def _gram_pairs(flat: Sequence[Optional[torch.Tensor]], cross_terms: bool) -> list:
@@ -146,9 +151,7 @@ def device_statistics(
     gradients are, in float64; and (T,) bool flags, also there, of this rank's tasks whose gradient
     and loss are finite (absent tasks: True; their gradient is None)."""
     t = len(grads)
-    flat = [None if g is None else (g.reshape(-1).double() if g.dtype in _NARROW else g.reshape(-1)) for g in grads]
-    pairs = _gram_pairs(flat, cross_terms)
-    known = _known_diagonal(squared_norms, pairs)
+    flat, pairs, known = _gram_plan(grads, cross_terms, squared_norms)
     entries = {pair: squared_norms[n].double() for n, pair in enumerate(pairs[:known])}
     entries.update({(i, j): torch.dot(flat[i], flat[j]).double() for i, j in pairs[known:]})
     zero = torch.zeros((), dtype=torch.float64, device=losses.device)
