@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 2 docs/examples/torchrec_dmp.py
 """
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,27 +37,36 @@ class Ranker(nn.Module):
         return self.boundary.objective(losses)
 
 
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-model = Ranker(["click", "purchase"], dist.new_group(backend="gloo"))
-apply_optimizer_in_backward(torch.optim.SGD, model.ebc.parameters(), {"lr": 0.05})  # fused table update
-dmp = DistributedModelParallel(model, device=torch.device("cpu"))
-dense_opt = torch.optim.Adam([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=1e-3)
-generator = torch.Generator().manual_seed(rank)  # each rank reads its own rows
-for _ in range(10):
-    rows = 64
-    features = KeyedJaggedTensor.from_lengths_sync(
-        keys=["user", "item"], values=torch.randint(0, 1000, (2 * rows,), generator=generator),
-        lengths=torch.ones(2 * rows, dtype=torch.int32))
-    labels = torch.randint(0, 2, (rows, 2), generator=generator).float()
-    dense_opt.zero_grad()
-    dmp(features, labels).backward()  # tables get the balanced gradient inside this backward
-    dense_opt.step()
-weights = torch.tensor(model.boundary.telemetry()["weights"])
-gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, weights)
-assert all(torch.equal(w, weights) for w in gathered), "ranks disagree on the task weights"
-if rank == 0:
-    print("task weights, identical on every rank:", weights.tolist())
-dist.destroy_process_group()
+def train(rank: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = Ranker(["click", "purchase"], dist.new_group(backend="gloo"))
+    apply_optimizer_in_backward(torch.optim.SGD, model.ebc.parameters(), {"lr": 0.05})  # fused table update
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"))
+    dense_opt = torch.optim.Adam([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=1e-3)
+    generator = torch.Generator().manual_seed(rank)  # each rank reads its own rows
+    for _ in range(10):
+        rows = 64
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["user", "item"], values=torch.randint(0, 1000, (2 * rows,), generator=generator),
+            lengths=torch.ones(2 * rows, dtype=torch.int32))
+        labels = torch.randint(0, 2, (rows, 2), generator=generator).float()
+        dense_opt.zero_grad()
+        dmp(features, labels).backward()  # tables get the balanced gradient inside this backward
+        dense_opt.step()
+    return torch.tensor(model.boundary.telemetry()["weights"])
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    weights = train(rank)
+    gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, weights)
+    assert all(torch.equal(w, weights) for w in gathered), "ranks disagree on the task weights"
+    if rank == 0:
+        print("task weights, identical on every rank:", weights.tolist())
+    # DMP and DDP hold reference cycles: free them while the process group still exists. Left to
+    # interpreter teardown, they can be destroyed after it, and a rank aborts at exit ("terminate
+    # called without an active exception") after a run that finished.
+    gc.collect()
+    dist.destroy_process_group()
