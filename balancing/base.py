@@ -95,9 +95,6 @@ class Balancer:
     # whether the previous step's sum of them serves as well (lagged statistics).
     extra_size: ClassVar[int] = 0
     lag_safe_extras: ClassVar[bool] = False
-    # Whether ``statistics="auto"`` lags this method. False where the rule can but should not: its
-    # output is unstable when the last step's statistics meet this step's gradients.
-    lags_by_default: ClassVar[bool] = True
     # Whether the rule reads the step's statistics at all. Rules that do not (constant weights) need
     # them only for telemetry: with lagged statistics the boundary then gathers them on logged steps only.
     reads_statistics: ClassVar[bool] = True
@@ -122,6 +119,10 @@ class Balancer:
         # (the present gradients', in task order): the boundary's statistics take them for the Gram's
         # diagonal instead of dot products of their own, and clear them.
         self.squared_norms_seen: Optional[torch.Tensor] = None
+        # Set by the boundary in lagged mode before local_extra: the global sum this step is
+        # balanced with (None before the first sum, and in current mode). A rule whose aggregate
+        # needs only that sum may form it in the same pass over the gradients as its statistics.
+        self.lagged_stats: Optional[StepStats] = None
 
     @classmethod
     def knob_names(cls) -> List[str]:
@@ -177,10 +178,11 @@ class Balancer:
         rank's share, any shape); they come back flattened as ``stats.extra``. Default: none."""
         return None
 
-    def warm_up(self, template: torch.Tensor) -> None:
+    def warm_up(self, template: torch.Tensor, lagged: bool = False) -> None:
         """Runs the method's element-wise rules (:meth:`run_rule`) once on zeros shaped like the
         step's gradients (``template``, (B, d)), so that a compiled rule is built here and not inside
-        a backward; the boundary calls it from its forward, once per shape. Default: no rules."""
+        a backward; the boundary calls it from its forward, once per shape and statistics mode
+        (``lagged``: ``previous``). Default: no rules."""
 
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable balancer parameters (loss-level methods); the boundary registers them so that the

@@ -216,11 +216,12 @@ class RepresentationBoundary(nn.Module):
         it for seconds (with a GPU's queue drained)."""
         if type(self._balancer).warm_up is Balancer.warm_up:
             return
-        key = (id(self._balancer), tuple(z.shape), z.dtype, z.device)
+        lagged = self.statistics == "previous"
+        key = (id(self._balancer), tuple(z.shape), z.dtype, z.device, lagged)
         if key not in self._warmed:
             self._warmed.add(key)
             with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
-                self._balancer.warm_up(z.detach())
+                self._balancer.warm_up(z.detach(), lagged)
 
     def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
@@ -478,6 +479,12 @@ class RepresentationBoundary(nn.Module):
         due = self._statistics_due()
         if not due and self._in_flight is None and not elementwise:
             return self._between_sums(grads, start, donated)
+        if elementwise:
+            # The last sum first (it has arrived): the rule's pass over this step's gradients can
+            # then form the aggregate and this step's statistics together.
+            losses = record.losses  # this step's, for its statistics: reading a sum marks them used
+            stats, skip = self._read_sum(self._take_in_flight())
+            record.losses, self.balancer.lagged_stats = losses, stats
         if due:
             self._report_unreported()
             usable, pending = self._start_statistics(grads, z, template)
@@ -486,7 +493,10 @@ class RepresentationBoundary(nn.Module):
             finite_loss = np.isfinite(np.array(record.losses.detach().tolist(), dtype=np.float64))
             self._unreported |= present & ~finite_loss
             usable, pending = present & finite_loss, None
-        stats, skip = self._read_last_sum(pending)
+        if elementwise:
+            self.balancer.lagged_stats, self._in_flight = None, pending
+        else:
+            stats, skip = self._read_last_sum(pending)
         if skip:
             start.stop()
             return torch.zeros_like(template)
@@ -519,8 +529,17 @@ class RepresentationBoundary(nn.Module):
     def _read_last_sum(self, pending) -> Tuple[Optional[StepStats], bool]:
         """Puts this step's statistics (or None) in flight and reads the last step's sum, if one is
         in flight; the bool says the step is to be skipped (``skip_step``)."""
+        previous = self._take_in_flight()
+        self._in_flight = pending
+        return self._read_sum(previous)
+
+    def _take_in_flight(self):
+        previous, self._in_flight = self._in_flight, None
+        return previous
+
+    def _read_sum(self, previous) -> Tuple[Optional[StepStats], bool]:
+        """The sum of ``previous`` (None: nothing in flight); the bool says the step is to be skipped."""
         record = self._record
-        previous, self._in_flight = self._in_flight, pending
         if previous is None:
             record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
             return None, False
@@ -656,8 +675,8 @@ def _needs_its_own_statistics(balancer: Balancer) -> bool:
 
 
 def _auto_mode(balancer: Balancer) -> str:
-    """``statistics="auto"``: lagged wherever the method allows it and is stable lagged."""
-    return "previous" if balancer.lags_by_default and not _needs_its_own_statistics(balancer) else "current"
+    """``statistics="auto"``: lagged wherever the method allows it."""
+    return "current" if _needs_its_own_statistics(balancer) else "previous"
 
 
 _IN_FLIGHT = "in_flight_"

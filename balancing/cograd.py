@@ -13,6 +13,12 @@ strength * ||P||`` over the global batch. ``gamma`` weighs the tasks' transferen
 ``strength`` is the correction's share of the gradient. Both norms travel in the step's statistics
 (this rank's share, at per-sample scale), so every rank uses the same ``kappa``; with lagged statistics
 it is the previous step's.
+
+The correction adjusts each gradient element, it never reverses one: the factor ``kappa G_i ⊙ (S' -
+gamma_i G_i)`` that multiplies ``G_i`` is bounded to [-1, 1] element by element (docs/ALGORITHMS.md,
+item 4). ``||C||`` is dominated by the gradients' largest elements and swings by orders of magnitude
+from step to step on real data, so a ``kappa`` that is right for the global norm can still be many
+times too large for a few elements, and with the previous step's norms for a whole step.
 """
 
 from __future__ import annotations
@@ -30,11 +36,7 @@ from .statistics import StepStats
 @register("cograd")
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
-    lag_safe_extras = True  # kappa from the previous step's norms is still the same on every rank
-    # ... but not the right size: C is cubic in G, so a step whose gradients are twice the last one's
-    # gets a correction four times `strength` (up to 0.38 of the gradient seen, one seed of five
-    # diverging on the Ali-CCP-shaped log). `auto` keeps each step's own kappa.
-    lags_by_default = False
+    lag_safe_extras = True  # kappa from the previous step's norms is the same on every rank
     extra_size = 2  # ||P||^2 and ||C||^2
 
     def __init__(
@@ -57,32 +59,42 @@ class CoGrad(Balancer):
         self.weights = c
         self.strength = check_positive("cograd.strength", strength, allow_zero=True)
         self.fused = bool(fused)
-        self._terms: Optional[Tuple[List[int], torch.Tensor, torch.Tensor]] = None  # live, P, C of this step
+        self._formed: Optional[Tuple[List[int], float, torch.Tensor]] = None  # lagged: live, kappa, A
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``: summed over ranks (and divided by ``B_g^2``,
         which cancels in ``kappa``) they are the global batch's norms at per-sample scale.
 
-        One pass over the present gradients forms ``P``, ``C``, their norms and each ``||G_k||^2``
-        (handed to the boundary's statistics as :attr:`squared_norms_seen`, so the Gram's diagonal
-        costs no second pass). A non-finite gradient is not looked for here: it makes the norms
-        non-finite, the statistics then mark its task inactive on every rank, and :meth:`aggregate`
-        leaves that step uncorrected, so the terms formed with it are never used."""
+        One pass over the present gradients gives both and each ``||G_k||^2`` (handed to the
+        boundary's statistics as :attr:`squared_norms_seen`, so the Gram's diagonal costs no second
+        pass). With lagged statistics ``kappa`` is known before that pass (the last sum's), so the
+        same pass also forms the aggregate, which :meth:`aggregate` then returns. A non-finite
+        gradient is not looked for here: it makes the norms non-finite, the statistics then mark its
+        task inactive on every rank, and :meth:`aggregate` leaves that step uncorrected."""
         present = [k for k, g in enumerate(grads) if g is not None]
+        self._formed = None
         if not present:
-            self._terms = None
             return torch.zeros(2, dtype=torch.float64)
-        plain, correction, squares = self.run_rule(
-            transference, [grads[k] for k in present], [float(self.weights[k]) for k in present], [float(self.gamma[k]) for k in present]
-        )
-        self._terms = (present, plain, correction)
+        knobs = self._knobs(present)
+        present_grads = [grads[k] for k in present]
+        kappa = self._lagged_kappa(grads)
+        if kappa:
+            aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa)
+            self._formed = (present, kappa, aggregated)
+        else:
+            squares = self.run_rule(transference_norms, present_grads, *knobs)
         self.squared_norms_seen = squares[:-2]
-        b2 = float(plain.shape[0]) ** 2
+        b2 = float(present_grads[0].shape[0]) ** 2
         return squares[-2:].double() * b2
 
-    def warm_up(self, template: torch.Tensor) -> None:
+    def warm_up(self, template: torch.Tensor, lagged: bool = False) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
-        self.run_rule(transference, zeros, [float(c) for c in self.weights], [float(g) for g in self.gamma])
+        knobs = self._knobs(range(self.num_tasks))
+        self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
+        # Two values of kappa: the compiler then takes it as an input instead of a constant, so a
+        # step's new kappa does not recompile the rule inside backward.
+        for kappa in (1.0, 0.5):
+            self.run_rule(coordinated_with_norms if lagged else coordinated, zeros, *knobs, kappa)
 
     def aggregate(
         self,
@@ -98,17 +110,30 @@ class CoGrad(Balancer):
         # uncorrected, on every rank alike.
         dropped = any(g is not None and not active[k] for k, g in enumerate(grads))
         kappa = 0.0 if dropped else self.kappa(stats)
+        formed, self._formed = self._formed, None
         self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa}
-        if not live or kappa == 0.0 or self._terms is None or self._terms[0] != live:
-            self._terms = None
-            self.last_telemetry["correction_ratio"] = 0.0
+        if not live or kappa == 0.0:
+            self.last_telemetry.update(correction_ratio=0.0, bounded_share=0.0)
             return weighted_sum(grads, self.weights * active, active)
-        _, plain, correction = self._terms
-        self._terms = None
+        live_grads, knobs = [grads[k] for k in live], self._knobs(live)
+        if formed is not None and formed[0] == live and formed[1] == kappa:
+            aggregated = formed[2]  # formed with this step's statistics (lagged)
+        else:
+            aggregated = self.run_rule(coordinated, live_grads, *knobs, kappa)
         if self.telemetry_due:
+            plain = weighted_sum(grads, self.weights * active, active)
             norm = float(plain.norm())
-            self.last_telemetry["correction_ratio"] = kappa * float(correction.norm()) / norm if norm > 0 else 0.0
-        return plain.sub_(correction, alpha=kappa)
+            self.last_telemetry["correction_ratio"] = float((aggregated - plain).norm()) / norm if norm > 0 else 0.0
+            self.last_telemetry["bounded_share"] = bounded_share(live_grads, knobs[1], kappa)
+        return aggregated
+
+    def _lagged_kappa(self, grads: Sequence[Optional[torch.Tensor]]) -> float:
+        """The ``kappa`` that :meth:`aggregate` will use this step with lagged statistics, if every
+        task with a gradient here was active in the last sum (0: none known, or none applies)."""
+        last = self.lagged_stats
+        if last is None or any(g is not None and not last.active[k] for k, g in enumerate(grads)):
+            return 0.0
+        return self.kappa(last)
 
     def kappa(self, stats: StepStats) -> float:
         """``strength * ||P|| / ||C||`` over the global batch (0 where there is nothing to correct)."""
@@ -118,23 +143,56 @@ class CoGrad(Balancer):
         usable = math.isfinite(plain2) and math.isfinite(correction2) and correction2 > 0 and plain2 > 0
         return self.strength * math.sqrt(plain2 / correction2) if usable else 0.0
 
+    def _knobs(self, tasks: Sequence[int]) -> Tuple[List[float], List[float]]:
+        return [float(self.weights[k]) for k in tasks], [float(self.gamma[k]) for k in tasks]
 
-def transference(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` with ``S' = sum_j gamma_j G_j``
-    (Algorithm 1, line 9, before its overall scale), over the given gradients (B, d); and the squared
-    norms ``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2]``. In-place on its own buffers: run eagerly that
-    is 4 passes per task instead of 7; compiled, the products, the sums and the norms are one loop
-    that reads each ``G_i`` once."""
-    plain, s_prime = grads[0] * c[0], grads[0] * gamma[0]
+
+def _transfer(grads: List[torch.Tensor], gamma: List[float]) -> torch.Tensor:
+    """``S' = sum_j gamma_j G_j``."""
+    s_prime = grads[0] * gamma[0]
+    for gamma_j, g in zip(gamma[1:], grads[1:]):
+        s_prime = s_prime + g * gamma_j
+    return s_prime
+
+
+def transference_norms(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> torch.Tensor:
+    """``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2]`` over the given gradients (B, d), with
+    ``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` (Algorithm 1, line 9,
+    before its overall scale). Compiled, one loop that reads each ``G_i`` once and writes nothing."""
+    s_prime = _transfer(grads, gamma)
+    plain = grads[0] * c[0]
+    correction = grads[0] * grads[0] * (s_prime - grads[0] * gamma[0]) * c[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
-        plain.add_(g, alpha=c_i)
-        s_prime.add_(g, alpha=gamma_i)
-    correction, scratch = torch.zeros_like(plain), torch.empty_like(plain)
+        plain = plain + g * c_i
+        correction = correction + g * g * (s_prime - g * gamma_i) * c_i
+    return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)])
+
+
+def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float) -> torch.Tensor:
+    """``A = sum_i c_i G_i ⊙ (1 - clamp(kappa G_i ⊙ (S' - gamma_i G_i), -1, 1))``: ``P - kappa C`` where
+    no element's correction exceeds the element itself. Compiled, one loop; eagerly, a few passes
+    per task."""
+    s_prime = _transfer(grads, gamma)
+    aggregated = None
     for c_i, gamma_i, g in zip(c, gamma, grads):
-        torch.add(s_prime, g, alpha=-gamma_i, out=scratch).mul_(g)  # G_i ⊙ (S' - gamma_i G_i)
-        correction.addcmul_(scratch, g, value=c_i)
-    squares = torch.stack([_squared_sum(t) for t in (*grads, plain, correction)])
-    return plain, correction, squares
+        factor = (s_prime - g * gamma_i) * g * kappa
+        term = g * (1.0 - factor.clamp(-1.0, 1.0)) * c_i
+        aggregated = term if aggregated is None else aggregated + term
+    return aggregated
+
+
+def coordinated_with_norms(
+    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`coordinated` and :func:`transference_norms` in one loop (``kappa`` known beforehand)."""
+    return coordinated(grads, c, gamma, kappa), transference_norms(grads, c, gamma)
+
+
+def bounded_share(grads: List[torch.Tensor], gamma: List[float], kappa: float) -> float:
+    """The share of the gradients' elements whose correction :func:`coordinated` bounded (telemetry)."""
+    s_prime = _transfer(grads, gamma)
+    bounded = sum(int(((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum()) for gamma_i, g in zip(gamma, grads))
+    return bounded / (len(grads) * grads[0].numel())
 
 
 def _squared_sum(t: torch.Tensor) -> torch.Tensor:

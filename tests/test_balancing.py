@@ -448,15 +448,76 @@ def test_cograd_with_zero_gamma_is_equal():
     torch.testing.assert_close(got, build_balancer("equal", TASKS).aggregate(grads, stats_for(grads)))
 
 
+def _cograd_written_out(grads, gamma, c, kappa=None, strength=None):
+    """Algorithm 1 line 9 with Concord's global strength and element bound (docs/ALGORITHMS.md item 4),
+    from the gradients alone: ``kappa`` given, or ``strength * ||P|| / ||C||`` of these gradients."""
+    n = len(grads)
+    plain = sum(c[i] * grads[i] for i in range(n))
+    transfer = [sum(gamma[j] * grads[j] for j in range(n) if j != i) for i in range(n)]
+    correction = sum(c[i] * grads[i] * grads[i] * transfer[i] for i in range(n))
+    if kappa is None:
+        kappa = strength * float(plain.norm()) / float(correction.norm())
+    factors = [kappa * grads[i] * transfer[i] for i in range(n)]
+    bounded = sum(c[i] * grads[i] * (1 - factors[i].clamp(-1, 1)) for i in range(n))
+    return bounded, plain, correction, kappa, factors
+
+
 def test_cograd_matches_the_rule_written_out():
     grads = conflicting_gradients()
     gamma, strength = [0.5, 1.0, 2.0], 0.07
     got, telemetry = _through_boundary("cograd", grads, gamma=gamma, strength=strength)
-    plain = sum(grads) / 3
-    correction = sum(grads[i] * grads[i] * sum(gamma[j] * grads[j] for j in range(3) if j != i) for i in range(3)) / 3
-    kappa = strength * float(plain.norm()) / float(correction.norm())
+    expected, plain, correction, kappa, factors = _cograd_written_out(grads, gamma, [1 / 3] * 3, strength=strength)
+    assert max(float(f.abs().max()) for f in factors) < 1  # the bound does not bind: the paper's P - kappa C
     torch.testing.assert_close(got, plain - kappa * correction)
+    torch.testing.assert_close(got, expected)
     assert telemetry["correction_ratio"] == pytest.approx(strength)  # the correction's share, by construction
+    assert telemetry["bounded_share"] == 0.0
+
+
+def test_cograd_never_reverses_a_gradient_element():
+    """Where ``kappa G_i ⊙ (S' - gamma_i G_i)`` exceeds 1 in size (here a lagged ``kappa``, from a step
+    whose gradients were 30 times smaller), the correction is bounded element by element: each task's
+    term keeps its sign and at most doubles, instead of overturning the step."""
+    g = torch.Generator().manual_seed(8)
+    small = [torch.randn(64, 16, generator=g, dtype=torch.float64) * s for s in (1.0, -2.0, 0.5)]
+    large = [30.0 * torch.randn(64, 16, generator=g, dtype=torch.float64) * s for s in (1.0, -2.0, 0.5)]
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous")
+    for grads in (small, small, large):
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        got = boundary.balance(tuple(x.clone() for x in grads), None)
+    kappa = _cograd_written_out(small, [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+    expected, plain, correction, _, factors = _cograd_written_out(large, [1.0] * 3, [1 / 3] * 3, kappa=kappa)
+    assert float((kappa * correction).norm()) > 10 * float(plain.norm())  # unbounded, the step would be overturned
+    torch.testing.assert_close(got, expected)
+    share = sum(int((f.abs() > 1).sum()) for f in factors) / (3 * large[0].numel())
+    assert 0 < share < 1 and boundary.telemetry()["bounded_share"] == pytest.approx(share)
+    assert all(bool(((1 - f.clamp(-1, 1) >= 0) & (1 - f.clamp(-1, 1) <= 2)).all()) for f in factors)
+    assert float((got - plain).abs().max()) <= float(sum(x.abs() for x in large).max()) / 3
+
+
+def test_lagged_cograd_forms_its_sum_in_the_pass_that_gathers_its_statistics():
+    """With lagged statistics ``kappa`` is known before this step's pass over the gradients: one
+    rule forms the aggregate and the norms together (the first step, with no sum yet, only the norms),
+    and the result is the rule's. A gradient that proves non-finite in that pass is left out and the
+    step goes uncorrected, as in current mode."""
+    g = torch.Generator().manual_seed(9)
+    steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(3)]
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous")
+    rules = []
+    run_rule = boundary.balancer.run_rule
+    boundary.balancer.run_rule = lambda rule, *args: rules.append(rule.__name__) or run_rule(rule, *args)
+    for t, grads in enumerate(steps):
+        rules.clear()
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        got = boundary.balance(tuple(x.clone() for x in grads), None)
+        assert rules == (["transference_norms"] if t == 0 else ["coordinated_with_norms"]), t
+    kappa = _cograd_written_out(steps[1], [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+    torch.testing.assert_close(got, _cograd_written_out(steps[2], [1.0] * 3, [1 / 3] * 3, kappa=kappa)[0])
+    bad = [x.clone() for x in steps[2]]
+    bad[1][0, 0] = float("nan")
+    boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    got = boundary.balance(tuple(bad), None)
+    torch.testing.assert_close(got, (bad[0] + bad[2]) / 3)
 
 
 def test_cograd_is_scale_free():
@@ -552,10 +613,8 @@ def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
     for t in range(1, 5):
         previous = stats_for(steps[t - 1], [1.0, 2.0, 0.5])
         if method == "cograd":  # element-wise: the previous step's kappa, this step's gradients
-            from concord.balancing.cograd import transference
-
-            (p_prev, c_prev, _), (p_now, c_now, _) = (transference(steps[s], [1 / 3] * 3, [1.0] * 3) for s in (t - 1, t))
-            expected = p_now - 0.05 * float(p_prev.norm()) / float(c_prev.norm()) * c_now
+            kappa = _cograd_written_out(steps[t - 1], [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+            expected = _cograd_written_out(steps[t], [1.0] * 3, [1 / 3] * 3, kappa=kappa)[0]
         else:
             expected = weighted_sum(steps[t], reference.coefficients(previous), np.ones(3, dtype=bool))
         torch.testing.assert_close(got[t], expected)
@@ -691,13 +750,12 @@ def test_statistics_every_k_needs_lagged_statistics_and_a_coefficient_rule():
 
 def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
     """``statistics="auto"`` (the trainer's default): lagged for every method but GradDrop, whose sum
-    needs its own step's column signs, and CoGrad, whose lagged kappa can over-correct; swapping the
-    balancer decides the mode again, afresh."""
+    needs its own step's column signs; swapping the balancer decides the mode again, afresh."""
     boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="auto")
     assert boundary.statistics == "previous"
     for name in available_balancers():
         boundary.balancer = build_balancer(name, TASKS)
-        assert boundary.statistics == ("current" if name in ("graddrop", "cograd") else "previous"), name
+        assert boundary.statistics == ("current" if name == "graddrop" else "previous"), name
     boundary.balancer = build_balancer("graddrop", TASKS)
     boundary.use_statistics("auto")
     assert boundary.statistics == "current"

@@ -84,8 +84,8 @@ def test_a_rule_that_does_not_compile_runs_eagerly_after_one_warning(monkeypatch
     assert len(calls) == 2  # both calls ran the eager rule; the second did not try to compile again
 
 
-@pytest.mark.parametrize("name", ["cograd", "graddrop"])
-def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch, name):
+@pytest.mark.parametrize("name,statistics", [("cograd", "current"), ("cograd", "previous"), ("graddrop", "current")])
+def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch, name, statistics):
     """The first call of a compiled rule builds it (seconds): the boundary's forward makes that
     call, on zeros of the representation's shape, and again for a new shape; backward only runs it."""
     built, ran = [], []
@@ -99,15 +99,31 @@ def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch,
         return run
 
     monkeypatch.setattr(fused_module.torch, "compile", recording_compile)
-    boundary = RepresentationBoundary(build_balancer(name, TASKS))
+    boundary = RepresentationBoundary(build_balancer(name, TASKS), statistics=statistics)
     heads = [torch.nn.Linear(MIN_FUSED_NUMEL // 256, 1) for _ in TASKS]
-    for rows in (256, 256, 300):
+    for rows in (256, 256, 300, 300):
         z = torch.randn(rows, MIN_FUSED_NUMEL // 256, requires_grad=True)
         views = boundary(z)
         assert not any(inside for *_, inside in built), "built inside backward"
         boundary.objective(torch.stack([h(v).square().mean() for h, v in zip(heads, views)])).backward()
         assert z.grad is not None and torch.isfinite(z.grad).all()
     rules = {fn for fn, *_ in built}
-    assert len(rules) == (1 if name == "cograd" else 2)
+    assert len(rules) == 2
     assert sorted({shape[0] for _, shape, _ in built}) == [256, 300]  # each shape built once, in forward
-    assert len(built) == 2 * len(rules) and ran and all(inside for *_, inside in ran)
+    assert len(built) == 2 * len(rules) and any(inside for *_, inside in ran)  # run inside backward, built before
+
+
+@pytest.mark.parametrize("statistics", ["current", "previous"])
+def test_a_new_kappa_each_step_compiles_nothing_inside_backward(statistics):
+    """CoGrad's ``kappa`` changes every step; with the real compiler, nothing is compiled after the
+    forward pass that met the shape (Dynamo's graph count does not move inside backward)."""
+    counters = torch._dynamo.utils.counters
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics=statistics)
+    heads = [torch.nn.Linear(MIN_FUSED_NUMEL // 256, 1) for _ in TASKS]
+    for step in range(4):
+        z = (step + 1.0) * torch.randn(256, MIN_FUSED_NUMEL // 256, requires_grad=True)
+        views = boundary(z)
+        graphs = counters["stats"]["unique_graphs"]
+        boundary.objective(torch.stack([(h(v) * (k + 1)).square().mean() for k, (h, v) in enumerate(zip(heads, views))])).backward()
+        assert counters["stats"]["unique_graphs"] == graphs, f"compiled inside backward at step {step}"
+    assert boundary.telemetry()["kappa"] > 0

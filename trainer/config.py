@@ -201,7 +201,7 @@ class ModelConfig:
 class BalancerConfig:
     name: str = "equal"
     reduction: str = "mean"
-    # auto: previous wherever the method allows it (all but GradDrop and CoGrad), else current; current: the
+    # auto: previous wherever the method allows it (all but GradDrop), else current; current: the
     # specified rule (backward waits at z for the step's statistics); previous: lagged by one step.
     statistics: str = "auto"
     statistics_every: int = 1  # previous/auto: gather and sum the statistics every k steps (the rule runs every k steps)
