@@ -165,6 +165,12 @@ class Balancer:
         what :meth:`prepare` returned, when it applies."""
         return weighted_sum(grads, self.coefficients(stats), stats.active)
 
+    def aggregate_on_device(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, usable: torch.Tensor) -> torch.Tensor:
+        """:meth:`aggregate` with lagged statistics on a GPU: ``stats`` is the last sum, and this
+        rank's usable tasks this step are device flags ``usable`` (T,) bool, never read on the host.
+        Element-wise rules that lag implement it (coefficient rules never reach it)."""
+        raise NotImplementedError(f"{self.name} has no lagged rule without host reads")
+
     def run_rule(self, rule: Callable, grads: Sequence[torch.Tensor], *args: Any) -> Any:
         """``rule(grads, *args)`` for an element-wise update rule written with torch operations: one
         fused kernel over the gradients where that pays, else eagerly (``balancing/fused.py``)."""
@@ -178,11 +184,11 @@ class Balancer:
         rank's share, any shape); they come back flattened as ``stats.extra``. Default: none."""
         return None
 
-    def warm_up(self, template: torch.Tensor, lagged: bool = False) -> None:
+    def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         """Runs the method's element-wise rules (:meth:`run_rule`) once on zeros shaped like the
         step's gradients (``template``, (B, d)), so that a compiled rule is built here and not inside
         a backward; the boundary calls it from its forward, once per shape and statistics mode
-        (``lagged``: ``previous``). Default: no rules."""
+        (``lagged``: ``previous``; ``on_host``: the boundary may read the host, a CPU). Default: no rules."""
 
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable balancer parameters (loss-level methods); the boundary registers them so that the

@@ -221,7 +221,7 @@ class RepresentationBoundary(nn.Module):
         if key not in self._warmed:
             self._warmed.add(key)
             with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
-                self._balancer.warm_up(z.detach(), lagged)
+                self._balancer.warm_up(z.detach(), lagged, _reads_on_host(z.device))
 
     def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
@@ -474,7 +474,9 @@ class RepresentationBoundary(nn.Module):
         # Rules that form the sum themselves (CoGrad); constant weights override aggregate() only to
         # reuse the sum formed while the statistics travel.
         elementwise = type(self.balancer).aggregate is not Balancer.aggregate and self.balancer.weights_without_statistics() is None
-        if not elementwise and not _reads_on_host(template.device):
+        if not _reads_on_host(template.device):
+            if elementwise:
+                return self._balance_elementwise_on_device(grads, z, template, start)
             return self._balance_lagged_on_device(grads, z, template, start)
         due = self._statistics_due()
         if not due and self._in_flight is None and not elementwise:
@@ -606,17 +608,28 @@ class RepresentationBoundary(nn.Module):
         if stats is not None:
             self._hold(stats)
         coefficients = self._coefficients_between_sums()
-        aggregated = None
-        for k, g in enumerate(grads):
-            if g is None:
-                continue
-            ok = usable[k] if pending is not None else usable[k] & torch.isfinite(g.sum())
-            term = torch.where(ok, g, 0.0)
-            if aggregated is None:
-                aggregated = term.mul_(float(coefficients[k]))
-            else:
-                aggregated.add_(term, alpha=float(coefficients[k]))
-        return self._finish(aggregated, start)
+        if pending is None:  # no statistics have read the gradients: each one's own sum says
+            usable = torch.stack([usable[k] & torch.isfinite(g.sum()) if g is not None else usable[k] for k, g in enumerate(grads)])
+        return self._finish(_masked_sum(grads, coefficients, usable), start)
+
+    def _balance_elementwise_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
+        """:meth:`_balance_lagged` for an element-wise rule (CoGrad) on a GPU, with no host read in
+        backward: the last sum (read from pinned memory) gives the rule its constants for the step;
+        this step's statistics are packed and summed on the device; a task whose gradient or loss
+        proves non-finite on this rank stays a device flag, which the rule masks."""
+        record = self._record
+        losses = record.losses  # this step's, for its statistics: reading a sum marks them used
+        stats, skip = self._read_sum(self._take_in_flight())
+        record.losses = losses
+        self._report_unreported()
+        usable, self._in_flight = self._start_statistics(grads, z, template, on_host=False)
+        if skip:
+            start.stop()
+            return torch.zeros_like(template)
+        if stats is None:  # nothing summed yet: the prior, equal weights, over the finite tasks
+            coefficients = self._coefficients_between_sums()
+            return self._finish(_masked_sum(grads, coefficients, usable), start)
+        return self._finish(self.balancer.aggregate_on_device(grads, stats, usable), start)
 
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
         """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients: the sum
@@ -660,6 +673,21 @@ class _Ready:
 
     def wait(self) -> StepStats:
         return self.stats
+
+
+def _masked_sum(grads, coefficients: Sequence[float], usable: torch.Tensor) -> torch.Tensor:
+    """``sum_k c_k G_k`` over the tasks whose device flag ``usable[k]`` is set, in a new buffer, with
+    no host read (a left-out gradient's NaN does not reach the sum)."""
+    aggregated = None
+    for k, g in enumerate(grads):
+        if g is None:
+            continue
+        term = torch.where(usable[k], g, 0.0)
+        if aggregated is None:
+            aggregated = term.mul_(float(coefficients[k]))
+        else:
+            aggregated.add_(term, alpha=float(coefficients[k]))
+    return aggregated
 
 
 def _reads_on_host(device: torch.device) -> bool:

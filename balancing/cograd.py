@@ -87,10 +87,15 @@ class CoGrad(Balancer):
         b2 = float(present_grads[0].shape[0]) ** 2
         return squares[-2:].double() * b2
 
-    def warm_up(self, template: torch.Tensor, lagged: bool = False) -> None:
+    def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
         knobs = self._knobs(range(self.num_tasks))
         self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
+        if lagged and not on_host:
+            flags = torch.ones(self.num_tasks, dtype=torch.bool, device=template.device)
+            kappa = torch.ones((), dtype=torch.promote_types(template.dtype, torch.float32), device=template.device)
+            self.run_rule(coordinated_masked, zeros, *knobs, kappa, flags)
+            return
         # Two values of kappa: the compiler then takes it as an input instead of a constant, so a
         # step's new kappa does not recompile the rule inside backward.
         for kappa in (1.0, 0.5):
@@ -127,11 +132,39 @@ class CoGrad(Balancer):
             self.last_telemetry["bounded_share"] = bounded_share(live_grads, knobs[1], kappa)
         return aggregated
 
+    def aggregate_on_device(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, usable: torch.Tensor) -> torch.Tensor:
+        """:meth:`aggregate` without a host read: the tasks active in the last sum and usable here (a
+        device flag) enter; ``kappa`` becomes 0 on the device where any present task is not usable
+        (as :meth:`aggregate` leaves such a step uncorrected). Telemetry stays on the device until read."""
+        present = [k for k, g in enumerate(grads) if g is not None]
+        if not present:
+            return weighted_sum(grads, self.weights, np.zeros(self.num_tasks, dtype=bool))
+        kappa = self._lagged_kappa_for(grads, stats)
+        ok = torch.stack([usable[k] if stats.active[k] else torch.zeros_like(usable[k]) for k in present])
+        kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
+        present_grads, knobs = [grads[k] for k in present], self._knobs(present)
+        aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)
+        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa_now}
+        if self.telemetry_due:  # device scalars: read when the telemetry is (after backward)
+            plain = self.run_rule(coordinated_masked, present_grads, *knobs, torch.zeros_like(kappa_now), ok)
+            norm = plain.norm()
+            self.last_telemetry["correction_ratio"] = torch.where(norm > 0, (aggregated - plain).norm() / norm, 0.0)
+            masked = [torch.where(ok[i], g, 0.0) for i, g in enumerate(present_grads)]
+            self.last_telemetry["bounded_share"] = _bounded_count(masked, knobs[1], kappa_now) / (len(present) * plain.numel())
+        return aggregated
+
+    def telemetry(self, stats: StepStats) -> dict:
+        out = super().telemetry(stats)
+        return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
     def _lagged_kappa(self, grads: Sequence[Optional[torch.Tensor]]) -> float:
         """The ``kappa`` that :meth:`aggregate` will use this step with lagged statistics, if every
         task with a gradient here was active in the last sum (0: none known, or none applies)."""
-        last = self.lagged_stats
-        if last is None or any(g is not None and not last.active[k] for k, g in enumerate(grads)):
+        return 0.0 if self.lagged_stats is None else self._lagged_kappa_for(grads, self.lagged_stats)
+
+    def _lagged_kappa_for(self, grads: Sequence[Optional[torch.Tensor]], last: StepStats) -> float:
+        """The last sum's ``kappa``, or 0 where a task with a gradient here was inactive in it."""
+        if any(g is not None and not last.active[k] for k, g in enumerate(grads)):
             return 0.0
         return self.kappa(last)
 
@@ -188,11 +221,23 @@ def coordinated_with_norms(
     return coordinated(grads, c, gamma, kappa), transference_norms(grads, c, gamma)
 
 
+def coordinated_masked(
+    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: torch.Tensor, usable: torch.Tensor
+) -> torch.Tensor:
+    """:func:`coordinated` over the gradients whose device flag ``usable[i]`` is set (a left-out
+    gradient's NaN reaches nothing); ``kappa`` a device scalar, so no host read decides anything."""
+    return coordinated([torch.where(usable[i], g, 0.0) for i, g in enumerate(grads)], c, gamma, kappa)
+
+
+def _bounded_count(grads: List[torch.Tensor], gamma: List[float], kappa) -> torch.Tensor:
+    """How many elements' corrections :func:`coordinated` bounds, as a tensor (no host read)."""
+    s_prime = _transfer(grads, gamma)
+    return sum(((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum() for gamma_i, g in zip(gamma, grads))
+
+
 def bounded_share(grads: List[torch.Tensor], gamma: List[float], kappa: float) -> float:
     """The share of the gradients' elements whose correction :func:`coordinated` bounded (telemetry)."""
-    s_prime = _transfer(grads, gamma)
-    bounded = sum(int(((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum()) for gamma_i, g in zip(gamma, grads))
-    return bounded / (len(grads) * grads[0].numel())
+    return int(_bounded_count(grads, gamma, kappa)) / (len(grads) * grads[0].numel())
 
 
 def _squared_sum(t: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class GradDrop(Balancer):
         rows[present] = sums
         return rows
 
-    def warm_up(self, template: torch.Tensor, lagged: bool = False) -> None:
+    def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
         self.run_rule(signed_column_sums, zeros, torch.zeros_like(template))
         self.run_rule(sign_split, zeros, self.leak, self.num_tasks)

@@ -873,6 +873,40 @@ def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
     assert torch.isfinite(outs[False][1]).all()
 
 
+def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch):
+    """CoGrad's lagged step on a GPU (no host read: this rank's usable tasks stay device flags, which
+    the rule masks, and kappa drops to 0 on the device where one is not usable), run here on CPU
+    tensors: the same aggregates and telemetry as the CPU's step, a non-finite gradient left out of
+    its step uncorrected, a non-finite loss raised with the next sum."""
+    import concord.balancing.boundary as module
+
+    steps = _random_steps(36, 6)
+    steps[2][1][4, 2] = float("nan")
+    losses = [torch.tensor([1.0, float("inf") if t == 4 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
+    outs, telemetry = {}, {}
+    for on_host in (True, False):
+        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous", telemetry_every=1)
+        boundary.on_nonfinite_loss = "raise"
+        outs[on_host], telemetry[on_host] = [], []
+        for t, grads in enumerate(steps):
+            boundary.objective(losses[t])
+            if t == 5:
+                with pytest.raises(NonFiniteLossError, match="'b'"):
+                    boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5))
+                break
+            outs[on_host].append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
+            telemetry[on_host].append(boundary.telemetry())
+    for host, device in zip(outs[True], outs[False]):
+        torch.testing.assert_close(device, host)
+    torch.testing.assert_close(outs[False][2], (steps[2][0] + steps[2][2]) / 3)  # uncorrected, the NaN left out
+    assert telemetry[False][1]["kappa"] > 0 and telemetry[False][1]["correction_ratio"] > 0
+    assert telemetry[False][3]["kappa"] == 0  # step 2's sum left b out: step 3 goes uncorrected
+    for host, device in zip(telemetry[True][1:], telemetry[False][1:]):
+        for key in ("kappa", "correction_ratio", "bounded_share"):
+            assert isinstance(device[key], float) and device[key] == pytest.approx(host[key], rel=1e-9, abs=1e-12), key
+
+
 def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
     import concord.balancing.boundary as module
 

@@ -50,6 +50,7 @@ CASES = {
     # a GPU's lagged path (no host read in backward), run on these CPU tensors
     "equal-lagged-no-host-reads": ("equal", {}, "previous", 1, "device"),
     "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
+    "cograd-lagged-no-host-reads": ("cograd", {"gamma": 0.05}, "previous", 1, "device"),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }
