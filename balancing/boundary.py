@@ -157,14 +157,15 @@ class RepresentationBoundary(nn.Module):
             learn of it with the next step's statistics, and then ``raise`` raises and
             ``skip_step`` skips that next step. Methods that need the step's own statistics in the
             sum (GradDrop's column signs) cannot lag. ``auto``: ``previous`` for every method that
-            can lag and is stable lagged, ``current`` for the others (GradDrop, CoGrad; decided again
-            whenever a balancer is set).
+            can lag, ``current`` for the others (GradDrop; decided again whenever a balancer is set).
         statistics_every: with ``previous``, gather and sum the statistics on every k-th step only;
             the steps between reuse the coefficients of the last sum (the rule runs every k steps).
             Rules that read no statistics (constant weights) gather them only for the logged steps,
             whatever k. Between sums a rank drops its own non-finite loss or gradient at once and
             reports a non-finite loss with the next sum, where ``raise`` and ``skip_step`` act.
             Element-wise rules (CoGrad) form each step's correction with the statistics: k must be 1.
+            ``auto``: the balancer's :attr:`~Balancer.lagged_statistics_every` when lagged, else 1
+            (decided again whenever a balancer is set).
     """
 
     def __init__(
@@ -175,7 +176,7 @@ class RepresentationBoundary(nn.Module):
         telemetry_every: int = 1,
         on_nonfinite_loss: str = "drop_task",
         statistics: str = "current",
-        statistics_every: int = 1,
+        statistics_every: int | str = 1,
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
@@ -223,19 +224,24 @@ class RepresentationBoundary(nn.Module):
             with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
                 self._balancer.warm_up(z.detach(), lagged, _reads_on_host(z.device))
 
-    def use_statistics(self, statistics: str, statistics_every: int = 1) -> None:
+    def use_statistics(self, statistics: str, statistics_every: int | str = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
         statistics in flight, no held coefficients. A balancer set afterwards is checked against it
-        (and, with ``auto``, decides the mode)."""
+        (and, with ``auto``, decides the mode and the cadence)."""
         if statistics not in STATISTICS_MODES:
             raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-        if statistics_every < 1 or (statistics_every > 1 and statistics == "current"):
-            raise ValueError(f"statistics_every must be 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every} with {statistics!r}")
-        self.statistics_requested = statistics
+        if statistics_every != "auto" and (
+            isinstance(statistics_every, bool) or not isinstance(statistics_every, int) or statistics_every < 1
+            or (statistics_every > 1 and statistics == "current")
+        ):
+            raise ValueError(f"statistics_every must be 'auto', 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every!r} with {statistics!r}")
+        self.statistics_requested, self.statistics_every_requested = statistics, statistics_every
         self.statistics = statistics
         if statistics == "auto":  # settled by the balancer, and again by each one set later
             self.statistics = _auto_mode(self._balancer) if hasattr(self, "_balancer") else "previous"
-        self.statistics_every = statistics_every
+        self.statistics_every = 1 if statistics_every == "auto" else statistics_every
+        if statistics_every == "auto" and hasattr(self, "_balancer"):
+            self.statistics_every = _auto_every(self._balancer, self.statistics)
         self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
         self._gather_for_log = False
 
@@ -317,12 +323,13 @@ class RepresentationBoundary(nn.Module):
     def balancer(self, balancer: Balancer) -> None:
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
-        if self.statistics_requested == "auto":
-            mode = _auto_mode(balancer)
-            if mode == "current" and self.statistics_every > 1:
+        if self.statistics_requested == "auto" or self.statistics_every_requested == "auto":
+            mode = _auto_mode(balancer) if self.statistics_requested == "auto" else self.statistics
+            every = _auto_every(balancer, mode) if self.statistics_every_requested == "auto" else self.statistics_every
+            if mode == "current" and every > 1:
                 raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
-            if mode != self.statistics:
-                self.statistics = mode
+            if (mode, every) != (self.statistics, self.statistics_every):
+                self.statistics, self.statistics_every = mode, every
                 self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
         if self.statistics == "previous" and _needs_its_own_statistics(balancer):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
@@ -705,6 +712,11 @@ def _needs_its_own_statistics(balancer: Balancer) -> bool:
 def _auto_mode(balancer: Balancer) -> str:
     """``statistics="auto"``: lagged wherever the method allows it."""
     return "current" if _needs_its_own_statistics(balancer) else "previous"
+
+
+def _auto_every(balancer: Balancer, statistics: str) -> int:
+    """``statistics_every="auto"``: the method's own cadence when lagged, every step otherwise."""
+    return balancer.lagged_statistics_every if statistics == "previous" else 1
 
 
 _IN_FLIGHT = "in_flight_"

@@ -28,6 +28,7 @@ class EMTL(Balancer):
     normalisation MGDA's solver sees."""
 
     state_names = ("bandit", "ema_rates")
+    lagged_statistics_every = 10
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ class MultiBalance(Balancer):
     relax factor: 1 = the specified full rescaling, 0 = none)."""
 
     state_names = ("ema_norms", "weights")
+    lagged_statistics_every = 10
 
     def __init__(
         self,

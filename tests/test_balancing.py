@@ -763,6 +763,22 @@ def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
         RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="auto", statistics_every=10)
 
 
+def test_auto_cadence_runs_slow_moving_rules_every_ten_steps_when_lagged_and_decides_again_on_a_swap():
+    """``statistics_every="auto"`` (the trainer's default): MultiBalance and EMTL, whose state is a slow
+    moving average, run their rule on every 10th step's sum when lagged; every other method (and
+    every method in current mode) every step."""
+    boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="auto", statistics_every="auto")
+    assert (boundary.statistics, boundary.statistics_every) == ("previous", 10)
+    for name in available_balancers():
+        boundary.balancer = build_balancer(name, TASKS)
+        expected = ("current", 1) if name == "graddrop" else ("previous", 10 if name in ("multibalance", "emtl") else 1)
+        assert (boundary.statistics, boundary.statistics_every) == expected, name
+    current = RepresentationBoundary(build_balancer("emtl", TASKS), statistics="current", statistics_every="auto")
+    assert (current.statistics, current.statistics_every) == ("current", 1)
+    with pytest.raises(ValueError, match="statistics_every must be 'auto', 1, or > 1"):
+        RepresentationBoundary(build_balancer("emtl", TASKS), statistics_every=0)
+
+
 # --- The lagged sum formed in a gradient autograd gave up ----------------------------------------
 def _backward_through(boundary, grads, touch=None, nonfinite=()):
     """One backward in which head k's gradient at its view is ``grads[k]`` and its loss is finite

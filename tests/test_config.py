@@ -126,5 +126,9 @@ def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
         load_config("configs/tiny.yaml", ["balancer.name=graddrop", "balancer.statistics=previous"])
     cfg = load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=previous", "balancer.statistics_every=10"])
     assert cfg.balancer.statistics_every == 10 and cfg.balancer.knobs == {}
-    with pytest.raises(ConfigError, match="statistics_every must be 1, or > 1 with statistics='previous' or 'auto'"):
+    with pytest.raises(ConfigError, match="statistics_every must be 'auto', 1, or > 1 with statistics='previous' or 'auto'"):
         load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=current", "balancer.statistics_every=10"])
+    assert load_config("configs/tiny.yaml").balancer.statistics_every == "auto"  # the method's own cadence
+    for bad in ("0", "often", "2.5"):
+        with pytest.raises(ConfigError, match=r"tiny.yaml: balancer.statistics_every: must be 'auto' or a whole number of steps >= 1"):
+            load_config("configs/tiny.yaml", [f"balancer.statistics_every={bad}"])

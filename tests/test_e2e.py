@@ -76,14 +76,14 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "concord.trainer.cli", "compare", "--config", "configs/tiny.yaml",
-        "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out), *tiny_data(tmp_path), "train.max_steps=8",
+        "--methods", "equal,multibalance", "--seeds", "1", "--out", str(out), *tiny_data(tmp_path), "train.max_steps=12",  # past MultiBalance's first sum (every 10 steps)
     ]
     first = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "[2/2] multibalance, seed 0: training" in first.stdout
     report = (out / "report.md").read_text()
     title = report.splitlines()[0]  # names what ran: the config and every override
-    assert title.startswith("# Balancer comparison: `--config tiny data.train=") and title.endswith(" train.max_steps=8`")
+    assert title.startswith("# Balancer comparison: `--config tiny data.train=") and title.endswith(" train.max_steps=12`")
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
     assert "## Verdicts: paired differences to `equal`" in report and "[one seed]: no detectable difference" in report
     assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
@@ -137,7 +137,7 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
 
     config = str(ROOT / "configs/tiny.yaml")
     cfg = load_config(config)
-    compare.check_methods(["equal", "multibalance", "multibalance@previous/10", "cograd@previous"], cfg)
+    compare.check_methods(["equal", "multibalance", "multibalance@previous/10", "cograd@previous", "emtl@auto", "graddrop@auto"], cfg)
     for spec, message in [("graddrop@previous", "needs each step's own statistics"), ("cograd@previous/5", "statistics_every=1"),
                           ("param_mgda@previous", "parameter-level"), ("emtl@later", "statistics must be one of"),
                           ("emtl@previous/x", "whole number"), ("nosuch@previous", "unknown method")]:
@@ -161,9 +161,11 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
     reduction = cfg.balancer.reduction
     for spec, expected in [
         ("multibalance@previous/10", {"name": "multibalance", "statistics": "previous", "statistics_every": 10, "relax": 0.5}),
-        ("multibalance", {"name": "multibalance", "statistics": "previous", "statistics_every": 1, "relax": 0.5}),
-        ("equal", {"name": "equal", "statistics": "previous", "statistics_every": 1}),
+        ("multibalance", {"name": "multibalance", "statistics": "previous", "statistics_every": "auto", "relax": 0.5}),
+        ("equal", {"name": "equal", "statistics": "previous", "statistics_every": "auto"}),
         ("emtl@current", {"name": "emtl", "statistics": "current", "statistics_every": 1}),
+        ("emtl@previous", {"name": "emtl", "statistics": "previous", "statistics_every": 1}),
+        ("emtl@auto", {"name": "emtl", "statistics": "auto", "statistics_every": "auto"}),
     ]:
         run_dir = tmp_path / compare.cell_name(spec, 0)
         compare._train_cell(config, overrides, cfg, spec, 0, run_dir)

@@ -204,7 +204,9 @@ class BalancerConfig:
     # auto: previous wherever the method allows it (all but GradDrop), else current; current: the
     # specified rule (backward waits at z for the step's statistics); previous: lagged by one step.
     statistics: str = "auto"
-    statistics_every: int = 1  # previous/auto: gather and sum the statistics every k steps (the rule runs every k steps)
+    # previous/auto: gather and sum the statistics every k steps (the rule runs every k steps); auto: the
+    # method's own cadence when lagged (10 for MultiBalance and EMTL, else 1), 1 in current mode
+    statistics_every: Any = "auto"
     knobs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -719,6 +721,9 @@ def _validate_balancer(cfg: Config, fail) -> None:
         fail("balancer.reduction", f"must be 'mean' or 'sum', got {b.reduction!r}")
     if b.statistics not in ("current", "previous", "auto"):
         fail("balancer.statistics", f"must be 'auto', 'current' or 'previous', got {b.statistics!r}")
+    every = b.statistics_every
+    if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        fail("balancer.statistics_every", f"must be 'auto' or a whole number of steps >= 1, got {every!r}")
     try:
         if b.name in PARAMETER_LEVEL:
             check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)

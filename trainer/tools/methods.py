@@ -1,15 +1,18 @@
-"""How ``bench`` and ``compare`` name a method and its statistics mode: ``METHOD``,
-``METHOD@previous`` (lagged statistics) or ``METHOD@previous/K`` (gathered every K steps)."""
+"""How ``bench`` and ``compare`` name a method and its statistics mode: ``METHOD``, ``METHOD@current``,
+``METHOD@previous`` (lagged statistics), ``METHOD@previous/K`` (gathered every K steps) or
+``METHOD@auto`` (the trainer's default: lagged where the method can be, at its own cadence)."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 
-def parse_method(spec: str) -> Tuple[str, str, int]:
-    """``(method, statistics, statistics_every)`` of a spec."""
+def parse_method(spec: str) -> Tuple[str, str, Union[int, str]]:
+    """``(method, statistics, statistics_every)`` of a spec (a bare ``METHOD``: ``current``, every step)."""
     method, _, mode = spec.partition("@")
     mode, _, every = mode.partition("/")
     if every and not every.isdigit():
         raise ValueError(f"{spec}: K in METHOD@previous/K must be a whole number of steps, got {every!r}")
-    return method, mode or "current", int(every or 1)
+    if every:
+        return method, mode or "current", int(every)
+    return method, mode or "current", "auto" if mode == "auto" else 1
