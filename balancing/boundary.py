@@ -489,11 +489,8 @@ class RepresentationBoundary(nn.Module):
         if not due and self._in_flight is None and not elementwise:
             return self._between_sums(grads, start, donated)
         if elementwise:
-            # The last sum first (it has arrived): the rule's pass over this step's gradients can
-            # then form the aggregate and this step's statistics together.
-            losses = record.losses  # this step's, for its statistics: reading a sum marks them used
-            stats, skip = self._read_sum(self._take_in_flight())
-            record.losses, self.balancer.lagged_stats = losses, stats
+            stats, skip = self._read_sum_ahead()
+            self.balancer.lagged_stats = stats
         if due:
             self._report_unreported()
             usable, pending = self._start_statistics(grads, z, template)
@@ -541,6 +538,15 @@ class RepresentationBoundary(nn.Module):
         previous = self._take_in_flight()
         self._in_flight = pending
         return self._read_sum(previous)
+
+    def _read_sum_ahead(self) -> Tuple[Optional[StepStats], bool]:
+        """The last sum, read before this step's statistics start (it has arrived): an element-wise
+        rule's pass over this step's gradients can then form the aggregate and the statistics
+        together. This step's losses, which reading a sum marks as used, are kept for its statistics."""
+        losses = self._record.losses
+        read = self._read_sum(self._take_in_flight())
+        self._record.losses = losses
+        return read
 
     def _take_in_flight(self):
         previous, self._in_flight = self._in_flight, None
@@ -624,10 +630,7 @@ class RepresentationBoundary(nn.Module):
         backward: the last sum (read from pinned memory) gives the rule its constants for the step;
         this step's statistics are packed and summed on the device; a task whose gradient or loss
         proves non-finite on this rank stays a device flag, which the rule masks."""
-        record = self._record
-        losses = record.losses  # this step's, for its statistics: reading a sum marks them used
-        stats, skip = self._read_sum(self._take_in_flight())
-        record.losses = losses
+        stats, skip = self._read_sum_ahead()
         self._report_unreported()
         usable, self._in_flight = self._start_statistics(grads, z, template, on_host=False)
         if skip:
