@@ -136,9 +136,7 @@ class CoGrad(Balancer):
         """:meth:`aggregate` without a host read: the tasks active in the last sum and usable here (a
         device flag) enter; ``kappa`` becomes 0 on the device where any present task is not usable
         (as :meth:`aggregate` leaves such a step uncorrected). Telemetry stays on the device until read."""
-        present = [k for k, g in enumerate(grads) if g is not None]
-        if not present:
-            return weighted_sum(grads, self.weights, np.zeros(self.num_tasks, dtype=bool))
+        present = [k for k, g in enumerate(grads) if g is not None]  # at least one: the boundary's template
         kappa = self._lagged_kappa_for(grads, stats)
         ok = torch.stack([usable[k] if stats.active[k] else torch.zeros_like(usable[k]) for k in present])
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
