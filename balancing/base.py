@@ -124,6 +124,9 @@ class Balancer:
         # (the present gradients', in task order): the boundary's statistics take them for the Gram's
         # diagonal instead of dot products of their own, and clear them.
         self.squared_norms_seen: Optional[torch.Tensor] = None
+        # Set by aggregate where its own pass summed the aggregate's elements on the way (0-dim): the
+        # boundary's check for non-finite values between sums reads it instead of a pass of its own.
+        self.aggregate_total: Optional[torch.Tensor] = None
         # Set by the boundary in lagged mode before local_extra: the global sum this step is
         # balanced with (None before the first sum, and in current mode). A rule whose aggregate
         # needs only that sum may form it in the same pass over the gradients as its statistics.

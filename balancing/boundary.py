@@ -163,7 +163,8 @@ class RepresentationBoundary(nn.Module):
             Rules that read no statistics (constant weights) gather them only for the logged steps,
             whatever k. Between sums a rank drops its own non-finite loss or gradient at once and
             reports a non-finite loss with the next sum, where ``raise`` and ``skip_step`` act.
-            Element-wise rules (CoGrad) form each step's correction with the statistics: k must be 1.
+            Element-wise rules (CoGrad) still form every step's aggregate from that step's
+            gradients, with the constants of the last sum (CoGrad's ``kappa``).
             ``auto``: the balancer's :attr:`~Balancer.lagged_statistics_every` when lagged, else 1
             (decided again whenever a balancer is set).
     """
@@ -242,20 +243,21 @@ class RepresentationBoundary(nn.Module):
         self.statistics_every = 1 if statistics_every == "auto" else statistics_every
         if statistics_every == "auto" and hasattr(self, "_balancer"):
             self.statistics_every = _auto_every(self._balancer, self.statistics)
-        self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
+        self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool), None)
         self._gather_for_log = False
 
     @property
     def lagged_state(self) -> tuple:
         """What ``previous`` mode carries from step to step: the statistics in flight (the last
-        step's, still being summed), the held coefficients of the last sum (``statistics_every`` > 1)
-        and the non-finite losses not yet reported. For tools that interleave several boundaries'
-        worth of state on one module (``concord bench``)."""
-        return self._in_flight, self._held, self._unreported_losses()
+        step's, still being summed), the held coefficients of the last sum (``statistics_every`` > 1),
+        the non-finite losses not yet reported and the last sum itself (an element-wise rule's
+        constants). For tools that interleave several boundaries' worth of state on one module
+        (``concord bench``)."""
+        return self._in_flight, self._held, self._unreported_losses(), self._last_sum
 
     @lagged_state.setter
     def lagged_state(self, state: tuple) -> None:
-        self._in_flight, self._held, self._unreported = state
+        self._in_flight, self._held, self._unreported, self._last_sum = state
         self._unreported_on_device: Optional[torch.Tensor] = None  # a GPU's flags, read at the next sum
 
     def _unreported_losses(self) -> np.ndarray:
@@ -330,11 +332,9 @@ class RepresentationBoundary(nn.Module):
                 raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
             if (mode, every) != (self.statistics, self.statistics_every):
                 self.statistics, self.statistics_every = mode, every
-                self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool))
+                self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool), None)
         if self.statistics == "previous" and _needs_its_own_statistics(balancer):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
-        if self.statistics_every > 1 and balancer.reads_statistics and type(balancer).aggregate is not Balancer.aggregate:
-            raise ValueError(f"{balancer.name} forms each step's sum with the statistics; use statistics_every=1")
         balancer.process_group = self.process_group
         self._balancer = balancer
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
@@ -351,12 +351,15 @@ class RepresentationBoundary(nn.Module):
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
             state.update(_stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
+            if _is_elementwise(self._balancer):  # the rule's constants until the next sum
+                state.update(_stats_to_tensors(self._last_sum, self.num_tasks, self._balancer.extra_size, _LAST_SUM))
             state[_HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported_losses().astype(np.float64)]))
         return state
 
     def set_extra_state(self, state: dict) -> None:
         state = dict(state)
         in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
+        last_sum = {k: state.pop(k) for k in list(state) if k.startswith(_LAST_SUM)}
         held = state.pop(_HELD, None)
         if held is not None:
             values, t = held.numpy().astype(np.float64), self.num_tasks
@@ -366,6 +369,8 @@ class RepresentationBoundary(nn.Module):
         if self.statistics == "previous" and in_flight:
             stats = _stats_from_tensors(in_flight)
             self._in_flight = _Ready(stats) if stats is not None else None
+        if self.statistics == "previous" and last_sum:
+            self._last_sum = _stats_from_tensors(last_sum, _LAST_SUM)
 
     @contextlib.contextmanager
     def passthrough(self) -> Iterator[None]:
@@ -401,6 +406,8 @@ class RepresentationBoundary(nn.Module):
                 "RepresentationBoundary.objective(losses) must be called before backward so the "
                 "balancer sees the task losses"
             )
+        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
+        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         if self.statistics == "previous":
             return self._balance_lagged(grads, z, template, start, donated)
         usable, pending = self._start_statistics(grads, z, template)
@@ -420,8 +427,6 @@ class RepresentationBoundary(nn.Module):
     def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True):
         """This rank's statistics, their sum over ranks started; and this rank's usable tasks, as a
         NumPy array (``on_host``) or as flags on the gradients' device (packed there, no host read)."""
-        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
-        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
         cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
         extra = self.balancer.local_extra(grads, z)
@@ -477,47 +482,72 @@ class RepresentationBoundary(nn.Module):
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
-        record = self._record
-        # Rules that form the sum themselves (CoGrad); constant weights override aggregate() only to
-        # reuse the sum formed while the statistics travel.
-        elementwise = type(self.balancer).aggregate is not Balancer.aggregate and self.balancer.weights_without_statistics() is None
-        if not _reads_on_host(template.device):
-            if elementwise:
-                return self._balance_elementwise_on_device(grads, z, template, start)
+        on_host = _reads_on_host(template.device)
+        if _is_elementwise(self.balancer):
+            if on_host:
+                return self._balance_elementwise(grads, z, template, start, donated)
+            return self._balance_elementwise_on_device(grads, z, template, start)
+        if not on_host:
             return self._balance_lagged_on_device(grads, z, template, start)
-        due = self._statistics_due()
-        if not due and self._in_flight is None and not elementwise:
-            return self._between_sums(grads, start, donated)
-        if elementwise:
-            stats, skip = self._read_sum_ahead()
-            self.balancer.lagged_stats = stats
-        if due:
+        if not self._statistics_due():
+            if self._in_flight is None:
+                return self._between_sums(grads, start, donated)
+            usable, pending = self._usable_from_losses(grads), None
+        else:
             self._report_unreported()
             usable, pending = self._start_statistics(grads, z, template)
-        else:  # no statistics of this step: this rank's usable tasks from its losses (gradients below)
-            present = np.array([g is not None for g in grads])
-            finite_loss = np.isfinite(np.array(record.losses.detach().tolist(), dtype=np.float64))
-            self._unreported |= present & ~finite_loss
-            usable, pending = present & finite_loss, None
-        if elementwise:
-            self.balancer.lagged_stats, self._in_flight = None, pending
-        else:
-            stats, skip = self._read_last_sum(pending)
+        stats, skip = self._read_last_sum(pending)
         if skip:
             start.stop()
             return torch.zeros_like(template)
-        if stats is not None and not elementwise:
+        if stats is not None:
             self._hold(stats)
-        if elementwise:
-            early = self.balancer.prepare(grads, z, usable)  # methods whose sum needs no statistics
-            if early is not None:
-                return self._finish(early, start)
-            if stats is not None:
-                return self._finish(self.balancer.aggregate(grads, dataclasses.replace(stats, active=stats.active & usable), z), start)
         coefficients = self._coefficients_between_sums()
         if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
             return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
         return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
+
+    def _balance_elementwise(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
+        """:meth:`_balance_lagged` for an element-wise rule (CoGrad): every step's aggregate is formed
+        from that step's gradients with the constants of the last sum, held until the next one. The
+        last sum is read before this step's statistics start, so that the rule's pass over the
+        gradients can form the aggregate and the statistics together."""
+        stats, skip = self._read_sum_ahead()
+        if stats is not None:
+            self._last_sum = stats
+        pending = None
+        if self._statistics_due():
+            self._report_unreported()
+            self.balancer.lagged_stats = self._last_sum
+            usable, pending = self._start_statistics(grads, z, template)
+            self.balancer.lagged_stats = None
+        else:
+            usable = self._usable_from_losses(grads)
+        self._in_flight = pending
+        if skip:
+            start.stop()
+            return torch.zeros_like(template)
+        last = self._last_sum
+        if last is None:  # nothing summed yet: the prior, equal weights
+            coefficients = self._coefficients_between_sums()
+            if pending is not None:
+                return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
+            return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
+
+        def rule(keep: Sequence[bool], donate: Sequence[bool] = ()) -> torch.Tensor:
+            return self.balancer.aggregate(grads, dataclasses.replace(last, active=last.active & np.asarray(keep, dtype=bool)), z)
+
+        if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
+            return self._finish(rule(usable), start)
+        return self._finish(self._checked(rule, grads, usable), start)
+
+    def _usable_from_losses(self, grads) -> np.ndarray:
+        """A step without statistics: this rank's tasks with a gradient and a finite loss (its
+        gradients are checked with the sum); a non-finite loss is reported with the next sum."""
+        present = np.array([g is not None for g in grads])
+        finite_loss = np.isfinite(np.array(self._record.losses.detach().tolist(), dtype=np.float64))
+        self._unreported |= present & ~finite_loss
+        return present & finite_loss
 
     def _report_unreported(self) -> None:
         """Non-finite losses of the steps since the last sum, reported as this step's (NaN in its
@@ -601,54 +631,71 @@ class RepresentationBoundary(nn.Module):
         are packed and summed there, and the last sum, copied to pinned memory as it arrived, is
         read now. A non-finite loss joins the next sum's report through a device flag; a non-finite
         gradient is left out without a warning (one would need a host read)."""
-        record = self._record
         pending = None
         if self._statistics_due():
             self._report_unreported()
             usable, pending = self._start_statistics(grads, z, template, on_host=False)
         else:
-            usable = torch.isfinite(record.losses)
-            nonfinite = ~usable
-            for k, g in enumerate(grads):
-                if g is None:  # an absent head's loss is not reported
-                    nonfinite[k] = False
-            known = self._unreported_on_device
-            self._unreported_on_device = nonfinite if known is None else known | nonfinite
+            usable = self._usable_on_device(grads)
         stats, skip = self._read_last_sum(pending)
         if skip:
             start.stop()
             return torch.zeros_like(template)
         if stats is not None:
             self._hold(stats)
-        coefficients = self._coefficients_between_sums()
-        if pending is None:  # no statistics have read the gradients: each one's own sum says
-            usable = torch.stack([usable[k] & torch.isfinite(g.sum()) if g is not None else usable[k] for k, g in enumerate(grads)])
-        return self._finish(_masked_sum(grads, coefficients, usable), start)
+        return self._finish(_masked_sum(grads, self._coefficients_between_sums(), usable), start)
 
     def _balance_elementwise_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
-        """:meth:`_balance_lagged` for an element-wise rule (CoGrad) on a GPU, with no host read in
-        backward: the last sum (read from pinned memory) gives the rule its constants for the step;
-        this step's statistics are packed and summed on the device; a task whose gradient or loss
-        proves non-finite on this rank stays a device flag, which the rule masks."""
+        """:meth:`_balance_elementwise` on a GPU, with no host read in backward: the last sum (read
+        from pinned memory) gives the rule its constants until the next; this step's statistics are
+        packed and summed on the device; a task whose gradient or loss proves non-finite on this
+        rank stays a device flag, which the rule masks."""
         stats, skip = self._read_sum_ahead()
-        self._report_unreported()
-        usable, self._in_flight = self._start_statistics(grads, z, template, on_host=False)
+        if stats is not None:
+            self._last_sum = stats
+        pending = None
+        if self._statistics_due():
+            self._report_unreported()
+            usable, pending = self._start_statistics(grads, z, template, on_host=False)
+        else:
+            usable = self._usable_on_device(grads)
+        self._in_flight = pending
         if skip:
             start.stop()
             return torch.zeros_like(template)
-        if stats is None:  # nothing summed yet: the prior, equal weights, over the finite tasks
-            coefficients = self._coefficients_between_sums()
-            return self._finish(_masked_sum(grads, coefficients, usable), start)
-        return self._finish(self.balancer.aggregate_on_device(grads, stats, usable), start)
+        if self._last_sum is None:  # nothing summed yet: the prior, equal weights, over the finite tasks
+            return self._finish(_masked_sum(grads, self._coefficients_between_sums(), usable), start)
+        return self._finish(self.balancer.aggregate_on_device(grads, self._last_sum, usable), start)
+
+    def _usable_on_device(self, grads) -> torch.Tensor:
+        """A step without statistics on a GPU: device flags for this rank's tasks with a finite loss
+        and a finite gradient (its own sum says), with no host read; a non-finite loss joins the next
+        sum's report through a device flag."""
+        finite_loss = torch.isfinite(self._record.losses)
+        nonfinite = ~finite_loss
+        for k, g in enumerate(grads):
+            if g is None:  # an absent head's loss is not reported
+                nonfinite[k] = False
+        known = self._unreported_on_device
+        self._unreported_on_device = nonfinite if known is None else known | nonfinite
+        return torch.stack([finite_loss[k] & torch.isfinite(g.sum()) if g is not None else finite_loss[k] for k, g in enumerate(grads)])
 
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
-        """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients: the sum
-        of the result is NaN or inf if any of them holds a NaN or inf, and only then are they read
-        one by one and the non-finite ones left out. The sum may have been formed in the first usable
-        gradient (``donated``); that task is then left out with them, its own gradient being gone.
-        A sum that overflows with every gradient finite leaves this rank's whole contribution out."""
-        aggregated = weighted_sum(grads, coefficients, usable, donated)
-        if math.isfinite(aggregated.sum().item()):
+        """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients (see
+        :meth:`_checked`); the sum may be formed in the first usable gradient (``donated``)."""
+        return self._checked(lambda keep, donate: weighted_sum(grads, coefficients, keep, donate), grads, usable, donated)
+
+    def _checked(self, rule, grads, usable: Sequence[bool], donated: Sequence[bool] = ()) -> torch.Tensor:
+        """``rule(usable, donated)``, the step's aggregate over the tasks ``usable``, when no
+        statistics have looked at the gradients: its sum is NaN or inf if any of them holds a NaN or
+        inf, and only then are they read one by one and the aggregate formed again without the
+        non-finite ones. If it was formed in the first usable gradient (``donated``), that task is
+        left out with them, its own gradient being gone. An aggregate that overflows with every
+        gradient finite leaves this rank's whole contribution out."""
+        self.balancer.aggregate_total = None
+        aggregated = rule(usable, donated)
+        total, self.balancer.aggregate_total = self.balancer.aggregate_total, None
+        if math.isfinite((aggregated.sum() if total is None else total).item()):
             return aggregated
         first = next((k for k, ok in enumerate(usable) if ok), None)
         spent = first if first is not None and first < len(donated) and donated[first] else None
@@ -661,10 +708,10 @@ class RepresentationBoundary(nn.Module):
             others_bad = any(usable[k] and not finite[k] for k in range(self.num_tasks) if k != spent)
             why = "summed with a non-finite gradient of another task before the check" if others_bad else "non-finite gradient at z on this rank"
             warn(names[spent], "nonfinite_grad", f"{why}: left out of this step")
-        keep = [usable[k] and finite[k] for k in range(self.num_tasks)]
-        aggregated = weighted_sum(grads, coefficients, keep)
+        keep = [bool(usable[k] and finite[k]) for k in range(self.num_tasks)]
+        aggregated = rule(keep, ())
         if not math.isfinite(aggregated.sum().item()):
-            warn("(all)", "overflow", "the weighted sum at z overflowed on this rank: its whole contribution is left out of this step")
+            warn("(all)", "overflow", "the aggregate at z overflowed on this rank: its whole contribution is left out of this step")
             aggregated.zero_()
         return aggregated
 
@@ -700,6 +747,12 @@ def _masked_sum(grads, coefficients: Sequence[float], usable: torch.Tensor) -> t
     return aggregated
 
 
+def _is_elementwise(balancer: Balancer) -> bool:
+    """Rules that form the aggregate themselves from each step's gradients (CoGrad). Constant
+    weights override :meth:`~Balancer.aggregate` only to reuse a sum formed early: not these."""
+    return type(balancer).aggregate is not Balancer.aggregate and balancer.weights_without_statistics() is None
+
+
 def _reads_on_host(device: torch.device) -> bool:
     """Whether the boundary may read a few numbers on the host each step: free on a CPU, a
     synchronisation with the device's queue on a GPU."""
@@ -723,10 +776,11 @@ def _auto_every(balancer: Balancer, statistics: str) -> int:
 
 
 _IN_FLIGHT = "in_flight_"
+_LAST_SUM = "last_sum_"
 _HELD = "held_coefficients"  # [valid, c_1..c_T, unreported non-finite loss flags 1..T]
 
 
-def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: int) -> dict:
+def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: int, prefix: str = _IN_FLIGHT) -> dict:
     """Tensors only, with the same keys and shapes whether or not statistics are in flight (so that a
     checkpoint template always asks for them)."""
     t = num_tasks
@@ -737,27 +791,27 @@ def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: in
         valid = 1.0
     extra = np.zeros(extra_size) if stats.extra is None else np.array(stats.extra, dtype=np.float64)
     return {
-        f"{_IN_FLIGHT}extra": torch.from_numpy(extra),
-        f"{_IN_FLIGHT}valid": torch.tensor(valid, dtype=torch.float64),
-        f"{_IN_FLIGHT}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
-        f"{_IN_FLIGHT}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
-        f"{_IN_FLIGHT}active": torch.from_numpy(np.array(stats.active, dtype=np.float64)),
-        f"{_IN_FLIGHT}nonfinite_loss": torch.from_numpy(np.array(stats.nonfinite_loss, dtype=np.float64)),
-        f"{_IN_FLIGHT}batch": torch.tensor([stats.local_batch_size, stats.global_batch_size, float(stats.cross_terms)], dtype=torch.float64),
+        f"{prefix}extra": torch.from_numpy(extra),
+        f"{prefix}valid": torch.tensor(valid, dtype=torch.float64),
+        f"{prefix}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
+        f"{prefix}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
+        f"{prefix}active": torch.from_numpy(np.array(stats.active, dtype=np.float64)),
+        f"{prefix}nonfinite_loss": torch.from_numpy(np.array(stats.nonfinite_loss, dtype=np.float64)),
+        f"{prefix}batch": torch.tensor([stats.local_batch_size, stats.global_batch_size, float(stats.cross_terms)], dtype=torch.float64),
     }
 
 
-def _stats_from_tensors(state: dict) -> Optional[StepStats]:
-    if float(state[f"{_IN_FLIGHT}valid"]) == 0.0:
+def _stats_from_tensors(state: dict, prefix: str = _IN_FLIGHT) -> Optional[StepStats]:
+    if float(state[f"{prefix}valid"]) == 0.0:
         return None
-    local, total, cross = state[f"{_IN_FLIGHT}batch"].tolist()
+    local, total, cross = state[f"{prefix}batch"].tolist()
     return StepStats(
-        state[f"{_IN_FLIGHT}gram"].numpy().copy(),
-        state[f"{_IN_FLIGHT}losses"].numpy().copy(),
-        state[f"{_IN_FLIGHT}active"].numpy() > 0,
+        state[f"{prefix}gram"].numpy().copy(),
+        state[f"{prefix}losses"].numpy().copy(),
+        state[f"{prefix}active"].numpy() > 0,
         int(local),
         int(total),
-        state[f"{_IN_FLIGHT}nonfinite_loss"].numpy() > 0,
-        state[f"{_IN_FLIGHT}extra"].numpy().copy() if state[f"{_IN_FLIGHT}extra"].numel() else None,
+        state[f"{prefix}nonfinite_loss"].numpy() > 0,
+        state[f"{prefix}extra"].numpy().copy() if state[f"{prefix}extra"].numel() else None,
         bool(cross),
     )

@@ -94,12 +94,16 @@ class CoGrad(Balancer):
         if lagged and not on_host:
             flags = torch.ones(self.num_tasks, dtype=torch.bool, device=template.device)
             kappa = torch.ones((), dtype=torch.promote_types(template.dtype, torch.float32), device=template.device)
-            self.run_rule(coordinated_masked, zeros, *knobs, kappa, flags)
+            aggregated = self.run_rule(coordinated_masked, zeros, *knobs, kappa, flags)
+            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated)
             return
         # Two values of kappa: the compiler then takes it as an input instead of a constant, so a
         # step's new kappa does not recompile the rule inside backward.
         for kappa in (1.0, 0.5):
-            self.run_rule(coordinated_with_norms if lagged else coordinated, zeros, *knobs, kappa)
+            if lagged:  # a statistics step forms the aggregate with the norms; the steps between, alone
+                self.run_rule(coordinated_with_norms, zeros, *knobs, kappa)
+            aggregated, _ = self.run_rule(coordinated_with_total, zeros, *knobs, kappa)
+            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated)
 
     def aggregate(
         self,
@@ -123,13 +127,12 @@ class CoGrad(Balancer):
         live_grads, knobs = [grads[k] for k in live], self._knobs(live)
         if formed is not None and formed[0] == live and formed[1] == kappa:
             aggregated = formed[2]  # formed with this step's statistics (lagged)
-        else:
-            aggregated = self.run_rule(coordinated, live_grads, *knobs, kappa)
+        else:  # its total on the way: the boundary's check for non-finite values, where it needs one
+            aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa)
         if self.telemetry_due:
-            plain = weighted_sum(grads, self.weights * active, active)
-            norm = float(plain.norm())
-            self.last_telemetry["correction_ratio"] = float((aggregated - plain).norm()) / norm if norm > 0 else 0.0
-            self.last_telemetry["bounded_share"] = bounded_share(live_grads, knobs[1], kappa)
+            plain2, change2, bounded = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated).tolist()
+            self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
+            self.last_telemetry["bounded_share"] = bounded / (len(live) * aggregated.numel())
         return aggregated
 
     def aggregate_on_device(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, usable: torch.Tensor) -> torch.Tensor:
@@ -144,11 +147,10 @@ class CoGrad(Balancer):
         aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)
         self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa_now}
         if self.telemetry_due:  # device scalars: read when the telemetry is (after backward)
-            plain = self.run_rule(coordinated_masked, present_grads, *knobs, torch.zeros_like(kappa_now), ok)
-            norm = plain.norm()
-            self.last_telemetry["correction_ratio"] = torch.where(norm > 0, (aggregated - plain).norm() / norm, 0.0)
             masked = [torch.where(ok[i], g, 0.0) for i, g in enumerate(present_grads)]
-            self.last_telemetry["bounded_share"] = _bounded_count(masked, knobs[1], kappa_now) / (len(present) * plain.numel())
+            plain2, change2, bounded = self.run_rule(correction_telemetry, masked, *knobs, kappa_now, aggregated).unbind()
+            self.last_telemetry["correction_ratio"] = torch.where(plain2 > 0, (change2 / plain2).sqrt(), 0.0)
+            self.last_telemetry["bounded_share"] = bounded / (len(present) * aggregated.numel())
         return aggregated
 
     def telemetry(self, stats: StepStats) -> dict:
@@ -212,6 +214,25 @@ def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], k
     return aggregated
 
 
+def coordinated_with_total(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`coordinated` and the sum of its elements (non-finite where any gradient holds a NaN or
+    an inf), in the same loop: a check for non-finite values that costs no pass of its own."""
+    aggregated = coordinated(grads, c, gamma, kappa)
+    return aggregated, aggregated.sum(dtype=torch.promote_types(aggregated.dtype, torch.float32))
+
+
+def correction_telemetry(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa, aggregated: torch.Tensor) -> torch.Tensor:
+    """``[||P||^2, ||A - P||^2, how many elements' corrections the bound met]`` (float64) for the
+    aggregate ``A`` that :func:`coordinated` formed with ``kappa``: one loop, for the logged steps."""
+    s_prime = _transfer(grads, gamma)
+    plain, bounded = None, None
+    for c_i, gamma_i, g in zip(c, gamma, grads):
+        plain = g * c_i if plain is None else plain + g * c_i
+        hits = ((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum()
+        bounded = hits if bounded is None else bounded + hits
+    return torch.stack([_squared_sum(plain).double(), _squared_sum(aggregated - plain).double(), bounded.double()])
+
+
 def coordinated_with_norms(
     grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,17 +246,6 @@ def coordinated_masked(
     """:func:`coordinated` over the gradients whose device flag ``usable[i]`` is set (a left-out
     gradient's NaN reaches nothing); ``kappa`` a device scalar, so no host read decides anything."""
     return coordinated([torch.where(usable[i], g, 0.0) for i, g in enumerate(grads)], c, gamma, kappa)
-
-
-def _bounded_count(grads: List[torch.Tensor], gamma: List[float], kappa) -> torch.Tensor:
-    """How many elements' corrections :func:`coordinated` bounds, as a tensor (no host read)."""
-    s_prime = _transfer(grads, gamma)
-    return sum(((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum() for gamma_i, g in zip(gamma, grads))
-
-
-def bounded_share(grads: List[torch.Tensor], gamma: List[float], kappa: float) -> float:
-    """The share of the gradients' elements whose correction :func:`coordinated` bounded (telemetry)."""
-    return int(_bounded_count(grads, gamma, kappa)) / (len(grads) * grads[0].numel())
 
 
 def _squared_sum(t: torch.Tensor) -> torch.Tensor:

@@ -502,8 +502,8 @@ def test_lagged_cograd_forms_its_sum_in_the_pass_that_gathers_its_statistics():
     step goes uncorrected, as in current mode."""
     g = torch.Generator().manual_seed(9)
     steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(3)]
-    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous")
-    rules = []
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous", telemetry_every=100)
+    rules = []  # the passes over the gradients (none for telemetry: not logged on these steps)
     run_rule = boundary.balancer.run_rule
     boundary.balancer.run_rule = lambda rule, *args: rules.append(rule.__name__) or run_rule(rule, *args)
     for t, grads in enumerate(steps):
@@ -741,11 +741,39 @@ def test_held_coefficients_survive_a_checkpoint():
     _assert_a_restored_boundary_goes_on_alike(_random_steps(25, 9), 4, lambda: _every_k("multibalance", 3))
 
 
-def test_statistics_every_k_needs_lagged_statistics_and_a_coefficient_rule():
+def test_statistics_every_k_needs_lagged_statistics():
     with pytest.raises(ValueError, match="statistics_every"):
         RepresentationBoundary(build_balancer("multibalance", TASKS), statistics_every=2)
-    with pytest.raises(ValueError, match="cograd forms each step's sum"):
-        _every_k("cograd", 2)
+
+
+def test_cograd_every_k_steps_corrects_every_step_with_the_kappa_of_the_last_sum():
+    """An element-wise rule with statistics every k steps: each step's aggregate is still formed from
+    that step's gradients, with ``kappa`` from the last sum, held until the next one."""
+    steps = _random_steps(28, 9)
+    _, got = _lagged_steps("cograd", steps, _every_k("cograd", 3))
+    # Gathered on steps 1, 4, 7 (0-based), read one step later: kappa changes on steps 2, 5 and 8.
+    torch.testing.assert_close(got[0], sum(steps[0]) / 3)
+    torch.testing.assert_close(got[1], sum(steps[1]) / 3)  # nothing summed yet: the prior
+    for t in range(2, 9):
+        source = steps[1 if t < 5 else 4 if t < 8 else 7]
+        kappa = _cograd_written_out(source, [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+        expected, _, _, _, factors = _cograd_written_out(steps[t], [1.0] * 3, [1 / 3] * 3, kappa=kappa)
+        torch.testing.assert_close(got[t], expected)
+        assert not torch.allclose(got[t], sum(steps[t]) / 3)  # it corrects
+
+
+def test_cograd_every_k_steps_keeps_its_kappa_through_a_checkpoint():
+    # Stopped after step 3: the last sum (step 1's, read on step 2) is held, nothing is in flight.
+    _assert_a_restored_boundary_goes_on_alike(_random_steps(29, 9), 4, lambda: _every_k("cograd", 3))
+
+
+def test_cograd_between_sums_leaves_a_nonfinite_gradient_out_of_its_step_uncorrected(caplog):
+    steps = _random_steps(30, 4)
+    steps[3][2][5, 0] = float("inf")  # step 3: between sums, with a kappa held from step 1's sum
+    with caplog.at_level(logging.WARNING):
+        _, got = _lagged_steps("cograd", steps, _every_k("cograd", 3))
+    torch.testing.assert_close(got[3], (steps[3][0] + steps[3][1]) / 3)
+    assert "non-finite gradient at z" in caplog.text
 
 
 def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
@@ -889,7 +917,8 @@ def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
     assert torch.isfinite(outs[False][1]).all()
 
 
-def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch):
+@pytest.mark.parametrize("every", [1, 3])
+def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every):
     """CoGrad's lagged step on a GPU (no host read: this rank's usable tasks stay device flags, which
     the rule masks, and kappa drops to 0 on the device where one is not usable), run here on CPU
     tensors: the same aggregates and telemetry as the CPU's step, a non-finite gradient left out of
@@ -902,7 +931,7 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch):
     outs, telemetry = {}, {}
     for on_host in (True, False):
         monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
-        boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous", telemetry_every=1)
+        boundary = _every_k("cograd", every)
         boundary.on_nonfinite_loss = "raise"
         outs[on_host], telemetry[on_host] = [], []
         for t, grads in enumerate(steps):
@@ -916,6 +945,9 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch):
     for host, device in zip(outs[True], outs[False]):
         torch.testing.assert_close(device, host)
     torch.testing.assert_close(outs[False][2], (steps[2][0] + steps[2][2]) / 3)  # uncorrected, the NaN left out
+    if every == 3:  # step 2 (between sums) reads step 1's sum; step 3 corrects with it; step 4's sum raises
+        assert not torch.allclose(outs[False][3], sum(steps[3]) / 3)
+        return
     assert telemetry[False][1]["kappa"] > 0 and telemetry[False][1]["correction_ratio"] > 0
     assert telemetry[False][3]["kappa"] == 0  # step 2's sum left b out: step 3 goes uncorrected
     for host, device in zip(telemetry[True][1:], telemetry[False][1:]):

@@ -42,15 +42,18 @@ CASES = {
     # statistics_every=2: the rule runs on every other step's sum, the coefficients held between
     "multibalance-every-2": ("multibalance", {}, "previous", 2),
     "emtl-every-2": ("emtl", {}, "previous", 2),
+    "cograd-every-3": ("cograd", {"gamma": 0.05}, "previous", 3),  # each step corrected, kappa held
     # the lagged statistics carried by DDP's gradient all-reduce (DDPRide) instead of their own collective
     "multibalance-lagged-in-ddp": ("multibalance", {}, "previous", 1, "ddp"),
     "emtl-every-2-in-ddp": ("emtl", {}, "previous", 2, "ddp"),
     "cograd-lagged-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 1, "ddp"),
+    "cograd-every-2-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 2, "ddp"),
     "equal-lagged-in-ddp": ("equal", {}, "previous", 1, "ddp"),
     # a GPU's lagged path (no host read in backward), run on these CPU tensors
     "equal-lagged-no-host-reads": ("equal", {}, "previous", 1, "device"),
     "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
     "cograd-lagged-no-host-reads": ("cograd", {"gamma": 0.05}, "previous", 1, "device"),
+    "cograd-every-3-no-host-reads": ("cograd", {"gamma": 0.05}, "previous", 3, "device"),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }

@@ -118,7 +118,7 @@ def test_lagged_statistics_read_nothing_on_the_host_inside_backward(name, device
     steps, the steps between sums and the steps that read a sum alike), and the same aggregates as
     on the CPU; on the CPU (where a host read is free) the host path, for the same figures."""
     def run(device: str):
-        every = 1 if name == "cograd" else 2  # an element-wise rule forms each step's sum itself
+        every = 2
         boundary = RepresentationBoundary(build_balancer(name, TASKS), statistics="previous", statistics_every=every,
                                           telemetry_every=4).to(device)
         out = []
