@@ -38,6 +38,9 @@ class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
     lag_safe_extras = True  # kappa from the previous step's norms is the same on every rank
     extra_size = 2  # ||P||^2 and ||C||^2
+    # kappa held for 10 steps: no detectable difference from every step's on any task of Adult, the
+    # Ali-CCP-shaped log or the conflict preset (docs/quality/README.md, "CoGrad every 10 steps").
+    lagged_statistics_every = 10
 
     def __init__(
         self,

@@ -793,13 +793,13 @@ def test_auto_statistics_lag_every_method_that_can_and_decide_again_on_a_swap():
 
 def test_auto_cadence_runs_slow_moving_rules_every_ten_steps_when_lagged_and_decides_again_on_a_swap():
     """``statistics_every="auto"`` (the trainer's default): MultiBalance and EMTL, whose state is a slow
-    moving average, run their rule on every 10th step's sum when lagged; every other method (and
-    every method in current mode) every step."""
+    moving average, run their rule on every 10th step's sum when lagged, and CoGrad sizes its
+    correction from every 10th; every other method (and every method in current mode) every step."""
     boundary = RepresentationBoundary(build_balancer("multibalance", TASKS), statistics="auto", statistics_every="auto")
     assert (boundary.statistics, boundary.statistics_every) == ("previous", 10)
     for name in available_balancers():
         boundary.balancer = build_balancer(name, TASKS)
-        expected = ("current", 1) if name == "graddrop" else ("previous", 10 if name in ("multibalance", "emtl") else 1)
+        expected = ("current", 1) if name == "graddrop" else ("previous", 10 if name in ("multibalance", "emtl", "cograd") else 1)
         assert (boundary.statistics, boundary.statistics_every) == expected, name
     current = RepresentationBoundary(build_balancer("emtl", TASKS), statistics="current", statistics_every="auto")
     assert (current.statistics, current.statistics_every) == ("current", 1)
