@@ -61,15 +61,17 @@ def _compare_checkpoints(rank, world_size, cfg_overrides, path_a, path_b):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("balancer", ["multibalance", "gradvac"])
-def test_resume_is_exact(tmp_path, balancer):
+@pytest.mark.parametrize("balancer,extra", [("multibalance", []), ("gradvac", []),
+                                             # stopped with CoGrad's kappa held from a sum 2 steps back
+                                             ("cograd", ["balancer.statistics_every=3"])])
+def test_resume_is_exact(tmp_path, balancer, extra):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _train(tmp_path, whole, balancer, "train.max_steps=10")
-    _train(tmp_path, split, balancer, "train.max_steps=4", "train.checkpoint_every=4")
-    out = _train(tmp_path, split, balancer, "train.max_steps=10")
+    _train(tmp_path, whole, balancer, "train.max_steps=10", *extra)
+    _train(tmp_path, split, balancer, "train.max_steps=4", "train.checkpoint_every=4", *extra)
+    out = _train(tmp_path, split, balancer, "train.max_steps=10", *extra)
     assert "resumed from" in out and "at step 4" in out
     overrides = [f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval",
-                 f"train.run_dir={tmp_path}/probe", f"balancer.name={balancer}"]
+                 f"train.run_dir={tmp_path}/probe", f"balancer.name={balancer}", *extra]
     results = run_ranks(_compare_checkpoints, 2, overrides,
                         str(whole / "checkpoints/step-00000010"), str(split / "checkpoints/step-00000010"))
     for result in results:

@@ -41,6 +41,6 @@ def test_the_trainer_lags_the_statistics_by_default_where_the_method_allows():
     assert modes == {"multibalance": "previous", "cograd": "previous", "graddrop": "current", "param_mgda": "current"}
     every = {name: build_model(load_config("configs/tiny.yaml", [f"balancer.name={name}"]), "cpu").boundary.statistics_every
              for name in ("multibalance", "emtl", "cograd", "equal")}
-    assert every == {"multibalance": 10, "emtl": 10, "cograd": 1, "equal": 1}  # statistics_every: auto
+    assert every == {"multibalance": 10, "emtl": 10, "cograd": 10, "equal": 1}  # statistics_every: auto
     explicit = build_model(load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=current"]), "cpu")
     assert explicit.boundary.statistics == "current"
