@@ -130,6 +130,22 @@ class _Replicate(torch.autograd.Function):
         return ctx.boundary.balance(grads, ctx.z, donated), None
 
 
+class _SumAtView(torch.autograd.Function):
+    """Forward: one view of ``z`` that every head reads, so autograd sums the task gradients as it does
+    for any tensor read T times, adding each one as it arrives (still in cache). Backward: the
+    boundary scales that sum (``RepresentationBoundary.autograd_sums``)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> torch.Tensor:
+        ctx.boundary = boundary
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, total: torch.Tensor):
+        donated = _donated((total,))
+        return ctx.boundary._balance_sum_at_view(total, bool(donated and donated[0])), None
+
+
 class RepresentationBoundary(nn.Module):
     """Replicates the shared representation ``z`` (B, d) into one view per task head.
 
@@ -167,6 +183,13 @@ class RepresentationBoundary(nn.Module):
             gradients, with the constants of the last sum (CoGrad's ``kappa``).
             ``auto``: the balancer's :attr:`~Balancer.lagged_statistics_every` when lagged, else 1
             (decided again whenever a balancer is set).
+        autograd_sums: on a CPU, with ``previous`` statistics, let autograd form the sum on the steps
+            where it is all the rule does: a rule with equal constant weights (``equal``) on a step
+            that gathers no statistics. The T views are then one tensor, so a hook or ``retain_grad``
+            on a view sees the sum of the task gradients, not its own; and a non-finite loss or
+            gradient there leaves this rank's whole contribution to ``z``'s gradient out of the step
+            (the task gradients are summed before anything can look at them), where otherwise only
+            that task's would be. Off by default; Concord's trainer, which hooks no view, turns it on.
     """
 
     def __init__(
@@ -178,6 +201,7 @@ class RepresentationBoundary(nn.Module):
         on_nonfinite_loss: str = "drop_task",
         statistics: str = "current",
         statistics_every: int | str = 1,
+        autograd_sums: bool = False,
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
@@ -190,6 +214,7 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
         self.on_nonfinite_loss = on_nonfinite_loss
+        self.autograd_sums = bool(autograd_sums)
         self.process_group = process_group
         self.balancer = balancer
         self._passthrough = False
@@ -210,7 +235,47 @@ class RepresentationBoundary(nn.Module):
         self._warm_up(z)
         if self.ride is not None:
             self.ride.expect_backward()
+        if self._sum_at_view(z.device):
+            view = _SumAtView.apply(z, self)
+            return tuple(view for _ in range(self.num_tasks))
         return _Replicate.apply(z, self)
+
+    def _sum_at_view(self, device: torch.device) -> bool:
+        """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
+        ``autograd_sums``): decided in forward, from what backward would do."""
+        if not (self.autograd_sums and self.statistics == "previous" and _reads_on_host(device)) or self._in_flight is not None or self._passthrough:
+            return False
+        fixed = self._balancer.weights_without_statistics()
+        if fixed is None or len({float(c) for c in fixed}) != 1:
+            return False
+        return not self._statistics_due_at(self._gather_for_log)
+
+    def _balance_sum_at_view(self, total: torch.Tensor, donated: bool) -> torch.Tensor:
+        """The backward of a :meth:`_sum_at_view` step: ``c * sum_k G_k`` (in ``total`` where autograd
+        gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
+        are reported with the next sum, as between sums)."""
+        record = self._record
+        start = record.backward_clock = Clock(total.device)
+        if record.losses is None:
+            raise RuntimeError("RepresentationBoundary.objective(losses) must be called before backward")
+        losses = record.losses.tolist()
+        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        coefficient = float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)
+        if coefficient == 1.0:
+            aggregated = total
+        else:
+            aggregated = total.mul_(coefficient) if donated else total * coefficient
+        bad = [k for k, loss in enumerate(losses) if not math.isfinite(loss)]
+        for k in bad:
+            self._unreported[k] = True
+            self.balancer.warn(self.balancer.task_names[k], "nonfinite_loss",
+                               "non-finite loss on this rank, summed with the other tasks by autograd: this rank's whole contribution is left out of this step")
+        if bad or not math.isfinite(aggregated.sum().item()):
+            if not bad:
+                self.balancer.warn("(all)", "nonfinite_grad",
+                                   "non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's whole contribution is left out of this step")
+            aggregated = torch.zeros_like(total) if aggregated is total and not donated else aggregated.zero_()
+        return self._finish(aggregated, start, reduced=True)
 
     def _warm_up(self, z: torch.Tensor) -> None:
         """Builds the balancer's compiled rules for ``z``'s shape here, in the forward pass, the first
@@ -456,9 +521,9 @@ class RepresentationBoundary(nn.Module):
             raise NonFiniteLossError(nonfinite)
         return bool(self._record.skipped_tasks)
 
-    def _finish(self, aggregated: torch.Tensor, start: Clock) -> torch.Tensor:
+    def _finish(self, aggregated: torch.Tensor, start: Clock, reduced: bool = False) -> torch.Tensor:
         self.balancer.step += 1
-        if self.reduction == "sum":
+        if self.reduction == "sum" and not reduced:
             aggregated.mul_(self.num_tasks)
         start.stop()
         return aggregated
@@ -467,8 +532,11 @@ class RepresentationBoundary(nn.Module):
         """Whether this step gathers statistics (``previous`` mode): every ``statistics_every``-th step
         (every logged step for rules that read none), timed so that the sum is read on steps counted
         by k: started at step n, it is read at n + 1."""
-        every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
         for_log, self._gather_for_log = self._gather_for_log, False
+        return self._statistics_due_at(for_log)
+
+    def _statistics_due_at(self, for_log: bool) -> bool:
+        every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
         return every == 1 or (self.balancer.step + 2) % every == 0 or (for_log and not self.balancer.reads_statistics)
 
     def gather_for_log(self) -> None:

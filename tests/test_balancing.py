@@ -882,6 +882,50 @@ def test_a_nonfinite_gradient_between_sums_through_autograd(donations, caplog):
     assert donations == [[True], [True]]
 
 
+def _autograd_sums(method="equal", reduction="mean"):
+    return RepresentationBoundary(build_balancer(method, TASKS), reduction, statistics="previous", telemetry_every=5,
+                                  autograd_sums=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction):
+    """``autograd_sums``: on the steps that gather no statistics an equal-weight rule gets one view
+    that every head reads (autograd sums the task gradients), and the same gradient for ``z``; the
+    steps that gather statistics (here for the log, every 5th) keep one view per task."""
+    boundary, plain = _autograd_sums(reduction=reduction), _every_k("equal", 1, telemetry_every=5)
+    plain.reduction = reduction
+    for t, grads in enumerate(_random_steps(37, 10)):
+        z = torch.zeros_like(grads[0], requires_grad=True)
+        views = boundary(z)
+        assert (views[0] is views[1]) == (t % 5 not in (3, 4)), t  # gathered on step 3, read on 4
+        boundary.objective(torch.stack([(v * g).sum() for v, g in zip(views, grads)])).backward()
+        torch.testing.assert_close(z.grad, _backward_through(plain, grads))
+        torch.testing.assert_close(z.grad, sum(grads) * (1.0 if reduction == "sum" else 1 / 3))
+
+
+def test_autograd_sums_a_nonfinite_gradient_or_loss_leaves_the_ranks_whole_contribution_out(caplog):
+    grads = _random_steps(38, 1)[0]
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        got = _backward_through(_autograd_sums(), grads, nonfinite=(2,))
+    assert torch.count_nonzero(got) == 0 and "summed with the other tasks' by autograd" in caplog.text
+    boundary = _autograd_sums()
+    boundary.on_nonfinite_loss = "raise"
+    for t, grads in enumerate(_random_steps(39, 5)):
+        z = torch.zeros_like(grads[0], requires_grad=True)
+        views = boundary(z)
+        losses = [(v * g).sum() for v, g in zip(views, grads)]
+        if t == 1:
+            losses[1] = losses[1] * float("nan")
+        if t == 4:  # the sum gathered on step 3 reports step 1's loss
+            with pytest.raises(NonFiniteLossError, match="'b'"):
+                boundary.objective(torch.stack(losses)).backward()
+            break
+        boundary.objective(torch.stack(losses)).backward()
+        if t == 1:
+            assert torch.count_nonzero(z.grad) == 0
+            assert boundary.lagged_state[2].tolist() == [False, True, False]
+
+
 def test_a_sum_that_overflows_leaves_the_ranks_contribution_out():
     big = [torch.full((8, 5), 1.5e308, dtype=torch.float64) for _ in range(3)]  # 3 x 1.5e308 / 3 overflows
     boundary = _every_k("fixed", 4)

@@ -116,8 +116,9 @@ def build_model(cfg, device: torch.device | str = "meta", process_group=None) ->
     balancer, reduction = boundary_method(cfg)
     statistics = cfg.balancer.statistics if cfg.balancer.name not in PARAMETER_LEVEL else "current"
     every = cfg.balancer.statistics_every if statistics != "current" else 1
+    # autograd_sums: this model hooks no view of z, so autograd may form an equal-weight sum itself.
     boundary = RepresentationBoundary(balancer, reduction, process_group, cfg.train.log_every, statistics=statistics,
-                                      statistics_every=every)
+                                      statistics_every=every, autograd_sums=True)
     ebc = build_embedding_bags(cfg.model.tables, device)
     bottom = DenseBottom(len(cfg.data.dense_columns), pooled_dim(cfg.model.tables), cfg.model)
     task_inputs = None  # MMoE/PLE: the gates (and PLE's task experts) go after the boundary, with the heads
