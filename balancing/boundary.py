@@ -580,34 +580,43 @@ class RepresentationBoundary(nn.Module):
         from that step's gradients with the constants of the last sum, held until the next one. The
         last sum is read before this step's statistics start, so that the rule's pass over the
         gradients can form the aggregate and the statistics together."""
-        stats, skip = self._read_sum_ahead()
-        if stats is not None:
-            self._last_sum = stats
-        pending = None
-        if self._statistics_due():
-            self._report_unreported()
-            self.balancer.lagged_stats = self._last_sum
-            usable, pending = self._start_statistics(grads, z, template)
-            self.balancer.lagged_stats = None
-        else:
-            usable = self._usable_from_losses(grads)
-        self._in_flight = pending
+        usable, gathered, skip = self._elementwise_statistics(grads, z, template, on_host=True)
         if skip:
             start.stop()
             return torch.zeros_like(template)
         last = self._last_sum
         if last is None:  # nothing summed yet: the prior, equal weights
             coefficients = self._coefficients_between_sums()
-            if pending is not None:
+            if gathered:
                 return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
             return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
 
         def rule(keep: Sequence[bool], donate: Sequence[bool] = ()) -> torch.Tensor:
             return self.balancer.aggregate(grads, dataclasses.replace(last, active=last.active & np.asarray(keep, dtype=bool)), z)
 
-        if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
+        if gathered:  # this step's statistics have read every gradient: ``usable`` is exact
             return self._finish(rule(usable), start)
         return self._finish(self._checked(rule, grads, usable), start)
+
+    def _elementwise_statistics(self, grads, z, template: torch.Tensor, on_host: bool) -> Tuple[object, bool, bool]:
+        """An element-wise rule's step: the last sum read and held (the rule's constants), this
+        step's statistics put in flight where due. Returns this rank's usable tasks (NumPy, or device
+        flags), whether this step's statistics read every gradient, and whether to skip the step.
+        On a CPU the rule's pass that gathers the statistics also forms the aggregate, with the
+        held constants (``lagged_stats``); on a GPU the rule forms it apart, masked on the device."""
+        stats, skip = self._read_sum_ahead()
+        if stats is not None:
+            self._last_sum = stats
+        pending = None
+        if self._statistics_due():
+            self._report_unreported()
+            self.balancer.lagged_stats = self._last_sum if on_host else None
+            usable, pending = self._start_statistics(grads, z, template, on_host=on_host)
+            self.balancer.lagged_stats = None
+        else:
+            usable = self._usable_from_losses(grads) if on_host else self._usable_on_device(grads)
+        self._in_flight = pending
+        return usable, pending is not None, skip
 
     def _usable_from_losses(self, grads) -> np.ndarray:
         """A step without statistics: this rank's tasks with a gradient and a finite loss (its
@@ -718,16 +727,7 @@ class RepresentationBoundary(nn.Module):
         from pinned memory) gives the rule its constants until the next; this step's statistics are
         packed and summed on the device; a task whose gradient or loss proves non-finite on this
         rank stays a device flag, which the rule masks."""
-        stats, skip = self._read_sum_ahead()
-        if stats is not None:
-            self._last_sum = stats
-        pending = None
-        if self._statistics_due():
-            self._report_unreported()
-            usable, pending = self._start_statistics(grads, z, template, on_host=False)
-        else:
-            usable = self._usable_on_device(grads)
-        self._in_flight = pending
+        usable, _, skip = self._elementwise_statistics(grads, z, template, on_host=False)
         if skip:
             start.stop()
             return torch.zeros_like(template)
