@@ -618,13 +618,17 @@ class RepresentationBoundary(nn.Module):
         self._in_flight = pending
         return usable, pending is not None, skip
 
-    def _usable_from_losses(self, grads) -> np.ndarray:
+    def _usable_from_losses(self, grads) -> List[bool]:
         """A step without statistics: this rank's tasks with a gradient and a finite loss (its
-        gradients are checked with the sum); a non-finite loss is reported with the next sum."""
-        present = np.array([g is not None for g in grads])
-        finite_loss = np.isfinite(np.array(self._record.losses.detach().tolist(), dtype=np.float64))
-        self._unreported |= present & ~finite_loss
-        return present & finite_loss
+        gradients are checked with the sum); a non-finite loss is reported with the next sum. It
+        runs on most steps, so it keeps to Python floats: here a NumPy or torch call on T numbers
+        costs more than the arithmetic."""
+        losses = self._record.losses.tolist()
+        usable = [g is not None and math.isfinite(loss) for g, loss in zip(grads, losses)]
+        for k, g in enumerate(grads):
+            if g is not None and not usable[k]:
+                self._unreported[k] = True
+        return usable
 
     def _report_unreported(self) -> None:
         """Non-finite losses of the steps since the last sum, reported as this step's (NaN in its
@@ -690,15 +694,10 @@ class RepresentationBoundary(nn.Module):
 
     def _between_sums(self, grads, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
         """A step that neither gathers statistics nor reads a sum: the held coefficients over this
-        rank's tasks with a gradient and a finite loss. It runs on most steps, so it keeps to Python
-        floats: here a NumPy or torch call on T numbers costs more than the arithmetic."""
+        rank's tasks with a gradient and a finite loss."""
+        usable = self._usable_from_losses(grads)
         record = self._record
-        losses = record.losses.tolist()
         record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
-        usable = [g is not None and math.isfinite(loss) for g, loss in zip(grads, losses)]
-        for k, g in enumerate(grads):
-            if g is not None and not usable[k]:
-                self._unreported[k] = True  # a non-finite loss, reported with the next sum
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
     def _balance_lagged_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
