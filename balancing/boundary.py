@@ -141,9 +141,11 @@ class _SumAtView(torch.autograd.Function):
         return z.view_as(z)
 
     @staticmethod
-    def backward(ctx, total: torch.Tensor):
-        donated = _donated((total,))
-        return ctx.boundary._balance_sum_at_view(total, bool(donated and donated[0])), None
+    def backward(ctx, *grads: torch.Tensor):
+        # The signature is _Probe's, so the reference count of a gradient nothing else holds matches
+        # its baseline: a named argument is one reference more and the sum was never given up.
+        donated = _donated(grads)
+        return ctx.boundary._balance_sum_at_view(grads[0], bool(donated and donated[0])), None
 
 
 class RepresentationBoundary(nn.Module):
@@ -243,12 +245,9 @@ class RepresentationBoundary(nn.Module):
     def _sum_at_view(self, device: torch.device) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
         ``autograd_sums``): decided in forward, from what backward would do."""
-        if not (self.autograd_sums and self.statistics == "previous" and _reads_on_host(device)) or self._in_flight is not None or self._passthrough:
+        if not (self.autograd_sums and self._equal_constant_weights and self.statistics == "previous" and _reads_on_host(device)):
             return False
-        fixed = self._balancer.weights_without_statistics()
-        if fixed is None or len({float(c) for c in fixed}) != 1:
-            return False
-        return not self._statistics_due_at(self._gather_for_log)
+        return self._in_flight is None and not self._passthrough and not self._statistics_due_at(self._gather_for_log)
 
     def _balance_sum_at_view(self, total: torch.Tensor, donated: bool) -> torch.Tensor:
         """The backward of a :meth:`_sum_at_view` step: ``c * sum_k G_k`` (in ``total`` where autograd
@@ -402,6 +401,8 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
         balancer.process_group = self.process_group
         self._balancer = balancer
+        fixed = balancer.weights_without_statistics()
+        self._equal_constant_weights = fixed is not None and len({float(c) for c in fixed}) == 1  # autograd_sums' case
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
         # DDP averages their gradients and ``.to(device)`` moves them (in place, so the balancer's
         # own references stay valid).

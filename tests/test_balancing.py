@@ -888,10 +888,11 @@ def _autograd_sums(method="equal", reduction="mean"):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction):
+def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction, donations):
     """``autograd_sums``: on the steps that gather no statistics an equal-weight rule gets one view
     that every head reads (autograd sums the task gradients), and the same gradient for ``z``; the
-    steps that gather statistics (here for the log, every 5th) keep one view per task."""
+    steps that gather statistics (here for the log, every 5th) keep one view per task. Autograd's
+    sum, held by nothing else, is scaled in place."""
     boundary, plain = _autograd_sums(reduction=reduction), _every_k("equal", 1, telemetry_every=5)
     plain.reduction = reduction
     for t, grads in enumerate(_random_steps(37, 10)):
@@ -901,6 +902,7 @@ def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction):
         boundary.objective(torch.stack([(v * g).sum() for v, g in zip(views, grads)])).backward()
         torch.testing.assert_close(z.grad, _backward_through(plain, grads))
         torch.testing.assert_close(z.grad, sum(grads) * (1.0 if reduction == "sum" else 1 / 3))
+    assert len(donations) == 20 and all(d == [True] for d in donations)  # both boundaries, every step
 
 
 def test_autograd_sums_a_nonfinite_gradient_or_loss_leaves_the_ranks_whole_contribution_out(caplog):

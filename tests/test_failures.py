@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -212,4 +213,22 @@ def test_the_marks_reach_the_canaries_of_the_nonfinite_tasks_only():
         expected = [loss if loss == loss else float("nan") for loss in losses.tolist()]
         np.testing.assert_array_equal(got, expected)
     objective = canaries[0].sum() * 2
-    assert NonFinitePolicy.mark(objective, torch.tensor([0.5, 1.0, 2.0]), canaries) is objective
+    policy = NonFinitePolicy(SimpleNamespace(task_names=["a", "b", "c"]), None, None)  # one process: alone
+    assert policy.mark(objective, torch.tensor([0.5, 1.0, 2.0]), canaries) is objective
+
+
+def test_one_rank_reads_the_canaries_only_after_a_nonfinite_loss_of_its_own():
+    """Alone, a rank's own losses are every rank's: read finite by ``mark``, the canaries (whose
+    gradients then hold no mark) are not read; with a NaN loss they are, and name the task."""
+    import torch
+
+    from concord.trainer.nonfinite import NonFinitePolicy
+
+    policy = NonFinitePolicy(SimpleNamespace(task_names=["a", "b"]), None, None)
+    assert policy.alone
+    canaries = [torch.zeros(1, requires_grad=True) for _ in range(2)]
+    policy.mark(canaries[0].sum() + canaries[1].sum(), torch.tensor([0.5, 1.0]), canaries)
+    assert policy.tasks_after_backward(canaries) == []  # no canary has a gradient: none was read
+    losses = torch.tensor([0.5, float("nan")])
+    policy.mark(canaries[0].sum() + canaries[1].sum(), losses, canaries).backward()
+    assert policy.tasks_after_backward(canaries) == ["b"]

@@ -25,6 +25,7 @@ import math
 from typing import List
 
 import torch
+import torch.distributed as dist
 
 from concord.balancing.collectives import sum_over_ranks
 
@@ -43,6 +44,8 @@ class NonFinitePolicy:
     def __init__(self, cfg, process_group, log) -> None:
         self.cfg, self.group, self.log = cfg, process_group, log
         self.skipped_steps = 0
+        self.alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        self._marked = True  # whether the last step's objective went through _Marks
 
     def guard(self, boundary_enabled: bool, parameter_level: bool, lagged: bool = False) -> str:
         if parameter_level:
@@ -69,20 +72,21 @@ class NonFinitePolicy:
             self.stop(bad, step, "; with the boundary off ranks cannot agree to skip")
         return bad
 
-    @staticmethod
-    def mark(objective: torch.Tensor, losses: torch.Tensor, canaries: List[torch.Tensor]) -> torch.Tensor:
+    def mark(self, objective: torch.Tensor, losses: torch.Tensor, canaries: List[torch.Tensor]) -> torch.Tensor:
         """``after_backward``: ``objective`` unchanged, through one autograd node whose backward adds NaN
         to canary k's gradient where this rank's loss of task k is not finite (0 elsewhere). A CPU rank
         reads its T losses first (a host read costs nothing there) and adds the node only when one
         is not finite; on a GPU the marks are formed on the device every step, so no step waits for
         the host."""
-        if losses.device.type == "cpu" and all(map(math.isfinite, losses.detach().tolist())):
-            return objective
-        return _Marks.apply(objective, losses.detach(), *canaries)
+        self._marked = not (losses.device.type == "cpu" and all(map(math.isfinite, losses.detach().tolist())))
+        return _Marks.apply(objective, losses.detach(), *canaries) if self._marked else objective
 
     def tasks_after_backward(self, canaries: List[torch.Tensor]) -> List[str]:
         """``after_backward``: the tasks whose canary gradient (averaged over ranks by DDP) is not
-        finite, the same on every rank; one host read (per canary on a CPU, where a read is free)."""
+        finite, the same on every rank; one host read (per canary on a CPU, where a read is free).
+        A single rank whose losses :meth:`mark` read as finite has nothing to look for."""
+        if self.alone and not self._marked:
+            return []
         if canaries[0].grad.device.type == "cpu":
             finite = [all(map(math.isfinite, c.grad.reshape(-1).tolist())) for c in canaries]
         else:  # a NaN or inf anywhere survives the canary's sum
