@@ -191,18 +191,22 @@ def test_the_report_pairs_a_method_across_statistics_modes():
 def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
     """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
     once and swapped back in, so its step count runs on across rounds; the report gives the standard
-    error of each mean drop."""
+    error of each mean drop. A method named without a mode runs as ``concord train`` would run it
+    (the config's ``balancer.statistics: auto``: MultiBalance lagged, every 10 steps)."""
     run_dir = tmp_path / "bench"
     cmd = [
         sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
-        "--methods", "none,equal,multibalance,multibalance@previous", "--rounds", "4", "--steps", "1",
+        "--methods", "none,equal,multibalance,multibalance@previous,multibalance@current", "--rounds", "4", "--steps", "1",
         *tiny_data(tmp_path), f"train.run_dir={run_dir}",
         "train.qps_skip_steps=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((run_dir / "bench.json").read_text())["methods"]
-    assert set(report) == {"none", "equal", "multibalance", "multibalance@previous"}
+    assert set(report) == {"none", "equal", "multibalance", "multibalance@previous", "multibalance@current"}
+    assert {m: r["statistics"] for m, r in report.items()} == {
+        "none": "-", "equal": "previous", "multibalance": "previous/10", "multibalance@previous": "previous",
+        "multibalance@current": "current"}
     assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
     assert all(r["qps_mean"] > 0 for r in report.values())
     table = (run_dir / "bench.md").read_text()
@@ -212,6 +216,15 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     # Lagged, its sums rode in DDP's all-reduce; one that never arrived would have stopped the run.
     assert report["multibalance@previous"]["balancer_steps"] == 3 + 4
     assert report["none"]["balancer_steps"] == 0
+
+
+def test_bench_names_a_bad_method_before_any_rank_starts(tmp_path):
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
+           "--methods", "none,equal,param_mgda@previous", *tiny_data(tmp_path), f"train.run_dir={tmp_path / 'bench'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "concord: bench: param_mgda@previous: a parameter-level method has no boundary statistics to lag")
+    assert not (tmp_path / "bench").exists()
 
 
 def _auc(scores, labels):

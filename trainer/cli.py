@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
     with_config(sp)
     sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
-                    help="comma-separated balancers; 'none' is the model without the boundary")
+                    help="comma-separated balancers, each run as the config runs it (METHOD@current, "
+                         "METHOD@previous[/K] for another statistics mode); 'none' is the model without the boundary")
     sp.add_argument("--rounds", type=int, default=3, help="rounds; every method runs once a round, in an order that rotates")
     sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
     sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
@@ -119,6 +120,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _launch(cfg, ["predict", "--config", str(cfg.source), "--checkpoint", args.checkpoint, *data,
                                  "--out", args.out, *args.overrides])
         if args.command == "bench":
+            from concord.trainer.tools.compare import check_methods
+
+            try:  # before any rank starts: one line naming the method
+                check_methods([m for m in args.methods.split(",") if m != "none"], cfg)
+            except ValueError as error:
+                print(f"concord: bench: {error}", file=sys.stderr)
+                return 2
             if _is_worker() or cfg.world_size == 1:
                 from concord.trainer.tools.bench import run_bench
 

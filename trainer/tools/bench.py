@@ -3,7 +3,9 @@
 One sharded model and one data stream; the method is swapped between timed blocks (the boundary's
 balancer, or a parameter-level method) and the methods alternate (A B C, B C A, C A B, ...), so drift
 in the machine's speed and the cost of following another method hit every method alike. The methods
-of a round train on the same batches; ``--steps 1`` alternates them every step.
+of a round train on the same batches; ``--steps 1`` alternates them every step. A method named
+without a statistics mode runs in the config's (``balancer.statistics``), as ``concord train`` would
+run it; ``METHOD@current`` or ``METHOD@previous[/K]`` names another.
 Each method's drop against ``equal`` is ``1 - QPS / QPS_equal`` over all timed steps, from step
 times paired by round, with its standard error. The boundary's own time (inside backward, the time blocked on
 the statistics all-reduce included) is shown as a share of the step. QPS counts the training step;
@@ -23,20 +25,24 @@ import torch.distributed as dist
 from concord.trainer.config import Config
 from concord.trainer.runtime import init_runtime, shutdown
 from concord.trainer.observe.timing import StepTimer, paired_drop
-from concord.trainer.tools.methods import parse_method
+from concord.balancing.param_level import PARAMETER_LEVEL
+from concord.trainer.tools.methods import parse_method, resolve_method
 from concord.trainer.train import Trainer
 
 
 def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) -> None:
-    """Makes ``spec`` (a method; ``@previous`` for lagged statistics, ``@previous/K`` gathered every K
-    steps) the model's method: built on first use, then swapped back in with the state it had (a
-    balancer's EMA and step count, its statistics in flight and held coefficients, go on across
-    blocks, as in one long training run)."""
+    """Makes ``spec`` (a method, run as the config runs it; ``@current`` for each step's own
+    statistics, ``@previous`` for lagged statistics, ``@previous/K`` gathered every K steps) the
+    model's method: built on first use, then swapped back in with the state it had (a balancer's EMA
+    and step count, its statistics in flight and held coefficients, go on across blocks, as in one
+    long training run)."""
     boundary = trainer.model.boundary
     current = built.get("__current__")
     if current is not None:
         built[current][5] = boundary.lagged_state
-    method, statistics, every = parse_method(spec)
+    method, statistics, every = resolve_method(spec, trainer.cfg.balancer.statistics, trainer.cfg.balancer.statistics_every)
+    if method in PARAMETER_LEVEL:  # the boundary passes their gradient through: each step's, as in training
+        statistics, every = "current", 1
     if spec not in built:
         boundary.use_statistics(statistics, every)
         trainer.use_method(method, knobs)
@@ -65,8 +71,10 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         timer = StepTimer(rt.device)
         global_batch = cfg.data.batch_size * rt.world_size
         built: Dict[str, list] = {}
+        modes = {}
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
             _switch(trainer, m, knobs[m], built)
+            modes[m] = "-" if m == "none" else f"{boundary.statistics}" + (f"/{boundary.statistics_every}" if boundary.statistics_every > 1 else "")
             for _ in range(max(cfg.train.qps_skip_steps, 3)):
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
@@ -99,6 +107,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
                 print(f"bench: round {r + 1}/{rounds} done", flush=True)
         report = summarize(samples, global_batch)
         for m in methods:  # how many steps each method's balancer took in all (none: 0); raw rounds
+            report[m]["statistics"] = modes[m]
             report[m]["balancer_steps"] = built[m][1].step
             report[m]["rounds"] = samples[m]
         if rt.is_main:
@@ -151,16 +160,17 @@ def lagged_statistics_path(boundary, world_size: int) -> str:
 
 
 def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int, lagged_sum: str = "") -> str:
+    w = max(len("method"), *map(len, report)) + 2
     lines = [
         f"\nbench: {cfg.source}, {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method"
         + (f"; {lagged_sum}" if lagged_sum else ""),
-        f"{'method':<14}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'vs none':>9}{'± s.e.':>8}{'step ms':>9}"
+        f"{'method':<{w}}{'statistics':<13}{'QPS':>9}{'± std':>8}{'drop vs equal':>15}{'± s.e.':>8}{'vs none':>9}{'± s.e.':>8}{'step ms':>9}"
         f"{'boundary ms':>13}{'(all-reduce)':>14}{'share':>8}{'compute share':>15}",
     ]
     for m, r in report.items():
         lines.append(
-            f"{m:<14}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_sem']:>7.2f}%"
+            f"{m:<{w}}{r['statistics']:<13}{r['qps_mean']:>9,.0f}{r['qps_std']:>8,.0f}{r['drop_pct_mean']:>14.2f}%{r['drop_pct_sem']:>7.2f}%"
             f"{r['drop_vs_none_pct_mean']:>8.2f}%{r['drop_vs_none_pct_sem']:>7.2f}%"
             f"{r['step_ms']:>9.2f}{r['boundary_ms']:>13.3f}{r['comm_ms']:>14.3f}{r['boundary_share_pct']:>7.2f}%"
             f"{r['compute_share_pct']:>14.2f}%"
@@ -170,26 +180,25 @@ def format_report(report: Dict[str, dict], cfg: Config, world_size: int, rounds:
         "without the boundary, where 'none' ran), from step times paired "
         "by round, ± its standard error. share: boundary time / step time; compute share leaves out the time blocked on the statistics "
         "all-reduce (latency plus waiting for the slower rank, less the balancer's work done while it is in "
-        "flight). Compare 'none' with 'equal' for the boundary's whole cost."
+        "flight). Compare 'none' with 'equal' for the boundary's whole cost. statistics: the mode each method "
+        "ran in (a name without @ runs as the config's balancer.statistics makes concord train run it)."
     )
     return "\n".join(lines)
 
 
 def format_markdown(report: Dict[str, dict], cfg: Config, world_size: int, rounds: int, steps: int, lagged_sum: str = "") -> str:
-    from concord.balancing.param_level import PARAMETER_LEVEL
-
     lines = [
         f"`concord bench --config {cfg.source}`: {world_size} rank(s), batch {cfg.data.batch_size}/rank, "
         f"d={cfg.representation_dim}, T={len(cfg.tasks)}; {rounds} rounds x {steps} steps per method, alternating"
         + (f"; {lagged_sum}." if lagged_sum else "."),
         "",
-        "| method | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | drop vs none (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | statistics | level | QPS (± std over rounds) | drop vs equal (%) | ± s.e. | drop vs none (%) | ± s.e. | step (ms) | boundary (ms) | of it blocked on the all-reduce (ms) | boundary share | compute share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in report.items():
         level = "parameter" if m in PARAMETER_LEVEL else ("no boundary" if m == "none" else "representation")
         lines.append(
-            f"| {m} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} "
+            f"| {m} | {r['statistics']} | {level} | {r['qps_mean']:,.0f} ± {r['qps_std']:,.0f} | {r['drop_pct_mean']:.2f} "
             f"| {r['drop_pct_sem']:.2f} | {r['drop_vs_none_pct_mean']:.2f} | {r['drop_vs_none_pct_sem']:.2f} | {r['step_ms']:.2f} | {r['boundary_ms']:.3f} | {r['comm_ms']:.3f} | {r['boundary_share_pct']:.2f}% "
             f"| {r['compute_share_pct']:.2f}% |"
         )

@@ -34,7 +34,7 @@ import yaml
 from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.trainer.config import Config, load_config, packaged_configs, resolve_config_path
-from concord.trainer.tools.methods import parse_method
+from concord.trainer.tools.methods import parse_method, resolve_method
 
 WHAT_IS_BALANCED = {
     "boundary": "shared representation z (dense bottom and embedding tables)",
@@ -128,11 +128,9 @@ def cell_balancer(cfg: Config, spec: str) -> dict:
     """The ``balancer`` section of a cell: the method of ``spec``, with the base config's knobs where it
     is the base config's own method (``--config`` and ``balancer.*`` overrides), the base config's
     statistics mode unless ``spec`` names one (``METHOD@previous[/K]``)."""
-    name, mode, every = parse_method(spec)
     base = cfg.balancer
-    balancer = {"name": name, "reduction": base.reduction, "statistics": base.statistics, "statistics_every": base.statistics_every}
-    if "@" in spec:
-        balancer.update(statistics=mode, statistics_every=every)
+    name, mode, every = resolve_method(spec, base.statistics, base.statistics_every)
+    balancer = {"name": name, "reduction": base.reduction, "statistics": mode, "statistics_every": every}
     if name == base.name:
         balancer.update(base.knobs)
     return balancer

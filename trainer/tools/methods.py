@@ -1,6 +1,7 @@
-"""How ``bench`` and ``compare`` name a method and its statistics mode: ``METHOD``, ``METHOD@current``,
-``METHOD@previous`` (lagged statistics), ``METHOD@previous/K`` (gathered every K steps) or
-``METHOD@auto`` (the trainer's default: lagged where the method can be, at its own cadence)."""
+"""How ``bench`` and ``compare`` name a method and its statistics mode: ``METHOD`` (as the config runs
+it: ``concord train``'s mode), ``METHOD@current``, ``METHOD@previous`` (lagged statistics),
+``METHOD@previous/K`` (gathered every K steps) or ``METHOD@auto`` (the trainer's default: lagged
+where the method can be, at its own cadence)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def parse_method(spec: str) -> Tuple[str, str, Union[int, str]]:
     if every:
         return method, mode or "current", int(every)
     return method, mode or "current", "auto" if mode == "auto" else 1
+
+
+def resolve_method(spec: str, statistics: str, statistics_every: Union[int, str]) -> Tuple[str, str, Union[int, str]]:
+    """``(method, statistics, statistics_every)`` as a run of ``spec`` uses them: a bare ``METHOD`` in
+    the mode given (a config's ``balancer.statistics`` and ``statistics_every``, what ``concord
+    train`` would run), a suffixed one in its own."""
+    method, mode, every = parse_method(spec)
+    return (method, mode, every) if "@" in spec else (method, statistics, statistics_every)
