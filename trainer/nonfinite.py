@@ -11,7 +11,8 @@ it, at no extra synchronisation where possible, is the *guard*:
 - ``after_backward``: lagged statistics (``balancer.statistics: previous``, or ``auto``), whose sums
   arrive a step late. A rank whose loss of task k is not finite writes NaN into the gradient of task
   k's head output bias (one autograd node on the objective, adding nothing elsewhere); DDP's own gradient
-  average carries it to every rank, which reads the T biases' gradients before the optimizer step:
+  average carries it to every rank, which reads the T biases' gradients before the optimizer step (a
+  job of one rank, only after a non-finite loss of its own):
   every rank drops (or stops at) the same step, with no collective of its own. The boundary has
   already left each rank's own non-finite contributions out of ``z``'s gradient, so the tables
   received the other ranks' finite part of that step; the dense parameters are not updated;
