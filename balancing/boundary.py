@@ -253,10 +253,8 @@ class RepresentationBoundary(nn.Module):
         """The backward of a :meth:`_sum_at_view` step: ``c * sum_k G_k`` (in ``total`` where autograd
         gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
         are reported with the next sum, as between sums)."""
+        start = self._start_backward(total.device)
         record = self._record
-        start = record.backward_clock = Clock(total.device)
-        if record.losses is None:
-            raise RuntimeError("RepresentationBoundary.objective(losses) must be called before backward")
         losses = record.losses.tolist()
         record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
         coefficient = float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)
@@ -464,14 +462,8 @@ class RepresentationBoundary(nn.Module):
             for g in present[1:]:
                 total.add_(g)
             return total
-        record = self._record
         template = next(g for g in grads if g is not None)
-        start = record.backward_clock = Clock(template.device)
-        if record.losses is None:
-            raise RuntimeError(
-                "RepresentationBoundary.objective(losses) must be called before backward so the "
-                "balancer sees the task losses"
-            )
+        start = self._start_backward(template.device)
         # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
         self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
         if self.statistics == "previous":
@@ -489,6 +481,16 @@ class RepresentationBoundary(nn.Module):
             return torch.zeros_like(template)
         self.balancer.note_inactive(stats)
         return self._finish(self.balancer.aggregate(grads, stats, z, early), start)
+
+    def _start_backward(self, device: torch.device) -> Clock:
+        """The clock of this backward through the boundary, once the step's losses are known."""
+        start = self._record.backward_clock = Clock(device)
+        if self._record.losses is None:
+            raise RuntimeError(
+                "RepresentationBoundary.objective(losses) must be called before backward so the "
+                "balancer sees the task losses"
+            )
+        return start
 
     def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True):
         """This rank's statistics, their sum over ranks started; and this rank's usable tasks, as a

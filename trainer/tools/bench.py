@@ -74,7 +74,7 @@ def run_bench(cfg: Config, methods: List[str], rounds: int, steps: int) -> Dict[
         modes = {}
         for m in methods:  # warm-up: every method's first steps (allocations, caches) are not timed
             _switch(trainer, m, knobs[m], built)
-            modes[m] = "-" if m == "none" else f"{boundary.statistics}" + (f"/{boundary.statistics_every}" if boundary.statistics_every > 1 else "")
+            modes[m] = "-" if m == "none" else boundary.statistics + (f"/{boundary.statistics_every}" if boundary.statistics_every > 1 else "")
             for _ in range(max(cfg.train.qps_skip_steps, 3)):
                 trainer.train_step(batches, timer)
         samples: Dict[str, List[dict]] = {m: [] for m in methods}
