@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PIP) install --no-deps torchrec==1.8.0
 	$(PIP) install --no-deps -e .
 	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow; print('concord: torch', torch.__version__, 'torchrec', torchrec.__version__)"
+	$(BIN)/python -c "from concord.balancing.native import native_ops; print('concord: native boundary node', 'built' if native_ops() else 'not built (the Python node is used)')"
 	touch $@
 
 install-gpu: $(GPU_STAMP)

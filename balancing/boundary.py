@@ -29,6 +29,7 @@ from torch import nn
 from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import DDPRide, PendingStatistics
+from .native import native_ops
 from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
 
 
@@ -224,6 +225,10 @@ class RepresentationBoundary(nn.Module):
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
         self.enabled = True
         self._record = _StepRecord()
+        # The compiled one-view node's state (native.py; layout in csrc/sum_at_view.cpp), made on first use.
+        self._native_state: Optional[torch.Tensor] = None
+        self._native_flags: Optional[np.ndarray] = None
+        self._native_pending = False
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
         # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
         # summed over DDP's group, which must be the boundary's.
@@ -232,15 +237,42 @@ class RepresentationBoundary(nn.Module):
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
+        self._settle_native()
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         self._warm_up(z)
         if self.ride is not None:
             self.ride.expect_backward()
         if self._sum_at_view(z.device):
+            ops = native_ops()
+            if ops is not None:
+                return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
         return _Replicate.apply(z, self)
+
+    def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """A :meth:`_sum_at_view` step on the compiled node (``native.py``): what
+        :meth:`_balance_sum_at_view` does, with no Python in backward. So the balancer's step is
+        counted here, :meth:`objective` checks the losses, and a non-finite sum is warned of when the
+        boundary is next used (:meth:`_settle_native`)."""
+        if self._native_state is None:
+            self._native_state = torch.zeros(_NATIVE_STATE_SIZE, dtype=torch.float64)
+            self._native_flags = self._native_state.numpy()  # the same memory, read and written without torch
+        flags = self._native_flags
+        flags[4] = flags[5] = 0.0
+        self._native_pending = True
+        self._record.backward_clock = _NativeClock(flags)
+        self.balancer.step += 1
+        view = ops.sum_at_view(z, self._coefficient_at_view(), self._native_state)
+        return tuple(view for _ in range(self.num_tasks))
+
+    def _settle_native(self) -> None:
+        """The warning for the last native step's non-finite sum, if it had one."""
+        flags = self._native_flags
+        if flags is not None and flags[2]:
+            flags[2] = 0.0
+            self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
 
     def _sum_at_view(self, device: torch.device) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
@@ -254,25 +286,32 @@ class RepresentationBoundary(nn.Module):
         gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
         are reported with the next sum, as between sums)."""
         start = self._start_backward(total.device)
-        record = self._record
-        losses = record.losses.tolist()
-        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
-        coefficient = float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)
+        bad = self._losses_at_view(self._record.losses)
+        coefficient = self._coefficient_at_view()
         if coefficient == 1.0:
             aggregated = total
         else:
             aggregated = total.mul_(coefficient) if donated else total * coefficient
-        bad = [k for k, loss in enumerate(losses) if not math.isfinite(loss)]
+        if bad or not math.isfinite(aggregated.sum().item()):
+            if not bad:
+                self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
+            aggregated = torch.zeros_like(total) if aggregated is total and not donated else aggregated.zero_()
+        return self._finish(aggregated, start, reduced=True)
+
+    def _coefficient_at_view(self) -> float:
+        return float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)
+
+    def _losses_at_view(self, losses: torch.Tensor) -> List[int]:
+        """A one-view step's losses, the record cleared: the tasks whose loss is not finite, warned of
+        and reported with the next sum (their sum with the others leaves the rank's contribution out)."""
+        record = self._record
+        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        bad = [k for k, loss in enumerate(losses.tolist()) if not math.isfinite(loss)]
         for k in bad:
             self._unreported[k] = True
             self.balancer.warn(self.balancer.task_names[k], "nonfinite_loss",
                                "non-finite loss on this rank, summed with the other tasks by autograd: this rank's whole contribution is left out of this step")
-        if bad or not math.isfinite(aggregated.sum().item()):
-            if not bad:
-                self.balancer.warn("(all)", "nonfinite_grad",
-                                   "non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's whole contribution is left out of this step")
-            aggregated = torch.zeros_like(total) if aggregated is total and not donated else aggregated.zero_()
-        return self._finish(aggregated, start, reduced=True)
+        return bad
 
     def _warm_up(self, z: torch.Tensor) -> None:
         """Builds the balancer's compiled rules for ``z``'s shape here, in the forward pass, the first
@@ -338,6 +377,11 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
         if not self.enabled:
             return losses.mean()
+        if self._native_pending:  # the compiled node reads the losses' verdict from its state
+            self._native_pending = False
+            bad = self._losses_at_view(losses.detach())
+            self._native_flags[0], self._native_flags[1] = 1.0, 0.0 if bad else 1.0
+            return self.balancer.before_backward(losses)
         self._record.losses = losses.detach()
         self._record.skipped_tasks = []
         return self.balancer.before_backward(losses)
@@ -350,18 +394,20 @@ class RepresentationBoundary(nn.Module):
     @property
     def skipped_tasks(self) -> List[str]:
         """Tasks with a non-finite loss in the last step, under ``on_nonfinite_loss="skip_step"``."""
+        self._settle_native()
         return self._record.skipped_tasks
 
     @property
     def backward_seconds(self) -> float:
         """Time of the last backward through the boundary (on CUDA: between events on the gradients'
         stream, so reading it waits for that step's boundary work) ..."""
-        clock = self._record.backward_clock
+        clock = self.backward_clock
         return clock.seconds() if clock is not None else 0.0
 
     @property
     def backward_clock(self) -> Optional[Clock]:
         """... and its clock, for readers that take the figure later (no wait for the GPU now)."""
+        self._settle_native()
         return self._record.backward_clock
 
     @property
@@ -787,9 +833,25 @@ class RepresentationBoundary(nn.Module):
 
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""
+        self._settle_native()
         if self._record.stats is None:
             return {}
         return self.balancer.telemetry(self._record.stats)
+
+
+_NATIVE_STATE_SIZE = 6
+_NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
+                          "whole contribution is left out of this step")
+
+
+class _NativeClock:
+    """The compiled node's span in one backward, from its state (0 until that backward has run)."""
+
+    def __init__(self, flags: np.ndarray) -> None:
+        self.flags = flags
+
+    def seconds(self) -> float:
+        return max(float(self.flags[5] - self.flags[4]), 0.0)
 
 
 class _Ready:

@@ -1,0 +1,60 @@
+"""The boundary's one-view step as a C++ autograd node (``csrc/sum_at_view.cpp``).
+
+On a CPU, where the boundary lets autograd sum the task gradients (``autograd_sums``), all its backward
+does is scale that sum and check it; a Python node costs more than that arithmetic, in the engine's
+call into the interpreter and in the interpreter itself. PyTorch has no native node that scales a
+gradient, so this one is compiled once per machine by PyTorch's own extension builder (a C++
+compiler and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions``
+by default). Where it cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
+node, after one warning that says why: the results are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "sum_at_view.cpp"
+_built: dict = {}
+
+
+def native_ops() -> Optional[object]:
+    """The compiled module (``sum_at_view(z, coefficient, state)``), built on first use; None where it
+    cannot be built or ``CONCORD_NATIVE=0``."""
+    if "ops" not in _built:
+        _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
+    return _built["ops"]
+
+
+def _build() -> Optional[object]:
+    from torch.utils import cpp_extension
+
+    try:
+        log.info("building Concord's native boundary node (once per machine, ~30 s)")
+        ops = cpp_extension.load_inline(
+            "concord_sum_at_view", cpp_sources=[_SOURCE.read_text()],
+            functions=["sum_at_view", "probe", "set_alone_references"], extra_cflags=["-O3"],
+        )
+        ops.set_alone_references(_alone_references(ops))
+        return ops
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, no headers: the Python node is exact
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log.warning("could not build Concord's native boundary node (%s: %s); the boundary keeps its Python "
+                    "node, slower on a CPU but with the same results", type(error).__name__, first)
+        return None
+
+
+def _alone_references(ops) -> int:
+    """The reference count of a gradient that only autograd hands to a C++ node: that of a sum
+    formed by a multiplication's backward, which nothing else can hold."""
+    record = torch.zeros(1, dtype=torch.float64)
+    x = torch.zeros(4, requires_grad=True)
+    with torch.enable_grad():
+        (ops.probe(x, record) * 2).sum().backward()
+    return int(record[0])
