@@ -228,7 +228,10 @@ class RepresentationBoundary(nn.Module):
         # The compiled one-view node's state (native.py; layout in csrc/sum_at_view.cpp), made on first use.
         self._native_state: Optional[torch.Tensor] = None
         self._native_flags: Optional[np.ndarray] = None
-        self._native_pending = False
+        self._held_state: Optional[torch.Tensor] = None
+        self._held_flags: Optional[np.ndarray] = None
+        self._held_unsettled = False
+        self._native_pending: Optional[str] = None  # "view" or "held": this step's forward chose that node
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
         # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
         # summed over DDP's group, which must be the boundary's.
@@ -249,7 +252,36 @@ class RepresentationBoundary(nn.Module):
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
+        ops = native_ops() if self._between_sums_at(z.device) else None
+        if ops is not None:
+            return self._native_held(ops, z)
         return _Replicate.apply(z, self)
+
+    def _between_sums_at(self, device: torch.device) -> bool:
+        """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
+        that neither gathers statistics nor reads a sum), decided in forward as backward would."""
+        if self.statistics != "previous" or not _reads_on_host(device) or self._passthrough or self._elementwise:
+            return False
+        return self._in_flight is None and not self._statistics_due_at(self._gather_for_log)
+
+    def _native_held(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """A :meth:`_between_sums` step on the compiled node (native.py): the same sum with the held
+        coefficients, the same checks, with no Python in backward. The balancer's step is counted
+        here, :meth:`objective` passes the losses' verdict, and what backward found (non-finite
+        gradients left out, non-finite losses to report) is acted on when the boundary is next read
+        (:meth:`_settle_native`)."""
+        tasks = self.num_tasks
+        if self._held_state is None:
+            self._held_state = torch.zeros(_HELD_FLAGS + 3 * tasks, dtype=torch.float64)
+            self._held_flags = self._held_state.numpy()
+        flags = self._held_flags
+        flags[1] = flags[2] = 0.0
+        self._gather_for_log = False  # as _statistics_due() would
+        coefficients = [float(c) for c in self._coefficients_between_sums()]
+        self._native_pending, self._held_unsettled = "held", True
+        self._record.backward_clock = _NativeClock(flags, 1)
+        self.balancer.step += 1
+        return tuple(ops.held_sum(z, coefficients, float(tasks) if self.reduction == "sum" else 1.0, self._held_state))
 
     def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """A :meth:`_sum_at_view` step on the compiled node (``native.py``): what
@@ -261,18 +293,31 @@ class RepresentationBoundary(nn.Module):
             self._native_flags = self._native_state.numpy()  # the same memory, read and written without torch
         flags = self._native_flags
         flags[4] = flags[5] = 0.0
-        self._native_pending = True
-        self._record.backward_clock = _NativeClock(flags)
+        self._native_pending = "view"
+        self._record.backward_clock = _NativeClock(flags, 4)
         self.balancer.step += 1
         view = ops.sum_at_view(z, self._coefficient_at_view(), self._native_state)
         return tuple(view for _ in range(self.num_tasks))
 
     def _settle_native(self) -> None:
-        """The warning for the last native step's non-finite sum, if it had one."""
+        """Acts on what the last native backward found: the warning for a one-view step's non-finite
+        sum; a step between sums' non-finite losses (reported with the next sum) and the gradients
+        it left out."""
         flags = self._native_flags
         if flags is not None and flags[2]:
             flags[2] = 0.0
             self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
+        flags = self._held_flags
+        if not self._held_unsettled or flags[2] == 0.0:  # none pending, or its backward has not run
+            return
+        self._held_unsettled = False
+        tasks = self.num_tasks
+        loss_finite, had_gradient, left_out = (flags[_HELD_FLAGS + i * tasks : _HELD_FLAGS + (i + 1) * tasks] for i in range(3))
+        self._unreported |= (had_gradient != 0) & (loss_finite == 0)
+        spent = int(flags[5])
+        self._warn_left_out([k for k in range(tasks) if left_out[k]], spent if spent >= 0 else None, bool(flags[6]))
+        if flags[4]:
+            self.balancer.warn("(all)", "overflow", _OVERFLOW)
 
     def _sum_at_view(self, device: torch.device) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
@@ -377,10 +422,17 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
         if not self.enabled:
             return losses.mean()
-        if self._native_pending:  # the compiled node reads the losses' verdict from its state
-            self._native_pending = False
+        pending, self._native_pending = self._native_pending, None
+        if pending == "view":  # the compiled nodes read the losses' verdict from their state
             bad = self._losses_at_view(losses.detach())
             self._native_flags[0], self._native_flags[1] = 1.0, 0.0 if bad else 1.0
+            return self.balancer.before_backward(losses)
+        if pending == "held":
+            record = self._record
+            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+            tasks = self.num_tasks
+            self._held_flags[_HELD_FLAGS : _HELD_FLAGS + tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
+            self._held_flags[0] = 1.0
             return self.balancer.before_backward(losses)
         self._record.losses = losses.detach()
         self._record.skipped_tasks = []
@@ -447,6 +499,7 @@ class RepresentationBoundary(nn.Module):
         self._balancer = balancer
         fixed = balancer.weights_without_statistics()
         self._equal_constant_weights = fixed is not None and len({float(c) for c in fixed}) == 1  # autograd_sums' case
+        self._elementwise = _is_elementwise(balancer)
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
         # DDP averages their gradients and ``.to(device)`` moves them (in place, so the balancer's
         # own references stay valid).
@@ -816,20 +869,24 @@ class RepresentationBoundary(nn.Module):
         first = next((k for k, ok in enumerate(usable) if ok), None)
         spent = first if first is not None and first < len(donated) and donated[first] else None
         finite = [g is not None and k != spent and all_finite(g) for k, g in enumerate(grads)]
-        names, warn = self.balancer.task_names, self.balancer.warn
-        for k in range(self.num_tasks):
-            if usable[k] and not finite[k] and k != spent:
-                warn(names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
-        if spent is not None:
-            others_bad = any(usable[k] and not finite[k] for k in range(self.num_tasks) if k != spent)
-            why = "summed with a non-finite gradient of another task before the check" if others_bad else "non-finite gradient at z on this rank"
-            warn(names[spent], "nonfinite_grad", f"{why}: left out of this step")
+        bad = [k for k in range(self.num_tasks) if usable[k] and not finite[k] and k != spent]
+        self._warn_left_out(bad, spent, bool(bad))
         keep = [bool(usable[k] and finite[k]) for k in range(self.num_tasks)]
         aggregated = rule(keep, ())
         if not math.isfinite(aggregated.sum().item()):
-            warn("(all)", "overflow", "the aggregate at z overflowed on this rank: its whole contribution is left out of this step")
+            self.balancer.warn("(all)", "overflow", _OVERFLOW)
             aggregated.zero_()
         return aggregated
+
+    def _warn_left_out(self, bad: Sequence[int], spent: Optional[int], others_bad: bool) -> None:
+        """Warnings for the tasks whose non-finite gradient was left out, and for the task whose
+        gradient the sum had been formed in (``spent``), left out with them."""
+        names, warn = self.balancer.task_names, self.balancer.warn
+        for k in bad:
+            warn(names[k], "nonfinite_grad", "non-finite gradient at z on this rank: left out of this step")
+        if spent is not None:
+            why = "summed with a non-finite gradient of another task before the check" if others_bad else "non-finite gradient at z on this rank"
+            warn(names[spent], "nonfinite_grad", f"{why}: left out of this step")
 
     def telemetry(self) -> dict:
         """The last step's values (weights, norms, cosines, method-specific), for logging."""
@@ -839,7 +896,9 @@ class RepresentationBoundary(nn.Module):
         return self.balancer.telemetry(self._record.stats)
 
 
-_NATIVE_STATE_SIZE = 6
+_NATIVE_STATE_SIZE = 6  # the one-view node's state (csrc/sum_at_view.cpp)
+_HELD_FLAGS = 7  # the between-sums node's state before its per-task flags (csrc/sum_at_view.cpp)
+_OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
 _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
                           "whole contribution is left out of this step")
 
@@ -847,11 +906,11 @@ _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with th
 class _NativeClock:
     """The compiled node's span in one backward, from its state (0 until that backward has run)."""
 
-    def __init__(self, flags: np.ndarray) -> None:
-        self.flags = flags
+    def __init__(self, flags: np.ndarray, start: int) -> None:
+        self.flags, self.start = flags, start  # start and end at flags[start], flags[start + 1]
 
     def seconds(self) -> float:
-        return max(float(self.flags[5] - self.flags[4]), 0.0)
+        return max(float(self.flags[self.start + 1] - self.flags[self.start]), 0.0)
 
 
 class _Ready:

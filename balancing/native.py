@@ -39,7 +39,7 @@ def _build() -> Optional[object]:
         log.info("building Concord's native boundary node (once per machine, ~30 s)")
         ops = cpp_extension.load_inline(
             "concord_sum_at_view", cpp_sources=[_SOURCE.read_text()],
-            functions=["sum_at_view", "probe", "set_alone_references"], extra_cflags=["-O3"],
+            functions=["sum_at_view", "held_sum", "probe", "set_alone_references"], extra_cflags=["-O3"],
         )
         ops.set_alone_references(_alone_references(ops))
         return ops

@@ -70,7 +70,126 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
   }
 };
 
+// Layout of HeldSum's `state` (float64, 7 + 3T): [0] objective() was called, [1] and [2] start and
+// end (seconds), [3] out: the sum was formed in the first task's gradient, [4] out: the sum
+// overflowed with every gradient finite, [5] out: the task whose gradient the sum was formed in when
+// it was left out with a non-finite one (-1: none), [6] out: another task's gradient was not finite
+// then; from 7, T flags each: the losses were finite (in), the task had a gradient (out), the task's
+// gradient was not finite and was left out (out).
+constexpr int kHeldFlags = 7;
+
+// The sum over the tasks `keep` of c_k G_k, in place in G_first when `donate_first`; undefined if
+// no task is kept. The same operations, in the same order, as concord.balancing.base.weighted_sum.
+at::Tensor weighted_sum(const std::vector<at::Tensor>& grads, const std::vector<double>& c,
+                        const std::vector<bool>& keep, int64_t first, bool donate_first) {
+  at::Tensor out;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (!keep[k]) continue;
+    if (!out.defined()) {
+      if (static_cast<int64_t>(k) == first && donate_first) {
+        out = c[k] == 1.0 ? grads[k] : grads[k].mul_(c[k]);
+      } else {
+        out = grads[k].mul(c[k]);
+      }
+    } else {
+      out.add_(grads[k], c[k]);
+    }
+  }
+  return out;
+}
+
+bool all_finite(const at::Tensor& t) {
+  auto [low, high] = at::aminmax(t);
+  return std::isfinite(low.item<double>()) && std::isfinite(high.item<double>());
+}
+
+// A step between two sums of a lagged coefficient rule (RepresentationBoundary._between_sums):
+// T views of z; backward forms sum_k c_k G_k with the held coefficients over the tasks with a
+// gradient and a finite loss, and where that sum is not finite, forms it again without the tasks
+// whose gradient is not finite (RepresentationBoundary._checked), then scales it by `final_scale`.
+struct HeldSum : public torch::autograd::Function<HeldSum> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& z, std::vector<double> coefficients,
+                               double final_scale, at::Tensor state) {
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["coefficients"] = coefficients;
+    ctx->saved_data["final_scale"] = final_scale;
+    ctx->saved_data["state"] = state;
+    variable_list views;
+    for (size_t k = 0; k < coefficients.size(); ++k) views.push_back(z.view_as(z));
+    return views;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+    double* state = ctx->saved_data["state"].toTensor().data_ptr<double>();
+    state[1] = now();
+    TORCH_CHECK(state[0] != 0.0,
+                "RepresentationBoundary.objective(losses) must be called before backward so the balancer sees the task losses");
+    state[0] = 0.0;
+    const std::vector<double> c = ctx->saved_data["coefficients"].toDoubleVector();
+    const int64_t tasks = static_cast<int64_t>(c.size());
+    double* loss_finite = state + kHeldFlags;
+    double* had_gradient = loss_finite + tasks;
+    double* left_out = had_gradient + tasks;
+    std::vector<at::Tensor> grads(incoming.begin(), incoming.end());
+    incoming.clear();
+    int64_t first = -1;
+    std::vector<bool> usable(tasks);
+    for (int64_t k = 0; k < tasks; ++k) {
+      had_gradient[k] = grads[k].defined() ? 1.0 : 0.0;
+      left_out[k] = 0.0;
+      usable[k] = grads[k].defined() && loss_finite[k] != 0.0;
+      if (first < 0 && grads[k].defined()) first = k;
+    }
+    variable_list result(4);
+    if (first < 0) {
+      state[2] = now();
+      return result;
+    }
+    const at::Tensor& g = grads[first];
+    const bool donated = alone_references > 0 && g.use_count() <= alone_references && g.storage().use_count() == 1 &&
+                         g.is_contiguous();
+    int64_t first_usable = -1;
+    for (int64_t k = 0; k < tasks && first_usable < 0; ++k) if (usable[k]) first_usable = k;
+    const bool donate = donated && first_usable == first;
+    state[3] = donate ? 1.0 : 0.0;
+    state[4] = 0.0;
+    state[5] = -1.0;
+    state[6] = 0.0;
+    at::Tensor out = weighted_sum(grads, c, usable, first, donate);
+    if (out.defined() && !std::isfinite(out.sum().item<double>())) {
+      const int64_t spent = donate ? first : -1;
+      std::vector<bool> keep(tasks);
+      bool others_bad = false;
+      for (int64_t k = 0; k < tasks; ++k) {
+        const bool finite = grads[k].defined() && k != spent && all_finite(grads[k]);
+        if (usable[k] && !finite && k != spent) {
+          left_out[k] = 1.0;
+          others_bad = true;
+        }
+        keep[k] = usable[k] && finite;
+      }
+      state[5] = static_cast<double>(spent);
+      state[6] = others_bad ? 1.0 : 0.0;
+      out = weighted_sum(grads, c, keep, first, false);
+      if (out.defined() && !std::isfinite(out.sum().item<double>())) {
+        state[4] = 1.0;
+        out.zero_();
+      }
+    }
+    if (!out.defined()) out = at::zeros_like(g);
+    const double final_scale = ctx->saved_data["final_scale"].toDouble();
+    if (final_scale != 1.0) out.mul_(final_scale);
+    result[0] = out;
+    state[2] = now();
+    return result;
+  }
+};
+
 }  // namespace
+
+variable_list held_sum(const at::Tensor& z, std::vector<double> coefficients, double final_scale, at::Tensor state) {
+  return HeldSum::apply(z, coefficients, final_scale, state);
+}
 
 at::Tensor probe(const at::Tensor& x, at::Tensor record) { return Probe::apply(x, record); }
 
