@@ -208,6 +208,13 @@ class RepresentationBoundary(nn.Module):
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
+        # The compiled nodes' states (native.py; layouts in csrc/sum_at_view.cpp), made on first use.
+        self._native_state: Optional[torch.Tensor] = None
+        self._native_flags: Optional[np.ndarray] = None
+        self._held_state: Optional[torch.Tensor] = None
+        self._held_flags: Optional[np.ndarray] = None
+        self._held_unsettled = False
+        self._native_pending: Optional[str] = None  # "view" or "held": this step's forward chose that node
         _alone_references()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
@@ -225,13 +232,6 @@ class RepresentationBoundary(nn.Module):
         # training, the cost baseline for `concord bench`); objective() then returns the mean loss.
         self.enabled = True
         self._record = _StepRecord()
-        # The compiled one-view node's state (native.py; layout in csrc/sum_at_view.cpp), made on first use.
-        self._native_state: Optional[torch.Tensor] = None
-        self._native_flags: Optional[np.ndarray] = None
-        self._held_state: Optional[torch.Tensor] = None
-        self._held_flags: Optional[np.ndarray] = None
-        self._held_unsettled = False
-        self._native_pending: Optional[str] = None  # "view" or "held": this step's forward chose that node
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
         # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
         # summed over DDP's group, which must be the boundary's.
@@ -408,6 +408,7 @@ class RepresentationBoundary(nn.Module):
 
     def _unreported_losses(self) -> np.ndarray:
         """The non-finite losses not yet reported, the device's flags folded in (a host read)."""
+        self._settle_native()
         if self._unreported_on_device is not None:
             self._unreported |= self._unreported_on_device.cpu().numpy()
             self._unreported_on_device = None
@@ -483,6 +484,8 @@ class RepresentationBoundary(nn.Module):
 
     @balancer.setter
     def balancer(self, balancer: Balancer) -> None:
+        if hasattr(self, "_balancer"):
+            self._settle_native()  # with the balancer whose step it was
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
         if self.statistics_requested == "auto" or self.statistics_every_requested == "auto":

@@ -1,12 +1,13 @@
-"""The boundary's one-view step as a C++ autograd node (``csrc/sum_at_view.cpp``).
+"""The boundary's cheapest steps as C++ autograd nodes (``csrc/sum_at_view.cpp``).
 
-On a CPU, where the boundary lets autograd sum the task gradients (``autograd_sums``), all its backward
-does is scale that sum and check it; a Python node costs more than that arithmetic, in the engine's
-call into the interpreter and in the interpreter itself. PyTorch has no native node that scales a
-gradient, so this one is compiled once per machine by PyTorch's own extension builder (a C++
-compiler and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions``
-by default). Where it cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
-node, after one warning that says why: the results are the same.
+On a CPU most steps' backward is small arithmetic: where autograd sums the task gradients
+(``autograd_sums``), scaling that sum and checking it; between a lagged rule's sums, the held
+coefficients' weighted sum and its check. A Python node costs more than that arithmetic, in the
+engine's call into the interpreter and in the interpreter itself, and PyTorch has no native node that
+does it, so these are compiled once per machine by PyTorch's own extension builder (a C++ compiler
+and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by
+default). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
+nodes, after one warning that says why: the results are the same.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ _built: dict = {}
 
 
 def native_ops() -> Optional[object]:
-    """The compiled module (``sum_at_view(z, coefficient, state)``), built on first use; None where it
-    cannot be built or ``CONCORD_NATIVE=0``."""
+    """The compiled module (``sum_at_view``, ``held_sum``), built on first use; None where it cannot be
+    built or ``CONCORD_NATIVE=0``."""
     if "ops" not in _built:
         _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
     return _built["ops"]

@@ -1,10 +1,12 @@
-// The backward of the boundary's one-view step (RepresentationBoundary, autograd_sums) as a C++
-// autograd node: autograd has summed the task gradients at the view; this node scales that sum by the
-// step's coefficient (in place when nothing else holds it) and leaves the rank's whole contribution
-// out if a task loss or the sum is not finite. The Python node it replaces spent more time in the
-// interpreter than in this arithmetic (docs/performance.md). The Python side reads the outcome from
-// `state` (float64): [0] objective() was called, [1] the losses were finite, [2] out: the sum was not
-// finite, [3] out: the sum was scaled in place, [4] and [5] out: start and end (steady clock, seconds).
+// The backward of the boundary's cheapest steps as C++ autograd nodes (concord/balancing/native.py);
+// the Python nodes they replace spent more time in the interpreter than in this arithmetic
+// (docs/performance.md). Each does what its Python node does, the same operations in the same order.
+//
+// SumAtView, the one-view step (RepresentationBoundary, autograd_sums): autograd has summed the task
+// gradients at the view; the node scales that sum by the step's coefficient (in place when nothing
+// else holds it) and leaves the rank's whole contribution out if a task loss or the sum is not finite.
+// Its `state` (float64): [0] objective() was called, [1] the losses were finite, [2] out: the sum was
+// not finite, [3] out: the sum was scaled in place, [4] and [5] out: start and end (seconds).
 #include <torch/extension.h>
 
 #include <chrono>
