@@ -25,6 +25,23 @@ double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// A node's backward starts: its state, its start time stamped at state[clock], and the check that
+// objective() ran for this step (state[0], consumed).
+double* start_backward(AutogradContext* ctx, int clock) {
+  double* state = ctx->saved_data["state"].toTensor().data_ptr<double>();
+  state[clock] = now();
+  TORCH_CHECK(state[0] != 0.0,
+              "RepresentationBoundary.objective(losses) must be called before backward so the balancer sees the task losses");
+  state[0] = 0.0;
+  return state;
+}
+
+// Nothing but autograd's buffers and this node holds `g` (no other reference, no view of its storage):
+// a sum may be formed in it, as autograd accumulates in place.
+bool given_up(const at::Tensor& g) {
+  return alone_references > 0 && g.use_count() <= alone_references && g.storage().use_count() == 1 && g.is_contiguous();
+}
+
 struct Probe : public torch::autograd::Function<Probe> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::Tensor record) {
     ctx->saved_data["record"] = record;
@@ -46,15 +63,10 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    double* state = ctx->saved_data["state"].toTensor().data_ptr<double>();
-    state[4] = now();
-    TORCH_CHECK(state[0] != 0.0,
-                "RepresentationBoundary.objective(losses) must be called before backward so the balancer sees the task losses");
-    state[0] = 0.0;
+    double* state = start_backward(ctx, 4);
     at::Tensor total = grads[0];
     grads.clear();
-    const bool donated = alone_references > 0 && total.use_count() <= alone_references &&
-                         total.storage().use_count() == 1 && total.is_contiguous();
+    const bool donated = given_up(total);
     const double coefficient = ctx->saved_data["coefficient"].toDouble();
     at::Tensor aggregated = total;
     if (coefficient != 1.0) {
@@ -122,11 +134,7 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list incoming) {
-    double* state = ctx->saved_data["state"].toTensor().data_ptr<double>();
-    state[1] = now();
-    TORCH_CHECK(state[0] != 0.0,
-                "RepresentationBoundary.objective(losses) must be called before backward so the balancer sees the task losses");
-    state[0] = 0.0;
+    double* state = start_backward(ctx, 1);
     const std::vector<double> c = ctx->saved_data["coefficients"].toDoubleVector();
     const int64_t tasks = static_cast<int64_t>(c.size());
     double* loss_finite = state + kHeldFlags;
@@ -148,8 +156,7 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
       return result;
     }
     const at::Tensor& g = grads[first];
-    const bool donated = alone_references > 0 && g.use_count() <= alone_references && g.storage().use_count() == 1 &&
-                         g.is_contiguous();
+    const bool donated = given_up(g);
     int64_t first_usable = -1;
     for (int64_t k = 0; k < tasks && first_usable < 0; ++k) if (usable[k]) first_usable = k;
     const bool donate = donated && first_usable == first;
