@@ -209,10 +209,7 @@ class RepresentationBoundary(nn.Module):
         super().__init__()
         self.num_tasks = balancer.num_tasks
         # The compiled nodes' states (native.py; layouts in csrc/sum_at_view.cpp), made on first use.
-        self._native_state: Optional[torch.Tensor] = None
-        self._native_flags: Optional[np.ndarray] = None
-        self._held_state: Optional[torch.Tensor] = None
-        self._held_flags: Optional[np.ndarray] = None
+        self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array)
         self._held_unsettled = False
         self._native_pending: Optional[str] = None  # "view" or "held": this step's forward chose that node
         _alone_references()
@@ -266,53 +263,49 @@ class RepresentationBoundary(nn.Module):
 
     def _native_held(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """A :meth:`_between_sums` step on the compiled node (native.py): the same sum with the held
-        coefficients, the same checks, with no Python in backward. The balancer's step is counted
-        here, :meth:`objective` passes the losses' verdict, and what backward found (non-finite
-        gradients left out, non-finite losses to report) is acted on when the boundary is next read
-        (:meth:`_settle_native`)."""
-        tasks = self.num_tasks
-        if self._held_state is None:
-            self._held_state = torch.zeros(_HELD_FLAGS + 3 * tasks, dtype=torch.float64)
-            self._held_flags = self._held_state.numpy()
-        flags = self._held_flags
-        flags[1] = flags[2] = 0.0
+        coefficients and the same checks, with no Python in backward. :meth:`objective` passes it the
+        losses' verdict; what it found (non-finite gradients left out, non-finite losses to report)
+        is acted on when the boundary is next read (:meth:`_settle_native`)."""
         self._gather_for_log = False  # as _statistics_due() would
         coefficients = [float(c) for c in self._coefficients_between_sums()]
-        self._native_pending, self._held_unsettled = "held", True
-        self._record.backward_clock = _NativeClock(flags, 1)
-        self.balancer.step += 1
-        return tuple(ops.held_sum(z, coefficients, float(tasks) if self.reduction == "sum" else 1.0, self._held_state))
+        state = self._start_native_step("held")
+        self._held_unsettled = True
+        return tuple(ops.held_sum(z, coefficients, float(self.num_tasks) if self.reduction == "sum" else 1.0, state))
 
     def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """A :meth:`_sum_at_view` step on the compiled node (``native.py``): what
-        :meth:`_balance_sum_at_view` does, with no Python in backward. So the balancer's step is
-        counted here, :meth:`objective` checks the losses, and a non-finite sum is warned of when the
-        boundary is next used (:meth:`_settle_native`)."""
-        if self._native_state is None:
-            self._native_state = torch.zeros(_NATIVE_STATE_SIZE, dtype=torch.float64)
-            self._native_flags = self._native_state.numpy()  # the same memory, read and written without torch
-        flags = self._native_flags
-        flags[4] = flags[5] = 0.0
-        self._native_pending = "view"
-        self._record.backward_clock = _NativeClock(flags, 4)
-        self.balancer.step += 1
-        view = ops.sum_at_view(z, self._coefficient_at_view(), self._native_state)
+        """A :meth:`_sum_at_view` step on the compiled node (native.py): what
+        :meth:`_balance_sum_at_view` does, with no Python in backward. :meth:`objective` checks the
+        losses; a non-finite sum is warned of when the boundary is next read (:meth:`_settle_native`)."""
+        view = ops.sum_at_view(z, self._coefficient_at_view(), self._start_native_step("view"))
         return tuple(view for _ in range(self.num_tasks))
+
+    def _start_native_step(self, node: str) -> torch.Tensor:
+        """This step's ``node`` ("view" or "held"): its state (made on first use; its layout in
+        csrc/sum_at_view.cpp), its clock, and the balancer's step, counted now (its backward runs no
+        Python)."""
+        if node not in self._native:
+            state = torch.zeros(_NATIVE_LAYOUT[node][0] + (3 * self.num_tasks if node == "held" else 0), dtype=torch.float64)
+            self._native[node] = (state, state.numpy())  # the NumPy view is read and written without torch
+        state, flags = self._native[node]
+        clock = _NATIVE_LAYOUT[node][1]
+        flags[clock] = flags[clock + 1] = 0.0
+        self._native_pending = node
+        self._record.backward_clock = _NativeClock(flags, clock)
+        self.balancer.step += 1
+        return state
 
     def _settle_native(self) -> None:
         """Acts on what the last native backward found: the warning for a one-view step's non-finite
         sum; a step between sums' non-finite losses (reported with the next sum) and the gradients
         it left out."""
-        flags = self._native_flags
-        if flags is not None and flags[2]:
-            flags[2] = 0.0
+        if "view" in self._native and self._native["view"][1][2]:
+            self._native["view"][1][2] = 0.0
             self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
-        flags = self._held_flags
-        if not self._held_unsettled or flags[2] == 0.0:  # none pending, or its backward has not run
+        if not self._held_unsettled or self._native["held"][1][2] == 0.0:  # none pending, or its backward has not run
             return
         self._held_unsettled = False
-        tasks = self.num_tasks
-        loss_finite, had_gradient, left_out = (flags[_HELD_FLAGS + i * tasks : _HELD_FLAGS + (i + 1) * tasks] for i in range(3))
+        flags, tasks, first = self._native["held"][1], self.num_tasks, _NATIVE_LAYOUT["held"][0]
+        loss_finite, had_gradient, left_out = (flags[first + i * tasks : first + (i + 1) * tasks] for i in range(3))
         self._unreported |= (had_gradient != 0) & (loss_finite == 0)
         spent = int(flags[5])
         self._warn_left_out([k for k in range(tasks) if left_out[k]], spent if spent >= 0 else None, bool(flags[6]))
@@ -424,16 +417,16 @@ class RepresentationBoundary(nn.Module):
         if not self.enabled:
             return losses.mean()
         pending, self._native_pending = self._native_pending, None
-        if pending == "view":  # the compiled nodes read the losses' verdict from their state
-            bad = self._losses_at_view(losses.detach())
-            self._native_flags[0], self._native_flags[1] = 1.0, 0.0 if bad else 1.0
-            return self.balancer.before_backward(losses)
-        if pending == "held":
-            record = self._record
-            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
-            tasks = self.num_tasks
-            self._held_flags[_HELD_FLAGS : _HELD_FLAGS + tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
-            self._held_flags[0] = 1.0
+        if pending is not None:  # a compiled node reads the losses' verdict from its state
+            flags = self._native[pending][1]
+            if pending == "view":
+                flags[1] = 0.0 if self._losses_at_view(losses.detach()) else 1.0
+            else:
+                record = self._record
+                record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+                first = _NATIVE_LAYOUT["held"][0]
+                flags[first : first + self.num_tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
+            flags[0] = 1.0
             return self.balancer.before_backward(losses)
         self._record.losses = losses.detach()
         self._record.skipped_tasks = []
@@ -899,8 +892,9 @@ class RepresentationBoundary(nn.Module):
         return self.balancer.telemetry(self._record.stats)
 
 
-_NATIVE_STATE_SIZE = 6  # the one-view node's state (csrc/sum_at_view.cpp)
-_HELD_FLAGS = 7  # the between-sums node's state before its per-task flags (csrc/sum_at_view.cpp)
+# The compiled nodes' states (csrc/sum_at_view.cpp): their fixed part's size (the between-sums node
+# adds 3 flags a task) and where their clock's start is (its end follows).
+_NATIVE_LAYOUT = {"view": (6, 4), "held": (7, 1)}
 _OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
 _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
                           "whole contribution is left out of this step")
