@@ -37,7 +37,7 @@ def _build() -> Optional[object]:
     from torch.utils import cpp_extension
 
     try:
-        log.info("building Concord's native boundary node (once per machine, ~30 s)")
+        log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
         ops = cpp_extension.load_inline(
             "concord_sum_at_view", cpp_sources=[_SOURCE.read_text()],
             functions=["sum_at_view", "held_sum", "probe", "set_alone_references"], extra_cflags=["-O3"],
