@@ -56,6 +56,8 @@ class _StepRecord:
     skipped_tasks: List[str] = field(default_factory=list)
     backward_clock: Optional[Clock] = None
     comm_seconds: float = 0.0
+    native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
+    held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
 
 def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
@@ -210,8 +212,6 @@ class RepresentationBoundary(nn.Module):
         self.num_tasks = balancer.num_tasks
         # The compiled nodes' states (native.py; layouts in csrc/sum_at_view.cpp), made on first use.
         self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array)
-        self._held_unsettled = False
-        self._native_pending: Optional[str] = None  # "view" or "held": this step's forward chose that node
         _alone_references()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
@@ -266,10 +266,11 @@ class RepresentationBoundary(nn.Module):
         coefficients and the same checks, with no Python in backward. :meth:`objective` passes it the
         losses' verdict; what it found (non-finite gradients left out, non-finite losses to report)
         is acted on when the boundary is next read (:meth:`_settle_native`)."""
-        self._gather_for_log = False  # as _statistics_due() would
+        if self._gather_for_log:  # consumed, as _statistics_due() would (nn.Module's setattr is slow: only if set)
+            self._gather_for_log = False
         coefficients = [float(c) for c in self._coefficients_between_sums()]
         state = self._start_native_step("held")
-        self._held_unsettled = True
+        self._record.held_unsettled = True
         return tuple(ops.held_sum(z, coefficients, float(self.num_tasks) if self.reduction == "sum" else 1.0, state))
 
     def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -289,7 +290,7 @@ class RepresentationBoundary(nn.Module):
         state, flags = self._native[node]
         clock = _NATIVE_LAYOUT[node][1]
         flags[clock] = flags[clock + 1] = 0.0
-        self._native_pending = node
+        self._record.native_node = node
         self._record.backward_clock = _NativeClock(flags, clock)
         self.balancer.step += 1
         return state
@@ -301,9 +302,10 @@ class RepresentationBoundary(nn.Module):
         if "view" in self._native and self._native["view"][1][2]:
             self._native["view"][1][2] = 0.0
             self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
-        if not self._held_unsettled or self._native["held"][1][2] == 0.0:  # none pending, or its backward has not run
+        record = self._record
+        if not record.held_unsettled or self._native["held"][1][2] == 0.0:  # none pending, or its backward has not run
             return
-        self._held_unsettled = False
+        record.held_unsettled = False
         flags, tasks, first = self._native["held"][1], self.num_tasks, _NATIVE_LAYOUT["held"][0]
         loss_finite, had_gradient, left_out = (flags[first + i * tasks : first + (i + 1) * tasks] for i in range(3))
         self._unreported |= (had_gradient != 0) & (loss_finite == 0)
@@ -416,20 +418,20 @@ class RepresentationBoundary(nn.Module):
             raise ValueError(f"expected {self.num_tasks} task losses, got shape {tuple(losses.shape)}")
         if not self.enabled:
             return losses.mean()
-        pending, self._native_pending = self._native_pending, None
+        record = self._record
+        pending, record.native_node = record.native_node, None
         if pending is not None:  # a compiled node reads the losses' verdict from its state
             flags = self._native[pending][1]
             if pending == "view":
                 flags[1] = 0.0 if self._losses_at_view(losses.detach()) else 1.0
             else:
-                record = self._record
                 record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
                 first = _NATIVE_LAYOUT["held"][0]
                 flags[first : first + self.num_tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
             flags[0] = 1.0
             return self.balancer.before_backward(losses)
-        self._record.losses = losses.detach()
-        self._record.skipped_tasks = []
+        record.losses = losses.detach()
+        record.skipped_tasks = []
         return self.balancer.before_backward(losses)
 
     @property
