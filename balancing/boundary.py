@@ -59,6 +59,10 @@ class _StepRecord:
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
+    def losses_used(self) -> None:
+        """A step that reads no sum: its losses consumed, no wait for a reduction, no task skipped."""
+        self.losses, self.comm_seconds, self.skipped_tasks = None, 0.0, []
+
 
 def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
     """Python references to each gradient, as counted from a custom Function's ``backward(ctx, *grads)``."""
@@ -344,8 +348,7 @@ class RepresentationBoundary(nn.Module):
     def _losses_at_view(self, losses: torch.Tensor) -> List[int]:
         """A one-view step's losses, the record cleared: the tasks whose loss is not finite, warned of
         and reported with the next sum (their sum with the others leaves the rank's contribution out)."""
-        record = self._record
-        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        self._record.losses_used()
         bad = [k for k, loss in enumerate(losses.tolist()) if not math.isfinite(loss)]
         for k in bad:
             self._unreported[k] = True
@@ -425,7 +428,7 @@ class RepresentationBoundary(nn.Module):
             if pending == "view":
                 flags[1] = 0.0 if self._losses_at_view(losses.detach()) else 1.0
             else:
-                record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+                record.losses_used()
                 first = _NATIVE_LAYOUT["held"][0]
                 flags[first : first + self.num_tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
             flags[0] = 1.0
@@ -765,9 +768,8 @@ class RepresentationBoundary(nn.Module):
 
     def _read_sum(self, previous) -> Tuple[Optional[StepStats], bool]:
         """The sum of ``previous`` (None: nothing in flight); the bool says the step is to be skipped."""
-        record = self._record
         if previous is None:
-            record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+            self._record.losses_used()
             return None, False
         stats = self._wait(previous)
         if self._skip_for_nonfinite_loss(stats):
@@ -796,8 +798,7 @@ class RepresentationBoundary(nn.Module):
         """A step that neither gathers statistics nor reads a sum: the held coefficients over this
         rank's tasks with a gradient and a finite loss."""
         usable = self._usable_from_losses(grads)
-        record = self._record
-        record.losses, record.comm_seconds, record.skipped_tasks = None, 0.0, []
+        self._record.losses_used()
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
     def _balance_lagged_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
