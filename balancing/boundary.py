@@ -592,15 +592,20 @@ class RepresentationBoundary(nn.Module):
             )
         return start
 
-    def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True):
+    def _cross_terms(self) -> bool:
+        """Whether this step's Gram has its off-diagonal products: they feed the weights of most
+        methods and the logged cosines."""
+        return self.balancer.needs_cross_terms or self.balancer.telemetry_due
+
+    def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True, products: Optional[torch.Tensor] = None):
         """This rank's statistics, their sum over ranks started; and this rank's usable tasks, as a
-        NumPy array (``on_host``) or as flags on the gradients' device (packed there, no host read)."""
-        # The Gram's off-diagonal products feed the weights of most methods and the logged cosines.
-        cross_terms = self.balancer.needs_cross_terms or self.balancer.telemetry_due
+        NumPy array (``on_host``) or as flags on the gradients' device (packed there, no host read).
+        ``products``: the Gram's entries, already formed (on a CPU)."""
+        cross_terms = self._cross_terms()
         extra = self.balancer.local_extra(grads, z)
         seen, self.balancer.squared_norms_seen = self.balancer.squared_norms_seen, None
         if on_host:
-            packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
+            packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen, products)
             usable = usable_here(np.array([g is not None for g in grads]), packed)
         else:
             packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
@@ -660,23 +665,72 @@ class RepresentationBoundary(nn.Module):
             return self._balance_elementwise_on_device(grads, z, template, start)
         if not on_host:
             return self._balance_lagged_on_device(grads, z, template, start)
-        if not self._statistics_due():
-            if self._in_flight is None:
-                return self._between_sums(grads, start, donated)
-            usable, pending = self._usable_from_losses(grads), None
-        else:
-            self._report_unreported()
-            usable, pending = self._start_statistics(grads, z, template)
-        stats, skip = self._read_last_sum(pending)
+        if self._statistics_due():
+            return self._statistics_step(grads, z, template, start, donated)
+        if self._in_flight is None:
+            return self._between_sums(grads, start, donated)
+        usable = self._usable_from_losses(grads)
+        stats, skip = self._read_last_sum(None)
         if skip:
             start.stop()
             return torch.zeros_like(template)
         if stats is not None:
             self._hold(stats)
+        return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
+
+    def _statistics_step(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
+        """A lagged coefficient rule's step that gathers statistics, on a CPU. The last sum, if one is
+        in flight (it has arrived), is read first, so that its coefficients form this step's sum in
+        the same pass over the gradients as this step's Gram (:meth:`_statistics_and_sum`)."""
+        stats, skip = self._read_sum_ahead()
+        if stats is not None and not skip:
+            self._hold(stats)
+        self._report_unreported()
         coefficients = self._coefficients_between_sums()
-        if pending is not None:  # this step's statistics have read every gradient: ``usable`` is exact
-            return self._finish(weighted_sum(grads, coefficients, usable, donated), start)
-        return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
+        usable, pending, aggregated = self._statistics_and_sum(grads, z, template, None if skip else coefficients, donated)
+        self._in_flight = pending
+        self._record.losses = None
+        if skip:
+            start.stop()
+            return torch.zeros_like(template)
+        if aggregated is None:  # this step's statistics have read every gradient: ``usable`` is exact
+            aggregated = weighted_sum(grads, coefficients, usable, donated)
+        return self._finish(aggregated, start)
+
+    def _statistics_and_sum(self, grads, z, template: torch.Tensor, coefficients: Optional[Sequence[float]],
+                            donated: Sequence[bool] = ()):
+        """:meth:`_start_statistics` on a CPU, with ``sum_k c_k G_k`` (``coefficients``) over this rank's
+        usable tasks formed in the same pass over the gradients as the Gram's dot products, where the
+        compiled pass (native.py) applies: float32 or float64 gradients, a rule with no statistics
+        of its own (``local_extra``) and no diagonal already known. The sum is formed in the first
+        gradient where autograd gave it up (``donated``), as :func:`weighted_sum` would. Returns the
+        usable tasks, the statistics in flight and that sum, or None where it was not formed (the
+        pass does not apply; or a task's gradient proved non-finite, and the sum is to be formed
+        again over the usable tasks)."""
+        ops = None
+        if coefficients is not None and self.balancer.squared_norms_seen is None and type(self.balancer).local_extra is Balancer.local_extra:
+            ops = native_ops()
+        tasks = [k for k, g in enumerate(grads) if g is not None]
+        present = [grads[k] for k in tasks]
+        if ops is None or present[0].dtype not in (torch.float32, torch.float64) or not all(
+            g.dtype == present[0].dtype and g.is_contiguous() for g in present
+        ):
+            return (*self._start_statistics(grads, z, template), None)
+        losses = self._record.losses.tolist()
+        keep = [math.isfinite(losses[k]) for k in tasks]
+        donate = tasks[0] < len(donated) and donated[tasks[0]]
+        aggregated, products = ops.gram_and_sum(present, [float(coefficients[k]) for k in tasks], keep,
+                                                self._cross_terms(), donate)
+        usable, pending = self._start_statistics(grads, z, template, products=products)
+        if [bool(usable[k]) for k in tasks] == keep:
+            return usable, pending, aggregated
+        if donate and keep[0] and usable[tasks[0]]:
+            # The sum was formed in the first task's gradient, now gone: left out with the non-finite ones.
+            self._warn_left_out([], tasks[0], True)
+            usable_now = usable.copy()
+            usable_now[tasks[0]] = False
+            return usable, pending, weighted_sum(grads, coefficients, usable_now)
+        return usable, pending, None
 
     def _balance_elementwise(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
         """:meth:`_balance_lagged` for an element-wise rule (CoGrad): every step's aggregate is formed
@@ -719,6 +773,7 @@ class RepresentationBoundary(nn.Module):
         else:
             usable = self._usable_from_losses(grads) if on_host else self._usable_on_device(grads)
         self._in_flight = pending
+        self._record.losses = None  # consumed: a next step without objective() is refused
         return usable, pending is not None, skip
 
     def _usable_from_losses(self, grads) -> List[bool]:

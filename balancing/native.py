@@ -1,4 +1,5 @@
-"""The boundary's cheapest steps as C++ autograd nodes (``csrc/sum_at_view.cpp``).
+"""The boundary's cheapest steps as C++ autograd nodes (``csrc/sum_at_view.cpp``), and its
+statistics steps' pass over the gradients (``csrc/statistics_pass.cpp``).
 
 On a CPU most steps' backward is small arithmetic: where autograd sums the task gradients
 (``autograd_sums``), scaling that sum and checking it; between a lagged rule's sums, the held
@@ -8,6 +9,11 @@ does it, so these are compiled once per machine by PyTorch's own extension build
 and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by
 default). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
 nodes, after one warning that says why: the results are the same.
+
+A lagged rule's statistics step reads the task gradients for the Gram's dot products and again for
+the weighted sum; ``gram_and_sum`` does both in one pass, a block at a time (the same sum, bit for
+bit; the dot products summed in float64 across blocks, where ``torch.dot`` sums in the gradients'
+dtype).
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "sum_at_view.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sum_at_view.cpp", "statistics_pass.cpp")]
 _built: dict = {}
 
 
 def native_ops() -> Optional[object]:
-    """The compiled module (``sum_at_view``, ``held_sum``), built on first use; None where it cannot be
+    """The compiled module (``sum_at_view``, ``held_sum``, ``gram_and_sum``), built on first use; None where it cannot be
     built or ``CONCORD_NATIVE=0``."""
     if "ops" not in _built:
         _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
@@ -39,8 +45,8 @@ def _build() -> Optional[object]:
     try:
         log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
         ops = cpp_extension.load_inline(
-            "concord_sum_at_view", cpp_sources=[_SOURCE.read_text()],
-            functions=["sum_at_view", "held_sum", "probe", "set_alone_references"], extra_cflags=["-O3"],
+            "concord_boundary", cpp_sources=[source.read_text() for source in _SOURCES],
+            functions=["sum_at_view", "held_sum", "gram_and_sum", "probe", "set_alone_references"], extra_cflags=["-O3"],
         )
         ops.set_alone_references(_alone_references(ops))
         return ops

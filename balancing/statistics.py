@@ -78,6 +78,7 @@ def local_statistics(
     extra: Optional[torch.Tensor] = None,
     cross_terms: bool = True,
     squared_norms: Optional[torch.Tensor] = None,
+    products: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Packs this rank's statistics into one float64 tensor ``[B^2 Gram, B L, bad gradient, B, extra]``.
 
@@ -87,7 +88,9 @@ def local_statistics(
     doubles as the finiteness check without another pass over the gradients. With ``cross_terms``
     False only the T diagonal products are taken (the off-diagonal entries are sent as 0).
     ``squared_norms``: the diagonal already computed (``||G_k||^2`` of the present gradients, in
-    task order, from a balancer's own pass over them), taken instead of those dot products.
+    task order, from a balancer's own pass over them), taken instead of those dot products;
+    ``products``: all the Gram's entries already formed (float64, in :func:`_gram_pairs`' order, from
+    a pass that also formed the step's sum), taken instead of any.
 
     The dot products, losses and extras reach the host in one copy (one synchronisation on a GPU);
     the T x T bookkeeping is then done on Python floats, which at this size cost a fraction of what
@@ -96,7 +99,11 @@ def local_statistics(
     t = len(grads)
     flat, pairs, known = _gram_plan(grads, cross_terms, squared_norms)
     parts = [] if squared_norms is None else [squared_norms.detach().reshape(-1)]
-    if len(pairs) > known:
+    if products is not None:
+        if products.numel() != len(pairs):
+            raise ValueError(f"products has {products.numel()} entries for {len(pairs)} Gram entries")
+        parts = [products]
+    elif len(pairs) > known:
         parts.append(torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs[known:]]))
     parts.append(losses.detach().reshape(-1))
     if extra is not None:

@@ -1084,8 +1084,7 @@ def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
 def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog):
     """MultiBalance every 3 steps, summed reduction: an absent head, a non-finite loss (reported with
     the next sum) and a non-finite gradient (left out) give the same bits, the same reports and the
-    same warnings on the compiled node as on the Python one."""
-    import concord.balancing.boundary as module
+    same warnings on the compiled node as on the Python one (the statistics steps alike in both)."""
     from concord.balancing.native import native_ops
 
     if native_ops() is None:
@@ -1098,7 +1097,7 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
         for t, grads in enumerate(_random_steps(44, 12)):
             with monkeypatch.context() as patch:
                 if not native:
-                    patch.setattr(module, "native_ops", lambda: None)
+                    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, device: False)
                 z = torch.zeros_like(grads[0], requires_grad=True)
                 views = boundary(z)
                 losses = [(v * g).sum() for v, g in zip(views, grads)]
@@ -1122,3 +1121,88 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert unreported_a.tolist() == unreported_b.tolist() and step_a == step_b
     assert native[1] == python[1] and sum(native[1]) > 0
+
+
+class _CountingOps:
+    """The compiled module with its statistics pass counted."""
+
+    def __init__(self, ops) -> None:
+        self.ops, self.passes, self.donated = ops, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def gram_and_sum(self, *args):
+        self.passes += 1
+        self.donated += bool(args[-1])  # the sum formed in the first gradient
+        return self.ops.gram_and_sum(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_statistics_pass_forms_the_python_statistics_steps_sum(monkeypatch, caplog, dtype):
+    """A lagged rule's statistics steps on the compiled pass (the Gram and the sum in one read of the
+    gradients) give the Python statistics step's sum bit for bit, its Gram up to the dot products'
+    rounding (summed in float64 across blocks there, in the gradients' dtype by ``torch.dot``), and
+    the same tasks left out: an absent head, a non-finite loss, a non-finite gradient. Fixed weights,
+    statistics on every step (every step is logged)."""
+    import concord.balancing.boundary as module
+    from concord.balancing.native import native_ops
+
+    if native_ops() is None:
+        pytest.skip("the native pass cannot be built on this machine (a C++ compiler and ninja are needed)")
+    generator = torch.Generator().manual_seed(45)
+    steps = [[(torch.randn(67, 129, generator=generator, dtype=torch.float64) * s).to(dtype) for s in (1.0, 20.0, 0.3)]
+             for _ in range(8)]
+
+    def run(ops):
+        monkeypatch.setattr(module, "native_ops", lambda: ops)
+        boundary = RepresentationBoundary(build_balancer("fixed", TASKS, weights=[0.5, 0.3, 0.2]), statistics="previous")
+        out = []
+        for t, grads in enumerate(steps):
+            z = torch.zeros_like(grads[0], requires_grad=True)
+            views = boundary(z)
+            losses = [(v * g).sum() for v, g in zip(views, grads)]
+            if t == 2:
+                losses[2] = losses[2].detach()  # head c absent
+            if t == 4:
+                losses[1] = losses[1] * float("nan")
+            if t == 6:
+                losses[0] = losses[0] + torch.sqrt(views[0][3, 1] * 0)  # a NaN in G_a alone
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+                boundary.objective(torch.stack(losses)).backward()
+            out.append((z.grad.clone(), boundary.last_stats, caplog.text.count("left out") + caplog.text.count("skipped")))
+        return out
+
+    counting = _CountingOps(native_ops())
+    native, python = run(counting), run(None)
+    assert counting.passes == len(steps) and counting.donated > 0
+    for t, ((a, stats_a, warned_a), (b, stats_b, warned_b)) in enumerate(zip(native, python)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {t}")
+        assert warned_a == warned_b, t
+        if stats_b is not None:
+            assert stats_a.active.tolist() == stats_b.active.tolist(), t
+            scale = float(np.max(np.diagonal(stats_b.gram)))
+            np.testing.assert_allclose(stats_a.gram, stats_b.gram, rtol=1e-5, atol=1e-6 * scale)
+    # G_a left out at step 6, the others summed; the statistics that say so are read one step later.
+    assert native[6][0].abs().sum() > 0 and not native[7][1].active[0] and native[7][1].active[1:].all()
+
+
+def test_a_statistics_step_formed_in_a_given_up_gradient_leaves_it_out_with_a_non_finite_one(monkeypatch, caplog):
+    """On the compiled pass a statistics step's sum is formed in the first task's gradient, which
+    autograd gave up; if another task's gradient then proves non-finite, the first one is gone too:
+    both are left out (the first with a warning naming it) and the third is summed alone."""
+    import concord.balancing.boundary as module
+    from concord.balancing.native import native_ops
+
+    if native_ops() is None:
+        pytest.skip("the native pass cannot be built on this machine (a C++ compiler and ninja are needed)")
+    counting = _CountingOps(native_ops())
+    monkeypatch.setattr(module, "native_ops", lambda: counting)
+    boundary = RepresentationBoundary(build_balancer("fixed", TASKS, weights=[0.5, 0.3, 0.2]), statistics="previous")
+    grads = _random_steps(46, 1)[0]
+    with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+        got = _backward_through(boundary, grads, nonfinite=(1,))
+    assert counting.passes == 1 and counting.donated == 1
+    torch.testing.assert_close(got, 0.2 * grads[2], rtol=0, atol=0)
+    assert "'a': summed with a non-finite gradient of another task before the check: left out" in caplog.text
