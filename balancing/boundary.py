@@ -214,7 +214,7 @@ class RepresentationBoundary(nn.Module):
     ) -> None:
         super().__init__()
         self.num_tasks = balancer.num_tasks
-        # The compiled nodes' states (native.py; layouts in csrc/sum_at_view.cpp), made on first use.
+        # The compiled nodes' states (native.py; layouts in csrc/nodes.cpp), made on first use.
         self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array)
         _alone_references()
         self.use_statistics(statistics, statistics_every)
@@ -286,7 +286,7 @@ class RepresentationBoundary(nn.Module):
 
     def _start_native_step(self, node: str) -> torch.Tensor:
         """This step's ``node`` ("view" or "held"): its state (made on first use; its layout in
-        csrc/sum_at_view.cpp), its clock, and the balancer's step, counted now (its backward runs no
+        csrc/nodes.cpp), its clock, and the balancer's step, counted now (its backward runs no
         Python)."""
         if node not in self._native:
             state = torch.zeros(_NATIVE_LAYOUT[node][0] + (3 * self.num_tasks if node == "held" else 0), dtype=torch.float64)
@@ -950,7 +950,7 @@ class RepresentationBoundary(nn.Module):
         return self.balancer.telemetry(self._record.stats)
 
 
-# The compiled nodes' states (csrc/sum_at_view.cpp): their fixed part's size (the between-sums node
+# The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node
 # adds 3 flags a task) and where their clock's start is (its end follows).
 _NATIVE_LAYOUT = {"view": (6, 4), "held": (7, 1)}
 _OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"

@@ -1,5 +1,5 @@
-"""The boundary's cheapest steps as C++ autograd nodes (``csrc/sum_at_view.cpp``), and its
-statistics steps' pass over the gradients (``csrc/statistics_pass.cpp``).
+"""The boundary's cheapest steps as C++ autograd nodes (``csrc/nodes.cpp``), and its passes over the
+task gradients (``csrc/passes.cpp``).
 
 On a CPU most steps' backward is small arithmetic: where autograd sums the task gradients
 (``autograd_sums``), scaling that sum and checking it; between a lagged rule's sums, the held
@@ -10,10 +10,11 @@ and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_e
 default). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
 nodes, after one warning that says why: the results are the same.
 
-A lagged rule's statistics step reads the task gradients for the Gram's dot products and again for
-the weighted sum; ``gram_and_sum`` does both in one pass, a block at a time (the same sum, bit for
-bit; the dot products summed in float64 across blocks, where ``torch.dot`` sums in the gradients'
-dtype).
+Torch's ops read the gradients once per operation: the sum's ``mul`` and ``add_``, its check, and on a
+lagged rule's statistics step the Gram's dot products. The passes read each gradient once, a block
+at a time: the same sum, bit for bit; the check asks whether every element is finite (the Python
+node's, whether their sum is: they differ only where a finite aggregate's sum overflows); the dot
+products are summed in float64 across blocks, where ``torch.dot`` sums in the gradients' dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sum_at_view.cpp", "statistics_pass.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("passes.cpp", "nodes.cpp")]  # in this order: nodes.cpp uses passes.cpp
 _built: dict = {}
 
 

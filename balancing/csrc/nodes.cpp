@@ -1,6 +1,8 @@
 // The backward of the boundary's cheapest steps as C++ autograd nodes (concord/balancing/native.py);
 // the Python nodes they replace spent more time in the interpreter than in this arithmetic
-// (docs/performance.md). Each does what its Python node does, the same operations in the same order.
+// (docs/performance.md). Each does what its Python node does, the same operations in the same order,
+// the sum and its check in one pass over the gradients where passes.cpp takes them (the check then
+// asks whether every element is finite; the Python node's, whether their sum is).
 //
 // SumAtView, the one-view step (RepresentationBoundary, autograd_sums): autograd has summed the task
 // gradients at the view; the node scales that sum by the step's coefficient (in place when nothing
@@ -69,11 +71,16 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
     const bool donated = given_up(total);
     const double coefficient = ctx->saved_data["coefficient"].toDouble();
     at::Tensor aggregated = total;
-    if (coefficient != 1.0) {
-      aggregated = donated ? total.mul_(coefficient) : total.mul(coefficient);
+    bool sum_finite = true;
+    if (coefficient != 1.0 && concord::passable({total})) {
+      aggregated = donated ? total : at::empty_like(total);
+      sum_finite = concord::sum_pass({total}, {coefficient}, {true}, aggregated, {}, nullptr, true);
+    } else {
+      if (coefficient != 1.0) aggregated = donated ? total.mul_(coefficient) : total.mul(coefficient);
+      sum_finite = std::isfinite(aggregated.sum().item<double>());
     }
     const bool losses_finite = state[1] != 0.0;
-    const bool finite = losses_finite && std::isfinite(aggregated.sum().item<double>());
+    const bool finite = losses_finite && sum_finite;
     if (!finite) {
       aggregated = (aggregated.is_same(total) && !donated) ? at::zeros_like(total) : aggregated.zero_();
     }
@@ -109,6 +116,29 @@ at::Tensor weighted_sum(const std::vector<at::Tensor>& grads, const std::vector<
       out.add_(grads[k], c[k]);
     }
   }
+  return out;
+}
+
+// weighted_sum, and whether every element of the sum is finite (`finite`), in one pass where
+// passes.cpp takes the kept gradients, else with torch's ops and the check that their sum is finite.
+at::Tensor checked_sum(const std::vector<at::Tensor>& grads, const std::vector<double>& c, const std::vector<bool>& keep,
+                       int64_t first, bool donate_first, bool* finite) {
+  std::vector<at::Tensor> kept;
+  std::vector<double> kept_c;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (keep[k]) {
+      kept.push_back(grads[k]);
+      kept_c.push_back(c[k]);
+    }
+  }
+  if (!concord::passable(kept)) {
+    at::Tensor out = weighted_sum(grads, c, keep, first, donate_first);
+    *finite = !out.defined() || std::isfinite(out.sum().item<double>());
+    return out;
+  }
+  // weighted_sum forms the sum in G_first when it is the first kept gradient and given up.
+  at::Tensor out = (donate_first && kept[0].is_same(grads[first])) ? grads[first] : at::empty_like(kept[0]);
+  *finite = concord::sum_pass(kept, kept_c, std::vector<bool>(kept.size(), true), out, {}, nullptr, true);
   return out;
 }
 
@@ -164,8 +194,9 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
     state[4] = 0.0;
     state[5] = -1.0;
     state[6] = 0.0;
-    at::Tensor out = weighted_sum(grads, c, usable, first, donate);
-    if (out.defined() && !std::isfinite(out.sum().item<double>())) {
+    bool finite = true;
+    at::Tensor out = checked_sum(grads, c, usable, first, donate, &finite);
+    if (out.defined() && !finite) {
       const int64_t spent = donate ? first : -1;
       std::vector<bool> keep(tasks);
       bool others_bad = false;

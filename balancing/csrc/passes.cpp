@@ -1,0 +1,149 @@
+// The boundary's passes over the task gradients on a CPU (concord/balancing/native.py), a block at a
+// time, so that each gradient is read once: the weighted sum A = sum_k c_k G_k, with the Gram's dot
+// products of a lagged rule's statistics step (gram_and_sum) or with the check that every element of
+// A is finite (the compiled nodes in nodes.cpp, which this file precedes in one translation unit).
+// Torch's own ops read the gradients once for each mul, add_, dot and sum (docs/performance.md).
+//
+// The sum does what concord.balancing.base.weighted_sum does, element by element: G_first * c (c
+// rounded to the gradients' dtype, as ATen rounds a Python scalar), then one fused multiply-add per
+// further task, as ATen's add_(g, alpha) does where its kernels are vectorised. The dot products are
+// summed in lanes of the gradients' dtype within a block and in float64 across blocks.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+namespace concord {
+
+constexpr int64_t kBlock = 2048;  // elements a task per block: T blocks stay in the first-level cache
+constexpr int kLanes = 16;
+
+using Pairs = std::vector<std::pair<int, int>>;
+
+template <typename T>
+inline __attribute__((always_inline)) bool block_pass(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                      const std::vector<bool>& keep, T* out, int64_t n, const Pairs& pairs,
+                                                      double* products, bool check) {
+  const int tasks = static_cast<int>(g.size());
+  std::vector<double> total(pairs.size(), 0.0);
+  T nonfinite = 0;  // x * 0 is 0 for a finite x and NaN for an inf or a NaN
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    for (size_t p = 0; p < pairs.size(); ++p) {
+      const T* a = g[pairs[p].first] + start;
+      const T* b = g[pairs[p].second] + start;
+      T lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+      double block = 0.0;
+      for (; i < len; ++i) block += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+      for (int l = 0; l < kLanes; ++l) block += static_cast<double>(lanes[l]);
+      total[p] += block;
+    }
+    if (out == nullptr) continue;
+    T* o = out + start;
+    bool first = true;
+    for (int k = 0; k < tasks; ++k) {
+      if (!keep[k]) continue;
+      const T* gk = g[k] + start;
+      const T ck = c[k];
+      if (first) {
+        for (int64_t i = 0; i < len; ++i) o[i] = gk[i] * ck;
+        first = false;
+      } else {
+        for (int64_t i = 0; i < len; ++i) o[i] = std::fma(gk[i], ck, o[i]);
+      }
+    }
+    if (check) {
+      T lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += o[i + l] * T(0);
+      for (; i < len; ++i) lanes[0] += o[i] * T(0);
+      for (int l = 0; l < kLanes; ++l) nonfinite += lanes[l];
+    }
+  }
+  std::copy(total.begin(), total.end(), products);
+  return nonfinite == 0;
+}
+
+#if defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx2,fma"))) bool block_pass_fma(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                        const std::vector<bool>& keep, T* out, int64_t n,
+                                                        const Pairs& pairs, double* products, bool check) {
+  return block_pass<T>(g, c, keep, out, n, pairs, products, check);
+}
+bool has_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+template <typename T>
+bool block_pass_fma(const std::vector<const T*>& g, const std::vector<T>& c, const std::vector<bool>& keep, T* out,
+                    int64_t n, const Pairs& pairs, double* products, bool check) {
+  return block_pass<T>(g, c, keep, out, n, pairs, products, check);
+}
+bool has_fma() { return true; }  // std::fma is an instruction on the other architectures PyTorch ships for
+#endif
+
+template <typename T>
+bool typed_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients, const std::vector<bool>& keep,
+                const at::Tensor& out, const Pairs& pairs, double* products, bool check) {
+  std::vector<const T*> g;
+  for (const auto& t : grads) g.push_back(t.data_ptr<T>());
+  std::vector<T> c(coefficients.begin(), coefficients.end());
+  T* o = out.defined() ? out.data_ptr<T>() : nullptr;
+  static const bool with_fma = has_fma();
+  if (with_fma) return block_pass_fma<T>(g, c, keep, o, grads[0].numel(), pairs, products, check);
+  return block_pass<T>(g, c, keep, o, grads[0].numel(), pairs, products, check);
+}
+
+// Whether sum_pass takes `tensors`: contiguous CPU float32 or float64 tensors of one dtype and shape.
+bool passable(const std::vector<at::Tensor>& tensors) {
+  if (tensors.empty()) return false;
+  const auto dtype = tensors[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  for (const auto& t : tensors) {
+    if (!t.device().is_cpu() || !t.is_contiguous() || t.scalar_type() != dtype || t.sizes() != tensors[0].sizes()) return false;
+  }
+  return true;
+}
+
+// out = sum over the tasks `keep` of c_k G_k (`out` may be the first kept gradient, read before it is
+// written, block by block; undefined: no sum); `products` gets the Gram's entries `pairs`. Returns,
+// with `check`, whether every element of out is finite.
+bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients, const std::vector<bool>& keep,
+              const at::Tensor& out, const Pairs& pairs, double* products, bool check) {
+  if (grads[0].scalar_type() == at::kFloat) return typed_pass<float>(grads, coefficients, keep, out, pairs, products, check);
+  return typed_pass<double>(grads, coefficients, keep, out, pairs, products, check);
+}
+
+}  // namespace concord
+
+// A lagged rule's statistics step (RepresentationBoundary._statistics_and_sum). `grads`: the present
+// task gradients (see concord::passable); `keep`: those the sum takes, with `coefficients`, formed in
+// grads[0] where `donate_first` and it is kept. Returns the sum (undefined if no task is kept) and the
+// Gram's entries in float64: <G_k, G_k> for each, then (`cross_terms`) <G_i, G_j> for i < j, the order
+// of concord.balancing.statistics._gram_pairs.
+std::vector<at::Tensor> gram_and_sum(std::vector<at::Tensor> grads, std::vector<double> coefficients, std::vector<bool> keep,
+                                     bool cross_terms, bool donate_first) {
+  TORCH_CHECK(grads.size() == coefficients.size() && grads.size() == keep.size(),
+              "gram_and_sum: one coefficient and one keep flag per gradient");
+  TORCH_CHECK(concord::passable(grads), "gram_and_sum: contiguous CPU float32 or float64 gradients of one shape");
+  const int tasks = static_cast<int>(grads.size());
+  concord::Pairs pairs;
+  for (int k = 0; k < tasks; ++k) pairs.emplace_back(k, k);
+  if (cross_terms)
+    for (int i = 0; i < tasks; ++i)
+      for (int j = i + 1; j < tasks; ++j) pairs.emplace_back(i, j);
+  at::Tensor products = at::empty({static_cast<int64_t>(pairs.size())}, at::kDouble);
+  at::Tensor out;
+  if (donate_first && keep[0]) {
+    out = grads[0];
+  } else if (std::find(keep.begin(), keep.end(), true) != keep.end()) {
+    out = at::empty_like(grads[0]);
+  }
+  concord::sum_pass(grads, coefficients, keep, out, pairs, products.data_ptr<double>(), false);
+  return {out, products};
+}
