@@ -43,12 +43,19 @@ def native_ops() -> Optional[object]:
 def _build() -> Optional[object]:
     from torch.utils import cpp_extension
 
+    log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
+    sources = [source.read_text() for source in _SOURCES]
+    functions = ["sum_at_view", "held_sum", "gram_and_sum", "probe", "set_alone_references"]
     try:
-        log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
-        ops = cpp_extension.load_inline(
-            "concord_boundary", cpp_sources=[source.read_text() for source in _SOURCES],
-            functions=["sum_at_view", "held_sum", "gram_and_sum", "probe", "set_alone_references"], extra_cflags=["-O3"],
-        )
+        try:
+            # The passes share their blocks among torch's intra-op threads through at::parallel_for,
+            # which is OpenMP in torch's CPU wheels: without -fopenmp it runs on one thread.
+            ops = cpp_extension.load_inline("concord_boundary", cpp_sources=sources, functions=functions,
+                                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the passes on one thread
+            log.info("building Concord's native nodes without OpenMP (%s)", str(error).strip().splitlines()[:1])
+            ops = cpp_extension.load_inline("concord_boundary_serial", cpp_sources=sources, functions=functions,
+                                            extra_cflags=["-O3"])
         ops.set_alone_references(_alone_references(ops))
         return ops
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, no headers: the Python node is exact

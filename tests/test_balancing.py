@@ -1206,3 +1206,26 @@ def test_a_statistics_step_formed_in_a_given_up_gradient_leaves_it_out_with_a_no
     assert counting.passes == 1 and counting.donated == 1
     torch.testing.assert_close(got, 0.2 * grads[2], rtol=0, atol=0)
     assert "'a': summed with a non-finite gradient of another task before the check: left out" in caplog.text
+
+
+def test_the_compiled_pass_gives_the_same_bits_on_any_number_of_threads():
+    """The pass shares its blocks among torch's threads; each block's dot products are summed in block
+    order, so one thread and two give the same Gram and the same sum (a size torch would split)."""
+    from concord.balancing.native import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native pass cannot be built on this machine (a C++ compiler and ninja are needed)")
+    generator = torch.Generator().manual_seed(47)
+    grads = [torch.randn(300, 1001, generator=generator) * s for s in (1.0, 20.0, 0.3)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(ops.gram_and_sum(grads, [0.2, 0.5, 0.3], [True, True, True], True, False))
+    finally:
+        torch.set_num_threads(threads)
+    (sum_1, gram_1), (sum_2, gram_2) = results
+    assert torch.equal(sum_1, sum_2) and torch.equal(gram_1, gram_2)
+    assert torch.equal(sum_1, weighted_sum(grads, [0.2, 0.5, 0.3], [True, True, True]))

@@ -22,26 +22,29 @@ constexpr int kLanes = 16;
 
 using Pairs = std::vector<std::pair<int, int>>;
 
+// Blocks [begin, end): block b's dot products go to products_by_block[b * pairs.size() + p], and
+// (with `check`) the sum over its elements x of x * 0, which is 0 for finite x and NaN for an inf or
+// a NaN, to checks_by_block[b].
 template <typename T>
-inline __attribute__((always_inline)) bool block_pass(const std::vector<const T*>& g, const std::vector<T>& c,
-                                                      const std::vector<bool>& keep, T* out, int64_t n, const Pairs& pairs,
-                                                      double* products, bool check) {
+inline __attribute__((always_inline)) void blocks(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                  const std::vector<bool>& keep, T* out, int64_t n, const Pairs& pairs,
+                                                  double* products_by_block, T* checks_by_block, bool check,
+                                                  int64_t begin, int64_t end) {
   const int tasks = static_cast<int>(g.size());
-  std::vector<double> total(pairs.size(), 0.0);
-  T nonfinite = 0;  // x * 0 is 0 for a finite x and NaN for an inf or a NaN
-  for (int64_t start = 0; start < n; start += kBlock) {
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
     for (size_t p = 0; p < pairs.size(); ++p) {
-      const T* a = g[pairs[p].first] + start;
-      const T* b = g[pairs[p].second] + start;
+      const T* x = g[pairs[p].first] + start;
+      const T* y = g[pairs[p].second] + start;
       T lanes[kLanes] = {};
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+        for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * y[i + l];
       double block = 0.0;
-      for (; i < len; ++i) block += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+      for (; i < len; ++i) block += static_cast<double>(x[i]) * static_cast<double>(y[i]);
       for (int l = 0; l < kLanes; ++l) block += static_cast<double>(lanes[l]);
-      total[p] += block;
+      products_by_block[b * pairs.size() + p] = block;
     }
     if (out == nullptr) continue;
     T* o = out + start;
@@ -63,30 +66,45 @@ inline __attribute__((always_inline)) bool block_pass(const std::vector<const T*
       for (; i + kLanes <= len; i += kLanes)
         for (int l = 0; l < kLanes; ++l) lanes[l] += o[i + l] * T(0);
       for (; i < len; ++i) lanes[0] += o[i] * T(0);
+      T nonfinite = 0;
       for (int l = 0; l < kLanes; ++l) nonfinite += lanes[l];
+      checks_by_block[b] = nonfinite;
     }
   }
-  std::copy(total.begin(), total.end(), products);
-  return nonfinite == 0;
+}
+
+template <typename T>
+using BlocksFn = void (*)(const std::vector<const T*>&, const std::vector<T>&, const std::vector<bool>&, T*, int64_t,
+                          const Pairs&, double*, T*, bool, int64_t, int64_t);
+
+template <typename T>
+void blocks_plain(const std::vector<const T*>& g, const std::vector<T>& c, const std::vector<bool>& keep, T* out, int64_t n,
+                  const Pairs& pairs, double* products, T* checks, bool check, int64_t begin, int64_t end) {
+  blocks<T>(g, c, keep, out, n, pairs, products, checks, check, begin, end);
 }
 
 #if defined(__x86_64__)
 template <typename T>
-__attribute__((target("avx2,fma"))) bool block_pass_fma(const std::vector<const T*>& g, const std::vector<T>& c,
-                                                        const std::vector<bool>& keep, T* out, int64_t n,
-                                                        const Pairs& pairs, double* products, bool check) {
-  return block_pass<T>(g, c, keep, out, n, pairs, products, check);
+__attribute__((target("avx2,fma"))) void blocks_fma(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                    const std::vector<bool>& keep, T* out, int64_t n, const Pairs& pairs,
+                                                    double* products, T* checks, bool check, int64_t begin, int64_t end) {
+  blocks<T>(g, c, keep, out, n, pairs, products, checks, check, begin, end);
 }
 bool has_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+template <typename T>
+BlocksFn<T> blocks_here() {
+  return has_fma() ? blocks_fma<T> : blocks_plain<T>;
+}
 #else
 template <typename T>
-bool block_pass_fma(const std::vector<const T*>& g, const std::vector<T>& c, const std::vector<bool>& keep, T* out,
-                    int64_t n, const Pairs& pairs, double* products, bool check) {
-  return block_pass<T>(g, c, keep, out, n, pairs, products, check);
+BlocksFn<T> blocks_here() {
+  return blocks_plain<T>;  // std::fma is an instruction on the other architectures PyTorch ships for
 }
-bool has_fma() { return true; }  // std::fma is an instruction on the other architectures PyTorch ships for
 #endif
 
+// The blocks are shared among torch's intra-op threads, as torch's own element-wise ops are; each
+// block's dot products are kept apart and summed in block order, so the result does not depend on
+// the number of threads.
 template <typename T>
 bool typed_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients, const std::vector<bool>& keep,
                 const at::Tensor& out, const Pairs& pairs, double* products, bool check) {
@@ -94,9 +112,22 @@ bool typed_pass(const std::vector<at::Tensor>& grads, const std::vector<double>&
   for (const auto& t : grads) g.push_back(t.data_ptr<T>());
   std::vector<T> c(coefficients.begin(), coefficients.end());
   T* o = out.defined() ? out.data_ptr<T>() : nullptr;
-  static const bool with_fma = has_fma();
-  if (with_fma) return block_pass_fma<T>(g, c, keep, o, grads[0].numel(), pairs, products, check);
-  return block_pass<T>(g, c, keep, o, grads[0].numel(), pairs, products, check);
+  const int64_t n = grads[0].numel();
+  const int64_t count = (n + kBlock - 1) / kBlock;
+  std::vector<double> by_block(count * pairs.size(), 0.0);
+  std::vector<T> checks(count, T(0));
+  static const BlocksFn<T> run = blocks_here<T>();
+  at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock), [&](int64_t begin, int64_t end) {
+    run(g, c, keep, o, n, pairs, by_block.data(), checks.data(), check, begin, end);
+  });
+  for (size_t p = 0; p < pairs.size(); ++p) {
+    double total = 0.0;
+    for (int64_t b = 0; b < count; ++b) total += by_block[b * pairs.size() + p];
+    products[p] = total;
+  }
+  T nonfinite = 0;
+  for (const T x : checks) nonfinite += x;
+  return nonfinite == 0;
 }
 
 // Whether sum_pass takes `tensors`: contiguous CPU float32 or float64 tensors of one dtype and shape.
