@@ -53,7 +53,7 @@ def _build() -> Optional[object]:
             ops = cpp_extension.load_inline("concord_boundary", cpp_sources=sources, functions=functions,
                                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the passes on one thread
-            log.info("building Concord's native nodes without OpenMP (%s)", str(error).strip().splitlines()[:1])
+            log.info("building Concord's native nodes without OpenMP (%s)", (str(error).strip().splitlines() or [""])[0])
             ops = cpp_extension.load_inline("concord_boundary_serial", cpp_sources=sources, functions=functions,
                                             extra_cflags=["-O3"])
         ops.set_alone_references(_alone_references(ops))
