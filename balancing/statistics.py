@@ -98,13 +98,14 @@ def local_statistics(
     """
     t = len(grads)
     flat, pairs, known = _gram_plan(grads, cross_terms, squared_norms)
-    parts = [] if squared_norms is None else [squared_norms.detach().reshape(-1)]
     if products is not None:
         if products.numel() != len(pairs):
             raise ValueError(f"products has {products.numel()} entries for {len(pairs)} Gram entries")
         parts = [products]
-    elif len(pairs) > known:
-        parts.append(torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs[known:]]))
+    else:
+        parts = [] if squared_norms is None else [squared_norms.detach().reshape(-1)]
+        if len(pairs) > known:
+            parts.append(torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs[known:]]))
     parts.append(losses.detach().reshape(-1))
     if extra is not None:
         parts.append(extra.detach().reshape(-1))
