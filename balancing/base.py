@@ -161,6 +161,13 @@ class Balancer:
         gather none; None (the default) for rules that read the statistics."""
         return None
 
+    def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
+        """An element-wise rule's step between sums (lagged statistics, on a CPU) as the constants of
+        the boundary's compiled node (``csrc/nodes.cpp``, ``HeldSum``): ``(coefficients, gamma,
+        kappa, active)``, the last sum ``last`` giving ``kappa`` and the tasks ``active`` in it. None:
+        the step runs :meth:`aggregate` (the default; CoGrad's rule is the one the node implements)."""
+        return None
+
     def aggregate(
         self,
         grads: Sequence[Optional[torch.Tensor]],

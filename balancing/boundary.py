@@ -253,29 +253,40 @@ class RepresentationBoundary(nn.Module):
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
-        ops = native_ops() if self._between_sums_at(z.device) else None
+        rule = self._between_sums_at(z)
+        ops = native_ops() if rule else None
         if ops is not None:
-            return self._native_held(ops, z)
+            return self._native_held(ops, z, rule)
         return _Replicate.apply(z, self)
 
-    def _between_sums_at(self, device: torch.device) -> bool:
-        """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
-        that neither gathers statistics nor reads a sum), decided in forward as backward would."""
-        if self.statistics != "previous" or not _reads_on_host(device) or self._passthrough or self._elementwise:
-            return False
-        return self._in_flight is None and not self._statistics_due_at(self._gather_for_log)
+    def _between_sums_at(self, z: torch.Tensor) -> Optional[tuple]:
+        """Where this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step that
+        neither gathers statistics nor reads a sum) or an element-wise rule's step that does neither
+        and logs no telemetry, with constants the compiled node implements: those constants (see
+        :meth:`~Balancer.held_rule`). Decided in forward, as backward would."""
+        if self.statistics != "previous" or not _reads_on_host(z.device) or self._passthrough:
+            return None
+        if self._in_flight is not None or self._statistics_due_at(self._gather_for_log):
+            return None
+        if not self._elementwise:
+            return [float(c) for c in self._coefficients_between_sums()], [], 0.0, []
+        if (self.balancer.step + 1) % self.telemetry_every == 0:  # the rule's telemetry is due
+            return None
+        return self.balancer.held_rule(self._last_sum, z)
 
-    def _native_held(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """A :meth:`_between_sums` step on the compiled node (native.py): the same sum with the held
-        coefficients and the same checks, with no Python in backward. :meth:`objective` passes it the
-        losses' verdict; what it found (non-finite gradients left out, non-finite losses to report)
-        is acted on when the boundary is next read (:meth:`_settle_native`)."""
+    def _native_held(self, ops, z: torch.Tensor, rule: tuple) -> Tuple[torch.Tensor, ...]:
+        """A :meth:`_between_sums` step on the compiled node (native.py), or an element-wise rule's
+        between its sums (``rule``: its constants): the same aggregate and the same checks, with no
+        Python in backward. :meth:`objective` passes it the losses' verdict; what it found
+        (non-finite gradients left out, non-finite losses to report) is acted on when the boundary
+        is next read (:meth:`_settle_native`)."""
         if self._gather_for_log:  # consumed, as _statistics_due() would (nn.Module's setattr is slow: only if set)
             self._gather_for_log = False
-        coefficients = [float(c) for c in self._coefficients_between_sums()]
+        coefficients, gamma, kappa, active = rule
         state = self._start_native_step("held")
         self._record.held_unsettled = True
-        return tuple(ops.held_sum(z, coefficients, float(self.num_tasks) if self.reduction == "sum" else 1.0, state))
+        scale = float(self.num_tasks) if self.reduction == "sum" else 1.0
+        return tuple(ops.held_sum(z, coefficients, scale, state, gamma, kappa, [int(a) for a in active]))
 
     def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """A :meth:`_sum_at_view` step on the compiled node (native.py): what

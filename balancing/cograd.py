@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
+from .fused import MIN_FUSED_NUMEL
 from .statistics import StepStats
 
 
@@ -137,6 +138,16 @@ class CoGrad(Balancer):
             self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
             self.last_telemetry["bounded_share"] = bounded / (len(live) * aggregated.numel())
         return aggregated
+
+    def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
+        """Where this rule would run compiled (``fused``, gradients as large as ``MIN_FUSED_NUMEL``),
+        the boundary's compiled node forms it between sums instead, in one vectorised pass
+        (``csrc/passes.cpp``; the compiled rule's Python call and guards cost as much as its loop):
+        the same rule up to rounding, as the compiled rule is the eager one's, with the same verdicts
+        (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
+        if last is None or not self.fused or z.numel() < MIN_FUSED_NUMEL:
+            return None
+        return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()
 
     def aggregate_on_device(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, usable: torch.Tensor) -> torch.Tensor:
         """:meth:`aggregate` without a host read: the tasks active in the last sum and usable here (a

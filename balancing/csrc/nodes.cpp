@@ -9,6 +9,7 @@
 // else holds it) and leaves the rank's whole contribution out if a task loss or the sum is not finite.
 // Its `state` (float64): [0] objective() was called, [1] the losses were finite, [2] out: the sum was
 // not finite, [3] out: the sum was scaled in place, [4] and [5] out: start and end (seconds).
+#include <ATen/ScalarOps.h>
 #include <torch/extension.h>
 
 #include <chrono>
@@ -22,6 +23,10 @@ using torch::autograd::variable_list;
 // How many references a gradient that nothing but autograd's buffers and this node hold has, measured
 // once by `probe` (it depends on how the engine passes gradients to a C++ node).
 int64_t alone_references = -1;
+
+// A Python float as torch's Python API passes it to an op: a wrapped number. A C++ double passed as
+// a Scalar takes another kernel, which rounds half-precision products differently.
+at::Tensor number(double x) { return at::native::wrapped_scalar_tensor(x); }
 
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -76,7 +81,7 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
       aggregated = donated ? total : at::empty_like(total);
       sum_finite = concord::sum_pass({total}, {coefficient}, {true}, aggregated, {}, nullptr, true);
     } else {
-      if (coefficient != 1.0) aggregated = donated ? total.mul_(coefficient) : total.mul(coefficient);
+      if (coefficient != 1.0) aggregated = donated ? total.mul_(number(coefficient)) : total.mul(number(coefficient));
       sum_finite = std::isfinite(aggregated.sum().item<double>());
     }
     const bool losses_finite = state[1] != 0.0;
@@ -108,9 +113,9 @@ at::Tensor weighted_sum(const std::vector<at::Tensor>& grads, const std::vector<
     if (!keep[k]) continue;
     if (!out.defined()) {
       if (static_cast<int64_t>(k) == first && donate_first) {
-        out = c[k] == 1.0 ? grads[k] : grads[k].mul_(c[k]);
+        out = c[k] == 1.0 ? grads[k] : grads[k].mul_(number(c[k]));
       } else {
-        out = grads[k].mul(c[k]);
+        out = grads[k].mul(number(c[k]));
       }
     } else {
       out.add_(grads[k], c[k]);
@@ -142,22 +147,65 @@ at::Tensor checked_sum(const std::vector<at::Tensor>& grads, const std::vector<d
   return out;
 }
 
+// CoGrad's aggregate (concord.balancing.cograd.coordinated) over the tasks `keep`, formed in G_first
+// when `donate_first` and it is the first kept gradient, and whether every element is finite
+// (`finite`): in one pass where passes.cpp takes the kept gradients, else with torch's ops (the
+// eager rule's), checked by their sum.
+at::Tensor checked_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& c,
+                               const std::vector<double>& gamma, double kappa, const std::vector<bool>& keep, int64_t first,
+                               bool donate_first, bool* finite) {
+  std::vector<at::Tensor> kept;
+  std::vector<double> kept_c, kept_gamma;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (keep[k]) {
+      kept.push_back(grads[k]);
+      kept_c.push_back(c[k]);
+      kept_gamma.push_back(gamma[k]);
+    }
+  }
+  if (!concord::passable(kept)) {
+    at::Tensor s = kept[0] * number(kept_gamma[0]);
+    for (size_t j = 1; j < kept.size(); ++j) s = s + kept[j] * number(kept_gamma[j]);
+    at::Tensor out;
+    for (size_t k = 0; k < kept.size(); ++k) {
+      const at::Tensor factor = (s - kept[k] * number(kept_gamma[k])) * kept[k] * number(kappa);
+      const at::Tensor term = kept[k] * at::rsub(factor.clamp(-1.0, 1.0), 1.0) * number(kept_c[k]);
+      out = out.defined() ? out + term : term;
+    }
+    *finite = std::isfinite(out.sum().item<double>());
+    return out;
+  }
+  at::Tensor out = (donate_first && kept[0].is_same(grads[first])) ? grads[first] : at::empty_like(kept[0]);
+  *finite = concord::coordinated_pass(kept, kept_c, kept_gamma, kappa, out);
+  return out;
+}
+
 bool all_finite(const at::Tensor& t) {
   auto [low, high] = at::aminmax(t);
   return std::isfinite(low.item<double>()) && std::isfinite(high.item<double>());
 }
 
-// A step between two sums of a lagged coefficient rule (RepresentationBoundary._between_sums):
-// T views of z; backward forms sum_k c_k G_k with the held coefficients over the tasks with a
-// gradient and a finite loss, and where that sum is not finite, forms it again without the tasks
-// whose gradient is not finite (RepresentationBoundary._checked), then scales it by `final_scale`.
+// A step between two sums of a lagged rule (RepresentationBoundary._between_sums): T views of z;
+// backward forms sum_k c_k G_k with the held coefficients over the tasks with a gradient and a finite
+// loss, and where that sum is not finite, forms it again without the tasks whose gradient is not
+// finite (RepresentationBoundary._checked), then scales it by `final_scale`. With `gamma` (one a
+// task) and `kappa` != 0, the step of CoGrad's element-wise rule with the last sum's constants
+// (RepresentationBoundary._balance_elementwise): CoGrad's aggregate over the tasks `held` (active in
+// the last sum; empty: all) when every task with a gradient is taken, else, as CoGrad.aggregate
+// leaves such a step uncorrected, the plain sum.
 struct HeldSum : public torch::autograd::Function<HeldSum> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z, std::vector<double> coefficients,
-                               double final_scale, at::Tensor state) {
+                               double final_scale, at::Tensor state, std::vector<double> gamma, double kappa,
+                               std::vector<int64_t> held) {
+    TORCH_CHECK(gamma.empty() || gamma.size() == coefficients.size(), "held_sum: one gamma a task, or none");
+    TORCH_CHECK(held.empty() || held.size() == coefficients.size(), "held_sum: one held flag a task, or none");
     ctx->set_materialize_grads(false);
     ctx->saved_data["coefficients"] = coefficients;
     ctx->saved_data["final_scale"] = final_scale;
     ctx->saved_data["state"] = state;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["kappa"] = kappa;
+    ctx->saved_data["held"] = held;
     variable_list views;
     for (size_t k = 0; k < coefficients.size(); ++k) views.push_back(z.view_as(z));
     return views;
@@ -166,6 +214,9 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
   static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     double* state = start_backward(ctx, 1);
     const std::vector<double> c = ctx->saved_data["coefficients"].toDoubleVector();
+    const std::vector<double> gamma = ctx->saved_data["gamma"].toDoubleVector();
+    const double kappa = ctx->saved_data["kappa"].toDouble();
+    const std::vector<int64_t> held = ctx->saved_data["held"].toIntVector();
     const int64_t tasks = static_cast<int64_t>(c.size());
     double* loss_finite = state + kHeldFlags;
     double* had_gradient = loss_finite + tasks;
@@ -177,10 +228,10 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
     for (int64_t k = 0; k < tasks; ++k) {
       had_gradient[k] = grads[k].defined() ? 1.0 : 0.0;
       left_out[k] = 0.0;
-      usable[k] = grads[k].defined() && loss_finite[k] != 0.0;
+      usable[k] = grads[k].defined() && loss_finite[k] != 0.0 && (held.empty() || held[k] != 0);
       if (first < 0 && grads[k].defined()) first = k;
     }
-    variable_list result(4);
+    variable_list result(7);
     if (first < 0) {
       state[2] = now();
       return result;
@@ -194,8 +245,15 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
     state[4] = 0.0;
     state[5] = -1.0;
     state[6] = 0.0;
+    // CoGrad's rule applies where it takes every task with a gradient; else the plain sum.
+    const auto corrects = [&](const std::vector<bool>& keep) {
+      bool all = !gamma.empty() && kappa != 0.0;
+      for (int64_t k = 0; k < tasks; ++k) all = all && (keep[k] || !grads[k].defined());
+      return all;
+    };
     bool finite = true;
-    at::Tensor out = checked_sum(grads, c, usable, first, donate, &finite);
+    at::Tensor out = corrects(usable) ? checked_coordinated(grads, c, gamma, kappa, usable, first, donate, &finite)
+                                      : checked_sum(grads, c, usable, first, donate, &finite);
     if (out.defined() && !finite) {
       const int64_t spent = donate ? first : -1;
       std::vector<bool> keep(tasks);
@@ -210,15 +268,21 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
       }
       state[5] = static_cast<double>(spent);
       state[6] = others_bad ? 1.0 : 0.0;
-      out = weighted_sum(grads, c, keep, first, false);
-      if (out.defined() && !std::isfinite(out.sum().item<double>())) {
+      bool again_finite = true;
+      if (corrects(keep)) {
+        out = checked_coordinated(grads, c, gamma, kappa, keep, first, false, &again_finite);
+      } else {
+        out = weighted_sum(grads, c, keep, first, false);
+        again_finite = !out.defined() || std::isfinite(out.sum().item<double>());
+      }
+      if (out.defined() && !again_finite) {
         state[4] = 1.0;
         out.zero_();
       }
     }
     if (!out.defined()) out = at::zeros_like(g);
     const double final_scale = ctx->saved_data["final_scale"].toDouble();
-    if (final_scale != 1.0) out.mul_(final_scale);
+    if (final_scale != 1.0) out.mul_(number(final_scale));
     result[0] = out;
     state[2] = now();
     return result;
@@ -227,8 +291,9 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
 
 }  // namespace
 
-variable_list held_sum(const at::Tensor& z, std::vector<double> coefficients, double final_scale, at::Tensor state) {
-  return HeldSum::apply(z, coefficients, final_scale, state);
+variable_list held_sum(const at::Tensor& z, std::vector<double> coefficients, double final_scale, at::Tensor state,
+                       std::vector<double> gamma, double kappa, std::vector<int64_t> held) {
+  return HeldSum::apply(z, coefficients, final_scale, state, gamma, kappa, held);
 }
 
 at::Tensor probe(const at::Tensor& x, at::Tensor record) { return Probe::apply(x, record); }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -148,6 +149,147 @@ bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& c
               const at::Tensor& out, const Pairs& pairs, double* products, bool check) {
   if (grads[0].scalar_type() == at::kFloat) return typed_pass<float>(grads, coefficients, keep, out, pairs, products, check);
   return typed_pass<double>(grads, coefficients, keep, out, pairs, products, check);
+}
+
+// CoGrad's aggregate (concord.balancing.cograd.coordinated), a block at a time:
+//   A = sum_k c_k G_k ⊙ (1 - clamp(kappa G_k ⊙ (S' - gamma_k G_k), -1, 1)),   S' = sum_j gamma_j G_j,
+// formed as kappa S' = sum_j (kappa gamma_j) G_j and G_k ⊙ (c_k - c_k clamp(G_k ⊙ (kappa S' - kappa gamma_k
+// G_k))): fewer operations than the rule as written, so its last bits differ from the compiled rule's
+// as those differ from the eager rule's. Written with GCC's vector types: the compiler's own
+// vectorisation gave up on the clamp. The clamp keeps a NaN, as torch.clamp does (x86's max and min
+// return their second operand where either is NaN). Blocks' checks as in `blocks`.
+template <typename T, int Bytes>
+struct VectorOf;
+template <int Bytes>
+struct VectorOf<float, Bytes> {
+  typedef float type __attribute__((vector_size(Bytes)));
+};
+template <int Bytes>
+struct VectorOf<double, Bytes> {
+  typedef double type __attribute__((vector_size(Bytes)));
+};
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) T clamp_unit(T f) {
+  const T one = 1;
+  f = -one > f ? -one : f;
+  return one < f ? one : f;
+}
+
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void coordinated_blocks(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                              const std::vector<T>& kg, T* out, int64_t n,
+                                                              T* checks_by_block, int64_t begin, int64_t end) {
+  using V = typename VectorOf<T, Bytes>::type;
+  constexpr int kWidth = Bytes / sizeof(T);
+  const int tasks = static_cast<int>(g.size());
+  const V upper = V{} + T(1), lower = V{} - T(1);
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    T* o = out + start;
+    V lanes = V{};
+    int64_t i = start;
+    for (; i + kWidth <= start + len; i += kWidth) {
+      V s = kg[0] * load<V>(g[0] + i);
+      for (int k = 1; k < tasks; ++k) s = kg[k] * load<V>(g[k] + i) + s;
+      V aggregated = V{};
+      for (int k = 0; k < tasks; ++k) {
+        const V x = load<V>(g[k] + i);
+        V f = x * (s - kg[k] * x);
+        f = lower > f ? lower : f;
+        f = upper < f ? upper : f;
+        aggregated = x * (c[k] - c[k] * f) + aggregated;
+      }
+      std::memcpy(o + (i - start), &aggregated, sizeof aggregated);
+      lanes += aggregated * T(0);
+    }
+    T nonfinite = 0;
+    for (; i < start + len; ++i) {
+      T s = kg[0] * g[0][i];
+      for (int k = 1; k < tasks; ++k) s = kg[k] * g[k][i] + s;
+      T aggregated = 0;
+      for (int k = 0; k < tasks; ++k) {
+        const T x = g[k][i];
+        aggregated = x * (c[k] - c[k] * clamp_unit(x * (s - kg[k] * x))) + aggregated;
+      }
+      o[i - start] = aggregated;
+      nonfinite += aggregated * T(0);
+    }
+    for (int l = 0; l < kWidth; ++l) nonfinite += lanes[l];
+    checks_by_block[b] = nonfinite;
+  }
+}
+
+template <typename T>
+using CoordinatedFn = void (*)(const std::vector<const T*>&, const std::vector<T>&, const std::vector<T>&, T*, int64_t, T*,
+                               int64_t, int64_t);
+
+template <typename T>
+void coordinated_plain(const std::vector<const T*>& g, const std::vector<T>& c, const std::vector<T>& kg, T* out, int64_t n,
+                       T* checks, int64_t begin, int64_t end) {
+  coordinated_blocks<T, 16>(g, c, kg, out, n, checks, begin, end);
+}
+
+#if defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx2,fma"))) void coordinated_avx2(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                          const std::vector<T>& kg, T* out, int64_t n, T* checks,
+                                                          int64_t begin, int64_t end) {
+  coordinated_blocks<T, 32>(g, c, kg, out, n, checks, begin, end);
+}
+template <typename T>
+__attribute__((target("avx512f"))) void coordinated_avx512(const std::vector<const T*>& g, const std::vector<T>& c,
+                                                           const std::vector<T>& kg, T* out, int64_t n, T* checks,
+                                                           int64_t begin, int64_t end) {
+  coordinated_blocks<T, 64>(g, c, kg, out, n, checks, begin, end);
+}
+template <typename T>
+CoordinatedFn<T> coordinated_here() {
+  if (__builtin_cpu_supports("avx512f")) return coordinated_avx512<T>;
+  return has_fma() ? coordinated_avx2<T> : coordinated_plain<T>;
+}
+#else
+template <typename T>
+CoordinatedFn<T> coordinated_here() {
+  return coordinated_plain<T>;
+}
+#endif
+
+template <typename T>
+bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
+                       const std::vector<double>& gamma, double kappa, const at::Tensor& out) {
+  std::vector<const T*> g;
+  for (const auto& t : grads) g.push_back(t.data_ptr<T>());
+  std::vector<T> c(coefficients.begin(), coefficients.end());
+  std::vector<T> kg;
+  for (const double gamma_k : gamma) kg.push_back(static_cast<T>(kappa * gamma_k));
+  const int64_t n = grads[0].numel();
+  const int64_t count = (n + kBlock - 1) / kBlock;
+  std::vector<T> checks(count, T(0));
+  static const CoordinatedFn<T> run = coordinated_here<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock), [&](int64_t begin, int64_t end) {
+    run(g, c, kg, o, n, checks.data(), begin, end);
+  });
+  T nonfinite = 0;
+  for (const T x : checks) nonfinite += x;
+  return nonfinite == 0;
+}
+
+// out = CoGrad's aggregate over `grads` (see concord::passable; `out` may be one of them: each element
+// is read before it is written); returns whether every element of out is finite.
+bool coordinated_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
+                      const std::vector<double>& gamma, double kappa, const at::Tensor& out) {
+  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out);
+  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out);
 }
 
 }  // namespace concord
