@@ -31,6 +31,7 @@ import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
 from .fused import MIN_FUSED_NUMEL
+from .native import native_ops
 from .statistics import StepStats
 
 
@@ -82,11 +83,15 @@ class CoGrad(Balancer):
         knobs = self._knobs(present)
         present_grads = [grads[k] for k in present]
         kappa = self._lagged_kappa(grads)
-        if kappa:
+        ops = self._compiled_pass(present_grads)
+        if ops is not None:
+            aggregated, _, squares = ops.cograd_pass(present_grads, *knobs, kappa, bool(kappa), False, True)
+        elif kappa:
             aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa)
-            self._formed = (present, kappa, aggregated)
         else:
             squares = self.run_rule(transference_norms, present_grads, *knobs)
+        if kappa:
+            self._formed = (present, kappa, aggregated)
         self.squared_norms_seen = squares[:-2]
         b2 = float(present_grads[0].shape[0]) ** 2
         return squares[-2:].double() * b2
@@ -132,19 +137,34 @@ class CoGrad(Balancer):
         if formed is not None and formed[0] == live and formed[1] == kappa:
             aggregated = formed[2]  # formed with this step's statistics (lagged)
         else:  # its total on the way: the boundary's check for non-finite values, where it needs one
-            aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa)
+            ops = self._compiled_pass(live_grads)
+            if ops is not None:
+                aggregated, self.aggregate_total, _ = ops.cograd_pass(live_grads, *knobs, kappa, True, False, False)
+            else:
+                aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa)
         if self.telemetry_due:
             plain2, change2, bounded = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated).tolist()
             self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
             self.last_telemetry["bounded_share"] = bounded / (len(live) * aggregated.numel())
         return aggregated
 
+    def _compiled_pass(self, grads: List[torch.Tensor]) -> Optional[object]:
+        """The compiled passes (``csrc/passes.cpp``, ``cograd_pass``) where this rule would run compiled
+        on a CPU (``fused``, gradients as large as ``MIN_FUSED_NUMEL``) and they take the gradients:
+        the rule (and on a statistics step its norms) in one vectorised pass, the same up to rounding
+        as the compiled rule, whose Python call and guards cost as much as its loop. Else None."""
+        first = grads[0]
+        if not self.fused or first.numel() < MIN_FUSED_NUMEL or len(grads) > 16 or first.device.type != "cpu":
+            return None
+        if first.dtype not in (torch.float32, torch.float64) or any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
+            return None
+        return native_ops()
+
     def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
         """Where this rule would run compiled (``fused``, gradients as large as ``MIN_FUSED_NUMEL``),
-        the boundary's compiled node forms it between sums instead, in one vectorised pass
-        (``csrc/passes.cpp``; the compiled rule's Python call and guards cost as much as its loop):
-        the same rule up to rounding, as the compiled rule is the eager one's, with the same verdicts
-        (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
+        the boundary's compiled node forms it between sums, with no Python in backward, in the pass
+        of :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
+        the same verdicts (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
         if last is None or not self.fused or z.numel() < MIN_FUSED_NUMEL:
             return None
         return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()

@@ -45,7 +45,7 @@ def _build() -> Optional[object]:
 
     log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
     sources = [source.read_text() for source in _SOURCES]
-    functions = ["sum_at_view", "held_sum", "gram_and_sum", "probe", "set_alone_references"]
+    functions = ["sum_at_view", "held_sum", "gram_and_sum", "cograd_pass", "probe", "set_alone_references"]
     try:
         try:
             # The passes share their blocks among torch's intra-op threads through at::parallel_for,

@@ -1125,8 +1125,9 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype, monkeypatch, caplog):
-    """CoGrad every 3 steps, summed reduction, on the compiled node between sums and on the Python
-    node (the eager rule): where the rule corrects, the node's vectorised pass gives the same
+    """CoGrad every 3 steps, summed reduction, on the compiled node between sums (and the compiled
+    pass on the steps with statistics) and on the Python node (the eager rule): the same kappa up
+    to rounding; where the rule corrects, the node's vectorised pass gives the same
     aggregate up to rounding (float32, float64) and torch's ops in C++ the same bits (bfloat16,
     which the pass does not take); where a step goes uncorrected (before the first sum; a task left
     out for a non-finite loss or gradient), the same bits; the same reports and warnings. The
@@ -1169,7 +1170,9 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
         return out, warnings, kappas
 
     native, python = run(True), run(False)
-    assert native[2] == python[2] and min(native[2][3:]) > 0  # the same kappa, and the rule acts
+    kappa_tolerance = 0 if dtype == torch.bfloat16 else 100 * torch.finfo(dtype).eps  # the norms: pass or torch
+    np.testing.assert_allclose(native[2], python[2], rtol=kappa_tolerance)
+    assert min(native[2][3:]) > 0  # the rule acts
     for t, ((a, unreported_a, step_a), (b, unreported_b, step_b)) in enumerate(zip(native[0], python[0])):
         exact = t in (0, 6, 9) or dtype == torch.bfloat16  # before the first sum; a task left out; torch's ops
         # Rounding: the rule's terms c_k G_k (1 - clamp(..)) cancel in places, so the error is relative
@@ -1179,6 +1182,56 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
         torch.testing.assert_close(a, b, **tolerance, msg=lambda m: f"step {t}: {m}")
         assert unreported_a.tolist() == unreported_b.tolist() and step_a == step_b
     assert native[1] == python[1] and sum(native[1]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
+    """``cograd_pass`` against the eager rule: the aggregate (alone, as between sums, or with the norms,
+    as on a statistics step; in place in the first gradient or not) and the norms agree up to
+    rounding, whatever the number of threads (the norms bit for bit); a NaN or an inf anywhere
+    fails its check."""
+    from concord.balancing import cograd
+    from concord.balancing.native import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
+    g = torch.Generator().manual_seed(46)
+    grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
+    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
+    plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+    kappa = 0.05 * math.sqrt(plain2 / correction2)  # CoGrad's default strength: a correction of 5%
+    eps = torch.finfo(dtype).eps
+    threads = torch.get_num_threads()
+    norms_by_threads = []
+    try:
+        for n, kappa in ((1, kappa), (2, kappa), (2, 1000 * kappa)):  # the last: most elements meet the bound
+            torch.set_num_threads(n)
+            expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa)
+            # First-order rounding bound, element by element: the factor kappa G_k (S' - gamma_k G_k)
+            # carries S''s rounding, relative to sum_j |gamma_j G_j| (which cancels in S' - gamma_k G_k).
+            scale = sum(abs(y) * gy for y, gy in zip(grads, gamma))
+            bound = 20 * eps * sum(ck * x.abs() * (1 + kappa * x.abs() * (scale + gk * x.abs())) for x, ck, gk in zip(grads, c, gamma))
+            alone, check, _ = ops.cograd_pass(grads, c, gamma, kappa, True, False, False)
+            with_norms, _, norms = ops.cograd_pass(grads, c, gamma, kappa, True, False, True)
+            norms_by_threads.append(norms)
+            for got in (alone, with_norms):
+                assert bool(((got - expected).abs() <= bound).all()), float(((got - expected).abs() / bound).max())
+            torch.testing.assert_close(norms, expected_norms.double(), rtol=100 * eps, atol=0)
+            assert float(check) == 0.0
+            donated = [t.clone() for t in grads]
+            in_place, _, _ = ops.cograd_pass(donated, c, gamma, kappa, True, True, False)
+            assert in_place.data_ptr() == donated[0].data_ptr()
+            torch.testing.assert_close(in_place, alone, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    bounded = cograd.correction_telemetry(grads, c, gamma, kappa, expected)[2] / (3 * expected.numel())
+    assert bounded > 0.5, bounded
+    torch.testing.assert_close(norms_by_threads[0], norms_by_threads[1], rtol=0, atol=0)
+    for bad in (float("nan"), float("inf")):
+        spoilt = [t.clone() for t in grads]
+        spoilt[2][130, 66] = bad  # the last element: the tail of the last block
+        assert not math.isfinite(float(ops.cograd_pass(spoilt, c, gamma, kappa, True, False, False)[1]))
 
 
 class _CountingOps:

@@ -151,13 +151,18 @@ bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& c
   return typed_pass<double>(grads, coefficients, keep, out, pairs, products, check);
 }
 
-// CoGrad's aggregate (concord.balancing.cograd.coordinated), a block at a time:
+// CoGrad's rule (concord.balancing.cograd), a block at a time: its aggregate
 //   A = sum_k c_k G_k ⊙ (1 - clamp(kappa G_k ⊙ (S' - gamma_k G_k), -1, 1)),   S' = sum_j gamma_j G_j,
-// formed as kappa S' = sum_j (kappa gamma_j) G_j and G_k ⊙ (c_k - c_k clamp(G_k ⊙ (kappa S' - kappa gamma_k
-// G_k))): fewer operations than the rule as written, so its last bits differ from the compiled rule's
-// as those differ from the eager rule's. Written with GCC's vector types: the compiler's own
-// vectorisation gave up on the clamp. The clamp keeps a NaN, as torch.clamp does (x86's max and min
-// return their second operand where either is NaN). Blocks' checks as in `blocks`.
+// and, on a statistics step, its norms in the same pass (transference_norms: ||G_k||^2, ||P||^2 and
+// ||C||^2 with P = sum_k c_k G_k, C = sum_k c_k G_k ⊙ G_k ⊙ (S' - gamma_k G_k)), summed in lanes of the
+// gradients' dtype within a block and in float64 across blocks, in block order. Without the norms,
+// A is formed as kappa S' = sum_j (kappa gamma_j) G_j and G_k ⊙ (c_k - c_k clamp(G_k ⊙ (kappa S' -
+// kappa gamma_k G_k))): fewer operations than the rule as written, so its last bits differ from the
+// compiled rule's as those differ from the eager rule's. Written with GCC's vector types: the
+// compiler's own vectorisation gave up on the clamp. The clamp keeps a NaN, as torch.clamp does.
+// Each block's check as in `blocks`.
+constexpr int kMaxNormTasks = 16;
+
 template <typename T, int Bytes>
 struct VectorOf;
 template <int Bytes>
@@ -177,79 +182,120 @@ inline __attribute__((always_inline)) V load(const T* p) {
 }
 
 template <typename T>
-inline __attribute__((always_inline)) T clamp_unit(T f) {
-  const T one = 1;
-  f = -one > f ? -one : f;
-  return one < f ? one : f;
+inline __attribute__((always_inline)) T clamp_unit(T f) {  // scalars and vectors alike; a NaN stays
+  const T upper = T{} + 1, lower = T{} - 1;
+  f = lower > f ? lower : f;
+  return upper < f ? upper : f;
 }
 
+template <typename T>
+struct Coordinated {
+  std::vector<const T*> g;
+  std::vector<T> c, gamma, kappa_gamma;
+  T kappa;
+  T* out;  // null: the norms alone
+  int64_t n;
+  T* checks_by_block;
+  double* norms_by_block;  // null: no norms; else T + 2 a block
+};
+
 template <typename T, int Bytes>
-inline __attribute__((always_inline)) void coordinated_blocks(const std::vector<const T*>& g, const std::vector<T>& c,
-                                                              const std::vector<T>& kg, T* out, int64_t n,
-                                                              T* checks_by_block, int64_t begin, int64_t end) {
+inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<T>& a, int64_t begin, int64_t end) {
   using V = typename VectorOf<T, Bytes>::type;
   constexpr int kWidth = Bytes / sizeof(T);
-  const int tasks = static_cast<int>(g.size());
-  const V upper = V{} + T(1), lower = V{} - T(1);
+  const int tasks = static_cast<int>(a.g.size());
+  const bool norms = a.norms_by_block != nullptr;
+  const auto& g = a.g;
+  const auto& c = a.c;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t start = b * kBlock;
-    const int64_t len = std::min(kBlock, n - start);
-    T* o = out + start;
-    V lanes = V{};
+    const int64_t stop = start + std::min(kBlock, a.n - start);
+    V lanes = V{}, plain2 = V{}, correction2 = V{};
+    V squares[kMaxNormTasks] = {};
     int64_t i = start;
-    for (; i + kWidth <= start + len; i += kWidth) {
-      V s = kg[0] * load<V>(g[0] + i);
-      for (int k = 1; k < tasks; ++k) s = kg[k] * load<V>(g[k] + i) + s;
+    for (; i + kWidth <= stop; i += kWidth) {
       V aggregated = V{};
-      for (int k = 0; k < tasks; ++k) {
-        const V x = load<V>(g[k] + i);
-        V f = x * (s - kg[k] * x);
-        f = lower > f ? lower : f;
-        f = upper < f ? upper : f;
-        aggregated = x * (c[k] - c[k] * f) + aggregated;
+      if (norms) {
+        V s = a.gamma[0] * load<V>(g[0] + i);
+        for (int k = 1; k < tasks; ++k) s = a.gamma[k] * load<V>(g[k] + i) + s;
+        V plain = V{}, correction = V{};
+        for (int k = 0; k < tasks; ++k) {
+          const V x = load<V>(g[k] + i);
+          const V v = x * (s - a.gamma[k] * x);
+          squares[k] += x * x;
+          plain = c[k] * x + plain;
+          correction = c[k] * (x * v) + correction;
+          aggregated = x * (c[k] - c[k] * clamp_unit(a.kappa * v)) + aggregated;
+        }
+        plain2 += plain * plain;
+        correction2 += correction * correction;
+      } else {
+        V s = a.kappa_gamma[0] * load<V>(g[0] + i);
+        for (int k = 1; k < tasks; ++k) s = a.kappa_gamma[k] * load<V>(g[k] + i) + s;
+        for (int k = 0; k < tasks; ++k) {
+          const V x = load<V>(g[k] + i);
+          aggregated = x * (c[k] - c[k] * clamp_unit(x * (s - a.kappa_gamma[k] * x))) + aggregated;
+        }
       }
-      std::memcpy(o + (i - start), &aggregated, sizeof aggregated);
-      lanes += aggregated * T(0);
+      if (a.out != nullptr) {
+        std::memcpy(a.out + i, &aggregated, sizeof aggregated);
+        lanes += aggregated * T(0);
+      }
     }
-    T nonfinite = 0;
-    for (; i < start + len; ++i) {
-      T s = kg[0] * g[0][i];
-      for (int k = 1; k < tasks; ++k) s = kg[k] * g[k][i] + s;
-      T aggregated = 0;
+    T nonfinite = 0, plain2_tail = 0, correction2_tail = 0;
+    T squares_tail[kMaxNormTasks] = {};
+    for (; i < stop; ++i) {
+      T s = a.gamma[0] * g[0][i];
+      for (int k = 1; k < tasks; ++k) s = a.gamma[k] * g[k][i] + s;
+      T aggregated = 0, plain = 0, correction = 0;
       for (int k = 0; k < tasks; ++k) {
         const T x = g[k][i];
-        aggregated = x * (c[k] - c[k] * clamp_unit(x * (s - kg[k] * x))) + aggregated;
+        const T v = x * (s - a.gamma[k] * x);
+        if (norms) {
+          squares_tail[k] += x * x;
+          plain = c[k] * x + plain;
+          correction = c[k] * (x * v) + correction;
+        }
+        aggregated = x * (c[k] - c[k] * clamp_unit(a.kappa * v)) + aggregated;
       }
-      o[i - start] = aggregated;
-      nonfinite += aggregated * T(0);
+      plain2_tail += plain * plain;
+      correction2_tail += correction * correction;
+      if (a.out != nullptr) {
+        a.out[i] = aggregated;
+        nonfinite += aggregated * T(0);
+      }
     }
     for (int l = 0; l < kWidth; ++l) nonfinite += lanes[l];
-    checks_by_block[b] = nonfinite;
+    a.checks_by_block[b] = nonfinite;
+    if (!norms) continue;
+    double* block = a.norms_by_block + b * (tasks + 2);
+    const auto lane_sum = [&](const V& v, T tail) {
+      double total = static_cast<double>(tail);
+      for (int l = 0; l < kWidth; ++l) total += static_cast<double>(v[l]);
+      return total;
+    };
+    for (int k = 0; k < tasks; ++k) block[k] = lane_sum(squares[k], squares_tail[k]);
+    block[tasks] = lane_sum(plain2, plain2_tail);
+    block[tasks + 1] = lane_sum(correction2, correction2_tail);
   }
 }
 
 template <typename T>
-using CoordinatedFn = void (*)(const std::vector<const T*>&, const std::vector<T>&, const std::vector<T>&, T*, int64_t, T*,
-                               int64_t, int64_t);
+using CoordinatedFn = void (*)(const Coordinated<T>&, int64_t, int64_t);
 
 template <typename T>
-void coordinated_plain(const std::vector<const T*>& g, const std::vector<T>& c, const std::vector<T>& kg, T* out, int64_t n,
-                       T* checks, int64_t begin, int64_t end) {
-  coordinated_blocks<T, 16>(g, c, kg, out, n, checks, begin, end);
+void coordinated_plain(const Coordinated<T>& a, int64_t begin, int64_t end) {
+  coordinated_blocks<T, 16>(a, begin, end);
 }
 
 #if defined(__x86_64__)
 template <typename T>
-__attribute__((target("avx2,fma"))) void coordinated_avx2(const std::vector<const T*>& g, const std::vector<T>& c,
-                                                          const std::vector<T>& kg, T* out, int64_t n, T* checks,
-                                                          int64_t begin, int64_t end) {
-  coordinated_blocks<T, 32>(g, c, kg, out, n, checks, begin, end);
+__attribute__((target("avx2,fma"))) void coordinated_avx2(const Coordinated<T>& a, int64_t begin, int64_t end) {
+  coordinated_blocks<T, 32>(a, begin, end);
 }
 template <typename T>
-__attribute__((target("avx512f"))) void coordinated_avx512(const std::vector<const T*>& g, const std::vector<T>& c,
-                                                           const std::vector<T>& kg, T* out, int64_t n, T* checks,
-                                                           int64_t begin, int64_t end) {
-  coordinated_blocks<T, 64>(g, c, kg, out, n, checks, begin, end);
+__attribute__((target("avx512f"))) void coordinated_avx512(const Coordinated<T>& a, int64_t begin, int64_t end) {
+  coordinated_blocks<T, 64>(a, begin, end);
 }
 template <typename T>
 CoordinatedFn<T> coordinated_here() {
@@ -263,33 +309,46 @@ CoordinatedFn<T> coordinated_here() {
 }
 #endif
 
+// Returns whether every element of out is finite; with `norms`, fills it (float64, T + 2).
 template <typename T>
 bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
-                       const std::vector<double>& gamma, double kappa, const at::Tensor& out) {
-  std::vector<const T*> g;
-  for (const auto& t : grads) g.push_back(t.data_ptr<T>());
-  std::vector<T> c(coefficients.begin(), coefficients.end());
-  std::vector<T> kg;
-  for (const double gamma_k : gamma) kg.push_back(static_cast<T>(kappa * gamma_k));
-  const int64_t n = grads[0].numel();
-  const int64_t count = (n + kBlock - 1) / kBlock;
+                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms) {
+  Coordinated<T> a;
+  for (const auto& t : grads) a.g.push_back(t.data_ptr<T>());
+  a.c.assign(coefficients.begin(), coefficients.end());
+  a.gamma.assign(gamma.begin(), gamma.end());
+  for (const double gamma_k : gamma) a.kappa_gamma.push_back(static_cast<T>(kappa * gamma_k));
+  a.kappa = static_cast<T>(kappa);
+  a.out = out.defined() ? out.data_ptr<T>() : nullptr;
+  a.n = grads[0].numel();
+  const int64_t count = (a.n + kBlock - 1) / kBlock;
+  const int64_t per_block = static_cast<int64_t>(grads.size()) + 2;
   std::vector<T> checks(count, T(0));
+  std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
+  a.checks_by_block = checks.data();
+  a.norms_by_block = norms != nullptr ? by_block.data() : nullptr;
   static const CoordinatedFn<T> run = coordinated_here<T>();
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock), [&](int64_t begin, int64_t end) {
-    run(g, c, kg, o, n, checks.data(), begin, end);
-  });
+  at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock),
+                   [&](int64_t begin, int64_t end) { run(a, begin, end); });
+  if (norms != nullptr) {
+    for (int64_t j = 0; j < per_block; ++j) {
+      double total = 0.0;
+      for (int64_t b = 0; b < count; ++b) total += by_block[b * per_block + j];
+      norms[j] = total;
+    }
+  }
   T nonfinite = 0;
   for (const T x : checks) nonfinite += x;
   return nonfinite == 0;
 }
 
 // out = CoGrad's aggregate over `grads` (see concord::passable; `out` may be one of them: each element
-// is read before it is written); returns whether every element of out is finite.
+// is read before it is written; undefined: the norms alone); `norms` (T + 2 doubles, at most
+// kMaxNormTasks tasks) or null. Returns whether every element of out is finite.
 bool coordinated_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
-                      const std::vector<double>& gamma, double kappa, const at::Tensor& out) {
-  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out);
-  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out);
+                      const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms = nullptr) {
+  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out, norms);
+  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out, norms);
 }
 
 }  // namespace concord
@@ -319,4 +378,22 @@ std::vector<at::Tensor> gram_and_sum(std::vector<at::Tensor> grads, std::vector<
   }
   concord::sum_pass(grads, coefficients, keep, out, pairs, products.data_ptr<double>(), false);
   return {out, products};
+}
+
+// CoGrad's step on a CPU (concord.balancing.cograd.CoGrad): its aggregate over `grads` (see
+// concord::passable) with `kappa` where `form` (in grads[0] where `donate_first`), and with `norms`
+// its transference norms [||G_k||^2 .., ||P||^2, ||C||^2] (float64), in one pass. Returns {the
+// aggregate (undefined without `form`), its check (0 where every element is finite, else NaN, in
+// the gradients' dtype), the norms (undefined without `norms`)}.
+std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<double> coefficients, std::vector<double> gamma,
+                                    double kappa, bool form, bool donate_first, bool norms) {
+  TORCH_CHECK(!grads.empty() && grads.size() == coefficients.size() && grads.size() == gamma.size(),
+              "cograd_pass: one coefficient and one gamma per gradient");
+  TORCH_CHECK(concord::passable(grads), "cograd_pass: contiguous CPU float32 or float64 gradients of one shape");
+  TORCH_CHECK(!norms || grads.size() <= concord::kMaxNormTasks, "cograd_pass: norms for at most 16 tasks");
+  at::Tensor out = form ? (donate_first ? grads[0] : at::empty_like(grads[0])) : at::Tensor();
+  at::Tensor squares = norms ? at::empty({static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
+  const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr);
+  at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
+  return {out, check, squares};
 }
