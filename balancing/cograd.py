@@ -99,6 +99,10 @@ class CoGrad(Balancer):
     def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
         knobs = self._knobs(range(self.num_tasks))
+        if on_host and self._compiled_pass(zeros) is not None:  # the rule runs in that pass: only its telemetry compiles
+            for kappa in (1.0, 0.5):
+                self.run_rule(correction_telemetry, zeros, *knobs, kappa, zeros[0])
+            return
         self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
         if lagged and not on_host:
             flags = torch.ones(self.num_tasks, dtype=torch.bool, device=template.device)

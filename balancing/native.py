@@ -10,6 +10,11 @@ and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_e
 default). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
 nodes, after one warning that says why: the results are the same.
 
+CoGrad's element-wise rule, run compiled by ``torch.compile``, spent about as long in its Python call
+and guards as in its loop, and its loop took about twice as long as a hand-vectorised one:
+``cograd_pass`` forms the rule (and on a statistics step its norms) in one vectorised pass, and the
+between-sums node runs it with no Python in backward (docs/performance.md).
+
 Torch's ops read the gradients once per operation: the sum's ``mul`` and ``add_``, its check, and on a
 lagged rule's statistics step the Gram's dot products. The passes read each gradient once, a block
 at a time: the same sum, bit for bit; the check asks whether every element is finite (the Python
@@ -33,8 +38,8 @@ _built: dict = {}
 
 
 def native_ops() -> Optional[object]:
-    """The compiled module (``sum_at_view``, ``held_sum``, ``gram_and_sum``), built on first use; None where it cannot be
-    built or ``CONCORD_NATIVE=0``."""
+    """The compiled module (``sum_at_view``, ``held_sum``, ``gram_and_sum``, ``cograd_pass``), built on first
+    use; None where it cannot be built or ``CONCORD_NATIVE=0``."""
     if "ops" not in _built:
         _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
     return _built["ops"]

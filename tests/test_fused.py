@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from concord.balancing import RepresentationBoundary, build_balancer
+from concord.balancing import cograd as cograd_module
 from concord.balancing import fused as fused_module
 from concord.balancing.fused import MIN_FUSED_NUMEL, FusedRule
+from concord.balancing.native import native_ops
 
 TASKS = ["a", "b", "c"]
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -33,11 +35,21 @@ def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict, dtype
     return out, boundary
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])  # Inductor's C++ loop on the CPU, Triton on CUDA
-def test_compiled_cograd_and_graddrop_equal_their_eager_rules(device):
+def _without_native_passes(monkeypatch) -> None:
+    """CoGrad's rule as ``torch.compile`` builds it, where Concord's compiled passes would run it on a CPU."""
+    monkeypatch.setattr(cograd_module, "native_ops", lambda: None)
+
+
+@pytest.mark.parametrize("native", [False, True])  # on a CPU: Inductor's C++ loop, or CoGrad's compiled pass
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # Triton on CUDA
+def test_compiled_cograd_and_graddrop_equal_their_eager_rules(device, native, monkeypatch):
     """Compiled and eager run the same float32 arithmetic in different orders, so they agree to a
     few float32 roundings of the largest term: for CoGrad that is the cubic correction, which can
     exceed the aggregate (the two are checked against a float64 run for scale)."""
+    if native and (device != "cpu" or native_ops() is None):
+        pytest.skip("CoGrad's compiled pass runs on a CPU where the native module builds")
+    if not native:
+        _without_native_passes(monkeypatch)
     rows, cols = 256, MIN_FUSED_NUMEL // 256
     eps = torch.finfo(torch.float32).eps
     for name, knobs in (("cograd", {"gamma": [0.02, 0.01, 0.05]}), ("graddrop", {"leak": 0.2, "seed": 5})):
@@ -84,10 +96,16 @@ def test_a_rule_that_does_not_compile_runs_eagerly_after_one_warning(monkeypatch
     assert len(calls) == 2  # both calls ran the eager rule; the second did not try to compile again
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("name,statistics", [("cograd", "current"), ("cograd", "previous"), ("graddrop", "current")])
-def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch, name, statistics):
+def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch, name, statistics, native):
     """The first call of a compiled rule builds it (seconds): the boundary's forward makes that
-    call, on zeros of the representation's shape, and again for a new shape; backward only runs it."""
+    call, on zeros of the representation's shape, and again for a new shape; backward only runs it.
+    Where CoGrad's compiled pass runs its rule (``native``), only its telemetry is compiled."""
+    if native and (name != "cograd" or native_ops() is None):
+        pytest.skip("CoGrad's compiled pass, where the native module builds")
+    if not native:
+        _without_native_passes(monkeypatch)
     built, ran = [], []
 
     def recording_compile(fn, **kwargs):
@@ -109,15 +127,20 @@ def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch,
         assert z.grad is not None and torch.isfinite(z.grad).all()
     rules = {fn for fn, *_ in built}
     expected = {"graddrop": {"signed_column_sums", "sign_split"}, "cograd": {"transference_norms", "coordinated_with_total", "correction_telemetry"}}[name]
-    assert {fn.__name__ for fn in rules} == expected | ({"coordinated_with_norms"} if statistics == "previous" else set())
+    if statistics == "previous":
+        expected = expected | {"coordinated_with_norms"}
+    assert {fn.__name__ for fn in rules} == ({"correction_telemetry"} if native else expected)
     assert sorted({shape[0] for _, shape, _ in built}) == [256, 300]  # each shape built once, in forward
     assert len(built) == 2 * len(rules) and any(inside for *_, inside in ran)  # run inside backward, built before
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("statistics", ["current", "previous"])
-def test_a_new_kappa_each_step_compiles_nothing_inside_backward(statistics):
+def test_a_new_kappa_each_step_compiles_nothing_inside_backward(statistics, native, monkeypatch):
     """CoGrad's ``kappa`` changes every step; with the real compiler, nothing is compiled after the
     forward pass that met the shape (Dynamo's graph count does not move inside backward)."""
+    if not native:
+        _without_native_passes(monkeypatch)
     counters = torch._dynamo.utils.counters
     boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics=statistics)
     heads = [torch.nn.Linear(MIN_FUSED_NUMEL // 256, 1) for _ in TASKS]
