@@ -1081,6 +1081,42 @@ def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
     assert restored.lagged_state[2].tolist() == [False, True, False]
 
 
+def _python_between_sums(patch) -> None:
+    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, z: None)
+
+
+def _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at, on_native_node, patch=None, record=None):
+    """Runs ``steps`` (one list of task gradients each) through ``boundary`` with the summed reduction
+    and three faults: head c absent at step ``absent_at``, task b's loss NaN at step 6 (left out,
+    reported with the next sum), a NaN in G_a alone at step 9. ``patch(context)`` sets each step up;
+    ``on_native_node(t)`` says whether step t's backward ran on the compiled node; ``record()`` adds
+    a value per step. Returns, per step, (z's gradient, the unreported flags, the balancer's step[,
+    record()]) and the count of "left out" warnings."""
+    boundary.reduction = "sum"
+    out, warnings = [], []
+    for t, grads in enumerate(steps):
+        with monkeypatch.context() as context:
+            if patch is not None:
+                patch(context)
+            z = torch.zeros_like(grads[0], requires_grad=True)
+            views = boundary(z)
+            losses = [(v * g).sum() for v, g in zip(views, grads)]
+            if t == absent_at:
+                losses[2] = losses[2].detach()  # head c absent: no gradient for its view
+            if t == 6:
+                losses[1] = losses[1] * float("nan")  # between sums: left out now, reported with the next sum
+            if t == 9:
+                losses[0] = losses[0] + torch.sqrt(views[0][3, 1] * 0)  # a NaN in G_a alone
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+                boundary.objective(torch.stack(losses)).backward()
+                assert boundary.backward_seconds >= 0
+            assert isinstance(boundary._record.backward_clock, _NativeClock) == on_native_node(t), t
+            out.append((z.grad.clone(), boundary.lagged_state[2].copy(), boundary.balancer.step) + ((record(),) if record else ()))
+            warnings.append(caplog.text.count("left out of this step"))
+    return out, warnings
+
+
 def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog):
     """MultiBalance every 3 steps, summed reduction: an absent head, a non-finite loss (reported with
     the next sum) and a non-finite gradient (left out) give the same bits, the same reports and the
@@ -1092,29 +1128,9 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
 
     def run(native):
         boundary = _every_k("multibalance", 3, telemetry_every=100)
-        boundary.reduction = "sum"
-        out, warnings = [], []
-        for t, grads in enumerate(_random_steps(44, 12)):
-            with monkeypatch.context() as patch:
-                if not native:
-                    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, z: None)
-                z = torch.zeros_like(grads[0], requires_grad=True)
-                views = boundary(z)
-                losses = [(v * g).sum() for v, g in zip(views, grads)]
-                if t == 3:
-                    losses[2] = losses[2].detach()  # head c absent: no gradient for its view
-                if t == 6:
-                    losses[1] = losses[1] * float("nan")  # between sums: left out now, reported with the next sum
-                if t == 9:
-                    losses[0] = losses[0] + torch.sqrt(views[0][3, 1] * 0)  # a NaN in G_a alone
-                caplog.clear()
-                with caplog.at_level(logging.WARNING, logger="concord.balancing"):
-                    boundary.objective(torch.stack(losses)).backward()
-                    assert boundary.backward_seconds >= 0
-                assert isinstance(boundary._record.backward_clock, _NativeClock) == (native and t % 3 == 0), t
-                out.append((z.grad.clone(), boundary.lagged_state[2].copy(), boundary.balancer.step))
-                warnings.append(caplog.text.count("left out of this step"))
-        return out, warnings
+        return _steps_with_faults(boundary, _random_steps(44, 12), monkeypatch, caplog, absent_at=3,
+                                  on_native_node=lambda t: native and t % 3 == 0,
+                                  patch=None if native else _python_between_sums)
 
     native, python = run(True), run(False)
     for (a, unreported_a, step_a), (b, unreported_b, step_b) in zip(native[0], python[0]):
@@ -1143,37 +1159,21 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
     def run(native):
         boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=[1.0, 0.5, 2.0]), statistics="previous",
                                           statistics_every=3, telemetry_every=100)
-        boundary.reduction = "sum"
-        out, warnings, kappas = [], [], []
-        for t, grads in enumerate(steps):
-            with monkeypatch.context() as patch:
-                if native:  # small gradients, where the Python rule runs eagerly
-                    patch.setattr(cograd, "MIN_FUSED_NUMEL", 0)
-                else:
-                    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, z: None)
-                z = torch.zeros_like(grads[0], requires_grad=True)
-                views = boundary(z)
-                losses = [(v * g).sum() for v, g in zip(views, grads)]
-                if t == 4:
-                    losses[2] = losses[2].detach()  # head c absent: corrected over a and b
-                if t == 6:
-                    losses[1] = losses[1] * float("nan")  # left out now, reported with the next sum
-                if t == 9:
-                    losses[0] = losses[0] + torch.sqrt(views[0][3, 1] * 0)  # a NaN in G_a alone
-                caplog.clear()
-                with caplog.at_level(logging.WARNING, logger="concord.balancing"):
-                    boundary.objective(torch.stack(losses)).backward()
-                assert isinstance(boundary._record.backward_clock, _NativeClock) == (native and t % 3 == 0 and t > 0), t
-                out.append((z.grad.clone(), boundary.lagged_state[2].copy(), boundary.balancer.step))
-                warnings.append(caplog.text.count("left out of this step"))
-                kappas.append(boundary.balancer.kappa(boundary._last_sum) if boundary._last_sum is not None else 0.0)
-        return out, warnings, kappas
+        # On the native side, gradients this small run in the compiled passes (the Python rule: eagerly).
+        patch = (lambda context: context.setattr(cograd, "MIN_FUSED_NUMEL", 0)) if native else _python_between_sums
+
+        def kappa():
+            return boundary.balancer.kappa(boundary._last_sum) if boundary._last_sum is not None else 0.0
+
+        return _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at=4, patch=patch, record=kappa,
+                                  on_native_node=lambda t: native and t % 3 == 0 and t > 0)
 
     native, python = run(True), run(False)
+    kappas = [[kappa for *_, kappa in run_steps] for run_steps in (native[0], python[0])]
     kappa_tolerance = 0 if dtype == torch.bfloat16 else 100 * torch.finfo(dtype).eps  # the norms: pass or torch
-    np.testing.assert_allclose(native[2], python[2], rtol=kappa_tolerance)
-    assert min(native[2][3:]) > 0  # the rule acts
-    for t, ((a, unreported_a, step_a), (b, unreported_b, step_b)) in enumerate(zip(native[0], python[0])):
+    np.testing.assert_allclose(kappas[0], kappas[1], rtol=kappa_tolerance)
+    assert min(kappas[0][3:]) > 0  # the rule acts
+    for t, ((a, unreported_a, step_a, _), (b, unreported_b, step_b, _)) in enumerate(zip(native[0], python[0])):
         exact = t in (0, 6, 9) or dtype == torch.bfloat16  # before the first sum; a task left out; torch's ops
         # Rounding: the rule's terms c_k G_k (1 - clamp(..)) cancel in places, so the error is relative
         # to the terms' size, not to the element's.

@@ -199,6 +199,39 @@ struct Coordinated {
   double* norms_by_block;  // null: no norms; else T + 2 a block
 };
 
+// The rule at one element (E = T) or one vector of elements (E = V); `x(k)`: task k's gradient there.
+// With the norms, each term's share is added to `squares`, `plain2` and `correction2`.
+template <typename E, typename T, typename Load>
+inline __attribute__((always_inline)) E coordinated_at(const Coordinated<T>& a, bool norms, const Load& x, E* squares,
+                                                      E& plain2, E& correction2) {
+  const int tasks = static_cast<int>(a.g.size());
+  const auto& c = a.c;
+  E aggregated = E{};
+  if (!norms) {
+    E s = a.kappa_gamma[0] * x(0);
+    for (int k = 1; k < tasks; ++k) s = a.kappa_gamma[k] * x(k) + s;
+    for (int k = 0; k < tasks; ++k) {
+      const E xk = x(k);
+      aggregated = xk * (c[k] - c[k] * clamp_unit(xk * (s - a.kappa_gamma[k] * xk))) + aggregated;
+    }
+    return aggregated;
+  }
+  E s = a.gamma[0] * x(0);
+  for (int k = 1; k < tasks; ++k) s = a.gamma[k] * x(k) + s;
+  E plain = E{}, correction = E{};
+  for (int k = 0; k < tasks; ++k) {
+    const E xk = x(k);
+    const E v = xk * (s - a.gamma[k] * xk);
+    squares[k] += xk * xk;
+    plain = c[k] * xk + plain;
+    correction = c[k] * (xk * v) + correction;
+    aggregated = xk * (c[k] - c[k] * clamp_unit(a.kappa * v)) + aggregated;
+  }
+  plain2 += plain * plain;
+  correction2 += correction * correction;
+  return aggregated;
+}
+
 template <typename T, int Bytes>
 inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<T>& a, int64_t begin, int64_t end) {
   using V = typename VectorOf<T, Bytes>::type;
@@ -206,7 +239,6 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
   const int tasks = static_cast<int>(a.g.size());
   const bool norms = a.norms_by_block != nullptr;
   const auto& g = a.g;
-  const auto& c = a.c;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t start = b * kBlock;
     const int64_t stop = start + std::min(kBlock, a.n - start);
@@ -214,29 +246,7 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     V squares[kMaxNormTasks] = {};
     int64_t i = start;
     for (; i + kWidth <= stop; i += kWidth) {
-      V aggregated = V{};
-      if (norms) {
-        V s = a.gamma[0] * load<V>(g[0] + i);
-        for (int k = 1; k < tasks; ++k) s = a.gamma[k] * load<V>(g[k] + i) + s;
-        V plain = V{}, correction = V{};
-        for (int k = 0; k < tasks; ++k) {
-          const V x = load<V>(g[k] + i);
-          const V v = x * (s - a.gamma[k] * x);
-          squares[k] += x * x;
-          plain = c[k] * x + plain;
-          correction = c[k] * (x * v) + correction;
-          aggregated = x * (c[k] - c[k] * clamp_unit(a.kappa * v)) + aggregated;
-        }
-        plain2 += plain * plain;
-        correction2 += correction * correction;
-      } else {
-        V s = a.kappa_gamma[0] * load<V>(g[0] + i);
-        for (int k = 1; k < tasks; ++k) s = a.kappa_gamma[k] * load<V>(g[k] + i) + s;
-        for (int k = 0; k < tasks; ++k) {
-          const V x = load<V>(g[k] + i);
-          aggregated = x * (c[k] - c[k] * clamp_unit(x * (s - a.kappa_gamma[k] * x))) + aggregated;
-        }
-      }
+      const V aggregated = coordinated_at<V>(a, norms, [&](int k) __attribute__((always_inline)) { return load<V>(g[k] + i); }, squares, plain2, correction2);
       if (a.out != nullptr) {
         std::memcpy(a.out + i, &aggregated, sizeof aggregated);
         lanes += aggregated * T(0);
@@ -245,21 +255,7 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     T nonfinite = 0, plain2_tail = 0, correction2_tail = 0;
     T squares_tail[kMaxNormTasks] = {};
     for (; i < stop; ++i) {
-      T s = a.gamma[0] * g[0][i];
-      for (int k = 1; k < tasks; ++k) s = a.gamma[k] * g[k][i] + s;
-      T aggregated = 0, plain = 0, correction = 0;
-      for (int k = 0; k < tasks; ++k) {
-        const T x = g[k][i];
-        const T v = x * (s - a.gamma[k] * x);
-        if (norms) {
-          squares_tail[k] += x * x;
-          plain = c[k] * x + plain;
-          correction = c[k] * (x * v) + correction;
-        }
-        aggregated = x * (c[k] - c[k] * clamp_unit(a.kappa * v)) + aggregated;
-      }
-      plain2_tail += plain * plain;
-      correction2_tail += correction * correction;
+      const T aggregated = coordinated_at<T>(a, norms, [&](int k) __attribute__((always_inline)) { return g[k][i]; }, squares_tail, plain2_tail, correction2_tail);
       if (a.out != nullptr) {
         a.out[i] = aggregated;
         nonfinite += aggregated * T(0);
