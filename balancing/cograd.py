@@ -31,7 +31,7 @@ import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
 from .fused import MIN_FUSED_NUMEL
-from .native import native_ops
+from .native import wide_vector_passes
 from .statistics import StepStats
 
 
@@ -154,22 +154,23 @@ class CoGrad(Balancer):
 
     def _compiled_pass(self, grads: List[torch.Tensor]) -> Optional[object]:
         """The compiled passes (``csrc/passes.cpp``, ``cograd_pass``) where this rule would run compiled
-        on a CPU (``fused``, gradients as large as ``MIN_FUSED_NUMEL``) and they take the gradients:
-        the rule (and on a statistics step its norms) in one vectorised pass, the same up to rounding
-        as the compiled rule, whose Python call and guards cost as much as its loop. Else None."""
+        on a CPU (``fused``, gradients as large as ``MIN_FUSED_NUMEL``), they take the gradients and
+        the CPU has wide vectors (:func:`~.native.wide_vector_passes`): the rule (and on a statistics
+        step its norms) in one vectorised pass, the same up to rounding as the compiled rule, whose
+        Python call and guards cost as much as its loop. Else None."""
         first = grads[0]
         if not self.fused or first.numel() < MIN_FUSED_NUMEL or len(grads) > 16 or first.device.type != "cpu":
             return None
         if first.dtype not in (torch.float32, torch.float64) or any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
             return None
-        return native_ops()
+        return wide_vector_passes()
 
     def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
         """Where this rule would run compiled (``fused``, gradients as large as ``MIN_FUSED_NUMEL``),
         the boundary's compiled node forms it between sums, with no Python in backward, in the pass
         of :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
         the same verdicts (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
-        if last is None or not self.fused or z.numel() < MIN_FUSED_NUMEL:
+        if last is None or not self.fused or z.numel() < MIN_FUSED_NUMEL or wide_vector_passes() is None:
             return None
         return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()
 

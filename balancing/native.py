@@ -45,12 +45,22 @@ def native_ops() -> Optional[object]:
     return _built["ops"]
 
 
+def wide_vector_passes() -> Optional[object]:
+    """The compiled module where its vectorised passes have vectors of 32 bytes or more (AVX2,
+    AVX-512); else None. CoGrad's pass with 16-byte vectors took longer than its ``torch.compile``d
+    rule (docs/performance.md), so there the rule stays compiled by torch."""
+    ops = native_ops()
+    if "wide" not in _built:
+        _built["wide"] = ops is not None and max(ops.vector_widths()) >= 32
+    return ops if _built["wide"] else None
+
+
 def _build() -> Optional[object]:
     from torch.utils import cpp_extension
 
     log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
     sources = [source.read_text() for source in _SOURCES]
-    functions = ["sum_at_view", "held_sum", "gram_and_sum", "cograd_pass", "probe", "set_alone_references"]
+    functions = ["sum_at_view", "held_sum", "gram_and_sum", "cograd_pass", "vector_widths", "use_vector_width", "probe", "set_alone_references"]
     try:
         try:
             # The passes share their blocks among torch's intra-op threads through at::parallel_for,

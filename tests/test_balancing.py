@@ -1149,10 +1149,10 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
     out for a non-finite loss or gradient), the same bits; the same reports and warnings. The
     gradients span several of the pass's blocks and a tail."""
     from concord.balancing import cograd
-    from concord.balancing.native import native_ops
+    from concord.balancing.native import wide_vector_passes
 
-    if native_ops() is None:
-        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
+    if wide_vector_passes() is None:
+        pytest.skip("CoGrad's pass runs where the native node builds and the CPU has AVX2 or AVX-512")
     g = torch.Generator().manual_seed(45)
     steps = [[(torch.randn(64, 67, generator=g, dtype=torch.float64) * s).to(dtype) for s in (1.0, 20.0, 0.3)] for _ in range(13)]
 
@@ -1232,6 +1232,42 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
         spoilt = [t.clone() for t in grads]
         spoilt[2][130, 66] = bad  # the last element: the tail of the last block
         assert not math.isfinite(float(ops.cograd_pass(spoilt, c, gamma, kappa, True, False, False)[1]))
+
+
+def test_the_compiled_cograd_pass_gives_the_same_aggregate_at_every_vector_width():
+    """Every vector width the CPU has (16 bytes everywhere, AVX2's 32, AVX-512's 64) forms the rule:
+    the widths with fused multiply-adds (32, 64) the same aggregate bit for bit, the 16-byte one
+    (none on x86) within the rounding bound, the norms up to the order of their sums; so the
+    variants that this machine does not pick are checked here too."""
+    from concord.balancing import cograd
+    from concord.balancing.native import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
+    g = torch.Generator().manual_seed(47)
+    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
+    for dtype in (torch.float32, torch.float64):
+        grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
+        plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+        kappa = 0.5 * math.sqrt(plain2 / correction2)
+        results = {}
+        try:
+            for width in ops.vector_widths():
+                ops.use_vector_width(width)
+                results[width] = [ops.cograd_pass(grads, c, gamma, kappa, True, False, norms) for norms in (False, True)]
+        finally:
+            ops.use_vector_width(0)
+        expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa)
+        eps = torch.finfo(dtype).eps
+        scale = sum(abs(y) * gy for y, gy in zip(grads, gamma))  # as in the test above
+        bound = 20 * eps * sum(ck * x.abs() * (1 + kappa * x.abs() * (scale + gk * x.abs())) for x, ck, gk in zip(grads, c, gamma))
+        for width, (alone, with_norms) in results.items():
+            for got in (alone[0], with_norms[0]):
+                assert bool(((got - expected).abs() <= bound).all()), (dtype, width)
+            torch.testing.assert_close(with_norms[2], expected_norms.double(), rtol=100 * eps, atol=0)
+            if width in (32, 64) and 32 in results and 64 in results:
+                assert torch.equal(alone[0], results[32][0][0]) and torch.equal(with_norms[0], results[32][1][0]), (dtype, width)
 
 
 class _CountingOps:

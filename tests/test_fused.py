@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from concord.balancing import RepresentationBoundary, build_balancer
 from concord.balancing import cograd as cograd_module
 from concord.balancing import fused as fused_module
 from concord.balancing.fused import MIN_FUSED_NUMEL, FusedRule
-from concord.balancing.native import native_ops
+from concord.balancing.native import wide_vector_passes
 
 TASKS = ["a", "b", "c"]
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -37,7 +38,7 @@ def _aggregates(name: str, fused: bool, rows: int, cols: int, knobs: dict, dtype
 
 def _without_native_passes(monkeypatch) -> None:
     """CoGrad's rule as ``torch.compile`` builds it, where Concord's compiled passes would run it on a CPU."""
-    monkeypatch.setattr(cograd_module, "native_ops", lambda: None)
+    monkeypatch.setattr(cograd_module, "wide_vector_passes", lambda: None)
 
 
 @pytest.mark.parametrize("native", [False, True])  # on a CPU: Inductor's C++ loop, or CoGrad's compiled pass
@@ -46,8 +47,8 @@ def test_compiled_cograd_and_graddrop_equal_their_eager_rules(device, native, mo
     """Compiled and eager run the same float32 arithmetic in different orders, so they agree to a
     few float32 roundings of the largest term: for CoGrad that is the cubic correction, which can
     exceed the aggregate (the two are checked against a float64 run for scale)."""
-    if native and (device != "cpu" or native_ops() is None):
-        pytest.skip("CoGrad's compiled pass runs on a CPU where the native module builds")
+    if native and (device != "cpu" or wide_vector_passes() is None):
+        pytest.skip("CoGrad's compiled pass runs on a CPU with wide vectors where the native module builds")
     if not native:
         _without_native_passes(monkeypatch)
     rows, cols = 256, MIN_FUSED_NUMEL // 256
@@ -102,8 +103,8 @@ def test_rules_are_compiled_in_the_forward_pass_not_inside_backward(monkeypatch,
     """The first call of a compiled rule builds it (seconds): the boundary's forward makes that
     call, on zeros of the representation's shape, and again for a new shape; backward only runs it.
     Where CoGrad's compiled pass runs its rule (``native``), only its telemetry is compiled."""
-    if native and (name != "cograd" or native_ops() is None):
-        pytest.skip("CoGrad's compiled pass, where the native module builds")
+    if native and (name != "cograd" or wide_vector_passes() is None):
+        pytest.skip("CoGrad's compiled pass, on a CPU with wide vectors where the native module builds")
     if not native:
         _without_native_passes(monkeypatch)
     built, ran = [], []
@@ -151,3 +152,22 @@ def test_a_new_kappa_each_step_compiles_nothing_inside_backward(statistics, nati
         boundary.objective(torch.stack([(h(v) * (k + 1)).square().mean() for k, (h, v) in enumerate(zip(heads, views))])).backward()
         assert counters["stats"]["unique_graphs"] == graphs, f"compiled inside backward at step {step}"
     assert boundary.telemetry()["kappa"] > 0
+
+
+def test_cograd_keeps_its_torch_compiled_rule_where_the_cpu_has_only_narrow_vectors(monkeypatch):
+    """Where the compiled passes would have 16-byte vectors only (slower than the torch.compile'd
+    rule), CoGrad's steps run that rule: no pass, no between-sums node."""
+    from concord.balancing import native
+    from concord.balancing.statistics import StepStats
+
+    if native.native_ops() is None:
+        pytest.skip("the native module cannot be built on this machine")
+    balancer = build_balancer("cograd", TASKS)
+    z = torch.zeros(256, MIN_FUSED_NUMEL // 256)
+    last = StepStats(np.eye(3), np.ones(3), np.ones(3, dtype=bool), 256, 512, extra=np.array([1.0, 1.0]))
+    assert native.wide_vector_passes() is not None or max(native.native_ops().vector_widths()) < 32
+    monkeypatch.setitem(native._built, "wide", False)
+    assert native.wide_vector_passes() is None
+    assert balancer._compiled_pass([z, z, z]) is None and balancer.held_rule(last, z) is None
+    monkeypatch.setitem(native._built, "wide", True)
+    assert balancer._compiled_pass([z, z, z]) is not None and balancer.held_rule(last, z) is not None

@@ -284,6 +284,12 @@ void coordinated_plain(const Coordinated<T>& a, int64_t begin, int64_t end) {
   coordinated_blocks<T, 16>(a, begin, end);
 }
 
+// The vector width the CPU has (64 bytes: AVX-512, 32: AVX2, 16: any), or the one a test asked for
+// (use_vector_width in the module: each is then run on one machine). The compiler fuses multiplies and
+// adds where the target has FMA (AVX2, AVX-512: the same bits at either width); the 16-byte variant
+// on x86 has none and rounds differently.
+int forced_vector_bytes = 0;
+
 #if defined(__x86_64__)
 template <typename T>
 __attribute__((target("avx2,fma"))) void coordinated_avx2(const Coordinated<T>& a, int64_t begin, int64_t end) {
@@ -293,12 +299,20 @@ template <typename T>
 __attribute__((target("avx512f"))) void coordinated_avx512(const Coordinated<T>& a, int64_t begin, int64_t end) {
   coordinated_blocks<T, 64>(a, begin, end);
 }
+std::vector<int64_t> vector_widths() {
+  std::vector<int64_t> widths = {16};
+  if (has_fma()) widths.push_back(32);
+  if (__builtin_cpu_supports("avx512f")) widths.push_back(64);
+  return widths;
+}
 template <typename T>
 CoordinatedFn<T> coordinated_here() {
-  if (__builtin_cpu_supports("avx512f")) return coordinated_avx512<T>;
-  return has_fma() ? coordinated_avx2<T> : coordinated_plain<T>;
+  static const int64_t widest = vector_widths().back();
+  const int64_t bytes = forced_vector_bytes != 0 ? forced_vector_bytes : widest;
+  return bytes == 64 ? coordinated_avx512<T> : bytes == 32 ? coordinated_avx2<T> : coordinated_plain<T>;
 }
 #else
+std::vector<int64_t> vector_widths() { return {16}; }
 template <typename T>
 CoordinatedFn<T> coordinated_here() {
   return coordinated_plain<T>;
@@ -323,7 +337,7 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
   std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
   a.checks_by_block = checks.data();
   a.norms_by_block = norms != nullptr ? by_block.data() : nullptr;
-  static const CoordinatedFn<T> run = coordinated_here<T>();
+  const CoordinatedFn<T> run = coordinated_here<T>();
   at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock),
                    [&](int64_t begin, int64_t end) { run(a, begin, end); });
   if (norms != nullptr) {
@@ -392,4 +406,15 @@ std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<d
   const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr);
   at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
   return {out, check, squares};
+}
+
+// The vector widths (bytes) CoGrad's pass can use on this CPU, widest last.
+std::vector<int64_t> vector_widths() { return concord::vector_widths(); }
+
+// From now on CoGrad's pass uses `bytes`-wide vectors (0: the widest this CPU has). For tests.
+void use_vector_width(int64_t bytes) {
+  const std::vector<int64_t> widths = concord::vector_widths();
+  TORCH_CHECK(bytes == 0 || std::find(widths.begin(), widths.end(), bytes) != widths.end(),
+              "use_vector_width: this CPU has no ", bytes, "-byte vectors");
+  concord::forced_vector_bytes = bytes;
 }
