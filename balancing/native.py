@@ -65,11 +65,12 @@ def _build() -> Optional[object]:
         try:
             # The passes share their blocks among torch's intra-op threads through at::parallel_for,
             # which is OpenMP in torch's CPU wheels: without -fopenmp it runs on one thread.
-            ops = cpp_extension.load_inline("concord_boundary", cpp_sources=sources, functions=functions,
+            # load_inline adds its header and module definition to the list it is given: each call its own.
+            ops = cpp_extension.load_inline("concord_boundary", cpp_sources=list(sources), functions=functions,
                                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the passes on one thread
             log.info("building Concord's native nodes without OpenMP (%s)", (str(error).strip().splitlines() or [""])[0])
-            ops = cpp_extension.load_inline("concord_boundary_serial", cpp_sources=sources, functions=functions,
+            ops = cpp_extension.load_inline("concord_boundary_serial", cpp_sources=list(sources), functions=functions,
                                             extra_cflags=["-O3"])
         ops.set_alone_references(_alone_references(ops))
         return ops

@@ -1376,3 +1376,28 @@ def test_the_compiled_pass_gives_the_same_bits_on_any_number_of_threads():
     (sum_1, gram_1), (sum_2, gram_2) = results
     assert torch.equal(sum_1, sum_2) and torch.equal(gram_1, gram_2)
     assert torch.equal(sum_1, weighted_sum(grads, [0.2, 0.5, 0.3], [True, True, True]))
+
+
+def test_a_compiler_without_openmp_builds_the_native_module_from_the_same_sources(monkeypatch, caplog):
+    """The first build (with OpenMP) fails; the second (without) gets the sources as they are on
+    disk: PyTorch's load_inline adds its header and module definition to the list it is given, so a
+    shared list would define the module twice. Where both fail, the boundary keeps its Python nodes."""
+    from torch.utils import cpp_extension
+
+    from concord.balancing import native
+
+    given = []
+
+    def failing_build(name, cpp_sources, **kwargs):
+        given.append((name, list(cpp_sources)))
+        cpp_sources.insert(0, "#include <torch/extension.h>")  # as load_inline does
+        cpp_sources.append("PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}")
+        raise RuntimeError(f"Error building extension '{name}'")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    with caplog.at_level(logging.INFO, logger="concord.balancing.native"):
+        assert native._build() is None
+    on_disk = [path.read_text() for path in native._SOURCES]
+    assert [name for name, _ in given] == ["concord_boundary", "concord_boundary_serial"]
+    assert all(sources == on_disk for _, sources in given)
+    assert "without OpenMP" in caplog.text and "keeps its Python node" in caplog.text
