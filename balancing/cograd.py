@@ -35,6 +35,10 @@ from .native import wide_vector_passes
 from .statistics import StepStats
 
 
+# The most tasks whose norms cograd_pass forms in its pass (kMaxNormTasks in csrc/passes.cpp).
+_PASS_MAX_TASKS = 16
+
+
 @register("cograd")
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
@@ -159,7 +163,7 @@ class CoGrad(Balancer):
         step its norms) in one vectorised pass, the same up to rounding as the compiled rule, whose
         Python call and guards cost as much as its loop. Else None."""
         first = grads[0]
-        if not self.fused or first.numel() < MIN_FUSED_NUMEL or len(grads) > 16 or first.device.type != "cpu":
+        if not self.fused or first.numel() < MIN_FUSED_NUMEL or len(grads) > _PASS_MAX_TASKS or first.device.type != "cpu":
             return None
         if first.dtype not in (torch.float32, torch.float64) or any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
             return None
