@@ -253,25 +253,28 @@ class RepresentationBoundary(nn.Module):
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
-        rule = self._between_sums_at(z)
-        ops = native_ops() if rule else None
-        if ops is not None:
+        ops = native_ops() if self._between_sums_at(z.device) else None
+        rule = self._held_constants(z) if ops is not None else None
+        if rule is not None:
             return self._native_held(ops, z, rule)
         return _Replicate.apply(z, self)
 
-    def _between_sums_at(self, z: torch.Tensor) -> Optional[tuple]:
-        """Where this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step that
-        neither gathers statistics nor reads a sum) or an element-wise rule's step that does neither
-        and logs no telemetry, with constants the compiled node implements: those constants (see
-        :meth:`~Balancer.held_rule`). Decided in forward, as backward would."""
-        if self.statistics != "previous" or not _reads_on_host(z.device) or self._passthrough:
-            return None
+    def _between_sums_at(self, device: torch.device) -> bool:
+        """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
+        that neither gathers statistics nor reads a sum) or an element-wise rule's step that does
+        neither and logs no telemetry, decided in forward as backward would."""
+        if self.statistics != "previous" or not _reads_on_host(device) or self._passthrough:
+            return False
         if self._in_flight is not None or self._statistics_due_at(self._gather_for_log):
-            return None
+            return False
+        return not self._elementwise or (self.balancer.step + 1) % self.telemetry_every != 0
+
+    def _held_constants(self, z: torch.Tensor) -> Optional[tuple]:
+        """The compiled between-sums node's constants for this step (see :meth:`~Balancer.held_rule`):
+        the held coefficients, or an element-wise rule's constants; None where the node does not
+        implement the rule."""
         if not self._elementwise:
             return [float(c) for c in self._coefficients_between_sums()], [], 0.0, []
-        if (self.balancer.step + 1) % self.telemetry_every == 0:  # the rule's telemetry is due
-            return None
         return self.balancer.held_rule(self._last_sum, z)
 
     def _native_held(self, ops, z: torch.Tensor, rule: tuple) -> Tuple[torch.Tensor, ...]:

@@ -163,9 +163,16 @@ class CoGrad(Balancer):
         step its norms) in one vectorised pass, the same up to rounding as the compiled rule, whose
         Python call and guards cost as much as its loop. Else None."""
         first = grads[0]
-        if not self.fused or first.numel() < MIN_FUSED_NUMEL or len(grads) > _PASS_MAX_TASKS or first.device.type != "cpu":
+        if len(grads) > _PASS_MAX_TASKS or first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
             return None
-        if first.dtype not in (torch.float32, torch.float64) or any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
+        if any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
+            return None
+        return self._wide_passes_for(first)
+
+    def _wide_passes_for(self, template: torch.Tensor) -> Optional[object]:
+        """The compiled module where this rule would run compiled (``fused``, gradients shaped like
+        ``template`` as large as ``MIN_FUSED_NUMEL``) and the CPU has wide vectors; else None."""
+        if not self.fused or template.numel() < MIN_FUSED_NUMEL:
             return None
         return wide_vector_passes()
 
@@ -174,7 +181,7 @@ class CoGrad(Balancer):
         the boundary's compiled node forms it between sums, with no Python in backward, in the pass
         of :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
         the same verdicts (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
-        if last is None or not self.fused or z.numel() < MIN_FUSED_NUMEL or wide_vector_passes() is None:
+        if last is None or self._wide_passes_for(z) is None:
             return None
         return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()
 

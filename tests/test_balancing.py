@@ -1082,7 +1082,7 @@ def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
 
 
 def _python_between_sums(patch) -> None:
-    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, z: None)
+    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, device: False)
 
 
 def _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at, on_native_node, patch=None, record=None):
