@@ -321,10 +321,15 @@ class RepresentationBoundary(nn.Module):
             self._native["view"][1][2] = 0.0
             self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
         record = self._record
-        if not record.held_unsettled or self._native["held"][1][2] == 0.0:  # none pending, or its backward has not run
+        if not record.held_unsettled:
+            return
+        flags = self._native["held"][1]
+        if flags[2] == 0.0:  # its backward has not run
             return
         record.held_unsettled = False
-        flags, tasks, first = self._native["held"][1], self.num_tasks, _NATIVE_LAYOUT["held"][0]
+        if flags[7] == 0.0:  # nothing to report (read here on every step: the flags below only when set)
+            return
+        tasks, first = self.num_tasks, _NATIVE_LAYOUT["held"][0]
         loss_finite, had_gradient, left_out = (flags[first + i * tasks : first + (i + 1) * tasks] for i in range(3))
         self._unreported |= (had_gradient != 0) & (loss_finite == 0)
         spent = int(flags[5])
@@ -966,7 +971,7 @@ class RepresentationBoundary(nn.Module):
 
 # The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node
 # adds 3 flags a task) and where their clock's start is (its end follows).
-_NATIVE_LAYOUT = {"view": (6, 4), "held": (7, 1)}
+_NATIVE_LAYOUT = {"view": (6, 4), "held": (8, 1)}
 _OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
 _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
                           "whole contribution is left out of this step")

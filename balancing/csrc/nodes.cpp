@@ -96,13 +96,14 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
   }
 };
 
-// Layout of HeldSum's `state` (float64, 7 + 3T): [0] objective() was called, [1] and [2] start and
+// Layout of HeldSum's `state` (float64, 8 + 3T): [0] objective() was called, [1] and [2] start and
 // end (seconds), [3] out: the sum was formed in the first task's gradient, [4] out: the sum
 // overflowed with every gradient finite, [5] out: the task whose gradient the sum was formed in when
 // it was left out with a non-finite one (-1: none), [6] out: another task's gradient was not finite
-// then; from 7, T flags each: the losses were finite (in), the task had a gradient (out), the task's
-// gradient was not finite and was left out (out).
-constexpr int kHeldFlags = 7;
+// then, [7] out: any of [4], [5] or the flags below is to be reported (so that the boundary reads
+// them only then); from 8, T flags each: the losses were finite (in), the task had a gradient (out),
+// the task's gradient was not finite and was left out (out).
+constexpr int kHeldFlags = 8;
 
 // The sum over the tasks `keep` of c_k G_k, in place in G_first when `donate_first`; undefined if
 // no task is kept. The same operations, in the same order, as concord.balancing.base.weighted_sum.
@@ -232,6 +233,12 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
       if (first < 0 && grads[k].defined()) first = k;
     }
     variable_list result(7);
+    state[3] = state[4] = state[6] = 0.0;
+    state[5] = -1.0;
+    // Anything to report: a loss that was not finite where the task had a gradient (the gradients'
+    // own findings are added below).
+    state[7] = 0.0;
+    for (int64_t k = 0; k < tasks; ++k) if (had_gradient[k] != 0.0 && loss_finite[k] == 0.0) state[7] = 1.0;
     if (first < 0) {
       state[2] = now();
       return result;
@@ -242,9 +249,6 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
     for (int64_t k = 0; k < tasks && first_usable < 0; ++k) if (usable[k]) first_usable = k;
     const bool donate = donated && first_usable == first;
     state[3] = donate ? 1.0 : 0.0;
-    state[4] = 0.0;
-    state[5] = -1.0;
-    state[6] = 0.0;
     // CoGrad's rule applies where it takes every task with a gradient; else the plain sum.
     const auto corrects = [&](const std::vector<bool>& keep) {
       bool all = !gamma.empty() && kappa != 0.0;
@@ -279,6 +283,7 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
         state[4] = 1.0;
         out.zero_();
       }
+      state[7] = 1.0;
     }
     if (!out.defined()) out = at::zeros_like(g);
     const double final_scale = ctx->saved_data["final_scale"].toDouble();
