@@ -812,7 +812,7 @@ class RepresentationBoundary(nn.Module):
         statistics): every rank acts on them with this sum."""
         record = self._record
         flags = self._unreported_on_device
-        if self._unreported.any():
+        if any(self._unreported.tolist()):  # NumPy's any() costs tens of µs with the caches cold
             host = torch.from_numpy(self._unreported.copy()).to(record.losses.device)  # cleared below
             flags = host if flags is None else flags | host
             self._unreported[:] = False
@@ -924,8 +924,23 @@ class RepresentationBoundary(nn.Module):
 
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
         """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients (see
-        :meth:`_checked`); the sum may be formed in the first usable gradient (``donated``)."""
-        return self._checked(lambda keep, donate: weighted_sum(grads, coefficients, keep, donate), grads, usable, donated)
+        :meth:`_checked`); the sum may be formed in the first usable gradient (``donated``). Where
+        the compiled pass takes the gradients (native.py), the sum and its check are one pass."""
+        ops = native_ops()
+        present = [g for g in grads if g is not None]
+        if ops is None or not present or present[0].dtype not in (torch.float32, torch.float64) or not all(
+            g.is_contiguous() and g.device.type == "cpu" for g in present
+        ):
+            return self._checked(lambda keep, donate: weighted_sum(grads, coefficients, keep, donate), grads, usable, donated)
+
+        def checked_pass(keep, donate):
+            kept = [k for k, g in enumerate(grads) if g is not None and keep[k]]
+            if not kept:
+                return weighted_sum(grads, coefficients, keep, donate), True  # zeros
+            return ops.checked_weighted_sum([grads[k] for k in kept], [float(coefficients[k]) for k in kept],
+                                            [True] * len(kept), bool(kept[0] < len(donate) and donate[kept[0]]))
+
+        return self._checked(checked_pass, grads, usable, donated)
 
     def _checked(self, rule, grads, usable: Sequence[bool], donated: Sequence[bool] = ()) -> torch.Tensor:
         """``rule(usable, donated)``, the step's aggregate over the tasks ``usable``, when no
@@ -935,9 +950,9 @@ class RepresentationBoundary(nn.Module):
         left out with them, its own gradient being gone. An aggregate that overflows with every
         gradient finite leaves this rank's whole contribution out."""
         self.balancer.aggregate_total = None
-        aggregated = rule(usable, donated)
+        aggregated, finite = _with_check(rule(usable, donated))
         total, self.balancer.aggregate_total = self.balancer.aggregate_total, None
-        if math.isfinite((aggregated.sum() if total is None else total).item()):
+        if finite if finite is not None else math.isfinite((aggregated.sum() if total is None else total).item()):
             return aggregated
         first = next((k for k, ok in enumerate(usable) if ok), None)
         spent = first if first is not None and first < len(donated) and donated[first] else None
@@ -945,8 +960,8 @@ class RepresentationBoundary(nn.Module):
         bad = [k for k in range(self.num_tasks) if usable[k] and not finite[k] and k != spent]
         self._warn_left_out(bad, spent, bool(bad))
         keep = [bool(usable[k] and finite[k]) for k in range(self.num_tasks)]
-        aggregated = rule(keep, ())
-        if not math.isfinite(aggregated.sum().item()):
+        aggregated, finite = _with_check(rule(keep, ()))
+        if not (finite if finite is not None else math.isfinite(aggregated.sum().item())):
             self.balancer.warn("(all)", "overflow", _OVERFLOW)
             aggregated.zero_()
         return aggregated
@@ -1010,6 +1025,12 @@ def _masked_sum(grads, coefficients: Sequence[float], usable: torch.Tensor) -> t
         else:
             aggregated.add_(term, alpha=float(coefficients[k]))
     return aggregated
+
+
+def _with_check(result) -> Tuple[torch.Tensor, Optional[bool]]:
+    """A rule's aggregate and, where its pass checked every element, whether all are finite (None:
+    not checked; :meth:`RepresentationBoundary._checked` then checks the aggregate's sum)."""
+    return result if isinstance(result, tuple) else (result, None)
 
 
 def _is_elementwise(balancer: Balancer) -> bool:

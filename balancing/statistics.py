@@ -109,7 +109,10 @@ def local_statistics(
     parts.append(losses.detach().reshape(-1))
     if extra is not None:
         parts.append(extra.detach().reshape(-1))
-    values = torch.cat(parts).to("cpu", torch.float64).tolist()  # widening float conversions: exact
+    if all(part.device.type == "cpu" for part in parts):  # read part by part: no concatenated copy
+        values = [v for part in parts for v in part.tolist()]  # widening float conversions: exact
+    else:  # one copy to the host (one synchronisation)
+        values = torch.cat(parts).to("cpu", torch.float64).tolist()
     gram = [[0.0] * t for _ in range(t)]
     for (i, j), v in zip(pairs, values):
         gram[i][j] = gram[j][i] = v

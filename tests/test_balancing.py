@@ -1378,6 +1378,27 @@ def test_the_compiled_pass_gives_the_same_bits_on_any_number_of_threads():
     assert torch.equal(sum_1, weighted_sum(grads, [0.2, 0.5, 0.3], [True, True, True]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_checked_sum_pass_gives_weighted_sums_bits_and_finds_a_nonfinite_element(dtype):
+    """The pass a step with known coefficients forms its sum with (``_checked_sum``): ``weighted_sum``'s
+    bits, in a new tensor or in the first gradient given up, and False where any element is not finite."""
+    from concord.balancing.native import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native pass cannot be built on this machine (a C++ compiler and ninja are needed)")
+    generator = torch.Generator().manual_seed(48)
+    grads = [(torch.randn(300, 1001, generator=generator) * s).to(dtype) for s in (1.0, 20.0, 0.3)]
+    expected = weighted_sum(grads, [0.2, 0.5, 0.3], [True, False, True])
+    out, finite = ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], [True, True], False)
+    assert finite and torch.equal(out, expected) and out.data_ptr() != grads[0].data_ptr()
+    first = grads[0].clone()
+    out, finite = ops.checked_weighted_sum([first, grads[2]], [0.2, 0.3], [True, True], True)
+    assert finite and torch.equal(out, expected) and out.data_ptr() == first.data_ptr()
+    grads[2][299, 1000] = float("inf")
+    assert not ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], [True, True], False)[1]
+
+
 def test_a_compiler_without_openmp_builds_the_native_module_from_the_same_sources(monkeypatch, caplog):
     """The first build (with OpenMP) fails; the second (without) gets the sources as they are on
     disk: PyTorch's load_inline adds its header and module definition to the list it is given, so a
