@@ -17,8 +17,8 @@ between-sums node runs it with no Python in backward (docs/performance.md).
 
 Torch's ops read the gradients once per operation: the sum's ``mul`` and ``add_``, its check, and on a
 lagged rule's statistics step the Gram's dot products. The passes read each gradient once, a block
-at a time: the same sum, bit for bit; the check asks whether every element is finite (the Python
-node's, whether their sum is: they differ only where a finite aggregate's sum overflows); the dot
+at a time: the same sum, bit for bit; the check asks whether every element is finite (torch's ops,
+whether their sum is: they differ only where a finite aggregate's sum overflows); the dot
 products are summed in float64 across blocks, where ``torch.dot`` sums in the gradients' dtype.
 """
 
