@@ -938,7 +938,7 @@ class RepresentationBoundary(nn.Module):
             if not kept:
                 return weighted_sum(grads, coefficients, keep, donate), True  # zeros
             return ops.checked_weighted_sum([grads[k] for k in kept], [float(coefficients[k]) for k in kept],
-                                            [True] * len(kept), bool(kept[0] < len(donate) and donate[kept[0]]))
+                                            bool(kept[0] < len(donate) and donate[kept[0]]))
 
         return self._checked(checked_pass, grads, usable, donated)
 

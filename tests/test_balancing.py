@@ -1390,13 +1390,13 @@ def test_the_checked_sum_pass_gives_weighted_sums_bits_and_finds_a_nonfinite_ele
     generator = torch.Generator().manual_seed(48)
     grads = [(torch.randn(300, 1001, generator=generator) * s).to(dtype) for s in (1.0, 20.0, 0.3)]
     expected = weighted_sum(grads, [0.2, 0.5, 0.3], [True, False, True])
-    out, finite = ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], [True, True], False)
+    out, finite = ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], False)
     assert finite and torch.equal(out, expected) and out.data_ptr() != grads[0].data_ptr()
     first = grads[0].clone()
-    out, finite = ops.checked_weighted_sum([first, grads[2]], [0.2, 0.3], [True, True], True)
+    out, finite = ops.checked_weighted_sum([first, grads[2]], [0.2, 0.3], True)
     assert finite and torch.equal(out, expected) and out.data_ptr() == first.data_ptr()
     grads[2][299, 1000] = float("inf")
-    assert not ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], [True, True], False)[1]
+    assert not ops.checked_weighted_sum([grads[0], grads[2]], [0.2, 0.3], False)[1]
 
 
 def test_a_compiler_without_openmp_builds_the_native_module_from_the_same_sources(monkeypatch, caplog):

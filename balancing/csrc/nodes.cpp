@@ -301,19 +301,15 @@ variable_list held_sum(const at::Tensor& z, std::vector<double> coefficients, do
   return HeldSum::apply(z, coefficients, final_scale, state, gamma, kappa, held);
 }
 
-// weighted_sum over the tasks `keep` (formed in the first kept gradient where `donate_first`), and whether
-// every element is finite, in one pass over the gradients (see concord::passable); for the Python node's
-// steps that form a sum with known coefficients (RepresentationBoundary._checked_sum).
+// weighted_sum over `grads` (formed in the first where `donate_first`), and whether every element is
+// finite, in one pass over the gradients (see concord::passable); for the Python node's steps that form
+// a sum with known coefficients (RepresentationBoundary._checked_sum).
 std::tuple<at::Tensor, bool> checked_weighted_sum(std::vector<at::Tensor> grads, std::vector<double> coefficients,
-                                                  std::vector<bool> keep, bool donate_first) {
-  TORCH_CHECK(grads.size() == coefficients.size() && grads.size() == keep.size(),
-              "checked_weighted_sum: one coefficient and one keep flag per gradient");
+                                                  bool donate_first) {
+  TORCH_CHECK(!grads.empty() && grads.size() == coefficients.size(), "checked_weighted_sum: one coefficient per gradient");
   TORCH_CHECK(concord::passable(grads), "checked_weighted_sum: contiguous CPU float32 or float64 gradients of one shape");
-  int64_t first = -1;
-  for (size_t k = 0; k < keep.size() && first < 0; ++k) if (keep[k]) first = static_cast<int64_t>(k);
-  TORCH_CHECK(first >= 0, "checked_weighted_sum: no task kept");
   bool finite = true;
-  at::Tensor out = checked_sum(grads, coefficients, keep, first, donate_first, &finite);
+  at::Tensor out = checked_sum(grads, coefficients, std::vector<bool>(grads.size(), true), 0, donate_first, &finite);
   return {out, finite};
 }
 
