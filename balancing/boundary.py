@@ -29,7 +29,7 @@ from torch import nn
 from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import DDPRide, PendingStatistics
-from .native import native_ops
+from .native import native_ops, passable
 from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
 
 
@@ -731,9 +731,7 @@ class RepresentationBoundary(nn.Module):
             ops = native_ops()
         tasks = [k for k, g in enumerate(grads) if g is not None]
         present = [grads[k] for k in tasks]
-        if ops is None or present[0].dtype not in (torch.float32, torch.float64) or not all(
-            g.dtype == present[0].dtype and g.is_contiguous() for g in present
-        ):
+        if ops is None or not passable(present):
             return (*self._start_statistics(grads, z, template), None)
         losses = self._record.losses.tolist()
         keep = [math.isfinite(losses[k]) for k in tasks]
@@ -928,9 +926,7 @@ class RepresentationBoundary(nn.Module):
         the compiled pass takes the gradients (native.py), the sum and its check are one pass."""
         ops = native_ops()
         present = [g for g in grads if g is not None]
-        if ops is None or not present or present[0].dtype not in (torch.float32, torch.float64) or not all(
-            g.is_contiguous() and g.device.type == "cpu" for g in present
-        ):
+        if ops is None or not passable(present):
             return self._checked(lambda keep, donate: weighted_sum(grads, coefficients, keep, donate), grads, usable, donated)
 
         def checked_pass(keep, donate):

@@ -31,7 +31,7 @@ import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
 from .fused import MIN_FUSED_NUMEL
-from .native import wide_vector_passes
+from .native import passable, wide_vector_passes
 from .statistics import StepStats
 
 
@@ -162,12 +162,9 @@ class CoGrad(Balancer):
         the CPU has wide vectors (:func:`~.native.wide_vector_passes`): the rule (and on a statistics
         step its norms) in one vectorised pass, the same up to rounding as the compiled rule, whose
         Python call and guards cost as much as its loop. Else None."""
-        first = grads[0]
-        if len(grads) > _PASS_MAX_TASKS or first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        if len(grads) > _PASS_MAX_TASKS or not passable(grads):
             return None
-        if any(g.dtype != first.dtype or not g.is_contiguous() for g in grads):
-            return None
-        return self._wide_passes_for(first)
+        return self._wide_passes_for(grads[0])
 
     def _wide_passes_for(self, template: torch.Tensor) -> Optional[object]:
         """The compiled module where this rule would run compiled (``fused``, gradients shaped like

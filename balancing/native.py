@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,11 +39,19 @@ _built: dict = {}
 
 def native_ops() -> Optional[object]:
     """The compiled module (``sum_at_view``, ``held_sum``, ``gram_and_sum``, ``checked_weighted_sum``,
-    ``cograd_pass``), built on first
-    use; None where it cannot be built or ``CONCORD_NATIVE=0``."""
+    ``cograd_pass``), built on first use; None where it cannot be built or ``CONCORD_NATIVE=0``."""
     if "ops" not in _built:
         _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
     return _built["ops"]
+
+
+def passable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the passes take ``tensors`` (``concord::passable`` in csrc/passes.cpp): contiguous CPU
+    float32 or float64 tensors of one dtype and shape."""
+    if not tensors or tensors[0].dtype not in (torch.float32, torch.float64):
+        return False
+    first = tensors[0]
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape for t in tensors)
 
 
 def wide_vector_passes() -> Optional[object]:
