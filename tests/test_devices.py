@@ -105,10 +105,11 @@ def test_the_torch_only_boundary_bench_times_every_method(capsys):
     from concord.trainer.tools.boundary_bench import run
 
     methods = ["none", "equal", "cograd", "multibalance@previous/2"]
-    step_ms = run(methods, "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2)
+    step_ms = run(methods, "cpu", batch=32, d=16, num_tasks=3, rounds=2, steps=2, profile_steps=2)
     assert set(step_ms) == set(methods) and all(len(v) == 2 and min(v) > 0 for v in step_ms.values())
     table = capsys.readouterr().out
     assert "| cograd |" in table and "drop vs equal (± s.e.)" in table
+    assert "| none | – |" not in table and "| equal | " in table.split("profile, 2 steps a method")[1]
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -140,3 +141,30 @@ def test_lagged_statistics_read_nothing_on_the_host_inside_backward(name, device
 
     for got, expected in zip(run(device), run("cpu")):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_the_step_timer_waits_for_the_device_only_when_a_figure_is_read(device):
+    """The trainer's step timing on a GPU: CUDA events recorded each step, no synchronisation with the
+    host until the QPS meter is read (the logging interval), and then each phase's figure."""
+    from concord.trainer.observe.timing import QPSMeter, StepTimer
+
+    timer, meter = StepTimer(torch.device(device)), QPSMeter(global_batch_size=256, qps_skip_steps=1, window=4)
+    x = torch.randn(256, 256, device=device)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            timer.start()
+            y = x @ x
+            timer.mark("forward")
+            (y * 2).sum()
+            timer.mark("backward")
+            meter.update(timer.read())
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    phases = meter.breakdown()
+    assert set(phases) == {"forward_ms", "backward_ms", "step_ms"}
+    assert phases["forward_ms"] > 0 and phases["step_ms"] == pytest.approx(phases["forward_ms"] + phases["backward_ms"])
+    assert meter.lifetime_steps == 5 and meter.windowed_qps() > 0

@@ -7,7 +7,9 @@ an MLP to ``z`` (B, d), and one MLP head per task. Inputs are drawn once on the 
 is model work only. Methods alternate, their order rotating each round as in ``concord bench``; a
 block's time ends with a device synchronisation. Printed: QPS per method and its drop against
 ``equal`` and against ``none`` (no boundary: autograd sums the task gradients), from step times
-paired by round, with standard errors, plus the host synchronisations a step makes (CUDA only).
+paired by round, with standard errors; the boundary's own time a step (its clock: CUDA events on the
+gradients' stream, read after each block) and its share of the step; and the host synchronisations
+a step makes (CUDA only).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import statistics
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -76,7 +78,8 @@ def _batches(count: int, batch: int, num_tasks: int, device: torch.device):
     return out
 
 
-def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rounds: int, steps: int) -> Dict[str, List[float]]:
+def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rounds: int, steps: int,
+        profile_steps: int = 0, trace: Optional[str] = None) -> Dict[str, List[float]]:
     dev = torch.device(device)
     torch.manual_seed(0)
     model = DemoShapedRanker(num_tasks, d).to(dev)
@@ -123,19 +126,54 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
                 torch.cuda.set_sync_debug_mode("default")
             syncs[m] = sum("synchroniz" in str(w.message) for w in caught)
     step_ms: Dict[str, List[float]] = {m: [] for m in methods}
+    boundary_ms: Dict[str, List[float]] = {m: [] for m in methods}
     for r in range(rounds):
         for m in methods[r % len(methods):] + methods[: r % len(methods)]:
             use(m)
             step(0)
             sync()
+            clocks = []  # the boundary's own span in each backward (CUDA events: read after the block)
             start = time.perf_counter()
             for i in range(steps):
                 step(i)
+                clocks.append(model.boundary.backward_clock if dev.type == "cuda" else model.boundary.backward_seconds)
             sync()
             step_ms[m].append(1000.0 * (time.perf_counter() - start) / steps)
+            if m != "none":
+                boundary_ms[m].append(1000.0 * sum(c if isinstance(c, float) else c.seconds() for c in clocks if c is not None) / steps)
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {1000 * batch / step_ms[m][-1]:,.0f}" for m in methods), flush=True)
-    _report(step_ms, syncs, device, batch, d, num_tasks, steps)
+    _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps)
+    if profile_steps:
+        _profile(methods, use, step, sync, dev, profile_steps, step_ms, trace)
     return step_ms
+
+
+def _profile(methods, use, step, sync, dev, steps: int, step_ms, trace: Optional[str]) -> None:
+    """Where a step's time goes, per method, from ``torch.profiler`` over ``steps`` steps: the host's
+    kernel launches a step and the device's busy time a step, against the step's wall time of the
+    timed rounds. A step whose device is busy for much less than its wall time is bound by the host
+    (its launches and Python), and the boundary's extra launches are then what it costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    print(f"\nprofile, {steps} steps a method")
+    print("| method | kernel launches a step | device busy ms a step | step ms (timed rounds) |")
+    print("|---|---|---|---|")
+    for m in methods:
+        use(m)
+        for i in range(3):
+            step(i)
+        sync()
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                step(i)
+            sync()
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
+        busy_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1000.0
+        print(f"| {m} | {launches / steps:.0f} | {busy_ms / steps:.3f} | {statistics.mean(step_ms[m]):.3f} |")
+        if trace and m == methods[-1]:
+            prof.export_chrome_trace(trace)
 
 
 def _drop(step_ms: Dict[str, List[float]], method: str, base: str) -> str:
@@ -145,14 +183,16 @@ def _drop(step_ms: Dict[str, List[float]], method: str, base: str) -> str:
     return f"{drop:+.2f} ± {sem:.2f}%"
 
 
-def _report(step_ms, syncs, device, batch, d, num_tasks, steps) -> None:
+def _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps) -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, {steps} steps a block, {len(next(iter(step_ms.values())))} rounds")
-    print("| method | QPS | drop vs equal (± s.e.) | drop vs none (± s.e.) | host syncs a step |")
-    print("|---|---|---|---|---|")
+    print("| method | QPS | drop vs equal (± s.e.) | drop vs none (± s.e.) | boundary ms a step (% of step) | host syncs a step |")
+    print("|---|---|---|---|---|---|")
     for m, times in step_ms.items():
         qps = 1000.0 * batch / statistics.mean(times)
-        print(f"| {m} | {qps:,.0f} | {_drop(step_ms, m, 'equal')} | {_drop(step_ms, m, 'none')} | {syncs.get(m, '–')} |")
+        spans = boundary_ms[m]
+        own = f"{statistics.mean(spans):.3f} ({100 * sum(spans) / sum(times):.2f}%)" if spans else "–"
+        print(f"| {m} | {qps:,.0f} | {_drop(step_ms, m, 'equal')} | {_drop(step_ms, m, 'none')} | {own} | {syncs.get(m, '–')} |")
 
 
 def main(argv=None) -> None:
@@ -165,11 +205,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile STEPS steps of each method: kernel launches and device busy time a step")
+    parser.add_argument("--trace", help="with --profile: the last method's profile as a Chrome trace to this file")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     if "equal" not in methods:
         methods.insert(0, "equal")
-    run(methods, args.device, args.batch, args.dim, args.tasks, args.rounds, args.steps)
+    run(methods, args.device, args.batch, args.dim, args.tasks, args.rounds, args.steps, args.profile, args.trace)
 
 
 if __name__ == "__main__":
