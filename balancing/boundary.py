@@ -30,7 +30,7 @@ from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import DDPRide, PendingStatistics
 from .native import native_ops, passable
-from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
+from .statistics import StepStats, all_finite, device_statistics, filled, local_statistics, norms_of, stacked_gradients, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -422,6 +422,7 @@ class RepresentationBoundary(nn.Module):
     def lagged_state(self, state: tuple) -> None:
         self._in_flight, self._held, self._unreported, self._last_sum = state
         self._unreported_on_device: Optional[torch.Tensor] = None  # a GPU's flags, read at the next sum
+        self._coefficients_on_device: Optional[tuple] = None  # ((coefficients, device), tensor there)
 
     def _unreported_losses(self) -> np.ndarray:
         """The non-finite losses not yet reported, the device's flags folded in (a host read)."""
@@ -616,10 +617,12 @@ class RepresentationBoundary(nn.Module):
         methods and the logged cosines."""
         return self.balancer.needs_cross_terms or self.balancer.telemetry_due
 
-    def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True, products: Optional[torch.Tensor] = None):
+    def _start_statistics(self, grads, z, template: torch.Tensor, on_host: bool = True, products: Optional[torch.Tensor] = None,
+                          stacked: Optional[torch.Tensor] = None):
         """This rank's statistics, their sum over ranks started; and this rank's usable tasks, as a
         NumPy array (``on_host``) or as flags on the gradients' device (packed there, no host read).
-        ``products``: the Gram's entries, already formed (on a CPU)."""
+        ``products``: the Gram's entries, already formed (on a CPU); ``stacked``: the gradients
+        stacked (on a GPU, for the step's sum)."""
         cross_terms = self._cross_terms()
         extra = self.balancer.local_extra(grads, z)
         seen, self.balancer.squared_norms_seen = self.balancer.squared_norms_seen, None
@@ -627,7 +630,7 @@ class RepresentationBoundary(nn.Module):
             packed = local_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen, products)
             usable = usable_here(np.array([g is not None for g in grads]), packed)
         else:
-            packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen)
+            packed, usable = device_statistics(grads, self._record.losses, template.shape[0], extra, cross_terms, seen, stacked)
         ride = self.ride if on_host and self.statistics == "previous" and self.ride is not None and self.ride.open() else None
         return usable, PendingStatistics(packed, self.num_tasks, template.shape[0], self.process_group, None, cross_terms, ride=ride)
 
@@ -881,9 +884,10 @@ class RepresentationBoundary(nn.Module):
         read now. A non-finite loss joins the next sum's report through a device flag; a non-finite
         gradient is left out without a warning (one would need a host read)."""
         pending = None
+        stacked = stacked_gradients(grads)
         if self._statistics_due():
             self._report_unreported()
-            usable, pending = self._start_statistics(grads, z, template, on_host=False)
+            usable, pending = self._start_statistics(grads, z, template, on_host=False, stacked=stacked)
         else:
             usable = self._usable_on_device(grads)
         stats, skip = self._read_last_sum(pending)
@@ -892,7 +896,7 @@ class RepresentationBoundary(nn.Module):
             return torch.zeros_like(template)
         if stats is not None:
             self._hold(stats)
-        return self._finish(_masked_sum(grads, self._coefficients_between_sums(), usable), start)
+        return self._finish(self._masked_sum(stacked, template, self._coefficients_between_sums(), usable), start)
 
     def _balance_elementwise_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
         """:meth:`_balance_elementwise` on a GPU, with no host read in backward: the last sum (read
@@ -904,21 +908,42 @@ class RepresentationBoundary(nn.Module):
             start.stop()
             return torch.zeros_like(template)
         if self._last_sum is None:  # nothing summed yet: the prior, equal weights, over the finite tasks
-            return self._finish(_masked_sum(grads, self._coefficients_between_sums(), usable), start)
+            return self._finish(self._masked_sum(stacked_gradients(grads), template, self._coefficients_between_sums(), usable), start)
         return self._finish(self.balancer.aggregate_on_device(grads, self._last_sum, usable), start)
 
     def _usable_on_device(self, grads) -> torch.Tensor:
         """A step without statistics on a GPU: device flags for this rank's tasks with a finite loss
-        and a finite gradient (its own sum says), with no host read; a non-finite loss joins the next
-        sum's report through a device flag."""
-        finite_loss = torch.isfinite(self._record.losses)
+        and a finite gradient (its L1 norm says: NaN and inf propagate into it, and it overflows no
+        sooner than the gradient's own sum), with no host read and no op per task; a non-finite loss
+        joins the next sum's report through a device flag."""
+        losses = self._record.losses
+        finite_loss = torch.isfinite(losses)
         nonfinite = ~finite_loss
+        present = [g for g in grads if g is not None]
         for k, g in enumerate(grads):
             if g is None:  # an absent head's loss is not reported
                 nonfinite[k] = False
         known = self._unreported_on_device
         self._unreported_on_device = nonfinite if known is None else known | nonfinite
-        return torch.stack([finite_loss[k] & torch.isfinite(g.sum()) if g is not None else finite_loss[k] for k, g in enumerate(grads)])
+        return finite_loss & torch.isfinite(torch.stack(norms_of(filled(grads, present[0]), 1)))
+
+    def _device_coefficients(self, coefficients: Sequence[float], device: torch.device) -> torch.Tensor:
+        """``coefficients`` as a float64 tensor on ``device``, copied there (from pinned memory, so the
+        host does not wait) only when they change: at a sum's read, not on the steps between."""
+        key = (tuple(coefficients), device)
+        if self._coefficients_on_device is None or self._coefficients_on_device[0] != key:
+            host = torch.tensor(coefficients, dtype=torch.float64, pin_memory=device.type == "cuda")
+            self._coefficients_on_device = (key, host.to(device, non_blocking=True))
+        return self._coefficients_on_device[1]
+
+    def _masked_sum(self, stacked: torch.Tensor, template: torch.Tensor, coefficients: Sequence[float], usable: torch.Tensor) -> torch.Tensor:
+        """``sum_k c_k G_k`` over the tasks whose device flag ``usable[k]`` is set, shaped like
+        ``template``, with no host read: the others' rows of ``stacked`` (:func:`stacked_gradients`,
+        consumed) are zeroed first, so that a left-out gradient's NaN does not reach the sum, then
+        one product with the masked coefficients, so that the ops do not grow with T."""
+        stacked.masked_fill_(~usable[:, None], 0.0)
+        c = torch.where(usable, self._device_coefficients(coefficients, template.device), 0.0).to(stacked.dtype)
+        return (c @ stacked).view_as(template)
 
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
         """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients (see
@@ -1006,21 +1031,6 @@ class _Ready:
 
     def wait(self) -> StepStats:
         return self.stats
-
-
-def _masked_sum(grads, coefficients: Sequence[float], usable: torch.Tensor) -> torch.Tensor:
-    """``sum_k c_k G_k`` over the tasks whose device flag ``usable[k]`` is set, in a new buffer, with
-    no host read (a left-out gradient's NaN does not reach the sum)."""
-    aggregated = None
-    for k, g in enumerate(grads):
-        if g is None:
-            continue
-        term = torch.where(usable[k], g, 0.0)
-        if aggregated is None:
-            aggregated = term.mul_(float(coefficients[k]))
-        else:
-            aggregated.add_(term, alpha=float(coefficients[k]))
-    return aggregated
 
 
 def _with_check(result) -> Tuple[torch.Tensor, Optional[bool]]:

@@ -188,7 +188,10 @@ class CoGrad(Balancer):
         (as :meth:`aggregate` leaves such a step uncorrected). Telemetry stays on the device until read."""
         present = [k for k, g in enumerate(grads) if g is not None]  # at least one: the boundary's template
         kappa = self._lagged_kappa_for(grads, stats)
-        ok = torch.stack([usable[k] if stats.active[k] else torch.zeros_like(usable[k]) for k in present])
+        if len(present) == len(grads) and all(stats.active.tolist()):  # the common step: no op per task
+            ok = usable
+        else:
+            ok = torch.stack([usable[k] if stats.active[k] else torch.zeros_like(usable[k]) for k in present])
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
         present_grads, knobs = [grads[k] for k in present], self._knobs(present)
         aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)

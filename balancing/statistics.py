@@ -157,27 +157,63 @@ def device_statistics(
     extra: Optional[torch.Tensor] = None,
     cross_terms: bool = True,
     squared_norms: Optional[torch.Tensor] = None,
+    stacked: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`local_statistics` with no host read (a GPU): the same packed vector, formed where the
     gradients are, in float64; and (T,) bool flags, also there, of this rank's tasks whose gradient
-    and loss are finite (absent tasks: True; their gradient is None)."""
+    and loss are finite (absent tasks: True; their gradient is None).
+
+    On a GPU a step this small is bound by the host's kernel launches, not by the device's memory, so
+    the ops here do not grow with T: the Gram is one float64 matrix product of the stacked
+    gradients (float64: exact enough, and free of TF32, which a user may have turned on for float32
+    products), or with only its diagonal wanted one multi-tensor norm (or ``squared_norms``, a
+    balancer's own pass). An absent task's gradient is zeros here, as in its Gram row. ``stacked``:
+    :func:`stacked_gradients`, where the caller has them already. The float64 copy lives for the
+    product alone: on a statistics step the transient memory is three times the task gradients'."""
     t = len(grads)
-    flat, pairs, known = _gram_plan(grads, cross_terms, squared_norms)
-    entries = {pair: squared_norms[n].double() for n, pair in enumerate(pairs[:known])}
-    entries.update({(i, j): torch.dot(flat[i], flat[j]).double() for i, j in pairs[known:]})
-    zero = torch.zeros((), dtype=torch.float64, device=losses.device)
-    gram = torch.stack([torch.stack([entries.get((min(i, j), max(i, j)), zero) for j in range(t)]) for i in range(t)])
+    device = losses.device
+    present = [g for g in grads if g is not None]
+    if cross_terms:
+        wide = (stacked if stacked is not None else stacked_gradients(grads)).double()
+        gram = wide @ wide.T
+    else:
+        norms = squared_norms.double() if squared_norms is not None else torch.stack(norms_of(present, 2)).double().square()
+        if len(present) < t:  # the norms of the present tasks, in task order; the absent ones 0
+            it = iter(norms.unbind())
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            norms = torch.stack([next(it) if g is not None else zero for g in grads])
+        gram = torch.diag(norms)
     finite = torch.isfinite(gram.diagonal())  # a NaN or inf anywhere in G_k makes <G_k, G_k> one
     b = float(batch_size)
     parts = [
-        torch.where(finite[:, None] & finite[None, :], gram, zero).mul_(b).mul_(b).reshape(-1),
+        torch.where(finite[:, None] & finite[None, :], gram, 0.0).mul_(b).mul_(b).reshape(-1),
         losses.detach().double() * b,
         (~finite).double(),
-        torch.full((1,), b, dtype=torch.float64, device=losses.device),
+        torch.full((1,), b, dtype=torch.float64, device=device),
     ]
     if extra is not None:
         parts.append(extra.detach().reshape(-1).double())
     return torch.cat(parts), finite & torch.isfinite(losses.detach())
+
+
+def norms_of(tensors: Sequence[torch.Tensor], order: float) -> list:
+    """Each tensor's ``order``-norm, in one multi-tensor launch on a GPU (half precision summed in
+    float32, where its own sum would overflow)."""
+    narrow = tensors[0].dtype in _NARROW
+    return torch._foreach_norm(list(tensors), order, dtype=torch.float32 if narrow else None)
+
+
+def stacked_gradients(grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """(T, numel) the task gradients in one tensor, an absent task's as zeros: the operand of one
+    launch where a loop over tasks would launch T (a GPU's step is bound by its launches)."""
+    template = next(g for g in grads if g is not None)
+    return torch.stack([g.reshape(-1) for g in filled(grads, template)])
+
+
+def filled(grads: Sequence[Optional[torch.Tensor]], template: torch.Tensor) -> list:
+    """``grads`` with each absent task's gradient (None) as zeros shaped like ``template``: batched
+    ops then need no per-task branch, and zeros add nothing to a sum or a Gram."""
+    return [g if g is not None else torch.zeros_like(template) for g in grads]
 
 
 def usable_here(present: np.ndarray, packed: torch.Tensor) -> np.ndarray:
