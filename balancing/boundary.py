@@ -192,13 +192,14 @@ class RepresentationBoundary(nn.Module):
             gradients, with the constants of the last sum (CoGrad's ``kappa``).
             ``auto``: the balancer's :attr:`~Balancer.lagged_statistics_every` when lagged, else 1
             (decided again whenever a balancer is set).
-        autograd_sums: on a CPU, with ``previous`` statistics, let autograd form the sum on the steps
+        autograd_sums: with ``previous`` statistics, let autograd form the sum on the steps
             where it is all the rule does: a rule with equal constant weights (``equal``) on a step
             that gathers no statistics. The T views are then one tensor, so a hook or ``retain_grad``
             on a view sees the sum of the task gradients, not its own; and a non-finite loss or
             gradient there leaves this rank's whole contribution to ``z``'s gradient out of the step
             (the task gradients are summed before anything can look at them), where otherwise only
-            that task's would be. Off by default; Concord's trainer, which hooks no view, turns it on.
+            that task's would be (on a GPU without a warning, which would need a host read). Off by
+            default; Concord's trainer, which hooks no view, turns it on.
     """
 
     def __init__(
@@ -248,7 +249,7 @@ class RepresentationBoundary(nn.Module):
         if self.ride is not None:
             self.ride.expect_backward()
         if self._sum_at_view(z.device):
-            ops = native_ops()
+            ops = native_ops() if _reads_on_host(z.device) else None
             if ops is not None:
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
@@ -340,7 +341,7 @@ class RepresentationBoundary(nn.Module):
     def _sum_at_view(self, device: torch.device) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
         ``autograd_sums``): decided in forward, from what backward would do."""
-        if not (self.autograd_sums and self._equal_constant_weights and self.statistics == "previous" and _reads_on_host(device)):
+        if not (self.autograd_sums and self._equal_constant_weights and self.statistics == "previous"):
             return False
         return self._in_flight is None and not self._passthrough and not self._statistics_due_at(self._gather_for_log)
 
@@ -349,17 +350,36 @@ class RepresentationBoundary(nn.Module):
         gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
         are reported with the next sum, as between sums)."""
         start = self._start_backward(total.device)
+        if not _reads_on_host(total.device):
+            return self._finish(self._sum_at_view_on_device(total, donated), start, reduced=True)
         bad = self._losses_at_view(self._record.losses)
-        coefficient = self._coefficient_at_view()
-        if coefficient == 1.0:
-            aggregated = total
-        else:
-            aggregated = total.mul_(coefficient) if donated else total * coefficient
+        aggregated = self._scaled_at_view(total, donated)
         if bad or not math.isfinite(aggregated.sum().item()):
             if not bad:
                 self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
             aggregated = torch.zeros_like(total) if aggregated is total and not donated else aggregated.zero_()
         return self._finish(aggregated, start, reduced=True)
+
+    def _scaled_at_view(self, total: torch.Tensor, donated: bool) -> torch.Tensor:
+        coefficient = self._coefficient_at_view()
+        if coefficient == 1.0:
+            return total
+        return total.mul_(coefficient) if donated else total * coefficient
+
+    def _sum_at_view_on_device(self, total: torch.Tensor, donated: bool) -> torch.Tensor:
+        """:meth:`_balance_sum_at_view` on a GPU, with no host read: where a loss or the sum is not
+        finite the rank's contribution is zeroed on the device, without a warning (one would need a
+        host read); a non-finite loss joins the next sum's report through a device flag."""
+        losses = self._record.losses
+        self._record.losses_used()
+        finite_loss = torch.isfinite(losses)
+        known = self._unreported_on_device
+        self._unreported_on_device = ~finite_loss if known is None else known | ~finite_loss
+        aggregated = self._scaled_at_view(total, donated)
+        keep = finite_loss.all() & torch.isfinite(aggregated.sum())
+        if aggregated is total and not donated:  # autograd's buffer, not ours to write
+            return torch.where(keep, aggregated, 0.0)
+        return aggregated.masked_fill_(~keep, 0.0)
 
     def _coefficient_at_view(self) -> float:
         return float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)

@@ -906,18 +906,30 @@ def _autograd_sums(method="equal", reduction="mean"):
 def view_node(request, monkeypatch):
     """The one-view step's backward node: the compiled one (concord.balancing.native) or the Python
     node the boundary keeps where that cannot be built."""
+    return _use_node(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["native", "python", "device"])
+def one_view_node(request, monkeypatch):
+    """:func:`view_node`, or the Python node as on a GPU (no host read; run here on CPU tensors)."""
+    return _use_node(request.param, monkeypatch)
+
+
+def _use_node(node: str, monkeypatch) -> str:
     import concord.balancing.boundary as module
     from concord.balancing.native import native_ops
 
-    if request.param == "python":
+    if node == "python":
         monkeypatch.setattr(module, "native_ops", lambda: None)
+    elif node == "device":
+        monkeypatch.setattr(module, "_reads_on_host", lambda device: False)
     elif native_ops() is None:
         pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
-    return request.param
+    return node
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction, donations, view_node):
+def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction, donations, one_view_node):
     """``autograd_sums``: on the steps that gather no statistics an equal-weight rule gets one view
     that every head reads (autograd sums the task gradients), and the same gradient for ``z``; the
     steps that gather statistics (here for the log, every 5th) keep one view per task. Autograd's
@@ -950,7 +962,7 @@ def test_the_native_and_the_python_node_give_the_same_bits(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_autograd_sums_never_scales_a_sum_someone_else_holds(view_node):
+def test_autograd_sums_never_scales_a_sum_someone_else_holds(one_view_node):
     """A view whose gradient is retained holds autograd's sum: it keeps the raw sum, z gets 1/T of it."""
     boundary = _autograd_sums()
     grads = _random_steps(42, 1)[0]
@@ -963,7 +975,7 @@ def test_autograd_sums_never_scales_a_sum_someone_else_holds(view_node):
     torch.testing.assert_close(z.grad, sum(grads) / 3)
 
 
-def test_autograd_sums_needs_the_objective(view_node):
+def test_autograd_sums_needs_the_objective(one_view_node):
     boundary = _autograd_sums()
     z = torch.zeros(8, 5, dtype=torch.float64, requires_grad=True)
     views = boundary(z)
@@ -971,13 +983,14 @@ def test_autograd_sums_needs_the_objective(view_node):
         torch.stack([v.sum() for v in views]).sum().backward()
 
 
-def test_autograd_sums_a_nonfinite_gradient_or_loss_leaves_the_ranks_whole_contribution_out(caplog, view_node):
+def test_autograd_sums_a_nonfinite_gradient_or_loss_leaves_the_ranks_whole_contribution_out(caplog, one_view_node):
     grads = _random_steps(38, 1)[0]
     boundary = _autograd_sums()
     with caplog.at_level(logging.WARNING, logger="concord.balancing"):
         got = _backward_through(boundary, grads, nonfinite=(2,))
         assert boundary.backward_seconds >= 0  # read after backward, as a trainer does
-    assert torch.count_nonzero(got) == 0 and "summed with the other tasks' by autograd" in caplog.text
+    assert torch.count_nonzero(got) == 0
+    assert ("summed with the other tasks' by autograd" in caplog.text) == (one_view_node != "device")  # a GPU warns of none
     boundary = _autograd_sums()
     boundary.on_nonfinite_loss = "raise"
     for t, grads in enumerate(_random_steps(39, 5)):

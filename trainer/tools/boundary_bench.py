@@ -46,7 +46,8 @@ class DemoShapedRanker(nn.Module):
         pooled = sum(dim * features for _, dim, features in TABLES)
         self.dense = _mlp([8, 128, 64])
         self.to_z = nn.Sequential(_mlp([pooled + 64, 512, d]), nn.ReLU())
-        self.boundary = RepresentationBoundary(build_balancer("equal", [f"task{k}" for k in range(num_tasks)]))
+        # autograd_sums as in the trainer, which hooks no view either
+        self.boundary = RepresentationBoundary(build_balancer("equal", [f"task{k}" for k in range(num_tasks)]), autograd_sums=True)
         self.heads = nn.ModuleList([_mlp([d, 64, 1]) for _ in range(num_tasks)])
 
     def forward(self, ids: List[torch.Tensor], dense: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
