@@ -9,9 +9,11 @@ Cluster: the same component with ``-s slurm`` or ``-s kubernetes`` (see README, 
 """
 
 
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import torchx.specs as specs
+import yaml
 from torchx.components import dist
 
 
@@ -49,9 +51,9 @@ def train(
         env: extra environment variables
     """
     nproc = int(j.split("x")[-1]) if "x" in j else int(j)
-    devices = [o.split("=", 1)[1] for o in overrides if o.startswith("dist.device=")]
-    if devices and devices[-1] == "cuda" and gpu < 1 and h is None:
-        raise ValueError("dist.device=cuda needs GPUs: pass --gpu N (per node) or a named resource with -h")
+    device, where = _requested_device(config, overrides)
+    if device == "cuda" and gpu < 1 and h is None:
+        raise ValueError(f"{where}: dist.device=cuda needs GPUs: pass --gpu N (per node) or a named resource with -h")
     if gpu > 0 and nproc > gpu:
         raise ValueError(f"--j {j} starts {nproc} ranks per node but --gpu {gpu}: one rank per GPU")
     # torchrun reads every option from PET_<NAME>; dist.ddp does not expose --max-restarts itself.
@@ -75,3 +77,17 @@ def train(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
+
+
+def _requested_device(config: str, overrides) -> Tuple[Optional[str], str]:
+    """``dist.device`` as the job will read it, and where it is set: the last override, else the
+    config file where it can be read here (with an image it may exist only there: then unknown)."""
+    devices = [o.split("=", 1)[1] for o in overrides if o.startswith("dist.device=")]
+    if devices:
+        return devices[-1], "the overrides"
+    path = Path(config)
+    if not path.is_file():
+        return None, config
+    raw = yaml.safe_load(path.read_text())
+    section = raw.get("dist") if isinstance(raw, dict) else None
+    return (section.get("device") if isinstance(section, dict) else None), f"{config}: dist.device"

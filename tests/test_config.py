@@ -102,11 +102,20 @@ def test_what_this_machine_cannot_run_is_a_config_error(override, message):
         check_machine(cfg)
 
 
-def test_the_torchx_component_refuses_cuda_without_gpus():
+def test_the_torchx_component_refuses_cuda_without_gpus(tmp_path):
+    """Asked for in an override or in the config file (where it can be read before launch)."""
     from concord.launch.components import train
 
-    with pytest.raises(ValueError, match="dist.device=cuda needs GPUs"):
+    with pytest.raises(ValueError, match="the overrides: dist.device=cuda needs GPUs"):
         train("dist.device=cuda", gpu=0)
+    config = tmp_path / "gpu.yaml"
+    raw = yaml.safe_load(open("configs/tiny.yaml"))
+    raw["dist"]["device"] = "cuda"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=f"{config}: dist.device: dist.device=cuda needs GPUs"):
+        train(config=str(config), gpu=0)
+    assert train(config=str(config), gpu=1, j="1x1").roles[0].resource.gpu == 1
+    train("dist.device=cpu", config=str(config), gpu=0)  # the override wins
 
 
 def test_single_task_drops_the_other_tasks_label_rules():
