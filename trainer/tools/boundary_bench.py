@@ -18,7 +18,7 @@ import argparse
 import statistics
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,14 +38,18 @@ def _mlp(sizes: List[int]) -> nn.Sequential:
 
 
 class DemoShapedRanker(nn.Module):
-    """ids (F, B*L) per feature, dense (B, 8) -> z (B, d) -> T heads -> losses (T,)."""
+    """ids (F, B*L) per feature, dense (B, 8) -> z (B, d) -> T heads -> losses (T,).
 
-    def __init__(self, num_tasks: int, d: int) -> None:
+    ``width``: the hidden layers between the features and ``z`` (the demo's: one of 512). A GPU runs
+    the demo's model faster than the host can launch it; wider, deeper layers (``--width 4096,4096``)
+    give it the dense work of a production ranker's step, against which the boundary's cost is read."""
+
+    def __init__(self, num_tasks: int, d: int, width: Sequence[int] = (512,)) -> None:
         super().__init__()
         self.tables = nn.ModuleList([nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for rows, dim, _ in TABLES])
         pooled = sum(dim * features for _, dim, features in TABLES)
         self.dense = _mlp([8, 128, 64])
-        self.to_z = nn.Sequential(_mlp([pooled + 64, 512, d]), nn.ReLU())
+        self.to_z = nn.Sequential(_mlp([pooled + 64, *width, d]), nn.ReLU())
         # autograd_sums as in the trainer, which hooks no view either
         self.boundary = RepresentationBoundary(build_balancer("equal", [f"task{k}" for k in range(num_tasks)]), autograd_sums=True)
         self.heads = nn.ModuleList([_mlp([d, 64, 1]) for _ in range(num_tasks)])
@@ -80,10 +84,10 @@ def _batches(count: int, batch: int, num_tasks: int, device: torch.device):
 
 
 def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rounds: int, steps: int,
-        profile_steps: int = 0, trace: Optional[str] = None) -> Dict[str, List[float]]:
+        profile_steps: int = 0, trace: Optional[str] = None, width: Sequence[int] = (512,)) -> Dict[str, List[float]]:
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = DemoShapedRanker(num_tasks, d).to(dev)
+    model = DemoShapedRanker(num_tasks, d, width).to(dev)
     sparse = [p for t in model.tables for p in t.parameters()]
     dense = [p for n, p in model.named_parameters() if not n.startswith("tables.")]
     sgd = torch.optim.SGD(sparse, lr=0.01)
@@ -143,7 +147,7 @@ def run(methods: List[str], device: str, batch: int, d: int, num_tasks: int, rou
             if m != "none":
                 boundary_ms[m].append(1000.0 * sum(c if isinstance(c, float) else c.seconds() for c in clocks if c is not None) / steps)
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {1000 * batch / step_ms[m][-1]:,.0f}" for m in methods), flush=True)
-    _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps)
+    _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps, width)
     if profile_steps:
         _profile(methods, use, step, sync, dev, profile_steps, step_ms, trace)
     return step_ms
@@ -184,9 +188,10 @@ def _drop(step_ms: Dict[str, List[float]], method: str, base: str) -> str:
     return f"{drop:+.2f} ± {sem:.2f}%"
 
 
-def _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps) -> None:
+def _report(step_ms, boundary_ms, syncs, device, batch, d, num_tasks, steps, width) -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, {steps} steps a block, {len(next(iter(step_ms.values())))} rounds")
+    print(f"\n{name}, batch {batch}, d {d}, T {num_tasks}, hidden layers {list(width)} to z, {steps} steps a block, "
+          f"{len(next(iter(step_ms.values())))} rounds")
     print("| method | QPS | drop vs equal (± s.e.) | drop vs none (± s.e.) | boundary ms a step (% of step) | host syncs a step |")
     print("|---|---|---|---|---|---|")
     for m, times in step_ms.items():
@@ -204,6 +209,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--width", default="512", help="comma-separated widths of the hidden layers to z (the demo's: 512)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -213,7 +219,8 @@ def main(argv=None) -> None:
     methods = args.methods.split(",")
     if "equal" not in methods:
         methods.insert(0, "equal")
-    run(methods, args.device, args.batch, args.dim, args.tasks, args.rounds, args.steps, args.profile, args.trace)
+    run(methods, args.device, args.batch, args.dim, args.tasks, args.rounds, args.steps, args.profile, args.trace,
+        [int(w) for w in args.width.split(",")])
 
 
 if __name__ == "__main__":
