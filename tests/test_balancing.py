@@ -1017,6 +1017,33 @@ def test_a_sum_that_overflows_leaves_the_ranks_contribution_out():
     assert torch.count_nonzero(boundary.balance(tuple(big))) == 0
 
 
+@pytest.mark.parametrize("method, telemetry_every", [("multibalance", 1), ("multibalance", 4), ("emtl", 4), ("equal", 4)])
+def test_a_gpus_batched_steps_with_an_absent_head_step_like_the_cpu(monkeypatch, method, telemetry_every):
+    """The GPU's lagged path (the gradients stacked, an absent head's as zeros; the Gram one product,
+    or with the diagonal alone one multi-tensor norm), run here on CPU tensors: with head c absent on
+    some steps, on statistics steps and between sums, with and without the Gram's cross terms, the
+    same aggregates and weights as the CPU's step."""
+    import concord.balancing.boundary as module
+
+    steps = _random_steps(44, 9)
+    for t in (1, 2, 5):
+        steps[t][2] = None
+    outs, weights = {}, {}
+    for on_host in (True, False):
+        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        boundary = _every_k(method, 3, telemetry_every=telemetry_every)
+        outs[on_host], weights[on_host] = [], []
+        for grads in steps:
+            boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+            outs[on_host].append(boundary.balance(tuple(None if g is None else g.clone() for g in grads), torch.zeros(8, 5)))
+            weights[on_host].append(boundary.telemetry().get("weights"))
+    for host, device in zip(outs[True], outs[False]):
+        torch.testing.assert_close(device, host)
+    for host, device in zip(weights[True], weights[False]):
+        assert (host is None) == (device is None) and (host is None or device == pytest.approx(host, rel=1e-9))
+    assert not torch.equal(outs[False][4], sum(steps[4]) / 3) or method == "equal"  # the held weights act
+
+
 def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
     """The GPU's between-sums step (no host read: usability stays a device flag, the sum masks it),
     run here on CPU tensors: the same aggregate as the CPU's step, non-finite gradients left out,
