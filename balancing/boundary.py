@@ -30,7 +30,8 @@ from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import DDPRide, PendingStatistics
 from .native import native_ops, passable
-from .statistics import StepStats, all_finite, device_statistics, filled, local_statistics, norms_of, stacked_gradients, usable_here
+from .statistics import (StepStats, all_finite, device_statistics, filled, finite_flags, local_statistics, norms_of, stacked_gradients,
+                         usable_here)
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
@@ -372,11 +373,11 @@ class RepresentationBoundary(nn.Module):
         host read); a non-finite loss joins the next sum's report through a device flag."""
         losses = self._record.losses
         self._record.losses_used()
-        finite_loss = torch.isfinite(losses)
+        finite_loss = finite_flags(losses)
         known = self._unreported_on_device
         self._unreported_on_device = ~finite_loss if known is None else known | ~finite_loss
         aggregated = self._scaled_at_view(total, donated)
-        keep = finite_loss.all() & torch.isfinite(aggregated.sum())
+        keep = finite_loss.all() & finite_flags(aggregated.sum())
         if aggregated is total and not donated:  # autograd's buffer, not ours to write
             return torch.where(keep, aggregated, 0.0)
         return aggregated.masked_fill_(~keep, 0.0)
@@ -937,7 +938,7 @@ class RepresentationBoundary(nn.Module):
         sooner than the gradient's own sum), with no host read and no op per task; a non-finite loss
         joins the next sum's report through a device flag."""
         losses = self._record.losses
-        finite_loss = torch.isfinite(losses)
+        finite_loss = finite_flags(losses)
         nonfinite = ~finite_loss
         present = [g for g in grads if g is not None]
         for k, g in enumerate(grads):
@@ -945,7 +946,7 @@ class RepresentationBoundary(nn.Module):
                 nonfinite[k] = False
         known = self._unreported_on_device
         self._unreported_on_device = nonfinite if known is None else known | nonfinite
-        return finite_loss & torch.isfinite(torch.stack(norms_of(filled(grads, present[0]), 1)))
+        return finite_loss & finite_flags(torch.stack(norms_of(filled(grads, present[0]), 1)))
 
     def _device_coefficients(self, coefficients: Sequence[float], device: torch.device) -> torch.Tensor:
         """``coefficients`` as a float64 tensor on ``device``, copied there (from pinned memory, so the

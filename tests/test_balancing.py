@@ -24,7 +24,7 @@ from concord.balancing import (
 from concord.balancing.base import weighted_sum
 from concord.balancing.boundary import _NativeClock
 from concord.balancing.collectives import reduce_statistics
-from concord.balancing.statistics import device_statistics, local_statistics
+from concord.balancing.statistics import device_statistics, finite_flags, local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -1015,6 +1015,13 @@ def test_a_sum_that_overflows_leaves_the_ranks_contribution_out():
     boundary.balancer = build_balancer("fixed", TASKS, weights=[1.0, 1.0, 1.0])
     boundary.objective(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
     assert torch.count_nonzero(boundary.balance(tuple(big))) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_finite_flags_are_isfinite(dtype):
+    big = torch.finfo(dtype).max
+    x = torch.tensor([0.0, -0.0, 1.5, -big, big, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert finite_flags(x).tolist() == torch.isfinite(x).tolist() == [True] * 5 + [False] * 3
 
 
 @pytest.mark.parametrize("method, telemetry_every", [("multibalance", 1), ("multibalance", 4), ("emtl", 4), ("equal", 4)])
