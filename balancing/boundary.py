@@ -374,8 +374,7 @@ class RepresentationBoundary(nn.Module):
         losses = self._record.losses
         self._record.losses_used()
         finite_loss = finite_flags(losses)
-        known = self._unreported_on_device
-        self._unreported_on_device = ~finite_loss if known is None else known | ~finite_loss
+        self._note_unreported_on_device(~finite_loss)
         aggregated = self._scaled_at_view(total, donated)
         keep = finite_loss.all() & finite_flags(aggregated.sum())
         if aggregated is total and not donated:  # autograd's buffer, not ours to write
@@ -846,7 +845,8 @@ class RepresentationBoundary(nn.Module):
         """Puts this step's statistics (or None) in flight and reads the last step's sum, if one is
         in flight; the bool says the step is to be skipped (``skip_step``)."""
         previous = self._take_in_flight()
-        self._in_flight = pending
+        if pending is not None:  # in flight now: None, taken above
+            self._in_flight = pending
         return self._read_sum(previous)
 
     def _read_sum_ahead(self) -> Tuple[Optional[StepStats], bool]:
@@ -859,7 +859,9 @@ class RepresentationBoundary(nn.Module):
         return read
 
     def _take_in_flight(self):
-        previous, self._in_flight = self._in_flight, None
+        previous = self._in_flight
+        if previous is not None:  # nn.Module's setattr is slow: only if set
+            self._in_flight = None
         return previous
 
     def _read_sum(self, previous) -> Tuple[Optional[StepStats], bool]:
@@ -944,9 +946,16 @@ class RepresentationBoundary(nn.Module):
         for k, g in enumerate(grads):
             if g is None:  # an absent head's loss is not reported
                 nonfinite[k] = False
-        known = self._unreported_on_device
-        self._unreported_on_device = nonfinite if known is None else known | nonfinite
+        self._note_unreported_on_device(nonfinite)
         return finite_loss & finite_flags(torch.stack(norms_of(filled(grads, present[0]), 1)))
+
+    def _note_unreported_on_device(self, nonfinite: torch.Tensor) -> None:
+        """Adds a step's non-finite losses to the device's flags, read at the next sum: in place once
+        they exist (nn.Module's setattr costs microseconds, on the host time of every step)."""
+        if self._unreported_on_device is None:
+            self._unreported_on_device = nonfinite
+        else:
+            self._unreported_on_device.bitwise_or_(nonfinite)
 
     def _device_coefficients(self, coefficients: Sequence[float], device: torch.device) -> torch.Tensor:
         """``coefficients`` as a float64 tensor on ``device``, copied there (from pinned memory, so the
