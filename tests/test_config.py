@@ -141,3 +141,23 @@ def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
     for bad in ("0", "often", "2.5"):
         with pytest.raises(ConfigError, match=r"tiny.yaml: balancer.statistics_every: must be 'auto' or a whole number of steps >= 1"):
             load_config("configs/tiny.yaml", [f"balancer.statistics_every={bad}"])
+
+
+def test_statistics_ride_in_ddp_only_where_they_are_gathered_every_step():
+    """``dist.statistics_in_ddp: auto`` (the default): DDP's Python communication hook costs every
+    step, so lagged statistics ride in its all-reduce only where a balancer gathers them every step."""
+    from concord.balancing import RepresentationBoundary, build_balancer
+    from concord.trainer.train import statistics_ride_in_ddp
+
+    def boundary(name, statistics="auto", every="auto"):
+        return RepresentationBoundary(build_balancer(name, ["a", "b"]), statistics=statistics, statistics_every=every)
+
+    assert load_config("configs/tiny.yaml").dist.statistics_in_ddp == "auto"
+    assert statistics_ride_in_ddp("auto", boundary("multibalance", every=1))
+    assert not statistics_ride_in_ddp("auto", boundary("multibalance"))  # every 10 steps
+    assert not statistics_ride_in_ddp("auto", boundary("equal"))  # gathered for logged steps only
+    assert not statistics_ride_in_ddp("auto", boundary("graddrop"))  # current: summed before backward leaves z
+    assert not statistics_ride_in_ddp("auto", boundary("multibalance", statistics="current", every=1))
+    assert statistics_ride_in_ddp(True, boundary("equal")) and not statistics_ride_in_ddp(False, boundary("multibalance", every=1))
+    with pytest.raises(ConfigError, match="dist.statistics_in_ddp: must be true, false or auto, got 'maybe'"):
+        load_config("configs/tiny.yaml", ["dist.statistics_in_ddp=maybe"])

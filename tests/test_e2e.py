@@ -198,7 +198,7 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
         sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
         "--methods", "none,equal,multibalance,multibalance@previous,multibalance@current", "--rounds", "4", "--steps", "1",
         *tiny_data(tmp_path), f"train.run_dir={run_dir}",
-        "train.qps_skip_steps=2",
+        "train.qps_skip_steps=2", "dist.statistics_in_ddp=true",  # equal's config would not ride (auto)
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -246,8 +246,9 @@ class DistConfig:
     keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
     threads: int = 0  # intra-op threads per rank; 0: the cores this machine gives each local rank
     # gloo: lagged statistics ride in DDP's gradient all-reduce instead of a collective of their own
-    # (balancing/collectives.py, DDPRide); false: their own collective, summed in float64
-    statistics_in_ddp: bool = True
+    # (balancing/collectives.py, DDPRide); false: their own collective, summed in float64; auto: ride
+    # only where the balancer gathers lagged statistics every step (train.statistics_ride_in_ddp)
+    statistics_in_ddp: Any = "auto"
 
 
 @dataclass
@@ -463,6 +464,8 @@ def validate(cfg: Config) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{src}: {key}: {msg}")
 
+    if cfg.dist.statistics_in_ddp not in (True, False, "auto"):
+        fail("dist.statistics_in_ddp", f"must be true, false or auto, got {cfg.dist.statistics_in_ddp!r}")
     d = cfg.data
     if d.batch_size < 1:
         fail("data.batch_size", f"must be >= 1, got {d.batch_size}")

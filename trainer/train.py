@@ -57,6 +57,19 @@ def check_data_exists(cfg: Config) -> None:
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
 
 
+def statistics_ride_in_ddp(setting, boundary) -> bool:
+    """``dist.statistics_in_ddp``: true or false as set; ``auto``: only where the boundary gathers
+    lagged statistics on every step. With the ride DDP reduces every bucket through a Python
+    communication hook, which costs a gloo step 0.15-0.25 ms whether or not anything rides; a
+    collective of their own costs about 1 ms, but only on the steps that gather statistics (every
+    10th for MultiBalance, EMTL and CoGrad by default, the logged ones for equal-weight rules), and
+    nothing can ride with current-mode statistics, which are summed before backward leaves ``z``
+    (docs/performance.md)."""
+    if setting != "auto":
+        return bool(setting)
+    return boundary.statistics == "previous" and boundary.statistics_every == 1 and boundary.balancer.reads_statistics
+
+
 def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
     """On gloo, lagged statistics travel in DDP's gradient all-reduce (``DDPRide``): a collective of
     their own costs a rank's core more than the boundary's arithmetic there (docs/performance.md).
@@ -112,7 +125,7 @@ class Trainer:
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
-        if cfg.dist.statistics_in_ddp:
+        if statistics_ride_in_ddp(cfg.dist.statistics_in_ddp, model.boundary):
             carry_statistics_in_ddp(dmp, model, rt)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
