@@ -71,17 +71,17 @@ def statistics_ride_in_ddp(setting, boundary) -> bool:
 
 
 def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
-    """On gloo, lagged statistics travel in DDP's gradient all-reduce (``DDPRide``): a collective of
-    their own costs a rank's core more than the boundary's arithmetic there (docs/performance.md).
-    DDP's group spans every rank, as the boundary's statistics group does. NCCL launches a collective
-    for next to nothing: not used there."""
+    """On gloo, lagged statistics travel in DDP's gradient all-reduce (``DDPRide``), where
+    :func:`statistics_ride_in_ddp` says it pays: a collective of their own costs a rank's core about
+    1 ms there (docs/performance.md). DDP's group spans every rank, as the boundary's statistics
+    group does. NCCL launches a collective for next to nothing: not used there."""
     ddp = dmp._dmp_wrapped_module
     if rt.world_size > 1 and rt.device.type == "cpu" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         ride = DDPRide(ddp.process_group)
         ddp.register_comm_hook(None, ride.hook)
         model.boundary.ride = ride
         if rt.is_main:
-            logger.info("lagged balancer statistics travel in DDP's gradient all-reduce (dist.statistics_in_ddp: true)")
+            logger.info("lagged balancer statistics travel in DDP's gradient all-reduce (dist.statistics_in_ddp)")
 
 
 @dataclass
