@@ -1001,9 +1001,9 @@ class RepresentationBoundary(nn.Module):
         left out with them, its own gradient being gone. An aggregate that overflows with every
         gradient finite leaves this rank's whole contribution out."""
         self.balancer.aggregate_total = None
-        aggregated, finite = _with_check(rule(usable, donated))
+        aggregated, checked = _with_check(rule(usable, donated))
         total, self.balancer.aggregate_total = self.balancer.aggregate_total, None
-        if finite if finite is not None else math.isfinite((aggregated.sum() if total is None else total).item()):
+        if checked if checked is not None else math.isfinite((aggregated.sum() if total is None else total).item()):
             return aggregated
         first = next((k for k, ok in enumerate(usable) if ok), None)
         spent = first if first is not None and first < len(donated) and donated[first] else None
@@ -1011,8 +1011,8 @@ class RepresentationBoundary(nn.Module):
         bad = [k for k in range(self.num_tasks) if usable[k] and not finite[k] and k != spent]
         self._warn_left_out(bad, spent, bool(bad))
         keep = [bool(usable[k] and finite[k]) for k in range(self.num_tasks)]
-        aggregated, finite = _with_check(rule(keep, ()))
-        if not (finite if finite is not None else math.isfinite(aggregated.sum().item())):
+        aggregated, checked = _with_check(rule(keep, ()))
+        if not (checked if checked is not None else math.isfinite(aggregated.sum().item())):
             self.balancer.warn("(all)", "overflow", _OVERFLOW)
             aggregated.zero_()
         return aggregated
