@@ -57,12 +57,14 @@ class _StepRecord:
     skipped_tasks: List[str] = field(default_factory=list)
     backward_clock: Optional[Clock] = None
     comm_seconds: float = 0.0
+    forward_wait: float = 0.0  # this step's wait for the last sum, where forward read it
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
     def losses_used(self) -> None:
-        """A step that reads no sum: its losses consumed, no wait for a reduction, no task skipped."""
-        self.losses, self.comm_seconds, self.skipped_tasks = None, 0.0, []
+        """A step that reads no sum in backward: its losses consumed, no wait for a reduction there
+        (the wait of a sum read in forward counts), no task skipped."""
+        self.losses, self.comm_seconds, self.skipped_tasks = None, self.forward_wait, []
 
 
 def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
@@ -247,6 +249,7 @@ class RepresentationBoundary(nn.Module):
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         self._warm_up(z)
+        self._read_sum_in_forward(z.device)
         if self.ride is not None:
             self.ride.expect_backward()
         if self._sum_at_view(z.device):
@@ -260,6 +263,27 @@ class RepresentationBoundary(nn.Module):
         if rule is not None:
             return self._native_held(ops, z, rule)
         return _Replicate.apply(z, self)
+
+    def _read_sum_in_forward(self, device: torch.device) -> None:
+        """Reads the last step's sum, if one is in flight, here in forward rather than in this step's
+        backward, where a step that gathers no statistics of its own need run no Python: with the
+        sum read and the rule applied now, that backward is the compiled node of the steps between
+        sums (:meth:`_between_sums_at`), with the same coefficients and the same checks. Lagged
+        statistics on a CPU, under ``drop_task`` (a sum that makes ``raise`` raise or
+        ``skip_step`` skip is read in backward, where those act); a step that gathers statistics
+        reads the sum in its own pass (:meth:`_statistics_step`)."""
+        record = self._record
+        record.forward_wait = 0.0
+        if (self._in_flight is None or self.statistics != "previous" or self._passthrough
+                or self._on_nonfinite_loss != "drop_task" or not _reads_on_host(device)
+                or self._statistics_due_at(self._gather_for_log)):
+            return
+        stats, _ = self._read_sum(self._take_in_flight())  # drop_task: never a step to skip
+        record.forward_wait = record.comm_seconds
+        if self._elementwise:
+            self._last_sum = stats
+        else:
+            self._hold(stats)
 
     def _between_sums_at(self, device: torch.device) -> bool:
         """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
