@@ -58,6 +58,7 @@ class _StepRecord:
     backward_clock: Optional[Clock] = None
     comm_seconds: float = 0.0
     forward_wait: float = 0.0  # this step's wait for the last sum, where forward read it
+    forward_read: float = 0.0  # ... and the whole read, the rule included (the boundary's time)
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
@@ -273,17 +274,19 @@ class RepresentationBoundary(nn.Module):
         ``skip_step`` skip is read in backward, where those act); a step that gathers statistics
         reads the sum in its own pass (:meth:`_statistics_step`)."""
         record = self._record
-        record.forward_wait = 0.0
+        record.forward_wait = record.forward_read = 0.0
         if (self._in_flight is None or self.statistics != "previous" or self._passthrough
                 or self._on_nonfinite_loss != "drop_task" or not _reads_on_host(device)
                 or self._statistics_due_at(self._gather_for_log)):
             return
+        start = time.perf_counter()
         stats, _ = self._read_sum(self._take_in_flight())  # drop_task: never a step to skip
         record.forward_wait = record.comm_seconds
         if self._elementwise:
             self._last_sum = stats
         else:
             self._hold(stats)
+        record.forward_read = time.perf_counter() - start
 
     def _between_sums_at(self, device: torch.device) -> bool:
         """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
@@ -515,7 +518,8 @@ class RepresentationBoundary(nn.Module):
     @property
     def backward_seconds(self) -> float:
         """Time of the last backward through the boundary (on CUDA: between events on the gradients'
-        stream, so reading it waits for that step's boundary work) ..."""
+        stream, so reading it waits for that step's boundary work), with the step's read of the
+        last sum where forward read it ..."""
         clock = self.backward_clock
         return clock.seconds() if clock is not None else 0.0
 
@@ -523,7 +527,10 @@ class RepresentationBoundary(nn.Module):
     def backward_clock(self) -> Optional[Clock]:
         """... and its clock, for readers that take the figure later (no wait for the GPU now)."""
         self._settle_native()
-        return self._record.backward_clock
+        record = self._record
+        if record.backward_clock is not None and record.forward_read:
+            return _AfterRead(record.backward_clock, record.forward_read)
+        return record.backward_clock
 
     @property
     def comm_seconds(self) -> float:
@@ -1075,6 +1082,17 @@ class _NativeClock:
 
     def seconds(self) -> float:
         return max(float(self.flags[self.start + 1] - self.flags[self.start]), 0.0)
+
+
+class _AfterRead:
+    """A step's time in the boundary where its forward read the last sum: that read's, then its
+    backward's span (``clock``)."""
+
+    def __init__(self, clock, read_seconds: float) -> None:
+        self.clock, self.read_seconds = clock, read_seconds
+
+    def seconds(self) -> float:
+        return self.read_seconds + self.clock.seconds()
 
 
 class _Ready:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -1164,6 +1165,29 @@ def _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at, on_nativ
             out.append((z.grad.clone(), boundary.lagged_state[2].copy(), boundary.balancer.step) + ((record(),) if record else ()))
             warnings.append(caplog.text.count("left out of this step"))
     return out, warnings
+
+
+def test_a_sum_read_in_forward_is_the_steps_wait_and_its_time_in_the_boundary(monkeypatch, one_view_node):
+    """The step after a statistics step reads the sum (in its forward on a CPU, in backward on a GPU):
+    that wait is the step's time blocked on the reduction, and the read, the rule included, counts
+    in the step's boundary time; the other steps wait for no sum. MultiBalance every 3 steps, its
+    rule slowed."""
+    boundary = _every_k("multibalance", 3, telemetry_every=100)
+    rule = boundary.balancer.coefficients
+
+    def slow_rule(stats):
+        time.sleep(0.05)
+        return rule(stats)
+
+    monkeypatch.setattr(boundary.balancer, "coefficients", slow_rule)
+    for t, grads in enumerate(_random_steps(46, 8)):
+        z = torch.zeros_like(grads[0], requires_grad=True)
+        views = boundary(z)
+        boundary.objective(torch.stack([(v * g).sum() for v, g in zip(views, grads)])).backward()
+        reads = t % 3 == 2
+        assert (boundary.comm_seconds > 0) == reads, t
+        if reads:
+            assert boundary.backward_seconds >= 0.05, t
 
 
 def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog):
