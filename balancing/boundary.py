@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import Balancer, weighted_sum
 from .clock import Clock
-from .collectives import PendingStatistics, StatisticsCarrier
+from .collectives import DDPRide, PendingStatistics
 from .native import native_ops, passable
 from .statistics import (StepStats, all_finite, device_statistics, filled, finite_flags, local_statistics, norms_of, stacked_gradients,
                          usable_here)
@@ -239,23 +239,20 @@ class RepresentationBoundary(nn.Module):
         self.enabled = True
         self._record = _StepRecord()
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
-        # Set where DDP's gradient all-reduce carries lagged statistics (see StatisticsCarrier), before
-        # DDP wraps the model; then they are summed over DDP's group, which must be the boundary's.
-        self.ride: Optional[StatisticsCarrier] = None
+        # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
+        # summed over DDP's group, which must be the boundary's.
+        self.ride: Optional[DDPRide] = None
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
         self._settle_native()
-        training = torch.is_grad_enabled() and z.requires_grad
-        if not (self.enabled and training):
-            if training and self.ride is not None:  # DDP expects the carrier's gradient on every step
-                z = self.ride.attach(z)
+        if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         self._warm_up(z)
         self._read_sum_in_forward(z.device)
         if self.ride is not None:
-            z = self.ride.attach(z)
+            self.ride.expect_backward()
         if self._sum_at_view(z.device):
             ops = native_ops() if _reads_on_host(z.device) else None
             if ops is not None:

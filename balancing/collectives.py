@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .statistics import StepStats, unpack_statistics
 
@@ -115,12 +115,11 @@ def sum_over_ranks(values: torch.Tensor, process_group: Optional[dist.ProcessGro
 
 
 class RidingSum:
-    """A vector handed to a :class:`StatisticsCarrier`, summed over ranks by DDP's gradient all-reduce;
-    :meth:`wait` returns the sum, read from the carrier's gradient once that backward has ended."""
+    """A vector handed to :class:`DDPRide`, summed over ranks by DDP's gradient all-reduce; :meth:`wait`
+    returns the sum once that all-reduce has run (by the end of the backward that carried it)."""
 
-    def __init__(self, values: torch.Tensor, carrier: "StatisticsCarrier") -> None:
-        self.size = values.numel()
-        self._carrier = carrier
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
         self._sum: Optional[torch.Tensor] = None
 
     def deliver(self, summed: torch.Tensor) -> None:
@@ -128,116 +127,79 @@ class RidingSum:
 
     def wait(self) -> torch.Tensor:
         if self._sum is None:
-            self._carrier.deliver()
-        if self._sum is None:
             raise RuntimeError(
                 "the boundary's statistics were handed to DDP's gradient all-reduce, which never carried them: "
-                "the backward stopped before the boundary's carrier, or the carrier is not in the model that DDP wraps"
+                "the backward stopped before DDP's last gradient bucket, or the model's DDP lacks DDPRide.hook"
             )
         return self._sum
 
 
-class _Carry(torch.autograd.Function):
-    """The compiled ``carry`` node's Python twin (csrc/nodes.cpp, ``Carry``)."""
+class DDPRide:
+    """Carries the boundary's statistics in DDP's own gradient all-reduce instead of a collective of
+    their own: registered as DDP's communication hook (``ddp.register_comm_hook(None, ride.hook)``),
+    it reduces every bucket as DDP's default hook does and appends the waiting statistics to the last
+    bucket of the backward (the one DDP reduces last; it holds the first parameters of the model, below
+    ``z``, so it fires after the boundary's backward). On gloo a collective of its own costs a rank's
+    core about as much as the boundary's whole arithmetic; the numbers appended to a bucket cost a
+    copy of the bucket (figures in docs/performance.md). Lagged statistics only: the sum arrives after
+    the boundary's backward. The sum is formed in the bucket's dtype (float32 for a float32 model):
+    every rank still reads the same bits, and the statistics differ from a float64 sum by float32
+    rounding, as the dot products behind them already do; a half-precision last bucket leaves them to
+    a float64 collective of their own. CPU (gloo) buckets."""
 
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, carrier: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        ctx.slot = slot
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        carried = ctx.slot.clone()
-        ctx.slot.zero_()
-        return grad, carried, None
-
-
-class StatisticsCarrier(nn.Module):
-    """Carries the boundary's lagged statistics in DDP's own gradient all-reduce, with no collective
-    and no communication hook of their own: a parameter (``values``) that ``z`` passes through on
-    every training step (:meth:`attach`; DDP expects a gradient for each of its parameters on every
-    step), whose gradient is the statistics vector on a step that gathers them and zeros on the
-    others. The boundary's backward runs before the carrier's, so the statistics it hands over
-    (:meth:`carry`) always ride; DDP averages them with the model's gradients in the same bucket, and
-    the sum is read from the gradient once that backward has ended (:meth:`deliver`). On gloo a
-    collective of their own costs a rank's core more than the boundary's arithmetic; a Python
-    communication hook costs every bucket of every step (docs/performance.md).
-
-    ``capacity``: the longest statistics vector (:func:`carrier_capacity`); ``world_size``: the ranks
-    of DDP's process group, which must be those of the boundary's statistics group. The sum is formed
-    in ``dtype`` (the model's: the carrier then shares its bucket), so it differs from a float64 sum by
-    that rounding, as the dot products behind it already do; every rank reads the same bits. The
-    parameter is no weight of the model: kept out of its optimizer (:meth:`is_carrier`), and out of
-    its ``state_dict``."""
-
-    def __init__(self, capacity: int, world_size: int, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.values = nn.Parameter(torch.zeros(capacity, dtype=dtype))
-        self.world_size = world_size
-        self._slot = torch.zeros(capacity, dtype=dtype)
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
+        self.process_group = process_group
         self._waiting: Optional[RidingSum] = None
+        self._last_bucket_gone = False
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.values.zero_()
-
-    def is_carrier(self, parameter: torch.Tensor) -> bool:
-        return parameter is self.values
-
-    def attach(self, z: torch.Tensor) -> torch.Tensor:
-        """``z``, passed through the node that gives the carrier its gradient in this step's backward.
-        A sum carried by the last backward is taken from the gradient first, which is then cleared
-        (nothing else clears it: no optimizer holds it)."""
-        self.deliver()
-        if self.values.grad is not None:
-            self.values.grad.zero_()
-        self._slot.zero_()  # what a backward that raised before the carrier's node left there
-        from .native import native_ops
-
-        ops = native_ops()
-        if ops is not None and z.device.type == "cpu":
-            return ops.carry(z, self.values, self._slot)
-        return _Carry.apply(z, self.values, self._slot)
+    def expect_backward(self) -> None:
+        """A forward pass began: its backward's last bucket is still to come. Statistics that waited
+        for a backward that never reached it (one that raised) are dropped."""
+        self._last_bucket_gone, self._waiting = False, None
 
     def open(self) -> bool:
-        """Statistics handed over in backward ride with it: the carrier's node runs after the boundary's."""
-        return True
+        """Whether statistics handed over now go with this backward's last bucket (every rank answers
+        alike: the order of a backward's steps is the same on each)."""
+        return not self._last_bucket_gone
 
     def carry(self, values: torch.Tensor) -> RidingSum:
         if self._waiting is not None:
             raise RuntimeError("two statistics vectors for one backward")
-        if values.numel() > self._slot.numel():
-            raise ValueError(f"{values.numel()} statistics for a carrier of {self._slot.numel()}")
-        self._slot[: values.numel()] = values
-        self._waiting = RidingSum(values, self)
+        self._waiting = RidingSum(values)
         return self._waiting
 
-    def deliver(self) -> None:
-        """Hands the sum carried by the last backward (DDP's average times the world size) to its
-        :class:`RidingSum`, if one waits."""
-        riding, self._waiting = self._waiting, None
+    def hook(self, state, bucket):  # no annotations: DDP checks them against the classes themselves
+        """DDP's communication hook (``state`` unused): ``bucket`` a ``dist.GradBucket``; returns the
+        future of the averaged bucket. Buckets that carry nothing go through DDP's default hook."""
+        riding = None
+        if bucket.is_last():
+            self._last_bucket_gone, riding, self._waiting = True, self._waiting, None
         if riding is None:
-            return
-        grad = self.values.grad
-        if grad is not None:
-            riding.deliver(grad[: riding.size].to(torch.float64) * self.world_size)
+            return default_hooks.allreduce_hook(self.process_group, bucket)
+        if bucket.buffer().dtype not in (torch.float32, torch.float64):  # too coarse a sum: their own, in float64
+            own = PendingSum(riding.values, self.process_group)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        return  # no weight: a checkpoint does not depend on how statistics travelled
+            def reduced(fut: torch.futures.Future) -> torch.Tensor:
+                riding.deliver(own.wait())
+                return fut.value()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        return
+            return default_hooks.allreduce_hook(self.process_group, bucket).then(reduced)
+        group = self.process_group
+        buffer = bucket.buffer().div_(dist.get_world_size(group))  # DDP's average, as its default hook
+        size = buffer.numel()
+        combined = torch.cat([buffer, riding.values.to(buffer.dtype)])
 
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            summed = fut.value()[0]
+            riding.deliver(summed[size:].to(torch.float64))
+            return buffer.copy_(summed[:size])
 
-def carrier_capacity(num_tasks: int, extra_size: int) -> int:
-    """The length of the packed statistics (:func:`~concord.balancing.statistics.local_statistics`):
-    the T x T Gram, T losses, T flags, the batch size and a balancer's extras."""
-    return num_tasks * num_tasks + 2 * num_tasks + 1 + extra_size
+        return dist.all_reduce(combined, group=group, async_op=True).get_future().then(done)
 
 
 class PendingStatistics:
     """The step's one statistics reduction (a :class:`PendingSum` of the packed vector, or a
-    :class:`RidingSum` where ``ride``, a :class:`StatisticsCarrier`, carries it): work that does not need the global statistics
+    :class:`RidingSum` where ``ride`` carries it): work that does not need the global statistics
     can run before :meth:`wait` returns them."""
 
     def __init__(
@@ -249,7 +211,7 @@ class PendingStatistics:
         device: Optional[torch.device] = None,
         cross_terms: bool = True,
         collective: str = "auto",
-        ride: Optional["StatisticsCarrier"] = None,
+        ride: Optional[DDPRide] = None,
     ) -> None:
         self.num_tasks = num_tasks
         self.batch_size = batch_size

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import concord.balancing.boundary as boundary_module
 from concord.balancing import RepresentationBoundary, build_balancer
-from concord.balancing.collectives import StatisticsCarrier, carrier_capacity
+from concord.balancing.collectives import DDPRide
 from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
 from mtl_helpers import ToyMTL, stats_for, toy_batch
@@ -43,7 +43,7 @@ CASES = {
     "multibalance-every-2": ("multibalance", {}, "previous", 2),
     "emtl-every-2": ("emtl", {}, "previous", 2),
     "cograd-every-3": ("cograd", {"gamma": 0.05}, "previous", 3),  # each step corrected, kappa held
-    # the lagged statistics carried by DDP's gradient all-reduce (StatisticsCarrier) instead of their own collective
+    # the lagged statistics carried by DDP's gradient all-reduce (DDPRide) instead of their own collective
     "multibalance-lagged-in-ddp": ("multibalance", {}, "previous", 1, "ddp"),
     "emtl-every-2-in-ddp": ("emtl", {}, "previous", 2, "ddp"),
     "cograd-lagged-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 1, "ddp"),
@@ -80,13 +80,13 @@ def _run(rank: int, world_size: int):
                                               statistics_every=mode[1] if len(mode) > 1 else 1)
         per_rank = ROWS // world_size
         in_ddp = mode[2:] == ["ddp"] and world_size > 1
-        if in_ddp:  # DDP averages the gradients and carries the statistics in its bucket (float64, as the model)
-            boundary.ride = StatisticsCarrier(carrier_capacity(3, 2), world_size, dtype=torch.float64)
+        forward = _Forward(model, boundary)
+        if in_ddp:  # DDP averages the gradients, and its last bucket carries the statistics
+            forward = torch.nn.parallel.DistributedDataParallel(forward)
+            boundary.ride = DDPRide()
+            forward.register_comm_hook(None, boundary.ride.hook)
             carried, carry = [], boundary.ride.carry
             boundary.ride.carry = lambda values: carried.append(1) or carry(values)
-        forward = _Forward(model, boundary)
-        if in_ddp:
-            forward = torch.nn.parallel.DistributedDataParallel(forward)
         out = []
         for step in range(STEPS):
             x, y = toy_batch(ROWS, 3, seed=100 + step)
@@ -185,69 +185,54 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
 
 def test_ddp_carries_the_lagged_statistics(runs):
     """The in-DDP cases above did not fall back to a collective of their own: every statistics step's
-    vector went with DDP's gradients (every step, or every other with statistics_every=2)."""
+    vector went with DDP's last bucket (every step, or every other with statistics_every=2)."""
     for result in runs[1]:
         for case, (_, _, *mode) in CASES.items():
             if mode[2:] == ["ddp"]:
                 assert result[f"{case}:carried"] == STEPS // mode[1], case
 
 
-class _Carried(torch.nn.Module):
-    """A linear layer whose output passes through a statistics carrier, as ``z`` does in the boundary."""
+class _Bucket:
+    """What DDPRide.hook reads of a ``dist.GradBucket``."""
 
-    def __init__(self, carrier: StatisticsCarrier, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.linear, self.carrier = torch.nn.Linear(4, 3).to(dtype), carrier
+    def __init__(self, buffer: torch.Tensor, last: bool) -> None:
+        self._buffer, self._last = buffer, last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.carrier.attach(self.linear(x))
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def is_last(self) -> bool:
+        return self._last
 
 
-def _carried_in_ddp(rank: int, world_size: int):
-    """Two steps of a DDP model with a carrier: the first carries this rank's statistics (handed over
-    in backward before the carrier's node, as the boundary's backward does), the second nothing."""
+def _ride_buckets(rank: int, world_size: int):
     dist.init_process_group("gloo")
     out = {}
-    for dtype in (torch.float64, torch.float32):
-        torch.manual_seed(0)
-        model = _Carried(StatisticsCarrier(24, world_size, dtype=dtype), dtype)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(rank), dtype=dtype)
-        steps = []
-        for step in range(2):
-            model.linear.zero_grad()
-            z = ddp(x)
-            handed = []
-            if step == 0:
-                z.register_hook(lambda g: handed.append(model.carrier.carry(_packed(rank))))
-            z.square().sum().backward()
-            steps.append({"linear": model.linear.weight.grad.clone(), "stats": handed[0].wait() if handed else None})
-        out[dtype] = steps
-        out[f"{dtype}:state"] = sorted(model.state_dict())
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        ride = DDPRide()
+        ride.expect_backward()
+        gradients = torch.full((5,), float(rank + 1), dtype=dtype)
+        first = ride.hook(None, _Bucket(gradients.clone(), last=False)).wait()  # not the last: nothing rides
+        riding = ride.carry(_packed(rank))
+        last = ride.hook(None, _Bucket(gradients.clone(), last=True)).wait()
+        out[dtype] = {"first": first.double(), "last": last.double(), "stats": riding.wait(), "open": ride.open()}
     return out
 
 
-def test_the_carrier_sums_the_statistics_in_ddps_bucket_and_leaves_the_gradients_alone():
-    """The statistics handed to the carrier come back summed over ranks (in the model's dtype, so
-    float32 rounding of the float64 sum in a float32 model), the same bits on every rank; the
-    model's gradients are DDP's average as without it; the carrier is no weight in the state dict."""
+def test_ddp_ride_averages_the_buckets_and_sums_the_statistics_with_the_last():
+    """Every bucket is averaged as DDP's default hook averages it; the statistics go with the last one,
+    summed in its dtype (float32: float32 rounding of the float64 sum), or by a float64 collective of
+    their own where that dtype is too coarse (bfloat16)."""
     world = 2
-    ranks = run_ranks(_carried_in_ddp, world)
+    ranks = run_ranks(_ride_buckets, world)
     total = sum((_packed(r) for r in range(world)), torch.zeros(20, dtype=torch.float64))
-    for dtype in (torch.float64, torch.float32):
-        for result in ranks:
-            first, second = result[dtype]
-            expected = total if dtype == torch.float64 else torch.stack([sum(_packed(r)[i].float() for r in range(world)) for i in range(20)]).double()
-            torch.testing.assert_close(first["stats"], expected, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
-            assert torch.equal(first["stats"], ranks[0][dtype][0]["stats"]) and second["stats"] is None
-            assert result[f"{dtype}:state"] == ["linear.bias", "linear.weight"]
-        x = [torch.randn(6, 4, generator=torch.Generator().manual_seed(r), dtype=dtype) for r in range(world)]
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(4, 3).to(dtype)
-        averaged = sum(torch.autograd.grad(linear(xr).square().sum(), linear.weight)[0] for xr in x) / world
-        for result in ranks:
-            for step in result[dtype]:
-                torch.testing.assert_close(step["linear"], averaged)
+    for result in ranks:
+        for dtype, got in result.items():
+            assert torch.equal(got["first"], torch.full((5,), 1.5, dtype=torch.float64)) and torch.equal(got["last"], got["first"])
+            assert not got["open"]  # the last bucket has gone: statistics handed over now cannot ride
+            expected = total.float().double() if dtype == torch.float32 else total
+            torch.testing.assert_close(got["stats"], expected, rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
+        assert torch.equal(result[torch.bfloat16]["stats"], ranks[0][torch.bfloat16]["stats"])
 
 
 @pytest.mark.parametrize("name", ["equal", "cograd"])

@@ -246,8 +246,8 @@ class DistConfig:
     keep_freed_memory: bool = True  # CPU: reuse freed tensors' memory (glibc thresholds, see runtime)
     threads: int = 0  # intra-op threads per rank; 0: the cores this machine gives each local rank
     # gloo: lagged statistics ride in DDP's gradient all-reduce instead of a collective of their own
-    # (balancing/collectives.py, StatisticsCarrier); false: their own collective, summed in float64;
-    # auto: ride wherever the balancer's statistics are lagged (train.statistics_ride_in_ddp)
+    # (balancing/collectives.py, DDPRide); false: their own collective, summed in float64; auto: ride
+    # only where the balancer gathers lagged statistics every step (train.statistics_ride_in_ddp)
     statistics_in_ddp: Any = "auto"
 
 

@@ -85,10 +85,6 @@ class MultiTaskModel(nn.Module):
         self.heads = heads
         self.feature_order = list(feature_order)
 
-    def carries(self, parameter: torch.Tensor) -> bool:
-        """Whether ``parameter`` is the boundary's statistics carrier: no weight, kept out of the optimizer."""
-        return self.boundary.ride is not None and self.boundary.ride.is_carrier(parameter)
-
     def forward(self, batch: Batch) -> ModelOutput:
         pooled = KeyedTensor.regroup([self.ebc(batch.sparse)], [self.feature_order])[0]
         z = self.bottom(batch.dense, pooled)

@@ -17,8 +17,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from concord.balancing import NonFiniteLossError
-from concord.balancing import available_balancers, balancer_class
-from concord.balancing.collectives import StatisticsCarrier, carrier_capacity, sum_over_ranks
+from concord.balancing.collectives import DDPRide, sum_over_ranks
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
@@ -59,24 +58,28 @@ def check_data_exists(cfg: Config) -> None:
 
 
 def statistics_ride_in_ddp(setting, boundary) -> bool:
-    """``dist.statistics_in_ddp``: true or false as set; ``auto``: wherever the boundary gathers
-    lagged statistics (current-mode statistics cannot ride: they are summed before backward leaves
-    ``z``). Riding costs a step a pass-through node and a few numbers in DDP's bucket; a collective
-    of their own costs a gloo rank about 1 ms on each step that gathers statistics
+    """``dist.statistics_in_ddp``: true or false as set; ``auto``: only where the boundary gathers
+    lagged statistics on every step. With the ride DDP reduces every bucket through a Python
+    communication hook, which costs a gloo step 0.15-0.25 ms whether or not anything rides; a
+    collective of their own costs about 1 ms, but only on the steps that gather statistics (every
+    10th for MultiBalance, EMTL and CoGrad by default, the logged ones for equal-weight rules), and
+    nothing can ride with current-mode statistics, which are summed before backward leaves ``z``
     (docs/performance.md)."""
     if setting != "auto":
         return bool(setting)
-    return boundary.statistics == "previous"
+    return boundary.statistics == "previous" and boundary.statistics_every == 1 and boundary.balancer.reads_statistics
 
 
-def carry_statistics_in_ddp(model: MultiTaskModel, rt: Runtime) -> None:
-    """On gloo, lagged statistics travel in DDP's gradient all-reduce (a ``StatisticsCarrier`` in the
-    boundary, made before DDP wraps the model, sized for any balancer ``concord bench`` may swap in).
-    DDP's group spans every rank, as the boundary's statistics group does. NCCL launches a
-    collective for next to nothing: not used there."""
-    if rt.world_size > 1 and rt.device.type == "cpu":
-        extra = max(balancer_class(name).extra_size for name in available_balancers())
-        model.boundary.ride = StatisticsCarrier(carrier_capacity(model.boundary.num_tasks, extra), rt.world_size)
+def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
+    """On gloo, lagged statistics travel in DDP's gradient all-reduce (``DDPRide``), where
+    :func:`statistics_ride_in_ddp` says it pays: a collective of their own costs a rank's core about
+    1 ms there (docs/performance.md). DDP's group spans every rank, as the boundary's statistics
+    group does. NCCL launches a collective for next to nothing: not used there."""
+    ddp = dmp._dmp_wrapped_module
+    if rt.world_size > 1 and rt.device.type == "cpu" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        ride = DDPRide(ddp.process_group)
+        ddp.register_comm_hook(None, ride.hook)
+        model.boundary.ride = ride
         if rt.is_main:
             logger.info("lagged balancer statistics travel in DDP's gradient all-reduce (dist.statistics_in_ddp)")
 
@@ -121,9 +124,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
-        if statistics_ride_in_ddp(cfg.dist.statistics_in_ddp, model.boundary):
-            carry_statistics_in_ddp(model, rt)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
+        if statistics_ride_in_ddp(cfg.dist.statistics_in_ddp, model.boundary):
+            carry_statistics_in_ddp(dmp, model, rt)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
         # fused: one kernel over all dense parameters instead of one per tensor.
@@ -131,8 +134,7 @@ class Trainer:
         if opt_cfg.name != "sgd":
             kwargs["eps"] = opt_cfg.eps
         dense = KeyedOptimizerWrapper(
-            {name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters()) if not model.carries(p)},
-            lambda params: opt_cls(params, **kwargs),
+            dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: opt_cls(params, **kwargs)
         )
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
         optimizer.save_param_groups(False)  # hyper-parameters come from the config: state tensors only

@@ -96,24 +96,6 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
   }
 };
 
-// The carrier of a lagged rule's statistics (concord.balancing.collectives.StatisticsCarrier): z
-// passes through; backward gives the carrier parameter what `slot` holds as its gradient (the
-// statistics the boundary's backward, which runs before this node's, put there; zeros on the other
-// steps) and clears the slot, so that DDP's gradient all-reduce sums them with the model's gradients.
-struct Carry : public torch::autograd::Function<Carry> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& carrier, at::Tensor slot) {
-    ctx->saved_data["slot"] = slot;
-    return z.view_as(z);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor slot = ctx->saved_data["slot"].toTensor();
-    at::Tensor carried = slot.clone();
-    slot.zero_();
-    return {grads[0], carried, at::Tensor()};
-  }
-};
-
 // Layout of HeldSum's `state` (float64, 8 + 3T): [0] objective() was called, [1] and [2] start and
 // end (seconds), [3] out: the sum was formed in the first task's gradient, [4] out: the sum
 // overflowed with every gradient finite, [5] out: the task whose gradient the sum was formed in when
@@ -332,8 +314,6 @@ std::tuple<at::Tensor, bool> checked_weighted_sum(std::vector<at::Tensor> grads,
 }
 
 at::Tensor probe(const at::Tensor& x, at::Tensor record) { return Probe::apply(x, record); }
-
-at::Tensor carry(const at::Tensor& z, const at::Tensor& carrier, at::Tensor slot) { return Carry::apply(z, carrier, slot); }
 
 void set_alone_references(int64_t count) { alone_references = count; }
 
