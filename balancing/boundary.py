@@ -285,7 +285,8 @@ class RepresentationBoundary(nn.Module):
         if self._elementwise:
             self._last_sum = stats
         else:
-            self._hold(stats)
+            with torch.no_grad():  # as inside backward, where the rule ran before
+                self._hold(stats)
         record.forward_read = time.perf_counter() - start
 
     def _between_sums_at(self, device: torch.device) -> bool:
