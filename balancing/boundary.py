@@ -56,16 +56,14 @@ class _StepRecord:
     stats: Optional[StepStats] = None
     skipped_tasks: List[str] = field(default_factory=list)
     backward_clock: Optional[Clock] = None
-    comm_seconds: float = 0.0
-    forward_wait: float = 0.0  # this step's wait for the last sum, where forward read it
-    forward_read: float = 0.0  # ... and the whole read, the rule included (the boundary's time)
+    comm_seconds: float = 0.0  # this step's wait for a sum (in forward or backward), from its forward
+    forward_read: float = 0.0  # the read of the last sum in forward, the rule included (the boundary's time)
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
     def losses_used(self) -> None:
-        """A step that reads no sum in backward: its losses consumed, no wait for a reduction there
-        (the wait of a sum read in forward counts), no task skipped."""
-        self.losses, self.comm_seconds, self.skipped_tasks = None, self.forward_wait, []
+        """A step that reads no sum in backward: its losses consumed, no task skipped."""
+        self.losses, self.skipped_tasks = None, []
 
 
 def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
@@ -272,16 +270,15 @@ class RepresentationBoundary(nn.Module):
         sums (:meth:`_between_sums_at`), with the same coefficients and the same checks. Lagged
         statistics on a CPU, under ``drop_task`` (a sum that makes ``raise`` raise or
         ``skip_step`` skip is read in backward, where those act); a step that gathers statistics
-        reads the sum in its own pass (:meth:`_statistics_step`)."""
+        reads the sum in its own pass (:meth:`_statistics_step`). The step's wait starts at 0 here."""
         record = self._record
-        record.forward_wait = record.forward_read = 0.0
+        record.comm_seconds = record.forward_read = 0.0
         if (self._in_flight is None or self.statistics != "previous" or self._passthrough
                 or self._on_nonfinite_loss != "drop_task" or not _reads_on_host(device)
                 or self._statistics_due_at(self._gather_for_log)):
             return
         start = time.perf_counter()
         stats, _ = self._read_sum(self._take_in_flight())  # drop_task: never a step to skip
-        record.forward_wait = record.comm_seconds
         if self._elementwise:
             self._last_sum = stats
         else:
