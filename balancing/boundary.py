@@ -135,7 +135,7 @@ class _Replicate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
         # Counted here, before any frame below holds a gradient; only the lagged sum takes them.
-        donated = _donated(grads) if ctx.boundary.statistics == "previous" and _reads_on_host(ctx.z.device) else []
+        donated = _donated(grads) if ctx.boundary.statistics == "previous" and _reads_on_host(ctx.z) else []
         return ctx.boundary.balance(grads, ctx.z, donated), None
 
 
@@ -218,7 +218,8 @@ class RepresentationBoundary(nn.Module):
         super().__init__()
         self.num_tasks = balancer.num_tasks
         # The compiled nodes' states (native.py; layouts in csrc/nodes.cpp), made on first use.
-        self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array)
+        self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array, its clock)
+        self._native_sources: dict = {}  # node -> what the constants in its state were written from
         _alone_references()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
@@ -248,22 +249,22 @@ class RepresentationBoundary(nn.Module):
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
         self._warm_up(z)
-        self._read_sum_in_forward(z.device)
+        on_host = _reads_on_host(z)
+        self._read_sum_in_forward(on_host)
         if self.ride is not None:
             self.ride.expect_backward()
-        if self._sum_at_view(z.device):
-            ops = native_ops() if _reads_on_host(z.device) else None
+        if self._sum_at_view():
+            ops = native_ops() if on_host else None
             if ops is not None:
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
-        ops = native_ops() if self._between_sums_at(z.device) else None
-        rule = self._held_constants(z) if ops is not None else None
-        if rule is not None:
-            return self._native_held(ops, z, rule)
+        ops = native_ops() if self._between_sums_at(on_host) else None
+        if ops is not None and self._held_constants_written(z):
+            return self._native_held(ops, z)
         return _Replicate.apply(z, self)
 
-    def _read_sum_in_forward(self, device: torch.device) -> None:
+    def _read_sum_in_forward(self, on_host: bool) -> None:
         """Reads the last step's sum, if one is in flight, here in forward rather than in this step's
         backward, where a step that gathers no statistics of its own need run no Python: with the
         sum read and the rule applied now, that backward is the compiled node of the steps between
@@ -274,7 +275,7 @@ class RepresentationBoundary(nn.Module):
         record = self._record
         record.comm_seconds = record.forward_read = 0.0
         if (self._in_flight is None or self.statistics != "previous" or self._passthrough
-                or self._on_nonfinite_loss != "drop_task" or not _reads_on_host(device)
+                or self._on_nonfinite_loss != "drop_task" or not on_host
                 or self._statistics_due_at(self._gather_for_log)):
             return
         start = time.perf_counter()
@@ -286,11 +287,11 @@ class RepresentationBoundary(nn.Module):
                 self._hold(stats)
         record.forward_read = time.perf_counter() - start
 
-    def _between_sums_at(self, device: torch.device) -> bool:
+    def _between_sums_at(self, on_host: bool) -> bool:
         """Whether this step's backward is :meth:`_between_sums` (a lagged coefficient rule's step
         that neither gathers statistics nor reads a sum) or an element-wise rule's step that does
         neither and logs no telemetry, decided in forward as backward would."""
-        if self.statistics != "previous" or not _reads_on_host(device) or self._passthrough:
+        if self.statistics != "previous" or not on_host or self._passthrough:
             return False
         if self._in_flight is not None or self._statistics_due_at(self._gather_for_log):
             return False
@@ -304,39 +305,74 @@ class RepresentationBoundary(nn.Module):
             return [float(c) for c in self._coefficients_between_sums()], [], 0.0, []
         return self.balancer.held_rule(self._last_sum, z)
 
-    def _native_held(self, ops, z: torch.Tensor, rule: tuple) -> Tuple[torch.Tensor, ...]:
+    def _held_constants_written(self, z: torch.Tensor) -> bool:
+        """Whether the between-sums node's state holds this step's constants (:meth:`_held_constants`),
+        written there now if what they derive from (the balancer, the reduction, the held
+        coefficients, the last sum, ``z``'s dtype and shape) changed since they were: they change
+        once a sum, and forming them costs more than the node. False where the node does not
+        implement the rule."""
+        sources = (self._balancer, self._held, self._last_sum, self.reduction, z.dtype, z.shape)
+        written = self._native_sources.get("held")
+        if (written is not None and self._record.stats is not None  # before a first sum, the prior's telemetry is set each step
+                and written[0] is sources[0] and written[1] is sources[1] and written[2] is sources[2]  # objects: by identity
+                and written[3:] == sources[3:]):
+            return True
+        rule = self._held_constants(z)
+        if rule is None:
+            return False
+        coefficients, gamma, kappa, active = rule
+        tasks = self.num_tasks
+        constants = self._native_state("held")[1][_NATIVE_LAYOUT["held"][0] + 3 * tasks :]
+        constants[:_HELD_CONSTANTS] = (float(tasks) if self.reduction == "sum" else 1.0, kappa, float(bool(gamma)), float(bool(active)))
+        for i, values in enumerate((coefficients, gamma, active)):
+            constants[_HELD_CONSTANTS + i * tasks : _HELD_CONSTANTS + (i + 1) * tasks] = [float(v) for v in values] if values else 0.0
+        self._native_sources["held"] = sources
+        return True
+
+    def _native_held(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """A :meth:`_between_sums` step on the compiled node (native.py), or an element-wise rule's
-        between its sums (``rule``: its constants): the same aggregate and the same checks, with no
-        Python in backward. :meth:`objective` passes it the losses' verdict; what it found
-        (non-finite gradients left out, non-finite losses to report) is acted on when the boundary
-        is next read (:meth:`_settle_native`)."""
+        between its sums, with the constants :meth:`_held_constants_written` left in its state: the
+        same aggregate and the same checks, with no Python in backward. :meth:`objective` passes it
+        the losses' verdict; what it found (non-finite gradients left out, non-finite losses to
+        report) is acted on when the boundary is next read (:meth:`_settle_native`)."""
         if self._gather_for_log:  # consumed, as _statistics_due() would (nn.Module's setattr is slow: only if set)
             self._gather_for_log = False
-        coefficients, gamma, kappa, active = rule
         state = self._start_native_step("held")
         self._record.held_unsettled = True
-        scale = float(self.num_tasks) if self.reduction == "sum" else 1.0
-        return tuple(ops.held_sum(z, coefficients, scale, state, gamma, kappa, [int(a) for a in active]))
+        return tuple(ops.held_sum(z, state, self.num_tasks))
 
     def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """A :meth:`_sum_at_view` step on the compiled node (native.py): what
         :meth:`_balance_sum_at_view` does, with no Python in backward. :meth:`objective` checks the
-        losses; a non-finite sum is warned of when the boundary is next read (:meth:`_settle_native`)."""
-        view = ops.sum_at_view(z, self._coefficient_at_view(), self._start_native_step("view"))
+        losses; a non-finite sum is warned of when the boundary is next read (:meth:`_settle_native`).
+        The coefficient is written into the node's state when the balancer or the reduction changes."""
+        sources = (self._balancer, self.reduction)
+        written = self._native_sources.get("view")
+        if written is None or written[0] is not sources[0] or written[1] != sources[1]:
+            self._native_state("view")[1][_VIEW_COEFFICIENT] = self._coefficient_at_view()
+            self._native_sources["view"] = sources
+        view = ops.sum_at_view(z, self._start_native_step("view"))
         return tuple(view for _ in range(self.num_tasks))
+
+    def _native_state(self, node: str) -> tuple:
+        """The compiled node's state (its layout in csrc/nodes.cpp), the same memory as a NumPy array
+        (read and written without torch) and the clock that reads the node's span from it, made on
+        first use."""
+        if node not in self._native:
+            size = _NATIVE_LAYOUT[node][0] + (6 * self.num_tasks + _HELD_CONSTANTS if node == "held" else 0)
+            state = torch.zeros(size, dtype=torch.float64)
+            flags = state.numpy()
+            self._native[node] = (state, flags, _NativeClock(flags, _NATIVE_LAYOUT[node][1]))
+        return self._native[node]
 
     def _start_native_step(self, node: str) -> torch.Tensor:
         """This step's ``node`` ("view" or "held"): its state (made on first use; its layout in
         csrc/nodes.cpp), its clock, and the balancer's step, counted now (its backward runs no
         Python)."""
-        if node not in self._native:
-            state = torch.zeros(_NATIVE_LAYOUT[node][0] + (3 * self.num_tasks if node == "held" else 0), dtype=torch.float64)
-            self._native[node] = (state, state.numpy())  # the NumPy view is read and written without torch
-        state, flags = self._native[node]
-        clock = _NATIVE_LAYOUT[node][1]
-        flags[clock] = flags[clock + 1] = 0.0
+        state, flags, clock = self._native_state(node)
+        flags[clock.start] = flags[clock.start + 1] = 0.0
         self._record.native_node = node
-        self._record.backward_clock = _NativeClock(flags, clock)
+        self._record.backward_clock = clock
         self.balancer.step += 1
         return state
 
@@ -364,7 +400,7 @@ class RepresentationBoundary(nn.Module):
         if flags[4]:
             self.balancer.warn("(all)", "overflow", _OVERFLOW)
 
-    def _sum_at_view(self, device: torch.device) -> bool:
+    def _sum_at_view(self) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
         ``autograd_sums``): decided in forward, from what backward would do."""
         if not (self.autograd_sums and self._equal_constant_weights and self.statistics == "previous"):
@@ -376,7 +412,7 @@ class RepresentationBoundary(nn.Module):
         gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
         are reported with the next sum, as between sums)."""
         start = self._start_backward(total.device)
-        if not _reads_on_host(total.device):
+        if not _reads_on_host(total):
             return self._finish(self._sum_at_view_on_device(total, donated), start, reduced=True)
         bad = self._losses_at_view(self._record.losses)
         aggregated = self._scaled_at_view(total, donated)
@@ -431,7 +467,7 @@ class RepresentationBoundary(nn.Module):
         if key not in self._warmed:
             self._warmed.add(key)
             with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
-                self._balancer.warm_up(z.detach(), lagged, _reads_on_host(z.device))
+                self._balancer.warm_up(z.detach(), lagged, _reads_on_host(z))
 
     def use_statistics(self, statistics: str, statistics_every: int | str = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
@@ -729,7 +765,7 @@ class RepresentationBoundary(nn.Module):
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
-        on_host = _reads_on_host(template.device)
+        on_host = _reads_on_host(template)
         if _is_elementwise(self.balancer):
             if on_host:
                 return self._balance_elementwise(grads, z, template, start, donated)
@@ -1066,14 +1102,17 @@ class RepresentationBoundary(nn.Module):
 
 # The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node
 # adds 3 flags a task) and where their clock's start is (its end follows).
-_NATIVE_LAYOUT = {"view": (6, 4), "held": (8, 1)}
+_NATIVE_LAYOUT = {"view": (7, 4), "held": (8, 1)}  # node -> (its flags, where its clock starts): csrc/nodes.cpp
+_VIEW_COEFFICIENT = 6  # in the "view" node's state
+_HELD_CONSTANTS = 4  # the "held" node's scalar constants, after its 8 + 3T flags, then T each: c, gamma, held
 _OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
 _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
                           "whole contribution is left out of this step")
 
 
 class _NativeClock:
-    """The compiled node's span in one backward, from its state (0 until that backward has run)."""
+    """A compiled node's span in its last backward, from its state (0 from the forward that starts a
+    step on the node until that step's backward has run): one per node, read by the step's record."""
 
     def __init__(self, flags: np.ndarray, start: int) -> None:
         self.flags, self.start = flags, start  # start and end at flags[start], flags[start + 1]
@@ -1115,10 +1154,11 @@ def _is_elementwise(balancer: Balancer) -> bool:
     return type(balancer).aggregate is not Balancer.aggregate and balancer.weights_without_statistics() is None
 
 
-def _reads_on_host(device: torch.device) -> bool:
-    """Whether the boundary may read a few numbers on the host each step: free on a CPU, a
-    synchronisation with the device's queue on a GPU."""
-    return device.type == "cpu"
+def _reads_on_host(tensor: torch.Tensor) -> bool:
+    """Whether the boundary may read a few numbers on the host each step where ``tensor`` lives: free
+    on a CPU, a synchronisation with the device's queue on a GPU. (``is_cpu``: reading a device's
+    type costs several microseconds each step with the caches cold.)"""
+    return tensor.is_cpu
 
 
 def _needs_its_own_statistics(balancer: Balancer) -> bool:

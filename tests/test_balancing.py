@@ -923,7 +923,7 @@ def _use_node(node: str, monkeypatch) -> str:
     if node == "python":
         monkeypatch.setattr(module, "native_ops", lambda: None)
     elif node == "device":
-        monkeypatch.setattr(module, "_reads_on_host", lambda device: False)
+        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: False)
     elif native_ops() is None:
         pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
     return node
@@ -949,6 +949,23 @@ def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction, 
         torch.testing.assert_close(z.grad, _backward_through(plain, grads))
         torch.testing.assert_close(z.grad, sum(grads) * (1.0 if reduction == "sum" else 1 / 3))
         assert boundary.balancer.step == t + 1 and boundary.backward_seconds > 0
+
+
+@pytest.mark.parametrize("method, one_view", [("multibalance", False), ("equal", True)])
+def test_a_head_that_changes_its_view_in_place_is_refused(method, one_view, view_node):
+    """Every head reads z's memory: an in-place change to one view (an ``inplace=True`` activation at
+    the start of a head) would reach the others unseen, so it raises on every node, between sums
+    and at one view alike, never a silently wrong gradient."""
+    boundary = _autograd_sums(method) if one_view else _every_k(method, 3)
+    for t in range(4):
+        z = torch.randn(8, 5, dtype=torch.float64).requires_grad_()
+        views = boundary(z)
+        if t == 0:  # a step between sums: the compiled node where it is built
+            assert (views[0] is views[1]) == one_view
+            assert views[0].grad_fn.name().startswith("Concord") == (view_node == "native")
+        with pytest.raises(RuntimeError, match="in ?place"):
+            first = views[0].relu_().sum()
+            boundary.objective(torch.stack([first] + [v.sum() for v in views[1:]])).backward()
 
 
 def test_the_native_and_the_python_node_give_the_same_bits(monkeypatch):
@@ -1040,7 +1057,7 @@ def test_a_gpus_batched_steps_with_an_absent_head_step_like_the_cpu(monkeypatch,
         steps[t][2] = None
     outs, weights = {}, {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
         boundary = _every_k(method, 3, telemetry_every=telemetry_every)
         outs[on_host], weights[on_host] = [], []
         for grads in steps:
@@ -1065,7 +1082,7 @@ def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
     losses = [torch.tensor([1.0, float("inf") if t == 2 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
     outs = {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
         boundary = _every_k("multibalance", 3)
         boundary.on_nonfinite_loss = "raise"
         outs[on_host] = []
@@ -1094,7 +1111,7 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every)
     losses = [torch.tensor([1.0, float("inf") if t == 4 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
     outs, telemetry = {}, {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda device: on_host)
+        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
         boundary = _every_k("cograd", every)
         boundary.on_nonfinite_loss = "raise"
         outs[on_host], telemetry[on_host] = [], []
@@ -1122,7 +1139,7 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every)
 def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
     import concord.balancing.boundary as module
 
-    monkeypatch.setattr(module, "_reads_on_host", lambda device: False)
+    monkeypatch.setattr(module, "_reads_on_host", lambda tensor: False)
     boundary = _every_k("multibalance", 3)
     boundary.objective(torch.tensor([1.0, float("nan"), 0.5], dtype=torch.float64))
     boundary.balance(tuple(_random_steps(35, 1)[0]), torch.zeros(8, 5))  # step 0: between sums
@@ -1132,7 +1149,7 @@ def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
 
 
 def _python_between_sums(patch) -> None:
-    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, device: False)
+    patch.setattr(RepresentationBoundary, "_between_sums_at", lambda self, on_host: False)
 
 
 def _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at, on_native_node, patch=None, record=None):

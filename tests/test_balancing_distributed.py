@@ -68,7 +68,7 @@ def _run(rank: int, world_size: int):
     results = {}
     reads_on_host = boundary_module._reads_on_host
     for case, (name, knobs, *mode) in CASES.items():
-        boundary_module._reads_on_host = (lambda device: False) if mode[2:] == ["device"] else reads_on_host
+        boundary_module._reads_on_host = (lambda tensor: False) if mode[2:] == ["device"] else reads_on_host
         model = ToyMTL(3)
         param_level = None
         if name in PARAMETER_LEVEL:  # weights the losses; the boundary passes the gradient through

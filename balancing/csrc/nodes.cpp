@@ -8,8 +8,11 @@
 // gradients at the view; the node scales that sum by the step's coefficient (in place when nothing
 // else holds it) and leaves the rank's whole contribution out if a task loss or the sum is not finite.
 // Its `state` (float64): [0] objective() was called, [1] the losses were finite, [2] out: the sum was
-// not finite, [3] out: the sum was scaled in place, [4] and [5] out: start and end (seconds).
+// not finite, [3] out: the sum was scaled in place, [4] and [5] out: start and end (seconds), [6] the
+// coefficient (written by the boundary when it changes, so a step passes the node nothing else).
 #include <ATen/ScalarOps.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <chrono>
@@ -17,7 +20,6 @@
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // How many references a gradient that nothing but autograd's buffers and this node hold has, measured
@@ -32,10 +34,41 @@ double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// The nodes are autograd Nodes of their own rather than torch::autograd::Function's: a Function's
+// apply (its context, its checks of inputs and outputs, its views) cost the forward pass more than
+// the node's work with the caches cold (docs/performance.md). Each output is an alias of `z` (its
+// storage and version counter) whose gradient goes to the node: `z`'s own history is untouched.
+// A Function's outputs are views that refuse in-place changes; an alias would take one silently and
+// every head would read it, so the node refuses to run if `z` or any alias was changed in place.
+struct AliasNode : public torch::autograd::Node {
+  c10::VariableVersion versions;  // z's, shared with its aliases
+  uint32_t version = 0;
+  void check_unchanged() const {
+    TORCH_CHECK(versions.current_version() == version,
+                "RepresentationBoundary: the shared representation z, or a task head's view of it, was modified in place "
+                "after the boundary's forward (e.g. an inplace=True activation at the start of a head): every head reads the "
+                "same memory, so use an out-of-place operation there");
+  }
+};
+
+template <typename NodeType>
+variable_list aliases_into(const at::Tensor& z, const c10::intrusive_ptr<NodeType>& node, int64_t count) {
+  node->set_next_edges(torch::autograd::collect_next_edges(z));
+  node->versions = torch::autograd::impl::version_counter(z);
+  node->version = node->versions.current_version();
+  variable_list outputs;
+  outputs.reserve(count);
+  for (int64_t k = 0; k < count; ++k) {
+    outputs.push_back(z.detach());
+    torch::autograd::set_history(outputs.back(), node);
+  }
+  return outputs;
+}
+
 // A node's backward starts: its state, its start time stamped at state[clock], and the check that
 // objective() ran for this step (state[0], consumed).
-double* start_backward(AutogradContext* ctx, int clock) {
-  double* state = ctx->saved_data["state"].toTensor().data_ptr<double>();
+double* start_backward(const at::Tensor& state_tensor, int clock) {
+  double* state = state_tensor.data_ptr<double>();
   state[clock] = now();
   TORCH_CHECK(state[0] != 0.0,
               "RepresentationBoundary.objective(losses) must be called before backward so the balancer sees the task losses");
@@ -49,32 +82,28 @@ bool given_up(const at::Tensor& g) {
   return alone_references > 0 && g.use_count() <= alone_references && g.storage().use_count() == 1 && g.is_contiguous();
 }
 
-struct Probe : public torch::autograd::Function<Probe> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::Tensor record) {
-    ctx->saved_data["record"] = record;
-    return x.view_as(x);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+struct Probe : public AliasNode {
+  at::Tensor record;
+  std::string name() const override { return "ConcordProbeBackward"; }
+  variable_list apply(variable_list&& grads) override {
+    check_unchanged();
     at::Tensor g = grads[0];
     grads.clear();
-    ctx->saved_data["record"].toTensor().data_ptr<double>()[0] = static_cast<double>(g.use_count());
-    return {g, at::Tensor()};
+    record.data_ptr<double>()[0] = static_cast<double>(g.use_count());
+    return {g};
   }
 };
 
-struct SumAtView : public torch::autograd::Function<SumAtView> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, double coefficient, at::Tensor state) {
-    ctx->saved_data["coefficient"] = coefficient;
-    ctx->saved_data["state"] = state;
-    return z.view_as(z);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    double* state = start_backward(ctx, 4);
+struct SumAtView : public AliasNode {
+  at::Tensor state_tensor;
+  std::string name() const override { return "ConcordSumAtViewBackward"; }
+  variable_list apply(variable_list&& grads) override {
+    check_unchanged();
+    double* state = start_backward(state_tensor, 4);
     at::Tensor total = grads[0];
     grads.clear();
     const bool donated = given_up(total);
-    const double coefficient = ctx->saved_data["coefficient"].toDouble();
+    const double coefficient = state[6];
     at::Tensor aggregated = total;
     bool sum_finite = true;
     if (coefficient != 1.0 && concord::passable({total})) {
@@ -92,7 +121,7 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
     state[2] = (losses_finite && !finite) ? 1.0 : 0.0;
     state[3] = donated ? 1.0 : 0.0;
     state[5] = now();
-    return {aggregated, at::Tensor(), at::Tensor()};
+    return {aggregated};
   }
 };
 
@@ -102,8 +131,12 @@ struct SumAtView : public torch::autograd::Function<SumAtView> {
 // it was left out with a non-finite one (-1: none), [6] out: another task's gradient was not finite
 // then, [7] out: any of [4], [5] or the flags below is to be reported (so that the boundary reads
 // them only then); from 8, T flags each: the losses were finite (in), the task had a gradient (out),
-// the task's gradient was not finite and was left out (out).
+// the task's gradient was not finite and was left out (out). Then the step's constants, written by the
+// boundary when they change (so a step passes the node nothing else): final scale, kappa, whether there
+// is one gamma a task, whether there is one held flag a task; then T each: the coefficients, gamma,
+// the held flags.
 constexpr int kHeldFlags = 8;
+constexpr int kHeldConstants = 4;
 
 // The sum over the tasks `keep` of c_k G_k, in place in G_first when `donate_first`; undefined if
 // no task is kept. The same operations, in the same order, as concord.balancing.base.weighted_sum.
@@ -194,31 +227,23 @@ bool all_finite(const at::Tensor& t) {
 // (RepresentationBoundary._balance_elementwise): CoGrad's aggregate over the tasks `held` (active in
 // the last sum; empty: all) when every task with a gradient is taken, else, as CoGrad.aggregate
 // leaves such a step uncorrected, the plain sum.
-struct HeldSum : public torch::autograd::Function<HeldSum> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& z, std::vector<double> coefficients,
-                               double final_scale, at::Tensor state, std::vector<double> gamma, double kappa,
-                               std::vector<int64_t> held) {
-    TORCH_CHECK(gamma.empty() || gamma.size() == coefficients.size(), "held_sum: one gamma a task, or none");
-    TORCH_CHECK(held.empty() || held.size() == coefficients.size(), "held_sum: one held flag a task, or none");
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["coefficients"] = coefficients;
-    ctx->saved_data["final_scale"] = final_scale;
-    ctx->saved_data["state"] = state;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["kappa"] = kappa;
-    ctx->saved_data["held"] = held;
-    variable_list views;
-    for (size_t k = 0; k < coefficients.size(); ++k) views.push_back(z.view_as(z));
-    return views;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
-    double* state = start_backward(ctx, 1);
-    const std::vector<double> c = ctx->saved_data["coefficients"].toDoubleVector();
-    const std::vector<double> gamma = ctx->saved_data["gamma"].toDoubleVector();
-    const double kappa = ctx->saved_data["kappa"].toDouble();
-    const std::vector<int64_t> held = ctx->saved_data["held"].toIntVector();
-    const int64_t tasks = static_cast<int64_t>(c.size());
+struct HeldSum : public AliasNode {
+  at::Tensor state_tensor;
+  int64_t tasks = 0;
+  std::string name() const override { return "ConcordHeldSumBackward"; }
+  variable_list apply(variable_list&& incoming) override {  // a task's gradient undefined where it had none
+    check_unchanged();
+    double* state = start_backward(state_tensor, 1);
+    const double* constants = state + kHeldFlags + 3 * tasks;
+    const double final_scale = constants[0], kappa = constants[1];
+    const double* first_constant = constants + kHeldConstants;
+    const std::vector<double> c(first_constant, first_constant + tasks);
+    const std::vector<double> gamma = constants[2] != 0.0 ? std::vector<double>(first_constant + tasks, first_constant + 2 * tasks)
+                                                          : std::vector<double>();
+    std::vector<int64_t> held;
+    if (constants[3] != 0.0) {
+      for (int64_t k = 0; k < tasks; ++k) held.push_back(static_cast<int64_t>(first_constant[2 * tasks + k]));
+    }
     double* loss_finite = state + kHeldFlags;
     double* had_gradient = loss_finite + tasks;
     double* left_out = had_gradient + tasks;
@@ -232,7 +257,7 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
       usable[k] = grads[k].defined() && loss_finite[k] != 0.0 && (held.empty() || held[k] != 0);
       if (first < 0 && grads[k].defined()) first = k;
     }
-    variable_list result(7);
+    variable_list result(1);
     state[3] = state[4] = state[6] = 0.0;
     state[5] = -1.0;
     // Anything to report: a loss that was not finite where the task had a gradient (the gradients'
@@ -286,7 +311,6 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
       state[7] = 1.0;
     }
     if (!out.defined()) out = at::zeros_like(g);
-    const double final_scale = ctx->saved_data["final_scale"].toDouble();
     if (final_scale != 1.0) out.mul_(number(final_scale));
     result[0] = out;
     state[2] = now();
@@ -296,9 +320,11 @@ struct HeldSum : public torch::autograd::Function<HeldSum> {
 
 }  // namespace
 
-variable_list held_sum(const at::Tensor& z, std::vector<double> coefficients, double final_scale, at::Tensor state,
-                       std::vector<double> gamma, double kappa, std::vector<int64_t> held) {
-  return HeldSum::apply(z, coefficients, final_scale, state, gamma, kappa, held);
+variable_list held_sum(const at::Tensor& z, at::Tensor state, int64_t tasks) {
+  auto node = c10::make_intrusive<HeldSum>();
+  node->state_tensor = std::move(state);
+  node->tasks = tasks;
+  return aliases_into(z, node, tasks);
 }
 
 // weighted_sum over `grads` (formed in the first where `donate_first`), and whether every element is
@@ -313,10 +339,16 @@ std::tuple<at::Tensor, bool> checked_weighted_sum(std::vector<at::Tensor> grads,
   return {out, finite};
 }
 
-at::Tensor probe(const at::Tensor& x, at::Tensor record) { return Probe::apply(x, record); }
+at::Tensor probe(const at::Tensor& x, at::Tensor record) {
+  auto node = c10::make_intrusive<Probe>();
+  node->record = std::move(record);
+  return aliases_into(x, node, 1)[0];
+}
 
 void set_alone_references(int64_t count) { alone_references = count; }
 
-at::Tensor sum_at_view(const at::Tensor& z, double coefficient, at::Tensor state) {
-  return SumAtView::apply(z, coefficient, state);
+at::Tensor sum_at_view(const at::Tensor& z, at::Tensor state) {
+  auto node = c10::make_intrusive<SumAtView>();
+  node->state_tensor = std::move(state);
+  return aliases_into(z, node, 1)[0];
 }
