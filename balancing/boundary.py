@@ -160,6 +160,10 @@ class _SumAtView(torch.autograd.Function):
 class RepresentationBoundary(nn.Module):
     """Replicates the shared representation ``z`` (B, d) into one view per task head.
 
+    The views share ``z``'s memory, so a head must not change its view in place (an ``inplace=True``
+    activation as its first layer): that raises, in forward or in backward, rather than reach the
+    other heads.
+
     Args:
         balancer: the method that combines the per-task gradients.
         reduction: ``mean`` keeps task weights on the simplex (``equal`` gives the gradient of the mean

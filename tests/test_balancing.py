@@ -951,17 +951,18 @@ def test_autograd_sums_an_equal_weight_rule_between_sums_at_one_view(reduction, 
         assert boundary.balancer.step == t + 1 and boundary.backward_seconds > 0
 
 
-@pytest.mark.parametrize("method, one_view", [("multibalance", False), ("equal", True)])
-def test_a_head_that_changes_its_view_in_place_is_refused(method, one_view, view_node):
+@pytest.mark.parametrize("method, autograd_sums", [("multibalance", False), ("multibalance", True), ("equal", True)])
+def test_a_head_that_changes_its_view_in_place_is_refused(method, autograd_sums, view_node):
     """Every head reads z's memory: an in-place change to one view (an ``inplace=True`` activation at
     the start of a head) would reach the others unseen, so it raises on every node, between sums
     and at one view alike, never a silently wrong gradient."""
-    boundary = _autograd_sums(method) if one_view else _every_k(method, 3)
+    boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics="previous", statistics_every=1 if method == "equal" else 3,
+                                      telemetry_every=5, autograd_sums=autograd_sums)
     for t in range(4):
         z = torch.randn(8, 5, dtype=torch.float64).requires_grad_()
         views = boundary(z)
         if t == 0:  # a step between sums: the compiled node where it is built
-            assert (views[0] is views[1]) == one_view
+            assert (views[0] is views[1]) == (method == "equal")
             assert views[0].grad_fn.name().startswith("Concord") == (view_node == "native")
         with pytest.raises(RuntimeError, match="in ?place"):
             first = views[0].relu_().sum()
