@@ -1104,11 +1104,11 @@ class RepresentationBoundary(nn.Module):
         return self.balancer.telemetry(self._record.stats)
 
 
-# The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node
-# adds 3 flags a task) and where their clock's start is (its end follows).
-_NATIVE_LAYOUT = {"view": (7, 4), "held": (8, 1)}  # node -> (its flags, where its clock starts): csrc/nodes.cpp
+# The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node adds
+# 3 flags a task, then its constants) and where their clock's start is (its end follows).
+_NATIVE_LAYOUT = {"view": (7, 4), "held": (8, 1)}
 _VIEW_COEFFICIENT = 6  # in the "view" node's state
-_HELD_CONSTANTS = 4  # the "held" node's scalar constants, after its 8 + 3T flags, then T each: c, gamma, held
+_HELD_CONSTANTS = 4  # the "held" node's scalar constants, after its 8 + 3T flags; then T each: c, gamma, held
 _OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
 _NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
                           "whole contribution is left out of this step")
