@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -19,9 +21,11 @@ def with_change(tmp_path, edit):
 
 
 def test_shipped_configs_load():
-    for path in ("configs/demo.yaml", "configs/tiny.yaml", "configs/conflict.yaml", "configs/aliccp.yaml"):
-        cfg = load_config(path)
-        assert cfg.task_names and cfg.model.tables
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert len(shipped) >= 6
+    for path in shipped:
+        cfg = load_config(str(path))
+        assert cfg.task_names and cfg.model.tables, path
 
 
 def test_overrides_apply_with_types():
