@@ -189,8 +189,9 @@ class RepresentationBoundary(nn.Module):
             ``skip_step`` skips that next step. Methods that need the step's own statistics in the
             sum (GradDrop's column signs) cannot lag. ``auto``: ``previous`` for every method that
             can lag, ``current`` for the others (GradDrop; decided again whenever a balancer is set).
-        statistics_every: with ``previous``, gather and sum the statistics on every k-th step only;
-            the steps between reuse the coefficients of the last sum (the rule runs every k steps).
+        statistics_every: with ``previous``, gather and sum the statistics on every k-th step only,
+            and on the first, so that the rule acts from the second step; the steps between reuse
+            the coefficients of the last sum (the rule runs every k steps).
             Rules that read no statistics (constant weights) gather them only for the logged steps,
             whatever k. Between sums a rank drops its own non-finite loss or gradient at once and
             reports a non-finite loss with the next sum, where ``raise`` and ``skip_step`` act.
@@ -750,13 +751,18 @@ class RepresentationBoundary(nn.Module):
     def _statistics_due(self) -> bool:
         """Whether this step gathers statistics (``previous`` mode): every ``statistics_every``-th step
         (every logged step for rules that read none), timed so that the sum is read on steps counted
-        by k: started at step n, it is read at n + 1."""
+        by k: started at step n, it is read at n + 1. A rule that reads statistics also gathers on
+        its first step, so that it acts from the second, not only after k steps of the prior: the
+        first steps are where one task's raw loss scale does its damage (docs/quality/README.md,
+        "UCI Adult with a regression task")."""
         for_log, self._gather_for_log = self._gather_for_log, False
         return self._statistics_due_at(for_log)
 
     def _statistics_due_at(self, for_log: bool) -> bool:
-        every = self.statistics_every if self.balancer.reads_statistics else self.telemetry_every
-        return every == 1 or (self.balancer.step + 2) % every == 0 or (for_log and not self.balancer.reads_statistics)
+        step = self.balancer.step
+        if not self.balancer.reads_statistics:
+            return self.telemetry_every == 1 or (step + 2) % self.telemetry_every == 0 or for_log
+        return self.statistics_every == 1 or (step + 2) % self.statistics_every == 0 or step == 0
 
     def gather_for_log(self) -> None:
         """The step after the next one is logged off the ``telemetry_every`` schedule (a run's last

@@ -664,10 +664,11 @@ def test_statistics_every_k_steps_run_the_rule_every_k_steps_and_hold_its_coeffi
     steps = _random_steps(21, 9)
     _, got = _lagged_steps("multibalance", steps, _every_k("multibalance", 3))
     reference = build_balancer("multibalance", TASKS)
-    # Gathered on steps 1, 4, 7 (0-based), read one step later: the rule runs on steps 2, 5 and 8.
+    # Gathered on the first step and on steps 1, 4, 7 (0-based), read one step later: the rule runs on
+    # steps 1, 2, 5 and 8; only the first step has the prior.
     held = np.full(3, 1.0 / 3)
     for t in range(9):
-        if t in (2, 5, 8):
+        if t in (1, 2, 5, 8):
             held = reference.coefficients(stats_for(steps[t - 1], [1.0, 2.0, 0.5]))
         torch.testing.assert_close(got[t], weighted_sum(steps[t], held, np.ones(3, dtype=bool)))
 
@@ -753,11 +754,11 @@ def test_cograd_every_k_steps_corrects_every_step_with_the_kappa_of_the_last_sum
     that step's gradients, with ``kappa`` from the last sum, held until the next one."""
     steps = _random_steps(28, 9)
     _, got = _lagged_steps("cograd", steps, _every_k("cograd", 3))
-    # Gathered on steps 1, 4, 7 (0-based), read one step later: kappa changes on steps 2, 5 and 8.
-    torch.testing.assert_close(got[0], sum(steps[0]) / 3)
-    torch.testing.assert_close(got[1], sum(steps[1]) / 3)  # nothing summed yet: the prior
-    for t in range(2, 9):
-        source = steps[1 if t < 5 else 4 if t < 8 else 7]
+    # Gathered on the first step and on steps 1, 4, 7 (0-based), read one step later: kappa changes on
+    # steps 1, 2, 5 and 8.
+    torch.testing.assert_close(got[0], sum(steps[0]) / 3)  # nothing summed yet: the prior
+    for t in range(1, 9):
+        source = steps[0 if t < 2 else 1 if t < 5 else 4 if t < 8 else 7]
         kappa = _cograd_written_out(source, [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
         expected, _, _, _, factors = _cograd_written_out(steps[t], [1.0] * 3, [1 / 3] * 3, kappa=kappa)
         torch.testing.assert_close(got[t], expected)
@@ -958,6 +959,9 @@ def test_a_head_that_changes_its_view_in_place_is_refused(method, autograd_sums,
     and at one view alike, never a silently wrong gradient."""
     boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics="previous", statistics_every=1 if method == "equal" else 3,
                                       telemetry_every=5, autograd_sums=autograd_sums)
+    for _ in range(2):  # MultiBalance's first two steps gather statistics; a refused step counts none
+        views = boundary(torch.randn(8, 5, dtype=torch.float64).requires_grad_())
+        boundary.objective(torch.stack([v.sum() for v in views])).backward()
     for t in range(4):
         z = torch.randn(8, 5, dtype=torch.float64).requires_grad_()
         views = boundary(z)
@@ -1141,10 +1145,13 @@ def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
     import concord.balancing.boundary as module
 
     monkeypatch.setattr(module, "_reads_on_host", lambda tensor: False)
-    boundary = _every_k("multibalance", 3)
+    boundary = _every_k("multibalance", 4)
+    first, second = _random_steps(35, 2)
+    boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    boundary.balance(tuple(first), torch.zeros(8, 5))  # step 0 gathers statistics
     boundary.objective(torch.tensor([1.0, float("nan"), 0.5], dtype=torch.float64))
-    boundary.balance(tuple(_random_steps(35, 1)[0]), torch.zeros(8, 5))  # step 0: between sums
-    restored = _every_k("multibalance", 3)
+    boundary.balance(tuple(second), torch.zeros(8, 5))  # step 1 gathers none: b's NaN waits for the next sum
+    restored = _every_k("multibalance", 4)
     restored.load_state_dict(boundary.state_dict())
     assert restored.lagged_state[2].tolist() == [False, True, False]
 
@@ -1202,7 +1209,7 @@ def test_a_sum_read_in_forward_is_the_steps_wait_and_its_time_in_the_boundary(mo
         z = torch.zeros_like(grads[0], requires_grad=True)
         views = boundary(z)
         boundary.objective(torch.stack([(v * g).sum() for v, g in zip(views, grads)])).backward()
-        reads = t % 3 == 2
+        reads = t % 3 == 2 or t == 1  # the sum of the first step, and those of steps 1, 4, 7
         assert (boundary.comm_seconds > 0) == reads, t
         if reads:
             assert boundary.backward_seconds >= 0.05, t
@@ -1220,7 +1227,8 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
     def run(native):
         boundary = _every_k("multibalance", 3, telemetry_every=100)
         return _steps_with_faults(boundary, _random_steps(44, 12), monkeypatch, caplog, absent_at=3,
-                                  on_native_node=lambda t: native and t % 3 != 1,  # the sum of step 1 read in step 2's forward
+                                  # the first step and steps 1, 4, 7, 10 gather; each next step reads their sum in its forward
+                                  on_native_node=lambda t: native and t % 3 != 1 and t != 0,
                                   patch=None if native else _python_between_sums)
 
     native, python = run(True), run(False)
@@ -1257,7 +1265,7 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
             return boundary.balancer.kappa(boundary._last_sum) if boundary._last_sum is not None else 0.0
 
         return _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at=4, patch=patch, record=kappa,
-                                  on_native_node=lambda t: native and t % 3 != 1 and t > 1)  # no sum before step 2's forward
+                                  on_native_node=lambda t: native and t % 3 != 1 and t > 1)  # steps 0 and 1 gather
 
     native, python = run(True), run(False)
     kappas = [[kappa for *_, kappa in run_steps] for run_steps in (native[0], python[0])]
