@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import concord
 from concord.trainer import failures
-from concord.trainer.config import ConfigError, load_config
+from concord.trainer.config import ConfigError, load_config, packaged_configs
 from concord.trainer.data.reader import DataError
 
 DEFAULT_CONFIG = "demo"
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example (demo, tiny, conflict, aliccp; default {DEFAULT_CONFIG})")
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example ({', '.join(packaged_configs())}; default {DEFAULT_CONFIG})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
     sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")

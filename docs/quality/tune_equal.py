@@ -60,6 +60,10 @@ def main() -> None:
     runs = Path(args.runs) if args.runs else Path("runs/tune") / Path(args.out).stem
     epochs = [int(v) for v in args.epochs.split(",")] if args.epochs else [None]
     grid = list(itertools.product([float(v) for v in args.dense_lr.split(",")], [float(v) for v in args.table_lr.split(",")], epochs))
+    base_values = args.base.split(",")
+    base = (float(base_values[0]), float(base_values[1]), int(base_values[2]) if len(base_values) > 2 else None)
+    if base not in grid:
+        raise SystemExit(f"the base cell {describe(base)} is not in the grid")
     results = {}
     for cell in grid:
         dense, table, epoch = cell
@@ -72,10 +76,6 @@ def main() -> None:
                 name += f"-epochs{epoch}"
             results[cell, seed] = train(args.config, overrides, runs / f"{name}-seed{seed}", args.reuse)
             print(f"{describe(cell)}, seed {seed}: " + ", ".join(f"{t} {metric(v):.4f}" for t, v in results[cell, seed].items()), flush=True)
-    base_values = args.base.split(",")
-    base = (float(base_values[0]), float(base_values[1]), int(base_values[2]) if len(base_values) > 2 else None)
-    if base not in grid:
-        raise SystemExit(f"the base cell {describe(base)} is not in the grid")
     tasks = list(results[base, 0])
     score = {cell: statistics.mean(metric(results[cell, s][t]) / metric(results[base, s][t]) for s in range(args.seeds) for t in tasks)
              for cell in grid}
