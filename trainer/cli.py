@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show-warnings", action="store_true",
                    help="show the third-party warnings Concord filters as known harmless")
     sub = p.add_subparsers(dest="command", required=True)
+    shipped = ", ".join(packaged_configs())
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example ({', '.join(packaged_configs())}; default {DEFAULT_CONFIG})")
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example ({shipped}; default {DEFAULT_CONFIG})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
     sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")
