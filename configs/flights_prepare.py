@@ -28,6 +28,7 @@ def main(source: str, target: str) -> None:
     year, month, day = (flights[c].to_numpy() for c in ("year", "month", "day"))
     days = [date(int(y), int(m), int(d)) for y, m, d in zip(year, month, day)]
     delay = flights["arr_delay"].to_numpy().astype(np.float64)
+    late, early = delay >= 15, delay <= -30
     scheduled = flights["sched_dep_time"].to_numpy()
     table = pa.table({
         "carrier": flights["carrier"],
@@ -41,13 +42,13 @@ def main(source: str, target: str) -> None:
         "distance": flights["distance"],
         "scheduled_minute": pa.array((scheduled // 100) * 60 + scheduled % 100),
         "day_of_year": pa.array([d.timetuple().tm_yday for d in days]),
-        "late": pa.array((delay >= 15).astype(np.int64)),
-        "early": pa.array((delay <= -30).astype(np.int64)),
+        "late": pa.array(late.astype(np.int64)),
+        "early": pa.array(early.astype(np.int64)),
         "air_time": flights["air_time"],
     })
     csv.write_csv(table, target)
     print(f"{target}: {table.num_rows} flights that arrived, of {len(arrived)}; "
-          f"late {np.mean(delay >= 15):.3f}, early {np.mean(delay <= -30):.3f}")
+          f"late {late.mean():.3f}, early {early.mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from concord.trainer.config import config_from_dict
+from concord.configs.flights_prepare import main as prepare_flights
+from concord.trainer.config import config_from_dict, load_config
 from concord.trainer.data.convert import ConvertError, convert, stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +259,6 @@ def test_the_flights_preparation_keeps_arrived_flights_and_derives_the_labels(tm
     and a diverted one (departed, never arrived) are left out; `late` is an arrival 15 min late or more,
     `early` 30 min early or more; the times of the actual flight are not features. Then `concord
     convert` with configs/flights.yaml reads what it wrote."""
-    from concord.configs.flights_prepare import main as prepare
-    from concord.trainer.config import load_config
-
     header = "year,month,day,dep_time,sched_dep_time,dep_delay,arr_time,sched_arr_time,arr_delay,carrier,flight,tailnum,origin,dest,air_time,distance,hour,minute,time_hour"
     flights = [
         "2013,1,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,2013-01-01T10:00:00Z",
@@ -271,7 +269,7 @@ def test_the_flights_preparation_keeps_arrived_flights_and_derives_the_labels(tm
         "2013,12,31,705,700,5,1000,1010,-10,B6,5,N555JB,JFK,MCO,140,944,7,0,2013-12-31T12:00:00Z",
     ]
     (tmp_path / "flights.csv").write_text("\n".join([header, *flights]) + "\n")
-    prepare(str(tmp_path / "flights.csv"), str(tmp_path / "prepared.csv"))
+    prepare_flights(str(tmp_path / "flights.csv"), str(tmp_path / "prepared.csv"))
     lines = (tmp_path / "prepared.csv").read_text().splitlines()
     columns = [c.strip('"') for c in lines[0].split(",")]
     rows = [dict(zip(columns, (v.strip('"') for v in line.split(",")))) for line in lines[1:]]
