@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
 
-TASK_TYPES = ("binary", "regression")
+from concord.heads.options import TASK_TYPES
 
 
 class TaskHead(nn.Module):

@@ -72,6 +72,18 @@ def test_config_error_is_reported_not_raised(tmp_path):
     assert "configs/tiny.yaml: train.nope: unknown key" in proc.stderr
 
 
+def test_the_launcher_starts_the_ranks_without_importing_torchrec(tmp_path):
+    """``concord train`` checks the config, the machine and the data, then starts torchrun, whose
+    ranks import TorchRec: importing it in the launcher too would add seconds to every launch."""
+    code = ("import sys; from concord.trainer import cli; "
+            "cli._launch = lambda cfg, args: print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchrec')) or 0; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "train", "--config", "configs/tiny.yaml", *tiny_data(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_compare_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     cmd = [

@@ -12,7 +12,8 @@ from distributed import run_ranks
 from sharded_helpers import global_batches, initial_state, sharded_sgd_run
 from concord.trainer.config import load_config
 from concord.trainer.model import build_model
-from concord.trainer.data.synth import dataset_ready, generate
+from concord.trainer.data.layout import dataset_ready
+from concord.trainer.data.synth import generate
 
 pytestmark = pytest.mark.multiprocess
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from concord.trainer.config import load_config
-from concord.trainer.data.synth import dataset_ready, generate
+from concord.trainer.data.layout import dataset_ready
+from concord.trainer.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

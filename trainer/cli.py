@@ -22,7 +22,7 @@ from typing import List, Optional
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config, packaged_configs
-from concord.trainer.data.reader import DataError
+from concord.trainer.data.layout import DataError, check_data_exists
 
 DEFAULT_CONFIG = "demo"
 
@@ -105,7 +105,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _convert(cfg, args.force)
         if args.command in ("train", "bench"):
             from concord.trainer.config import check_machine
-            from concord.trainer.train import check_data_exists
 
             check_machine(cfg)
             check_data_exists(cfg)
@@ -168,7 +167,8 @@ def _convert(cfg, force: bool) -> int:
 
 
 def _synth(cfg, force: bool, if_missing: bool = False) -> int:
-    from concord.trainer.data.synth import dataset_ready, generate
+    from concord.trainer.data.layout import dataset_ready
+    from concord.trainer.data.synth import generate
 
     if cfg.data.synthetic is None:
         print(f"concord: {cfg.source}: data.synthetic is not set; nothing to generate", file=sys.stderr)

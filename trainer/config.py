@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
-from concord.heads.heads import TASK_TYPES
+from concord.heads.options import TASK_TYPES
 from concord.trainer.optimizers import DENSE_OPTIMIZERS
 
 
@@ -575,10 +575,8 @@ def validate(cfg: Config) -> None:
         fail("train.clip_grad_norm", f"must be >= 0 (0: off), got {tr.clip_grad_norm}")
     if tr.precision not in ("fp32", "bf16"):
         fail("train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
-    from concord.trainer.pipeline import PIPELINES
-
-    if tr.pipeline not in PIPELINES:
-        fail("train.pipeline", f"must be one of {PIPELINES}, got {tr.pipeline!r}")
+    if tr.pipeline not in ("sparse_dist", "plain"):
+        fail("train.pipeline", f"must be sparse_dist or plain, got {tr.pipeline!r}")
     if tr.max_skipped_steps < 0:
         fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
     if tr.checkpoint_every < 0:

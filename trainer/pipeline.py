@@ -19,8 +19,6 @@ from torchrec.distributed.types import NoWait
 from concord.trainer.data.reader import Batch
 from concord.trainer.observe.timing import StepTimer
 
-PIPELINES = ("sparse_dist", "plain")
-
 
 class PlainSteps:
     """One batch at a time: :meth:`Trainer.train_step`."""

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
-from concord.trainer.data.reader import Columns, DataError, ParquetReader, columns_from_config, list_files
+from concord.trainer.data.layout import DataError
+from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint
 from concord.trainer.runtime import Runtime

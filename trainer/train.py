@@ -23,8 +23,8 @@ from concord.embeddings.sharding import apply_fused_optimizer, shard_model, tabl
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
 from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
-from concord.trainer.data.reader import Batch, DataError, ParquetReader, columns_from_config
-from concord.trainer.data.synth import dataset_ready
+from concord.trainer.data.layout import DataError
+from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
 from concord.trainer.lifecycle import StopRequest, Stopped
@@ -40,21 +40,6 @@ from concord.trainer.rundir import RunDirLock, start_run, write_json_atomic
 from concord.trainer.runtime import Runtime
 
 logger = logging.getLogger("concord.train")
-
-
-def check_data_exists(cfg: Config) -> None:
-    """Training reads data that exists: nothing is generated because a path is missing (a mistyped
-    ``data.train`` must not become a fresh synthetic data set); the error says how to make it."""
-    for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if not path or dataset_ready(path) or Path(path).is_file():
-            continue
-        if cfg.data.convert is not None:
-            how = f"; `concord convert --config {cfg.source}` writes it from data.convert.input"
-        elif cfg.data.synthetic is not None:
-            how = f"; `concord synth --config {cfg.source}` writes the config's synthetic data there"
-        else:
-            how = ""
-        raise DataError(f"{key}: {path} holds no Parquet data{how}")
 
 
 def statistics_ride_in_ddp(setting, boundary) -> bool:

@@ -29,9 +29,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-
-class DataError(ValueError):
-    """Bad input; the message names the file, row group, column and value."""
+from concord.trainer.data.layout import DataError
 
 
 @dataclass

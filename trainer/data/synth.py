@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from concord.trainer.config import SyntheticConfig
+from concord.trainer.data.layout import dataset_ready
 
 ROW_GROUPS_PER_FILE = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -183,8 +184,3 @@ def generate(
             continue
         with progress_bar(rows, f"synth {path}", "rows", enabled=show_progress) as bar:
             write_split(cfg, path, rows, split_id, progress=bar.update)
-
-
-def dataset_ready(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and any(p.glob("*.parquet"))

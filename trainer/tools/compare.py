@@ -34,6 +34,7 @@ import yaml
 from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.trainer.config import Config, load_config, packaged_configs, resolve_config_path
+from concord.trainer.data.layout import check_data_exists
 from concord.trainer.tools.methods import parse_method, resolve_method
 
 WHAT_IS_BALANCED = {
@@ -69,8 +70,6 @@ def run_compare(
     jobs: int = 1,
 ) -> Path:
     cfg = load_config(config_path, overrides)  # validates the base config and the method names below
-    from concord.trainer.train import check_data_exists
-
     check_data_exists(cfg)  # one line now, rather than the same failure in every cell
     check_methods(methods, cfg)
     methods = ["equal"] + [m for m in methods if m != "equal"]
