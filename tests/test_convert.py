@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from concord.configs.flights_prepare import main as prepare_flights
-from concord.trainer.config import config_from_dict, load_config
+from concord.trainer.config import ConfigError, config_from_dict, load_config
 from concord.trainer.data.convert import ConvertError, convert, stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +184,52 @@ def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
         "malformed row": 1, "price: not finite": 1,
     }
     assert report["rows"] == {"train": 5, "eval": 2}
+
+
+def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
+    """``positive`` lists the text values that mean 1; ``positive_range`` the range of a number that
+    does (either bound, or both: a band). Every other value is 0; a missing value is a bad row; the
+    report gives each split's positive rates."""
+    header = "day,user,tags,price,outcome,delay"
+    rows = ["1,alice,a,1, bought ,20", "1,bob,a,1,left,15", "2,carol,a,1,viewed,-31", "2,dave,a,1,bought,0",
+            "3,erin,a,1,left,-30", "4,frank,a,1,bought,14.5", "4,gus,a,1,viewed,-45"]
+    raw = base(tmp_path)
+    (tmp_path / "raw.csv").write_text("\n".join([header, *rows]) + "\n")
+    raw["tasks"] = [{"name": "bought", "label": "bought"}, {"name": "late", "label": "late"},
+                    {"name": "early", "label": "early"}, {"name": "on_time", "label": "on_time"}]
+    raw["data"]["convert"].update(
+        labels={"bought": "outcome", "late": "delay", "early": "delay", "on_time": "delay"},
+        positive={"bought": ["bought", "viewed"]},
+        positive_range={"late": {"at_least": 15}, "early": {"at_most": -30}, "on_time": {"at_least": -5, "at_most": 5}})
+    report = run(raw)
+    train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
+    assert train["bought"] == [1, 0, 1, 1, 0] and held_out["bought"] == [1, 1]  # trimmed, then matched
+    assert train["late"] == [1, 1, 0, 0, 0] and held_out["late"] == [0, 0]  # 15 is late, 14.5 is not
+    assert train["early"] == [0, 0, 1, 0, 1] and held_out["early"] == [0, 1]  # -30 is early
+    assert train["on_time"] == [0, 0, 0, 1, 0] and held_out["on_time"] == [0, 0]
+    assert report["label_means"]["train"] == {"bought": 0.6, "late": 0.4, "early": 0.4, "on_time": 0.2}
+    assert report["label_means"]["eval"]["early"] == 0.5
+
+    (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "2,hal,a,1,left,"]) + "\n")
+    with pytest.raises(ConvertError, match=r"line 9: column 'delay': missing label"):
+        run(raw, force=True)
+    raw["data"]["convert"]["on_bad_row"] = "skip"
+    assert run(raw, force=True)["skipped_rows"] == {"delay: missing label": 1}
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"late": {}}, r"positive_range\.late: give at_least, at_most or both"),
+    ({"late": {"at_least": 5, "at_most": 1}}, r"positive_range\.late: at_least 5\.0 is above at_most 1\.0"),
+    ({"amount": {"at_least": 1}}, r"positive_range\.amount: a range that means 1 makes a binary label; this task is a regression"),
+    ({"nope": {"at_least": 1}}, r"positive_range\.nope: 'nope' is not the label column of any task"),
+    ({"late": {"at_most": float("inf")}}, r"positive_range\.late: the bounds must be finite"),
+])
+def test_a_bad_positive_range_names_its_key(tmp_path, rule, message):
+    raw = base(tmp_path)
+    raw["tasks"][0]["label"] = "late"
+    raw["data"]["convert"]["positive_range"] = rule
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, "test.yaml")
 
 
 def test_a_vocabulary_larger_than_its_table_is_an_error_with_the_way_out(tmp_path):

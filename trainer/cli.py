@@ -163,6 +163,8 @@ def _convert(cfg, force: bool) -> int:
         f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped:,} rows skipped; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
+    means = ", ".join(f"{t.name} {report['label_means']['train'][t.name]:.4g}" for t in cfg.tasks)
+    print(f"concord convert: training split's positive rate (binary) or mean (regression): {means}")
     return 0
 
 

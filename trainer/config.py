@@ -76,6 +76,15 @@ class DenseColumn:
 
 
 @dataclass
+class NumberRange:
+    """A binary label from a number: 1 where ``at_least <= x <= at_most`` (either bound may be left
+    out), else 0."""
+
+    at_least: Optional[float] = None
+    at_most: Optional[float] = None
+
+
+@dataclass
 class SplitConfig:
     # seed: a seeded coin per row | time: rows at or after the cutoff go to eval | files: the split the
     # user already has, as files (train / eval) | column: a column names each row's split
@@ -100,6 +109,9 @@ class ConvertConfig:
     # task label column -> the input values that mean 1 (every other value is 0), for text labels
     # such as income: [">50K"]; without an entry a label must already be 0/1 (binary) or a number
     positive: Dict[str, List[str]] = field(default_factory=dict)
+    # task label column -> the range of a number that means 1, for labels thresholded from a measure
+    # such as late: {at_least: 15} on an arrival delay in minutes
+    positive_range: Dict[str, NumberRange] = field(default_factory=dict)
     weight: Optional[str] = None  # input column for data.weight_column
     split: SplitConfig = field(default_factory=SplitConfig)
     format: str = "auto"  # auto (by extension) | csv | parquet
@@ -349,7 +361,7 @@ def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
     raw["tasks"] = kept
     raw["balancer"] = {"name": "equal"}  # one task: every balancer is the identity
     convert = (raw.get("data") or {}).get("convert")
-    for key in ("labels", "positive"):  # the other tasks' label rules go with them
+    for key in ("labels", "positive", "positive_range"):  # the other tasks' label rules go with them
         if isinstance(convert, dict) and isinstance(convert.get(key), dict):
             convert[key] = {k: v for k, v in convert[key].items() if k == kept[0].get("label")}
 
@@ -687,6 +699,20 @@ def _validate_convert(cfg: Config, fail) -> None:
             fail(f"data.convert.positive.{col}", "positive values make a binary label; this task is a regression")
         elif not values:
             fail(f"data.convert.positive.{col}", "list at least one value that means 1")
+    for col, bounds in cv.positive_range.items():
+        key = f"data.convert.positive_range.{col}"
+        if col not in labels:
+            fail(key, f"{col!r} is not the label column of any task")
+        elif next(t for t in cfg.tasks if t.label == col).type != "binary":
+            fail(key, "a range that means 1 makes a binary label; this task is a regression")
+        elif col in cv.positive:
+            fail(key, f"{col!r} also has data.convert.positive (text values): give one of the two")
+        elif bounds.at_least is None and bounds.at_most is None:
+            fail(key, "give at_least, at_most or both")
+        elif not all(math.isfinite(b) for b in (bounds.at_least, bounds.at_most) if b is not None):
+            fail(key, f"the bounds must be finite, got at_least {bounds.at_least}, at_most {bounds.at_most}")
+        elif bounds.at_least is not None and bounds.at_most is not None and bounds.at_least > bounds.at_most:
+            fail(key, f"at_least {bounds.at_least} is above at_most {bounds.at_most}: no number would mean 1")
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
     sp = cv.split

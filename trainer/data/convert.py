@@ -321,7 +321,15 @@ class Converter:
             check(bad, column, "not a number")
             check(~bad & np.isnan(values), column, "missing label")
             check(np.isinf(values), column, "not finite")
-            if task.type == "binary":
+            bounds = self.cv.positive_range.get(task.label)
+            if bounds is not None:  # a measure: 1 inside the range, else 0
+                inside = np.isfinite(values)
+                if bounds.at_least is not None:
+                    inside &= values >= bounds.at_least
+                if bounds.at_most is not None:
+                    inside &= values <= bounds.at_most
+                values = inside.astype(np.float64)
+            elif task.type == "binary":
                 check(np.isfinite(values) & (values != 0) & (values != 1), column, f"task {task.name!r} is binary: the label must be 0 or 1")
             labels[:, k] = values
         weights = None
@@ -417,6 +425,7 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         rows, filled = [0] * len(outputs), Counter()
+        label_sums = np.zeros((len(outputs), len(self.cfg.tasks)))
         for chunk in self._decoded("writing", cutoff):
             for split in range(len(outputs)):
                 mask = chunk.split == split
@@ -437,6 +446,7 @@ class Converter:
                     cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
                 writers[split].write(pa.table(cols))
                 rows[split] += int(mask.sum())
+                label_sums[split] += chunk.labels[mask].sum(axis=0)
         for w in writers:
             w.close()
         for split, count in zip(SPLITS, rows):
@@ -457,6 +467,9 @@ class Converter:
             "row_groups": {split: w.row_groups for split, w in zip(SPLITS, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
+            # a binary task's positive rate, a regression's mean label: what a label rule made of the input
+            "label_means": {split: {t.name: float(s / count) for t, s in zip(self.cfg.tasks, sums)}
+                            for split, sums, count in zip(SPLITS, label_sums, rows)},
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash},
             "dense": {
