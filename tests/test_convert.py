@@ -119,10 +119,13 @@ def test_a_seed_split_is_reproducible_and_independent_of_the_chunk_size(tmp_path
     second = run(raw, force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == outputs
     dense = [r.pop("dense")["price"] for r in (first, second)]
+    means = [r.pop("label_means") for r in (first, second)]
     assert first == second and 70 < first["rows"]["eval"] < 130
-    # The same moments up to float64 rounding: merged over 58 chunks instead of summed at once.
+    # The same moments and label means up to float64 rounding: merged over 58 chunks instead of summed at once.
     assert dense[1]["mean"] == pytest.approx(dense[0]["mean"], rel=1e-12)
     assert dense[1]["std"] == pytest.approx(dense[0]["std"], rel=1e-12)
+    for split in ("train", "eval"):
+        assert means[1][split] == pytest.approx(means[0][split], rel=1e-12)
 
 
 def test_a_validation_split_comes_out_of_the_training_rows_and_leaves_eval_unchanged(tmp_path):
