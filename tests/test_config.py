@@ -126,6 +126,8 @@ def test_single_task_drops_the_other_tasks_label_rules():
     cfg = load_config("configs/adult.yaml", single_task="income")
     assert cfg.task_names == ["income"]
     assert cfg.data.convert.labels == {"income": "income"} and cfg.data.convert.positive == {"income": [">50K"]}
+    ranges = ["data.convert.positive_range.late.at_least=1", "data.convert.positive_range.early.at_least=1"]
+    assert list(load_config("configs/flights.yaml", ranges, single_task="early").data.convert.positive_range) == ["early"]
 
 
 def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
