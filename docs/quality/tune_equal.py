@@ -81,7 +81,8 @@ def main() -> None:
              for cell in grid}
     best = min(grid, key=score.get)
     columns = ["dense lr", "table lr"] + (["epochs"] if args.epochs else [])
-    lines = [f"# `equal` on the validation split: `--config {args.config}`", "",
+    method = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("balancer.name=")), "equal")
+    lines = [f"# `{method}` on the validation split: `--config {args.config}`", "",
              f"Validation split `{args.validation}`; {args.seeds} seeds; overrides `{' '.join(args.overrides) or '-'}`. "
              "Score: mean over tasks and seeds of the validation metric relative to the base cell "
              f"({describe(base)}); lower is better.", "",
