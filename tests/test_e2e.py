@@ -51,11 +51,12 @@ def test_torchx_component_trains_and_writes_metrics(tmp_path, j):
     check_summary(read_summary(run_dir))
 
 
-def test_concord_train_launches_torchrun(tmp_path):
+def test_concord_train_launches_torchrun_and_evaluates_after_each_epoch(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
+    cmd = [  # tiny: 4,096 rows, 2 ranks of 64 a step: 32 steps an epoch
         sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *tiny_data(tmp_path),
-        f"train.run_dir={run_dir}", "train.max_steps=12", "balancer.name=multibalance",
+        f"train.run_dir={run_dir}", "train.epochs=2", "train.max_steps=40", "train.eval_each_epoch=true",
+        "balancer.name=multibalance",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,6 +64,9 @@ def test_concord_train_launches_torchrun(tmp_path):
     summary = read_summary(run_dir)
     check_summary(summary)
     assert summary["balancer"] == "multibalance"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
+    assert [(r["step"], r.get("epoch")) for r in evals] == [(32, 1), (40, None)]  # the epoch's, then the final one
+    assert f"eval at epoch 1, step 32: ctr NE {evals[0]['eval']['ctr']['ne']:.4f}" in proc.stdout
 
 
 def test_config_error_is_reported_not_raised(tmp_path):

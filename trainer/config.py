@@ -234,6 +234,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; the boundary's statistics stay float64)
     pipeline: str = "sparse_dist"  # sparse_dist (TorchRec's TrainPipelineSparseDist) | plain (one batch at a time)
     eval_every: int = 0  # steps; 0 = only at the end
+    # also at the end of every epoch (with data.eval a validation split: choosing the epochs in one run)
+    eval_each_epoch: bool = False
     on_nonfinite: str = "abort"  # a non-finite task loss: abort (no checkpoint written) | skip the step on every rank
     log_every: int = 20
     qps_skip_steps: int = 5  # the first steps of each invocation, excluded from QPS (allocations, caches)

@@ -30,7 +30,7 @@ from concord.trainer.fingerprint import differences, fingerprint, mismatch_messa
 from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
-from concord.trainer.observe.metrics import format_table
+from concord.trainer.observe.metrics import compact_results, format_table
 from concord.trainer.observe.progress import progress_bar
 from concord.trainer.observe.runlog import RunLog
 from concord.trainer.observe.timing import QPSMeter, StepTimer
@@ -288,6 +288,7 @@ class Trainer:
         bar.update(step)
         self.dmp.train()
         saved_at = step
+        per_epoch = self.train_reader.full_batches_per_rank()
         while step < total:
             self.step = step
             if step + 2 == total and total % cfg.log_every != 0:
@@ -300,9 +301,13 @@ class Trainer:
                 self._log_train(step, out.losses, qps)
                 if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
                     bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            epoch_ends = step % per_epoch == 0
+            if step < total and ((cfg.eval_every and step % cfg.eval_every == 0) or (cfg.eval_each_epoch and epoch_ends)):
                 steps.pause()
-                self.evaluate(step)
+                results = self.evaluate(step, step // per_epoch if epoch_ends else None)
+                if self.rt.is_main and results:
+                    where = f"epoch {step // per_epoch}, step {step}" if epoch_ends else f"step {step}"
+                    bar.write(f"eval at {where}: {compact_results(results, self.cfg.tasks)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
                 saved_at = step
@@ -323,7 +328,8 @@ class Trainer:
 
     def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
         cfg, reader = self.cfg, self.train_reader
-        final = self.evaluate(step)
+        per_epoch = reader.full_batches_per_rank()
+        final = self.evaluate(step, step // per_epoch if step % per_epoch == 0 else None)
         summary = {
             "kind": "summary",
             "step": step,
@@ -475,12 +481,16 @@ class Trainer:
         self.log.write(record, step)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        """NE/AUC/calibration/MSE per task on the held-out split (every row once)."""
+    def evaluate(self, step: int, epoch: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+        """NE/AUC/calibration/MSE per task on the held-out split (every row once); ``epoch``: the
+        epochs completed, where ``step`` ends one."""
         if not self.cfg.data.eval:
             return {}
         results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self._reader(self.cfg.data.eval, train=False))
-        self.log.write({"kind": "eval", "step": step, "eval": results}, step)
+        record = {"kind": "eval", "step": step, "eval": results}
+        if epoch is not None:
+            record["epoch"] = epoch
+        self.log.write(record, step)
         return results
 
 

@@ -57,6 +57,14 @@ class TaskMetrics:
             metric.reset()
 
 
+def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
+    """One line: each task's NE and AUC, or MSE."""
+    def one(name: str, r: Dict[str, float]) -> str:
+        return f"{name} NE {r['ne']:.4f} AUC {r['auc']:.4f}" if "ne" in r else f"{name} MSE {r['mse']:.4f}"
+
+    return ", ".join(one(t.name, results[t.name]) for t in tasks if t.name in results)
+
+
 def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
     """A fixed-width table: task, type, NE, AUC, calibration, MSE."""
     lines = [f"{'task':<14}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}"]
