@@ -235,6 +235,15 @@ def test_a_bad_positive_range_names_its_key(tmp_path, rule, message):
         config_from_dict(raw, "test.yaml")
 
 
+def test_a_bad_positive_rule_names_its_key(tmp_path):
+    raw = base(tmp_path, positive={"amount": ["yes"]})
+    with pytest.raises(ConfigError, match=r"positive\.amount: positive values make a binary label; this task is a regression"):
+        config_from_dict(raw, "test.yaml")
+    raw = base(tmp_path, positive={"click": ["1"]}, positive_range={"click": {"at_least": 1}})
+    with pytest.raises(ConfigError, match=r"positive_range\.click: 'click' also has data.convert.positive \(text values\)"):
+        config_from_dict(raw, "test.yaml")
+
+
 def test_a_vocabulary_larger_than_its_table_is_an_error_with_the_way_out(tmp_path):
     raw = base(tmp_path)
     raw["model"]["tables"][0]["num_embeddings"] = 3

@@ -690,30 +690,31 @@ def _validate_convert(cfg: Config, fail) -> None:
     for col in d.dense_columns:
         if col not in names:
             fail("data.convert.dense", f"no rule produces dense column {col!r} (data.dense_columns)")
-    labels = [t.label for t in cfg.tasks]
+    types = {t.label: t.type for t in cfg.tasks}  # a task's label column -> its type
     for col in cv.labels:
-        if col not in labels:
+        if col not in types:
             fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task")
+
+    def binary_rule(key: str, col: str, makes: str) -> None:  # a rule that makes a task's binary label
+        if col not in types:
+            fail(key, f"{col!r} is not the label column of any task")
+        if types[col] != "binary":
+            fail(key, f"{makes} a binary label; this task is a regression")
+
     for col, values in cv.positive.items():
-        if col not in labels:
-            fail(f"data.convert.positive.{col}", f"{col!r} is not the label column of any task")
-        elif next(t for t in cfg.tasks if t.label == col).type != "binary":
-            fail(f"data.convert.positive.{col}", "positive values make a binary label; this task is a regression")
-        elif not values:
+        binary_rule(f"data.convert.positive.{col}", col, "positive values make")
+        if not values:
             fail(f"data.convert.positive.{col}", "list at least one value that means 1")
     for col, bounds in cv.positive_range.items():
         key = f"data.convert.positive_range.{col}"
-        if col not in labels:
-            fail(key, f"{col!r} is not the label column of any task")
-        elif next(t for t in cfg.tasks if t.label == col).type != "binary":
-            fail(key, "a range that means 1 makes a binary label; this task is a regression")
-        elif col in cv.positive:
+        binary_rule(key, col, "a range that means 1 makes")
+        if col in cv.positive:
             fail(key, f"{col!r} also has data.convert.positive (text values): give one of the two")
-        elif bounds.at_least is None and bounds.at_most is None:
+        if bounds.at_least is None and bounds.at_most is None:
             fail(key, "give at_least, at_most or both")
-        elif not all(math.isfinite(b) for b in (bounds.at_least, bounds.at_most) if b is not None):
+        if not all(math.isfinite(b) for b in (bounds.at_least, bounds.at_most) if b is not None):
             fail(key, f"the bounds must be finite, got at_least {bounds.at_least}, at_most {bounds.at_most}")
-        elif bounds.at_least is not None and bounds.at_most is not None and bounds.at_least > bounds.at_most:
+        if bounds.at_least is not None and bounds.at_most is not None and bounds.at_least > bounds.at_most:
             fail(key, f"at_least {bounds.at_least} is above at_most {bounds.at_most}: no number would mean 1")
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
