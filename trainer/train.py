@@ -288,7 +288,6 @@ class Trainer:
         bar.update(step)
         self.dmp.train()
         saved_at = step
-        per_epoch = self.train_reader.full_batches_per_rank()
         while step < total:
             self.step = step
             if step + 2 == total and total % cfg.log_every != 0:
@@ -301,12 +300,13 @@ class Trainer:
                 self._log_train(step, out.losses, qps)
                 if qps.ready:  # reading the loss is a host sync on GPU: only on logging steps
                     bar.set_postfix(loss=f"{float(out.objective.detach()):.4g}", qps=f"{qps.windowed_qps():,.0f}", refresh=False)
-            epoch_ends = step % per_epoch == 0
-            if step < total and ((cfg.eval_every and step % cfg.eval_every == 0) or (cfg.eval_each_epoch and epoch_ends)):
+            if step < total and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                 or (cfg.eval_each_epoch and self._epochs_ended_at(step) is not None)):
                 steps.pause()
-                results = self.evaluate(step, step // per_epoch if epoch_ends else None)
+                results = self.evaluate(step)
                 if self.rt.is_main and results:
-                    where = f"epoch {step // per_epoch}, step {step}" if epoch_ends else f"step {step}"
+                    epoch = self._epochs_ended_at(step)
+                    where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
                     bar.write(f"eval at {where}: {compact_results(results, self.cfg.tasks)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
@@ -328,8 +328,7 @@ class Trainer:
 
     def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
         cfg, reader = self.cfg, self.train_reader
-        per_epoch = reader.full_batches_per_rank()
-        final = self.evaluate(step, step // per_epoch if step % per_epoch == 0 else None)
+        final = self.evaluate(step)
         summary = {
             "kind": "summary",
             "step": step,
@@ -481,13 +480,22 @@ class Trainer:
         self.log.write(record, step)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, step: int, epoch: Optional[int] = None) -> Dict[str, Dict[str, float]]:
-        """NE/AUC/calibration/MSE per task on the held-out split (every row once); ``epoch``: the
-        epochs completed, where ``step`` ends one."""
+    def _epochs_ended_at(self, step: int) -> Optional[int]:
+        """The epochs completed where ``step`` (counted from 1) ends one, else None (at step 0 the
+        training data need not be open yet)."""
+        if step == 0:
+            return None
+        per_epoch = self.train_reader.full_batches_per_rank()
+        return step // per_epoch if step % per_epoch == 0 else None
+
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        """NE/AUC/calibration/MSE per task on the held-out split (every row once); the record names
+        the epochs completed where ``step`` ends one."""
         if not self.cfg.data.eval:
             return {}
         results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self._reader(self.cfg.data.eval, train=False))
         record = {"kind": "eval", "step": step, "eval": results}
+        epoch = self._epochs_ended_at(step)
         if epoch is not None:
             record["epoch"] = epoch
         self.log.write(record, step)
