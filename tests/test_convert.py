@@ -340,3 +340,27 @@ def test_the_flights_preparation_keeps_arrived_flights_and_derives_the_labels(tm
                                                f"data.eval={tmp_path}/eval", "data.convert.split.eval_fraction=0.5"])
     report = convert(cfg)
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
+
+
+def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path):
+    """configs/movielens.yaml on rows in the dslabs `movielens` schema: `liked` is a rating of 4 or
+    more, `loved` a 5, `rating` the rating itself, all three read from one input column; a movie's
+    genres are one multi-hot bag; a missing year becomes the training mean."""
+    header = "rownames,movieId,title,year,genres,userId,rating,timestamp"
+    ratings = [
+        "1,31,Dangerous Minds,1995.0,Drama,1,2.5,1260759144",
+        "2,1029,Dumbo,1941.0,Animation|Children|Drama|Musical,1,4.0,1260759179",
+        "3,1061,Sleepers,1996.0,Thriller,2,5.0,1260759182",
+        "4,1129,Escape from New York,NA,Action|Adventure|Sci-Fi|Thriller,2,3.5,1260759185",
+    ]
+    (tmp_path / "ratings.csv").write_text("\n".join([header, *ratings]) + "\n")
+    cfg = load_config("configs/movielens.yaml", [f"data.convert.input={tmp_path}/ratings.csv", f"data.train={tmp_path}/train",
+                                                 f"data.eval={tmp_path}/eval", "data.convert.split.eval_fraction=0.5"])
+    report = convert(cfg)
+    assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
+    parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
+    table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
+    by_rating = sorted(zip(table["rating"], table["liked"], table["loved"]))
+    assert by_rating == [(2.5, 0.0, 0.0), (3.5, 0.0, 0.0), (4.0, 1.0, 0.0), (5.0, 1.0, 1.0)]
+    assert sorted(len(bag) for bag in table["genres"]) == [1, 1, 4, 4]
+    assert report["filled_dense"] == {"year": 1, "timestamp": 0}
