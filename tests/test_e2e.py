@@ -142,6 +142,19 @@ def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
     assert verdict([0.02]) == "no detectable difference"  # one seed: no interval
 
 
+def test_the_verdicts_say_how_many_a_table_of_that_size_shows_by_chance():
+    """Nine comparisons at the 95% level: 0.45 chance verdicts expected, at least one with
+    probability 1 - 0.95^9 = 37%; the note follows the verdict table."""
+    from concord.trainer.config import load_config
+    from concord.trainer.tools.compare import chance_note, verdict_table
+
+    assert "9 comparisons:" in chance_note(9) and "about 0.5 such" in chance_note(9) and "probability 37%" in chance_note(9)
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"))
+    gains = {m: {t.name: [0.1, -0.1] for t in cfg.tasks} for m in ("emtl", "cograd")}
+    lines = verdict_table(cfg, ["equal", "emtl", "cograd"], gains)
+    assert lines[-1] == chance_note(2 * len(cfg.tasks)) and lines[-3].startswith("| cograd |")
+
+
 def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, monkeypatch):
     """``METHOD@previous[/K]`` in ``--methods``: checked before any cell trains, and its cell's config
     sets the statistics mode (so one report pairs both modes with ``equal`` over the same seeds).

@@ -344,12 +344,23 @@ def verdict_table(cfg: Config, methods: List[str], g) -> List[str]:
         "| method | " + " | ".join(t.name for t in cfg.tasks) + " |",
         "|---|" + "---|" * len(cfg.tasks),
     ]
-    for m in methods:
-        if m == "equal":
-            continue
+    compared = [m for m in methods if m != "equal"]
+    for m in compared:
         cells = [f"{_interval(g[m][t.name])}: {verdict(g[m][t.name])}" for t in cfg.tasks]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", chance_note(len(compared) * len(cfg.tasks))]
+
+
+def chance_note(comparisons: int) -> str:
+    """What a table of ``comparisons`` verdicts at the 95% level shows by chance alone: each reads
+    "better" or "worse" with probability 5% where nothing differs, so a lone verdict near zero in a
+    large table is expected now and then, and worth repeating over more seeds before acting on it."""
+    expected, any_at_all = 0.05 * comparisons, 1.0 - 0.95**comparisons
+    plural = "s" if comparisons != 1 else ""
+    return (f"{comparisons} comparison{plural}: where no method differs from `equal`, each still reads \"better\" or "
+            f"\"worse\" with probability 5%, so about {expected:.1f} such verdicts arise by chance in this table "
+            f"(at least one with probability {any_at_all:.0%}). Repeat a surprising one over more seeds: "
+            "`concord compare` with a larger `--seeds` and the same `--out` trains only the seeds not run yet.")
 
 
 def mode_pairs(methods: Sequence[str]) -> List[Tuple[str, str]]:
