@@ -142,6 +142,18 @@ def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
     assert verdict([0.02]) == "no detectable difference"  # one seed: no interval
 
 
+def test_compare_refuses_a_misspelt_method_in_one_line_before_any_cell_trains(tmp_path, capsys):
+    from concord.trainer.cli import main
+
+    args = ["compare", "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--methods", "equal,multibalanse", "--seeds", "2"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("concord: compare: unknown method 'multibalanse'; available: cograd, ") and "\n" not in err
+    assert main([*args, "--methods", "equal", "--seeds", "0"]) == 3
+    assert "--seeds and --jobs must be >= 1, got 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_the_verdicts_say_how_many_a_table_of_that_size_shows_by_chance():
     """Nine comparisons at the 95% level: 0.45 chance verdicts expected, at least one with
     probability 1 - 0.95^9 = 37%; the note follows the verdict table."""

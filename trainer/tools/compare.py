@@ -44,7 +44,8 @@ WHAT_IS_BALANCED = {
 
 
 class CompareError(RuntimeError):
-    """Some cells did not train; the message names the first and its log."""
+    """Compare cannot run as asked (a method, ``--seeds``, ``--jobs``), checked before any cell trains,
+    or some cells did not train; the message names the first and its log."""
 
 
 def cell_name(method: str, seed: int) -> str:
@@ -70,8 +71,13 @@ def run_compare(
     jobs: int = 1,
 ) -> Path:
     cfg = load_config(config_path, overrides)  # validates the base config and the method names below
+    if seeds < 1 or jobs < 1:
+        raise CompareError(f"--seeds and --jobs must be >= 1, got {seeds} and {jobs}")
+    try:
+        check_methods(methods, cfg)
+    except ValueError as error:  # before any cell trains: one line naming the method
+        raise CompareError(str(error)) from None
     check_data_exists(cfg)  # one line now, rather than the same failure in every cell
-    check_methods(methods, cfg)
     methods = ["equal"] + [m for m in methods if m != "equal"]
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -79,8 +85,6 @@ def run_compare(
     singles = [(seed, t) for seed in range(seeds) for t in cfg.task_names] if single_task else []
     todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
     todo += [(s, "equal", out / "runs" / single_cell_name(t, s), t) for s, t in singles]
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
 
     def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
@@ -108,7 +112,8 @@ def check_methods(methods: Sequence[str], cfg: Config) -> None:
     """Every ``METHOD`` or ``METHOD@previous[/K]`` names a method, and its statistics mode suits it."""
     unknown = [m for m in methods if parse_method(m)[0] not in available_balancers() and parse_method(m)[0] not in PARAMETER_LEVEL]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {available_balancers() + list(PARAMETER_LEVEL)}")
+        raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; available: "
+                         f"{', '.join(available_balancers() + list(PARAMETER_LEVEL))}")
     for spec in methods:
         balancer = cell_balancer(cfg, spec)
         if balancer["name"] in PARAMETER_LEVEL:
