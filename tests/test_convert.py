@@ -282,6 +282,16 @@ def test_raw_csv_to_a_trained_model(tmp_path):
     assert set(summary["eval"]) == {"ctr", "ctcvr"}
     assert all(np.isfinite(v) for task in summary["eval"].values() for v in task.values())
 
+    # The same log converted with another split has other vocabularies: the model refuses to score it.
+    other = [f"data.convert.input={tmp_path}/raw.csv", f"data.train={tmp_path}/other/train", f"data.eval={tmp_path}/other/eval",
+             "data.convert.split.eval_fraction=0.4"]
+    call("-m", "concord.trainer.cli", "convert", "--config", "configs/aliccp.yaml", *other)
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/aliccp.yaml", *where,
+                           "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "other/eval"), "--out", str(tmp_path / "p.parquet")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and not (tmp_path / "p.parquet").exists()
+    assert "DataError: the data to score: " in proc.stderr and "was converted with other vocabularies" in proc.stderr
+
 
 def test_a_split_the_user_already_has_as_files(tmp_path):
     raw = base(tmp_path)
@@ -364,3 +374,28 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
     assert by_rating == [(2.5, 0.0, 0.0), (3.5, 0.0, 0.0), (4.0, 1.0, 0.0), (5.0, 1.0, 1.0)]
     assert sorted(len(bag) for bag in table["genres"]) == [1, 1, 4, 4]
     assert report["filled_dense"] == {"year": 1, "timestamp": 0}
+
+
+def test_the_encoding_digest_says_what_ids_and_dense_values_mean(tmp_path):
+    """Converting the same rows again gives the same digest; other training rows (other statistics)
+    another. Training refuses evaluation data encoded otherwise than its training data, naming both;
+    a resume or a checkpoint compares the digests only where both sides know one."""
+    from concord.trainer.data.layout import DataError, check_data_exists
+    from concord.trainer.fingerprint import differences
+
+    first = run(base(tmp_path))["encoding"]
+    assert first == json.loads((tmp_path / "out/convert.json").read_text())["encoding"] and len(first) == 16
+    assert run(base(tmp_path), force=True)["encoding"] == first
+    (tmp_path / "other").mkdir()
+    assert run(base(tmp_path / "other", split={"by": "time", "column": "day", "cutoff": 3}))["encoding"] != first
+
+    check_data_exists(config_from_dict(base(tmp_path), "test.yaml"))  # both splits of one convert
+    mixed = base(tmp_path)
+    mixed["data"]["eval"] = str(tmp_path / "other/out/eval")
+    with pytest.raises(DataError, match=r"data.eval: .*other/out/eval was converted with other vocabularies or dense "
+                                        r"statistics than data.train .*/out/train \(convert.json encoding [0-9a-f]{16} against "):
+        check_data_exists(config_from_dict(mixed, "test.yaml"))
+
+    assert differences({"encoding": first, "seed": 0}, {"encoding": "0" * 16, "seed": 0}) == ["encoding"]
+    assert differences({"seed": 0}, {"encoding": first, "seed": 0}) == []  # a checkpoint from before digests
+    assert differences({"encoding": first}, {"encoding": None}) == []  # data convert did not write

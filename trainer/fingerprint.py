@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
+from concord.trainer.data.layout import data_encoding
+
 # Keys of the fingerprint a user may let differ, with what then happens.
 SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the trained model"}
 
@@ -30,11 +32,17 @@ def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
         "world_size": world_size,
         "data": {"train": cfg.data.train, "rows": train_rows, "shuffle": cfg.data.shuffle, "shuffle_rows": cfg.data.shuffle_rows},
         "seed": cfg.train.seed,
+        # convert's digest of the training data's vocabularies and dense statistics (None: data convert
+        # did not write): the same rows re-converted with other ids must not resume or be scored alike
+        "encoding": data_encoding(cfg.data.train) if cfg.data.train else None,
     }
 
 
 def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    return sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+    keys = set(saved) | set(now)
+    if saved.get("encoding") is None or now.get("encoding") is None:  # unknown on one side: not a difference
+        keys.discard("encoding")
+    return sorted(key for key in keys if saved.get(key) != now.get(key))
 
 
 def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> str:

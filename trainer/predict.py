@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
-from concord.trainer.data.layout import DataError
+from concord.trainer.data.layout import DataError, check_same_encoding
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint
@@ -40,7 +40,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     if not spec:
         raise DataError("predict needs data: --data PATH, or data.eval in the config")
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
-    path = _load_model(trainer, Path(run_dir))
+    path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, spec)
     reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size)
     parts = Path(str(out) + ".parts")
@@ -73,9 +73,10 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     return results
 
 
-def _load_model(trainer: Trainer, run_dir: Path) -> Path:
+def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     """The newest intact checkpoint of ``run_dir`` into the model (tables, dense part, balancer state
-    when the balancer is the same); refuses one written for another model or other tasks."""
+    when the balancer is the same); refuses one written for another model or other tasks, or trained
+    on data encoded otherwise than ``spec`` (the data to score)."""
     ck = Checkpointer(run_dir / "checkpoints")
     path = ck.latest()
     if path is None:
@@ -87,6 +88,8 @@ def _load_model(trainer: Trainer, run_dir: Path) -> Path:
     if wrong:
         raise ResumeError(f"{path} holds another model ({', '.join(wrong)} differ from {trainer.cfg.source}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
+    check_same_encoding("the data to score", spec, "the data the checkpoint trained on",
+                        saved.get("data", {}).get("train", "?"), saved.get("encoding"))
     state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
     fresh = pop_balancer_entries(state) if "balancer" in changed else {}
     Checkpointer.load(path, {"model": state["model"]})

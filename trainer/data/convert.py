@@ -477,8 +477,26 @@ class Converter:
                 for name, r, m in zip(d.dense_columns, self.dense_rules, moments)
             },
         }
+        report["encoding"] = encoding_digest(self.cv.categorical, vocabs, report["hashed"],
+                                             {name: {**report["dense"][name], "fill": r.fill} for name, r in zip(d.dense_columns, self.dense_rules)})
         (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return report
+
+
+def encoding_digest(categorical, vocabs: Dict[str, List[str]], hashed: Dict[str, int], dense: Dict[str, Dict]) -> str:
+    """What the ids and dense values of converted data mean, as a short SHA-256: the features' rules,
+    their vocabularies (values in id order), the hashed features' table sizes, and each dense column's
+    transform and statistics. Data written with one digest can be scored by a model trained on data
+    with the same digest; with another, the same id names another value. The input column names are
+    left out: renaming a column changes no id. The statistics enter to 9 significant digits: merged
+    over other chunks of the input they differ in the last bits, and the data written do not."""
+    payload = {
+        "categorical": [[r.feature, r.separator, r.hash, r.min_count] for r in categorical],
+        "vocab": vocabs,
+        "hashed": hashed,
+        "dense": {name: {k: f"{v:.9g}" if isinstance(v, float) else v for k, v in rule.items()} for name, rule in dense.items()},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _SplitWriter:

@@ -4,7 +4,9 @@ importing TorchRec would add seconds to every launch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 
 class DataError(ValueError):
@@ -16,9 +18,22 @@ def dataset_ready(path: str | Path) -> bool:
     return p.is_dir() and any(p.glob("*.parquet"))
 
 
+def data_encoding(path: str | Path) -> Optional[str]:
+    """The encoding digest ``concord convert`` recorded beside the data at ``path`` (a split's
+    folder, or a file in one), from its ``convert.json``; None for data convert did not write."""
+    p = Path(path)
+    meta = (p.parent.parent if p.is_file() else p.parent) / "convert.json"
+    try:
+        return json.loads(meta.read_text()).get("encoding")
+    except (OSError, ValueError):
+        return None
+
+
 def check_data_exists(cfg) -> None:
     """Training reads data that exists: nothing is generated because a path is missing (a mistyped
-    ``data.train`` must not become a fresh synthetic data set); the error says how to make it."""
+    ``data.train`` must not become a fresh synthetic data set); the error says how to make it. And
+    where ``concord convert`` wrote both splits, they were encoded alike: evaluation data with other
+    vocabularies would be scored silently wrong (its id 7 is another user)."""
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if not path or dataset_ready(path) or Path(path).is_file():
             continue
@@ -29,3 +44,18 @@ def check_data_exists(cfg) -> None:
         else:
             how = ""
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
+    check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, data_encoding(cfg.data.train) if cfg.data.train else None)
+
+
+def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained_path: str, trained: Optional[str]) -> None:
+    """``path``'s data was encoded as ``trained`` (the encoding of the data at ``trained_path``), where
+    both are known; else one line saying so and how to make them alike."""
+    encoding = data_encoding(path) if path else None
+    if encoding is None or trained is None or encoding == trained:
+        return
+    raise DataError(
+        f"{key}: {path} was converted with other vocabularies or dense statistics than {trained_key} {trained_path} "
+        f"(convert.json encoding {encoding} against {trained}): the same id would name another value there; convert "
+        "it in the same `concord convert` as the training data (e.g. data.convert.split by files: the training "
+        "input as train, this data as eval): the same training rows give the same encoding"
+    )
