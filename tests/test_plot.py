@@ -1,4 +1,5 @@
-"""`concord plot` draws the balancer figure from a run's JSONL log and names a bad run directory."""
+"""`concord plot` draws the balancer figure from a run's JSONL log and names a bad run directory; the
+command line refuses counts below one."""
 
 from __future__ import annotations
 
@@ -22,3 +23,25 @@ def test_plot_from_a_log(tmp_path):
 def test_plot_names_the_missing_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl: no metrics log"):
         plot_run(tmp_path)
+
+
+def test_concord_plot_names_a_directory_without_a_log_in_one_line(tmp_path, capsys):
+    from concord.trainer.cli import main
+
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"concord: plot: {tmp_path}/metrics.jsonl: no metrics log (is {tmp_path} a Concord run directory?)"
+
+
+@pytest.mark.parametrize("command, message", [
+    (["bench", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (["bench", "--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    (["compare", "--out", "x", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+    (["compare", "--out", "x", "--jobs", "two"], "argument --jobs: expected a whole number, got 'two'"),
+])
+def test_counts_below_one_are_refused_when_the_command_line_is_read(command, message, capsys):
+    from concord.trainer.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip().endswith(message)

@@ -27,6 +27,17 @@ from concord.trainer.data.layout import DataError, check_data_exists
 DEFAULT_CONFIG = "demo"
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of rounds, steps, seeds or jobs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="concord", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"concord {concord.__version__}")
@@ -54,17 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
                     help="comma-separated balancers, each run as the config runs it (METHOD@current, "
                          "METHOD@previous[/K] for another statistics mode); 'none' is the model without the boundary")
-    sp.add_argument("--rounds", type=int, default=3, help="rounds; every method runs once a round, in an order that rotates")
-    sp.add_argument("--steps", type=int, default=30, help="timed steps per method per round")
+    sp.add_argument("--rounds", type=_at_least_one, default=3, help="rounds; every method runs once a round, in an order that rotates")
+    sp.add_argument("--steps", type=_at_least_one, default=30, help="timed steps per method per round")
     sp = sub.add_parser("compare", help="train every method for N seeds; Markdown report with tables and plots")
     with_config(sp)
     sp.add_argument("--methods", default="equal,multibalance,emtl,cograd",
                     help="comma-separated methods; METHOD@previous[/K] for lagged statistics (every K steps)")
-    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--seeds", type=_at_least_one, default=3)
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
     sp.add_argument("--single-task", action="store_true",
                     help="also train each task alone per seed and report the negative transfer")
-    sp.add_argument("--jobs", type=int, default=1, help="cells trained at a time, the cores shared among them")
+    sp.add_argument("--jobs", type=_at_least_one, default=1, help="cells trained at a time, the cores shared among them")
     sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
     with_config(sp)
     sp.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run whose newest intact checkpoint scores")
@@ -86,7 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "plot":
             from concord.trainer.observe.plots import plot_run
 
-            for path in plot_run(args.run_dir):
+            try:
+                paths = plot_run(args.run_dir)
+            except FileNotFoundError as e:
+                print(f"concord: plot: {e}", file=sys.stderr)
+                return 2
+            for path in paths:
                 print(path)
             return 0
         if args.command == "compare":
