@@ -149,8 +149,10 @@ def test_compare_refuses_a_misspelt_method_in_one_line_before_any_cell_trains(tm
     assert main([*args, "--methods", "equal,multibalanse", "--seeds", "2"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("concord: compare: unknown method 'multibalanse'; available: cograd, ") and "\n" not in err
-    assert main([*args, "--methods", "equal", "--seeds", "0"]) == 3
-    assert "--seeds and --jobs must be >= 1, got 0 and 1" in capsys.readouterr().err
+    from concord.trainer.tools.compare import CompareError, run_compare
+
+    with pytest.raises(CompareError, match="--seeds and --jobs must be >= 1, got 0 and 1"):  # called from Python
+        run_compare(str(ROOT / "configs/tiny.yaml"), [], ["equal"], 0, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "runs").exists()
 
 
