@@ -19,11 +19,15 @@ import yaml
 
 from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 from concord.heads.options import TASK_TYPES
-from concord.trainer.optimizers import DENSE_OPTIMIZERS
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
+
+
+# train.dense_optimizer.name -> its torch.optim class (trainer/optimizers.py resolves them; named
+# here so that checking a config imports no torch)
+DENSE_OPTIMIZER_CLASSES = {"adam": "Adam", "adagrad": "Adagrad", "sgd": "SGD"}
 
 
 # --- the schema ----------------------------------------------------------------------------------
@@ -561,8 +565,8 @@ def validate(cfg: Config) -> None:
     for key, opt in (("model.embedding_optimizer", m.embedding_optimizer), ("train.dense_optimizer", cfg.train.dense_optimizer)):
         if not (opt.lr > 0 and math.isfinite(opt.lr)):
             fail(f"{key}.lr", f"must be > 0, got {opt.lr}")
-    if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZERS:
-        fail("train.dense_optimizer.name", f"must be one of {tuple(DENSE_OPTIMIZERS)}, got {cfg.train.dense_optimizer.name!r}")
+    if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZER_CLASSES:
+        fail("train.dense_optimizer.name", f"must be one of {tuple(DENSE_OPTIMIZER_CLASSES)}, got {cfg.train.dense_optimizer.name!r}")
     tr = cfg.train
     if tr.epochs < 1:
         fail("train.epochs", f"must be >= 1, got {tr.epochs}")

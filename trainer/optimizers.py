@@ -6,7 +6,9 @@ from typing import Sequence
 
 import torch
 
-DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+from concord.trainer.config import DENSE_OPTIMIZER_CLASSES
+
+DENSE_OPTIMIZERS = {name: getattr(torch.optim, cls) for name, cls in DENSE_OPTIMIZER_CLASSES.items()}
 
 
 class LRSchedule:
