@@ -399,3 +399,38 @@ def test_the_encoding_digest_says_what_ids_and_dense_values_mean(tmp_path):
     assert differences({"encoding": first, "seed": 0}, {"encoding": "0" * 16, "seed": 0}) == ["encoding"]
     assert differences({"seed": 0}, {"encoding": first, "seed": 0}) == []  # a checkpoint from before digests
     assert differences({"encoding": first}, {"encoding": None}) == []  # data convert did not write
+
+
+def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
+    """`concord convert --encode-like DIR --out OUT`: new rows, here without labels, get the training
+    data's ids (an unseen value 0), its dense statistics and its encoding digest, so that a model
+    trained on that data may score them; rules that differ from the ones DIR was converted with, or
+    an output beside DIR's own files, are refused."""
+    from concord.trainer.cli import main
+    from concord.trainer.data.layout import check_same_encoding, data_encoding
+
+    trained = run(base(tmp_path))
+    (tmp_path / "new.csv").write_text("day,user,tags,price\n5,carol,a|q,10\n5,erin,,\n")
+    raw = base(tmp_path)
+    raw["data"]["convert"]["input"] = str(tmp_path / "new.csv")
+
+    def encode(raw: dict, out: Path) -> dict:
+        return convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "out"), out=str(out), show_progress=False)
+
+    scored = encode(raw, tmp_path / "score/data")
+    assert scored["encoding"] == trained["encoding"] == data_encoding(tmp_path / "score/data")
+    assert scored["rows"] == {"data": 2} and scored["label_means"] == {"data": {}}
+    table = pq.read_table(tmp_path / "score/data").to_pydict()
+    assert table["user"] == [[3], [0]] and table["tags"] == [[2, 0], []]  # carol 3; erin and q unseen; a is 2
+    assert table["price"][0] == read(tmp_path, "train")["price"][0] and table["price"][1] == 0.0  # alice's 10; missing: the mean
+    assert "click" not in table and "amount" not in table
+    check_same_encoding("the data to score", str(tmp_path / "score/data"), "the training data", "out/train", trained["encoding"])
+
+    other = copy.deepcopy(raw)
+    other["data"]["convert"]["categorical"][0]["min_count"] = 2
+    with pytest.raises(ConvertError, match="rules .* are not the ones it was converted with"):
+        encode(other, tmp_path / "score2/data")
+    with pytest.raises(ConvertError, match="would replace that data's convert.json"):
+        encode(raw, tmp_path / "out/scored")
+    assert main(["convert", "--config", "movielens", "--encode-like", str(tmp_path / "out")]) == 2
+    assert "--encode-like DIR and --out DIR go together" in capsys.readouterr().err

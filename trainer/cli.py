@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="raw CSV/Parquet -> Concord's Parquet layout (data.convert in the config)")
     with_config(sp)
     sp.add_argument("--force", action="store_true", help="overwrite existing train/eval data")
+    sp.add_argument("--encode-like", metavar="DIR", help="encode data.convert.input as the data convert wrote in DIR "
+                    "(its vocabularies and dense statistics; every row to --out): data to score with a model trained on it")
+    sp.add_argument("--out", metavar="DIR", help="with --encode-like: the folder for the encoded data")
     sp = sub.add_parser("bench", help="training QPS per balancer, alternating on one model")
     with_config(sp)
     sp.add_argument("--methods", default="none,equal,multibalance,emtl,cograd",
@@ -118,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "synth":
             return _synth(cfg, args.force, args.if_missing)
         if args.command == "convert":
+            if args.encode_like or args.out:
+                return _encode_like(cfg, args.encode_like, args.out, args.force)
             return _convert(cfg, args.force)
         if args.command in ("train", "bench"):
             from concord.trainer.config import check_machine
@@ -181,6 +186,24 @@ def _convert(cfg, force: bool) -> int:
     )
     means = ", ".join(f"{t.name} {report['label_means']['train'][t.name]:.4g}" for t in cfg.tasks)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {means}")
+    return 0
+
+
+def _encode_like(cfg, like: Optional[str], out: Optional[str], force: bool) -> int:
+    from concord.trainer.data.convert import ConvertError, convert
+
+    if not (like and out):
+        print("concord: convert: --encode-like DIR and --out DIR go together", file=sys.stderr)
+        return 2
+    try:
+        report = convert(cfg, force, like=like, out=out)
+    except ConvertError as e:
+        print(f"concord: ConvertError: {e}", file=sys.stderr)
+        return 3
+    labels = ", ".join(report["label_means"]["data"]) or "none"
+    print(f"concord convert: {report['rows']['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
+          f"{sum(report['skipped_rows'].values()):,} rows skipped; labels: {labels}; report in "
+          f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
     return 0
 
 

@@ -61,6 +61,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         rows.append(pa.table(table))
 
     results = Evaluator(cfg, rt, trainer.dmp, trainer.model.heads).run(reader, sink)
+    # A task whose label the data lacks (data to score, unlabelled) has no metrics: its labels read as zeros.
+    results = {t.name: results[t.name] for t, label in zip(cfg.tasks, columns.labels) if label is not None and t.name in results}
     if rows:
         pq.write_table(pa.concat_tables(rows), parts / f"rank-{rt.rank:05d}.parquet")
     if rt.world_size > 1:

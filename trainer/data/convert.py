@@ -12,7 +12,10 @@ Categorical values become ids through a vocabulary of the training split (ids 1.
 0 for values unseen in training or rarer than ``min_count``) saved as ``vocab/<feature>.parquet``,
 or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
 empty bag. Beside the data, ``convert.json`` records the split used, the row counts, every skipped
-row by reason and column, the vocabulary sizes and the dense statistics.
+row by reason and column, the vocabulary sizes, the dense statistics and the encoding's digest.
+
+Data to score with a trained model is encoded like its training data (``like``): pass 1 is replaced
+by that data's vocabularies and statistics, and every row goes to one folder.
 """
 
 from __future__ import annotations
@@ -86,12 +89,7 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
             return "skip"
         return "error"
 
-    try:
-        with open(path, newline="") as f:
-            header = f.readline().rstrip("\r\n").split(cv.delimiter)
-    except OSError as e:
-        raise ConvertError(f"{path}: cannot read ({e})") from None
-    _check_columns(path, [h.strip('"') for h in header], columns)
+    _check_columns(path, _csv_header(path, cv.delimiter), columns)
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
@@ -106,6 +104,15 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
             yield batch
     except pa.ArrowInvalid as e:
         raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
+
+
+def _csv_header(path: str, delimiter: str) -> List[str]:
+    try:
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n").split(delimiter)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e})") from None
+    return [h.strip('"') for h in header]
 
 
 def _check_columns(path: str, have: List[str], need: List[str]) -> None:
@@ -210,6 +217,14 @@ class _Welford:
 
 
 @dataclass
+class _Moments:
+    """A dense column's training mean and standard deviation (after its log transform)."""
+
+    mean: float
+    std: float
+
+
+@dataclass
 class _Decoded:
     """One chunk's good rows: dense (n, D) transformed except standardizing, labels (n, T), weights,
     each row's split (``SPLITS``: 0 train, 1 eval, 2 validation), and the raw chunk (for the categoricals)."""
@@ -230,21 +245,31 @@ class Converter:
 
     cfg: Config
     show_progress: bool = True
+    # Encode like this converted data set (its folder: convert.json, vocab/) instead of building an
+    # encoding: every input row goes to ``out``, with that data's vocabularies and dense statistics
+    # (data to score with a model trained on it); labels and the weight where the input has them.
+    like: Optional[Path] = None
+    out: Optional[Path] = None
 
     def __post_init__(self) -> None:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
         d = self.cfg.data
         self.cv = d.convert
-        self.label_inputs = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
+        self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
         by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
         self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
         self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
-        columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules] + self.label_inputs
-        columns += [self.cv.weight] if self.cv.weight else []
-        columns += [self.cv.split.column] if self.cv.split.by in ("time", "column") else []
+        self.weight = self.cv.weight
+        if self.like is not None:
+            self._encode_like_inputs()
+        columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules]
+        columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
+        columns += [self.cv.split.column] if self.cv.split.by in ("time", "column") and self.like is None else []
         self.columns = list(dict.fromkeys(columns))
         sp = self.cv.split
-        if sp.by == "files":  # the user's own split: its files are the input
+        if self.like is not None:
+            pass  # files set by _encode_like_inputs
+        elif sp.by == "files":  # the user's own split: its files are the input
             self.train_files = {p for spec in sp.train for p, _ in input_files(spec, self.cv.format)}
             self.eval_files = {p for spec in sp.eval for p, _ in input_files(spec, self.cv.format)}
             both = sorted(self.train_files & self.eval_files)
@@ -253,6 +278,58 @@ class Converter:
             self.files = sorted((p, fmt) for spec in sp.train + sp.eval for p, fmt in input_files(spec, self.cv.format))
         else:
             self.files = input_files(self.cv.input, self.cv.format)
+
+    def _encode_like_inputs(self) -> None:
+        """The input to encode like :attr:`like`: ``data.convert.input``; its labels and weight are
+        read where its first file has their columns (data to score often has none)."""
+        if not self.cv.input:
+            raise ConvertError(f"{self.cfg.source}: --encode-like reads data.convert.input: set it to the data to encode")
+        if self.out is None:
+            raise ConvertError("--encode-like needs --out, the folder for the encoded data")
+        self.files = input_files(self.cv.input, self.cv.format)
+        path, fmt = self.files[0]
+        have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, self.cv.delimiter))
+        self.label_inputs = [c if c in have else None for c in self.label_inputs]
+        self.weight = self.weight if self.weight in have else None
+
+    def load_encoding(self) -> Tuple[Dict[str, List[str]], List["_Moments"]]:
+        """:attr:`like`'s vocabularies and dense statistics, checked against this config's rules: the
+        encoding digest they give must be the one recorded there."""
+        like = self.like
+        try:
+            report = json.loads((like / "convert.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{like}: not a folder `concord convert` wrote (no readable convert.json: {e})") from None
+        vocabs = {}
+        for rule in self.cv.categorical:
+            if rule.hash:
+                continue
+            path = like / "vocab" / f"{rule.feature}.parquet"
+            try:
+                table = pq.read_table(path).to_pydict()
+            except (OSError, pa.ArrowInvalid) as e:
+                raise ConvertError(f"{path}: the vocabulary of feature {rule.feature!r} cannot be read ({e})") from None
+            vocabs[rule.feature] = [v for _, v in sorted(zip(table["id"], table["value"]))]
+        moments = []
+        for name, rule in zip(self.cfg.data.dense_columns, self.dense_rules):
+            stats = report.get("dense", {}).get(name)
+            if stats is None:
+                raise ConvertError(f"{like}/convert.json: no statistics for dense column {name!r}")
+            moments.append(_Moments(float(stats["mean"]), float(stats["std"])))
+        hashed = {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
+        digest = encoding_digest(self.cv.categorical, vocabs, hashed, self._dense_spec(moments))
+        if digest != report.get("encoding"):
+            raise ConvertError(
+                f"{like}: this config's data.convert rules (categorical, dense, table sizes of hashed features) are "
+                f"not the ones it was converted with (encoding {digest}, recorded {report.get('encoding')}): "
+                "encode with the config that converted it"
+            )
+        return vocabs, moments
+
+    def _dense_spec(self, moments: List["_Moments"]) -> Dict[str, Dict]:
+        """Each dense column's transform and statistics, as the encoding digest and convert.json record them."""
+        return {name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize, "fill": r.fill}
+                for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
 
     # --- passes --------------------------------------------------------------------------------
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
@@ -310,6 +387,8 @@ class Converter:
             dense[:, k] = values  # NaN = missing, filled after standardizing
         labels = np.zeros((n, len(self.label_inputs)))
         for k, (column, task) in enumerate(zip(self.label_inputs, self.cfg.tasks)):
+            if column is None:  # encoding data to score that has no such label
+                continue
             if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
                 text = _as_text(batch.column(column))
                 missing = text.is_null().to_numpy(zero_copy_only=False)
@@ -333,11 +412,13 @@ class Converter:
                 check(np.isfinite(values) & (values != 0) & (values != 1), column, f"task {task.name!r} is binary: the label must be 0 or 1")
             labels[:, k] = values
         weights = None
-        if self.cv.weight:
-            weights, bad = parse_numbers(batch.column(self.cv.weight))
-            check(bad | ~np.isfinite(weights), self.cv.weight, "missing or not a finite number")
-            check(np.isfinite(weights) & (weights < 0), self.cv.weight, "negative weight")
-        if self.cv.split.by == "time":
+        if self.weight:
+            weights, bad = parse_numbers(batch.column(self.weight))
+            check(bad | ~np.isfinite(weights), self.weight, "missing or not a finite number")
+            check(np.isfinite(weights) & (weights < 0), self.weight, "negative weight")
+        if self.like is not None:  # one output: every row
+            is_eval = np.zeros(n, dtype=bool)
+        elif self.cv.split.by == "time":
             times, bad = parse_numbers(batch.column(self.cv.split.column), time=True)
             check(bad | ~np.isfinite(times), self.cv.split.column, "missing or not a time")
             is_eval = times >= cutoff
@@ -351,7 +432,7 @@ class Converter:
         else:
             is_eval = rngs[0].random(n) < self.cv.split.eval_fraction  # drawn for every row, so passes agree
         split = is_eval.astype(np.int8)
-        if self.cv.split.validation_fraction > 0:  # a coin of its own: the eval rows stay the same with or without it
+        if self.cv.split.validation_fraction > 0 and self.like is None:  # a coin of its own: the eval rows stay the same with or without it
             split[~is_eval & (rngs[1].random(n) < self.cv.split.validation_fraction)] = 2
         keep = ~bad_rows
         return _Decoded(
@@ -364,7 +445,7 @@ class Converter:
         for path, fmt, first, batch in self._stream(what):
             yield self.decode(path, fmt, first, batch, rngs, cutoff)
 
-    def statistics(self, cutoff) -> Tuple[Dict[str, List[str]], List[_Welford]]:
+    def statistics(self, cutoff) -> Tuple[Dict[str, List[str]], List[_Moments]]:
         """Pass 1: vocabularies and dense statistics over the training split."""
         counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
         moments = [_Welford() for _ in self.dense_rules]
@@ -393,7 +474,7 @@ class Converter:
                     f"values (+1 for unseen) but its table holds {size} rows; raise the table's num_embeddings, "
                     "raise data.convert.categorical min_count, or set hash: true"
                 )
-        return vocabs, moments
+        return vocabs, [_Moments(m.mean, m.std) for m in moments]
 
     def ids(self, arr: pa.Array, rule, vocab: Optional[pa.Array]) -> pa.Array:
         """A categorical column -> list<int64> ids per row."""
@@ -410,15 +491,23 @@ class Converter:
 
     def run(self, force: bool = False) -> Dict:
         d = self.cfg.data
-        outputs = [Path(d.train), Path(d.eval)] + ([Path(d.validation)] if self.cv.split.validation_fraction > 0 else [])
+        if self.like is not None:  # data to score: every row to one output, encoded like `like`
+            outputs, names = [Path(self.out)], ["data"]
+        else:
+            outputs = [Path(d.train), Path(d.eval)] + ([Path(d.validation)] if self.cv.split.validation_fraction > 0 else [])
+            names = list(SPLITS[: len(outputs)])
         for out in outputs:
             if out.exists() and any(out.iterdir()) and not force:
                 raise ConvertError(f"{out}: already holds data; use --force to overwrite")
-        meta_dir = Path(d.train).parent
-        cutoff = self.time_cutoff() if self.cv.split.by == "time" else None
-        vocabs, moments = self.statistics(cutoff)
+        meta_dir = outputs[0].parent
+        if self.like is not None and meta_dir.resolve() == Path(self.like).resolve():
+            raise ConvertError(f"--out {self.out}: a folder beside the data it is encoded like would replace that data's "
+                               f"convert.json and vocab/; choose a folder outside {self.like}")
+        cutoff = self.time_cutoff() if self.cv.split.by == "time" and self.like is None else None
+        vocabs, moments = self.load_encoding() if self.like is not None else self.statistics(cutoff)
         vocab_arrays = {f: pa.array(v, pa.string()) for f, v in vocabs.items()}
         scale = [(m.mean, m.std if m.std > 0 else 1.0) if r.standardize else (0.0, 1.0) for r, m in zip(self.dense_rules, moments)]
+        labelled = [(k, task) for k, task in enumerate(self.cfg.tasks) if self.label_inputs[k] is not None]
         tmp = [out.with_name(out.name + ".tmp") for out in outputs]
         for t in tmp:
             shutil.rmtree(t, ignore_errors=True)
@@ -440,18 +529,19 @@ class Converter:
                     missing = np.isnan(values)
                     filled[name] += int(missing.sum())
                     cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
-                for k, task in enumerate(self.cfg.tasks):
+                for k, task in labelled:
                     cols[task.label] = pa.array(chunk.labels[mask, k].astype(np.float32))
-                if d.weight_column:
+                if d.weight_column and self.weight:
                     cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
                 writers[split].write(pa.table(cols))
                 rows[split] += int(mask.sum())
                 label_sums[split] += chunk.labels[mask].sum(axis=0)
         for w in writers:
             w.close()
-        for split, count in zip(SPLITS, rows):
+        for split, count in zip(names, rows):
             if count == 0:
-                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split")
+                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
+                                   else f"{self.cv.input}: no rows to encode")
         for t, out in zip(tmp, outputs):  # replace the outputs only once everything is written
             shutil.rmtree(out, ignore_errors=True)
             t.rename(out)
@@ -460,25 +550,23 @@ class Converter:
         vocab_dir.mkdir(parents=True)
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
+        hashed = {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
         report = {
             "input": [p for p, _ in self.files],
-            "split": {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None},
-            "rows": dict(zip(SPLITS, rows)),
-            "row_groups": {split: w.row_groups for split, w in zip(SPLITS, writers)},
+            "split": ({"encoded_like": str(self.like)} if self.like is not None else
+                      {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None}),
+            "rows": dict(zip(names, rows)),
+            "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
             # a binary task's positive rate, a regression's mean label: what a label rule made of the input
-            "label_means": {split: {t.name: float(s / count) for t, s in zip(self.cfg.tasks, sums)}
-                            for split, sums, count in zip(SPLITS, label_sums, rows)},
+            "label_means": {split: {task.name: float(sums[k] / count) for k, task in labelled}
+                            for split, sums, count in zip(names, label_sums, rows)},
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
-            "hashed": {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash},
-            "dense": {
-                name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize}
-                for name, r, m in zip(d.dense_columns, self.dense_rules, moments)
-            },
+            "hashed": hashed,
+            "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in self._dense_spec(moments).items()},
+            "encoding": encoding_digest(self.cv.categorical, vocabs, hashed, self._dense_spec(moments)),
         }
-        report["encoding"] = encoding_digest(self.cv.categorical, vocabs, report["hashed"],
-                                             {name: {**report["dense"][name], "fill": r.fill} for name, r in zip(d.dense_columns, self.dense_rules)})
         (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return report
 
@@ -538,8 +626,11 @@ def _utc(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
 
 
-def convert(cfg: Config, force: bool = False, show_progress: bool = True) -> Dict:
-    """Converts ``cfg.data.convert.input`` into ``cfg.data.train`` / ``cfg.data.eval``; returns the report."""
+def convert(cfg: Config, force: bool = False, show_progress: bool = True, like: Optional[str] = None,
+            out: Optional[str] = None) -> Dict:
+    """Converts ``cfg.data.convert.input`` into ``cfg.data.train`` / ``cfg.data.eval``; returns the report.
+    With ``like`` (a folder convert wrote: its ``convert.json`` and ``vocab/``), every input row goes
+    to ``out`` encoded as that data was: data to score with a model trained on it."""
     if cfg.data.convert is None:
         raise ConvertError(f"{cfg.source}: data.convert is not set; nothing to convert")
-    return Converter(cfg, show_progress).run(force)
+    return Converter(cfg, show_progress, Path(like) if like else None, Path(out) if out else None).run(force)

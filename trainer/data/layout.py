@@ -55,7 +55,7 @@ def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained
         return
     raise DataError(
         f"{key}: {path} was converted with other vocabularies or dense statistics than {trained_key} {trained_path} "
-        f"(convert.json encoding {encoding} against {trained}): the same id would name another value there; convert "
-        "it in the same `concord convert` as the training data (e.g. data.convert.split by files: the training "
-        "input as train, this data as eval): the same training rows give the same encoding"
+        f"(convert.json encoding {encoding} against {trained}): the same id would name another value there; encode "
+        f"its raw input like the training data: `concord convert --encode-like {Path(trained_path).parent} --out DIR "
+        "data.convert.input=RAW`"
     )
