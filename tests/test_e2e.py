@@ -306,3 +306,17 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
     # torchrec sums its trapezoids in float32 and breaks ties among equal float32 predictions its own
     # way; 1e-4 is far below any AUC difference a user would read.
     assert auc == pytest.approx(summary["eval"]["ctr"]["auc"], abs=1e-4)
+
+    # Data to score without the ctr label: its predictions, and no metrics for it (its labels would read as zeros).
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for part in (tmp_path / "data/eval").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns(["label_ctr"]), unlabelled / part.name)
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
+                           "--checkpoint", str(run), "--data", str(unlabelled), "--out", str(tmp_path / "p2.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ctr "))
+    assert row == ["ctr", "binary", "-", "-", "-", "-"]
+    written = pq.read_table(tmp_path / "p2.parquet").column_names
+    assert "pred_ctr" in written and "label_ctr" not in written and "label_cvr" in written
