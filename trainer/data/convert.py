@@ -260,15 +260,9 @@ class Converter:
         self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
         self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
         self.weight = self.cv.weight
-        if self.like is not None:
-            self._encode_like_inputs()
-        columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules]
-        columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
-        columns += [self.cv.split.column] if self.cv.split.by in ("time", "column") and self.like is None else []
-        self.columns = list(dict.fromkeys(columns))
         sp = self.cv.split
         if self.like is not None:
-            pass  # files set by _encode_like_inputs
+            self.files = self._files_to_encode_like()
         elif sp.by == "files":  # the user's own split: its files are the input
             self.train_files = {p for spec in sp.train for p, _ in input_files(spec, self.cv.format)}
             self.eval_files = {p for spec in sp.eval for p, _ in input_files(spec, self.cv.format)}
@@ -278,21 +272,27 @@ class Converter:
             self.files = sorted((p, fmt) for spec in sp.train + sp.eval for p, fmt in input_files(spec, self.cv.format))
         else:
             self.files = input_files(self.cv.input, self.cv.format)
+        columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules]
+        columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
+        columns += [sp.column] if sp.by in ("time", "column") and self.like is None else []
+        self.columns = list(dict.fromkeys(columns))
 
-    def _encode_like_inputs(self) -> None:
-        """The input to encode like :attr:`like`: ``data.convert.input``; its labels and weight are
-        read where its first file has their columns (data to score often has none)."""
+    def _files_to_encode_like(self) -> List[Tuple[str, str]]:
+        """The input to encode like :attr:`like`: ``data.convert.input``. Its labels and weight are
+        read where its first file has their columns (data to score often has none): the others are
+        left out of :attr:`label_inputs` and :attr:`weight`."""
         if not self.cv.input:
             raise ConvertError(f"{self.cfg.source}: --encode-like reads data.convert.input: set it to the data to encode")
         if self.out is None:
             raise ConvertError("--encode-like needs --out, the folder for the encoded data")
-        self.files = input_files(self.cv.input, self.cv.format)
-        path, fmt = self.files[0]
+        files = input_files(self.cv.input, self.cv.format)
+        path, fmt = files[0]
         have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, self.cv.delimiter))
         self.label_inputs = [c if c in have else None for c in self.label_inputs]
         self.weight = self.weight if self.weight in have else None
+        return files
 
-    def load_encoding(self) -> Tuple[Dict[str, List[str]], List["_Moments"]]:
+    def load_encoding(self) -> Tuple[Dict[str, List[str]], List[_Moments]]:
         """:attr:`like`'s vocabularies and dense statistics, checked against this config's rules: the
         encoding digest they give must be the one recorded there."""
         like = self.like
@@ -316,8 +316,7 @@ class Converter:
             if stats is None:
                 raise ConvertError(f"{like}/convert.json: no statistics for dense column {name!r}")
             moments.append(_Moments(float(stats["mean"]), float(stats["std"])))
-        hashed = {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
-        digest = encoding_digest(self.cv.categorical, vocabs, hashed, self._dense_spec(moments))
+        digest = encoding_digest(self.cv.categorical, vocabs, self._hashed_sizes(), self._dense_spec(moments))
         if digest != report.get("encoding"):
             raise ConvertError(
                 f"{like}: this config's data.convert rules (categorical, dense, table sizes of hashed features) are "
@@ -326,7 +325,11 @@ class Converter:
             )
         return vocabs, moments
 
-    def _dense_spec(self, moments: List["_Moments"]) -> Dict[str, Dict]:
+    def _hashed_sizes(self) -> Dict[str, int]:
+        """The table size each hashed feature's values are hashed into."""
+        return {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
+
+    def _dense_spec(self, moments: List[_Moments]) -> Dict[str, Dict]:
         """Each dense column's transform and statistics, as the encoding digest and convert.json record them."""
         return {name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize, "fill": r.fill}
                 for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
@@ -550,7 +553,7 @@ class Converter:
         vocab_dir.mkdir(parents=True)
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
-        hashed = {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
+        hashed = self._hashed_sizes()
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
