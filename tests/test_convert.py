@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -432,5 +433,11 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
         encode(other, tmp_path / "score2/data")
     with pytest.raises(ConvertError, match="would replace that data's convert.json"):
         encode(raw, tmp_path / "out/scored")
+    shutil.copytree(tmp_path / "out", tmp_path / "old")  # as convert wrote it before it recorded encodings
+    old = json.loads((tmp_path / "old/convert.json").read_text())
+    del old["encoding"]
+    (tmp_path / "old/convert.json").write_text(json.dumps(old))
+    with pytest.raises(ConvertError, match="old: converted before `concord convert` recorded encodings; convert it again"):
+        convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "old"), out=str(tmp_path / "s3/data"), show_progress=False)
     assert main(["convert", "--config", "movielens", "--encode-like", str(tmp_path / "out")]) == 2
     assert "--encode-like DIR and --out DIR go together" in capsys.readouterr().err

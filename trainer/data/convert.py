@@ -287,7 +287,10 @@ class Converter:
             raise ConvertError("--encode-like needs --out, the folder for the encoded data")
         files = input_files(self.cv.input, self.cv.format)
         path, fmt = files[0]
-        have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, self.cv.delimiter))
+        try:
+            have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, self.cv.delimiter))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
         self.label_inputs = [c if c in have else None for c in self.label_inputs]
         self.weight = self.weight if self.weight in have else None
         return files
@@ -317,10 +320,13 @@ class Converter:
                 raise ConvertError(f"{like}/convert.json: no statistics for dense column {name!r}")
             moments.append(_Moments(float(stats["mean"]), float(stats["std"])))
         digest = encoding_digest(self.cv.categorical, vocabs, self._hashed_sizes(), self._dense_spec(moments))
-        if digest != report.get("encoding"):
+        if "encoding" not in report:
+            raise ConvertError(f"{like}: converted before `concord convert` recorded encodings; convert it again "
+                               "(the same config and input give the same ids), then encode like it")
+        if digest != report["encoding"]:
             raise ConvertError(
                 f"{like}: this config's data.convert rules (categorical, dense, table sizes of hashed features) are "
-                f"not the ones it was converted with (encoding {digest}, recorded {report.get('encoding')}): "
+                f"not the ones it was converted with (encoding {digest}, recorded {report['encoding']}): "
                 "encode with the config that converted it"
             )
         return vocabs, moments
