@@ -27,10 +27,11 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
         payload = ("error", traceback.format_exc())
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(payload, f)
-    import torch.distributed as dist
+    # Leave the job as a Concord rank does: the run's objects freed while the group exists (TorchRec's
+    # pipeline holds cycles that, left to interpreter teardown, outlive the group and abort the rank).
+    from concord.trainer.runtime import shutdown
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
 
 
 def run_ranks(fn, world_size: int, *args):
