@@ -121,9 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "synth":
             return _synth(cfg, args.force, args.if_missing)
         if args.command == "convert":
-            if args.encode_like or args.out:
-                return _encode_like(cfg, args.encode_like, args.out, args.force)
-            return _convert(cfg, args.force)
+            return _convert(cfg, args.force, args.encode_like, args.out)
         if args.command in ("train", "bench"):
             from concord.trainer.config import check_machine
 
@@ -168,16 +166,27 @@ def _is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
-def _convert(cfg, force: bool) -> int:
+def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = None) -> int:
+    """``concord convert``: the config's input into its splits, or with ``like`` and ``out`` (data to
+    score) every row into ``out``, encoded as the data in ``like`` was."""
     from concord.trainer.data.convert import ConvertError, convert
 
+    if bool(like) != bool(out):
+        print("concord: convert: --encode-like DIR and --out DIR go together", file=sys.stderr)
+        return 2
     try:
-        report = convert(cfg, force)
+        report = convert(cfg, force, like=like, out=out)
     except ConvertError as e:
         print(f"concord: ConvertError: {e}", file=sys.stderr)
         return 3
     skipped = sum(report["skipped_rows"].values())
     rows = report["rows"]
+    if like:
+        labels = ", ".join(report["label_means"]["data"]) or "none"
+        print(f"concord convert: {rows['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
+              f"{skipped:,} rows skipped; labels: {labels}; report in "
+              f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
+        return 0
     validation = (f", {rows['validation']:,} validation rows -> {cfg.data.validation}" if "validation" in rows else "")
     print(
         f"concord convert: {rows['train']:,} training and {rows['eval']:,} eval rows "
@@ -186,24 +195,6 @@ def _convert(cfg, force: bool) -> int:
     )
     means = ", ".join(f"{t.name} {report['label_means']['train'][t.name]:.4g}" for t in cfg.tasks)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {means}")
-    return 0
-
-
-def _encode_like(cfg, like: Optional[str], out: Optional[str], force: bool) -> int:
-    from concord.trainer.data.convert import ConvertError, convert
-
-    if not (like and out):
-        print("concord: convert: --encode-like DIR and --out DIR go together", file=sys.stderr)
-        return 2
-    try:
-        report = convert(cfg, force, like=like, out=out)
-    except ConvertError as e:
-        print(f"concord: ConvertError: {e}", file=sys.stderr)
-        return 3
-    labels = ", ".join(report["label_means"]["data"]) or "none"
-    print(f"concord convert: {report['rows']['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
-          f"{sum(report['skipped_rows'].values()):,} rows skipped; labels: {labels}; report in "
-          f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
     return 0
 
 
