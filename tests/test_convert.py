@@ -248,8 +248,46 @@ def test_a_bad_positive_rule_names_its_key(tmp_path):
 def test_a_vocabulary_larger_than_its_table_is_an_error_with_the_way_out(tmp_path):
     raw = base(tmp_path)
     raw["model"]["tables"][0]["num_embeddings"] = 3
-    with pytest.raises(ConvertError, match=r"feature 'user': the training split has 3 values \(\+1 for unseen\) but its table holds 3 rows"):
+    with pytest.raises(ConvertError, match=r"table 't_user' \(feature 'user'\): the training split has 3 values \(\+1 for unseen\) but the table holds 3 rows"):
         run(raw)
+
+
+def shared_table(tmp_path: Path, **tags_rule) -> dict:
+    """``user`` and ``tags`` in one table: some values (a, b) appear in both columns."""
+    rows = ["1,a,b|c,1,0,0", "1,a,a,1,1,1", "2,b,c,1,0,0", "3,d,c|c,1,1,1", "4,e,a|e,1,0,0"]
+    raw = base(tmp_path, rows=rows)
+    raw["data"]["convert"]["categorical"][1].update(tags_rule)
+    raw["model"]["tables"] = [{"name": "t_both", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
+    return raw
+
+
+def test_features_sharing_a_table_share_its_vocabulary(tmp_path):
+    report = run(shared_table(tmp_path))
+    # Training counts over both columns: c 4, a 3, b 2, d 1 -> ids 1-4; e (eval only) unseen.
+    vocab = {"value": ["c", "a", "b", "d"], "id": [1, 2, 3, 4]}
+    assert pq.read_table(tmp_path / "out/vocab/user.parquet").to_pydict() == vocab
+    assert pq.read_table(tmp_path / "out/vocab/tags.parquet").to_pydict() == vocab
+    train = read(tmp_path, "train")
+    assert train["user"] == [[2], [2], [3], [4]] and train["tags"] == [[3, 1], [2], [1], [1, 1]]
+    assert read(tmp_path, "eval")["tags"] == [[2, 0]]
+    assert report["vocab_sizes"] == {"user": 4, "tags": 4}
+    raw = shared_table(tmp_path)
+    raw["model"]["tables"][0]["num_embeddings"] = 4
+    with pytest.raises(ConvertError, match=r"table 't_both' \(features 'user' and 'tags'\): the training split has 4 values"):
+        run(raw, force=True)
+
+
+def test_a_shared_vocabulary_keeps_a_value_that_meets_the_min_count_of_a_feature_holding_it(tmp_path):
+    run(shared_table(tmp_path, min_count=2))  # tags: c 4 and a 1 (kept: user has a twice), b 1 (user has b once, min 1)
+    assert pq.read_table(tmp_path / "out/vocab/tags.parquet").to_pydict()["value"] == ["c", "a", "b", "d"]
+    run(shared_table(tmp_path, min_count=5), force=True)  # c (4 in tags) now enters only if user holds it: it does not
+    assert pq.read_table(tmp_path / "out/vocab/tags.parquet").to_pydict()["value"] == ["a", "b", "d"]
+    assert read(tmp_path, "train")["tags"] == [[2, 0], [1], [0], [0, 0]]
+
+
+def test_features_of_one_table_are_all_hashed_or_none(tmp_path):
+    with pytest.raises(ConfigError, match=r"categorical\[1\]\.hash: feature 'tags' shares table 't_both' with 'user', which is hashed differently"):
+        config_from_dict(shared_table(tmp_path, hash=True), "test.yaml")
 
 
 def test_existing_output_needs_force_and_missing_columns_are_named(tmp_path):

@@ -67,7 +67,9 @@ class CategoricalColumn:
     feature: str  # the feature (a key of data.sparse_columns) it becomes
     separator: Optional[str] = None  # multi-hot: several values in one cell, e.g. "|"
     hash: bool = False  # hash into the feature's table size instead of a vocabulary
-    min_count: int = 1  # vocabulary: values seen fewer times in the training split map to 0 (unseen)
+    # vocabulary (one per table, shared by the table's features): a value seen fewer times in this
+    # feature's training split enters it only through another feature of the table; else it maps to 0
+    min_count: int = 1
 
 
 @dataclass
@@ -680,6 +682,17 @@ def _validate_convert(cfg: Config, fail) -> None:
             fail(f"data.convert.categorical[{i}].min_count", f"must be >= 1, got {c.min_count}")
         if c.separator == "":
             fail(f"data.convert.categorical[{i}].separator", "must not be empty")
+    # Features of one table share its rows, so convert gives them one id space: a vocabulary of the
+    # table (the same value, the same row), or the one hash. A hashed and a vocabulary feature would
+    # collide in rows that mean unrelated values.
+    table_of = {f: t.name for t in cfg.model.tables for f in t.features}
+    hashed = {}
+    for i, c in enumerate(cv.categorical):
+        table = table_of.get(c.feature)
+        if table is not None and hashed.setdefault(table, (c.hash, c.feature))[0] != c.hash:
+            other = hashed[table][1]
+            fail(f"data.convert.categorical[{i}].hash", f"feature {c.feature!r} shares table {table!r} with {other!r}, "
+                 "which is hashed differently: the features of one table are all hashed or all given its vocabulary")
     for f in d.sparse_columns:
         if f not in features:
             fail("data.convert.categorical", f"no rule produces feature {f!r} (data.sparse_columns)")

@@ -455,7 +455,11 @@ class Converter:
             yield self.decode(path, fmt, first, batch, rngs, cutoff)
 
     def statistics(self, cutoff) -> Tuple[Dict[str, List[str]], List[_Moments]]:
-        """Pass 1: vocabularies and dense statistics over the training split."""
+        """Pass 1: vocabularies and dense statistics over the training split.
+
+        Features that share a table share one vocabulary, so the same value is the same row whichever
+        feature holds it (a clicked item and the candidate item, say). It holds every value that
+        meets the ``min_count`` of a feature holding it, by falling count over the table's features."""
         counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
         moments = [_Welford() for _ in self.dense_rules]
         for chunk in self._decoded("statistics (training split)", cutoff):
@@ -471,19 +475,31 @@ class Converter:
                 column = dense[:, k]
                 m.add(column[np.isfinite(column)])
         vocabs = {}
-        for rule in self.cv.categorical:
-            if rule.hash:
-                continue
-            kept = [(-c, v) for v, c in counts[rule.feature].items() if c >= rule.min_count]
-            vocabs[rule.feature] = [v for _, v in sorted(kept)]  # by falling count, then value
-            size = self.table_size[rule.feature]
-            if len(vocabs[rule.feature]) + 1 > size:
+        for table, rules in self._vocabulary_tables().items():
+            total, kept = Counter(), set()
+            for rule in rules:
+                total.update(counts[rule.feature])
+                kept.update(v for v, c in counts[rule.feature].items() if c >= rule.min_count)
+            vocab = [v for _, v in sorted((-total[v], v) for v in kept)]  # by falling count, then value
+            size = self.table_size[rules[0].feature]
+            if len(vocab) + 1 > size:
+                features = " and ".join(repr(r.feature) for r in rules)
                 raise ConvertError(
-                    f"{self.cfg.source}: feature {rule.feature!r}: the training split has {len(vocabs[rule.feature])} "
-                    f"values (+1 for unseen) but its table holds {size} rows; raise the table's num_embeddings, "
-                    "raise data.convert.categorical min_count, or set hash: true"
+                    f"{self.cfg.source}: table {table!r} (feature{'s' if len(rules) > 1 else ''} {features}): the training "
+                    f"split has {len(vocab)} values (+1 for unseen) but the table holds {size} rows; raise its "
+                    "num_embeddings, raise data.convert.categorical min_count, or set hash: true"
                 )
+            vocabs.update({rule.feature: vocab for rule in rules})
         return vocabs, [_Moments(m.mean, m.std) for m in moments]
+
+    def _vocabulary_tables(self) -> Dict[str, List]:
+        """Table name -> the categorical rules of its features that build a vocabulary."""
+        table_of = {f: t.name for t in self.cfg.model.tables for f in t.features}
+        tables: Dict[str, List] = {}
+        for rule in self.cv.categorical:
+            if not rule.hash:
+                tables.setdefault(table_of[rule.feature], []).append(rule)
+        return tables
 
     def ids(self, arr: pa.Array, rule, vocab: Optional[pa.Array]) -> pa.Array:
         """A categorical column -> list<int64> ids per row."""
