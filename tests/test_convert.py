@@ -102,6 +102,18 @@ def test_a_time_split_without_cutoff_takes_the_quantile_and_records_it(tmp_path)
     assert meta["split"]["by"] == "time" and meta["split"]["column"] == "day"
 
 
+def test_a_time_quantile_is_taken_over_the_rows_written_not_the_rows_skipped(tmp_path):
+    # Days 1-10; the first five rows' labels are missing and skipped, so days 6-10 are written and
+    # 20% of them (day 10) is held out, not 40% (the quantile over all ten days, 8.2).
+    rows = [f"{day},u{day},t,1,{'' if day <= 5 else day % 2},1" for day in range(1, 11)]
+    report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2}, on_bad_row="skip"))
+    assert report["split"]["cutoff_used"] == pytest.approx(np.quantile([6, 7, 8, 9, 10], 0.8))
+    assert report["rows"] == {"train": 4, "eval": 1} and report["skipped_rows"] == {"click: missing label": 5}
+    rows = [f"{day},u{day},t,1,,1" for day in range(1, 4)]
+    with pytest.raises(ConvertError, match=r"no row to split by time column 'day' \(3 rows skipped: \{'click: missing label': 3\}\)"):
+        run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2}, on_bad_row="skip"), force=True)
+
+
 def test_iso_timestamps_split_by_time(tmp_path):
     rows = [r.replace(r.split(",")[0], f"2026-01-0{r.split(',')[0]}T12:00:00", 1) for r in ROWS]
     report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "cutoff": "2026-01-04"}))

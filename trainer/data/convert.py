@@ -3,14 +3,15 @@
 Driven by ``data.convert`` in the config (:class:`concord.trainer.config.ConvertConfig`). The input is read
 ``chunk_rows`` at a time, so files larger than memory work:
 
-- pass 0, a time split without a cutoff only: the time column, for the cutoff quantile (8 bytes a row);
+- pass 0, a time split without a cutoff only: the times of the rows to write (a bad row skipped is
+  none of them), for the cutoff quantile (8 bytes a row);
 - pass 1: the training split only, for the vocabularies (value counts) and the dense statistics
   (mean and variance after the log transform, merged chunk by chunk);
 - pass 2: every row, mapped and written to ``data.train`` and ``data.eval``.
 
 Categorical values become ids through a vocabulary of the training split (ids 1..V by falling count,
-0 for values unseen in training or rarer than ``min_count``) saved as ``vocab/<feature>.parquet``,
-or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
+0 for values unseen in training or rarer than ``min_count``; one per table, shared by its features)
+saved as ``vocab/<feature>.parquet``, or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
 empty bag. Beside the data, ``convert.json`` records the split used, the row counts, every skipped
 row by reason and column, the vocabulary sizes, the dense statistics and the encoding's digest.
 
@@ -24,6 +25,7 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -356,14 +358,15 @@ class Converter:
             if cutoff is None:
                 raise ConvertError(f"{self.cfg.source}: data.convert.split.cutoff: not a number or ISO-8601 time: {sp.cutoff!r}")
             return cutoff
-        self._pass_skips = Counter()
+        # Over the rows that will be written (a row skipped for a bad value elsewhere is no row of
+        # either split), so that eval_fraction is the share of the output held out.
         times = []
-        for *_, batch in self._stream("time column", [sp.column]):
-            values, bad = parse_numbers(batch.column(0), time=True)
-            times.append(values[~bad & np.isfinite(values)])
+        for chunk in self._decoded("time column", math.inf):
+            times.append(parse_numbers(chunk.batch.column(sp.column), time=True)[0])
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
-            raise ConvertError(f"{self.cv.input}: time column {sp.column!r} holds no valid time")
+            skipped = f" ({sum(self._pass_skips.values())} rows skipped: {dict(self._pass_skips)})" if self._pass_skips else ""
+            raise ConvertError(f"{self.cv.input}: no row to split by time column {sp.column!r}{skipped}")
         return float(np.quantile(times, 1.0 - sp.eval_fraction))
 
     def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rngs, cutoff) -> _Decoded:
