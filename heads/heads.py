@@ -24,14 +24,20 @@ class TaskHead(nn.Module):
 
 
 def task_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sample-weighted mean loss: BCE with logits for ``binary``, squared error for ``regression``."""
+    """``sum_rows w * loss / B``: BCE with logits for ``binary``, squared error for ``regression``, each
+    row's loss times its weight (0 for a row without this task's label), averaged over the B rows.
+
+    Over the rows, not over the weights (as ``BCEWithLogitsLoss(weight=w)`` averages): every rank's
+    batch has B rows, so the mean of the ranks' losses is the loss of the global batch, and W ranks
+    train as one rank on their rows concatenated whatever the weights. A task labelled on a share p
+    of the rows has p times its mean loss over the labelled rows: each labelled row counts alike."""
     if task_type == "binary":
         per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     elif task_type == "regression":
         per_row = (logits - labels) ** 2
     else:
         raise ValueError(f"unknown task type {task_type!r}; one of {TASK_TYPES}")
-    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+    return (per_row * weights).sum() / labels.shape[0]
 
 
 def prediction(task_type: str, logits: torch.Tensor) -> torch.Tensor:
@@ -40,7 +46,8 @@ def prediction(task_type: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 class TaskHeads(nn.Module):
-    """T heads; ``forward(views, labels (B, T), weights (B,))`` -> (losses (T,), logits (B, T)).
+    """T heads; ``forward(views, labels (B, T), weights (B,), labelled (B, T) bool or None)`` ->
+    (losses (T,), logits (B, T)); a row counts in task k's loss where ``labelled[:, k]`` (None: every row).
 
     ``task_inputs``: optional per-task modules between a view and its tower (MMoE/PLE gates); the
     towers then read their outputs, (B, ``in_dim``).
@@ -54,12 +61,13 @@ class TaskHeads(nn.Module):
         self.loss_weights: List[float] = [float(t.loss_weight) for t in tasks]
         self.heads = nn.ModuleList([TaskHead(in_dim, t.head) for t in tasks])
 
-    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor):
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor,
+                labelled: Optional[torch.Tensor] = None):
         if self.task_inputs is not None:
             views = [module(v) for module, v in zip(self.task_inputs, views)]
         logits = [head(v) for head, v in zip(self.heads, views)]
         losses = [
-            w * task_loss(kind, lg, labels[:, k], weights)
+            w * task_loss(kind, lg, labels[:, k], weights if labelled is None else weights * labelled[:, k])
             for k, (kind, lg, w) in enumerate(zip(self.types, logits, self.loss_weights))
         ]
         return torch.stack(losses), torch.stack(logits, dim=1)

@@ -28,7 +28,8 @@ def row_slice(batch: Batch, lo: int, hi: int) -> Batch:
         values.append(jt.values()[offsets[lo] : offsets[hi]])
         lengths.append(jt.lengths()[lo:hi])
     sparse = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
-    return Batch(batch.dense[lo:hi], sparse, batch.labels[lo:hi], batch.weights[lo:hi])
+    labelled = batch.labelled[lo:hi] if batch.labelled is not None else None
+    return Batch(batch.dense[lo:hi], sparse, batch.labels[lo:hi], batch.weights[lo:hi], labelled)
 
 
 def initial_state(cfg, seed: int = 0) -> Dict[str, torch.Tensor]:

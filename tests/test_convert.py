@@ -233,6 +233,46 @@ def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
     assert run(raw, force=True)["skipped_rows"] == {"delay: missing label": 1}
 
 
+def test_a_masked_tasks_missing_label_keeps_the_row_for_the_other_tasks(tmp_path):
+    """``missing_label: masked``: a row without the task's label is written with a null label (the
+    trainer leaves it out of that task's loss and metrics); its other labels stay. The report's means
+    are over the rows with a label, with their counts. Number, text and range rules alike."""
+    rows = ["1,alice,a,1,1,2.5", "1,bob,a,1,,", "2,carol,a,1,0,", "3,dave,a,1,,1", "4,erin,a,1,1,", "4,fay,a,1,,3"]
+    raw = base(tmp_path, rows=rows)
+    for task in raw["tasks"]:
+        task["missing_label"] = "masked"
+    report = run(raw)
+    train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
+    assert train["click"] == [1, None, 0, None] and train["amount"] == [2.5, None, None, 1]
+    assert held_out["click"] == [1, None] and held_out["amount"] == [None, 3]
+    assert report["rows"] == {"train": 4, "eval": 2} and report["skipped_rows"] == {}
+    assert report["labelled_rows"] == {"train": {"ctr": 2, "amount": 2}, "eval": {"ctr": 1, "amount": 1}}
+    assert report["label_means"]["train"] == {"ctr": 0.5, "amount": 1.75}
+    raw["tasks"][1]["missing_label"] = "bad_row"  # the other task's rule is its own
+    with pytest.raises(ConvertError, match=r"line 3: column 'amount': missing label"):
+        run(raw, force=True)
+
+    raw = base(tmp_path)
+    (tmp_path / "raw.csv").write_text("day,user,tags,price,outcome,delay\n1,a,a,1,bought,20\n1,b,a,1,,\n2,c,a,1,left,3\n4,d,a,1,,16\n")
+    raw["tasks"] = [{"name": "bought", "label": "bought", "missing_label": "masked"},
+                    {"name": "late", "label": "late", "missing_label": "masked"}]
+    raw["data"]["convert"].update(labels={"bought": "outcome", "late": "delay"}, positive={"bought": ["bought"]},
+                                  positive_range={"late": {"at_least": 15}})
+    run(raw, force=True)
+    assert read(tmp_path, "train")["bought"] == [1, None, 0]
+    assert read(tmp_path, "train")["late"] == [1, None, 0] and read(tmp_path, "eval")["late"] == [1]
+
+
+def test_tasks_reading_one_column_treat_its_missing_values_alike(tmp_path):
+    raw = base(tmp_path)
+    raw["tasks"] = [{"name": "a", "label": "click", "missing_label": "masked"}, {"name": "b", "label": "click"}]
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.missing_label: task 'b' reads label column 'click' too, with missing_label 'bad_row'"):
+        config_from_dict(raw, "test.yaml")
+    raw["tasks"][1]["missing_label"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.missing_label: must be one of 'bad_row', 'masked', got 'sometimes'"):
+        config_from_dict(raw, "test.yaml")
+
+
 @pytest.mark.parametrize("rule, message", [
     ({"late": {}}, r"positive_range\.late: give at_least, at_most or both"),
     ({"late": {"at_least": 5, "at_most": 1}}, r"positive_range\.late: at_least 5\.0 is above at_most 1\.0"),

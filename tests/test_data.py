@@ -165,6 +165,27 @@ def test_binary_label_outside_0_1_and_regression_label_nan(tmp_path):
         list(ParquetReader(str(path), regression, 10))
 
 
+def test_a_masked_task_reads_a_null_or_nan_label_as_missing_and_other_tasks_still_refuse_it(tmp_path):
+    path = tmp_path / "x.parquet"
+    y = pa.array([0.0, None, 1.0, float("nan"), 1.0, 0.0, None, 1.0, 0.0, 1.0], pa.float32())
+    write(path, 10, y=y, z=pa.array([1.0, 0.0] * 5, pa.float32()))
+    two = dataclasses.replace(LABELED, labels=("y", "z"), label_types=("binary", "binary"), masked=(True, False))
+    batch = next(iter(ParquetReader(str(path), two, 10)))
+    present = [True, False, True, False, True, True, False, True, True, True]
+    assert batch.labelled.tolist() == [[p, True] for p in present]
+    assert batch.labels[:, 0].tolist() == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]  # missing -> 0
+    shuffled = next(iter(ParquetReader(str(path), two, 10, shuffle=True, seed=3)))  # the mask moves with its rows
+    index = [int(i) for i in shuffled.dense[:, 0].tolist()]
+    assert shuffled.labelled[:, 0].tolist() == [present[i] for i in index] and sorted(index) != index
+    with pytest.raises(DataError, match=r"column 'y': null value at row 1 \(a task whose label may be missing: tasks\[\]\.missing_label: masked\)"):
+        list(ParquetReader(str(path), dataclasses.replace(two, masked=(False, False)), 10))
+    write(path, 10, y=np.array([0, 1, 1, 0, 2, 0, 1, 0, 0, 1], dtype=np.float32), z=np.ones(10, np.float32))
+    with pytest.raises(DataError, match="label column 'y': value 2.0 at row 4; a binary label must be 0 or 1"):
+        list(ParquetReader(str(path), two, 10))  # a label that is there is checked as ever
+    write(path, 10)
+    assert next(iter(ParquetReader(str(path), LABELED, 10))).labelled is None  # no masked task: no mask at all
+
+
 # --- equal work, nothing lost, shuffling ------------------------------------------------------------------
 def _ids(reader, epoch=0, skip_rows=0):
     return [int(i) for b in reader.batches(epoch=epoch, skip_rows=skip_rows) for i in b.dense[:, 0].tolist()]

@@ -283,6 +283,7 @@ def _auc(scores, labels):
 
 
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     data = tiny_data(tmp_path)
@@ -320,3 +321,25 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
     assert row == ["ctr", "binary", "-", "-", "-", "-"]
     written = pq.read_table(tmp_path / "p2.parquet").column_names
     assert "pred_ctr" in written and "label_ctr" not in written and "label_cvr" in written
+
+    # Data where some rows have no ctr label, for a task whose label may be missing: those rows read
+    # null in the output, and the metrics are over the rest.
+    partly = tmp_path / "partly"
+    partly.mkdir()
+    for part in sorted((tmp_path / "data/eval").glob("*.parquet")):
+        t = pq.read_table(part)
+        ctr = np.array(t.column("label_ctr"))
+        missing = np.arange(len(ctr)) % 3 == 0
+        pq.write_table(t.set_column(t.schema.get_field_index("label_ctr"), "label_ctr", pa.array(ctr, mask=missing)), partly / part.name)
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
+                           "tasks.0.missing_label=masked", "--checkpoint", str(run), "--data", str(partly),
+                           "--out", str(tmp_path / "p3.parquet")], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = pq.read_table(tmp_path / "p3.parquet").to_pydict()
+    labels = np.array([np.nan if y is None else y for y in scored["label_ctr"]])
+    expected = np.array([y for part in sorted(partly.glob("*.parquet")) for y in pq.read_table(part).column("label_ctr").to_pylist()], dtype=float)
+    np.testing.assert_array_equal(labels, expected)  # null where the data had none, in the data's row order
+    present = ~np.isnan(labels)
+    assert 0 < present.sum() < len(labels)
+    row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ctr "))
+    assert float(row[3]) == pytest.approx(_auc(np.array(scored["pred_ctr"])[present], labels[present]), abs=1e-4)

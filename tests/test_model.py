@@ -44,3 +44,55 @@ def test_the_trainer_lags_the_statistics_by_default_where_the_method_allows():
     assert every == {"multibalance": 10, "emtl": 10, "cograd": 10, "equal": 1}  # statistics_every: auto
     explicit = build_model(load_config("configs/tiny.yaml", ["balancer.name=multibalance", "balancer.statistics=current"]), "cpu")
     assert explicit.boundary.statistics == "current"
+
+
+def test_a_task_loss_averages_weighted_row_losses_over_the_rows_and_a_missing_label_adds_nothing():
+    """``sum_rows w * loss / B``: a row without the task's label (``labelled`` False) adds nothing to
+    its loss or gradient, whatever its label reads; a task labelled nowhere has loss 0 and no gradient."""
+    from concord.heads.heads import TaskHeads
+    from concord.trainer.config import TaskConfig
+
+    torch.manual_seed(0)
+    tasks = [TaskConfig("click", "click"), TaskConfig("amount", "amount", type="regression")]
+    heads = TaskHeads(4, tasks)
+    z = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([[1, 2.0], [0, -1], [1, 0.5], [0, 3], [1, 1], [0, 0]])
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    labelled = torch.tensor([[True, True], [False, True], [True, False], [True, False], [False, False], [True, True]])
+    losses, logits = heads([z, z], labels, weights, labelled)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels[:, 0], reduction="none")
+    squared = (logits[:, 1] - labels[:, 1]) ** 2
+    torch.testing.assert_close(losses[0], (bce * weights * labelled[:, 0]).sum() / 6)
+    torch.testing.assert_close(losses[1], (squared * weights * labelled[:, 1]).sum() / 6)
+    # What a missing label reads does not matter: another value there gives the same losses and gradient.
+    (grad,) = torch.autograd.grad(losses.sum(), z)
+    changed = labels.masked_fill(~labelled, 7.0)
+    changed[:, 0] = torch.where(labelled[:, 0], labels[:, 0], 1 - labels[:, 0])
+    again, _ = heads([z, z], changed, weights, labelled)
+    torch.testing.assert_close(again, losses)
+    torch.testing.assert_close(torch.autograd.grad(again.sum(), z)[0], grad)
+    assert grad[4].abs().sum() == 0  # a row with no label for any task trains nothing
+    nowhere, _ = heads([z, z], labels, weights, torch.zeros_like(labelled))
+    assert nowhere.tolist() == [0.0, 0.0] and torch.autograd.grad(nowhere.sum(), z)[0].abs().sum() == 0
+    # With every label present and unit weights it is the plain mean (the loss of every earlier run).
+    plain, _ = heads([z, z], labels, torch.ones(6))
+    torch.testing.assert_close(plain[0], bce.mean())
+
+
+def test_metrics_count_a_row_only_for_the_tasks_it_has_a_label_for():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics
+
+    torch.manual_seed(1)
+    tasks = [TaskConfig("click", "click"), TaskConfig("amount", "amount", type="regression")]
+    predictions = torch.stack([torch.rand(40), torch.randn(40)], 1)
+    labels = torch.stack([torch.randint(0, 2, (40,)).float(), torch.randn(40)], 1)
+    labelled = torch.rand(40, 2) > 0.4
+    masked = TaskMetrics(tasks, 1, 0, 40)
+    masked.update(predictions, labels, torch.ones(40), labelled)
+    got = masked.compute()
+    for k, task in enumerate(tasks):
+        rows = labelled[:, k]
+        alone = TaskMetrics([task], 1, 0, 40)
+        alone.update(predictions[rows][:, k : k + 1], labels[rows][:, k : k + 1], torch.ones(int(rows.sum())))
+        assert got[task.name] == pytest.approx(alone.compute()[task.name], rel=1e-5)

@@ -5,6 +5,8 @@ must follow the gradient of the mean of the task losses; each head its own task 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def unsharded_reference(cfg, state, batches):
     for batch in batches:
         pooled = model.ebc(batch.sparse).values()
         z = model.bottom(batch.dense, pooled)
-        losses, logits = model.heads([z] * num_tasks, batch.labels, batch.weights)
+        losses, logits = model.heads([z] * num_tasks, batch.labels, batch.weights, batch.labelled)
         first = logits.detach().clone() if first is None else first
         model.zero_grad()
         losses.mean().backward()
@@ -51,9 +53,20 @@ def unsharded_reference(cfg, state, batches):
     return first, {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}  # not the balancer state
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
-def test_sharded_equals_unsharded(cfg, sharding):
+def weighted_and_partly_labelled(batches):
+    """The batches with sample weights in [0.2, 3) and about a third of the labels missing: the ranks'
+    rows then differ in total weight and in labelled rows per task."""
+    g = torch.Generator().manual_seed(7)
+    return [dataclasses.replace(b, weights=0.2 + 2.8 * torch.rand(b.batch_size, generator=g),
+                                labelled=torch.rand(b.labels.shape, generator=g) > 0.35) for b in batches]
+
+
+@pytest.mark.parametrize("sharding, rows", [("table_wise", "plain"), ("column_wise", "plain"), ("data_parallel", "plain"),
+                                            ("table_wise", "weighted_and_partly_labelled")])
+def test_sharded_equals_unsharded(cfg, sharding, rows):
     batches = global_batches(cfg, count=3, rows=2 * cfg.data.batch_size)
+    if rows == "weighted_and_partly_labelled":
+        batches = weighted_and_partly_labelled(batches)
     state = initial_state(cfg)
     ref_logits, ref_params = unsharded_reference(cfg, state, batches)
     ranks = run_ranks(sharded_sgd_run, 2, cfg, state, batches, sharding, LR)

@@ -166,6 +166,18 @@ def _is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
+def _label_means(report: dict, tasks) -> str:
+    """Each task's mean label in the training split; for a task whose label may be missing, over the
+    rows that have one, and the share of rows that do."""
+    def one(task) -> str:
+        mean, count = report["label_means"]["train"][task.name], report["labelled_rows"]["train"][task.name]
+        text = f"{task.name} {mean:.4g}" if mean is not None else f"{task.name} -"
+        rows = report["rows"]["train"]
+        return text + (f" (labelled on {count / rows:.1%} of rows)" if task.missing_label == "masked" else "")
+
+    return ", ".join(one(t) for t in tasks)
+
+
 def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = None) -> int:
     """``concord convert``: the config's input into its splits, or with ``like`` and ``out`` (data to
     score) every row into ``out``, encoded as the data in ``like`` was."""
@@ -193,8 +205,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped:,} rows skipped; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
-    means = ", ".join(f"{t.name} {report['label_means']['train'][t.name]:.4g}" for t in cfg.tasks)
-    print(f"concord convert: training split's positive rate (binary) or mean (regression): {means}")
+    print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
     return 0
 
 

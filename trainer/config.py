@@ -20,6 +20,8 @@ import yaml
 from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 from concord.heads.options import TASK_TYPES
 
+MISSING_LABEL = ("bad_row", "masked")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
@@ -153,6 +155,9 @@ class TaskConfig:
     type: str = "binary"  # binary (BCE with logits) | regression (MSE)
     loss_weight: float = 1.0
     head: List[int] = field(default_factory=lambda: [64])
+    # A row without this task's label (null): bad_row, the row is bad (convert's on_bad_row decides;
+    # training stops on it) | masked, the row trains the other tasks and counts in no loss or metric of this one
+    missing_label: str = "bad_row"
 
 
 @dataclass
@@ -511,6 +516,13 @@ def validate(cfg: Config) -> None:
             fail(f"tasks[{i}].loss_weight", f"must be finite and >= 0, got {t.loss_weight}")
         if any(h < 1 for h in t.head):
             fail(f"tasks[{i}].head", f"layer sizes must be >= 1, got {t.head}")
+        if t.missing_label not in MISSING_LABEL:
+            fail(f"tasks[{i}].missing_label", f"must be one of {', '.join(map(repr, MISSING_LABEL))}, got {t.missing_label!r}")
+        other = next((u for u in cfg.tasks if u.label == t.label and u.missing_label != t.missing_label
+                      and u.missing_label in MISSING_LABEL), None)
+        if other is not None:
+            fail(f"tasks[{i}].missing_label", f"task {other.name!r} reads label column {t.label!r} too, with missing_label "
+                 f"{other.missing_label!r}: tasks that read one column treat its missing values alike")
     m = cfg.model
     if not m.tables:
         fail("model.tables", "at least one embedding table is required")

@@ -37,7 +37,7 @@ class Evaluator:
             padded = pad_batch(batch if batch is not None else template, batch_size, empty=batch is None).to(self.rt.device)
             out = self.dmp(padded)
             predictions = self.heads.predictions(out.logits)
-            metrics.update(predictions, padded.labels, padded.weights)
+            metrics.update(predictions, padded.labels, padded.weights, padded.labelled)
             if sink is not None and real:
                 sink(row, batch, predictions[:real].detach().cpu())
             row += real
@@ -47,7 +47,7 @@ class Evaluator:
 
 
 def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:
-    """Pads ``batch`` to ``size`` rows with weight-0 rows that have no ids (``empty``: all padding).
+    """Pads ``batch`` to ``size`` rows with weight-0 rows that have no ids or labels (``empty``: all padding).
 
     Sharded forward passes are collectives, so in evaluation every rank runs the same number of
     full batches; padding rows carry weight 0 and so count in no metric.
@@ -65,4 +65,5 @@ def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:
         KeyedJaggedTensor.from_lengths_sync(keys, values, lengths.reshape(-1)),
         pad(batch.labels),
         pad(batch.weights),
+        pad(batch.labelled) if batch.labelled is not None else None,
     )

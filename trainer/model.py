@@ -89,7 +89,7 @@ class MultiTaskModel(nn.Module):
         pooled = KeyedTensor.regroup([self.ebc(batch.sparse)], [self.feature_order])[0]
         z = self.bottom(batch.dense, pooled)
         views = self.boundary(z)
-        losses, logits = self.heads(views, batch.labels, batch.weights)
+        losses, logits = self.heads(views, batch.labels, batch.weights, batch.labelled)
         return ModelOutput(training_objective(self.boundary, losses), losses, logits)
 
 

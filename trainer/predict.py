@@ -4,7 +4,7 @@ training's evaluation.
 Every rank scores a contiguous range of the rows (every row exactly once) and writes its part; rank 0
 joins the parts in rank order, so the output's rows follow the data's order. Columns: ``row`` (the
 row's index in the data set, files in sorted order), ``pred_<task>`` for every task, ``label_<task>``
-for every task whose label column the data has, and ``weight``.
+for every task whose label column the data has (null where a row has no label for it), and ``weight``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         for k, task in enumerate(cfg.tasks):
             table[f"pred_{task.name}"] = predictions[:, k].float().numpy()
             if columns.labels[k] is not None:
-                table[f"label_{task.name}"] = batch.labels[:, k].numpy()
+                missing = None if batch.labelled is None else ~batch.labelled[:, k].numpy()
+                table[f"label_{task.name}"] = pa.array(batch.labels[:, k].numpy(), mask=missing)
         table["weight"] = batch.weights.numpy()
         rows.append(pa.table(table))
 

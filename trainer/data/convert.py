@@ -397,20 +397,23 @@ class Converter:
             if rule.log:
                 values = np.sign(values) * np.log1p(np.abs(values))
             dense[:, k] = values  # NaN = missing, filled after standardizing
-        labels = np.zeros((n, len(self.label_inputs)))
+        labels = np.zeros((n, len(self.label_inputs)))  # NaN: a missing label of a masked task
         for k, (column, task) in enumerate(zip(self.label_inputs, self.cfg.tasks)):
             if column is None:  # encoding data to score that has no such label
                 continue
+            masked = task.missing_label == "masked"
             if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
                 text = _as_text(batch.column(column))
                 missing = text.is_null().to_numpy(zero_copy_only=False)
-                check(missing, column, "missing label")
+                if not masked:
+                    check(missing, column, "missing label")
                 positive = pc.is_in(pc.utf8_trim_whitespace(text), value_set=pa.array(self.cv.positive[task.label]))
-                labels[:, k] = positive.fill_null(False).to_numpy(zero_copy_only=False).astype(np.float64)
+                labels[:, k] = np.where(missing, np.nan, positive.fill_null(False).to_numpy(zero_copy_only=False))
                 continue
             values, bad = parse_numbers(batch.column(column))
             check(bad, column, "not a number")
-            check(~bad & np.isnan(values), column, "missing label")
+            if not masked:
+                check(~bad & np.isnan(values), column, "missing label")
             check(np.isinf(values), column, "not finite")
             bounds = self.cv.positive_range.get(task.label)
             if bounds is not None:  # a measure: 1 inside the range, else 0
@@ -419,7 +422,7 @@ class Converter:
                     inside &= values >= bounds.at_least
                 if bounds.at_most is not None:
                     inside &= values <= bounds.at_most
-                values = inside.astype(np.float64)
+                values = np.where(np.isnan(values), np.nan, inside)
             elif task.type == "binary":
                 check(np.isfinite(values) & (values != 0) & (values != 1), column, f"task {task.name!r} is binary: the label must be 0 or 1")
             labels[:, k] = values
@@ -543,6 +546,7 @@ class Converter:
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         rows, filled = [0] * len(outputs), Counter()
         label_sums = np.zeros((len(outputs), len(self.cfg.tasks)))
+        label_counts = np.zeros((len(outputs), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
         for chunk in self._decoded("writing", cutoff):
             for split in range(len(outputs)):
                 mask = chunk.split == split
@@ -558,12 +562,14 @@ class Converter:
                     filled[name] += int(missing.sum())
                     cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
                 for k, task in labelled:
-                    cols[task.label] = pa.array(chunk.labels[mask, k].astype(np.float32))
+                    values = chunk.labels[mask, k]  # a missing label (masked task): null
+                    cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
                 if d.weight_column and self.weight:
                     cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
                 writers[split].write(pa.table(cols))
                 rows[split] += int(mask.sum())
-                label_sums[split] += chunk.labels[mask].sum(axis=0)
+                label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
+                label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
         for w in writers:
             w.close()
         for split, count in zip(names, rows):
@@ -587,9 +593,13 @@ class Converter:
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
-            # a binary task's positive rate, a regression's mean label: what a label rule made of the input
-            "label_means": {split: {task.name: float(sums[k] / count) for k, task in labelled}
-                            for split, sums, count in zip(names, label_sums, rows)},
+            # a binary task's positive rate, a regression's mean label, over the rows with the label:
+            # what a label rule made of the input
+            "label_means": {split: {task.name: float(sums[k] / counts[k]) if counts[k] else None for k, task in labelled}
+                            for split, sums, counts in zip(names, label_sums, label_counts)},
+            # rows with each task's label (below the split's rows only for a task whose label may be missing)
+            "labelled_rows": {split: {task.name: int(counts[k]) for k, task in labelled}
+                              for split, counts in zip(names, label_counts)},
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": hashed,
             "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in self._dense_spec(moments).items()},

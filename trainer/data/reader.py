@@ -11,7 +11,8 @@ epoch.
 
 The column-to-role mapping (dense features, sparse features, one label per task, optional sample
 weight) comes from the config. A batch is a :class:`Batch`: dense (B, n_dense) float32, a
-``KeyedJaggedTensor`` of the sparse features, labels (B, T) float32 and weights (B,) float32.
+``KeyedJaggedTensor`` of the sparse features, labels (B, T) float32, weights (B,) float32 and, where a
+task's label may be missing (``missing_label: masked``), which labels each row has (B, T).
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ from concord.trainer.data.layout import DataError
 @dataclass
 class Batch(Pipelineable):
     """One rank's batch. dense: (B, n_dense); sparse: KJT over the features, B rows per key;
-    labels: (B, T); weights: (B,). Pipelineable: TorchRec's train pipelines copy it to the device on
-    a stream of their own."""
+    labels: (B, T); weights: (B,); labelled: (B, T) bool, False where a row has no label for the
+    task (its label reads 0), or None where every row has every label. Pipelineable: TorchRec's
+    train pipelines copy it to the device on a stream of their own."""
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     weights: torch.Tensor
+    labelled: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -49,7 +52,8 @@ class Batch(Pipelineable):
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, so that ``to(cuda, non_blocking=True)`` does not block the host."""
-        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), self.weights.pin_memory())
+        labelled = self.labelled.pin_memory() if self.labelled is not None else None
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), self.weights.pin_memory(), labelled)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -57,11 +61,13 @@ class Batch(Pipelineable):
             self.sparse.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.weights.to(device, non_blocking=non_blocking),
+            self.labelled.to(device, non_blocking=non_blocking) if self.labelled is not None else None,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for tensor in (self.dense, self.sparse, self.labels, self.weights):
-            tensor.record_stream(stream)
+        for tensor in (self.dense, self.sparse, self.labels, self.weights, self.labelled):
+            if tensor is not None:
+                tensor.record_stream(stream)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Columns:
     weight: Optional[str] = None
     table_sizes: Tuple[Tuple[str, int], ...] = ()
     label_types: Tuple[str, ...] = ()  # per label: binary (must be 0 or 1) | regression (finite)
+    masked: Tuple[bool, ...] = ()  # per label: a null (or NaN) is a missing label, not an error
     on_bad_id: str = "error"  # or "hash": id modulo the table size, counted
     on_nonfinite_dense: str = "error"  # or "impute": replaced by impute_value, counted
     impute_value: float = 0.0
@@ -148,10 +155,15 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
 
 
 class _Block:
-    """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,)."""
+    """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,),
+    labelled (n, T) bool or None (every label present; so for every block of a reader with no
+    masked task)."""
 
-    def __init__(self, dense, sparse, labels, weights):
-        self.dense, self.sparse, self.labels, self.weights = dense, sparse, labels, weights
+    def __init__(self, dense, sparse, labels, weights, labelled=None):
+        self.dense, self.sparse, self.labels, self.weights, self.labelled = dense, sparse, labels, weights, labelled
+
+    def _rows(self, index) -> Optional[np.ndarray]:
+        return None if self.labelled is None else self.labelled[index]
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -164,7 +176,7 @@ class _Block:
         for lengths, values in self.sparse:
             first, last = int(lengths[:start].sum()), int(lengths[:stop].sum())
             sparse.append((lengths[start:stop], values[first:last]))
-        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop])
+        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop], self._rows(slice(start, stop)))
 
     def take(self, rows: np.ndarray) -> "_Block":
         """The rows at ``rows`` (e.g. a permutation), jagged values moved with their rows."""
@@ -174,13 +186,14 @@ class _Block:
             counts = lengths[rows].astype(np.int64)
             within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
             sparse.append((lengths[rows], values[np.repeat(starts, counts) + within]))
-        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows])
+        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows], self._rows(rows))
 
     @staticmethod
     def empty(columns: "Columns") -> "_Block":
         sparse = [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in columns.sparse]
-        return _Block(np.zeros((0, len(columns.dense)), np.float32), sparse,
-                      np.zeros((0, len(columns.labels)), np.float32), np.zeros(0, np.float32))
+        t = len(columns.labels)
+        return _Block(np.zeros((0, len(columns.dense)), np.float32), sparse, np.zeros((0, t), np.float32),
+                      np.zeros(0, np.float32), np.zeros((0, t), bool) if any(columns.masked) else None)
 
     @staticmethod
     def concat(blocks: List["_Block"]) -> "_Block":
@@ -195,6 +208,7 @@ class _Block:
             sparse,
             np.concatenate([b.labels for b in blocks]),
             np.concatenate([b.weights for b in blocks]),
+            None if blocks[0].labelled is None else np.concatenate([b.labelled for b in blocks]),
         )
 
     def to_batch(self, keys: Sequence[str]) -> Batch:
@@ -210,6 +224,7 @@ class _Block:
             kjt,
             torch.from_numpy(np.ascontiguousarray(self.labels)),
             torch.from_numpy(np.ascontiguousarray(self.weights)),
+            None if self.labelled is None else torch.from_numpy(np.ascontiguousarray(self.labelled)),
         )
 
 
@@ -385,17 +400,26 @@ class ParquetReader:
             raise DataError(f"{group.file}: row group {group.index}: {self._unreadable_column(group)}cannot be read ({e})") from None
         where = f"{group.file}: row group {group.index}"
 
-        def numeric(name: str) -> np.ndarray:
+        def numeric(name: str, hint: str = "") -> np.ndarray:
             arr = table.column(name)
             if arr.null_count:
                 row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-                raise DataError(f"{where}: column {name!r}: null value at row {row}")
+                raise DataError(f"{where}: column {name!r}: null value at row {row}{hint}")
             return arr.to_numpy().astype(np.float32, copy=False)
 
         n = table.num_rows
         dense = np.stack([numeric(c) for c in cols.dense], axis=1) if cols.dense else np.zeros((n, 0), np.float32)
-        # A label column of None is absent (scoring unlabelled data): zeros, never checked.
-        labels = np.stack([numeric(c) if c else np.zeros(n, np.float32) for c in cols.labels], axis=1)
+        labelled = np.ones((n, len(cols.labels)), bool) if any(cols.masked) else None
+        labels = np.zeros((n, len(cols.labels)), np.float32)
+        for k, name in enumerate(cols.labels):
+            if name is None:  # absent from the data (scoring unlabelled data): zeros, never checked
+                continue
+            if labelled is not None and cols.masked[k]:  # a null or NaN is a missing label: 0, not labelled
+                y = table.column(name).cast(pa.float32()).fill_null(math.nan).to_numpy()
+                labelled[:, k] = ~np.isnan(y)
+                labels[:, k] = np.where(labelled[:, k], y, 0.0)
+            else:
+                labels[:, k] = numeric(name, " (a task whose label may be missing: tasks[].missing_label: masked)")
         weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
         _check_weights(weights, where, cols.weight)
         for j, name in enumerate(cols.dense):
@@ -414,6 +438,7 @@ class ParquetReader:
                 continue
             y = labels[:, k]
             bad = ~np.isfinite(y) if kind == "regression" else ~((y == 0) | (y == 1))
+            bad &= labelled[:, k] if labelled is not None else True
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 expected = "a finite number" if kind == "regression" else "0 or 1"
@@ -442,7 +467,7 @@ class ParquetReader:
                     values = np.mod(values, size)  # non-negative for negative ids too
                     self.counts["hashed_ids"] += int(bad.sum())
             sparse.append((lengths, values))
-        return _Block(dense, sparse, labels, weights)
+        return _Block(dense, sparse, labels, weights, labelled)
 
 
 def _check_weights(weights: np.ndarray, where: str, column: str) -> None:
@@ -466,6 +491,7 @@ def columns_from_config(cfg) -> Columns:
         weight=cfg.data.weight_column,
         table_sizes=tuple(sizes.items()),
         label_types=tuple(t.type for t in cfg.tasks),
+        masked=tuple(t.missing_label == "masked" for t in cfg.tasks),
         on_bad_id=cfg.data.on_bad_id,
         on_nonfinite_dense=cfg.data.on_nonfinite_dense,
         impute_value=cfg.data.impute_value,

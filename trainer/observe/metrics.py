@@ -3,7 +3,7 @@ labels, 1.0 when the mean prediction matches the base rate) for binary tasks, MS
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torchrec.metrics.auc import AUCMetric
@@ -31,15 +31,17 @@ class TaskMetrics:
                 metric.to(device)  # its state must live where the predictions do (a CUDA run: the GPU)
                 self._metrics.append((t.name, metric_name, metric))
 
-    def update(self, predictions: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
-        """predictions, labels: (B, T); weights: (B,) (rows of weight 0 are padding and do not count)."""
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+               labelled: Optional[torch.Tensor] = None) -> None:
+        """predictions, labels: (B, T); weights: (B,) (rows of weight 0 are padding and do not count);
+        labelled: (B, T) bool or None, a row counts for task k only where ``labelled[:, k]``."""
         index = {t.name: k for k, t in enumerate(self.tasks)}
         for task, _, metric in self._metrics:
             k = index[task]
             metric.update(
                 predictions={task: predictions[:, k].detach().float()},
                 labels={task: labels[:, k].float()},
-                weights={task: weights.float()},
+                weights={task: (weights if labelled is None else weights * labelled[:, k]).float()},
             )
 
     def compute(self) -> Dict[str, Dict[str, float]]:
