@@ -282,6 +282,15 @@ def _auc(scores, labels):
     return (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_path):
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml",
+                           *tiny_data(tmp_path), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "p.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and proc.stderr == (
+        f"concord: predict: {tmp_path / 'run'}: no checkpoint to score with (run_dir/checkpoints holds none)\n")
+
+
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

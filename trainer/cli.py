@@ -22,7 +22,7 @@ from typing import List, Optional
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config, packaged_configs
-from concord.trainer.data.layout import DataError, check_data_exists
+from concord.trainer.data.layout import DataError, check_checkpoint_encoding, check_data_exists, checkpoints_in
 
 DEFAULT_CONFIG = "demo"
 
@@ -133,6 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             single = ["--single-task", args.single_task] if args.single_task else []
             return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
         if args.command == "predict":
+            if not checkpoints_in(args.checkpoint):  # before the ranks build the model only to find none
+                print(f"concord: predict: {args.checkpoint}: no checkpoint to score with (run_dir/checkpoints holds none)",
+                      file=sys.stderr)
+                return 3
+            check_checkpoint_encoding(args.checkpoint, args.data or cfg.data.eval)
             if _is_worker() or cfg.world_size == 1:
                 return _predict_worker(cfg, args.checkpoint, args.data, args.out)
             data = ["--data", args.data] if args.data else []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 
 class DataError(ValueError):
@@ -45,6 +45,25 @@ def check_data_exists(cfg) -> None:
             how = ""
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
     check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, data_encoding(cfg.data.train) if cfg.data.train else None)
+
+
+def checkpoints_in(run_dir: str | Path) -> List[Path]:
+    """The published checkpoints of a run (``run_dir/checkpoints/step-N``), oldest first, unverified."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+
+
+def check_checkpoint_encoding(run_dir: str | Path, spec: Optional[str]) -> None:
+    """The data to score (``spec``) was encoded as the data the newest checkpoint of ``run_dir``
+    trained on, as far as their records say: read from the checkpoint's ``concord.json``, before the
+    ranks build the model only to refuse it (they check again, on the checkpoint they load)."""
+    steps = checkpoints_in(run_dir)
+    try:
+        saved = json.loads((steps[-1] / "concord.json").read_text()).get("fingerprint", {}) if steps else {}
+    except (OSError, ValueError):
+        return  # the ranks' own check reports a damaged checkpoint
+    check_same_encoding("the data to score", spec, "the data the checkpoint trained on",
+                        saved.get("data", {}).get("train", "?"), saved.get("encoding"))
 
 
 def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained_path: str, trained: Optional[str]) -> None:
