@@ -469,6 +469,33 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
     assert report["filled_dense"] == {"year": 1, "timestamp": 0}
 
 
+def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):
+    """configs/stops.yaml on rows in the carData `MplsStops` schema: a stop entered outside the squad
+    car has no search labels and a stop before April no citation label, and each is kept (null
+    labels); the race recorded and the race perceived share one table and so one vocabulary."""
+    header = "rownames,idNum,date,problem,MDC,citationIssued,personSearch,vehicleSearch,preRace,race,gender,lat,long,policePrecinct,neighborhood"
+    stops = [
+        "1,17-1,2017-01-01T06:00:42Z,suspicious,MDC,,NO,NO,Unknown,Black,Male,44.96,-93.24,1,Whittier",
+        "2,17-2,2017-01-01T07:15:01Z,traffic,other,,,,,,,44.97,-93.24,1,Whittier",
+        "3,17-3,2017-06-01T10:00:00Z,traffic,MDC,YES,NO,YES,Black,White,Female,44.98,-93.27,5,Jordan",
+        "4,17-4,2017-12-01T10:00:00Z,traffic,MDC,NO,YES,NO,White,Black,Male,44.95,-93.28,4,Jordan",
+    ]
+    (tmp_path / "stops.csv").write_text("\n".join([header, *stops]) + "\n")
+    cfg = load_config("configs/stops.yaml", [f"data.convert.input={tmp_path}/stops.csv", f"data.train={tmp_path}/train",
+                                             f"data.eval={tmp_path}/eval", "data.convert.split.cutoff='2017-11-01'"])
+    report = convert(cfg)
+    assert report["rows"] == {"train": 3, "eval": 1} and report["skipped_rows"] == {}
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["person_search"] == [0, None, 0] and train["vehicle_search"] == [0, None, 1]
+    assert train["citation"] == [None, None, 1]
+    assert report["labelled_rows"]["train"] == {"person_search": 2, "vehicle_search": 2, "citation": 1}
+    vocab = pq.read_table(tmp_path / "vocab/race.parquet").to_pydict()
+    assert vocab == pq.read_table(tmp_path / "vocab/pre_race.parquet").to_pydict()
+    assert set(vocab["value"]) == {"Black", "White", "Unknown"}
+    black = vocab["id"][vocab["value"].index("Black")]
+    assert train["race"][0] == [black] and train["pre_race"][2] == [black] and train["race"][1] == []
+
+
 def test_the_encoding_digest_says_what_ids_and_dense_values_mean(tmp_path):
     """Converting the same rows again gives the same digest; other training rows (other statistics)
     another. Training refuses evaluation data encoded otherwise than its training data, naming both;
