@@ -178,6 +178,40 @@ def test_parquet_input_gives_the_same_output_as_csv(tmp_path):
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
+def test_compressed_csv_a_byte_order_mark_and_a_folder_of_compressed_parts_read_as_the_plain_csv(tmp_path):
+    import bz2
+    import gzip
+
+    run(base(tmp_path))
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    text = (tmp_path / "raw.csv").read_bytes()
+    (tmp_path / "raw.csv.gz").write_bytes(gzip.compress(text))
+    run(base(tmp_path, input=str(tmp_path / "raw.csv.gz")), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text)  # as spreadsheet programs write UTF-8
+    run(base(tmp_path, input=str(tmp_path / "bom.csv")), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    parts = tmp_path / "parts"  # the header in every part, the rows split between a .gz and a .bz2 part
+    parts.mkdir()
+    header, *rows = text.decode().splitlines(keepends=True)
+    (parts / "a.csv.gz").write_bytes(gzip.compress((header + "".join(rows[:3])).encode()))
+    (parts / "b.csv.bz2").write_bytes(bz2.compress((header + "".join(rows[3:])).encode()))
+    (parts / "_SUCCESS").write_text("")
+    run(base(tmp_path, input=str(parts)), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+
+
+def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
+    rows = [r.replace("carol", "caf\xe9") for r in ROWS]
+    raw = base(tmp_path, rows=rows)
+    (tmp_path / "raw.csv").write_bytes(("\n".join([HEADER, *rows]) + "\n").encode("latin-1"))
+    with pytest.raises(ConvertError, match=r"raw\.csv: .*invalid UTF8 data; convert reads UTF-8 CSV \(re-encode the file"):
+        run(raw)
+    (tmp_path / "raw.csv").write_bytes(("d\xe9y" + HEADER[3:] + "\n").encode("latin-1"))
+    with pytest.raises(ConvertError, match=r"raw\.csv: the header is not UTF-8 text"):
+        run(raw)
+
+
 @pytest.mark.parametrize("row, message", [
     ("2,erin,a,cheap,1,1", r"raw\.csv: line 9: column 'price': not a number \(value 'cheap'\)"),
     ("2,erin,a,1,yes,1", r"raw\.csv: line 9: column 'click': not a number \(value 'yes'\)"),

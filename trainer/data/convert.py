@@ -47,11 +47,16 @@ class ConvertError(ValueError):
 
 
 # --- reading -------------------------------------------------------------------------------------
+# CSV files may be compressed: Arrow's CSV reader decompresses by the file's extension.
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.lz4")
+
+
 def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
-    """(path, format) for a file, a directory (its *.csv / *.parquet) or a glob, sorted."""
+    """(path, format) for a file, a directory (its CSV files, compressed too, and Parquet files) or a
+    glob, sorted."""
     p = Path(spec)
     if p.is_dir():
-        paths = sorted(str(f) for f in p.iterdir() if f.suffix in (".csv", ".parquet"))
+        paths = sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith((*CSV_SUFFIXES, ".parquet")))
     elif p.is_file():
         paths = [str(p)]
     else:
@@ -105,15 +110,23 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
         for batch in reader:
             yield batch
     except pa.ArrowInvalid as e:
+        if "invalid UTF8" in str(e):  # no row rule applies: the file's encoding is another
+            raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from None
         raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
 
 
 def _csv_header(path: str, delimiter: str) -> List[str]:
+    """The first line's column names, read as Arrow's CSV reader will read the file (decompressed by
+    its extension, UTF-8, a byte-order mark dropped)."""
     try:
-        with open(path, newline="") as f:
-            header = f.readline().rstrip("\r\n").split(delimiter)
-    except OSError as e:
+        with pa.input_stream(path, compression="detect") as f:
+            first = f.read(1 << 20).split(b"\n", 1)[0]
+        header = first.decode("utf-8-sig").rstrip("\r").split(delimiter)
+    except (OSError, pa.ArrowInvalid) as e:
         raise ConvertError(f"{path}: cannot read ({e})") from None
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV (re-encode the file, "
+                           "e.g. `iconv -f latin1 -t utf-8`)") from None
     return [h.strip('"') for h in header]
 
 
