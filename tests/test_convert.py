@@ -201,6 +201,32 @@ def test_compressed_csv_a_byte_order_mark_and_a_folder_of_compressed_parts_read_
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
+def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_converts(tmp_path):
+    """What Parquet logs hold: a date column to split on, dictionary-encoded strings, multi-hot ids as
+    a list column (a bag, as a text cell with a separator is), bytes-wide integer labels."""
+    import datetime
+    import pyarrow as pa
+
+    days = [datetime.date(2024, 1, d) for d in (1, 1, 2, 3, 4)]
+    table = pa.table({
+        "day": pa.array(days, pa.date32()),
+        "user": pa.array(["alice", "bob", "alice", "carol", "bob"]).dictionary_encode(),
+        "tags": pa.array([["a", "b"], [], None, ["b", None, " c "], ["z"]], pa.list_(pa.string())),
+        "price": pa.array([1.0, 2.0, 3.0, 4.0, 5.0], pa.float32()),
+        "click": pa.array([1, 0, 0, 1, 1], pa.int8()),
+        "amount": pa.array([1, 2, 3, 4, 5], pa.int16()),
+    })
+    pq.write_table(table, tmp_path / "log.parquet")
+    raw = base(tmp_path, input=str(tmp_path / "log.parquet"), split={"by": "time", "column": "day", "cutoff": "2024-01-04"},
+               categorical=[{"column": "user", "feature": "user"}, {"column": "tags", "feature": "tags"}])
+    report = run(raw)
+    assert report["rows"] == {"train": 4, "eval": 1}
+    train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
+    assert train["user"] == [[1], [2], [1], [3]] and held_out["user"] == [[2]]  # alice 2, bob 1, carol 1
+    assert train["tags"] == [[2, 1], [], [], [1, 3]] and held_out["tags"] == [[0]]  # b 2, then a and c 1; z unseen
+    assert train["click"] == [1, 0, 0, 1] and train["amount"] == [1, 2, 3, 4]
+
+
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     rows = [r.replace("carol", "caf\xe9") for r in ROWS]
     raw = base(tmp_path, rows=rows)

@@ -142,9 +142,10 @@ def _as_text(arr: pa.Array) -> pa.Array:
 
 def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(values float64 with NaN where missing, mask of unparseable values). ``time`` also accepts
-    ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given)."""
+    ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given); a date or timestamp
+    column is such seconds whatever ``time`` says."""
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        if pa.types.is_timestamp(arr.type):
+        if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
             arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
         values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
         return values, np.zeros(len(values), dtype=bool)
@@ -186,14 +187,20 @@ def parse_number(text, time: bool = False) -> Optional[float]:
 
 
 def tokens_of(arr: pa.Array, separator: Optional[str]) -> Tuple[pa.Array, np.ndarray]:
-    """The non-empty values of a categorical column and the row each came from (ascending)."""
+    """The non-empty values of a categorical column and the row each came from (ascending). A list
+    column (Parquet's ``list<...>``) is a multi-hot bag of its elements, as a text cell is with a
+    ``separator``."""
+    parents = np.arange(len(arr))
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        arr = pc.list_flatten(arr)
     arr = _as_text(arr)
     if separator:
         lists = pc.split_pattern(arr, separator)
         tokens = pc.list_flatten(lists)
-        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        parents = parents[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)]
     else:
-        tokens, parents = arr, np.arange(len(arr))
+        tokens = arr
     tokens = pc.utf8_trim_whitespace(tokens)
     keep = pc.fill_null(pc.greater(pc.utf8_length(tokens), 0), False)
     return tokens.filter(keep), parents[keep.to_numpy(zero_copy_only=False)]
