@@ -213,18 +213,23 @@ def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_conver
         "user": pa.array(["alice", "bob", "alice", "carol", "bob"]).dictionary_encode(),
         "tags": pa.array([["a", "b"], [], None, ["b", None, " c "], ["z"]], pa.list_(pa.string())),
         "price": pa.array([1.0, 2.0, 3.0, 4.0, 5.0], pa.float32()),
+        "shop": pa.array([7.0, float("nan"), 7.0, None, 8.0]),  # pandas writes a missing number as NaN
         "click": pa.array([1, 0, 0, 1, 1], pa.int8()),
         "amount": pa.array([1, 2, 3, 4, 5], pa.int16()),
     })
     pq.write_table(table, tmp_path / "log.parquet")
     raw = base(tmp_path, input=str(tmp_path / "log.parquet"), split={"by": "time", "column": "day", "cutoff": "2024-01-04"},
-               categorical=[{"column": "user", "feature": "user"}, {"column": "tags", "feature": "tags"}])
+               categorical=[{"column": "user", "feature": "user"}, {"column": "tags", "feature": "tags"},
+                            {"column": "shop", "feature": "shop"}])
+    raw["data"]["sparse_columns"]["shop"] = "shop"
+    raw["model"]["tables"].append({"name": "t_shop", "num_embeddings": 8, "embedding_dim": 4, "features": ["shop"]})
     report = run(raw)
     assert report["rows"] == {"train": 4, "eval": 1}
     train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
     assert train["user"] == [[1], [2], [1], [3]] and held_out["user"] == [[2]]  # alice 2, bob 1, carol 1
     assert train["tags"] == [[2, 1], [], [], [1, 3]] and held_out["tags"] == [[0]]  # b 2, then a and c 1; z unseen
     assert train["click"] == [1, 0, 0, 1] and train["amount"] == [1, 2, 3, 4]
+    assert train["shop"] == [[1], [], [1], []] and report["vocab_sizes"]["shop"] == 1  # NaN: no value, as null
 
 
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):

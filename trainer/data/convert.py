@@ -194,6 +194,8 @@ def tokens_of(arr: pa.Array, separator: Optional[str]) -> Tuple[pa.Array, np.nda
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
         arr = pc.list_flatten(arr)
+    if pa.types.is_floating(arr.type):  # NaN is how pandas writes a missing number: no value, as a null
+        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
     arr = _as_text(arr)
     if separator:
         lists = pc.split_pattern(arr, separator)
