@@ -59,6 +59,13 @@ def read(tmp_path: Path, split: str) -> dict:
     return pq.read_table(tmp_path / f"out/{split}").to_pydict()
 
 
+def convert_shipped(tmp_path: Path, config: str, csv: Path, *overrides: str) -> dict:
+    """A shipped config's conversion of ``csv`` into ``tmp_path``/{train,eval}; the report."""
+    cfg = load_config(f"configs/{config}.yaml", [f"data.convert.input={csv}", f"data.train={tmp_path}/train",
+                                                 f"data.eval={tmp_path}/eval", *overrides])
+    return convert(cfg)
+
+
 def test_vocabulary_comes_from_the_training_split_only(tmp_path):
     report = run(base(tmp_path))
     # Training counts: alice 3, bob 1, carol 1 -> ids by falling count, then value; dave unseen -> 0.
@@ -504,9 +511,7 @@ def test_the_flights_preparation_keeps_arrived_flights_and_derives_the_labels(tm
     assert [(r["weekday"], r["scheduled_minute"], r["day_of_year"]) for r in rows] == [("2", "315", "1"), ("2", "329", "1"), ("6", "785", "61"), ("2", "420", "365")]
     assert not {"dep_time", "dep_delay", "arr_time", "arr_delay"} & set(columns)
 
-    cfg = load_config("configs/flights.yaml", [f"data.convert.input={tmp_path}/prepared.csv", f"data.train={tmp_path}/train",
-                                               f"data.eval={tmp_path}/eval", "data.convert.split.eval_fraction=0.5"])
-    report = convert(cfg)
+    report = convert_shipped(tmp_path, "flights", tmp_path / "prepared.csv", "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
 
 
@@ -522,9 +527,7 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
         "4,1129,Escape from New York,NA,Action|Adventure|Sci-Fi|Thriller,2,3.5,1260759185",
     ]
     (tmp_path / "ratings.csv").write_text("\n".join([header, *ratings]) + "\n")
-    cfg = load_config("configs/movielens.yaml", [f"data.convert.input={tmp_path}/ratings.csv", f"data.train={tmp_path}/train",
-                                                 f"data.eval={tmp_path}/eval", "data.convert.split.eval_fraction=0.5"])
-    report = convert(cfg)
+    report = convert_shipped(tmp_path, "movielens", tmp_path / "ratings.csv", "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
     parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
     table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
@@ -546,9 +549,7 @@ def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_on
         "4,17-4,2017-12-01T10:00:00Z,traffic,MDC,NO,YES,NO,White,Black,Male,44.95,-93.28,4,Jordan",
     ]
     (tmp_path / "stops.csv").write_text("\n".join([header, *stops]) + "\n")
-    cfg = load_config("configs/stops.yaml", [f"data.convert.input={tmp_path}/stops.csv", f"data.train={tmp_path}/train",
-                                             f"data.eval={tmp_path}/eval", "data.convert.split.cutoff='2017-11-01'"])
-    report = convert(cfg)
+    report = convert_shipped(tmp_path, "stops", tmp_path / "stops.csv", "data.convert.split.cutoff='2017-11-01'")
     assert report["rows"] == {"train": 3, "eval": 1} and report["skipped_rows"] == {}
     train = pq.read_table(tmp_path / "train").to_pydict()
     assert train["person_search"] == [0, None, 0] and train["vehicle_search"] == [0, None, 1]
