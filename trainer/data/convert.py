@@ -3,8 +3,9 @@
 Driven by ``data.convert`` in the config (:class:`concord.trainer.config.ConvertConfig`). The input is read
 ``chunk_rows`` at a time, so files larger than memory work:
 
-- pass 0, a time split without a cutoff only: the times of the rows to write (a bad row skipped is
-  none of them), for the cutoff quantile (8 bytes a row);
+- pass 0, a time split without a cutoff only: the times of the rows to write (with ``on_bad_row:
+  skip`` every column is decoded for it: a row skipped is none of them), for the cutoff quantile (8
+  bytes a row);
 - pass 1: the training split only, for the vocabularies (value counts) and the dense statistics
   (mean and variance after the log transform, merged chunk by chunk);
 - pass 2: every row, mapped and written to ``data.train`` and ``data.eval``.
@@ -380,11 +381,19 @@ class Converter:
             if cutoff is None:
                 raise ConvertError(f"{self.cfg.source}: data.convert.split.cutoff: not a number or ISO-8601 time: {sp.cutoff!r}")
             return cutoff
-        # Over the rows that will be written (a row skipped for a bad value elsewhere is no row of
-        # either split), so that eval_fraction is the share of the output held out.
+        # Over the rows that will be written, so that eval_fraction is the share of the output held
+        # out. Where bad rows are skipped, a row skipped for a bad value elsewhere is none of them,
+        # so every column is decoded; else any bad row stops the conversion, and reading the time
+        # column alone gives the same rows for far less work.
         times = []
-        for chunk in self._decoded("time column", math.inf):
-            times.append(parse_numbers(chunk.batch.column(sp.column), time=True)[0])
+        if self.cv.on_bad_row == "skip":
+            for chunk in self._decoded("time column", math.inf):
+                times.append(parse_numbers(chunk.batch.column(sp.column), time=True)[0])
+        else:
+            self._pass_skips = Counter()
+            for *_, batch in self._stream("time column", [sp.column]):
+                values, bad = parse_numbers(batch.column(0), time=True)
+                times.append(values[~bad & np.isfinite(values)])
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
             skipped = f" ({sum(self._pass_skips.values())} rows skipped: {dict(self._pass_skips)})" if self._pass_skips else ""
