@@ -96,3 +96,14 @@ def test_metrics_count_a_row_only_for_the_tasks_it_has_a_label_for():
         alone = TaskMetrics([task], 1, 0, 40)
         alone.update(predictions[rows][:, k : k + 1], labels[rows][:, k : k + 1], torch.ones(int(rows.sum())))
         assert got[task.name] == pytest.approx(alone.compute()[task.name], rel=1e-5)
+
+
+def test_the_results_table_keeps_long_task_names_apart_from_their_type():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import format_table
+
+    tasks = [TaskConfig("vehicle_search", "v"), TaskConfig("a_task_named_at_length", "w", type="regression")]
+    results = {"vehicle_search": {"ne": 0.9, "auc": 0.75, "calibration": 1.1}, "a_task_named_at_length": {"mse": 2.0}}
+    rows = [line.split() for line in format_table(results, tasks).splitlines()[1:]]
+    assert rows == [["vehicle_search", "binary", "0.9000", "0.7500", "1.1000", "-"],
+                    ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000"]]

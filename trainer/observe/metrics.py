@@ -68,12 +68,13 @@ def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> st
 
 
 def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
-    """A fixed-width table: task, type, NE, AUC, calibration, MSE."""
-    lines = [f"{'task':<14}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}"]
+    """A fixed-width table: task, type, NE, AUC, calibration, MSE; the task column as wide as the longest name."""
+    width = max([14] + [len(t.name) + 2 for t in tasks])
+    lines = [f"{'task':<{width}}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}"]
     def cell(r: Dict[str, float], key: str, width: int, fmt: str) -> str:
         return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
 
     for t in tasks:
         r = results.get(t.name, {})
-        lines.append(f"{t.name:<14}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
+        lines.append(f"{t.name:<{width}}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
     return "\n".join(lines)
