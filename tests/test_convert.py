@@ -239,6 +239,16 @@ def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_conver
     assert train["shop"] == [[1], [], [1], []] and report["vocab_sizes"]["shop"] == 1  # NaN: no value, as null
 
 
+def test_a_quoted_header_is_read_as_the_csv_reader_reads_it(tmp_path):
+    run(base(tmp_path))
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    raw = base(tmp_path)
+    raw["data"]["convert"]["categorical"][0]["column"] = "user, id"  # a name holding the delimiter
+    (tmp_path / "raw.csv").write_text("\n".join(['"day","user, id",tags,price,click,amount', *ROWS]) + "\n")
+    run(raw, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+
+
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     rows = [r.replace("carol", "caf\xe9") for r in ROWS]
     raw = base(tmp_path, rows=rows)

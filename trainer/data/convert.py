@@ -22,6 +22,7 @@ by that data's vocabularies and statistics, and every row goes to one folder.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import glob
 import hashlib
@@ -122,13 +123,13 @@ def _csv_header(path: str, delimiter: str) -> List[str]:
     try:
         with pa.input_stream(path, compression="detect") as f:
             first = f.read(1 << 20).split(b"\n", 1)[0]
-        header = first.decode("utf-8-sig").rstrip("\r").split(delimiter)
+        header = next(csv.reader([first.decode("utf-8-sig").rstrip("\r")], delimiter=delimiter), [])
     except (OSError, pa.ArrowInvalid) as e:
         raise ConvertError(f"{path}: cannot read ({e})") from None
     except UnicodeDecodeError:
         raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV (re-encode the file, "
                            "e.g. `iconv -f latin1 -t utf-8`)") from None
-    return [h.strip('"') for h in header]
+    return header
 
 
 def _check_columns(path: str, have: List[str], need: List[str]) -> None:
