@@ -17,7 +17,7 @@ import pytest
 
 from concord.configs.flights_prepare import main as prepare_flights
 from concord.trainer.config import ConfigError, config_from_dict, load_config
-from concord.trainer.data.convert import ConvertError, convert, stable_hash
+from concord.trainer.data.convert import ConvertError, convert, input_files, stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "day,user,tags,price,click,amount"
@@ -206,6 +206,8 @@ def test_compressed_csv_a_byte_order_mark_and_a_folder_of_compressed_parts_read_
     (parts / "_SUCCESS").write_text("")
     run(base(tmp_path, input=str(parts)), force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    (parts / "c.tsv.zst").write_bytes(b"")  # a folder's files: CSV or TSV, compressed or not, and Parquet
+    assert [Path(f).name for f, _ in input_files(str(parts), "auto")] == ["a.csv.gz", "b.csv.bz2", "c.tsv.zst"]
 
 
 def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_converts(tmp_path):

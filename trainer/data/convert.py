@@ -49,8 +49,9 @@ class ConvertError(ValueError):
 
 
 # --- reading -------------------------------------------------------------------------------------
-# CSV files may be compressed: Arrow's CSV reader decompresses by the file's extension.
-CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.lz4")
+# CSV (or TSV, with data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
+# by the file's extension.
+CSV_SUFFIXES = tuple(kind + packed for kind in (".csv", ".tsv") for packed in ("", ".gz", ".bz2", ".zst", ".lz4"))
 
 
 def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
