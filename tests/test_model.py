@@ -107,3 +107,17 @@ def test_the_results_table_keeps_long_task_names_apart_from_their_type():
     rows = [line.split() for line in format_table(results, tasks).splitlines()[1:]]
     assert rows == [["vehicle_search", "binary", "0.9000", "0.7500", "1.1000", "-"],
                     ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000"]]
+
+
+def test_a_task_no_row_was_labelled_for_has_no_metrics_rather_than_a_perfect_score():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics
+
+    tasks = [TaskConfig("click", "click"), TaskConfig("amount", "amount", type="regression"), TaskConfig("buy", "buy")]
+    metrics = TaskMetrics(tasks, 1, 0, 8)
+    labelled = torch.tensor([[True, False, False]] * 8)
+    metrics.update(torch.rand(8, 3), torch.randint(0, 2, (8, 3)).float(), torch.ones(8), labelled)
+    assert set(metrics.compute()) == {"click"}  # torchrec alone reports amount's MSE as 0.0
+    metrics.reset()
+    metrics.update(torch.rand(8, 3), torch.randint(0, 2, (8, 3)).float(), torch.ones(8))
+    assert set(metrics.compute()) == {"click", "amount", "buy"}

@@ -25,7 +25,7 @@ class Evaluator:
     @torch.no_grad()
     def run(self, reader: ParquetReader, sink: Optional[RowSink] = None) -> Dict[str, Dict[str, float]]:
         batch_size = self.cfg.data.batch_size
-        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, batch_size, self.rt.device)
+        metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, batch_size, self.rt.device, self.rt.balancer_group)
         self.dmp.eval()
         it = iter(reader)
         template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
