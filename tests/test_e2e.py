@@ -117,6 +117,11 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Transfer: multi-task against single-task models" in report
     assert f"| equal | {multi['eval']['ctr']['ne']:.4f} |" in report and f"{transfer:+.2f} ± 0.00" in report
+    # A task no held-out row had the label for (missing_label: masked) has no metrics: named in one line.
+    del multi["eval"]["cvr"]
+    (out / "runs/equal-seed0/summary.json").write_text(json.dumps(multi))
+    third = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert third.returncode == 3 and third.stderr.startswith("concord: compare: task 'cvr' has no held-out metrics: no row of ")
 
 
 def test_torchx_component_passes_the_single_task_and_restarts():

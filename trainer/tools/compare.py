@@ -103,6 +103,10 @@ def run_compare(
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
+    unscored = sorted({t.name for summary in summaries.values() for t in cfg.tasks if t.name not in summary["eval"]})
+    if unscored:  # missing_label: masked, and no held-out row has the label
+        raise CompareError(f"task {unscored[0]!r} has no held-out metrics: no row of {cfg.data.eval} has its label, "
+                           "so no method can be compared on it; hold out rows that have it (data.convert.split)")
     report = write_report(out, cfg, methods, seeds, summaries, single, overrides)
     print(f"report: {report}")
     return report
