@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import zlib
 from pathlib import Path
@@ -39,9 +38,10 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from concord.trainer.data.layout import CHECKPOINT_NAME, published_checkpoints
+
 logger = logging.getLogger("concord.checkpoint")
 
-_NAME = re.compile(r"^step-(\d{8})$")
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING", "TensorProperties", "TensorStorageMetadata",
@@ -104,10 +104,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Published checkpoints (intact or damaged), oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-        return sorted(found, key=lambda p: p.name)
+        return published_checkpoints(self.root)
 
     def latest(self) -> Optional[Path]:
         """The newest intact checkpoint; damaged newer ones are reported (logged) and passed over.
@@ -213,7 +210,7 @@ def verify(path: Path) -> Optional[str]:
 
 
 def step_of(path: Path) -> int:
-    match = _NAME.match(path.name)
+    match = CHECKPOINT_NAME.match(path.name)
     if not match:
         raise CheckpointError(f"{path}: not a checkpoint directory name (step-XXXXXXXX)")
     return int(match.group(1))

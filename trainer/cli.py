@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import List, Optional
 
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config, packaged_configs
-from concord.trainer.data.layout import DataError, check_checkpoint_encoding, check_data_exists, checkpoints_in
+from concord.trainer.data.layout import DataError, check_checkpoint_encoding, check_data_exists, published_checkpoints
 
 DEFAULT_CONFIG = "demo"
 
@@ -133,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             single = ["--single-task", args.single_task] if args.single_task else []
             return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
         if args.command == "predict":
-            if not checkpoints_in(args.checkpoint):  # before the ranks build the model only to find none
+            if not published_checkpoints(Path(args.checkpoint) / "checkpoints"):  # before the ranks build the model only to find none
                 print(f"concord: predict: {args.checkpoint}: no checkpoint to score with (run_dir/checkpoints holds none)",
                       file=sys.stderr)
                 return 3

@@ -1,10 +1,12 @@
-"""What a data path must hold before training starts, and the error bad data ends with. No torch or
-TorchRec import: ``concord train``'s launcher checks the paths here before it starts the ranks, and
-importing TorchRec would add seconds to every launch."""
+"""What a data path must hold before training starts, and the error bad data ends with; which
+checkpoints a run has published. No torch or TorchRec import: ``concord train``'s and ``concord
+predict``'s launchers check the paths here before they start the ranks, and importing TorchRec would
+add seconds to every launch."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -47,17 +49,23 @@ def check_data_exists(cfg) -> None:
     check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, data_encoding(cfg.data.train) if cfg.data.train else None)
 
 
-def checkpoints_in(run_dir: str | Path) -> List[Path]:
-    """The published checkpoints of a run (``run_dir/checkpoints/step-N``), oldest first, unverified."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def published_checkpoints(root: str | Path) -> List[Path]:
+    """The checkpoints published under ``root`` (``step-XXXXXXXX`` folders; a ``.tmp`` one is still
+    being written), oldest first, intact or not. Here, without torch, for the launcher's checks too."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=lambda p: p.name)
 
 
 def check_checkpoint_encoding(run_dir: str | Path, spec: Optional[str]) -> None:
     """The data to score (``spec``) was encoded as the data the newest checkpoint of ``run_dir``
     trained on, as far as their records say: read from the checkpoint's ``concord.json``, before the
     ranks build the model only to refuse it (they check again, on the checkpoint they load)."""
-    steps = checkpoints_in(run_dir)
+    steps = published_checkpoints(Path(run_dir) / "checkpoints")
     try:
         saved = json.loads((steps[-1] / "concord.json").read_text()).get("fingerprint", {}) if steps else {}
     except (OSError, ValueError):
