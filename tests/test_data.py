@@ -73,11 +73,18 @@ def test_missing_column_names_file_and_column(tmp_path):
         ParquetReader(str(path), cols, 4)
 
 
-def test_sparse_column_must_be_a_list_of_ints(tmp_path):
+def test_sparse_column_must_be_a_list_of_ints_or_one_int_a_row(tmp_path):
     path = tmp_path / "x.parquet"
     write(path, 10, f=pa.array([["a"]] * 10, pa.list_(pa.string())))
-    with pytest.raises(DataError, match="sparse column 'f' must be a list of integers"):
+    with pytest.raises(DataError, match="sparse column 'f' must be a list of integers or an integer, has type list<"):
         ParquetReader(str(path), COLUMNS, 4)
+    write(path, 10, f=pa.array(range(10, 20), pa.int32()))  # a single-valued feature: each row a bag of one id
+    batch = next(iter(ParquetReader(str(path), COLUMNS, 10)))
+    assert batch.sparse["f"].lengths().tolist() == [1] * 10 and batch.sparse["f"].values().tolist() == list(range(10, 20))
+    assert batch.sparse["g"].lengths().tolist() == [2] * 10  # the list column beside it as ever
+    write(path, 10, f=pa.array([3] * 9 + [None], pa.int64()))
+    with pytest.raises(DataError, match="column 'f': null value at row 2"):
+        list(ParquetReader(str(path), COLUMNS, 4))
 
 
 def test_id_outside_the_table_names_the_value(tmp_path):

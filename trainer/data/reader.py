@@ -137,8 +137,9 @@ def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
             raise DataError(f"{path}: column {col!r} must be numeric, has type {t}")
     for _, col in columns.sparse:
         t = schema.field(col).type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
-            raise DataError(f"{path}: sparse column {col!r} must be a list of integers, has type {t}")
+        one_id = pa.types.is_integer(t)  # a single-valued feature: one id a row, a bag of one
+        if not one_id and (not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type)):
+            raise DataError(f"{path}: sparse column {col!r} must be a list of integers or an integer, has type {t}")
 
 
 def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
@@ -447,13 +448,16 @@ class ParquetReader:
         for feature, name in cols.sparse:
             arr = table.column(name).combine_chunks()
             if arr.null_count:
-                raise DataError(f"{where}: column {name!r}: null list at row {int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}")
-            flat = arr.flatten()
-            if flat.null_count:
-                raise DataError(f"{where}: column {name!r}: null id inside a list")
-            offsets = arr.offsets.to_numpy()
-            lengths = np.diff(offsets).astype(np.int32)
-            values = flat.to_numpy().astype(np.int64, copy=False)
+                raise DataError(f"{where}: column {name!r}: null value at row {int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}")
+            if pa.types.is_integer(arr.type):  # one id a row
+                values = arr.to_numpy().astype(np.int64, copy=False)
+                lengths = np.ones(len(values), np.int32)
+            else:
+                flat = arr.flatten()
+                if flat.null_count:
+                    raise DataError(f"{where}: column {name!r}: null id inside a list")
+                lengths = np.diff(arr.offsets.to_numpy()).astype(np.int32)
+                values = flat.to_numpy().astype(np.int64, copy=False)
             size = self._sizes.get(feature)
             if size is not None and values.size:
                 bad = (values < 0) | (values >= size)
