@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
-from concord.trainer.data.layout import DataError, check_same_encoding
+from concord.trainer.data.layout import DataError, check_scored_encoding
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import differences, fingerprint
@@ -91,8 +91,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     if wrong:
         raise ResumeError(f"{path} holds another model ({', '.join(wrong)} differ from {trainer.cfg.source}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
-    check_same_encoding("the data to score", spec, "the data the checkpoint trained on",
-                        saved.get("data", {}).get("train", "?"), saved.get("encoding"))
+    check_scored_encoding(spec, saved)
     state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
     fresh = pop_balancer_entries(state) if "balancer" in changed else {}
     Checkpointer.load(path, {"model": state["model"]})

@@ -254,13 +254,15 @@ class _Moments:
 @dataclass
 class _Decoded:
     """One chunk's good rows: dense (n, D) transformed except standardizing, labels (n, T), weights,
-    each row's split (``SPLITS``: 0 train, 1 eval, 2 validation), and the raw chunk (for the categoricals)."""
+    each row's split (``SPLITS``: 0 train, 1 eval, 2 validation), its time (a time split: seconds),
+    and the raw chunk (for the categoricals)."""
 
     batch: pa.RecordBatch
     dense: np.ndarray
     labels: np.ndarray
     weights: Optional[np.ndarray]
     split: np.ndarray
+    times: Optional[np.ndarray] = None
 
 
 SPLITS = ("train", "eval", "validation")
@@ -389,8 +391,7 @@ class Converter:
         # column alone gives the same rows for far less work.
         times = []
         if self.cv.on_bad_row == "skip":
-            for chunk in self._decoded("time column", math.inf):
-                times.append(parse_numbers(chunk.batch.column(sp.column), time=True)[0])
+            times = [chunk.times for chunk in self._decoded("time column", math.inf)]
         else:
             self._pass_skips = Counter()
             for *_, batch in self._stream("time column", [sp.column]):
@@ -484,7 +485,8 @@ class Converter:
             split[~is_eval & (rngs[1].random(n) < self.cv.split.validation_fraction)] = 2
         keep = ~bad_rows
         return _Decoded(
-            batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], split[keep]
+            batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], split[keep],
+            times[keep] if self.like is None and self.cv.split.by == "time" else None,
         )
 
     def _decoded(self, what: str, cutoff) -> Iterator[_Decoded]:
@@ -617,7 +619,7 @@ class Converter:
         vocab_dir.mkdir(parents=True)
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
-        hashed = self._hashed_sizes()
+        hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
@@ -635,8 +637,8 @@ class Converter:
                               for split, counts in zip(names, label_counts)},
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": hashed,
-            "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in self._dense_spec(moments).items()},
-            "encoding": encoding_digest(self.cv.categorical, vocabs, hashed, self._dense_spec(moments)),
+            "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in dense.items()},
+            "encoding": encoding_digest(self.cv.categorical, vocabs, hashed, dense),
         }
         (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return report

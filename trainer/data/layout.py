@@ -70,8 +70,14 @@ def check_checkpoint_encoding(run_dir: str | Path, spec: Optional[str]) -> None:
         saved = json.loads((steps[-1] / "concord.json").read_text()).get("fingerprint", {}) if steps else {}
     except (OSError, ValueError):
         return  # the ranks' own check reports a damaged checkpoint
+    check_scored_encoding(spec, saved)
+
+
+def check_scored_encoding(spec: Optional[str], fingerprint: dict) -> None:
+    """The data to score (``spec``) was encoded as the training data of the checkpoint whose run
+    ``fingerprint`` is given, where both are known."""
     check_same_encoding("the data to score", spec, "the data the checkpoint trained on",
-                        saved.get("data", {}).get("train", "?"), saved.get("encoding"))
+                        fingerprint.get("data", {}).get("train", "?"), fingerprint.get("encoding"))
 
 
 def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained_path: str, trained: Optional[str]) -> None:

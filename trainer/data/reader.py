@@ -163,7 +163,7 @@ class _Block:
     def __init__(self, dense, sparse, labels, weights, labelled=None):
         self.dense, self.sparse, self.labels, self.weights, self.labelled = dense, sparse, labels, weights, labelled
 
-    def _rows(self, index) -> Optional[np.ndarray]:
+    def _labelled_at(self, index) -> Optional[np.ndarray]:
         return None if self.labelled is None else self.labelled[index]
 
     def __len__(self) -> int:
@@ -177,7 +177,7 @@ class _Block:
         for lengths, values in self.sparse:
             first, last = int(lengths[:start].sum()), int(lengths[:stop].sum())
             sparse.append((lengths[start:stop], values[first:last]))
-        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop], self._rows(slice(start, stop)))
+        return _Block(self.dense[start:stop], sparse, self.labels[start:stop], self.weights[start:stop], self._labelled_at(slice(start, stop)))
 
     def take(self, rows: np.ndarray) -> "_Block":
         """The rows at ``rows`` (e.g. a permutation), jagged values moved with their rows."""
@@ -187,7 +187,7 @@ class _Block:
             counts = lengths[rows].astype(np.int64)
             within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
             sparse.append((lengths[rows], values[np.repeat(starts, counts) + within]))
-        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows], self._rows(rows))
+        return _Block(self.dense[rows], sparse, self.labels[rows], self.weights[rows], self._labelled_at(rows))
 
     @staticmethod
     def empty(columns: "Columns") -> "_Block":
