@@ -66,6 +66,21 @@ def test_errors_name_the_file_and_key(tmp_path, edit, message):
         load_config(with_change(tmp_path, edit))
 
 
+def test_without_dense_columns_the_default_dense_mlp_is_none_and_one_set_is_an_error(tmp_path):
+    def no_dense(raw, dense_mlp=None):
+        raw["data"]["dense_columns"] = []
+        raw["data"].pop("convert", None)
+        raw["model"].pop("dense_mlp", None)
+        if dense_mlp is not None:
+            raw["model"]["dense_mlp"] = dense_mlp
+
+    assert load_config(with_change(tmp_path, no_dense)).model.dense_mlp == []
+    with pytest.raises(ConfigError, match=r"data\.dense_columns: model\.dense_mlp is set but there are no dense columns"):
+        load_config(with_change(tmp_path, lambda r: no_dense(r, [16])))
+    with_default = load_config(with_change(tmp_path, lambda r: r["model"].pop("dense_mlp")))
+    assert with_default.model.dense_mlp == [128, 64]  # with dense columns the default MLP stays
+
+
 def test_bad_override_names_the_key():
     with pytest.raises(ConfigError, match=r"override tasks\.9\.name: '9' is not an index"):
         load_config(DEMO, ["tasks.9.name=x"])

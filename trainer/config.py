@@ -387,6 +387,9 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
         knobs = {k: v for k, v in balancer.items() if k not in ("name", "reduction", "statistics", "statistics_every", "knobs")}
         raw["balancer"] = {k: v for k, v in balancer.items() if k in ("name", "reduction", "statistics", "statistics_every")}
         raw["balancer"]["knobs"] = {**balancer.get("knobs", {}), **knobs}
+    model, data = raw.get("model"), raw.get("data")
+    if isinstance(model, dict) and "dense_mlp" not in model and isinstance(data, dict) and not data.get("dense_columns"):
+        raw["model"] = {**model, "dense_mlp": []}  # the default MLP is for dense columns; without any there is none
     cfg = _build(Config, raw, source, "")
     cfg.source = source
     validate(cfg)
