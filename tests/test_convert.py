@@ -549,6 +549,26 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
     assert report["filled_dense"] == {"year": 1, "timestamp": 0}
 
 
+def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_columns(tmp_path):
+    """configs/insteval.yaml on rows in the lme4 `InstEval` schema: every column is an integer code,
+    each feature has a table and so a vocabulary of its own (numbered from 1, holding only its
+    column's values), three labels come from the one rating column, and no dense column means no
+    dense MLP (the config sets none)."""
+    header = "rownames,s,d,studage,lectage,service,dept,y"
+    ratings = ["1,1,1002,2,2,0,2,5", "2,1,1050,2,1,1,6,2", "3,1,1582,2,2,0,2,5", "4,2,115,4,1,0,5,4"]
+    (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings]) + "\n")
+    report = convert_shipped(tmp_path, "insteval", tmp_path / "insteval.csv", "data.convert.split.eval_fraction=0.5")
+    assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
+    parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
+    table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
+    assert sorted(zip(table["rating"], table["good"], table["excellent"])) == [(2, 0, 0), (4, 1, 0), (5, 1, 1), (5, 1, 1)]
+    for feature, column in (("dept", "dept"), ("studage", "studage"), ("service", "service")):
+        vocab = pq.read_table(tmp_path / f"vocab/{feature}.parquet").to_pydict()
+        train_values = {line.split(",")[header.split(",").index(column)] for line in ratings}
+        assert set(vocab["value"]) <= train_values and sorted(vocab["id"]) == list(range(1, len(vocab["id"]) + 1)), feature
+    assert load_config("configs/insteval.yaml").model.dense_mlp == []
+
+
 def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):
     """configs/stops.yaml on rows in the carData `MplsStops` schema: a stop entered outside the squad
     car has no search labels and a stop before April no citation label, and each is kept (null
