@@ -594,6 +594,35 @@ def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_on
     assert train["race"][0] == [black] and train["pre_race"][2] == [black] and train["race"][1] == []
 
 
+def test_training_refuses_a_table_made_smaller_than_the_ids_convert_wrote(tmp_path):
+    """Convert checks its tables; a table shrunk afterwards (an override at train time) is refused
+    before any rank starts, naming the table, the feature and the size it needs, where it used to
+    fail on one rank at the first large id. Training users: alice, bob, carol, so ids 0..3; a
+    hashed feature's ids lie below the size it was hashed into."""
+    from concord.trainer.data.layout import DataError, check_data_exists
+
+    run(base(tmp_path))
+
+    def shrunk(rows: int, on_bad_id: str = "error", raw: dict | None = None) -> None:
+        raw = copy.deepcopy(raw or base(tmp_path))
+        raw["model"]["tables"][0]["num_embeddings"] = rows
+        raw["data"]["on_bad_id"] = on_bad_id
+        check_data_exists(config_from_dict(raw, "test.yaml"))
+
+    shrunk(4)
+    with pytest.raises(DataError, match=r"model\.tables\[0\]\.num_embeddings: table 't_user' has 3 rows, but .*out/convert\.json "
+                                        r"gives feature 'user' ids up to 3; make the table at least 4 rows, or set data\.on_bad_id: hash"):
+        shrunk(3)
+    shrunk(3, on_bad_id="hash")  # the reader folds them into the table
+
+    hashed = base(tmp_path, categorical=[{"column": "user", "feature": "user", "hash": True},
+                                         {"column": "tags", "feature": "tags", "separator": "|"}])
+    run(hashed, force=True)
+    shrunk(8, raw=hashed)
+    with pytest.raises(DataError, match=r"table 't_user' has 5 rows, but .* gives feature 'user' ids up to 7; make the table at least 8"):
+        shrunk(5, raw=hashed)
+
+
 def test_the_encoding_digest_says_what_ids_and_dense_values_mean(tmp_path):
     """Converting the same rows again gives the same digest; other training rows (other statistics)
     another. Training refuses evaluation data encoded otherwise than its training data, naming both;

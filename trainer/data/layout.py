@@ -20,15 +20,26 @@ def dataset_ready(path: str | Path) -> bool:
     return p.is_dir() and any(p.glob("*.parquet"))
 
 
-def data_encoding(path: str | Path) -> Optional[str]:
-    """The encoding digest ``concord convert`` recorded beside the data at ``path`` (a split's
-    folder, or a file in one), from its ``convert.json``; None for data convert did not write."""
+def convert_report_path(path: str | Path) -> Path:
+    """Where ``concord convert`` records what it wrote for the data at ``path`` (a split's folder, or
+    a file in one)."""
     p = Path(path)
-    meta = (p.parent.parent if p.is_file() else p.parent) / "convert.json"
+    return (p.parent.parent if p.is_file() else p.parent) / "convert.json"
+
+
+def convert_report(path: str | Path) -> dict:
+    """``convert.json`` of the data at ``path``; empty for data convert did not write."""
     try:
-        return json.loads(meta.read_text()).get("encoding")
+        report = json.loads(convert_report_path(path).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def data_encoding(path: str | Path) -> Optional[str]:
+    """The encoding digest ``concord convert`` recorded beside the data at ``path``; None for data
+    convert did not write."""
+    return convert_report(path).get("encoding")
 
 
 def check_data_exists(cfg) -> None:
@@ -47,6 +58,29 @@ def check_data_exists(cfg) -> None:
             how = ""
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
     check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, data_encoding(cfg.data.train) if cfg.data.train else None)
+    if cfg.data.train:
+        check_tables_hold_ids(cfg, convert_report(cfg.data.train), str(convert_report_path(cfg.data.train)))
+
+
+def check_tables_hold_ids(cfg, report: dict, where: str) -> None:
+    """Every id ``concord convert`` wrote has a row in its feature's table: a vocabulary of V values
+    writes ids 0..V, a hashed feature ids below the size it was hashed into. Convert checked the
+    tables it was given; a table made smaller since (an override, an edited config) would otherwise
+    meet its first large id steps into training, on one rank. With ``data.on_bad_id: hash`` such ids
+    are the reader's to fold into the table."""
+    if cfg.data.on_bad_id != "error":
+        return
+    written = {f: int(v) + 1 for f, v in (report.get("vocab_sizes") or {}).items()}
+    written.update({f: int(v) for f, v in (report.get("hashed") or {}).items()})
+    for i, table in enumerate(cfg.model.tables):
+        for feature in table.features:
+            needed = written.get(feature)
+            if needed is not None and needed > table.num_embeddings:
+                raise DataError(
+                    f"model.tables[{i}].num_embeddings: table {table.name!r} has {table.num_embeddings} rows, but "
+                    f"{where} gives feature {feature!r} ids up to {needed - 1}; make the table at least {needed} rows, "
+                    "or set data.on_bad_id: hash to fold larger ids into it"
+                )
 
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
