@@ -266,7 +266,8 @@ def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     ("2,erin,a,cheap,1,1", r"raw\.csv: line 9: column 'price': not a number \(value 'cheap'\)"),
     ("2,erin,a,1,yes,1", r"raw\.csv: line 9: column 'click': not a number \(value 'yes'\)"),
     ("2,erin,a,1,2,1", r"line 9: column 'click': task 'ctr' is binary: the label must be 0 or 1 \(value '2'\)"),
-    ("2,erin,a,1,1,", r"line 9: column 'amount': missing label"),
+    ("2,erin,a,1,1,", r"line 9: column 'amount': missing label \(no value\); data\.convert\.on_bad_row: skip drops such rows, "
+                      r"counted; missing_label: masked on tasks\[1\] keeps them for the other tasks$"),
     ("x,erin,a,1,1,1", r"line 9: column 'day': missing or not a time \(value 'x'\)"),
     ("2,erin,a,1,1", r"raw\.csv: CSV parse error: Row #9: Expected 6 columns, got 5: 2,erin,a,1,1"),
 ])
@@ -567,6 +568,10 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
         train_values = {line.split(",")[header.split(",").index(column)] for line in ratings}
         assert set(vocab["value"]) <= train_values and sorted(vocab["id"]) == list(range(1, len(vocab["id"]) + 1)), feature
     assert load_config("configs/insteval.yaml").model.dense_mlp == []
+    # Every task reads the rating: a row without one has no task to train, so masking is not offered.
+    (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings, "5,2,115,4,1,0,5,NA"]) + "\n")
+    with pytest.raises(ConvertError, match=r"line 6: column 'y': missing label \(no value\); data\.convert\.on_bad_row: skip drops such rows, counted$"):
+        convert_shipped(tmp_path / "again", "insteval", tmp_path / "insteval.csv", "data.convert.split.eval_fraction=0.5")
 
 
 def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):

@@ -408,7 +408,7 @@ class Converter:
         n = batch.num_rows
         bad_rows = np.zeros(n, dtype=bool)
 
-        def check(bad: np.ndarray, column: str, reason: str) -> None:
+        def check(bad: np.ndarray, column: str, reason: str, keeps: str = "") -> None:
             new = bad & ~bad_rows
             if not new.any():
                 return
@@ -417,8 +417,8 @@ class Converter:
                 where = f"line {first + i + 2}" if fmt == "csv" else f"row {first + i + 1}"
                 value = batch.column(column)[i].as_py()
                 raise ConvertError(
-                    f"{path}: {where}: column {column!r}: {reason} (value {value!r}); "
-                    "data.convert.on_bad_row: skip drops such rows, counted"
+                    f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
+                    f"data.convert.on_bad_row: skip drops such rows, counted{keeps}"
                 )
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
@@ -436,18 +436,21 @@ class Converter:
             if column is None:  # encoding data to score that has no such label
                 continue
             masked = task.missing_label == "masked"
+            readers = [i for i, c in enumerate(self.label_inputs) if c == column]
+            keeps = ("" if len(readers) == len(self.cfg.tasks) else  # no other task for such a row to train
+                     f"; missing_label: masked on {', '.join(f'tasks[{i}]' for i in readers)} keeps them for the other tasks")
             if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
                 text = _as_text(batch.column(column))
                 missing = text.is_null().to_numpy(zero_copy_only=False)
                 if not masked:
-                    check(missing, column, "missing label")
+                    check(missing, column, "missing label", keeps)
                 positive = pc.is_in(pc.utf8_trim_whitespace(text), value_set=pa.array(self.cv.positive[task.label]))
                 labels[:, k] = np.where(missing, np.nan, positive.fill_null(False).to_numpy(zero_copy_only=False))
                 continue
             values, bad = parse_numbers(batch.column(column))
             check(bad, column, "not a number")
             if not masked:
-                check(~bad & np.isnan(values), column, "missing label")
+                check(~bad & np.isnan(values), column, "missing label", keeps)
             check(np.isinf(values), column, "not finite")
             bounds = self.cv.positive_range.get(task.label)
             if bounds is not None:  # a measure: 1 inside the range, else 0
