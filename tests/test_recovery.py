@@ -134,6 +134,14 @@ def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
     message = mismatch_message("ck", keys, saved, now, [])
     assert "batch_size: 64 -> 128" in message and "train.resume=false" in message
     assert "only balancer may differ with train.allow_changes=[balancer]" in message
+    assert "balancer.name: equal -> emtl" in message
+
+    # A change deep in a section is named down to the setting, not as two whole sections cut short.
+    tables = [{"name": "t_user", "embedding_dim": 16, "num_embeddings": 100}, {"name": "t_item", "embedding_dim": 16, "num_embeddings": 50}]
+    saved = {"model": {"tables": tables, "shared": [256]}}
+    now = {"model": {"tables": [tables[0], {**tables[1], "embedding_dim": 8}], "shared": [256, 64]}}
+    message = mismatch_message("ck", differences(saved, now), saved, now, [])
+    assert "(model.shared: [256] -> [256, 64]; model.tables[1].embedding_dim: 16 -> 8)" in message
 
 
 # --- data integrity ---------------------------------------------------------------------------------------

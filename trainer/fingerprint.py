@@ -46,7 +46,9 @@ def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
 
 
 def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> str:
-    details = "; ".join(f"{k}: {_short(saved.get(k))} -> {_short(now.get(k))}" for k in keys)
+    changed = [line for k in keys for line in _changed_values(k, saved.get(k), now.get(k))]
+    shown = changed[:_SHOWN_CHANGES] + ([f"and {len(changed) - _SHOWN_CHANGES} more"] if len(changed) > _SHOWN_CHANGES else [])
+    details = "; ".join(shown)
     safe = [k for k in keys if k in SAFE_CHANGES]
     ways = ["train.resume=false (the old run moves to previous-<id>/)", "another train.run_dir"]
     if safe and set(safe) != set(keys):
@@ -54,6 +56,20 @@ def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], no
     elif safe:
         ways.append(f"train.allow_changes=[{','.join(safe)}] ({'; '.join(SAFE_CHANGES[k] for k in safe)})")
     return f"{checkpoint} was written by a different setup ({details}); to go on: {' or '.join(ways)}"
+
+
+_SHOWN_CHANGES = 6
+
+
+def _changed_values(key: str, saved: Any, now: Any) -> List[str]:
+    """``key: old -> new`` for each value that differs, down to the setting (``model.tables[1].
+    embedding_dim: 16 -> 8``), rather than two whole sections cut short."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [line for k in sorted(set(saved) | set(now), key=str) if saved.get(k) != now.get(k)
+                for line in _changed_values(f"{key}.{k}", saved.get(k), now.get(k))]
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        return [line for i, (a, b) in enumerate(zip(saved, now)) if a != b for line in _changed_values(f"{key}[{i}]", a, b)]
+    return [f"{key}: {_short(saved)} -> {_short(now)}"]
 
 
 def _short(value: Any) -> str:
