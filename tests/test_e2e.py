@@ -357,3 +357,10 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
     assert 0 < present.sum() < len(labels)
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ctr "))
     assert float(row[3]) == pytest.approx(_auc(np.array(scored["pred_ctr"])[present], labels[present]), abs=1e-4)
+
+    # A config describing another model: one line naming the setting that differs.
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
+                           "model.tables.1.embedding_dim=16", "--checkpoint", str(run), "--out", str(tmp_path / "p4.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3
+    assert "holds another model than configs/tiny.yaml describes (model.tables[1].embedding_dim: 8 -> 16)" in proc.stderr.strip().splitlines()[-1]

@@ -142,6 +142,8 @@ def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
     now = {"model": {"tables": [tables[0], {**tables[1], "embedding_dim": 8}], "shared": [256, 64]}}
     message = mismatch_message("ck", differences(saved, now), saved, now, [])
     assert "(model.shared: [256] -> [256, 64]; model.tables[1].embedding_dim: 16 -> 8)" in message
+    saved, now = {"tasks": [["ctr", "binary", "click", [32]]]}, {"tasks": [["ctr", "binary", "click", [16]]]}
+    assert "(tasks[0]: ['ctr', 'binary', 'click', [32]] -> ['ctr', 'binary', 'click', [16]])" in mismatch_message("ck", ["tasks"], saved, now, [])
 
 
 # --- data integrity ---------------------------------------------------------------------------------------

@@ -46,9 +46,7 @@ def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
 
 
 def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> str:
-    changed = [line for k in keys for line in _changed_values(k, saved.get(k), now.get(k))]
-    shown = changed[:_SHOWN_CHANGES] + ([f"and {len(changed) - _SHOWN_CHANGES} more"] if len(changed) > _SHOWN_CHANGES else [])
-    details = "; ".join(shown)
+    details = describe_changes(keys, saved, now)
     safe = [k for k in keys if k in SAFE_CHANGES]
     ways = ["train.resume=false (the old run moves to previous-<id>/)", "another train.run_dir"]
     if safe and set(safe) != set(keys):
@@ -61,15 +59,27 @@ def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], no
 _SHOWN_CHANGES = 6
 
 
+def describe_changes(keys: List[str], saved: Dict[str, Any], now: Dict[str, Any]) -> str:
+    """The settings under ``keys`` that differ, ``key: old -> new``, the first few of them."""
+    changed = [line for k in keys for line in _changed_values(k, saved.get(k), now.get(k))]
+    return "; ".join(changed[:_SHOWN_CHANGES] + ([f"and {len(changed) - _SHOWN_CHANGES} more"] if len(changed) > _SHOWN_CHANGES else []))
+
+
 def _changed_values(key: str, saved: Any, now: Any) -> List[str]:
     """``key: old -> new`` for each value that differs, down to the setting (``model.tables[1].
     embedding_dim: 16 -> 8``), rather than two whole sections cut short."""
     if isinstance(saved, dict) and isinstance(now, dict):
         return [line for k in sorted(set(saved) | set(now), key=str) if saved.get(k) != now.get(k)
                 for line in _changed_values(f"{key}.{k}", saved.get(k), now.get(k))]
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now) and _sections(saved) and _sections(now):
         return [line for i, (a, b) in enumerate(zip(saved, now)) if a != b for line in _changed_values(f"{key}[{i}]", a, b)]
     return [f"{key}: {_short(saved)} -> {_short(now)}"]
+
+
+def _sections(values: List[Any]) -> bool:
+    """A list of tables or tasks, named entry by entry; a list of values (layer sizes, one task's
+    record) is one setting."""
+    return all(isinstance(v, (dict, list)) for v in values)
 
 
 def _short(value: Any) -> str:

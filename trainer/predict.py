@@ -25,7 +25,7 @@ from concord.trainer.config import Config
 from concord.trainer.data.layout import DataError, check_scored_encoding
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import differences, fingerprint
+from concord.trainer.fingerprint import describe_changes, differences, fingerprint
 from concord.trainer.runtime import Runtime
 from concord.trainer.train import ResumeError, Trainer, pop_balancer_entries, restore_entries
 
@@ -89,7 +89,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     changed = differences(saved, now)
     wrong = [k for k in MODEL_KEYS if k in changed]
     if wrong:
-        raise ResumeError(f"{path} holds another model ({', '.join(wrong)} differ from {trainer.cfg.source}); "
+        raise ResumeError(f"{path} holds another model than {trainer.cfg.source} describes ({describe_changes(wrong, saved, now)}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
     check_scored_encoding(spec, saved)
     state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
