@@ -109,6 +109,30 @@ def test_the_results_table_keeps_long_task_names_apart_from_their_type():
                     ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000"]]
 
 
+def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten_times_apart():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import quality_notes
+
+    tasks = [TaskConfig("good", "g"), TaskConfig("excellent", "e"), TaskConfig("rating", "r", type="regression")]
+    results = {"good": {"ne": 0.95}, "excellent": {"ne": 1.0311}, "rating": {"mse": 1.47}}
+    starved = quality_notes(results, tasks, {"good": 0.008, "excellent": 0.004, "rating": 0.048})
+    assert starved == ["note: task 'excellent' predicts the held-out rows no better than its base rate (NE 1.0311 >= 1); its "
+                       "gradient at z averaged 12x smaller than 'rating''s; `--single-task excellent` tells whether the "
+                       "other tasks starve it (README, 'Which balancer to try first')"]
+    assert "averaged" not in quality_notes(results, tasks, {"good": 0.008, "excellent": 0.008, "rating": 0.048})[0]
+    assert quality_notes(results, tasks[1:2]) == ["note: task 'excellent' predicts the held-out rows no better than its "
+                                                  "base rate (NE 1.0311 >= 1)"]  # alone: nothing else to starve it
+
+    learned = {"good": {"ne": 0.9}, "excellent": {"ne": 0.92}, "rating": {"mse": 1.4}}
+    apart = {"good": 0.01, "excellent": 0.004, "rating": 0.048}
+    assert quality_notes(learned, tasks, apart) == [
+        "note: the tasks' gradients at z averaged up to 12x apart ('rating' over 'excellent'): one task steers the "
+        "shared layers; README, 'Which balancer to try first'"]
+    assert quality_notes(learned, tasks, apart, balancer="multibalance") == []  # a balancer is already at work
+    assert quality_notes(learned, tasks, {"good": 0.01, "excellent": 0.008, "rating": 0.048}) == []
+    assert quality_notes(learned, tasks) == []
+
+
 def test_a_task_no_row_was_labelled_for_has_no_metrics_rather_than_a_perfect_score():
     from concord.trainer.config import TaskConfig
     from concord.trainer.observe.metrics import TaskMetrics

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -30,7 +31,7 @@ from concord.trainer.fingerprint import differences, fingerprint, mismatch_messa
 from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
-from concord.trainer.observe.metrics import compact_results, format_table
+from concord.trainer.observe.metrics import compact_results, format_table, quality_notes
 from concord.trainer.observe.progress import progress_bar
 from concord.trainer.observe.runlog import RunLog
 from concord.trainer.observe.timing import QPSMeter, StepTimer
@@ -87,6 +88,8 @@ class Trainer:
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
     nonfinite: Optional[NonFinitePolicy] = None  # set by build
+    # each task's gradient norm at z summed over this invocation's logged steps, and their count
+    grad_norm_sums: Dict[str, List[float]] = field(default_factory=dict)
 
     def precision(self):
         """The forward's autocast context (``train.precision``)."""
@@ -351,6 +354,9 @@ class Trainer:
             write_json_atomic(Path(cfg.train.run_dir) / "summary.json", summary)
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
             print(format_table(final, cfg.tasks))
+            means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
+            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name):
+                print(note)
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
         self.log.close()
@@ -468,6 +474,10 @@ class Trainer:
         telemetry = self.model.boundary.telemetry()
         if self.param_balancer is not None:
             telemetry = {**telemetry, **self.param_balancer.last_telemetry}
+        for name, norm in zip(names, telemetry.get("grad_norm") or ()):
+            if norm is not None and math.isfinite(float(norm)):
+                total = self.grad_norm_sums.setdefault(name, [0.0, 0])
+                total[0], total[1] = total[0] + float(norm), total[1] + 1
         record = {
             "kind": "train",
             "step": step,

@@ -92,3 +92,37 @@ def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
         r = results.get(t.name, {})
         lines.append(f"{t.name:<{width}}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
     return "\n".join(lines)
+
+
+# Tasks' mean gradient norms at z this far apart: one task steers the shared layers (README, "Which
+# balancer to try first", step 2).
+STEERING_RATIO = 10.0
+
+
+def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
+                  balancer: str = "equal") -> List[str]:
+    """Lines for what a table of figures leaves for the reader to notice: a binary task whose held-out
+    NE is 1 or more predicts no better than its base rate (a starved head, or nothing to learn); and,
+    from the mean gradient norms at ``z`` over the logged steps (``grad_norms``), tasks whose
+    gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
+    notes = []
+    norms = {name: value for name, value in (grad_norms or {}).items() if value > 0}
+    largest = max(norms, key=norms.get) if norms else None
+    for t in tasks:
+        ne = results.get(t.name, {}).get("ne")
+        if ne is None or ne < 1.0:
+            continue
+        line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {ne:.4f} >= 1)"
+        if t.name in norms and largest != t.name and norms[largest] >= STEERING_RATIO * norms[t.name]:
+            line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than {largest!r}'s"
+        if len(tasks) > 1:
+            line += (f"; `--single-task {t.name}` tells whether the other tasks starve it (README, 'Which balancer to "
+                     "try first')")
+        notes.append(line)
+    if balancer == "equal" and len(norms) > 1 and not any("gradient at z" in note for note in notes):
+        smallest = min(norms, key=norms.get)
+        if norms[largest] >= STEERING_RATIO * norms[smallest]:
+            notes.append(f"note: the tasks' gradients at z averaged up to {norms[largest] / norms[smallest]:.0f}x apart "
+                         f"({largest!r} over {smallest!r}): one task steers the shared layers; README, "
+                         "'Which balancer to try first'")
+    return notes
