@@ -105,7 +105,7 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
     NE is 1 or more predicts no better than its base rate (a starved head, or nothing to learn); and,
     from the mean gradient norms at ``z`` over the logged steps (``grad_norms``), tasks whose
     gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
-    notes = []
+    notes, gap_named = [], False
     norms = {name: value for name, value in (grad_norms or {}).items() if value > 0}
     largest = max(norms, key=norms.get) if norms else None
     for t in tasks:
@@ -115,11 +115,12 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
         line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {ne:.4f} >= 1)"
         if t.name in norms and largest != t.name and norms[largest] >= STEERING_RATIO * norms[t.name]:
             line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than {largest!r}'s"
+            gap_named = True
         if len(tasks) > 1:
             line += (f"; `--single-task {t.name}` tells whether the other tasks starve it (README, 'Which balancer to "
                      "try first')")
         notes.append(line)
-    if balancer == "equal" and len(norms) > 1 and not any("gradient at z" in note for note in notes):
+    if balancer == "equal" and len(norms) > 1 and not gap_named:
         smallest = min(norms, key=norms.get)
         if norms[largest] >= STEERING_RATIO * norms[smallest]:
             notes.append(f"note: the tasks' gradients at z averaged up to {norms[largest] / norms[smallest]:.0f}x apart "
