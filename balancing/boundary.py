@@ -230,6 +230,7 @@ class RepresentationBoundary(nn.Module):
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
         self.telemetry_every = telemetry_every
+        self._log_step = 0  # a step logged off the telemetry_every schedule (gather_for_log), counted from 1
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
@@ -300,7 +301,13 @@ class RepresentationBoundary(nn.Module):
             return False
         if self._in_flight is not None or self._statistics_due_at(self._gather_for_log):
             return False
-        return not self._elementwise or (self.balancer.step + 1) % self.telemetry_every != 0
+        return not self._elementwise or not self._telemetry_due_at(self.balancer.step)
+
+    def _telemetry_due_at(self, step: int) -> bool:
+        """Whether the step after ``step`` steps logs the costlier telemetry: every ``telemetry_every``
+        steps (counted from 1, so with a trainer logging every N steps the due steps coincide), and
+        the step :meth:`gather_for_log` announced."""
+        return (step + 1) % self.telemetry_every == 0 or step + 1 == self._log_step
 
     def _held_constants(self, z: torch.Tensor) -> Optional[tuple]:
         """The compiled between-sums node's constants for this step (see :meth:`~Balancer.held_rule`):
@@ -674,8 +681,7 @@ class RepresentationBoundary(nn.Module):
             return total
         template = next(g for g in grads if g is not None)
         start = self._start_backward(template.device)
-        # Steps are counted from 1, so with a trainer logging every N steps the due steps coincide.
-        self.balancer.telemetry_due = (self.balancer.step + 1) % self.telemetry_every == 0
+        self.balancer.telemetry_due = self._telemetry_due_at(self.balancer.step)
         if self.statistics == "previous":
             return self._balance_lagged(grads, z, template, start, donated)
         usable, pending = self._start_statistics(grads, z, template)
@@ -768,8 +774,10 @@ class RepresentationBoundary(nn.Module):
         """The step after the next one is logged off the ``telemetry_every`` schedule (a run's last
         step). In ``previous`` mode a rule that reads no statistics gathers them on the next step
         for that log; rules that read statistics keep their schedule (a log between their sums
-        shows the last sum's), so their coefficients never depend on when a run logs."""
+        shows the last sum's), so their coefficients never depend on when a run logs. The costlier
+        telemetry (CoGrad's correction) is formed on the logged step too."""
         self._gather_for_log = True
+        self._log_step = self.balancer.step + 2
 
     def _balance_lagged(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step

@@ -713,6 +713,19 @@ def test_a_log_off_the_schedule_gets_statistics_and_a_rule_that_reads_them_keeps
             outs.append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
+    # CoGrad's correction telemetry is formed on the announced step too (it was missing from a run's
+    # last log), and forming it changes no aggregate.
+    scheduled, asked = _every_k("cograd", 10, telemetry_every=10), _every_k("cograd", 10, telemetry_every=10)
+    for t, grads in enumerate(_random_steps(28, 4)):
+        if t == 2:
+            asked.gather_for_log()
+        outs = []
+        for boundary in (scheduled, asked):
+            boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+            outs.append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert "correction_ratio" in asked.telemetry() and "correction_ratio" not in scheduled.telemetry()
+
 
 def test_a_nonfinite_loss_between_sums_is_left_out_at_once_and_raised_with_the_next_sum():
     boundary = _every_k("multibalance", 3)
