@@ -703,28 +703,26 @@ def test_a_log_off_the_schedule_gets_statistics_and_a_rule_that_reads_them_keeps
     assert [s is not None for s in seen] == [False, False, True]
     np.testing.assert_allclose(seen[2].norms, stats_for(steps[1], [1.0, 2.0, 0.5]).norms)
 
-    scheduled, asked = _every_k("multibalance", 3), _every_k("multibalance", 3)
-    for t, grads in enumerate(_random_steps(27, 6)):
-        if t == 3:
-            asked.gather_for_log()
-        outs = []
-        for boundary in (scheduled, asked):
-            boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
-            outs.append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
-        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-
+    _same_sums_with_a_log_asked_for("multibalance", 3, 1, seed=27, steps=6)
     # CoGrad's correction telemetry is formed on the announced step too (it was missing from a run's
     # last log), and forming it changes no aggregate.
-    scheduled, asked = _every_k("cograd", 10, telemetry_every=10), _every_k("cograd", 10, telemetry_every=10)
-    for t, grads in enumerate(_random_steps(28, 4)):
-        if t == 2:
+    scheduled, asked = _same_sums_with_a_log_asked_for("cograd", 10, 10, seed=28, steps=4)
+    assert "correction_ratio" in asked.telemetry() and "correction_ratio" not in scheduled.telemetry()
+
+
+def _same_sums_with_a_log_asked_for(method: str, k: int, telemetry_every: int, seed: int, steps: int):
+    """Two lagged boundaries on the same steps, one told that its last step is logged (gather_for_log
+    before the second-to-last): every aggregate bitwise the same. Returns both."""
+    scheduled, asked = (_every_k(method, k, telemetry_every=telemetry_every) for _ in range(2))
+    for t, grads in enumerate(_random_steps(seed, steps)):
+        if t == steps - 2:
             asked.gather_for_log()
         outs = []
         for boundary in (scheduled, asked):
             boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
             outs.append(boundary.balance(tuple(g.clone() for g in grads), torch.zeros(8, 5)))
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    assert "correction_ratio" in asked.telemetry() and "correction_ratio" not in scheduled.telemetry()
+    return scheduled, asked
 
 
 def test_a_nonfinite_loss_between_sums_is_left_out_at_once_and_raised_with_the_next_sum():
