@@ -563,10 +563,10 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
     parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
     table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
     assert sorted(zip(table["rating"], table["good"], table["excellent"])) == [(2, 0, 0), (4, 1, 0), (5, 1, 1), (5, 1, 1)]
-    for feature, column in (("dept", "dept"), ("studage", "studage"), ("service", "service")):
-        vocab = pq.read_table(tmp_path / f"vocab/{feature}.parquet").to_pydict()
-        train_values = {line.split(",")[header.split(",").index(column)] for line in ratings}
-        assert set(vocab["value"]) <= train_values and sorted(vocab["id"]) == list(range(1, len(vocab["id"]) + 1)), feature
+    for column in ("dept", "studage", "service"):  # each its feature's name too
+        vocab = pq.read_table(tmp_path / f"vocab/{column}.parquet").to_pydict()
+        values = {line.split(",")[header.split(",").index(column)] for line in ratings}
+        assert set(vocab["value"]) <= values and sorted(vocab["id"]) == list(range(1, len(vocab["id"]) + 1)), column
     assert load_config("configs/insteval.yaml").model.dense_mlp == []
     # Every task reads the rating: a row without one has no task to train, so masking is not offered.
     (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings, "5,2,115,4,1,0,5,NA"]) + "\n")
