@@ -628,6 +628,20 @@ def test_training_refuses_a_table_made_smaller_than_the_ids_convert_wrote(tmp_pa
         shrunk(5, raw=hashed)
 
 
+def test_raw_csv_given_where_parquet_is_read_is_one_line_saying_what_converts_it(tmp_path):
+    from concord.trainer.data.layout import DataError, check_data_exists
+    from concord.trainer.data.reader import open_parquet
+
+    run(base(tmp_path))
+    raw = base(tmp_path)
+    raw["data"]["eval"] = str(tmp_path / "raw.csv")
+    with pytest.raises(DataError, match=r"data\.eval: .*raw\.csv is not Parquet data; it is raw text: `concord convert` writes "
+                                        r"Parquet from it \(data\.convert\.input\), or with `--encode-like"):
+        check_data_exists(config_from_dict(raw, "test.yaml"))
+    with pytest.raises(DataError, match=r"raw\.csv: not a readable Parquet file \(.*\); it is raw text"):
+        open_parquet(str(tmp_path / "raw.csv"))  # a rank reading a glob's CSV says the same
+
+
 def test_the_encoding_digest_says_what_ids_and_dense_values_mean(tmp_path):
     """Converting the same rows again gives the same digest; other training rows (other statistics)
     another. Training refuses evaluation data encoded otherwise than its training data, naming both;

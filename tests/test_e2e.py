@@ -295,6 +295,15 @@ def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_pat
     assert proc.returncode == 3 and proc.stderr == (
         f"concord: predict: {tmp_path / 'run'}: no checkpoint to score with (run_dir/checkpoints holds none)\n")
 
+    # Raw CSV to score: one line saying what makes Parquet of it, before any rank starts.
+    (tmp_path / "run/checkpoints/step-00000001").mkdir()
+    (tmp_path / "raw.csv").write_text("user,item\n1,2\n")
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml",
+                           "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "raw.csv"), "--out", str(tmp_path / "p.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert f"--data: {tmp_path / 'raw.csv'} is not Parquet data; it is raw text: `concord convert` writes Parquet" in proc.stderr
+
 
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):
     import pyarrow as pa

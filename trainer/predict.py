@@ -23,7 +23,7 @@ import torch.distributed as dist
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
 from concord.trainer.data.layout import DataError, check_scored_encoding
-from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files
+from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files, open_parquet
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import describe_changes, differences, fingerprint
 from concord.trainer.runtime import Runtime
@@ -103,7 +103,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
 def _columns_present(cfg: Config, spec: str) -> Columns:
     """The config's columns, with the labels the data does not have marked absent."""
     columns = columns_from_config(cfg)
-    names = set(pq.ParquetFile(list_files(spec)[0]).schema_arrow.names)
+    names = set(open_parquet(list_files(spec)[0]).schema_arrow.names)
     labels = tuple(label if label in names else None for label in columns.labels)
     weight = columns.weight if columns.weight in names else None
     return Columns(**{**columns.__dict__, "labels": labels, "weight": weight})

@@ -41,6 +41,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
+from concord.trainer.data.layout import CSV_SUFFIXES
 from concord.trainer.observe.progress import progress_bar
 
 
@@ -51,7 +52,6 @@ class ConvertError(ValueError):
 # --- reading -------------------------------------------------------------------------------------
 # CSV (or TSV, with data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
 # by the file's extension.
-CSV_SUFFIXES = tuple(kind + packed for kind in (".csv", ".tsv") for packed in ("", ".gz", ".bz2", ".zst", ".lz4"))
 
 
 def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:

@@ -15,6 +15,26 @@ class DataError(ValueError):
     """Bad input; the message names the file, row group, column and value."""
 
 
+# Raw text `concord convert` reads; training and scoring read Parquet.
+CSV_SUFFIXES = tuple(kind + packed for kind in (".csv", ".tsv") for packed in ("", ".gz", ".bz2", ".zst", ".lz4"))
+
+
+def check_not_raw_text(key: str, path: str | Path) -> None:
+    """Data to train on or score is Parquet: a CSV or TSV given there is one line before the ranks
+    start (they would meet it as a file without Parquet's footer)."""
+    if raw_text_hint(path):
+        raise DataError(f"{key}: {path} is not Parquet data{raw_text_hint(path)}")
+
+
+def raw_text_hint(path: str | Path) -> str:
+    """For a path that names a CSV or TSV file: what turns it into the Parquet training and scoring
+    read (empty otherwise)."""
+    if not str(path).endswith(CSV_SUFFIXES):
+        return ""
+    return ("; it is raw text: `concord convert` writes Parquet from it (data.convert.input), or with `--encode-like "
+            "TRAINING_DATA_DIR --out DIR` encoded like a model's training data, for scoring")
+
+
 def dataset_ready(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() and any(p.glob("*.parquet"))
@@ -48,6 +68,8 @@ def check_data_exists(cfg) -> None:
     where ``concord convert`` wrote both splits, they were encoded alike: evaluation data with other
     vocabularies would be scored silently wrong (its id 7 is another user)."""
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if path:
+            check_not_raw_text(key, path)
         if not path or dataset_ready(path) or Path(path).is_file():
             continue
         if cfg.data.convert is not None:

@@ -30,7 +30,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from concord.trainer.data.layout import DataError
+from concord.trainer.data.layout import DataError, raw_text_hint
 
 
 @dataclass
@@ -115,14 +115,15 @@ def list_files(spec: str) -> List[str]:
     return files
 
 
-def _open(path: str) -> pq.ParquetFile:
+def open_parquet(path: str) -> pq.ParquetFile:
+    """One Parquet file, or a DataError naming it (and, for raw text, what converts it)."""
     try:
         # Pages written with checksums (concord convert and synth write them) are verified on read.
         return pq.ParquetFile(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({e}){raw_text_hint(path)}") from None
 
 
 def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
@@ -146,7 +147,7 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
     """Every row group of every file, in a fixed order; checks each file's schema once."""
     groups: List[RowGroup] = []
     for f in files:
-        pf = _open(f)
+        pf = open_parquet(f)
         _check_schema(f, pf.schema_arrow, columns)
         if pf.metadata.num_rows == 0:
             raise DataError(f"{f}: file has no rows")
@@ -342,7 +343,7 @@ class ParquetReader:
             return
         for group in self.groups:
             if self._file[0] != group.file:
-                self._file = (group.file, _open(group.file))
+                self._file = (group.file, open_parquet(group.file))
             column = self._file[1].read_row_group(group.index, columns=[self.columns.weight]).column(0)
             weights = column.to_numpy(zero_copy_only=False).astype(np.float64)
             _check_weights(weights, f"{group.file}: row group {group.index}", self.columns.weight)
@@ -394,7 +395,7 @@ class ParquetReader:
     def _decode(self, group: RowGroup) -> _Block:
         cols = self.columns
         if self._file[0] != group.file:  # open each file once, not once per row group
-            self._file = (group.file, _open(group.file))
+            self._file = (group.file, open_parquet(group.file))
         try:
             table = self._file[1].read_row_group(group.index, columns=cols.all)
         except (pa.ArrowInvalid, OSError) as e:
