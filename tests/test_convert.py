@@ -66,6 +66,12 @@ def convert_shipped(tmp_path: Path, config: str, csv: Path, *overrides: str) -> 
     return convert(cfg)
 
 
+def both_splits(tmp_path: Path, report: dict) -> dict:
+    """The rows convert wrote to train and eval under ``tmp_path``, column by column, training rows first."""
+    parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
+    return {column: [v for part in parts for v in part[column]] for column in parts[0]}
+
+
 def test_vocabulary_comes_from_the_training_split_only(tmp_path):
     report = run(base(tmp_path))
     # Training counts: alice 3, bob 1, carol 1 -> ids by falling count, then value; dave unseen -> 0.
@@ -542,8 +548,7 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
     (tmp_path / "ratings.csv").write_text("\n".join([header, *ratings]) + "\n")
     report = convert_shipped(tmp_path, "movielens", tmp_path / "ratings.csv", "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
-    parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
-    table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
+    table = both_splits(tmp_path, report)
     by_rating = sorted(zip(table["rating"], table["liked"], table["loved"]))
     assert by_rating == [(2.5, 0.0, 0.0), (3.5, 0.0, 0.0), (4.0, 1.0, 0.0), (5.0, 1.0, 1.0)]
     assert sorted(len(bag) for bag in table["genres"]) == [1, 1, 4, 4]
@@ -560,8 +565,7 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
     (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings]) + "\n")
     report = convert_shipped(tmp_path, "insteval", tmp_path / "insteval.csv", "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
-    parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
-    table = {column: [v for part in parts for v in part[column]] for column in parts[0]}
+    table = both_splits(tmp_path, report)
     assert sorted(zip(table["rating"], table["good"], table["excellent"])) == [(2, 0, 0), (4, 1, 0), (5, 1, 1), (5, 1, 1)]
     for column in ("dept", "studage", "service"):  # each its feature's name too
         vocab = pq.read_table(tmp_path / f"vocab/{column}.parquet").to_pydict()
