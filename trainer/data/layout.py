@@ -79,9 +79,10 @@ def check_data_exists(cfg) -> None:
         else:
             how = ""
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
-    check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, data_encoding(cfg.data.train) if cfg.data.train else None)
-    if cfg.data.train:
-        check_tables_hold_ids(cfg, convert_report(cfg.data.train), str(convert_report_path(cfg.data.train)))
+    trained = convert_report(cfg.data.train) if cfg.data.train else {}
+    check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, trained.get("encoding"))
+    if trained:
+        check_tables_hold_ids(cfg, trained, str(convert_report_path(cfg.data.train)))
 
 
 def check_tables_hold_ids(cfg, report: dict, where: str) -> None:
