@@ -303,6 +303,14 @@ def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_pat
                           cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
     assert f"--data: {tmp_path / 'raw.csv'} is not Parquet data; it is raw text: `concord convert` writes Parquet" in proc.stderr
+    # With the checkpoint's record of its training data, the line gives the command that encodes it alike.
+    (tmp_path / "run/checkpoints/step-00000001/concord.json").write_text(json.dumps({"fingerprint": {"data": {"train": "runs/x/data/train"}}}))
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml",
+                           "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "raw.csv"), "--out", str(tmp_path / "p.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert (f"it is raw text: encode it like the data the checkpoint trained on, `concord convert --encode-like runs/x/data "
+            f"--out DIR data.convert.input={tmp_path / 'raw.csv'}`") in proc.stderr
 
 
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):

@@ -23,7 +23,7 @@ from typing import List, Optional
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config, packaged_configs
-from concord.trainer.data.layout import DataError, check_checkpoint_encoding, check_data_exists, check_not_raw_text, published_checkpoints
+from concord.trainer.data.layout import DataError, check_data_exists, check_data_to_score, published_checkpoints
 
 DEFAULT_CONFIG = "demo"
 
@@ -138,8 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"concord: predict: {args.checkpoint}: no checkpoint to score with (run_dir/checkpoints holds none)",
                       file=sys.stderr)
                 return 3
-            check_not_raw_text("--data" if args.data else "data.eval", args.data or cfg.data.eval)
-            check_checkpoint_encoding(args.checkpoint, args.data or cfg.data.eval)
+            check_data_to_score(args.checkpoint, "--data" if args.data else "data.eval", args.data or cfg.data.eval)
             if _is_worker() or cfg.world_size == 1:
                 return _predict_worker(cfg, args.checkpoint, args.data, args.out)
             data = ["--data", args.data] if args.data else []

@@ -118,16 +118,23 @@ def published_checkpoints(root: str | Path) -> List[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=lambda p: p.name)
 
 
-def check_checkpoint_encoding(run_dir: str | Path, spec: Optional[str]) -> None:
-    """The data to score (``spec``) was encoded as the data the newest checkpoint of ``run_dir``
-    trained on, as far as their records say: read from the checkpoint's ``concord.json``, before the
-    ranks build the model only to refuse it (they check again, on the checkpoint they load)."""
+def check_data_to_score(run_dir: str | Path, key: str, spec: Optional[str]) -> None:
+    """The data to score (``spec``, given as ``key``) is Parquet, encoded as the data the newest
+    checkpoint of ``run_dir`` trained on, as far as their records say: read from the checkpoint's
+    ``concord.json``, before the ranks build the model only to refuse it (they check again, on the
+    checkpoint they load). Raw text is told how to become such data."""
     steps = published_checkpoints(Path(run_dir) / "checkpoints")
     try:
         saved = json.loads((steps[-1] / "concord.json").read_text()).get("fingerprint", {}) if steps else {}
     except (OSError, ValueError):
-        return  # the ranks' own check reports a damaged checkpoint
-    check_scored_encoding(spec, saved)
+        saved = None  # the ranks' own check reports a damaged checkpoint
+    trained = (saved or {}).get("data", {}).get("train")
+    if spec and raw_text_hint(spec) and trained:
+        raise DataError(f"{key}: {spec} is not Parquet data; it is raw text: encode it like the data the checkpoint trained "
+                        f"on, `concord convert --encode-like {Path(trained).parent} --out DIR data.convert.input={spec}`")
+    check_not_raw_text(key, spec)
+    if saved is not None:
+        check_scored_encoding(spec, saved)
 
 
 def check_scored_encoding(spec: Optional[str], fingerprint: dict) -> None:
