@@ -197,18 +197,19 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     except ConvertError as e:
         print(f"concord: ConvertError: {e}", file=sys.stderr)
         return 3
-    skipped = sum(report["skipped_rows"].values())
+    count = sum(report["skipped_rows"].values())
+    skipped = f"{count:,} row{'' if count == 1 else 's'} skipped"
     rows = report["rows"]
     if like:
         labels = ", ".join(report["label_means"]["data"]) or "none"
         print(f"concord convert: {rows['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
-              f"{skipped:,} rows skipped; labels: {labels}; report in "
+              f"{skipped}; labels: {labels}; report in "
               f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
         return 0
     validation = (f", {rows['validation']:,} validation rows -> {cfg.data.validation}" if "validation" in rows else "")
     print(
         f"concord convert: {rows['train']:,} training and {rows['eval']:,} eval rows "
-        f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped:,} rows skipped; "
+        f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped}; "
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
