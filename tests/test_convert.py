@@ -66,6 +66,14 @@ def convert_shipped(tmp_path: Path, config: str, csv: Path, *overrides: str) -> 
     return convert(cfg)
 
 
+def convert_rows(tmp_path: Path, config: str, header: str, rows: list, *overrides: str) -> dict:
+    """:func:`convert_shipped` of a CSV of ``header`` and ``rows`` written in ``tmp_path``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    csv = tmp_path / f"{config}.csv"
+    csv.write_text("\n".join([header, *rows]) + "\n")
+    return convert_shipped(tmp_path, config, csv, *overrides)
+
+
 def both_splits(tmp_path: Path, report: dict) -> dict:
     """The rows convert wrote to train and eval under ``tmp_path``, column by column, training rows first."""
     parts = [pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval") if report["rows"][split]]
@@ -545,8 +553,7 @@ def test_the_movielens_config_makes_three_labels_from_one_rating_column(tmp_path
         "3,1061,Sleepers,1996.0,Thriller,2,5.0,1260759182",
         "4,1129,Escape from New York,NA,Action|Adventure|Sci-Fi|Thriller,2,3.5,1260759185",
     ]
-    (tmp_path / "ratings.csv").write_text("\n".join([header, *ratings]) + "\n")
-    report = convert_shipped(tmp_path, "movielens", tmp_path / "ratings.csv", "data.convert.split.eval_fraction=0.5")
+    report = convert_rows(tmp_path, "movielens", header, ratings, "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
     table = both_splits(tmp_path, report)
     by_rating = sorted(zip(table["rating"], table["liked"], table["loved"]))
@@ -562,8 +569,7 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
     dense MLP (the config sets none)."""
     header = "rownames,s,d,studage,lectage,service,dept,y"
     ratings = ["1,1,1002,2,2,0,2,5", "2,1,1050,2,1,1,6,2", "3,1,1582,2,2,0,2,5", "4,2,115,4,1,0,5,4"]
-    (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings]) + "\n")
-    report = convert_shipped(tmp_path, "insteval", tmp_path / "insteval.csv", "data.convert.split.eval_fraction=0.5")
+    report = convert_rows(tmp_path, "insteval", header, ratings, "data.convert.split.eval_fraction=0.5")
     assert report["rows"]["train"] + report["rows"]["eval"] == 4 and report["skipped_rows"] == {}
     table = both_splits(tmp_path, report)
     assert sorted(zip(table["rating"], table["good"], table["excellent"])) == [(2, 0, 0), (4, 1, 0), (5, 1, 1), (5, 1, 1)]
@@ -573,9 +579,8 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
         assert set(vocab["value"]) <= values and sorted(vocab["id"]) == list(range(1, len(vocab["id"]) + 1)), column
     assert load_config("configs/insteval.yaml").model.dense_mlp == []
     # Every task reads the rating: a row without one has no task to train, so masking is not offered.
-    (tmp_path / "insteval.csv").write_text("\n".join([header, *ratings, "5,2,115,4,1,0,5,NA"]) + "\n")
     with pytest.raises(ConvertError, match=r"line 6: column 'y': missing label \(no value\); data\.convert\.on_bad_row: skip drops such rows, counted$"):
-        convert_shipped(tmp_path / "again", "insteval", tmp_path / "insteval.csv", "data.convert.split.eval_fraction=0.5")
+        convert_rows(tmp_path / "again", "insteval", header, [*ratings, "5,2,115,4,1,0,5,NA"], "data.convert.split.eval_fraction=0.5")
 
 
 def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):
@@ -589,8 +594,7 @@ def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_on
         "3,17-3,2017-06-01T10:00:00Z,traffic,MDC,YES,NO,YES,Black,White,Female,44.98,-93.27,5,Jordan",
         "4,17-4,2017-12-01T10:00:00Z,traffic,MDC,NO,YES,NO,White,Black,Male,44.95,-93.28,4,Jordan",
     ]
-    (tmp_path / "stops.csv").write_text("\n".join([header, *stops]) + "\n")
-    report = convert_shipped(tmp_path, "stops", tmp_path / "stops.csv", "data.convert.split.cutoff='2017-11-01'")
+    report = convert_rows(tmp_path, "stops", header, stops, "data.convert.split.cutoff='2017-11-01'")
     assert report["rows"] == {"train": 3, "eval": 1} and report["skipped_rows"] == {}
     train = pq.read_table(tmp_path / "train").to_pydict()
     assert train["person_search"] == [0, None, 0] and train["vehicle_search"] == [0, None, 1]
