@@ -19,8 +19,8 @@ import torch
 
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
 from concord.trainer.config import ConfigError, load_config
-from concord.trainer.data.reader import Columns, DataError, ParquetReader
-from concord.trainer.fingerprint import differences, mismatch_message
+from concord.trainer.data.reader import Columns, DataError, ParquetReader, columns_from_config
+from concord.trainer.fingerprint import ResumeError, check_resumable, differences, fingerprint, mismatch_message
 from concord.trainer.observe.runlog import RunLog, read_records
 from concord.trainer.rundir import RunDirError, RunDirLock, read_run, start_run
 from processes import alive, children
@@ -146,6 +146,30 @@ def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
     assert "(tasks[0]: ['ctr', 'binary', 'click', [32]] -> ['ctr', 'binary', 'click', [16]])" in mismatch_message("ck", ["tasks"], saved, now, [])
 
 
+def test_the_launcher_refuses_a_checkpoint_it_cannot_continue_from_its_record(tmp_path):
+    data = tiny_data(tmp_path)
+    setup = [*data, f"train.run_dir={tmp_path}/run"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", setup)
+    rows = ParquetReader(cfg.data.train, columns_from_config(cfg), cfg.data.batch_size).total_rows  # as a rank counts them
+    step = tmp_path / "run/checkpoints/step-00000008"
+    step.mkdir(parents=True)
+    (step / "concord.json").write_text(json.dumps({"fingerprint": fingerprint(cfg, cfg.world_size, rows)}))
+
+    check_resumable(cfg)  # the same setup continues: the launcher counts the rows as the ranks do
+    with pytest.raises(ResumeError, match=rf"{step} was written by a different setup \(batch_size: 64 -> 32\)"):
+        check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "data.batch_size=32"]))
+    with pytest.raises(ResumeError, match=r"balancer.name: equal -> emtl\).*train.allow_changes=\[balancer\]"):
+        check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "balancer.name=emtl"]))
+    check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "balancer.name=emtl", "train.allow_changes=[balancer]"]))
+    check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "data.batch_size=32", "train.resume=false"]))
+
+    # A new run directory starting from this run's checkpoint is checked against it too.
+    elsewhere = [*data, f"train.run_dir={tmp_path}/other", f"train.resume_from={tmp_path}/run"]
+    check_resumable(load_config(ROOT / "configs/tiny.yaml", elsewhere))
+    with pytest.raises(ResumeError, match="batch_size: 64 -> 32"):
+        check_resumable(load_config(ROOT / "configs/tiny.yaml", [*elsewhere, "data.batch_size=32"]))
+
+
 # --- data integrity ---------------------------------------------------------------------------------------
 def test_a_corrupt_data_page_is_named_by_file_row_group_and_column(tmp_path):
     from concord.trainer.config import load_config as _load
@@ -245,8 +269,9 @@ def test_resume_refuses_another_batch_size_and_allows_another_balancer_when_aske
     assert _concord("train", "--config", "configs/tiny.yaml", *data, *run).returncode == 0
     bigger = _concord("train", "--config", "configs/tiny.yaml", *data, *run, "train.max_steps=12", "data.batch_size=32")
     assert bigger.returncode == 3
-    last = bigger.stderr.strip().splitlines()[-1]
-    assert "ResumeError" in last and "batch_size: 64 -> 32" in last and "train.resume=false" in last
+    # One line from the launcher, before any rank started to build the model only to refuse it.
+    assert bigger.stderr.strip().splitlines() == [bigger.stderr.strip()], bigger.stderr[-2000:]
+    assert bigger.stderr.startswith("concord: ResumeError: ") and "batch_size: 64 -> 32" in bigger.stderr and "train.resume=false" in bigger.stderr
     other = _concord("train", "--config", "configs/tiny.yaml", *data, *run, "train.max_steps=12",
                      "balancer.name=multibalance", "train.allow_changes=[balancer]")
     assert other.returncode == 0, other.stderr[-2000:]

@@ -129,6 +129,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_machine(cfg)
             check_data_exists(cfg)
         if args.command == "train":
+            from concord.trainer.fingerprint import ResumeError, check_resumable
+
+            try:  # before the ranks start and build the model only to refuse the checkpoint (they check again)
+                if not _is_worker():
+                    check_resumable(cfg)
+            except ResumeError as error:
+                print(f"concord: ResumeError: {error}", file=sys.stderr)
+                return 3
             if _is_worker() or cfg.world_size == 1:
                 return _train_worker(cfg)
             single = ["--single-task", args.single_task] if args.single_task else []
@@ -243,7 +251,7 @@ def _run_worker(cfg, work) -> int:
     from concord.trainer.nonfinite import NonFiniteLoss
     from concord.trainer.rundir import RunDirError
     from concord.trainer.runtime import init_runtime, shutdown
-    from concord.trainer.train import ResumeError
+    from concord.trainer.fingerprint import ResumeError
 
     if _is_worker():
         die_with_parent()  # a worker never runs on after torchrun's agent is gone

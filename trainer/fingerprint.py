@@ -9,9 +9,11 @@ data, the seed) would silently re-train rows or load the wrong shapes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-from concord.trainer.data.layout import data_encoding
+from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints
 
 # Keys of the fingerprint a user may let differ, with what then happens.
 SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the trained model"}
@@ -36,6 +38,53 @@ def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
         # did not write): the same rows re-converted with other ids must not resume or be scored alike
         "encoding": data_encoding(cfg.data.train) if cfg.data.train else None,
     }
+
+
+class ResumeError(RuntimeError):
+    """The newest checkpoint was written by a setup that cannot be continued; the message names the
+    differing keys and the ways out."""
+
+
+def check_resume(checkpoint: str | Path, saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> List[str]:
+    """The keys in which ``now`` differs from the ``saved`` fingerprint of ``checkpoint``; raises
+    :class:`ResumeError` where one of them is not in ``allowed`` (``train.allow_changes``)."""
+    changed = differences(saved, now)
+    refused = [key for key in changed if key not in allowed]
+    if refused:
+        raise ResumeError(mismatch_message(str(checkpoint), refused, saved, now, allowed))
+    return changed
+
+
+def check_resumable(cfg) -> None:
+    """``concord train``'s launcher, before the ranks start: the checkpoint the run would continue
+    from was written by a setup this config may continue, as far as its record (``concord.json``) and
+    the training files' footers tell. The ranks check again on the checkpoint they load (the newest
+    intact one); a record or file that cannot be read here is theirs to report."""
+    path = _checkpoint_to_continue(cfg)
+    if path is None:
+        return
+    try:
+        saved = json.loads((path / "concord.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    rows = count_rows(cfg.data.train) if cfg.data.train else None
+    if saved and rows is not None:
+        check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes)
+
+
+def _checkpoint_to_continue(cfg) -> Optional[Path]:
+    """The newest published checkpoint of ``train.run_dir`` (with ``train.resume``), else the one
+    ``train.resume_from`` names: a checkpoint, or a run directory's newest."""
+    published = published_checkpoints(Path(cfg.train.run_dir) / "checkpoints") if cfg.train.resume else []
+    if published:
+        return published[-1]
+    if not cfg.train.resume_from:
+        return None
+    source = Path(cfg.train.resume_from)
+    if (source / "concord.json").is_file():
+        return source
+    published = published_checkpoints(source / "checkpoints")
+    return published[-1] if published else None
 
 
 def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:

@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
-from concord.trainer.data.layout import DataError, check_scored_encoding
-from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, list_files, open_parquet
+from concord.trainer.data.layout import DataError, check_scored_encoding, list_files
+from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import describe_changes, differences, fingerprint
+from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint
 from concord.trainer.runtime import Runtime
-from concord.trainer.train import ResumeError, Trainer, pop_balancer_entries, restore_entries
+from concord.trainer.train import Trainer, pop_balancer_entries, restore_entries
 
 logger = logging.getLogger("concord.predict")
 

@@ -27,7 +27,7 @@ from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import differences, fingerprint, mismatch_message
+from concord.trainer.fingerprint import ResumeError, check_resume, fingerprint
 from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
@@ -219,10 +219,7 @@ class Trainer:
         if path is None:
             return 0
         saved, now = self.checkpointer.info(path).get("fingerprint", {}), self.fingerprint()
-        changed = differences(saved, now)
-        refused = [key for key in changed if key not in self.cfg.train.allow_changes]
-        if refused:
-            raise ResumeError(mismatch_message(str(path), refused, saved, now, self.cfg.train.allow_changes))
+        changed = check_resume(path, saved, now, self.cfg.train.allow_changes)
         self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
         state = self.checkpoint_state(0)
         fresh = {}
@@ -514,11 +511,6 @@ class Trainer:
 
 NO_BOUNDARY = "none"  # concord bench: the model without the boundary
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM / SIGINT (one tiny sum)
-
-
-class ResumeError(RuntimeError):
-    """The newest checkpoint was written by a setup that cannot be continued; the message names the
-    differing keys and the ways out."""
 
 
 def _checkpoint_in(source: Path) -> Path:

@@ -5,6 +5,7 @@ add seconds to every launch."""
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from pathlib import Path
@@ -33,6 +34,33 @@ def raw_text_hint(path: str | Path) -> str:
         return ""
     return ("; it is raw text: `concord convert` writes Parquet from it (data.convert.input), or with `--encode-like "
             "TRAINING_DATA_DIR --out DIR` encoded like a model's training data, for scoring")
+
+
+def list_files(spec: str) -> List[str]:
+    """A directory (its ``*.parquet``), a file, or a glob; sorted so every rank sees the same order."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{spec}: directory holds no *.parquet files")
+        return files
+    if p.is_file():
+        return [str(p)]
+    files = sorted(glob.glob(spec))
+    if not files:
+        raise DataError(f"{spec}: no such file or directory")
+    return files
+
+
+def count_rows(spec: str) -> Optional[int]:
+    """The rows of the Parquet data at ``spec``, from its files' footers; None where a file cannot be
+    read (the ranks name it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(pq.read_metadata(path).num_rows for path in list_files(spec))
+    except (OSError, ValueError):  # DataError and pyarrow's ArrowInvalid among them
+        return None
 
 
 def dataset_ready(path: str | Path) -> bool:

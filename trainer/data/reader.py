@@ -17,10 +17,8 @@ task's label may be missing (``missing_label: masked``), which labels each row h
 
 from __future__ import annotations
 
-import glob
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from concord.trainer.data.layout import DataError, raw_text_hint
+from concord.trainer.data.layout import DataError, list_files, raw_text_hint
 
 
 @dataclass
@@ -97,22 +95,6 @@ class RowGroup:
     file: str
     index: int
     num_rows: int
-
-
-def list_files(spec: str) -> List[str]:
-    """A directory (its ``*.parquet``), a file, or a glob; sorted so every rank sees the same order."""
-    p = Path(spec)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.parquet"))
-        if not files:
-            raise DataError(f"{spec}: directory holds no *.parquet files")
-        return files
-    if p.is_file():
-        return [str(p)]
-    files = sorted(glob.glob(spec))
-    if not files:
-        raise DataError(f"{spec}: no such file or directory")
-    return files
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
