@@ -182,3 +182,15 @@ def test_statistics_ride_in_ddp_only_where_they_are_gathered_every_step():
     assert statistics_ride_in_ddp(True, boundary("equal")) and not statistics_ride_in_ddp(False, boundary("multibalance", every=1))
     with pytest.raises(ConfigError, match="dist.statistics_in_ddp: must be true, false or auto, got 'maybe'"):
         load_config("configs/tiny.yaml", ["dist.statistics_in_ddp=maybe"])
+
+
+def test_yaml_words_read_as_true_false_or_numbers_where_text_is_meant_say_to_quote_them(tmp_path):
+    """YAML 1.1 reads an unquoted yes/no/on/off as a boolean and 4 as a number: a label's text values
+    written so must not end as 'expected a string, got True' with no hint of why."""
+    text = Path("configs/adult.yaml").read_text()
+    assert "positive: {income: [\">50K\"], never_married: [Never-married]}" in text
+    for written, got, hint in (("yes", "True", 'quote the text, e.g. "yes"'), ("4", "4", 'quote it: "4"')):
+        path = tmp_path / f"{written}.yaml"
+        path.write_text(text.replace("never_married: [Never-married]", f"never_married: [{written}]"))
+        with pytest.raises(ConfigError, match=rf"data\.convert\.positive\.never_married\[0\]: expected a string, got {got}; .*{hint}"):
+            load_config(str(path))

@@ -278,7 +278,8 @@ def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ("2,erin,a,cheap,1,1", r"raw\.csv: line 9: column 'price': not a number \(value 'cheap'\)"),
-    ("2,erin,a,1,yes,1", r"raw\.csv: line 9: column 'click': not a number \(value 'yes'\)"),
+    ("2,erin,a,1,yes,1", r"raw\.csv: line 9: column 'click': not a number \(value 'yes'\); a binary label written as text is "
+                         r"read with data\.convert\.positive: \{click: \[the values that mean 1\]\}; data\.convert\.on_bad_row"),
     ("2,erin,a,1,2,1", r"line 9: column 'click': task 'ctr' is binary: the label must be 0 or 1 \(value '2'\)"),
     ("2,erin,a,1,1,", r"line 9: column 'amount': missing label \(no value\); data\.convert\.on_bad_row: skip drops such rows, "
                       r"counted; missing_label: masked on tasks\[1\] keeps them for the other tasks$"),
@@ -289,6 +290,12 @@ def test_a_bad_row_is_an_error_that_names_file_line_column_and_value(tmp_path, r
     with pytest.raises(ConvertError, match=message):
         run(base(tmp_path, rows=ROWS + [row]))
     assert not (tmp_path / "out/train").exists()  # nothing half-written
+
+
+def test_a_failed_write_leaves_no_split_behind(tmp_path):
+    with pytest.raises(ConvertError, match="the eval split is empty"):
+        run(base(tmp_path, split={"by": "time", "column": "day", "cutoff": 9}))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # neither train, eval nor their .tmp
 
 
 def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
@@ -325,11 +332,36 @@ def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
     assert report["label_means"]["train"] == {"bought": 0.6, "late": 0.4, "early": 0.4, "on_time": 0.2}
     assert report["label_means"]["eval"]["early"] == 0.5
 
+    assert report["notes"] == []
+    # Listed values that no training row holds make every label 0: noted, with the values there are.
+    typo = copy.deepcopy(raw)
+    typo["data"]["convert"]["positive"] = {"bought": ["Bought", "sold"]}
+    assert run(typo, force=True)["notes"] == [
+        "data.convert.positive.bought: no row of the training split holds 'Bought', 'sold' in column 'outcome', so every "
+        "label is 0 (its commonest values: 'bought', 'left', 'viewed'; compared as text, spaces trimmed, case kept)"]
+
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "2,hal,a,1,left,"]) + "\n")
     with pytest.raises(ConvertError, match=r"line 9: column 'delay': missing label"):
         run(raw, force=True)
     raw["data"]["convert"]["on_bad_row"] = "skip"
     assert run(raw, force=True)["skipped_rows"] == {"delay: missing label": 1}
+
+
+def test_a_binary_task_with_one_label_in_its_training_split_is_noted(tmp_path, capsys):
+    """Its head can learn only a constant: `concord convert` says so under its positive rates."""
+    import yaml
+
+    from concord.trainer.cli import main
+
+    never_clicked = [",".join(fields[:4] + ["0"] + fields[5:]) for fields in (row.split(",") for row in ROWS[:5])]
+    raw = base(tmp_path, rows=never_clicked + ROWS[5:])  # days 1-3 train, day 4 (clicked once) eval
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert read(tmp_path, "train")["click"] == [0] * 5 and 1 in read(tmp_path, "eval")["click"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].endswith("ctr 0, amount 1.4")
+    assert out[-1] == ("concord convert: note: task 'ctr': every labelled row of the training split is 0 (column 'click'): its head "
+                       "can learn only a constant; check the label's rule (data.convert.positive, positive_range)")
 
 
 def test_a_masked_tasks_missing_label_keeps_the_row_for_the_other_tasks(tmp_path):

@@ -221,6 +221,8 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
+    for note in report["notes"]:
+        print(f"concord convert: note: {note}")
     return 0
 
 

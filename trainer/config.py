@@ -476,7 +476,9 @@ def _build(tp: Any, value: Any, source: str, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {where}: expected a string, got {value!r}")
+            quote = ("; YAML reads yes, no, on, off, true and false unquoted as true/false: quote the text, e.g. \"yes\""
+                     if isinstance(value, bool) else f"; quote it: \"{value}\"" if isinstance(value, (int, float)) else "")
+            raise ConfigError(f"{source}: {where}: expected a string, got {value!r}{quote}")
         return value
     raise TypeError(f"unsupported config type {tp} at {where}")
 

@@ -282,6 +282,7 @@ class Converter:
 
     def __post_init__(self) -> None:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
+        self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
         d = self.cfg.data
         self.cv = d.convert
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
@@ -408,7 +409,7 @@ class Converter:
         n = batch.num_rows
         bad_rows = np.zeros(n, dtype=bool)
 
-        def check(bad: np.ndarray, column: str, reason: str, keeps: str = "") -> None:
+        def check(bad: np.ndarray, column: str, reason: str, keeps: str = "", reads_it: str = "") -> None:
             new = bad & ~bad_rows
             if not new.any():
                 return
@@ -418,7 +419,7 @@ class Converter:
                 value = batch.column(column)[i].as_py()
                 raise ConvertError(
                     f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
-                    f"data.convert.on_bad_row: skip drops such rows, counted{keeps}"
+                    f"{reads_it}data.convert.on_bad_row: skip drops such rows, counted{keeps}"
                 )
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
@@ -448,7 +449,9 @@ class Converter:
                 labels[:, k] = np.where(missing, np.nan, positive.fill_null(False).to_numpy(zero_copy_only=False))
                 continue
             values, bad = parse_numbers(batch.column(column))
-            check(bad, column, "not a number")
+            text_label = (f"a binary label written as text is read with data.convert.positive: {{{task.label}: [the values "
+                          "that mean 1]}; " if task.type == "binary" else "")
+            check(bad, column, "not a number", reads_it=text_label)
             if not masked:
                 check(~bad & np.isnan(values), column, "missing label", keeps)
             check(np.isinf(values), column, "not finite")
@@ -506,9 +509,13 @@ class Converter:
         meets the ``min_count`` of a feature holding it, by falling count over the table's features."""
         counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
         moments = [_Welford() for _ in self.dense_rules]
+        text_labels = {task.label: _TextLabel(column, self.cv.positive[task.label]) for task, column in zip(self.cfg.tasks, self.label_inputs)
+                       if task.label in self.cv.positive and column is not None}
         for chunk in self._decoded("statistics (training split)", cutoff):
             in_train = chunk.split == 0
             train = chunk.batch.filter(pa.array(in_train))
+            for label in text_labels.values():
+                label.add(train.column(label.column))
             for rule in self.cv.categorical:
                 if not rule.hash:
                     tokens, _ = tokens_of(train.column(rule.column), rule.separator)
@@ -518,6 +525,7 @@ class Converter:
             for k, m in enumerate(moments):
                 column = dense[:, k]
                 m.add(column[np.isfinite(column)])
+        self.absent_positives = {name: note for name, label in text_labels.items() if (note := label.absent_positives(name))}
         vocabs = {}
         for table, rules in self._vocabulary_tables().items():
             total, kept = Counter(), set()
@@ -535,6 +543,15 @@ class Converter:
                 )
             vocabs.update({rule.feature: vocab for rule in rules})
         return vocabs, [_Moments(m.mean, m.std) for m in moments]
+
+    def _one_class_notes(self, labelled, sums: np.ndarray, counts: np.ndarray) -> List[str]:
+        """Binary tasks whose training split holds one label only: their head can learn only a
+        constant and their NE and AUC are undefined; the cause is usually the label's rule (a text
+        label's absent positives are noted already)."""
+        return [f"task {task.name!r}: every labelled row of the training split is {int(sums[k] > 0)} (column "
+                f"{self.label_inputs[k]!r}): its head can learn only a constant; check the label's rule "
+                "(data.convert.positive, positive_range)"
+                for k, task in labelled if task.type == "binary" and counts[k] and sums[k] in (0, counts[k]) and task.label not in self.absent_positives]
 
     def _vocabulary_tables(self) -> Dict[str, List]:
         """Table name -> the categorical rules of its features that build a vocabulary."""
@@ -585,35 +602,40 @@ class Converter:
         rows, filled = [0] * len(outputs), Counter()
         label_sums = np.zeros((len(outputs), len(self.cfg.tasks)))
         label_counts = np.zeros((len(outputs), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
-        for chunk in self._decoded("writing", cutoff):
-            for split in range(len(outputs)):
-                mask = chunk.split == split
-                if not mask.any():
-                    continue
-                part = chunk.batch.filter(pa.array(mask))
-                cols: Dict[str, pa.Array] = {}
-                for rule in self.cv.categorical:
-                    cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
-                for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
-                    values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
-                    missing = np.isnan(values)
-                    filled[name] += int(missing.sum())
-                    cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
-                for k, task in labelled:
-                    values = chunk.labels[mask, k]  # a missing label (masked task): null
-                    cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
-                if d.weight_column and self.weight:
-                    cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
-                writers[split].write(pa.table(cols))
-                rows[split] += int(mask.sum())
-                label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
-                label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
-        for w in writers:
-            w.close()
-        for split, count in zip(names, rows):
-            if count == 0:
-                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
-                                   else f"{self.cv.input}: no rows to encode")
+        try:
+            for chunk in self._decoded("writing", cutoff):
+                for split in range(len(outputs)):
+                    mask = chunk.split == split
+                    if not mask.any():
+                        continue
+                    part = chunk.batch.filter(pa.array(mask))
+                    cols: Dict[str, pa.Array] = {}
+                    for rule in self.cv.categorical:
+                        cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
+                    for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
+                        values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
+                        missing = np.isnan(values)
+                        filled[name] += int(missing.sum())
+                        cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
+                    for k, task in labelled:
+                        values = chunk.labels[mask, k]  # a missing label (masked task): null
+                        cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
+                    if d.weight_column and self.weight:
+                        cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
+                    writers[split].write(pa.table(cols))
+                    rows[split] += int(mask.sum())
+                    label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
+                    label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
+            for w in writers:
+                w.close()
+            for split, count in zip(names, rows):
+                if count == 0:
+                    raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
+                                       else f"{self.cv.input}: no rows to encode")
+        except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
+            for t in tmp:
+                shutil.rmtree(t, ignore_errors=True)
+            raise
         for t, out in zip(tmp, outputs):  # replace the outputs only once everything is written
             shutil.rmtree(out, ignore_errors=True)
             t.rename(out)
@@ -623,6 +645,7 @@ class Converter:
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
+        notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0])]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
@@ -642,9 +665,38 @@ class Converter:
             "hashed": hashed,
             "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in dense.items()},
             "encoding": encoding_digest(self.cv.categorical, vocabs, hashed, dense),
+            "notes": notes,  # what the user should look at before training on it
         }
         (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return report
+
+
+class _TextLabel:
+    """The values of a text label column over the training split, against the values that mean 1
+    (``data.convert.positive``): where no row holds any of them (``"Yes"`` listed for ``yes``) every
+    label is 0, and the note says which values there are."""
+
+    SHOWN, KEPT = 5, 10_000  # values named in the error; distinct values counted for it
+
+    def __init__(self, column: str, positive: List[str]) -> None:
+        self.column, self.positive = column, pa.array(positive, pa.string())
+        self.found = False
+        self.counts: Counter = Counter()
+
+    def add(self, column: pa.Array) -> None:
+        text = pc.utf8_trim_whitespace(_as_text(column)).drop_null()
+        self.found = self.found or bool(pc.any(pc.is_in(text, value_set=self.positive)).as_py())
+        if len(self.counts) < self.KEPT:
+            vc = pc.value_counts(text)
+            self.counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+
+    def absent_positives(self, label: str) -> Optional[str]:
+        if self.found or not self.counts:
+            return None
+        commonest = ", ".join(repr(v) for v, _ in self.counts.most_common(self.SHOWN))
+        return (f"data.convert.positive.{label}: no row of the training split holds "
+                f"{', '.join(repr(v) for v in self.positive.to_pylist())} in column {self.column!r}, so every label is 0 "
+                f"(its commonest values: {commonest}; compared as text, spaces trimmed, case kept)")
 
 
 def encoding_digest(categorical, vocabs: Dict[str, List[str]], hashed: Dict[str, int], dense: Dict[str, Dict]) -> str:
