@@ -117,7 +117,7 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
     results = {"good": {"ne": 0.95}, "excellent": {"ne": 1.0311}, "rating": {"mse": 1.47}}
     starved = quality_notes(results, tasks, {"good": 0.008, "excellent": 0.004, "rating": 0.048})
     assert starved == ["note: task 'excellent' predicts the held-out rows no better than its base rate (NE 1.0311 >= 1); its "
-                       "gradient at z averaged 12x smaller than 'rating''s; `--single-task excellent` tells whether the "
+                       "gradient at z averaged 12x smaller than that of 'rating'; `--single-task excellent` tells whether the "
                        "other tasks starve it (README, 'Which balancer to try first')"]
     assert "averaged" not in quality_notes(results, tasks, {"good": 0.008, "excellent": 0.008, "rating": 0.048})[0]
     assert quality_notes(results, tasks[1:2]) == ["note: task 'excellent' predicts the held-out rows no better than its "

@@ -114,7 +114,7 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
             continue
         line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {ne:.4f} >= 1)"
         if t.name in norms and largest != t.name and norms[largest] >= STEERING_RATIO * norms[t.name]:
-            line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than {largest!r}'s"
+            line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than that of {largest!r}"
             gap_named = True
         if len(tasks) > 1:
             line += (f"; `--single-task {t.name}` tells whether the other tasks starve it (README, 'Which balancer to "
