@@ -20,6 +20,19 @@ def test_plot_from_a_log(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_method_that_logs_no_weights_at_z_plots_without_a_warning(tmp_path):
+    import warnings
+
+    log = RunLog(tmp_path)
+    for step in range(1, 6):  # a parameter-level method: gradient norms, no weights at z
+        log.write({"kind": "train", "step": step, "balancer": {"grad_norm": {"ctr": 0.01, "watch": 1.0}}}, step)
+    log.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        (path,) = plot_run(tmp_path)
+    assert path.is_file()
+
+
 def test_plot_names_the_missing_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl: no metrics log"):
         plot_run(tmp_path)

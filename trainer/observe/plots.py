@@ -52,6 +52,9 @@ def plot_run(run_dir: str | Path) -> List[Path]:
             ax.plot(steps[: len(values)], values, label=task)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if not series:  # a method that logs no such figure (a parameter-level one has no weights at z)
+            ax.text(0.5, 0.5, "not logged by this method", ha="center", va="center", transform=ax.transAxes)
+            continue
         if log_scale:
             ax.set_yscale("log")
         ax.legend()
