@@ -32,6 +32,9 @@ def test_overrides_apply_with_types():
     cfg = load_config(DEMO, ["train.max_steps=7", "tasks.1.loss_weight=2.5", "balancer.name=emtl", "balancer.beta=0.3"])
     assert cfg.train.max_steps == 7 and cfg.tasks[1].loss_weight == 2.5
     assert cfg.balancer.name == "emtl" and cfg.balancer.knobs == {"beta": 0.3}
+    # A list entry may be named as errors and resume refusals name it: model.tables[1].embedding_dim.
+    cfg = load_config(DEMO, ["tasks[0].head=[8]", "model.tables[1].embedding_dim=16"])
+    assert cfg.tasks[0].head == [8] and cfg.model.tables[1].embedding_dim == 16
 
 
 def test_a_partial_mapping_keeps_the_other_defaults():

@@ -2,7 +2,8 @@
 
 Every error names the file and the dotted key (``configs/demo.yaml: model.tables[1].features: ...``).
 ``key=value`` overrides from the command line are applied to the YAML tree before validation, with
-values parsed as YAML scalars (``train.max_steps=100``, ``tasks.0.loss_weight=2``).
+values parsed as YAML scalars (``train.max_steps=100``, ``tasks.0.loss_weight=2``, or as the errors
+name it, ``tasks[0].loss_weight=2``).
 """
 
 from __future__ import annotations
@@ -400,6 +401,7 @@ def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, text = item.split("=", 1)
+    key = re.sub(r"\[(\d+)\]", r".\1", key)  # model.tables[1].embedding_dim, as errors and refusals name a setting
     value = yaml.load(text, Loader=StrictLoader) if text != "" else None
     node: Any = raw
     parts = key.split(".")
