@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import Balancer, weighted_sum
 from .clock import Clock
-from .collectives import DDPRide, PendingStatistics
+from .collectives import DDPRide, HostExchange, PendingStatistics
 from .native import native_ops, passable
 from .statistics import (StepStats, all_finite, device_statistics, filled, finite_flags, local_statistics, norms_of, stacked_gradients,
                          usable_here)
@@ -244,9 +244,10 @@ class RepresentationBoundary(nn.Module):
         self.enabled = True
         self._record = _StepRecord()
         self._warmed: set = set()  # (balancer, shape, dtype, device) whose rules are built
-        # Set where DDP's gradient all-reduce carries lagged statistics (see DDPRide); then they are
-        # summed over DDP's group, which must be the boundary's.
-        self.ride: Optional[DDPRide] = None
+        # Set where something other than a collective of their own sums lagged statistics: DDP's
+        # gradient all-reduce (DDPRide; over DDP's group, which must be the boundary's) or shared
+        # memory on one host (HostExchange).
+        self.ride: Optional[Union[DDPRide, HostExchange]] = None
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:

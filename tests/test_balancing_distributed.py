@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import concord.balancing.boundary as boundary_module
 from concord.balancing import RepresentationBoundary, build_balancer
-from concord.balancing.collectives import DDPRide
+from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_possible
 from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
 from distributed import run_ranks
 from mtl_helpers import ToyMTL, stats_for, toy_batch
@@ -49,6 +49,11 @@ CASES = {
     "cograd-lagged-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 1, "ddp"),
     "cograd-every-2-in-ddp": ("cograd", {"gamma": 0.05}, "previous", 2, "ddp"),
     "equal-lagged-in-ddp": ("equal", {}, "previous", 1, "ddp"),
+    # the lagged statistics summed through shared memory on this host (HostExchange)
+    "multibalance-lagged-on-host": ("multibalance", {}, "previous", 1, "host"),
+    "emtl-every-2-on-host": ("emtl", {}, "previous", 2, "host"),
+    "cograd-lagged-on-host": ("cograd", {"gamma": 0.05}, "previous", 1, "host"),
+    "equal-lagged-on-host": ("equal", {}, "previous", 1, "host"),
     # a GPU's lagged path (no host read in backward), run on these CPU tensors
     "equal-lagged-no-host-reads": ("equal", {}, "previous", 1, "device"),
     "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
@@ -80,11 +85,15 @@ def _run(rank: int, world_size: int):
                                               statistics_every=mode[1] if len(mode) > 1 else 1)
         per_rank = ROWS // world_size
         in_ddp = mode[2:] == ["ddp"] and world_size > 1
+        on_host = mode[2:] == ["host"] and world_size > 1
         forward = _Forward(model, boundary)
         if in_ddp:  # DDP averages the gradients, and its last bucket carries the statistics
             forward = torch.nn.parallel.DistributedDataParallel(forward)
             boundary.ride = DDPRide()
             forward.register_comm_hook(None, boundary.ride.hook)
+        if on_host:
+            boundary.ride = HostExchange(group)
+        if in_ddp or on_host:
             carried, carry = [], boundary.ride.carry
             boundary.ride.carry = lambda values: carried.append(1) or carry(values)
         out = []
@@ -106,7 +115,7 @@ def _run(rank: int, world_size: int):
             weights = (param_level or boundary.balancer).last_telemetry["weights"]
             out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
         results[case] = out
-        if in_ddp:
+        if in_ddp or on_host:
             results[f"{case}:carried"] = len(carried)
     boundary_module._reads_on_host = reads_on_host
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
@@ -183,12 +192,13 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
-def test_ddp_carries_the_lagged_statistics(runs):
-    """The in-DDP cases above did not fall back to a collective of their own: every statistics step's
-    vector went with DDP's last bucket (every step, or every other with statistics_every=2)."""
+def test_ddp_and_shared_memory_carry_the_lagged_statistics(runs):
+    """The in-DDP and on-host cases above did not fall back to a collective of their own: every
+    statistics step's vector went with DDP's last bucket, or through shared memory (every step, or
+    every other with statistics_every=2)."""
     for result in runs[1]:
         for case, (_, _, *mode) in CASES.items():
-            if mode[2:] == ["ddp"]:
+            if mode[2:] in (["ddp"], ["host"]):
                 assert result[f"{case}:carried"] == STEPS // mode[1], case
 
 
@@ -267,6 +277,11 @@ def _sum_both_ways(rank: int, world_size: int):
     for collective in ("all_reduce", "all_to_all"):
         stats = PendingStatistics(_packed(rank), 3, 8, collective=collective).wait()
         out[collective] = (stats.gram, stats.losses, stats.extra, stats.global_batch_size)
+    # Through shared memory: three vectors carried before any is read (a rank ahead of the others).
+    exchange = HostExchange()
+    pending = [exchange.carry(_packed(rank) * scale) for scale in (1.0, 2.0, -3.0)]
+    dist.barrier()
+    out["host"] = [p.wait() for p in pending]
     return out
 
 
@@ -280,6 +295,8 @@ def test_both_ways_of_summing_the_statistics_agree_on_every_rank():
     b_global = total[15]
     for result in ranks:
         assert torch.equal(result["sum_over_ranks"], torch.from_numpy(total))  # the sum in rank order, bit for bit
+        in_rank_order = [sum((_packed(r) * scale for r in range(world)), torch.zeros(20, dtype=torch.float64)) for scale in (1.0, 2.0, -3.0)]
+        assert [torch.equal(got, want) for got, want in zip(result["host"], in_rank_order)] == [True] * 3  # bit for bit
         gram, losses, extra, global_batch = result["all_to_all"]
         assert np.array_equal(gram, ranks[0]["all_to_all"][0]) and np.array_equal(extra, ranks[0]["all_to_all"][2])
         np.testing.assert_array_equal(extra, total[16:])
@@ -288,3 +305,12 @@ def test_both_ways_of_summing_the_statistics_agree_on_every_rank():
         # all_reduce adds in its own order: the same sum up to a rounding per addition.
         magnitude = sum(np.abs(_packed(r).numpy()[16:]) for r in range(world))
         assert (np.abs(result["all_reduce"][2] - extra) <= 2 * np.finfo(np.float64).eps * magnitude).all()
+
+
+def test_shared_memory_sums_only_cpu_ranks_of_one_host(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert host_exchange_possible(2, cpu) is None or "store order" in host_exchange_possible(2, cpu)
+    assert host_exchange_possible(1, cpu) == "one rank: nothing to sum"
+    assert host_exchange_possible(2, torch.device("cuda", 0)) == "a GPU job: NCCL sums on the device"
+    assert host_exchange_possible(4, cpu) == "the ranks are not all on this host"

@@ -185,6 +185,8 @@ def test_statistics_ride_in_ddp_only_where_they_are_gathered_every_step():
     assert statistics_ride_in_ddp(True, boundary("equal")) and not statistics_ride_in_ddp(False, boundary("multibalance", every=1))
     with pytest.raises(ConfigError, match="dist.statistics_in_ddp: must be true, false or auto, got 'maybe'"):
         load_config("configs/tiny.yaml", ["dist.statistics_in_ddp=maybe"])
+    with pytest.raises(ConfigError, match="dist.statistics_on_host: must be true, false or auto, got 'shm'"):
+        load_config("configs/tiny.yaml", ["dist.statistics_on_host=shm"])
 
 
 def test_yaml_words_read_as_true_false_or_numbers_where_text_is_meant_say_to_quote_them(tmp_path):

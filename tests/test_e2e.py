@@ -236,17 +236,21 @@ def test_the_report_pairs_a_method_across_statistics_modes():
     assert "| emtl@previous/10 | emtl | +0.00 [+0.00, +0.00]: no detectable difference |" in "\n".join(table)
 
 
-def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path):
+@pytest.mark.parametrize("carrier, header", [
+    ("dist.statistics_in_ddp=true", "lagged statistics summed in DDP's gradient all-reduce"),  # equal's config would not ride (auto)
+    ("dist.statistics_on_host=true", "lagged statistics summed through shared memory on this host"),
+])
+def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_path, carrier, header):
     """``concord bench --steps 1``: one timed step per method per round, each method's balancer built
     once and swapped back in, so its step count runs on across rounds; the report gives the standard
     error of each mean drop. A method named without a mode runs as ``concord train`` would run it
-    (the config's ``balancer.statistics: auto``: MultiBalance lagged, every 10 steps)."""
+    (the config's ``balancer.statistics: auto``: MultiBalance lagged, every 10 steps). The lagged
+    statistics go with DDP's all-reduce, or through shared memory."""
     run_dir = tmp_path / "bench"
     cmd = [
         sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
         "--methods", "none,equal,multibalance,multibalance@previous,multibalance@current", "--rounds", "4", "--steps", "1",
-        *tiny_data(tmp_path), f"train.run_dir={run_dir}",
-        "train.qps_skip_steps=2", "dist.statistics_in_ddp=true",  # equal's config would not ride (auto)
+        *tiny_data(tmp_path), f"train.run_dir={run_dir}", "train.qps_skip_steps=2", carrier,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -258,10 +262,10 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
     assert all(r["qps_mean"] > 0 for r in report.values())
     table = (run_dir / "bench.md").read_text()
-    assert "± s.e." in table and "lagged statistics summed in DDP's gradient all-reduce" in table  # 2 gloo ranks
+    assert "± s.e." in table and header in table  # 2 gloo ranks
     # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
     assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
-    # Lagged, its sums rode in DDP's all-reduce; one that never arrived would have stopped the run.
+    # Lagged, its sums went by the carrier; one that never arrived would have stopped the run.
     assert report["multibalance@previous"]["balancer_steps"] == 3 + 4
     assert report["none"]["balancer_steps"] == 0
 

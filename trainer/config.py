@@ -275,6 +275,10 @@ class DistConfig:
     # (balancing/collectives.py, DDPRide); false: their own collective, summed in float64; auto: ride
     # only where the balancer gathers lagged statistics every step (train.statistics_ride_in_ddp)
     statistics_in_ddp: Any = "auto"
+    # CPU ranks all on one host (x86-64): lagged statistics summed through shared memory instead of
+    # gloo's collective (balancing/collectives.py, HostExchange) where they do not ride in DDP;
+    # auto: wherever it can; true: refuse a job where it cannot; false: the collective
+    statistics_on_host: Any = "auto"
 
 
 @dataclass
@@ -496,8 +500,9 @@ def validate(cfg: Config) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{src}: {key}: {msg}")
 
-    if cfg.dist.statistics_in_ddp not in (True, False, "auto"):
-        fail("dist.statistics_in_ddp", f"must be true, false or auto, got {cfg.dist.statistics_in_ddp!r}")
+    for key in ("statistics_in_ddp", "statistics_on_host"):
+        if getattr(cfg.dist, key) not in (True, False, "auto"):
+            fail(f"dist.{key}", f"must be true, false or auto, got {getattr(cfg.dist, key)!r}")
     d = cfg.data
     if d.batch_size < 1:
         fail("data.batch_size", f"must be >= 1, got {d.batch_size}")

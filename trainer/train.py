@@ -18,7 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from concord.balancing import NonFiniteLossError
-from concord.balancing.collectives import DDPRide, sum_over_ranks
+from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_possible, sum_over_ranks
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
@@ -70,6 +70,21 @@ def carry_statistics_in_ddp(dmp, model: MultiTaskModel, rt: Runtime) -> None:
             logger.info("lagged balancer statistics travel in DDP's gradient all-reduce (dist.statistics_in_ddp)")
 
 
+def exchange_statistics_on_host(setting, model: MultiTaskModel, rt: Runtime) -> None:
+    """``dist.statistics_on_host``: lagged statistics summed through shared memory (``HostExchange``)
+    where every rank runs on this host, instead of gloo's collective, which costs each statistics
+    step a rank's core and its peer's (docs/performance.md); ``auto`` wherever it can, ``true``
+    refuses a job where it cannot, ``false`` keeps the collective."""
+    why_not = host_exchange_possible(rt.world_size, rt.device)
+    if setting is False or (why_not is not None and setting == "auto"):
+        return
+    if why_not is not None:
+        raise RuntimeError(f"dist.statistics_on_host=true: {why_not}; set it to auto or false")
+    model.boundary.ride = HostExchange(rt.balancer_group)
+    if rt.is_main:
+        logger.info("lagged balancer statistics summed through shared memory on this host (dist.statistics_on_host)")
+
+
 @dataclass
 class Trainer:
     """Holds the sharded model and optimizers; :meth:`fit` runs the configured training."""
@@ -115,6 +130,8 @@ class Trainer:
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
         if statistics_ride_in_ddp(cfg.dist.statistics_in_ddp, model.boundary):
             carry_statistics_in_ddp(dmp, model, rt)
+        else:
+            exchange_statistics_on_host(cfg.dist.statistics_on_host, model, rt)
         opt_cfg = cfg.train.dense_optimizer
         opt_cls = DENSE_OPTIMIZERS[opt_cfg.name]
         # fused: one kernel over all dense parameters instead of one per tensor.

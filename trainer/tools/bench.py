@@ -25,6 +25,7 @@ import torch.distributed as dist
 from concord.trainer.config import Config
 from concord.trainer.runtime import init_runtime, shutdown
 from concord.trainer.observe.timing import StepTimer, paired_drop
+from concord.balancing.collectives import HostExchange
 from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.trainer.tools.methods import parse_method, resolve_method
 from concord.trainer.train import Trainer
@@ -154,6 +155,8 @@ def lagged_statistics_path(boundary, world_size: int) -> str:
     """How lagged statistics (``METHOD@previous``) are summed over ranks in this run, for the header."""
     if world_size == 1:
         return ""
+    if isinstance(boundary.ride, HostExchange):
+        return "lagged statistics summed through shared memory on this host (dist.statistics_on_host)"
     if boundary.ride is not None:
         return "lagged statistics summed in DDP's gradient all-reduce (dist.statistics_in_ddp)"
     return "lagged statistics summed by a collective of their own"
