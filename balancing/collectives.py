@@ -205,16 +205,16 @@ class HostExchange:
     """Sums lagged statistics over ranks that share one host through a shared memory block instead
     of a collective: each rank writes its packed vector into a slot of its own and, when the sum is
     read (the next step), adds every rank's slot in rank order, the bits :class:`PendingSum`'s
-    all-to-all gives. On gloo the collective costs a rank's core ~0.3-0.4 ms a statistics step, and
-    its background thread takes the other rank's core too (docs/performance.md); this costs a copy.
+    all-to-all gives. On gloo the collective costs the rank's core a share of each statistics step,
+    and its background thread another rank's core (docs/performance.md); this costs a copy.
 
     Nothing waits in practice: a rank reads step t's slots in step t+1, after DDP's gradient
     all-reduce of step t, which no rank passes before every rank's backward has gone through the
     boundary and written its slot. A rank still checks each slot's sequence number, waiting for one
     not yet written and raising for one already overwritten. Slots come in ``DEPTH`` generations,
     so a rank one statistics step ahead never writes over what another still reads. Stores reach
-    other cores in program order on x86-64 only: elsewhere, and across hosts, :func:`host_exchange`
-    leaves the sum to the collective. Use it as :class:`DDPRide`: the boundary's ``ride``, lagged
+    other cores in program order on x86-64 only: elsewhere, and across hosts, the collective sums
+    them (:func:`host_exchange_possible`). Use it as :class:`DDPRide`: the boundary's ``ride``, lagged
     statistics only."""
 
     DEPTH = 4
@@ -288,14 +288,15 @@ class _ExchangedSum:
         return self._sum
 
 
-def host_exchange_possible(world_size: int, device: torch.device) -> Optional[str]:
+def host_exchange_possible(world_size: int, local_world_size: int, device: torch.device) -> Optional[str]:
     """Why a :class:`HostExchange` cannot sum this job's statistics (None: it can): more than one
-    rank, all on this host (torchrun's ``LOCAL_WORLD_SIZE``), a CPU job, x86-64 stores."""
+    rank, all on this host (``local_world_size`` of them, torchrun's ``LOCAL_WORLD_SIZE``), a CPU
+    job, x86-64 stores."""
     if world_size < 2:
         return "one rank: nothing to sum"
     if device.type != "cpu":
         return "a GPU job: NCCL sums on the device"
-    if int(os.environ.get("LOCAL_WORLD_SIZE", 0)) != world_size:
+    if local_world_size != world_size:
         return "the ranks are not all on this host"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"{platform.machine()}: the exchange relies on x86-64's store order"

@@ -307,10 +307,9 @@ def test_both_ways_of_summing_the_statistics_agree_on_every_rank():
         assert (np.abs(result["all_reduce"][2] - extra) <= 2 * np.finfo(np.float64).eps * magnitude).all()
 
 
-def test_shared_memory_sums_only_cpu_ranks_of_one_host(monkeypatch):
+def test_shared_memory_sums_only_cpu_ranks_of_one_host():
     cpu = torch.device("cpu")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert host_exchange_possible(2, cpu) is None or "store order" in host_exchange_possible(2, cpu)
-    assert host_exchange_possible(1, cpu) == "one rank: nothing to sum"
-    assert host_exchange_possible(2, torch.device("cuda", 0)) == "a GPU job: NCCL sums on the device"
-    assert host_exchange_possible(4, cpu) == "the ranks are not all on this host"
+    assert host_exchange_possible(2, 2, cpu) is None or "store order" in host_exchange_possible(2, 2, cpu)
+    assert host_exchange_possible(1, 1, cpu) == "one rank: nothing to sum"
+    assert host_exchange_possible(2, 2, torch.device("cuda", 0)) == "a GPU job: NCCL sums on the device"
+    assert host_exchange_possible(4, 2, cpu) == "the ranks are not all on this host"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
 import yaml
 
-from concord.trainer.config import ConfigError, load_config
+from concord.trainer.config import ConfigError, check_machine, load_config
 
 DEMO = "configs/demo.yaml"
 
@@ -187,6 +188,11 @@ def test_statistics_ride_in_ddp_only_where_they_are_gathered_every_step():
         load_config("configs/tiny.yaml", ["dist.statistics_in_ddp=maybe"])
     with pytest.raises(ConfigError, match="dist.statistics_on_host: must be true, false or auto, got 'shm'"):
         load_config("configs/tiny.yaml", ["dist.statistics_on_host=shm"])
+    # Forced where it cannot work: refused before any rank starts.
+    with pytest.raises(ConfigError, match=r"dist\.statistics_on_host: true, but the ranks are not all on this host; set it to auto or false"):
+        check_machine(load_config("configs/tiny.yaml", ["dist.statistics_on_host=true", "dist.nnodes=2"]))
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        check_machine(load_config("configs/tiny.yaml", ["dist.statistics_on_host=true"]))  # 2 CPU ranks on this host
 
 
 def test_yaml_words_read_as_true_false_or_numbers_where_text_is_meant_say_to_quote_them(tmp_path):

@@ -662,6 +662,13 @@ def check_machine(cfg: Config) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{cfg.source}: {key}: {message}")
 
+    if ds.statistics_on_host is True:
+        from concord.balancing.collectives import host_exchange_possible
+
+        device = torch.device("cuda" if ds.device == "cuda" or (ds.device == "auto" and has_gpu) else "cpu")
+        why_not = host_exchange_possible(cfg.world_size, ds.nproc_per_node, device)
+        if why_not is not None:
+            fail("dist.statistics_on_host", f"true, but {why_not}; set it to auto or false")
     if ds.device == "cuda" and not has_gpu:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (make install-gpu)"
         fail("dist.device", f"cuda, but this machine has no usable GPU (torch {torch.__version__} is {build})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -75,11 +76,11 @@ def exchange_statistics_on_host(setting, model: MultiTaskModel, rt: Runtime) -> 
     where every rank runs on this host, instead of gloo's collective, which costs each statistics
     step a rank's core and its peer's (docs/performance.md); ``auto`` wherever it can, ``true``
     refuses a job where it cannot, ``false`` keeps the collective."""
-    why_not = host_exchange_possible(rt.world_size, rt.device)
+    why_not = host_exchange_possible(rt.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", 0)), rt.device)
     if setting is False or (why_not is not None and setting == "auto"):
         return
     if why_not is not None:
-        raise RuntimeError(f"dist.statistics_on_host=true: {why_not}; set it to auto or false")
+        raise RuntimeError(f"dist.statistics_on_host=true: {why_not}; set it to auto or false")  # the launcher says so first
     model.boundary.ride = HostExchange(rt.balancer_group)
     if rt.is_main:
         logger.info("lagged balancer statistics summed through shared memory on this host (dist.statistics_on_host)")

@@ -676,7 +676,7 @@ class _TextLabel:
     (``data.convert.positive``): where no row holds any of them (``"Yes"`` listed for ``yes``) every
     label is 0, and the note says which values there are."""
 
-    SHOWN, KEPT = 5, 10_000  # values named in the error; distinct values counted for it
+    SHOWN, KEPT = 5, 10_000  # values named in the note; distinct values counted for it
 
     def __init__(self, column: str, positive: List[str]) -> None:
         self.column, self.positive = column, pa.array(positive, pa.string())
