@@ -583,5 +583,5 @@ def _qps_line(qps: QPSMeter) -> str:
         + f"forward {b['forward_ms']:.1f} + backward "
         f"{b['backward_ms']:.1f} + optimizer {b['optimizer_ms']:.1f}; boundary {b['boundary_ms']:.2f} ms "
         f"({b.get('boundary_share_pct', 0.0):.2f}% of the step, inside backward; of it "
-        f"{b['boundary_comm_ms']:.2f} ms blocked on the statistics all-reduce, waiting for peers included)"
+        f"{b['boundary_comm_ms']:.2f} ms blocked on the statistics' sum over ranks, waiting for peers included)"
     )
