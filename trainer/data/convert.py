@@ -544,6 +544,44 @@ class Converter:
             vocabs.update({rule.feature: vocab for rule in rules})
         return vocabs, [_Moments(m.mean, m.std) for m in moments]
 
+    def _write(self, writers: List["_SplitWriter"], names: List[str], cutoff, labelled, scale, vocab_arrays):
+        """Pass 2: every row encoded into its split's writer; the rows written, dense values filled,
+        label sums and labelled rows per split."""
+        d = self.cfg.data
+        rows, filled = [0] * len(writers), Counter()
+        label_sums = np.zeros((len(writers), len(self.cfg.tasks)))
+        label_counts = np.zeros((len(writers), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
+        for chunk in self._decoded("writing", cutoff):
+            for split in range(len(writers)):
+                mask = chunk.split == split
+                if not mask.any():
+                    continue
+                part = chunk.batch.filter(pa.array(mask))
+                cols: Dict[str, pa.Array] = {}
+                for rule in self.cv.categorical:
+                    cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
+                for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
+                    values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
+                    missing = np.isnan(values)
+                    filled[name] += int(missing.sum())
+                    cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
+                for k, task in labelled:
+                    values = chunk.labels[mask, k]  # a missing label (masked task): null
+                    cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
+                if d.weight_column and self.weight:
+                    cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
+                writers[split].write(pa.table(cols))
+                rows[split] += int(mask.sum())
+                label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
+                label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
+        for w in writers:
+            w.close()
+        for split, count in zip(names, rows):
+            if count == 0:
+                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
+                                   else f"{self.cv.input}: no rows to encode")
+        return rows, filled, label_sums, label_counts
+
     def _one_class_notes(self, labelled, sums: np.ndarray, counts: np.ndarray) -> List[str]:
         """Binary tasks whose training split holds one label only: their head can learn only a
         constant and their NE and AUC are undefined; the cause is usually the label's rule (a text
@@ -599,39 +637,8 @@ class Converter:
             shutil.rmtree(t, ignore_errors=True)
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
-        rows, filled = [0] * len(outputs), Counter()
-        label_sums = np.zeros((len(outputs), len(self.cfg.tasks)))
-        label_counts = np.zeros((len(outputs), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
         try:
-            for chunk in self._decoded("writing", cutoff):
-                for split in range(len(outputs)):
-                    mask = chunk.split == split
-                    if not mask.any():
-                        continue
-                    part = chunk.batch.filter(pa.array(mask))
-                    cols: Dict[str, pa.Array] = {}
-                    for rule in self.cv.categorical:
-                        cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
-                    for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
-                        values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
-                        missing = np.isnan(values)
-                        filled[name] += int(missing.sum())
-                        cols[name] = pa.array(np.where(missing, rule.fill, values).astype(np.float32))
-                    for k, task in labelled:
-                        values = chunk.labels[mask, k]  # a missing label (masked task): null
-                        cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
-                    if d.weight_column and self.weight:
-                        cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
-                    writers[split].write(pa.table(cols))
-                    rows[split] += int(mask.sum())
-                    label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
-                    label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
-            for w in writers:
-                w.close()
-            for split, count in zip(names, rows):
-                if count == 0:
-                    raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
-                                       else f"{self.cv.input}: no rows to encode")
+            rows, filled, label_sums, label_counts = self._write(writers, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
                 shutil.rmtree(t, ignore_errors=True)
