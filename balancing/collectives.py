@@ -227,13 +227,20 @@ class HostExchange:
         self.calls = 0
         width = 2 + self.CAPACITY  # [sequence number, length, values...]
         size = self.world * self.DEPTH * width
-        name = [None]
+        name = [""]
         if self.rank == 0:
             folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            handle, name[0] = tempfile.mkstemp(prefix="concord-statistics-", dir=folder)
-            os.ftruncate(handle, size * 8)
-            os.close(handle)
+            handle, path = tempfile.mkstemp(prefix="concord-statistics-", dir=folder)
+            try:  # the pages reserved now: a full /dev/shm is an error here, not a SIGBUS on a later write
+                os.posix_fallocate(handle, 0, size * 8)
+                name[0] = path
+            except OSError:
+                os.unlink(path)
+            finally:
+                os.close(handle)
         dist.broadcast_object_list(name, src=dist.get_global_rank(process_group, 0) if process_group else 0, group=process_group)
+        if not name[0]:  # every rank learns it from rank 0
+            raise OSError(f"no room for {size * 8:,} bytes of shared memory on this host (/dev/shm, else the temporary folder)")
         block = torch.from_file(name[0], shared=True, size=size, dtype=torch.float64)
         dist.barrier(group=process_group)  # every rank has mapped it: the name is no longer needed
         if self.rank == 0:

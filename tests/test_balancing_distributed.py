@@ -313,3 +313,29 @@ def test_shared_memory_sums_only_cpu_ranks_of_one_host():
     assert host_exchange_possible(1, 1, cpu) == "one rank: nothing to sum"
     assert host_exchange_possible(2, 2, torch.device("cuda", 0)) == "a GPU job: NCCL sums on the device"
     assert host_exchange_possible(4, 2, cpu) == "the ranks are not all on this host"
+
+
+def _shared_memory_full(rank: int, world_size: int):
+    import os
+
+    dist.init_process_group("gloo")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    os.posix_fallocate = full  # this spawned rank's own os module
+    try:
+        HostExchange()
+    except OSError as error:
+        return str(error)
+    return "made"
+
+
+def test_a_full_shared_memory_is_an_error_on_every_rank_and_leaves_no_file():
+    """Rank 0 reserves the block's pages when it makes it: where /dev/shm has no room, every rank
+    raises (the trainer then keeps the collective), not a SIGBUS at a later write."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/concord-statistics-*"))
+    assert run_ranks(_shared_memory_full, 2) == ["no room for 524,416 bytes of shared memory on this host (/dev/shm, else the temporary folder)"] * 2
+    assert set(glob.glob("/dev/shm/concord-statistics-*")) == before

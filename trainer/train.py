@@ -81,7 +81,14 @@ def exchange_statistics_on_host(setting, model: MultiTaskModel, rt: Runtime) -> 
         return
     if why_not is not None:
         raise RuntimeError(f"dist.statistics_on_host=true: {why_not}; set it to auto or false")  # the launcher says so first
-    model.boundary.ride = HostExchange(rt.balancer_group)
+    try:
+        model.boundary.ride = HostExchange(rt.balancer_group)
+    except OSError as error:  # the same on every rank: rank 0 made the block or could not
+        if setting is True:
+            raise
+        if rt.is_main:
+            logger.warning("dist.statistics_on_host: %s; a collective sums the lagged statistics instead", error)
+        return
     if rt.is_main:
         logger.info("lagged balancer statistics summed through shared memory on this host (dist.statistics_on_host)")
 
