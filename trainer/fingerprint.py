@@ -9,11 +9,10 @@ data, the seed) would silently re-train rows or load the wrong shapes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints
+from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints, saved_fingerprint
 
 # Keys of the fingerprint a user may let differ, with what then happens.
 SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the trained model"}
@@ -63,10 +62,7 @@ def check_resumable(cfg) -> None:
     path = _checkpoint_to_continue(cfg)
     if path is None:
         return
-    try:
-        saved = json.loads((path / "concord.json").read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return
+    saved = saved_fingerprint(path)
     rows = count_rows(cfg.data.train) if cfg.data.train else None
     if saved and rows is not None:
         check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes)

@@ -146,16 +146,23 @@ def published_checkpoints(root: str | Path) -> List[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=lambda p: p.name)
 
 
+def saved_fingerprint(checkpoint: Path) -> Optional[dict]:
+    """The resume fingerprint a checkpoint's ``concord.json`` records ({} where it records none); None
+    where the record cannot be read (the ranks, which verify the checkpoint, report it)."""
+    try:
+        record = json.loads((checkpoint / "concord.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (record.get("fingerprint") or {}) if isinstance(record, dict) else None
+
+
 def check_data_to_score(run_dir: str | Path, key: str, spec: Optional[str]) -> None:
     """The data to score (``spec``, given as ``key``) is Parquet, encoded as the data the newest
     checkpoint of ``run_dir`` trained on, as far as their records say: read from the checkpoint's
     ``concord.json``, before the ranks build the model only to refuse it (they check again, on the
     checkpoint they load). Raw text is told how to become such data."""
     steps = published_checkpoints(Path(run_dir) / "checkpoints")
-    try:
-        saved = json.loads((steps[-1] / "concord.json").read_text()).get("fingerprint", {}) if steps else {}
-    except (OSError, ValueError):
-        saved = None  # the ranks' own check reports a damaged checkpoint
+    saved = saved_fingerprint(steps[-1]) if steps else {}
     trained = (saved or {}).get("data", {}).get("train")
     if spec and raw_text_hint(spec) and trained:
         raise DataError(f"{key}: {spec} is not Parquet data; it is raw text: encode it like the data the checkpoint trained "
