@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -482,6 +483,28 @@ def test_existing_output_needs_force_and_missing_columns_are_named(tmp_path):
     raw["data"]["convert"]["dense"][0]["name"] = "price"
     with pytest.raises(ConvertError, match=r"raw\.csv: missing column 'cost' \(file has: day, user, tags, price, click, amount\)"):
         run(raw, force=True)
+
+
+def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_its_way_out(tmp_path):
+    """CSV exports that differ from Concord's defaults in ways a missing column or a bad number alone
+    would not explain: another delimiter (a European export's ';', a TSV), spaces after each
+    delimiter, a decimal comma."""
+    raw = base(tmp_path)
+    for delimiter, as_yaml in ((";", "';'"), ("\t", '"\\t"')):
+        (tmp_path / "raw.csv").write_text("\n".join(line.replace(",", delimiter) for line in [HEADER, *ROWS]) + "\n")
+        with pytest.raises(ConvertError, match=re.escape(f"the header splits on {as_yaml}: set data.convert.delimiter: {as_yaml}")):
+            run(raw)
+    (tmp_path / "raw.csv").write_text("\n".join(line.replace(",", ", ") for line in [HEADER, *ROWS]) + "\n")
+    with pytest.raises(ConvertError, match=r"missing column 'user' .*; the file names it ' user', with spaces: name it so in the config"):
+        run(raw)
+    semicolons = [line.replace(",", ";") for line in [HEADER, *ROWS]]
+    semicolons[1] = semicolons[1].replace(";10;", ";10,5;")  # its price, written with a decimal comma
+    (tmp_path / "raw.csv").write_text("\n".join(semicolons) + "\n")
+    raw["data"]["convert"]["delimiter"] = ";"
+    with pytest.raises(ConvertError, match=r"line 2: column 'price': not a number \(value '\d+,\d+'\); convert reads '\.' as the decimal mark"):
+        run(raw)
+    raw["data"]["convert"]["delimiter"] = ","
+    run(base(tmp_path))  # the same rows as Concord reads them
 
 
 @pytest.mark.multiprocess

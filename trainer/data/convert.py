@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import math
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ import pyarrow.parquet as pq
 from concord.trainer.config import Config
 from concord.trainer.data.layout import CSV_SUFFIXES
 from concord.trainer.observe.progress import progress_bar
+
+
+# A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
+_DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
 
 
 class ConvertError(ValueError):
@@ -99,7 +104,7 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
             return "skip"
         return "error"
 
-    _check_columns(path, _csv_header(path, cv.delimiter), columns)
+    _check_columns(path, _csv_header(path, cv.delimiter), columns, cv.delimiter)
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
@@ -133,10 +138,28 @@ def _csv_header(path: str, delimiter: str) -> List[str]:
     return header
 
 
-def _check_columns(path: str, have: List[str], need: List[str]) -> None:
+def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None) -> None:
+    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``), or an error
+    naming the first missing, with the likely cause where the header shows one."""
     for col in need:
         if col not in have:
-            raise ConvertError(f"{path}: missing column {col!r} (file has: {', '.join(have)})")
+            hint = _header_hint(col, have, delimiter) if delimiter is not None else ""
+            raise ConvertError(f"{path}: missing column {col!r} (file has: {', '.join(have)}){hint}")
+
+
+def _header_hint(col: str, have: List[str], delimiter: str) -> str:
+    """Why a CSV header split on ``delimiter`` may lack ``col``: another delimiter splits it out, or
+    the header has it with spaces around it. Empty where neither."""
+    line = delimiter.join(have)
+    for other in (";", "\t", "|", ","):
+        if other != delimiter and col in (name.strip() for name in line.split(other)):
+            as_yaml = '"\\t"' if other == "\t" else f"'{other}'"
+            return f"; the header splits on {as_yaml}: set data.convert.delimiter: {as_yaml}"
+    spaced = [name for name in have if name.strip() == col]
+    if spaced:
+        return (f"; the file names it {spaced[0]!r}, with spaces: name it so in the config, or remove the spaces "
+                "after the file's delimiters (its values have them too)")
+    return ""
 
 
 def _as_text(arr: pa.Array) -> pa.Array:
@@ -417,6 +440,8 @@ class Converter:
                 i = int(np.flatnonzero(new)[0])
                 where = f"line {first + i + 2}" if fmt == "csv" else f"row {first + i + 1}"
                 value = batch.column(column)[i].as_py()
+                if reason == "not a number" and isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
+                    reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
                 raise ConvertError(
                     f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
                     f"{reads_it}data.convert.on_bad_row: skip drops such rows, counted{keeps}"
