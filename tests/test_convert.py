@@ -638,6 +638,33 @@ def test_the_insteval_config_reads_integer_codes_as_categories_with_no_dense_col
         convert_rows(tmp_path / "again", "insteval", header, [*ratings, "5,2,115,4,1,0,5,NA"], "data.convert.split.eval_fraction=0.5")
 
 
+def test_the_nlswork_config_masks_unasked_labels_and_splits_by_interview_year(tmp_path):
+    """configs/nlswork.yaml on rows in the sampleSelection `nlswork` schema (R's NA written as an empty
+    cell): the interviews from 1985 on are held out; a year that did not ask about union membership
+    (or a missing marital status) keeps its row with a null label; codes written as floats ("6.0")
+    are categories, a missing code an empty bag; a missing number becomes the training mean."""
+    header = ("rownames,idcode,year,birth_yr,age,race,msp,nev_mar,grade,collgrad,not_smsa,c_city,south,"
+              "ind_code,occ_code,union,wks_ue,ttl_exp,tenure,hours,wks_work,ln_wage")
+    interviews = [
+        "1,1,70,51,18.0,2,0.0,1.0,12.0,0,0.0,1.0,0.0,6.0,3.0,,2.0,1.08,0.08,20.0,27.0,1.45",
+        "2,1,83,51,31.0,2,1.0,0.0,12.0,0,0.0,1.0,0.0,4.0,6.0,1.0,,5.0,2.0,40.0,50.0,1.90",
+        "3,2,85,48,37.0,1,1.0,0.0,16.0,1,1.0,0.0,1.0,,,0.0,0.0,9.0,3.0,38.0,52.0,2.20",
+        "4,1,87,51,35.0,2,,,12.0,0,0.0,0.0,1.0,6.0,2.0,0.0,0.0,10.0,4.0,,52.0,2.00",
+    ]
+    report = convert_rows(tmp_path, "nlswork", header, interviews)
+    assert report["rows"] == {"train": 2, "eval": 2} and report["skipped_rows"] == {}
+    train, held_out = (pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval"))
+    assert train["union"] == [None, 1] and held_out["union"] == [0, 0]
+    assert held_out["married"] == [1, None] and train["log_wage"] == pytest.approx([1.45, 1.90])
+    assert report["labelled_rows"]["train"] == {"union": 1, "married": 2, "log_wage": 2}
+    vocab = pq.read_table(tmp_path / "vocab/industry.parquet").to_pydict()
+    assert set(vocab["value"]) == {"6.0", "4.0"}
+    six = vocab["id"][vocab["value"].index("6.0")]
+    assert train["industry"][0] == [six] and held_out["industry"] == [[], [six]]
+    assert held_out["person"] == [[0], [train["person"][0][0]]]  # person 2 was never seen in training
+    assert report["filled_dense"]["wks_ue"] == 1 and report["filled_dense"]["hours"] == 1
+
+
 def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):
     """configs/stops.yaml on rows in the carData `MplsStops` schema: a stop entered outside the squad
     car has no search labels and a stop before April no citation label, and each is kept (null
