@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from .base import Balancer, check_positive, check_task_vector, register, weighted_sum
-from .fused import MIN_FUSED_NUMEL
 from .native import passable, wide_vector_passes
 from .statistics import StepStats
 
@@ -157,28 +156,27 @@ class CoGrad(Balancer):
         return aggregated
 
     def _compiled_pass(self, grads: List[torch.Tensor]) -> Optional[object]:
-        """The compiled passes (``csrc/passes.cpp``, ``cograd_pass``) where this rule would run compiled
-        on a CPU (``fused``, gradients as large as ``MIN_FUSED_NUMEL``), they take the gradients and
-        the CPU has wide vectors (:func:`~.native.wide_vector_passes`): the rule (and on a statistics
-        step its norms) in one vectorised pass, the same up to rounding as the compiled rule, whose
-        Python call and guards cost as much as its loop. Else None."""
+        """The compiled passes (``csrc/passes.cpp``, ``cograd_pass``) where the rule is ``fused``, they
+        take the gradients and the CPU has wide vectors (:func:`~.native.wide_vector_passes`): the
+        rule (and on a statistics step its norms) in one vectorised pass, the same up to rounding as
+        the compiled rule, whose Python call and guards cost as much as its loop. Gradients of any
+        size: the pass is built once per machine, so unlike ``torch.compile`` it has nothing to
+        amortise, and on a small ``z`` the eager rule's dozen torch calls a step cost far more than
+        its arithmetic. Else None."""
         if len(grads) > _PASS_MAX_TASKS or not passable(grads):
             return None
-        return self._wide_passes_for(grads[0])
+        return self._wide_passes()
 
-    def _wide_passes_for(self, template: torch.Tensor) -> Optional[object]:
-        """The compiled module where this rule would run compiled (``fused``, gradients shaped like
-        ``template`` as large as ``MIN_FUSED_NUMEL``) and the CPU has wide vectors; else None."""
-        if not self.fused or template.numel() < MIN_FUSED_NUMEL:
-            return None
-        return wide_vector_passes()
+    def _wide_passes(self) -> Optional[object]:
+        """The compiled module where the rule is ``fused`` and the CPU has wide vectors; else None."""
+        return wide_vector_passes() if self.fused else None
 
     def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
-        """Where this rule would run compiled (``fused``, gradients as large as ``MIN_FUSED_NUMEL``),
-        the boundary's compiled node forms it between sums, with no Python in backward, in the pass
+        """Where the rule is ``fused`` and the CPU has wide vectors, the boundary's compiled node
+        forms it between sums, with no Python in backward, in the pass
         of :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
         the same verdicts (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
-        if last is None or self._wide_passes_for(z) is None:
+        if last is None or self._wide_passes() is None:
             return None
         return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()
 

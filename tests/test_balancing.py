@@ -504,7 +504,8 @@ def test_lagged_cograd_forms_its_sum_in_the_pass_that_gathers_its_statistics():
     step goes uncorrected, as in current mode."""
     g = torch.Generator().manual_seed(9)
     steps = [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(3)]
-    boundary = RepresentationBoundary(build_balancer("cograd", TASKS), statistics="previous", telemetry_every=100)
+    # The rule in torch's ops (fused: false; the compiled pass that replaces it: the test below).
+    boundary = RepresentationBoundary(build_balancer("cograd", TASKS, fused=False), statistics="previous", telemetry_every=100)
     rules = []  # the passes over the gradients (none for telemetry: not logged on these steps)
     run_rule = boundary.balancer.run_rule
     boundary.balancer.run_rule = lambda rule, *args: rules.append(rule.__name__) or run_rule(rule, *args)
@@ -1258,7 +1259,6 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
     which the pass does not take); where a step goes uncorrected (before the first sum; a task left
     out for a non-finite loss or gradient), the same bits; the same reports and warnings. The
     gradients span several of the pass's blocks and a tail."""
-    from concord.balancing import cograd
     from concord.balancing.native import wide_vector_passes
 
     if wide_vector_passes() is None:
@@ -1267,10 +1267,10 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
     steps = [[(torch.randn(64, 67, generator=g, dtype=torch.float64) * s).to(dtype) for s in (1.0, 20.0, 0.3)] for _ in range(13)]
 
     def run(native):
-        boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=[1.0, 0.5, 2.0]), statistics="previous",
-                                          statistics_every=3, telemetry_every=100)
-        # On the native side, gradients this small run in the compiled passes (the Python rule: eagerly).
-        patch = (lambda context: context.setattr(cograd, "MIN_FUSED_NUMEL", 0)) if native else _python_between_sums
+        # The Python side runs the eager rule (fused: false) on the Python node.
+        boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=[1.0, 0.5, 2.0], fused=native),
+                                          statistics="previous", statistics_every=3, telemetry_every=100)
+        patch = None if native else _python_between_sums
 
         def kappa():
             return boundary.balancer.kappa(boundary._last_sum) if boundary._last_sum is not None else 0.0

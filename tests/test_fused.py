@@ -171,3 +171,8 @@ def test_cograd_keeps_its_torch_compiled_rule_where_the_cpu_has_only_narrow_vect
     assert balancer._compiled_pass([z, z, z]) is None and balancer.held_rule(last, z) is None
     monkeypatch.setitem(native._built, "wide", True)
     assert balancer._compiled_pass([z, z, z]) is not None and balancer.held_rule(last, z) is not None
+    # A representation too small for torch.compile to pay runs in the passes too: they are built already.
+    small = torch.zeros(64, 8)
+    assert balancer._compiled_pass([small] * 3) is not None and balancer.held_rule(last, small) is not None
+    eager = build_balancer("cograd", TASKS, fused=False)
+    assert eager._compiled_pass([z, z, z]) is None and eager.held_rule(last, z) is None
