@@ -102,8 +102,10 @@ class CoGrad(Balancer):
     def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
         knobs = self._knobs(range(self.num_tasks))
-        if on_host and self._compiled_pass(zeros) is not None:  # the rule runs in that pass: only its telemetry compiles
-            for kappa in (1.0, 0.5):
+        if on_host and self._compiled_pass(zeros) is not None:
+            # The rule and its logged telemetry run in the compiled passes; only a logged step whose
+            # aggregate a lagged statistics step formed runs the telemetry apart.
+            for kappa in (1.0, 0.5) if lagged else ():
                 self.run_rule(correction_telemetry, zeros, *knobs, kappa, zeros[0])
             return
         self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
@@ -141,16 +143,21 @@ class CoGrad(Balancer):
             self.last_telemetry.update(correction_ratio=0.0, bounded_share=0.0)
             return weighted_sum(grads, self.weights * active, active)
         live_grads, knobs = [grads[k] for k in live], self._knobs(live)
+        measured = None  # the telemetry's terms, where the pass that forms the aggregate forms them too
         if formed is not None and formed[0] == live and formed[1] == kappa:
             aggregated = formed[2]  # formed with this step's statistics (lagged)
         else:  # its total on the way: the boundary's check for non-finite values, where it needs one
             ops = self._compiled_pass(live_grads)
-            if ops is not None:
+            if ops is not None and self.telemetry_due:
+                aggregated, self.aggregate_total, measured = ops.cograd_telemetry_pass(live_grads, *knobs, kappa)
+            elif ops is not None:
                 aggregated, self.aggregate_total, _ = ops.cograd_pass(live_grads, *knobs, kappa, True, False, False)
             else:
                 aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa)
         if self.telemetry_due:
-            plain2, change2, bounded = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated).tolist()
+            if measured is None:
+                measured = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated)
+            plain2, change2, bounded = measured.tolist()
             self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
             self.last_telemetry["bounded_share"] = bounded / (len(live) * aggregated.numel())
         return aggregated

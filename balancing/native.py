@@ -39,7 +39,7 @@ _built: dict = {}
 
 def native_ops() -> Optional[object]:
     """The compiled module (``sum_at_view``, ``held_sum``, ``gram_and_sum``, ``checked_weighted_sum``,
-    ``cograd_pass``), built on first use; None where it cannot be built or ``CONCORD_NATIVE=0``."""
+    ``cograd_pass``, ``cograd_telemetry_pass``), built on first use; None where it cannot be built or ``CONCORD_NATIVE=0``."""
     if "ops" not in _built:
         _built["ops"] = None if os.environ.get("CONCORD_NATIVE", "1") == "0" else _build()
     return _built["ops"]
@@ -69,7 +69,7 @@ def _build() -> Optional[object]:
 
     log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
     sources = [source.read_text() for source in _SOURCES]
-    functions = ["sum_at_view", "held_sum", "gram_and_sum", "checked_weighted_sum", "cograd_pass", "vector_widths", "use_vector_width", "probe", "set_alone_references"]
+    functions = ["sum_at_view", "held_sum", "gram_and_sum", "checked_weighted_sum", "cograd_pass", "cograd_telemetry_pass", "vector_widths", "use_vector_width", "probe", "set_alone_references"]
     try:
         try:
             # The passes share their blocks among torch's intra-op threads through at::parallel_for,

@@ -25,7 +25,7 @@ from concord.balancing import (
 from concord.balancing.base import weighted_sum
 from concord.balancing.boundary import _NativeClock
 from concord.balancing.collectives import reduce_statistics
-from concord.balancing.statistics import device_statistics, finite_flags, local_statistics
+from concord.balancing.statistics import StepStats, device_statistics, finite_flags, local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
 
@@ -1342,6 +1342,51 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
         spoilt = [t.clone() for t in grads]
         spoilt[2][130, 66] = bad  # the last element: the tail of the last block
         assert not math.isfinite(float(ops.cograd_pass(spoilt, c, gamma, kappa, True, False, False)[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_telemetry_pass_forms_the_same_aggregate_and_the_logged_telemetry(dtype):
+    """``cograd_telemetry_pass`` (a logged step on a CPU): the aggregate ``cograd_pass`` forms, bit for
+    bit, and in the same pass the terms of :func:`correction_telemetry` (||P||^2 and ||A - P||^2 up to
+    the order of their sums; the count of factors the bound met exactly, away from the bound's edge),
+    whatever the number of threads; a NaN anywhere fails its check. On a logged step CoGrad's
+    ``aggregate`` then runs no second pass over the gradients."""
+    from concord.balancing import cograd
+    from concord.balancing.native import native_ops, wide_vector_passes
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
+    g = torch.Generator().manual_seed(47)
+    grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
+    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
+    plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+    threads = torch.get_num_threads()
+    try:
+        for n, strength in ((1, 0.05), (2, 0.05), (2, 50.0)):  # the last: many elements meet the bound
+            torch.set_num_threads(n)
+            kappa = strength * math.sqrt(plain2 / correction2)
+            aggregated, check, measured = ops.cograd_telemetry_pass(grads, c, gamma, kappa)
+            torch.testing.assert_close(aggregated, ops.cograd_pass(grads, c, gamma, kappa, True, False, False)[0], rtol=0, atol=0)
+            expected = cograd.correction_telemetry(grads, c, gamma, kappa, aggregated)
+            torch.testing.assert_close(measured[:2], expected[:2], rtol=1000 * torch.finfo(dtype).eps, atol=0)
+            assert measured[2] == expected[2] and float(check) == 0.0
+    finally:
+        torch.set_num_threads(threads)
+    assert expected[2] > 0  # the bound met
+    spoilt = [t.clone() for t in grads]
+    spoilt[1][130, 66] = float("nan")
+    assert not math.isfinite(float(ops.cograd_telemetry_pass(spoilt, c, gamma, kappa)[1]))
+
+    if wide_vector_passes() is None:
+        return
+    balancer = build_balancer("cograd", TASKS, gamma=gamma, weights=c, strength=50.0)  # kappa as in the last case
+    passes = []
+    balancer.run_rule = lambda rule, *args: passes.append(rule.__name__)
+    balancer.telemetry_due = True
+    stats = StepStats(np.eye(3), np.ones(3), np.ones(3, dtype=bool), 131, 131, extra=np.array([plain2, correction2]))
+    torch.testing.assert_close(balancer.aggregate(grads, stats), aggregated, rtol=0, atol=0)
+    assert passes == [] and balancer.telemetry(stats)["bounded_share"] == float(expected[2]) / (3 * aggregated.numel())
 
 
 def test_the_compiled_cograd_pass_gives_the_same_aggregate_at_every_vector_width():

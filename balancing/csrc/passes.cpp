@@ -197,23 +197,47 @@ struct Coordinated {
   int64_t n;
   T* checks_by_block;
   double* norms_by_block;  // null: no norms; else T + 2 a block
+  double* telemetry_by_block;  // null: no telemetry; else 3 a block (without the norms only)
 };
 
 // The rule at one element (E = T) or one vector of elements (E = V); `x(k)`: task k's gradient there.
-// With the norms, each term's share is added to `squares`, `plain2` and `correction2`.
+// With the norms, each term's share is added to `squares`, `plain2` and `correction2`. With
+// `telemetry` (without the norms), the terms of correction_telemetry in concord.balancing.cograd are
+// added to it: P^2 (P = sum_k c_k G_k), (A - P)^2, and how many of the factors the bound met; the
+// aggregate is the same, bit for bit.
 template <typename E, typename T, typename Load>
 inline __attribute__((always_inline)) E coordinated_at(const Coordinated<T>& a, bool norms, const Load& x, E* squares,
-                                                      E& plain2, E& correction2) {
+                                                      E& plain2, E& correction2, E* telemetry) {
   const int tasks = static_cast<int>(a.g.size());
   const auto& c = a.c;
   E aggregated = E{};
   if (!norms) {
     E s = a.kappa_gamma[0] * x(0);
     for (int k = 1; k < tasks; ++k) s = a.kappa_gamma[k] * x(k) + s;
+    if (telemetry == nullptr) {
+      for (int k = 0; k < tasks; ++k) {
+        const E xk = x(k);
+        aggregated = xk * (c[k] - c[k] * clamp_unit(xk * (s - a.kappa_gamma[k] * xk))) + aggregated;
+      }
+      return aggregated;
+    }
+    const E zero = E{}, one = E{} + 1;
+    E plain = E{}, bounded = E{};
     for (int k = 0; k < tasks; ++k) {
       const E xk = x(k);
       aggregated = xk * (c[k] - c[k] * clamp_unit(xk * (s - a.kappa_gamma[k] * xk))) + aggregated;
     }
+    for (int k = 0; k < tasks; ++k) {
+      const E xk = x(k);
+      const E factor = xk * (s - a.kappa_gamma[k] * xk);
+      plain = c[k] * xk + plain;
+      const E size = factor < zero ? -factor : factor;
+      bounded += size > one ? one : zero;
+    }
+    const E change = aggregated - plain;
+    telemetry[0] += plain * plain;
+    telemetry[1] += change * change;
+    telemetry[2] += bounded;
     return aggregated;
   }
   E s = a.gamma[0] * x(0);
@@ -237,16 +261,18 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
   using V = typename VectorOf<T, Bytes>::type;
   constexpr int kWidth = Bytes / sizeof(T);
   const int tasks = static_cast<int>(a.g.size());
-  const bool norms = a.norms_by_block != nullptr;
+  const bool norms = a.norms_by_block != nullptr, telemetry = a.telemetry_by_block != nullptr;
   const auto& g = a.g;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t start = b * kBlock;
     const int64_t stop = start + std::min(kBlock, a.n - start);
     V lanes = V{}, plain2 = V{}, correction2 = V{};
     V squares[kMaxNormTasks] = {};
+    V measured[3] = {};
     int64_t i = start;
     for (; i + kWidth <= stop; i += kWidth) {
-      const V aggregated = coordinated_at<V>(a, norms, [&](int k) __attribute__((always_inline)) { return load<V>(g[k] + i); }, squares, plain2, correction2);
+      const V aggregated = coordinated_at<V>(a, norms, [&](int k) __attribute__((always_inline)) { return load<V>(g[k] + i); }, squares, plain2, correction2,
+                                             telemetry ? measured : nullptr);
       if (a.out != nullptr) {
         std::memcpy(a.out + i, &aggregated, sizeof aggregated);
         lanes += aggregated * T(0);
@@ -254,8 +280,10 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     }
     T nonfinite = 0, plain2_tail = 0, correction2_tail = 0;
     T squares_tail[kMaxNormTasks] = {};
+    T measured_tail[3] = {};
     for (; i < stop; ++i) {
-      const T aggregated = coordinated_at<T>(a, norms, [&](int k) __attribute__((always_inline)) { return g[k][i]; }, squares_tail, plain2_tail, correction2_tail);
+      const T aggregated = coordinated_at<T>(a, norms, [&](int k) __attribute__((always_inline)) { return g[k][i]; }, squares_tail, plain2_tail, correction2_tail,
+                                             telemetry ? measured_tail : nullptr);
       if (a.out != nullptr) {
         a.out[i] = aggregated;
         nonfinite += aggregated * T(0);
@@ -263,13 +291,15 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     }
     for (int l = 0; l < kWidth; ++l) nonfinite += lanes[l];
     a.checks_by_block[b] = nonfinite;
-    if (!norms) continue;
-    double* block = a.norms_by_block + b * (tasks + 2);
     const auto lane_sum = [&](const V& v, T tail) {
       double total = static_cast<double>(tail);
       for (int l = 0; l < kWidth; ++l) total += static_cast<double>(v[l]);
       return total;
     };
+    if (telemetry)
+      for (int j = 0; j < 3; ++j) a.telemetry_by_block[b * 3 + j] = lane_sum(measured[j], measured_tail[j]);
+    if (!norms) continue;
+    double* block = a.norms_by_block + b * (tasks + 2);
     for (int k = 0; k < tasks; ++k) block[k] = lane_sum(squares[k], squares_tail[k]);
     block[tasks] = lane_sum(plain2, plain2_tail);
     block[tasks + 1] = lane_sum(correction2, correction2_tail);
@@ -319,10 +349,11 @@ CoordinatedFn<T> coordinated_here() {
 }
 #endif
 
-// Returns whether every element of out is finite; with `norms`, fills it (float64, T + 2).
+// Returns whether every element of out is finite; with `norms`, fills it (float64, T + 2); with
+// `telemetry` (and no norms), fills it (float64, 3: see coordinated_at).
 template <typename T>
 bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
-                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms) {
+                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms, double* telemetry) {
   Coordinated<T> a;
   for (const auto& t : grads) a.g.push_back(t.data_ptr<T>());
   a.c.assign(coefficients.begin(), coefficients.end());
@@ -335,8 +366,10 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
   const int64_t per_block = static_cast<int64_t>(grads.size()) + 2;
   std::vector<T> checks(count, T(0));
   std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
+  std::vector<double> telemetry_by_block(telemetry != nullptr ? count * 3 : 0, 0.0);
   a.checks_by_block = checks.data();
   a.norms_by_block = norms != nullptr ? by_block.data() : nullptr;
+  a.telemetry_by_block = telemetry != nullptr && norms == nullptr ? telemetry_by_block.data() : nullptr;
   const CoordinatedFn<T> run = coordinated_here<T>();
   at::parallel_for(0, count, std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock),
                    [&](int64_t begin, int64_t end) { run(a, begin, end); });
@@ -345,6 +378,13 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
       double total = 0.0;
       for (int64_t b = 0; b < count; ++b) total += by_block[b * per_block + j];
       norms[j] = total;
+    }
+  }
+  if (a.telemetry_by_block != nullptr) {
+    for (int64_t j = 0; j < 3; ++j) {
+      double total = 0.0;
+      for (int64_t b = 0; b < count; ++b) total += telemetry_by_block[b * 3 + j];
+      telemetry[j] = total;
     }
   }
   T nonfinite = 0;
@@ -356,9 +396,10 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
 // is read before it is written; undefined: the norms alone); `norms` (T + 2 doubles, at most
 // kMaxNormTasks tasks) or null. Returns whether every element of out is finite.
 bool coordinated_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
-                      const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms = nullptr) {
-  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out, norms);
-  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out, norms);
+                      const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms = nullptr,
+                      double* telemetry = nullptr) {
+  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out, norms, telemetry);
+  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out, norms, telemetry);
 }
 
 }  // namespace concord
@@ -406,6 +447,22 @@ std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<d
   const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr);
   at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
   return {out, check, squares};
+}
+
+// CoGrad's aggregate over `grads` with `kappa` (a new tensor), as cograd_pass forms it, bit for bit,
+// and in the same pass its logged telemetry (correction_telemetry in concord.balancing.cograd):
+// {the aggregate, its check (0 where every element is finite, else NaN), [||P||^2, ||A - P||^2, how
+// many of the factors the bound met] (float64)}.
+std::vector<at::Tensor> cograd_telemetry_pass(std::vector<at::Tensor> grads, std::vector<double> coefficients,
+                                              std::vector<double> gamma, double kappa) {
+  TORCH_CHECK(!grads.empty() && grads.size() == coefficients.size() && grads.size() == gamma.size(),
+              "cograd_telemetry_pass: one coefficient and one gamma per gradient");
+  TORCH_CHECK(concord::passable(grads), "cograd_telemetry_pass: contiguous CPU float32 or float64 gradients of one shape");
+  at::Tensor out = at::empty_like(grads[0]);
+  at::Tensor measured = at::empty({3}, at::kDouble);
+  const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, nullptr, measured.data_ptr<double>());
+  at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
+  return {out, check, measured};
 }
 
 // The vector widths (bytes) CoGrad's pass can use on this CPU, widest last.
