@@ -1294,6 +1294,22 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
     assert native[1] == python[1] and sum(native[1]) > 0
 
 
+def _cograd_pass_case(dtype, seed: int):
+    """The compiled module (the test skipped where it cannot be built), three gradients of 131 x 67
+    (several of the pass's blocks and a tail; magnitudes 20x apart) in ``dtype``, CoGrad's weights
+    and ``gamma`` for them, and their ``[||P||^2, ||C||^2]``."""
+    from concord.balancing import cograd
+    from concord.balancing.native import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
+    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
+    return ops, grads, c, gamma, cograd.transference_norms(grads, c, gamma)[3:].tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
     """``cograd_pass`` against the eager rule: the aggregate (alone, as between sums, or with the norms,
@@ -1301,15 +1317,8 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
     rounding, whatever the number of threads (the norms bit for bit); a NaN or an inf anywhere
     fails its check."""
     from concord.balancing import cograd
-    from concord.balancing.native import native_ops
 
-    ops = native_ops()
-    if ops is None:
-        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
-    g = torch.Generator().manual_seed(46)
-    grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
-    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
-    plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+    ops, grads, c, gamma, (plain2, correction2) = _cograd_pass_case(dtype, seed=46)
     kappa = 0.05 * math.sqrt(plain2 / correction2)  # CoGrad's default strength: a correction of 5%
     eps = torch.finfo(dtype).eps
     threads = torch.get_num_threads()
@@ -1352,15 +1361,9 @@ def test_the_telemetry_pass_forms_the_same_aggregate_and_the_logged_telemetry(dt
     whatever the number of threads; a NaN anywhere fails its check. On a logged step CoGrad's
     ``aggregate`` then runs no second pass over the gradients."""
     from concord.balancing import cograd
-    from concord.balancing.native import native_ops, wide_vector_passes
+    from concord.balancing.native import wide_vector_passes
 
-    ops = native_ops()
-    if ops is None:
-        pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
-    g = torch.Generator().manual_seed(47)
-    grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
-    c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
-    plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+    ops, grads, c, gamma, (plain2, correction2) = _cograd_pass_case(dtype, seed=47)
     threads = torch.get_num_threads()
     try:
         for n, strength in ((1, 0.05), (2, 0.05), (2, 50.0)):  # the last: many elements meet the bound
