@@ -214,19 +214,14 @@ inline __attribute__((always_inline)) E coordinated_at(const Coordinated<T>& a, 
   if (!norms) {
     E s = a.kappa_gamma[0] * x(0);
     for (int k = 1; k < tasks; ++k) s = a.kappa_gamma[k] * x(k) + s;
-    if (telemetry == nullptr) {
-      for (int k = 0; k < tasks; ++k) {
-        const E xk = x(k);
-        aggregated = xk * (c[k] - c[k] * clamp_unit(xk * (s - a.kappa_gamma[k] * xk))) + aggregated;
-      }
-      return aggregated;
-    }
-    const E zero = E{}, one = E{} + 1;
-    E plain = E{}, bounded = E{};
     for (int k = 0; k < tasks; ++k) {
       const E xk = x(k);
       aggregated = xk * (c[k] - c[k] * clamp_unit(xk * (s - a.kappa_gamma[k] * xk))) + aggregated;
     }
+    if (telemetry == nullptr) return aggregated;
+    // A loop of its own: folded into the one above, the compiler rounded the aggregate differently.
+    const E zero = E{}, one = E{} + 1;
+    E plain = E{}, bounded = E{};
     for (int k = 0; k < tasks; ++k) {
       const E xk = x(k);
       const E factor = xk * (s - a.kappa_gamma[k] * xk);
