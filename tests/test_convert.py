@@ -770,8 +770,9 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
     raw = base(tmp_path)
     raw["data"]["convert"]["input"] = str(tmp_path / "new.csv")
 
-    def encode(raw: dict, out: Path) -> dict:
-        return convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "out"), out=str(out), show_progress=False)
+    def encode(raw: dict, out: Path, force: bool = False) -> dict:
+        return convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), force=force, like=str(tmp_path / "out"), out=str(out),
+                       show_progress=False)
 
     scored = encode(raw, tmp_path / "score/data")
     assert scored["encoding"] == trained["encoding"] == data_encoding(tmp_path / "score/data")
@@ -788,6 +789,21 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
         encode(other, tmp_path / "score2/data")
     with pytest.raises(ConvertError, match="would replace that data's convert.json"):
         encode(raw, tmp_path / "out/scored")
+    assert encode(raw, tmp_path / "score/data", force=True)["output"] == "data"  # the same --out again: its own record
+    # Beside another data set's splits, or another encoded folder, the record (convert.json, vocab/)
+    # would be that data's no more: refused, both left as they were.
+    shutil.copytree(tmp_path / "out", tmp_path / "another")
+    before = {p: (tmp_path / p).read_bytes() for p in ("another/convert.json", "score/convert.json", "another/vocab/user.parquet")}
+    with pytest.raises(ConvertError, match=r"another holds the record \(convert.json, vocab/\) of the data set converted there"):
+        encode(raw, tmp_path / "another/scored")
+    with pytest.raises(ConvertError, match=r"score holds the record .* of data encoded like .*out in .*score/data, which this "
+                                           r"encoding would replace; give the encoded data a folder of its own, e\.g\. --out .*score/day2-encoded/day2"):
+        encode(raw, tmp_path / "score/day2")
+    assert all((tmp_path / p).read_bytes() == data for p, data in before.items())
+    splits_there = copy.deepcopy(base(tmp_path))
+    splits_there["data"]["train"], splits_there["data"]["eval"] = str(tmp_path / "score/train"), str(tmp_path / "score/eval")
+    with pytest.raises(ConvertError, match=r"score: holds the record .* of data encoded like .*; put data.train and data.eval in a folder of their own"):
+        run(splits_there)
     shutil.copytree(tmp_path / "out", tmp_path / "old")  # as convert wrote it before it recorded encodings
     old = json.loads((tmp_path / "old/convert.json").read_text())
     del old["encoding"]

@@ -384,6 +384,35 @@ class Converter:
             )
         return vocabs, moments
 
+    def _check_record_is_ours(self, meta_dir: Path) -> None:
+        """The record beside the outputs (``convert.json``, ``vocab/``) is this conversion's to replace:
+        a data set's own (its splits converted again), or, encoding data to score, the record of the same
+        ``--out``. Another conversion's record replaced would describe its data with this encoding, so
+        that data encoded like it later would get this data's ids, silently."""
+        try:
+            report = json.loads((meta_dir / "convert.json").read_text())
+        except OSError:  # none yet
+            return
+        except ValueError:  # a record cut short: it describes nothing any more
+            return
+        split = report.get("split") if isinstance(report, dict) else None
+        encoded_like = split.get("encoded_like") if isinstance(split, dict) else None
+        if self.like is None:
+            if encoded_like is None:
+                return
+            raise ConvertError(
+                f"{meta_dir}: holds the record (convert.json, vocab/) of data encoded like {encoded_like}, which "
+                f"converting {self.cfg.source}'s splits there would replace; put data.train and data.eval in a folder of their own"
+            )
+        if encoded_like is not None and report.get("output") == self.out.name:
+            return
+        what = (f"data encoded like {encoded_like}" + (f" in {meta_dir / report['output']}" if report.get("output") else "")
+                if encoded_like is not None else "the data set converted there")
+        raise ConvertError(
+            f"--out {self.out}: {meta_dir} holds the record (convert.json, vocab/) of {what}, which this encoding would "
+            f"replace; give the encoded data a folder of its own, e.g. --out {meta_dir / (self.out.name + '-encoded') / self.out.name}"
+        )
+
     def _hashed_sizes(self) -> Dict[str, int]:
         """The table size each hashed feature's values are hashed into."""
         return {r.feature: self.table_size[r.feature] for r in self.cv.categorical if r.hash}
@@ -652,6 +681,7 @@ class Converter:
         if self.like is not None and meta_dir.resolve() == Path(self.like).resolve():
             raise ConvertError(f"--out {self.out}: a folder beside the data it is encoded like would replace that data's "
                                f"convert.json and vocab/; choose a folder outside {self.like}")
+        self._check_record_is_ours(meta_dir)
         cutoff = self.time_cutoff() if self.cv.split.by == "time" and self.like is None else None
         vocabs, moments = self.load_encoding() if self.like is not None else self.statistics(cutoff)
         vocab_arrays = {f: pa.array(v, pa.string()) for f, v in vocabs.items()}
@@ -682,6 +712,7 @@ class Converter:
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
                       {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None}),
+            **({"output": self.out.name} if self.like is not None else {}),  # the folder this record describes
             "rows": dict(zip(names, rows)),
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
