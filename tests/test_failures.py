@@ -232,3 +232,31 @@ def test_one_rank_reads_the_canaries_only_after_a_nonfinite_loss_of_its_own():
     losses = torch.tensor([0.5, float("nan")])
     policy.mark(canaries[0].sum() + canaries[1].sum(), losses, canaries).backward()
     assert policy.tasks_after_backward(canaries) == ["b"]
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchelastic's @record, under pytest's capture
+def test_a_workers_failure_after_another_ranks_is_one_line_without_its_traceback(tmp_path, monkeypatch, capsys):
+    """A failure once another rank of the launcher's job has recorded one (a peer's closed connection,
+    most likely) is printed as one line and ends the worker with 1, rather than a traceback above the
+    cause the launcher prints last; a first failure keeps its traceback (re-raised)."""
+    from concord.trainer import failures
+
+    monkeypatch.setenv(failures.ERROR_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def fails() -> int:
+        raise RuntimeError("Connection closed by peer")
+
+    with pytest.raises(RuntimeError):
+        failures.recorded(fails)()  # the first failure of the job
+    assert failures.first_error(tmp_path) == (1, "rank 0: RuntimeError: Connection closed by peer")
+    (tmp_path / "rank-0.txt").unlink()
+    (tmp_path / "rank-1.txt").write_text("1.0 3 rank 1: ValueError: before torchrun restarted the job\n")
+    with pytest.raises(RuntimeError):  # a record older than this worker is not this job's failure
+        failures.recorded(fails)()
+    (tmp_path / "rank-0.txt").unlink()
+    failures.report(ValueError("bad id"), rank=1, world_size=2)
+    assert failures.recorded(fails)() == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "concord: rank 0: RuntimeError: Connection closed by peer"
+    assert failures.first_error(tmp_path) == (3, "rank 1: ValueError: bad id")

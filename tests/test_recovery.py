@@ -293,6 +293,9 @@ def test_bad_data_on_rank_one_is_the_launchers_last_line(tmp_path):
     assert proc.returncode == 3
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("concord: failed: rank 1: DataError: ") and "id 1000000000 outside the table's range" in last
+    # torchrun's own report of the failed worker (its traceback, a table of ranks) is left out: the
+    # worker named the cause in one line.
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr and "Root Cause" not in proc.stderr
 
 
 @pytest.mark.multiprocess

@@ -305,7 +305,7 @@ def _launch(cfg, worker_args: List[str]) -> int:
         )
         return 2
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "concord.trainer.torchrun", "--standalone",
         f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
         "-m", "concord.trainer.cli", *worker_args,
     ]

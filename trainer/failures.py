@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 ERROR_DIR_ENV = "CONCORD_ERROR_DIR"
+_STARTED = time.time()  # this process's start, as near as the import of this module
 
 
 def report(error: BaseException, rank: int, world_size: int, exit_code: int = 3) -> str:
@@ -48,7 +49,10 @@ def first_error(folder: str | Path) -> Optional[Tuple[int, str]]:
 
 def recorded(main: Callable[[], int]) -> Callable[[], int]:
     """A worker's entry point: an unexpected exception is reported as one line, then re-raised through
-    torchelastic's ``@record`` (which writes the launcher's error file)."""
+    torchelastic's ``@record`` (which writes the launcher's error file). Where another rank of the
+    launcher's job had already failed, it is most likely that failure's echo (a peer's closed
+    connection): its line is printed and the worker ends without the traceback, which would bury the
+    cause the launcher prints last."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     @functools.wraps(main)
@@ -56,10 +60,24 @@ def recorded(main: Callable[[], int]) -> Callable[[], int]:
         try:
             return main()
         except Exception as error:
-            report(error, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), exit_code=1)
+            rank = int(os.environ.get("RANK", 0))
+            after_another = _another_rank_failed(rank)
+            report(error, rank, int(os.environ.get("WORLD_SIZE", 1)), exit_code=1)
+            if after_another:
+                return 1
             raise
 
     return record(run)
+
+
+def _another_rank_failed(rank: int) -> bool:
+    """Whether a rank other than ``rank`` has recorded a failure in the launcher's error folder since
+    this worker started (not one of a job that torchrun has since restarted)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder:
+        return False
+    return any(path.name != f"rank-{rank}.txt" and float(path.read_text().split(" ", 1)[0]) >= _STARTED
+               for path in Path(folder).glob("rank-*.txt"))
 
 
 # Third-party messages that every Concord run on CPU would print and that ask nothing of the user:
