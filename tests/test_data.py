@@ -65,6 +65,35 @@ def test_missing_file_and_not_parquet(tmp_path):
         ParquetReader(str(bad), COLUMNS, 4)
 
 
+def test_a_glob_names_training_data_and_a_partitioned_folder_is_named_with_one(tmp_path):
+    """The launcher's check takes what the readers take (a folder of Parquet files, a file, a glob); a
+    folder whose files lie in subfolders (a log partitioned by day) is refused with the glob that names
+    them, and a glob's data is checked against its convert.json like a folder's."""
+    import json
+
+    from concord.trainer.config import load_config
+    from concord.trainer.data.layout import check_data_exists
+
+    for day in ("day=1", "day=2", "_temporary"):
+        (tmp_path / "log" / day).mkdir(parents=True)
+        write(tmp_path / "log" / day / "part-0.parquet", 10)
+
+    def check(train: str, eval_: str) -> None:
+        check_data_exists(load_config("configs/tiny.yaml", [f"data.train={train}", f"data.eval={eval_}"]))
+
+    check(str(tmp_path / "log/*/*.parquet"), str(tmp_path / "log/day=2"))
+    assert ParquetReader(str(tmp_path / "log/day=*/*.parquet"), COLUMNS, 4).num_rows == 20
+    with pytest.raises(DataError, match=r"data.train: .*log holds no Parquet data; its subfolders hold some \(day=1/part-0.parquet\): "
+                                         r"name them with a glob, e.g. '.*log/\*/\*.parquet'$"):
+        check(str(tmp_path / "log"), str(tmp_path / "log/day=2"))
+    (tmp_path / "log/convert.json").write_text(json.dumps({"encoding": "a"}))
+    (tmp_path / "other/eval").mkdir(parents=True)
+    write(tmp_path / "other/eval/part-0.parquet", 10)
+    (tmp_path / "other/convert.json").write_text(json.dumps({"encoding": "b"}))
+    with pytest.raises(DataError, match="data.eval: .*other/eval/.*parquet was converted with other vocabularies"):
+        check(str(tmp_path / "log/day=1"), str(tmp_path / "other/eval/*.parquet"))
+
+
 def test_missing_column_names_file_and_column(tmp_path):
     path = tmp_path / "x.parquet"
     write(path, 10)

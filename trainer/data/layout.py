@@ -42,7 +42,7 @@ def list_files(spec: str) -> List[str]:
     if p.is_dir():
         files = sorted(str(f) for f in p.glob("*.parquet"))
         if not files:
-            raise DataError(f"{spec}: directory holds no *.parquet files")
+            raise DataError(f"{spec}: directory holds no *.parquet files{nested_parquet_hint(spec)}")
         return files
     if p.is_file():
         return [str(p)]
@@ -50,6 +50,19 @@ def list_files(spec: str) -> List[str]:
     if not files:
         raise DataError(f"{spec}: no such file or directory")
     return files
+
+
+def nested_parquet_hint(folder: str | Path) -> str:
+    """For a folder whose Parquet files lie in subfolders only (a partitioned log, ``date=.../``): how
+    to name them (empty otherwise). The files directly in a folder are what a folder names, so that a
+    folder of older or unrelated data below it is never read unasked."""
+    p = Path(folder)
+    first = next((f for f in sorted(p.rglob("*.parquet")) if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)), None)
+    if first is None:
+        return ""
+    depth = len(first.relative_to(p).parts) - 1
+    pattern = str(p / "/".join(["*"] * depth) / "*.parquet")
+    return f"; its subfolders hold some ({first.relative_to(p)}): name them with a glob, e.g. '{pattern}'"
 
 
 def count_rows(spec: str) -> Optional[int]:
@@ -63,6 +76,15 @@ def count_rows(spec: str) -> Optional[int]:
         return None
 
 
+def _holds_parquet(spec: str) -> bool:
+    """Whether ``spec`` names Parquet files as the readers take it: a folder of them, a file, a glob."""
+    try:
+        list_files(spec)
+    except DataError:
+        return False
+    return True
+
+
 def dataset_ready(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() and any(p.glob("*.parquet"))
@@ -72,6 +94,8 @@ def convert_report_path(path: str | Path) -> Path:
     """Where ``concord convert`` records what it wrote for the data at ``path`` (a split's folder, or
     a file in one)."""
     p = Path(path)
+    if not p.exists():  # a glob: where its first file lies
+        p = Path(next(iter(sorted(glob.glob(str(path)))), path))
     return (p.parent.parent if p.is_file() else p.parent) / "convert.json"
 
 
@@ -98,9 +122,12 @@ def check_data_exists(cfg) -> None:
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if path:
             check_not_raw_text(key, path)
-        if not path or dataset_ready(path) or Path(path).is_file():
+        if not path or _holds_parquet(path):
             continue
-        if cfg.data.convert is not None:
+        nested = nested_parquet_hint(path) if Path(path).is_dir() else ""
+        if nested:
+            how = nested
+        elif cfg.data.convert is not None:
             how = f"; `concord convert --config {cfg.source}` writes it from data.convert.input"
         elif cfg.data.synthetic is not None:
             how = f"; `concord synth --config {cfg.source}` writes the config's synthetic data there"
