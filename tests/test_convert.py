@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -192,8 +194,6 @@ def test_a_validation_split_needs_its_path(tmp_path):
 def test_parquet_input_gives_the_same_output_as_csv(tmp_path):
     run(base(tmp_path))
     expected = {s: read(tmp_path, s) for s in ("train", "eval")}
-    import pyarrow.csv as pacsv
-
     table = pacsv.read_csv(tmp_path / "raw.csv")
     pq.write_table(table, tmp_path / "raw.parquet")
     run(base(tmp_path, input=str(tmp_path / "raw.parquet")), force=True)
@@ -229,7 +229,6 @@ def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_conver
     """What Parquet logs hold: a date column to split on, dictionary-encoded strings, multi-hot ids as
     a list column (a bag, as a text cell with a separator is), bytes-wide integer labels."""
     import datetime
-    import pyarrow as pa
 
     days = [datetime.date(2024, 1, d) for d in (1, 1, 2, 3, 4)]
     table = pa.table({
@@ -482,6 +481,21 @@ def test_existing_output_needs_force_and_missing_columns_are_named(tmp_path):
     raw["data"]["convert"]["dense"][0]["column"] = "cost"
     raw["data"]["convert"]["dense"][0]["name"] = "price"
     with pytest.raises(ConvertError, match=r"raw\.csv: missing column 'cost' \(file has: day, user, tags, price, click, amount\)"):
+        run(raw, force=True)
+
+
+def test_a_column_the_header_names_twice_is_refused(tmp_path):
+    """Two columns of one name (a spreadsheet export, a join): the reader would take one of them
+    without a word; convert names both places instead, for CSV and Parquet alike."""
+    raw = base(tmp_path)
+    text = (tmp_path / "raw.csv").read_text().splitlines()
+    (tmp_path / "raw.csv").write_text("\n".join([text[0] + ",user"] + [line + ",zed" for line in text[1:]]) + "\n")
+    with pytest.raises(ConvertError, match=r"raw\.csv: the header names column 'user' 2 times \(columns 2, 7\): rename them"):
+        run(raw, force=True)
+    table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(column_types={"tags": pa.string()}))
+    pq.write_table(table, tmp_path / "raw.parquet")
+    raw["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
+    with pytest.raises(ConvertError, match=r"raw\.parquet: the header names column 'user' 2 times \(columns 2, 7\)"):
         run(raw, force=True)
 
 

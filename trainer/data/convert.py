@@ -139,12 +139,17 @@ def _csv_header(path: str, delimiter: str) -> List[str]:
 
 
 def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None) -> None:
-    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``), or an error
-    naming the first missing, with the likely cause where the header shows one."""
+    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``) once, or an
+    error naming the first missing, with the likely cause where the header shows one, or the first
+    named twice (a reader would take one of them, unsaid)."""
     for col in need:
         if col not in have:
             hint = _header_hint(col, have, delimiter) if delimiter is not None else ""
             raise ConvertError(f"{path}: missing column {col!r} (file has: {', '.join(have)}){hint}")
+        places = [str(i + 1) for i, name in enumerate(have) if name == col]
+        if len(places) > 1:
+            raise ConvertError(f"{path}: the header names column {col!r} {len(places)} times (columns {', '.join(places)}): "
+                               "rename them so that the config's name picks one")
 
 
 def _header_hint(col: str, have: List[str], delimiter: str) -> str:
