@@ -94,12 +94,16 @@ def test_a_glob_names_training_data_and_a_partitioned_folder_is_named_with_one(t
         check(str(tmp_path / "log/day=1"), str(tmp_path / "other/eval/*.parquet"))
 
 
-def test_missing_column_names_file_and_column(tmp_path):
+def test_a_missing_or_doubled_column_is_named_with_its_file(tmp_path):
     path = tmp_path / "x.parquet"
     write(path, 10)
     cols = Columns(dense=("d0", "nope"), sparse=(), labels=("y",))
     with pytest.raises(DataError, match=r"x\.parquet: missing column 'nope'"):
         ParquetReader(str(path), cols, 4)
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("f", table["f"]), path)  # a second column named f
+    with pytest.raises(DataError, match=r"x\.parquet: the file has 2 columns named 'f': rename them"):
+        ParquetReader(str(path), COLUMNS, 4)
 
 
 def test_sparse_column_must_be_a_list_of_ints_or_one_int_a_row(tmp_path):

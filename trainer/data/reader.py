@@ -113,6 +113,9 @@ def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
     for col in columns.all:
         if col not in names:
             raise DataError(f"{path}: missing column {col!r} (file has: {', '.join(schema.names)})")
+        if schema.names.count(col) > 1:
+            raise DataError(f"{path}: the file has {schema.names.count(col)} columns named {col!r}: rename them so that the "
+                            "config's name picks one")
     numeric = lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
     for col in list(columns.dense) + [c for c in columns.labels if c] + ([columns.weight] if columns.weight else []):
         t = schema.field(col).type
