@@ -122,6 +122,17 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     (out / "runs/equal-seed0/summary.json").write_text(json.dumps(multi))
     third = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert third.returncode == 3 and third.stderr.startswith("concord: compare: task 'cvr' has no held-out metrics: no row of ")
+    # A cell is reused only where it trained what this comparison would: with another override, or
+    # with the training data changed since, the comparison stops before any cell trains, naming it.
+    fourth = subprocess.run([*cmd[:-1], "train.max_steps=13"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 3 and "training" not in fourth.stdout
+    assert f"concord: compare: {out}/runs/equal-seed0: trained with another setup than this comparison's (train.max_steps: 12 -> 13)" in fourth.stderr
+    import pyarrow.parquet as pq
+
+    (train_file,) = (tmp_path / "data/train").glob("*.parquet")
+    pq.write_table(pq.read_table(train_file).slice(0, 2048), train_file)
+    fifth = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert fifth.returncode == 3 and "(training data.rows: 4096 -> 2048)" in fifth.stderr, fifth.stderr[-2000:]
 
 
 def test_torchx_component_passes_the_single_task_and_restarts():

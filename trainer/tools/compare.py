@@ -3,7 +3,9 @@
 Every (seed, method) cell trains the same config with that balancer and ``train.seed`` (the same
 initialisation and data order for every method of a seed), evaluates on the held-out split and leaves
 ``summary.json`` in its run directory. A cell whose summary exists is reused, so an interrupted
-comparison resumes where it stopped. The report (Markdown + PNG) then has:
+comparison resumes where it stopped, if it trained what the comparison would (the same resolved
+config and training data; else one line names the difference before any cell trains). The report
+(Markdown + PNG) then has:
 
 - Table 2 (MultiBalance paper): method, what is balanced, QPS drop vs ``equal`` of the same seed, and
   the quality gain per task, mean ± std over seeds;
@@ -33,8 +35,10 @@ import yaml
 
 from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
-from concord.trainer.config import Config, load_config, packaged_configs, resolve_config_path
-from concord.trainer.data.layout import check_data_exists
+from concord.trainer.config import (Config, apply_override, config_from_dict, keep_one_task, load_config, packaged_configs,
+                                    resolve_config_path, to_dict)
+from concord.trainer.data.layout import check_data_exists, count_rows, data_encoding, published_checkpoints, saved_fingerprint
+from concord.trainer.fingerprint import describe_changes
 from concord.trainer.tools.methods import parse_method, resolve_method
 
 WHAT_IS_BALANCED = {
@@ -86,6 +90,9 @@ def run_compare(
     todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
     todo += [(s, "equal", out / "runs" / single_cell_name(t, s), t) for s, t in singles]
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
+    for seed, method, run_dir, task in todo:  # before any cell trains: one line naming the first that cannot join
+        if (run_dir / "summary.json").is_file():
+            _check_reusable(config_path, overrides, cfg, method, seed, run_dir, task)
 
     def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
         what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
@@ -144,6 +151,17 @@ def cell_balancer(cfg: Config, spec: str) -> dict:
     return balancer
 
 
+def _cell_input(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path) -> Tuple[dict, List[str]]:
+    """What a cell trains: the base config with the balancer section of :func:`cell_balancer`, and the
+    overrides ``concord train`` gets for it."""
+    raw = yaml.safe_load(resolve_config_path(config_path).read_text())
+    raw["balancer"] = cell_balancer(cfg, method)
+    # The balancer.* overrides are in the cell's balancer section already (cfg has them); passed on
+    # they would make every cell train the base config's method.
+    cell_overrides = [o for o in overrides if not o.startswith("balancer.")]
+    return raw, [*cell_overrides, f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
+
+
 def _train_cell(
     config_path: str,
     overrides: Sequence[str],
@@ -154,26 +172,57 @@ def _train_cell(
     task: str | None = None,
     threads: int = 1,
 ) -> None:
-    """Writes the cell's config (the base config with the balancer section of :func:`cell_balancer`)
-    and trains it with ``concord train`` (``--single-task`` for ``task``), each rank on ``threads``
-    intra-op threads."""
-    raw = yaml.safe_load(resolve_config_path(config_path).read_text())
-    raw["balancer"] = cell_balancer(cfg, method)
+    """Writes the cell's config (:func:`_cell_input`) and trains it with ``concord train``
+    (``--single-task`` for ``task``), each rank on ``threads`` intra-op threads."""
+    raw, cell_overrides = _cell_input(config_path, overrides, cfg, method, seed, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cell_config = run_dir / "input.yaml"
     cell_config.write_text(yaml.safe_dump(raw, sort_keys=False))
     single = ["--single-task", task] if task else []
-    # The balancer.* overrides are in the cell's balancer section already (cfg has them); passed on
-    # they would make every cell train the base config's method.
-    overrides = [o for o in overrides if not o.startswith("balancer.")]
-    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *overrides,
-           f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *cell_overrides]
     log = run_dir / "train.log"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
+
+
+def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path,
+                    task: str | None) -> None:
+    """A cell trained earlier (its ``summary.json``) is reused only if it trained what this comparison
+    would: the same resolved config (``config.yaml`` in its run directory) and the same training data
+    (rows and encoding, from its checkpoint's record). A base config, an override or data changed since
+    would otherwise mix two experiments in one report, unsaid."""
+    raw, cell_overrides = _cell_input(config_path, overrides, cfg, method, seed, run_dir)
+    source = str(resolve_config_path(config_path))
+    for item in cell_overrides:
+        apply_override(raw, item, source)
+    if task is not None:
+        keep_one_task(raw, task, source)
+    now = to_dict(config_from_dict(raw, source))
+    try:
+        trained = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        trained = None
+    if not isinstance(trained, dict):
+        raise CompareError(f"{run_dir}: has a summary.json but no readable config.yaml, so what it trained is unknown; "
+                           f"remove {run_dir} to train it again")
+    changed = sorted(k for k in set(now) | set(trained) if now.get(k) != trained.get(k))
+    checkpoints = published_checkpoints(run_dir / "checkpoints")
+    recorded = (saved_fingerprint(checkpoints[-1]) or {}) if checkpoints else {}
+    if recorded and now["data"]["train"]:
+        rows, encoding = count_rows(now["data"]["train"]), data_encoding(now["data"]["train"])
+        data_now = {"rows": rows, "encoding": encoding}
+        data_then = {"rows": recorded.get("data", {}).get("rows"), "encoding": recorded.get("encoding")}
+        if encoding is None or data_then["encoding"] is None:
+            data_now.pop("encoding"), data_then.pop("encoding")
+        if data_now != data_then:
+            trained, now = {**trained, "training data": data_then}, {**now, "training data": data_now}
+            changed.append("training data")
+    if changed:
+        raise CompareError(f"{run_dir}: trained with another setup than this comparison's ({describe_changes(changed, trained, now)}), "
+                           f"so its results cannot join this report; use another --out, or remove {run_dir.parent} to train every cell again")
 
 
 def _quality(summary: dict, task) -> float:
