@@ -209,20 +209,27 @@ def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, met
         raise CompareError(f"{run_dir}: has a summary.json but no readable config.yaml, so what it trained is unknown; "
                            f"remove {run_dir} to train it again")
     changed = sorted(k for k in set(now) | set(trained) if now.get(k) != trained.get(k))
-    checkpoints = published_checkpoints(run_dir / "checkpoints")
-    recorded = (saved_fingerprint(checkpoints[-1]) or {}) if checkpoints else {}
-    if recorded and now["data"]["train"]:
-        rows, encoding = count_rows(now["data"]["train"]), data_encoding(now["data"]["train"])
-        data_now = {"rows": rows, "encoding": encoding}
-        data_then = {"rows": recorded.get("data", {}).get("rows"), "encoding": recorded.get("encoding")}
-        if encoding is None or data_then["encoding"] is None:
-            data_now.pop("encoding"), data_then.pop("encoding")
-        if data_now != data_then:
-            trained, now = {**trained, "training data": data_then}, {**now, "training data": data_now}
-            changed.append("training data")
+    then_data, now_data = _training_data(run_dir, now["data"]["train"])
+    if then_data != now_data:
+        trained, now = {**trained, "training data": then_data}, {**now, "training data": now_data}
+        changed.append("training data")
     if changed:
         raise CompareError(f"{run_dir}: trained with another setup than this comparison's ({describe_changes(changed, trained, now)}), "
                            f"so its results cannot join this report; use another --out, or remove {run_dir.parent} to train every cell again")
+
+
+def _training_data(run_dir: Path, train: str | None) -> Tuple[dict, dict]:
+    """The training data a cell's newest checkpoint records and the data at ``train`` now, as far as
+    both are known: rows, and convert's encoding digest where both sides have one."""
+    checkpoints = published_checkpoints(run_dir / "checkpoints")
+    recorded = (saved_fingerprint(checkpoints[-1]) or {}) if checkpoints else {}
+    if not recorded or not train:
+        return {}, {}
+    then = {"rows": recorded.get("data", {}).get("rows"), "encoding": recorded.get("encoding")}
+    now = {"rows": count_rows(train), "encoding": data_encoding(train)}
+    if then["encoding"] is None or now["encoding"] is None:
+        del then["encoding"], now["encoding"]
+    return then, now
 
 
 def _quality(summary: dict, task) -> float:
