@@ -76,8 +76,14 @@ def _another_rank_failed(rank: int) -> bool:
     folder = os.environ.get(ERROR_DIR_ENV)
     if not folder:
         return False
-    return any(path.name != f"rank-{rank}.txt" and float(path.read_text().split(" ", 1)[0]) >= _STARTED
-               for path in Path(folder).glob("rank-*.txt"))
+    return any(path.name != f"rank-{rank}.txt" and _recorded_since(path, _STARTED) for path in Path(folder).glob("rank-*.txt"))
+
+
+def _recorded_since(path: Path, start: float) -> bool:
+    try:
+        return float(path.read_text().split(" ", 1)[0]) >= start
+    except (OSError, ValueError):  # being written now: a failure of this job all the same
+        return True
 
 
 # Third-party messages that every Concord run on CPU would print and that ask nothing of the user:

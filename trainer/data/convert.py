@@ -396,9 +396,7 @@ class Converter:
         that data encoded like it later would get this data's ids, silently."""
         try:
             report = json.loads((meta_dir / "convert.json").read_text())
-        except OSError:  # none yet
-            return
-        except ValueError:  # a record cut short: it describes nothing any more
+        except (OSError, ValueError):  # none yet, or one cut short, which describes nothing any more
             return
         split = report.get("split") if isinstance(report, dict) else None
         encoded_like = split.get("encoded_like") if isinstance(split, dict) else None

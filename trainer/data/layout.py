@@ -57,7 +57,8 @@ def nested_parquet_hint(folder: str | Path) -> str:
     to name them (empty otherwise). The files directly in a folder are what a folder names, so that a
     folder of older or unrelated data below it is never read unasked."""
     p = Path(folder)
-    first = next((f for f in sorted(p.rglob("*.parquet")) if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)), None)
+    # The first found, not the first in order: a mistyped path may be the root of a large tree.
+    first = next((f for f in p.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)), None)
     if first is None:
         return ""
     depth = len(first.relative_to(p).parts) - 1
