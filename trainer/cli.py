@@ -147,6 +147,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       file=sys.stderr)
                 return 3
             check_data_to_score(args.checkpoint, "--data" if args.data else "data.eval", args.data or cfg.data.eval)
+            if Path(args.out).is_dir():  # the predictions are one file, written once every row is scored
+                print(f"concord: predict: --out {args.out}: is a folder; name the predictions' file, e.g. "
+                      f"{Path(args.out) / 'predictions.parquet'}", file=sys.stderr)
+                return 2
             if _is_worker() or cfg.world_size == 1:
                 return _predict_worker(cfg, args.checkpoint, args.data, args.out)
             data = ["--data", args.data] if args.data else []
