@@ -63,6 +63,10 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["model"].update(experts={"type": "moe"}), r"model\.experts\.type: must be none, mmoe or ple, got 'moe'"),
         (lambda r: r["model"].update(experts={"type": "ple", "num_task": 0}), r"model\.experts\.num_task: must be >= 1 for ple"),
         (lambda r: r["model"].update(shared=[]), r"model\.shared: needs at least one layer"),
+        # synth (and convert) write each split's folder anew: two splits in one folder would lose one
+        (lambda r: r["data"].update(eval=r["data"]["train"]), r"data\.eval: .* is data\.train's folder \(.*\); each split is written to a folder of its own"),
+        (lambda r: r["data"].update(validation=r["data"]["train"] + "/v"), r"data\.validation: .*/v lies inside data\.train's folder"),
+        (lambda r: r["data"].update(train=r["data"]["eval"] + "/.."), r"data\.eval: .* lies inside data\.train's folder"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, edit, message):

@@ -74,18 +74,18 @@ def test_a_glob_names_training_data_and_a_partitioned_folder_is_named_with_one(t
     from concord.trainer.config import load_config
     from concord.trainer.data.layout import check_data_exists
 
-    for day in ("day=1", "day=2", "_temporary"):
-        (tmp_path / "log" / day).mkdir(parents=True)
-        write(tmp_path / "log" / day / "part-0.parquet", 10)
+    for folder in ("log/day=1", "log/day=2", "log/_temporary", "held-out"):
+        (tmp_path / folder).mkdir(parents=True)
+        write(tmp_path / folder / "part-0.parquet", 10)
 
     def check(train: str, eval_: str) -> None:
         check_data_exists(load_config("configs/tiny.yaml", [f"data.train={train}", f"data.eval={eval_}"]))
 
-    check(str(tmp_path / "log/*/*.parquet"), str(tmp_path / "log/day=2"))
+    check(str(tmp_path / "log/*/*.parquet"), str(tmp_path / "held-out"))
     assert ParquetReader(str(tmp_path / "log/day=*/*.parquet"), COLUMNS, 4).num_rows == 20
     with pytest.raises(DataError, match=r"data.train: .*log holds no Parquet data; its subfolders hold some \(day=[12]/part-0.parquet\): "
                                          r"name them with a glob, e.g. '.*log/\*/\*.parquet'$"):
-        check(str(tmp_path / "log"), str(tmp_path / "log/day=2"))
+        check(str(tmp_path / "log"), str(tmp_path / "held-out"))
     (tmp_path / "log/convert.json").write_text(json.dumps({"encoding": "a"}))
     (tmp_path / "other/eval").mkdir(parents=True)
     write(tmp_path / "other/eval/part-0.parquet", 10)

@@ -649,6 +649,20 @@ def validate(cfg: Config) -> None:
         _validate_synthetic(cfg, fail)
     if d.convert is not None:
         _validate_convert(cfg, fail)
+    if d.synthetic is not None or d.convert is not None:
+        _validate_split_folders(d, fail)
+
+
+def _validate_split_folders(d: DataConfig, fail) -> None:
+    """Where Concord writes the splits (synth, convert), each goes to a folder of its own: one split's
+    folder equal to, inside or around another's would be replaced when that one is written."""
+    splits = [(key, Path(path).resolve()) for key, path in (("data.train", d.train), ("data.eval", d.eval), ("data.validation", d.validation)) if path]
+    for i, (key, path) in enumerate(splits):
+        for other, other_path in splits[:i]:
+            where = ("is" if path == other_path else "lies inside" if other_path in path.parents
+                     else "holds" if path in other_path.parents else None)
+            if where:
+                fail(key, f"{path} {where} {other}'s folder ({other_path}); each split is written to a folder of its own")
 
 
 def check_machine(cfg: Config) -> None:
