@@ -319,11 +319,18 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Op
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return config_with(raw, overrides, single_task, str(path))
+
+
+def config_with(raw: Dict[str, Any], overrides: Sequence[str] = (), single_task: Optional[str] = None,
+                source: str = "<dict>") -> Config:
+    """The :class:`Config` of a parsed YAML mapping ``raw`` (changed in place) with ``overrides`` and
+    ``single_task`` applied as :func:`load_config` applies them."""
     for item in overrides:
-        apply_override(raw, item, str(path))
+        apply_override(raw, item, source)
     if single_task is not None:
-        keep_one_task(raw, single_task, str(path))
-    return config_from_dict(raw, source=str(path))
+        keep_one_task(raw, single_task, source)
+    return config_from_dict(raw, source=source)
 
 
 def packaged_configs() -> Dict[str, Path]:

@@ -35,8 +35,7 @@ import yaml
 
 from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
-from concord.trainer.config import (Config, apply_override, config_from_dict, keep_one_task, load_config, packaged_configs,
-                                    resolve_config_path, to_dict)
+from concord.trainer.config import Config, config_with, load_config, packaged_configs, resolve_config_path, to_dict
 from concord.trainer.data.layout import check_data_exists, count_rows, data_encoding, published_checkpoints, saved_fingerprint
 from concord.trainer.fingerprint import describe_changes
 from concord.trainer.tools.methods import parse_method, resolve_method
@@ -195,12 +194,7 @@ def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, met
     (rows and encoding, from its checkpoint's record). A base config, an override or data changed since
     would otherwise mix two experiments in one report, unsaid."""
     raw, cell_overrides = _cell_input(config_path, overrides, cfg, method, seed, run_dir)
-    source = str(resolve_config_path(config_path))
-    for item in cell_overrides:
-        apply_override(raw, item, source)
-    if task is not None:
-        keep_one_task(raw, task, source)
-    now = to_dict(config_from_dict(raw, source))
+    now = to_dict(config_with(raw, cell_overrides, task, str(resolve_config_path(config_path))))
     try:
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
