@@ -59,6 +59,7 @@ class _StepRecord:
     comm_seconds: float = 0.0  # this step's wait for a sum (in forward or backward), from its forward
     forward_read: float = 0.0  # the read of the last sum in forward, the rule included (the boundary's time)
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
+    rows: int = -1  # this rank's rows in the step's z, from forward
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
     def losses_used(self) -> None:
@@ -119,6 +120,14 @@ def _donated(grads: Tuple[Optional[torch.Tensor], ...]) -> List[bool]:
         and g.is_contiguous()
     )
     return [False] * first + [alone]
+
+
+def _without_rows(losses: torch.Tensor) -> torch.Tensor:
+    """The losses of a rank whose batch has no rows: 0, whatever a mean over nothing gave (NaN).
+    Each rank's losses enter the sum over ranks weighted by its rows, so this rank's share is 0 and
+    the step is what the other ranks' rows make it; a NaN here would make every rank drop or skip
+    the task as if a loss had diverged. The graph is kept: backward still reaches the heads."""
+    return torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses))
 
 
 class _Replicate(torch.autograd.Function):
@@ -255,6 +264,7 @@ class RepresentationBoundary(nn.Module):
         self._settle_native()
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             return tuple(z for _ in range(self.num_tasks))
+        self._record.rows = z.shape[0]
         self._warm_up(z)
         on_host = _reads_on_host(z)
         self._read_sum_in_forward(on_host)
@@ -288,7 +298,7 @@ class RepresentationBoundary(nn.Module):
         start = time.perf_counter()
         stats, _ = self._read_sum(self._take_in_flight())  # drop_task: never a step to skip
         if self._elementwise:
-            self._last_sum = stats
+            self._take_as_last_sum(stats)
         else:
             with torch.no_grad():  # as inside backward, where the rule ran before
                 self._hold(stats)
@@ -536,6 +546,8 @@ class RepresentationBoundary(nn.Module):
         if not self.enabled:
             return losses.mean()
         record = self._record
+        if record.rows == 0:
+            losses = _without_rows(losses)
         pending, record.native_node = record.native_node, None
         if pending is not None:  # a compiled node reads the losses' verdict from its state
             flags = self._native[pending][1]
@@ -873,7 +885,10 @@ class RepresentationBoundary(nn.Module):
             return self._finish(self._checked_sum(grads, coefficients, usable, donated), start)
 
         def rule(keep: Sequence[bool], donate: Sequence[bool] = ()) -> torch.Tensor:
-            return self.balancer.aggregate(grads, dataclasses.replace(last, active=last.active & np.asarray(keep, dtype=bool)), z)
+            # A task absent from the last sum is summed with the others, uncorrected (no extra: kappa
+            # 0), as the rule leaves a step uncorrected where its constants do not fit every task.
+            fits = all(bool(last.active[k]) for k, kept in enumerate(keep) if kept)
+            return self.balancer.aggregate(grads, dataclasses.replace(last, active=np.asarray(keep, dtype=bool), extra=last.extra if fits else None), z)
 
         if gathered:  # this step's statistics have read every gradient: ``usable`` is exact
             return self._finish(rule(usable), start)
@@ -887,7 +902,7 @@ class RepresentationBoundary(nn.Module):
         held constants (``lagged_stats``); on a GPU the rule forms it apart, masked on the device."""
         stats, skip = self._read_sum_ahead()
         if stats is not None:
-            self._last_sum = stats
+            self._take_as_last_sum(stats)
         pending = None
         if self._statistics_due():
             self._report_unreported()
@@ -959,11 +974,26 @@ class RepresentationBoundary(nn.Module):
         self.balancer.note_inactive(stats)
         return stats, False
 
+    def _take_as_last_sum(self, stats: StepStats) -> None:
+        """An element-wise rule's constants until the next sum: this one's, unless no task was active
+        in it (no rows on any rank): the last constants then stay, as the rule's state would."""
+        if any(stats.active.tolist()) or self._last_sum is None:
+            self._last_sum = stats
+
     def _hold(self, stats: StepStats) -> None:
         """A coefficient rule's step on the last sum; its coefficients are held until the next
-        (constant weights: their telemetry only)."""
+        (constant weights: their telemetry only). A task absent from that sum (no rows, no loss or
+        a dropped gradient on every rank then) keeps the coefficient it was held at, the prior's
+        before any: its rule state did not move, and the steps that use the sum may well have its
+        gradient, which a coefficient of 0 would throw away until the next sum."""
         coefficients = self.balancer.coefficients(stats)
-        self._held = coefficients if self.balancer.reads_statistics else None
+        if not self.balancer.reads_statistics:
+            self._held = None
+            return
+        if not all(stats.active.tolist()):
+            before = self._held if self._held is not None else [1.0 / self.num_tasks] * self.num_tasks
+            coefficients = np.where(stats.active, coefficients, before)
+        self._held = coefficients
 
     def _coefficients_between_sums(self) -> Sequence[float]:
         """The same coefficients on every rank: a constant-weight rule's, else those of the last sum

@@ -159,7 +159,7 @@ class CoGrad(Balancer):
                 measured = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated)
             plain2, change2, bounded = measured.tolist()
             self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
-            self.last_telemetry["bounded_share"] = bounded / (len(live) * aggregated.numel())
+            self.last_telemetry["bounded_share"] = bounded / max(1, len(live) * aggregated.numel())
         return aggregated
 
     def _compiled_pass(self, grads: List[torch.Tensor]) -> Optional[object]:
@@ -188,15 +188,13 @@ class CoGrad(Balancer):
         return self.weights.tolist(), self.gamma.tolist(), self.kappa(last), last.active.tolist()
 
     def aggregate_on_device(self, grads: Sequence[Optional[torch.Tensor]], stats: StepStats, usable: torch.Tensor) -> torch.Tensor:
-        """:meth:`aggregate` without a host read: the tasks active in the last sum and usable here (a
-        device flag) enter; ``kappa`` becomes 0 on the device where any present task is not usable
-        (as :meth:`aggregate` leaves such a step uncorrected). Telemetry stays on the device until read."""
+        """:meth:`aggregate` without a host read: the tasks usable here (a device flag) enter;
+        ``kappa`` is 0 where a present task was inactive in the last sum, and becomes 0 on the device
+        where any present task is not usable (as :meth:`aggregate` leaves such a step uncorrected).
+        Telemetry stays on the device until read."""
         present = [k for k, g in enumerate(grads) if g is not None]  # at least one: the boundary's template
         kappa = self._lagged_kappa_for(grads, stats)
-        if len(present) == len(grads) and all(stats.active.tolist()):  # the common step: no op per task
-            ok = usable
-        else:
-            ok = torch.stack([usable[k] if stats.active[k] else torch.zeros_like(usable[k]) for k in present])
+        ok = usable if len(present) == len(grads) else torch.stack([usable[k] for k in present])  # the common step: no op
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
         present_grads, knobs = [grads[k] for k in present], self._knobs(present)
         aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)
@@ -205,7 +203,7 @@ class CoGrad(Balancer):
             masked = [torch.where(ok[i], g, 0.0) for i, g in enumerate(present_grads)]
             plain2, change2, bounded = self.run_rule(correction_telemetry, masked, *knobs, kappa_now, aggregated).unbind()
             self.last_telemetry["correction_ratio"] = torch.where(plain2 > 0, (change2 / plain2).sqrt(), 0.0)
-            self.last_telemetry["bounded_share"] = bounded / (len(present) * aggregated.numel())
+            self.last_telemetry["bounded_share"] = bounded / max(1, len(present) * aggregated.numel())
         return aggregated
 
     def telemetry(self, stats: StepStats) -> dict:

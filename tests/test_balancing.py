@@ -309,6 +309,36 @@ def test_a_head_without_loss_gives_zero_gradient_not_a_crash():
     assert not bool(boundary.last_stats.active[2])
 
 
+@pytest.mark.parametrize("statistics", ["current", "previous"])
+@pytest.mark.parametrize("name", available_balancers())
+def test_a_step_without_rows_changes_nothing(name, statistics):
+    """A batch of no rows (a user's uneven last batch) gives NaN mean losses, yet nothing fails, z
+    gets an empty gradient, and the rule goes on as if the step had not been: five steps with an
+    empty one in the middle leave the state that four steps leave (with lagged statistics the empty
+    step's rule reads the step before's sum, and the next step's reads the empty sum, which moves
+    nothing), and the last gradient is the same."""
+    if statistics == "previous" and name == "graddrop":
+        pytest.skip("GradDrop needs each step's own statistics")
+
+    def train(rows: list):
+        model = ToyMTL(3)
+        boundary = RepresentationBoundary(build_balancer(name, TASKS), statistics=statistics)
+        for n in rows:  # the same batch every step, and no optimizer: every step's gradients alike
+            x, y = toy_batch(n, 3, seed=1)
+            z = model.bottom(x)
+            z.retain_grad()
+            boundary.objective(model.losses(boundary(z), y, (1.0, 30.0, 0.3))).backward()
+            assert z.grad.shape == (n, 5)
+        return {k: v for k, v in boundary.balancer.state_dict().items() if k != "step"}, z.grad
+
+    with_empty, last = train([16, 16, 16, 0, 16])
+    without, expected = train([16, 16, 16, 16])
+    assert with_empty.keys() == without.keys()
+    for key in without:
+        torch.testing.assert_close(with_empty[key], without[key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(last, expected, rtol=0, atol=0)
+
+
 def test_objective_must_be_called_before_backward():
     model = ToyMTL(3)
     x, y = toy_batch(4, 3)
@@ -659,6 +689,36 @@ def _every_k(method, k, telemetry_every=1):
 def _random_steps(seed, n):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(8, 5, generator=g, dtype=torch.float64) * s for s in (1.0, 20.0, 0.3)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("method, every", [("multibalance", 1), ("multibalance", 3), ("emtl", 3), ("mgda", 1), ("cograd", 1), ("cograd", 3)])
+def test_a_task_absent_from_a_sum_still_trains_on_the_steps_balanced_with_it(method, every):
+    """Task c has no gradient on step 4, which gathers statistics; the steps balanced with that sum
+    (5, and with every 3 also 6 and 7) have it. A coefficient rule holds c at the coefficient it had
+    (its state did not move), not at 0; CoGrad sums c in, uncorrected (its kappa was formed without
+    c), and corrects again once a sum has every task."""
+    steps = _random_steps(31, 9)
+    boundary = _every_k(method, every) if every > 1 else RepresentationBoundary(build_balancer(method, TASKS), statistics="previous")
+    got, held = [], []
+    for t, grads in enumerate(steps):
+        if t == 4:
+            grads = [grads[0], grads[1], None]
+        z = torch.zeros_like(steps[t][0], requires_grad=True)
+        boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+        got.append(boundary.balance(tuple(None if g is None else g.clone() for g in grads), z))
+        held.append(None if method == "cograd" else np.array(boundary.lagged_state[1]))
+    balanced_without_c = [5] if every == 1 else [5, 6, 7]
+    if method != "cograd":
+        assert held[5][2] == held[4][2] and held[5][2] > 0
+        assert not np.allclose(held[5][:2], held[4][:2])  # a and b moved with the sum
+    for t in balanced_without_c:
+        if method == "cograd":
+            torch.testing.assert_close(got[t], sum(steps[t]) / 3, rtol=1e-12, atol=0)
+        else:
+            torch.testing.assert_close(got[t], weighted_sum(steps[t], held[t], np.ones(3, dtype=bool)))
+    if method == "cograd":  # the next sum has every task: corrected again
+        after = balanced_without_c[-1] + 1
+        assert (got[after] - sum(steps[after]) / 3).abs().max() > 1e-6
 
 
 def test_statistics_every_k_steps_run_the_rule_every_k_steps_and_hold_its_coefficients_between():
@@ -1148,6 +1208,7 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every)
         return
     assert telemetry[False][1]["kappa"] > 0 and telemetry[False][1]["correction_ratio"] > 0
     assert telemetry[False][3]["kappa"] == 0  # step 2's sum left b out: step 3 goes uncorrected
+    torch.testing.assert_close(outs[False][3], sum(steps[3]) / 3)  # with b, which has a gradient there
     for host, device in zip(telemetry[True][1:], telemetry[False][1:]):
         for key in ("kappa", "correction_ratio", "bounded_share"):
             assert isinstance(device[key], float) and device[key] == pytest.approx(host[key], rel=1e-9, abs=1e-12), key

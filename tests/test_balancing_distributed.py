@@ -64,8 +64,12 @@ CASES = {
 }
 
 
-def _run(rank: int, world_size: int):
-    """Every case: STEPS steps on this rank's rows; per step the weights, A rows, averaged gradients."""
+def _run(rank: int, world_size: int, empty_last_rank: bool = False):
+    """Every case: STEPS steps on this rank's rows; per step the weights, A rows, averaged gradients.
+
+    ``empty_last_rank``: the first rank holds every row and the last none (its losses, means over no
+    rows, are NaN); the gradients are then this rank's own, not averaged, and the cases are those
+    whose ranks' gradients meet only in the boundary's statistics (no DDP, no parameter-level rule)."""
     group = None
     if world_size > 1:
         dist.init_process_group("gloo")
@@ -73,6 +77,8 @@ def _run(rank: int, world_size: int):
     results = {}
     reads_on_host = boundary_module._reads_on_host
     for case, (name, knobs, *mode) in CASES.items():
+        if empty_last_rank and (name in PARAMETER_LEVEL or mode[2:] == ["ddp"]):
+            continue
         boundary_module._reads_on_host = (lambda tensor: False) if mode[2:] == ["device"] else reads_on_host
         model = ToyMTL(3)
         param_level = None
@@ -84,6 +90,7 @@ def _run(rank: int, world_size: int):
                                               statistics=mode[0] if mode else "current",
                                               statistics_every=mode[1] if len(mode) > 1 else 1)
         per_rank = ROWS // world_size
+        first, last = (rank * per_rank, (rank + 1) * per_rank) if not empty_last_rank else (0, ROWS if rank == 0 else 0)
         in_ddp = mode[2:] == ["ddp"] and world_size > 1
         on_host = mode[2:] == ["host"] and world_size > 1
         forward = _Forward(model, boundary)
@@ -99,7 +106,7 @@ def _run(rank: int, world_size: int):
         out = []
         for step in range(STEPS):
             x, y = toy_batch(ROWS, 3, seed=100 + step)
-            x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+            x, y = x[first:last], y[first:last]
             model.zero_grad()
             z, losses = forward(x, y)
             objective = boundary.objective(losses)
@@ -108,7 +115,7 @@ def _run(rank: int, world_size: int):
                     objective = param_level.objective(losses)
             objective.backward()
             grads = [p.grad.clone() for p in model.bottom.parameters()]
-            if world_size > 1 and not in_ddp:
+            if world_size > 1 and not in_ddp and not empty_last_rank:
                 for g in grads:  # what DDP does: average over ranks
                     dist.all_reduce(g)
                     g /= world_size
@@ -118,6 +125,8 @@ def _run(rank: int, world_size: int):
         if in_ddp or on_host:
             results[f"{case}:carried"] = len(carried)
     boundary_module._reads_on_host = reads_on_host
+    if empty_last_rank:
+        return results
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)
     results["nan_gradient"] = {name: _nan_gradient_on_the_last_rank(name, rank, world_size, group) for name in ("equal", "cograd")}
     return results
@@ -190,6 +199,32 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, case):
             torch.testing.assert_close(got["A"], 2 * ref["A"][rows], rtol=1e-9, atol=1e-12)
             for g, r in zip(got["grads"], ref["grads"]):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def runs_with_an_empty_rank():
+    return run_ranks(_run, 2, True)
+
+
+def test_a_rank_with_no_rows_leaves_the_step_to_the_others(runs, runs_with_an_empty_rank):
+    """A rank whose batch is empty (a user's last, uneven batch) adds nothing: the weights and the
+    first rank's A and gradients are those of one rank holding every row, though the empty rank's
+    mean losses are NaN; no task is dropped or skipped for it."""
+    single, _ = runs
+    full, empty = runs_with_an_empty_rank
+    cases = [case for case in full if case in CASES]
+    assert len(cases) > 20
+    for case in cases:
+        for step in range(STEPS):
+            ref = single[case][step]
+            for result in (full, empty):
+                got = torch.tensor(result[case][step]["weights"])
+                torch.testing.assert_close(got, torch.tensor(ref["weights"]), rtol=1e-9, atol=1e-12, msg=case)
+            torch.testing.assert_close(full[case][step]["A"], ref["A"], rtol=1e-9, atol=1e-12, msg=case)
+            assert empty[case][step]["A"].shape == (0, ref["A"].shape[1])
+            for g, r, nothing in zip(full[case][step]["grads"], ref["grads"], empty[case][step]["grads"]):
+                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=case)
+                assert not nothing.any()
 
 
 def test_ddp_and_shared_memory_carry_the_lagged_statistics(runs):

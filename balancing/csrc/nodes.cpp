@@ -224,9 +224,9 @@ bool all_finite(const at::Tensor& t) {
 // loss, and where that sum is not finite, forms it again without the tasks whose gradient is not
 // finite (RepresentationBoundary._checked), then scales it by `final_scale`. With `gamma` (one a
 // task) and `kappa` != 0, the step of CoGrad's element-wise rule with the last sum's constants
-// (RepresentationBoundary._balance_elementwise): CoGrad's aggregate over the tasks `held` (active in
-// the last sum; empty: all) when every task with a gradient is taken, else, as CoGrad.aggregate
-// leaves such a step uncorrected, the plain sum.
+// (RepresentationBoundary._balance_elementwise): CoGrad's aggregate when every task with a gradient
+// is taken and was active in the last sum (`held`; empty: all), else, as CoGrad.aggregate leaves
+// such a step uncorrected, the plain sum of the tasks taken.
 struct HeldSum : public AliasNode {
   at::Tensor state_tensor;
   int64_t tasks = 0;
@@ -254,7 +254,7 @@ struct HeldSum : public AliasNode {
     for (int64_t k = 0; k < tasks; ++k) {
       had_gradient[k] = grads[k].defined() ? 1.0 : 0.0;
       left_out[k] = 0.0;
-      usable[k] = grads[k].defined() && loss_finite[k] != 0.0 && (held.empty() || held[k] != 0);
+      usable[k] = grads[k].defined() && loss_finite[k] != 0.0;
       if (first < 0 && grads[k].defined()) first = k;
     }
     variable_list result(1);
@@ -274,10 +274,11 @@ struct HeldSum : public AliasNode {
     for (int64_t k = 0; k < tasks && first_usable < 0; ++k) if (usable[k]) first_usable = k;
     const bool donate = donated && first_usable == first;
     state[3] = donate ? 1.0 : 0.0;
-    // CoGrad's rule applies where it takes every task with a gradient; else the plain sum.
+    // CoGrad's rule applies where it takes every task with a gradient, each active in the last sum;
+    // else the plain sum.
     const auto corrects = [&](const std::vector<bool>& keep) {
       bool all = !gamma.empty() && kappa != 0.0;
-      for (int64_t k = 0; k < tasks; ++k) all = all && (keep[k] || !grads[k].defined());
+      for (int64_t k = 0; k < tasks; ++k) all = all && (!grads[k].defined() || (keep[k] && (held.empty() || held[k] != 0)));
       return all;
     };
     bool finite = true;
