@@ -60,6 +60,7 @@ class _StepRecord:
     forward_read: float = 0.0  # the read of the last sum in forward, the rule included (the boundary's time)
     native_node: Optional[str] = None  # the compiled node ("view", "held") forward chose, until objective()
     rows: int = -1  # this rank's rows in the step's z, from forward
+    built: bool = False  # forward built this step's node (a rerun inside backward is a checkpoint's)
     held_unsettled: bool = False  # a "held" node's findings not yet acted on (_settle_native)
 
     def losses_used(self) -> None:
@@ -261,22 +262,36 @@ class RepresentationBoundary(nn.Module):
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
-        self._settle_native()
+        record = self._record
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
+            record.built = False
             return tuple(z for _ in range(self.num_tasks))
-        self._record.rows = z.shape[0]
+        # Activation checkpointing runs this forward again inside the step's backward. Non-reentrant
+        # checkpointing only recomputes the heads' saved tensors: the node this step's forward built
+        # balances, so the rerun returns bare views and changes nothing. Reentrant checkpointing ran
+        # the step's forward without grad and backpropagates through this rerun: it builds the node,
+        # a Python one that reads the last sum in backward, since objective() has already recorded
+        # the losses (which a sum read here would mark used).
+        recomputing = torch._C._current_graph_task_id() != -1
+        if recomputing and record.built:
+            return tuple(z.view_as(z) for _ in range(self.num_tasks))
+        self._settle_native()
+        record.built, record.rows = True, z.shape[0]
         self._warm_up(z)
         on_host = _reads_on_host(z)
-        self._read_sum_in_forward(on_host)
+        if recomputing:
+            record.comm_seconds = record.forward_read = 0.0
+        else:
+            self._read_sum_in_forward(on_host)
         if self.ride is not None:
             self.ride.expect_backward()
         if self._sum_at_view():
-            ops = native_ops() if on_host else None
+            ops = native_ops() if on_host and not recomputing else None
             if ops is not None:
                 return self._native_view(ops, z)
             view = _SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
-        ops = native_ops() if self._between_sums_at(on_host) else None
+        ops = native_ops() if self._between_sums_at(on_host) and not recomputing else None
         if ops is not None and self._held_constants_written(z):
             return self._native_held(ops, z)
         return _Replicate.apply(z, self)

@@ -339,6 +339,40 @@ def test_a_step_without_rows_changes_nothing(name, statistics):
     torch.testing.assert_close(last, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("method, statistics, every, autograd_sums", [
+    ("multibalance", "current", 1, False), ("multibalance", "previous", 1, False), ("multibalance", "previous", 3, False),
+    ("emtl", "previous", 3, False), ("cograd", "previous", 3, False), ("equal", "previous", 1, True)])
+def test_activation_checkpointing_around_the_boundary_trains_alike(method, statistics, every, autograd_sums, reentrant):
+    """The bottom, the boundary and the heads in one ``torch.utils.checkpoint`` region: its forward
+    runs again inside backward (non-reentrant: to recompute saved tensors, the first forward's node
+    balancing; reentrant: the first forward without grad, backward through the rerun). Training is
+    bit for bit what it is without checkpointing: the rerun neither balances twice nor moves the
+    boundary's state."""
+    from torch.utils.checkpoint import checkpoint
+
+    def train(checkpointed: bool) -> torch.Tensor:
+        model = ToyMTL(3)
+        boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics=statistics, statistics_every=every,
+                                          autograd_sums=autograd_sums)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def losses(x, y):
+            return model.losses(boundary(model.bottom(x)), y, (1.0, 30.0, 0.3))
+
+        for t in range(8):
+            x, y = toy_batch(16, 3, seed=t)
+            optimizer.zero_grad()
+            step = checkpoint(losses, x.requires_grad_(reentrant), y, use_reentrant=reentrant) if checkpointed else losses(x, y)
+            boundary.objective(step).backward()
+            optimizer.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    plain = train(False)
+    assert torch.isfinite(plain).all()
+    torch.testing.assert_close(train(True), plain, rtol=0, atol=0)
+
+
 def test_objective_must_be_called_before_backward():
     model = ToyMTL(3)
     x, y = toy_batch(4, 3)
