@@ -262,6 +262,7 @@ class RepresentationBoundary(nn.Module):
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
+        self._settle_native()  # a rerun inside backward finds nothing to settle: the node has not run
         record = self._record
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
             record.built = False
@@ -275,7 +276,6 @@ class RepresentationBoundary(nn.Module):
         recomputing = torch._C._current_graph_task_id() != -1
         if recomputing and record.built:
             return tuple(z.view_as(z) for _ in range(self.num_tasks))
-        self._settle_native()
         record.built, record.rows = True, z.shape[0]
         self._warm_up(z)
         on_host = _reads_on_host(z)

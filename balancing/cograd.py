@@ -194,7 +194,7 @@ class CoGrad(Balancer):
         Telemetry stays on the device until read."""
         present = [k for k, g in enumerate(grads) if g is not None]  # at least one: the boundary's template
         kappa = self._lagged_kappa_for(grads, stats)
-        ok = usable if len(present) == len(grads) else torch.stack([usable[k] for k in present])  # the common step: no op
+        ok = usable if len(present) == len(grads) else torch.stack([usable[k] for k in present])  # all present: no op
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
         present_grads, knobs = [grads[k] for k in present], self._knobs(present)
         aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)
