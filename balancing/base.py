@@ -231,14 +231,17 @@ class Balancer:
         out.update(self.last_telemetry)
         return out
 
-    def note_inactive(self, stats: StepStats) -> None:
+    def note_inactive(self, stats: StepStats, lagged: bool = False) -> None:
+        """Warns of the tasks absent from a sum: left out of the step it summed, which with ``lagged``
+        statistics is the step before (the steps balanced with that sum keep the task's coefficient)."""
+        step = "the step before, whose sum this step reads" if lagged else "this step"
         for k in range(self.num_tasks):
             if not bool(stats.active[k]):
                 self.warn(
                     self.task_names[k],
                     "inactive",
-                    "zero, missing or non-finite gradient/loss at the boundary; its contribution is "
-                    "skipped this step",
+                    f"zero, missing or non-finite gradient/loss at the boundary; its contribution is "
+                    f"skipped in {step}",
                 )
 
     def state_dict(self) -> Dict[str, Any]:

@@ -986,7 +986,7 @@ class RepresentationBoundary(nn.Module):
         stats = self._wait(previous)
         if self._skip_for_nonfinite_loss(stats):
             return stats, True
-        self.balancer.note_inactive(stats)
+        self.balancer.note_inactive(stats, lagged=True)
         return stats, False
 
     def _take_as_last_sum(self, stats: StepStats) -> None:

@@ -726,11 +726,11 @@ def _random_steps(seed, n):
 
 
 @pytest.mark.parametrize("method, every", [("multibalance", 1), ("multibalance", 3), ("emtl", 3), ("mgda", 1), ("cograd", 1), ("cograd", 3)])
-def test_a_task_absent_from_a_sum_still_trains_on_the_steps_balanced_with_it(method, every):
+def test_a_task_absent_from_a_sum_still_trains_on_the_steps_balanced_with_it(method, every, caplog):
     """Task c has no gradient on step 4, which gathers statistics; the steps balanced with that sum
     (5, and with every 3 also 6 and 7) have it. A coefficient rule holds c at the coefficient it had
     (its state did not move), not at 0; CoGrad sums c in, uncorrected (its kappa was formed without
-    c), and corrects again once a sum has every task."""
+    c), and corrects again once a sum has every task. The warning names the step c was left out of."""
     steps = _random_steps(31, 9)
     boundary = _every_k(method, every) if every > 1 else RepresentationBoundary(build_balancer(method, TASKS), statistics="previous")
     got, held = [], []
@@ -739,8 +739,10 @@ def test_a_task_absent_from_a_sum_still_trains_on_the_steps_balanced_with_it(met
             grads = [grads[0], grads[1], None]
         z = torch.zeros_like(steps[t][0], requires_grad=True)
         boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
-        got.append(boundary.balance(tuple(None if g is None else g.clone() for g in grads), z))
+        with caplog.at_level(logging.WARNING, logger="concord.balancing"):
+            got.append(boundary.balance(tuple(None if g is None else g.clone() for g in grads), z))
         held.append(None if method == "cograd" else np.array(boundary.lagged_state[1]))
+    assert "task 'c': zero, missing or non-finite gradient/loss at the boundary; its contribution is skipped in the step before" in caplog.text
     balanced_without_c = [5] if every == 1 else [5, 6, 7]
     if method != "cograd":
         assert held[5][2] == held[4][2] and held[5][2] > 0
