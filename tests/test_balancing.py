@@ -309,16 +309,20 @@ def test_a_head_without_loss_gives_zero_gradient_not_a_crash():
     assert not bool(boundary.last_stats.active[2])
 
 
+@pytest.mark.parametrize("on_host", [True, False])
 @pytest.mark.parametrize("statistics", ["current", "previous"])
 @pytest.mark.parametrize("name", available_balancers())
-def test_a_step_without_rows_changes_nothing(name, statistics):
+def test_a_step_without_rows_changes_nothing(name, statistics, on_host, monkeypatch):
     """A batch of no rows (a user's uneven last batch) gives NaN mean losses, yet nothing fails, z
     gets an empty gradient, and the rule goes on as if the step had not been: five steps with an
     empty one in the middle leave the state that four steps leave (with lagged statistics the empty
     step's rule reads the step before's sum, and the next step's reads the empty sum, which moves
-    nothing), and the last gradient is the same."""
+    nothing), and the last gradient is the same; on a CPU and on a GPU's path (no host reads)."""
+    import concord.balancing.boundary as module
+
     if statistics == "previous" and name == "graddrop":
         pytest.skip("GradDrop needs each step's own statistics")
+    monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
 
     def train(rows: list):
         model = ToyMTL(3)
