@@ -261,7 +261,8 @@ class RepresentationBoundary(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
-            raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}")
+            hint = "; rows of several items each: z.flatten(0, -2) makes each item a row" if z.dim() > 2 else ""
+            raise ValueError(f"the shared representation must be (batch, d), got shape {tuple(z.shape)}{hint}")
         self._settle_native()  # a rerun inside backward finds nothing to settle: the node has not run
         record = self._record
         if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):

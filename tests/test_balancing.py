@@ -107,6 +107,16 @@ def test_views_share_storage_with_z():
     assert len(views) == 3 and all(v.data_ptr() == z.data_ptr() for v in views)
 
 
+def test_a_representation_of_several_items_a_row_is_refused_with_the_reshape_that_fits():
+    boundary = RepresentationBoundary(build_balancer("equal", TASKS))
+    z = torch.randn(4, 5, 3, requires_grad=True)  # 4 requests of 5 candidates each
+    with pytest.raises(ValueError, match=r"got shape \(4, 5, 3\); rows of several items each: z.flatten\(0, -2\)"):
+        boundary(z)
+    views = boundary(z.flatten(0, -2))
+    boundary.objective(torch.stack([v.sum() for v in views])).backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))  # the mean of three sums: each element once
+
+
 # --- Property 2: simplex, and no NaN on zero or non-finite gradients ------------------------------
 @pytest.mark.parametrize("name", ["equal", "multibalance", "emtl"])
 def test_weights_stay_on_the_simplex(name):
