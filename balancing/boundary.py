@@ -127,7 +127,9 @@ def _without_rows(losses: torch.Tensor) -> torch.Tensor:
     """The losses of a rank whose batch has no rows: 0, whatever a mean over nothing gave (NaN).
     Each rank's losses enter the sum over ranks weighted by its rows, so this rank's share is 0 and
     the step is what the other ranks' rows make it; a NaN here would make every rank drop or skip
-    the task as if a loss had diverged. The graph is kept: backward still reaches the heads."""
+    the task as if a loss had diverged. The graph is kept: backward still reaches the heads (and
+    :meth:`RepresentationBoundary.objective` scales its scalar by 0, so that a loss-level rule's own
+    terms, Uncertainty's log-variances, get no gradient from this rank either)."""
     return torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses))
 
 
@@ -562,7 +564,8 @@ class RepresentationBoundary(nn.Module):
         if not self.enabled:
             return losses.mean()
         record = self._record
-        if record.rows == 0:
+        empty = record.rows == 0
+        if empty:
             losses = _without_rows(losses)
         pending, record.native_node = record.native_node, None
         if pending is not None:  # a compiled node reads the losses' verdict from its state
@@ -574,10 +577,11 @@ class RepresentationBoundary(nn.Module):
                 first = _NATIVE_LAYOUT["held"][0]
                 flags[first : first + self.num_tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
             flags[0] = 1.0
-            return self.balancer.before_backward(losses)
-        record.losses = losses.detach()
-        record.skipped_tasks = []
-        return self.balancer.before_backward(losses)
+        else:
+            record.losses = losses.detach()
+            record.skipped_tasks = []
+        objective = self.balancer.before_backward(losses)
+        return objective * 0.0 if empty else objective  # no rows: no gradient, loss-level terms' included
 
     @property
     def last_stats(self) -> Optional[StepStats]:

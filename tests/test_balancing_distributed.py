@@ -120,7 +120,8 @@ def _run(rank: int, world_size: int, empty_last_rank: bool = False):
                     dist.all_reduce(g)
                     g /= world_size
             weights = (param_level or boundary.balancer).last_telemetry["weights"]
-            out.append({"weights": weights, "A": z.grad.clone(), "grads": grads})
+            own = [p.grad.clone() for p in boundary.balancer_parameters]  # a loss-level rule's (Uncertainty's)
+            out.append({"weights": weights, "A": z.grad.clone(), "grads": grads, "own": own})
         results[case] = out
         if in_ddp or on_host:
             results[f"{case}:carried"] = len(carried)
@@ -222,9 +223,11 @@ def test_a_rank_with_no_rows_leaves_the_step_to_the_others(runs, runs_with_an_em
                 torch.testing.assert_close(got, torch.tensor(ref["weights"]), rtol=1e-9, atol=1e-12, msg=case)
             torch.testing.assert_close(full[case][step]["A"], ref["A"], rtol=1e-9, atol=1e-12, msg=case)
             assert empty[case][step]["A"].shape == (0, ref["A"].shape[1])
-            for g, r, nothing in zip(full[case][step]["grads"], ref["grads"], empty[case][step]["grads"]):
-                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=case)
-                assert not nothing.any()
+            for part in ("grads", "own"):
+                for g, r, nothing in zip(full[case][step][part], ref[part], empty[case][step][part]):
+                    torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=case)
+                    assert not nothing.any(), case
+    assert any(full[case][0]["own"] for case in cases)  # Uncertainty's log-variances are among them
 
 
 def test_ddp_and_shared_memory_carry_the_lagged_statistics(runs):
