@@ -1011,8 +1011,7 @@ class RepresentationBoundary(nn.Module):
             self._held = None
             return
         if not all(stats.active.tolist()):
-            before = self._held if self._held is not None else [1.0 / self.num_tasks] * self.num_tasks
-            coefficients = np.where(stats.active, coefficients, before)
+            coefficients = np.where(stats.active, coefficients, self._coefficients_between_sums())
         self._held = coefficients
 
     def _coefficients_between_sums(self) -> Sequence[float]:
