@@ -121,11 +121,14 @@ def check_data_exists(cfg) -> None:
     where ``concord convert`` wrote both splits, they were encoded alike: evaluation data with other
     vocabularies would be scored silently wrong (its id 7 is another user)."""
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if path:
-            check_not_raw_text(key, path)
-        if not path or _holds_parquet(path):
+        if not path:
             continue
-        nested = nested_parquet_hint(path) if Path(path).is_dir() else ""
+        check_not_raw_text(key, path)
+        folder = Path(path).is_dir()
+        # A folder is asked directly: list_files would walk its subfolders for the hint, then this again.
+        if dataset_ready(path) if folder else _holds_parquet(path):
+            continue
+        nested = nested_parquet_hint(path) if folder else ""
         if nested:
             how = nested
         elif cfg.data.convert is not None:
