@@ -241,8 +241,9 @@ def unpack_statistics(packed: torch.Tensor, num_tasks: int, batch_size: int, cro
     v = packed.tolist()
     t, n = num_tasks, num_tasks * num_tasks
     b_global = v[n + 2 * t]
-    b2 = b_global * b_global or 1.0  # no rows on any rank: every sum is 0, and no task is active
-    losses = [x / (b_global or 1.0) for x in v[n : n + t]]
+    b = b_global or 1.0  # no rows on any rank: every sum is 0, and no task is active
+    b2 = b * b
+    losses = [x / b for x in v[n : n + t]]
     nonfinite_loss = [not math.isfinite(x) for x in losses]
     bad = [x > 0 for x in v[n + t : n + 2 * t]]
     active = [not (bad[k] or nonfinite_loss[k]) and v[k * t + k] / b2 > 0 for k in range(t)]
