@@ -575,6 +575,69 @@ def test_a_column_naming_each_rows_split(tmp_path):
     assert report["rows"] == {"train": 5, "eval": 2}
 
 
+def test_passthrough_columns_reach_every_split_unchanged_beside_the_rows_they_came_with(tmp_path):
+    """``data.passthrough``: input columns the model does not read, copied as they are (CSV: text) into
+    the split each row goes to, so that a row kept after bad ones were skipped is still known by its key."""
+    header = HEADER + ",request"
+    rows = [f"{r},req-{i}" for i, r in enumerate(ROWS)] + ["2,erin,a,cheap,1,1,req-bad", "3,frank,b,7,1,2,"]
+    raw = base(tmp_path, on_bad_row="skip")
+    (tmp_path / "raw.csv").write_text("\n".join([header, *rows]) + "\n")
+    run(raw)
+    without = {split: read(tmp_path, split) for split in ("train", "eval")}
+    raw["data"]["passthrough"] = ["request", "day"]  # "day", the split's column, is read by convert too
+    report = run(raw, force=True)
+    assert report["skipped_rows"] == {"price: not a number": 1} and report["passthrough"] == ["request", "day"]
+    train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
+    assert train["request"] == ["req-0", "req-1", "req-2", "req-3", "req-4", None]  # frank's empty cell: null
+    assert train["day"] == ["1", "1", "2", "2", "3", "3"] and held_out["request"] == ["req-5", "req-6"]
+    for split, table in (("train", train), ("eval", held_out)):  # the encoded columns as without passthrough
+        assert {k: v for k, v in table.items() if k not in ("request", "day")} == without[split]
+    assert pq.read_schema(tmp_path / "out/train/part-00000.parquet").field("request").type == pa.string()
+
+    # Data to score encoded like it carries them too.
+    (tmp_path / "new.csv").write_text("day,user,tags,price,request,amount\n5,carol,a,10,r-9,1\n")
+    raw["data"]["convert"]["input"] = str(tmp_path / "new.csv")
+    scored = convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "out"), out=str(tmp_path / "s/data"),
+                     show_progress=False)
+    assert scored["rows"] == {"data": 1} and pq.read_table(tmp_path / "s/data").to_pydict()["request"] == ["r-9"]
+
+
+def test_a_passthrough_column_keeps_the_type_of_its_first_parquet_file(tmp_path):
+    """Parquet input keeps each carried column's type; a file that gives it another is cast to the
+    first one's, or named where it cannot be."""
+    run(base(tmp_path))  # writes raw.csv
+    table = pacsv.read_csv(tmp_path / "raw.csv")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(table.slice(0, 4).append_column("request", pa.array([10, 11, 12, 13], pa.int64())), parts / "a.parquet")
+    pq.write_table(table.slice(4).append_column("request", pa.array([14, 15, 16], pa.int32())), parts / "b.parquet")
+    raw = base(tmp_path, input=str(parts))
+    raw["data"]["passthrough"] = ["request"]
+    run(raw, force=True)
+    both = pq.read_table(tmp_path / "out/train").column("request")
+    assert both.type == pa.int64() and both.to_pylist() == [10, 11, 12, 13, 14]
+    pq.write_table(table.slice(4).append_column("request", pa.array(["x", "y", "z"])), parts / "b.parquet")
+    with pytest.raises(ConvertError, match=r"b\.parquet: column 'request' \(data.passthrough\) is string here but int64 in the input "
+                                           r"before it, and does not convert .*; give it one type in every file"):
+        run(raw, force=True)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("user", "'user' is also sparse feature 'user' \\(a column the model reads\\)"),
+    ("click", "'click' is also the label column of task 'ctr'"),
+    ("pred_ctr", "'pred_ctr' is a column of concord predict's output"),
+    ("", "must be a column name"),
+])
+def test_a_passthrough_column_named_like_one_convert_or_predict_writes_is_refused(tmp_path, name, message):
+    raw = base(tmp_path)
+    raw["data"]["passthrough"] = [name]
+    with pytest.raises(ConfigError, match=rf"test.yaml: data.passthrough\[0\]: {message}"):
+        config_from_dict(raw, "test.yaml")
+    raw["data"]["passthrough"] = ["request", "request"]
+    with pytest.raises(ConfigError, match=r"data.passthrough\[1\]: 'request' is listed twice"):
+        config_from_dict(raw, "test.yaml")
+
+
 def test_a_split_by_files_needs_both_lists(tmp_path):
     from concord.trainer.config import ConfigError
 

@@ -334,6 +334,20 @@ def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_pat
         f"concord: predict: --out {tmp_path}: is a folder; name the predictions' file, e.g. {tmp_path / 'predictions.parquet'}\n")
 
 
+def test_predict_names_a_file_without_a_passthrough_column_before_scoring(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from concord.trainer.data.layout import DataError
+    from concord.trainer.predict import _check_passthrough
+
+    pq.write_table(pa.table({"request": ["a"], "x": [1]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": [2]}), tmp_path / "b.parquet")
+    _check_passthrough([str(tmp_path / "a.parquet")], ["request"])
+    with pytest.raises(DataError, match=r"b.parquet: no column 'request' \(data.passthrough\); convert the data again with it"):
+        _check_passthrough([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], ["request"])
+
+
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -375,19 +389,22 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
     assert "pred_ctr" in written and "label_ctr" not in written and "label_cvr" in written
 
     # Data where some rows have no ctr label, for a task whose label may be missing: those rows read
-    # null in the output, and the metrics are over the rest.
+    # null in the output, and the metrics are over the rest. Each row has a key the model does not
+    # read (data.passthrough): the output carries it beside the row's scores.
     partly = tmp_path / "partly"
     partly.mkdir()
-    for part in sorted((tmp_path / "data/eval").glob("*.parquet")):
+    for i, part in enumerate(sorted((tmp_path / "data/eval").glob("*.parquet"))):
         t = pq.read_table(part)
         ctr = np.array(t.column("label_ctr"))
         missing = np.arange(len(ctr)) % 3 == 0
+        t = t.append_column("request", pa.array([f"{i}-{r}" for r in range(len(t))]))
         pq.write_table(t.set_column(t.schema.get_field_index("label_ctr"), "label_ctr", pa.array(ctr, mask=missing)), partly / part.name)
     proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
-                           "tasks.0.missing_label=masked", "--checkpoint", str(run), "--data", str(partly),
+                           "tasks.0.missing_label=masked", "data.passthrough=[request]", "--checkpoint", str(run), "--data", str(partly),
                            "--out", str(tmp_path / "p3.parquet")], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     scored = pq.read_table(tmp_path / "p3.parquet").to_pydict()
+    assert scored["request"] == [r for part in sorted(partly.glob("*.parquet")) for r in pq.read_table(part).column("request").to_pylist()]
     labels = np.array([np.nan if y is None else y for y in scored["label_ctr"]])
     expected = np.array([y for part in sorted(partly.glob("*.parquet")) for y in pq.read_table(part).column("label_ctr").to_pylist()], dtype=float)
     np.testing.assert_array_equal(labels, expected)  # null where the data had none, in the data's row order

@@ -1,4 +1,4 @@
-"""``concord``: train, synth, convert, bench, compare, plot.
+"""``concord``: train, synth, convert, bench, compare, predict, plot.
 
 ``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
 or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.

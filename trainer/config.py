@@ -138,6 +138,9 @@ class DataConfig:
     dense_columns: List[str] = field(default_factory=list)
     sparse_columns: Dict[str, str] = field(default_factory=dict)  # feature name -> Parquet column
     weight_column: Optional[str] = None
+    # Columns the model does not read, carried beside it: convert copies them from its input into every
+    # split unchanged, predict copies them into its output (keys to join the scores back, e.g. [request_id])
+    passthrough: List[str] = field(default_factory=list)
     batch_size: int = 512  # per rank
     synthetic: Optional[SyntheticConfig] = None  # generate train/eval here on first use
     convert: Optional[ConvertConfig] = None  # concord convert writes train/eval from raw files
@@ -523,6 +526,7 @@ def validate(cfg: Config) -> None:
         fail("data.shuffle_rows", f"must be >= 1, got {d.shuffle_rows}")
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
+    _validate_passthrough(cfg, fail)
     if not cfg.tasks:
         fail("tasks", "at least one task is required")
     names = cfg.task_names
@@ -658,6 +662,26 @@ def validate(cfg: Config) -> None:
         _validate_convert(cfg, fail)
     if d.synthetic is not None or d.convert is not None:
         _validate_split_folders(d, fail)
+
+
+def _validate_passthrough(cfg: Config, fail) -> None:
+    """Each carried column once, under a name no column the model reads or predict writes has: convert
+    and predict would write two columns of one name."""
+    d = cfg.data
+    read = {**{c: f"sparse feature {f!r}" for f, c in d.sparse_columns.items()}, **{c: "a dense column" for c in d.dense_columns},
+            **{t.label: f"the label column of task {t.name!r}" for t in cfg.tasks}, **({d.weight_column: "the weight column"} if d.weight_column else {})}
+    written = {"row", "weight", *(f"{kind}_{t.name}" for t in cfg.tasks for kind in ("pred", "label"))}
+    for i, name in enumerate(d.passthrough):
+        key = f"data.passthrough[{i}]"
+        if not isinstance(name, str) or not name:
+            fail(key, f"must be a column name, got {name!r}")
+        if d.passthrough.index(name) != i:
+            fail(key, f"{name!r} is listed twice")
+        if name in read:
+            fail(key, f"{name!r} is also {read[name]} (a column the model reads); the model's column needs another name")
+        if name in written:
+            fail(key, f"{name!r} is a column of concord predict's output (row, pred_<task>, label_<task>, weight); "
+                      "rename it in the data")
 
 
 def _validate_split_folders(d: DataConfig, fail) -> None:
@@ -806,8 +830,6 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.split", "a split by files lists both train: [...] and eval: [...] (paths or globs)")
     if sp.by == "column" and not sp.eval:
         fail("data.convert.split.eval", "list the column's values that mean a held-out row, e.g. [test]")
-
-
 
 
 def _validate_balancer(cfg: Config, fail) -> None:

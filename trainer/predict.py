@@ -4,7 +4,10 @@ training's evaluation.
 Every rank scores a contiguous range of the rows (every row exactly once) and writes its part; rank 0
 joins the parts in rank order, so the output's rows follow the data's order. Columns: ``row`` (the
 row's index in the data set, files in sorted order), ``pred_<task>`` for every task, ``label_<task>``
-for every task whose label column the data has (null where a row has no label for it), and ``weight``.
+for every task whose label column the data has (null where a row has no label for it), ``weight``,
+and the data's ``data.passthrough`` columns as they are (keys to join the scores back to the log:
+``row`` counts the rows of the data scored, which are not the raw input's lines where convert skipped
+bad rows).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     spec = data or cfg.data.eval
     if not spec:
         raise DataError("predict needs data: --data PATH, or data.eval in the config")
+    files = list_files(spec)
+    _check_passthrough(files, cfg.data.passthrough)
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
     path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, spec)
@@ -69,8 +74,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     if rt.world_size > 1:
         dist.barrier()
     if rt.is_main:
-        tables = [pq.read_table(p) for p in sorted(parts.glob("rank-*.parquet"))]
-        pq.write_table(pa.concat_tables(tables), out)
+        scores = pa.concat_tables([pq.read_table(p) for p in sorted(parts.glob("rank-*.parquet"))])
+        pq.write_table(_with_passthrough(scores, files, cfg.data.passthrough), out)
         shutil.rmtree(parts)
         logger.info("%d rows scored with %s -> %s", reader.total_rows, path, out)
     return results
@@ -98,6 +103,27 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     restore_entries(state, fresh)
     trainer.dmp.load_state_dict(state["model"])
     return path
+
+
+def _check_passthrough(files: List[str], names: List[str]) -> None:
+    """Every file to score has the columns to carry into its output: checked before the model is built."""
+    for path in files if names else ():
+        have = set(open_parquet(path).schema_arrow.names)
+        missing = [name for name in names if name not in have]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r} (data.passthrough); convert the data again with it in "
+                            "data.passthrough, or leave it out")
+
+
+def _with_passthrough(scores: pa.Table, files: List[str], names: List[str]) -> pa.Table:
+    """``scores`` with the ``names`` columns of the data's rows beside them, row by ``row``."""
+    if not names:
+        return scores
+    carried = pa.concat_tables([open_parquet(path).read(columns=names) for path in files], promote_options="permissive")
+    carried = carried.take(scores.column("row"))
+    for name in names:
+        scores = scores.append_column(name, carried.column(name))
+    return scores
 
 
 def _columns_present(cfg: Config, spec: str) -> Columns:

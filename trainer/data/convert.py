@@ -283,7 +283,7 @@ class _Moments:
 class _Decoded:
     """One chunk's good rows: dense (n, D) transformed except standardizing, labels (n, T), weights,
     each row's split (``SPLITS``: 0 train, 1 eval, 2 validation), its time (a time split: seconds),
-    and the raw chunk (for the categoricals)."""
+    and the raw chunk (for the categoricals and the passthrough columns) with the file it came from."""
 
     batch: pa.RecordBatch
     dense: np.ndarray
@@ -291,6 +291,7 @@ class _Decoded:
     weights: Optional[np.ndarray]
     split: np.ndarray
     times: Optional[np.ndarray] = None
+    path: str = ""
 
 
 SPLITS = ("train", "eval", "validation")
@@ -333,7 +334,8 @@ class Converter:
         columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules]
         columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
         columns += [sp.column] if sp.by in ("time", "column") and self.like is None else []
-        self.columns = list(dict.fromkeys(columns))
+        self.columns = list(dict.fromkeys(columns + d.passthrough))
+        self._passthrough_types: Dict[str, pa.DataType] = {}  # each carried column's type, as its first chunk had it
 
     def _files_to_encode_like(self) -> List[Tuple[str, str]]:
         """The input to encode like :attr:`like`: ``data.convert.input``. Its labels and weight are
@@ -549,7 +551,7 @@ class Converter:
         keep = ~bad_rows
         return _Decoded(
             batch.filter(pa.array(keep)), dense[keep], labels[keep], None if weights is None else weights[keep], split[keep],
-            times[keep] if self.like is None and self.cv.split.by == "time" else None,
+            times[keep] if self.like is None and self.cv.split.by == "time" else None, path,
         )
 
     def _decoded(self, what: str, cutoff) -> Iterator[_Decoded]:
@@ -627,6 +629,8 @@ class Converter:
                     cols[task.label] = pa.array(values.astype(np.float32), mask=np.isnan(values))
                 if d.weight_column and self.weight:
                     cols[d.weight_column] = pa.array(chunk.weights[mask].astype(np.float32))
+                for name in d.passthrough:
+                    cols[name] = self._carried(part.column(name), name, chunk.path)
                 writers[split].write(pa.table(cols))
                 rows[split] += int(mask.sum())
                 label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
@@ -638,6 +642,18 @@ class Converter:
                 raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
                                    else f"{self.cv.input}: no rows to encode")
         return rows, filled, label_sums, label_counts
+
+    def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
+        """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
+        schema for the whole output, whatever types the input files gave it."""
+        first = self._passthrough_types.setdefault(name, values.type)
+        if values.type == first:
+            return values
+        try:
+            return values.cast(first)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ConvertError(f"{path}: column {name!r} (data.passthrough) is {values.type} here but {first} in the "
+                               f"input before it, and does not convert ({e}); give it one type in every file") from None
 
     def _one_class_notes(self, labelled, sums: np.ndarray, counts: np.ndarray) -> List[str]:
         """Binary tasks whose training split holds one label only: their head can learn only a
@@ -720,6 +736,7 @@ class Converter:
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
+            "passthrough": list(d.passthrough),  # input columns copied unchanged
             # a binary task's positive rate, a regression's mean label, over the rows with the label:
             # what a label rule made of the input
             "label_means": {split: {task.name: float(sums[k] / counts[k]) if counts[k] else None for k, task in labelled}
