@@ -454,10 +454,30 @@ def test_features_sharing_a_table_share_its_vocabulary(tmp_path):
     assert train["user"] == [[2], [2], [3], [4]] and train["tags"] == [[3, 1], [2], [1], [1, 1]]
     assert read(tmp_path, "eval")["tags"] == [[2, 0]]
     assert report["vocab_sizes"] == {"user": 4, "tags": 4}
+    assert report["notes"] == []  # they share most of their values: ids of one kind, nothing to note
     raw = shared_table(tmp_path)
     raw["model"]["tables"][0]["num_embeddings"] = 4
     with pytest.raises(ConvertError, match=r"table 't_both' \(features 'user' and 'tags'\): the training split has 4 values"):
         run(raw, force=True)
+
+
+def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tmp_path, capsys):
+    """Two code columns in one table (an airbag's state and a seat belt's, both with a ``none``) share
+    a row for the value they both have: said, with the values, not silently merged."""
+    from concord.trainer.cli import main
+
+    rows = ["1,none,belted,1,0,0", "1,airbag,none,1,1,1", "2,none,lap,1,0,0", "3,airbag,belted,1,1,1", "4,none,lap,1,0,0"]
+    raw = base(tmp_path, rows=rows)
+    raw["model"]["tables"] = [{"name": "t_car", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
+    note = ("table 't_car': features 'user' and 'tags' share 1 of their values ('none'), each one embedding row for both; "
+            "if the two name different things, give each a table of its own")
+    assert run(raw)["notes"] == [note]
+    assert read(tmp_path, "train")["user"][:2] == [[1], [2]] and read(tmp_path, "train")["tags"][1] == [1]  # 'none' is id 1 in both
+    (tmp_path / "c.yaml").write_text(json.dumps(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--force"]) == 0
+    assert f"concord convert: note: {note}" in capsys.readouterr().out
+    raw["model"]["tables"] = [{"name": f"t_{f}", "num_embeddings": 8, "embedding_dim": 4, "features": [f]} for f in ("user", "tags")]
+    assert run(raw, force=True)["notes"] == []
 
 
 def test_a_shared_vocabulary_keeps_a_value_that_meets_the_min_count_of_a_feature_holding_it(tmp_path):

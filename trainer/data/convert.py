@@ -312,6 +312,7 @@ class Converter:
     def __post_init__(self) -> None:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
         self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
+        self.shared_value_notes: List[str] = []  # features of one table that look unrelated but share some values
         d = self.cfg.data
         self.cv = d.convert
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
@@ -587,6 +588,7 @@ class Converter:
         self.absent_positives = {name: note for name, label in text_labels.items() if (note := label.absent_positives(name))}
         vocabs = {}
         for table, rules in self._vocabulary_tables().items():
+            self.shared_value_notes += _shared_value_notes(table, [(rule.feature, counts[rule.feature]) for rule in rules])
             total, kept = Counter(), set()
             for rule in rules:
                 total.update(counts[rule.feature])
@@ -726,7 +728,8 @@ class Converter:
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
-        notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0])]
+        notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
+                                                  *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
@@ -780,6 +783,24 @@ class _TextLabel:
         return (f"data.convert.positive.{label}: no row of the training split holds "
                 f"{', '.join(repr(v) for v in self.positive.to_pylist())} in column {self.column!r}, so every label is 0 "
                 f"(its commonest values: {commonest}; compared as text, spaces trimmed, case kept)")
+
+
+def _shared_value_notes(table: str, features: List[Tuple[str, Counter]]) -> List[str]:
+    """Pairs of a table's features that hold some of the same values but mostly others: each shared
+    value is one embedding row for both, which is what sharing a table means for ids of one kind (a
+    clicked item and the candidate item) and a silent merge for codes of different things put in one
+    table (``none`` as an airbag's state and as a seat belt's). Pairs sharing most of their values are
+    the first kind, and those sharing none merge nothing: neither is noted."""
+    notes = []
+    for i, (a, a_counts) in enumerate(features):
+        for b, b_counts in features[i + 1 :]:
+            shared = a_counts.keys() & b_counts.keys()
+            if shared and 2 * len(shared) <= min(len(a_counts), len(b_counts)):
+                commonest = sorted(shared, key=lambda v: (-(a_counts[v] + b_counts[v]), v))[:3]
+                examples = ", ".join(repr(v) for v in commonest) + (", ..." if len(shared) > 3 else "")
+                notes.append(f"table {table!r}: features {a!r} and {b!r} share {len(shared)} of their values ({examples}), "
+                             "each one embedding row for both; if the two name different things, give each a table of its own")
+    return notes
 
 
 def encoding_digest(categorical, vocabs: Dict[str, List[str]], hashed: Dict[str, int], dense: Dict[str, Dict]) -> str:
