@@ -122,7 +122,6 @@ def table_shardings(plan: ShardingPlan) -> Dict[str, str]:
     }
 
 
-
 def load_full_tables(dmp: nn.Module, full: Dict[str, torch.Tensor]) -> None:
     """Copies whole tables (name -> (num_embeddings, dim)) into this rank's shards, whatever the
     sharding type; used to start a sharded model from the same weights as an unsharded one."""
