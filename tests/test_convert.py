@@ -493,6 +493,55 @@ def test_features_of_one_table_are_all_hashed_or_none(tmp_path):
         config_from_dict(shared_table(tmp_path, hash=True), "test.yaml")
 
 
+def test_a_table_of_auto_size_gets_one_row_per_value_of_its_vocabulary(tmp_path, capsys):
+    """``num_embeddings: auto``: convert builds the vocabulary without a size cap, and every later
+    config load sizes the table from convert.json (vocabulary + the unseen row); before the data is
+    converted no model can be built on it, and the line says what to run."""
+    from concord.trainer.cli import main
+    from concord.trainer.fingerprint import fingerprint
+    from concord.trainer.model import build_model
+
+    users = [f"{day},user{i},a,1,{i % 2},1" for i, day in enumerate([1, 2, 3] * 4)] + ["4,user0,a,1,1,1"]
+    raw = base(tmp_path, rows=users)
+    raw["model"]["tables"][0]["num_embeddings"] = 8
+    with pytest.raises(ConvertError, match="the training split has 12 values"):
+        run(raw)  # a guessed size too small
+    raw["model"]["tables"][0]["num_embeddings"] = "auto"
+    before = config_from_dict(copy.deepcopy(raw), "test.yaml")
+    assert before.model.tables[0].num_embeddings == "auto"
+    with pytest.raises(ConfigError, match=r"test.yaml: model.tables\[0\].num_embeddings: auto takes the size of table 't_user' from the "
+                                          r"vocabulary sizes in .*convert.json, which gives none for its features: convert the data"):
+        build_model(before)
+    (tmp_path / "c.yaml").write_text(json.dumps(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "concord convert: num_embeddings auto: t_user 13 rows\n" in capsys.readouterr().out
+    after = config_from_dict(copy.deepcopy(raw), "test.yaml")
+    assert [t.num_embeddings for t in after.model.tables] == [13, 8] and max(max(read(tmp_path, "train")["user"])) == 12
+    assert build_model(after).ebc.embedding_bags["t_user"].weight.shape == (13, 4)
+    explicit = copy.deepcopy(raw)
+    explicit["model"]["tables"][0]["num_embeddings"] = 13
+    # A run's fingerprint sees the rows, not how they were chosen: the same model either way.
+    assert fingerprint(after, 1, 12)["model"] == fingerprint(config_from_dict(explicit, "test.yaml"), 1, 12)["model"]
+    raw["data"]["convert"]["categorical"][0]["min_count"] = 2  # converted again: the new vocabulary, no cap from the old one
+    assert run(raw, force=True)["vocab_sizes"]["user"] == 0
+    assert config_from_dict(copy.deepcopy(raw), "test.yaml").model.tables[0].num_embeddings == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["data"].pop("convert"), "model.tables\\[0\\].num_embeddings: auto sizes a table from the vocabularies "
+                                              "concord convert builds, and data.convert is not set"),
+    (lambda raw: raw["data"]["convert"]["categorical"][0].update(hash=True),
+     "data.convert.categorical\\[0\\].hash: feature 'user' is hashed into the rows of its table 't_user', whose num_embeddings is auto"),
+    (lambda raw: raw["model"]["tables"][0].update(num_embeddings="big"), "model.tables\\[0\\].num_embeddings: must be a whole number >= 1 or auto, got 'big'"),
+])
+def test_an_auto_size_without_a_vocabulary_to_take_it_from_is_refused(tmp_path, change, message):
+    raw = base(tmp_path)
+    raw["model"]["tables"][0]["num_embeddings"] = "auto"
+    change(raw)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, "test.yaml")
+
+
 def test_existing_output_needs_force_and_missing_columns_are_named(tmp_path):
     run(base(tmp_path))
     with pytest.raises(ConvertError, match=r"out/train: already holds data; use --force"):

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import concord
 from concord.trainer import failures
-from concord.trainer.config import ConfigError, load_config, packaged_configs
+from concord.trainer.config import ConfigError, load_config, packaged_configs, rows_for_vocabulary
 from concord.trainer.data.layout import DataError, check_data_exists, check_data_to_score, published_checkpoints
 
 DEFAULT_CONFIG = "demo"
@@ -225,6 +225,10 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
     )
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
+    auto = [t for t in cfg.model.tables if getattr(t, "sized_by_data", False)]
+    if auto:
+        print("concord convert: num_embeddings auto: " + ", ".join(
+            f"{t.name} {rows_for_vocabulary(t, report['vocab_sizes']):,} rows" for t in auto))
     for note in report["notes"]:
         print(f"concord convert: note: {note}")
     return 0

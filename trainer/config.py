@@ -167,7 +167,9 @@ class TaskConfig:
 @dataclass
 class TableConfig:
     name: str
-    num_embeddings: int
+    # rows; "auto": one per value of the vocabulary concord convert builds for its features, plus one
+    # for unseen values, read from the convert.json beside data.train (see size_tables_from_data)
+    num_embeddings: Any
     embedding_dim: int
     features: List[str]
     pooling: str = "sum"  # sum | mean
@@ -407,8 +409,43 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
         raw["model"] = {**model, "dense_mlp": []}  # the default MLP is for dense columns; without any there is none
     cfg = _build(Config, raw, source, "")
     cfg.source = source
+    size_tables_from_data(cfg)
     validate(cfg)
     return cfg
+
+
+def size_tables_from_data(cfg: Config) -> None:
+    """Tables with ``num_embeddings: auto`` get one row per value of their features' vocabulary plus
+    one for unseen values, from what ``concord convert`` recorded beside ``data.train``; before it has
+    run they stay ``auto`` (convert then builds the vocabularies without a size cap, and nothing else
+    runs: :func:`require_table_sizes`). ``sized_by_data`` marks them, outside the dataclass's fields so
+    that a run's fingerprint sees the rows, not how they were chosen."""
+    from concord.trainer.data.layout import convert_report
+
+    auto = [t for t in cfg.model.tables if t.num_embeddings == "auto"]
+    vocab_sizes = (convert_report(cfg.data.train).get("vocab_sizes") or {}) if auto and cfg.data.train else {}
+    for table in auto:
+        table.sized_by_data = True
+        if all(f in vocab_sizes for f in table.features):
+            table.num_embeddings = rows_for_vocabulary(table, vocab_sizes)
+
+
+def rows_for_vocabulary(table: TableConfig, vocab_sizes: Dict[str, int]) -> int:
+    """A table's rows for its features' vocabulary (one, shared by the table's features: convert.json
+    gives its size for each) and the row of unseen values, id 0."""
+    return max(int(vocab_sizes[f]) for f in table.features) + 1
+
+
+def require_table_sizes(cfg: Config) -> None:
+    """Every table has its number of rows: a model cannot be built on an ``auto`` size whose data has
+    not been converted yet."""
+    from concord.trainer.data.layout import convert_report_path
+
+    for i, table in enumerate(cfg.model.tables):
+        if table.num_embeddings == "auto":
+            raise ConfigError(f"{cfg.source}: model.tables[{i}].num_embeddings: auto takes the size of table {table.name!r} from the "
+                              f"vocabulary sizes in {convert_report_path(cfg.data.train)}, which gives none for its features: "
+                              f"convert the data with this config first (`concord convert --config {cfg.source}`)")
 
 
 def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
@@ -555,8 +592,12 @@ def validate(cfg: Config) -> None:
         if tb.name in seen_tables:
             fail(f"{k}.name", f"table name {tb.name!r} is used twice")
         seen_tables.add(tb.name)
-        if tb.num_embeddings < 1:
-            fail(f"{k}.num_embeddings", f"must be >= 1, got {tb.num_embeddings}")
+        if getattr(tb, "sized_by_data", False):
+            if d.convert is None:
+                fail(f"{k}.num_embeddings", "auto sizes a table from the vocabularies concord convert builds, and data.convert "
+                                            "is not set: give its number of rows")
+        elif isinstance(tb.num_embeddings, bool) or not isinstance(tb.num_embeddings, int) or tb.num_embeddings < 1:
+            fail(f"{k}.num_embeddings", f"must be a whole number >= 1 or auto, got {tb.num_embeddings!r}")
         if tb.embedding_dim < 1 or tb.embedding_dim % 4:
             fail(f"{k}.embedding_dim", f"must be a positive multiple of 4 (FBGEMM), got {tb.embedding_dim}")
         if not tb.features:
@@ -769,6 +810,11 @@ def _validate_convert(cfg: Config, fail) -> None:
             other = hashed[table][1]
             fail(f"data.convert.categorical[{i}].hash", f"feature {c.feature!r} shares table {table!r} with {other!r}, "
                  "which is hashed differently: the features of one table are all hashed or all given its vocabulary")
+    sized_by_data = {t.name for t in cfg.model.tables if getattr(t, "sized_by_data", False)}
+    for i, c in enumerate(cv.categorical):
+        if c.hash and table_of.get(c.feature) in sized_by_data:
+            fail(f"data.convert.categorical[{i}].hash", f"feature {c.feature!r} is hashed into the rows of its table "
+                 f"{table_of[c.feature]!r}, whose num_embeddings is auto (sized by a vocabulary): give the table its number of rows")
     for f in d.sparse_columns:
         if f not in features:
             fail("data.convert.categorical", f"no rule produces feature {f!r} (data.sparse_columns)")

@@ -20,6 +20,7 @@ from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.embeddings.tables import build_embedding_bags, pooled_dim
 from concord.heads.heads import TaskHeads
 from concord.heads.experts import build_experts
+from concord.trainer.config import require_table_sizes
 from concord.trainer.data.reader import Batch
 
 
@@ -113,6 +114,7 @@ def boundary_method(cfg, name: str | None = None, knobs: dict | None = None):
 
 def build_model(cfg, device: torch.device | str = "meta", process_group=None) -> MultiTaskModel:
     """The unsharded model for a config; the embedding tables on ``device`` (meta: sharding allocates)."""
+    require_table_sizes(cfg)
     balancer, reduction = boundary_method(cfg)
     statistics = cfg.balancer.statistics if cfg.balancer.name not in PARAMETER_LEVEL else "current"
     every = cfg.balancer.statistics_every if statistics != "current" else 1

@@ -318,7 +318,9 @@ class Converter:
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
         by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
         self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
-        self.table_size = {f: t.num_embeddings for t in self.cfg.model.tables for f in t.features}
+        # None: num_embeddings auto, the table sized by the vocabulary built here
+        self.table_size = {f: None if getattr(t, "sized_by_data", False) else t.num_embeddings
+                           for t in self.cfg.model.tables for f in t.features}
         self.weight = self.cv.weight
         sp = self.cv.split
         if self.like is not None:
@@ -595,7 +597,7 @@ class Converter:
                 kept.update(v for v, c in counts[rule.feature].items() if c >= rule.min_count)
             vocab = [v for _, v in sorted((-total[v], v) for v in kept)]  # by falling count, then value
             size = self.table_size[rules[0].feature]
-            if len(vocab) + 1 > size:
+            if size is not None and len(vocab) + 1 > size:
                 features = " and ".join(repr(r.feature) for r in rules)
                 raise ConvertError(
                     f"{self.cfg.source}: table {table!r} (feature{'s' if len(rules) > 1 else ''} {features}): the training "
