@@ -604,7 +604,7 @@ def test_raw_csv_to_a_trained_model(tmp_path):
 
     call("configs/aliccp_sample.py", str(tmp_path / "raw.csv"), "--rows", "6000")
     out = call("-m", "concord.trainer.cli", "convert", "--config", "configs/aliccp.yaml", *where).stdout
-    assert "training and" in out and "split by time" in out
+    assert "training rows ->" in out and "eval rows ->" in out and "split by time" in out
     call("-m", "concord.trainer.cli", "train", "--config", "configs/aliccp.yaml", *where)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert set(summary["eval"]) == {"ctr", "ctcvr"}
@@ -705,6 +705,30 @@ def test_a_passthrough_column_named_like_one_convert_or_predict_writes_is_refuse
     raw["data"]["passthrough"] = ["request", "request"]
     with pytest.raises(ConfigError, match=r"data.passthrough\[1\]: 'request' is listed twice"):
         config_from_dict(raw, "test.yaml")
+
+
+def test_every_row_to_training_with_split_by_none(tmp_path, capsys):
+    """``split: {by: none}``: the whole log trains (held-out data comes from elsewhere, e.g. the next
+    day's log encoded like it); ``data.eval`` may be left out, and a validation share still works."""
+    from concord.trainer.cli import main
+
+    raw = base(tmp_path, split={"by": "none"})
+    del raw["data"]["eval"]
+    report = run(raw)
+    assert report["rows"] == {"train": 7} and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["convert.json", "train", "vocab"]
+    assert read(tmp_path, "train")["click"] == [1, 0, 0, 1, 0, 1, 0]  # every row, in the input's order
+    assert report["vocab_sizes"]["user"] == 4  # dave (day 4) is a training value now
+    raw["data"]["validation"] = str(tmp_path / "out/validation")
+    raw["data"]["convert"]["split"]["validation_fraction"] = 0.5
+    (tmp_path / "c.yaml").write_text(json.dumps(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--force"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "out/convert.json").read_text())["rows"]
+    assert set(rows) == {"train", "validation"} and rows["train"] + rows["validation"] == 7 and rows["validation"] > 0
+    assert (f"concord convert: {rows['train']} training rows -> {tmp_path}/out/train, {rows['validation']} validation rows -> "
+            f"{tmp_path}/out/validation; 0 rows skipped; every row to training (split by none)") in out
+    with pytest.raises(ConfigError, match=r"data.eval: concord convert writes an eval split; set data.eval \(or data.convert.split.by: none"):
+        config_from_dict({**raw, "data": {**raw["data"], "convert": {**raw["data"]["convert"], "split": {"by": "seed"}}}}, "test.yaml")
 
 
 def test_a_split_by_files_needs_both_lists(tmp_path):

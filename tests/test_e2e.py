@@ -169,6 +169,8 @@ def test_compare_refuses_a_misspelt_method_in_one_line_before_any_cell_trains(tm
 
     with pytest.raises(CompareError, match="--seeds and --jobs must be >= 1, got 0 and 1"):  # called from Python
         run_compare(str(ROOT / "configs/tiny.yaml"), [], ["equal"], 0, str(tmp_path / "out"))
+    with pytest.raises(CompareError, match=r"tiny.yaml: data.eval is not set: compare scores every cell on held-out data"):
+        run_compare(str(ROOT / "configs/tiny.yaml"), ["data.eval="], ["equal"], 1, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "runs").exists()
 
 

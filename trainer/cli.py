@@ -218,12 +218,10 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
               f"{skipped}; labels: {labels}; report in "
               f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
         return 0
-    validation = (f", {rows['validation']:,} validation rows -> {cfg.data.validation}" if "validation" in rows else "")
-    print(
-        f"concord convert: {rows['train']:,} training and {rows['eval']:,} eval rows "
-        f"-> {cfg.data.train}, {cfg.data.eval}{validation}; {skipped}; "
-        f"split by {report['split']['by']}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}"
-    )
+    written = ", ".join(f"{rows[split]:,} {split if split != 'train' else 'training'} rows -> {path}" for split, path in
+                        (("train", cfg.data.train), ("eval", cfg.data.eval), ("validation", cfg.data.validation)) if split in rows)
+    how = "every row to training (split by none)" if report["split"]["by"] == "none" else f"split by {report['split']['by']}"
+    print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
     auto = [t for t in cfg.model.tables if getattr(t, "sized_by_data", False)]
     if auto:

@@ -778,8 +778,8 @@ def _validate_convert(cfg: Config, fail) -> None:
     cv, d = cfg.data.convert, cfg.data
     if d.synthetic is not None:
         fail("data.convert", "data.synthetic is set too; a data set is either generated or converted")
-    if d.eval is None:
-        fail("data.eval", "concord convert writes an eval split; set data.eval")
+    if d.eval is None and cv.split.by != "none":
+        fail("data.eval", "concord convert writes an eval split; set data.eval (or data.convert.split.by: none, every row to training)")
     if cv.format not in ("auto", "csv", "parquet"):
         fail("data.convert.format", f"must be auto, csv or parquet, got {cv.format!r}")
     if cv.on_bad_row not in ("error", "skip"):
@@ -858,8 +858,8 @@ def _validate_convert(cfg: Config, fail) -> None:
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
     sp = cv.split
-    if sp.by not in ("seed", "time", "files", "column"):
-        fail("data.convert.split.by", f"must be seed, time, files or column, got {sp.by!r}")
+    if sp.by not in ("seed", "time", "files", "column", "none"):
+        fail("data.convert.split.by", f"must be seed, time, files, column or none, got {sp.by!r}")
     if sp.by in ("seed", "time") and not 0.0 < sp.eval_fraction < 1.0 and not (sp.by == "time" and sp.cutoff is not None):
         fail("data.convert.split.eval_fraction", f"must be in (0, 1), got {sp.eval_fraction}")
     if not 0.0 <= sp.validation_fraction < 1.0:

@@ -533,7 +533,7 @@ class Converter:
             weights, bad = parse_numbers(batch.column(self.weight))
             check(bad | ~np.isfinite(weights), self.weight, "missing or not a finite number")
             check(np.isfinite(weights) & (weights < 0), self.weight, "negative weight")
-        if self.like is not None:  # one output: every row
+        if self.like is not None or self.cv.split.by == "none":  # every row to one output (and validation's coin)
             is_eval = np.zeros(n, dtype=bool)
         elif self.cv.split.by == "time":
             times, bad = parse_numbers(batch.column(self.cv.split.column), time=True)
@@ -607,16 +607,16 @@ class Converter:
             vocabs.update({rule.feature: vocab for rule in rules})
         return vocabs, [_Moments(m.mean, m.std) for m in moments]
 
-    def _write(self, writers: List["_SplitWriter"], names: List[str], cutoff, labelled, scale, vocab_arrays):
-        """Pass 2: every row encoded into its split's writer; the rows written, dense values filled,
-        label sums and labelled rows per split."""
+    def _write(self, writers: List["_SplitWriter"], codes: List[int], names: List[str], cutoff, labelled, scale, vocab_arrays):
+        """Pass 2: every row encoded into the writer of its split (``codes[i]``: writer i's ``SPLITS``
+        index); the rows written, dense values filled, label sums and labelled rows per writer."""
         d = self.cfg.data
         rows, filled = [0] * len(writers), Counter()
         label_sums = np.zeros((len(writers), len(self.cfg.tasks)))
         label_counts = np.zeros((len(writers), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
         for chunk in self._decoded("writing", cutoff):
-            for split in range(len(writers)):
-                mask = chunk.split == split
+            for split, code in enumerate(codes):
+                mask = chunk.split == code
                 if not mask.any():
                     continue
                 part = chunk.batch.filter(pa.array(mask))
@@ -693,10 +693,11 @@ class Converter:
     def run(self, force: bool = False) -> Dict:
         d = self.cfg.data
         if self.like is not None:  # data to score: every row to one output, encoded like `like`
-            outputs, names = [Path(self.out)], ["data"]
+            outputs, codes, names = [Path(self.out)], [0], ["data"]
         else:
-            outputs = [Path(d.train), Path(d.eval)] + ([Path(d.validation)] if self.cv.split.validation_fraction > 0 else [])
-            names = list(SPLITS[: len(outputs)])
+            codes = [0] + ([1] if self.cv.split.by != "none" else []) + ([2] if self.cv.split.validation_fraction > 0 else [])
+            outputs = [Path({0: d.train, 1: d.eval, 2: d.validation}[code]) for code in codes]
+            names = [SPLITS[code] for code in codes]
         for out in outputs:
             if out.exists() and any(out.iterdir()) and not force:
                 raise ConvertError(f"{out}: already holds data; use --force to overwrite")
@@ -716,7 +717,7 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         try:
-            rows, filled, label_sums, label_counts = self._write(writers, names, cutoff, labelled, scale, vocab_arrays)
+            rows, filled, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
                 shutil.rmtree(t, ignore_errors=True)

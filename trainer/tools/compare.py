@@ -80,6 +80,8 @@ def run_compare(
         check_methods(methods, cfg)
     except ValueError as error:  # before any cell trains: one line naming the method
         raise CompareError(str(error)) from None
+    if not cfg.data.eval:
+        raise CompareError(f"{cfg.source}: data.eval is not set: compare scores every cell on held-out data; point data.eval at it")
     check_data_exists(cfg)  # one line now, rather than the same failure in every cell
     methods = ["equal"] + [m for m in methods if m != "equal"]
     out = Path(out_dir)
