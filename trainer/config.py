@@ -445,7 +445,8 @@ def require_table_sizes(cfg: Config) -> None:
         if table.num_embeddings == "auto":
             raise ConfigError(f"{cfg.source}: model.tables[{i}].num_embeddings: auto takes the size of table {table.name!r} from the "
                               f"vocabulary sizes in {convert_report_path(cfg.data.train)}, which gives none for its features: "
-                              f"convert the data with this config first (`concord convert --config {cfg.source}`)")
+                              f"convert the data with this config first (`concord convert --config {cfg.source}`), or "
+                              "give a trained run's run_dir/config.yaml, which holds the sizes it trained with")
 
 
 def apply_override(raw: Dict[str, Any], item: str, source: str) -> None:
