@@ -387,6 +387,44 @@ def test_activation_checkpointing_around_the_boundary_trains_alike(method, stati
     torch.testing.assert_close(train(True), plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("statistics", ["current", "previous"])
+def test_two_boundaries_read_by_every_head_each_balance_their_own_representation(statistics):
+    """Two shared representations (a user tower and an item tower), each through a boundary of its own
+    and both read by every head: ``objective(losses)`` is called on each and one of them backwarded.
+    Each boundary then hands its tower ``sum_k c_k dL_k/dz`` with its own balancer's weights, and the
+    heads get their raw task gradients once (backwarding both objectives would double them)."""
+    torch.manual_seed(0)
+    users, items = torch.nn.Linear(6, 5).double(), torch.nn.Linear(6, 4).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(9, 1).double() for _ in TASKS])
+    x, y = toy_batch(16, 3, seed=2)
+    weights = {"users": np.array([0.2, 0.5, 0.3]), "items": np.array([0.6, 0.1, 0.3])}
+
+    def losses(user_views, item_views):
+        return torch.stack([((h(torch.cat([u, i], 1)).squeeze(-1) - y[:, k]) ** 2).mean()
+                            for k, (h, u, i) in enumerate(zip(heads, user_views, item_views))])
+
+    user_boundary = RepresentationBoundary(build_balancer("fixed", TASKS, weights=weights["users"].tolist()), statistics=statistics)
+    item_boundary = RepresentationBoundary(build_balancer("fixed", TASKS, weights=weights["items"].tolist()), statistics=statistics)
+    for _ in range(3):
+        z_user, z_item = users(x), items(x)
+        z_user.retain_grad(), z_item.retain_grad()
+        step_losses = losses(user_boundary(z_user), item_boundary(z_item))
+        objective = user_boundary.objective(step_losses)
+        item_boundary.objective(step_losses)  # records its losses; its scalar is the same sum
+        objective.backward()
+        got = [z_user.grad, z_item.grad, *(p.grad.clone() for p in heads.parameters())]
+        for p in heads.parameters():
+            p.grad = None
+
+        z_user, z_item = users(x), items(x)
+        plain = losses([z_user] * 3, [z_item] * 3)
+        per_task = [torch.autograd.grad(plain[k], (z_user, z_item), retain_graph=True) for k in range(3)]
+        expected = [sum(c * g[0] for c, g in zip(weights["users"], per_task)), sum(c * g[1] for c, g in zip(weights["items"], per_task)),
+                    *torch.autograd.grad(plain.sum(), list(heads.parameters()))]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_objective_must_be_called_before_backward():
     model = ToyMTL(3)
     x, y = toy_batch(4, 3)
