@@ -222,7 +222,10 @@ def test_compressed_csv_a_byte_order_mark_and_a_folder_of_compressed_parts_read_
     run(base(tmp_path, input=str(parts)), force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
     (parts / "c.tsv.zst").write_bytes(b"")  # a folder's files: CSV or TSV, compressed or not, and Parquet
+    (parts / "_inflight.csv").write_text("half a file")  # a writer's own (and hidden) files are not data
+    (parts / ".d.csv").write_text("half a file")
     assert [Path(f).name for f, _ in input_files(str(parts), "auto")] == ["a.csv.gz", "b.csv.bz2", "c.tsv.zst"]
+    assert [Path(f).name for f, _ in input_files(str(parts / "*.csv*"), "auto")] == ["a.csv.gz", "b.csv.bz2"]
 
 
 def test_parquet_of_typed_columns_lists_dictionaries_dates_and_small_ints_converts(tmp_path):

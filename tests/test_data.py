@@ -83,6 +83,14 @@ def test_a_glob_names_training_data_and_a_partitioned_folder_is_named_with_one(t
 
     check(str(tmp_path / "log/*/*.parquet"), str(tmp_path / "held-out"))
     assert ParquetReader(str(tmp_path / "log/day=*/*.parquet"), COLUMNS, 4).num_rows == 20
+    # What writers keep for themselves (a Spark job's _temporary/, hidden files) is skipped, as Spark
+    # and Arrow skip it, where a wildcard matched it; a part written out in the path is the user's.
+    write(tmp_path / "log/day=1/.part-1.parquet", 10)
+    assert ParquetReader(str(tmp_path / "log/*/*.parquet"), COLUMNS, 4).num_rows == 20
+    assert ParquetReader(str(tmp_path / "log/day=1"), COLUMNS, 4).num_rows == 10
+    assert ParquetReader(str(tmp_path / "log/_temporary/*.parquet"), COLUMNS, 4).num_rows == 10
+    with pytest.raises(DataError, match=r"log/day=\*: matches folders only; name their files, e.g. '.*log/day=\*/\*.parquet'"):
+        ParquetReader(str(tmp_path / "log/day=*"), COLUMNS, 4)
     with pytest.raises(DataError, match=r"data.train: .*log holds no Parquet data; its subfolders hold some \(day=[12]/part-0.parquet\): "
                                          r"name them with a glob, e.g. '.*log/\*/\*.parquet'$"):
         check(str(tmp_path / "log"), str(tmp_path / "held-out"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import glob
 import hashlib
 import json
 import math
@@ -42,7 +41,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
-from concord.trainer.data.layout import CSV_SUFFIXES
+from concord.trainer.data.layout import CSV_SUFFIXES, folder_files, glob_files
 from concord.trainer.observe.progress import progress_bar
 
 
@@ -64,11 +63,11 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
     glob, sorted."""
     p = Path(spec)
     if p.is_dir():
-        paths = sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith((*CSV_SUFFIXES, ".parquet")))
+        paths = [str(f) for f in folder_files(p, "*") if f.name.endswith((*CSV_SUFFIXES, ".parquet"))]
     elif p.is_file():
         paths = [str(p)]
     else:
-        paths = sorted(glob.glob(spec))
+        paths = glob_files(spec)
     if not paths:
         raise ConvertError(f"{spec}: no CSV or Parquet input found")
     out = []

@@ -36,19 +36,43 @@ def raw_text_hint(path: str | Path) -> str:
             "TRAINING_DATA_DIR --out DIR` encoded like a model's training data, for scoring")
 
 
+# Names that writers of partitioned data keep for their own bookkeeping (Spark's _SUCCESS and
+# _temporary/, checksum .crc files): Spark, Hive and Arrow's datasets skip them, and so does Concord.
+HIDDEN_PREFIXES = (".", "_")
+
+
+def folder_files(folder: Path, pattern: str) -> List[Path]:
+    """The files directly in ``folder`` matching ``pattern``, without hidden ones (``HIDDEN_PREFIXES``)."""
+    return sorted(f for f in folder.glob(pattern) if f.is_file() and not f.name.startswith(HIDDEN_PREFIXES))
+
+
+def glob_files(spec: str) -> List[str]:
+    """The files a glob matches, sorted, without those where a part the glob's wildcards matched is
+    hidden (a ``_temporary/`` folder a Spark job left behind); parts written out in ``spec`` count
+    as the user's, whatever they are named."""
+    written = 0
+    parts = Path(spec).parts
+    while written < len(parts) and not re.search(r"[*?[]", parts[written]):
+        written += 1
+    return sorted(m for m in glob.glob(spec) if Path(m).is_file()
+                  and not any(part.startswith(HIDDEN_PREFIXES) for part in Path(m).parts[written:]))
+
+
 def list_files(spec: str) -> List[str]:
     """A directory (its ``*.parquet``), a file, or a glob; sorted so every rank sees the same order."""
     p = Path(spec)
     if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.parquet"))
+        files = [str(f) for f in folder_files(p, "*.parquet")]
         if not files:
             raise DataError(f"{spec}: directory holds no *.parquet files{nested_parquet_hint(spec)}")
         return files
     if p.is_file():
         return [str(p)]
-    files = sorted(glob.glob(spec))
+    files = glob_files(spec)
     if not files:
-        raise DataError(f"{spec}: no such file or directory")
+        folders = any(Path(m).is_dir() for m in glob.glob(spec))
+        raise DataError(f"{spec}: matches folders only; name their files, e.g. '{Path(spec) / '*.parquet'}'" if folders
+                        else f"{spec}: no such file or directory")
     return files
 
 
@@ -58,7 +82,7 @@ def nested_parquet_hint(folder: str | Path) -> str:
     folder of older or unrelated data below it is never read unasked."""
     p = Path(folder)
     # The first found, not the first in order: a mistyped path may be the root of a large tree.
-    first = next((f for f in p.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)), None)
+    first = next((f for f in p.rglob("*.parquet") if not any(part.startswith(HIDDEN_PREFIXES) for part in f.relative_to(p).parts)), None)
     if first is None:
         return ""
     depth = len(first.relative_to(p).parts) - 1
@@ -88,7 +112,7 @@ def _holds_parquet(spec: str) -> bool:
 
 def dataset_ready(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and any(p.glob("*.parquet"))
+    return p.is_dir() and bool(folder_files(p, "*.parquet"))
 
 
 def convert_report_path(path: str | Path) -> Path:
