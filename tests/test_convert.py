@@ -590,7 +590,15 @@ def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_it
     with pytest.raises(ConvertError, match=r"line 2: column 'price': not a number \(value '\d+,\d+'\); convert reads '\.' as the decimal mark"):
         run(raw)
     raw["data"]["convert"]["delimiter"] = ","
-    run(base(tmp_path))  # the same rows as Concord reads them
+    expected = run(base(tmp_path), force=True)  # the same rows as Concord reads them
+    # A .tsv file (compressed too) is read on tabs without being told.
+    import gzip
+
+    tabs = "\n".join(line.replace(",", "\t") for line in [HEADER, *ROWS]) + "\n"
+    (tmp_path / "raw.tsv.gz").write_bytes(gzip.compress(tabs.encode()))
+    tsv = base(tmp_path, input=str(tmp_path / "raw.tsv.gz"))
+    assert tsv["data"]["convert"].get("delimiter") is None
+    assert run(tsv, force=True)["encoding"] == expected["encoding"]
 
 
 @pytest.mark.multiprocess

@@ -124,7 +124,7 @@ class ConvertConfig:
     weight: Optional[str] = None  # input column for data.weight_column
     split: SplitConfig = field(default_factory=SplitConfig)
     format: str = "auto"  # auto (by extension) | csv | parquet
-    delimiter: str = ","
+    delimiter: str = "auto"  # auto: a tab for .tsv files (compressed too), a comma for others; or one character
     on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
     row_group_size: int = 16_384
     chunk_rows: int = 65_536  # rows decoded at a time: memory stays bounded whatever the input size
@@ -785,8 +785,8 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.format", f"must be auto, csv or parquet, got {cv.format!r}")
     if cv.on_bad_row not in ("error", "skip"):
         fail("data.convert.on_bad_row", f"must be 'error' or 'skip', got {cv.on_bad_row!r}")
-    if len(cv.delimiter) != 1:
-        fail("data.convert.delimiter", f"must be one character, got {cv.delimiter!r}")
+    if len(cv.delimiter) != 1 and cv.delimiter != "auto":
+        fail("data.convert.delimiter", f"must be one character or auto, got {cv.delimiter!r}")
     for key in ("row_group_size", "chunk_rows"):
         if getattr(cv, key) < 1:
             fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")

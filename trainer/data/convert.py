@@ -54,7 +54,7 @@ class ConvertError(ValueError):
 
 
 # --- reading -------------------------------------------------------------------------------------
-# CSV (or TSV, with data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
+# CSV (or TSV: data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
 # by the file's extension.
 
 
@@ -103,12 +103,13 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
             return "skip"
         return "error"
 
-    _check_columns(path, _csv_header(path, cv.delimiter), columns, cv.delimiter)
+    delimiter = delimiter_of(path, cv.delimiter)
+    _check_columns(path, _csv_header(path, delimiter), columns, delimiter)
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),  # small blocks: the reader reads ahead
-            parse_options=pacsv.ParseOptions(delimiter=cv.delimiter, invalid_row_handler=on_invalid),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
@@ -120,6 +121,14 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
         if "invalid UTF8" in str(e):  # no row rule applies: the file's encoding is another
             raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from None
         raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
+
+
+def delimiter_of(path: str, configured: str) -> str:
+    """``data.convert.delimiter`` for ``path``: ``auto`` reads a .tsv file (compressed too) on tabs,
+    any other on commas."""
+    if configured != "auto":
+        return configured
+    return "\t" if ".tsv" in Path(path).suffixes else ","
 
 
 def _csv_header(path: str, delimiter: str) -> List[str]:
@@ -350,7 +359,7 @@ class Converter:
         files = input_files(self.cv.input, self.cv.format)
         path, fmt = files[0]
         try:
-            have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, self.cv.delimiter))
+            have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, delimiter_of(path, self.cv.delimiter)))
         except (pa.ArrowInvalid, OSError) as e:
             raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
         self.label_inputs = [c if c in have else None for c in self.label_inputs]
