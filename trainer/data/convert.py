@@ -610,7 +610,7 @@ class Converter:
                 raise ConvertError(
                     f"{self.cfg.source}: table {table!r} (feature{'s' if len(rules) > 1 else ''} {features}): the training "
                     f"split has {len(vocab)} values (+1 for unseen) but the table holds {size} rows; raise its "
-                    "num_embeddings, raise data.convert.categorical min_count, or set hash: true"
+                    "num_embeddings (or set it to auto), raise data.convert.categorical min_count, or set hash: true"
                 )
             vocabs.update({rule.feature: vocab for rule in rules})
         return vocabs, [_Moments(m.mean, m.std) for m in moments]
