@@ -223,7 +223,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     how = "every row to training (split by none)" if report["split"]["by"] == "none" else f"split by {report['split']['by']}"
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
-    auto = [t for t in cfg.model.tables if getattr(t, "sized_by_data", False)]
+    auto = [t for t in cfg.model.tables if t.sized_by_data]
     if auto:
         print("concord convert: num_embeddings auto: " + ", ".join(
             f"{t.name} {rows_for_vocabulary(t, report['vocab_sizes']):,} rows" for t in auto))

@@ -174,6 +174,9 @@ class TableConfig:
     features: List[str]
     pooling: str = "sum"  # sum | mean
     sharding_types: Optional[List[str]] = None  # None: the planner chooses among CPU-legal types
+    # num_embeddings was auto (size_tables_from_data); a class attribute, not a field, so that a run's
+    # fingerprint sees the rows, not how they were chosen
+    sized_by_data = False
 
 
 @dataclass
@@ -418,8 +421,7 @@ def size_tables_from_data(cfg: Config) -> None:
     """Tables with ``num_embeddings: auto`` get one row per value of their features' vocabulary plus
     one for unseen values, from what ``concord convert`` recorded beside ``data.train``; before it has
     run they stay ``auto`` (convert then builds the vocabularies without a size cap, and nothing else
-    runs: :func:`require_table_sizes`). ``sized_by_data`` marks them, outside the dataclass's fields so
-    that a run's fingerprint sees the rows, not how they were chosen."""
+    runs: :func:`require_table_sizes`). ``sized_by_data`` marks them."""
     from concord.trainer.data.layout import convert_report
 
     auto = [t for t in cfg.model.tables if t.num_embeddings == "auto"]
@@ -593,7 +595,7 @@ def validate(cfg: Config) -> None:
         if tb.name in seen_tables:
             fail(f"{k}.name", f"table name {tb.name!r} is used twice")
         seen_tables.add(tb.name)
-        if getattr(tb, "sized_by_data", False):
+        if tb.sized_by_data:
             if d.convert is None:
                 fail(f"{k}.num_embeddings", "auto sizes a table from the vocabularies concord convert builds, and data.convert "
                                             "is not set: give its number of rows")
@@ -811,7 +813,7 @@ def _validate_convert(cfg: Config, fail) -> None:
             other = hashed[table][1]
             fail(f"data.convert.categorical[{i}].hash", f"feature {c.feature!r} shares table {table!r} with {other!r}, "
                  "which is hashed differently: the features of one table are all hashed or all given its vocabulary")
-    sized_by_data = {t.name for t in cfg.model.tables if getattr(t, "sized_by_data", False)}
+    sized_by_data = {t.name for t in cfg.model.tables if t.sized_by_data}
     for i, c in enumerate(cv.categorical):
         if c.hash and table_of.get(c.feature) in sized_by_data:
             fail(f"data.convert.categorical[{i}].hash", f"feature {c.feature!r} is hashed into the rows of its table "

@@ -327,7 +327,7 @@ class Converter:
         by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
         self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
         # None: num_embeddings auto, the table sized by the vocabulary built here
-        self.table_size = {f: None if getattr(t, "sized_by_data", False) else t.num_embeddings
+        self.table_size = {f: None if t.sized_by_data else t.num_embeddings
                            for t in self.cfg.model.tables for f in t.features}
         self.weight = self.cv.weight
         sp = self.cv.split
