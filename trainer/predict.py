@@ -46,7 +46,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     _check_passthrough(files, cfg.data.passthrough)
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
     path = _load_model(trainer, Path(run_dir), spec)
-    columns = _columns_present(cfg, spec)
+    columns = _columns_present(cfg, files[0])
     reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size)
     parts = Path(str(out) + ".parts")
     if rt.is_main:
@@ -126,10 +126,10 @@ def _with_passthrough(scores: pa.Table, files: List[str], names: List[str]) -> p
     return scores
 
 
-def _columns_present(cfg: Config, spec: str) -> Columns:
-    """The config's columns, with the labels the data does not have marked absent."""
+def _columns_present(cfg: Config, first_file: str) -> Columns:
+    """The config's columns, with the labels the data (its first file) does not have marked absent."""
     columns = columns_from_config(cfg)
-    names = set(open_parquet(list_files(spec)[0]).schema_arrow.names)
+    names = set(open_parquet(first_file).schema_arrow.names)
     labels = tuple(label if label in names else None for label in columns.labels)
     weight = columns.weight if columns.weight in names else None
     return Columns(**{**columns.__dict__, "labels": labels, "weight": weight})
