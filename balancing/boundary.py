@@ -221,6 +221,9 @@ class RepresentationBoundary(nn.Module):
             default; Concord's trainer, which hooks no view, turns it on.
     """
 
+    # The entries of the state (get_extra_state) that say what it balanced, the only ones not tensors.
+    record_keys = ("balanced_tasks", "balanced_by")
+
     def __init__(
         self,
         balancer: Balancer,
@@ -659,8 +662,11 @@ class RepresentationBoundary(nn.Module):
     def get_extra_state(self) -> dict:
         """The balancer's state (EMA norms, weights, bandit, step, random generators) travels with
         ``model.state_dict()``, so saving a model saves how its tasks were being balanced; with
-        ``statistics="previous"`` so do the statistics still in flight."""
+        ``statistics="previous"`` so do the statistics still in flight. Beside it, what it balanced
+        (:attr:`record_keys`: the task names in order, the method), checked on load: the state of other
+        tasks, or of the same in another order, would otherwise give each task another's weight."""
         state = self._balancer.state_dict()
+        state[_TASKS], state[_METHOD] = list(self._balancer.task_names), self._balancer.name
         if self.statistics == "previous":
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = _Ready(stats) if stats is not None else None
@@ -672,6 +678,7 @@ class RepresentationBoundary(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         state = dict(state)
+        self._check_record(state.pop(_TASKS, None), state.pop(_METHOD, None))
         in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
         last_sum = {k: state.pop(k) for k in list(state) if k.startswith(_LAST_SUM)}
         held = state.pop(_HELD, None)
@@ -685,6 +692,21 @@ class RepresentationBoundary(nn.Module):
             self._in_flight = _Ready(stats) if stats is not None else None
         if self.statistics == "previous" and last_sum:
             self._last_sum = _stats_from_tensors(last_sum, _LAST_SUM)
+
+    def _check_record(self, tasks: Optional[List[str]], method: Optional[str]) -> None:
+        """A state without the record (written before the boundary kept one, or with it left out, as
+        Concord's checkpoints do, whose fingerprint records the same) is taken as it is."""
+        names, name = self._balancer.task_names, self._balancer.name
+        if tasks is not None and list(tasks) != names:
+            raise ValueError(
+                f"the boundary's state was saved for tasks {list(tasks)}, this boundary balances {names}: "
+                "load it into a boundary built with the same tasks in the same order"
+            )
+        if method is not None and method != name:
+            raise ValueError(
+                f"the boundary's state was saved by balancer {method!r}, this boundary runs {name!r}: to start "
+                f"{name} afresh on the trained model, leave the boundary's '_extra_state' entry out of the state you load"
+            )
 
     @contextlib.contextmanager
     def passthrough(self) -> Iterator[None]:
@@ -1245,6 +1267,7 @@ def _auto_every(balancer: Balancer, statistics: str) -> int:
     return balancer.lagged_statistics_every if statistics == "previous" else 1
 
 
+_TASKS, _METHOD = RepresentationBoundary.record_keys
 _IN_FLIGHT = "in_flight_"
 _LAST_SUM = "last_sum_"
 _HELD = "held_coefficients"  # [valid, c_1..c_T, unreported non-finite loss flags 1..T]

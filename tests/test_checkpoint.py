@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from distributed import run_ranks
 from processes import children
@@ -80,6 +81,9 @@ def test_resume_is_exact(tmp_path, balancer, extra):
         assert any("embedding_bags" in k for k in keys) and any(k.startswith("optimizer/") for k in keys)
         assert any("boundary._extra_state/step" in k for k in keys) and "progress/step" in keys
         assert result["different"] == []
+    # Tensors only: DCP would read anything else back with torch.load(weights_only=False).
+    metadata = SafeFileSystemReader(str(split / "checkpoints/step-00000010")).read_metadata()
+    assert all(isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values())
 
 
 def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path):

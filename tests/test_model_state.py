@@ -16,10 +16,10 @@ SCALES = [1.0, 30.0, 0.1]  # task losses of very different sizes, so the balance
 
 
 class ToyWithBoundary(torch.nn.Module):
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, tasks=("a", "b", "c")) -> None:
         super().__init__()
         self.toy = ToyMTL(3)
-        self.boundary = RepresentationBoundary(build_balancer(method, ["a", "b", "c"]))
+        self.boundary = RepresentationBoundary(build_balancer(method, list(tasks)))
 
     def loss(self, x, y) -> torch.Tensor:
         views = self.boundary(self.toy.bottom(x))
@@ -64,6 +64,36 @@ def test_state_dict_without_balancer_state_is_refused():
     del state["boundary._extra_state"]
     with pytest.raises(RuntimeError, match="_extra_state"):
         ToyWithBoundary("multibalance").load_state_dict(state)
+
+
+@pytest.mark.parametrize("tasks", [("a", "c", "b"), ("x", "y", "z")])
+def test_a_state_saved_for_other_tasks_or_another_order_is_refused(tasks):
+    # Loaded, each task would take another's EMA norm and weight without a word.
+    model = ToyWithBoundary("multibalance")
+    _train(model, torch.optim.SGD(model.parameters(), lr=1e-3), 3, seed=0)
+    other = ToyWithBoundary("multibalance", tasks)
+    weights = other.boundary.balancer.weights.copy()
+    with pytest.raises(ValueError, match=r"saved for tasks \['a', 'b', 'c'\], this boundary balances \['%s', '%s', '%s'\]" % tasks):
+        other.load_state_dict(model.state_dict())
+    assert (other.boundary.balancer.weights == weights).all() and other.boundary.balancer.step == 0
+
+
+def test_a_state_saved_by_another_balancer_is_refused_naming_both():
+    model = ToyWithBoundary("equal")
+    with pytest.raises(ValueError, match="saved by balancer 'equal', this boundary runs 'fixed'.*_extra_state"):
+        ToyWithBoundary("fixed").load_state_dict(model.state_dict())
+
+
+def test_a_state_without_the_record_of_its_tasks_still_loads():
+    # As written before the boundary kept the record, and as Concord's checkpoints hold it.
+    model = ToyWithBoundary("multibalance")
+    _train(model, torch.optim.SGD(model.parameters(), lr=1e-3), 3, seed=0)
+    state = model.state_dict()
+    for key in RepresentationBoundary.record_keys:
+        del state["boundary._extra_state"][key]
+    restored = ToyWithBoundary("multibalance")
+    restored.load_state_dict(state)
+    assert (restored.boundary.balancer.weights == model.boundary.balancer.weights).all() and restored.boundary.balancer.step == 3
 
 
 def test_learned_balancer_parameters_are_the_models_and_move_with_it():

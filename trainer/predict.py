@@ -30,7 +30,7 @@ from concord.trainer.data.reader import Columns, ParquetReader, columns_from_con
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint
 from concord.trainer.runtime import Runtime
-from concord.trainer.train import Trainer, pop_balancer_entries, restore_entries
+from concord.trainer.train import Trainer, pop_balancer_entries, restore_entries, without_boundary_records
 
 logger = logging.getLogger("concord.predict")
 
@@ -97,7 +97,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
         raise ResumeError(f"{path} holds another model than {trainer.cfg.source} describes ({describe_changes(wrong, saved, now)}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
     check_scored_encoding(spec, saved)
-    state = {"model": trainer.dmp.state_dict(), "optimizer": {}}
+    state = {"model": without_boundary_records(trainer.dmp.state_dict()), "optimizer": {}}
     fresh = pop_balancer_entries(state) if "balancer" in changed else {}
     Checkpointer.load(path, {"model": state["model"]})
     restore_entries(state, fresh)

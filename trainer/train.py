@@ -18,7 +18,7 @@ import yaml
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from concord.balancing import NonFiniteLossError
+from concord.balancing import NonFiniteLossError, RepresentationBoundary
 from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_possible, sum_over_ranks
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
@@ -219,7 +219,7 @@ class Trainer:
     def checkpoint_state(self, step: int) -> Dict[str, Any]:
         """Everything a resumed run needs, tensors only (see concord.trainer.checkpoint)."""
         state: Dict[str, Any] = {
-            "model": self.dmp.state_dict(),
+            "model": without_boundary_records(self.dmp.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "progress": {"step": torch.tensor(step)},
         }
@@ -558,6 +558,16 @@ def pop_balancer_entries(state: Dict[str, Any]) -> Dict[tuple, Any]:
         for key in [k for k in state[section] if "boundary._extra_state" in k or "balancer_parameters" in k]:
             popped[(section, key)] = state[section].pop(key)
     return popped
+
+
+def without_boundary_records(model_state: Dict[str, Any]) -> Dict[str, Any]:
+    """``model_state`` less the boundary's record of its tasks and method: names, which DCP would save
+    as pickles, and which the fingerprint beside every checkpoint holds already."""
+    for key, value in model_state.items():
+        if key.endswith("boundary._extra_state"):
+            for name in RepresentationBoundary.record_keys:
+                value.pop(name, None)
+    return model_state
 
 
 def restore_entries(state: Dict[str, Any], entries: Dict[tuple, Any]) -> None:
