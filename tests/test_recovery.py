@@ -4,6 +4,7 @@ compatibility, corrupt data pages, signals and orphans."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -52,6 +53,18 @@ def test_a_run_directory_has_one_owner_and_a_dead_owner_does_not_block(tmp_path)
     lock = RunDirLock(tmp_path)
     lock.acquire()  # the kernel released the dead job's lock
     lock.release()
+
+
+def test_a_fresh_start_says_how_much_the_earlier_runs_kept_take(tmp_path, caplog):
+    # Each fresh start keeps the run before it, checkpoints included: the disk they hold is named.
+    for _ in range(2):
+        start_run(tmp_path, resume=False)
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "shard").write_bytes(bytes(3 << 20))
+    with caplog.at_level(logging.WARNING, logger="concord.rundir"):
+        start_run(tmp_path, resume=False)
+    assert len(list(tmp_path.glob("previous-*"))) == 2
+    assert "the 2 earlier run(s) kept in" in caplog.text and "take 6.0 MiB (remove those" in caplog.text
 
 
 def test_a_fresh_start_moves_the_old_run_aside_and_logs_carry_the_run_id(tmp_path):

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("concord.rundir")
 
@@ -95,10 +95,18 @@ def start_run(run_dir: Path, resume: bool) -> str:
         aside.mkdir(parents=True, exist_ok=True)
         for name in leftovers:
             os.replace(run_dir / name, aside / name)
-        logger.warning("%s held an earlier run (%s): moved to %s", run_dir, old_id, aside)
+        kept = sorted(run_dir.glob("previous-*"))
+        logger.warning("%s held an earlier run (%s): moved to %s; the %d earlier run(s) kept in %s take %s "
+                       "(remove those you no longer need)", run_dir, old_id, aside, len(kept), run_dir, _size(kept))
     run_id = new_run_id()
     write_json_atomic(run_dir / "run.json", {"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return run_id
+
+
+def _size(folders: List[Path]) -> str:
+    total = sum(os.path.getsize(os.path.join(root, name)) for folder in folders
+                for root, _, names in os.walk(folder) for name in names)
+    return f"{total / 2**30:.1f} GiB" if total >= 2**30 else f"{total / 2**20:.1f} MiB"
 
 
 def write_json_atomic(path: Path, record: Dict[str, Any]) -> None:
