@@ -362,6 +362,7 @@ def test_a_binary_task_with_one_label_in_its_training_split_is_noted(tmp_path, c
     assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
     assert read(tmp_path, "train")["click"] == [0] * 5 and 1 in read(tmp_path, "eval")["click"]
     out = capsys.readouterr().out.splitlines()
+    assert out[-3] == "concord convert: missing dense values given their fill (data.convert.dense[].fill): price 1 (14.3%)"
     assert out[-2].endswith("ctr 0, amount 1.4")
     assert out[-1] == ("concord convert: note: task 'ctr': every labelled row of the training split is 0 (column 'click'): its head "
                        "can learn only a constant; check the label's rule (data.convert.positive, positive_range)")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import concord
 from concord.trainer import failures
@@ -217,11 +217,13 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         print(f"concord convert: {rows['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
               f"{skipped}; labels: {labels}; report in "
               f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
+        _print_filled(report)
         return 0
     written = ", ".join(f"{rows[split]:,} {split if split != 'train' else 'training'} rows -> {path}" for split, path in
                         (("train", cfg.data.train), ("eval", cfg.data.eval), ("validation", cfg.data.validation)) if split in rows)
     how = "every row to training (split by none)" if report["split"]["by"] == "none" else f"split by {report['split']['by']}"
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
+    _print_filled(report)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
     auto = [t for t in cfg.model.tables if t.sized_by_data]
     if auto:
@@ -230,6 +232,14 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     for note in report["notes"]:
         print(f"concord convert: note: {note}")
     return 0
+
+
+def _print_filled(report: Dict[str, Any]) -> None:
+    """Dense columns with values missing, filled with their rule's ``fill``: a share the user should know."""
+    total = sum(report["rows"].values())
+    filled = [f"{name} {count:,} ({count / total:.1%})" for name, count in report["filled_dense"].items() if count]
+    if filled:
+        print("concord convert: missing dense values given their fill (data.convert.dense[].fill): " + ", ".join(filled))
 
 
 def _synth(cfg, force: bool, if_missing: bool = False) -> int:
