@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +72,20 @@ class TaskHeads(nn.Module):
             for k, (kind, lg, w) in enumerate(zip(self.types, logits, self.loss_weights))
         ]
         return torch.stack(losses), torch.stack(logits, dim=1)
+
+    @torch.no_grad()
+    def start_at(self, label_means: Dict[str, float]) -> None:
+        """Each head's output bias set at its task's mean label (binary: its log-odds), so that its
+        predictions start around it rather than around 0: a regression head on labels far from 0
+        (seconds watched) need not spend its first thousands of steps moving one bias there, with
+        gradients that swamp the other tasks'."""
+        for name, kind, head in zip(self.names, self.types, self.heads):
+            mean = label_means[name]
+            if kind == "binary":
+                rate = min(max(mean, 1e-6), 1 - 1e-6)
+                head.out.bias.fill_(math.log(rate / (1 - rate)))
+            else:
+                head.out.bias.fill_(mean)
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, T) logits -> (B, T) predictions."""

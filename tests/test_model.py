@@ -33,6 +33,25 @@ def test_forward_shapes_and_one_backward(overrides):
     assert stats is not None and stats.active.all()
 
 
+def test_output_bias_labels_starts_each_head_at_its_training_labels(tmp_path):
+    import json
+    import math
+
+    from concord.trainer.config import ConfigError
+
+    overrides = [f"data.train={tmp_path}/data/train", "model.output_bias=labels"]
+    with pytest.raises(ConfigError, match=r"model.output_bias: labels .*convert.json gives for no row of task\(s\) \['ctr', 'cvr', 'watch'\]"):
+        build_model(load_config("configs/tiny.yaml", overrides), "cpu")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/convert.json").write_text(json.dumps({"label_means": {"train": {"ctr": 0.2, "cvr": 0.0, "watch": 151.3}}}))
+    biases = [head.out.bias.item() for head in build_model(load_config("configs/tiny.yaml", overrides), "cpu").heads.heads]
+    assert biases == pytest.approx([math.log(0.2 / 0.8), math.log(1e-6 / (1 - 1e-6)), 151.3])
+    # Where the heads start does not tell a checkpoint apart: a resumed or scored run loads them.
+    from concord.trainer.fingerprint import fingerprint
+
+    assert fingerprint(load_config("configs/tiny.yaml", overrides), 1, 0) == fingerprint(load_config("configs/tiny.yaml", overrides[:1]), 1, 0)
+
+
 def test_the_trainer_lags_the_statistics_by_default_where_the_method_allows():
     modes = {}
     for name in ("multibalance", "cograd", "graddrop", "param_mgda"):
@@ -103,10 +122,11 @@ def test_the_results_table_keeps_long_task_names_apart_from_their_type():
     from concord.trainer.observe.metrics import format_table
 
     tasks = [TaskConfig("vehicle_search", "v"), TaskConfig("a_task_named_at_length", "w", type="regression")]
-    results = {"vehicle_search": {"ne": 0.9, "auc": 0.75, "calibration": 1.1}, "a_task_named_at_length": {"mse": 2.0}}
+    results = {"vehicle_search": {"ne": 0.9, "auc": 0.75, "calibration": 1.1},
+               "a_task_named_at_length": {"mse": 2.0, "r_squared": 0.25}}
     rows = [line.split() for line in format_table(results, tasks).splitlines()[1:]]
-    assert rows == [["vehicle_search", "binary", "0.9000", "0.7500", "1.1000", "-"],
-                    ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000"]]
+    assert rows == [["vehicle_search", "binary", "0.9000", "0.7500", "1.1000", "-", "-"],
+                    ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000", "0.2500"]]
 
 
 def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten_times_apart():
@@ -123,7 +143,16 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
     assert quality_notes(results, tasks[1:2]) == ["note: task 'excellent' predicts the held-out rows no better than its "
                                                   "base rate (NE 1.0311 >= 1)"]  # alone: nothing else to starve it
 
-    learned = {"good": {"ne": 0.9}, "excellent": {"ne": 0.92}, "rating": {"mse": 1.4}}
+    unlearned = {"good": {"ne": 0.95}, "excellent": {"ne": 0.97}, "rating": {"mse": 1.47, "r_squared": -0.0213}}
+    assert quality_notes(unlearned, tasks, {"good": 0.048, "excellent": 0.05, "rating": 0.004}) == [
+        "note: task 'rating' predicts the held-out rows no better than their mean label (R2 -0.0213 <= 0); if its labels "
+        "lie far from 0, model.output_bias: labels starts its head at their mean; its gradient at z averaged 12x smaller "
+        "than that of 'excellent'; `--single-task rating` tells whether the other tasks starve it (README, 'Which balancer "
+        "to try first')"]
+    started = quality_notes(unlearned, tasks[2:], output_bias="labels")
+    assert started == ["note: task 'rating' predicts the held-out rows no better than their mean label (R2 -0.0213 <= 0)"]
+
+    learned = {"good": {"ne": 0.9}, "excellent": {"ne": 0.92}, "rating": {"mse": 1.4, "r_squared": 0.3}}
     apart = {"good": 0.01, "excellent": 0.004, "rating": 0.048}
     assert quality_notes(learned, tasks, apart) == [
         "note: the tasks' gradients at z averaged up to 12x apart ('rating' over 'excellent'): one task steers the "
@@ -131,6 +160,24 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
     assert quality_notes(learned, tasks, apart, balancer="multibalance") == []  # a balancer is already at work
     assert quality_notes(learned, tasks, {"good": 0.01, "excellent": 0.008, "rating": 0.048}) == []
     assert quality_notes(learned, tasks) == []
+
+
+def test_a_regression_tasks_r2_is_one_less_its_weighted_mse_over_the_labels_weighted_variance():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics
+
+    torch.manual_seed(2)
+    labels, weights = 150 + 80 * torch.randn(64, 1, dtype=torch.float64), torch.rand(64, dtype=torch.float64)
+    mean = (weights * labels[:, 0]).sum() / weights.sum()
+    variance = (weights * (labels[:, 0] - mean) ** 2).sum() / weights.sum()
+    for predictions in (labels + 20 * torch.randn(64, 1, dtype=torch.float64), torch.full_like(labels, float(mean))):
+        metrics = TaskMetrics([TaskConfig("watch", "watch", type="regression")], 1, 0, 64)
+        metrics.update(predictions.float(), labels.float(), weights.float())
+        mse = (weights * (predictions[:, 0] - labels.float()[:, 0].double()) ** 2).sum() / weights.sum()
+        got = metrics.compute()["watch"]
+        assert got["mse"] == pytest.approx(float(mse), rel=1e-5)
+        assert got["r_squared"] == pytest.approx(float(1 - mse / variance), rel=1e-5, abs=1e-5)
+    assert abs(got["r_squared"]) < 1e-5  # the weighted mean label predicted: 0
 
 
 def test_a_task_no_row_was_labelled_for_has_no_metrics_rather_than_a_perfect_score():

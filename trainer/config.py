@@ -227,6 +227,10 @@ class ModelConfig:
     embedding_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
     )
+    # default (torch's initialisation) | labels: each head's output bias starts at its task's training
+    # labels, their mean (regression) or the log-odds of their positive rate (binary), from convert's
+    # record; a start only, not fingerprinted
+    output_bias: str = "default"
 
 
 @dataclass
@@ -438,6 +442,23 @@ def rows_for_vocabulary(table: TableConfig, vocab_sizes: Dict[str, int]) -> int:
     return max(int(vocab_sizes[f]) for f in table.features) + 1
 
 
+OUTPUT_BIASES = ("default", "labels")
+
+
+def training_label_means(cfg: Config) -> Dict[str, float]:
+    """``model.output_bias: labels``: each task's mean label over the training split, as ``concord
+    convert`` recorded it beside ``data.train``; a clear error where it recorded none."""
+    from concord.trainer.data.layout import convert_report, convert_report_path
+
+    means = (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
+    missing = [t.name for t in cfg.tasks if means.get(t.name) is None]
+    if missing:
+        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, which "
+                          f"{convert_report_path(cfg.data.train)} gives for no row of task(s) {missing}: convert the data "
+                          "with this config (`concord convert`), or leave model.output_bias at default")
+    return {t.name: float(means[t.name]) for t in cfg.tasks}
+
+
 def require_table_sizes(cfg: Config) -> None:
     """Every table has its number of rows: a model cannot be built on an ``auto`` size whose data has
     not been converted yet."""
@@ -637,6 +658,8 @@ def validate(cfg: Config) -> None:
                 fail(f"model.experts.{key}", f"must be >= 1, got {getattr(ex, key)}")
         if ex.type == "ple" and ex.num_task < 1:
             fail("model.experts.num_task", f"must be >= 1 for ple, got {ex.num_task}")
+    if m.output_bias not in OUTPUT_BIASES:
+        fail("model.output_bias", f"must be one of {OUTPUT_BIASES}, got {m.output_bias!r}")
     if m.interaction.type not in ("dcn", "concat"):
         fail("model.interaction.type", f"must be 'dcn' or 'concat', got {m.interaction.type!r}")
     if m.interaction.num_layers < 0 or m.interaction.low_rank < 1:

@@ -21,6 +21,7 @@ SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the tra
 def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
     model = dataclasses.asdict(cfg.model)
     embedding_optimizer = model.pop("embedding_optimizer")
+    model.pop("output_bias")  # where the heads start: a resumed run loads them, a scored one too
     return {
         "model": model,
         "embedding_optimizer": embedding_optimizer["name"],

@@ -20,7 +20,7 @@ from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.embeddings.tables import build_embedding_bags, pooled_dim
 from concord.heads.heads import TaskHeads
 from concord.heads.experts import build_experts
-from concord.trainer.config import require_table_sizes
+from concord.trainer.config import require_table_sizes, training_label_means
 from concord.trainer.data.reader import Batch
 
 
@@ -127,5 +127,7 @@ def build_model(cfg, device: torch.device | str = "meta", process_group=None) ->
     if cfg.model.experts.type != "none":
         bottom.experts, task_inputs = build_experts(cfg.model.experts, bottom.width, len(cfg.tasks))
     heads = TaskHeads(cfg.representation_dim, cfg.tasks, task_inputs)
+    if cfg.model.output_bias == "labels":
+        heads.start_at(training_label_means(cfg))
     features = [f for t in cfg.model.tables for f in t.features]
     return MultiTaskModel(ebc, bottom, boundary, heads, features)

@@ -377,7 +377,7 @@ class Trainer:
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
             print(format_table(final, cfg.tasks))
             means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
-            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name):
+            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, cfg.model.output_bias):
                 print(note)
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")

@@ -1,5 +1,6 @@
 """Per-task quality with ``torchrec.metrics``: NE, AUC and calibration (sum of predictions over sum of
-labels, 1.0 when the mean prediction matches the base rate) for binary tasks, MSE for regression."""
+labels, 1.0 when the mean prediction matches the base rate) for binary tasks; MSE and R² (1 - MSE over
+the held-out labels' variance, 0 when predicting their mean) for regression."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from torchrec.metrics.ne import NEMetric
 
 from concord.balancing.collectives import sum_over_ranks
 
-_BINARY = (("ne", NEMetric), ("auc", AUCMetric), ("calibration", CalibrationMetric))
-_REGRESSION = (("mse", MSEMetric),)
+# (torchrec's metric, its options, the figures read from it)
+_BINARY = ((NEMetric, {}, ("ne",)), (AUCMetric, {}, ("auc",)), (CalibrationMetric, {}, ("calibration",)))
+_REGRESSION = ((MSEMetric, {"include_r_squared": True}, ("mse", "r_squared")),)
 
 
 class TaskMetrics:
@@ -36,10 +38,11 @@ class TaskMetrics:
         self._metrics: List[tuple] = []
         for t in self.tasks:
             info = [RecTaskInfo(name=t.name, label_name="label", prediction_name="prediction", weight_name="weight")]
-            for metric_name, cls in _BINARY if t.type == "binary" else _REGRESSION:
-                metric = cls(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=info, window_size=10**9)
+            for cls, options, figures in _BINARY if t.type == "binary" else _REGRESSION:
+                metric = cls(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=info, window_size=10**9,
+                             **options)
                 metric.to(device)  # its state must live where the predictions do (a CUDA run: the GPU)
-                self._metrics.append((t.name, metric_name, metric))
+                self._metrics.append((t.name, figures, metric))
 
     def update(self, predictions: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                labelled: Optional[torch.Tensor] = None) -> None:
@@ -59,12 +62,13 @@ class TaskMetrics:
     def compute(self) -> Dict[str, Dict[str, float]]:
         counted = dict(zip((t.name for t in self.tasks), sum_over_ranks(self._counted.cpu(), self.group).tolist()))
         out: Dict[str, Dict[str, float]] = {}
-        for task, metric_name, metric in self._metrics:
+        for task, figures, metric in self._metrics:
             values = {key.split("|")[-1]: value for key, value in metric.compute().items()}
-            # AUC reports only a window; its window (10^9 rows) spans the whole evaluation.
-            value = values.get(f"lifetime_{metric_name}", values.get(f"window_{metric_name}"))
-            if value is not None and counted[task] > 0:
-                out.setdefault(task, {})[metric_name] = float(value)
+            for figure in figures:
+                # AUC reports only a window; its window (10^9 rows) spans the whole evaluation.
+                value = values.get(f"lifetime_{figure}", values.get(f"window_{figure}"))
+                if value is not None and counted[task] > 0:
+                    out.setdefault(task, {})[figure] = float(value)
         return out
 
     def reset(self) -> None:
@@ -74,23 +78,24 @@ class TaskMetrics:
 
 
 def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
-    """One line: each task's NE and AUC, or MSE."""
+    """One line: each task's NE and AUC, or MSE and R²."""
     def one(name: str, r: Dict[str, float]) -> str:
-        return f"{name} NE {r['ne']:.4f} AUC {r['auc']:.4f}" if "ne" in r else f"{name} MSE {r['mse']:.4f}"
+        return f"{name} NE {r['ne']:.4f} AUC {r['auc']:.4f}" if "ne" in r else f"{name} MSE {r['mse']:.4f} R2 {r['r_squared']:.4f}"
 
     return ", ".join(one(t.name, results[t.name]) for t in tasks if t.name in results)
 
 
 def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
-    """A fixed-width table: task, type, NE, AUC, calibration, MSE; the task column as wide as the longest name."""
+    """A fixed-width table: task, type, NE, AUC, calibration, MSE, R²; the task column as wide as the longest name."""
     width = max([14] + [len(t.name) + 2 for t in tasks])
-    lines = [f"{'task':<{width}}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}"]
+    lines = [f"{'task':<{width}}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}{'R2':>9}"]
     def cell(r: Dict[str, float], key: str, width: int, fmt: str) -> str:
         return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
 
     for t in tasks:
         r = results.get(t.name, {})
-        lines.append(f"{t.name:<{width}}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}")
+        lines.append(f"{t.name:<{width}}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}"
+                     f"{cell(r, 'r_squared', 9, '.4f')}")
     return "\n".join(lines)
 
 
@@ -100,19 +105,27 @@ STEERING_RATIO = 10.0
 
 
 def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
-                  balancer: str = "equal") -> List[str]:
+                  balancer: str = "equal", output_bias: str = "default") -> List[str]:
     """Lines for what a table of figures leaves for the reader to notice: a binary task whose held-out
-    NE is 1 or more predicts no better than its base rate (a starved head, or nothing to learn); and,
+    NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
+    better than the labels' mean (a starved head, a head started far from its labels, or nothing to
+    learn); and,
     from the mean gradient norms at ``z`` over the logged steps (``grad_norms``), tasks whose
     gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
     notes, gap_named = [], False
     norms = {name: value for name, value in (grad_norms or {}).items() if value > 0}
     largest = max(norms, key=norms.get) if norms else None
     for t in tasks:
-        ne = results.get(t.name, {}).get("ne")
-        if ne is None or ne < 1.0:
+        figures = results.get(t.name, {})
+        if figures.get("ne", 0.0) >= 1.0:
+            line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {figures['ne']:.4f} >= 1)"
+        elif figures.get("r_squared", 1.0) <= 0.0:
+            line = (f"note: task {t.name!r} predicts the held-out rows no better than their mean label "
+                    f"(R2 {figures['r_squared']:.4f} <= 0)")
+            if output_bias == "default":  # a head starting near 0 on labels far from it spends its steps getting there
+                line += "; if its labels lie far from 0, model.output_bias: labels starts its head at their mean"
+        else:
             continue
-        line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {ne:.4f} >= 1)"
         if t.name in norms and largest != t.name and norms[largest] >= STEERING_RATIO * norms[t.name]:
             line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than that of {largest!r}"
             gap_named = True
