@@ -42,10 +42,18 @@ def test_output_bias_labels_starts_each_head_at_its_training_labels(tmp_path):
     overrides = [f"data.train={tmp_path}/data/train", "model.output_bias=labels"]
     with pytest.raises(ConfigError, match=r"model.output_bias: labels .*convert.json gives for no row of task\(s\) \['ctr', 'cvr', 'watch'\]"):
         build_model(load_config("configs/tiny.yaml", overrides), "cpu")
+
+    def biases(*changes):
+        torch.manual_seed(0)
+        return [head.out.bias.item() for head in build_model(load_config("configs/tiny.yaml", [*overrides, *changes]), "cpu").heads.heads]
+
+    torch_init = biases("model.output_bias=torch")
+    assert biases("model.output_bias=auto") == torch_init  # no record: torch's initialisation
     (tmp_path / "data").mkdir()
     (tmp_path / "data/convert.json").write_text(json.dumps({"label_means": {"train": {"ctr": 0.2, "cvr": 0.0, "watch": 151.3}}}))
-    biases = [head.out.bias.item() for head in build_model(load_config("configs/tiny.yaml", overrides), "cpu").heads.heads]
-    assert biases == pytest.approx([math.log(0.2 / 0.8), math.log(1e-6 / (1 - 1e-6)), 151.3])
+    at_labels = [math.log(0.2 / 0.8), math.log(1e-6 / (1 - 1e-6)), 151.3]
+    assert biases() == pytest.approx(at_labels) and biases("model.output_bias=auto") == pytest.approx(at_labels)
+    assert biases("model.output_bias=torch") == torch_init
     # Where the heads start does not tell a checkpoint apart: a resumed or scored run loads them.
     from concord.trainer.fingerprint import fingerprint
 
@@ -149,7 +157,7 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
         "lie far from 0, model.output_bias: labels starts its head at their mean; its gradient at z averaged 12x smaller "
         "than that of 'excellent'; `--single-task rating` tells whether the other tasks starve it (README, 'Which balancer "
         "to try first')"]
-    started = quality_notes(unlearned, tasks[2:], output_bias="labels")
+    started = quality_notes(unlearned, tasks[2:], heads_at_labels=True)
     assert started == ["note: task 'rating' predicts the held-out rows no better than their mean label (R2 -0.0213 <= 0)"]
 
     learned = {"good": {"ne": 0.9}, "excellent": {"ne": 0.92}, "rating": {"mse": 1.4, "r_squared": 0.3}}

@@ -227,10 +227,10 @@ class ModelConfig:
     embedding_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
     )
-    # default (torch's initialisation) | labels: each head's output bias starts at its task's training
-    # labels, their mean (regression) or the log-odds of their positive rate (binary), from convert's
-    # record; a start only, not fingerprinted
-    output_bias: str = "default"
+    # labels: each head's output bias starts at its task's training labels, their mean (regression) or
+    # the log-odds of their positive rate (binary), from convert's record; torch: torch's initialisation;
+    # auto: labels where convert recorded them, else torch. A start only, not fingerprinted.
+    output_bias: str = "auto"
 
 
 @dataclass
@@ -442,21 +442,27 @@ def rows_for_vocabulary(table: TableConfig, vocab_sizes: Dict[str, int]) -> int:
     return max(int(vocab_sizes[f]) for f in table.features) + 1
 
 
-OUTPUT_BIASES = ("default", "labels")
+OUTPUT_BIASES = ("auto", "labels", "torch")
 
 
-def training_label_means(cfg: Config) -> Dict[str, float]:
-    """``model.output_bias: labels``: each task's mean label over the training split, as ``concord
-    convert`` recorded it beside ``data.train``; a clear error where it recorded none."""
+def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
+    """Where ``model.output_bias`` starts the heads: each task's mean label over the training split, as
+    ``concord convert`` recorded it beside ``data.train``, or None for torch's initialisation (``torch``;
+    ``auto`` without that record, as for synthetic data or Parquet written by other tools). ``labels``
+    without it is an error naming the record."""
     from concord.trainer.data.layout import convert_report, convert_report_path
 
+    if cfg.model.output_bias == "torch" or not cfg.data.train:
+        return None
     means = (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
     missing = [t.name for t in cfg.tasks if means.get(t.name) is None]
-    if missing:
-        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, which "
-                          f"{convert_report_path(cfg.data.train)} gives for no row of task(s) {missing}: convert the data "
-                          "with this config (`concord convert`), or leave model.output_bias at default")
-    return {t.name: float(means[t.name]) for t in cfg.tasks}
+    if not missing:
+        return {t.name: float(means[t.name]) for t in cfg.tasks}
+    if cfg.model.output_bias == "auto":
+        return None
+    raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, which "
+                      f"{convert_report_path(cfg.data.train)} gives for no row of task(s) {missing}: convert the data "
+                      "with this config (`concord convert`), or set model.output_bias: torch")
 
 
 def require_table_sizes(cfg: Config) -> None:

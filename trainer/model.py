@@ -20,7 +20,7 @@ from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.embeddings.tables import build_embedding_bags, pooled_dim
 from concord.heads.heads import TaskHeads
 from concord.heads.experts import build_experts
-from concord.trainer.config import require_table_sizes, training_label_means
+from concord.trainer.config import output_bias_means, require_table_sizes
 from concord.trainer.data.reader import Batch
 
 
@@ -127,7 +127,8 @@ def build_model(cfg, device: torch.device | str = "meta", process_group=None) ->
     if cfg.model.experts.type != "none":
         bottom.experts, task_inputs = build_experts(cfg.model.experts, bottom.width, len(cfg.tasks))
     heads = TaskHeads(cfg.representation_dim, cfg.tasks, task_inputs)
-    if cfg.model.output_bias == "labels":
-        heads.start_at(training_label_means(cfg))
+    label_means = output_bias_means(cfg)
+    if label_means is not None:
+        heads.start_at(label_means)
     features = [f for t in cfg.model.tables for f in t.features]
     return MultiTaskModel(ebc, bottom, boundary, heads, features)

@@ -44,7 +44,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         raise DataError("predict needs data: --data PATH, or data.eval in the config")
     files = list_files(spec)
     _check_passthrough(files, cfg.data.passthrough)
-    cfg.model.output_bias = "default"  # the checkpoint gives the heads' biases: no need of the training data's record
+    cfg.model.output_bias = "torch"  # the checkpoint gives the heads' biases: no need of the training data's record
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
     path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, files[0])

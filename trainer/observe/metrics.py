@@ -105,7 +105,7 @@ STEERING_RATIO = 10.0
 
 
 def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
-                  balancer: str = "equal", output_bias: str = "default") -> List[str]:
+                  balancer: str = "equal", heads_at_labels: bool = False) -> List[str]:
     """Lines for what a table of figures leaves for the reader to notice: a binary task whose held-out
     NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
     better than the labels' mean (a starved head, a head started far from its labels, or nothing to
@@ -122,7 +122,7 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
         elif figures.get("r_squared", 1.0) <= 0.0:
             line = (f"note: task {t.name!r} predicts the held-out rows no better than their mean label "
                     f"(R2 {figures['r_squared']:.4f} <= 0)")
-            if output_bias == "default":  # a head starting near 0 on labels far from it spends its steps getting there
+            if not heads_at_labels:  # a head starting near 0 on labels far from it spends its steps getting there
                 line += "; if its labels lie far from 0, model.output_bias: labels starts its head at their mean"
         else:
             continue
