@@ -95,6 +95,17 @@ def test_bad_override_names_the_key():
         load_config(DEMO, ["tasks.9.name=x"])
 
 
+def test_overrides_may_sit_on_either_side_of_the_options_and_keep_their_order(capsys):
+    from concord.trainer.cli import _parse
+
+    args = _parse(["compare", "--config", "adult", "model.shared=[]", "--methods", "equal", "model.shared=[8]", "--out", "x"])
+    assert args.overrides == ["model.shared=[]", "model.shared=[8]"] and args.methods == "equal"  # the last one wins
+    for argv, stray in ((["train", "--config", "x", "--bogus"], "--bogus"), (["plot", "runs/x", "a=1"], "a=1")):
+        with pytest.raises(SystemExit):
+            _parse(argv)
+        assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
 def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
     cfg = load_config("configs/tiny.yaml", ["balancer.name=emtl"], single_task="cvr")
     assert cfg.task_names == ["cvr"] and cfg.balancer.name == "equal"

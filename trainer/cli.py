@@ -90,8 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides anywhere among the options (argparse alone takes
+    them in one run: ``a=1 --methods m b=2`` would refuse ``b=2``), in the order given."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     # FBGEMM and TorchRec log every kernel choice at INFO on the root logger: keep theirs at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     logging.getLogger("concord").setLevel(logging.INFO)
