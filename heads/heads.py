@@ -61,6 +61,7 @@ class TaskHeads(nn.Module):
         self.types: List[str] = [t.type for t in tasks]
         self.loss_weights: List[float] = [float(t.loss_weight) for t in tasks]
         self.heads = nn.ModuleList([TaskHead(in_dim, t.head) for t in tasks])
+        self.started_at_labels = False  # set by start_at
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor,
                 labelled: Optional[torch.Tensor] = None):
@@ -86,6 +87,7 @@ class TaskHeads(nn.Module):
                 head.out.bias.fill_(math.log(rate / (1 - rate)))
             else:
                 head.out.bias.fill_(mean)
+        self.started_at_labels = True
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, T) logits -> (B, T) predictions."""

@@ -53,6 +53,8 @@ def test_output_bias_labels_starts_each_head_at_its_training_labels(tmp_path):
     (tmp_path / "data/convert.json").write_text(json.dumps({"label_means": {"train": {"ctr": 0.2, "cvr": 0.0, "watch": 151.3}}}))
     at_labels = [math.log(0.2 / 0.8), math.log(1e-6 / (1 - 1e-6)), 151.3]
     assert biases() == pytest.approx(at_labels) and biases("model.output_bias=auto") == pytest.approx(at_labels)
+    assert build_model(load_config("configs/tiny.yaml", overrides), "cpu").heads.started_at_labels  # the run says so
+    assert not build_model(load_config("configs/tiny.yaml", [*overrides, "model.output_bias=torch"]), "cpu").heads.started_at_labels
     assert biases("model.output_bias=torch") == torch_init
     # Where the heads start does not tell a checkpoint apart: a resumed or scored run loads them.
     from concord.trainer.fingerprint import fingerprint

@@ -23,7 +23,7 @@ from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_p
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
-from concord.trainer.config import Config, output_bias_means, to_dict
+from concord.trainer.config import Config, to_dict
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
@@ -135,7 +135,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         if rt.is_main and own_run_dir:
-            start = "at the training labels' means recorded by convert" if output_bias_means(cfg) else "as torch initialises them"
+            start = "at the training labels' means recorded by convert" if model.heads.started_at_labels else "as torch initialises them"
             logger.info("the heads' output biases start %s (model.output_bias: %s)", start, cfg.model.output_bias)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
@@ -380,7 +380,7 @@ class Trainer:
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
             print(format_table(final, cfg.tasks))
             means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
-            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, output_bias_means(cfg) is not None):
+            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, self.model.heads.started_at_labels):
                 print(note)
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
