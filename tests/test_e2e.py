@@ -386,7 +386,7 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
                           cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ctr "))
-    assert row == ["ctr", "binary", "-", "-", "-", "-"]
+    assert row == ["ctr", "binary", "-", "-", "-", "-", "-"]
     written = pq.read_table(tmp_path / "p2.parquet").column_names
     assert "pred_ctr" in written and "label_ctr" not in written and "label_cvr" in written
 
