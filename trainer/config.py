@@ -452,8 +452,11 @@ def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
     without it is an error naming the record."""
     from concord.trainer.data.layout import convert_report, convert_report_path
 
-    if cfg.model.output_bias == "torch" or not cfg.data.train:
+    if cfg.model.output_bias == "torch" or (cfg.model.output_bias == "auto" and not cfg.data.train):
         return None
+    if not cfg.data.train:
+        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, "
+                          "read beside data.train, which is not set: set data.train, or model.output_bias: torch")
     means = (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
     missing = [t.name for t in cfg.tasks if means.get(t.name) is None]
     if not missing:
