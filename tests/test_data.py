@@ -100,6 +100,13 @@ def test_a_glob_names_training_data_and_a_partitioned_folder_is_named_with_one(t
     (tmp_path / "other/convert.json").write_text(json.dumps({"encoding": "b"}))
     with pytest.raises(DataError, match="data.eval: .*other/eval/.*parquet was converted with other vocabularies"):
         check(str(tmp_path / "log/day=1"), str(tmp_path / "other/eval/*.parquet"))
+    # A record there but unreadable (cut short, edited by hand) is named, not read as no record: that
+    # would turn the encoding check off and train on mismatched vocabularies in silence.
+    for text, problem in (('{"encoding": "a"', "invalid JSON"), ('["a"]', "a JSON list")):
+        (tmp_path / "other/convert.json").write_text(text)
+        with pytest.raises(DataError, match=rf"other/convert.json: not the record concord convert writes \({problem}.*\); "
+                                            r"run `concord convert` again$"):
+            check(str(tmp_path / "log/day=1"), str(tmp_path / "other/eval/*.parquet"))
 
 
 def test_a_missing_or_doubled_column_is_named_with_its_file(tmp_path):

@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from collections import Counter
@@ -764,7 +765,10 @@ class Converter:
             "encoding": encoding_digest(self.cv.categorical, vocabs, hashed, dense),
             "notes": notes,  # what the user should look at before training on it
         }
-        (meta_dir / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        # Written aside and renamed: a convert stopped here leaves the previous record or none, never half of one.
+        written = meta_dir / "convert.json.tmp"
+        written.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(written, meta_dir / "convert.json")
         return report
 
 

@@ -125,12 +125,24 @@ def convert_report_path(path: str | Path) -> Path:
 
 
 def convert_report(path: str | Path) -> dict:
-    """``convert.json`` of the data at ``path``; empty for data convert did not write."""
+    """``convert.json`` of the data at ``path``; empty for data convert did not write. One that is
+    there but unreadable is an error: read as absent, it would turn off the checks of the data's
+    encoding and ids and change the tables' sizes and the heads' start."""
+    where = convert_report_path(path)
     try:
-        report = json.loads(convert_report_path(path).read_text())
-    except (OSError, ValueError):
+        text = where.read_text()
+    except FileNotFoundError:
         return {}
-    return report if isinstance(report, dict) else {}
+    except OSError as e:
+        raise DataError(f"{where}: cannot read concord convert's record of the data: {e.strerror or e}") from e
+    try:
+        report = json.loads(text)
+        problem = "" if isinstance(report, dict) else f"a JSON {type(report).__name__}"
+    except ValueError as e:
+        problem = f"invalid JSON: {e}"
+    if problem:
+        raise DataError(f"{where}: not the record concord convert writes ({problem}); run `concord convert` again")
+    return report
 
 
 def data_encoding(path: str | Path) -> Optional[str]:
