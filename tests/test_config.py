@@ -63,6 +63,8 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["model"].update(experts={"type": "moe"}), r"model\.experts\.type: must be none, mmoe or ple, got 'moe'"),
         (lambda r: r["model"].update(experts={"type": "ple", "num_task": 0}), r"model\.experts\.num_task: must be >= 1 for ple"),
         (lambda r: r["model"].update(shared=[]), r"model\.shared: needs at least one layer"),
+        (lambda r: r["data"].update(train=" "), r"data\.train: is empty: give a folder, a file or a glob$"),
+        (lambda r: r["data"].update(eval=""), r"data\.eval: is empty: give a folder, a file or a glob, or leave it out$"),
         (lambda r: r["model"].update(output_bias="mean"), r"model\.output_bias: must be one of \('auto', 'labels', 'torch'\), got 'mean'"),
         # synth (and convert) write each split's folder anew: two splits in one folder would lose one
         (lambda r: r["data"].update(eval=r["data"]["train"]), r"data\.eval: .* is data\.train's folder \(.*\); each split is written to a folder of its own"),

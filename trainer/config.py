@@ -452,11 +452,8 @@ def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
     without it is an error naming the record."""
     from concord.trainer.data.layout import convert_report, convert_report_path
 
-    if cfg.model.output_bias == "torch" or (cfg.model.output_bias == "auto" and not cfg.data.train):
+    if cfg.model.output_bias == "torch":
         return None
-    if not cfg.data.train:
-        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, "
-                          "read beside data.train, which is not set: set data.train, or model.output_bias: torch")
     means = (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
     missing = [t.name for t in cfg.tasks if means.get(t.name) is None]
     if not missing:
@@ -584,6 +581,10 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.dist, key) not in (True, False, "auto"):
             fail(f"dist.{key}", f"must be true, false or auto, got {getattr(cfg.dist, key)!r}")
     d = cfg.data
+    for key, path in (("train", d.train), ("eval", d.eval), ("validation", d.validation)):
+        if path is not None and not path.strip():
+            # "" would be read as the working directory
+            fail(f"data.{key}", "is empty: give a folder, a file or a glob" + ("" if key == "train" else ", or leave it out"))
     if d.batch_size < 1:
         fail("data.batch_size", f"must be >= 1, got {d.batch_size}")
     if d.on_bad_id not in ("error", "hash"):
