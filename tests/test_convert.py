@@ -482,6 +482,13 @@ def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tm
     assert f"concord convert: note: {note}" in capsys.readouterr().out
     raw["model"]["tables"] = [{"name": f"t_{f}", "num_embeddings": 8, "embedding_dim": 4, "features": [f]} for f in ("user", "tags")]
     assert run(raw, force=True)["notes"] == []
+    # Two flags put in one table share both their values whatever they mean (female = 1 and married
+    # = 1 one row): too few values to tell ids of one kind, so noted too.
+    raw = base(tmp_path, rows=["1,0,1,1,0,0", "2,1,0,1,1,1", "3,1,1,1,0,0", "4,0,0,1,1,1", "1,0,1,1,0,0"])
+    raw["model"]["tables"] = [{"name": "t_flags", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
+    assert run(raw, force=True)["notes"] == [
+        "table 't_flags': features 'user' and 'tags' share 2 of their values ('1', '0'), each one embedding row for both; "
+        "if the two name different things, give each a table of its own"]
 
 
 def test_a_shared_vocabulary_keeps_a_value_that_meets_the_min_count_of_a_feature_holding_it(tmp_path):
