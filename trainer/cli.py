@@ -315,7 +315,11 @@ def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
     def work(rt) -> None:
         results = predict(cfg, rt, run_dir, data, out)
         if rt.is_main:
-            print(format_table(results, cfg.tasks))
+            unlabelled = [t.name for t in cfg.tasks if t.name not in results]
+            if len(unlabelled) < len(cfg.tasks):
+                print(format_table(results, [t for t in cfg.tasks if t.name in results]))
+            if unlabelled:
+                print(f"no metrics for {', '.join(unlabelled)}: the scored data holds no such labels")
             print(f"predictions: {out}")
 
     return _run_worker(cfg, work)
