@@ -458,11 +458,23 @@ def test_features_sharing_a_table_share_its_vocabulary(tmp_path):
     assert train["user"] == [[2], [2], [3], [4]] and train["tags"] == [[3, 1], [2], [1], [1, 1]]
     assert read(tmp_path, "eval")["tags"] == [[2, 0]]
     assert report["vocab_sizes"] == {"user": 4, "tags": 4}
-    assert report["notes"] == []  # they share most of their values: ids of one kind, nothing to note
+    # Four values a feature are too few to tell ids of one kind from codes that meet by chance: noted.
+    assert report["notes"] == ["table 't_both': features 'user' and 'tags' share 2 of their values ('a', 'b'), each one "
+                               "embedding row for both; if the two name different things, give each a table of its own"]
     raw = shared_table(tmp_path)
     raw["model"]["tables"][0]["num_embeddings"] = 4
     with pytest.raises(ConvertError, match=r"table 't_both' \(features 'user' and 'tags'\): the training split has 4 values"):
         run(raw, force=True)
+
+
+def test_ids_of_one_kind_sharing_a_table_are_not_noted(tmp_path):
+    """A clicked item and the candidate item: many values, most of them in both columns. That is what
+    a shared table is for, and nothing is noted."""
+    rows = [f"{1 + i % 3},u{i % 20},u{(i + 1) % 22},1,{i % 2},0" for i in range(60)] + ["4,u1,u2,1,0,0"]
+    raw = base(tmp_path, rows=rows)
+    raw["model"]["tables"] = [{"name": "t_item", "num_embeddings": 32, "embedding_dim": 4, "features": ["user", "tags"]}]
+    report = run(raw)
+    assert report["vocab_sizes"] == {"user": 22, "tags": 22} and report["notes"] == []
 
 
 def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tmp_path, capsys):
@@ -483,7 +495,7 @@ def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tm
     raw["model"]["tables"] = [{"name": f"t_{f}", "num_embeddings": 8, "embedding_dim": 4, "features": [f]} for f in ("user", "tags")]
     assert run(raw, force=True)["notes"] == []
     # Two flags put in one table share both their values whatever they mean (female = 1 and married
-    # = 1 one row): too few values to tell ids of one kind, so noted too.
+    # = 1 one row): sharing most of their values is no mark of ids of one kind, so noted too.
     raw = base(tmp_path, rows=["1,0,1,1,0,0", "2,1,0,1,1,1", "3,1,1,1,0,0", "4,0,0,1,1,1", "1,0,1,1,0,0"])
     raw["model"]["tables"] = [{"name": "t_flags", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
     assert run(raw, force=True)["notes"] == [

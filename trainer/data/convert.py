@@ -800,20 +800,24 @@ class _TextLabel:
                 f"(its commonest values: {commonest}; compared as text, spaces trimmed, case kept)")
 
 
+_FEW_VALUES = 16  # a feature with no more values than this may share them with another by chance
+
+
 def _shared_value_notes(table: str, features: List[Tuple[str, Counter]]) -> List[str]:
     """Pairs of a table's features that hold some of the same values but mostly others: each shared
     value is one embedding row for both, which is what sharing a table means for ids of one kind (a
     clicked item and the candidate item) and a silent merge for codes of different things put in one
     table (``none`` as an airbag's state and as a seat belt's). Pairs sharing most of their values are
-    the first kind, and those sharing none merge nothing: neither is noted. But two flags (0/1, yes/no)
-    share all of their few values whatever they mean: where a feature has two values or fewer, sharing
-    tells nothing, and is noted."""
+    the first kind, and those sharing none merge nothing: neither is noted. But codes with few values
+    (flags, 0/1 or yes/no; a credit history 1-6 beside a mortgage history 1-4) share most of them
+    whatever they mean: where a feature has ``_FEW_VALUES`` or fewer, sharing tells nothing, and any
+    shared value is noted."""
     notes = []
     for i, (a, a_counts) in enumerate(features):
         for b, b_counts in features[i + 1 :]:
             shared = a_counts.keys() & b_counts.keys()
             fewest = min(len(a_counts), len(b_counts))
-            if shared and (2 * len(shared) <= fewest or fewest <= 2):
+            if shared and (2 * len(shared) <= fewest or fewest <= _FEW_VALUES):
                 commonest = sorted(shared, key=lambda v: (-(a_counts[v] + b_counts[v]), v))[:3]
                 examples = ", ".join(repr(v) for v in commonest) + (", ..." if len(shared) > 3 else "")
                 notes.append(f"table {table!r}: features {a!r} and {b!r} share {len(shared)} of their values ({examples}), "
