@@ -21,6 +21,7 @@ import pytest
 from concord.configs.flights_prepare import main as prepare_flights
 from concord.trainer.config import ConfigError, config_from_dict, load_config
 from concord.trainer.data.convert import ConvertError, convert, input_files, stable_hash
+from concord.trainer.data.layout import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "day,user,tags,price,click,amount"
@@ -548,6 +549,13 @@ def test_a_table_of_auto_size_gets_one_row_per_value_of_its_vocabulary(tmp_path,
     raw["data"]["convert"]["categorical"][0]["min_count"] = 2  # converted again: the new vocabulary, no cap from the old one
     assert run(raw, force=True)["vocab_sizes"]["user"] == 0
     assert config_from_dict(copy.deepcopy(raw), "test.yaml").model.tables[0].num_embeddings == 1
+    # A record cut short: a model is not built on it (named), and converting again, which loads the
+    # same config, writes it anew.
+    (tmp_path / "out/convert.json").write_text('{"vocab_sizes": {"user"')
+    with pytest.raises(DataError, match=r"out/convert.json: not the record concord convert writes \(invalid JSON"):
+        build_model(config_from_dict(copy.deepcopy(raw), "test.yaml"))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--force"]) == 0
+    assert config_from_dict(copy.deepcopy(raw), "test.yaml").model.tables[0].num_embeddings == 13
 
 
 @pytest.mark.parametrize("change, message", [

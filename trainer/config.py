@@ -425,11 +425,15 @@ def size_tables_from_data(cfg: Config) -> None:
     """Tables with ``num_embeddings: auto`` get one row per value of their features' vocabulary plus
     one for unseen values, from what ``concord convert`` recorded beside ``data.train``; before it has
     run they stay ``auto`` (convert then builds the vocabularies without a size cap, and nothing else
-    runs: :func:`require_table_sizes`). ``sized_by_data`` marks them."""
-    from concord.trainer.data.layout import convert_report
+    runs: :func:`require_table_sizes`). ``sized_by_data`` marks them. An unreadable record leaves them
+    ``auto`` too: it is convert's to write again, and what needs the sizes names it."""
+    from concord.trainer.data.layout import DataError, convert_report
 
     auto = [t for t in cfg.model.tables if t.num_embeddings == "auto"]
-    vocab_sizes = (convert_report(cfg.data.train).get("vocab_sizes") or {}) if auto and cfg.data.train else {}
+    try:
+        vocab_sizes = (convert_report(cfg.data.train).get("vocab_sizes") or {}) if auto and cfg.data.train else {}
+    except DataError:
+        vocab_sizes = {}
     for table in auto:
         table.sized_by_data = True
         if all(f in vocab_sizes for f in table.features):
@@ -468,10 +472,11 @@ def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
 def require_table_sizes(cfg: Config) -> None:
     """Every table has its number of rows: a model cannot be built on an ``auto`` size whose data has
     not been converted yet."""
-    from concord.trainer.data.layout import convert_report_path
+    from concord.trainer.data.layout import convert_report, convert_report_path
 
     for i, table in enumerate(cfg.model.tables):
         if table.num_embeddings == "auto":
+            convert_report(cfg.data.train)  # an unreadable record is named as such
             raise ConfigError(f"{cfg.source}: model.tables[{i}].num_embeddings: auto takes the size of table {table.name!r} from the "
                               f"vocabulary sizes in {convert_report_path(cfg.data.train)}, which gives none for its features: "
                               f"convert the data with this config first (`concord convert --config {cfg.source}`), or "
