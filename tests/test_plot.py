@@ -20,6 +20,25 @@ def test_plot_from_a_log(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_tasks_are_drawn_in_the_configs_order_each_at_its_own_steps(tmp_path):
+    """The log keeps its keys sorted; the legend follows the config's tasks. A task absent from some
+    logged steps (no loss there) is drawn at the steps it has, not shifted onto the first ones."""
+    from concord.trainer.observe.plots import figure_series
+
+    (tmp_path / "config.yaml").write_text("balancer: {name: multibalance}\ntasks: [{name: watch}, {name: ctr}]\n")
+    log = RunLog(tmp_path)
+    for step in (10, 20, 30):
+        norms = {"watch": float(step)} if step == 20 else {"ctr": 0.01, "watch": float(step)}
+        log.write({"kind": "train", "step": step, "balancer": {"grad_norm": norms, "weights": {"ctr": 0.5, "watch": 0.5}}}, step)
+    log.close()
+    method, panels = figure_series(tmp_path)
+    assert method == "multibalance" and [title for title, _, _ in panels][1] == "(d) learned task weights"
+    norms, weights, weighted = (series for _, series, _ in panels)
+    assert list(norms) == list(weights) == list(weighted) == ["watch", "ctr"]
+    assert norms["ctr"] == ([10, 30], [0.01, 0.01]) and norms["watch"] == ([10, 20, 30], [10.0, 20.0, 30.0])
+    assert weighted["ctr"] == ([10, 30], [0.005, 0.005])  # weight x norm where both were logged
+
+
 def test_a_method_that_logs_no_weights_at_z_plots_without_a_warning(tmp_path):
     import warnings
 

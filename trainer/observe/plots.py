@@ -7,7 +7,7 @@ magnitudes (weight x rescaled norm for MultiBalance, weight x raw norm otherwise
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from concord.trainer.observe.runlog import read_records
 
@@ -19,12 +19,35 @@ def _train_records(run_dir: Path) -> List[dict]:
     return train
 
 
-def _series(records: List[dict], key: str) -> Dict[str, List[float]]:
-    out: Dict[str, List[float]] = {}
+def _series(records: List[dict], key: str, order: List[str]) -> Dict[str, Tuple[List[int], List[float]]]:
+    """Each task's (steps, values) of one telemetry key, tasks in ``order`` (the config's) and then any
+    other: a task missing from some records (an absent task) keeps its values at their own steps."""
+    out: Dict[str, Tuple[List[int], List[float]]] = {}
     for r in records:
         for task, value in r["balancer"].get(key, {}).items():
-            out.setdefault(task, []).append(value)
-    return out
+            steps, values = out.setdefault(task, ([], []))
+            steps.append(r["step"])
+            values.append(value)
+    rank = {task: i for i, task in enumerate(order)}
+    return dict(sorted(out.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def figure_series(run_dir: Path) -> Tuple[str, List[Tuple[str, Dict[str, Tuple[List[int], List[float]]], bool]]]:
+    """The run's method and the three panels: title, each task's series, and whether on a log scale:
+    (c) raw gradient magnitude, (d) weights, (e) weighted magnitude (MultiBalance logs its own, of the
+    rescaled norms; else weight x raw norm at the steps that log both)."""
+    records, config = _train_records(run_dir), _config(run_dir)
+    order = config.get("tasks_order", [])
+    norms, weights = _series(records, "grad_norm", order), _series(records, "weights", order)
+    weighted = _series(records, "weighted_grad_norm", order)
+    if not weighted:
+        for task, (steps, values) in weights.items():
+            norm_at = dict(zip(*norms.get(task, ([], []))))
+            kept = [(s, w * norm_at[s]) for s, w in zip(steps, values) if s in norm_at]
+            weighted[task] = ([s for s, _ in kept], [v for _, v in kept])
+    method = records[-1].get("balancer_name") or config.get("method", "?")
+    return method, [("(c) raw gradient magnitude at z", norms, True), ("(d) learned task weights", weights, False),
+                    ("(e) weighted gradient magnitude", weighted, True)]
 
 
 def plot_run(run_dir: str | Path) -> List[Path]:
@@ -34,22 +57,11 @@ def plot_run(run_dir: str | Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = _train_records(run_dir)
-    steps = [r["step"] for r in records]
-    norms, weights = _series(records, "grad_norm"), _series(records, "weights")
-    weighted = _series(records, "weighted_grad_norm") or {
-        t: [w * n for w, n in zip(weights[t], norms[t])] for t in weights if t in norms
-    }
-    method = records[-1].get("balancer_name") or _method_from_config(run_dir)
-    panels = [
-        ("(c) raw gradient magnitude at z", norms, True),
-        ("(d) learned task weights", weights, False),
-        ("(e) weighted gradient magnitude", weighted, True),
-    ]
+    method, panels = figure_series(run_dir)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, series, log_scale) in zip(axes, panels):
-        for task, values in series.items():
-            ax.plot(steps[: len(values)], values, label=task)
+        for task, (steps, values) in series.items():
+            ax.plot(steps, values, label=task)
         ax.set_title(title)
         ax.set_xlabel("step")
         if not series:  # a method that logs no such figure (a parameter-level one has no weights at z)
@@ -68,8 +80,13 @@ def plot_run(run_dir: str | Path) -> List[Path]:
     return [path]
 
 
-def _method_from_config(run_dir: Path) -> str:
+def _config(run_dir: Path) -> dict:
+    """The run's method and its tasks in the config's order, from its ``config.yaml``; {} without one."""
     import yaml
 
     cfg = run_dir / "config.yaml"
-    return yaml.safe_load(cfg.read_text())["balancer"]["name"] if cfg.is_file() else "?"
+    if not cfg.is_file():
+        return {}
+    raw = yaml.safe_load(cfg.read_text()) or {}
+    return {"method": (raw.get("balancer") or {}).get("name", "?"),
+            "tasks_order": [t["name"] for t in raw.get("tasks") or [] if isinstance(t, dict) and "name" in t]}
