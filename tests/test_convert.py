@@ -118,6 +118,22 @@ def test_dense_columns_use_the_training_statistics_after_the_log(tmp_path):
     np.testing.assert_allclose(read(tmp_path, "eval")["price"], (np.log1p([10.0, 5.0]) - mean) / std, rtol=1e-6)
 
 
+def test_missing_and_unseen_categorical_values_are_counted(tmp_path):
+    """An empty cell is an empty bag and a value training never had is the unseen row: neither is an
+    error, so the record counts both, per feature (the unseen ones per split)."""
+    report = run(base(tmp_path))
+    assert read(tmp_path, "train")["tags"][2] == []  # alice's empty tags on day 2
+    assert report["empty_categorical"] == {"user": 0, "tags": 1}
+    assert read(tmp_path, "eval")["user"] == [[0], [2]] and read(tmp_path, "eval")["tags"][0][1] == 0  # dave, z
+    assert report["unseen_values"] == {"train": {"user": 0, "tags": 0}, "eval": {"user": 1, "tags": 1}}
+    raw = base(tmp_path)
+    raw["data"]["convert"]["categorical"][0]["min_count"] = 2  # bob and carol: once each in training
+    assert run(raw, force=True)["unseen_values"] == {"train": {"user": 2, "tags": 0}, "eval": {"user": 2, "tags": 1}}
+    raw["data"]["convert"]["categorical"][0]["hash"] = True  # a hashed value has a row of its own: none is unseen
+    del raw["data"]["convert"]["categorical"][0]["min_count"]
+    assert run(raw, force=True)["unseen_values"]["eval"] == {"tags": 1}
+
+
 def test_a_time_split_without_cutoff_takes_the_quantile_and_records_it(tmp_path):
     raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.3})
     report = run(raw)
@@ -363,7 +379,9 @@ def test_a_binary_task_with_one_label_in_its_training_split_is_noted(tmp_path, c
     assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
     assert read(tmp_path, "train")["click"] == [0] * 5 and 1 in read(tmp_path, "eval")["click"]
     out = capsys.readouterr().out.splitlines()
-    assert out[-3] == "concord convert: missing dense values given their fill (data.convert.dense[].fill): price 1 (14.3%)"
+    assert out[-5] == "concord convert: missing dense values given their fill (data.convert.dense[].fill): price 1 (14.3%)"
+    assert out[-4] == "concord convert: missing categorical values, read as an empty bag (no embedding row): tags 1 (14.3%)"
+    assert out[-3] == "concord convert: eval rows with a value the training split lacks (the unseen row, id 0): user 1 (50.0%), tags 1 (50.0%)"
     assert out[-2].endswith("ctr 0, amount 1.4")
     assert out[-1] == ("concord convert: note: task 'ctr': every labelled row of the training split is 0 (column 'click'): its head "
                        "can learn only a constant; check the label's rule (data.convert.positive, positive_range)")

@@ -248,11 +248,19 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
 
 
 def _print_filled(report: Dict[str, Any]) -> None:
-    """Dense columns with values missing, filled with their rule's ``fill``: a share the user should know."""
+    """Dense columns with values missing, filled with their rule's ``fill``, categorical ones read as empty
+    bags, and the held-out rows whose values training never saw: shares the user should know."""
     total = sum(report["rows"].values())
     filled = [f"{name} {count:,} ({count / total:.1%})" for name, count in report["filled_dense"].items() if count]
     if filled:
         print("concord convert: missing dense values given their fill (data.convert.dense[].fill): " + ", ".join(filled))
+    empty = [f"{name} {count:,} ({count / total:.1%})" for name, count in report["empty_categorical"].items() if count]
+    if empty:
+        print("concord convert: missing categorical values, read as an empty bag (no embedding row): " + ", ".join(empty))
+    for split, counts in report["unseen_values"].items():
+        unseen = [f"{name} {count:,} ({count / report['rows'][split]:.1%})" for name, count in counts.items() if count]
+        if unseen and split != "train":  # the training split's are only its values rarer than min_count
+            print(f"concord convert: {split} rows with a value the training split lacks (the unseen row, id 0): " + ", ".join(unseen))
 
 
 def _synth(cfg, force: bool, if_missing: bool = False) -> int:

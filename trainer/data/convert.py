@@ -14,7 +14,7 @@ Categorical values become ids through a vocabulary of the training split (ids 1.
 0 for values unseen in training or rarer than ``min_count``; one per table, shared by its features)
 saved as ``vocab/<feature>.parquet``, or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
 empty bag. Beside the data, ``convert.json`` records the split used, the row counts, every skipped
-row by reason and column, the vocabulary sizes, the dense statistics and the encoding's digest.
+row by reason and column, the empty and unseen categorical values per feature, the vocabulary sizes, the dense statistics and the encoding's digest.
 
 Data to score with a trained model is encoded like its training data (``like``): pass 1 is replaced
 by that data's vocabularies and statistics, and every row goes to one folder.
@@ -621,6 +621,8 @@ class Converter:
         index); the rows written, dense values filled, label sums and labelled rows per writer."""
         d = self.cfg.data
         rows, filled = [0] * len(writers), Counter()
+        empty = Counter()  # rows whose categorical value is missing: an empty bag
+        unseen = [Counter() for _ in writers]  # rows holding a value the vocabulary lacks: the unseen row, id 0
         label_sums = np.zeros((len(writers), len(self.cfg.tasks)))
         label_counts = np.zeros((len(writers), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
         for chunk in self._decoded("writing", cutoff):
@@ -631,7 +633,12 @@ class Converter:
                 part = chunk.batch.filter(pa.array(mask))
                 cols: Dict[str, pa.Array] = {}
                 for rule in self.cv.categorical:
-                    cols[d.sparse_columns[rule.feature]] = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
+                    ids = self.ids(part.column(rule.column), rule, vocab_arrays.get(rule.feature))
+                    empty[rule.feature] += int(np.count_nonzero(np.diff(ids.offsets.to_numpy()) == 0))
+                    if not rule.hash:
+                        parents = pc.list_parent_indices(ids).to_numpy()
+                        unseen[split][rule.feature] += int(np.unique(parents[ids.values.to_numpy() == 0]).size)
+                    cols[d.sparse_columns[rule.feature]] = ids
                 for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
                     values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
                     missing = np.isnan(values)
@@ -654,7 +661,7 @@ class Converter:
             if count == 0:
                 raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
                                    else f"{self.cv.input}: no rows to encode")
-        return rows, filled, label_sums, label_counts
+        return rows, filled, empty, unseen, label_sums, label_counts
 
     def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
         """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
@@ -726,7 +733,7 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         try:
-            rows, filled, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
+            rows, filled, empty, unseen, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
                 shutil.rmtree(t, ignore_errors=True)
@@ -751,6 +758,9 @@ class Converter:
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
+            "empty_categorical": dict(empty),  # rows with no value: an empty bag, which the table reads as nothing
+            # rows with a value outside the vocabulary (unseen in training, or rarer than min_count): id 0
+            "unseen_values": {split: dict(counts) for split, counts in zip(names, unseen)},
             "passthrough": list(d.passthrough),  # input columns copied unchanged
             # a binary task's positive rate, a regression's mean label, over the rows with the label:
             # what a label rule made of the input
