@@ -417,6 +417,30 @@ def test_a_masked_tasks_missing_label_keeps_the_row_for_the_other_tasks(tmp_path
     assert read(tmp_path, "train")["late"] == [1, None, 0] and read(tmp_path, "eval")["late"] == [1]
 
 
+def test_rows_without_any_label_are_counted_and_noted_or_left_out(tmp_path):
+    """A row whose every (masked) task lacks its label trains nothing: kept by default, counted per
+    split and noted; ``unlabelled_rows: skip`` leaves it out, counted with the skipped rows, and a
+    time quantile is then taken over the rows written."""
+    rows = ["1,alice,a,1,1,2.5", "1,bob,a,1,,", "2,carol,a,1,0,", "3,dave,b,1,,", "4,erin,a,1,1,", "4,fay,a,1,,"]
+    raw = base(tmp_path, rows=rows)
+    for task in raw["tasks"]:
+        task["missing_label"] = "masked"
+    report = run(raw)
+    assert report["rows"] == {"train": 4, "eval": 2} and report["unlabelled_rows"] == {"train": 2, "eval": 1}
+    assert report["notes"] == ["2 training rows (50.0%) have no label for any task: they train nothing but take places in "
+                               "every batch; data.convert.unlabelled_rows: skip leaves them out"]
+    raw["data"]["convert"]["unlabelled_rows"] = "skip"
+    report = run(raw, force=True)
+    assert read(tmp_path, "train")["user"] == [[1], [2]] and report["notes"] == []  # alice, carol: "b" never enters the vocabularies
+    assert report["rows"] == {"train": 2, "eval": 1} and report["unlabelled_rows"] == {"train": 0, "eval": 0}
+    assert report["skipped_rows"] == {"no label for any task": 3} and report["vocab_sizes"]["tags"] == 1
+    raw["data"]["convert"]["split"] = {"by": "time", "column": "day", "eval_fraction": 0.34}
+    assert run(raw, force=True)["split"]["cutoff_used"] == pytest.approx(np.quantile([1, 2, 4], 0.66))
+    with pytest.raises(ConfigError, match=r"data\.convert\.unlabelled_rows: must be 'keep' or 'skip', got 'drop'"):
+        raw["data"]["convert"]["unlabelled_rows"] = "drop"
+        run(raw, force=True)
+
+
 def test_tasks_reading_one_column_treat_its_missing_values_alike(tmp_path):
     raw = base(tmp_path)
     raw["tasks"] = [{"name": "a", "label": "click", "missing_label": "masked"}, {"name": "b", "label": "click"}]

@@ -126,6 +126,9 @@ class ConvertConfig:
     format: str = "auto"  # auto (by extension) | csv | parquet
     delimiter: str = "auto"  # auto: a tab for .tsv files (compressed too), a comma for others; or one character
     on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
+    # A row whose every task's label is missing (each task masked): keep (it trains nothing but takes
+    # a batch's place; counted and noted) | skip (left out, counted)
+    unlabelled_rows: str = "keep"
     row_group_size: int = 16_384
     chunk_rows: int = 65_536  # rows decoded at a time: memory stays bounded whatever the input size
 
@@ -825,6 +828,8 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.format", f"must be auto, csv or parquet, got {cv.format!r}")
     if cv.on_bad_row not in ("error", "skip"):
         fail("data.convert.on_bad_row", f"must be 'error' or 'skip', got {cv.on_bad_row!r}")
+    if cv.unlabelled_rows not in ("keep", "skip"):
+        fail("data.convert.unlabelled_rows", f"must be 'keep' or 'skip', got {cv.unlabelled_rows!r}")
     if len(cv.delimiter) != 1 and cv.delimiter != "auto":
         fail("data.convert.delimiter", f"must be one character or auto, got {cv.delimiter!r}")
     for key in ("row_group_size", "chunk_rows"):

@@ -457,10 +457,10 @@ class Converter:
             return cutoff
         # Over the rows that will be written, so that eval_fraction is the share of the output held
         # out. Where bad rows are skipped, a row skipped for a bad value elsewhere is none of them,
-        # so every column is decoded; else any bad row stops the conversion, and reading the time
+        # so every column is decoded (so too where rows without labels are); else any bad row stops the conversion, and reading the time
         # column alone gives the same rows for far less work.
         times = []
-        if self.cv.on_bad_row == "skip":
+        if self.cv.on_bad_row == "skip" or self.cv.unlabelled_rows == "skip":
             times = [chunk.times for chunk in self._decoded("time column", math.inf)]
         else:
             self._pass_skips = Counter()
@@ -537,6 +537,10 @@ class Converter:
             elif task.type == "binary":
                 check(np.isfinite(values) & (values != 0) & (values != 1), column, f"task {task.name!r} is binary: the label must be 0 or 1")
             labels[:, k] = values
+        if self.cv.unlabelled_rows == "skip" and self.like is None and labels.shape[1]:
+            unlabelled = np.isnan(labels).all(axis=1) & ~bad_rows  # every task masked here: nothing to train
+            self._pass_skips["no label for any task"] += int(unlabelled.sum())
+            bad_rows |= unlabelled
         weights = None
         if self.weight:
             weights, bad = parse_numbers(batch.column(self.weight))
@@ -623,6 +627,7 @@ class Converter:
         rows, filled = [0] * len(writers), Counter()
         empty = Counter()  # rows whose categorical value is missing: an empty bag
         unseen = [Counter() for _ in writers]  # rows holding a value the vocabulary lacks: the unseen row, id 0
+        unlabelled = [0] * len(writers)  # rows kept without a label for any task
         label_sums = np.zeros((len(writers), len(self.cfg.tasks)))
         label_counts = np.zeros((len(writers), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
         for chunk in self._decoded("writing", cutoff):
@@ -655,13 +660,15 @@ class Converter:
                 rows[split] += int(mask.sum())
                 label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
                 label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
+                if labelled:
+                    unlabelled[split] += int(np.isnan(chunk.labels[mask][:, [k for k, _ in labelled]]).all(axis=1).sum())
         for w in writers:
             w.close()
         for split, count in zip(names, rows):
             if count == 0:
                 raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
                                    else f"{self.cv.input}: no rows to encode")
-        return rows, filled, empty, unseen, label_sums, label_counts
+        return rows, filled, empty, unseen, unlabelled, label_sums, label_counts
 
     def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
         """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
@@ -683,6 +690,16 @@ class Converter:
                 f"{self.label_inputs[k]!r}): its head can learn only a constant; check the label's rule "
                 "(data.convert.positive, positive_range)"
                 for k, task in labelled if task.type == "binary" and counts[k] and sums[k] in (0, counts[k]) and task.label not in self.absent_positives]
+
+    @staticmethod
+    def _unlabelled_notes(unlabelled: int, rows: int) -> List[str]:
+        """Training rows without any task's label train nothing, yet take a batch's places and count in
+        every masked task's loss as rows without its label do (each loss is a sum over its labelled rows
+        divided by the batch's rows)."""
+        if not unlabelled:
+            return []
+        return [f"{unlabelled:,} training rows ({unlabelled / rows:.1%}) have no label for any task: they train nothing but "
+                "take places in every batch; data.convert.unlabelled_rows: skip leaves them out"]
 
     def _vocabulary_tables(self) -> Dict[str, List]:
         """Table name -> the categorical rules of its features that build a vocabulary."""
@@ -733,7 +750,7 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         try:
-            rows, filled, empty, unseen, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
+            rows, filled, empty, unseen, unlabelled, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
                 shutil.rmtree(t, ignore_errors=True)
@@ -748,7 +765,7 @@ class Converter:
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
         notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
-                                                  *self.shared_value_notes]
+                                                  *self._unlabelled_notes(unlabelled[0], rows[0]), *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
@@ -769,6 +786,7 @@ class Converter:
             # rows with each task's label (below the split's rows only for a task whose label may be missing)
             "labelled_rows": {split: {task.name: int(counts[k]) for k, task in labelled}
                               for split, counts in zip(names, label_counts)},
+            "unlabelled_rows": dict(zip(names, unlabelled)),  # rows kept with no task's label (unlabelled_rows: keep)
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": hashed,
             "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in dense.items()},
