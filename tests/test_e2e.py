@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tiny_data import tiny_data
 
@@ -117,6 +118,13 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Transfer: multi-task against single-task models" in report
     assert f"| equal | {multi['eval']['ctr']['ne']:.4f} |" in report and f"{transfer:+.2f} ± 0.00" in report
+    # A cell recorded before a setting existed (its config.yaml lacks the key) reads it at its default:
+    # an upgrade alone does not make it another setup.
+    recorded = yaml.safe_load((out / "runs/equal-seed0/config.yaml").read_text())
+    del recorded["data"]["prefetch"]
+    (out / "runs/equal-seed0/config.yaml").write_text(yaml.safe_dump(recorded))
+    upgraded = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert upgraded.returncode == 0 and "[1/2] equal, seed 0: done earlier, reused" in upgraded.stdout, upgraded.stderr[-2000:]
     # A task no held-out row had the label for (missing_label: masked) has no metrics: named in one line.
     del multi["eval"]["cvr"]
     (out / "runs/equal-seed0/summary.json").write_text(json.dumps(multi))

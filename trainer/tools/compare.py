@@ -35,7 +35,7 @@ import yaml
 
 from concord.balancing import RepresentationBoundary, available_balancers, build_balancer
 from concord.balancing.param_level import PARAMETER_LEVEL
-from concord.trainer.config import Config, config_with, load_config, packaged_configs, resolve_config_path, to_dict
+from concord.trainer.config import Config, ConfigError, config_with, load_config, packaged_configs, resolve_config_path, to_dict
 from concord.trainer.data.layout import check_data_exists, count_rows, data_encoding, published_checkpoints, saved_fingerprint
 from concord.trainer.fingerprint import describe_changes
 from concord.trainer.tools.methods import parse_method, resolve_method
@@ -204,6 +204,7 @@ def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, met
     if not isinstance(trained, dict):
         raise CompareError(f"{run_dir}: has a summary.json but no readable config.yaml, so what it trained is unknown; "
                            f"remove {run_dir} to train it again")
+    trained = _with_todays_defaults(trained, run_dir)
     changed = sorted(k for k in set(now) | set(trained) if now.get(k) != trained.get(k))
     then_data, now_data = _training_data(run_dir, now["data"]["train"])
     if then_data != now_data:
@@ -212,6 +213,16 @@ def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, met
     if changed:
         raise CompareError(f"{run_dir}: trained with another setup than this comparison's ({describe_changes(changed, trained, now)}), "
                            f"so its results cannot join this report; use another --out, or remove {run_dir.parent} to train every cell again")
+
+
+def _with_todays_defaults(trained: dict, run_dir: Path) -> dict:
+    """A cell's recorded config read by this version of Concord: a key added since (a new setting,
+    whose default keeps what the cell's version did) takes its default, so an upgrade alone does not
+    make every earlier cell "another setup". A record this version cannot read is compared as it is."""
+    try:
+        return to_dict(config_with(dict(trained), source=str(run_dir / "config.yaml")))
+    except ConfigError:
+        return trained
 
 
 def _training_data(run_dir: Path, train: str | None) -> Tuple[dict, dict]:
