@@ -916,6 +916,29 @@ def test_the_nlswork_config_masks_unasked_labels_and_splits_by_interview_year(tm
     assert report["filled_dense"]["wks_ue"] == 1 and report["filled_dense"]["hours"] == 1
 
 
+def test_the_star_config_masks_missing_scores_and_reads_missing_codes_as_empty_bags(tmp_path):
+    """configs/star.yaml on rows in the mlmRev `star` schema (R's NA written as an empty cell): a
+    missing score keeps its row for the other score, a record with neither is kept and counted, a
+    missing code is an empty bag, counted, and the grade "K" is a category like "1"."""
+    header = "rownames,id,sch,gr,cltype,hdeg,clad,exp,trace,read,math,ses,schtype,sx,eth,birthq,birthy,yrs,tch"
+    records = [
+        "1,100017,28,K,small,BS/BA,1,3.0,B,476.0,602.0,F,inner,F,B,1980:1,1980.0,0,478",
+        "2,100045,41,1,small,BS/BA,1,20.0,W,507.0,,N,suburb,M,W,1980:2,1980.0,1,698",
+        "3,100111,3,2,reg,BS/BA,NOT,23.0,W,,,N,rural,F,W,1980:1,1980.0,2,44",
+        "4,100173,24,2,small,,,,,582.0,579.0,F,suburb,M,B,1980:2,,2,409",
+    ]
+    report = convert_rows(tmp_path, "star", header, records, "data.convert.split.by=none")
+    assert report["rows"] == {"train": 4}
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["math"] == [602, None, None, 579] and train["read"] == [476, 507, None, 582]
+    assert report["unlabelled_rows"]["train"] == 1 and report["labelled_rows"]["train"] == {"math": 2, "read": 3}
+    assert train["degree"][3] == [] and train["teacher_race"][3] == [] and train["experience"][3] == 0.0
+    assert report["empty_categorical"] == {**{f: 0 for f in report["empty_categorical"]}, "degree": 1, "ladder": 1, "teacher_race": 1}
+    assert report["filled_dense"] == {"experience": 1, "birth_year": 1}
+    grades = pq.read_table(tmp_path / "vocab/grade.parquet").to_pydict()
+    assert sorted(grades["value"]) == ["1", "2", "K"]
+
+
 def test_the_stops_config_keeps_rows_without_some_labels_and_gives_both_races_one_vocabulary(tmp_path):
     """configs/stops.yaml on rows in the carData `MplsStops` schema: a stop entered outside the squad
     car has no search labels and a stop before April no citation label, and each is kept (null
