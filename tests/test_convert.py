@@ -1055,6 +1055,14 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
     assert table["user"] == [[3], [0]] and table["tags"] == [[2, 0], []]  # carol 3; erin and q unseen; a is 2
     assert table["price"][0] == read(tmp_path, "train")["price"][0] and table["price"][1] == 0.0  # alice's 10; missing: the mean
     assert "click" not in table and "amount" not in table
+    assert scored["unseen_values"] == {"data": {"user": 1, "tags": 1}} and scored["empty_categorical"] == {"user": 0, "tags": 1}
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--encode-like", str(tmp_path / "out"), "--out", str(tmp_path / "cli/data")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["concord convert: missing categorical values, read as an empty bag (no embedding row): tags 1 (50.0%)",
+                            "concord convert: rows with a value the training split lacks (the unseen row, id 0): user 1 (50.0%), tags 1 (50.0%)"]
     check_same_encoding("the data to score", str(tmp_path / "score/data"), "the training data", "out/train", trained["encoding"])
 
     other = copy.deepcopy(raw)

@@ -260,7 +260,8 @@ def _print_filled(report: Dict[str, Any]) -> None:
     for split, counts in report["unseen_values"].items():
         unseen = [f"{name} {count:,} ({count / report['rows'][split]:.1%})" for name, count in counts.items() if count]
         if unseen and split != "train":  # the training split's are only its values rarer than min_count
-            print(f"concord convert: {split} rows with a value the training split lacks (the unseen row, id 0): " + ", ".join(unseen))
+            rows = "rows" if split == "data" else f"{split} rows"  # data: rows encoded like a training split
+            print(f"concord convert: {rows} with a value the training split lacks (the unseen row, id 0): " + ", ".join(unseen))
 
 
 def _synth(cfg, force: bool, if_missing: bool = False) -> int:
