@@ -176,6 +176,16 @@ def test_the_launcher_refuses_a_checkpoint_it_cannot_continue_from_its_record(tm
     check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "balancer.name=emtl", "train.allow_changes=[balancer]"]))
     check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "data.batch_size=32", "train.resume=false"]))
 
+    # A record written before a model setting existed reads it at its default: an upgrade alone resumes,
+    # and a value other than the default is still named.
+    record = fingerprint(cfg, cfg.world_size, rows)
+    del record["model"]["tables"][0]["pooling"], record["model"]["experts"]
+    (step / "concord.json").write_text(json.dumps({"fingerprint": record}))
+    check_resumable(cfg)
+    with pytest.raises(ResumeError, match=r"different setup \(model\.tables\[0\]\.pooling: sum -> mean\)"):
+        check_resumable(load_config(ROOT / "configs/tiny.yaml", [*setup, "model.tables[0].pooling=mean"]))
+    (step / "concord.json").write_text(json.dumps({"fingerprint": fingerprint(cfg, cfg.world_size, rows)}))
+
     # A new run directory starting from this run's checkpoint is checked against it too.
     elsewhere = [*data, f"train.run_dir={tmp_path}/other", f"train.resume_from={tmp_path}/run"]
     check_resumable(load_config(ROOT / "configs/tiny.yaml", elsewhere))

@@ -9,8 +9,11 @@ data, the seed) would silently re-train rows or load the wrong shapes.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from concord.trainer.config import ModelConfig
 
 from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints, saved_fingerprint
 
@@ -21,7 +24,7 @@ SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the tra
 def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
     model = dataclasses.asdict(cfg.model)
     embedding_optimizer = model.pop("embedding_optimizer")
-    model.pop("output_bias")  # where the heads start: a resumed run loads them, a scored one too
+    model.pop("output_bias")  # where the heads start: a resumed run loads them, a scored one too (_NOT_FINGERPRINTED)
     return {
         "model": model,
         "embedding_optimizer": embedding_optimizer["name"],
@@ -45,9 +48,44 @@ class ResumeError(RuntimeError):
     differing keys and the ways out."""
 
 
+def with_todays_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A fingerprint written by an earlier version, as this one would have written it: a model setting
+    added since (whose default keeps what the earlier version built) takes its default, so that an
+    upgrade alone does not make a checkpoint another model."""
+    if not isinstance(saved.get("model"), dict):
+        return saved
+    return {**saved, "model": _filled(saved["model"], ModelConfig, _NOT_FINGERPRINTED)}
+
+
+_NOT_FINGERPRINTED = ("embedding_optimizer", "output_bias")  # model settings :func:`fingerprint` leaves out
+
+
+def _filled(saved: Dict[str, Any], cls, leave_out=()) -> Dict[str, Any]:
+    out = dict(saved)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, value = hints[f.name], out.get(f.name)
+        if f.name in leave_out:
+            continue
+        if f.name not in out:
+            default = (f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if default is not dataclasses.MISSING:
+                out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        elif dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            out[f.name] = _filled(value, kind)
+        elif typing.get_origin(kind) is list and isinstance(value, list):
+            (item,) = typing.get_args(kind)
+            if dataclasses.is_dataclass(item):  # the tables
+                out[f.name] = [_filled(v, item) if isinstance(v, dict) else v for v in value]
+    return out
+
+
 def check_resume(checkpoint: str | Path, saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> List[str]:
-    """The keys in which ``now`` differs from the ``saved`` fingerprint of ``checkpoint``; raises
-    :class:`ResumeError` where one of them is not in ``allowed`` (``train.allow_changes``)."""
+    """The keys in which ``now`` differs from the ``saved`` fingerprint of ``checkpoint`` (read with
+    today's defaults); raises :class:`ResumeError` where one of them is not in ``allowed``
+    (``train.allow_changes``)."""
+    saved = with_todays_defaults(saved)
     changed = differences(saved, now)
     refused = [key for key in changed if key not in allowed]
     if refused:

@@ -28,7 +28,7 @@ from concord.trainer.config import Config
 from concord.trainer.data.layout import DataError, check_scored_encoding, list_files
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint
+from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint, with_todays_defaults
 from concord.trainer.runtime import Runtime
 from concord.trainer.train import Trainer, pop_balancer_entries, restore_entries, without_boundary_records
 
@@ -90,7 +90,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     path = ck.latest()
     if path is None:
         raise ResumeError(f"{run_dir}: no checkpoint to score with (run_dir/checkpoints holds none)")
-    saved = ck.info(path).get("fingerprint", {})
+    saved = with_todays_defaults(ck.info(path).get("fingerprint", {}))
     now = fingerprint(trainer.cfg, trainer.rt.world_size, 0)
     changed = differences(saved, now)
     wrong = [k for k in MODEL_KEYS if k in changed]
