@@ -45,6 +45,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     files = list_files(spec)
     _check_passthrough(files, cfg.data.passthrough)
     cfg.model.output_bias = "torch"  # the checkpoint gives the heads' biases: no need of the training data's record
+    cfg.dist.statistics_on_host = False  # scoring runs no backward: no balancer statistics to sum
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
     path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, files[0])
