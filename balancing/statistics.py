@@ -63,14 +63,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """``||t||^2`` as a float64 scalar: one dot product in the tensor's dtype (half precision widened),
-    as the Gram's entries are."""
-    flat = t.reshape(-1)
-    flat = flat.double() if flat.dtype in _NARROW else flat
-    return torch.dot(flat, flat).double()
-
-
 def local_statistics(
     grads: Sequence[Optional[torch.Tensor]],
     losses: torch.Tensor,

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from concord.trainer.data.layout import CHECKPOINT_NAME, published_checkpoints
+from concord.trainer.data.layout import published_checkpoints
 
 logger = logging.getLogger("concord.checkpoint")
 
@@ -207,10 +207,3 @@ def verify(path: Path) -> Optional[str]:
         if _crc32(f) != crc:
             return f"{name} does not match its checksum"
     return None
-
-
-def step_of(path: Path) -> int:
-    match = CHECKPOINT_NAME.match(path.name)
-    if not match:
-        raise CheckpointError(f"{path}: not a checkpoint directory name (step-XXXXXXXX)")
-    return int(match.group(1))
