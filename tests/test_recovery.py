@@ -179,7 +179,7 @@ def test_the_launcher_refuses_a_checkpoint_it_cannot_continue_from_its_record(tm
     # A record written before a model setting existed reads it at its default: an upgrade alone resumes,
     # and a value other than the default is still named.
     record = fingerprint(cfg, cfg.world_size, rows)
-    del record["model"]["tables"][0]["pooling"], record["model"]["experts"]
+    del record["model"]["tables"][0]["pooling"], record["model"]["experts"], record["balancer"]["statistics_every"]
     (step / "concord.json").write_text(json.dumps({"fingerprint": record}))
     check_resumable(cfg)
     with pytest.raises(ResumeError, match=r"different setup \(model\.tables\[0\]\.pooling: sum -> mean\)"):

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from concord.trainer.config import ModelConfig
+from concord.trainer.config import BalancerConfig, ModelConfig
 
 from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints, saved_fingerprint
 
@@ -49,12 +49,15 @@ class ResumeError(RuntimeError):
 
 
 def with_todays_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """A fingerprint written by an earlier version, as this one would have written it: a model setting
-    added since (whose default keeps what the earlier version built) takes its default, so that an
+    """A fingerprint written by an earlier version, as this one would have written it: a model or
+    balancer setting added since (whose default keeps what the earlier version built) takes its default, so that an
     upgrade alone does not make a checkpoint another model."""
-    if not isinstance(saved.get("model"), dict):
-        return saved
-    return {**saved, "model": _filled(saved["model"], ModelConfig, _NOT_FINGERPRINTED)}
+    upgraded = dict(saved)
+    if isinstance(saved.get("model"), dict):
+        upgraded["model"] = _filled(saved["model"], ModelConfig, _NOT_FINGERPRINTED)
+    if isinstance(saved.get("balancer"), dict):  # its settings beside the knobs (only set knobs are recorded)
+        upgraded["balancer"] = _filled(saved["balancer"], BalancerConfig, ("knobs",))
+    return upgraded
 
 
 _NOT_FINGERPRINTED = ("embedding_optimizer", "output_bias")  # model settings :func:`fingerprint` leaves out
