@@ -333,7 +333,7 @@ def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
     does (either bound, or both: a band). Every other value is 0; a missing value is a bad row; the
     report gives each split's positive rates."""
     header = "day,user,tags,price,outcome,delay"
-    rows = ["1,alice,a,1, bought ,20", "1,bob,a,1,left,15", "2,carol,a,1,viewed,-31", "2,dave,a,1,bought,0",
+    rows = ["1,alice,a,2, bought ,20", "1,bob,a,1,left,15", "2,carol,a,1,viewed,-31", "2,dave,a,1,bought,0",
             "3,erin,a,1,left,-30", "4,frank,a,1,bought,14.5", "4,gus,a,1,viewed,-45"]
     raw = base(tmp_path)
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows]) + "\n")
@@ -417,11 +417,22 @@ def test_a_masked_tasks_missing_label_keeps_the_row_for_the_other_tasks(tmp_path
     assert read(tmp_path, "train")["late"] == [1, None, 0] and read(tmp_path, "eval")["late"] == [1]
 
 
+def test_a_dense_column_without_spread_in_training_is_noted(tmp_path):
+    """Every training value the same (or missing): standardized it is 0 everywhere, a feature the
+    model cannot use, said once. Held-out values do not count."""
+    rows = ["1,alice,a,5,1,2.5", "2,bob,b,,0,0", "3,carol,a,5,0,1", "4,dave,b,7,1,4"]
+    assert run(base(tmp_path, rows=rows))["notes"] == [
+        "dense column 'price' does not vary over the training split (each value 1.79176 after its transform, or "
+        "missing): the model cannot learn from it"]  # log1p(5)
+    rows[2] = "3,carol,a,6,0,1"
+    assert run(base(tmp_path, rows=rows), force=True)["notes"] == []
+
+
 def test_rows_without_any_label_are_counted_and_noted_or_left_out(tmp_path):
     """A row whose every (masked) task lacks its label trains nothing: kept by default, counted per
     split and noted; ``unlabelled_rows: skip`` leaves it out, counted with the skipped rows, and a
     time quantile is then taken over the rows written."""
-    rows = ["1,alice,a,1,1,2.5", "1,bob,a,1,,", "2,carol,a,1,0,", "3,dave,b,1,,", "4,erin,a,1,1,", "4,fay,a,1,,"]
+    rows = ["1,alice,a,2,1,2.5", "1,bob,a,1,,", "2,carol,a,1,0,", "3,dave,b,1,,", "4,erin,a,1,1,", "4,fay,a,1,,"]
     raw = base(tmp_path, rows=rows)
     for task in raw["tasks"]:
         task["missing_label"] = "masked"
@@ -484,7 +495,7 @@ def test_a_vocabulary_larger_than_its_table_is_an_error_with_the_way_out(tmp_pat
 
 def shared_table(tmp_path: Path, **tags_rule) -> dict:
     """``user`` and ``tags`` in one table: some values (a, b) appear in both columns."""
-    rows = ["1,a,b|c,1,0,0", "1,a,a,1,1,1", "2,b,c,1,0,0", "3,d,c|c,1,1,1", "4,e,a|e,1,0,0"]
+    rows = ["1,a,b|c,2,0,0", "1,a,a,1,1,1", "2,b,c,1,0,0", "3,d,c|c,1,1,1", "4,e,a|e,1,0,0"]
     raw = base(tmp_path, rows=rows)
     raw["data"]["convert"]["categorical"][1].update(tags_rule)
     raw["model"]["tables"] = [{"name": "t_both", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
@@ -513,7 +524,7 @@ def test_features_sharing_a_table_share_its_vocabulary(tmp_path):
 def test_ids_of_one_kind_sharing_a_table_are_not_noted(tmp_path):
     """A clicked item and the candidate item: many values, most of them in both columns. That is what
     a shared table is for, and nothing is noted."""
-    rows = [f"{1 + i % 3},u{i % 20},u{(i + 1) % 22},1,{i % 2},0" for i in range(60)] + ["4,u1,u2,1,0,0"]
+    rows = [f"{1 + i % 3},u{i % 20},u{(i + 1) % 22},{1 + i % 5},{i % 2},0" for i in range(60)] + ["4,u1,u2,1,0,0"]
     raw = base(tmp_path, rows=rows)
     raw["model"]["tables"] = [{"name": "t_item", "num_embeddings": 32, "embedding_dim": 4, "features": ["user", "tags"]}]
     report = run(raw)
@@ -525,7 +536,7 @@ def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tm
     a row for the value they both have: said, with the values, not silently merged."""
     from concord.trainer.cli import main
 
-    rows = ["1,none,belted,1,0,0", "1,airbag,none,1,1,1", "2,none,lap,1,0,0", "3,airbag,belted,1,1,1", "4,none,lap,1,0,0"]
+    rows = ["1,none,belted,2,0,0", "1,airbag,none,1,1,1", "2,none,lap,1,0,0", "3,airbag,belted,1,1,1", "4,none,lap,1,0,0"]
     raw = base(tmp_path, rows=rows)
     raw["model"]["tables"] = [{"name": "t_car", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
     note = ("table 't_car': features 'user' and 'tags' share 1 of their values ('none'), each one embedding row for both; "
@@ -539,7 +550,7 @@ def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tm
     assert run(raw, force=True)["notes"] == []
     # Two flags put in one table share both their values whatever they mean (female = 1 and married
     # = 1 one row): sharing most of their values is no mark of ids of one kind, so noted too.
-    raw = base(tmp_path, rows=["1,0,1,1,0,0", "2,1,0,1,1,1", "3,1,1,1,0,0", "4,0,0,1,1,1", "1,0,1,1,0,0"])
+    raw = base(tmp_path, rows=["1,0,1,2,0,0", "2,1,0,1,1,1", "3,1,1,1,0,0", "4,0,0,1,1,1", "1,0,1,1,0,0"])
     raw["model"]["tables"] = [{"name": "t_flags", "num_embeddings": 8, "embedding_dim": 4, "features": ["user", "tags"]}]
     assert run(raw, force=True)["notes"] == [
         "table 't_flags': features 'user' and 'tags' share 2 of their values ('1', '0'), each one embedding row for both; "

@@ -691,6 +691,11 @@ class Converter:
                 "(data.convert.positive, positive_range)"
                 for k, task in labelled if task.type == "binary" and counts[k] and sums[k] in (0, counts[k]) and task.label not in self.absent_positives]
 
+    def _constant_dense_notes(self, moments: List[_Moments]) -> List[str]:
+        """Dense columns without spread over the training split: a feature the model cannot use."""
+        return [f"dense column {rule.column!r} does not vary over the training split (each value {m.mean:g} after its "
+                "transform, or missing): the model cannot learn from it" for rule, m in zip(self.dense_rules, moments) if m.std == 0]
+
     @staticmethod
     def _unlabelled_notes(unlabelled: int, rows: int) -> List[str]:
         """Training rows without any task's label train nothing, yet take a batch's places and count in
@@ -765,7 +770,8 @@ class Converter:
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
         notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
-                                                  *self._unlabelled_notes(unlabelled[0], rows[0]), *self.shared_value_notes]
+                                                  *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments),
+                                                  *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
