@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from concord.trainer.config import BalancerConfig, ModelConfig
-
 from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints, saved_fingerprint
 
 # Keys of the fingerprint a user may let differ, with what then happens.
@@ -50,8 +49,8 @@ class ResumeError(RuntimeError):
 
 def with_todays_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A fingerprint written by an earlier version, as this one would have written it: a model or
-    balancer setting added since (whose default keeps what the earlier version built) takes its default, so that an
-    upgrade alone does not make a checkpoint another model."""
+    balancer setting added since (whose default keeps what the earlier version built) takes its
+    default, so that an upgrade alone does not make a checkpoint another setup."""
     upgraded = dict(saved)
     if isinstance(saved.get("model"), dict):
         upgraded["model"] = _filled(saved["model"], ModelConfig, _NOT_FINGERPRINTED)
@@ -64,6 +63,8 @@ _NOT_FINGERPRINTED = ("embedding_optimizer", "output_bias")  # model settings :f
 
 
 def _filled(saved: Dict[str, Any], cls, leave_out=()) -> Dict[str, Any]:
+    """``saved`` (a section of dataclass ``cls``, as ``asdict`` wrote it) with the fields it lacks at
+    their defaults, nested sections and lists of them (the tables) alike."""
     out = dict(saved)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

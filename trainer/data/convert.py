@@ -14,7 +14,8 @@ Categorical values become ids through a vocabulary of the training split (ids 1.
 0 for values unseen in training or rarer than ``min_count``; one per table, shared by its features)
 saved as ``vocab/<feature>.parquet``, or through a stable hash (BLAKE2b) into the feature's table size. An empty or missing cell is an
 empty bag. Beside the data, ``convert.json`` records the split used, the row counts, every skipped
-row by reason and column, the empty and unseen categorical values per feature, the vocabulary sizes, the dense statistics and the encoding's digest.
+row by reason and column, the empty and unseen categorical values per feature, the vocabulary sizes,
+the dense statistics and the encoding's digest.
 
 Data to score with a trained model is encoded like its training data (``like``): pass 1 is replaced
 by that data's vocabularies and statistics, and every row goes to one folder.
@@ -456,9 +457,9 @@ class Converter:
                 raise ConvertError(f"{self.cfg.source}: data.convert.split.cutoff: not a number or ISO-8601 time: {sp.cutoff!r}")
             return cutoff
         # Over the rows that will be written, so that eval_fraction is the share of the output held
-        # out. Where bad rows are skipped, a row skipped for a bad value elsewhere is none of them,
-        # so every column is decoded (so too where rows without labels are); else any bad row stops the conversion, and reading the time
-        # column alone gives the same rows for far less work.
+        # out. Where bad rows (or rows without labels) are skipped, a row skipped for a value elsewhere
+        # is none of them, so every column is decoded; else any bad row stops the conversion, and
+        # reading the time column alone gives the same rows for far less work.
         times = []
         if self.cv.on_bad_row == "skip" or self.cv.unlabelled_rows == "skip":
             times = [chunk.times for chunk in self._decoded("time column", math.inf)]
@@ -694,7 +695,8 @@ class Converter:
     def _constant_dense_notes(self, moments: List[_Moments]) -> List[str]:
         """Dense columns without spread over the training split: a feature the model cannot use."""
         return [f"dense column {rule.column!r} does not vary over the training split (each value {m.mean:g} after its "
-                "transform, or missing): the model cannot learn from it" for rule, m in zip(self.dense_rules, moments) if m.std == 0]
+                "transform, or missing): the model cannot learn from it"
+                for rule, m in zip(self.dense_rules, moments) if m.std == 0]
 
     @staticmethod
     def _unlabelled_notes(unlabelled: int, rows: int) -> List[str]:
@@ -755,7 +757,8 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         try:
-            rows, filled, empty, unseen, unlabelled, label_sums, label_counts = self._write(writers, codes, names, cutoff, labelled, scale, vocab_arrays)
+            rows, filled, empty, unseen, unlabelled, label_sums, label_counts = self._write(
+                writers, codes, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
                 shutil.rmtree(t, ignore_errors=True)
@@ -769,9 +772,9 @@ class Converter:
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
-        notes = [] if self.like is not None else [*self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
-                                                  *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments),
-                                                  *self.shared_value_notes]
+        notes = [] if self.like is not None else [
+            *self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
+            *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
