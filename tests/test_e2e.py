@@ -237,7 +237,7 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
         ("emtl@auto", {"name": "emtl", "statistics": "auto", "statistics_every": "auto"}),
     ]:
         run_dir = tmp_path / compare.cell_name(spec, 0)
-        compare._train_cell(config, overrides, cfg, spec, 0, run_dir)
+        compare.train_cell(config, overrides, cfg, spec, 0, run_dir)
         assert yaml.safe_load((run_dir / "input.yaml").read_text())["balancer"] == {"reduction": reduction, **expected}
         assert "train.max_steps=3" in commands[-1] and not any(a.startswith("balancer.") for a in commands[-1])
 

@@ -1,4 +1,4 @@
-"""``concord``: train, synth, convert, bench, compare, predict, plot.
+"""``concord``: train, synth, convert, bench, compare, tune, predict, plot.
 
 ``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
 or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
@@ -26,6 +26,19 @@ from concord.trainer.config import ConfigError, load_config, packaged_configs, r
 from concord.trainer.data.layout import DataError, check_data_exists, check_data_to_score, published_checkpoints
 
 DEFAULT_CONFIG = "demo"
+
+
+def _numbers(kind):
+    """argparse type: comma-separated positive numbers of ``kind`` (a grid of learning rates, of epochs)."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+        return values
+    return parse
 
 
 def _at_least_one(text: str) -> int:
@@ -80,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--single-task", action="store_true",
                     help="also train each task alone per seed and report the negative transfer")
     sp.add_argument("--jobs", type=_at_least_one, default=1, help="cells trained at a time, the cores shared among them")
+    sp = sub.add_parser("tune", help="choose the base learning rates (and epochs) for the config's method on a validation split")
+    with_config(sp)
+    sp.add_argument("--validation", metavar="PATH", help="the validation split scored (default: data.validation)")
+    sp.add_argument("--dense-lr", type=_numbers(float), help="comma-separated dense learning rates (default: the config's /3, x1, x3)")
+    sp.add_argument("--table-lr", type=_numbers(float), help="comma-separated table learning rates (default: the config's /3, x1, x3)")
+    sp.add_argument("--epochs", type=_numbers(int), help="comma-separated epochs to try as well (default: the config's only)")
+    sp.add_argument("--seeds", type=_at_least_one, default=2)
+    sp.add_argument("--out", required=True, help="output directory (runs/, report.md, chosen.json); reused to resume")
+    sp.add_argument("--jobs", type=_at_least_one, default=1, help="cells trained at a time, the cores shared among them")
     sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
     with_config(sp)
     sp.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run whose newest intact checkpoint scores")
@@ -129,6 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
             except (CompareError, DataError) as e:
                 print(f"concord: compare: {e}", file=sys.stderr)
+                return 3
+            return 0
+        if args.command == "tune":
+            from concord.trainer.tools.tune import TuneError, run_tune
+
+            try:
+                run_tune(args.config, args.overrides, args.out, args.validation, args.dense_lr, args.table_lr, args.epochs,
+                         args.seeds, args.jobs)
+            except TuneError as e:
+                print(f"concord: tune: {e}", file=sys.stderr)
                 return 3
             return 0
         cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))

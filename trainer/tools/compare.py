@@ -93,7 +93,7 @@ def run_compare(
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
     for seed, method, run_dir, task in todo:  # before any cell trains: one line naming the first that cannot join
         if (run_dir / "summary.json").is_file():
-            _check_reusable(config_path, overrides, cfg, method, seed, run_dir, task)
+            check_reusable(config_path, overrides, cfg, method, seed, run_dir, task)
 
     def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
         what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
@@ -101,7 +101,7 @@ def run_compare(
             print(f"[{i}/{len(todo)}] {what}: done earlier, reused", flush=True)
             return
         print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
-        _train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
+        train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
         print(f"[{i}/{len(todo)}] {what}: done", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -163,7 +163,7 @@ def _cell_input(config_path: str, overrides: Sequence[str], cfg: Config, method:
     return raw, [*cell_overrides, f"train.seed={seed}", f"train.run_dir={run_dir}", "train.progress=false"]
 
 
-def _train_cell(
+def train_cell(
     config_path: str,
     overrides: Sequence[str],
     cfg: Config,
@@ -189,7 +189,7 @@ def _train_cell(
         raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
 
 
-def _check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path,
+def check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path,
                     task: str | None) -> None:
     """A cell trained earlier (its ``summary.json``) is reused only if it trained what this comparison
     would: the same resolved config (``config.yaml`` in its run directory) and the same training data
@@ -266,7 +266,7 @@ def _mean_std(values: List[float]) -> str:
     return f"{mean:+.2f} ± {sd:.2f}"
 
 
-def _config_label(source: str) -> str:
+def config_label(source: str) -> str:
     """How the report names its config: a shipped example by its ``--config`` name, another file by
     its path from the working directory where it lies below it (a report is read on other machines)."""
     path = Path(source).resolve()
@@ -287,7 +287,7 @@ def write_report(
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
     label = {t.name: ("NE" if t.type == "binary" else "MSE") for t in cfg.tasks}
     lines = [
-        f"# Balancer comparison: `{' '.join([_config_label(cfg.source), *overrides])}`",
+        f"# Balancer comparison: `{' '.join([config_label(cfg.source), *overrides])}`",
         "",
         f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
         "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "

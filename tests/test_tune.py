@@ -1,0 +1,76 @@
+"""concord tune: the grid's score relative to the config's cell, the refusals before any cell trains,
+and one small grid end to end (tiny data, 1 rank) with its reuse."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from concord.trainer.config import load_config
+from concord.trainer.data.synth import generate
+from concord.trainer.tools.tune import TuneError, around, run_tune, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_score_is_each_cells_metric_relative_to_the_configs_cell_over_tasks_and_seeds():
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    base, other = (0.001, 0.05, None), (0.003, 0.05, None)
+    results = {
+        (base, 0): {"ctr": {"ne": 1.0}, "cvr": {"ne": 2.0}, "watch": {"mse": 100.0}},
+        (base, 1): {"ctr": {"ne": 0.5}, "cvr": {"ne": 1.0}, "watch": {"mse": 50.0}},
+        (other, 0): {"ctr": {"ne": 0.9}, "cvr": {"ne": 2.0}, "watch": {"mse": 80.0}},
+        (other, 1): {"ctr": {"ne": 0.5}, "cvr": {"ne": 1.1}, "watch": {"mse": 50.0}},
+    }
+    got = score(cfg, [base, other], base, 2, results)
+    assert got[base] == 1.0
+    assert got[other] == pytest.approx(statistics.mean([0.9, 1.0, 0.8, 1.0, 1.1, 1.0]))
+    assert around(0.05) == [0.0167, 0.05, 0.15]
+
+
+def test_tuning_needs_a_validation_split_other_than_the_held_out_one(tmp_path):
+    """Refused before any cell trains: no validation split, or the held-out split given as one."""
+    paths = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval"]
+    with pytest.raises(TuneError, match=r"no validation split: set data\.validation .* or pass --validation"):
+        run_tune(str(ROOT / "configs/tiny.yaml"), paths, str(tmp_path / "out"))
+    with pytest.raises(TuneError, match=r"--validation .*eval is data\.eval, the held-out split"):
+        run_tune(str(ROOT / "configs/tiny.yaml"), paths, str(tmp_path / "out"), validation=f"{tmp_path}/eval")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.e2e
+def test_tune_trains_the_grid_on_the_validation_split_chooses_the_best_cell_and_reuses_it(tmp_path):
+    data = tmp_path / "data"
+    splits = [f"data.train={data}/train", f"data.eval={data}/eval", f"data.validation={data}/validation"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*splits, "data.synthetic.validation_rows=1024"])
+    generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval, validation_dir=cfg.data.validation, show_progress=False)
+    out = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "concord", "tune", "--config", "tiny", "--dense-lr", "0.01", "--table-lr", "0.05",
+           "--seeds", "1", "--out", str(out), *splits, "train.max_steps=4", "dist.nproc_per_node=1"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "[2/2] dense lr 0.01, table lr 0.05, seed 0: training ..." in first.stdout
+    cells = {0.001: "dense0.001-table0.05", 0.01: "dense0.01-table0.05"}  # the config's own cell joins the grid
+    scored = {lr: json.loads((out / f"runs/{name}-seed0/summary.json").read_text()) for lr, name in cells.items()}
+    for name in cells.values():  # every cell scored on the validation split, never the held-out one
+        assert yaml.safe_load((out / f"runs/{name}-seed0/config.yaml").read_text())["data"]["eval"] == f"{data}/validation"
+
+    def metric(summary: dict, task: str) -> float:
+        return summary["eval"][task]["mse" if task == "watch" else "ne"]
+
+    relative = {lr: statistics.mean(metric(s, t) / metric(scored[0.001], t) for t in ("ctr", "cvr", "watch")) for lr, s in scored.items()}
+    best = min(relative, key=relative.get)
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["chosen"] == {"train.dense_optimizer.lr": best, "model.embedding_optimizer.lr": 0.05}
+    assert chosen["score"] == pytest.approx(relative[best])
+    report = (out / "report.md").read_text()
+    assert f"| {best} | 0.05 |" in report and f"{relative[best]:.4f} **chosen**" in report and "(config)" in report
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "training" not in second.stdout and second.stdout.count("(done earlier, reused)") == 2

@@ -1,0 +1,178 @@
+"""``concord tune``: the base hyper-parameters, chosen once for the config's method on a validation split.
+
+The protocol behind every quality report (docs/quality/): train the config's method (``equal`` for a
+comparison) for every cell of a small grid (the dense optimizer's learning rate, the tables' and, if
+asked, the number of epochs) and a few seeds, score each cell on the validation split, never on the
+held-out one, and choose the best; every method is then compared at that base. Score: the mean over
+tasks and seeds of the validation metric (NE for binary tasks, MSE for regression) relative to the
+config's own cell, which is always in the grid; lower is better.
+
+Cells are trained as ``concord compare``'s are (``data.eval`` pointed at the validation split), one
+run directory each under ``OUT/runs``; a cell trained earlier is reused where it trained what this
+grid would. ``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen overrides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from concord.trainer.config import Config, load_config
+from concord.trainer.data.layout import check_data_exists
+from concord.trainer.tools.compare import CompareError, check_reusable, config_label, train_cell
+
+Cell = Tuple[float, float, Optional[int]]  # dense lr, table lr, epochs (None: the config's)
+
+
+class TuneError(RuntimeError):
+    """Tune cannot run as asked, checked before any cell trains, or some cells did not train."""
+
+
+def around(value: float) -> List[float]:
+    """The default grid of a learning rate: a third of the config's value, the value, three times it."""
+    return [float(f"{value / 3:.3g}"), value, float(f"{value * 3:.3g}")]
+
+
+def cell_overrides(cell: Cell) -> List[str]:
+    dense, table, epochs = cell
+    out = [f"train.dense_optimizer.lr={dense}", f"model.embedding_optimizer.lr={table}"]
+    return out + ([f"train.epochs={epochs}"] if epochs is not None else [])
+
+
+def describe(cell: Cell) -> str:
+    dense, table, epochs = cell
+    return f"dense lr {dense}, table lr {table}" + (f", {epochs} epochs" if epochs is not None else "")
+
+
+def run_tune(
+    config_path: str,
+    overrides: Sequence[str],
+    out_dir: str,
+    validation: Optional[str] = None,
+    dense_lrs: Optional[List[float]] = None,
+    table_lrs: Optional[List[float]] = None,
+    epochs: Optional[List[int]] = None,
+    seeds: int = 2,
+    jobs: int = 1,
+) -> Dict[str, float]:
+    """Trains the grid and writes the report; returns the chosen overrides (key -> value)."""
+    cfg = load_config(config_path, overrides)
+    validation = validation or cfg.data.validation
+    if not validation:
+        raise TuneError(f"{cfg.source}: no validation split: set data.validation (concord convert writes it with "
+                        "data.convert.split.validation_fraction) or pass --validation; the held-out split is never tuned on")
+    if cfg.data.eval and Path(validation).resolve() == Path(cfg.data.eval).resolve():
+        raise TuneError(f"--validation {validation} is data.eval, the held-out split the comparison scores: tune on a "
+                        "validation split carved from the training data (data.convert.split.validation_fraction)")
+    if seeds < 1 or jobs < 1:
+        raise TuneError(f"--seeds and --jobs must be >= 1, got {seeds} and {jobs}")
+    base: Cell = (cfg.train.dense_optimizer.lr, cfg.model.embedding_optimizer.lr, cfg.train.epochs if epochs else None)
+    grid: List[Cell] = sorted(set(itertools.product(
+        dense_lrs or around(base[0]), table_lrs or around(base[1]), epochs or [None])) | {base}, key=_order)
+    cell_overrides_base = [*overrides, f"data.eval={validation}", "data.validation=null"]  # the validation split scored as eval
+    check_data_exists(load_config(config_path, cell_overrides_base))
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    method = cfg.balancer.name
+    todo = [(cell, seed, out / "runs" / f"{_name(cell)}-seed{seed}") for cell in grid for seed in range(seeds)]
+    threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
+    try:
+        for cell, seed, run_dir in todo:  # before any cell trains: one line naming the first that cannot join
+            if (run_dir / "summary.json").is_file():
+                check_reusable(config_path, [*cell_overrides_base, *cell_overrides(cell)], cfg, method, seed, run_dir, None)
+    except CompareError as error:
+        raise TuneError(str(error)) from None
+
+    def run(i: int, cell: Cell, seed: int, run_dir: Path) -> None:
+        what = f"{describe(cell)}, seed {seed}"
+        reused = (run_dir / "summary.json").is_file()
+        if not reused:
+            print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
+            train_cell(config_path, [*cell_overrides_base, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads)
+        scores = json.loads((run_dir / "summary.json").read_text())["eval"]
+        print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: " + ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores),
+              flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, i, *item) for i, item in enumerate(todo, 1)]
+    failed = [str(f.exception()) for f in futures if f.exception() is not None]
+    if failed:  # every other cell ran; a rerun trains only the failed ones
+        raise TuneError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
+    results = {(cell, seed): json.loads((run_dir / "summary.json").read_text())["eval"] for cell, seed, run_dir in todo}
+    chosen = write_report(out, cfg, overrides, validation, grid, base, seeds, results)
+    print(f"chosen: {describe(chosen)}; report in {out / 'report.md'}; train with: " + " ".join(cell_overrides(chosen)))
+    return chosen_settings(chosen)
+
+
+def chosen_settings(cell: Cell) -> Dict[str, float]:
+    """The chosen cell as config keys and values (``OUT/chosen.json``)."""
+    dense, table, epochs = cell
+    settings = {"train.dense_optimizer.lr": dense, "model.embedding_optimizer.lr": table}
+    return {**settings, "train.epochs": epochs} if epochs is not None else settings
+
+
+def score(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) -> Dict[Cell, float]:
+    """Each cell's mean over tasks and seeds of its validation metric relative to the base cell's of
+    the same seed (a task unscored on the validation split, for want of labels, is left out)."""
+    tasks = [t for t in cfg.task_names if all(t in results[base, s] for s in range(seeds))]
+    if not tasks:
+        raise TuneError("no task has metrics on the validation split: no row of it has a label")
+    return {cell: statistics.mean(_metric(cfg, t, results[cell, s]) / _metric(cfg, t, results[base, s])
+                                  for s in range(seeds) for t in tasks) for cell in grid}
+
+
+def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: str, grid: List[Cell], base: Cell, seeds: int,
+                 results: Dict) -> Cell:
+    scores = score(cfg, grid, base, seeds, results)
+    chosen = min(grid, key=lambda cell: (scores[cell], cell != base))  # a tie keeps the config's own cell
+    with_epochs = base[2] is not None
+    columns = ["dense lr", "table lr"] + (["epochs"] if with_epochs else [])
+    lines = [f"# `{cfg.balancer.name}` on the validation split: `{config_label(cfg.source)}`", "",
+             f"Validation split `{validation}`; {seeds} seed(s); overrides `{' '.join(overrides) or '-'}`. Score: mean "
+             f"over tasks and seeds of the validation metric (NE, MSE for regression) relative to the config's cell "
+             f"({describe(base)}); lower is better.", "",
+             "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in cfg.task_names) + " | score |",
+             "|" + "---|" * (len(columns) + len(cfg.task_names) + 1)]
+    for cell in grid:
+        means = [statistics.mean(_metric(cfg, t, results[cell, s]) for s in range(seeds)) if t in results[cell, 0] else float("nan")
+                 for t in cfg.task_names]
+        mark = " **chosen**" if cell == chosen else (" (config)" if cell == base else "")
+        values = [str(v) for v in cell if v is not None]
+        lines.append("| " + " | ".join(values) + " | " + " | ".join(f"{m:.4f}" for m in means) + f" | {scores[cell]:.4f}{mark} |")
+    edges = _edges(grid, chosen)
+    if edges:
+        lines += ["", f"The chosen cell lies at the grid's edge in {', '.join(edges)}: extend the grid there "
+                  "(a cell trained already is reused)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "chosen.json").write_text(json.dumps({"chosen": chosen_settings(chosen), "score": scores[chosen]}, indent=2) + "\n")
+    return chosen
+
+
+def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
+    """The axes along which the chosen value is the grid's largest or smallest (where it has several)."""
+    names = ("the dense lr", "the table lr", "the epochs")
+    edges = []
+    for axis, name in enumerate(names):
+        values = sorted({cell[axis] for cell in grid if cell[axis] is not None})
+        if len(values) > 1 and chosen[axis] in (values[0], values[-1]):
+            edges.append(name)
+    return edges
+
+
+def _metric(cfg: Config, task: str, scores: dict) -> float:
+    kind = next(t.type for t in cfg.tasks if t.name == task)
+    return scores[task]["ne" if kind == "binary" else "mse"]
+
+
+def _name(cell: Cell) -> str:
+    dense, table, epochs = cell
+    return f"dense{dense}-table{table}" + (f"-epochs{epochs}" if epochs is not None else "")
+
+
+def _order(cell: Cell) -> tuple:
+    return tuple(-1 if v is None else v for v in cell)
