@@ -74,8 +74,8 @@ def run_tune(
     base: Cell = (cfg.train.dense_optimizer.lr, cfg.model.embedding_optimizer.lr, cfg.train.epochs if epochs else None)
     grid: List[Cell] = sorted(set(itertools.product(
         dense_lrs or around(base[0]), table_lrs or around(base[1]), epochs or [None])) | {base}, key=_order)
-    cell_overrides_base = [*overrides, f"data.eval={validation}", "data.validation=null"]  # the validation split scored as eval
-    check_data_exists(load_config(config_path, cell_overrides_base))
+    on_validation = [*overrides, f"data.eval={validation}", "data.validation=null"]  # every cell scored there
+    check_data_exists(load_config(config_path, on_validation))
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     method = cfg.balancer.name
@@ -84,7 +84,7 @@ def run_tune(
     try:
         for cell, seed, run_dir in todo:  # before any cell trains: one line naming the first that cannot join
             if (run_dir / "summary.json").is_file():
-                check_reusable(config_path, [*cell_overrides_base, *cell_overrides(cell)], cfg, method, seed, run_dir, None)
+                check_reusable(config_path, [*on_validation, *cell_overrides(cell)], cfg, method, seed, run_dir, None)
     except CompareError as error:
         raise TuneError(str(error)) from None
 
@@ -93,10 +93,10 @@ def run_tune(
         reused = (run_dir / "summary.json").is_file()
         if not reused:
             print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
-            train_cell(config_path, [*cell_overrides_base, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads)
+            train_cell(config_path, [*on_validation, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads)
         scores = json.loads((run_dir / "summary.json").read_text())["eval"]
-        print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: " + ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores),
-              flush=True)
+        shown = ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores)
+        print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: {shown}", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run, i, *item) for i, item in enumerate(todo, 1)]
