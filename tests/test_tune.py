@@ -4,6 +4,7 @@ and one small grid end to end (tiny data, 1 rank) with its reuse."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,34 @@ def test_tuning_needs_a_validation_split_other_than_the_held_out_one(tmp_path):
     with pytest.raises(TuneError, match=r"--validation .*eval is data\.eval, the held-out split"):
         run_tune(str(ROOT / "configs/tiny.yaml"), paths, str(tmp_path / "out"), validation=f"{tmp_path}/eval")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_every_cell_trains_the_config_as_it_read_at_the_start(tmp_path, monkeypatch, command):
+    """An edit to the config file while the cells train reaches none of them: they train a copy taken
+    at the start (a rerun reads the file again and checks the cells against it)."""
+    from concord.trainer.tools import compare, tune
+    from tiny_data import tiny_data
+
+    paths = tiny_data(tmp_path)
+    config = tmp_path / "my.yaml"
+    original = (ROOT / "configs/tiny.yaml").read_text()
+    config.write_text(original)
+    seen = []
+
+    def train_cell(config_path, *args, **kwargs):
+        seen.append(Path(config_path).read_text())
+        config.write_text(original.replace("batch_size: 64", "batch_size: 32"))  # the user edits the file
+        raise RuntimeError("not trained here")
+
+    monkeypatch.setattr(compare if command == "compare" else tune, "train_cell", train_cell)
+    with pytest.raises(compare.CompareError if command == "compare" else TuneError, match=r"(\d+) of \1 cells failed; first: not trained here"):
+        if command == "compare":
+            compare.run_compare(str(config), paths, ["equal", "multibalance"], 1, str(tmp_path / "out"))
+        else:
+            shutil.copytree(tmp_path / "data/eval", tmp_path / "data/validation")
+            run_tune(str(config), paths, str(tmp_path / "out"), validation=f"{tmp_path}/data/validation", dense_lrs=[0.01], seeds=1)
+    assert "batch_size: 64" in original and len(seen) >= 2 and set(seen) == {original}
 
 
 @pytest.mark.multiprocess

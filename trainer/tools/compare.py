@@ -29,7 +29,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import yaml
 
@@ -86,6 +86,7 @@ def run_compare(
     methods = ["equal"] + [m for m in methods if m != "equal"]
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    config_path = snapshot_config(config_path, out)
     cells = [(seed, m) for seed in range(seeds) for m in methods]
     singles = [(seed, t) for seed in range(seeds) for t in cfg.task_names] if single_task else []
     todo = [(s, m, out / "runs" / cell_name(m, s), None) for s, m in cells]
@@ -104,9 +105,7 @@ def run_compare(
         train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
         print(f"[{i}/{len(todo)}] {what}: done", flush=True)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run, i, *cell) for i, cell in enumerate(todo, 1)]
-    failed = [str(f.exception()) for f in futures if f.exception() is not None]
+    failed = run_cells(run, todo, jobs)
     if failed:  # every other cell ran; a rerun trains only the failed ones
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
@@ -118,6 +117,23 @@ def run_compare(
     report = write_report(out, cfg, methods, seeds, summaries, single, overrides)
     print(f"report: {report}")
     return report
+
+
+def snapshot_config(config_path: str, out: Path) -> str:
+    """The config as it reads now, copied to ``out/config.yaml``: every cell of this run trains that,
+    whatever becomes of the file meanwhile (an edit halfway through would mix two setups in one
+    report; a rerun reads the file again and refuses the cells it no longer describes)."""
+    snapshot = out / "config.yaml"
+    snapshot.write_text(resolve_config_path(config_path).read_text())
+    return str(snapshot)
+
+
+def run_cells(run: Callable[..., None], cells: Sequence[tuple], jobs: int) -> List[str]:
+    """``run(i, *cell)`` for every cell (``i`` counting from 1), ``jobs`` at a time; the messages of
+    those that failed (the others still ran)."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, i, *cell) for i, cell in enumerate(cells, 1)]
+    return [str(f.exception()) for f in futures if f.exception() is not None]
 
 
 def check_methods(methods: Sequence[str], cfg: Config) -> None:
@@ -190,7 +206,7 @@ def train_cell(
 
 
 def check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path,
-                    task: str | None) -> None:
+                   task: str | None) -> None:
     """A cell trained earlier (its ``summary.json``) is reused only if it trained what this comparison
     would: the same resolved config (``config.yaml`` in its run directory) and the same training data
     (rows and encoding, from its checkpoint's record). A base config, an override or data changed since

@@ -8,8 +8,9 @@ tasks and seeds of the validation metric (NE for binary tasks, MSE for regressio
 config's own cell, which is always in the grid; lower is better.
 
 Cells are trained as ``concord compare``'s are (``data.eval`` pointed at the validation split), one
-run directory each under ``OUT/runs``; a cell trained earlier is reused where it trained what this
-grid would. ``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen overrides.
+run directory each under ``OUT/runs``, every one from the config as it read at the start
+(``OUT/config.yaml``); a cell trained earlier is reused where it trained what this grid would.
+``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen overrides.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import itertools
 import json
 import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from concord.trainer.config import Config, load_config
 from concord.trainer.data.layout import check_data_exists
-from concord.trainer.tools.compare import CompareError, check_reusable, config_label, train_cell
+from concord.trainer.tools.compare import CompareError, check_reusable, config_label, run_cells, snapshot_config, train_cell
 
 Cell = Tuple[float, float, Optional[int]]  # dense lr, table lr, epochs (None: the config's)
 
@@ -78,6 +78,7 @@ def run_tune(
     check_data_exists(load_config(config_path, on_validation))
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    config_path = snapshot_config(config_path, out)
     method = cfg.balancer.name
     todo = [(cell, seed, out / "runs" / f"{_name(cell)}-seed{seed}") for cell in grid for seed in range(seeds)]
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
@@ -98,9 +99,7 @@ def run_tune(
         shown = ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores)
         print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: {shown}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run, i, *item) for i, item in enumerate(todo, 1)]
-    failed = [str(f.exception()) for f in futures if f.exception() is not None]
+    failed = run_cells(run, todo, jobs)
     if failed:  # every other cell ran; a rerun trains only the failed ones
         raise TuneError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     results = {(cell, seed): json.loads((run_dir / "summary.json").read_text())["eval"] for cell, seed, run_dir in todo}
