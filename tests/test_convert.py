@@ -162,6 +162,25 @@ def test_iso_timestamps_split_by_time(tmp_path):
     assert report["split"]["cutoff_used_utc"].startswith("2026-01-04T00:00:00")
 
 
+def test_convert_says_where_a_time_split_fell_and_reads_plain_numbers_as_no_date(tmp_path, capsys):
+    """Days 1-4 as plain numbers (a year, a step): the cutoff is printed as the number, with the share
+    held out, which ties at the cutoff make larger than eval_fraction; not as seconds since 1970."""
+    import yaml
+
+    from concord.trainer.cli import main
+
+    raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.2})  # the 0.8 quantile: day 3.8
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "; split by time at day >= 3.8, 28.6% of the rows held out; " in capsys.readouterr().out  # day 4: 2 of 7
+    assert json.loads((tmp_path / "out/convert.json").read_text())["split"]["cutoff_used_utc"] is None
+    rows = [r.replace(r.split(",")[0], f"2026-01-0{r.split(',')[0]}", 1) for r in ROWS]  # the same days as dates
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2})))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--force"]) == 0
+    assert ("; split by time at day >= 1767467520 (2026-01-03T19:12:00+00:00), 28.6% of the rows held out; "
+            in capsys.readouterr().out)
+
+
 def test_a_seed_split_is_reproducible_and_independent_of_the_chunk_size(tmp_path):
     rows = [f"1,u{i % 13},t{i % 5},{i},{i % 2},{i / 10}" for i in range(400)]
     raw = base(tmp_path, rows=rows, split={"by": "seed", "seed": 5, "eval_fraction": 0.25}, chunk_rows=10_000)

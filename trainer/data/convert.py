@@ -207,6 +207,20 @@ def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.nda
     return values, bad
 
 
+def holds_stamps(arr: pa.Array) -> bool:
+    """Whether a time column holds dates or timestamps (typed, or as ISO-8601 text) rather than plain
+    numbers, which may be years or step counts as well as seconds since the epoch."""
+    if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
+        return True
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return False
+    try:
+        pc.cast(arr, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return True
+    return False
+
+
 def parse_number(text, time: bool = False) -> Optional[float]:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
@@ -323,6 +337,7 @@ class Converter:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
         self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
         self.shared_value_notes: List[str] = []  # features of one table that look unrelated but share some values
+        self.times_are_stamps = False  # the time column holds dates or timestamps, not plain numbers (years, steps)
         d = self.cfg.data
         self.cv = d.convert
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
@@ -550,8 +565,10 @@ class Converter:
         if self.like is not None or self.cv.split.by == "none":  # every row to one output (and validation's coin)
             is_eval = np.zeros(n, dtype=bool)
         elif self.cv.split.by == "time":
-            times, bad = parse_numbers(batch.column(self.cv.split.column), time=True)
+            column = batch.column(self.cv.split.column)
+            times, bad = parse_numbers(column, time=True)
             check(bad | ~np.isfinite(times), self.cv.split.column, "missing or not a time")
+            self.times_are_stamps = self.times_are_stamps or holds_stamps(column)
             is_eval = times >= cutoff
         elif self.cv.split.by == "files":
             is_eval = np.full(n, path in self.eval_files)
@@ -778,7 +795,9 @@ class Converter:
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
-                      {**vars(self.cv.split), "cutoff_used": cutoff, "cutoff_used_utc": _utc(cutoff) if cutoff is not None else None}),
+                      {**vars(self.cv.split), "cutoff_used": cutoff,
+                       # seconds since the epoch only where the column holds times, not plain numbers (a year)
+                       "cutoff_used_utc": _utc(cutoff) if cutoff is not None and self.times_are_stamps else None}),
             **({"output": self.out.name} if self.like is not None else {}),  # the folder this record describes
             "rows": dict(zip(names, rows)),
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
