@@ -172,6 +172,26 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
     assert quality_notes(learned, tasks) == []
 
 
+def test_a_note_on_a_task_no_better_than_its_mean_says_when_the_held_out_labels_moved_from_trainings():
+    import math
+
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import quality_notes
+
+    tasks = [TaskConfig("liked", "l"), TaskConfig("rating", "r", type="regression")]
+    # Held out: positive rate 0.35 and mean rating 6.27 with variance 2.6128 / (1 + 0.008); training: 0.24 and 5.855.
+    results = {"liked": {"ne": 1.0631, "label_mean": 0.35}, "rating": {"mse": 2.6128, "r_squared": -0.008, "label_mean": 6.27}}
+    notes = quality_notes(results, tasks, heads_at_labels=True, training_means={"liked": 0.24, "rating": 5.855})
+    p, q = 0.35, 0.24
+    ne = (p * math.log(q) + (1 - p) * math.log(1 - q)) / (p * math.log(p) + (1 - p) * math.log(1 - p))
+    r2 = -(6.27 - 5.855) ** 2 / (2.6128 / 1.008)
+    assert f"its held-out positive rate 0.35 differs from training's 0.24 (training's, predicted for every row, scores NE {ne:.4f}" in notes[0]
+    assert f"its held-out mean label 6.27 differs from training's 5.855 (training's, predicted for every row, scores R2 {r2:.4f}" in notes[1]
+    # Labels that did not move, or moved too little to cost 0.01 of NE or R2, are not named.
+    for near in ({"liked": 0.35, "rating": 6.27}, {"liked": 0.34, "rating": 6.2}):
+        assert all("differs" not in note for note in quality_notes(results, tasks, heads_at_labels=True, training_means=near))
+
+
 def test_a_regression_tasks_r2_is_one_less_its_weighted_mse_over_the_labels_weighted_variance():
     from concord.trainer.config import TaskConfig
     from concord.trainer.observe.metrics import TaskMetrics
@@ -187,7 +207,22 @@ def test_a_regression_tasks_r2_is_one_less_its_weighted_mse_over_the_labels_weig
         got = metrics.compute()["watch"]
         assert got["mse"] == pytest.approx(float(mse), rel=1e-5)
         assert got["r_squared"] == pytest.approx(float(1 - mse / variance), rel=1e-5, abs=1e-5)
+        assert got["label_mean"] == pytest.approx(float(mean), rel=1e-6)
     assert abs(got["r_squared"]) < 1e-5  # the weighted mean label predicted: 0
+
+
+def test_the_held_out_label_mean_counts_only_the_rows_a_task_has_a_label_for():
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics
+
+    labels = torch.tensor([[1.0, 2.0], [0.0, float("nan")], [1.0, 4.0], [1.0, float("nan")]])  # a masked label is NaN
+    labelled = ~labels.isnan()
+    weights = torch.tensor([1.0, 3.0, 1.0, 0.0])  # the last row is padding
+    metrics = TaskMetrics([TaskConfig("click", "click"), TaskConfig("spend", "spend", type="regression")], 1, 0, 4)
+    metrics.update(torch.full((4, 2), 0.5), labels, weights, labelled)
+    got = metrics.compute()
+    assert got["click"]["label_mean"] == pytest.approx(2 / 5)  # (1 + 0 * 3 + 1) / 5
+    assert got["spend"]["label_mean"] == pytest.approx(3.0)  # rows 0 and 2 only
 
 
 def test_a_task_no_row_was_labelled_for_has_no_metrics_rather_than_a_perfect_score():

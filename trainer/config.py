@@ -452,16 +452,24 @@ def rows_for_vocabulary(table: TableConfig, vocab_sizes: Dict[str, int]) -> int:
 OUTPUT_BIASES = ("auto", "labels", "torch")
 
 
+def training_label_means(cfg: Config) -> Dict[str, Optional[float]]:
+    """Each task's mean label over the training split (a binary task's positive rate), as ``concord
+    convert`` recorded it beside ``data.train``; empty for data convert did not write."""
+    from concord.trainer.data.layout import convert_report
+
+    return (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
+
+
 def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
     """Where ``model.output_bias`` starts the heads: each task's mean label over the training split, as
     ``concord convert`` recorded it beside ``data.train``, or None for torch's initialisation (``torch``;
     ``auto`` without that record, as for synthetic data or Parquet written by other tools). ``labels``
     without it is an error naming the record."""
-    from concord.trainer.data.layout import convert_report, convert_report_path
+    from concord.trainer.data.layout import convert_report_path
 
     if cfg.model.output_bias == "torch":
         return None
-    means = (convert_report(cfg.data.train).get("label_means") or {}).get("train") or {}
+    means = training_label_means(cfg)
     missing = [t.name for t in cfg.tasks if means.get(t.name) is None]
     if not missing:
         return {t.name: float(means[t.name]) for t in cfg.tasks}

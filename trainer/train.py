@@ -23,7 +23,7 @@ from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_p
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
-from concord.trainer.config import Config, to_dict
+from concord.trainer.config import Config, to_dict, training_label_means
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
@@ -380,7 +380,8 @@ class Trainer:
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
             print(format_table(final, cfg.tasks))
             means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
-            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, self.model.heads.started_at_labels):
+            for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, self.model.heads.started_at_labels,
+                                      training_label_means(cfg)):
                 print(note)
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")

@@ -1,9 +1,11 @@
 """Per-task quality with ``torchrec.metrics``: NE, AUC and calibration (sum of predictions over sum of
 labels, 1.0 when the mean prediction matches the base rate) for binary tasks; MSE and R² (1 - MSE over
-the held-out labels' variance, 0 when predicting their mean) for regression."""
+the held-out labels' variance, 0 when predicting their mean) for regression; and every task's weighted
+mean label (``label_mean``), which says whether the held-out rows resemble the training rows."""
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -35,6 +37,7 @@ class TaskMetrics:
         self.group = group
         # the weight of the rows each task counted on this rank, on the device: read once, in compute
         self._counted = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
+        self._label_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # weighted, counted rows
         self._metrics: List[tuple] = []
         for t in self.tasks:
             info = [RecTaskInfo(name=t.name, label_name="label", prediction_name="prediction", weight_name="weight")]
@@ -51,6 +54,8 @@ class TaskMetrics:
         index = {t.name: k for k, t in enumerate(self.tasks)}
         counted = (weights[:, None].expand(-1, len(self.tasks)) if labelled is None else weights[:, None] * labelled).float()
         self._counted += counted.sum(dim=0).double()
+        # A row that does not count may hold a placeholder label (a masked task's NaN read as 0): weight 0 drops it.
+        self._label_sums += torch.where(counted > 0, counted.double() * labels.double(), 0.0).sum(dim=0)
         for task, _, metric in self._metrics:
             k = index[task]
             metric.update(
@@ -60,7 +65,9 @@ class TaskMetrics:
             )
 
     def compute(self) -> Dict[str, Dict[str, float]]:
-        counted = dict(zip((t.name for t in self.tasks), sum_over_ranks(self._counted.cpu(), self.group).tolist()))
+        sums = sum_over_ranks(torch.cat([self._counted, self._label_sums]).cpu(), self.group).tolist()
+        names = [t.name for t in self.tasks]
+        counted, label_sums = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
         out: Dict[str, Dict[str, float]] = {}
         for task, figures, metric in self._metrics:
             values = {key.split("|")[-1]: value for key, value in metric.compute().items()}
@@ -69,10 +76,14 @@ class TaskMetrics:
                 value = values.get(f"lifetime_{figure}", values.get(f"window_{figure}"))
                 if value is not None and counted[task] > 0:
                     out.setdefault(task, {})[figure] = float(value)
+        for task in names:
+            if task in out:
+                out[task]["label_mean"] = label_sums[task] / counted[task]
         return out
 
     def reset(self) -> None:
         self._counted.zero_()
+        self._label_sums.zero_()
         for _, _, metric in self._metrics:
             metric.reset()
 
@@ -99,19 +110,56 @@ def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
     return "\n".join(lines)
 
 
+# Predicting the training labels' mean scores this much worse on held-out rows than their own mean
+# (NE 1.01, R² -0.01): their labels have moved (a later period, another population).
+SHIFT_MARGIN = 0.01
+
+
+def _shift_note(kind: str, figures: Dict[str, float], training_mean: Optional[float]) -> str:
+    """The held-out labels' mean against the training labels', where the difference alone costs more
+    than ``SHIFT_MARGIN``: predicting training's mean scores ``NE = CE(p, q) / H(p)`` on held-out
+    positive rate ``p`` with training's ``q``, and ``R² = -(mean - q)² / variance`` (the variance
+    from the model's own MSE and R²)."""
+    held_out = figures.get("label_mean")
+    if training_mean is None or held_out is None:
+        return ""
+    if kind == "binary":
+        p, q = held_out, training_mean
+        if not (0 < p < 1 and 0 < q < 1):
+            return ""
+        entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+        score = -(p * math.log(q) + (1 - p) * math.log(1 - q)) / entropy
+        if score < 1 + SHIFT_MARGIN:
+            return ""
+        what, figure = "positive rate", f"NE {score:.4f}"
+    else:
+        r_squared, mse = figures.get("r_squared"), figures.get("mse")
+        if r_squared is None or mse is None or r_squared >= 1:
+            return ""
+        variance = mse / (1 - r_squared)
+        score = -((held_out - training_mean) ** 2) / variance if variance > 0 else 0.0
+        if score > -SHIFT_MARGIN:
+            return ""
+        what, figure = "mean label", f"R2 {score:.4f}"
+    return (f"; its held-out {what} {held_out:.4g} differs from training's {training_mean:.4g} (training's, predicted "
+            f"for every row, scores {figure} there): the held-out rows are unlike the training rows")
+
+
 # Tasks' mean gradient norms at z this far apart: one task steers the shared layers (README, "Which
 # balancer to try first", step 2).
 STEERING_RATIO = 10.0
 
 
 def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
-                  balancer: str = "equal", heads_at_labels: bool = False) -> List[str]:
+                  balancer: str = "equal", heads_at_labels: bool = False,
+                  training_means: Optional[Dict[str, float]] = None) -> List[str]:
     """Lines for what a table of figures leaves for the reader to notice: a binary task whose held-out
     NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
-    better than the labels' mean (a starved head, a head started far from its labels, or nothing to
-    learn); and,
-    from the mean gradient norms at ``z`` over the logged steps (``grad_norms``), tasks whose
-    gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
+    better than the labels' mean (a starved head, a head started far from its labels, held-out rows
+    unlike the training rows, or nothing to learn), with what predicting the training labels' mean
+    (``training_means``, convert's record) would score there where that alone is worse than the
+    held-out mean; and, from the mean gradient norms at ``z`` over the logged steps (``grad_norms``),
+    tasks whose gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
     notes, gap_named = [], False
     norms = {name: value for name, value in (grad_norms or {}).items() if value > 0}
     largest = max(norms, key=norms.get) if norms else None
@@ -126,6 +174,7 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
                 line += "; if its labels lie far from 0, model.output_bias: labels starts its head at their mean"
         else:
             continue
+        line += _shift_note(t.type, figures, (training_means or {}).get(t.name))
         if t.name in norms and largest != t.name and norms[largest] >= STEERING_RATIO * norms[t.name]:
             line += f"; its gradient at z averaged {norms[largest] / norms[t.name]:.0f}x smaller than that of {largest!r}"
             gap_named = True
