@@ -1124,3 +1124,28 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
         convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "old"), out=str(tmp_path / "s3/data"), show_progress=False)
     assert main(["convert", "--config", "movielens", "--encode-like", str(tmp_path / "out")]) == 2
     assert "--encode-like DIR and --out DIR go together" in capsys.readouterr().err
+
+
+def test_the_movies_config_makes_bags_of_title_words_and_genres_and_splits_by_year(tmp_path):
+    """configs/movies.yaml on rows in the ggplot2movies `movies` schema as its header prepares them: the
+    title's words seen twice in training are ids, rarer ones the unseen row; the genres a bag (none: an
+    empty one); a missing budget the training mean; labels from the vote count and the rating; films
+    of the cutoff year and later held out."""
+    header = "title,year,length,budget,mpaa,genres,rating,votes"
+    films = [
+        "The Big Night,1990,100,,R,Comedy|Drama,7.5,250",
+        "The Long Night,1991,95,1000000,,Drama,6.1,40",
+        "Big Fish,1992,7,,,,8.0,99",
+        "The Big Fish,2000,120,2000000,PG,Animation|Short,6.9,100",
+    ]
+    report = convert_rows(tmp_path, "movies", header, films, "data.convert.split.cutoff=2000",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    assert report["rows"] == {"train": 3, "eval": 1} and report["split"]["cutoff_used_utc"] is None
+    train, held_out = (pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval"))
+    words = dict(zip(*pq.read_table(tmp_path / "vocab/title.parquet").to_pydict().values()))
+    assert set(words) == {"The", "Big", "Night"}  # Long and Fish once each in training: below min_count 2
+    assert train["title"][1] == [words["The"], 0, words["Night"]] and held_out["title"] == [[words["The"], words["Big"], 0]]
+    assert train["genres"][2] == [] and train["mpaa"][1] == [] and held_out["mpaa"] == [[0]]  # PG: seen in eval only
+    assert train["noticed"] == [1, 0, 0] and held_out["noticed"] == [1]
+    assert train["liked"] == [1, 0, 1] and held_out["liked"] == [0] and held_out["rating"] == [pytest.approx(6.9)]
+    assert report["filled_dense"]["budget"] == 2 and train["budget"][0] == 0.0  # the training mean, standardized

@@ -45,6 +45,24 @@ def test_tuning_needs_a_validation_split_other_than_the_held_out_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("writer", ["convert", "synthetic"])
+def test_a_config_that_writes_its_validation_split_is_scored_there(tmp_path, writer):
+    """data.validation beside the share that convert (or synth) writes to it, as a user's config has it:
+    a cell scores on that folder as data.eval, and loads (data.validation alone left out would leave
+    the share with nowhere to go, a config error)."""
+    from concord.trainer.tools.tune import scored_on
+
+    validation = f"{tmp_path}/data/validation"
+    paths = [f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval", f"data.validation={validation}"]
+    if writer == "convert":
+        config, share = ROOT / "configs/movies.yaml", "data.convert.split.validation_fraction=0.1"
+    else:
+        config, share = ROOT / "configs/tiny.yaml", "data.synthetic.validation_rows=1024"
+    cfg = load_config(config, [*paths, share])
+    cell = load_config(config, [*paths, share, *scored_on(cfg, validation)])
+    assert cell.data.eval == validation and cell.data.validation is None and cell.data.train == cfg.data.train
+
+
 @pytest.mark.parametrize("command", ["compare", "tune"])
 def test_every_cell_trains_the_config_as_it_read_at_the_start(tmp_path, monkeypatch, command):
     """An edit to the config file while the cells train reaches none of them: they train a copy taken
@@ -77,8 +95,9 @@ def test_every_cell_trains_the_config_as_it_read_at_the_start(tmp_path, monkeypa
 @pytest.mark.e2e
 def test_tune_trains_the_grid_on_the_validation_split_chooses_the_best_cell_and_reuses_it(tmp_path):
     data = tmp_path / "data"
-    splits = [f"data.train={data}/train", f"data.eval={data}/eval", f"data.validation={data}/validation"]
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*splits, "data.synthetic.validation_rows=1024"])
+    splits = [f"data.train={data}/train", f"data.eval={data}/eval", f"data.validation={data}/validation",
+              "data.synthetic.validation_rows=1024"]  # the config that wrote the validation split
+    cfg = load_config(ROOT / "configs/tiny.yaml", splits)
     generate(cfg.data.synthetic, cfg.data.train, cfg.data.eval, validation_dir=cfg.data.validation, show_progress=False)
     out = tmp_path / "tune"
     cmd = [sys.executable, "-m", "concord", "tune", "--config", "tiny", "--dense-lr", "0.01", "--table-lr", "0.05",

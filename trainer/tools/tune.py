@@ -74,7 +74,7 @@ def run_tune(
     base: Cell = (cfg.train.dense_optimizer.lr, cfg.model.embedding_optimizer.lr, cfg.train.epochs if epochs else None)
     grid: List[Cell] = sorted(set(itertools.product(
         dense_lrs or around(base[0]), table_lrs or around(base[1]), epochs or [None])) | {base}, key=_order)
-    on_validation = [*overrides, f"data.eval={validation}", "data.validation=null"]  # every cell scored there
+    on_validation = [*overrides, *scored_on(cfg, validation)]
     check_data_exists(load_config(config_path, on_validation))
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,18 @@ def score(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) 
         raise TuneError("no task has metrics on the validation split: no row of it has a label")
     return {cell: statistics.mean(_metric(cfg, t, results[cell, s]) / _metric(cfg, t, results[base, s])
                                   for s in range(seeds) for t in tasks) for cell in grid}
+
+
+def scored_on(cfg: Config, validation: str) -> List[str]:
+    """Overrides that make a cell score on ``validation``: it becomes ``data.eval``, and
+    ``data.validation``, now the same folder, is left out together with what would write it (convert's
+    and synth's validation share, which training never reads)."""
+    overrides = [f"data.eval={validation}", "data.validation=null"]
+    if cfg.data.convert is not None and cfg.data.convert.split.validation_fraction > 0:
+        overrides.append("data.convert.split.validation_fraction=0")
+    if cfg.data.synthetic is not None and cfg.data.synthetic.validation_rows > 0:
+        overrides.append("data.synthetic.validation_rows=0")
+    return overrides
 
 
 def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: str, grid: List[Cell], base: Cell, seeds: int,
