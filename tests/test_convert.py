@@ -1149,3 +1149,18 @@ def test_the_movies_config_makes_bags_of_title_words_and_genres_and_splits_by_ye
     assert train["noticed"] == [1, 0, 0] and held_out["noticed"] == [1]
     assert train["liked"] == [1, 0, 1] and held_out["liked"] == [0] and held_out["rating"] == [pytest.approx(6.9)]
     assert report["filled_dense"]["budget"] == 2 and train["budget"][0] == 0.0  # the training mean, standardized
+
+
+def test_convert_says_a_held_out_value_is_unseen_when_training_holds_it_too_rarely(tmp_path, capsys):
+    """With min_count 2, bob (once in training) is the unseen row in the held-out split as dave
+    (never) is: the printed count says so rather than 'a value the training split lacks'."""
+    import yaml
+
+    from concord.trainer.cli import main
+
+    raw = base(tmp_path)
+    raw["data"]["convert"]["categorical"][0]["min_count"] = 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert ("concord convert: eval rows with a value the training split lacks or holds fewer than min_count times "
+            "(the unseen row, id 0): user 2 (100.0%), tags 1 (50.0%)\n") in capsys.readouterr().out

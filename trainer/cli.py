@@ -262,7 +262,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         print(f"concord convert: {rows['data']:,} rows -> {out}, encoded like {like} (encoding {report['encoding']}); "
               f"{skipped}; labels: {labels}; report in "
               f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
-        _print_filled(report)
+        _print_filled(report, cfg)
         return 0
     written = ", ".join(f"{rows[split]:,} {split if split != 'train' else 'training'} rows -> {path}" for split, path in
                         (("train", cfg.data.train), ("eval", cfg.data.eval), ("validation", cfg.data.validation)) if split in rows)
@@ -273,7 +273,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         how += (f" at {split['column']} >= {split['cutoff_used']:.12g}{stamp}, "
                 f"{rows.get('eval', 0) / max(1, sum(rows.values())):.1%} of the rows held out")
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
-    _print_filled(report)
+    _print_filled(report, cfg)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
     auto = [t for t in cfg.model.tables if t.sized_by_data]
     if auto:
@@ -284,7 +284,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     return 0
 
 
-def _print_filled(report: Dict[str, Any]) -> None:
+def _print_filled(report: Dict[str, Any], cfg) -> None:
     """Dense columns with values missing, filled with their rule's ``fill``, categorical ones read as empty
     bags, and the held-out rows whose values training never saw: shares the user should know."""
     total = sum(report["rows"].values())
@@ -294,11 +294,13 @@ def _print_filled(report: Dict[str, Any]) -> None:
     empty = [f"{name} {count:,} ({count / total:.1%})" for name, count in report["empty_categorical"].items() if count]
     if empty:
         print("concord convert: missing categorical values, read as an empty bag (no embedding row): " + ", ".join(empty))
+    rare = {c.feature for c in cfg.data.convert.categorical if c.min_count > 1}  # its values seen too rarely are unseen too
     for split, counts in report["unseen_values"].items():
         unseen = [f"{name} {count:,} ({count / report['rows'][split]:.1%})" for name, count in counts.items() if count]
         if unseen and split != "train":  # the training split's are only its values rarer than min_count
             rows = "rows" if split == "data" else f"{split} rows"  # data: rows encoded like a training split
-            print(f"concord convert: {rows} with a value the training split lacks (the unseen row, id 0): " + ", ".join(unseen))
+            lacks = "lacks or holds fewer than min_count times" if rare & {n for n, c in counts.items() if c} else "lacks"
+            print(f"concord convert: {rows} with a value the training split {lacks} (the unseen row, id 0): " + ", ".join(unseen))
 
 
 def _synth(cfg, force: bool, if_missing: bool = False) -> int:
