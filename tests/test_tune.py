@@ -35,6 +35,15 @@ def test_the_score_is_each_cells_metric_relative_to_the_configs_cell_over_tasks_
     assert around(0.05) == [0.0167, 0.05, 0.15]
 
 
+def test_the_edge_note_names_the_axes_where_the_chosen_value_is_the_grids_largest_or_smallest():
+    from concord.trainer.tools.tune import _edges
+
+    grid = [(d, t, e) for d in (0.001, 0.003) for t in (0.05, 0.1, 0.2) for e in (1, 2)]
+    assert _edges(grid, (0.003, 0.1, 2)) == ["the dense lr", "the epochs"]
+    assert _edges(grid, (0.003, 0.1, 1)) == ["the dense lr"]  # one epoch is the least there is: no edge to extend
+    assert _edges(grid, (0.001, 0.05, None)) == ["the dense lr", "the table lr"]
+
+
 def test_tuning_needs_a_validation_split_other_than_the_held_out_one(tmp_path):
     """Refused before any cell trains: no validation split, or the held-out split given as one."""
     paths = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval"]
@@ -122,3 +131,11 @@ def test_tune_trains_the_grid_on_the_validation_split_chooses_the_best_cell_and_
     assert f"| {best} | 0.05 |" in report and f"{relative[best]:.4f} **chosen**" in report and "(config)" in report
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "training" not in second.stdout and second.stdout.count("(done earlier, reused)") == 2
+    # A grid extended elsewhere: the cell trained earlier outside it (dense 0.01) joins, and is chosen from.
+    third = subprocess.run([*cmd[:cmd.index("--dense-lr") + 1], "0.03", *cmd[cmd.index("--dense-lr") + 2:]], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    assert "1 cell(s) trained earlier in" in third.stdout and "join the grid: dense lr 0.01, table lr 0.05" in third.stdout
+    assert third.stdout.count("training ...") == 1 and third.stdout.count("(done earlier, reused)") == 2
+    report = (out / "report.md").read_text()
+    assert all(f"| {lr} | 0.05 |" in report for lr in (0.001, 0.01, 0.03))

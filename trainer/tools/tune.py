@@ -9,8 +9,10 @@ config's own cell, which is always in the grid; lower is better.
 
 Cells are trained as ``concord compare``'s are (``data.eval`` pointed at the validation split), one
 run directory each under ``OUT/runs``, every one from the config as it read at the start
-(``OUT/config.yaml``); a cell trained earlier is reused where it trained what this grid would.
-``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen overrides.
+(``OUT/config.yaml``); a cell trained earlier is reused where it trained what this grid would, and
+the cells an earlier call trained in ``OUT`` for the same setup join the grid (a grid extended at
+its edge is chosen from whole). ``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen
+overrides.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -80,6 +83,7 @@ def run_tune(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     config_path = snapshot_config(config_path, out)
     method = cfg.balancer.name
+    grid = sorted(set(grid) | set(earlier_cells(out, config_path, on_validation, cfg, grid, seeds)), key=_order)
     todo = [(cell, seed, out / "runs" / f"{_name(cell)}-seed{seed}") for cell in grid for seed in range(seeds)]
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
     try:
@@ -106,6 +110,41 @@ def run_tune(
     chosen = write_report(out, cfg, overrides, validation, grid, base, seeds, results)
     print(f"chosen: {describe(chosen)}; report in {out / 'report.md'}; train with: " + " ".join(cell_overrides(chosen)))
     return chosen_settings(chosen)
+
+
+_CELL_DIR = re.compile(r"dense(?P<dense>[^-]+)-table(?P<table>[^-]+)(?:-epochs(?P<epochs>\d+))?-seed(?P<seed>\d+)")
+
+
+def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Config, grid: List[Cell], seeds: int) -> List[Cell]:
+    """Cells outside ``grid`` that an earlier call trained in ``out`` for every seed, with what this
+    call would train there: they join the grid, so a grid extended at its edge is chosen from as a
+    whole. A cell of another setup (config, overrides, data) is named and left out."""
+    found: Dict[Cell, set] = {}
+    for run_dir in sorted((out / "runs").iterdir()):
+        match = _CELL_DIR.fullmatch(run_dir.name)
+        if not match or not (run_dir / "summary.json").is_file():
+            continue
+        try:
+            cell = (float(match["dense"]), float(match["table"]), int(match["epochs"]) if match["epochs"] else None)
+        except ValueError:
+            continue
+        if (cell[2] is None) == (grid[0][2] is None):  # epochs searched in both, or in neither
+            found.setdefault(cell, set()).add(int(match["seed"]))
+    joined = []
+    for cell in sorted(set(found) - set(grid), key=_order):
+        if not set(range(seeds)) <= found[cell]:
+            continue
+        try:
+            for seed in range(seeds):
+                check_reusable(config_path, [*overrides, *cell_overrides(cell)], cfg, cfg.balancer.name, seed,
+                               out / "runs" / f"{_name(cell)}-seed{seed}", None)
+        except CompareError as error:
+            print(f"not joined, trained earlier for another setup: {describe(cell)} ({error})", flush=True)
+            continue
+        joined.append(cell)
+    if joined:
+        print(f"{len(joined)} cell(s) trained earlier in {out} join the grid: " + "; ".join(map(describe, joined)), flush=True)
+    return joined
 
 
 def chosen_settings(cell: Cell) -> Dict[str, float]:
@@ -170,7 +209,8 @@ def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
     edges = []
     for axis, name in enumerate(names):
         values = sorted({cell[axis] for cell in grid if cell[axis] is not None})
-        if len(values) > 1 and chosen[axis] in (values[0], values[-1]):
+        floor = axis == 2 and chosen[axis] == 1  # no fewer epochs than one
+        if len(values) > 1 and chosen[axis] in (values[0], values[-1]) and not (floor and chosen[axis] == values[0]):
             edges.append(name)
     return edges
 
