@@ -291,6 +291,22 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     assert report["none"]["balancer_steps"] == 0
 
 
+def test_bench_blocks_longer_than_the_shared_memory_ring_keep_each_methods_sum_in_flight(tmp_path):
+    """Blocks of 5 steps: while one lagged method is swapped out with a sum in flight, the other
+    writes more statistics than the host exchange keeps slots for. The sum put aside is its own,
+    read when it was put aside, not a slot another method has written over since."""
+    run_dir = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
+        "--methods", "equal@previous,multibalance@previous,emtl@previous", "--rounds", "3", "--steps", "5",
+        *tiny_data(tmp_path), f"train.run_dir={run_dir}", "train.qps_skip_steps=2", "dist.statistics_on_host=true",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((run_dir / "bench.json").read_text())["methods"]
+    assert all(report[m]["balancer_steps"] == 3 + 3 * (1 + 5) for m in ("multibalance@previous", "emtl@previous"))
+
+
 def test_bench_names_a_bad_method_before_any_rank_starts(tmp_path):
     cmd = [sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
            "--methods", "none,equal,param_mgda@previous", *tiny_data(tmp_path), f"train.run_dir={tmp_path / 'bench'}"]

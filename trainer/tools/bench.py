@@ -36,7 +36,9 @@ def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) ->
     statistics, ``@previous`` for lagged statistics, ``@previous/K`` gathered every K steps) the
     model's method: built on first use, then swapped back in with the state it had (a balancer's EMA
     and step count, its statistics in flight and held coefficients, go on across blocks, as in one
-    long training run)."""
+    long training run). Where lagged statistics are summed through shared memory, each method has an
+    exchange of its own, as in training: a shared one's few slots would be written over by the other
+    methods' statistics while a swapped-out method's sum waits in them."""
     boundary = trainer.model.boundary
     current = built.get("__current__")
     if current is not None:
@@ -47,12 +49,16 @@ def _switch(trainer: Trainer, spec: str, knobs: dict, built: Dict[str, list]) ->
     if spec not in built:
         boundary.use_statistics(statistics, every)
         trainer.use_method(method, knobs)
+        ride = boundary.ride
+        if isinstance(ride, HostExchange) and current is not None:  # the first method keeps the trainer's
+            ride = HostExchange(trainer.rt.balancer_group)
         built[spec] = [boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer, (statistics, every),
-                       boundary.lagged_state, boundary.on_nonfinite_loss]
-    enabled, balancer, reduction, param_balancer, mode, lagged, on_nonfinite = built[spec]
+                       boundary.lagged_state, boundary.on_nonfinite_loss, ride]
+    enabled, balancer, reduction, param_balancer, mode, lagged, on_nonfinite, ride = built[spec]
     boundary.use_statistics(*mode)  # before the balancer, which checks it
     boundary.enabled, boundary.balancer, boundary.reduction, trainer.param_balancer = enabled, balancer, reduction, param_balancer
     boundary.lagged_state, boundary.on_nonfinite_loss = lagged, on_nonfinite  # the policy goes with the mode
+    boundary.ride = ride
     built["__current__"] = spec
 
 
