@@ -257,6 +257,17 @@ def test_the_report_pairs_a_method_across_statistics_modes():
     assert "| emtl@previous/10 | emtl | +0.00 [+0.00, +0.00]: no detectable difference |" in "\n".join(table)
 
 
+def bench_tiny(tmp_path: Path, methods: str, rounds: int, steps: int, *overrides: str) -> dict:
+    """``concord bench`` of the tiny config on 2 ranks into ``tmp_path/bench``; its report's methods."""
+    run_dir = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml", "--methods", methods,
+           "--rounds", str(rounds), "--steps", str(steps), *tiny_data(tmp_path), f"train.run_dir={run_dir}",
+           "train.qps_skip_steps=2", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((run_dir / "bench.json").read_text())["methods"]
+
+
 @pytest.mark.parametrize("carrier, header", [
     ("dist.statistics_in_ddp=true", "lagged statistics summed in DDP's gradient all-reduce"),  # equal's config would not ride (auto)
     ("dist.statistics_on_host=true", "lagged statistics summed through shared memory on this host"),
@@ -267,22 +278,14 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
     error of each mean drop. A method named without a mode runs as ``concord train`` would run it
     (the config's ``balancer.statistics: auto``: MultiBalance lagged, every 10 steps). The lagged
     statistics go with DDP's all-reduce, or through shared memory."""
-    run_dir = tmp_path / "bench"
-    cmd = [
-        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
-        "--methods", "none,equal,multibalance,multibalance@previous,multibalance@current", "--rounds", "4", "--steps", "1",
-        *tiny_data(tmp_path), f"train.run_dir={run_dir}", "train.qps_skip_steps=2", carrier,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads((run_dir / "bench.json").read_text())["methods"]
+    report = bench_tiny(tmp_path, "none,equal,multibalance,multibalance@previous,multibalance@current", 4, 1, carrier)
     assert set(report) == {"none", "equal", "multibalance", "multibalance@previous", "multibalance@current"}
     assert {m: r["statistics"] for m, r in report.items()} == {
         "none": "-", "equal": "previous", "multibalance": "previous/10", "multibalance@previous": "previous",
         "multibalance@current": "current"}
     assert report["equal"]["drop_pct_mean"] == 0.0 and report["equal"]["drop_pct_sem"] == 0.0
     assert all(r["qps_mean"] > 0 for r in report.values())
-    table = (run_dir / "bench.md").read_text()
+    table = (tmp_path / "bench/bench.md").read_text()
     assert "± s.e." in table and header in table  # 2 gloo ranks
     # warm-up (at least 3 steps) + 4 rounds x 1 step, and no untimed step after a switch with --steps 1
     assert report["multibalance"]["balancer_steps"] == report["equal"]["balancer_steps"] == 3 + 4
@@ -293,17 +296,9 @@ def test_bench_alternates_methods_every_step_and_keeps_each_balancers_state(tmp_
 
 def test_bench_blocks_longer_than_the_shared_memory_ring_keep_each_methods_sum_in_flight(tmp_path):
     """Blocks of 5 steps: while one lagged method is swapped out with a sum in flight, the other
-    writes more statistics than the host exchange keeps slots for. The sum put aside is its own,
-    read when it was put aside, not a slot another method has written over since."""
-    run_dir = tmp_path / "bench"
-    cmd = [
-        sys.executable, "-m", "concord.trainer.cli", "bench", "--config", "configs/tiny.yaml",
-        "--methods", "equal@previous,multibalance@previous,emtl@previous", "--rounds", "3", "--steps", "5",
-        *tiny_data(tmp_path), f"train.run_dir={run_dir}", "train.qps_skip_steps=2", "dist.statistics_on_host=true",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads((run_dir / "bench.json").read_text())["methods"]
+    writes more statistics than a host exchange keeps slots for: each method's sums go through an
+    exchange of its own, and none is written over before it is read."""
+    report = bench_tiny(tmp_path, "equal@previous,multibalance@previous,emtl@previous", 3, 5, "dist.statistics_on_host=true")
     assert all(report[m]["balancer_steps"] == 3 + 3 * (1 + 5) for m in ("multibalance@previous", "emtl@previous"))
 
 
