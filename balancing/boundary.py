@@ -264,6 +264,10 @@ class RepresentationBoundary(nn.Module):
         # memory on one host (HostExchange).
         self.ride: Optional[Union[DDPRide, HostExchange]] = None
 
+    # Host-side state from step to step (the sum in flight, the rule's numbers): under torch.compile
+    # the boundary runs eagerly between the compiled bottom and heads. Traced, every new coefficient
+    # would be a constant of a new graph: a recompilation each step until dynamo's limit.
+    @torch.compiler.disable
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             hint = "; rows of several items each: z.flatten(0, -2) makes each item a row" if z.dim() > 2 else ""
@@ -557,6 +561,7 @@ class RepresentationBoundary(nn.Module):
             self._unreported_on_device = None
         return self._unreported
 
+    @torch.compiler.disable
     def objective(self, losses: torch.Tensor) -> torch.Tensor:
         """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
 

@@ -387,6 +387,39 @@ def test_activation_checkpointing_around_the_boundary_trains_alike(method, stati
     torch.testing.assert_close(train(True), plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method, statistics, every", [("multibalance", "previous", 3), ("cograd", "current", 1)])
+def test_a_model_under_torch_compile_trains_as_in_eager_with_the_boundary_run_eagerly(method, statistics, every):
+    """A user's ranking model under ``torch.compile``: the bottom and heads compile, the boundary
+    between them runs eagerly. Traced, the numbers of a lagged rule run in forward (MultiBalance's
+    weights) would be constants of a new graph at every sum, recompiling until Dynamo's limit; here the
+    graphs are built by the first step and training matches the eager model's (CoGrad's rule, run in
+    backward, too)."""
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.toy = ToyMTL(3)
+            self.boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics=statistics, statistics_every=every)
+
+        def forward(self, x, y):
+            return self.boundary.objective(self.toy.losses(self.boundary(self.toy.bottom(x)), y, (1.0, 30.0, 0.3)))
+
+    counters = torch._dynamo.utils.counters
+    trained = []
+    for compiled in (False, True):
+        model = Model()
+        step = torch.compile(model) if compiled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for t in range(8):
+            optimizer.zero_grad()
+            step(*toy_batch(16, 3, seed=t)).backward()
+            optimizer.step()
+            if t == 0:
+                graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first step"
+        trained.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(trained[1], trained[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("statistics", ["current", "previous"])
 def test_two_boundaries_read_by_every_head_each_balance_their_own_representation(statistics):
     """Two shared representations (a user tower and an item tower), each through a boundary of its own
