@@ -1164,3 +1164,27 @@ def test_convert_says_a_held_out_value_is_unseen_when_training_holds_it_too_rare
     assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
     assert ("concord convert: eval rows with a value the training split lacks or holds fewer than min_count times "
             "(the unseen row, id 0): user 2 (100.0%), tags 1 (50.0%)\n") in capsys.readouterr().out
+
+
+def test_the_gss_config_masks_questions_not_asked_and_leaves_out_respondents_asked_none(tmp_path):
+    """configs/gss.yaml on rows in the stevedata `gss_abortion` schema: a question not asked is a
+    masked label, a respondent asked none of the seven is left out (counted), a code written as a
+    float ("16.0") is a category, a quoted party with a comma one value, a missing code an empty bag."""
+    header = "id,year,age,race,sex,hispaniccat,educ,partyid,relactiv,abany,abdefect,abnomore,abhlth,abpoor,abrape,absingle,pid,hispanic"
+    respondents = [
+        '1,1972,23.0,White,Female,,16.0,"Ind,Near Dem",,,1.0,1.0,1.0,1.0,1.0,1.0,2.0,',
+        "2,1972,70.0,White,Male,,10.0,Not Str Democrat,,,,,,,,,1.0,",  # asked none of the seven
+        "3,1990,48.0,Black,Female,1.0,12.0,Strong Democrat,3.0,0.0,1.0,0.0,1.0,0.0,1.0,0.0,0.0,0.0",
+        "4,2016,,Other,Male,2.0,16.0,Independent,1.0,1.0,,,,,,,3.0,1.0",
+    ]
+    report = convert_rows(tmp_path, "gss", header, respondents, "data.convert.split.cutoff=2000",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    assert report["rows"] == {"train": 2, "eval": 1} and report["skipped_rows"] == {"no label for any task": 1}
+    train, held_out = (pq.read_table(tmp_path / split).to_pydict() for split in ("train", "eval"))
+    assert train["any"] == [None, 0] and train["defect"] == [1, 1] and held_out["any"] == [1] and held_out["single"] == [None]
+    assert report["labelled_rows"]["train"]["any"] == 1 and report["labelled_rows"]["eval"]["defect"] == 0
+    parties = pq.read_table(tmp_path / "vocab/party.parquet").to_pydict()["value"]
+    assert sorted(parties) == ["Ind,Near Dem", "Strong Democrat"]
+    assert sorted(pq.read_table(tmp_path / "vocab/education.parquet").to_pydict()["value"]) == ["12.0", "16.0"]
+    assert train["religion"][0] == [] and train["hispanic"][0] == [] and held_out["education"] == train["education"][:1]
+    assert report["filled_dense"]["age"] == 1
