@@ -104,7 +104,7 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert "| multibalance | shared representation z" in report and "## Table 3" in report
     assert "## Verdicts: paired differences to `equal`" in report and "[one seed]: no detectable difference" in report
     assert (out / "gains.png").is_file() and (out / "figures/balancer-multibalance.png").is_file()
-    assert "](figures/balancer-multibalance.png)" in report
+    assert "](figures/balancer-multibalance.png)" in report and "each run, which ran one after another" in report
     # Resumed with the single-task baselines: the two cells are reused, each task trains alone.
     second = subprocess.run([*cmd, "--single-task", "--jobs", "2"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
@@ -117,6 +117,7 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     transfer = 100 * (alone["eval"]["ctr"]["ne"] - multi["eval"]["ctr"]["ne"]) / alone["eval"]["ctr"]["ne"]
     report = (out / "report.md").read_text()
     assert "## Transfer: multi-task against single-task models" in report
+    assert "each run, 2 at a time sharing the machine's cores, so each carries the others' load" in report
     assert f"| equal | {multi['eval']['ctr']['ne']:.4f} |" in report and f"{transfer:+.2f} ± 0.00" in report
     # A cell recorded before a setting existed (its config.yaml lacks the key) reads it at its default:
     # an upgrade alone does not make it another setup.

@@ -114,7 +114,7 @@ def run_compare(
     if unscored:  # missing_label: masked, and no held-out row has the label
         raise CompareError(f"task {unscored[0]!r} has no held-out metrics: no row of {cfg.data.eval} has its label, "
                            "so no method can be compared on it; hold out rows that have it (data.convert.split)")
-    report = write_report(out, cfg, methods, seeds, summaries, single, overrides)
+    report = write_report(out, cfg, methods, seeds, summaries, single, overrides, jobs)
     print(f"report: {report}")
     return report
 
@@ -296,7 +296,8 @@ def config_label(source: str) -> str:
 
 
 def write_report(
-    out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None, overrides: Sequence[str] = ()
+    out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None, overrides: Sequence[str] = (),
+    jobs: int = 1,
 ) -> Path:
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
@@ -307,8 +308,9 @@ def write_report(
         "",
         f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
         "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
-        "positive is better. Mean ± std over seeds. QPS: lifetime training QPS of each run, which ran one "
-        "after another (see `concord bench` for side-by-side QPS).",
+        "positive is better. Mean ± std over seeds. QPS: lifetime training QPS of each run, "
+        + ("which ran one after another" if jobs == 1 else f"{jobs} at a time sharing the machine's cores, so each carries the others' load")
+        + " (see `concord bench` for side-by-side QPS).",
         "",
         "## Table 2: what is balanced, cost, gain",
         "",
