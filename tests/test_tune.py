@@ -44,6 +44,14 @@ def test_the_edge_note_names_the_axes_where_the_chosen_value_is_the_grids_larges
     assert _edges(grid, (0.001, 0.05, None)) == ["the dense lr", "the table lr"]
 
 
+def test_a_cells_run_directory_gives_back_its_cell_and_seed():
+    from concord.trainer.tools.tune import _name, cell_of
+
+    for cell in [(0.003, 0.1, 4), (1e-05, 3e-06, None), (0.01, 1e-05, 2)]:
+        assert cell_of(f"{_name(cell)}-seed7") == (cell, 7)
+    assert cell_of("equal-seed0") is None and cell_of("densex-table0.1-seed0") is None
+
+
 def test_tuning_needs_a_validation_split_other_than_the_held_out_one(tmp_path):
     """Refused before any cell trains: no validation split, or the held-out split given as one."""
     paths = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval"]

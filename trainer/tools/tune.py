@@ -112,7 +112,18 @@ def run_tune(
     return chosen_settings(chosen)
 
 
-_CELL_DIR = re.compile(r"dense(?P<dense>[^-]+)-table(?P<table>[^-]+)(?:-epochs(?P<epochs>\d+))?-seed(?P<seed>\d+)")
+# A cell's run directory, as _name and the seed make it; a rate may hold '-' itself (1e-05).
+_CELL_DIR = re.compile(r"dense(?P<dense>.+?)-table(?P<table>.+?)(?:-epochs(?P<epochs>\d+))?-seed(?P<seed>\d+)")
+
+
+def cell_of(run_dir: str) -> Optional[Tuple[Cell, int]]:
+    """The cell and seed a run directory's name holds (``_name(cell)-seedN``); None for another name."""
+    match = _CELL_DIR.fullmatch(run_dir)
+    try:
+        cell = (float(match["dense"]), float(match["table"]), int(match["epochs"]) if match["epochs"] else None)
+    except (TypeError, ValueError):  # no match, or not numbers
+        return None
+    return cell, int(match["seed"])
 
 
 def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Config, grid: List[Cell], seeds: int) -> List[Cell]:
@@ -121,15 +132,12 @@ def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Co
     whole. A cell of another setup (config, overrides, data) is named and left out."""
     found: Dict[Cell, set] = {}
     for run_dir in sorted((out / "runs").iterdir()):
-        match = _CELL_DIR.fullmatch(run_dir.name)
-        if not match or not (run_dir / "summary.json").is_file():
+        parsed = cell_of(run_dir.name)
+        if parsed is None or not (run_dir / "summary.json").is_file():
             continue
-        try:
-            cell = (float(match["dense"]), float(match["table"]), int(match["epochs"]) if match["epochs"] else None)
-        except ValueError:
-            continue
+        cell, seed = parsed
         if (cell[2] is None) == (grid[0][2] is None):  # epochs searched in both, or in neither
-            found.setdefault(cell, set()).add(int(match["seed"]))
+            found.setdefault(cell, set()).add(seed)
     joined = []
     for cell in sorted(set(found) - set(grid), key=_order):
         if not set(range(seeds)) <= found[cell]:
