@@ -1188,3 +1188,14 @@ def test_the_gss_config_masks_questions_not_asked_and_leaves_out_respondents_ask
     assert sorted(pq.read_table(tmp_path / "vocab/education.parquet").to_pydict()["value"]) == ["12.0", "16.0"]
     assert train["religion"][0] == [] and train["hispanic"][0] == [] and held_out["education"] == train["education"][:1]
     assert report["filled_dense"]["age"] == 1
+
+
+def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
+    import yaml
+
+    from concord.trainer.cli import main
+
+    rows = ROWS[:2] + ["2,carol,c,x,1,3", "2,carol,c,y,1,3", "3,alice,b,1,,0.5"] + ROWS[5:]  # two prices not numbers, a label missing
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base(tmp_path, rows=rows, on_bad_row="skip")))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "; 3 rows skipped (price: not a number 2, click: missing label 1); " in capsys.readouterr().out

@@ -256,6 +256,9 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         return 3
     count = sum(report["skipped_rows"].values())
     skipped = f"{count:,} row{'' if count == 1 else 's'} skipped"
+    if count:  # why, the commonest reasons first (convert.json has them all)
+        reasons = sorted(report["skipped_rows"].items(), key=lambda item: -item[1])
+        skipped += " (" + ", ".join(f"{reason} {n:,}" for reason, n in reasons[:3]) + (", ..." if len(reasons) > 3 else "") + ")"
     rows = report["rows"]
     if like:
         labels = ", ".join(report["label_means"]["data"]) or "none"
