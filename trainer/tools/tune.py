@@ -151,7 +151,8 @@ def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Co
             continue
         joined.append(cell)
     if joined:
-        print(f"{len(joined)} cell(s) trained earlier in {out} join the grid: " + "; ".join(map(describe, joined)), flush=True)
+        shown = "; ".join(map(describe, joined[:3])) + (f"; and {len(joined) - 3} more" if len(joined) > 3 else "")
+        print(f"{len(joined)} cell(s) trained earlier in {out} join the grid: {shown}", flush=True)
     return joined
 
 
