@@ -218,8 +218,8 @@ def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
     edges = []
     for axis, name in enumerate(names):
         values = sorted({cell[axis] for cell in grid if cell[axis] is not None})
-        floor = axis == 2 and chosen[axis] == 1  # no fewer epochs than one
-        if len(values) > 1 and chosen[axis] in (values[0], values[-1]) and not (floor and chosen[axis] == values[0]):
+        one_epoch = axis == 2 and chosen[axis] == 1  # the least there is: nothing to extend below it
+        if len(values) > 1 and chosen[axis] in (values[0], values[-1]) and not one_epoch:
             edges.append(name)
     return edges
 
