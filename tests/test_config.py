@@ -223,3 +223,12 @@ def test_yaml_words_read_as_true_false_or_numbers_where_text_is_meant_say_to_quo
         path.write_text(text.replace("never_married: [Never-married]", f"never_married: [{written}]"))
         with pytest.raises(ConfigError, match=rf"data\.convert\.positive\.never_married\[0\]: expected a string, got {got}; .*{hint}"):
             load_config(str(path))
+
+    # A label's rule written inside labels (as a mapping for its column): told where the rule goes.
+    path = tmp_path / "nested.yaml"
+    path.write_text(text.replace("labels: {income: income, never_married: marital}",
+                                 "labels: {income: {column: income, positive: [\">50K\"]}, never_married: marital}"))
+    with pytest.raises(ConfigError, match=r"data\.convert\.labels\.income: expected a string, got \{'column': 'income', "
+                                          r"'positive': \['>50K'\]\}; name the input column here \(income: COLUMN\) and give the "
+                                          r"rule .* beside labels, under the same key: positive: \{income: \[VALUES\]\} or positive_range"):
+        load_config(str(path))

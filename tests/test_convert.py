@@ -1093,7 +1093,7 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[-2:] == ["concord convert: missing categorical values, read as an empty bag (no embedding row): tags 1 (50.0%)",
                             "concord convert: rows with a value the training split lacks (the unseen row, id 0): user 1 (50.0%), tags 1 (50.0%)"]
-    check_same_encoding("the data to score", str(tmp_path / "score/data"), "the training data", "out/train", trained["encoding"])
+    check_same_encoding("the data to score", str(tmp_path / "score/data"), "the training data", "out/train", trained["encoding"], "c.yaml")
 
     other = copy.deepcopy(raw)
     other["data"]["convert"]["categorical"][0]["min_count"] = 2
@@ -1124,6 +1124,43 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
         convert(config_from_dict(copy.deepcopy(raw), "test.yaml"), like=str(tmp_path / "old"), out=str(tmp_path / "s3/data"), show_progress=False)
     assert main(["convert", "--config", "movielens", "--encode-like", str(tmp_path / "out")]) == 2
     assert "--encode-like DIR and --out DIR go together" in capsys.readouterr().err
+
+
+def test_the_command_that_scoring_raw_or_foreign_data_is_told_encodes_it_as_given(tmp_path, capsys, monkeypatch):
+    """Raw text to score, or Parquet converted with other statistics, is refused with the command that
+    encodes it like the run's training data; that command, with its placeholders filled in, runs and
+    gives data the check then accepts. It names the run's config: `concord convert` without one
+    reads the demo's."""
+    import shlex
+
+    import yaml
+
+    from concord.trainer.cli import main
+    from concord.trainer.data.layout import DataError, check_data_to_score
+
+    trained = run(base(tmp_path))
+    (tmp_path / "other").mkdir()
+    run(base(tmp_path / "other", split={"by": "time", "column": "day", "cutoff": 3}))
+    checkpoint = tmp_path / "run/checkpoints/step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "concord.json").write_text(json.dumps(
+        {"fingerprint": {"data": {"train": str(tmp_path / "out/train")}, "encoding": trained["encoding"]}}))
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(base(tmp_path)))
+    (tmp_path / "new.csv").write_text("day,user,tags,price\n5,carol,a|q,10\n")
+    monkeypatch.chdir(tmp_path)  # where no configs/ folder is: the demo is read from the package
+
+    def told(spec: str) -> list:
+        with pytest.raises(DataError) as refused:
+            check_data_to_score(tmp_path / "run", "--data", spec)
+        line = str(refused.value)
+        assert "\n" not in line
+        return shlex.split(line.split("`")[-2])
+
+    for spec, out in ((str(tmp_path / "new.csv"), "raw/data"), (str(tmp_path / "other/out/eval"), "foreign/data")):
+        command = [str(tmp_path / out) if a == "DIR" else a.replace("=RAW", f"={tmp_path / 'new.csv'}") for a in told(spec)]
+        assert command[:4] == ["concord", "convert", "--config", str(tmp_path / "run/config.yaml")]
+        assert main(command[1:]) == 0, capsys.readouterr().err
+        check_data_to_score(tmp_path / "run", "--data", str(tmp_path / out))
 
 
 def test_the_movies_config_makes_bags_of_title_words_and_genres_and_splits_by_year(tmp_path):

@@ -346,7 +346,8 @@ def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_pat
                            "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "raw.csv"), "--out", str(tmp_path / "p.parquet")],
                           cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
-    assert (f"it is raw text: encode it like the data the checkpoint trained on, `concord convert --encode-like runs/x/data "
+    assert (f"it is raw text: encode it like the data the checkpoint trained on, `concord convert --config "
+            f"{tmp_path / 'run/config.yaml'} --encode-like runs/x/data "
             f"--out DIR data.convert.input={tmp_path / 'raw.csv'}`") in proc.stderr
     # --out naming a folder: one line now, rather than an error from the file write after every row is scored.
     proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *tiny_data(tmp_path),

@@ -576,10 +576,22 @@ def _build(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             quote = ("; YAML reads yes, no, on, off, true and false unquoted as true/false: quote the text, e.g. \"yes\""
-                     if isinstance(value, bool) else f"; quote it: \"{value}\"" if isinstance(value, (int, float)) else "")
+                     if isinstance(value, bool) else f"; quote it: \"{value}\"" if isinstance(value, (int, float))
+                     else _label_rule_hint(key) if isinstance(value, dict) else "")
             raise ConfigError(f"{source}: {where}: expected a string, got {value!r}{quote}")
         return value
     raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _label_rule_hint(key: str) -> str:
+    """Where a mapping was given for a label's input column: the rules that make a label go beside
+    ``labels``, keyed by the task's label column as it is."""
+    prefix = "data.convert.labels."
+    if not key.startswith(prefix):
+        return ""
+    label = key[len(prefix):]
+    return (f"; name the input column here ({label}: COLUMN) and give the rule that makes the label beside labels, "
+            f"under the same key: positive: {{{label}: [VALUES]}} or positive_range: {{{label}: {{at_least: N}}}}")
 
 
 def _join(prefix: str, name: str) -> str:

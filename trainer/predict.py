@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
-from concord.trainer.data.layout import DataError, check_scored_encoding, list_files
+from concord.trainer.data.layout import DataError, check_scored_encoding, list_files, run_config
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint, with_todays_defaults
@@ -98,7 +98,7 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     if wrong:
         raise ResumeError(f"{path} holds another model than {trainer.cfg.source} describes ({describe_changes(wrong, saved, now)}); "
                           "pass the config the run was trained with (its run_dir/config.yaml)")
-    check_scored_encoding(spec, saved)
+    check_scored_encoding(spec, saved, run_config(run_dir))
     state = {"model": without_boundary_records(trainer.dmp.state_dict()), "optimizer": {}}
     fresh = pop_balancer_entries(state) if "balancer" in changed else {}
     Checkpointer.load(path, {"model": state["model"]})

@@ -175,7 +175,7 @@ def check_data_exists(cfg) -> None:
             how = ""
         raise DataError(f"{key}: {path} holds no Parquet data{how}")
     trained = convert_report(cfg.data.train) if cfg.data.train else {}
-    check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, trained.get("encoding"))
+    check_same_encoding("data.eval", cfg.data.eval, "data.train", cfg.data.train, trained.get("encoding"), str(cfg.source))
     if trained:
         check_tables_hold_ids(cfg, trained, str(convert_report_path(cfg.data.train)))
 
@@ -227,34 +227,43 @@ def check_data_to_score(run_dir: str | Path, key: str, spec: Optional[str]) -> N
     """The data to score (``spec``, given as ``key``) is Parquet, encoded as the data the newest
     checkpoint of ``run_dir`` trained on, as far as their records say: read from the checkpoint's
     ``concord.json``, before the ranks build the model only to refuse it (they check again, on the
-    checkpoint they load). Raw text is told how to become such data."""
+    checkpoint they load). Raw text is told how to become such data, with the run's own config (its
+    ``data.convert`` rules; ``concord convert`` without ``--config`` would read the demo's)."""
     steps = published_checkpoints(Path(run_dir) / "checkpoints")
     saved = saved_fingerprint(steps[-1]) if steps else {}
     trained = (saved or {}).get("data", {}).get("train")
     if spec and raw_text_hint(spec) and trained:
         raise DataError(f"{key}: {spec} is not Parquet data; it is raw text: encode it like the data the checkpoint trained "
-                        f"on, `concord convert --encode-like {Path(trained).parent} --out DIR data.convert.input={spec}`")
+                        f"on, `concord convert --config {run_config(run_dir)} --encode-like {Path(trained).parent} --out DIR "
+                        f"data.convert.input={spec}`")
     check_not_raw_text(key, spec)
     if saved is not None:
-        check_scored_encoding(spec, saved)
+        check_scored_encoding(spec, saved, run_config(run_dir))
 
 
-def check_scored_encoding(spec: Optional[str], fingerprint: dict) -> None:
+def run_config(run_dir: str | Path) -> Path:
+    """The config a run was trained with, as training wrote it (``run_dir/config.yaml``)."""
+    return Path(run_dir) / "config.yaml"
+
+
+def check_scored_encoding(spec: Optional[str], fingerprint: dict, config: Path) -> None:
     """The data to score (``spec``) was encoded as the training data of the checkpoint whose run
-    ``fingerprint`` is given, where both are known."""
+    ``fingerprint`` is given, where both are known; ``config``: the run's."""
     check_same_encoding("the data to score", spec, "the data the checkpoint trained on",
-                        fingerprint.get("data", {}).get("train", "?"), fingerprint.get("encoding"))
+                        fingerprint.get("data", {}).get("train", "?"), fingerprint.get("encoding"), str(config))
 
 
-def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained_path: str, trained: Optional[str]) -> None:
+def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained_path: str, trained: Optional[str],
+                        config: str) -> None:
     """``path``'s data was encoded as ``trained`` (the encoding of the data at ``trained_path``), where
-    both are known; else one line saying so and how to make them alike."""
+    both are known; else one line saying so and how to make them alike with ``config`` (whose
+    ``data.convert`` rules encoded the training data)."""
     encoding = data_encoding(path) if path else None
     if encoding is None or trained is None or encoding == trained:
         return
     raise DataError(
         f"{key}: {path} was converted with other vocabularies or dense statistics than {trained_key} {trained_path} "
         f"(convert.json encoding {encoding} against {trained}): the same id would name another value there; encode "
-        f"its raw input like the training data: `concord convert --encode-like {Path(trained_path).parent} --out DIR "
-        "data.convert.input=RAW`"
+        f"its raw input like the training data: `concord convert --config {config} --encode-like {Path(trained_path).parent} "
+        "--out DIR data.convert.input=RAW`"
     )
