@@ -4,6 +4,7 @@ and one small grid end to end (tiny data, 1 rank) with its reuse."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,36 @@ def test_the_score_is_each_cells_metric_relative_to_the_configs_cell_over_tasks_
     assert got[base] == 1.0
     assert got[other] == pytest.approx(statistics.mean([0.9, 1.0, 0.8, 1.0, 1.1, 1.0]))
     assert around(0.05) == [0.0167, 0.05, 0.15]
+
+
+def test_seed_noise_is_the_paired_differences_standard_error_pooled_over_the_grid(tmp_path):
+    """Each cell's score less the chosen one's, seed by seed: variances pooled over the cells, over the
+    number of seeds, give the standard error; a cell whose mean difference is under two of it is one
+    the seeds do not tell from the chosen."""
+    from concord.trainer.tools.tune import seed_noise
+
+    chosen, close, far = (0.003, 0.1, 4), (0.001, 0.1, 4), (0.01, 0.1, 4)
+    per_seed = {chosen: [0.99, 1.0], close: [0.995, 1.025], far: [1.09, 1.12]}  # differences .005/.025 and .10/.12
+    error, within = seed_noise(per_seed, chosen)
+    assert error == pytest.approx(math.sqrt(statistics.mean([statistics.variance([0.005, 0.025]),
+                                                              statistics.variance([0.10, 0.12])]) / 2))
+    assert error == pytest.approx(0.01) and within == [close]  # 0.015 < 2 x 0.01 < 0.11
+    assert seed_noise({chosen: [1.0], close: [1.1]}, chosen) is None  # one seed: no spread to measure
+    assert seed_noise({chosen: [1.0, 0.9]}, chosen) is None  # nothing to compare with
+
+    # In the report and chosen.json, from the cells' metrics (one task: its NE is the relative score x 2).
+    from concord.trainer.tools.tune import write_report
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["tasks=[{name: ctr, label: ctr}]"])
+    base = (0.003, 0.1, 4)
+    results = {(cell, s): {"ctr": {"ne": 2 * v}} for cell, values in per_seed.items() for s, v in enumerate(values)}
+    results[base, 0], results[base, 1] = {"ctr": {"ne": 2.0}}, {"ctr": {"ne": 2.0}}  # the relative scores above
+    per_seed[chosen] = [1.0, 1.0]
+    assert write_report(tmp_path, cfg, [], "val", list(per_seed), base, 2, results) == base
+    recorded = json.loads((tmp_path / "chosen.json").read_text())
+    assert recorded["within_noise"] == [{"train.dense_optimizer.lr": 0.001, "model.embedding_optimizer.lr": 0.1, "train.epochs": 4}]
+    assert "Within two of it, 1 cell(s) these seeds do not tell from the chosen one: dense lr 0.001, table lr 0.1, 4 epochs." \
+        in (tmp_path / "report.md").read_text()
 
 
 def test_the_edge_note_names_the_axes_where_the_chosen_value_is_the_grids_largest_or_smallest():

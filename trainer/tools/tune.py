@@ -12,13 +12,16 @@ run directory each under ``OUT/runs``, every one from the config as it read at t
 (``OUT/config.yaml``); a cell trained earlier is reused where it trained what this grid would, and
 the cells an earlier call trained in ``OUT`` for the same setup join the grid (a grid extended at
 its edge is chosen from whole). ``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen
-overrides.
+overrides; with two seeds or more both also give the seed noise of a cell's score against the chosen
+one's and the cells within it, which those seeds cannot tell from the choice (a flat neighbourhood
+keeps "extending the edge" otherwise).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -108,7 +111,9 @@ def run_tune(
         raise TuneError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     results = {(cell, seed): json.loads((run_dir / "summary.json").read_text())["eval"] for cell, seed, run_dir in todo}
     chosen = write_report(out, cfg, overrides, validation, grid, base, seeds, results)
-    print(f"chosen: {describe(chosen)}; report in {out / 'report.md'}; train with: " + " ".join(cell_overrides(chosen)))
+    close = json.loads((out / "chosen.json").read_text()).get("within_noise", [])
+    noise = f" ({len(close)} other cell(s) within its seed noise: the report names them)" if close else ""
+    print(f"chosen: {describe(chosen)}{noise}; report in {out / 'report.md'}; train with: " + " ".join(cell_overrides(chosen)))
     return chosen_settings(chosen)
 
 
@@ -163,14 +168,36 @@ def chosen_settings(cell: Cell) -> Dict[str, float]:
     return {**settings, "train.epochs": epochs} if epochs is not None else settings
 
 
-def score(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) -> Dict[Cell, float]:
-    """Each cell's mean over tasks and seeds of its validation metric relative to the base cell's of
-    the same seed (a task unscored on the validation split, for want of labels, is left out)."""
+def seed_scores(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) -> Dict[Cell, List[float]]:
+    """Each cell's score per seed: its mean over tasks of the validation metric relative to the base
+    cell's of the same seed (a task unscored on the validation split, for want of labels, is left out)."""
     tasks = [t for t in cfg.task_names if all(t in results[base, s] for s in range(seeds))]
     if not tasks:
         raise TuneError("no task has metrics on the validation split: no row of it has a label")
-    return {cell: statistics.mean(_metric(cfg, t, results[cell, s]) / _metric(cfg, t, results[base, s])
-                                  for s in range(seeds) for t in tasks) for cell in grid}
+    return {cell: [statistics.mean(_metric(cfg, t, results[cell, s]) / _metric(cfg, t, results[base, s]) for t in tasks)
+                   for s in range(seeds)] for cell in grid}
+
+
+def score(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) -> Dict[Cell, float]:
+    """Each cell's mean over tasks and seeds of its validation metric relative to the base cell's of
+    the same seed."""
+    return {cell: statistics.mean(per_seed) for cell, per_seed in seed_scores(cfg, grid, base, seeds, results).items()}
+
+
+def seed_noise(per_seed: Dict[Cell, List[float]], chosen: Cell) -> Optional[Tuple[float, List[Cell]]]:
+    """How far apart the seeds leave a cell's score and the chosen one's: the standard error of the
+    mean paired difference (same seed: same initialisation and data order), its variance pooled over
+    the grid's other cells, as seed noise is much the same from cell to cell and a grid has few seeds
+    a cell; and the cells whose mean difference from the chosen is within two such errors, which
+    these seeds do not tell apart from it. None with one seed or a grid of one cell."""
+    others = [cell for cell in per_seed if cell != chosen]
+    seeds = len(per_seed[chosen])
+    if seeds < 2 or not others:
+        return None
+    differences = {cell: [a - b for a, b in zip(per_seed[cell], per_seed[chosen])] for cell in others}
+    variance = statistics.mean(statistics.variance(d) for d in differences.values())
+    error = math.sqrt(variance / seeds)
+    return error, [cell for cell in others if statistics.mean(differences[cell]) < 2 * error]
 
 
 def scored_on(cfg: Config, validation: str) -> List[str]:
@@ -187,7 +214,8 @@ def scored_on(cfg: Config, validation: str) -> List[str]:
 
 def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: str, grid: List[Cell], base: Cell, seeds: int,
                  results: Dict) -> Cell:
-    scores = score(cfg, grid, base, seeds, results)
+    per_seed = seed_scores(cfg, grid, base, seeds, results)
+    scores = {cell: statistics.mean(values) for cell, values in per_seed.items()}
     chosen = min(grid, key=lambda cell: (scores[cell], cell != base))  # a tie keeps the config's own cell
     with_epochs = base[2] is not None
     columns = ["dense lr", "table lr"] + (["epochs"] if with_epochs else [])
@@ -207,8 +235,20 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
     if edges:
         lines += ["", f"The chosen cell lies at the grid's edge in {', '.join(edges)}: extend the grid there "
                   "(a cell trained already is reused)."]
+    noise = seed_noise(per_seed, chosen)
+    if noise is not None:
+        error, close = noise
+        lines += ["", f"Seed noise: a cell's score less the chosen one's, paired by seed, has a standard error of "
+                  f"{error:.4f} (pooled over the grid's cells). "
+                  + (f"Within two of it, {len(close)} cell(s) these seeds do not tell from the chosen one: "
+                     + "; ".join(describe(cell) for cell in close) + f". More seeds (`--seeds {2 * seeds}`; the seeds "
+                     "trained already are reused) tell them apart, or show that the choice among them matters little."
+                     if close else "Every other cell scores worse by more than two of it.")]
+    chosen_record = {"chosen": chosen_settings(chosen), "score": scores[chosen]}
+    if noise is not None:
+        chosen_record.update(standard_error=noise[0], within_noise=[chosen_settings(cell) for cell in noise[1]])
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "chosen.json").write_text(json.dumps({"chosen": chosen_settings(chosen), "score": scores[chosen]}, indent=2) + "\n")
+    (out / "chosen.json").write_text(json.dumps(chosen_record, indent=2) + "\n")
     return chosen
 
 
