@@ -1227,6 +1227,24 @@ def test_the_gss_config_masks_questions_not_asked_and_leaves_out_respondents_ask
     assert report["filled_dense"]["age"] == 1
 
 
+def test_the_health_insurance_config_reads_its_yes_no_labels_the_right_way_round(tmp_path):
+    """configs/health_insurance.yaml on rows in the AER `HealthInsurance` schema: health "no" (not in
+    good health) is the rare task's 1, insurance and limit "yes" theirs; each code a table of its own."""
+    header = "health,age,limit,gender,insurance,married,selfemp,family,region,ethnicity,education"
+    people = ["yes,31,no,male,yes,yes,yes,4,south,cauc,bachelor", "no,54,yes,female,no,no,no,1,west,afam,none",
+              "yes,40,no,female,yes,yes,no,3,south,other,ged"]
+    report = convert_rows(tmp_path, "health_insurance", header, people, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["poor_health"] == [0, 1, 0] and train["insured"] == [1, 0, 1] and train["limited"] == [0, 1, 0]
+    assert report["label_means"]["train"] == {"poor_health": pytest.approx(1 / 3), "insured": pytest.approx(2 / 3),
+                                              "limited": pytest.approx(1 / 3)}
+    vocab = {f: pq.read_table(tmp_path / f"vocab/{f}.parquet").to_pydict()["value"] for f in ("gender", "married", "selfemp")}
+    assert sorted(vocab["gender"]) == ["female", "male"] and sorted(vocab["married"]) == sorted(vocab["selfemp"]) == ["no", "yes"]
+    for feature, column in (("gender", 3), ("married", 5), ("selfemp", 6)):  # each value its own feature's id (1-based)
+        assert train[feature] == [[vocab[feature].index(p.split(",")[column]) + 1] for p in people]
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
