@@ -178,3 +178,11 @@ def test_tune_trains_the_grid_on_the_validation_split_chooses_the_best_cell_and_
     assert third.stdout.count("training ...") == 1 and third.stdout.count("(done earlier, reused)") == 2
     report = (out / "report.md").read_text()
     assert all(f"| {lr} | 0.05 |" in report for lr in (0.001, 0.01, 0.03))
+    # More seeds: every cell, the earlier call's too, trains the seed it lacks and the report gives the seeds' noise.
+    fourth = subprocess.run([*cmd[:cmd.index("--seeds") + 1], "2", *cmd[cmd.index("--seeds") + 2:]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0, fourth.stdout[-2000:] + fourth.stderr[-3000:]
+    assert "(1 of them trained for fewer seeds than 2: their other seeds train now)" in fourth.stdout
+    assert fourth.stdout.count("seed 1: training ...") == 3 and fourth.stdout.count("(done earlier, reused)") == 3
+    assert "Seed noise: a cell's score less the chosen one's, paired by seed, has a standard error of" in (out / "report.md").read_text()
+    assert "standard_error" in json.loads((out / "chosen.json").read_text())

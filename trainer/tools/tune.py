@@ -132,9 +132,10 @@ def cell_of(run_dir: str) -> Optional[Tuple[Cell, int]]:
 
 
 def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Config, grid: List[Cell], seeds: int) -> List[Cell]:
-    """Cells outside ``grid`` that an earlier call trained in ``out`` for every seed, with what this
-    call would train there: they join the grid, so a grid extended at its edge is chosen from as a
-    whole. A cell of another setup (config, overrides, data) is named and left out."""
+    """Cells outside ``grid`` that an earlier call trained in ``out`` with what this call would train
+    there: they join the grid, so a grid extended at its edge is chosen from as a whole, and a call
+    with more ``seeds`` trains their other seeds too (they are scored alike). A cell of another setup
+    (config, overrides, data) is named and left out."""
     found: Dict[Cell, set] = {}
     for run_dir in sorted((out / "runs").iterdir()):
         parsed = cell_of(run_dir.name)
@@ -143,21 +144,24 @@ def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Co
         cell, seed = parsed
         if (cell[2] is None) == (grid[0][2] is None):  # epochs searched in both, or in neither
             found.setdefault(cell, set()).add(seed)
-    joined = []
+    joined, short = [], 0
     for cell in sorted(set(found) - set(grid), key=_order):
-        if not set(range(seeds)) <= found[cell]:
+        trained = sorted(found[cell] & set(range(seeds)))
+        if not trained:
             continue
         try:
-            for seed in range(seeds):
+            for seed in trained:
                 check_reusable(config_path, [*overrides, *cell_overrides(cell)], cfg, cfg.balancer.name, seed,
                                out / "runs" / f"{_name(cell)}-seed{seed}", None)
         except CompareError as error:
             print(f"not joined, trained earlier for another setup: {describe(cell)} ({error})", flush=True)
             continue
         joined.append(cell)
+        short += len(trained) < seeds
     if joined:
         shown = "; ".join(map(describe, joined[:3])) + (f"; and {len(joined) - 3} more" if len(joined) > 3 else "")
-        print(f"{len(joined)} cell(s) trained earlier in {out} join the grid: {shown}", flush=True)
+        more = f" ({short} of them trained for fewer seeds than {seeds}: their other seeds train now)" if short else ""
+        print(f"{len(joined)} cell(s) trained earlier in {out} join the grid{more}: {shown}", flush=True)
     return joined
 
 
@@ -241,8 +245,9 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
         lines += ["", f"Seed noise: a cell's score less the chosen one's, paired by seed, has a standard error of "
                   f"{error:.4f} (pooled over the grid's cells). "
                   + (f"Within two of it, {len(close)} cell(s) these seeds do not tell from the chosen one: "
-                     + "; ".join(describe(cell) for cell in close) + f". More seeds (`--seeds {2 * seeds}`; the seeds "
-                     "trained already are reused) tell them apart, or show that the choice among them matters little."
+                     + "; ".join(describe(cell) for cell in close) + f". More seeds (`--seeds {2 * seeds}`: every cell of "
+                     "this grid and of the earlier calls trains the seeds it lacks) tell them apart, or show that the "
+                     "choice among them matters little."
                      if close else "Every other cell scores worse by more than two of it.")]
     chosen_record = {"chosen": chosen_settings(chosen), "score": scores[chosen]}
     if noise is not None:
