@@ -54,6 +54,7 @@ class CoGrad(Balancer):
         weights: Optional[Sequence[float]] = None,
         strength: float = 0.05,
         fused: bool = True,
+        bounded: bool = True,
     ) -> None:
         super().__init__(task_names)
         self.gamma = check_task_vector("cograd.gamma", gamma, self.num_tasks)
@@ -67,6 +68,12 @@ class CoGrad(Balancer):
         self.weights = c
         self.strength = check_positive("cograd.strength", strength, allow_zero=True)
         self.fused = bool(fused)
+        if not isinstance(bounded, bool):
+            raise ValueError(f"cograd.bounded is true or false, got {bounded!r}")
+        # The element bound (docs/ALGORITHMS.md, item 4): each factor clamped to [-limit, limit]; off,
+        # the rule is Algorithm 1's ``P - kappa C`` as written (an infinite limit clamps nothing).
+        self.bounded = bounded
+        self.limit = 1.0 if bounded else math.inf
         self._formed: Optional[Tuple[List[int], float, torch.Tensor]] = None  # lagged: live, kappa, A
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
@@ -90,7 +97,7 @@ class CoGrad(Balancer):
         if ops is not None:
             aggregated, _, squares = ops.cograd_pass(present_grads, *knobs, kappa, bool(kappa), False, True)
         elif kappa:
-            aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa)
+            aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa, self.limit)
         else:
             squares = self.run_rule(transference_norms, present_grads, *knobs)
         if kappa:
@@ -106,22 +113,22 @@ class CoGrad(Balancer):
             # The rule and its logged telemetry run in the compiled passes; only a logged step whose
             # aggregate a lagged statistics step formed runs the telemetry apart.
             for kappa in (1.0, 0.5) if lagged else ():
-                self.run_rule(correction_telemetry, zeros, *knobs, kappa, zeros[0])
+                self.run_rule(correction_telemetry, zeros, *knobs, kappa, zeros[0], self.limit)
             return
         self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
         if lagged and not on_host:
             flags = torch.ones(self.num_tasks, dtype=torch.bool, device=template.device)
             kappa = torch.ones((), dtype=torch.promote_types(template.dtype, torch.float32), device=template.device)
-            aggregated = self.run_rule(coordinated_masked, zeros, *knobs, kappa, flags)
-            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated)
+            aggregated = self.run_rule(coordinated_masked, zeros, *knobs, kappa, flags, self.limit)
+            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated, self.limit)
             return
         # Two values of kappa: the compiler then takes it as an input instead of a constant, so a
         # step's new kappa does not recompile the rule inside backward.
         for kappa in (1.0, 0.5):
             if lagged:  # a statistics step forms the aggregate with the norms; the steps between, alone
-                self.run_rule(coordinated_with_norms, zeros, *knobs, kappa)
-            aggregated, _ = self.run_rule(coordinated_with_total, zeros, *knobs, kappa)
-            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated)
+                self.run_rule(coordinated_with_norms, zeros, *knobs, kappa, self.limit)
+            aggregated, _ = self.run_rule(coordinated_with_total, zeros, *knobs, kappa, self.limit)
+            self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated, self.limit)
 
     def aggregate(
         self,
@@ -153,10 +160,10 @@ class CoGrad(Balancer):
             elif ops is not None:
                 aggregated, self.aggregate_total, _ = ops.cograd_pass(live_grads, *knobs, kappa, True, False, False)
             else:
-                aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa)
+                aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa, self.limit)
         if self.telemetry_due:
             if measured is None:
-                measured = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated)
+                measured = self.run_rule(correction_telemetry, live_grads, *knobs, kappa, aggregated, self.limit)
             plain2, change2, bounded = measured.tolist()
             self.last_telemetry["correction_ratio"] = math.sqrt(change2 / plain2) if plain2 > 0 else 0.0
             self.last_telemetry["bounded_share"] = bounded / max(1, len(live) * aggregated.numel())
@@ -175,8 +182,9 @@ class CoGrad(Balancer):
         return self._wide_passes()
 
     def _wide_passes(self) -> Optional[object]:
-        """The compiled module where the rule is ``fused`` and the CPU has wide vectors; else None."""
-        return wide_vector_passes() if self.fused else None
+        """The compiled module where the rule is ``fused`` and ``bounded`` (the compiled passes clamp each
+        factor to [-1, 1]) and the CPU has wide vectors; else None."""
+        return wide_vector_passes() if self.fused and self.bounded else None
 
     def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
         """Where the rule is ``fused`` and the CPU has wide vectors, the boundary's compiled node
@@ -197,11 +205,11 @@ class CoGrad(Balancer):
         ok = usable if len(present) == len(grads) else torch.stack([usable[k] for k in present])  # all present: no op
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
         present_grads, knobs = [grads[k] for k in present], self._knobs(present)
-        aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok)
+        aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok, self.limit)
         self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa_now}
         if self.telemetry_due:  # device scalars: read when the telemetry is (after backward)
             masked = [torch.where(ok[i], g, 0.0) for i, g in enumerate(present_grads)]
-            plain2, change2, bounded = self.run_rule(correction_telemetry, masked, *knobs, kappa_now, aggregated).unbind()
+            plain2, change2, bounded = self.run_rule(correction_telemetry, masked, *knobs, kappa_now, aggregated, self.limit).unbind()
             self.last_telemetry["correction_ratio"] = torch.where(plain2 > 0, (change2 / plain2).sqrt(), 0.0)
             self.last_telemetry["bounded_share"] = bounded / max(1, len(present) * aggregated.numel())
         return aggregated
@@ -254,51 +262,54 @@ def transference_norms(grads: List[torch.Tensor], c: List[float], gamma: List[fl
     return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)])
 
 
-def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float) -> torch.Tensor:
-    """``A = sum_i c_i G_i ⊙ (1 - clamp(kappa G_i ⊙ (S' - gamma_i G_i), -1, 1))``: ``P - kappa C`` where
-    no element's correction exceeds the element itself. Compiled, one loop; eagerly, a few passes
-    per task."""
+def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float) -> torch.Tensor:
+    """``A = sum_i c_i G_i ⊙ (1 - clamp(kappa G_i ⊙ (S' - gamma_i G_i), -limit, limit))``: ``P - kappa C``
+    where no element's correction exceeds ``limit`` times the element itself (1: it never reverses
+    one; infinite: no bound). Compiled, one loop; eagerly, a few passes per task."""
     s_prime = _transfer(grads, gamma)
     aggregated = None
     for c_i, gamma_i, g in zip(c, gamma, grads):
         factor = (s_prime - g * gamma_i) * g * kappa
-        term = g * (1.0 - factor.clamp(-1.0, 1.0)) * c_i
+        term = g * (1.0 - factor.clamp(-limit, limit)) * c_i
         aggregated = term if aggregated is None else aggregated + term
     return aggregated
 
 
-def coordinated_with_total(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def coordinated_with_total(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float,
+                           limit: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`coordinated` and the sum of its elements (non-finite where any gradient holds a NaN or
     an inf), in the same loop: a check for non-finite values that costs no pass of its own."""
-    aggregated = coordinated(grads, c, gamma, kappa)
+    aggregated = coordinated(grads, c, gamma, kappa, limit)
     return aggregated, aggregated.sum(dtype=torch.promote_types(aggregated.dtype, torch.float32))
 
 
-def correction_telemetry(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa, aggregated: torch.Tensor) -> torch.Tensor:
+def correction_telemetry(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa, aggregated: torch.Tensor,
+                         limit: float) -> torch.Tensor:
     """``[||P||^2, ||A - P||^2, how many elements' corrections the bound met]`` (float64) for the
-    aggregate ``A`` that :func:`coordinated` formed with ``kappa``: one loop, for the logged steps."""
+    aggregate ``A`` that :func:`coordinated` formed with ``kappa`` and ``limit``: one loop, for the
+    logged steps."""
     s_prime = _transfer(grads, gamma)
     plain, bounded = None, None
     for c_i, gamma_i, g in zip(c, gamma, grads):
         plain = g * c_i if plain is None else plain + g * c_i
-        hits = ((s_prime - g * gamma_i) * g * kappa).abs().gt(1.0).sum()
+        hits = ((s_prime - g * gamma_i) * g * kappa).abs().gt(limit).sum()
         bounded = hits if bounded is None else bounded + hits
     return torch.stack([_squared_sum(plain).double(), _squared_sum(aggregated - plain).double(), bounded.double()])
 
 
 def coordinated_with_norms(
-    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float
+    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`coordinated` and :func:`transference_norms` in one loop (``kappa`` known beforehand)."""
-    return coordinated(grads, c, gamma, kappa), transference_norms(grads, c, gamma)
+    return coordinated(grads, c, gamma, kappa, limit), transference_norms(grads, c, gamma)
 
 
 def coordinated_masked(
-    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: torch.Tensor, usable: torch.Tensor
+    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: torch.Tensor, usable: torch.Tensor, limit: float
 ) -> torch.Tensor:
     """:func:`coordinated` over the gradients whose device flag ``usable[i]`` is set (a left-out
     gradient's NaN reaches nothing); ``kappa`` a device scalar, so no host read decides anything."""
-    return coordinated([torch.where(usable[i], g, 0.0) for i, g in enumerate(grads)], c, gamma, kappa)
+    return coordinated([torch.where(usable[i], g, 0.0) for i, g in enumerate(grads)], c, gamma, kappa, limit)
 
 
 def _squared_sum(t: torch.Tensor) -> torch.Tensor:

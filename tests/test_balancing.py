@@ -1508,7 +1508,7 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
     try:
         for n, kappa in ((1, kappa), (2, kappa), (2, 1000 * kappa)):  # the last: most elements meet the bound
             torch.set_num_threads(n)
-            expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa)
+            expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa, 1.0)
             # First-order rounding bound, element by element: the factor kappa G_k (S' - gamma_k G_k)
             # carries S''s rounding, relative to sum_j |gamma_j G_j| (which cancels in S' - gamma_k G_k).
             scale = sum(abs(y) * gy for y, gy in zip(grads, gamma))
@@ -1526,7 +1526,7 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
             torch.testing.assert_close(in_place, alone, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
-    bounded = cograd.correction_telemetry(grads, c, gamma, kappa, expected)[2] / (3 * expected.numel())
+    bounded = cograd.correction_telemetry(grads, c, gamma, kappa, expected, 1.0)[2] / (3 * expected.numel())
     assert bounded > 0.5, bounded
     torch.testing.assert_close(norms_by_threads[0], norms_by_threads[1], rtol=0, atol=0)
     for bad in (float("nan"), float("inf")):
@@ -1553,7 +1553,7 @@ def test_the_telemetry_pass_forms_the_same_aggregate_and_the_logged_telemetry(dt
             kappa = strength * math.sqrt(plain2 / correction2)
             aggregated, check, measured = ops.cograd_telemetry_pass(grads, c, gamma, kappa)
             torch.testing.assert_close(aggregated, ops.cograd_pass(grads, c, gamma, kappa, True, False, False)[0], rtol=0, atol=0)
-            expected = cograd.correction_telemetry(grads, c, gamma, kappa, aggregated)
+            expected = cograd.correction_telemetry(grads, c, gamma, kappa, aggregated, 1.0)
             torch.testing.assert_close(measured[:2], expected[:2], rtol=1000 * torch.finfo(dtype).eps, atol=0)
             assert measured[2] == expected[2] and float(check) == 0.0
     finally:
@@ -1598,7 +1598,7 @@ def test_the_compiled_cograd_pass_gives_the_same_aggregate_at_every_vector_width
                 results[width] = [ops.cograd_pass(grads, c, gamma, kappa, True, False, norms) for norms in (False, True)]
         finally:
             ops.use_vector_width(0)
-        expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa)
+        expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa, 1.0)
         eps = torch.finfo(dtype).eps
         scale = sum(abs(y) * gy for y, gy in zip(grads, gamma))  # as in the test above
         bound = 20 * eps * sum(ck * x.abs() * (1 + kappa * x.abs() * (scale + gk * x.abs())) for x, ck, gk in zip(grads, c, gamma))
@@ -1762,3 +1762,44 @@ def test_a_compiler_without_openmp_builds_the_native_module_from_the_same_source
     assert [name for name, _ in given] == ["concord_boundary", "concord_boundary_serial"]
     assert all(sources == on_disk for _, sources in given)
     assert "without OpenMP" in caplog.text and "keeps its Python node" in caplog.text
+
+
+@pytest.mark.parametrize("statistics", ["current", "previous"])
+def test_cograd_unbounded_is_algorithm_1s_rule_on_float32_gradients_in_either_statistics_mode(statistics):
+    """``bounded: false`` turns off Concord's element bound: the aggregate is ``P - kappa C`` as the
+    paper writes it, also where the compiled passes (which clamp) would otherwise run: float32
+    gradients wide enough for them, current statistics (this step's kappa) and lagged (the last
+    step's). The bound bites on these gradients, so the bounded rule differs from it."""
+    from concord.balancing import cograd
+
+    gen = torch.Generator().manual_seed(3)
+    steps = [[torch.randn(131, 67, generator=gen, dtype=torch.float64) ** 3 * s for s in (1.0, 20.0, 0.3)] for _ in range(4)]
+    gamma, strength, c = [1.0, 0.5, 2.0], 0.5, [1 / 3] * 3
+
+    def kappa(grads):
+        norms = cograd.transference_norms(grads, c, gamma)
+        return strength * math.sqrt(float(norms[3]) / float(norms[4]))
+
+    def spec(grads, k):
+        s = sum(gj * g for gj, g in zip(gamma, grads))
+        return sum(ci * g for ci, g in zip(c, grads)) - k * sum(ci * g * g * (s - gi * g) for ci, gi, g in zip(c, gamma, grads))
+
+    outputs = {}
+    for bounded in (False, True):
+        balancer = build_balancer("cograd", TASKS, gamma=gamma, strength=strength, bounded=bounded)
+        assert (balancer._wide_passes() is None) or bounded
+        boundary = RepresentationBoundary(balancer, statistics=statistics, statistics_every=1)
+        outputs[bounded] = []
+        for grads in steps:
+            z = torch.zeros(131, 67, requires_grad=True)
+            views = boundary(z)
+            boundary.objective(torch.stack([(v * g.float()).sum() for v, g in zip(views, grads)])).backward()
+            outputs[bounded].append(z.grad.double())
+    for t, grads in enumerate(steps):
+        k = kappa(grads) if statistics == "current" else (kappa(steps[t - 1]) if t else 0.0)
+        want = spec(grads, k)
+        torch.testing.assert_close(outputs[False][t], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        if k:
+            assert float((outputs[True][t] - want).abs().max()) > 1e-2 * float(want.abs().max()), t
+    with pytest.raises(ValueError, match="cograd.bounded is true or false, got 'no'"):
+        build_balancer("cograd", TASKS, bounded="no")

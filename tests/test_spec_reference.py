@@ -98,14 +98,16 @@ class EMTL:
         return sum(w[k] * g for k, g in enumerate(grads))
 
 
-def cograd(grads, strength=0.05, gamma=(1.0, 1.0, 1.0)):
+def cograd(grads, strength=0.05, gamma=(1.0, 1.0, 1.0), bounded=True):
     """Clarification 4: A = sum_i c_i G_i (1 - clamp(f_i, -1, 1)), f_i = kappa G_i (S' - gamma_i G_i),
-    kappa = strength ||P|| / ||C|| (c uniform)."""
+    kappa = strength ||P|| / ||C|| (c uniform); unbounded, Algorithm 1's A = P - kappa C."""
     c = [1 / 3] * 3
     plain = sum(ci * g for ci, g in zip(c, grads))
     s = sum(gj * g for gj, g in zip(gamma, grads))
     cubic = sum(ci * g * g * (s - gi * g) for ci, gi, g in zip(c, gamma, grads))
     kappa = strength * math.sqrt(_dot(plain, plain)) / math.sqrt(_dot(cubic, cubic))
+    if not bounded:
+        return plain - kappa * cubic
     return sum(ci * g * (1 - np.clip(kappa * g * (s - gi * g), -1, 1)) for ci, gi, g in zip(c, gamma, grads))
 
 
@@ -151,3 +153,8 @@ def test_emtl_is_the_specified_rule_step_by_step():
 def test_cograd_is_the_specified_rule_step_by_step():
     _compare("cograd", lambda grads, losses: cograd(grads))
     _compare("cograd", lambda grads, losses: cograd(grads, 0.3, (0.5, 1.0, 2.0)), strength=0.3, gamma=[0.5, 1.0, 2.0])
+    # Without the element bound: Algorithm 1's rule as written, on steps where the bound would bite.
+    _compare("cograd", lambda grads, losses: cograd(grads, 0.3, (0.5, 1.0, 2.0), bounded=False), strength=0.3,
+             gamma=[0.5, 1.0, 2.0], bounded=False)
+    bites = [np.abs(cograd(g, 0.3, (0.5, 1.0, 2.0)) - cograd(g, 0.3, (0.5, 1.0, 2.0), bounded=False)).max() for g, _ in _steps(11, 60)]
+    assert min(bites) > 0  # the two rules differ on every step compared
