@@ -217,13 +217,13 @@ def test_compare_runs_a_method_in_lagged_mode_as_a_cell_of_its_own(tmp_path, mon
 
     commands = []
 
-    def fake_train(cmd, **_):
+    def fake_train(_cells, cmd, log, env):
         commands.append(cmd)
         run_dir = Path(next(a for a in cmd if a.startswith("train.run_dir=")).split("=", 1)[1])
         (run_dir / "summary.json").write_text("{}")
         return 0
 
-    monkeypatch.setattr(compare.subprocess, "call", fake_train)
+    monkeypatch.setattr(compare.Cells, "train", fake_train)
     overrides = ["balancer.name=multibalance", "balancer.relax=0.5", "balancer.statistics=previous", "train.max_steps=3"]
     cfg = load_config(config, overrides)
     with pytest.raises(ValueError, match="graddrop@previous/10: .*needs each step's own statistics"):

@@ -144,25 +144,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             for path in paths:
                 print(path)
             return 0
-        if args.command == "compare":
-            from concord.trainer.tools.compare import CompareError, run_compare
+        if args.command in ("compare", "tune"):
+            from concord.trainer.tools.cells import CellsStopped
 
             try:
-                run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
-            except (CompareError, DataError) as e:
-                print(f"concord: compare: {e}", file=sys.stderr)
-                return 3
-            return 0
-        if args.command == "tune":
-            from concord.trainer.tools.tune import TuneError, run_tune
-
-            try:
-                run_tune(args.config, args.overrides, args.out, args.validation, args.dense_lr, args.table_lr, args.epochs,
-                         args.seeds, args.jobs)
-            except TuneError as e:
-                print(f"concord: tune: {e}", file=sys.stderr)
-                return 3
-            return 0
+                return _compare_or_tune(args)
+            except CellsStopped as stopped:
+                print(f"concord: {args.command}: {stopped}", file=sys.stderr)
+                return 128 + stopped.signum
         cfg = load_config(args.config, args.overrides, getattr(args, "single_task", None))
         if args.command == "synth":
             return _synth(cfg, args.force, args.if_missing)
@@ -175,6 +164,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_data_exists(cfg)
         if args.command == "train":
             from concord.trainer.fingerprint import ResumeError, check_resumable
+            from concord.trainer.lifecycle import die_with_parent
+            from concord.trainer.tools.cells import STOP_WITH_CALLER_ENV
+
+            if os.environ.pop(STOP_WITH_CALLER_ENV, None):  # a cell of compare or tune: it ends with its caller
+                die_with_parent()
 
             try:  # before the ranks start and build the model only to refuse the checkpoint (they check again)
                 if not _is_worker():
@@ -374,6 +368,28 @@ def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
             print(f"predictions: {out}")
 
     return _run_worker(cfg, work)
+
+
+def _compare_or_tune(args: argparse.Namespace) -> int:
+    """``concord compare`` or ``concord tune``: their errors as one line, exit code 3."""
+    if args.command == "compare":
+        from concord.trainer.tools.compare import CompareError, run_compare
+
+        try:
+            run_compare(args.config, args.overrides, args.methods.split(","), args.seeds, args.out, args.single_task, args.jobs)
+        except (CompareError, DataError) as e:
+            print(f"concord: compare: {e}", file=sys.stderr)
+            return 3
+        return 0
+    from concord.trainer.tools.tune import TuneError, run_tune
+
+    try:
+        run_tune(args.config, args.overrides, args.out, args.validation, args.dense_lr, args.table_lr, args.epochs,
+                 args.seeds, args.jobs)
+    except TuneError as e:
+        print(f"concord: tune: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _launch(cfg, worker_args: List[str]) -> int:

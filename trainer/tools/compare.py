@@ -25,11 +25,9 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -38,6 +36,7 @@ from concord.balancing.param_level import PARAMETER_LEVEL
 from concord.trainer.config import Config, ConfigError, config_with, load_config, packaged_configs, resolve_config_path, to_dict
 from concord.trainer.data.layout import check_data_exists, count_rows, data_encoding, published_checkpoints, saved_fingerprint
 from concord.trainer.fingerprint import describe_changes
+from concord.trainer.tools.cells import Cells
 from concord.trainer.tools.methods import parse_method, resolve_method
 
 WHAT_IS_BALANCED = {
@@ -96,16 +95,18 @@ def run_compare(
         if (run_dir / "summary.json").is_file():
             check_reusable(config_path, overrides, cfg, method, seed, run_dir, task)
 
+    runner = Cells()
+
     def run(i: int, seed: int, method: str, run_dir: Path, task: str | None) -> None:
         what = f"{method}, seed {seed}" if task is None else f"{task} alone, seed {seed}"
         if (run_dir / "summary.json").is_file():
             print(f"[{i}/{len(todo)}] {what}: done earlier, reused", flush=True)
             return
         print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
-        train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads)
+        train_cell(config_path, overrides, cfg, method, seed, run_dir, task, threads, runner)
         print(f"[{i}/{len(todo)}] {what}: done", flush=True)
 
-    failed = run_cells(run, todo, jobs)
+    failed = runner.run(run, todo, jobs)
     if failed:  # every other cell ran; a rerun trains only the failed ones
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
@@ -126,14 +127,6 @@ def snapshot_config(config_path: str, out: Path) -> str:
     snapshot = out / "config.yaml"
     snapshot.write_text(resolve_config_path(config_path).read_text())
     return str(snapshot)
-
-
-def run_cells(run: Callable[..., None], cells: Sequence[tuple], jobs: int) -> List[str]:
-    """``run(i, *cell)`` for every cell (``i`` counting from 1), ``jobs`` at a time; the messages of
-    those that failed (the others still ran)."""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run, i, *cell) for i, cell in enumerate(cells, 1)]
-    return [str(f.exception()) for f in futures if f.exception() is not None]
 
 
 def check_methods(methods: Sequence[str], cfg: Config) -> None:
@@ -188,9 +181,11 @@ def train_cell(
     run_dir: Path,
     task: str | None = None,
     threads: int = 1,
+    cells: Optional[Cells] = None,
 ) -> None:
     """Writes the cell's config (:func:`_cell_input`) and trains it with ``concord train``
-    (``--single-task`` for ``task``), each rank on ``threads`` intra-op threads."""
+    (``--single-task`` for ``task``), each rank on ``threads`` intra-op threads, as one of ``cells``
+    (stopped with them)."""
     raw, cell_overrides = _cell_input(config_path, overrides, cfg, method, seed, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cell_config = run_dir / "input.yaml"
@@ -199,8 +194,7 @@ def train_cell(
     cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", str(cell_config), *single, *cell_overrides]
     log = run_dir / "train.log"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    rc = (cells or Cells()).train(cmd, log, env)
     if rc != 0 or not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
 

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from concord.trainer.config import Config, load_config
 from concord.trainer.data.layout import check_data_exists
-from concord.trainer.tools.compare import CompareError, check_reusable, config_label, run_cells, snapshot_config, train_cell
+from concord.trainer.tools.cells import Cells
+from concord.trainer.tools.compare import CompareError, check_reusable, config_label, snapshot_config, train_cell
 
 Cell = Tuple[float, float, Optional[int]]  # dense lr, table lr, epochs (None: the config's)
 
@@ -96,17 +97,19 @@ def run_tune(
     except CompareError as error:
         raise TuneError(str(error)) from None
 
+    runner = Cells()
+
     def run(i: int, cell: Cell, seed: int, run_dir: Path) -> None:
         what = f"{describe(cell)}, seed {seed}"
         reused = (run_dir / "summary.json").is_file()
         if not reused:
             print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
-            train_cell(config_path, [*on_validation, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads)
+            train_cell(config_path, [*on_validation, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads, runner)
         scores = json.loads((run_dir / "summary.json").read_text())["eval"]
         shown = ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores)
         print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: {shown}", flush=True)
 
-    failed = run_cells(run, todo, jobs)
+    failed = runner.run(run, todo, jobs)
     if failed:  # every other cell ran; a rerun trains only the failed ones
         raise TuneError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     results = {(cell, seed): json.loads((run_dir / "summary.json").read_text())["eval"] for cell, seed, run_dir in todo}
