@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -1243,6 +1244,21 @@ def test_the_health_insurance_config_reads_its_yes_no_labels_the_right_way_round
     assert sorted(vocab["gender"]) == ["female", "male"] and sorted(vocab["married"]) == sorted(vocab["selfemp"]) == ["no", "yes"]
     for feature, column in (("gender", 3), ("married", 5), ("selfemp", 6)):  # each value its own feature's id (1-based)
         assert train[feature] == [[vocab[feature].index(p.split(",")[column]) + 1] for p in people]
+
+
+def test_the_cps_wages_config_keeps_the_wage_in_dollars_and_reads_part_time_yes_as_1(tmp_path):
+    """configs/cps_wages.yaml on rows in the AER `CPS1988` schema: the wage stays a raw regression
+    label (dollars a week), part time "yes" is 1, experience may be negative (standardised as it is)."""
+    header = "wage,education,experience,ethnicity,smsa,region,parttime"
+    men = ["354.94,7,45,cauc,yes,northeast,no", "123.46,12,1,cauc,yes,northeast,yes", "901.5,16,-4,afam,no,south,no"]
+    report = convert_rows(tmp_path, "cps_wages", header, men, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["wage"] == pytest.approx([354.94, 123.46, 901.5]) and train["part_time"] == [0, 1, 0]
+    assert report["label_means"]["train"]["wage"] == pytest.approx((354.94 + 123.46 + 901.5) / 3)
+    experience = [45, 1, -4]
+    mean, std = statistics.mean(experience), statistics.pstdev(experience)
+    assert train["experience"] == pytest.approx([(x - mean) / std for x in experience], rel=1e-5)
 
 
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
