@@ -45,11 +45,12 @@ class Cells:
 
     def train(self, cmd: Sequence[str], log: Path, env: Mapping[str, str]) -> int:
         """``cmd`` (a ``concord train``) with its output in ``log``; its exit code."""
-        with open(log, "w") as out, self._lock:
-            if self.signum is not None:
+        with self._lock:
+            if self.signum is not None:  # before the log is opened: a stopped cell's log stays as it was
                 raise _CellStopped()
-            process = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**env, STOP_WITH_CALLER_ENV: "1"})
+            with open(log, "w") as out:
+                process = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                           env={**env, STOP_WITH_CALLER_ENV: "1"})
             self._running[process.pid] = process
         try:
             code = process.wait()
