@@ -187,9 +187,9 @@ class CoGrad(Balancer):
         return wide_vector_passes() if self.fused and self.bounded else None
 
     def held_rule(self, last: Optional[StepStats], z: torch.Tensor) -> Optional[tuple]:
-        """Where the rule is ``fused`` and the CPU has wide vectors, the boundary's compiled node
-        forms it between sums, with no Python in backward, in the pass
-        of :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
+        """Where the rule is ``fused`` and ``bounded`` and the CPU has wide vectors, the boundary's
+        compiled node forms it between sums, with no Python in backward, in the pass of
+        :meth:`_compiled_pass` (half-precision gradients: torch's ops, the eager rule's), with
         the same verdicts (a step with a task left out goes uncorrected, as in :meth:`aggregate`)."""
         if last is None or self._wide_passes() is None:
             return None
