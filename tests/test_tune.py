@@ -59,7 +59,7 @@ def test_seed_noise_is_the_paired_differences_standard_error_pooled_over_the_gri
     results = {(cell, s): {"ctr": {"ne": 2 * v}} for cell, values in per_seed.items() for s, v in enumerate(values)}
     results[base, 0], results[base, 1] = {"ctr": {"ne": 2.0}}, {"ctr": {"ne": 2.0}}  # the relative scores above
     per_seed[chosen] = [1.0, 1.0]
-    assert write_report(tmp_path, cfg, [], "val", list(per_seed), base, 2, results) == base
+    assert write_report(tmp_path, cfg, [], "val", list(per_seed), base, 2, results) == (base, [close])
     recorded = json.loads((tmp_path / "chosen.json").read_text())
     assert recorded["within_noise"] == [{"train.dense_optimizer.lr": 0.001, "model.embedding_optimizer.lr": 0.1, "train.epochs": 4}]
     assert "Within two of it, 1 cell(s) these seeds do not tell from the chosen one: dense lr 0.001, table lr 0.1, 4 epochs." \

@@ -88,7 +88,7 @@ def run_tune(
     config_path = snapshot_config(config_path, out)
     method = cfg.balancer.name
     grid = sorted(set(grid) | set(earlier_cells(out, config_path, on_validation, cfg, grid, seeds)), key=_order)
-    todo = [(cell, seed, out / "runs" / f"{_name(cell)}-seed{seed}") for cell in grid for seed in range(seeds)]
+    todo = [(cell, seed, _run_dir(out, cell, seed)) for cell in grid for seed in range(seeds)]
     threads = max(1, (os.cpu_count() or 1) // (jobs * cfg.world_size))
     try:
         for cell, seed, run_dir in todo:  # before any cell trains: one line naming the first that cannot join
@@ -113,8 +113,7 @@ def run_tune(
     if failed:  # every other cell ran; a rerun trains only the failed ones
         raise TuneError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     results = {(cell, seed): json.loads((run_dir / "summary.json").read_text())["eval"] for cell, seed, run_dir in todo}
-    chosen = write_report(out, cfg, overrides, validation, grid, base, seeds, results)
-    close = json.loads((out / "chosen.json").read_text()).get("within_noise", [])
+    chosen, close = write_report(out, cfg, overrides, validation, grid, base, seeds, results)
     noise = f" ({len(close)} other cell(s) within its seed noise: the report names them)" if close else ""
     print(f"chosen: {describe(chosen)}{noise}; report in {out / 'report.md'}; train with: " + " ".join(cell_overrides(chosen)))
     return chosen_settings(chosen)
@@ -155,7 +154,7 @@ def earlier_cells(out: Path, config_path: str, overrides: Sequence[str], cfg: Co
         try:
             for seed in trained:
                 check_reusable(config_path, [*overrides, *cell_overrides(cell)], cfg, cfg.balancer.name, seed,
-                               out / "runs" / f"{_name(cell)}-seed{seed}", None)
+                               _run_dir(out, cell, seed), None)
         except CompareError as error:
             print(f"not joined, trained earlier for another setup: {describe(cell)} ({error})", flush=True)
             continue
@@ -220,7 +219,8 @@ def scored_on(cfg: Config, validation: str) -> List[str]:
 
 
 def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: str, grid: List[Cell], base: Cell, seeds: int,
-                 results: Dict) -> Cell:
+                 results: Dict) -> Tuple[Cell, List[Cell]]:
+    """Writes ``report.md`` and ``chosen.json``; the chosen cell and the cells within its seed noise."""
     per_seed = seed_scores(cfg, grid, base, seeds, results)
     scores = {cell: statistics.mean(values) for cell, values in per_seed.items()}
     chosen = min(grid, key=lambda cell: (scores[cell], cell != base))  # a tie keeps the config's own cell
@@ -257,7 +257,7 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
         chosen_record.update(standard_error=noise[0], within_noise=[chosen_settings(cell) for cell in noise[1]])
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen_record, indent=2) + "\n")
-    return chosen
+    return chosen, noise[1] if noise is not None else []
 
 
 def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
@@ -275,6 +275,11 @@ def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
 def _metric(cfg: Config, task: str, scores: dict) -> float:
     kind = next(t.type for t in cfg.tasks if t.name == task)
     return scores[task]["ne" if kind == "binary" else "mse"]
+
+
+def _run_dir(out: Path, cell: Cell, seed: int) -> Path:
+    """Where a cell's seed trains: ``OUT/runs/<cell>-seed<N>`` (:func:`cell_of` reads the name back)."""
+    return out / "runs" / f"{_name(cell)}-seed{seed}"
 
 
 def _name(cell: Cell) -> str:
