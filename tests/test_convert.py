@@ -119,6 +119,52 @@ def test_dense_columns_use_the_training_statistics_after_the_log(tmp_path):
     np.testing.assert_allclose(read(tmp_path, "eval")["price"], (np.log1p([10.0, 5.0]) - mean) / std, rtol=1e-6)
 
 
+def with_missing_indicator(raw: dict) -> dict:
+    """``raw`` with price's missing indicator ``price_missing`` as a second dense column."""
+    raw["data"]["convert"]["dense"][0]["missing_indicator"] = "price_missing"
+    raw["data"]["dense_columns"] = ["price", "price_missing"]
+    return raw
+
+
+def test_a_missing_indicator_marks_the_rows_whose_value_was_filled(tmp_path):
+    """``missing_indicator``: a second column, 1 exactly where the value was missing (and filled), 0
+    elsewhere, in every split and in data encoded like it; the value's own column is as without it,
+    and the indicator enters the encoding, so data converted without it is not taken for data with it."""
+    plain = run(base(tmp_path))
+    plain_train = read(tmp_path, "train")
+    report = run(with_missing_indicator(base(tmp_path)), force=True)
+    train, held_out = read(tmp_path, "train"), read(tmp_path, "eval")
+    assert train["price_missing"] == [0.0, 1.0, 0.0, 0.0, 0.0] and held_out["price_missing"] == [0.0, 0.0]  # bob's price
+    assert train["price"] == plain_train["price"] and report["filled_dense"] == {"price": 1, "price_missing": 0}
+    assert report["dense"]["price_missing"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.4), "log": False,
+                                                "standardize": False, "missing_indicator_of": "price"}
+    assert report["encoding"] != plain["encoding"]
+    (tmp_path / "new.csv").write_text("day,user,tags,price\n5,carol,a,\n5,erin,,3\n")
+    raw = with_missing_indicator(base(tmp_path))
+    raw["data"]["convert"]["input"] = str(tmp_path / "new.csv")
+    scored = convert(config_from_dict(raw, "test.yaml"), like=str(tmp_path / "out"), out=str(tmp_path / "score/data"), show_progress=False)
+    assert scored["encoding"] == report["encoding"]
+    assert pq.read_table(tmp_path / "score/data").to_pydict()["price_missing"] == [1.0, 0.0]
+
+
+def test_a_missing_indicator_is_a_dense_column_of_its_own(tmp_path):
+    """Its name must be listed in data.dense_columns and be no other output's; one that never varies
+    over the training split is noted as the column it indicates."""
+    raw = with_missing_indicator(base(tmp_path))
+    raw["data"]["dense_columns"] = ["price"]
+    with pytest.raises(ConfigError, match=r"data\.convert\.dense\[0\]\.missing_indicator: output column 'price_missing' "
+                                          r"is not in data\.dense_columns"):
+        config_from_dict(raw, "test.yaml")
+    raw = base(tmp_path)
+    raw["data"]["convert"]["dense"][0]["missing_indicator"] = "price"
+    with pytest.raises(ConfigError, match=r"data\.convert\.dense\[0\]: output column 'price' is produced twice"):
+        config_from_dict(raw, "test.yaml")
+    rows = [row for row in ROWS if ",," not in row]  # no price missing
+    assert run(with_missing_indicator(base(tmp_path, rows=rows)))["notes"] == [
+        "dense column 'price_missing', the missing indicator of 'price', is 0 on every training row ('price' never missing "
+        "there): the model cannot learn from it"]
+
+
 def test_missing_and_unseen_categorical_values_are_counted(tmp_path):
     """An empty cell is an empty bag and a value training never had is the unseen row: neither is an
     error, so the record counts both, per feature (the unseen ones per split)."""

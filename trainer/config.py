@@ -82,6 +82,9 @@ class DenseColumn:
     log: bool = False  # sign(x) * log(1 + |x|), before standardizing
     standardize: bool = False  # (x - mean) / std with the training split's statistics
     fill: float = 0.0  # a missing value becomes this, after the transforms (0 = the mean if standardized)
+    # a second output column (one of data.dense_columns): 1 where the value is missing, else 0, so the
+    # model can tell a filled value (no delinquency on file) from a real one at the fill
+    missing_indicator: Optional[str] = None
 
 
 @dataclass
@@ -884,14 +887,17 @@ def _validate_convert(cfg: Config, fail) -> None:
     for f in d.sparse_columns:
         if f not in features:
             fail("data.convert.categorical", f"no rule produces feature {f!r} (data.sparse_columns)")
-    names = [c.name or c.column for c in cv.dense]
-    for i, name in enumerate(names):
+    outputs = [(i, "", c.name or c.column) for i, c in enumerate(cv.dense)] + [
+        (i, ".missing_indicator", c.missing_indicator) for i, c in enumerate(cv.dense) if c.missing_indicator is not None]
+    names = [name for _, _, name in outputs]
+    for i, key, name in outputs:
         if name not in d.dense_columns:
-            fail(f"data.convert.dense[{i}]", f"output column {name!r} is not in data.dense_columns")
+            fail(f"data.convert.dense[{i}]{key}", f"output column {name!r} is not in data.dense_columns")
         if names.count(name) > 1:
-            fail(f"data.convert.dense[{i}]", f"output column {name!r} is produced twice")
-        if not math.isfinite(cv.dense[i].fill):
-            fail(f"data.convert.dense[{i}].fill", f"must be finite, got {cv.dense[i].fill}")
+            fail(f"data.convert.dense[{i}]{key}", f"output column {name!r} is produced twice")
+    for i, c in enumerate(cv.dense):
+        if not math.isfinite(c.fill):
+            fail(f"data.convert.dense[{i}].fill", f"must be finite, got {c.fill}")
     for col in d.dense_columns:
         if col not in names:
             fail("data.convert.dense", f"no rule produces dense column {col!r} (data.dense_columns)")

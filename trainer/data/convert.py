@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -342,6 +342,11 @@ class Converter:
         self.cv = d.convert
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
         by_output = {(rule.name or rule.column): rule for rule in self.cv.dense}
+        # a missing indicator reads its rule's column untransformed: 1.0 where missing, else 0.0
+        by_output.update({rule.missing_indicator: replace(rule, name=rule.missing_indicator, log=False, standardize=False,
+                                                          fill=0.0, missing_indicator=None)
+                          for rule in self.cv.dense if rule.missing_indicator is not None})
+        self.missing_of = {rule.missing_indicator: rule.column for rule in self.cv.dense if rule.missing_indicator is not None}
         self.dense_rules = [by_output[c] for c in d.dense_columns]  # in the trainer's order
         # None: num_embeddings auto, the table sized by the vocabulary built here
         self.table_size = {f: None if t.sized_by_data else t.num_embeddings
@@ -452,7 +457,8 @@ class Converter:
 
     def _dense_spec(self, moments: List[_Moments]) -> Dict[str, Dict]:
         """Each dense column's transform and statistics, as the encoding digest and convert.json record them."""
-        return {name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize, "fill": r.fill}
+        return {name: {"mean": m.mean, "std": m.std, "log": r.log, "standardize": r.standardize, "fill": r.fill,
+                       **({"missing_indicator_of": self.missing_of[name]} if name in self.missing_of else {})}
                 for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
 
     # --- passes --------------------------------------------------------------------------------
@@ -512,11 +518,13 @@ class Converter:
             bad_rows[new] = True
 
         dense = np.zeros((n, len(self.dense_rules)))
-        for k, rule in enumerate(self.dense_rules):
+        for k, (name, rule) in enumerate(zip(self.cfg.data.dense_columns, self.dense_rules)):
             values, bad = parse_numbers(batch.column(rule.column))
             check(bad, rule.column, "not a number")
             check(np.isinf(values), rule.column, "not finite")
-            if rule.log:
+            if name in self.missing_of:
+                values = np.isnan(values).astype(np.float64)
+            elif rule.log:
                 values = np.sign(values) * np.log1p(np.abs(values))
             dense[:, k] = values  # NaN = missing, filled after standardizing
         labels = np.zeros((n, len(self.label_inputs)))  # NaN: a missing label of a masked task
@@ -711,9 +719,12 @@ class Converter:
 
     def _constant_dense_notes(self, moments: List[_Moments]) -> List[str]:
         """Dense columns without spread over the training split: a feature the model cannot use."""
-        return [f"dense column {rule.column!r} does not vary over the training split (each value {m.mean:g} after its "
-                "transform, or missing): the model cannot learn from it"
-                for rule, m in zip(self.dense_rules, moments) if m.std == 0]
+        return [(f"dense column {name!r}, the missing indicator of {rule.column!r}, is {m.mean:g} on every training row "
+                 f"({rule.column!r} {'always' if m.mean else 'never'} missing there): the model cannot learn from it"
+                 if name in self.missing_of else
+                 f"dense column {rule.column!r} does not vary over the training split (each value {m.mean:g} after its "
+                 "transform, or missing): the model cannot learn from it")
+                for name, rule, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments) if m.std == 0]
 
     @staticmethod
     def _unlabelled_notes(unlabelled: int, rows: int) -> List[str]:
