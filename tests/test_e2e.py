@@ -135,7 +135,7 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     # with the training data changed since, the comparison stops before any cell trains, naming it.
     fourth = subprocess.run([*cmd[:-1], "train.max_steps=13"], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert fourth.returncode == 3 and "training" not in fourth.stdout
-    assert f"concord: compare: {out}/runs/equal-seed0: trained with another setup than this comparison's (train.max_steps: 12 -> 13)" in fourth.stderr
+    assert f"concord: compare: {out}/runs/equal-seed0: trained with another setup than this command's (train.max_steps: 12 -> 13)" in fourth.stderr
     import pyarrow.parquet as pq
 
     (train_file,) = (tmp_path / "data/train").glob("*.parquet")

@@ -157,6 +157,13 @@ def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
     assert "(model.shared: [256] -> [256, 64]; model.tables[1].embedding_dim: 16 -> 8)" in message
     saved, now = {"tasks": [["ctr", "binary", "click", [32]]]}, {"tasks": [["ctr", "binary", "click", [16]]]}
     assert "(tasks[0]: ['ctr', 'binary', 'click', [32]] -> ['ctr', 'binary', 'click', [16]])" in mismatch_message("ck", ["tasks"], saved, now, [])
+    # A long list of values, whose two ends cut short would read the same, says what it gained and lost.
+    columns = [f"credit_file_number_{i}" for i in range(6)]
+    saved, now = {"data": {"dense_columns": columns}}, {"data": {"dense_columns": [*columns[:2], "never_delinquent", *columns[3:]]}}
+    assert ("(data.dense_columns: adds 'never_delinquent'; drops 'credit_file_number_2')"
+            in mismatch_message("ck", ["data"], saved, now, []))
+    now = {"data": {"dense_columns": columns[::-1]}}
+    assert "(data.dense_columns: the same 6 values in another order)" in mismatch_message("ck", ["data"], saved, now, [])
 
 
 def test_the_launcher_refuses_a_checkpoint_it_cannot_continue_from_its_record(tmp_path):

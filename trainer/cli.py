@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--methods", default="equal,multibalance,emtl,cograd",
                     help="comma-separated methods; METHOD@previous[/K] for lagged statistics (every K steps)")
-    sp.add_argument("--seeds", type=_at_least_one, default=3)
+    sp.add_argument("--seeds", type=_at_least_one, default=3,
+                    help="seeds 0..N-1, each a run per method (same initialisation and data for all) (default 3)")
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, PNGs); reused to resume")
     sp.add_argument("--single-task", action="store_true",
                     help="also train each task alone per seed and report the negative transfer")
@@ -99,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--dense-lr", type=_numbers(float), help="comma-separated dense learning rates (default: the config's /3, x1, x3)")
     sp.add_argument("--table-lr", type=_numbers(float), help="comma-separated table learning rates (default: the config's /3, x1, x3)")
     sp.add_argument("--epochs", type=_numbers(int), help="comma-separated epochs to try as well (default: the config's only)")
-    sp.add_argument("--seeds", type=_at_least_one, default=2)
+    sp.add_argument("--seeds", type=_at_least_one, default=2,
+                    help="seeds 0..N-1 a cell, scored by their mean (default 2)")
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, chosen.json); reused to resume")
     sp.add_argument("--jobs", type=_at_least_one, default=1, help="cells trained at a time, the cores shared among them")
     sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
@@ -108,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="Parquet data to score (default: the config's data.eval)")
     sp.add_argument("--out", required=True, help="the predictions' Parquet file")
     sp = sub.add_parser("plot", help="draw balancer figures (PNG) from a run directory")
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="a training run's directory (train.run_dir, holding metrics.jsonl)")
     return p
 
 

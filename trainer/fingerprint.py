@@ -161,7 +161,18 @@ def _changed_values(key: str, saved: Any, now: Any) -> List[str]:
                 for line in _changed_values(f"{key}.{k}", saved.get(k), now.get(k))]
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now) and _sections(saved) and _sections(now):
         return [line for i, (a, b) in enumerate(zip(saved, now)) if a != b for line in _changed_values(f"{key}[{i}]", a, b)]
+    if isinstance(saved, list) and isinstance(now, list) and max(len(str(saved)), len(str(now))) > _SHORT:
+        return [f"{key}: {_list_change(saved, now)}"]  # two long lists cut short would hide what differs
     return [f"{key}: {_short(saved)} -> {_short(now)}"]
+
+
+def _list_change(saved: List[Any], now: List[Any]) -> str:
+    """What a long list of values gained and lost (``adds 'x'; drops 'y'``), or that only its order moved."""
+    added, dropped = [v for v in now if v not in saved], [v for v in saved if v not in now]
+    if not added and not dropped:
+        return f"the same {len(now)} values in another order" if sorted(map(str, saved)) == sorted(map(str, now)) else \
+            f"{len(saved)} -> {len(now)} values (repeats differ)"
+    return "; ".join(f"{verb} {_short(', '.join(map(repr, values)))}" for verb, values in (("adds", added), ("drops", dropped)) if values)
 
 
 def _sections(values: List[Any]) -> bool:
@@ -170,6 +181,9 @@ def _sections(values: List[Any]) -> bool:
     return all(isinstance(v, (dict, list)) for v in values)
 
 
+_SHORT = 80  # characters of a value shown
+
+
 def _short(value: Any) -> str:
     text = str(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= _SHORT else text[:_SHORT - 3] + "..."

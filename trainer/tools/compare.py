@@ -221,7 +221,7 @@ def check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, meth
         trained, now = {**trained, "training data": then_data}, {**now, "training data": now_data}
         changed.append("training data")
     if changed:
-        raise CompareError(f"{run_dir}: trained with another setup than this comparison's ({describe_changes(changed, trained, now)}), "
+        raise CompareError(f"{run_dir}: trained with another setup than this command's ({describe_changes(changed, trained, now)}), "
                            f"so its results cannot join this report; use another --out, or remove {run_dir.parent} to train every cell again")
 
 
