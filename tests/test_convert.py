@@ -369,13 +369,27 @@ def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     ("2,erin,a,1,2,1", r"line 9: column 'click': task 'ctr' is binary: the label must be 0 or 1 \(value '2'\)"),
     ("2,erin,a,1,1,", r"line 9: column 'amount': missing label \(no value\); data\.convert\.on_bad_row: skip drops such rows, "
                       r"counted; missing_label: masked on tasks\[1\] keeps them for the other tasks$"),
-    ("x,erin,a,1,1,1", r"line 9: column 'day': missing or not a time \(value 'x'\)"),
+    ("x,erin,a,1,1,1", r"line 9: column 'day': missing or not a time \(value 'x'\); a time is a number or ISO-8601 text"),
     ("2,erin,a,1,1", r"raw\.csv: CSV parse error: Row #9: Expected 6 columns, got 5: 2,erin,a,1,1"),
 ])
 def test_a_bad_row_is_an_error_that_names_file_line_column_and_value(tmp_path, row, message):
     with pytest.raises(ConvertError, match=message):
         run(base(tmp_path, rows=ROWS + [row]))
     assert not (tmp_path / "out/train").exists()  # nothing half-written
+
+
+def test_a_time_split_without_a_cutoff_names_the_first_value_that_is_not_a_time(tmp_path):
+    """The quantile's pass reads the time column alone; a month written ``Mar-2018`` stops it at its
+    line, with what a time may be, rather than after every row was passed over as "no row to split"."""
+    rows = [f"{month}-2018{row[row.index(','):]}" for month, row in zip(["Jan", "Feb", "Mar"] * 3, ROWS)]
+    raw = base(tmp_path, rows=rows, split={"by": "time", "column": "day"})
+    with pytest.raises(ConvertError, match=r"raw\.csv: line 2: column 'day': missing or not a time \(value 'Jan-2018'\); "
+                                           r"a time is a number or ISO-8601 text \(2018-03, 2018-03-01, "):
+        run(raw)
+    # The same months as ISO-8601 writes them (YYYY-MM, its reduced form): each its first day, March held out.
+    months = [f"2018-0{1 + i % 3}{row[row.index(','):]}" for i, row in enumerate(ROWS)]
+    rows_written = run(base(tmp_path, rows=months, split={"by": "time", "column": "day", "eval_fraction": 0.25}))["rows"]
+    assert rows_written == {"train": 5, "eval": 2}
 
 
 def test_a_failed_write_leaves_no_split_behind(tmp_path):

@@ -49,6 +49,7 @@ from concord.trainer.observe.progress import progress_bar
 
 # A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
 _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
+_ISO_MONTH = re.compile(r"\d{4}-\d{2}")
 
 
 class ConvertError(ValueError):
@@ -207,6 +208,17 @@ def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.nda
     return values, bad
 
 
+_NOT_A_TIME = "missing or not a time"
+_WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 2018-03-01T09:30:00); "
+
+
+def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "") -> ConvertError:
+    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``."""
+    where = f"line {row + 2}" if fmt == "csv" else f"row {row + 1}"
+    return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
+                        f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
+
+
 def holds_stamps(arr: pa.Array) -> bool:
     """Whether a time column holds dates or timestamps (typed, or as ISO-8601 text) rather than plain
     numbers, which may be years or step counts as well as seconds since the epoch."""
@@ -232,8 +244,11 @@ def parse_number(text, time: bool = False) -> Optional[float]:
         pass
     if not time:
         return None
+    text = str(text).strip()
+    if _ISO_MONTH.fullmatch(text):  # ISO-8601's reduced form YYYY-MM, which fromisoformat refuses: its first day
+        text += "-01"
     try:
-        stamp = dt.datetime.fromisoformat(str(text).strip())
+        stamp = dt.datetime.fromisoformat(text)
     except ValueError:
         return None
     if stamp.tzinfo is None:
@@ -486,9 +501,13 @@ class Converter:
             times = [chunk.times for chunk in self._decoded("time column", math.inf)]
         else:
             self._pass_skips = Counter()
-            for *_, batch in self._stream("time column", [sp.column]):
+            for path, fmt, first, batch in self._stream("time column", [sp.column]):
                 values, bad = parse_numbers(batch.column(0), time=True)
-                times.append(values[~bad & np.isfinite(values)])
+                bad |= ~np.isfinite(values)
+                if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
+                    i = int(np.flatnonzero(bad)[0])
+                    raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS)
+                times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
             skipped = f" ({sum(self._pass_skips.values())} rows skipped: {dict(self._pass_skips)})" if self._pass_skips else ""
@@ -506,14 +525,10 @@ class Converter:
                 return
             if self.cv.on_bad_row == "error":
                 i = int(np.flatnonzero(new)[0])
-                where = f"line {first + i + 2}" if fmt == "csv" else f"row {first + i + 1}"
                 value = batch.column(column)[i].as_py()
                 if reason == "not a number" and isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
                     reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
-                raise ConvertError(
-                    f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
-                    f"{reads_it}data.convert.on_bad_row: skip drops such rows, counted{keeps}"
-                )
+                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps)
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
 
@@ -575,7 +590,7 @@ class Converter:
         elif self.cv.split.by == "time":
             column = batch.column(self.cv.split.column)
             times, bad = parse_numbers(column, time=True)
-            check(bad | ~np.isfinite(times), self.cv.split.column, "missing or not a time")
+            check(bad | ~np.isfinite(times), self.cv.split.column, _NOT_A_TIME, reads_it=_WHAT_A_TIME_IS)
             self.times_are_stamps = self.times_are_stamps or holds_stamps(column)
             is_eval = times >= cutoff
         elif self.cv.split.by == "files":
