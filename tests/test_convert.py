@@ -283,6 +283,22 @@ def test_parquet_input_gives_the_same_output_as_csv(tmp_path):
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
+def test_true_and_false_in_a_csv_read_as_a_parquet_bool_column_does(tmp_path):
+    """pandas writes a bool column to CSV as True/False; Parquet keeps it a bool, which casts to 1/0.
+    The same data converts the same either way, as a dense feature and as a binary label."""
+    rows = [",".join([*row.split(",")[:3], str(i % 2 == 0), str(row.split(",")[4] == "1"), row.split(",")[5]])
+            for i, row in enumerate(ROWS)]
+    assert rows[0] == "1,alice,a|b,True,True,2.5" and rows[1] == "1,bob,b,False,False,0"
+    run(base(tmp_path, rows=rows, dense=[{"column": "price"}]))
+    from_csv = {s: read(tmp_path, s) for s in ("train", "eval")}
+    assert from_csv["train"]["price"] == [1.0, 0.0, 1.0, 0.0, 1.0] and from_csv["train"]["click"] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    table = pacsv.read_csv(tmp_path / "raw.csv")
+    assert table.schema.field("price").type == pa.bool_()  # as pandas' bool column reaches Parquet
+    pq.write_table(table, tmp_path / "raw.parquet")
+    run(base(tmp_path, input=str(tmp_path / "raw.parquet"), dense=[{"column": "price"}]), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == from_csv
+
+
 def test_compressed_csv_a_byte_order_mark_and_a_folder_of_compressed_parts_read_as_the_plain_csv(tmp_path):
     import bz2
     import gzip

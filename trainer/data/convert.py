@@ -50,6 +50,7 @@ from concord.trainer.observe.progress import progress_bar
 # A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
 _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
 _ISO_MONTH = re.compile(r"\d{4}-\d{2}")
+_TRUTH = {"true": 1.0, "false": 0.0}
 
 
 class ConvertError(ValueError):
@@ -242,8 +243,8 @@ def parse_number(text, time: bool = False) -> Optional[float]:
         return float(text)
     except (TypeError, ValueError):
         pass
-    if not time:
-        return None
+    if not time:  # true/false as pandas writes a bool column to CSV: 1/0, as a Parquet bool column casts
+        return _TRUTH.get(str(text).strip().lower())
     text = str(text).strip()
     if _ISO_MONTH.fullmatch(text):  # ISO-8601's reduced form YYYY-MM, which fromisoformat refuses: its first day
         text += "-01"
