@@ -1337,6 +1337,43 @@ def test_the_cps_wages_config_keeps_the_wage_in_dollars_and_reads_part_time_yes_
     assert train["experience"] == pytest.approx([(x - mean) / std for x in experience], rel=1e-5)
 
 
+LOANS_HEADER = ("emp_title,emp_length,state,homeownership,annual_income,verified_income,debt_to_income,"
+                "annual_income_joint,verification_income_joint,debt_to_income_joint,delinq_2y,"
+                "months_since_last_delinq,earliest_credit_line,inquiries_last_12m,total_credit_lines,"
+                "open_credit_lines,total_credit_limit,total_credit_utilized,num_collections_last_12m,"
+                "num_historical_failed_to_pay,months_since_90d_late,current_accounts_delinq,"
+                "total_collection_amount_ever,current_installment_accounts,accounts_opened_24m,"
+                "months_since_last_credit_inquiry,num_satisfactory_accounts,num_accounts_120d_past_due,"
+                "num_accounts_30d_past_due,num_active_debit_accounts,total_debit_limit,num_total_cc_accounts,"
+                "num_open_cc_accounts,num_cc_carrying_balance,num_mort_accounts,account_never_delinq_percent,"
+                "tax_liens,public_record_bankrupt,loan_purpose,application_type,loan_amount,term,interest_rate,"
+                "installment,grade,sub_grade,issue_month,loan_status,initial_listing_status,disbursement_method,"
+                "balance,paid_total,paid_principal,paid_interest,paid_late_fees")
+LOANS = [("assembly ,3.0,NJ,MORTGAGE,90000.0,Verified,18.01,,,,0,38.0,2001,6,28,10,70795,38767,0,0,38.0,0,"
+          "1250,2,5,5.0,10,0.0,0,2,11100,14,8,6,1,92.9,0,0,moving,individual,28000,60,14.07,652.53,C,C3,"
+          "Mar-2018,Current,whole,Cash,27015.86,1999.33,984.14,1015.19,0.0"),
+         ("warehouse office clerk,10.0,HI,RENT,40000.0,Not Verified,5.04,,,,0,,1996,1,30,14,28800,4321,0,1,"
+          ",0,0,0,11,8.0,14,0.0,0,3,16500,24,14,4,0,100.0,0,1,debt_consolidation,individual,5000,36,12.61,"
+          "167.54,C,C1,Feb-2018,Current,whole,Cash,4651.37,499.12,348.63,150.49,0.0"),
+         ("assembly,3.0,WI,RENT,40000.0,Source Verified,21.15,,,,0,28.0,2006,4,31,10,24193,16000,0,0,28.0,"
+          "0,432,1,13,7.0,10,0.0,0,3,4300,14,8,6,0,93.5,0,0,other,individual,2000,36,17.09,71.4,D,D1,"
+          "Feb-2018,Current,fractional,Cash,1824.63,281.8,175.37,106.43,0.0")]
+
+
+def test_the_loans_config_reads_term_and_verification_as_its_binary_tasks_and_marks_no_delinquency(tmp_path):
+    """configs/loans.yaml on three loans in OpenIntro's `loans_full_schema` schema: a 60-month term is
+    1, only "Verified" (not "Source Verified") is a verified income, the rate stays raw, and a loan
+    with no delinquency on file gets the fill and 1 in its missing indicator; a job title held twice
+    (once with a trailing space) is one id, one held once is the unseen row under min_count 2."""
+    report = convert_rows(tmp_path, "loans", LOANS_HEADER, LOANS, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["rate"] == pytest.approx([14.07, 12.61, 17.09]) and train["long_term"] == [1, 0, 0] and train["verified"] == [1, 0, 0]
+    assert train["never_delinquent"] == [0, 1, 0] and train["months_since_last_delinq"][1] == 0.0  # the mean, standardized
+    assert report["dense"]["months_since_last_delinq"]["mean"] == pytest.approx(33.0) and report["filled_dense"]["months_since_last_delinq"] == 1
+    assert train["job"] == [[1], [0], [1]] and report["vocab_sizes"]["job"] == 1
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
