@@ -1203,6 +1203,21 @@ def test_data_to_score_is_encoded_like_the_training_data(tmp_path, capsys):
     assert "--encode-like DIR and --out DIR go together" in capsys.readouterr().err
 
 
+def test_scoring_after_the_training_folder_was_converted_again_says_the_models_encoding_is_gone(tmp_path):
+    """A checkpoint trained on data that was converted again since (a rule changed): encoding the data
+    to score like that folder would give the new ids, refused again; the line says so and what to do."""
+    from concord.trainer.data.layout import check_scored_encoding
+
+    trained = run(base(tmp_path))["encoding"]
+    fingerprint = {"data": {"train": str(tmp_path / "out/train")}, "encoding": trained}
+    check_scored_encoding(str(tmp_path / "out/eval"), fingerprint, tmp_path / "run/config.yaml")  # the same encoding
+    now = run(with_missing_indicator(base(tmp_path)), force=True)["encoding"]
+    with pytest.raises(DataError, match=rf"out/eval has encoding {now}, the data the checkpoint trained on .*out/train had "
+                                        rf"{trained}, and that folder was converted again since \(now {now}\): what the model's ids "
+                                        r"mean is no longer on disk; train again .* \(.*run/config\.yaml\)"):
+        check_scored_encoding(str(tmp_path / "out/eval"), fingerprint, tmp_path / "run/config.yaml")
+
+
 def test_the_command_that_scoring_raw_or_foreign_data_is_told_encodes_it_as_given(tmp_path, capsys, monkeypatch):
     """Raw text to score, or Parquet converted with other statistics, is refused with the command that
     encodes it like the run's training data; that command, with its placeholders filled in, runs and

@@ -261,6 +261,14 @@ def check_same_encoding(key: str, path: Optional[str], trained_key: str, trained
     encoding = data_encoding(path) if path else None
     if encoding is None or trained is None or encoding == trained:
         return
+    since = data_encoding(trained_path)
+    if since is not None and since != trained:  # encoding like it now would give the new ids, refused again
+        raise DataError(
+            f"{key}: {path} has encoding {encoding}, {trained_key} {trained_path} had {trained}, and that folder was "
+            f"converted again since (now {since}): what the model's ids mean is no longer on disk; train again on the "
+            f"data as converted now, or convert the raw input with the rules it was trained with ({config}) into folders "
+            "of their own (data.train, data.eval: the same rules and input give the same ids) and encode like those"
+        )
     raise DataError(
         f"{key}: {path} was converted with other vocabularies or dense statistics than {trained_key} {trained_path} "
         f"(convert.json encoding {encoding} against {trained}): the same id would name another value there; encode "
