@@ -70,9 +70,38 @@ def test_the_edge_note_names_the_axes_where_the_chosen_value_is_the_grids_larges
     from concord.trainer.tools.tune import _edges
 
     grid = [(d, t, e) for d in (0.001, 0.003) for t in (0.05, 0.1, 0.2) for e in (1, 2)]
-    assert _edges(grid, (0.003, 0.1, 2)) == ["the dense lr", "the epochs"]
-    assert _edges(grid, (0.003, 0.1, 1)) == ["the dense lr"]  # one epoch is the least there is: no edge to extend
-    assert _edges(grid, (0.001, 0.05, None)) == ["the dense lr", "the table lr"]
+    assert _edges(grid, (0.003, 0.1, 2)) == [("the dense lr", (0.001, 0.1, 2)), ("the epochs", (0.003, 0.1, 1))]
+    assert _edges(grid, (0.003, 0.1, 1)) == [("the dense lr", (0.001, 0.1, 1))]  # one epoch is the least there is
+    grid = [(d, t, None) for d in (0.001, 0.003) for t in (0.05, 0.1, 0.2)] + [(0.01, 0.1, None)]
+    assert _edges(grid, (0.001, 0.05, None)) == [("the dense lr", (0.003, 0.05, None)), ("the table lr", (0.001, 0.1, None))]
+    assert _edges(grid, (0.01, 0.1, None)) == [("the dense lr", (0.003, 0.1, None))]
+    assert _edges(grid, (0.003, 0.2, None)) == [("the table lr", (0.003, 0.1, None))]
+    assert _edges([(0.01, 0.1, None), (0.001, 0.2, None)], (0.01, 0.1, None)) == [  # no cell in line with it
+        ("the dense lr", None), ("the table lr", None)]
+
+
+def test_an_edge_whose_inward_neighbour_is_within_the_seeds_noise_is_called_flat_not_to_extend(tmp_path):
+    """The report asks for the grid to be extended past an edge where the score still falls toward it;
+    where the neighbour inward is one the seeds do not tell from the chosen cell, it says the score is
+    flat there instead (extending past it chased noise on a real data set, call after call)."""
+    from concord.trainer.tools.tune import write_report
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["tasks=[{name: ctr, label: ctr}]"])
+    chosen, close, far = (0.003, 0.1, 4), (0.001, 0.1, 4), (0.01, 0.1, 4)
+    per_seed = {chosen: [1.0, 1.0], close: [1.005, 1.025], far: [1.10, 1.12]}  # relative to the chosen (the base)
+    results = {(cell, s): {"ctr": {"ne": 2 * v}} for cell, values in per_seed.items() for s, v in enumerate(values)}
+
+    def report(grid):
+        write_report(tmp_path, cfg, [], "val", grid, chosen, 2, results)
+        return (tmp_path / "report.md").read_text()
+
+    assert "grid's edge" not in report([close, chosen, far])
+    flat = report([close, chosen])
+    assert ("The chosen cell lies at the grid's edge in the dense lr, but its neighbour inward (dense lr 0.001, table lr 0.1, "
+            "4 epochs) scores within the seeds' noise of it (below): the score is flat there") in flat
+    assert "extend the grid there" not in flat
+    rising = report([chosen, far])
+    assert "The chosen cell lies at the grid's edge in the dense lr: extend the grid there" in rising and "flat" not in rising
 
 
 def test_a_cells_run_directory_gives_back_its_cell_and_seed():

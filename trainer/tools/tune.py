@@ -14,7 +14,9 @@ the cells an earlier call trained in ``OUT`` for the same setup join the grid (a
 its edge is chosen from whole). ``OUT/report.md`` holds the table, ``OUT/chosen.json`` the chosen
 overrides; with two seeds or more both also give the seed noise of a cell's score against the chosen
 one's and the cells within it, which those seeds cannot tell from the choice (a flat neighbourhood
-keeps "extending the edge" otherwise).
+keeps "extending the edge" otherwise). The report asks for a grid's edge to be extended where the chosen
+cell lies on it and its neighbour inward scores worse beyond that noise, and calls the edge flat where
+the neighbour is within it.
 """
 
 from __future__ import annotations
@@ -238,11 +240,18 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
         mark = " **chosen**" if cell == chosen else (" (config)" if cell == base else "")
         values = [str(v) for v in cell if v is not None]
         lines.append("| " + " | ".join(values) + " | " + " | ".join(f"{m:.4f}" for m in means) + f" | {scores[cell]:.4f}{mark} |")
-    edges = _edges(grid, chosen)
-    if edges:
-        lines += ["", f"The chosen cell lies at the grid's edge in {', '.join(edges)}: extend the grid there "
-                  "(a cell trained already is reused)."]
     noise = seed_noise(per_seed, chosen)
+    edges = _edges(grid, chosen)
+    flat = [(name, inward) for name, inward in edges if noise is not None and inward in noise[1]]
+    rising = [name for name, inward in edges if (name, inward) not in flat]
+    if rising:
+        lines += ["", f"The chosen cell lies at the grid's edge in {', '.join(rising)}: extend the grid there "
+                  "(a cell trained already is reused)."]
+    if flat:  # a step across the edge would likely land within the noise too: more seeds tell more
+        lines += ["", f"{'It' if rising else 'The chosen cell'} lies at the grid's edge in {', '.join(name for name, _ in flat)}"
+                  f"{' too' if rising else ''}, but its neighbour inward ({'; '.join(describe(cell) for _, cell in flat)}) scores "
+                  "within the seeds' noise of it (below): the score is flat there, and extending the grid that way "
+                  "is unlikely to find a cell these seeds can tell from it."]
     if noise is not None:
         error, close = noise
         lines += ["", f"Seed noise: a cell's score less the chosen one's, paired by seed, has a standard error of "
@@ -260,15 +269,18 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
     return chosen, noise[1] if noise is not None else []
 
 
-def _edges(grid: List[Cell], chosen: Cell) -> List[str]:
-    """The axes along which the chosen value is the grid's largest or smallest (where it has several)."""
+def _edges(grid: List[Cell], chosen: Cell) -> List[Tuple[str, Optional[Cell]]]:
+    """The axes along which the chosen value is the grid's largest or smallest (where it has several),
+    each with the chosen cell's neighbour inward along it (None where the grid lacks that cell)."""
     names = ("the dense lr", "the table lr", "the epochs")
     edges = []
     for axis, name in enumerate(names):
         values = sorted({cell[axis] for cell in grid if cell[axis] is not None})
         one_epoch = axis == 2 and chosen[axis] == 1  # the least there is: nothing to extend below it
         if len(values) > 1 and chosen[axis] in (values[0], values[-1]) and not one_epoch:
-            edges.append(name)
+            inward = values[1] if chosen[axis] == values[0] else values[-2]
+            neighbour = tuple(inward if i == axis else value for i, value in enumerate(chosen))
+            edges.append((name, neighbour if neighbour in grid else None))
     return edges
 
 
