@@ -165,6 +165,44 @@ def test_a_missing_indicator_is_a_dense_column_of_its_own(tmp_path):
         "there): the model cannot learn from it"]
 
 
+def test_a_weight_column_is_written_and_weighs_the_recorded_label_means(tmp_path, capsys):
+    """``data.convert.weight``: each row's weight goes to ``data.weight_column``; the label means
+    convert records (where the heads start, what the evaluation's held-out means are set against) are
+    weighted as the loss weighs rows, the unweighted ones recorded beside them; a negative or missing
+    weight is a bad row."""
+    import yaml
+
+    from concord.trainer.cli import main
+    from concord.trainer.config import output_bias_means
+
+    weights = ["1", "3", "0.5", "0", "2", "1", "4"]
+    rows = [f"{row},{w}" for row, w in zip(ROWS, weights)]
+    raw = base(tmp_path, rows=rows)
+    (tmp_path / "raw.csv").write_text("\n".join([HEADER + ",w", *rows]) + "\n")
+    raw["data"]["weight_column"] = "weight"
+    raw["data"]["convert"]["weight"] = "w"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
+    report = json.loads((tmp_path / "out/convert.json").read_text())
+    assert read(tmp_path, "train")["weight"] == [1.0, 3.0, 0.5, 0.0, 2.0] and read(tmp_path, "eval")["weight"] == [1.0, 4.0]
+    clicks, amounts, train_weights = [1, 0, 0, 1, 0], [2.5, 0, 1, 3, 0.5], [1, 3, 0.5, 0, 2]
+    weighted = {"ctr": pytest.approx(np.dot(clicks, train_weights) / 6.5), "amount": pytest.approx(np.dot(amounts, train_weights) / 6.5)}
+    assert report["label_means"]["train"] == weighted
+    assert report["unweighted_label_means"]["train"] == {"ctr": pytest.approx(0.4), "amount": pytest.approx(statistics.mean(amounts))}
+    assert report["label_means"]["eval"] == {"ctr": pytest.approx(1 / 5), "amount": pytest.approx((4 + 4) / 5)}
+    assert ("training split's positive rate (binary) or mean (regression): weighted by column 'w': ctr 0.1538, amount 0.6154; "
+            "unweighted: ctr 0.4, amount 1.4") in capsys.readouterr().out
+    cfg = config_from_dict(copy.deepcopy(raw), "test.yaml")
+    assert output_bias_means(cfg) == weighted  # the constant that minimises the weighted loss
+
+    for bad, message in (("-1", r"line 3: column 'w': negative weight \(value '-1'\)"),
+                         ("", r"line 3: column 'w': missing or not a finite number \(no value\)")):
+        rows[1] = f"{ROWS[1]},{bad}"
+        (tmp_path / "raw.csv").write_text("\n".join([HEADER + ",w", *rows]) + "\n")
+        with pytest.raises(ConvertError, match=message):
+            run(raw, force=True)
+
+
 def test_missing_and_unseen_categorical_values_are_counted(tmp_path):
     """An empty cell is an empty bag and a value training never had is the unseen row: neither is an
     error, so the record counts both, per feature (the unseen ones per split)."""

@@ -225,16 +225,21 @@ def _is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
-def _label_means(report: dict, tasks) -> str:
+def _label_means(report: dict, tasks, weight: Optional[str] = None) -> str:
     """Each task's mean label in the training split; for a task whose label may be missing, over the
-    rows that have one, and the share of rows that do."""
-    def one(task) -> str:
-        mean, count = report["label_means"]["train"][task.name], report["labelled_rows"]["train"][task.name]
+    rows that have one, and the share of rows that do; weighted by the ``weight`` column where there
+    is one, with the unweighted means after."""
+    def one(task, means: dict, share: bool) -> str:
+        mean, count = means["train"][task.name], report["labelled_rows"]["train"][task.name]
         text = f"{task.name} {mean:.4g}" if mean is not None else f"{task.name} -"
         rows = report["rows"]["train"]
-        return text + (f" (labelled on {count / rows:.1%} of rows)" if task.missing_label == "masked" else "")
+        return text + (f" (labelled on {count / rows:.1%} of rows)" if share and task.missing_label == "masked" else "")
 
-    return ", ".join(one(t) for t in tasks)
+    line = ", ".join(one(t, report["label_means"], True) for t in tasks)
+    if "unweighted_label_means" in report:
+        line = (f"weighted by column {weight!r}: {line}; unweighted: "
+                + ", ".join(one(t, report["unweighted_label_means"], False) for t in tasks))
+    return line
 
 
 def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = None) -> int:
@@ -273,7 +278,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
                 f"{rows.get('eval', 0) / max(1, sum(rows.values())):.1%} of the rows held out")
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
     _print_filled(report, cfg)
-    print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks)}")
+    print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks, cfg.data.convert.weight)}")
     auto = [t for t in cfg.model.tables if t.sized_by_data]
     if auto:
         print("concord convert: num_embeddings auto: " + ", ".join(

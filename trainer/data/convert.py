@@ -670,8 +670,7 @@ class Converter:
         empty = Counter()  # rows whose categorical value is missing: an empty bag
         unseen = [Counter() for _ in writers]  # rows holding a value the vocabulary lacks: the unseen row, id 0
         unlabelled = [0] * len(writers)  # rows kept without a label for any task
-        label_sums = np.zeros((len(writers), len(self.cfg.tasks)))
-        label_counts = np.zeros((len(writers), len(self.cfg.tasks)), dtype=np.int64)  # rows with the label
+        labels = _LabelTotals(len(writers), len(self.cfg.tasks))
         for chunk in self._decoded("writing", cutoff):
             for split, code in enumerate(codes):
                 mask = chunk.split == code
@@ -700,8 +699,7 @@ class Converter:
                     cols[name] = self._carried(part.column(name), name, chunk.path)
                 writers[split].write(pa.table(cols))
                 rows[split] += int(mask.sum())
-                label_sums[split] += np.nansum(chunk.labels[mask], axis=0)
-                label_counts[split] += (~np.isnan(chunk.labels[mask])).sum(axis=0)
+                labels.add(split, chunk.labels[mask], None if chunk.weights is None else chunk.weights[mask])
                 if labelled:
                     unlabelled[split] += int(np.isnan(chunk.labels[mask][:, [k for k, _ in labelled]]).all(axis=1).sum())
         for w in writers:
@@ -710,7 +708,7 @@ class Converter:
             if count == 0:
                 raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
                                    else f"{self.cv.input}: no rows to encode")
-        return rows, filled, empty, unseen, unlabelled, label_sums, label_counts
+        return rows, filled, empty, unseen, unlabelled, labels
 
     def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
         """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
@@ -801,7 +799,7 @@ class Converter:
             t.mkdir(parents=True)
         writers = [_SplitWriter(t / "part-00000.parquet", self.cv.row_group_size) for t in tmp]
         try:
-            rows, filled, empty, unseen, unlabelled, label_sums, label_counts = self._write(
+            rows, filled, empty, unseen, unlabelled, label_totals = self._write(
                 writers, codes, names, cutoff, labelled, scale, vocab_arrays)
         except BaseException:  # a bad row, an empty split, an interrupt: no half-written split left behind
             for t in tmp:
@@ -817,7 +815,7 @@ class Converter:
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
         notes = [] if self.like is not None else [
-            *self.absent_positives.values(), *self._one_class_notes(labelled, label_sums[0], label_counts[0]),
+            *self.absent_positives.values(), *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
             *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
@@ -835,12 +833,13 @@ class Converter:
             "unseen_values": {split: dict(counts) for split, counts in zip(names, unseen)},
             "passthrough": list(d.passthrough),  # input columns copied unchanged
             # a binary task's positive rate, a regression's mean label, over the rows with the label:
-            # what a label rule made of the input
-            "label_means": {split: {task.name: float(sums[k] / counts[k]) if counts[k] else None for k, task in labelled}
-                            for split, sums, counts in zip(names, label_sums, label_counts)},
+            # what a label rule made of the input; with a weight column, weighted as the loss and the
+            # evaluation weigh rows (the constant a head is best started at), and also unweighted
+            "label_means": label_totals.means(names, labelled, weighted=label_totals.weighted),
+            **({"unweighted_label_means": label_totals.means(names, labelled, weighted=False)} if label_totals.weighted else {}),
             # rows with each task's label (below the split's rows only for a task whose label may be missing)
             "labelled_rows": {split: {task.name: int(counts[k]) for k, task in labelled}
-                              for split, counts in zip(names, label_counts)},
+                              for split, counts in zip(names, label_totals.counts)},
             "unlabelled_rows": dict(zip(names, unlabelled)),  # rows kept with no task's label (unlabelled_rows: keep)
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": hashed,
@@ -922,6 +921,30 @@ def encoding_digest(categorical, vocabs: Dict[str, List[str]], hashed: Dict[str,
         "dense": {name: {k: f"{v:.9g}" if isinstance(v, float) else v for k, v in rule.items()} for name, rule in dense.items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _LabelTotals:
+    """Per split (row) and task (column): the label sums and labelled rows, and with a weight column
+    the same weighted (the weights' sum over labelled rows); a missing label is NaN and not counted."""
+
+    def __init__(self, splits: int, tasks: int) -> None:
+        self.sums, self.weighted_sums, self.weights = (np.zeros((splits, tasks)) for _ in range(3))
+        self.counts = np.zeros((splits, tasks), dtype=np.int64)
+        self.weighted = False
+
+    def add(self, split: int, labels: np.ndarray, weights: Optional[np.ndarray]) -> None:
+        has = ~np.isnan(labels)
+        self.sums[split] += np.nansum(labels, axis=0)
+        self.counts[split] += has.sum(axis=0)
+        if weights is not None:
+            self.weighted = True
+            self.weighted_sums[split] += np.where(has, weights[:, None] * np.nan_to_num(labels), 0.0).sum(axis=0)
+            self.weights[split] += (weights[:, None] * has).sum(axis=0)
+
+    def means(self, names: List[str], labelled, weighted: bool) -> Dict[str, Dict[str, Optional[float]]]:
+        sums, totals = (self.weighted_sums, self.weights) if weighted else (self.sums, self.counts)
+        return {split: {task.name: float(sums[i, k] / totals[i, k]) if totals[i, k] else None for k, task in labelled}
+                for i, split in enumerate(names)}
 
 
 class _SplitWriter:
