@@ -310,6 +310,20 @@ def test_a_bad_sample_weight_is_named(tmp_path, value):
         list(ParquetReader(str(path), cols, 4))
 
 
+def test_sample_weights_arrive_as_writable_tensors_with_no_warning(tmp_path):
+    """A float32 weight column read without a copy is a read-only array, which torch warns about (once
+    a rank, on the console) and may not write: a batch's weights own their memory, as its other parts do."""
+    import warnings
+
+    weights = np.linspace(0.5, 2.0, 10, dtype=np.float32)
+    write(tmp_path / "w.parquet", 10, w=weights, row_group_size=10)  # batches sliced from one row group, no copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = list(ParquetReader(str(tmp_path / "w.parquet"), dataclasses.replace(COLUMNS, weight="w"), 5))
+    assert len(batches) == 2 and torch.equal(torch.cat([b.weights for b in batches]), torch.from_numpy(weights))
+    batches[0].weights.mul_(2)  # writable: the caller may scale them in place
+
+
 # --- the background pipeline ----------------------------------------------------------------------------
 def test_the_prefetcher_yields_the_same_batches_in_order_and_passes_errors_on():
     from concord.trainer.data.prefetch import Prefetcher

@@ -407,7 +407,8 @@ class ParquetReader:
                 labels[:, k] = np.where(labelled[:, k], y, 0.0)
             else:
                 labels[:, k] = numeric(name, " (a task whose label may be missing: tasks[].missing_label: masked)")
-        weights = numeric(cols.weight) if cols.weight else np.ones(n, np.float32)
+        # a float32 column comes without a copy, read-only: a batch's weights own their memory, as the rest do
+        weights = np.array(numeric(cols.weight)) if cols.weight else np.ones(n, np.float32)
         _check_weights(weights, where, cols.weight)
         for j, name in enumerate(cols.dense):
             bad = ~np.isfinite(dense[:, j])
