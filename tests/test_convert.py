@@ -203,6 +203,37 @@ def test_a_weight_column_is_written_and_weighs_the_recorded_label_means(tmp_path
             run(raw, force=True)
 
 
+def test_label_values_listed_as_unknown_leave_the_row_without_that_label_only(tmp_path):
+    """``data.convert.unknown``: codes that mean no label (``?``, a severity 9 written 9.0) leave that
+    task's label missing, the row kept for the others, by text or by number, in numeric labels and in
+    text labels read through ``positive``; the task must be masked, and a value cannot mean 1 too."""
+    rows = [*ROWS[:2], "2,alice,,100,?,9.0", "2,carol,a,1000,1,9", *ROWS[4:]]
+    raw = base(tmp_path, rows=rows, unknown={"click": ["?"], "amount": [9]})
+    for task in raw["tasks"]:
+        task["missing_label"] = "masked"
+    report = run(raw)
+    train = read(tmp_path, "train")
+    assert train["click"] == [1.0, 0.0, None, 1.0, 0.0] and train["amount"] == [2.5, 0.0, None, None, 0.5]
+    assert report["labelled_rows"]["train"] == {"ctr": 4, "amount": 3} and report["rows"]["train"] == 5
+
+    text = copy.deepcopy(raw)  # the same through a text rule: "?" is no label, "1" the positive value
+    text["data"]["convert"]["positive"] = {"click": ["1"]}
+    run(text, force=True)
+    assert read(tmp_path, "train")["click"] == [1.0, 0.0, None, 1.0, 0.0]
+
+    del raw["tasks"][1]["missing_label"]
+    with pytest.raises(ConfigError, match=r"data\.convert\.unknown\.amount: an unknown value leaves a row without this "
+                                          r"label, which task 'amount' cannot train around: give it missing_label: masked"):
+        config_from_dict(copy.deepcopy(raw), "test.yaml")
+    text["data"]["convert"]["unknown"] = {"click": ["1"]}
+    with pytest.raises(ConfigError, match=r"data\.convert\.unknown\.click: '1' is also in data\.convert\.positive\.click"):
+        config_from_dict(text, "test.yaml")
+    raw["tasks"][1]["missing_label"] = "masked"
+    raw["data"]["convert"]["unknown"] = {"click": [True]}
+    with pytest.raises(ConfigError, match=r"data\.convert\.unknown\.click: values are text or numbers, got True; YAML reads"):
+        config_from_dict(raw, "test.yaml")
+
+
 def test_missing_and_unseen_categorical_values_are_counted(tmp_path):
     """An empty cell is an empty bag and a value training never had is the unseen row: neither is an
     error, so the record counts both, per feature (the unseen ones per split)."""

@@ -124,6 +124,10 @@ class ConvertConfig:
     # task label column -> the range of a number that means 1, for labels thresholded from a measure
     # such as late: {at_least: 15} on an arrival delay in minutes
     positive_range: Dict[str, NumberRange] = field(default_factory=dict)
+    # task label column -> the input values that mean "no label" (a survey's "don't know", 98 for
+    # refused, a severity coded unknown): the row keeps its other tasks' labels, as a missing value
+    # does under missing_label: masked; text values match trimmed text, numbers match numbers
+    unknown: Dict[str, List[Any]] = field(default_factory=dict)
     weight: Optional[str] = None  # input column for data.weight_column
     split: SplitConfig = field(default_factory=SplitConfig)
     format: str = "auto"  # auto (by extension) | csv | parquet
@@ -404,7 +408,7 @@ def keep_one_task(raw: Dict[str, Any], name: str, source: str) -> None:
     raw["tasks"] = kept
     raw["balancer"] = {"name": "equal"}  # one task: every balancer is the identity
     convert = (raw.get("data") or {}).get("convert")
-    for key in ("labels", "positive", "positive_range"):  # the other tasks' label rules go with them
+    for key in ("labels", "positive", "positive_range", "unknown"):  # the other tasks' label rules go with them
         if isinstance(convert, dict) and isinstance(convert.get(key), dict):
             convert[key] = {k: v for k, v in convert[key].items() if k == kept[0].get("label")}
 
@@ -927,6 +931,24 @@ def _validate_convert(cfg: Config, fail) -> None:
             fail(key, f"the bounds must be finite, got at_least {bounds.at_least}, at_most {bounds.at_most}")
         if bounds.at_least is not None and bounds.at_most is not None and bounds.at_least > bounds.at_most:
             fail(key, f"at_least {bounds.at_least} is above at_most {bounds.at_most}: no number would mean 1")
+    masked = {t.label: t for t in cfg.tasks if t.missing_label == "masked"}
+    for col, values in cv.unknown.items():
+        key = f"data.convert.unknown.{col}"
+        if col not in types:
+            fail(key, f"{col!r} is not the label column of any task")
+        if not values:
+            fail(key, "list at least one value that means no label")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                fail(key, f"values are text or numbers, got {value!r}" + (
+                    "; YAML reads yes, no, true and false unquoted as true/false: quote them" if isinstance(value, bool) else ""))
+        if col not in masked:
+            names = [t.name for t in cfg.tasks if t.label == col]
+            fail(key, f"an unknown value leaves a row without this label, which task {names[0]!r} cannot train around: "
+                      "give it missing_label: masked")
+        both = sorted({str(v) for v in values} & set(cv.positive.get(col, [])))
+        if both:
+            fail(key, f"{both[0]!r} is also in data.convert.positive.{col}: a value means 1 or no label, not both")
     if (d.weight_column is None) != (cv.weight is None):
         fail("data.convert.weight", "set it together with data.weight_column (the input and output weight columns)")
     sp = cv.split

@@ -220,6 +220,18 @@ def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, a
                         f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
 
 
+def _matches(text: pa.Array, values: List, numbers: Optional[np.ndarray] = None) -> np.ndarray:
+    """Where a column (``text``: its trimmed text; ``numbers``: its parsed numbers, if any) holds one of
+    ``values``: a text value matches the text, a number the number (``5`` matches ``5.0``)."""
+    found = np.zeros(len(text), dtype=bool)
+    if values:
+        found |= pc.is_in(text, value_set=pa.array([str(v) for v in values])).fill_null(False).to_numpy(zero_copy_only=False)
+    wanted = [float(v) for v in values if not isinstance(v, str)]
+    if numbers is not None and wanted:
+        found |= np.isin(numbers, wanted)
+    return found
+
+
 def holds_stamps(arr: pa.Array) -> bool:
     """Whether a time column holds dates or timestamps (typed, or as ISO-8601 text) rather than plain
     numbers, which may be years or step counts as well as seconds since the epoch."""
@@ -551,15 +563,19 @@ class Converter:
             readers = [i for i, c in enumerate(self.label_inputs) if c == column]
             keeps = ("" if len(readers) == len(self.cfg.tasks) else  # no other task for such a row to train
                      f"; missing_label: masked on {', '.join(f'tasks[{i}]' for i in readers)} keeps them for the other tasks")
+            unknown = self.cv.unknown.get(task.label, [])  # values that mean no label (the task is masked)
             if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
-                text = _as_text(batch.column(column))
-                missing = text.is_null().to_numpy(zero_copy_only=False)
+                text = pc.utf8_trim_whitespace(_as_text(batch.column(column)))
+                missing = text.is_null().to_numpy(zero_copy_only=False) | _matches(text, unknown)
                 if not masked:
                     check(missing, column, "missing label", keeps)
-                positive = pc.is_in(pc.utf8_trim_whitespace(text), value_set=pa.array(self.cv.positive[task.label]))
+                positive = pc.is_in(text, value_set=pa.array(self.cv.positive[task.label]))
                 labels[:, k] = np.where(missing, np.nan, positive.fill_null(False).to_numpy(zero_copy_only=False))
                 continue
             values, bad = parse_numbers(batch.column(column))
+            if unknown:
+                said_unknown = _matches(pc.utf8_trim_whitespace(_as_text(batch.column(column))), unknown, values)
+                values, bad = np.where(said_unknown, np.nan, values), bad & ~said_unknown
             text_label = (f"a binary label written as text is read with data.convert.positive: {{{task.label}: [the values "
                           "that mean 1]}; " if task.type == "binary" else "")
             check(bad, column, "not a number", reads_it=text_label)
