@@ -165,6 +165,8 @@ def test_single_task_drops_the_other_tasks_label_rules():
     assert cfg.data.convert.labels == {"income": "income"} and cfg.data.convert.positive == {"income": [">50K"]}
     ranges = ["data.convert.positive_range.late.at_least=1", "data.convert.positive_range.early.at_least=1"]
     assert list(load_config("configs/flights.yaml", ranges, single_task="early").data.convert.positive_range) == ["early"]
+    assert load_config("configs/crashes.yaml", single_task="dead").data.convert.unknown == {}  # serious's, gone with it
+    assert load_config("configs/crashes.yaml", single_task="serious").data.convert.unknown == {"serious": [5, 6]}
 
 
 def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():
