@@ -1458,6 +1458,26 @@ def test_the_loans_config_reads_term_and_verification_as_its_binary_tasks_and_ma
     assert train["job"] == [[1], [0], [1]] and report["vocab_sizes"]["job"] == 1
 
 
+def test_the_crashes_config_weighs_rows_and_reads_an_unknown_severity_as_no_label(tmp_path):
+    """configs/crashes.yaml on occupants in DAAG's `nassCDS` schema: "dead" is the fatality task's 1, a
+    severity of 3-4 the serious task's, 5 (unknown) and a missing one no label for it; each row's
+    survey weight is written and weighs the recorded means."""
+    header = "dvcat,weight,dead,airbag,seatbelt,frontal,sex,ageOFocc,yearacc,yearVeh,abcat,occRole,deploy,injSeverity,caseid"
+    people = ["55+,27.078,dead,none,none,1,m,32,1997,1987.0,unavail,driver,0,4.0,2:13:2",
+              "25-39,25.069,alive,none,belted,1,f,26,1997,1990.0,unavail,driver,0,3.0,2:3:1",
+              "10-24,100,alive,airbag,belted,1,f,72,1997,1995.0,deploy,driver,1,1.0,2:3:2",
+              "10-24,300,alive,airbag,belted,0,m,40,1998,1996.0,deploy,pass,1,5.0,2:4:1",
+              "10-24,50,alive,airbag,belted,0,m,41,1998,1996.0,deploy,pass,1,,2:4:2"]
+    report = convert_rows(tmp_path, "crashes", header, people, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["dead"] == [1, 0, 0, 0, 0] and train["serious"] == [1, 1, 0, None, None]
+    assert train["weight"] == pytest.approx([27.078, 25.069, 100, 300, 50])
+    assert report["labelled_rows"]["train"] == {"dead": 5, "serious": 3}
+    assert report["label_means"]["train"] == {"dead": pytest.approx(27.078 / 502.147),
+                                              "serious": pytest.approx(52.147 / 152.147)}
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
