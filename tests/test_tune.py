@@ -82,8 +82,9 @@ def test_the_edge_note_names_the_axes_where_the_chosen_value_is_the_grids_larges
 
 def test_an_edge_whose_inward_neighbour_is_within_the_seeds_noise_is_called_flat_not_to_extend(tmp_path):
     """The report asks for the grid to be extended past an edge where the score still falls toward it;
-    where the neighbour inward is one the seeds do not tell from the chosen cell, it says the score is
-    flat there instead (extending past it chased noise on a real data set, call after call)."""
+    where the neighbour inward is one the seeds do not tell from the chosen cell, it says that these
+    seeds show no slope there, and that a cell beyond wants more seeds (extending past such an edge
+    chased noise on a real data set, call after call)."""
     from concord.trainer.tools.tune import write_report
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["tasks=[{name: ctr, label: ctr}]"])
@@ -98,10 +99,11 @@ def test_an_edge_whose_inward_neighbour_is_within_the_seeds_noise_is_called_flat
     assert "grid's edge" not in report([close, chosen, far])
     flat = report([close, chosen])
     assert ("The chosen cell lies at the grid's edge in the dense lr, but its neighbour inward (dense lr 0.001, table lr 0.1, "
-            "4 epochs) scores within the seeds' noise of it (below): the score is flat there") in flat
+            "4 epochs) scores within the seeds' noise of it (below): these seeds show no slope to follow there; a cell "
+            "beyond that edge is worth training with more of them (`--seeds 4`), not instead.") in flat
     assert "extend the grid there" not in flat
     rising = report([chosen, far])
-    assert "The chosen cell lies at the grid's edge in the dense lr: extend the grid there" in rising and "flat" not in rising
+    assert "The chosen cell lies at the grid's edge in the dense lr: extend the grid there" in rising and "slope" not in rising
 
 
 def test_a_cells_run_directory_gives_back_its_cell_and_seed():

@@ -15,8 +15,8 @@ its edge is chosen from whole). ``OUT/report.md`` holds the table, ``OUT/chosen.
 overrides; with two seeds or more both also give the seed noise of a cell's score against the chosen
 one's and the cells within it, which those seeds cannot tell from the choice (a flat neighbourhood
 keeps "extending the edge" otherwise). The report asks for a grid's edge to be extended where the chosen
-cell lies on it and its neighbour inward scores worse beyond that noise, and calls the edge flat where
-the neighbour is within it.
+cell lies on it and its neighbour inward scores worse beyond that noise; where the neighbour is within
+it, the report says the seeds show no slope there, and that a cell beyond wants more seeds.
 """
 
 from __future__ import annotations
@@ -247,11 +247,11 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
     if rising:
         lines += ["", f"The chosen cell lies at the grid's edge in {', '.join(rising)}: extend the grid there "
                   "(a cell trained already is reused)."]
-    if flat:  # a step across the edge would likely land within the noise too: more seeds tell more
+    if flat:  # seeds that cannot tell the neighbour from the choice show no slope: a cell beyond wants more of them
         lines += ["", f"{'It' if rising else 'The chosen cell'} lies at the grid's edge in {', '.join(name for name, _ in flat)}"
                   f"{' too' if rising else ''}, but its neighbour inward ({'; '.join(describe(cell) for _, cell in flat)}) scores "
-                  "within the seeds' noise of it (below): the score is flat there, and extending the grid that way "
-                  "is unlikely to find a cell these seeds can tell from it."]
+                  f"within the seeds' noise of it (below): these seeds show no slope to follow there; a cell beyond "
+                  f"that edge is worth training with more of them (`--seeds {2 * seeds}`), not instead."]
     if noise is not None:
         error, close = noise
         lines += ["", f"Seed noise: a cell's score less the chosen one's, paired by seed, has a standard error of "
