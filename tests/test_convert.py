@@ -203,6 +203,30 @@ def test_a_weight_column_is_written_and_weighs_the_recorded_label_means(tmp_path
             run(raw, force=True)
 
 
+def test_held_out_numbers_written_otherwise_than_in_training_are_noted(tmp_path, capsys):
+    """A numeric code written 1.0 in training (pandas' float column) and 1 in held-out rows or in data
+    encoded later is another category to convert, the unseen row: said in a note, naming the feature
+    and both spellings, in either place; a number training never had is no such case."""
+    rows = [row.replace(",alice,", ",1.0,").replace(",bob,", ",2.0,").replace(",carol,", ",3.0,") for row in ROWS]
+    rows[5] = rows[5].replace(",dave,", ",1,")  # day 4, held out
+    raw = base(tmp_path, rows=rows)
+    note = ("feature 'user': 1 value(s) outside the training vocabulary are numbers it holds written otherwise ('1' here, "
+            "'1.0' in training): a category is its text, so they read as the unseen row (id 0)")
+    assert [n for n in run(raw)["notes"] if n.startswith("feature 'user'")][0].startswith(note)
+    (tmp_path / "new.csv").write_text("day,user,tags,price\n5,2,a,10\n5,7,a,3\n")
+    raw["data"]["convert"]["input"] = str(tmp_path / "new.csv")
+    scored = convert(config_from_dict(raw, "test.yaml"), like=str(tmp_path / "out"), out=str(tmp_path / "score/data"), show_progress=False)
+    assert scored["notes"] == [note.replace("'1' here, '1.0'", "'2' here, '2.0'") + "; write the column as the training data has "
+                               "it (pandas writes an integer column with missing values as 3.0)"]
+    import yaml
+
+    from concord.trainer.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--encode-like", str(tmp_path / "out"), "--out", str(tmp_path / "cli/data")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"concord convert: note: {scored['notes'][0]}"
+
+
 def test_label_values_listed_as_unknown_leave_the_row_without_that_label_only(tmp_path):
     """``data.convert.unknown``: codes that mean no label (``?``, a severity 9 written 9.0) leave that
     task's label missing, the row kept for the others, by text or by number, in numeric labels and in

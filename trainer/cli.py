@@ -267,6 +267,8 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
               f"{skipped}; labels: {labels}; report in "
               f"{os.path.join(os.path.dirname(os.path.normpath(out)), 'convert.json')}")
         _print_filled(report, cfg)
+        for note in report["notes"]:
+            print(f"concord convert: note: {note}")
         return 0
     written = ", ".join(f"{rows[split]:,} {split if split != 'train' else 'training'} rows -> {path}" for split, path in
                         (("train", cfg.data.train), ("eval", cfg.data.eval), ("validation", cfg.data.validation)) if split in rows)

@@ -232,6 +232,15 @@ def _matches(text: pa.Array, values: List, numbers: Optional[np.ndarray] = None)
     return found
 
 
+def _as_number(text: str) -> Optional[float]:
+    """A category's text as a finite number, or None."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def holds_stamps(arr: pa.Array) -> bool:
     """Whether a time column holds dates or timestamps (typed, or as ISO-8601 text) rather than plain
     numbers, which may be years or step counts as well as seconds since the epoch."""
@@ -366,6 +375,7 @@ class Converter:
         self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
         self.shared_value_notes: List[str] = []  # features of one table that look unrelated but share some values
         self.times_are_stamps = False  # the time column holds dates or timestamps, not plain numbers (years, steps)
+        self.unseen_texts: Dict[str, set] = {}  # feature -> some values held-out or encoded rows have and training lacks
         d = self.cfg.data
         self.cv = d.convert
         self.label_inputs: List[Optional[str]] = [self.cv.labels.get(t.label, t.label) for t in self.cfg.tasks]
@@ -699,7 +709,10 @@ class Converter:
                     empty[rule.feature] += int(np.count_nonzero(np.diff(ids.offsets.to_numpy()) == 0))
                     if not rule.hash:
                         parents = pc.list_parent_indices(ids).to_numpy()
-                        unseen[split][rule.feature] += int(np.unique(parents[ids.values.to_numpy() == 0]).size)
+                        rows_unseen = int(np.unique(parents[ids.values.to_numpy() == 0]).size)
+                        unseen[split][rule.feature] += rows_unseen
+                        if rows_unseen and (self.like is not None or code != 0):  # rows the vocabulary was not built on
+                            self._collect_unseen(part.column(rule.column), rule, vocab_arrays[rule.feature])
                     cols[d.sparse_columns[rule.feature]] = ids
                 for k, (name, rule) in enumerate(zip(d.dense_columns, self.dense_rules)):
                     values = (chunk.dense[mask, k] - scale[k][0]) / scale[k][1]
@@ -788,6 +801,36 @@ class Converter:
         offsets = np.concatenate([[0], np.cumsum(np.bincount(parents, minlength=len(arr)))]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
 
+    _UNSEEN_KEPT = 1000  # distinct unseen values a feature keeps for the number-form note
+
+    def _collect_unseen(self, column: pa.Array, rule, vocab: pa.Array) -> None:
+        """Some of the distinct values of ``column`` that ``vocab`` lacks, for :meth:`_number_form_notes`."""
+        kept = self.unseen_texts.setdefault(rule.feature, set())
+        if len(kept) < self._UNSEEN_KEPT:
+            tokens, _ = tokens_of(column, rule.separator)
+            outside = pc.unique(tokens.filter(pc.invert(pc.fill_null(pc.is_in(tokens, value_set=vocab), False))))
+            kept.update(outside.to_pylist()[:self._UNSEEN_KEPT - len(kept)])
+
+    def _number_form_notes(self, vocabs: Dict[str, List[str]]) -> List[str]:
+        """Features whose held-out (or encoded) values include numbers the training vocabulary holds
+        written otherwise (``3`` beside ``3.0``: pandas writes an integer column with missing values as
+        floats): a category is its text, so such rows read as the unseen row, with no error."""
+        notes = []
+        for feature, texts in sorted(self.unseen_texts.items()):
+            written = {}
+            for value in vocabs.get(feature, []):
+                number = _as_number(value)
+                if number is not None:
+                    written.setdefault(number, value)
+            pairs = [(text, written[n]) for text in sorted(texts) if (n := _as_number(text)) is not None and n in written]
+            if pairs:
+                text, value = pairs[0]
+                notes.append(f"feature {feature!r}: {len(pairs)} value(s) outside the training vocabulary are numbers it "
+                             f"holds written otherwise ({text!r} here, {value!r} in training): a category is its text, so "
+                             "they read as the unseen row (id 0); write the column as the training data has it (pandas "
+                             "writes an integer column with missing values as 3.0)")
+        return notes
+
     def run(self, force: bool = False) -> Dict:
         d = self.cfg.data
         if self.like is not None:  # data to score: every row to one output, encoded like `like`
@@ -830,8 +873,8 @@ class Converter:
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
-        notes = [] if self.like is not None else [
-            *self.absent_positives.values(), *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
+        notes = self._number_form_notes(vocabs) if self.like is not None else [
+            *self._number_form_notes(vocabs), *self.absent_positives.values(), *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
             *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
