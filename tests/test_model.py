@@ -137,6 +137,7 @@ def test_the_results_table_keeps_long_task_names_apart_from_their_type():
     rows = [line.split() for line in format_table(results, tasks).splitlines()[1:]]
     assert rows == [["vehicle_search", "binary", "0.9000", "0.7500", "1.1000", "-", "-"],
                     ["a_task_named_at_length", "regression", "-", "-", "-", "2.0000", "0.2500"]]
+    assert format_table(results, tasks, "w").splitlines()[-1] == "(every figure weighs each row by its 'w', data.weight_column)"
 
 
 def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten_times_apart():

@@ -378,7 +378,7 @@ class Trainer:
         if self.rt.is_main:
             write_json_atomic(Path(cfg.train.run_dir) / "summary.json", summary)
             print(f"\nConcord: {step} steps, balancer {cfg.balancer.name}, world size {self.rt.world_size}")
-            print(format_table(final, cfg.tasks))
+            print(format_table(final, cfg.tasks, cfg.data.weight_column))
             means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
             for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, self.model.heads.started_at_labels,
                                       training_label_means(cfg)):

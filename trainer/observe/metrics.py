@@ -96,8 +96,9 @@ def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> st
     return ", ".join(one(t.name, results[t.name]) for t in tasks if t.name in results)
 
 
-def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
-    """A fixed-width table: task, type, NE, AUC, calibration, MSE, R²; the task column as wide as the longest name."""
+def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence, weight_column: Optional[str] = None) -> str:
+    """A fixed-width table: task, type, NE, AUC, calibration, MSE, R²; the task column as wide as the longest
+    name; with ``weight_column``, a last line saying every figure weighs rows by it."""
     width = max([14] + [len(t.name) + 2 for t in tasks])
     lines = [f"{'task':<{width}}{'type':<12}{'NE':>10}{'AUC':>10}{'calib':>10}{'MSE':>12}{'R2':>9}"]
     def cell(r: Dict[str, float], key: str, width: int, fmt: str) -> str:
@@ -107,6 +108,8 @@ def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
         r = results.get(t.name, {})
         lines.append(f"{t.name:<{width}}{t.type:<12}{cell(r, 'ne', 10, '.4f')}{cell(r, 'auc', 10, '.4f')}{cell(r, 'calibration', 10, '.4f')}{cell(r, 'mse', 12, '.4f')}"
                      f"{cell(r, 'r_squared', 9, '.4f')}")
+    if weight_column is not None:
+        lines.append(f"(every figure weighs each row by its {weight_column!r}, data.weight_column)")
     return "\n".join(lines)
 
 

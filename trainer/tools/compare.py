@@ -302,7 +302,9 @@ def write_report(
         "",
         f"{seeds} seed(s); every method of a seed starts from the same initialisation and reads the same data. "
         "Gain: `(equal - method) / equal * 100` of the held-out NE (binary tasks) or MSE (regression); "
-        "positive is better. Mean ± std over seeds. QPS: lifetime training QPS of each run, "
+        "positive is better"
+        + (f" (every metric weighs each row by its `{cfg.data.weight_column}`)" if cfg.data.weight_column else "")
+        + ". Mean ± std over seeds. QPS: lifetime training QPS of each run, "
         + ("which ran one after another" if jobs == 1 else f"{jobs} at a time sharing the machine's cores, so each carries the others' load")
         + " (see `concord bench` for side-by-side QPS).",
         "",
