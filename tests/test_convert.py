@@ -190,8 +190,13 @@ def test_a_weight_column_is_written_and_weighs_the_recorded_label_means(tmp_path
     assert report["label_means"]["train"] == weighted
     assert report["unweighted_label_means"]["train"] == {"ctr": pytest.approx(0.4), "amount": pytest.approx(statistics.mean(amounts))}
     assert report["label_means"]["eval"] == {"ctr": pytest.approx(1 / 5), "amount": pytest.approx((4 + 4) / 5)}
+    # Kish's effective number of rows, (sum w)^2 / sum w^2, and the training rows that weigh 0.
+    assert report["weights"]["train"] == {"sum": 6.5, "zero_weight_rows": 1, "effective_rows": pytest.approx(6.5 ** 2 / 14.25)}
+    assert report["weights"]["eval"] == {"sum": 5.0, "zero_weight_rows": 0, "effective_rows": pytest.approx(25 / 17)}
+    printed = capsys.readouterr().out
     assert ("training split's positive rate (binary) or mean (regression): weighted by column 'w': ctr 0.1538, amount 0.6154; "
-            "unweighted: ctr 0.4, amount 1.4") in capsys.readouterr().out
+            "unweighted: ctr 0.4, amount 1.4") in printed
+    assert printed.splitlines()[-1].endswith(": train 5 as 3, eval 2 as 1; 1 training rows weigh 0 and train nothing")
     cfg = config_from_dict(copy.deepcopy(raw), "test.yaml")
     assert output_bias_means(cfg) == weighted  # the constant that minimises the weighted loss
 

@@ -242,6 +242,17 @@ def _label_means(report: dict, tasks, weight: Optional[str] = None) -> str:
     return line
 
 
+def _weights_line(report: dict, column: str) -> str:
+    """Each split's rows against the equally weighted rows they count as (Kish's effective number), and
+    the training rows that weigh 0: how noisy weighted metrics are, and what trains nothing."""
+    weights = report["weights"]
+    splits = ", ".join(f"{split} {report['rows'][split]:,} as {w['effective_rows']:,.0f}" for split, w in weights.items())
+    zero = weights.get("train", {}).get("zero_weight_rows", 0)
+    return (f"rows weighted by column {column!r} count as fewer equally weighted ones (Kish's effective number, "
+            f"(sum w)^2 / sum w^2: a split's metrics are as noisy as that many rows make them): {splits}"
+            + (f"; {zero:,} training rows weigh 0 and train nothing" if zero else ""))
+
+
 def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = None) -> int:
     """``concord convert``: the config's input into its splits, or with ``like`` and ``out`` (data to
     score) every row into ``out``, encoded as the data in ``like`` was."""
@@ -281,6 +292,8 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
     _print_filled(report, cfg)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks, cfg.data.convert.weight)}")
+    if "weights" in report:
+        print(f"concord convert: {_weights_line(report, cfg.data.convert.weight)}")
     auto = [t for t in cfg.model.tables if t.sized_by_data]
     if auto:
         print("concord convert: num_embeddings auto: " + ", ".join(

@@ -696,7 +696,7 @@ class Converter:
         empty = Counter()  # rows whose categorical value is missing: an empty bag
         unseen = [Counter() for _ in writers]  # rows holding a value the vocabulary lacks: the unseen row, id 0
         unlabelled = [0] * len(writers)  # rows kept without a label for any task
-        labels = _LabelTotals(len(writers), len(self.cfg.tasks))
+        labels = _SplitTotals(len(writers), len(self.cfg.tasks))
         for chunk in self._decoded("writing", cutoff):
             for split, code in enumerate(codes):
                 mask = chunk.split == code
@@ -900,6 +900,7 @@ class Converter:
             "labelled_rows": {split: {task.name: int(counts[k]) for k, task in labelled}
                               for split, counts in zip(names, label_totals.counts)},
             "unlabelled_rows": dict(zip(names, unlabelled)),  # rows kept with no task's label (unlabelled_rows: keep)
+            **({"weights": label_totals.weight_summary(names)} if label_totals.weighted else {}),
             "vocab_sizes": {f: len(v) for f, v in vocabs.items()},
             "hashed": hashed,
             "dense": {name: {k: v for k, v in spec.items() if k != "fill"} for name, spec in dense.items()},
@@ -982,13 +983,15 @@ def encoding_digest(categorical, vocabs: Dict[str, List[str]], hashed: Dict[str,
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _LabelTotals:
+class _SplitTotals:
     """Per split (row) and task (column): the label sums and labelled rows, and with a weight column
-    the same weighted (the weights' sum over labelled rows); a missing label is NaN and not counted."""
+    the same weighted (the weights' sum over labelled rows), and per split the weights' sum, sum of
+    squares and rows of weight 0; a missing label is NaN and not counted."""
 
     def __init__(self, splits: int, tasks: int) -> None:
         self.sums, self.weighted_sums, self.weights = (np.zeros((splits, tasks)) for _ in range(3))
         self.counts = np.zeros((splits, tasks), dtype=np.int64)
+        self.weight_sum, self.weight_squares, self.zero_weight_rows = np.zeros(splits), np.zeros(splits), np.zeros(splits, np.int64)
         self.weighted = False
 
     def add(self, split: int, labels: np.ndarray, weights: Optional[np.ndarray]) -> None:
@@ -999,10 +1002,20 @@ class _LabelTotals:
             self.weighted = True
             self.weighted_sums[split] += np.where(has, weights[:, None] * np.nan_to_num(labels), 0.0).sum(axis=0)
             self.weights[split] += (weights[:, None] * has).sum(axis=0)
+            self.weight_sum[split] += weights.sum()
+            self.weight_squares[split] += np.square(weights).sum()
+            self.zero_weight_rows[split] += int(np.count_nonzero(weights == 0))
 
     def means(self, names: List[str], labelled, weighted: bool) -> Dict[str, Dict[str, Optional[float]]]:
         sums, totals = (self.weighted_sums, self.weights) if weighted else (self.sums, self.counts)
         return {split: {task.name: float(sums[i, k] / totals[i, k]) if totals[i, k] else None for k, task in labelled}
+                for i, split in enumerate(names)}
+
+    def weight_summary(self, names: List[str]) -> Dict[str, Dict[str, float]]:
+        """Each split's weights: their sum, the rows of weight 0 (which train nothing) and Kish's effective
+        number of rows, (sum w)^2 / sum w^2: as many equally weighted rows would give metrics as noisy."""
+        return {split: {"sum": float(self.weight_sum[i]), "zero_weight_rows": int(self.zero_weight_rows[i]),
+                        "effective_rows": float(self.weight_sum[i] ** 2 / self.weight_squares[i]) if self.weight_squares[i] else 0.0}
                 for i, split in enumerate(names)}
 
 
