@@ -931,7 +931,7 @@ def _validate_convert(cfg: Config, fail) -> None:
             fail(key, f"the bounds must be finite, got at_least {bounds.at_least}, at_most {bounds.at_most}")
         if bounds.at_least is not None and bounds.at_most is not None and bounds.at_least > bounds.at_most:
             fail(key, f"at_least {bounds.at_least} is above at_most {bounds.at_most}: no number would mean 1")
-    masked = {t.label: t for t in cfg.tasks if t.missing_label == "masked"}
+    masked = {t.label for t in cfg.tasks if t.missing_label == "masked"}
     for col, values in cv.unknown.items():
         key = f"data.convert.unknown.{col}"
         if col not in types:

@@ -145,6 +145,7 @@ def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], no
 
 
 _SHOWN_CHANGES = 6
+_SHORT = 80  # characters of a value shown
 
 
 def describe_changes(keys: List[str], saved: Dict[str, Any], now: Dict[str, Any]) -> str:
@@ -179,9 +180,6 @@ def _sections(values: List[Any]) -> bool:
     """A list of tables or tasks, named entry by entry; a list of values (layer sizes, one task's
     record) is one setting."""
     return all(isinstance(v, (dict, list)) for v in values)
-
-
-_SHORT = 80  # characters of a value shown
 
 
 def _short(value: Any) -> str:
