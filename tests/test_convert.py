@@ -1507,6 +1507,23 @@ def test_the_crashes_config_weighs_rows_and_reads_an_unknown_severity_as_no_labe
                                               "serious": pytest.approx(52.147 / 152.147)}
 
 
+def test_the_covid_config_reads_an_invalid_result_as_no_label_and_keeps_the_hours_raw(tmp_path):
+    """configs/covid.yaml on tests in medicaldata's `covid_testing` schema: "positive" is 1, "invalid"
+    no label for that task alone, 4 hours or more to the lab is slow, and the hours to a verified
+    result stay raw, a recording error (negative) included."""
+    header = ("subject_id,gender,pan_day,test_id,clinic_name,result,demo_group,age,drive_thru_ind,ct_result,orderset,"
+              "payor_group,patient_class,col_rec_tat,rec_ver_tat")
+    tests = ["1412,female,4,covid,inpatient ward a,negative,patient,0.0,0,45.0,0,government,inpatient,1.4,5.2",
+             "533,female,7,covid,clinical lab,positive,patient,9.5,1,21.3,0,commercial,not applicable,4.0,5.8",
+             "9134,male,7,covid,clinical lab,invalid,patient,0.8,1,45.0,1,,,7.3,-1.5"]
+    report = convert_rows(tmp_path, "covid", header, tests, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["positive"] == [0, 1, None] and train["slow"] == [0, 1, 1] and train["verify_hours"] == pytest.approx([5.2, 5.8, -1.5])
+    assert report["labelled_rows"]["train"] == {"positive": 2, "slow": 3, "verify_hours": 3}
+    assert train["payor"][2] == [] and train["patient_class"][2] == []  # missing: an empty bag
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
