@@ -556,10 +556,13 @@ class Converter:
             bad_rows[new] = True
 
         dense = np.zeros((n, len(self.dense_rules)))
+        parsed: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # a column read by a value and its missing indicator: once
         for k, (name, rule) in enumerate(zip(self.cfg.data.dense_columns, self.dense_rules)):
-            values, bad = parse_numbers(batch.column(rule.column))
-            check(bad, rule.column, "not a number")
-            check(np.isinf(values), rule.column, "not finite")
+            if rule.column not in parsed:
+                parsed[rule.column] = parse_numbers(batch.column(rule.column))
+                check(parsed[rule.column][1], rule.column, "not a number")
+                check(np.isinf(parsed[rule.column][0]), rule.column, "not finite")
+            values = parsed[rule.column][0]
             if name in self.missing_of:
                 values = np.isnan(values).astype(np.float64)
             elif rule.log:
@@ -874,7 +877,8 @@ class Converter:
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
         notes = self._number_form_notes(vocabs) if self.like is not None else [
-            *self._number_form_notes(vocabs), *self.absent_positives.values(), *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
+            *self._number_form_notes(vocabs), *self.absent_positives.values(),
+            *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
             *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
         report = {
             "input": [p for p, _ in self.files],
@@ -989,7 +993,7 @@ class _SplitTotals:
     squares and rows of weight 0; a missing label is NaN and not counted."""
 
     def __init__(self, splits: int, tasks: int) -> None:
-        self.sums, self.weighted_sums, self.weights = (np.zeros((splits, tasks)) for _ in range(3))
+        self.sums, self.weighted_sums, self.label_weights = (np.zeros((splits, tasks)) for _ in range(3))
         self.counts = np.zeros((splits, tasks), dtype=np.int64)
         self.weight_sum, self.weight_squares, self.zero_weight_rows = np.zeros(splits), np.zeros(splits), np.zeros(splits, np.int64)
         self.weighted = False
@@ -1001,13 +1005,13 @@ class _SplitTotals:
         if weights is not None:
             self.weighted = True
             self.weighted_sums[split] += np.where(has, weights[:, None] * np.nan_to_num(labels), 0.0).sum(axis=0)
-            self.weights[split] += (weights[:, None] * has).sum(axis=0)
+            self.label_weights[split] += (weights[:, None] * has).sum(axis=0)
             self.weight_sum[split] += weights.sum()
             self.weight_squares[split] += np.square(weights).sum()
             self.zero_weight_rows[split] += int(np.count_nonzero(weights == 0))
 
     def means(self, names: List[str], labelled, weighted: bool) -> Dict[str, Dict[str, Optional[float]]]:
-        sums, totals = (self.weighted_sums, self.weights) if weighted else (self.sums, self.counts)
+        sums, totals = (self.weighted_sums, self.label_weights) if weighted else (self.sums, self.counts)
         return {split: {task.name: float(sums[i, k] / totals[i, k]) if totals[i, k] else None for k, task in labelled}
                 for i, split in enumerate(names)}
 
