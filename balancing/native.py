@@ -7,7 +7,9 @@ coefficients' weighted sum and its check. A Python node costs more than that ari
 engine's call into the interpreter and in the interpreter itself, and PyTorch has no native node that
 does it, so these are compiled once per machine by PyTorch's own extension builder (a C++ compiler
 and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by
-default). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
+default, in a folder named by a digest of the sources, the flags and the torch that builds them: two
+versions of Concord, or two environments, on one machine each keep their own build, neither rebuilds
+the other's nor loads it mid-job). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
 nodes, after one warning that says why: the results are the same.
 
 CoGrad's element-wise rule, run compiled by ``torch.compile``, spent about as long in its Python call
@@ -24,6 +26,7 @@ products are summed in float64 across blocks, where ``torch.dot`` sums in the gr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -75,12 +78,14 @@ def _build() -> Optional[object]:
             # The passes share their blocks among torch's intra-op threads through at::parallel_for,
             # which is OpenMP in torch's CPU wheels: without -fopenmp it runs on one thread.
             # load_inline adds its header and module definition to the list it is given: each call its own.
-            ops = cpp_extension.load_inline("concord_boundary", cpp_sources=list(sources), functions=functions,
-                                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            flags = {"extra_cflags": ["-O3", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}
+            ops = cpp_extension.load_inline(extension_name("concord_boundary", sources, flags), cpp_sources=list(sources),
+                                            functions=functions, **flags)
         except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the passes on one thread
             log.info("building Concord's native nodes without OpenMP (%s)", (str(error).strip().splitlines() or [""])[0])
-            ops = cpp_extension.load_inline("concord_boundary_serial", cpp_sources=list(sources), functions=functions,
-                                            extra_cflags=["-O3"])
+            flags = {"extra_cflags": ["-O3"]}
+            ops = cpp_extension.load_inline(extension_name("concord_boundary_serial", sources, flags),
+                                            cpp_sources=list(sources), functions=functions, **flags)
         ops.set_alone_references(_alone_references(ops))
         return ops
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, no headers: the Python node is exact
@@ -88,6 +93,17 @@ def _build() -> Optional[object]:
         log.warning("could not build Concord's native boundary node (%s: %s); the boundary keeps its Python "
                     "node, slower on a CPU but with the same results", type(error).__name__, first)
         return None
+
+
+def extension_name(stem: str, sources: Sequence[str], flags: dict) -> str:
+    """``stem`` and a digest of what the build depends on. PyTorch keeps one build folder per
+    extension name and rebuilds in place when the sources change: under one name, a job of one
+    version of Concord would rebuild another's module, or load it half-way through its ranks' start."""
+    digest = hashlib.sha256()
+    for part in (*sources, repr(sorted(flags.items())), torch.__version__, str(Path(torch.__file__).parent)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"{stem}_{digest.hexdigest()[:12]}"
 
 
 def _alone_references(ops) -> int:

@@ -1759,9 +1759,25 @@ def test_a_compiler_without_openmp_builds_the_native_module_from_the_same_source
     with caplog.at_level(logging.INFO, logger="concord.balancing.native"):
         assert native._build() is None
     on_disk = [path.read_text() for path in native._SOURCES]
-    assert [name for name, _ in given] == ["concord_boundary", "concord_boundary_serial"]
+    assert [name for name, _ in given] == [native.extension_name("concord_boundary", on_disk, {"extra_cflags": ["-O3", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}),
+                                           native.extension_name("concord_boundary_serial", on_disk, {"extra_cflags": ["-O3"]})]
     assert all(sources == on_disk for _, sources in given)
     assert "without OpenMP" in caplog.text and "keeps its Python node" in caplog.text
+
+
+def test_each_version_of_the_native_sources_builds_under_a_name_of_its_own():
+    """PyTorch keeps one build folder per extension name and rebuilds there when the sources change:
+    two checkouts (or an upgrade beside a running job) under one name rebuild each other's module and
+    may load the other's. The name follows the sources, the flags and the torch building them."""
+    from concord.balancing.native import extension_name
+
+    sources, flags = ["int a;", "int b;"], {"extra_cflags": ["-O3"]}
+    name = extension_name("concord_boundary", sources, flags)
+    assert name.startswith("concord_boundary_") and name.isidentifier()  # a module name: TORCH_EXTENSION_NAME
+    assert extension_name("concord_boundary", list(sources), dict(flags)) == name
+    assert extension_name("concord_boundary", ["int a;", "int c;"], flags) != name
+    assert extension_name("concord_boundary", ["int a;int b;"], flags) != name  # where one file ends counts
+    assert extension_name("concord_boundary", sources, {"extra_cflags": ["-O2"]}) != name
 
 
 @pytest.mark.parametrize("statistics", ["current", "previous"])
