@@ -465,6 +465,32 @@ def test_a_quoted_header_is_read_as_the_csv_reader_reads_it(tmp_path):
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
+def test_a_csv_without_a_header_row_reads_as_the_same_file_with_one_when_its_columns_are_named(tmp_path):
+    """UCI's adult.data and census-income files start with their first row: data.convert.column_names
+    names their columns. Without it, the missing column's message says the first line looks like data;
+    with it, a header in the file, or a file of another width, is refused on its first line."""
+    import gzip
+
+    run(base(tmp_path))
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    (tmp_path / "headless.csv.gz").write_bytes(gzip.compress(("\n".join(ROWS) + "\n").encode()))
+    headless = base(tmp_path, input=str(tmp_path / "headless.csv.gz"))
+    with pytest.raises(ConvertError, match=r"headless.csv.gz: missing column 'user' \(file has: 1, alice, a\|b, 10, 1, 2.5\).*"
+                                           r"looks like data, not a header: .*data.convert.column_names"):
+        run(headless, force=True)
+    headless["data"]["convert"]["column_names"] = HEADER.split(",")
+    run(headless, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected  # the first row too
+    with pytest.raises(ConvertError, match=r"raw.csv: its first line is a header naming the columns of data.convert.column_names"):
+        run(base(tmp_path, column_names=HEADER.split(",")), force=True)
+    with pytest.raises(ConvertError, match=r"data.convert.column_names names 5 columns, but the file's first line has 6 fields \(1, alice, a\|b, 10, \.\.\.\)"):
+        run(base(tmp_path, input=str(tmp_path / "headless.csv.gz"), column_names=HEADER.split(",")[:5]), force=True)
+    with pytest.raises(ConvertError, match=r"missing column 'amount' \(data.convert.column_names has: day, user, tags, price, click, spend\)$"):
+        run(base(tmp_path, input=str(tmp_path / "headless.csv.gz"), column_names=HEADER.replace("amount", "spend").split(",")), force=True)
+    with pytest.raises(ConfigError, match=r"data.convert.column_names\[2\].*'day' is also data.convert.column_names\[0\]"):
+        run(base(tmp_path, column_names=["day", "user", "day"]))
+
+
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     rows = [r.replace("carol", "caf\xe9") for r in ROWS]
     raw = base(tmp_path, rows=rows)

@@ -132,6 +132,9 @@ class ConvertConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     format: str = "auto"  # auto (by extension) | csv | parquet
     delimiter: str = "auto"  # auto: a tab for .tsv files (compressed too), a comma for others; or one character
+    # CSV files without a header row (UCI's adult.data, census-income): their columns' names, in order;
+    # empty: each file's first line names its columns
+    column_names: List[str] = field(default_factory=list)
     on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
     # A row whose every task's label is missing (each task masked): keep (it trains nothing but takes
     # a batch's place; counted and noted) | skip (left out, counted)
@@ -859,6 +862,12 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.unlabelled_rows", f"must be 'keep' or 'skip', got {cv.unlabelled_rows!r}")
     if len(cv.delimiter) != 1 and cv.delimiter != "auto":
         fail("data.convert.delimiter", f"must be one character or auto, got {cv.delimiter!r}")
+    names = cv.column_names
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            fail(f"data.convert.column_names[{i}]", f"must be a column's name (text), got {name!r}")
+        elif names.index(name) != i:
+            fail(f"data.convert.column_names[{i}]", f"{name!r} is also data.convert.column_names[{names.index(name)}]: each column once")
     for key in ("row_group_size", "chunk_rows"):
         if getattr(cv, key) < 1:
             fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")

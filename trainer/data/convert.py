@@ -108,11 +108,12 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
         return "error"
 
     delimiter = delimiter_of(path, cv.delimiter)
-    _check_columns(path, _csv_header(path, delimiter), columns, delimiter)
+    _check_columns(path, csv_columns(path, cv), columns, delimiter, named=bool(cv.column_names))
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),  # small blocks: the reader reads ahead
+            # small blocks: the reader reads ahead; column_names: the file has no header row
+            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
@@ -135,9 +136,26 @@ def delimiter_of(path: str, configured: str) -> str:
     return "\t" if ".tsv" in Path(path).suffixes else ","
 
 
-def _csv_header(path: str, delimiter: str) -> List[str]:
-    """The first line's column names, read as Arrow's CSV reader will read the file (decompressed by
-    its extension, UTF-8, a byte-order mark dropped)."""
+def csv_columns(path: str, cv) -> List[str]:
+    """The columns of the CSV file ``path``: its header's, or ``data.convert.column_names`` for files
+    without one, checked against the first line (as many fields, and not the names themselves: a
+    header read as data would stop convert later, at a value that is a name)."""
+    first = _csv_first_line(path, delimiter_of(path, cv.delimiter))
+    names = cv.column_names
+    if not names:
+        return first
+    if [field.strip() for field in first] == [name.strip() for name in names]:
+        raise ConvertError(f"{path}: its first line is a header naming the columns of data.convert.column_names: "
+                           "leave column_names out for files with a header row")
+    if len(first) != len(names):
+        raise ConvertError(f"{path}: data.convert.column_names names {len(names)} columns, but the file's first line "
+                           f"has {len(first)} fields ({', '.join(first[:4])}{', ...' if len(first) > 4 else ''})")
+    return list(names)
+
+
+def _csv_first_line(path: str, delimiter: str) -> List[str]:
+    """The first line's fields, read as Arrow's CSV reader will read the file (decompressed by its
+    extension, UTF-8, a byte-order mark dropped)."""
     try:
         with pa.input_stream(path, compression="detect") as f:
             first = f.read(1 << 20).split(b"\n", 1)[0]
@@ -150,14 +168,15 @@ def _csv_header(path: str, delimiter: str) -> List[str]:
     return header
 
 
-def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None) -> None:
-    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``) once, or an
-    error naming the first missing, with the likely cause where the header shows one, or the first
-    named twice (a reader would take one of them, unsaid)."""
+def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None, named: bool = False) -> None:
+    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``; ``named``:
+    data.convert.column_names) once, or an error naming the first missing, with the likely cause
+    where the header shows one, or the first named twice (a reader would take one of them, unsaid)."""
     for col in need:
         if col not in have:
-            hint = _header_hint(col, have, delimiter) if delimiter is not None else ""
-            raise ConvertError(f"{path}: missing column {col!r} (file has: {', '.join(have)}){hint}")
+            hint = _header_hint(col, have, delimiter) if delimiter is not None and not named else ""
+            source = "data.convert.column_names has" if named else "file has"
+            raise ConvertError(f"{path}: missing column {col!r} ({source}: {', '.join(have)}){hint}")
         places = [str(i + 1) for i, name in enumerate(have) if name == col]
         if len(places) > 1:
             raise ConvertError(f"{path}: the header names column {col!r} {len(places)} times (columns {', '.join(places)}): "
@@ -176,6 +195,9 @@ def _header_hint(col: str, have: List[str], delimiter: str) -> str:
     if spaced:
         return (f"; the file names it {spaced[0]!r}, with spaces: name it so in the config, or remove the spaces "
                 "after the file's delimiters (its values have them too)")
+    numbers, _ = parse_numbers(pa.array(have, pa.string()))
+    if 2 * int(np.isfinite(numbers).sum()) >= len(have):
+        return "; its first line looks like data, not a header: name the columns of such files with data.convert.column_names"
     return ""
 
 
@@ -419,7 +441,7 @@ class Converter:
         files = input_files(self.cv.input, self.cv.format)
         path, fmt = files[0]
         try:
-            have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(_csv_header(path, delimiter_of(path, self.cv.delimiter)))
+            have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(csv_columns(path, self.cv))
         except (pa.ArrowInvalid, OSError) as e:
             raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
         self.label_inputs = [c if c in have else None for c in self.label_inputs]
