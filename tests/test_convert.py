@@ -491,6 +491,42 @@ def test_a_csv_without_a_header_row_reads_as_the_same_file_with_one_when_its_col
         run(base(tmp_path, column_names=["day", "user", "day"]))
 
 
+def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(tmp_path):
+    """UCI's files write a missing value as "?" (after ", " in adult.data): with data.convert.missing_values
+    such a cell is missing wherever it is, as an empty cell is, in a CSV as in Parquet (a dictionary
+    column too), except in columns carried to the output as they are."""
+    def with_cells(cell):
+        rows = [row.split(",") for row in ROWS]
+        rows[0][3] = rows[2][1] = rows[4][2] = cell  # a price, a user, a bag of tags
+        return [",".join(row) for row in rows]
+
+    empty = base(tmp_path, rows=with_cells(""))
+    empty["data"]["passthrough"] = ["day"]
+    run(empty)
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    marked = base(tmp_path, rows=with_cells(" ?"), missing_values=["?"])
+    marked["data"]["passthrough"] = ["day"]
+    run(marked, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"user": pa.string(), "day": pa.string()}, strings_can_be_null=True))  # day: carried as the CSV's text
+    table = table.set_column(1, "user", table.column("user").dictionary_encode())
+    pq.write_table(table, tmp_path / "raw.parquet")
+    marked["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
+    run(marked, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    with pytest.raises(ConvertError, match=r"raw.csv: line 2: column 'price': not a number \(value ' \?'\); "
+                                           r"if '\?' means a missing value, list it in data.convert.missing_values"):
+        run(base(tmp_path, rows=with_cells(" ?")), force=True)
+    carried = base(tmp_path, rows=[row.replace("1,alice,a|b", "?,alice,a|b", 1) for row in ROWS], missing_values=["?"],
+                   split={"by": "seed", "eval_fraction": 0.3})
+    carried["data"]["passthrough"] = ["day"]
+    run(carried, force=True)
+    assert "?" in read(tmp_path, "train")["day"] + read(tmp_path, "eval")["day"]
+    with pytest.raises(ConfigError, match=r"data.convert.missing_values\[1\].*'-999' is a number"):
+        run(base(tmp_path, missing_values=["?", "-999"]))
+
+
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     rows = [r.replace("carol", "caf\xe9") for r in ROWS]
     raw = base(tmp_path, rows=rows)

@@ -135,6 +135,9 @@ class ConvertConfig:
     # CSV files without a header row (UCI's adult.data, census-income): their columns' names, in order;
     # empty: each file's first line names its columns
     column_names: List[str] = field(default_factory=list)
+    # text that means a missing value in any cell (UCI's "?"), beside an empty cell and Arrow's NA, N/A,
+    # NaN, null...; compared trimmed; not a number (a label's codes for no label: unknown)
+    missing_values: List[str] = field(default_factory=list)
     on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
     # A row whose every task's label is missing (each task masked): keep (it trains nothing but takes
     # a batch's place; counted and noted) | skip (left out, counted)
@@ -847,6 +850,14 @@ def check_machine(cfg: Config) -> None:
                  f"{cfg.model.embedding_optimizer.name!r} has no CPU kernel in FBGEMM; on CPU use one of {CPU_EMBEDDING_OPTIMIZERS}")
 
 
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _validate_convert(cfg: Config, fail) -> None:
     """Every column the trainer reads is produced by exactly one conversion rule."""
     cv, d = cfg.data.convert, cfg.data
@@ -868,6 +879,12 @@ def _validate_convert(cfg: Config, fail) -> None:
             fail(f"data.convert.column_names[{i}]", f"must be a column's name (text), got {name!r}")
         elif names.index(name) != i:
             fail(f"data.convert.column_names[{i}]", f"{name!r} is also data.convert.column_names[{names.index(name)}]: each column once")
+    for i, marker in enumerate(cv.missing_values):
+        if not isinstance(marker, str) or not marker.strip():
+            fail(f"data.convert.missing_values[{i}]", f"must be text that a cell holds (such as '?'), got {marker!r}")
+        elif _is_number_text(marker):
+            fail(f"data.convert.missing_values[{i}]", f"{marker!r} is a number, which would mean missing in every numeric "
+                 "column; a label's codes for no label go in data.convert.unknown")
     for key in ("row_group_size", "chunk_rows"):
         if getattr(cv, key) < 1:
             fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")

@@ -34,7 +34,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +81,9 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
     return out
 
 
-def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter) -> Iterator[Tuple[int, pa.RecordBatch]]:
-    """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most."""
+def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carried: Sequence[str] = ()) -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most,
+    with ``cv.missing_values`` as nulls in every column but the ``carried`` ones (copied as they are)."""
     if fmt == "parquet":
         try:
             pf = pq.ParquetFile(path)
@@ -96,8 +97,22 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter) -> It
     for batch in batches:
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
-            yield first, piece
+            yield first, _markers_as_null(piece, cv.missing_values, carried) if cv.missing_values else piece
             first += piece.num_rows
+
+
+def _markers_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
+    """``batch`` with every text cell that is one of ``markers`` (trimmed) a null, as an empty cell is."""
+    marker_set = pa.array(markers, pa.string())
+    columns = []
+    for name, column in zip(batch.schema.names, batch.columns):
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if name not in carried and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            text = pc.cast(column, kind)  # a dictionary's values as plain text
+            marked = pc.is_in(pc.utf8_trim_whitespace(text), value_set=marker_set)
+            column = pc.if_else(marked, pa.scalar(None, text.type), text)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=None, names=batch.schema.names)
 
 
 def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
@@ -525,7 +540,7 @@ class Converter:
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
         bar = progress_bar(None, f"convert: {what}", "row", enabled=self.show_progress)
         for path, fmt in self.files:
-            for first, batch in _chunks(path, fmt, columns or self.columns, self.cv, self._pass_skips):
+            for first, batch in _chunks(path, fmt, columns or self.columns, self.cv, self._pass_skips, self.cfg.data.passthrough):
                 yield path, fmt, first, batch
                 bar.update(batch.num_rows)
         bar.close()
@@ -573,6 +588,8 @@ class Converter:
                 value = batch.column(column)[i].as_py()
                 if reason == "not a number" and isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
                     reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
+                elif reason == "not a number" and isinstance(value, str) and value.strip() and not any(c.isalnum() for c in value):
+                    reads_it = f"if {value.strip()!r} means a missing value, list it in data.convert.missing_values; "
                 raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps)
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
