@@ -489,6 +489,17 @@ def test_a_csv_without_a_header_row_reads_as_the_same_file_with_one_when_its_col
         run(base(tmp_path, input=str(tmp_path / "headless.csv.gz"), column_names=HEADER.replace("amount", "spend").split(",")), force=True)
     with pytest.raises(ConfigError, match=r"data.convert.column_names\[2\].*'day' is also data.convert.column_names\[0\]"):
         run(base(tmp_path, column_names=["day", "user", "day"]))
+    # UCI's adult.test starts with a note: skip_rows passes over it; a bad value's line counts it
+    (tmp_path / "noted.csv").write_text("\n".join(["|1x3 Cross validator", *ROWS]) + "\n")
+    noted = base(tmp_path, input=str(tmp_path / "noted.csv"), column_names=HEADER.split(","), skip_rows=1)
+    run(noted, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    (tmp_path / "noted.csv").write_text("\n".join(["|1x3 Cross validator", *ROWS[:3], ROWS[3].replace(",1000,", ",lots,"), *ROWS[4:]]) + "\n")
+    with pytest.raises(ConvertError, match=r"noted.csv: line 5: column 'price': not a number \(value 'lots'\)"):
+        run(noted, force=True)
+    (tmp_path / "titled.csv").write_text("\n".join(["Clicks, 2024", "", HEADER, *ROWS]) + "\n")
+    run(base(tmp_path, input=str(tmp_path / "titled.csv"), skip_rows=2), force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
 def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(tmp_path):

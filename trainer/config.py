@@ -135,6 +135,7 @@ class ConvertConfig:
     # CSV files without a header row (UCI's adult.data, census-income): their columns' names, in order;
     # empty: each file's first line names its columns
     column_names: List[str] = field(default_factory=list)
+    skip_rows: int = 0  # lines at the top of each CSV file before its header (or first row): a title, a note
     # text that means a missing value in any cell (UCI's "?"), beside an empty cell and Arrow's NA, N/A,
     # NaN, null...; compared trimmed; not a number (a label's codes for no label: unknown)
     missing_values: List[str] = field(default_factory=list)
@@ -885,6 +886,8 @@ def _validate_convert(cfg: Config, fail) -> None:
         elif _is_number_text(marker):
             fail(f"data.convert.missing_values[{i}]", f"{marker!r} is a number, which would mean missing in every numeric "
                  "column; a label's codes for no label go in data.convert.unknown")
+    if cv.skip_rows < 0:
+        fail("data.convert.skip_rows", f"must be >= 0, got {cv.skip_rows}")
     for key in ("row_group_size", "chunk_rows"):
         if getattr(cv, key) < 1:
             fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")

@@ -128,7 +128,8 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
         reader = pacsv.open_csv(
             path,
             # small blocks: the reader reads ahead; column_names: the file has no header row
-            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None),
+            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None,
+                                           skip_rows=cv.skip_rows),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
@@ -155,7 +156,7 @@ def csv_columns(path: str, cv) -> List[str]:
     """The columns of the CSV file ``path``: its header's, or ``data.convert.column_names`` for files
     without one, checked against the first line (as many fields, and not the names themselves: a
     header read as data would stop convert later, at a value that is a name)."""
-    first = _csv_first_line(path, delimiter_of(path, cv.delimiter))
+    first = _csv_first_line(path, delimiter_of(path, cv.delimiter), cv.skip_rows)
     names = cv.column_names
     if not names:
         return first
@@ -168,13 +169,18 @@ def csv_columns(path: str, cv) -> List[str]:
     return list(names)
 
 
-def _csv_first_line(path: str, delimiter: str) -> List[str]:
-    """The first line's fields, read as Arrow's CSV reader will read the file (decompressed by its
-    extension, UTF-8, a byte-order mark dropped)."""
+def _csv_first_line(path: str, delimiter: str, skip: int = 0) -> List[str]:
+    """The fields of the first line after ``skip`` lines, read as Arrow's CSV reader will read the file
+    (decompressed by its extension, UTF-8, a byte-order mark dropped)."""
     try:
         with pa.input_stream(path, compression="detect") as f:
-            first = f.read(1 << 20).split(b"\n", 1)[0]
-        header = next(csv.reader([first.decode("utf-8-sig").rstrip("\r")], delimiter=delimiter), [])
+            text = b""
+            while text.count(b"\n") <= skip and (block := f.read(1 << 20)):
+                text += block
+        lines = text.split(b"\n", skip + 1)
+        first = lines[skip] if len(lines) > skip else b""
+        first = first[3:] if skip == 0 and first.startswith(b"\xef\xbb\xbf") else first
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r")], delimiter=delimiter), [])
     except (OSError, pa.ArrowInvalid) as e:
         raise ConvertError(f"{path}: cannot read ({e})") from None
     except UnicodeDecodeError:
@@ -250,9 +256,11 @@ _NOT_A_TIME = "missing or not a time"
 _WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 2018-03-01T09:30:00); "
 
 
-def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "") -> ConvertError:
-    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``."""
-    where = f"line {row + 2}" if fmt == "csv" else f"row {row + 1}"
+def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "",
+               lines_before: int = 1) -> ConvertError:
+    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``; a CSV's
+    data rows start after ``lines_before`` lines (its header, and lines skipped)."""
+    where = f"line {row + 1 + lines_before}" if fmt == "csv" else f"row {row + 1}"
     return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
                         f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
 
@@ -536,6 +544,10 @@ class Converter:
                        **({"missing_indicator_of": self.missing_of[name]} if name in self.missing_of else {})}
                 for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
 
+    def _lines_before_rows(self) -> int:
+        """The lines of a CSV file before its first data row: those skipped, and its header if it has one."""
+        return self.cv.skip_rows + (0 if self.cv.column_names else 1)
+
     # --- passes --------------------------------------------------------------------------------
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
         bar = progress_bar(None, f"convert: {what}", "row", enabled=self.show_progress)
@@ -566,7 +578,8 @@ class Converter:
                 bad |= ~np.isfinite(values)
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
-                    raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS)
+                    raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS,
+                                     lines_before=self._lines_before_rows())
                 times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
@@ -590,7 +603,7 @@ class Converter:
                     reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
                 elif reason == "not a number" and isinstance(value, str) and value.strip() and not any(c.isalnum() for c in value):
                     reads_it = f"if {value.strip()!r} means a missing value, list it in data.convert.missing_values; "
-                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps)
+                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self._lines_before_rows())
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
 
