@@ -822,6 +822,14 @@ def test_codes_of_different_things_put_in_one_table_are_noted_where_they_meet(tm
     assert run(raw, force=True)["notes"] == [
         "table 't_flags': features 'user' and 'tags' share 2 of their values ('1', '0'), each one embedding row for both; "
         "if the two name different things, give each a table of its own"]
+    # Several such features in one table (ten yes/no questions) are one note, not one a pair.
+    raw["data"]["convert"]["categorical"].append({"column": "day", "feature": "day"})
+    raw["data"]["convert"]["split"] = {"by": "seed", "eval_fraction": 0.2}
+    raw["data"]["sparse_columns"]["day"] = "day"
+    raw["model"]["tables"][0]["features"].append("day")
+    assert run(raw, force=True)["notes"] == [
+        "table 't_flags': features 'user', 'tags', 'day' share values among them (2: '1', '0'), each one embedding row "
+        "for every feature holding it; if they name different things, give each a table of its own"]
 
 
 def test_a_shared_vocabulary_keeps_a_value_that_meets_the_min_count_of_a_feature_holding_it(tmp_path):

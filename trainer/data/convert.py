@@ -1002,24 +1002,48 @@ _FEW_VALUES = 16  # a feature with no more values than this may share them with 
 
 
 def _shared_value_notes(table: str, features: List[Tuple[str, Counter]]) -> List[str]:
-    """Pairs of a table's features that hold some of the same values but mostly others: each shared
-    value is one embedding row for both, which is what sharing a table means for ids of one kind (a
-    clicked item and the candidate item) and a silent merge for codes of different things put in one
-    table (``none`` as an airbag's state and as a seat belt's). Pairs sharing most of their values are
-    the first kind, and those sharing none merge nothing: neither is noted. But codes with few values
+    """Features of a table that hold some of the same values but mostly others: each shared value is
+    one embedding row for both, which is what sharing a table means for ids of one kind (a clicked
+    item and the candidate item) and a silent merge for codes of different things put in one table
+    (``none`` as an airbag's state and as a seat belt's). Pairs sharing most of their values are the
+    first kind, and those sharing none merge nothing: neither is noted. But codes with few values
     (flags, 0/1 or yes/no; a credit history 1-6 beside a mortgage history 1-4) share most of them
     whatever they mean: where a feature has ``_FEW_VALUES`` or fewer, sharing tells nothing, and any
-    shared value is noted."""
-    notes = []
+    shared value is noted. Features linked through such pairs (ten yes/no questions in one table)
+    are one note, not one a pair."""
+    linked: Dict[str, str] = {name: name for name, _ in features}  # union-find over the noted pairs
+
+    def root(name: str) -> str:
+        while linked[name] != name:
+            name = linked[name]
+        return name
+
+    pairs = []
     for i, (a, a_counts) in enumerate(features):
         for b, b_counts in features[i + 1 :]:
             shared = a_counts.keys() & b_counts.keys()
             fewest = min(len(a_counts), len(b_counts))
             if shared and (2 * len(shared) <= fewest or fewest <= _FEW_VALUES):
-                commonest = sorted(shared, key=lambda v: (-(a_counts[v] + b_counts[v]), v))[:3]
-                examples = ", ".join(repr(v) for v in commonest) + (", ..." if len(shared) > 3 else "")
-                notes.append(f"table {table!r}: features {a!r} and {b!r} share {len(shared)} of their values ({examples}), "
-                             "each one embedding row for both; if the two name different things, give each a table of its own")
+                pairs.append((a, b, shared))
+                linked[root(b)] = root(a)
+    counts = dict(features)
+    notes = []
+    for group in dict.fromkeys(root(name) for name, _ in features):
+        members = [(a, b, shared) for a, b, shared in pairs if root(a) == group]
+        if not members:
+            continue
+        names = [name for name, _ in features if root(name) == group]  # in the table's order
+        shared = set().union(*(shared for _, _, shared in members))
+        total = Counter({v: sum(counts[name][v] for name in names) for v in shared})
+        commonest = sorted(shared, key=lambda v: (-total[v], v))[:3]
+        examples = ", ".join(repr(v) for v in commonest) + (", ..." if len(shared) > 3 else "")
+        if len(names) == 2:
+            notes.append(f"table {table!r}: features {names[0]!r} and {names[1]!r} share {len(shared)} of their values ({examples}), "
+                         "each one embedding row for both; if the two name different things, give each a table of its own")
+        else:
+            notes.append(f"table {table!r}: features {', '.join(repr(n) for n in names)} share values among them "
+                         f"({len(shared)}: {examples}), each one embedding row for every feature holding it; "
+                         "if they name different things, give each a table of its own")
     return notes
 
 
