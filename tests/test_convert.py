@@ -1605,6 +1605,25 @@ def test_the_covid_config_reads_an_invalid_result_as_no_label_and_keeps_the_hour
     assert train["payor"][2] == [] and train["patient_class"][2] == []  # missing: an empty bag
 
 
+def test_the_churn_config_keeps_the_service_answers_apart_and_the_charges_raw(tmp_path):
+    """configs/churn.yaml on customers in modeldata's `wa_churn` schema: "Yes" churned is 1, the 0/1
+    paperless flag a label as it is, the charges raw dollars; the service answers that share their codes
+    ('Yes', 'No internet service') sit in tables of their own, so no note of codes meeting in one."""
+    header = ("churn,female,senior_citizen,partner,dependents,tenure,phone_service,multiple_lines,internet_service,"
+              "online_security,online_backup,device_protection,tech_support,streaming_tv,streaming_movies,contract,"
+              "paperless_billing,payment_method,monthly_charges,total_charges")
+    customers = ["No,1,0,1,1,1,0,No phone service,DSL,No,Yes,No,No,No,No,Month-to-month,1,Electronic check,29.85,29.85",
+                 "Yes,0,0,0,0,2,1,No,Fiber optic,Yes,No,Yes,No,Yes,No,Month-to-month,1,Mailed check,70.7,151.65",
+                 "No,0,1,0,0,0,1,Yes,No,No internet service,No internet service,No internet service,No internet service,"
+                 "No internet service,No internet service,Two year,0,Mailed check,19.85,"]
+    report = convert_rows(tmp_path, "churn", header, customers, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["churn"] == [0, 1, 0] and train["paperless"] == [1, 1, 0] and train["charges"] == pytest.approx([29.85, 70.7, 19.85])
+    assert report["notes"] == [] and report["vocab_sizes"]["security"] == 3  # No, Yes, No internet service
+    assert "total_charges" not in train  # about tenure times the charges: a task's label, no feature
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
