@@ -9,8 +9,8 @@ does it, so these are compiled once per machine by PyTorch's own extension build
 and ninja; about 30 s, cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by
 default, in a folder named by a digest of the sources, the flags and the torch that builds them: two
 versions of Concord, or two environments, on one machine each keep their own build, neither rebuilds
-the other's nor loads it mid-job). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the boundary keeps its Python
-nodes, after one warning that says why: the results are the same.
+the other's nor loads it mid-job). Where they cannot be built, or with ``CONCORD_NATIVE=0``, the
+boundary keeps its Python nodes, after one warning that says why: the results are the same.
 
 CoGrad's element-wise rule, run compiled by ``torch.compile``, spent about as long in its Python call
 and guards as in its loop, and its loop took about twice as long as a hand-vectorised one:

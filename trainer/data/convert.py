@@ -112,7 +112,7 @@ def _markers_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequenc
             marked = pc.is_in(pc.utf8_trim_whitespace(text), value_set=marker_set)
             column = pc.if_else(marked, pa.scalar(None, text.type), text)
         columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, schema=None, names=batch.schema.names)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
