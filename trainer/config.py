@@ -874,14 +874,14 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.unlabelled_rows", f"must be 'keep' or 'skip', got {cv.unlabelled_rows!r}")
     if len(cv.delimiter) != 1 and cv.delimiter != "auto":
         fail("data.convert.delimiter", f"must be one character or auto, got {cv.delimiter!r}")
-    names = cv.column_names
+    names = cv.column_names  # the loader has checked that each is text
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            fail(f"data.convert.column_names[{i}]", f"must be a column's name (text), got {name!r}")
+        if not name.strip():
+            fail(f"data.convert.column_names[{i}]", f"must be a column's name, got {name!r}")
         elif names.index(name) != i:
             fail(f"data.convert.column_names[{i}]", f"{name!r} is also data.convert.column_names[{names.index(name)}]: each column once")
     for i, marker in enumerate(cv.missing_values):
-        if not isinstance(marker, str) or not marker.strip():
+        if not marker.strip():
             fail(f"data.convert.missing_values[{i}]", f"must be text that a cell holds (such as '?'), got {marker!r}")
         elif _is_number_text(marker):
             fail(f"data.convert.missing_values[{i}]", f"{marker!r} is a number, which would mean missing in every numeric "
