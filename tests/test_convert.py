@@ -538,6 +538,24 @@ def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(t
         run(base(tmp_path, missing_values=["?", "-999"]))
 
 
+def test_an_empty_text_cell_in_parquet_is_missing_as_an_empty_csv_cell_is(tmp_path):
+    """A table written from a CSV (pandas with its text columns filled) often holds '' where the CSV
+    had an empty cell: Arrow's CSV reader reads that cell as null, so convert reads '' in a Parquet text
+    column as null too, a number's column and a category's alike, except in columns carried as they are."""
+    rows = [row.split(",") for row in ROWS]
+    rows[0][3] = rows[2][1] = rows[4][2] = ""  # a price, a user, a bag of tags
+    raw = base(tmp_path, rows=[",".join(row) for row in rows])
+    run(raw)
+    expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    text = {name: pa.string() for name in HEADER.split(",")}
+    table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(column_types=text))
+    assert table.column("price").to_pylist()[0] == ""  # every column text, its empty cells ''
+    pq.write_table(table, tmp_path / "raw.parquet")
+    raw["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
+    run(raw, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+
+
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     rows = [r.replace("carol", "caf\xe9") for r in ROWS]
     raw = base(tmp_path, rows=rows)

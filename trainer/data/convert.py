@@ -83,8 +83,12 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
 
 def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carried: Sequence[str] = ()) -> Iterator[Tuple[int, pa.RecordBatch]]:
     """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most,
-    with ``cv.missing_values`` as nulls in every column but the ``carried`` ones (copied as they are)."""
+    with ``cv.missing_values`` as nulls in every column but the ``carried`` ones (copied as they are).
+    A Parquet text cell that is empty is missing too, as an empty CSV cell is (Arrow's CSV reader reads
+    it as null): a table written from a CSV often keeps its empty cells as ``''``."""
+    markers = list(cv.missing_values)
     if fmt == "parquet":
+        markers.append("")
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
@@ -97,7 +101,7 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
     for batch in batches:
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
-            yield first, _markers_as_null(piece, cv.missing_values, carried) if cv.missing_values else piece
+            yield first, _markers_as_null(piece, markers, carried) if markers else piece
             first += piece.num_rows
 
 
