@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -538,22 +539,32 @@ def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(t
         run(base(tmp_path, missing_values=["?", "-999"]))
 
 
-def test_an_empty_text_cell_in_parquet_is_missing_as_an_empty_csv_cell_is(tmp_path):
-    """A table written from a CSV (pandas with its text columns filled) often holds '' where the CSV
-    had an empty cell: Arrow's CSV reader reads that cell as null, so convert reads '' in a Parquet text
-    column as null too, a number's column and a category's alike, except in columns carried as they are."""
-    rows = [row.split(",") for row in ROWS]
-    rows[0][3] = rows[2][1] = rows[4][2] = ""  # a price, a user, a bag of tags
-    raw = base(tmp_path, rows=[",".join(row) for row in rows])
-    run(raw)
+def test_a_cell_of_spaces_and_an_empty_parquet_text_cell_are_missing_as_an_empty_csv_cell_is(tmp_path):
+    """Arrow's CSV reader reads an empty cell as null, but not a cell of spaces (", " between fields
+    leaves one in an empty field) nor a Parquet text column's '' (pandas writes a CSV's empty cells so
+    when its text columns are filled): each is missing too, a number's column and a category's alike,
+    and a label so written is a missing label, not a negative one."""
+    def with_cells(cell):
+        rows = [row.split(",") for row in ROWS]
+        rows[0][3] = rows[2][1] = rows[4][2] = cell  # a price, a user, a bag of tags
+        return [",".join(row) for row in rows]
+
+    run(base(tmp_path, rows=with_cells("")))
     expected = {s: read(tmp_path, s) for s in ("train", "eval")}
+    spaces = base(tmp_path, rows=with_cells("  "))
+    run(spaces, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
     text = {name: pa.string() for name in HEADER.split(",")}
     table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(column_types=text))
-    assert table.column("price").to_pylist()[0] == ""  # every column text, its empty cells ''
+    table = table.set_column(3, "price", pc.if_else(pc.equal(table.column("price"), "  "), "", table.column("price")))
+    assert table.column("price").to_pylist()[0] == ""  # every column text, the price's empty cell ''
     pq.write_table(table, tmp_path / "raw.parquet")
-    raw["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
-    run(raw, force=True)
+    spaces["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
+    run(spaces, force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    labelled = base(tmp_path, rows=[*ROWS[:3], "2,erin,a,1, ,1", *ROWS[3:]], positive={"click": ["1"]})
+    with pytest.raises(ConvertError, match=r"raw\.csv: line 5: column 'click': missing label \(no value\)"):
+        run(labelled, force=True)
 
 
 def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):

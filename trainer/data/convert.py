@@ -83,12 +83,9 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
 
 def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carried: Sequence[str] = ()) -> Iterator[Tuple[int, pa.RecordBatch]]:
     """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most,
-    with ``cv.missing_values`` as nulls in every column but the ``carried`` ones (copied as they are).
-    A Parquet text cell that is empty is missing too, as an empty CSV cell is (Arrow's CSV reader reads
-    it as null): a table written from a CSV often keeps its empty cells as ``''``."""
-    markers = list(cv.missing_values)
+    with every text cell that is empty, only spaces or one of ``cv.missing_values`` a null, in every
+    column but the ``carried`` ones (copied as they are)."""
     if fmt == "parquet":
-        markers.append("")
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
@@ -101,20 +98,26 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
     for batch in batches:
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
-            yield first, _markers_as_null(piece, markers, carried) if markers else piece
+            yield first, _blanks_as_null(piece, cv.missing_values, carried)
             first += piece.num_rows
 
 
-def _markers_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
-    """``batch`` with every text cell that is one of ``markers`` (trimmed) a null, as an empty cell is."""
-    marker_set = pa.array(markers, pa.string())
+def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
+    """``batch`` with every text cell that is empty, only spaces, or one of ``markers`` (trimmed) a
+    null. Arrow's CSV reader reads an empty cell as null, but not one of spaces (`", "` between fields
+    leaves one in an empty field) nor a Parquet file's ``''`` (a table written from a CSV often keeps
+    its empty cells so): read as text, such a cell would be a negative label or "not a number"."""
+    marker_set = pa.array(markers, pa.string()) if markers else None
     columns = []
     for name, column in zip(batch.schema.names, batch.columns):
         kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
         if name not in carried and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             text = pc.cast(column, kind)  # a dictionary's values as plain text
-            marked = pc.is_in(pc.utf8_trim_whitespace(text), value_set=marker_set)
-            column = pc.if_else(marked, pa.scalar(None, text.type), text)
+            blank = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text))
+            if marker_set is not None:
+                blank = pc.or_(blank, pc.is_in(pc.utf8_trim_whitespace(text), value_set=marker_set))
+            if pc.any(blank).as_py():
+                column = pc.if_else(blank, pa.scalar(None, text.type), text)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
