@@ -655,6 +655,22 @@ def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
     assert run(typo, force=True)["notes"] == [
         "data.convert.positive.bought: no row of the training split holds 'Bought', 'sold' in column 'outcome', so every "
         "label is 0 (its commonest values: 'bought', 'left', 'viewed'; compared as text, spaces trimmed, case kept)"]
+    # Values read as 0 that differ from a listed one only in case, quotes or a final '.' (UCI's adult.test
+    # writes '>50K.' where adult.data writes '>50K'): noted, in the training data and in data encoded like it.
+    (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "1,ivan,a,1,Bought.,3", "4,jo,a,1,\"'viewed'\",1"]) + "\n")
+    assert run(raw, force=True)["notes"] == [
+        "data.convert.positive.bought: rows read as 0 hold 'Bought.' (1 row), \"'viewed'\" (1 row), each unlike a value "
+        "listed as 1 ('bought', 'viewed') only in case, quotes or a final '.': list it too if it means 1 (values are "
+        "compared as text, spaces trimmed)"]
+    (tmp_path / "score.csv").write_text("\n".join([header, "5,kim,a,1,BOUGHT,2", "5,lee,a,1,bought,2"]) + "\n")
+    scoring = copy.deepcopy(raw)
+    scoring["data"]["convert"]["input"] = str(tmp_path / "score.csv")
+    scored = convert(config_from_dict(scoring, "test.yaml"), like=str(tmp_path / "out"), out=str(tmp_path / "score/data"),
+                     show_progress=False)
+    assert scored["notes"] == [
+        "data.convert.positive.bought: rows read as 0 hold 'BOUGHT' (1 row), each unlike a value listed as 1 ('bought', "
+        "'viewed') only in case, quotes or a final '.': list it too if it means 1 (values are compared as text, spaces "
+        "trimmed)"]
 
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "2,hal,a,1,left,"]) + "\n")
     with pytest.raises(ConvertError, match=r"line 9: column 'delay': missing label"):

@@ -424,6 +424,8 @@ class Converter:
 
     def __post_init__(self) -> None:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
+        # label -> values read as 0 that differ from a positive value only in case, quotes or a final '.'
+        self._look_alikes: Dict[str, Counter] = {}  # (counted in the current pass)
         self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
         self.shared_value_notes: List[str] = []  # features of one table that look unrelated but share some values
         self.times_are_stamps = False  # the time column holds dates or timestamps, not plain numbers (years, steps)
@@ -641,8 +643,9 @@ class Converter:
                 missing = text.is_null().to_numpy(zero_copy_only=False) | _matches(text, unknown)
                 if not masked:
                     check(missing, column, "missing label", keeps)
-                positive = pc.is_in(text, value_set=pa.array(self.cv.positive[task.label]))
-                labels[:, k] = np.where(missing, np.nan, positive.fill_null(False).to_numpy(zero_copy_only=False))
+                positive = pc.is_in(text, value_set=pa.array(self.cv.positive[task.label])).fill_null(False).to_numpy(zero_copy_only=False)
+                labels[:, k] = np.where(missing, np.nan, positive)
+                self._count_look_alikes(task.label, text.filter(pa.array(~missing & ~positive)))
                 continue
             values, bad = parse_numbers(batch.column(column))
             if unknown:
@@ -701,7 +704,7 @@ class Converter:
         )
 
     def _decoded(self, what: str, cutoff) -> Iterator[_Decoded]:
-        self._pass_skips = Counter()
+        self._pass_skips, self._look_alikes = Counter(), {}
         rngs = (np.random.default_rng(self.cv.split.seed), np.random.default_rng([self.cv.split.seed, 2]))
         for path, fmt, first, batch in self._stream(what):
             yield self.decode(path, fmt, first, batch, rngs, cutoff)
@@ -873,6 +876,24 @@ class Converter:
             outside = pc.unique(tokens.filter(pc.invert(pc.fill_null(pc.is_in(tokens, value_set=vocab), False))))
             kept.update(outside.to_pylist()[:self._UNSEEN_KEPT - len(kept)])
 
+    def _count_look_alikes(self, label: str, zeros: pa.Array) -> None:
+        """Counts the values of ``zeros`` (a text label's values read as 0) that look like one of its
+        positive values (``'>50K.'`` beside ``'>50K'``, as UCI's adult.test writes the label)."""
+        forms = {_label_form(v) for v in self.cv.positive[label]}
+        vc = pc.value_counts(zeros)
+        for value, count in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+            if _label_form(value) in forms:
+                self._look_alikes.setdefault(label, Counter())[value] += count
+
+    def _look_alike_notes(self) -> List[str]:
+        def counted(values: Counter) -> str:
+            return ", ".join(f"{v!r} ({n:,} row{'s' if n != 1 else ''})" for v, n in values.most_common())
+
+        return [f"data.convert.positive.{label}: rows read as 0 hold {counted(values)}, each unlike "
+                f"a value listed as 1 ({', '.join(repr(v) for v in self.cv.positive[label])}) only in case, quotes or a "
+                "final '.': list it too if it means 1 (values are compared as text, spaces trimmed)"
+                for label, values in sorted(self._look_alikes.items()) if label not in self.absent_positives]
+
     def _number_form_notes(self, vocabs: Dict[str, List[str]]) -> List[str]:
         """Features whose held-out (or encoded) values include numbers the training vocabulary holds
         written otherwise (``3`` beside ``3.0``: pandas writes an integer column with missing values as
@@ -935,8 +956,8 @@ class Converter:
         for feature, values in vocabs.items():
             pq.write_table(pa.table({"value": values, "id": list(range(1, len(values) + 1))}), vocab_dir / f"{feature}.parquet")
         hashed, dense = self._hashed_sizes(), self._dense_spec(moments)
-        notes = self._number_form_notes(vocabs) if self.like is not None else [
-            *self._number_form_notes(vocabs), *self.absent_positives.values(),
+        notes = [*self._number_form_notes(vocabs), *self._look_alike_notes()] if self.like is not None else [
+            *self._number_form_notes(vocabs), *self._look_alike_notes(), *self.absent_positives.values(),
             *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
             *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
         report = {
@@ -1003,6 +1024,12 @@ class _TextLabel:
         return (f"data.convert.positive.{label}: no row of the training split holds "
                 f"{', '.join(repr(v) for v in self.positive.to_pylist())} in column {self.column!r}, so every label is 0 "
                 f"(its commonest values: {commonest}; compared as text, spaces trimmed, case kept)")
+
+
+def _label_form(text: str) -> str:
+    """A text label as compared for look-alikes of the positive values: quotes, a final '.' and case
+    set aside."""
+    return text.strip().strip("\"'").rstrip(".").strip().casefold()
 
 
 _FEW_VALUES = 16  # a feature with no more values than this may share them with another by chance
