@@ -501,6 +501,11 @@ def test_a_csv_without_a_header_row_reads_as_the_same_file_with_one_when_its_col
     (tmp_path / "titled.csv").write_text("\n".join(["Clicks, 2024", "", HEADER, *ROWS]) + "\n")
     run(base(tmp_path, input=str(tmp_path / "titled.csv"), skip_rows=2), force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    # Parquet names its columns and holds nothing but rows: the keys would do nothing there, said so
+    pq.write_table(pacsv.read_csv(tmp_path / "raw.csv"), tmp_path / "raw.parquet")
+    for key, value in (("column_names", HEADER.split(",")), ("skip_rows", 1)):
+        with pytest.raises(ConvertError, match=rf"raw.parquet: data.convert.{key} is for CSV files .* the input is Parquet"):
+            run(base(tmp_path, input=str(tmp_path / "raw.parquet"), **{key: value}), force=True)
 
 
 def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(tmp_path):

@@ -456,6 +456,10 @@ class Converter:
             self.files = sorted((p, fmt) for spec in sp.train + sp.eval for p, fmt in input_files(spec, self.cv.format))
         else:
             self.files = input_files(self.cv.input, self.cv.format)
+        csv_keys = [k for k in ("column_names", "skip_rows") if getattr(self.cv, k)]
+        if csv_keys and all(fmt == "parquet" for _, fmt in self.files):
+            raise ConvertError(f"{self.files[0][0]}: data.convert.{csv_keys[0]} is for CSV files (no header row, lines atop "
+                               "the rows), and the input is Parquet, whose columns are named in the file: leave it out")
         columns = [c.column for c in self.cv.categorical] + [r.column for r in self.dense_rules]
         columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
         columns += [sp.column] if sp.by in ("time", "column") and self.like is None else []
