@@ -280,21 +280,29 @@ def test_missing_and_unseen_categorical_values_are_counted(tmp_path):
     assert run(raw, force=True)["unseen_values"]["eval"] == {"tags": 1}
 
 
-def test_a_time_split_without_cutoff_takes_the_quantile_and_records_it(tmp_path):
+def test_a_time_split_without_cutoff_holds_out_the_share_nearest_eval_fraction_and_records_it(tmp_path):
     raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.3})
-    report = run(raw)
-    assert report["split"]["cutoff_used"] == pytest.approx(np.quantile([1, 1, 2, 2, 3, 4, 4], 0.7))
-    assert report["rows"] == {"train": 5, "eval": 2}
+    report = run(raw)  # days 1, 1, 2, 2, 3, 4, 4: from day 4 holds out 2/7, nearest 0.3 (from day 3: 3/7)
+    assert report["split"]["cutoff_used"] == 4 and report["rows"] == {"train": 5, "eval": 2}
     meta = json.loads((tmp_path / "out/convert.json").read_text())
     assert meta["split"]["by"] == "time" and meta["split"]["column"] == "day"
+    # Rows sharing a time go to one side: a survey's years, 30 + 30 + 30 + 10 rows, asked for 20%,
+    # hold out the last year's 10%, not the 40% of the last two that the 0.8 quantile (year 3) gave.
+    rows = [f"{year},u{i % 5},t,1,{i % 2},1" for i, year in enumerate([1] * 30 + [2] * 30 + [3] * 30 + [4] * 10)]
+    report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2}), force=True)
+    assert report["split"]["cutoff_used"] == 4 and report["rows"] == {"train": 90, "eval": 10}
+    # Distinct times: the 1 - eval_fraction quantile's row, as near the share as rows allow.
+    rows = [f"{day},u{day % 5},t,1,{day % 2},1" for day in range(1, 101)]
+    report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.25}), force=True)
+    assert report["split"]["cutoff_used"] == 76 and report["rows"] == {"train": 75, "eval": 25}
 
 
 def test_a_time_quantile_is_taken_over_the_rows_written_not_the_rows_skipped(tmp_path):
     # Days 1-10; the first five rows' labels are missing and skipped, so days 6-10 are written and
-    # 20% of them (day 10) is held out, not 40% (the quantile over all ten days, 8.2).
+    # 20% of them (day 10) is held out, not 40% (from day 9, 20% of all ten days).
     rows = [f"{day},u{day},t,1,{'' if day <= 5 else day % 2},1" for day in range(1, 11)]
     report = run(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2}, on_bad_row="skip"))
-    assert report["split"]["cutoff_used"] == pytest.approx(np.quantile([6, 7, 8, 9, 10], 0.8))
+    assert report["split"]["cutoff_used"] == 10
     assert report["rows"] == {"train": 4, "eval": 1} and report["skipped_rows"] == {"click: missing label": 5}
     rows = [f"{day},u{day},t,1,,1" for day in range(1, 4)]
     with pytest.raises(ConvertError, match=r"no row to split by time column 'day' \(3 rows skipped: \{'click: missing label': 3\}\)"):
@@ -310,20 +318,20 @@ def test_iso_timestamps_split_by_time(tmp_path):
 
 def test_convert_says_where_a_time_split_fell_and_reads_plain_numbers_as_no_date(tmp_path, capsys):
     """Days 1-4 as plain numbers (a year, a step): the cutoff is printed as the number, with the share
-    held out, which ties at the cutoff make larger than eval_fraction; not as seconds since 1970."""
+    held out, which ties at the cutoff keep from eval_fraction; not as seconds since 1970."""
     import yaml
 
     from concord.trainer.cli import main
 
-    raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.2})  # the 0.8 quantile: day 3.8
+    raw = base(tmp_path, split={"by": "time", "column": "day", "eval_fraction": 0.2})  # from day 4: 2 of 7, nearest 0.2
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
-    assert "; split by time at day >= 3.8, 28.6% of the rows held out; " in capsys.readouterr().out  # day 4: 2 of 7
+    assert "; split by time at day >= 4, 28.6% of the rows held out; " in capsys.readouterr().out
     assert json.loads((tmp_path / "out/convert.json").read_text())["split"]["cutoff_used_utc"] is None
     rows = [r.replace(r.split(",")[0], f"2026-01-0{r.split(',')[0]}", 1) for r in ROWS]  # the same days as dates
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base(tmp_path, rows=rows, split={"by": "time", "column": "day", "eval_fraction": 0.2})))
     assert main(["convert", "--config", str(tmp_path / "c.yaml"), "--force"]) == 0
-    assert ("; split by time at day >= 1767467520 (2026-01-03T19:12:00+00:00), 28.6% of the rows held out; "
+    assert ("; split by time at day >= 1767484800 (2026-01-04T00:00:00+00:00), 28.6% of the rows held out; "
             in capsys.readouterr().out)
 
 
@@ -763,7 +771,7 @@ def test_rows_without_any_label_are_counted_and_noted_or_left_out(tmp_path):
     assert report["rows"] == {"train": 2, "eval": 1} and report["unlabelled_rows"] == {"train": 0, "eval": 0}
     assert report["skipped_rows"] == {"no label for any task": 3} and report["vocab_sizes"]["tags"] == 1
     raw["data"]["convert"]["split"] = {"by": "time", "column": "day", "eval_fraction": 0.34}
-    assert run(raw, force=True)["split"]["cutoff_used"] == pytest.approx(np.quantile([1, 2, 4], 0.66))
+    assert run(raw, force=True)["split"]["cutoff_used"] == 4  # over the days written, 1, 2 and 4: from day 4, a third
     with pytest.raises(ConfigError, match=r"data\.convert\.unlabelled_rows: must be 'keep' or 'skip', got 'drop'"):
         raw["data"]["convert"]["unlabelled_rows"] = "drop"
         run(raw, force=True)

@@ -284,7 +284,7 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
     written = ", ".join(f"{rows[split]:,} {split if split != 'train' else 'training'} rows -> {path}" for split, path in
                         (("train", cfg.data.train), ("eval", cfg.data.eval), ("validation", cfg.data.validation)) if split in rows)
     how = "every row to training (split by none)" if report["split"]["by"] == "none" else f"split by {report['split']['by']}"
-    if report["split"]["by"] == "time":  # where it fell: a quantile of a column of few values can hold out more or less
+    if report["split"]["by"] == "time":  # where it fell: a column of few values holds out the share nearest eval_fraction, not it
         split = report["split"]
         stamp = f" ({split['cutoff_used_utc']})" if split.get("cutoff_used_utc") else ""
         how += (f" at {split['column']} >= {split['cutoff_used']:.12g}{stamp}, "

@@ -101,7 +101,7 @@ class SplitConfig:
     # seed: a seeded coin per row | time: rows at or after the cutoff go to eval | files: the split the
     # user already has, as files (train / eval) | column: a column names each row's split
     by: str = "seed"
-    eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the cutoff is this quantile from the end
+    eval_fraction: float = 0.1  # seed: P(eval); time without cutoff: the held-out share the cutoff comes nearest
     validation_fraction: float = 0.0  # > 0: this share of the training rows (a seeded coin) goes to data.validation
     seed: int = 0
     column: Optional[str] = None  # time: a numeric or ISO-8601 timestamp column; column: the split column

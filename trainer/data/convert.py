@@ -4,7 +4,7 @@ Driven by ``data.convert`` in the config (:class:`concord.trainer.config.Convert
 ``chunk_rows`` at a time, so files larger than memory work:
 
 - pass 0, a time split without a cutoff only: the times of the rows to write (with ``on_bad_row:
-  skip`` every column is decoded for it: a row skipped is none of them), for the cutoff quantile (8
+  skip`` every column is decoded for it: a row skipped is none of them), for the cutoff (8
   bytes a row);
 - pass 1: the training split only, for the vocabularies (value counts) and the dense statistics
   (mean and variance after the log transform, merged chunk by chunk);
@@ -257,6 +257,20 @@ def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.nda
         else:
             values[i] = number
     return values, bad
+
+
+def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
+    """The time from which rows are held out: of the times rows have (the earliest aside, which would
+    hold out every row), the one at or after which the share of rows is closest to ``fraction`` (the
+    later on a tie). Rows sharing a time go to one side, so where few times are shared by many rows (a
+    survey's years) this is the reachable share nearest the one asked for; with distinct times it is
+    the ``1 - fraction`` quantile's row."""
+    values, counts = np.unique(times, return_counts=True)
+    if values.size == 1:
+        return float(values[0])
+    share_from = np.cumsum(counts[::-1])[::-1] / times.size  # share of the rows at or after each value
+    distance = np.abs(share_from[1:] - fraction)
+    return float(values[1:][np.flatnonzero(distance == distance.min())[-1]])
 
 
 _NOT_A_TIME = "missing or not a time"
@@ -598,7 +612,7 @@ class Converter:
         if times.size == 0:
             skipped = f" ({sum(self._pass_skips.values())} rows skipped: {dict(self._pass_skips)})" if self._pass_skips else ""
             raise ConvertError(f"{self.cv.input}: no row to split by time column {sp.column!r}{skipped}")
-        return float(np.quantile(times, 1.0 - sp.eval_fraction))
+        return held_out_cutoff(times, sp.eval_fraction)
 
     def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rngs, cutoff) -> _Decoded:
         """Parses one chunk; drops (skip) or reports (error) its bad rows; assigns the split."""
