@@ -1682,6 +1682,24 @@ def test_the_churn_config_keeps_the_service_answers_apart_and_the_charges_raw(tm
     assert "total_charges" not in train  # about tenure times the charges: a task's label, no feature
 
 
+def test_the_randhie_config_holds_out_the_last_study_years_and_keeps_the_dollars_raw(tmp_path):
+    """configs/randhie.yaml on person-years in sampleSelection's `RandHIE` schema: an admission is 1 from
+    one stay up, the dollars stay raw, a missing general health index is filled and marked, and the
+    study years are split at the share nearest 0.2: eight rows, years 4 and 5 held out (2 of 8)."""
+    header = "plan,site,coins,year,zper,black,income,xage,female,educdec,meddol,totadm,num,mhi,disea,physlm,ghindx,child,fchild,idp,binexp"
+    years = [1, 1, 2, 2, 3, 3, 4, 5]
+    rows = [f"11,{1 + i % 2},25,{year},{100 + i % 3},0.0,8000.5,{30 + i},{i % 2},12.0,{[0, 35.4, 812.0, 0, 12.5, 39182.0, 3.1, 0][i]},"
+            f"{[0, 0, 2, 0, 0, 1, 0, 0][i]},4,77.5,10.6,0.144,{'' if i == 1 else 70.2},0,0,{i % 2},{int(i not in (0, 3, 7))}"
+            for i, year in enumerate(years)]
+    report = convert_rows(tmp_path, "randhie", header, rows, f"data.validation={tmp_path}/validation",
+                          "data.convert.split.validation_fraction=0")
+    assert report["split"]["cutoff_used"] == 4 and report["rows"] == {"train": 6, "eval": 2}
+    both = both_splits(tmp_path, report)
+    assert both["spent"] == [0, 1, 1, 0, 1, 1, 1, 0] and both["admitted"] == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert both["dollars"] == pytest.approx([0, 35.4, 812.0, 0, 12.5, 39182.0, 3.1, 0])
+    assert both["general_missing"] == [0, 1, 0, 0, 0, 0, 0, 0]
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
