@@ -673,17 +673,21 @@ def test_binary_labels_from_text_values_and_from_a_range_of_a_number(tmp_path):
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "1,ivan,a,1,Bought.,3", "4,jo,a,1,\"'viewed'\",1"]) + "\n")
     assert run(raw, force=True)["notes"] == [
         "data.convert.positive.bought: rows read as 0 hold 'Bought.' (1 row), \"'viewed'\" (1 row), each unlike a value "
-        "listed as 1 ('bought', 'viewed') only in case, quotes or a final '.': list it too if it means 1 (values are "
+        "listed there ('bought', 'viewed') only in case, quotes or a final '.': list it too if it means 1 (values are "
         "compared as text, spaces trimmed)"]
-    (tmp_path / "score.csv").write_text("\n".join([header, "5,kim,a,1,BOUGHT,2", "5,lee,a,1,bought,2"]) + "\n")
+    (tmp_path / "score.csv").write_text("\n".join([header, "5,kim,a,1,BOUGHT,2", "5,lee,a,1,bought,2", "5,max,a,1,dk,2"]) + "\n")
     scoring = copy.deepcopy(raw)
     scoring["data"]["convert"]["input"] = str(tmp_path / "score.csv")
+    scoring["data"]["convert"]["unknown"] = {"bought": ["DK"]}  # a survey's "don't know": no label
+    scoring["tasks"][0]["missing_label"] = "masked"
     scored = convert(config_from_dict(scoring, "test.yaml"), like=str(tmp_path / "out"), out=str(tmp_path / "score/data"),
                      show_progress=False)
     assert scored["notes"] == [
-        "data.convert.positive.bought: rows read as 0 hold 'BOUGHT' (1 row), each unlike a value listed as 1 ('bought', "
+        "data.convert.positive.bought: rows read as 0 hold 'BOUGHT' (1 row), each unlike a value listed there ('bought', "
         "'viewed') only in case, quotes or a final '.': list it too if it means 1 (values are compared as text, spaces "
-        "trimmed)"]
+        "trimmed)",
+        "data.convert.unknown.bought: rows read as 0 hold 'dk' (1 row), each unlike a value listed there ('DK') only in "
+        "case, quotes or a final '.': list it too if it means no label (values are compared as text, spaces trimmed)"]
 
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows, "2,hal,a,1,left,"]) + "\n")
     with pytest.raises(ConvertError, match=r"line 9: column 'delay': missing label"):

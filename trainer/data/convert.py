@@ -438,8 +438,9 @@ class Converter:
 
     def __post_init__(self) -> None:
         self._pass_skips: Counter = Counter()  # "column: reason" -> rows dropped in the current pass
-        # label -> values read as 0 that differ from a positive value only in case, quotes or a final '.'
-        self._look_alikes: Dict[str, Counter] = {}  # (counted in the current pass)
+        # (label, key) -> values read as 0 that differ from one listed in data.convert.<key> (positive:
+        # a 1; unknown: no label) only in case, quotes or a final '.'; counted in the current pass
+        self._look_alikes: Dict[Tuple[str, str], Counter] = {}
         self.absent_positives: Dict[str, str] = {}  # label -> note: data.convert.positive's values in no training row
         self.shared_value_notes: List[str] = []  # features of one table that look unrelated but share some values
         self.times_are_stamps = False  # the time column holds dates or timestamps, not plain numbers (years, steps)
@@ -895,22 +896,26 @@ class Converter:
             kept.update(outside.to_pylist()[:self._UNSEEN_KEPT - len(kept)])
 
     def _count_look_alikes(self, label: str, zeros: pa.Array) -> None:
-        """Counts the values of ``zeros`` (a text label's values read as 0) that look like one of its
-        positive values (``'>50K.'`` beside ``'>50K'``, as UCI's adult.test writes the label)."""
-        forms = {_label_form(v) for v in self.cv.positive[label]}
+        """Counts the values of ``zeros`` (a text label's values read as 0) that look like one listed
+        as 1 or as no label (``'>50K.'`` beside ``'>50K'``, as UCI's adult.test writes the label)."""
+        forms = {key: {_label_form(str(v)) for v in listed.get(label, [])}
+                 for key, listed in (("positive", self.cv.positive), ("unknown", self.cv.unknown))}
         vc = pc.value_counts(zeros)
         for value, count in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-            if _label_form(value) in forms:
-                self._look_alikes.setdefault(label, Counter())[value] += count
+            for key, listed_forms in forms.items():
+                if _label_form(value) in listed_forms:
+                    self._look_alikes.setdefault((label, key), Counter())[value] += count
 
     def _look_alike_notes(self) -> List[str]:
         def counted(values: Counter) -> str:
             return ", ".join(f"{v!r} ({n:,} row{'s' if n != 1 else ''})" for v, n in values.most_common())
 
-        return [f"data.convert.positive.{label}: rows read as 0 hold {counted(values)}, each unlike "
-                f"a value listed as 1 ({', '.join(repr(v) for v in self.cv.positive[label])}) only in case, quotes or a "
-                "final '.': list it too if it means 1 (values are compared as text, spaces trimmed)"
-                for label, values in sorted(self._look_alikes.items()) if label not in self.absent_positives]
+        means = {"positive": "1", "unknown": "no label"}
+        return [f"data.convert.{key}.{label}: rows read as 0 hold {counted(values)}, each unlike a value listed "
+                f"there ({', '.join(repr(v) for v in getattr(self.cv, key)[label])}) only in case, quotes or a final "
+                f"'.': list it too if it means {means[key]} (values are compared as text, spaces trimmed)"
+                for (label, key), values in sorted(self._look_alikes.items())
+                if not (key == "positive" and label in self.absent_positives)]  # that note names the values
 
     def _number_form_notes(self, vocabs: Dict[str, List[str]]) -> List[str]:
         """Features whose held-out (or encoded) values include numbers the training vocabulary holds
