@@ -509,9 +509,26 @@ def test_a_csv_without_a_header_row_reads_as_the_same_file_with_one_when_its_col
     (tmp_path / "titled.csv").write_text("\n".join(["Clicks, 2024", "", HEADER, *ROWS]) + "\n")
     run(base(tmp_path, input=str(tmp_path / "titled.csv"), skip_rows=2), force=True)
     assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    # comment: note lines atop each file, as many as it has (UCI's adult.test starts with one, adult.data with
+    # its first row), so the two convert together; a note further down that is no row is passed over, counted
+    train_rows = [r for r in ROWS if not r.startswith("4,")]
+    (tmp_path / "adult.data").write_text("\n".join(train_rows) + "\n")
+    (tmp_path / "adult.test").write_text("\n".join(["|1x3 Cross validator", "| second note", *ROWS[len(train_rows):]]) + "\n")
+    uci = base(tmp_path, input="", column_names=HEADER.split(","), comment="|", format="csv",
+               split={"by": "files", "train": [str(tmp_path / "adult.data")], "eval": [str(tmp_path / "adult.test")]})
+    assert run(uci, force=True)["skipped_rows"] == {}
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    (tmp_path / "adult.data").write_text("\n".join([*train_rows[:2], "| a note amid the rows", *train_rows[2:]]) + "\n")
+    assert run(uci, force=True)["skipped_rows"] == {"comment line": 1}
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
+    (tmp_path / "adult.test").write_text("\n".join(["|1x3 Cross validator", ROWS[-2].replace(",1,", ",yes,", 1)]) + "\n")
+    with pytest.raises(ConvertError, match=r"adult.test: line 2: column 'click': not a number \(value 'yes'\)"):
+        run(uci, force=True)
+    with pytest.raises(ConfigError, match=r"data.convert.comment: must be the text a note line starts with"):
+        run(base(tmp_path, comment=" # "))
     # Parquet names its columns and holds nothing but rows: the keys would do nothing there, said so
     pq.write_table(pacsv.read_csv(tmp_path / "raw.csv"), tmp_path / "raw.parquet")
-    for key, value in (("column_names", HEADER.split(",")), ("skip_rows", 1)):
+    for key, value in (("column_names", HEADER.split(",")), ("skip_rows", 1), ("comment", "#")):
         with pytest.raises(ConvertError, match=rf"raw.parquet: data.convert.{key} is for CSV files .* the input is Parquet"):
             run(base(tmp_path, input=str(tmp_path / "raw.parquet"), **{key: value}), force=True)
 

@@ -136,6 +136,9 @@ class ConvertConfig:
     # empty: each file's first line names its columns
     column_names: List[str] = field(default_factory=list)
     skip_rows: int = 0  # lines at the top of each CSV file before its header (or first row): a title, a note
+    # lines at the top of a CSV file (after skip_rows) that start with this are passed over, as many as
+    # each file has (UCI's adult.test starts with "|1x3 Cross validator", adult.data with its first row)
+    comment: str = ""
     # text that means a missing value in any cell (UCI's "?"), beside an empty cell and Arrow's NA, N/A,
     # NaN, null...; compared trimmed; not a number (a label's codes for no label: unknown)
     missing_values: List[str] = field(default_factory=list)
@@ -888,6 +891,8 @@ def _validate_convert(cfg: Config, fail) -> None:
                  "column; a label's codes for no label go in data.convert.unknown")
     if cv.skip_rows < 0:
         fail("data.convert.skip_rows", f"must be >= 0, got {cv.skip_rows}")
+    if cv.comment != cv.comment.strip() or "\n" in cv.comment:
+        fail("data.convert.comment", f"must be the text a note line starts with (such as '#' or '|'), got {cv.comment!r}")
     for key in ("row_group_size", "chunk_rows"):
         if getattr(cv, key) < 1:
             fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")

@@ -124,6 +124,9 @@ def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence
 
 def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
     def on_invalid(row) -> str:  # a row with the wrong number of fields
+        if cv.comment and row.text.startswith(cv.comment):  # a note further down the file
+            skipped["comment line"] += 1
+            return "skip"
         if cv.on_bad_row == "skip":
             skipped["malformed row"] += 1
             return "skip"
@@ -131,12 +134,13 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
 
     delimiter = delimiter_of(path, cv.delimiter)
     _check_columns(path, csv_columns(path, cv), columns, delimiter, named=bool(cv.column_names))
+    atop = lines_atop(path, cv)
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
             path,
             # small blocks: the reader reads ahead; column_names: the file has no header row
             read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None,
-                                           skip_rows=cv.skip_rows),
+                                           skip_rows=atop),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
@@ -163,7 +167,7 @@ def csv_columns(path: str, cv) -> List[str]:
     """The columns of the CSV file ``path``: its header's, or ``data.convert.column_names`` for files
     without one, checked against the first line (as many fields, and not the names themselves: a
     header read as data would stop convert later, at a value that is a name)."""
-    first = _csv_first_line(path, delimiter_of(path, cv.delimiter), cv.skip_rows)
+    first = _csv_first_line(path, delimiter_of(path, cv.delimiter), lines_atop(path, cv))
     names = cv.column_names
     if not names:
         return first
@@ -176,24 +180,38 @@ def csv_columns(path: str, cv) -> List[str]:
     return list(names)
 
 
-def _csv_first_line(path: str, delimiter: str, skip: int = 0) -> List[str]:
-    """The fields of the first line after ``skip`` lines, read as Arrow's CSV reader will read the file
-    (decompressed by its extension, UTF-8, a byte-order mark dropped)."""
+def _csv_line(path: str, index: int) -> bytes:
+    """Line ``index`` (0-based) of a CSV file as Arrow's CSV reader will read it (decompressed by its
+    extension, a byte-order mark dropped), without its line end; empty past the end of the file."""
     try:
         with pa.input_stream(path, compression="detect") as f:
             text = b""
-            while text.count(b"\n") <= skip and (block := f.read(1 << 20)):
+            while text.count(b"\n") <= index and (block := f.read(1 << 20)):
                 text += block
-        lines = text.split(b"\n", skip + 1)
-        first = lines[skip] if len(lines) > skip else b""
-        first = first[3:] if skip == 0 and first.startswith(b"\xef\xbb\xbf") else first
-        header = next(csv.reader([first.decode("utf-8").rstrip("\r")], delimiter=delimiter), [])
     except (OSError, pa.ArrowInvalid) as e:
         raise ConvertError(f"{path}: cannot read ({e})") from None
+    lines = text.split(b"\n", index + 1)
+    line = lines[index] if len(lines) > index else b""
+    return (line[3:] if index == 0 and line.startswith(b"\xef\xbb\xbf") else line).rstrip(b"\r")
+
+
+def lines_atop(path: str, cv) -> int:
+    """The lines of the CSV file ``path`` before its header (or first row): ``cv.skip_rows``, then those
+    that start with ``cv.comment``."""
+    atop = cv.skip_rows
+    if cv.comment:
+        while (line := _csv_line(path, atop)) and line.startswith(cv.comment.encode()):
+            atop += 1
+    return atop
+
+
+def _csv_first_line(path: str, delimiter: str, skip: int = 0) -> List[str]:
+    """The fields of the first line after ``skip`` lines, read as Arrow's CSV reader will read the file."""
+    try:
+        return next(csv.reader([_csv_line(path, skip).decode("utf-8")], delimiter=delimiter), [])
     except UnicodeDecodeError:
         raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV (re-encode the file, "
                            "e.g. `iconv -f latin1 -t utf-8`)") from None
-    return header
 
 
 def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None, named: bool = False) -> None:
@@ -471,7 +489,7 @@ class Converter:
             self.files = sorted((p, fmt) for spec in sp.train + sp.eval for p, fmt in input_files(spec, self.cv.format))
         else:
             self.files = input_files(self.cv.input, self.cv.format)
-        csv_keys = [k for k in ("column_names", "skip_rows") if getattr(self.cv, k)]
+        csv_keys = [k for k in ("column_names", "skip_rows", "comment") if getattr(self.cv, k)]
         if csv_keys and all(fmt == "parquet" for _, fmt in self.files):
             raise ConvertError(f"{self.files[0][0]}: data.convert.{csv_keys[0]} is for CSV files (no header row, lines atop "
                                "the rows), and the input is Parquet, whose columns are named in the file: leave it out")
@@ -572,9 +590,10 @@ class Converter:
                        **({"missing_indicator_of": self.missing_of[name]} if name in self.missing_of else {})}
                 for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
 
-    def _lines_before_rows(self) -> int:
-        """The lines of a CSV file before its first data row: those skipped, and its header if it has one."""
-        return self.cv.skip_rows + (0 if self.cv.column_names else 1)
+    def _lines_before_rows(self, path: str) -> int:
+        """The lines of the CSV file ``path`` before its first data row: those passed over, and its
+        header if it has one."""
+        return lines_atop(path, self.cv) + (0 if self.cv.column_names else 1)
 
     # --- passes --------------------------------------------------------------------------------
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
@@ -607,7 +626,7 @@ class Converter:
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
                     raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS,
-                                     lines_before=self._lines_before_rows())
+                                     lines_before=self._lines_before_rows(path))
                 times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
@@ -631,7 +650,7 @@ class Converter:
                     reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
                 elif reason == "not a number" and isinstance(value, str) and value.strip() and not any(c.isalnum() for c in value):
                     reads_it = f"if {value.strip()!r} means a missing value, list it in data.convert.missing_values; "
-                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self._lines_before_rows())
+                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self._lines_before_rows(path))
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
 
