@@ -241,6 +241,7 @@ class RepresentationBoundary(nn.Module):
         self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array, its clock)
         self._native_sources: dict = {}  # node -> what the constants in its state were written from
         _alone_references()
+        _run_eagerly_under_compile()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
             raise ValueError(f"telemetry_every must be >= 1, got {telemetry_every}")
@@ -264,10 +265,6 @@ class RepresentationBoundary(nn.Module):
         # memory on one host (HostExchange).
         self.ride: Optional[Union[DDPRide, HostExchange]] = None
 
-    # Host-side state from step to step (the sum in flight, the rule's numbers): under torch.compile
-    # the boundary runs eagerly between the compiled bottom and heads. Traced, every new coefficient
-    # would be a constant of a new graph: a recompilation each step until dynamo's limit.
-    @torch.compiler.disable
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if z.dim() != 2:
             hint = "; rows of several items each: z.flatten(0, -2) makes each item a row" if z.dim() > 2 else ""
@@ -521,13 +518,7 @@ class RepresentationBoundary(nn.Module):
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
         statistics in flight, no held coefficients. A balancer set afterwards is checked against it
         (and, with ``auto``, decides the mode and the cadence)."""
-        if statistics not in STATISTICS_MODES:
-            raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-        if statistics_every != "auto" and (
-            isinstance(statistics_every, bool) or not isinstance(statistics_every, int) or statistics_every < 1
-            or (statistics_every > 1 and statistics == "current")
-        ):
-            raise ValueError(f"statistics_every must be 'auto', 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every!r} with {statistics!r}")
+        _check_statistics_request(statistics, statistics_every)
         self.statistics_requested, self.statistics_every_requested = statistics, statistics_every
         self.statistics = statistics
         if statistics == "auto":  # settled by the balancer, and again by each one set later
@@ -561,7 +552,6 @@ class RepresentationBoundary(nn.Module):
             self._unreported_on_device = None
         return self._unreported
 
-    @torch.compiler.disable
     def objective(self, losses: torch.Tensor) -> torch.Tensor:
         """Records the step's task losses (T,) for the balancer and returns the scalar to backward.
 
@@ -644,16 +634,10 @@ class RepresentationBoundary(nn.Module):
             self._settle_native()  # with the balancer whose step it was
         if hasattr(self, "_balancer") and balancer.num_tasks != self.num_tasks:
             raise ValueError(f"balancer has {balancer.num_tasks} tasks, the boundary {self.num_tasks}")
-        if self.statistics_requested == "auto" or self.statistics_every_requested == "auto":
-            mode = _auto_mode(balancer) if self.statistics_requested == "auto" else self.statistics
-            every = _auto_every(balancer, mode) if self.statistics_every_requested == "auto" else self.statistics_every
-            if mode == "current" and every > 1:
-                raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
-            if (mode, every) != (self.statistics, self.statistics_every):
-                self.statistics, self.statistics_every = mode, every
-                self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool), None)
-        if self.statistics == "previous" and _needs_its_own_statistics(balancer):
-            raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
+        mode, every = statistics_for(balancer, self.statistics_requested, self.statistics_every_requested)
+        if (mode, every) != (self.statistics, self.statistics_every):
+            self.statistics, self.statistics_every = mode, every
+            self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool), None)
         balancer.process_group = self.process_group
         self._balancer = balancer
         fixed = balancer.weights_without_statistics()
@@ -1254,6 +1238,46 @@ def _reads_on_host(tensor: torch.Tensor) -> bool:
     on a CPU, a synchronisation with the device's queue on a GPU. (``is_cpu``: reading a device's
     type costs several microseconds each step with the caches cold.)"""
     return tensor.is_cpu
+
+
+def _check_statistics_request(statistics: str, statistics_every: int | str) -> None:
+    if statistics not in STATISTICS_MODES:
+        raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+    if statistics_every != "auto" and (
+        isinstance(statistics_every, bool) or not isinstance(statistics_every, int) or statistics_every < 1
+        or (statistics_every > 1 and statistics == "current")
+    ):
+        raise ValueError(f"statistics_every must be 'auto', 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every!r} with {statistics!r}")
+
+
+def statistics_for(balancer: Balancer, statistics: str, statistics_every: int | str = 1) -> Tuple[str, int]:
+    """The statistics mode and cadence a boundary runs ``balancer`` with when asked for
+    ``statistics`` and ``statistics_every`` (``auto`` settled by the balancer); ``ValueError`` where
+    the balancer cannot run so. What a config check needs, without building a boundary."""
+    _check_statistics_request(statistics, statistics_every)
+    mode = _auto_mode(balancer) if statistics == "auto" else statistics
+    every = _auto_every(balancer, mode) if statistics_every == "auto" else statistics_every
+    if mode == "current" and every > 1:
+        raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
+    if mode == "previous" and _needs_its_own_statistics(balancer):
+        raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
+    return mode, every
+
+
+def _run_eagerly_under_compile() -> None:
+    """Makes the boundary's ``forward`` and ``objective`` run eagerly under ``torch.compile``, once,
+    when the first boundary is made (a model is made before anything compiles it). They keep
+    host-side state from step to step (the sum in flight, the rule's numbers): traced, every new
+    coefficient would be a constant of a new graph, a recompilation each step until Dynamo's limit.
+    Not at import: ``torch.compiler.disable`` imports Dynamo (about a second), which a process that
+    only checks a config (``concord train``'s launcher, for every run and every cell of ``compare``)
+    never needs."""
+    cls = RepresentationBoundary
+    if not getattr(cls.forward, "_concord_eager", False):
+        for name in ("forward", "objective"):
+            eager = torch.compiler.disable(getattr(cls, name))
+            eager._concord_eager = True
+            setattr(cls, name, eager)
 
 
 def _needs_its_own_statistics(balancer: Balancer) -> bool:

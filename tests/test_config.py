@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,18 @@ def test_single_task_drops_the_other_tasks_label_rules():
     assert list(load_config("configs/flights.yaml", ranges, single_task="early").data.convert.positive_range) == ["early"]
     assert load_config("configs/crashes.yaml", single_task="dead").data.convert.unknown == {}  # serious's, gone with it
     assert load_config("configs/crashes.yaml", single_task="serious").data.convert.unknown == {"serious": [5, 6]}
+
+
+def test_checking_a_config_imports_no_dynamo():
+    """`concord train` checks its config in a launcher before torchrun starts, for every run and every
+    cell of `compare` and `tune`: the balancer's settings are checked without building a boundary,
+    whose first construction marks it to run eagerly under torch.compile and so imports Dynamo (about
+    a second there for nothing)."""
+    code = ("import sys; from concord.trainer.config import load_config; "
+            "load_config('configs/tiny.yaml', ['balancer.name=multibalance']); print('torch._dynamo' in sys.modules)")
+    checked = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=300)
+    assert checked.returncode == 0 and checked.stdout.split() == ["False"], checked.stderr[-2000:]
 
 
 def test_lagged_statistics_are_a_balancer_setting_and_graddrop_cannot_lag():

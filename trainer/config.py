@@ -1022,11 +1022,10 @@ def _validate_balancer(cfg: Config, fail) -> None:
     try:
         if b.name in PARAMETER_LEVEL:
             check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)
-        else:
-            from concord.balancing import RepresentationBoundary
+        else:  # what a boundary would refuse, without building one (that would import Dynamo)
+            from concord.balancing.boundary import statistics_for
 
-            RepresentationBoundary(build_balancer(b.name, cfg.task_names, **b.knobs), statistics=b.statistics,
-                                   statistics_every=b.statistics_every)
+            statistics_for(build_balancer(b.name, cfg.task_names, **b.knobs), b.statistics, b.statistics_every)
     except (ValueError, TypeError) as e:
         fail("balancer", str(e))
 
