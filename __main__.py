@@ -1,7 +1,5 @@
 """``python -m concord ...`` is the ``concord`` command."""
 
-import sys
+from concord.trainer.cli import entry
 
-from concord.trainer.cli import main
-
-sys.exit(main())
+entry()

@@ -19,6 +19,18 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def workers(launcher_pid: int) -> list[int]:
+    """The training workers of a ``concord train`` launcher, which runs torchrun's agent itself."""
+    out = []
+    for pid in children(launcher_pid):
+        try:
+            if b"concord.trainer.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
 def alive(pid: int) -> bool:
     """Running (not gone, not a zombie)."""
     try:

@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from distributed import run_ranks
-from processes import children
+from processes import workers as worker_pids
 from tiny_data import tiny_data
 from concord.trainer.checkpoint import CheckpointError, Checkpointer, SafeFileSystemReader
 
@@ -116,17 +116,6 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
     assert not payload.marker.exists()
 
 
-def _worker_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the training workers under a `concord train` launcher (its torchrun's children)."""
-    workers = []
-    for agent in children(launcher_pid):
-        for pid in children(agent):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"concord.trainer.cli" in cmdline:
-                workers.append(pid)
-    return workers
-
-
 @pytest.mark.multiprocess
 def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_model(tmp_path):
     import json
@@ -151,7 +140,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_model(tmp_path
             if steps and max(steps) >= 9:
                 break
             time.sleep(0.2)
-        workers = _worker_pids(proc.pid)
+        workers = worker_pids(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         proc.wait(timeout=600)

@@ -24,7 +24,7 @@ from concord.trainer.data.reader import Columns, DataError, ParquetReader, colum
 from concord.trainer.fingerprint import ResumeError, check_resumable, differences, fingerprint, mismatch_message
 from concord.trainer.observe.runlog import RunLog, read_records
 from concord.trainer.rundir import RunDirError, RunDirLock, read_run, start_run
-from processes import alive, children
+from processes import alive, workers
 from tiny_data import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,23 +250,22 @@ def _start_long_job(tmp_path, run_dir):
             break
         assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
         time.sleep(0.2)
-    agent = children(proc.pid)[0]
-    workers = children(agent)
-    assert len(workers) == 2
-    return proc, agent, workers
+    ranks = workers(proc.pid)
+    assert len(ranks) == 2
+    return proc, ranks
 
 
 @pytest.mark.multiprocess
 def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc, agent, workers = _start_long_job(tmp_path, run_dir)
+    proc, ranks = _start_long_job(tmp_path, run_dir)
     try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not any(alive(pid) for pid in [agent, *workers])
+    assert not any(alive(pid) for pid in ranks)
     stopped = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"stopped"' in l]
     assert stopped and stopped[0]["signal"] == "SIGTERM"
     step = stopped[0]["step"]
@@ -274,14 +273,14 @@ def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path)
 
 
 @pytest.mark.multiprocess
-def test_no_worker_outlives_a_killed_torchrun(tmp_path):
-    proc, agent, workers = _start_long_job(tmp_path, tmp_path / "run")
+def test_no_worker_outlives_a_killed_launcher(tmp_path):
+    proc, ranks = _start_long_job(tmp_path, tmp_path / "run")  # the launcher runs torchrun's agent
     try:
-        os.kill(agent, signal.SIGKILL)
+        proc.kill()
         deadline = time.time() + 60
-        while time.time() < deadline and any(alive(pid) for pid in workers):
+        while time.time() < deadline and any(alive(pid) for pid in ranks):
             time.sleep(0.2)
-        assert not any(alive(pid) for pid in workers)
+        assert not any(alive(pid) for pid in ranks)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

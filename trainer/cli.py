@@ -1,7 +1,7 @@
 """``concord``: train, synth, convert, bench, compare, tune, predict, plot.
 
-``concord train`` started by a user launches ``torchrun`` with the config's ranks; started by torchrun
-or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
+``concord train`` started by a user runs torchrun's agent with the config's ranks; started by that agent,
+torchrun or torchx (``TORCHELASTIC_RUN_ID`` is set) it is one worker of the job.
 
 Exit codes: 0 done; 1 an unexpected error (traceback in the worker's log); 2 a config or usage error;
 3 a data, model or training error named on one line; 130 / 143 stopped by SIGINT / SIGTERM.
@@ -10,11 +10,12 @@ Exit codes: 0 done; 1 an unexpected error (traceback in the worker's log); 2 a c
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example ({shipped}; default {DEFAULT_CONFIG})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
-    sp = sub.add_parser("train", help="train (launches torchrun with dist.nproc_per_node ranks)")
+    sp = sub.add_parser("train", help="train (runs torchrun's agent with dist.nproc_per_node ranks)")
     with_config(sp)
     sp.add_argument("--single-task", metavar="TASK", help="train that task alone: the single-task baseline")
     sp = sub.add_parser("synth", help="write the config's synthetic dataset to Parquet")
@@ -415,10 +416,18 @@ def _compare_or_tune(args: argparse.Namespace) -> int:
 
 
 def _launch(cfg, worker_args: List[str]) -> int:
-    """Runs this command again as ``nproc_per_node`` local workers under torchrun (single node).
+    """Runs this command again as ``nproc_per_node`` local workers under torchrun's agent (single node),
+    in this process: a torchrun of its own would start another interpreter and import torch again
+    before the workers start, on every run and every cell of compare and tune.
 
-    SIGINT and SIGTERM reach torchrun, which stops the workers, and this process waits for it: no
-    worker outlives the launcher. A failed job ends with the first failing rank's one-line cause."""
+    SIGINT and SIGTERM reach the agent, which stops the workers (they checkpoint first) before this
+    process returns; a worker never outlives it. A failed job ends with the first failing rank's
+    one-line cause; torchrun's own report (the worker's traceback, a table of every rank) is printed
+    where no worker named the cause in one line (an unexpected error, a worker killed or crashed)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     if cfg.dist.nnodes != 1:
         print(
             f"concord: dist.nnodes={cfg.dist.nnodes}: launch multi-node jobs with torchx "
@@ -426,36 +435,73 @@ def _launch(cfg, worker_args: List[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    cmd = [
-        sys.executable, "-m", "concord.trainer.torchrun", "--standalone",
-        f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
+    agent_args = parse_args([
+        "--standalone", f"--nproc-per-node={cfg.dist.nproc_per_node}", f"--max-restarts={cfg.dist.max_restarts}",
         "-m", "concord.trainer.cli", *worker_args,
-    ]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node)))
-    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir:
-        env[failures.ERROR_DIR_ENV] = error_dir
-        job = subprocess.Popen(cmd, env=env)
-        forwarded: List[int] = []
-
-        def forward(signum, _frame):
-            forwarded.append(signum)
-            job.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    ])
+    threads = str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir, \
+            _workers_environment({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+                                  failures.ERROR_DIR_ENV: error_dir}):
         try:
-            code = job.wait()
+            run(agent_args)
+        except SignalException as stopped:
+            return 128 + int(stopped.sigval)
+        except ChildFailedError as failed:
+            first = failures.first_error(error_dir)
+            if first is None or first[0] == 1:
+                print(failed, file=sys.stderr)
+            if first:  # the root cause, last, and its exit code
+                print(f"concord: failed: {first[1]}", file=sys.stderr)
+                return first[0]
+            return 1
         finally:
-            for s, handler in previous.items():
+            for s, handler in handlers.items():  # the agent's raise SignalException
                 signal.signal(s, handler)
-        if forwarded:
-            return 128 + forwarded[0]
-        first = failures.first_error(error_dir) if code != 0 else None
-        if first:  # the root cause, last, and its exit code rather than torchrun's 1
-            print(f"concord: failed: {first[1]}", file=sys.stderr)
-            return first[0]
-        return code
+    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(failures.recorded(main)())
+@contextlib.contextmanager
+def _workers_environment(values: Dict[str, str]):
+    """``values`` in this process's environment, which the agent hands to the workers, until the
+    job ends."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_JOBS = ("train", "bench", "predict")  # the commands whose files are all closed when main returns
+
+
+def entry() -> None:
+    """The ``concord`` command and ``python -m concord``: exits with :func:`main`'s code."""
+    code = main()
+    if sys.argv[1:2] and sys.argv[1] in _JOBS:
+        _exit_at_once(code)
+    sys.exit(code)
+
+
+def _exit_at_once(code: int) -> None:
+    """The end of a job's process (a launcher, a worker): the exit handlers run and the streams are
+    flushed, then the process ends without the interpreter's teardown, which frees torch's and
+    TorchRec's objects one by one (about a second on a worker, half of one on a launcher, on every
+    run). Every file the job wrote is closed by then."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code or 0)
+
+
+if __name__ == "__main__":  # a worker started by torchrun's agent, or a launcher started so
+    exit_code = failures.recorded(main)()
+    if sys.argv[1:2] and sys.argv[1] in _JOBS:
+        _exit_at_once(exit_code)
+    sys.exit(exit_code)
