@@ -1036,6 +1036,34 @@ def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_it
     assert run(tsv, force=True)["encoding"] == expected["encoding"]
 
 
+def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
+    """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
+    told, convert names the option; with data.convert.thousands_separator the rows read as the plain
+    numbers do, dense columns and regression labels alike, and a cell not grouped in threes stays bad."""
+    expected = run(base(tmp_path))
+    plain = {split: read(tmp_path, split) for split in ("train", "eval")}
+    grouped = [row.replace(",1000,", ',"1,000",') for row in ROWS]
+    grouped[0] = grouped[0].replace(",2.5", ',"1,234.5"')
+    assert grouped != ROWS
+    raw = base(tmp_path, rows=grouped)
+    with pytest.raises(ConvertError, match=re.escape("line 5: column 'price': not a number (value '1,000'); if ',' groups "
+                                                     "thousands there, data.convert.thousands_separator: ',' reads '1,000' as 1000; "
+                                                     "if it is a decimal mark, write the file's numbers with '.'")):
+        run(raw, force=True)
+    raw["data"]["convert"]["thousands_separator"] = ","
+    report = run(raw, force=True)
+    assert report["dense"]["price"] == expected["dense"]["price"]  # the same mean and deviation
+    train = read(tmp_path, "train")
+    assert train["price"] == plain["train"]["price"] and read(tmp_path, "eval") == plain["eval"]
+    assert train["amount"][0] == 1234.5 and train["amount"][1:] == plain["train"]["amount"][1:]
+    (tmp_path / "raw.csv").write_text("\n".join([HEADER, *grouped[:3], grouped[3].replace('"1,000"', '"10,00"'), *grouped[4:]]) + "\n")
+    with pytest.raises(ConvertError, match=r"line 5: column 'price': not a number \(value '10,00'\); convert reads '\.' as the decimal mark"):
+        run(raw, force=True)
+    raw["data"]["convert"]["thousands_separator"] = "."
+    with pytest.raises(ConfigError, match=r"data\.convert\.thousands_separator: must be the one character that groups"):
+        run(raw, force=True)
+
+
 @pytest.mark.multiprocess
 def test_raw_csv_to_a_trained_model(tmp_path):
     """The path a user takes: the sample script, concord convert, concord train (2 ranks, MMoE)."""

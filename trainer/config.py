@@ -142,6 +142,10 @@ class ConvertConfig:
     # text that means a missing value in any cell (UCI's "?"), beside an empty cell and Arrow's NA, N/A,
     # NaN, null...; compared trimmed; not a number (a label's codes for no label: unknown)
     missing_values: List[str] = field(default_factory=list)
+    # numbers written with their thousands grouped ("1,234,567.5", as spreadsheets export them): the
+    # character that groups them, taken out of such a cell wherever a number is read; '.' stays the
+    # decimal mark, and a cell not grouped in threes ("12,34") is still not a number
+    thousands_separator: str = ""
     on_bad_row: str = "error"  # error (names file, row, column, value) | skip (counted in convert.json)
     # A row whose every task's label is missing (each task masked): keep (it trains nothing but takes
     # a batch's place; counted and noted) | skip (left out, counted)
@@ -889,6 +893,10 @@ def _validate_convert(cfg: Config, fail) -> None:
         elif _is_number_text(marker):
             fail(f"data.convert.missing_values[{i}]", f"{marker!r} is a number, which would mean missing in every numeric "
                  "column; a label's codes for no label go in data.convert.unknown")
+    sep = cv.thousands_separator
+    if sep and (len(sep) != 1 or sep.isalnum() or sep in ".+-"):
+        fail("data.convert.thousands_separator", f"must be the one character that groups a number's thousands "
+             f"(such as ',', ' ' or \"'\"; '.' is the decimal mark), got {sep!r}")
     if cv.skip_rows < 0:
         fail("data.convert.skip_rows", f"must be >= 0, got {cv.skip_rows}")
     if cv.comment != cv.comment.strip() or "\n" in cv.comment:

@@ -49,6 +49,8 @@ from concord.trainer.observe.progress import progress_bar
 
 # A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
 _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
+# A number with its thousands grouped ("1,234", "-12 345 678.5", "1'000"), as spreadsheets export them.
+_GROUPED = re.compile(r"[+-]?\d{1,3}([,' _])\d{3}(?:\1\d{3})*(?:\.\d*)?")
 _ISO_MONTH = re.compile(r"\d{4}-\d{2}")
 _TRUTH = {"true": 1.0, "false": 0.0}
 
@@ -251,10 +253,13 @@ def _as_text(arr: pa.Array) -> pa.Array:
     return arr if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) else pc.cast(arr, pa.string())
 
 
-def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """(values float64 with NaN where missing, mask of unparseable values). ``time`` also accepts
     ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given); a date or timestamp
-    column is such seconds whatever ``time`` says."""
+    column is such seconds whatever ``time`` says. With ``thousands`` (data.convert.thousands_separator),
+    a text cell whose digits it groups in threes ("1,234,567.5") reads as the number."""
+    if thousands and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = _ungrouped(arr, thousands)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
             arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
@@ -277,6 +282,34 @@ def parse_numbers(arr: pa.Array, time: bool = False) -> Tuple[np.ndarray, np.nda
     return values, bad
 
 
+def _ungrouped(text: pa.Array, separator: str) -> pa.Array:
+    """``text`` with ``separator`` taken out of the cells that are numbers with their thousands
+    grouped by it (one to three digits, then groups of three, then the decimals); every other cell
+    as it is, so that "12,34" stays "not a number"."""
+    mark = "\\" + separator if separator in "\\]^-" else separator
+    grouped = pc.match_substring_regex(text, rf"^\s*[+-]?\d{{1,3}}([{mark}]\d{{3}})+(\.\d*)?\s*$").fill_null(False)
+    return pc.if_else(grouped, pc.replace_substring(text, separator, ""), text)
+
+
+def _number_hint(value, thousands: str, may_be_missing: bool = True) -> str:
+    """Advice for a cell that is not a number but would be one written as convert reads numbers
+    (or, where a cell ``may_be_missing``, one that may be a code for a missing value)."""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    grouped = _GROUPED.fullmatch(text)
+    if grouped and not thousands:
+        mark = grouped.group(1)
+        decimal = "; if it is a decimal mark, write the file's numbers with '.'" if mark == "," else ""
+        return (f"if {mark!r} groups thousands there, data.convert.thousands_separator: {mark!r} reads {text!r} as "
+                f"{text.replace(mark, '')}{decimal}; ")
+    if _DECIMAL_COMMA.fullmatch(text):
+        return "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
+    if may_be_missing and text and not any(c.isalnum() for c in text):
+        return f"if {text!r} means a missing value, list it in data.convert.missing_values; "
+    return ""
+
+
 def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
     """The time from which rows are held out: of the times rows have (the earliest aside, which would
     hold out every row), the one at or after which the share of rows is closest to ``fraction`` (the
@@ -292,6 +325,7 @@ def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
 
 
 _NOT_A_TIME = "missing or not a time"
+_NOT_A_NUMBER_OR_MISSING = "missing or not a finite number"
 _WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 2018-03-01T09:30:00); "
 
 
@@ -621,7 +655,7 @@ class Converter:
         else:
             self._pass_skips = Counter()
             for path, fmt, first, batch in self._stream("time column", [sp.column]):
-                values, bad = parse_numbers(batch.column(0), time=True)
+                values, bad = parse_numbers(batch.column(0), time=True, thousands=self.cv.thousands_separator)
                 bad |= ~np.isfinite(values)
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
@@ -646,10 +680,8 @@ class Converter:
             if self.cv.on_bad_row == "error":
                 i = int(np.flatnonzero(new)[0])
                 value = batch.column(column)[i].as_py()
-                if reason == "not a number" and isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
-                    reads_it = "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
-                elif reason == "not a number" and isinstance(value, str) and value.strip() and not any(c.isalnum() for c in value):
-                    reads_it = f"if {value.strip()!r} means a missing value, list it in data.convert.missing_values; "
+                if reason in ("not a number", _NOT_A_NUMBER_OR_MISSING, _NOT_A_TIME):
+                    reads_it = _number_hint(value, self.cv.thousands_separator, reason == "not a number") or reads_it
                 raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self._lines_before_rows(path))
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
@@ -658,7 +690,7 @@ class Converter:
         parsed: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # a column read by a value and its missing indicator: once
         for k, (name, rule) in enumerate(zip(self.cfg.data.dense_columns, self.dense_rules)):
             if rule.column not in parsed:
-                parsed[rule.column] = parse_numbers(batch.column(rule.column))
+                parsed[rule.column] = parse_numbers(batch.column(rule.column), thousands=self.cv.thousands_separator)
                 check(parsed[rule.column][1], rule.column, "not a number")
                 check(np.isinf(parsed[rule.column][0]), rule.column, "not finite")
             values = parsed[rule.column][0]
@@ -685,7 +717,7 @@ class Converter:
                 labels[:, k] = np.where(missing, np.nan, positive)
                 self._count_look_alikes(task.label, text.filter(pa.array(~missing & ~positive)))
                 continue
-            values, bad = parse_numbers(batch.column(column))
+            values, bad = parse_numbers(batch.column(column), thousands=self.cv.thousands_separator)
             if unknown:
                 said_unknown = _matches(pc.utf8_trim_whitespace(_as_text(batch.column(column))), unknown, values)
                 values, bad = np.where(said_unknown, np.nan, values), bad & ~said_unknown
@@ -712,14 +744,14 @@ class Converter:
             bad_rows |= unlabelled
         weights = None
         if self.weight:
-            weights, bad = parse_numbers(batch.column(self.weight))
-            check(bad | ~np.isfinite(weights), self.weight, "missing or not a finite number")
+            weights, bad = parse_numbers(batch.column(self.weight), thousands=self.cv.thousands_separator)
+            check(bad | ~np.isfinite(weights), self.weight, _NOT_A_NUMBER_OR_MISSING)
             check(np.isfinite(weights) & (weights < 0), self.weight, "negative weight")
         if self.like is not None or self.cv.split.by == "none":  # every row to one output (and validation's coin)
             is_eval = np.zeros(n, dtype=bool)
         elif self.cv.split.by == "time":
             column = batch.column(self.cv.split.column)
-            times, bad = parse_numbers(column, time=True)
+            times, bad = parse_numbers(column, time=True, thousands=self.cv.thousands_separator)
             check(bad | ~np.isfinite(times), self.cv.split.column, _NOT_A_TIME, reads_it=_WHAT_A_TIME_IS)
             self.times_are_stamps = self.times_are_stamps or holds_stamps(column)
             is_eval = times >= cutoff
