@@ -1036,6 +1036,28 @@ def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_it
     assert run(tsv, force=True)["encoding"] == expected["encoding"]
 
 
+def test_quoted_values_may_hold_line_breaks_and_a_bad_value_is_named_by_its_line(tmp_path):
+    """Free text exported to CSV keeps its line breaks inside quotes. The file is read in blocks of
+    1 MiB: a row whose quoted value straddled a block's end was split in two ("Expected 7 columns, got
+    3"; with on_bad_row: skip, two good rows dropped as malformed). Every row is read whole, and a bad
+    value's line is the file's, not its row's number plus the header."""
+    note = '"' + "a line of a comment, with commas,\n" * 8 + '"'  # 9 lines, most of the file's bytes
+    rows = [f"{1 + i % 4},u{i % 7},a|b,{i % 50},{i % 2},{i % 5},{note}" for i in range(6000)]
+    assert len("\n".join(rows)) > 1 << 20  # a block's end falls inside a quoted value
+    (tmp_path / "plain.csv").write_text("\n".join([HEADER, *(row.split(',"')[0] for row in rows)]) + "\n")
+    run(base(tmp_path, input=str(tmp_path / "plain.csv")))
+    plain = {split: read(tmp_path, split) for split in ("train", "eval")}
+    (tmp_path / "notes.csv").write_text("\n".join([HEADER + ",note", *rows]) + "\n")
+    raw = base(tmp_path, input=str(tmp_path / "notes.csv"))
+    report = run(raw, force=True)
+    assert report["rows"]["train"] + report["rows"]["eval"] == 6000
+    assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
+    rows[4000] = f"1,u3,a|b,ten,0,0,{note}"
+    (tmp_path / "notes.csv").write_text("\n".join([HEADER + ",note", *rows]) + "\n")
+    with pytest.raises(ConvertError, match=f"notes\\.csv: line {2 + 4000 * 9}: column 'price': not a number \\(value 'ten'\\)"):
+        run(raw, force=True)
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

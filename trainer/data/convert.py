@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -143,7 +144,9 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
             # small blocks: the reader reads ahead; column_names: the file has no header row
             read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None,
                                            skip_rows=atop),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+            # newlines_in_values: a quoted value may hold line breaks (free text); without it, one that
+            # straddles the reader's block boundary split its row in two.
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, newlines_in_values=True),
             # Everything as text: the converter parses each value itself, to name a bad one exactly.
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
@@ -330,12 +333,36 @@ _WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 201
 
 
 def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "",
-               lines_before: int = 1) -> ConvertError:
-    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``; a CSV's
-    data rows start after ``lines_before`` lines (its header, and lines skipped)."""
-    where = f"line {row + 1 + lines_before}" if fmt == "csv" else f"row {row + 1}"
+               cv=None) -> ConvertError:
+    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``: a
+    Parquet file's row, a CSV file's line (read with ``cv``)."""
+    where = f"line {_csv_line_of_row(path, row, cv)}" if fmt == "csv" else f"row {row + 1}"
     return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
                         f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
+
+
+def _csv_line_of_row(path: str, row: int, cv) -> int:
+    """The line (1-based) of the CSV file ``path`` on which data row ``row`` (0-based, as the reader
+    counts them) starts. A quoted value may hold line breaks, and the reader passes over blank lines,
+    notes and (with ``on_bad_row: skip``) malformed lines, so rows and lines differ: the file is read
+    again up to that row, as the reader reads it, to say (only where a value is bad)."""
+    atop = lines_atop(path, cv)
+    width = len(csv_columns(path, cv))
+    with pa.input_stream(path, compression="detect") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        for _ in range(atop):
+            text.readline()
+        records = csv.reader(text, delimiter=delimiter_of(path, cv.delimiter))
+        if not cv.column_names:
+            next(records, None)  # the header
+        seen, before = -1, records.line_num
+        for record in records:
+            if len(record) == width:  # not a blank line, a note or a malformed line
+                seen += 1
+                if seen == row:
+                    return atop + before + 1
+            before = records.line_num
+    return atop + row + (1 if cv.column_names else 2)  # not found again (the file changed): as if one line a row
 
 
 def _matches(text: pa.Array, values: List, numbers: Optional[np.ndarray] = None) -> np.ndarray:
@@ -624,11 +651,6 @@ class Converter:
                        **({"missing_indicator_of": self.missing_of[name]} if name in self.missing_of else {})}
                 for name, r, m in zip(self.cfg.data.dense_columns, self.dense_rules, moments)}
 
-    def _lines_before_rows(self, path: str) -> int:
-        """The lines of the CSV file ``path`` before its first data row: those passed over, and its
-        header if it has one."""
-        return lines_atop(path, self.cv) + (0 if self.cv.column_names else 1)
-
     # --- passes --------------------------------------------------------------------------------
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
         bar = progress_bar(None, f"convert: {what}", "row", enabled=self.show_progress)
@@ -660,7 +682,7 @@ class Converter:
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
                     raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS,
-                                     lines_before=self._lines_before_rows(path))
+                                     cv=self.cv)
                 times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
@@ -682,7 +704,7 @@ class Converter:
                 value = batch.column(column)[i].as_py()
                 if reason in ("not a number", _NOT_A_NUMBER_OR_MISSING, _NOT_A_TIME):
                     reads_it = _number_hint(value, self.cv.thousands_separator, reason == "not a number") or reads_it
-                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self._lines_before_rows(path))
+                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self.cv)
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
 
