@@ -35,6 +35,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,7 +45,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
-from concord.trainer.data.layout import CSV_SUFFIXES, folder_files, glob_files
+from concord.trainer.data.layout import CSV_SUFFIXES, HIDDEN_PREFIXES, folder_files, glob_files, nested_parquet_hint
 from concord.trainer.observe.progress import progress_bar
 
 
@@ -76,7 +77,8 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
     else:
         paths = glob_files(spec)
     if not paths:
-        raise ConvertError(f"{spec}: no CSV or Parquet input found")
+        nested = nested_parquet_hint(spec, (*CSV_SUFFIXES, ".parquet")) if p.is_dir() else ""
+        raise ConvertError(f"{spec}: no CSV or Parquet input found{nested}")
     out = []
     for path in paths:
         kind = fmt if fmt != "auto" else ("parquet" if path.endswith(".parquet") else "csv")
@@ -84,21 +86,43 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
     return out
 
 
+def partition_values(path: str) -> Dict[str, Optional[str]]:
+    """The columns a file's folders give it in Hive's partitioned layout (``ds=2020-01-01/part-0.parquet``,
+    as Spark, Hive and Arrow's datasets write a log): each folder on its path named ``key=value``,
+    ``value`` as text (%-escapes decoded; Hive's ``__HIVE_DEFAULT_PARTITION__`` a missing value)."""
+    out: Dict[str, Optional[str]] = {}
+    for part in Path(path).parent.parts:
+        key, is_pair, value = part.partition("=")
+        if is_pair and key and not key.startswith(HIDDEN_PREFIXES):
+            out[unquote(key)] = None if value == "__HIVE_DEFAULT_PARTITION__" else unquote(value)
+    return out
+
+
 def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carried: Sequence[str] = ()) -> Iterator[Tuple[int, pa.RecordBatch]]:
     """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most,
     with every text cell that is empty, only spaces or one of ``cv.missing_values`` a null, in every
-    column but the ``carried`` ones (copied as they are)."""
+    column but the ``carried`` ones (copied as they are). A column the file lacks and its folders give
+    (:func:`partition_values`) holds their value, as text, in every row."""
+    partitions = partition_values(path)
     if fmt == "parquet":
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
-        _check_columns(path, pf.schema_arrow.names, columns)
-        batches = pf.iter_batches(batch_size=cv.chunk_rows, columns=columns)
+        have = pf.schema_arrow.names
+        read = [c for c in columns if c in have or c not in partitions]
+        _check_columns(path, have, read)
+        batches = pf.iter_batches(batch_size=cv.chunk_rows, columns=read or have[:1])
     else:
-        batches = _csv_batches(path, columns, cv, skipped)
+        have = csv_columns(path, cv)
+        read = [c for c in columns if c in have or c not in partitions]
+        batches = _csv_batches(path, read or have[:1], cv, skipped)
     first = 0
     for batch in batches:
+        if len(read) < len(columns):  # a column from the folders' names, or only those
+            batch = pa.RecordBatch.from_arrays(
+                [batch.column(c) if c in read else pa.array([partitions[c]] * batch.num_rows, pa.string()) for c in columns],
+                names=columns)
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
             yield first, _blanks_as_null(piece, cv.missing_values, carried)
@@ -572,6 +596,7 @@ class Converter:
         path, fmt = files[0]
         try:
             have = set(pq.ParquetFile(path).schema_arrow.names) if fmt == "parquet" else set(csv_columns(path, self.cv))
+            have |= set(partition_values(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
         self.label_inputs = [c if c in have else None for c in self.label_inputs]

@@ -9,7 +9,7 @@ import glob
 import json
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 class DataError(ValueError):
@@ -76,17 +76,19 @@ def list_files(spec: str) -> List[str]:
     return files
 
 
-def nested_parquet_hint(folder: str | Path) -> str:
-    """For a folder whose Parquet files lie in subfolders only (a partitioned log, ``date=.../``): how
-    to name them (empty otherwise). The files directly in a folder are what a folder names, so that a
-    folder of older or unrelated data below it is never read unasked."""
+def nested_parquet_hint(folder: str | Path, suffixes: Tuple[str, ...] = (".parquet",)) -> str:
+    """For a folder whose Parquet files (or others ending in ``suffixes``) lie in subfolders only (a
+    partitioned log, ``date=.../``): how to name them (empty otherwise). The files directly in a folder
+    are what a folder names, so that a folder of older or unrelated data below it is never read unasked."""
     p = Path(folder)
     # The first found, not the first in order: a mistyped path may be the root of a large tree.
-    first = next((f for f in p.rglob("*.parquet") if not any(part.startswith(HIDDEN_PREFIXES) for part in f.relative_to(p).parts)), None)
+    first = next((f for f in p.rglob("*") if f.name.endswith(suffixes) and f.is_file()
+                  and not any(part.startswith(HIDDEN_PREFIXES) for part in f.relative_to(p).parts)), None)
     if first is None:
         return ""
     depth = len(first.relative_to(p).parts) - 1
-    pattern = str(p / "/".join(["*"] * depth) / "*.parquet")
+    suffix = next(s for s in sorted(suffixes, key=len, reverse=True) if first.name.endswith(s))
+    pattern = str(p / "/".join(["*"] * depth) / f"*{suffix}")
     return f"; its subfolders hold some ({first.relative_to(p)}): name them with a glob, e.g. '{pattern}'"
 
 
