@@ -1081,6 +1081,26 @@ def test_a_hive_partitioned_log_gives_its_files_the_columns_its_folders_name(tmp
         run(base(tmp_path, input=glob), force=True)
 
 
+def test_parquet_text_in_arrows_view_layout_converts_as_plain_text_does(tmp_path):
+    """Polars and newer Arrow writers keep text as ``string_view`` in a Parquet file's schema: read
+    back so, a time column of it stopped convert with a traceback (a cast to numbers), where the same
+    text as ``string`` converts. Every column of either layout gives the same output."""
+    base(tmp_path)
+    table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in HEADER.split(",")}))
+    pq.write_table(table, tmp_path / "plain.parquet")
+    raw = base(tmp_path, input=str(tmp_path / "plain.parquet"))
+    raw["data"]["passthrough"] = ["day"]
+    run(raw, force=True)
+    plain = {split: read(tmp_path, split) for split in ("train", "eval")}
+    views = pa.table([pc.cast(column, pa.string_view()) for column in table.columns], names=table.column_names)
+    pq.write_table(views, tmp_path / "views.parquet")
+    assert pq.read_schema(tmp_path / "views.parquet").field("day").type == pa.string_view()
+    raw["data"]["convert"]["input"] = str(tmp_path / "views.parquet")
+    run(raw, force=True)
+    assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

@@ -125,8 +125,24 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
                 names=columns)
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
-            yield first, _blanks_as_null(piece, cv.missing_values, carried)
+            yield first, _blanks_as_null(_without_views(piece), cv.missing_values, carried)
             first += piece.num_rows
+
+
+def _without_views(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with Arrow's view layout of text (``string_view``, which Polars and newer Arrow writers
+    keep in a Parquet file's schema), also as a list's elements or a dictionary's values, as
+    ``large_string``: the same text, in a layout every kernel convert uses takes (a passthrough column
+    too: it may also be a column convert reads)."""
+    columns = []
+    for column in batch.columns:
+        kind = column.type
+        if pa.types.is_string_view(kind) or (pa.types.is_dictionary(kind) and pa.types.is_string_view(kind.value_type)):
+            column = pc.cast(column, pa.large_string())
+        elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string_view(kind.value_type):
+            column = pc.cast(column, pa.large_list(pa.large_string()))
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
