@@ -1081,10 +1081,11 @@ def test_a_hive_partitioned_log_gives_its_files_the_columns_its_folders_name(tmp
         run(base(tmp_path, input=glob), force=True)
 
 
-def test_parquet_text_in_arrows_view_layout_converts_as_plain_text_does(tmp_path):
-    """Polars and newer Arrow writers keep text as ``string_view`` in a Parquet file's schema: read
-    back so, a time column of it stopped convert with a traceback (a cast to numbers), where the same
-    text as ``string`` converts. Every column of either layout gives the same output."""
+def test_parquet_text_in_arrows_view_layout_or_as_bytes_converts_as_plain_text_does(tmp_path):
+    """Polars and newer Arrow writers keep text as ``string_view`` in a Parquet file's schema, older
+    Hive and Impala as bytes: read back so, a time column of either stopped convert with a traceback
+    (a cast to numbers), where the same text as ``string`` converts. Every column of each layout gives
+    the same output; a column of a type that holds no numbers is one line naming it."""
     base(tmp_path)
     table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(
         column_types={name: pa.string() for name in HEADER.split(",")}))
@@ -1093,12 +1094,17 @@ def test_parquet_text_in_arrows_view_layout_converts_as_plain_text_does(tmp_path
     raw["data"]["passthrough"] = ["day"]
     run(raw, force=True)
     plain = {split: read(tmp_path, split) for split in ("train", "eval")}
-    views = pa.table([pc.cast(column, pa.string_view()) for column in table.columns], names=table.column_names)
-    pq.write_table(views, tmp_path / "views.parquet")
-    assert pq.read_schema(tmp_path / "views.parquet").field("day").type == pa.string_view()
-    raw["data"]["convert"]["input"] = str(tmp_path / "views.parquet")
-    run(raw, force=True)
-    assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
+    for layout in (pa.string_view(), pa.binary()):
+        other = pa.table([pc.cast(column, layout) for column in table.columns], names=table.column_names)
+        pq.write_table(other, tmp_path / "other.parquet")
+        assert pq.read_schema(tmp_path / "other.parquet").field("day").type == layout
+        raw["data"]["convert"]["input"] = str(tmp_path / "other.parquet")
+        run(raw, force=True)
+        assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
+    lists = table.set_column(table.column_names.index("price"), "price", pa.array([[1.0]] * len(table)))
+    pq.write_table(lists, tmp_path / "other.parquet")
+    with pytest.raises(ConvertError, match=r"other\.parquet: column 'price' holds list<element: double>: not numbers"):
+        run(raw, force=True)
 
 
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):

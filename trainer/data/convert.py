@@ -129,18 +129,29 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
             first += piece.num_rows
 
 
+def _is_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+
+
 def _without_views(batch: pa.RecordBatch) -> pa.RecordBatch:
     """``batch`` with Arrow's view layout of text (``string_view``, which Polars and newer Arrow writers
     keep in a Parquet file's schema), also as a list's elements or a dictionary's values, as
     ``large_string``: the same text, in a layout every kernel convert uses takes (a passthrough column
-    too: it may also be a column convert reads)."""
+    too: it may also be a column convert reads). So are bytes that are UTF-8 text (older Hive and
+    Impala write text without marking it so); other bytes stay bytes."""
     columns = []
     for column in batch.columns:
         kind = column.type
-        if pa.types.is_string_view(kind) or (pa.types.is_dictionary(kind) and pa.types.is_string_view(kind.value_type)):
+        value = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if pa.types.is_string_view(value):
             column = pc.cast(column, pa.large_string())
         elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string_view(kind.value_type):
             column = pc.cast(column, pa.large_list(pa.large_string()))
+        elif _is_bytes(value):
+            try:
+                column = pc.cast(column, pa.large_string())
+            except pa.ArrowInvalid:  # not UTF-8: read as it is, named where a value must be a number
+                pass
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
@@ -718,7 +729,7 @@ class Converter:
         else:
             self._pass_skips = Counter()
             for path, fmt, first, batch in self._stream("time column", [sp.column]):
-                values, bad = parse_numbers(batch.column(0), time=True, thousands=self.cv.thousands_separator)
+                values, bad = self._numbers(path, batch, sp.column, time=True)
                 bad |= ~np.isfinite(values)
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
@@ -730,6 +741,15 @@ class Converter:
             skipped = f" ({sum(self._pass_skips.values())} rows skipped: {dict(self._pass_skips)})" if self._pass_skips else ""
             raise ConvertError(f"{self.cv.input}: no row to split by time column {sp.column!r}{skipped}")
         return held_out_cutoff(times, sp.eval_fraction)
+
+    def _numbers(self, path: str, batch: pa.RecordBatch, column: str, time: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """:func:`parse_numbers` of ``column``; a column of a type that holds no numbers (a list, a
+        struct, bytes that are not text) is an error naming it."""
+        try:
+            return parse_numbers(batch.column(column), time, self.cv.thousands_separator)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise ConvertError(f"{path}: column {column!r} holds {batch.column(column).type}: not numbers, nor text "
+                               "that convert reads as numbers") from None
 
     def decode(self, path: str, fmt: str, first: int, batch: pa.RecordBatch, rngs, cutoff) -> _Decoded:
         """Parses one chunk; drops (skip) or reports (error) its bad rows; assigns the split."""
@@ -753,7 +773,7 @@ class Converter:
         parsed: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # a column read by a value and its missing indicator: once
         for k, (name, rule) in enumerate(zip(self.cfg.data.dense_columns, self.dense_rules)):
             if rule.column not in parsed:
-                parsed[rule.column] = parse_numbers(batch.column(rule.column), thousands=self.cv.thousands_separator)
+                parsed[rule.column] = self._numbers(path, batch, rule.column)
                 check(parsed[rule.column][1], rule.column, "not a number")
                 check(np.isinf(parsed[rule.column][0]), rule.column, "not finite")
             values = parsed[rule.column][0]
@@ -780,7 +800,7 @@ class Converter:
                 labels[:, k] = np.where(missing, np.nan, positive)
                 self._count_look_alikes(task.label, text.filter(pa.array(~missing & ~positive)))
                 continue
-            values, bad = parse_numbers(batch.column(column), thousands=self.cv.thousands_separator)
+            values, bad = self._numbers(path, batch, column)
             if unknown:
                 said_unknown = _matches(pc.utf8_trim_whitespace(_as_text(batch.column(column))), unknown, values)
                 values, bad = np.where(said_unknown, np.nan, values), bad & ~said_unknown
@@ -807,14 +827,14 @@ class Converter:
             bad_rows |= unlabelled
         weights = None
         if self.weight:
-            weights, bad = parse_numbers(batch.column(self.weight), thousands=self.cv.thousands_separator)
+            weights, bad = self._numbers(path, batch, self.weight)
             check(bad | ~np.isfinite(weights), self.weight, _NOT_A_NUMBER_OR_MISSING)
             check(np.isfinite(weights) & (weights < 0), self.weight, "negative weight")
         if self.like is not None or self.cv.split.by == "none":  # every row to one output (and validation's coin)
             is_eval = np.zeros(n, dtype=bool)
         elif self.cv.split.by == "time":
             column = batch.column(self.cv.split.column)
-            times, bad = parse_numbers(column, time=True, thousands=self.cv.thousands_separator)
+            times, bad = self._numbers(path, batch, self.cv.split.column, time=True)
             check(bad | ~np.isfinite(times), self.cv.split.column, _NOT_A_TIME, reads_it=_WHAT_A_TIME_IS)
             self.times_are_stamps = self.times_are_stamps or holds_stamps(column)
             is_eval = times >= cutoff
