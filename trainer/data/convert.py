@@ -81,9 +81,24 @@ def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
         raise ConvertError(f"{spec}: no CSV or Parquet input found{nested}")
     out = []
     for path in paths:
+        suffix = "".join(Path(path).suffixes[-1:]).lower()
+        if fmt == "auto" and suffix in _OTHER_FORMATS:
+            raise ConvertError(f"{path}: {_OTHER_FORMATS[suffix]}; convert reads CSV and Parquet (data.convert.format: "
+                               "csv or parquet reads a file so named all the same)")
         kind = fmt if fmt != "auto" else ("parquet" if path.endswith(".parquet") else "csv")
         out.append((path, kind))
     return out
+
+
+# Formats a file's name says it is in, which convert does not read (any other name reads as CSV:
+# UCI's adult.data is one): named at once, where read as CSV they failed on a garbled header.
+_OTHER_FORMATS = {
+    **dict.fromkeys((".xlsx", ".xls", ".ods"), "a spreadsheet: save it as CSV"),
+    **dict.fromkeys((".json", ".jsonl", ".ndjson"), "JSON: write it as Parquet (pyarrow.json reads JSON lines)"),
+    ".orc": "ORC: write it as Parquet (pyarrow.orc reads it)", ".avro": "Avro: write it as Parquet",
+    **dict.fromkeys((".feather", ".arrow"), "Arrow IPC: write it as Parquet (pyarrow.feather reads it)"),
+    ".zip": "a zip archive: unpack it",
+}
 
 
 def partition_values(path: str) -> Dict[str, Optional[str]]:
