@@ -1122,6 +1122,23 @@ def test_a_file_named_as_another_format_is_named_with_its_way_out(tmp_path):
     assert run(raw)["rows"] == run(base(tmp_path), force=True)["rows"]
 
 
+def test_a_time_split_that_leaves_a_side_empty_says_where_the_cutoff_fell_and_why(tmp_path):
+    """A log's times in milliseconds against a cutoff written as a date (read as seconds), or dates
+    against a cutoff written as a year: every row fell on one side, and "the train split is empty"
+    alone did not say why."""
+    millis = [f"{1577836800000 + int(row.split(',', 1)[0]) * 86_400_000},{row.split(',', 1)[1]}" for row in ROWS]
+    with pytest.raises(ConvertError, match=re.escape("the train split is empty: every row's day is at or after the cutoff "
+                                                     "1578614400; the column's times run from 1.5779232e+12 to 1.5781824e+12 "
+                                                     "(plain numbers, where the cutoff '2020-01-10' reads as seconds since 1970")):
+        run(base(tmp_path, rows=millis, split={"by": "time", "column": "day", "cutoff": "2020-01-10"}))
+    dates = [f"2020-01-0{row.split(',', 1)[0]},{row.split(',', 1)[1]}" for row in ROWS]
+    with pytest.raises(ConvertError, match=re.escape("the train split is empty: every row's day is at or after the cutoff 2020 "
+                                                     "(1970-01-01T00:33:40+00:00); the column's times run from 1577836800 "
+                                                     "(2020-01-01T00:00:00+00:00) to 1578096000 (2020-01-04T00:00:00+00:00) "
+                                                     "(dates or times, where the cutoff 2020 reads as seconds since 1970: write it as a date)")):
+        run(base(tmp_path, rows=dates, split={"by": "time", "column": "day", "cutoff": 2020}))
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

@@ -930,7 +930,10 @@ class Converter:
         unseen = [Counter() for _ in writers]  # rows holding a value the vocabulary lacks: the unseen row, id 0
         unlabelled = [0] * len(writers)  # rows kept without a label for any task
         labels = _SplitTotals(len(writers), len(self.cfg.tasks))
+        time_range = [math.inf, -math.inf]  # of a time split's column, to say why a split is empty
         for chunk in self._decoded("writing", cutoff):
+            if chunk.times is not None and chunk.times.size:
+                time_range = [min(time_range[0], float(chunk.times.min())), max(time_range[1], float(chunk.times.max()))]
             for split, code in enumerate(codes):
                 mask = chunk.split == code
                 if not mask.any():
@@ -968,9 +971,31 @@ class Converter:
             w.close()
         for split, count in zip(names, rows):
             if count == 0:
-                raise ConvertError(f"{self.cv.input}: the {split} split is empty; check data.convert.split" if self.like is None
+                why = self._time_split_emptied(split, cutoff, *time_range) if self.cv.split.by == "time" else ""
+                raise ConvertError(f"{self.cv.input}: the {split} split is empty{why}; check data.convert.split" if self.like is None
                                    else f"{self.cv.input}: no rows to encode")
         return rows, filled, empty, unseen, unlabelled, labels
+
+    def _time_split_emptied(self, split: str, cutoff: float, first: float, last: float) -> str:
+        """Why a time split left ``split`` empty: where the cutoff lies against the column's times,
+        and where the cutoff's form and the column's differ (a date against plain numbers, which are
+        not seconds since 1970 if they are milliseconds or years), which reads it in other units."""
+        if first > last or split not in ("train", "eval"):
+            return ""
+
+        def shown(seconds: float) -> str:
+            return f"{seconds:.12g}" + (f" ({_utc(seconds)})" if self.times_are_stamps else "")
+
+        side = "at or after" if split == "train" else "before"
+        why = (f": every row's {self.cv.split.column} is {side} the cutoff {shown(cutoff)}; the column's times run from "
+               f"{shown(first)} to {shown(last)}")
+        given = self.cv.split.cutoff
+        if isinstance(given, str) and parse_number(given) is None and not self.times_are_stamps:
+            why += (f" (plain numbers, where the cutoff {given!r} reads as seconds since 1970, UTC: give the cutoff in "
+                    "the column's own units)")
+        elif given is not None and parse_number(given) is not None and self.times_are_stamps:
+            why += f" (dates or times, where the cutoff {given!r} reads as seconds since 1970: write it as a date)"
+        return why
 
     def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
         """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
