@@ -325,6 +325,7 @@ def test_bad_data_on_rank_one_is_the_launchers_last_line(tmp_path):
     # torchrun's own report of the failed worker (its traceback, a table of ranks) is left out: the
     # worker named the cause in one line.
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr and "Root Cause" not in proc.stderr
+    assert "failed (exitcode" not in proc.stderr and "closing signal" not in proc.stderr  # the agent's notes of it
 
 
 @pytest.mark.multiprocess

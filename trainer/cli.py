@@ -441,7 +441,7 @@ def _launch(cfg, worker_args: List[str]) -> int:
     ])
     threads = str(max(1, (os.cpu_count() or 1) // cfg.dist.nproc_per_node))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir, \
+    with tempfile.TemporaryDirectory(prefix="concord-errors-") as error_dir, _WorkerExitNotes(), \
             _workers_environment({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
                                   failures.ERROR_DIR_ENV: error_dir}):
         try:
@@ -460,6 +460,28 @@ def _launch(cfg, worker_args: List[str]) -> int:
             for s, handler in handlers.items():  # the agent's raise SignalException
                 signal.signal(s, handler)
     return 0
+
+
+class _WorkerExitNotes(logging.Filter):
+    """Leaves out the agent's notes of a worker that ended naming its cause (a bad config or data:
+    exit 2 or 3) or stopped by a signal, and of the peers it then stops: the worker's line and the
+    launcher's last one say it. A crash (exit 1, or killed) keeps the agent's note. Not where the
+    user set LOGLEVEL, torch's switch for these notes."""
+
+    LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Sending process"):
+            return False
+        return not (str(record.msg).startswith("failed (exitcode") and record.args and record.args[0] > 1)
+
+    def __enter__(self) -> "_WorkerExitNotes":
+        if "LOGLEVEL" not in os.environ:
+            logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
 
 
 @contextlib.contextmanager
