@@ -1139,6 +1139,19 @@ def test_a_time_split_that_leaves_a_side_empty_says_where_the_cutoff_fell_and_wh
         run(base(tmp_path, rows=dates, split={"by": "time", "column": "day", "cutoff": 2020}))
 
 
+def test_a_column_named_in_another_case_is_named_as_the_file_has_it(tmp_path):
+    """'User' in the config, 'user' in the file (CSV or Parquet): the missing column's error says how
+    the file spells it."""
+    raw = base(tmp_path)
+    raw["data"]["convert"]["categorical"][0]["column"] = "User"
+    with pytest.raises(ConvertError, match=r"raw\.csv: missing column 'User' .*; the file names it 'user': names are compared exactly"):
+        run(raw)
+    pq.write_table(pacsv.read_csv(tmp_path / "raw.csv"), tmp_path / "raw.parquet")
+    raw["data"]["convert"]["input"] = str(tmp_path / "raw.parquet")
+    with pytest.raises(ConvertError, match=r"raw\.parquet: missing column 'User' .*; the file names it 'user'"):
+        run(raw)
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

@@ -292,6 +292,9 @@ def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optio
     for col in need:
         if col not in have:
             hint = _header_hint(col, have, delimiter) if delimiter is not None and not named else ""
+            cased = [name for name in have if name.strip().lower() == col.lower()]
+            if not hint and cased:
+                hint = f"; the file names it {cased[0]!r}: names are compared exactly, case included"
             source = "data.convert.column_names has" if named else "file has"
             raise ConvertError(f"{path}: missing column {col!r} ({source}: {', '.join(have)}){hint}")
         places = [str(i + 1) for i, name in enumerate(have) if name == col]
