@@ -560,6 +560,13 @@ def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(t
     with pytest.raises(ConvertError, match=r"raw.csv: line 2: column 'price': not a number \(value ' \?'\); "
                                            r"if '\?' means a missing value, list it in data.convert.missing_values"):
         run(base(tmp_path, rows=with_cells(" ?")), force=True)
+    for word in ("\\N", "None"):  # Hive's and MySQL's null, Python's: words, named all the same
+        with pytest.raises(ConvertError, match=re.escape(f"if {word!r} means a missing value, list it in data.convert.missing_values")):
+            run(base(tmp_path, rows=with_cells(word)), force=True)
+    marked = base(tmp_path, rows=with_cells("\\N"), missing_values=["\\N"])
+    marked["data"]["passthrough"] = ["day"]
+    run(marked, force=True)
+    assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
     carried = base(tmp_path, rows=[row.replace("1,alice,a|b", "?,alice,a|b", 1) for row in ROWS], missing_values=["?"],
                    split={"by": "seed", "eval_fraction": 0.3})
     carried["data"]["passthrough"] = ["day"]

@@ -54,6 +54,9 @@ _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
 # A number with its thousands grouped ("1,234", "-12 345 678.5", "1'000"), as spreadsheets export them.
 _GROUPED = re.compile(r"[+-]?\d{1,3}([,' _])\d{3}(?:\1\d{3})*(?:\.\d*)?")
 _ISO_MONTH = re.compile(r"\d{4}-\d{2}")
+# Words writers put for a missing value beyond Arrow's own (NA, null, NaN...): Hive's and MySQL's \N,
+# Python's None, and their kin. Named in the advice for a value that is not a number, not read so.
+_MISSING_WORDS = {"\\n", "none", "nil", "(null)", "missing", "undefined", "unknown", "n.a.", "na's", "#n/a"}
 _TRUTH = {"true": 1.0, "false": 0.0}
 
 
@@ -377,7 +380,7 @@ def _number_hint(value, thousands: str, may_be_missing: bool = True) -> str:
                 f"{text.replace(mark, '')}{decimal}; ")
     if _DECIMAL_COMMA.fullmatch(text):
         return "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
-    if may_be_missing and text and not any(c.isalnum() for c in text):
+    if may_be_missing and text and (not any(c.isalnum() for c in text) or text.lower() in _MISSING_WORDS):
         return f"if {text!r} means a missing value, list it in data.convert.missing_values; "
     return ""
 
