@@ -78,3 +78,15 @@ def test_a_cell_of_compare_or_tune_asks_to_stop_with_its_caller(tmp_path, monkey
     assert asked == [()] and STOP_WITH_CALLER_ENV not in os.environ
     assert cli.main(["train", "--config", "tiny", *overrides]) == 0
     assert asked == [()]  # started by a user: no such request
+
+
+def test_a_failed_cell_is_named_with_the_cause_its_training_gave(tmp_path):
+    """A cell whose `concord train` stopped on bad input: compare's and tune's error carries the
+    cause that training named on its last line, not only where its log is."""
+    from concord.trainer.config import load_config
+    from concord.trainer.tools.compare import train_cell
+
+    overrides = [f"data.train={tmp_path / 'no-such-data'}", f"data.eval={tmp_path / 'no-such-eval'}"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    with pytest.raises(RuntimeError, match=r"equal, seed 0: training failed \(exit \d\): DataError: data\.train: .*no-such-data holds no Parquet data; .*; see .*train\.log"):
+        train_cell("configs/tiny.yaml", overrides, cfg, "equal", 0, tmp_path / "cell")

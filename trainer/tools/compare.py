@@ -196,7 +196,19 @@ def train_cell(
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     rc = (cells or Cells()).train(cmd, log, env)
     if rc != 0 or not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}); see {log}")
+        raise RuntimeError(f"{task or method}, seed {seed}: training failed (exit {rc}){_cause_in(log)}; see {log}")
+
+
+def _cause_in(log: Path) -> str:
+    """The cause a failed ``concord train`` named in its last line (``concord: ...``), as ``: cause``;
+    empty where it named none (a crash: its log holds the traceback)."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    if not lines or not lines[-1].startswith("concord: "):
+        return ""
+    return ": " + lines[-1].removeprefix("concord: ").removeprefix("failed: ")
 
 
 def check_reusable(config_path: str, overrides: Sequence[str], cfg: Config, method: str, seed: int, run_dir: Path,
