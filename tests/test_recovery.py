@@ -270,6 +270,14 @@ def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path)
     assert stopped and stopped[0]["signal"] == "SIGTERM"
     step = stopped[0]["step"]
     assert Checkpointer(run_dir / "checkpoints").latest().name == f"step-{step:08d}"  # preemption: saved there
+    # TensorBoard's scalars reach the last step logged (its writer holds up to two minutes of them).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = max(json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in l)
+    (events,) = (run_dir / "tb").iterdir()
+    board = EventAccumulator(str(events))
+    board.Reload()
+    assert max(e.step for e in board.Scalars("loss/ctr")) == logged
 
 
 @pytest.mark.multiprocess

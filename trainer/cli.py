@@ -457,7 +457,7 @@ def _launch(cfg, worker_args: List[str]) -> int:
                 return first[0]
             return 1
         finally:
-            for s, handler in handlers.items():  # the agent's raise SignalException
+            for s, handler in handlers.items():  # the agent's handlers raise SignalException: ours again
                 signal.signal(s, handler)
     return 0
 

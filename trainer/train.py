@@ -347,6 +347,7 @@ class Trainer:
                     if preempted and saved_at != step:
                         self.save_checkpoint(step)
                     self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
+                    self.log.close()  # TensorBoard's writer holds up to two minutes of scalars unwritten
                     raise Stopped(signum, step, checkpoint=preempted)
         bar.close()
         steps.close()
