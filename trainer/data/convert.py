@@ -134,7 +134,7 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
     else:
         have = csv_columns(path, cv)
         read = [c for c in columns if c in have or c not in partitions]
-        batches = _csv_batches(path, read or have[:1], cv, skipped)
+        batches = _csv_batches(path, have, read or have[:1], cv, skipped)
     first = 0
     for batch in batches:
         if len(read) < len(columns):  # a column from the folders' names, or only those
@@ -194,7 +194,9 @@ def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
-def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
+def _csv_batches(path: str, header: List[str], columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the CSV file ``path`` whose columns are ``header`` (:func:`csv_columns`), as text."""
+
     def on_invalid(row) -> str:  # a row with the wrong number of fields
         if cv.comment and row.text.startswith(cv.comment):  # a note further down the file
             skipped["comment line"] += 1
@@ -205,7 +207,7 @@ def _csv_batches(path: str, columns: List[str], cv, skipped: Counter) -> Iterato
         return "error"
 
     delimiter = delimiter_of(path, cv.delimiter)
-    _check_columns(path, csv_columns(path, cv), columns, delimiter, named=bool(cv.column_names))
+    _check_columns(path, header, columns, delimiter, named=bool(cv.column_names))
     atop = lines_atop(path, cv)
     try:  # opening reads the first block, so parse errors can come from here too
         reader = pacsv.open_csv(
