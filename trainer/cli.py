@@ -505,7 +505,11 @@ _JOBS = ("train", "bench", "predict")  # the commands whose files are all closed
 
 def entry() -> None:
     """The ``concord`` command and ``python -m concord``: exits with :func:`main`'s code."""
-    code = main()
+    _end(main())
+
+
+def _end(code: int) -> None:
+    """Exits with ``code``: a job's process at once (:func:`_exit_at_once`), any other as Python does."""
     if sys.argv[1:2] and sys.argv[1] in _JOBS:
         _exit_at_once(code)
     sys.exit(code)
@@ -523,7 +527,4 @@ def _exit_at_once(code: int) -> None:
 
 
 if __name__ == "__main__":  # a worker started by torchrun's agent, or a launcher started so
-    exit_code = failures.recorded(main)()
-    if sys.argv[1:2] and sys.argv[1] in _JOBS:
-        _exit_at_once(exit_code)
-    sys.exit(exit_code)
+    _end(failures.recorded(main)())
