@@ -1110,7 +1110,11 @@ def test_parquet_text_in_arrows_view_layout_or_as_bytes_converts_as_plain_text_d
         assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
     lists = table.set_column(table.column_names.index("price"), "price", pa.array([[1.0]] * len(table)))
     pq.write_table(lists, tmp_path / "other.parquet")
-    with pytest.raises(ConvertError, match=r"other\.parquet: column 'price' holds list<element: double>: not numbers"):
+    with pytest.raises(ConvertError, match=r"other\.parquet: column 'price' holds list<element: double>: convert reads text, numbers"):
+        run(raw, force=True)
+    structs = table.set_column(table.column_names.index("user"), "user", pa.array([{"id": 1}] * len(table)))
+    pq.write_table(structs, tmp_path / "other.parquet")
+    with pytest.raises(ConvertError, match=r"other\.parquet: column 'user' holds struct<id: int64>: a categorical column holds text"):
         run(raw, force=True)
 
 

@@ -497,6 +497,20 @@ def parse_number(text, time: bool = False) -> Optional[float]:
     return stamp.timestamp()
 
 
+def _holds_values(kind: pa.DataType) -> bool:
+    """Whether a column of type ``kind`` holds single values that have a text form: not a list, a
+    struct or a map."""
+    return not pa.types.is_nested(kind.value_type if pa.types.is_dictionary(kind) else kind)
+
+
+def _holds_categories(kind: pa.DataType) -> bool:
+    """Whether a column of type ``kind`` is one :func:`tokens_of` reads: single values, or a list of
+    them (a multi-hot bag)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        kind = kind.value_type
+    return _holds_values(kind)
+
+
 def tokens_of(arr: pa.Array, separator: Optional[str]) -> Tuple[pa.Array, np.ndarray]:
     """The non-empty values of a categorical column and the row each came from (ascending). A list
     column (Parquet's ``list<...>``) is a multi-hot bag of its elements, as a text cell is with a
@@ -632,6 +646,7 @@ class Converter:
         columns += [c for c in self.label_inputs if c is not None] + ([self.weight] if self.weight else [])
         columns += [sp.column] if sp.by in ("time", "column") and self.like is None else []
         self.columns = list(dict.fromkeys(columns + d.passthrough))
+        self._read_columns = set(columns)  # the others (passthrough alone) are copied, whatever they hold
         self._passthrough_types: Dict[str, pa.DataType] = {}  # each carried column's type, as its first chunk had it
 
     def _files_to_encode_like(self) -> List[Tuple[str, str]]:
@@ -778,6 +793,14 @@ class Converter:
         """Parses one chunk; drops (skip) or reports (error) its bad rows; assigns the split."""
         n = batch.num_rows
         bad_rows = np.zeros(n, dtype=bool)
+        categorical = {rule.column for rule in self.cv.categorical}
+        for name in self._read_columns:
+            kind = batch.column(name).type
+            if name in categorical and not _holds_categories(kind):
+                raise ConvertError(f"{path}: column {name!r} holds {kind}: a categorical column holds text, numbers or "
+                                   "dates, or a list of them (a multi-hot bag)")
+            if name not in categorical and not _holds_values(kind):
+                raise ConvertError(f"{path}: column {name!r} holds {kind}: convert reads text, numbers, dates or true/false there")
 
         def check(bad: np.ndarray, column: str, reason: str, keeps: str = "", reads_it: str = "") -> None:
             new = bad & ~bad_rows
