@@ -1163,6 +1163,18 @@ def test_a_column_named_in_another_case_is_named_as_the_file_has_it(tmp_path):
         run(raw)
 
 
+def test_a_header_repeated_among_the_rows_is_named_so(tmp_path):
+    """Two CSV files joined with `cat`, each with its header: the second header is a row whose values
+    are the column names; the error says so, where the time split's column meets it first and where a
+    number's column does."""
+    (tmp_path / "joined.csv").write_text("\n".join([HEADER, *ROWS[:3], HEADER, *ROWS[3:]]) + "\n")
+    with pytest.raises(ConvertError, match=re.escape("joined.csv: line 5: column 'day': missing or not a time (value 'day'); "
+                                                     "the value is the column's name: a header repeated among the rows")):
+        run(base(tmp_path, input=str(tmp_path / "joined.csv"), split={"by": "time", "column": "day"}), force=True)
+    with pytest.raises(ConvertError, match=re.escape("line 5: column 'price': not a number (value 'price'); the value is the column's name")):
+        run(base(tmp_path, input=str(tmp_path / "joined.csv"), split={"by": "seed", "eval_fraction": 0.3}), force=True)
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

@@ -368,6 +368,15 @@ def _ungrouped(text: pa.Array, separator: str) -> pa.Array:
     return pc.if_else(grouped, pc.replace_substring(text, separator, ""), text)
 
 
+def _value_advice(value, column: str, reason: str, thousands: str) -> str:
+    """Advice for a bad ``value`` of ``column``, where its form suggests a cause; empty where none."""
+    if isinstance(value, str) and value.strip() == column:  # `cat a.csv b.csv`: the second header is a row
+        return "the value is the column's name: a header repeated among the rows (files joined with their headers?); "
+    if reason in ("not a number", _NOT_A_NUMBER_OR_MISSING, _NOT_A_TIME):
+        return _number_hint(value, thousands, reason == "not a number")
+    return ""
+
+
 def _number_hint(value, thousands: str, may_be_missing: bool = True) -> str:
     """Advice for a cell that is not a number but would be one written as convert reads numbers
     (or, where a cell ``may_be_missing``, one that may be a code for a missing value)."""
@@ -771,8 +780,9 @@ class Converter:
                 bad |= ~np.isfinite(values)
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
-                    raise _bad_value(path, fmt, first + i, sp.column, batch.column(0)[i].as_py(), _NOT_A_TIME, _WHAT_A_TIME_IS,
-                                     cv=self.cv)
+                    value = batch.column(0)[i].as_py()
+                    advice = _value_advice(value, sp.column, _NOT_A_TIME, self.cv.thousands_separator) or _WHAT_A_TIME_IS
+                    raise _bad_value(path, fmt, first + i, sp.column, value, _NOT_A_TIME, advice, cv=self.cv)
                 times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
@@ -809,8 +819,7 @@ class Converter:
             if self.cv.on_bad_row == "error":
                 i = int(np.flatnonzero(new)[0])
                 value = batch.column(column)[i].as_py()
-                if reason in ("not a number", _NOT_A_NUMBER_OR_MISSING, _NOT_A_TIME):
-                    reads_it = _number_hint(value, self.cv.thousands_separator, reason == "not a number") or reads_it
+                reads_it = _value_advice(value, column, reason, self.cv.thousands_separator) or reads_it
                 raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self.cv)
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
