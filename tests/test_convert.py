@@ -1066,24 +1066,25 @@ def test_quoted_values_may_hold_line_breaks_and_a_bad_value_is_named_by_its_line
 
 
 def test_a_hive_partitioned_log_gives_its_files_the_columns_its_folders_name(tmp_path):
-    """A log as Spark or Hive writes it, ``day=1/part-0.csv``: the files lack the day, their folders
-    hold it. Read through a glob, the rows convert as the same rows with the day in a column do (here
-    the time split's column); a folder holding only such subfolders names the glob to use."""
+    """A log as Spark or Hive writes it, ``year=2020/day=1/part-0.csv``: the files lack the day, their
+    folders hold it. Read through a glob (``**`` reaching any depth), the rows convert as the same rows
+    with the day in a column do (here the time split's column); a folder holding only such subfolders
+    names the glob to use."""
     run(base(tmp_path))
     plain = {split: read(tmp_path, split) for split in ("train", "eval")}
     for day in "1234":
-        folder = tmp_path / "log" / f"day={day}"
+        folder = tmp_path / "log" / "year=2020" / f"day={day}"
         folder.mkdir(parents=True)
         rows = [row.split(",", 1)[1] for row in ROWS if row.split(",", 1)[0] == day]
         (folder / "part-0.csv").write_text("\n".join([HEADER.split(",", 1)[1], *rows]) + "\n")
     (tmp_path / "log" / "_SUCCESS").write_text("")
-    with pytest.raises(ConvertError, match=r"log: no CSV or Parquet input found; its subfolders hold some \(day=\d/part-0\.csv\): "
-                                            r"name them with a glob, e\.g\. '.*/log/\*/\*\.csv'"):
+    with pytest.raises(ConvertError, match=r"log: no CSV or Parquet input found; its subfolders hold some \(year=2020/day=\d/part-0\.csv\): "
+                                            r"name them with a glob, e\.g\. '.*/log/\*/\*/\*\.csv'"):
         run(base(tmp_path, input=str(tmp_path / "log")), force=True)
-    glob = str(tmp_path / "log" / "*" / "*.csv")
+    glob = str(tmp_path / "log" / "**" / "*.csv")
     report = run(base(tmp_path, input=glob), force=True)
     assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain and report["rows"]["eval"] == 2
-    (tmp_path / "log" / "day=4").rename(tmp_path / "log" / "day=__HIVE_DEFAULT_PARTITION__")  # Hive's folder for no value
+    (tmp_path / "log" / "year=2020" / "day=4").rename(tmp_path / "log" / "year=2020" / "day=__HIVE_DEFAULT_PARTITION__")  # Hive's folder for no value
     with pytest.raises(ConvertError, match=r"day=__HIVE_DEFAULT_PARTITION__/part-0\.csv: line 2: column 'day': missing or not a time \(no value\)"):
         run(base(tmp_path, input=glob), force=True)
 

@@ -54,7 +54,7 @@ def glob_files(spec: str) -> List[str]:
     parts = Path(spec).parts
     while written < len(parts) and not re.search(r"[*?[]", parts[written]):
         written += 1
-    return sorted(m for m in glob.glob(spec) if Path(m).is_file()
+    return sorted(m for m in glob.glob(spec, recursive=True) if Path(m).is_file()
                   and not any(part.startswith(HIDDEN_PREFIXES) for part in Path(m).parts[written:]))
 
 
@@ -70,7 +70,7 @@ def list_files(spec: str) -> List[str]:
         return [str(p)]
     files = glob_files(spec)
     if not files:
-        folders = any(Path(m).is_dir() for m in glob.glob(spec))
+        folders = any(Path(m).is_dir() for m in glob.glob(spec, recursive=True))
         raise DataError(f"{spec}: matches folders only; name their files, e.g. '{Path(spec) / '*.parquet'}'" if folders
                         else f"{spec}: no such file or directory")
     return files
@@ -122,7 +122,7 @@ def convert_report_path(path: str | Path) -> Path:
     a file in one)."""
     p = Path(path)
     if not p.exists():  # a glob: where its first file lies
-        p = Path(next(iter(sorted(glob.glob(str(path)))), path))
+        p = Path(next(iter(sorted(glob.glob(str(path), recursive=True))), path))
     return (p.parent.parent if p.is_file() else p.parent) / "convert.json"
 
 
