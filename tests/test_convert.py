@@ -1255,7 +1255,16 @@ def test_a_column_naming_each_rows_split(tmp_path):
     raw = base(tmp_path, split={"by": "column", "column": "part", "eval": ["test"]})
     (tmp_path / "raw.csv").write_text("\n".join([header, *rows]) + "\n")
     report = run(raw)
-    assert report["rows"] == {"train": 5, "eval": 2}
+    assert report["rows"] == {"train": 5, "eval": 2} and report["split_values"] == {"test": 2, "train": 5}
+    assert report["notes"] == []
+    # A value of the data spelled otherwise than the config lists it trains: convert counts each
+    # value's rows and names a listed value that no row holds.
+    (tmp_path / "raw.csv").write_text("\n".join([header, *(r.replace(",test", ",Test") for r in rows)]) + "\n")
+    raw["data"]["convert"]["split"]["eval"] = ["test", "Test", "holdout"]
+    report = run(raw, force=True)
+    assert report["split_values"] == {"Test": 2, "train": 5} and report["rows"] == {"train": 5, "eval": 2}
+    assert report["notes"] == [f"data.convert.split.eval lists {v!r}, which no row's part holds (it holds 'train', 'Test'): rows "
+                               "of a value not listed there are training rows" for v in ("test", "holdout")]
 
 
 def test_passthrough_columns_reach_every_split_unchanged_beside_the_rows_they_came_with(tmp_path):

@@ -290,6 +290,11 @@ def _convert(cfg, force: bool, like: Optional[str] = None, out: Optional[str] = 
         stamp = f" ({split['cutoff_used_utc']})" if split.get("cutoff_used_utc") else ""
         how += (f" at {split['column']} >= {split['cutoff_used']:.12g}{stamp}, "
                 f"{rows.get('eval', 0) / max(1, sum(rows.values())):.1%} of the rows held out")
+    if report.get("split_values"):  # which values went where: a value spelled otherwise trains
+        held = set(map(str, cfg.data.convert.split.eval))
+        sides = [(side, [f"{value} ({count:,})" for value, count in report["split_values"].items() if (value in held) == out])
+                 for side, out in (("held out", True), ("training", False))]
+        how += f" {report['split']['column']} (" + "; ".join(f"{side}: {', '.join(v)}" for side, v in sides if v) + ")"
     print(f"concord convert: {written}; {skipped}; {how}; report in {os.path.join(os.path.dirname(cfg.data.train), 'convert.json')}")
     _print_filled(report, cfg)
     print(f"concord convert: training split's positive rate (binary) or mean (regression): {_label_means(report, cfg.tasks, cfg.data.convert.weight)}")

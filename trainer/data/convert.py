@@ -971,9 +971,14 @@ class Converter:
         unlabelled = [0] * len(writers)  # rows kept without a label for any task
         labels = _SplitTotals(len(writers), len(self.cfg.tasks))
         time_range = [math.inf, -math.inf]  # of a time split's column, to say why a split is empty
+        self.split_values = Counter()  # a split by column: the rows each of its values holds
+        by_column = self.cv.split.by == "column" and self.like is None
         for chunk in self._decoded("writing", cutoff):
             if chunk.times is not None and chunk.times.size:
                 time_range = [min(time_range[0], float(chunk.times.min())), max(time_range[1], float(chunk.times.max()))]
+            if by_column:
+                held = pc.value_counts(pc.utf8_trim_whitespace(_as_text(chunk.batch.column(self.cv.split.column))))
+                self.split_values.update(dict(zip(held.field("values").to_pylist(), held.field("counts").to_pylist())))
             for split, code in enumerate(codes):
                 mask = chunk.split == code
                 if not mask.any():
@@ -1048,6 +1053,16 @@ class Converter:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise ConvertError(f"{path}: column {name!r} (data.passthrough) is {values.type} here but {first} in the "
                                f"input before it, and does not convert ({e}); give it one type in every file") from None
+
+    def _split_value_notes(self) -> List[str]:
+        """A split by column: each value of data.convert.split.eval that no row holds (a value spelled
+        otherwise in the data holds its rows in training)."""
+        if not self.split_values:
+            return []
+        held = ", ".join(f"{value!r}" for value, _ in self.split_values.most_common(8))
+        return [f"data.convert.split.eval lists {str(value)!r}, which no row's {self.cv.split.column} holds (it holds {held}): "
+                "rows of a value not listed there are training rows" for value in self.cv.split.eval
+                if str(value) not in self.split_values]
 
     def _one_class_notes(self, labelled, sums: np.ndarray, counts: np.ndarray) -> List[str]:
         """Binary tasks whose training split holds one label only: their head can learn only a
@@ -1196,7 +1211,8 @@ class Converter:
         notes = [*self._number_form_notes(vocabs), *self._look_alike_notes()] if self.like is not None else [
             *self._number_form_notes(vocabs), *self._look_alike_notes(), *self.absent_positives.values(),
             *self._one_class_notes(labelled, label_totals.sums[0], label_totals.counts[0]),
-            *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes]
+            *self._unlabelled_notes(unlabelled[0], rows[0]), *self._constant_dense_notes(moments), *self.shared_value_notes,
+            *self._split_value_notes()]
         report = {
             "input": [p for p, _ in self.files],
             "split": ({"encoded_like": str(self.like)} if self.like is not None else
@@ -1205,6 +1221,7 @@ class Converter:
                        "cutoff_used_utc": _utc(cutoff) if cutoff is not None and self.times_are_stamps else None}),
             **({"output": self.out.name} if self.like is not None else {}),  # the folder this record describes
             "rows": dict(zip(names, rows)),
+            **({"split_values": dict(sorted(self.split_values.items()))} if self.split_values else {}),
             "row_groups": {split: w.row_groups for split, w in zip(names, writers)},
             "skipped_rows": dict(self._pass_skips),
             "filled_dense": dict(filled),
