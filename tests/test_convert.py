@@ -611,7 +611,11 @@ def test_a_csv_not_in_utf8_is_one_line_saying_so(tmp_path):
     with pytest.raises(ConvertError, match=r"raw\.csv: .*invalid UTF8 data; convert reads UTF-8 CSV \(re-encode the file"):
         run(raw)
     (tmp_path / "raw.csv").write_bytes(("d\xe9y" + HEADER[3:] + "\n").encode("latin-1"))
-    with pytest.raises(ConvertError, match=r"raw\.csv: the header is not UTF-8 text"):
+    with pytest.raises(ConvertError, match=r"raw\.csv: the header is not UTF-8 text.*`iconv -f latin1 -t utf-8`"):
+        run(raw)
+    # A spreadsheet's "Unicode text" export: UTF-16, its byte-order mark first.
+    (tmp_path / "raw.csv").write_bytes(("\n".join([HEADER, *rows]) + "\n").encode("utf-16"))
+    with pytest.raises(ConvertError, match=r"raw\.csv: the header is not UTF-8 text.*`iconv -f utf-16 -t utf-8`"):
         run(raw)
 
 

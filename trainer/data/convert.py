@@ -227,7 +227,7 @@ def _csv_batches(path: str, header: List[str], columns: List[str], cv, skipped: 
             yield batch
     except pa.ArrowInvalid as e:
         if "invalid UTF8" in str(e):  # no row rule applies: the file's encoding is another
-            raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from None
+            raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV ({_reencoding(path)})") from None
         raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
 
 
@@ -286,8 +286,19 @@ def _csv_first_line(path: str, delimiter: str, skip: int = 0) -> List[str]:
     try:
         return next(csv.reader([_csv_line(path, skip).decode("utf-8")], delimiter=delimiter), [])
     except UnicodeDecodeError:
-        raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV (re-encode the file, "
-                           "e.g. `iconv -f latin1 -t utf-8`)") from None
+        raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV ({_reencoding(path)})") from None
+
+
+def _reencoding(path: str) -> str:
+    """How to re-encode the CSV file ``path`` as UTF-8: from UTF-16 where its byte-order mark says so (a
+    spreadsheet's "Unicode text" export), else from a one-byte code page such as Latin-1."""
+    try:
+        with pa.input_stream(path, compression="detect") as f:
+            start = f.read(2)
+    except (OSError, pa.ArrowInvalid):
+        start = b""
+    source = "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "latin1"
+    return f"re-encode the file, e.g. `iconv -f {source} -t utf-8`"
 
 
 def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None, named: bool = False) -> None:
