@@ -1030,6 +1030,11 @@ def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_it
     with pytest.raises(ConvertError, match=r"missing column 'user' .*; the file names it ' user', with spaces: name it so in the config"):
         run(raw)
     semicolons = [line.replace(",", ";") for line in [HEADER, *ROWS]]
+    for mark in (";", ","):  # Excel's directive atop the header, naming the delimiter
+        (tmp_path / "raw.csv").write_text("\n".join([f"sep={mark}", *(line.replace(";", mark) for line in semicolons)]) + "\n")
+        with pytest.raises(ConvertError, match=re.escape(f"its first line 'sep={mark}' is Excel's note of the delimiter: set "
+                                                         f"data.convert.skip_rows: 1 and delimiter: '{mark}'")):
+            run(raw)
     semicolons[1] = semicolons[1].replace(";10;", ";10,5;")  # its price, written with a decimal comma
     (tmp_path / "raw.csv").write_text("\n".join(semicolons) + "\n")
     raw["data"]["convert"]["delimiter"] = ";"

@@ -323,6 +323,10 @@ def _header_hint(col: str, have: List[str], delimiter: str) -> str:
     """Why a CSV header split on ``delimiter`` may lack ``col``: another delimiter splits it out, or
     the header has it with spaces around it. Empty where neither."""
     line = delimiter.join(have)
+    if re.fullmatch(r"sep=.", line.strip()):  # Excel's directive naming the delimiter, atop the header
+        mark = line.strip()[4:]
+        as_yaml = '"\\t"' if mark == "\t" else f"'{mark}'"
+        return f"; its first line {line.strip()!r} is Excel's note of the delimiter: set data.convert.skip_rows: 1 and delimiter: {as_yaml}"
     for other in (";", "\t", "|", ","):
         if other != delimiter and col in (name.strip() for name in line.split(other)):
             as_yaml = '"\\t"' if other == "\t" else f"'{other}'"
