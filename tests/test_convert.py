@@ -1035,6 +1035,14 @@ def test_a_file_exported_with_another_delimiter_or_decimal_mark_is_named_with_it
         with pytest.raises(ConvertError, match=re.escape(f"its first line 'sep={mark}' is Excel's note of the delimiter: set "
                                                          f"data.convert.skip_rows: 1 and delimiter: '{mark}'")):
             run(raw)
+    # Rows that end with the delimiter where the header does not: named so, with the way to read them.
+    (tmp_path / "raw.csv").write_text("\n".join([HEADER, *(row + "," for row in ROWS)]) + "\n")
+    with pytest.raises(ConvertError, match=r"Expected 6 columns, got 7: .*; its rows end with the delimiter \(an empty last field\)"):
+        run(raw)
+    ended = copy.deepcopy(raw)
+    ended["data"]["convert"].update(column_names=[*HEADER.split(","), "end"], skip_rows=1)
+    assert run(ended)["rows"] == run(base(tmp_path), force=True)["rows"]
+    shutil.rmtree(tmp_path / "out")
     semicolons[1] = semicolons[1].replace(";10;", ";10,5;")  # its price, written with a decimal comma
     (tmp_path / "raw.csv").write_text("\n".join(semicolons) + "\n")
     raw["data"]["convert"]["delimiter"] = ";"

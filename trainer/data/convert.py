@@ -228,6 +228,11 @@ def _csv_batches(path: str, header: List[str], columns: List[str], cv, skipped: 
     except pa.ArrowInvalid as e:
         if "invalid UTF8" in str(e):  # no row rule applies: the file's encoding is another
             raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV ({_reencoding(path)})") from None
+        extra = re.search(r"Expected (\d+) columns, got (\d+): (.*)", str(e), re.S)
+        if extra and int(extra[2]) == int(extra[1]) + 1 and extra[3].rstrip("\r\n").endswith(delimiter):
+            raise ConvertError(f"{path}: {e}; its rows end with the delimiter (an empty last field) where its header "
+                               "does not: name the columns with data.convert.column_names, one more for that field, "
+                               "and pass over the header with skip_rows: 1") from None
         raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
 
 
