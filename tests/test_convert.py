@@ -1193,6 +1193,26 @@ def test_a_header_repeated_among_the_rows_is_named_so(tmp_path):
         run(base(tmp_path, input=str(tmp_path / "joined.csv"), split={"by": "seed", "eval_fraction": 0.3}), force=True)
 
 
+def test_a_parquet_duration_or_time_of_day_reads_as_seconds(tmp_path):
+    """A session's length kept as a duration, an hour as a time of day: convert read neither ("not
+    numbers"); each is its seconds, as the same numbers written as numbers are."""
+    import datetime as dt
+
+    base(tmp_path)
+    table = pacsv.read_csv(tmp_path / "raw.csv", convert_options=pacsv.ConvertOptions(column_types={"tags": pa.string()}))
+    pq.write_table(table, tmp_path / "plain.parquet")
+    raw = base(tmp_path, input=str(tmp_path / "plain.parquet"))
+    run(raw, force=True)
+    plain = {split: read(tmp_path, split) for split in ("train", "eval")}
+    price = table.column("price").to_pylist()
+    for column in (pa.array([None if p is None else dt.timedelta(seconds=p) for p in price], pa.duration("ms")),
+                   pa.array([None if p is None else dt.time(p // 3600, p % 3600 // 60, p % 60) for p in price], pa.time32("s"))):
+        pq.write_table(table.set_column(table.column_names.index("price"), "price", column), tmp_path / "other.parquet")
+        raw["data"]["convert"]["input"] = str(tmp_path / "other.parquet")
+        run(raw, force=True)
+        assert {split: read(tmp_path, split) for split in ("train", "eval")} == plain
+
+
 def test_numbers_with_their_thousands_grouped_read_as_numbers_where_told(tmp_path):
     """A spreadsheet's export writes 1000 as "1,000" (quoted) and 1234.5 as "1,234.5": without being
     told, convert names the option; with data.convert.thousands_separator the rows read as the plain

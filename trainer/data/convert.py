@@ -58,6 +58,7 @@ _ISO_MONTH = re.compile(r"\d{4}-\d{2}")
 # Python's None, and their kin. Named in the advice for a value that is not a number, not read so.
 _MISSING_WORDS = {"\\n", "none", "nil", "(null)", "missing", "undefined", "unknown", "n.a.", "na's", "#n/a"}
 _TRUTH = {"true": 1.0, "false": 0.0}
+_TICKS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 
 
 class ConvertError(ValueError):
@@ -360,6 +361,10 @@ def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tup
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
             arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
+        elif pa.types.is_duration(arr.type) or pa.types.is_time(arr.type):  # seconds (of the span, since midnight)
+            ticks = pc.cast(arr, pa.int32() if pa.types.is_time32(arr.type) else pa.int64())
+            ticks = ticks.to_numpy(zero_copy_only=False).astype(np.float64)
+            return ticks / _TICKS_PER_SECOND[arr.type.unit], np.zeros(len(arr), dtype=bool)
         values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
         return values, np.zeros(len(values), dtype=bool)
     try:
