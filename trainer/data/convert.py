@@ -144,7 +144,7 @@ def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carri
                 names=columns)
         for start in range(0, batch.num_rows, cv.chunk_rows):
             piece = batch.slice(start, cv.chunk_rows)
-            yield first, _blanks_as_null(_without_views(piece), cv.missing_values, carried)
+            yield first, _blanks_as_null(piece, cv.missing_values, carried)
             first += piece.num_rows
 
 
@@ -152,39 +152,42 @@ def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
 
 
-def _without_views(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """``batch`` with Arrow's view layout of text (``string_view``, which Polars and newer Arrow writers
-    keep in a Parquet file's schema), also as a list's elements or a dictionary's values, as
-    ``large_string``: the same text, in a layout every kernel convert uses takes (a passthrough column
-    too: it may also be a column convert reads). So are bytes that are UTF-8 text (older Hive and
-    Impala write text without marking it so); other bytes stay bytes."""
-    columns = []
-    for column in batch.columns:
-        kind = column.type
-        value = kind.value_type if pa.types.is_dictionary(kind) else kind
-        if pa.types.is_string_view(value):
-            column = pc.cast(column, pa.large_string())
-        elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string_view(kind.value_type):
-            column = pc.cast(column, pa.large_list(pa.large_string()))
-        elif _is_bytes(value):
-            try:
-                column = pc.cast(column, pa.large_string())
-            except pa.ArrowInvalid:  # not UTF-8: read as it is, named where a value must be a number
-                pass
-        columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _plain_layout(column: pa.Array) -> pa.Array:
+    """``column`` with Arrow's view layout of text (``string_view``, which Polars and newer Arrow
+    writers keep in a Parquet file's schema), also as a list's elements or a dictionary's values, as
+    ``large_string``: the same text, in a layout every kernel convert uses takes. So are bytes that are
+    UTF-8 text (older Hive and Impala write text without marking it so); other bytes stay bytes."""
+    kind = column.type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if pa.types.is_string_view(value):
+        return pc.cast(column, pa.large_string())
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string_view(kind.value_type):
+        return pc.cast(column, pa.large_list(pa.large_string()))
+    if _is_bytes(value):
+        try:
+            return pc.cast(column, pa.large_string())
+        except pa.ArrowInvalid:  # not UTF-8: read as it is, named where a value must be a number
+            pass
+    return column
 
 
 def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
-    """``batch`` with every text cell that is empty, only spaces, or one of ``markers`` (trimmed) a
-    null. Arrow's CSV reader reads an empty cell as null, but not one of spaces (`", "` between fields
-    leaves one in an empty field) nor a Parquet file's ``''`` (a table written from a CSV often keeps
-    its empty cells so): read as text, such a cell would be a negative label or "not a number"."""
+    """``batch`` in :func:`_plain_layout` (a passthrough column too: it may also be a column convert
+    reads), with every text cell that is empty, only spaces, or one of ``markers`` (trimmed) a null, in
+    every column but the ``carried`` ones. Arrow's CSV reader reads an empty cell as null, but not one
+    of spaces (`", "` between fields leaves one in an empty field) nor a Parquet file's ``''`` (a table
+    written from a CSV often keeps its empty cells so): read as text, such a cell would be a negative
+    label or "not a number"."""
     marker_set = pa.array(markers, pa.string()) if markers else None
     columns = []
     for name, column in zip(batch.schema.names, batch.columns):
+        column = _plain_layout(column)
         kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-        if name not in carried and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if name not in carried and _is_text(kind):
             text = pc.cast(column, kind)  # a dictionary's values as plain text
             blank = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text))
             if marker_set is not None:
@@ -348,7 +351,7 @@ def _header_hint(col: str, have: List[str], delimiter: str) -> str:
 
 
 def _as_text(arr: pa.Array) -> pa.Array:
-    return arr if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) else pc.cast(arr, pa.string())
+    return arr if _is_text(arr.type) else pc.cast(arr, pa.string())
 
 
 def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tuple[np.ndarray, np.ndarray]:
@@ -356,9 +359,9 @@ def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tup
     ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given); a date or timestamp
     column is such seconds whatever ``time`` says. With ``thousands`` (data.convert.thousands_separator),
     a text cell whose digits it groups in threes ("1,234,567.5") reads as the number."""
-    if thousands and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if thousands and _is_text(arr.type):
         arr = _ungrouped(arr, thousands)
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if not _is_text(arr.type):
         if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
             arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
         elif pa.types.is_duration(arr.type) or pa.types.is_time(arr.type):  # seconds (of the span, since midnight)
@@ -499,7 +502,7 @@ def holds_stamps(arr: pa.Array) -> bool:
     numbers, which may be years or step counts as well as seconds since the epoch."""
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         return True
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if not _is_text(arr.type):
         return False
     try:
         pc.cast(arr, pa.float64())
