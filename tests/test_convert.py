@@ -1138,14 +1138,19 @@ def test_parquet_text_in_arrows_view_layout_or_as_bytes_converts_as_plain_text_d
 
 def test_a_file_named_as_another_format_is_named_with_its_way_out(tmp_path):
     """A spreadsheet or JSON lines given as input was read as CSV and failed on its garbled "header";
-    its name says what it is, so convert says it, and how to get CSV or Parquet from it. A name that
-    says no format (UCI's adult.data) is still read as CSV."""
+    its name says what it is, so convert says it, and how to get CSV or Parquet from it; so too a
+    document beside the data that a glob matched. A name that says no format (UCI's adult.data) is
+    still read as CSV."""
     raw = base(tmp_path)
     for name, says in (("log.jsonl", "JSON: write it as Parquet"), ("book.xlsx", "a spreadsheet: save it as CSV")):
         (tmp_path / name).write_bytes(b'{"day": 1}\n')
         raw["data"]["convert"]["input"] = str(tmp_path / name)
         with pytest.raises(ConvertError, match=re.escape(f"{name}: {says}")):
             run(raw)
+    (tmp_path / "adult.names").write_text("| This data was extracted from the census bureau database\n")
+    raw["data"]["convert"]["input"] = str(tmp_path / "*")
+    with pytest.raises(ConvertError, match=re.escape("adult.names: a document, not data: leave it out of data.convert.input")):
+        run(raw)
     shutil.copy(tmp_path / "raw.csv", tmp_path / "raw.data")
     raw["data"]["convert"]["input"] = str(tmp_path / "raw.data")
     assert run(raw)["rows"] == run(base(tmp_path), force=True)["rows"]

@@ -102,6 +102,10 @@ _OTHER_FORMATS = {
     ".orc": "ORC: write it as Parquet (pyarrow.orc reads it)", ".avro": "Avro: write it as Parquet",
     **dict.fromkeys((".feather", ".arrow"), "Arrow IPC: write it as Parquet (pyarrow.feather reads it)"),
     ".zip": "a zip archive: unpack it",
+    # What lies beside the data in a downloaded folder (UCI's adult.names), which a glob such as
+    # raw/* matches: it failed as a CSV with no 'user' column.
+    **dict.fromkeys((".md", ".rst", ".names", ".pdf", ".html", ".htm", ".doc", ".docx", ".py", ".ipynb", ".yaml", ".yml"),
+                    "a document, not data: leave it out of data.convert.input (a glob such as '*.csv' names the data alone)"),
 }
 
 
