@@ -260,3 +260,16 @@ def test_a_workers_failure_after_another_ranks_is_one_line_without_its_traceback
     assert failures.recorded(fails)() == 1
     assert capsys.readouterr().err.splitlines()[-1] == "concord: rank 0: RuntimeError: Connection closed by peer"
     assert failures.first_error(tmp_path) == (3, "rank 1: ValueError: bad id")
+
+
+def test_a_ranks_failure_line_is_written_whole(monkeypatch):
+    """Two ranks that fail at once share the terminal; with PYTHONUNBUFFERED (as containers set it)
+    print() sent the text and its newline in two writes, and the two ranks' lines ran together as
+    "...no such file or directoryconcord: rank 0: ...". Each line goes out in one write."""
+    from concord.trainer import failures
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.delenv(failures.ERROR_DIR_ENV, raising=False)
+    failures.report(FileNotFoundError("runs/x/eval: no such file or directory"), rank=1, world_size=2)
+    assert writes == ["concord: rank 1: FileNotFoundError: runs/x/eval: no such file or directory\n"]

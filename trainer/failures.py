@@ -28,7 +28,10 @@ def report(error: BaseException, rank: int, world_size: int, exit_code: int = 3)
     where = f"rank {rank}: " if world_size > 1 else ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"{where}{type(error).__name__}: {message}"
-    print(f"concord: {line}", file=sys.stderr, flush=True)
+    # One write: print() writes the text and its newline apart, and with PYTHONUNBUFFERED (as containers
+    # set it) two ranks failing at once printed "...directoryconcord: rank 0: ..." on one line.
+    sys.stderr.write(f"concord: {line}\n")
+    sys.stderr.flush()
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder:
         try:
