@@ -1732,6 +1732,28 @@ def test_the_command_that_scoring_raw_or_foreign_data_is_told_encodes_it_as_give
         check_data_to_score(tmp_path / "run", "--data", str(tmp_path / out))
 
 
+def test_scoring_data_that_is_not_there_names_the_data_the_run_evaluated(tmp_path):
+    """`concord predict --config adult --checkpoint RUN` after training with `data.eval=...` overridden
+    read the config file's own data.eval, absent, and each rank failed after building the model. The
+    launcher says so first, with the data the run evaluated and the config that names it."""
+    import yaml
+
+    from concord.trainer.data.layout import DataError, check_data_to_score
+
+    run(base(tmp_path))
+    (tmp_path / "run/checkpoints/step-00000001").mkdir(parents=True)
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(base(tmp_path)))
+    with pytest.raises(DataError, match=re.escape(
+            f"data.eval: runs/adult/data/eval: no such file or directory; the run evaluated {tmp_path / 'out/eval'} "
+            f"(its config, {tmp_path / 'run/config.yaml'}): --data {tmp_path / 'out/eval'}, "
+            f"or --config {tmp_path / 'run/config.yaml'}")):
+        check_data_to_score(tmp_path / "run", "data.eval", "runs/adult/data/eval")
+    (tmp_path / "run/config.yaml").unlink()  # no record of the run's config: the line without the hint
+    with pytest.raises(DataError, match=re.escape("--data: nowhere/*.parquet: no such file or directory") + "$"):
+        check_data_to_score(tmp_path / "run", "--data", "nowhere/*.parquet")
+    check_data_to_score(tmp_path / "run", "--data", str(tmp_path / "out/eval"))
+
+
 def test_the_movies_config_makes_bags_of_title_words_and_genres_and_splits_by_year(tmp_path):
     """configs/movies.yaml on rows in the ggplot2movies `movies` schema as its header prepares them: the
     title's words seen twice in training are ids, rarer ones the unseen row; the genres a bag (none: an

@@ -239,8 +239,29 @@ def check_data_to_score(run_dir: str | Path, key: str, spec: Optional[str]) -> N
                         f"on, `concord convert --config {run_config(run_dir)} --encode-like {Path(trained).parent} --out DIR "
                         f"data.convert.input={spec}`")
     check_not_raw_text(key, spec)
+    if spec:
+        try:
+            list_files(spec)
+        except DataError as error:
+            raise DataError(f"{key}: {error}{_trained_eval_hint(run_dir, spec)}") from None
     if saved is not None:
         check_scored_encoding(spec, saved, run_config(run_dir))
+
+
+def _trained_eval_hint(run_dir: str | Path, spec: str) -> str:
+    """Where the run's own config (its ``data.eval``) names other data that exists: scoring with the
+    config file the run started from, without the overrides it was trained with, reads that file's
+    paths."""
+    import yaml
+
+    try:
+        trained_eval = (yaml.safe_load(run_config(run_dir).read_text()) or {}).get("data", {}).get("eval")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ""
+    if not isinstance(trained_eval, str) or trained_eval == spec or not _holds_parquet(trained_eval):
+        return ""
+    return (f"; the run evaluated {trained_eval} (its config, {run_config(run_dir)}): "
+            f"--data {trained_eval}, or --config {run_config(run_dir)}")
 
 
 def run_config(run_dir: str | Path) -> Path:
