@@ -9,6 +9,8 @@ Cluster: the same component with ``-s slurm`` or ``-s kubernetes`` (see README, 
 """
 
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -56,6 +58,8 @@ def train(
         raise ValueError(f"{where}: dist.device=cuda needs GPUs: pass --gpu N (per node) or a named resource with -h")
     if gpu > 0 and nproc > gpu:
         raise ValueError(f"--j {j} starts {nproc} ranks per node but --gpu {gpu}: one rank per GPU")
+    if not image:
+        _check_torchrun_on_path()
     # torchrun reads every option from PET_<NAME>; dist.ddp does not expose --max-restarts itself.
     job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), "PET_MAX_RESTARTS": str(max_restarts)}
     job_env.update(env or {})
@@ -77,6 +81,16 @@ def train(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
+
+
+def _check_torchrun_on_path() -> None:
+    """Without an image, the job runs ``torchrun`` (``dist.ddp``'s command) in this environment's PATH,
+    on this machine (local_cwd) or on nodes that inherit it (Slurm): where a non-activated environment
+    ran ``torchx`` (``.venv/bin/torchx``), the job failed with bash's "torchrun: command not found"."""
+    if shutil.which("torchrun") is None:
+        here = Path(sys.executable).parent
+        raise ValueError(f"torchrun is not on PATH, and the job runs it on every node: activate the environment "
+                         f"Concord is installed in first (`source {here / 'activate'}`)")
 
 
 def _requested_device(config: str, overrides) -> Tuple[Optional[str], str]:

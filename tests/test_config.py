@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +146,11 @@ def test_what_this_machine_cannot_run_is_a_config_error(override, message):
         check_machine(cfg)
 
 
-def test_the_torchx_component_refuses_cuda_without_gpus(tmp_path):
+def test_the_torchx_component_refuses_cuda_without_gpus(tmp_path, monkeypatch):
     """Asked for in an override or in the config file (where it can be read before launch)."""
     from concord.launch.components import train
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # torchrun, as in an activated environment
 
     with pytest.raises(ValueError, match="the overrides: dist.device=cuda needs GPUs"):
         train("dist.device=cuda", gpu=0)
@@ -159,6 +162,18 @@ def test_the_torchx_component_refuses_cuda_without_gpus(tmp_path):
         train(config=str(config), gpu=0)
     assert train(config=str(config), gpu=1, j="1x1").roles[0].resource.gpu == 1
     train("dist.device=cpu", config=str(config), gpu=0)  # the override wins
+
+
+def test_the_torchx_component_says_to_activate_the_environment_where_torchrun_is_not_on_path(tmp_path, monkeypatch):
+    """`.venv/bin/torchx run ...` from a shell that had not activated the environment started a job
+    that failed on bash's "torchrun: command not found"; with an image, the image's PATH counts."""
+    from concord.launch.components import train
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("torchrun is not on PATH, and the job runs it on every node: activate "
+                                                   f"the environment Concord is installed in first (`source {Path(sys.executable).parent / 'activate'}`)")):
+        train(config="configs/tiny.yaml")
+    assert train(config="configs/tiny.yaml", image="registry/concord:1").roles[0].image == "registry/concord:1"
 
 
 def test_single_task_drops_the_other_tasks_label_rules():

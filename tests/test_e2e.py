@@ -144,9 +144,11 @@ def test_compare_writes_the_report_and_resumes(tmp_path):
     assert fifth.returncode == 3 and "(training data.rows: 4096 -> 2048)" in fifth.stderr, fifth.stderr[-2000:]
 
 
-def test_torchx_component_passes_the_single_task_and_restarts():
+def test_torchx_component_passes_the_single_task_and_restarts(monkeypatch):
     sys.path.insert(0, str(ROOT))
     from concord.launch.components import train
+
+    monkeypatch.setenv("PATH", env_with_venv()["PATH"])  # torchrun, as in an activated environment
 
     app = train("train.max_steps=5", config="configs/tiny.yaml", single_task="cvr", max_restarts=2)
     (role,) = app.roles
