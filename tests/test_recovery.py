@@ -166,6 +166,22 @@ def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
     assert "(data.dense_columns: the same 6 values in another order)" in mismatch_message("ck", ["data"], saved, now, [])
 
 
+def test_a_resumed_run_names_the_settings_it_changed_that_the_fingerprint_allows():
+    """Learning rates, the schedule, the precision are not in the fingerprint (a run may go on with a
+    lower rate), so a resumed run took them on silently; it now names them, and only them: not how it
+    was asked to resume, and nothing where the settings are the same."""
+    from concord.trainer.config import to_dict
+    from concord.trainer.fingerprint import settings_changed
+
+    saved = json.loads(json.dumps(to_dict(load_config("configs/tiny.yaml"))))  # as concord.json holds it
+    same = json.loads(json.dumps(to_dict(load_config("configs/tiny.yaml", ["train.resume=false", "train.allow_changes=[balancer]"]))))
+    assert settings_changed(saved, same) == ""
+    now = json.loads(json.dumps(to_dict(load_config("configs/tiny.yaml", ["train.dense_optimizer.lr=0.5", "train.precision=bf16",
+                                                                             "train.lr_schedule.decay=cosine"]))))
+    assert settings_changed(saved, now) == (f"train.dense_optimizer.lr: {saved['train']['dense_optimizer']['lr']} -> 0.5; "
+                                            "train.lr_schedule.decay: constant -> cosine; train.precision: fp32 -> bf16")
+
+
 def test_the_launcher_refuses_a_checkpoint_it_cannot_continue_from_its_record(tmp_path):
     data = tiny_data(tmp_path)
     setup = [*data, f"train.run_dir={tmp_path}/run"]
@@ -313,6 +329,8 @@ def test_resume_refuses_another_batch_size_and_allows_another_balancer_when_aske
                      "balancer.name=multibalance", "train.allow_changes=[balancer]")
     assert other.returncode == 0, other.stderr[-2000:]
     assert "resumed from" in other.stdout and "at step 8" in other.stdout
+    # What the fingerprint lets change is said, not taken on silently.
+    assert "with settings other than that checkpoint's: balancer.name: equal -> multibalance; train.max_steps: 8 -> 12\n" in other.stdout
 
 
 @pytest.mark.multiprocess

@@ -42,6 +42,24 @@ def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:
     }
 
 
+# Settings that say how to resume, not how to train: their change is the point of the new start.
+_RESUME_SETTINGS = ("resume", "resume_from", "allow_changes")
+
+
+def settings_changed(saved: Dict[str, Any], now: Dict[str, Any]) -> str:
+    """``key: old -> new`` for the settings of the config a checkpoint was written with (``saved``, as
+    ``to_dict`` gives it) that the resuming config (``now``) sets otherwise, the first few of them
+    ("" where none): the learning rates, the schedule, the precision, which the fingerprint lets
+    change, so that a resumed run says what it changed rather than go on under other settings unsaid."""
+    saved, now = _without_resume_settings(saved), _without_resume_settings(now)
+    return describe_changes(differences(saved, now), saved, now)
+
+
+def _without_resume_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    train = {k: v for k, v in (config.get("train") or {}).items() if k not in _RESUME_SETTINGS}
+    return {**config, "train": train}
+
+
 class ResumeError(RuntimeError):
     """The newest checkpoint was written by a setup that cannot be continued; the message names the
     differing keys and the ways out."""

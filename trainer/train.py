@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import ResumeError, check_resume, fingerprint
+from concord.trainer.fingerprint import ResumeError, check_resume, fingerprint, settings_changed
 from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
@@ -235,7 +236,7 @@ class Trainer:
         return fingerprint(self.cfg, self.rt.world_size, reader.total_rows)
 
     def save_checkpoint(self, step: int) -> Path:
-        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id}
+        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id, "config": to_dict(self.cfg)}
         return self.checkpointer.save(step, self.checkpoint_state(step), info)
 
     def resume(self) -> int:
@@ -246,7 +247,8 @@ class Trainer:
             path = _checkpoint_in(Path(self.cfg.train.resume_from))
         if path is None:
             return 0
-        saved, now = self.checkpointer.info(path).get("fingerprint", {}), self.fingerprint()
+        info = self.checkpointer.info(path)
+        saved, now = info.get("fingerprint", {}), self.fingerprint()
         changed = check_resume(path, saved, now, self.cfg.train.allow_changes)
         self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
         state = self.checkpoint_state(0)
@@ -264,6 +266,10 @@ class Trainer:
         step = int(state["progress"]["step"])
         if self.rt.is_main:
             print(f"resumed from {path} at step {step}", flush=True)
+            now_config = json.loads(json.dumps(to_dict(self.cfg)))  # as concord.json holds it: lists, not tuples
+            changes = settings_changed(info["config"], now_config) if isinstance(info.get("config"), dict) else ""
+            if changes:
+                print(f"  with settings other than that checkpoint's: {changes}", flush=True)
         self.log.write({"kind": "resume", "step": step, "checkpoint": str(path)})
         return step
 
