@@ -111,6 +111,20 @@ def test_overrides_may_sit_on_either_side_of_the_options_and_keep_their_order(ca
         assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
 
 
+def test_scoring_without_a_config_reads_the_runs_own(tmp_path):
+    """`concord predict --checkpoint RUN` read the demo's config, whose model and data are not the
+    run's; without --config it now reads the one the run recorded, RUN/config.yaml (the demo where
+    there is none). The other commands keep the demo as their default."""
+    from concord.trainer.cli import _parse
+
+    predict = ["predict", "--checkpoint", str(tmp_path), "--out", "p.parquet"]
+    assert _parse(predict).config == "demo"
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert _parse(predict).config == str(tmp_path / "config.yaml")
+    assert _parse([*predict, "--config", "adult"]).config == "adult"
+    assert _parse(["train"]).config == "demo" and _parse(["compare", "--out", "x"]).config == "demo"
+
+
 def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
     cfg = load_config("configs/tiny.yaml", ["balancer.name=emtl"], single_task="cvr")
     assert cfg.task_names == ["cvr"] and cfg.balancer.name == "equal"

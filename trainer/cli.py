@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import concord
 from concord.trainer import failures
 from concord.trainer.config import ConfigError, load_config, packaged_configs, rows_for_vocabulary
-from concord.trainer.data.layout import DataError, check_data_exists, check_data_to_score, published_checkpoints
+from concord.trainer.data.layout import DataError, check_data_exists, check_data_to_score, published_checkpoints, run_config
 
 DEFAULT_CONFIG = "demo"
 
@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     shipped = ", ".join(packaged_configs())
 
-    def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file, or the name of a shipped example ({shipped}; default {DEFAULT_CONFIG})")
+    def with_config(sp: argparse.ArgumentParser, default: str = f"default {DEFAULT_CONFIG}") -> None:
+        sp.add_argument("--config", help=f"YAML file, or the name of a shipped example ({shipped}; {default})")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
     sp = sub.add_parser("train", help="train (runs torchrun's agent with dist.nproc_per_node ranks)")
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory (runs/, report.md, chosen.json); reused to resume")
     sp.add_argument("--jobs", type=_at_least_one, default=1, help="cells trained at a time, the cores shared among them")
     sp = sub.add_parser("predict", help="per-row predictions of a trained run on a data set, with its metrics")
-    with_config(sp)
+    with_config(sp, "default: the run's own, RUN_DIR/config.yaml")
     sp.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run whose newest intact checkpoint scores")
     sp.add_argument("--data", help="Parquet data to score (default: the config's data.eval)")
     sp.add_argument("--out", required=True, help="the predictions' Parquet file")
@@ -125,6 +125,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "overrides") and args.config is None:
+        # Scoring reads the run's model, data and rules as it trained them, where the run recorded them.
+        trained = run_config(args.checkpoint) if args.command == "predict" else None
+        args.config = str(trained) if trained is not None and trained.is_file() else DEFAULT_CONFIG
     return args
 
 
