@@ -56,6 +56,7 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["data"]["sparse_columns"].update(orphan="orphan"), r"data\.sparse_columns\.orphan: feature 'orphan' is not read by any table"),
         (lambda r: r["model"]["tables"][1]["features"].append("ghost"), r"model\.tables\[1\]\.features: feature 'ghost' has no column"),
         (lambda r: r["tasks"][0].update(type="ranking"), r"tasks\[0\]\.type: must be one of 'binary', 'regression', got 'ranking'"),
+        (lambda r: r["tasks"][1].update(name=r["tasks"][0]["name"]), r"tasks\[1\]\.name: task name 'ctr' is used twice \(tasks\[0\] has it too\)"),
         (lambda r: r.update(balancer={"name": "emtl", "rho": 5.0}), r"balancer: emtl\.rho = 5\.0 must be < log T"),
         (lambda r: r.update(balancer={"name": "multibalance", "speed": 1}), r"balancer: balancer 'multibalance' has no knob 'speed'"),
         (lambda r: r["model"]["tables"][0].update(embedding_dim=30), r"embedding_dim: must be a positive multiple of 4"),

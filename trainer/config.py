@@ -651,8 +651,8 @@ def validate(cfg: Config) -> None:
         fail("tasks", "at least one task is required")
     names = cfg.task_names
     for i, t in enumerate(cfg.tasks):
-        if names.count(t.name) > 1:
-            fail(f"tasks[{i}].name", f"task name {t.name!r} is used twice")
+        if t.name in names[:i]:  # named at its second use, with the first
+            fail(f"tasks[{i}].name", f"task name {t.name!r} is used twice (tasks[{names.index(t.name)}] has it too)")
         if t.type not in TASK_TYPES:
             fail(f"tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
         if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
