@@ -327,6 +327,9 @@ def _auc(scores, labels):
 
 
 def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--checkpoint", str(tmp_path / "rnu"),
+                           "--out", str(tmp_path / "p.parquet")], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and proc.stderr == f"concord: predict: {tmp_path / 'rnu'}: no checkpoint to score with (no such run directory)\n"
     (tmp_path / "run/checkpoints").mkdir(parents=True)
     proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml",
                            *tiny_data(tmp_path), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "p.parquet")],

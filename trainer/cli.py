@@ -189,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _launch(cfg, ["train", "--config", str(cfg.source), *single, *args.overrides])
         if args.command == "predict":
             if not published_checkpoints(Path(args.checkpoint) / "checkpoints"):  # before the ranks build the model only to find none
-                print(f"concord: predict: {args.checkpoint}: no checkpoint to score with (run_dir/checkpoints holds none)",
+                why = "run_dir/checkpoints holds none" if Path(args.checkpoint).is_dir() else "no such run directory"
+                print(f"concord: predict: {args.checkpoint}: no checkpoint to score with ({why})",
                       file=sys.stderr)
                 return 3
             check_data_to_score(args.checkpoint, "--data" if args.data else "data.eval", args.data or cfg.data.eval)
