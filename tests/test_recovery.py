@@ -373,6 +373,16 @@ def test_a_new_run_can_start_from_another_runs_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {tmp_path}/a/checkpoints/step-00000008 at step 8" in proc.stdout
     assert (tmp_path / "b/checkpoints/step-00000012").is_dir() and not (tmp_path / "a/checkpoints/step-00000012").exists()
+    # Refused by the launcher in one line, before any rank builds the model: a source that holds no
+    # checkpoint, and one written by another setup, whose way out is not a fresh start of this directory.
+    proc = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={tmp_path}/c", f"train.resume_from={tmp_path}/x")
+    assert proc.returncode == 3 and proc.stderr == (
+        f"concord: ResumeError: train.resume_from: {tmp_path}/x holds no checkpoint (neither a run directory nor a step-… directory)\n")
+    proc = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={tmp_path}/c", f"train.resume_from={tmp_path}/a",
+                    "balancer.name=emtl")
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert ("(balancer.name: equal -> emtl); to go on: no train.resume_from (a fresh start) or train.allow_changes=[balancer]"
+            in proc.stderr)
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:

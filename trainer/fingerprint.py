@@ -103,15 +103,16 @@ def _filled(saved: Dict[str, Any], cls, leave_out=()) -> Dict[str, Any]:
     return out
 
 
-def check_resume(checkpoint: str | Path, saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> List[str]:
+def check_resume(checkpoint: str | Path, saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str],
+                 from_other_run: bool = False) -> List[str]:
     """The keys in which ``now`` differs from the ``saved`` fingerprint of ``checkpoint`` (read with
     today's defaults); raises :class:`ResumeError` where one of them is not in ``allowed``
-    (``train.allow_changes``)."""
+    (``train.allow_changes``). ``from_other_run``: the checkpoint is ``train.resume_from``'s."""
     saved = with_todays_defaults(saved)
     changed = differences(saved, now)
     refused = [key for key in changed if key not in allowed]
     if refused:
-        raise ResumeError(mismatch_message(str(checkpoint), refused, saved, now, allowed))
+        raise ResumeError(mismatch_message(str(checkpoint), refused, saved, now, allowed, from_other_run))
     return changed
 
 
@@ -122,11 +123,18 @@ def check_resumable(cfg) -> None:
     intact one); a record or file that cannot be read here is theirs to report."""
     path = _checkpoint_to_continue(cfg)
     if path is None:
+        if cfg.train.resume_from and not (cfg.train.resume and published_checkpoints(Path(cfg.train.run_dir) / "checkpoints")):
+            raise nothing_to_resume_from(cfg.train.resume_from)
         return
     saved = saved_fingerprint(path)
     rows = count_rows(cfg.data.train) if cfg.data.train else None
     if saved and rows is not None:
-        check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes)
+        from_other_run = not (cfg.train.resume and published_checkpoints(Path(cfg.train.run_dir) / "checkpoints"))
+        check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes, from_other_run)
+
+
+def nothing_to_resume_from(source) -> ResumeError:
+    return ResumeError(f"train.resume_from: {source} holds no checkpoint (neither a run directory nor a step-… directory)")
 
 
 def _checkpoint_to_continue(cfg) -> Optional[Path]:
@@ -151,10 +159,14 @@ def differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
     return sorted(key for key in keys if saved.get(key) != now.get(key))
 
 
-def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str]) -> str:
+def mismatch_message(checkpoint: str, keys: List[str], saved: Dict[str, Any], now: Dict[str, Any], allowed: List[str],
+                     from_other_run: bool = False) -> str:
     details = describe_changes(keys, saved, now)
     safe = [k for k in keys if k in SAFE_CHANGES]
-    ways = ["train.resume=false (the old run moves to previous-<id>/)", "another train.run_dir"]
+    # A checkpoint of this run directory is left by a fresh start or another directory; one that
+    # train.resume_from names, only by not naming it.
+    ways = (["no train.resume_from (a fresh start)"] if from_other_run else
+            ["train.resume=false (the old run moves to previous-<id>/)", "another train.run_dir"])
     if safe and set(safe) != set(keys):
         ways.append(f"only {', '.join(safe)} may differ with train.allow_changes=[{','.join(safe)}]")
     elif safe:

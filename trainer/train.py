@@ -29,7 +29,7 @@ from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.evaluation import Evaluator
-from concord.trainer.fingerprint import ResumeError, check_resume, fingerprint, settings_changed
+from concord.trainer.fingerprint import check_resume, fingerprint, nothing_to_resume_from, settings_changed
 from concord.trainer.lifecycle import StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
@@ -243,13 +243,14 @@ class Trainer:
         """Loads the newest intact checkpoint, if any, after checking that it was written by a
         compatible setup (:mod:`concord.trainer.fingerprint`); returns the step to continue from."""
         path = self.checkpointer.latest() if self.cfg.train.resume else None
-        if path is None and self.cfg.train.resume_from:
+        from_other_run = path is None and bool(self.cfg.train.resume_from)
+        if from_other_run:
             path = _checkpoint_in(Path(self.cfg.train.resume_from))
         if path is None:
             return 0
         info = self.checkpointer.info(path)
         saved, now = info.get("fingerprint", {}), self.fingerprint()
-        changed = check_resume(path, saved, now, self.cfg.train.allow_changes)
+        changed = check_resume(path, saved, now, self.cfg.train.allow_changes, from_other_run)
         self.dense_optimizer.init_state()  # lazy optimizer state must exist to be loaded into
         state = self.checkpoint_state(0)
         fresh = {}
@@ -558,7 +559,7 @@ def _checkpoint_in(source: Path) -> Path:
         return source
     path = Checkpointer(source / "checkpoints").latest()
     if path is None:
-        raise ResumeError(f"train.resume_from: {source} holds no checkpoint (neither a run directory nor a step-… directory)")
+        raise nothing_to_resume_from(source)
     return path
 
 
