@@ -22,8 +22,10 @@ import pytest
 
 from concord.configs.flights_prepare import main as prepare_flights
 from concord.trainer.config import ConfigError, config_from_dict, load_config
-from concord.trainer.data.convert import ConvertError, convert, input_files, stable_hash
+from concord.trainer.data.convert import ConvertError, convert
 from concord.trainer.data.layout import DataError
+from concord.trainer.data.raw import input_files
+from concord.trainer.data.values import stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "day,user,tags,price,click,amount"

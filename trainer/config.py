@@ -112,7 +112,7 @@ class SplitConfig:
 
 @dataclass
 class ConvertConfig:
-    """``concord convert``: raw CSV/Parquet -> Parquet at data.train / data.eval (see trainer/convert.py)."""
+    """``concord convert``: raw CSV/Parquet -> Parquet at data.train / data.eval (see trainer/data/convert.py)."""
 
     input: Optional[str] = None  # a CSV or Parquet file, a directory of them, or a glob (split.by files: unused)
     categorical: List[CategoricalColumn] = field(default_factory=list)

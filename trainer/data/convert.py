@@ -23,409 +23,28 @@ by that data's vocabularies and statistics, and every row goes to one folder.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
-import io
 import json
 import math
 import os
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
-from concord.trainer.data.layout import CSV_SUFFIXES, HIDDEN_PREFIXES, folder_files, glob_files, nested_parquet_hint
+from concord.trainer.data.raw import ConvertError, csv_columns, input_files, partition_values, read_chunks
+from concord.trainer.data.values import (NOT_A_NUMBER_OR_MISSING, NOT_A_TIME, WHAT_A_TIME_IS, as_number, as_text, bad_value,
+                                          holds_categories, holds_stamps, holds_values, matches, parse_number, parse_numbers,
+                                          stable_hash, tokens_of, value_advice)
 from concord.trainer.observe.progress import progress_bar
-
-
-# A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
-_DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
-# A number with its thousands grouped ("1,234", "-12 345 678.5", "1'000"), as spreadsheets export them.
-_GROUPED = re.compile(r"[+-]?\d{1,3}([,' _])\d{3}(?:\1\d{3})*(?:\.\d*)?")
-_ISO_MONTH = re.compile(r"\d{4}-\d{2}")
-# Words writers put for a missing value beyond Arrow's own (NA, null, NaN...): Hive's and MySQL's \N,
-# Python's None, and their kin. Named in the advice for a value that is not a number, not read so.
-_MISSING_WORDS = {"\\n", "none", "nil", "(null)", "missing", "undefined", "unknown", "n.a.", "na's", "#n/a"}
-_TRUTH = {"true": 1.0, "false": 0.0}
-_TICKS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
-
-
-class ConvertError(ValueError):
-    """Bad input to ``concord convert``; the message names the file, the row and the column."""
-
-
-# --- reading -------------------------------------------------------------------------------------
-# CSV (or TSV: data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
-# by the file's extension.
-
-
-def input_files(spec: str, fmt: str) -> List[Tuple[str, str]]:
-    """(path, format) for a file, a directory (its CSV files, compressed too, and Parquet files) or a
-    glob, sorted."""
-    p = Path(spec)
-    if p.is_dir():
-        paths = [str(f) for f in folder_files(p, "*") if f.name.endswith((*CSV_SUFFIXES, ".parquet"))]
-    elif p.is_file():
-        paths = [str(p)]
-    else:
-        paths = glob_files(spec)
-    if not paths:
-        nested = nested_parquet_hint(spec, (*CSV_SUFFIXES, ".parquet")) if p.is_dir() else ""
-        raise ConvertError(f"{spec}: no CSV or Parquet input found{nested}")
-    out = []
-    for path in paths:
-        suffix = "".join(Path(path).suffixes[-1:]).lower()
-        if fmt == "auto" and suffix in _OTHER_FORMATS:
-            raise ConvertError(f"{path}: {_OTHER_FORMATS[suffix]}; convert reads CSV and Parquet (data.convert.format: "
-                               "csv or parquet reads a file so named all the same)")
-        kind = fmt if fmt != "auto" else ("parquet" if path.endswith(".parquet") else "csv")
-        out.append((path, kind))
-    return out
-
-
-# Formats a file's name says it is in, which convert does not read (any other name reads as CSV:
-# UCI's adult.data is one): named at once, where read as CSV they failed on a garbled header.
-_OTHER_FORMATS = {
-    **dict.fromkeys((".xlsx", ".xls", ".ods"), "a spreadsheet: save it as CSV"),
-    **dict.fromkeys((".json", ".jsonl", ".ndjson"), "JSON: write it as Parquet (pyarrow.json reads JSON lines)"),
-    ".orc": "ORC: write it as Parquet (pyarrow.orc reads it)", ".avro": "Avro: write it as Parquet",
-    **dict.fromkeys((".feather", ".arrow"), "Arrow IPC: write it as Parquet (pyarrow.feather reads it)"),
-    ".zip": "a zip archive: unpack it",
-    # What lies beside the data in a downloaded folder (UCI's adult.names), which a glob such as
-    # raw/* matches: it failed as a CSV with no 'user' column.
-    **dict.fromkeys((".md", ".rst", ".names", ".pdf", ".html", ".htm", ".doc", ".docx", ".py", ".ipynb", ".yaml", ".yml"),
-                    "a document, not data: leave it out of data.convert.input (a glob such as '*.csv' names the data alone)"),
-}
-
-
-def partition_values(path: str) -> Dict[str, Optional[str]]:
-    """The columns a file's folders give it in Hive's partitioned layout (``ds=2020-01-01/part-0.parquet``,
-    as Spark, Hive and Arrow's datasets write a log): each folder on its path named ``key=value``,
-    ``value`` as text (%-escapes decoded; Hive's ``__HIVE_DEFAULT_PARTITION__`` a missing value)."""
-    out: Dict[str, Optional[str]] = {}
-    for part in Path(path).parent.parts:
-        key, is_pair, value = part.partition("=")
-        if is_pair and key and not key.startswith(HIDDEN_PREFIXES):
-            out[unquote(key)] = None if value == "__HIVE_DEFAULT_PARTITION__" else unquote(value)
-    return out
-
-
-def _chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, carried: Sequence[str] = ()) -> Iterator[Tuple[int, pa.RecordBatch]]:
-    """(index of the chunk's first data row in the file, the chunk), ``cv.chunk_rows`` rows at most,
-    with every text cell that is empty, only spaces or one of ``cv.missing_values`` a null, in every
-    column but the ``carried`` ones (copied as they are). A column the file lacks and its folders give
-    (:func:`partition_values`) holds their value, as text, in every row."""
-    partitions = partition_values(path)
-    if fmt == "parquet":
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
-        have = pf.schema_arrow.names
-        read = [c for c in columns if c in have or c not in partitions]
-        _check_columns(path, have, read)
-        batches = pf.iter_batches(batch_size=cv.chunk_rows, columns=read or have[:1])
-    else:
-        have = csv_columns(path, cv)
-        read = [c for c in columns if c in have or c not in partitions]
-        batches = _csv_batches(path, have, read or have[:1], cv, skipped)
-    first = 0
-    for batch in batches:
-        if len(read) < len(columns):  # a column from the folders' names, or only those
-            batch = pa.RecordBatch.from_arrays(
-                [batch.column(c) if c in read else pa.array([partitions[c]] * batch.num_rows, pa.string()) for c in columns],
-                names=columns)
-        for start in range(0, batch.num_rows, cv.chunk_rows):
-            piece = batch.slice(start, cv.chunk_rows)
-            yield first, _blanks_as_null(piece, cv.missing_values, carried)
-            first += piece.num_rows
-
-
-def _is_bytes(kind: pa.DataType) -> bool:
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
-
-
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
-def _plain_layout(column: pa.Array) -> pa.Array:
-    """``column`` with Arrow's view layout of text (``string_view``, which Polars and newer Arrow
-    writers keep in a Parquet file's schema), also as a list's elements or a dictionary's values, as
-    ``large_string``: the same text, in a layout every kernel convert uses takes. So are bytes that are
-    UTF-8 text (older Hive and Impala write text without marking it so); other bytes stay bytes."""
-    kind = column.type
-    value = kind.value_type if pa.types.is_dictionary(kind) else kind
-    if pa.types.is_string_view(value):
-        return pc.cast(column, pa.large_string())
-    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string_view(kind.value_type):
-        return pc.cast(column, pa.large_list(pa.large_string()))
-    if _is_bytes(value):
-        try:
-            return pc.cast(column, pa.large_string())
-        except pa.ArrowInvalid:  # not UTF-8: read as it is, named where a value must be a number
-            pass
-    return column
-
-
-def _blanks_as_null(batch: pa.RecordBatch, markers: List[str], carried: Sequence[str]) -> pa.RecordBatch:
-    """``batch`` in :func:`_plain_layout` (a passthrough column too: it may also be a column convert
-    reads), with every text cell that is empty, only spaces, or one of ``markers`` (trimmed) a null, in
-    every column but the ``carried`` ones. Arrow's CSV reader reads an empty cell as null, but not one
-    of spaces (`", "` between fields leaves one in an empty field) nor a Parquet file's ``''`` (a table
-    written from a CSV often keeps its empty cells so): read as text, such a cell would be a negative
-    label or "not a number"."""
-    marker_set = pa.array(markers, pa.string()) if markers else None
-    columns = []
-    for name, column in zip(batch.schema.names, batch.columns):
-        column = _plain_layout(column)
-        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-        if name not in carried and _is_text(kind):
-            text = pc.cast(column, kind)  # a dictionary's values as plain text
-            blank = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text))
-            if marker_set is not None:
-                blank = pc.or_(blank, pc.is_in(pc.utf8_trim_whitespace(text), value_set=marker_set))
-            if pc.any(blank).as_py():
-                column = pc.if_else(blank, pa.scalar(None, text.type), text)
-        columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
-
-
-def _csv_batches(path: str, header: List[str], columns: List[str], cv, skipped: Counter) -> Iterator[pa.RecordBatch]:
-    """``columns`` of the CSV file ``path`` whose columns are ``header`` (:func:`csv_columns`), as text."""
-
-    def on_invalid(row) -> str:  # a row with the wrong number of fields
-        if cv.comment and row.text.startswith(cv.comment):  # a note further down the file
-            skipped["comment line"] += 1
-            return "skip"
-        if cv.on_bad_row == "skip":
-            skipped["malformed row"] += 1
-            return "skip"
-        return "error"
-
-    delimiter = delimiter_of(path, cv.delimiter)
-    _check_columns(path, header, columns, delimiter, named=bool(cv.column_names))
-    atop = lines_atop(path, cv)
-    try:  # opening reads the first block, so parse errors can come from here too
-        reader = pacsv.open_csv(
-            path,
-            # small blocks: the reader reads ahead; column_names: the file has no header row
-            read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False, column_names=cv.column_names or None,
-                                           skip_rows=atop),
-            # newlines_in_values: a quoted value may hold line breaks (free text); without it, one that
-            # straddles the reader's block boundary split its row in two.
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, newlines_in_values=True),
-            # Everything as text: the converter parses each value itself, to name a bad one exactly.
-            convert_options=pacsv.ConvertOptions(
-                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
-            ),
-        )
-        for batch in reader:
-            yield batch
-    except pa.ArrowInvalid as e:
-        if "invalid UTF8" in str(e):  # no row rule applies: the file's encoding is another
-            raise ConvertError(f"{path}: {e}; convert reads UTF-8 CSV ({_reencoding(path)})") from None
-        extra = re.search(r"Expected (\d+) columns, got (\d+): (.*)", str(e), re.S)
-        if extra and int(extra[2]) == int(extra[1]) + 1 and extra[3].rstrip("\r\n").endswith(delimiter):
-            raise ConvertError(f"{path}: {e}; its rows end with the delimiter (an empty last field) where its header "
-                               "does not: name the columns with data.convert.column_names, one more for that field, "
-                               "and pass over the header with skip_rows: 1") from None
-        raise ConvertError(f"{path}: {e} (data.convert.on_bad_row: skip drops such rows, counted)") from None
-
-
-def delimiter_of(path: str, configured: str) -> str:
-    """``data.convert.delimiter`` for ``path``: ``auto`` reads a .tsv file (compressed too) on tabs,
-    any other on commas."""
-    if configured != "auto":
-        return configured
-    return "\t" if ".tsv" in Path(path).suffixes else ","
-
-
-def csv_columns(path: str, cv) -> List[str]:
-    """The columns of the CSV file ``path``: its header's, or ``data.convert.column_names`` for files
-    without one, checked against the first line (as many fields, and not the names themselves: a
-    header read as data would stop convert later, at a value that is a name)."""
-    first = _csv_first_line(path, delimiter_of(path, cv.delimiter), lines_atop(path, cv))
-    names = cv.column_names
-    if not names:
-        return first
-    if [field.strip() for field in first] == [name.strip() for name in names]:
-        raise ConvertError(f"{path}: its first line is a header naming the columns of data.convert.column_names: "
-                           "leave column_names out for files with a header row")
-    if len(first) != len(names):
-        raise ConvertError(f"{path}: data.convert.column_names names {len(names)} columns, but the file's first line "
-                           f"has {len(first)} fields ({', '.join(first[:4])}{', ...' if len(first) > 4 else ''})")
-    return list(names)
-
-
-def _csv_line(path: str, index: int) -> bytes:
-    """Line ``index`` (0-based) of a CSV file as Arrow's CSV reader will read it (decompressed by its
-    extension, a byte-order mark dropped), without its line end; empty past the end of the file."""
-    try:
-        with pa.input_stream(path, compression="detect") as f:
-            text = b""
-            while text.count(b"\n") <= index and (block := f.read(1 << 20)):
-                text += block
-    except (OSError, pa.ArrowInvalid) as e:
-        raise ConvertError(f"{path}: cannot read ({e})") from None
-    lines = text.split(b"\n", index + 1)
-    line = lines[index] if len(lines) > index else b""
-    return (line[3:] if index == 0 and line.startswith(b"\xef\xbb\xbf") else line).rstrip(b"\r")
-
-
-def lines_atop(path: str, cv) -> int:
-    """The lines of the CSV file ``path`` before its header (or first row): ``cv.skip_rows``, then those
-    that start with ``cv.comment``."""
-    atop = cv.skip_rows
-    if cv.comment:
-        while (line := _csv_line(path, atop)) and line.startswith(cv.comment.encode()):
-            atop += 1
-    return atop
-
-
-def _csv_first_line(path: str, delimiter: str, skip: int = 0) -> List[str]:
-    """The fields of the first line after ``skip`` lines, read as Arrow's CSV reader will read the file."""
-    try:
-        return next(csv.reader([_csv_line(path, skip).decode("utf-8")], delimiter=delimiter), [])
-    except UnicodeDecodeError:
-        raise ConvertError(f"{path}: the header is not UTF-8 text; convert reads UTF-8 CSV ({_reencoding(path)})") from None
-
-
-def _reencoding(path: str) -> str:
-    """How to re-encode the CSV file ``path`` as UTF-8: from UTF-16 where its byte-order mark says so (a
-    spreadsheet's "Unicode text" export), else from a one-byte code page such as Latin-1."""
-    try:
-        with pa.input_stream(path, compression="detect") as f:
-            start = f.read(2)
-    except (OSError, pa.ArrowInvalid):
-        start = b""
-    source = "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "latin1"
-    return f"re-encode the file, e.g. `iconv -f {source} -t utf-8`"
-
-
-def _check_columns(path: str, have: List[str], need: List[str], delimiter: Optional[str] = None, named: bool = False) -> None:
-    """Every column of ``need`` in the header ``have`` (a CSV's, split on ``delimiter``; ``named``:
-    data.convert.column_names) once, or an error naming the first missing, with the likely cause
-    where the header shows one, or the first named twice (a reader would take one of them, unsaid)."""
-    for col in need:
-        if col not in have:
-            hint = _header_hint(col, have, delimiter) if delimiter is not None and not named else ""
-            cased = [name for name in have if name.strip().lower() == col.lower()]
-            if not hint and cased:
-                hint = f"; the file names it {cased[0]!r}: names are compared exactly, case included"
-            source = "data.convert.column_names has" if named else "file has"
-            raise ConvertError(f"{path}: missing column {col!r} ({source}: {', '.join(have)}){hint}")
-        places = [str(i + 1) for i, name in enumerate(have) if name == col]
-        if len(places) > 1:
-            raise ConvertError(f"{path}: the header names column {col!r} {len(places)} times (columns {', '.join(places)}): "
-                               "rename them so that the config's name picks one")
-
-
-def _header_hint(col: str, have: List[str], delimiter: str) -> str:
-    """Why a CSV header split on ``delimiter`` may lack ``col``: another delimiter splits it out, or
-    the header has it with spaces around it. Empty where neither."""
-    line = delimiter.join(have)
-    if re.fullmatch(r"sep=.", line.strip()):  # Excel's directive naming the delimiter, atop the header
-        mark = line.strip()[4:]
-        as_yaml = '"\\t"' if mark == "\t" else f"'{mark}'"
-        return f"; its first line {line.strip()!r} is Excel's note of the delimiter: set data.convert.skip_rows: 1 and delimiter: {as_yaml}"
-    for other in (";", "\t", "|", ","):
-        if other != delimiter and col in (name.strip() for name in line.split(other)):
-            as_yaml = '"\\t"' if other == "\t" else f"'{other}'"
-            return f"; the header splits on {as_yaml}: set data.convert.delimiter: {as_yaml}"
-    spaced = [name for name in have if name.strip() == col]
-    if spaced:
-        return (f"; the file names it {spaced[0]!r}, with spaces: name it so in the config, or remove the spaces "
-                "after the file's delimiters (its values have them too)")
-    numbers, _ = parse_numbers(pa.array(have, pa.string()))
-    if 2 * int(np.isfinite(numbers).sum()) >= len(have):
-        return "; its first line looks like data, not a header: name the columns of such files with data.convert.column_names"
-    return ""
-
-
-def _as_text(arr: pa.Array) -> pa.Array:
-    return arr if _is_text(arr.type) else pc.cast(arr, pa.string())
-
-
-def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tuple[np.ndarray, np.ndarray]:
-    """(values float64 with NaN where missing, mask of unparseable values). ``time`` also accepts
-    ISO-8601 timestamps, as seconds since the epoch (UTC when no zone is given); a date or timestamp
-    column is such seconds whatever ``time`` says. With ``thousands`` (data.convert.thousands_separator),
-    a text cell whose digits it groups in threes ("1,234,567.5") reads as the number."""
-    if thousands and _is_text(arr.type):
-        arr = _ungrouped(arr, thousands)
-    if not _is_text(arr.type):
-        if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
-            arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
-        elif pa.types.is_duration(arr.type) or pa.types.is_time(arr.type):  # seconds (of the span, since midnight)
-            ticks = pc.cast(arr, pa.int32() if pa.types.is_time32(arr.type) else pa.int64())
-            ticks = ticks.to_numpy(zero_copy_only=False).astype(np.float64)
-            return ticks / _TICKS_PER_SECOND[arr.type.unit], np.zeros(len(arr), dtype=bool)
-        values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
-        return values, np.zeros(len(values), dtype=bool)
-    try:
-        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.zeros(len(arr), dtype=bool)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    values = np.full(len(arr), np.nan)
-    bad = np.zeros(len(arr), dtype=bool)
-    for i, text in enumerate(arr.to_pylist()):  # the slow path, only for chunks with text in them
-        if text is None:
-            continue
-        number = parse_number(text, time)
-        if number is None:
-            bad[i] = True
-        else:
-            values[i] = number
-    return values, bad
-
-
-def _ungrouped(text: pa.Array, separator: str) -> pa.Array:
-    """``text`` with ``separator`` taken out of the cells that are numbers with their thousands
-    grouped by it (one to three digits, then groups of three, then the decimals); every other cell
-    as it is, so that "12,34" stays "not a number"."""
-    mark = "\\" + separator if separator in "\\]^-" else separator
-    grouped = pc.match_substring_regex(text, rf"^\s*[+-]?\d{{1,3}}([{mark}]\d{{3}})+(\.\d*)?\s*$").fill_null(False)
-    return pc.if_else(grouped, pc.replace_substring(text, separator, ""), text)
-
-
-def _value_advice(value, column: str, reason: str, thousands: str) -> str:
-    """Advice for a bad ``value`` of ``column``, where its form suggests a cause; empty where none."""
-    if isinstance(value, str) and value.strip() == column:  # `cat a.csv b.csv`: the second header is a row
-        return "the value is the column's name: a header repeated among the rows (files joined with their headers?); "
-    if reason in ("not a number", _NOT_A_NUMBER_OR_MISSING, _NOT_A_TIME):
-        return _number_hint(value, thousands, reason == "not a number")
-    return ""
-
-
-def _number_hint(value, thousands: str, may_be_missing: bool = True) -> str:
-    """Advice for a cell that is not a number but would be one written as convert reads numbers
-    (or, where a cell ``may_be_missing``, one that may be a code for a missing value)."""
-    if not isinstance(value, str):
-        return ""
-    text = value.strip()
-    grouped = _GROUPED.fullmatch(text)
-    if grouped and not thousands:
-        mark = grouped.group(1)
-        decimal = "; if it is a decimal mark, write the file's numbers with '.'" if mark == "," else ""
-        return (f"if {mark!r} groups thousands there, data.convert.thousands_separator: {mark!r} reads {text!r} as "
-                f"{text.replace(mark, '')}{decimal}; ")
-    if _DECIMAL_COMMA.fullmatch(text):
-        return "convert reads '.' as the decimal mark, not ',': write the file's numbers with '.'; "
-    if may_be_missing and text and (not any(c.isalnum() for c in text) or text.lower() in _MISSING_WORDS):
-        return f"if {text!r} means a missing value, list it in data.convert.missing_values; "
-    return ""
 
 
 def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
@@ -440,147 +59,6 @@ def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
     share_from = np.cumsum(counts[::-1])[::-1] / times.size  # share of the rows at or after each value
     distance = np.abs(share_from[1:] - fraction)
     return float(values[1:][np.flatnonzero(distance == distance.min())[-1]])
-
-
-_NOT_A_TIME = "missing or not a time"
-_NOT_A_NUMBER_OR_MISSING = "missing or not a finite number"
-_WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 2018-03-01T09:30:00); "
-
-
-def _bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "",
-               cv=None) -> ConvertError:
-    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``: a
-    Parquet file's row, a CSV file's line (read with ``cv``)."""
-    where = f"line {_csv_line_of_row(path, row, cv)}" if fmt == "csv" else f"row {row + 1}"
-    return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
-                        f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
-
-
-def _csv_line_of_row(path: str, row: int, cv) -> int:
-    """The line (1-based) of the CSV file ``path`` on which data row ``row`` (0-based, as the reader
-    counts them) starts. A quoted value may hold line breaks, and the reader passes over blank lines,
-    notes and (with ``on_bad_row: skip``) malformed lines, so rows and lines differ: the file is read
-    again up to that row, as the reader reads it, to say (only where a value is bad)."""
-    atop = lines_atop(path, cv)
-    width = len(csv_columns(path, cv))
-    with pa.input_stream(path, compression="detect") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        for _ in range(atop):
-            text.readline()
-        records = csv.reader(text, delimiter=delimiter_of(path, cv.delimiter))
-        if not cv.column_names:
-            next(records, None)  # the header
-        seen, before = -1, records.line_num
-        for record in records:
-            if len(record) == width:  # not a blank line, a note or a malformed line
-                seen += 1
-                if seen == row:
-                    return atop + before + 1
-            before = records.line_num
-    return atop + row + (1 if cv.column_names else 2)  # not found again (the file changed): as if one line a row
-
-
-def _matches(text: pa.Array, values: List, numbers: Optional[np.ndarray] = None) -> np.ndarray:
-    """Where a column (``text``: its trimmed text; ``numbers``: its parsed numbers, if any) holds one of
-    ``values``: a text value matches the text, a number the number (``5`` matches ``5.0``)."""
-    found = np.zeros(len(text), dtype=bool)
-    if values:
-        found |= pc.is_in(text, value_set=pa.array([str(v) for v in values])).fill_null(False).to_numpy(zero_copy_only=False)
-    wanted = [float(v) for v in values if not isinstance(v, str)]
-    if numbers is not None and wanted:
-        found |= np.isin(numbers, wanted)
-    return found
-
-
-def _as_number(text: str) -> Optional[float]:
-    """A category's text as a finite number, or None."""
-    try:
-        number = float(text)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def holds_stamps(arr: pa.Array) -> bool:
-    """Whether a time column holds dates or timestamps (typed, or as ISO-8601 text) rather than plain
-    numbers, which may be years or step counts as well as seconds since the epoch."""
-    if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
-        return True
-    if not _is_text(arr.type):
-        return False
-    try:
-        pc.cast(arr, pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return True
-    return False
-
-
-def parse_number(text, time: bool = False) -> Optional[float]:
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if time and isinstance(text, dt.date):
-        text = text.isoformat()
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        pass
-    if not time:  # true/false as pandas writes a bool column to CSV: 1/0, as a Parquet bool column casts
-        return _TRUTH.get(str(text).strip().lower())
-    text = str(text).strip()
-    if _ISO_MONTH.fullmatch(text):  # ISO-8601's reduced form YYYY-MM, which fromisoformat refuses: its first day
-        text += "-01"
-    try:
-        stamp = dt.datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
-    return stamp.timestamp()
-
-
-def _holds_values(kind: pa.DataType) -> bool:
-    """Whether a column of type ``kind`` holds single values that have a text form: not a list, a
-    struct or a map."""
-    return not pa.types.is_nested(kind.value_type if pa.types.is_dictionary(kind) else kind)
-
-
-def _holds_categories(kind: pa.DataType) -> bool:
-    """Whether a column of type ``kind`` is one :func:`tokens_of` reads: single values, or a list of
-    them (a multi-hot bag)."""
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        kind = kind.value_type
-    return _holds_values(kind)
-
-
-def tokens_of(arr: pa.Array, separator: Optional[str]) -> Tuple[pa.Array, np.ndarray]:
-    """The non-empty values of a categorical column and the row each came from (ascending). A list
-    column (Parquet's ``list<...>``) is a multi-hot bag of its elements, as a text cell is with a
-    ``separator``."""
-    parents = np.arange(len(arr))
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-        arr = pc.list_flatten(arr)
-    if pa.types.is_floating(arr.type):  # NaN is how pandas writes a missing number: no value, as a null
-        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
-    arr = _as_text(arr)
-    if separator:
-        lists = pc.split_pattern(arr, separator)
-        tokens = pc.list_flatten(lists)
-        parents = parents[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)]
-    else:
-        tokens = arr
-    tokens = pc.utf8_trim_whitespace(tokens)
-    keep = pc.fill_null(pc.greater(pc.utf8_length(tokens), 0), False)
-    return tokens.filter(keep), parents[keep.to_numpy(zero_copy_only=False)]
-
-
-def stable_hash(values: List[str], size: int) -> np.ndarray:
-    """Ids in [0, size): the first 8 bytes of BLAKE2b of the UTF-8 value, the same on every machine."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % size for v in values],
-        dtype=np.int64,
-    )
-
 
 # --- the conversion ------------------------------------------------------------------------------
 @dataclass
@@ -786,7 +264,7 @@ class Converter:
     def _stream(self, what: str, columns: Optional[List[str]] = None) -> Iterator[Tuple[str, str, int, pa.RecordBatch]]:
         bar = progress_bar(None, f"convert: {what}", "row", enabled=self.show_progress)
         for path, fmt in self.files:
-            for first, batch in _chunks(path, fmt, columns or self.columns, self.cv, self._pass_skips, self.cfg.data.passthrough):
+            for first, batch in read_chunks(path, fmt, columns or self.columns, self.cv, self._pass_skips, self.cfg.data.passthrough):
                 yield path, fmt, first, batch
                 bar.update(batch.num_rows)
         bar.close()
@@ -813,8 +291,8 @@ class Converter:
                 if bad.any():  # the writing pass would stop there: say so now, not "no row" after skipping them all
                     i = int(np.flatnonzero(bad)[0])
                     value = batch.column(0)[i].as_py()
-                    advice = _value_advice(value, sp.column, _NOT_A_TIME, self.cv.thousands_separator) or _WHAT_A_TIME_IS
-                    raise _bad_value(path, fmt, first + i, sp.column, value, _NOT_A_TIME, advice, cv=self.cv)
+                    advice = value_advice(value, sp.column, NOT_A_TIME, self.cv.thousands_separator) or WHAT_A_TIME_IS
+                    raise bad_value(path, fmt, first + i, sp.column, value, NOT_A_TIME, advice, cv=self.cv)
                 times.append(values)
         times = np.concatenate(times) if times else np.zeros(0)
         if times.size == 0:
@@ -838,10 +316,10 @@ class Converter:
         categorical = {rule.column for rule in self.cv.categorical}
         for name in self._read_columns:
             kind = batch.column(name).type
-            if name in categorical and not _holds_categories(kind):
+            if name in categorical and not holds_categories(kind):
                 raise ConvertError(f"{path}: column {name!r} holds {kind}: a categorical column holds text, numbers or "
                                    "dates, or a list of them (a multi-hot bag)")
-            if name not in categorical and not _holds_values(kind):
+            if name not in categorical and not holds_values(kind):
                 raise ConvertError(f"{path}: column {name!r} holds {kind}: convert reads text, numbers, dates or true/false there")
 
         def check(bad: np.ndarray, column: str, reason: str, keeps: str = "", reads_it: str = "") -> None:
@@ -851,8 +329,8 @@ class Converter:
             if self.cv.on_bad_row == "error":
                 i = int(np.flatnonzero(new)[0])
                 value = batch.column(column)[i].as_py()
-                reads_it = _value_advice(value, column, reason, self.cv.thousands_separator) or reads_it
-                raise _bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self.cv)
+                reads_it = value_advice(value, column, reason, self.cv.thousands_separator) or reads_it
+                raise bad_value(path, fmt, first + i, column, value, reason, reads_it, keeps, self.cv)
             self._pass_skips[f"{column}: {reason}"] += int(new.sum())
             bad_rows[new] = True
 
@@ -879,8 +357,8 @@ class Converter:
                      f"; missing_label: masked on {', '.join(f'tasks[{i}]' for i in readers)} keeps them for the other tasks")
             unknown = self.cv.unknown.get(task.label, [])  # values that mean no label (the task is masked)
             if task.label in self.cv.positive:  # a text label: 1 for the listed values, else 0
-                text = pc.utf8_trim_whitespace(_as_text(batch.column(column)))
-                missing = text.is_null().to_numpy(zero_copy_only=False) | _matches(text, unknown)
+                text = pc.utf8_trim_whitespace(as_text(batch.column(column)))
+                missing = text.is_null().to_numpy(zero_copy_only=False) | matches(text, unknown)
                 if not masked:
                     check(missing, column, "missing label", keeps)
                 positive = pc.is_in(text, value_set=pa.array(self.cv.positive[task.label])).fill_null(False).to_numpy(zero_copy_only=False)
@@ -889,7 +367,7 @@ class Converter:
                 continue
             values, bad = self._numbers(path, batch, column)
             if unknown:
-                said_unknown = _matches(pc.utf8_trim_whitespace(_as_text(batch.column(column))), unknown, values)
+                said_unknown = matches(pc.utf8_trim_whitespace(as_text(batch.column(column))), unknown, values)
                 values, bad = np.where(said_unknown, np.nan, values), bad & ~said_unknown
             text_label = (f"a binary label written as text is read with data.convert.positive: {{{task.label}: [the values "
                           "that mean 1]}; " if task.type == "binary" else "")
@@ -915,20 +393,20 @@ class Converter:
         weights = None
         if self.weight:
             weights, bad = self._numbers(path, batch, self.weight)
-            check(bad | ~np.isfinite(weights), self.weight, _NOT_A_NUMBER_OR_MISSING)
+            check(bad | ~np.isfinite(weights), self.weight, NOT_A_NUMBER_OR_MISSING)
             check(np.isfinite(weights) & (weights < 0), self.weight, "negative weight")
         if self.like is not None or self.cv.split.by == "none":  # every row to one output (and validation's coin)
             is_eval = np.zeros(n, dtype=bool)
         elif self.cv.split.by == "time":
             column = batch.column(self.cv.split.column)
             times, bad = self._numbers(path, batch, self.cv.split.column, time=True)
-            check(bad | ~np.isfinite(times), self.cv.split.column, _NOT_A_TIME, reads_it=_WHAT_A_TIME_IS)
+            check(bad | ~np.isfinite(times), self.cv.split.column, NOT_A_TIME, reads_it=WHAT_A_TIME_IS)
             self.times_are_stamps = self.times_are_stamps or holds_stamps(column)
             is_eval = times >= cutoff
         elif self.cv.split.by == "files":
             is_eval = np.full(n, path in self.eval_files)
         elif self.cv.split.by == "column":
-            names = _as_text(batch.column(self.cv.split.column))
+            names = as_text(batch.column(self.cv.split.column))
             check(names.is_null().to_numpy(zero_copy_only=False), self.cv.split.column, "missing split name")
             is_eval = pc.is_in(pc.utf8_trim_whitespace(names), value_set=pa.array([str(v) for v in self.cv.split.eval]))
             is_eval = is_eval.fill_null(False).to_numpy(zero_copy_only=False)
@@ -1009,7 +487,7 @@ class Converter:
             if chunk.times is not None and chunk.times.size:
                 time_range = [min(time_range[0], float(chunk.times.min())), max(time_range[1], float(chunk.times.max()))]
             if by_column:
-                held = pc.value_counts(pc.utf8_trim_whitespace(_as_text(chunk.batch.column(self.cv.split.column))))
+                held = pc.value_counts(pc.utf8_trim_whitespace(as_text(chunk.batch.column(self.cv.split.column))))
                 self.split_values.update(dict(zip(held.field("values").to_pylist(), held.field("counts").to_pylist())))
             for split, code in enumerate(codes):
                 mask = chunk.split == code
@@ -1186,10 +664,10 @@ class Converter:
         for feature, texts in sorted(self.unseen_texts.items()):
             written = {}
             for value in vocabs.get(feature, []):
-                number = _as_number(value)
+                number = as_number(value)
                 if number is not None:
                     written.setdefault(number, value)
-            pairs = [(text, written[n]) for text in sorted(texts) if (n := _as_number(text)) is not None and n in written]
+            pairs = [(text, written[n]) for text in sorted(texts) if (n := as_number(text)) is not None and n in written]
             if pairs:
                 text, value = pairs[0]
                 notes.append(f"feature {feature!r}: {len(pairs)} value(s) outside the training vocabulary are numbers it "
@@ -1297,7 +775,7 @@ class _TextLabel:
         self.counts: Counter = Counter()
 
     def add(self, column: pa.Array) -> None:
-        text = pc.utf8_trim_whitespace(_as_text(column)).drop_null()
+        text = pc.utf8_trim_whitespace(as_text(column)).drop_null()
         self.found = self.found or bool(pc.any(pc.is_in(text, value_set=self.positive)).as_py())
         if len(self.counts) < self.KEPT:
             vc = pc.value_counts(text)
