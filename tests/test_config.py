@@ -191,6 +191,29 @@ def test_the_torchx_component_says_to_activate_the_environment_where_torchrun_is
     assert train(config="configs/tiny.yaml", image="registry/concord:1").roles[0].image == "registry/concord:1"
 
 
+def test_a_yaml_mistake_is_one_line_with_its_place(tmp_path):
+    """PyYAML's message spread over five lines, the text quoted under a caret; the standard is one line
+    naming the place."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  train: x\n   eval: y\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(bad)
+    assert str(refused.value) == f"{bad}: not valid YAML: mapping values are not allowed here at line 3, column 8"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: expected ',' or '\]', but got '<stream end>' at line 2, column 1 "
+                                          r"\(while parsing a flow sequence\)$"):
+        load_config(bad)
+
+
+def test_a_whole_number_written_as_1e5_is_an_integer_and_a_folder_is_not_a_config(tmp_path):
+    assert load_config(DEMO, ["train.max_steps=1e5", "data.synthetic.rows=2.0e6"]).train.max_steps == 100_000
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got 2\.5"):
+        load_config(DEMO, ["train.max_steps=2.5"])
+    (tmp_path / "config.yaml").write_text(open(DEMO).read())  # a run directory
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: is a folder, not a config file; the run's config is {tmp_path / 'config.yaml'}")):
+        load_config(tmp_path)
+
+
 def test_single_task_drops_the_other_tasks_label_rules():
     cfg = load_config("configs/adult.yaml", single_task="income")
     assert cfg.task_names == ["income"]

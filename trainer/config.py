@@ -352,7 +352,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), single_task: Op
     try:
         raw = yaml.load(path.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     return config_with(raw, overrides, single_task, str(path))
@@ -386,7 +386,22 @@ def resolve_config_path(path: str | Path) -> Path:
     name = path.stem if path.suffix in (".yaml", ".yml") else path.name
     if name in shipped and (path.parent == Path(".") or path.parent.name == "configs"):
         return shipped[name]
+    if path.is_dir():  # a run directory, most likely: its config is the file in it
+        inside = path / "config.yaml"
+        hint = f"; the run's config is {inside}" if inside.is_file() else ""
+        raise ConfigError(f"{path}: is a folder, not a config file{hint}")
     raise ConfigError(f"{path}: config file not found (shipped examples: {', '.join(shipped)})")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong, where ("line 3, column 8"), and what it was reading
+    there when that says more (PyYAML spreads it over five lines with the text quoted)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" + (f" ({context})" if context else "")
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -587,6 +602,8 @@ def _build(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1e6 rows, as one writes it
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
         return value
