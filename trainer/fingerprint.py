@@ -121,34 +121,28 @@ def check_resumable(cfg) -> None:
     from was written by a setup this config may continue, as far as its record (``concord.json``) and
     the training files' footers tell. The ranks check again on the checkpoint they load (the newest
     intact one); a record or file that cannot be read here is theirs to report."""
-    path = _checkpoint_to_continue(cfg)
+    own = published_checkpoints(Path(cfg.train.run_dir) / "checkpoints") if cfg.train.resume else []
+    path = own[-1] if own else _named_checkpoint(cfg.train.resume_from) if cfg.train.resume_from else None
     if path is None:
-        if cfg.train.resume_from and not (cfg.train.resume and published_checkpoints(Path(cfg.train.run_dir) / "checkpoints")):
+        if cfg.train.resume_from:
             raise nothing_to_resume_from(cfg.train.resume_from)
         return
     saved = saved_fingerprint(path)
     rows = count_rows(cfg.data.train) if cfg.data.train else None
     if saved and rows is not None:
-        from_other_run = not (cfg.train.resume and published_checkpoints(Path(cfg.train.run_dir) / "checkpoints"))
-        check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes, from_other_run)
+        check_resume(path, saved, fingerprint(cfg, cfg.world_size, rows), cfg.train.allow_changes, from_other_run=not own)
 
 
 def nothing_to_resume_from(source) -> ResumeError:
     return ResumeError(f"train.resume_from: {source} holds no checkpoint (neither a run directory nor a step-… directory)")
 
 
-def _checkpoint_to_continue(cfg) -> Optional[Path]:
-    """The newest published checkpoint of ``train.run_dir`` (with ``train.resume``), else the one
-    ``train.resume_from`` names: a checkpoint, or a run directory's newest."""
-    published = published_checkpoints(Path(cfg.train.run_dir) / "checkpoints") if cfg.train.resume else []
-    if published:
-        return published[-1]
-    if not cfg.train.resume_from:
-        return None
-    source = Path(cfg.train.resume_from)
-    if (source / "concord.json").is_file():
-        return source
-    published = published_checkpoints(source / "checkpoints")
+def _named_checkpoint(source: str) -> Optional[Path]:
+    """The checkpoint ``train.resume_from`` names: a checkpoint directory, or a run directory's newest
+    published one; None where it holds none."""
+    if (Path(source) / "concord.json").is_file():
+        return Path(source)
+    published = published_checkpoints(Path(source) / "checkpoints")
     return published[-1] if published else None
 
 
