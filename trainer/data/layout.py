@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import yaml
+
 
 class DataError(ValueError):
     """Bad input; the message names the file, row group, column and value."""
@@ -252,8 +254,6 @@ def _trained_eval_hint(run_dir: str | Path, spec: str) -> str:
     """Where the run's own config (its ``data.eval``) names other data that exists: scoring with the
     config file the run started from, without the overrides it was trained with, reads that file's
     paths."""
-    import yaml
-
     try:
         trained_eval = (yaml.safe_load(run_config(run_dir).read_text()) or {}).get("data", {}).get("eval")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
