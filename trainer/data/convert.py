@@ -40,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
-from concord.trainer.data.raw import ConvertError, csv_columns, input_files, partition_values, read_chunks
-from concord.trainer.data.values import (NOT_A_NUMBER_OR_MISSING, NOT_A_TIME, WHAT_A_TIME_IS, as_number, as_text, bad_value,
+from concord.trainer.data.raw import bad_value, csv_columns, input_files, partition_values, read_chunks
+from concord.trainer.data.values import (NOT_A_NUMBER_OR_MISSING, NOT_A_TIME, WHAT_A_TIME_IS, ConvertError, as_number, as_text,
                                           holds_categories, holds_stamps, holds_values, matches, parse_number, parse_numbers,
                                           stable_hash, tokens_of, value_advice)
 from concord.trainer.observe.progress import progress_bar

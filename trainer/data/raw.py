@@ -1,28 +1,25 @@
 """Raw input for ``concord convert``: the files ``data.convert.input`` names, and their rows as text
 chunks (CSV or TSV, compressed too, or Parquet; the folder values of a Hive-partitioned log as
-columns), with the errors that name a bad file and its way out."""
+columns), with the errors that name a bad file, line or value and the way out."""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from concord.trainer.data.layout import CSV_SUFFIXES, HIDDEN_PREFIXES, folder_files, glob_files, nested_parquet_hint
-
-
-class ConvertError(ValueError):
-    """Bad input to ``concord convert``; the message names the file, the row and the column."""
+from concord.trainer.data.values import ConvertError, is_text, parse_numbers
 
 
 # CSV (or TSV: data.convert.delimiter) files may be compressed: Arrow's CSV reader decompresses
@@ -113,10 +110,6 @@ def read_chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, c
 
 def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
-
-
-def is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _plain_layout(column: pa.Array) -> pa.Array:
@@ -307,16 +300,10 @@ def _header_hint(col: str, have: List[str], delimiter: str) -> str:
     if spaced:
         return (f"; the file names it {spaced[0]!r}, with spaces: name it so in the config, or remove the spaces "
                 "after the file's delimiters (its values have them too)")
-    if 2 * sum(_is_number(name) for name in have) >= len(have):
+    numbers, _ = parse_numbers(pa.array(have, pa.string()))
+    if 2 * int(np.isfinite(numbers).sum()) >= len(have):
         return "; its first line looks like data, not a header: name the columns of such files with data.convert.column_names"
     return ""
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def csv_line_of_row(path: str, row: int, cv) -> int:
@@ -341,3 +328,12 @@ def csv_line_of_row(path: str, row: int, cv) -> int:
                     return atop + before + 1
             before = records.line_num
     return atop + row + (1 if cv.column_names else 2)  # not found again (the file changed): as if one line a row
+
+
+def bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "",
+               cv=None) -> ConvertError:
+    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``: a
+    Parquet file's row, a CSV file's line (read with ``cv``)."""
+    where = f"line {csv_line_of_row(path, row, cv)}" if fmt == "csv" else f"row {row + 1}"
+    return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
+                        f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")

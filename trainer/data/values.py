@@ -1,6 +1,6 @@
 """Cell values for ``concord convert``: numbers and times read from text (ISO-8601, grouped thousands,
-true/false), a categorical column's tokens and their stable hash, and the one-line error for a bad
-value, with advice where the value's form suggests a cause."""
+true/false), a categorical column's tokens and their stable hash, the advice for a value whose form
+suggests a cause, and the error every bad input to convert raises. Nothing here reads a file."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from concord.trainer.data.raw import ConvertError, csv_line_of_row, is_text
-
 
 # A number written with a decimal comma ("0,75", "-1,5"), as some locales export CSV.
 _DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
@@ -27,6 +25,14 @@ _ISO_MONTH = re.compile(r"\d{4}-\d{2}")
 _MISSING_WORDS = {"\\n", "none", "nil", "(null)", "missing", "undefined", "unknown", "n.a.", "na's", "#n/a"}
 _TRUTH = {"true": 1.0, "false": 0.0}
 _TICKS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
+class ConvertError(ValueError):
+    """Bad input to ``concord convert``; the message names the file, the row and the column."""
+
+
+def is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def as_text(arr: pa.Array) -> pa.Array:
@@ -106,14 +112,6 @@ NOT_A_TIME = "missing or not a time"
 NOT_A_NUMBER_OR_MISSING = "missing or not a finite number"
 WHAT_A_TIME_IS = "a time is a number or ISO-8601 text (2018-03, 2018-03-01, 2018-03-01T09:30:00); "
 
-
-def bad_value(path: str, fmt: str, row: int, column: str, value, reason: str, advice: str = "", keeps: str = "",
-               cv=None) -> ConvertError:
-    """The error for a bad value at ``row`` (0-based among the file's data rows) of ``column``: a
-    Parquet file's row, a CSV file's line (read with ``cv``)."""
-    where = f"line {csv_line_of_row(path, row, cv)}" if fmt == "csv" else f"row {row + 1}"
-    return ConvertError(f"{path}: {where}: column {column!r}: {reason} ({'no value' if value is None else f'value {value!r}'}); "
-                        f"{advice}data.convert.on_bad_row: skip drops such rows, counted{keeps}")
 
 def matches(text: pa.Array, values: List, numbers: Optional[np.ndarray] = None) -> np.ndarray:
     """Where a column (``text``: its trimmed text; ``numbers``: its parsed numbers, if any) holds one of
