@@ -375,7 +375,7 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
       norms[j] = total;
     }
   }
-  if (a.telemetry_by_block != nullptr) {
+  if (telemetry != nullptr && norms == nullptr) {  // not a.telemetry_by_block: with no element it is null, and 0s are due
     for (int64_t j = 0; j < 3; ++j) {
       double total = 0.0;
       for (int64_t b = 0; b < count; ++b) total += telemetry_by_block[b * 3 + j];
