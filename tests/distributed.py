@@ -36,16 +36,17 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
 
 def run_ranks(fn, world_size: int, *args):
     """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; returns their results
-    in rank order, raising with the rank's traceback if any failed."""
+    in rank order, raising with every failed rank's traceback (the first rank to fail is often not
+    rank 0, whose error is then only its peer's closed connection)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, start_method="spawn"
         )
-        results = []
+        loaded = []
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results.append(value)
-        return results
+                loaded.append(pickle.load(f))
+        failed = [f"rank {rank} failed:\n{value}" for rank, (status, value) in enumerate(loaded) if status != "ok"]
+        if failed:
+            raise AssertionError("\n".join(failed))
+        return [value for _, value in loaded]
