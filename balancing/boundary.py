@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,16 +25,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import views
 from .base import Balancer, weighted_sum
 from .clock import Clock
 from .collectives import DDPRide, HostExchange, PendingStatistics
+from .compiled_steps import NONFINITE_SUM_AT_VIEW, OVERFLOW, CompiledSteps
+from .device_steps import DeviceSteps
+from .lagged import (HELD, IN_FLIGHT, LAST_SUM, Ready, auto_every, auto_mode, check_statistics_request, is_elementwise, statistics_for,
+                     stats_from_tensors, stats_to_tensors)
 from .native import native_ops, passable
-from .statistics import (StepStats, all_finite, device_statistics, filled, finite_flags, local_statistics, norms_of, stacked_gradients,
-                         usable_here)
+from .statistics import StepStats, all_finite, device_statistics, local_statistics, usable_here
 
 
 NONFINITE_LOSS_POLICIES = ("drop_task", "skip_step", "raise")
-STATISTICS_MODES = ("current", "previous", "auto")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,61 +70,6 @@ class _StepRecord:
         self.losses, self.skipped_tasks = None, []
 
 
-def _references(grads: Tuple[Optional[torch.Tensor], ...]) -> List[int]:
-    """Python references to each gradient, as counted from a custom Function's ``backward(ctx, *grads)``."""
-    return [sys.getrefcount(g) for g in grads]
-
-
-class _Probe(torch.autograd.Function):
-    """Counts the references a gradient that nothing else holds has inside ``backward``: the baseline
-    of :func:`_donated`, measured rather than assumed, as it depends on the Python version."""
-
-    references: Optional[int] = None
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        _Probe.references = _references(grads)[0]
-        return grads[0]
-
-
-def _alone_references() -> Optional[int]:
-    """The baseline, measured once (when the first boundary is made, outside any backward); None
-    where it cannot be (made under ``inference_mode``): then the sum is never formed in a gradient."""
-    if _Probe.references is None:
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                x = torch.zeros(2, 2, requires_grad=True)
-                (_Probe.apply(x) * 2.0).sum().backward()  # MulBackward's output: a fresh gradient
-        except RuntimeError:
-            return None
-    return _Probe.references
-
-
-def _donated(grads: Tuple[Optional[torch.Tensor], ...]) -> List[bool]:
-    """Whether autograd handed the boundary the first of the gradients with nothing else holding it,
-    so the sum may be formed in it as autograd's own accumulation would: no other Python reference
-    (a hook that kept it, ``retain_grad``), no other C++ owner, no other tensor on its storage (a
-    head whose backward sent the same gradient elsewhere), contiguous, and not a ``create_graph``
-    backward. Only the first is looked at: the sum starts there."""
-    first = next((k for k, g in enumerate(grads) if g is not None), None)
-    baseline = _Probe.references
-    if first is None or baseline is None or torch.is_grad_enabled() or not hasattr(torch._C, "_storage_Use_Count"):
-        return []
-    alone = _references(grads)[first] <= baseline  # counted before this frame holds it too
-    g = grads[first]
-    alone = (
-        alone
-        and g._use_count() == 1
-        and torch._C._storage_Use_Count(g.untyped_storage()._cdata) == 2  # its tensor's and this call's
-        and g.is_contiguous()
-    )
-    return [False] * first + [alone]
-
-
 def _without_rows(losses: torch.Tensor) -> torch.Tensor:
     """The losses of a rank whose batch has no rows: 0, whatever a mean over nothing gave (NaN).
     Each rank's losses enter the sum over ranks weighted by its rows, so this rank's share is 0 and
@@ -133,43 +80,7 @@ def _without_rows(losses: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses))
 
 
-class _Replicate(torch.autograd.Function):
-    """Forward: T views of ``z``. Backward: ``A = boundary.balance(G_1..G_T)`` for ``z``."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> Tuple[torch.Tensor, ...]:
-        ctx.boundary = boundary
-        ctx.z = z.detach()  # a reference, no copy; read by element-wise methods such as GradDrop
-        # Heads whose loss is absent give None rather than a materialised zero tensor.
-        ctx.set_materialize_grads(False)
-        return tuple(z.view_as(z) for _ in range(boundary.num_tasks))
-
-    @staticmethod
-    def backward(ctx, *grads: Optional[torch.Tensor]):
-        # Counted here, before any frame below holds a gradient; only the lagged sum takes them.
-        donated = _donated(grads) if ctx.boundary.statistics == "previous" and _reads_on_host(ctx.z) else []
-        return ctx.boundary.balance(grads, ctx.z, donated), None
-
-
-class _SumAtView(torch.autograd.Function):
-    """Forward: one view of ``z`` that every head reads, so autograd sums the task gradients as it does
-    for any tensor read T times, adding each one as it arrives (still in cache). Backward: the
-    boundary scales that sum (``RepresentationBoundary.autograd_sums``)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, boundary: "RepresentationBoundary") -> torch.Tensor:
-        ctx.boundary = boundary
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        # The signature is _Probe's, so the reference count of a gradient nothing else holds matches
-        # its baseline: a named argument is one reference more and the sum was never given up.
-        donated = _donated(grads)
-        return ctx.boundary._balance_sum_at_view(grads[0], bool(donated and donated[0])), None
-
-
-class RepresentationBoundary(nn.Module):
+class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
     """Replicates the shared representation ``z`` (B, d) into one view per task head.
 
     The views share ``z``'s memory, so a head must not change its view in place (an ``inplace=True``
@@ -240,7 +151,7 @@ class RepresentationBoundary(nn.Module):
         # The compiled nodes' states (native.py; layouts in csrc/nodes.cpp), made on first use.
         self._native: dict = {}  # node -> (state tensor, the same memory as a NumPy array, its clock)
         self._native_sources: dict = {}  # node -> what the constants in its state were written from
-        _alone_references()
+        views.alone_references()
         _run_eagerly_under_compile()
         self.use_statistics(statistics, statistics_every)
         if telemetry_every < 1:
@@ -285,7 +196,7 @@ class RepresentationBoundary(nn.Module):
             return tuple(z.view_as(z) for _ in range(self.num_tasks))
         record.built, record.rows = True, z.shape[0]
         self._warm_up(z)
-        on_host = _reads_on_host(z)
+        on_host = views.reads_on_host(z)
         if recomputing:
             record.comm_seconds = record.forward_read = 0.0
         else:
@@ -296,12 +207,12 @@ class RepresentationBoundary(nn.Module):
             ops = native_ops() if on_host and not recomputing else None
             if ops is not None:
                 return self._native_view(ops, z)
-            view = _SumAtView.apply(z, self)
+            view = views.SumAtView.apply(z, self)
             return tuple(view for _ in range(self.num_tasks))
         ops = native_ops() if self._between_sums_at(on_host) and not recomputing else None
         if ops is not None and self._held_constants_written(z):
             return self._native_held(ops, z)
-        return _Replicate.apply(z, self)
+        return views.Replicate.apply(z, self)
 
     def _read_sum_in_forward(self, on_host: bool) -> None:
         """Reads the last step's sum, if one is in flight, here in forward rather than in this step's
@@ -342,109 +253,6 @@ class RepresentationBoundary(nn.Module):
         the step :meth:`gather_for_log` announced."""
         return (step + 1) % self.telemetry_every == 0 or step + 1 == self._log_step
 
-    def _held_constants(self, z: torch.Tensor) -> Optional[tuple]:
-        """The compiled between-sums node's constants for this step (see :meth:`~Balancer.held_rule`):
-        the held coefficients, or an element-wise rule's constants; None where the node does not
-        implement the rule."""
-        if not self._elementwise:
-            return [float(c) for c in self._coefficients_between_sums()], [], 0.0, []
-        return self.balancer.held_rule(self._last_sum, z)
-
-    def _held_constants_written(self, z: torch.Tensor) -> bool:
-        """Whether the between-sums node's state holds this step's constants (:meth:`_held_constants`),
-        written there now if what they derive from (the balancer, the reduction, the held
-        coefficients, the last sum, ``z``'s dtype and shape) changed since they were: they change
-        once a sum, and forming them costs more than the node. False where the node does not
-        implement the rule."""
-        sources = (self._balancer, self._held, self._last_sum, self.reduction, z.dtype, z.shape)
-        written = self._native_sources.get("held")
-        if (written is not None and self._record.stats is not None  # before a first sum, the prior's telemetry is set each step
-                and written[0] is sources[0] and written[1] is sources[1] and written[2] is sources[2]  # objects: by identity
-                and written[3:] == sources[3:]):
-            return True
-        rule = self._held_constants(z)
-        if rule is None:
-            return False
-        coefficients, gamma, kappa, active = rule
-        tasks = self.num_tasks
-        constants = self._native_state("held")[1][_NATIVE_LAYOUT["held"][0] + 3 * tasks :]
-        constants[:_HELD_CONSTANTS] = (float(tasks) if self.reduction == "sum" else 1.0, kappa, float(bool(gamma)), float(bool(active)))
-        for i, values in enumerate((coefficients, gamma, active)):
-            constants[_HELD_CONSTANTS + i * tasks : _HELD_CONSTANTS + (i + 1) * tasks] = [float(v) for v in values] if values else 0.0
-        self._native_sources["held"] = sources
-        return True
-
-    def _native_held(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """A :meth:`_between_sums` step on the compiled node (native.py), or an element-wise rule's
-        between its sums, with the constants :meth:`_held_constants_written` left in its state: the
-        same aggregate and the same checks, with no Python in backward. :meth:`objective` passes it
-        the losses' verdict; what it found (non-finite gradients left out, non-finite losses to
-        report) is acted on when the boundary is next read (:meth:`_settle_native`)."""
-        if self._gather_for_log:  # consumed, as _statistics_due() would (nn.Module's setattr is slow: only if set)
-            self._gather_for_log = False
-        state = self._start_native_step("held")
-        self._record.held_unsettled = True
-        return tuple(ops.held_sum(z, state, self.num_tasks))
-
-    def _native_view(self, ops, z: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """A :meth:`_sum_at_view` step on the compiled node (native.py): what
-        :meth:`_balance_sum_at_view` does, with no Python in backward. :meth:`objective` checks the
-        losses; a non-finite sum is warned of when the boundary is next read (:meth:`_settle_native`).
-        The coefficient is written into the node's state when the balancer or the reduction changes."""
-        sources = (self._balancer, self.reduction)
-        written = self._native_sources.get("view")
-        if written is None or written[0] is not sources[0] or written[1] != sources[1]:
-            self._native_state("view")[1][_VIEW_COEFFICIENT] = self._coefficient_at_view()
-            self._native_sources["view"] = sources
-        view = ops.sum_at_view(z, self._start_native_step("view"))
-        return tuple(view for _ in range(self.num_tasks))
-
-    def _native_state(self, node: str) -> tuple:
-        """The compiled node's state (its layout in csrc/nodes.cpp), the same memory as a NumPy array
-        (read and written without torch) and the clock that reads the node's span from it, made on
-        first use."""
-        if node not in self._native:
-            size = _NATIVE_LAYOUT[node][0] + (6 * self.num_tasks + _HELD_CONSTANTS if node == "held" else 0)
-            state = torch.zeros(size, dtype=torch.float64)
-            flags = state.numpy()
-            self._native[node] = (state, flags, _NativeClock(flags, _NATIVE_LAYOUT[node][1]))
-        return self._native[node]
-
-    def _start_native_step(self, node: str) -> torch.Tensor:
-        """This step's ``node`` ("view" or "held"): its state (made on first use; its layout in
-        csrc/nodes.cpp), its clock, and the balancer's step, counted now (its backward runs no
-        Python)."""
-        state, flags, clock = self._native_state(node)
-        flags[clock.start] = flags[clock.start + 1] = 0.0
-        self._record.native_node = node
-        self._record.backward_clock = clock
-        self.balancer.step += 1
-        return state
-
-    def _settle_native(self) -> None:
-        """Acts on what the last native backward found: the warning for a one-view step's non-finite
-        sum; a step between sums' non-finite losses (reported with the next sum) and the gradients
-        it left out."""
-        if "view" in self._native and self._native["view"][1][2]:
-            self._native["view"][1][2] = 0.0
-            self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
-        record = self._record
-        if not record.held_unsettled:
-            return
-        flags = self._native["held"][1]
-        if flags[2] == 0.0:  # its backward has not run
-            return
-        record.held_unsettled = False
-        if flags[7] == 0.0:  # nothing to report (read here on every step: the flags below only when set)
-            return
-        tasks, first = self.num_tasks, _NATIVE_LAYOUT["held"][0]
-        loss_finite, had_gradient, left_out = (flags[first + i * tasks : first + (i + 1) * tasks] for i in range(3))
-        self._unreported |= (had_gradient != 0) & (loss_finite == 0)
-        spent = int(flags[5])
-        self._warn_left_out([k for k in range(tasks) if left_out[k]], spent if spent >= 0 else None, bool(flags[6]))
-        if flags[4]:
-            self.balancer.warn("(all)", "overflow", _OVERFLOW)
-
     def _sum_at_view(self) -> bool:
         """Whether this step's backward needs only ``sum_k G_k`` times one coefficient (see
         ``autograd_sums``): decided in forward, from what backward would do."""
@@ -457,13 +265,13 @@ class RepresentationBoundary(nn.Module):
         gave it up), or zeros with a warning if a loss or the sum is not finite (the non-finite losses
         are reported with the next sum, as between sums)."""
         start = self._start_backward(total.device)
-        if not _reads_on_host(total):
+        if not views.reads_on_host(total):
             return self._finish(self._sum_at_view_on_device(total, donated), start, reduced=True)
         bad = self._losses_at_view(self._record.losses)
         aggregated = self._scaled_at_view(total, donated)
         if bad or not math.isfinite(aggregated.sum().item()):
             if not bad:
-                self.balancer.warn("(all)", "nonfinite_grad", _NONFINITE_SUM_AT_VIEW)
+                self.balancer.warn("(all)", "nonfinite_grad", NONFINITE_SUM_AT_VIEW)
             aggregated = torch.zeros_like(total) if aggregated is total and not donated else aggregated.zero_()
         return self._finish(aggregated, start, reduced=True)
 
@@ -472,20 +280,6 @@ class RepresentationBoundary(nn.Module):
         if coefficient == 1.0:
             return total
         return total.mul_(coefficient) if donated else total * coefficient
-
-    def _sum_at_view_on_device(self, total: torch.Tensor, donated: bool) -> torch.Tensor:
-        """:meth:`_balance_sum_at_view` on a GPU, with no host read: where a loss or the sum is not
-        finite the rank's contribution is zeroed on the device, without a warning (one would need a
-        host read); a non-finite loss joins the next sum's report through a device flag."""
-        losses = self._record.losses
-        self._record.losses_used()
-        finite_loss = finite_flags(losses)
-        self._note_unreported_on_device(~finite_loss)
-        aggregated = self._scaled_at_view(total, donated)
-        keep = finite_loss.all() & finite_flags(aggregated.sum())
-        if aggregated is total and not donated:  # autograd's buffer, not ours to write
-            return torch.where(keep, aggregated, 0.0)
-        return aggregated.masked_fill_(~keep, 0.0)
 
     def _coefficient_at_view(self) -> float:
         return float(self._balancer.weights_without_statistics()[0]) * (self.num_tasks if self.reduction == "sum" else 1)
@@ -512,20 +306,20 @@ class RepresentationBoundary(nn.Module):
         if key not in self._warmed:
             self._warmed.add(key)
             with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
-                self._balancer.warm_up(z.detach(), lagged, _reads_on_host(z))
+                self._balancer.warm_up(z.detach(), lagged, views.reads_on_host(z))
 
     def use_statistics(self, statistics: str, statistics_every: int | str = 1) -> None:
         """Sets how the statistics are gathered (see the class's arguments), starting afresh: no
         statistics in flight, no held coefficients. A balancer set afterwards is checked against it
         (and, with ``auto``, decides the mode and the cadence)."""
-        _check_statistics_request(statistics, statistics_every)
+        check_statistics_request(statistics, statistics_every)
         self.statistics_requested, self.statistics_every_requested = statistics, statistics_every
         self.statistics = statistics
         if statistics == "auto":  # settled by the balancer, and again by each one set later
-            self.statistics = _auto_mode(self._balancer) if hasattr(self, "_balancer") else "previous"
+            self.statistics = auto_mode(self._balancer) if hasattr(self, "_balancer") else "previous"
         self.statistics_every = 1 if statistics_every == "auto" else statistics_every
         if statistics_every == "auto" and hasattr(self, "_balancer"):
-            self.statistics_every = _auto_every(self._balancer, self.statistics)
+            self.statistics_every = auto_every(self._balancer, self.statistics)
         self.lagged_state = (None, None, np.zeros(self.num_tasks, dtype=bool), None)
         self._gather_for_log = False
 
@@ -565,16 +359,9 @@ class RepresentationBoundary(nn.Module):
         empty = record.rows == 0
         if empty:
             losses = _without_rows(losses)
-        pending, record.native_node = record.native_node, None
-        if pending is not None:  # a compiled node reads the losses' verdict from its state
-            flags = self._native[pending][1]
-            if pending == "view":
-                flags[1] = 0.0 if self._losses_at_view(losses.detach()) else 1.0
-            else:
-                record.losses_used()
-                first = _NATIVE_LAYOUT["held"][0]
-                flags[first : first + self.num_tasks] = [float(math.isfinite(v)) for v in losses.detach().tolist()]
-            flags[0] = 1.0
+        node, record.native_node = record.native_node, None
+        if node is not None:  # a compiled node reads the losses' verdict from its state
+            self._losses_to_native(node, losses.detach())
         else:
             record.losses = losses.detach()
             record.skipped_tasks = []
@@ -642,7 +429,7 @@ class RepresentationBoundary(nn.Module):
         self._balancer = balancer
         fixed = balancer.weights_without_statistics()
         self._equal_constant_weights = fixed is not None and len({float(c) for c in fixed}) == 1  # autograd_sums' case
-        self._elementwise = _is_elementwise(balancer)
+        self._elementwise = is_elementwise(balancer)
         # Loss-level methods learn parameters: registered here, the model's optimizer trains them,
         # DDP averages their gradients and ``.to(device)`` moves them (in place, so the balancer's
         # own references stay valid).
@@ -658,29 +445,29 @@ class RepresentationBoundary(nn.Module):
         state[_TASKS], state[_METHOD] = list(self._balancer.task_names), self._balancer.name
         if self.statistics == "previous":
             stats = self._in_flight.wait() if self._in_flight is not None else None
-            self._in_flight = _Ready(stats) if stats is not None else None
-            state.update(_stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
-            if _is_elementwise(self._balancer):  # the rule's constants until the next sum
-                state.update(_stats_to_tensors(self._last_sum, self.num_tasks, self._balancer.extra_size, _LAST_SUM))
-            state[_HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported_losses().astype(np.float64)]))
+            self._in_flight = Ready(stats) if stats is not None else None
+            state.update(stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
+            if is_elementwise(self._balancer):  # the rule's constants until the next sum
+                state.update(stats_to_tensors(self._last_sum, self.num_tasks, self._balancer.extra_size, LAST_SUM))
+            state[HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported_losses().astype(np.float64)]))
         return state
 
     def set_extra_state(self, state: dict) -> None:
         state = dict(state)
         self._check_record(state.pop(_TASKS, None), state.pop(_METHOD, None))
-        in_flight = {k: state.pop(k) for k in list(state) if k.startswith(_IN_FLIGHT)}
-        last_sum = {k: state.pop(k) for k in list(state) if k.startswith(_LAST_SUM)}
-        held = state.pop(_HELD, None)
+        in_flight = {k: state.pop(k) for k in list(state) if k.startswith(IN_FLIGHT)}
+        last_sum = {k: state.pop(k) for k in list(state) if k.startswith(LAST_SUM)}
+        held = state.pop(HELD, None)
         if held is not None:
             values, t = held.numpy().astype(np.float64), self.num_tasks
             self._held = values[1 : 1 + t].copy() if values[0] > 0 else None
             self._unreported = values[1 + t :] > 0
         self._balancer.load_state_dict(state)
         if self.statistics == "previous" and in_flight:
-            stats = _stats_from_tensors(in_flight)
-            self._in_flight = _Ready(stats) if stats is not None else None
+            stats = stats_from_tensors(in_flight)
+            self._in_flight = Ready(stats) if stats is not None else None
         if self.statistics == "previous" and last_sum:
-            self._last_sum = _stats_from_tensors(last_sum, _LAST_SUM)
+            self._last_sum = stats_from_tensors(last_sum, LAST_SUM)
 
     def _check_record(self, tasks: Optional[List[str]], method: Optional[str]) -> None:
         """A state without the record (written before the boundary kept one, or with it left out, as
@@ -827,8 +614,8 @@ class RepresentationBoundary(nn.Module):
         """``statistics="previous"``: this step's statistics start their sum over ranks and the step
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
-        on_host = _reads_on_host(template)
-        if _is_elementwise(self.balancer):
+        on_host = views.reads_on_host(template)
+        if is_elementwise(self.balancer):
             if on_host:
                 return self._balance_elementwise(grads, z, template, start, donated)
             return self._balance_elementwise_on_device(grads, z, template, start)
@@ -1043,82 +830,6 @@ class RepresentationBoundary(nn.Module):
         self._record.losses_used()
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
-    def _balance_lagged_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
-        """:meth:`_balance_lagged` for a coefficient rule on a GPU, with no host read in backward:
-        whether a task is usable (finite loss, finite gradient, from the Gram's diagonal or, between
-        sums, the gradient's own sum) stays a flag on the device that the sum masks; the statistics
-        are packed and summed there, and the last sum, copied to pinned memory as it arrived, is
-        read now. A non-finite loss joins the next sum's report through a device flag; a non-finite
-        gradient is left out without a warning (one would need a host read)."""
-        pending = None
-        stacked = stacked_gradients(grads)
-        if self._statistics_due():
-            self._report_unreported()
-            usable, pending = self._start_statistics(grads, z, template, on_host=False, stacked=stacked)
-        else:
-            usable = self._usable_on_device(grads)
-        stats, skip = self._read_last_sum(pending)
-        if skip:
-            start.stop()
-            return torch.zeros_like(template)
-        if stats is not None:
-            self._hold(stats)
-        return self._finish(self._masked_sum(stacked, template, self._coefficients_between_sums(), usable), start)
-
-    def _balance_elementwise_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
-        """:meth:`_balance_elementwise` on a GPU, with no host read in backward: the last sum (read
-        from pinned memory) gives the rule its constants until the next; this step's statistics are
-        packed and summed on the device; a task whose gradient or loss proves non-finite on this
-        rank stays a device flag, which the rule masks."""
-        usable, _, skip = self._elementwise_statistics(grads, z, template, on_host=False)
-        if skip:
-            start.stop()
-            return torch.zeros_like(template)
-        if self._last_sum is None:  # nothing summed yet: the prior, equal weights, over the finite tasks
-            return self._finish(self._masked_sum(stacked_gradients(grads), template, self._coefficients_between_sums(), usable), start)
-        return self._finish(self.balancer.aggregate_on_device(grads, self._last_sum, usable), start)
-
-    def _usable_on_device(self, grads) -> torch.Tensor:
-        """A step without statistics on a GPU: device flags for this rank's tasks with a finite loss
-        and a finite gradient (its L1 norm says: NaN and inf propagate into it, and it overflows no
-        sooner than the gradient's own sum), with no host read and no op per task; a non-finite loss
-        joins the next sum's report through a device flag."""
-        losses = self._record.losses
-        finite_loss = finite_flags(losses)
-        nonfinite = ~finite_loss
-        present = [g for g in grads if g is not None]
-        for k, g in enumerate(grads):
-            if g is None:  # an absent head's loss is not reported
-                nonfinite[k] = False
-        self._note_unreported_on_device(nonfinite)
-        return finite_loss & finite_flags(torch.stack(norms_of(filled(grads, present[0]), 1)))
-
-    def _note_unreported_on_device(self, nonfinite: torch.Tensor) -> None:
-        """Adds a step's non-finite losses to the device's flags, read at the next sum: in place once
-        they exist (nn.Module's setattr costs microseconds, on the host time of every step)."""
-        if self._unreported_on_device is None:
-            self._unreported_on_device = nonfinite
-        else:
-            self._unreported_on_device.bitwise_or_(nonfinite)
-
-    def _device_coefficients(self, coefficients: Sequence[float], device: torch.device) -> torch.Tensor:
-        """``coefficients`` as a float64 tensor on ``device``, copied there (from pinned memory, so the
-        host does not wait) only when they change: at a sum's read, not on the steps between."""
-        key = (tuple(coefficients), device)
-        if self._coefficients_on_device is None or self._coefficients_on_device[0] != key:
-            host = torch.tensor(coefficients, dtype=torch.float64, pin_memory=device.type == "cuda")
-            self._coefficients_on_device = (key, host.to(device, non_blocking=True))
-        return self._coefficients_on_device[1]
-
-    def _masked_sum(self, stacked: torch.Tensor, template: torch.Tensor, coefficients: Sequence[float], usable: torch.Tensor) -> torch.Tensor:
-        """``sum_k c_k G_k`` over the tasks whose device flag ``usable[k]`` is set, shaped like
-        ``template``, with no host read: the others' rows of ``stacked`` (:func:`stacked_gradients`,
-        consumed) are zeroed first, so that a left-out gradient's NaN does not reach the sum, then
-        one product with the masked coefficients, so that the ops do not grow with T."""
-        stacked.masked_fill_(~usable[:, None], 0.0)
-        c = torch.where(usable, self._device_coefficients(coefficients, template.device), 0.0).to(stacked.dtype)
-        return (c @ stacked).view_as(template)
-
     def _checked_sum(self, grads, coefficients: Sequence[float], usable: Sequence[bool], donated: Sequence[bool]) -> torch.Tensor:
         """``sum_k c_k G_k`` over ``usable`` when no statistics have looked at the gradients (see
         :meth:`_checked`); the sum may be formed in the first usable gradient (``donated``). Where
@@ -1157,7 +868,7 @@ class RepresentationBoundary(nn.Module):
         keep = [bool(usable[k] and finite[k]) for k in range(self.num_tasks)]
         aggregated, checked = _with_check(rule(keep, ()))
         if not (checked if checked is not None else math.isfinite(aggregated.sum().item())):
-            self.balancer.warn("(all)", "overflow", _OVERFLOW)
+            self.balancer.warn("(all)", "overflow", OVERFLOW)
             aggregated.zero_()
         return aggregated
 
@@ -1178,28 +889,6 @@ class RepresentationBoundary(nn.Module):
             return {}
         return self.balancer.telemetry(self._record.stats)
 
-
-# The compiled nodes' states (csrc/nodes.cpp): their fixed part's size (the between-sums node adds
-# 3 flags a task, then its constants) and where their clock's start is (its end follows).
-_NATIVE_LAYOUT = {"view": (7, 4), "held": (8, 1)}
-_VIEW_COEFFICIENT = 6  # in the "view" node's state
-_HELD_CONSTANTS = 4  # the "held" node's scalar constants, after its 8 + 3T flags; then T each: c, gamma, held
-_OVERFLOW = "the aggregate at z overflowed on this rank: its whole contribution is left out of this step"
-_NONFINITE_SUM_AT_VIEW = ("non-finite gradient at z on this rank, summed with the other tasks' by autograd: this rank's "
-                          "whole contribution is left out of this step")
-
-
-class _NativeClock:
-    """A compiled node's span in its last backward, from its state (0 from the forward that starts a
-    step on the node until that step's backward has run): one per node, read by the step's record."""
-
-    def __init__(self, flags: np.ndarray, start: int) -> None:
-        self.flags, self.start = flags, start  # start and end at flags[start], flags[start + 1]
-
-    def seconds(self) -> float:
-        return max(float(self.flags[self.start + 1] - self.flags[self.start]), 0.0)
-
-
 class _AfterRead:
     """A step's time in the boundary where its forward read the last sum: that read's, then its
     backward's span (``clock``)."""
@@ -1211,57 +900,10 @@ class _AfterRead:
         return self.read_seconds + self.clock.seconds()
 
 
-class _Ready:
-    """Statistics already summed (restored from a checkpoint), with :class:`PendingStatistics`' wait()."""
-
-    def __init__(self, stats: StepStats) -> None:
-        self.stats = stats
-
-    def wait(self) -> StepStats:
-        return self.stats
-
-
 def _with_check(result) -> Tuple[torch.Tensor, Optional[bool]]:
     """A rule's aggregate and, where its pass checked every element, whether all are finite (None:
     not checked; :meth:`RepresentationBoundary._checked` then checks the aggregate's sum)."""
     return result if isinstance(result, tuple) else (result, None)
-
-
-def _is_elementwise(balancer: Balancer) -> bool:
-    """Rules that form the aggregate themselves from each step's gradients (CoGrad). Constant
-    weights override :meth:`~Balancer.aggregate` only to reuse a sum formed early: not these."""
-    return type(balancer).aggregate is not Balancer.aggregate and balancer.weights_without_statistics() is None
-
-
-def _reads_on_host(tensor: torch.Tensor) -> bool:
-    """Whether the boundary may read a few numbers on the host each step where ``tensor`` lives: free
-    on a CPU, a synchronisation with the device's queue on a GPU. (``is_cpu``: reading a device's
-    type costs several microseconds each step with the caches cold.)"""
-    return tensor.is_cpu
-
-
-def _check_statistics_request(statistics: str, statistics_every: int | str) -> None:
-    if statistics not in STATISTICS_MODES:
-        raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-    if statistics_every != "auto" and (
-        isinstance(statistics_every, bool) or not isinstance(statistics_every, int) or statistics_every < 1
-        or (statistics_every > 1 and statistics == "current")
-    ):
-        raise ValueError(f"statistics_every must be 'auto', 1, or > 1 with statistics='previous' or 'auto'; got {statistics_every!r} with {statistics!r}")
-
-
-def statistics_for(balancer: Balancer, statistics: str, statistics_every: int | str = 1) -> Tuple[str, int]:
-    """The statistics mode and cadence a boundary runs ``balancer`` with when asked for
-    ``statistics`` and ``statistics_every`` (``auto`` settled by the balancer); ``ValueError`` where
-    the balancer cannot run so. What a config check needs, without building a boundary."""
-    _check_statistics_request(statistics, statistics_every)
-    mode = _auto_mode(balancer) if statistics == "auto" else statistics
-    every = _auto_every(balancer, mode) if statistics_every == "auto" else statistics_every
-    if mode == "current" and every > 1:
-        raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics_every=1")
-    if mode == "previous" and _needs_its_own_statistics(balancer):
-        raise ValueError(f"{balancer.name} needs each step's own statistics; use statistics='current'")
-    return mode, every
 
 
 def _run_eagerly_under_compile() -> None:
@@ -1280,60 +922,4 @@ def _run_eagerly_under_compile() -> None:
             setattr(cls, name, eager)
 
 
-def _needs_its_own_statistics(balancer: Balancer) -> bool:
-    """Methods that add numbers of their own to the step's reduction need that step's sum, unless
-    they declare that the previous step's serve (``lag_safe_extras``)."""
-    return type(balancer).local_extra is not Balancer.local_extra and not balancer.lag_safe_extras
-
-
-def _auto_mode(balancer: Balancer) -> str:
-    """``statistics="auto"``: lagged wherever the method allows it."""
-    return "current" if _needs_its_own_statistics(balancer) else "previous"
-
-
-def _auto_every(balancer: Balancer, statistics: str) -> int:
-    """``statistics_every="auto"``: the method's own cadence when lagged, every step otherwise."""
-    return balancer.lagged_statistics_every if statistics == "previous" else 1
-
-
 _TASKS, _METHOD = RepresentationBoundary.record_keys
-_IN_FLIGHT = "in_flight_"
-_LAST_SUM = "last_sum_"
-_HELD = "held_coefficients"  # [valid, c_1..c_T, unreported non-finite loss flags 1..T]
-
-
-def _stats_to_tensors(stats: Optional[StepStats], num_tasks: int, extra_size: int, prefix: str = _IN_FLIGHT) -> dict:
-    """Tensors only, with the same keys and shapes whether or not statistics are in flight (so that a
-    checkpoint template always asks for them)."""
-    t = num_tasks
-    if stats is None:
-        stats = StepStats(np.zeros((t, t)), np.zeros(t), np.zeros(t, dtype=bool), 0, 0, extra=np.zeros(extra_size))
-        valid = 0.0
-    else:
-        valid = 1.0
-    extra = np.zeros(extra_size) if stats.extra is None else np.array(stats.extra, dtype=np.float64)
-    return {
-        f"{prefix}extra": torch.from_numpy(extra),
-        f"{prefix}valid": torch.tensor(valid, dtype=torch.float64),
-        f"{prefix}gram": torch.from_numpy(np.array(stats.gram, dtype=np.float64)),
-        f"{prefix}losses": torch.from_numpy(np.array(stats.losses, dtype=np.float64)),
-        f"{prefix}active": torch.from_numpy(np.array(stats.active, dtype=np.float64)),
-        f"{prefix}nonfinite_loss": torch.from_numpy(np.array(stats.nonfinite_loss, dtype=np.float64)),
-        f"{prefix}batch": torch.tensor([stats.local_batch_size, stats.global_batch_size, float(stats.cross_terms)], dtype=torch.float64),
-    }
-
-
-def _stats_from_tensors(state: dict, prefix: str = _IN_FLIGHT) -> Optional[StepStats]:
-    if float(state[f"{prefix}valid"]) == 0.0:
-        return None
-    local, total, cross = state[f"{prefix}batch"].tolist()
-    return StepStats(
-        state[f"{prefix}gram"].numpy().copy(),
-        state[f"{prefix}losses"].numpy().copy(),
-        state[f"{prefix}active"].numpy() > 0,
-        int(local),
-        int(total),
-        state[f"{prefix}nonfinite_loss"].numpy() > 0,
-        state[f"{prefix}extra"].numpy().copy() if state[f"{prefix}extra"].numel() else None,
-        bool(cross),
-    )

@@ -23,7 +23,8 @@ from concord.balancing import (
     build_balancer,
 )
 from concord.balancing.base import weighted_sum
-from concord.balancing.boundary import _NativeClock
+from concord.balancing import views as views_module
+from concord.balancing.compiled_steps import NativeClock
 from concord.balancing.collectives import reduce_statistics
 from concord.balancing.statistics import StepStats, device_statistics, finite_flags, local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
@@ -328,11 +329,10 @@ def test_a_step_without_rows_changes_nothing(name, statistics, on_host, monkeypa
     empty one in the middle leave the state that four steps leave (with lagged statistics the empty
     step's rule reads the step before's sum, and the next step's reads the empty sum, which moves
     nothing), and the last gradient is the same; on a CPU and on a GPU's path (no host reads)."""
-    import concord.balancing.boundary as module
 
     if statistics == "previous" and name == "graddrop":
         pytest.skip("GradDrop needs each step's own statistics")
-    monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
+    monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: on_host)
 
     def train(rows: list):
         model = ToyMTL(3)
@@ -1020,9 +1020,9 @@ def _backward_through(boundary, grads, touch=None, nonfinite=()):
 
 def _last_given_up(boundary, donations) -> bool:
     """Whether the last backward formed its sum in the gradient autograd gave up (which a native
-    node records in its state, and the Python nodes ask ``_donated``)."""
+    node records in its state, and the Python nodes ask ``donated_gradients``)."""
     clock = boundary._record.backward_clock
-    if isinstance(clock, _NativeClock):
+    if isinstance(clock, NativeClock):
         return clock.flags[3] == 1.0
     return bool(donations) and donations[-1][-1]
 
@@ -1030,10 +1030,9 @@ def _last_given_up(boundary, donations) -> bool:
 @pytest.fixture
 def donations(monkeypatch):
     """What the boundary's backward was told it may write into, call by call."""
-    import concord.balancing.boundary as module
 
-    seen, real = [], module._donated
-    monkeypatch.setattr(module, "_donated", lambda grads: seen.append(real(grads)) or seen[-1])
+    seen, real = [], views_module.donated_gradients
+    monkeypatch.setattr(views_module, "donated_gradients", lambda grads: seen.append(real(grads)) or seen[-1])
     return seen
 
 
@@ -1117,7 +1116,7 @@ def _use_node(node: str, monkeypatch) -> str:
     if node == "python":
         monkeypatch.setattr(module, "native_ops", lambda: None)
     elif node == "device":
-        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: False)
+        monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: False)
     elif native_ops() is None:
         pytest.skip("the native node cannot be built on this machine (a C++ compiler and ninja are needed)")
     return node
@@ -1248,14 +1247,13 @@ def test_a_gpus_batched_steps_with_an_absent_head_step_like_the_cpu(monkeypatch,
     or with the diagonal alone one multi-tensor norm), run here on CPU tensors: with head c absent on
     some steps, on statistics steps and between sums, with and without the Gram's cross terms, the
     same aggregates and weights as the CPU's step."""
-    import concord.balancing.boundary as module
 
     steps = _random_steps(44, 9)
     for t in (1, 2, 5):
         steps[t][2] = None
     outs, weights = {}, {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
+        monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: on_host)
         boundary = _every_k(method, 3, telemetry_every=telemetry_every)
         outs[on_host], weights[on_host] = [], []
         for grads in steps:
@@ -1273,14 +1271,13 @@ def test_between_sums_without_host_reads_a_gpu_steps_like_the_cpu(monkeypatch):
     """The GPU's between-sums step (no host read: usability stays a device flag, the sum masks it),
     run here on CPU tensors: the same aggregate as the CPU's step, non-finite gradients left out,
     and a non-finite loss raised with the next sum."""
-    import concord.balancing.boundary as module
 
     steps = _random_steps(34, 6)
     steps[1][2][3, 1] = float("nan")  # a non-finite gradient between sums, with a finite loss
     losses = [torch.tensor([1.0, float("inf") if t == 2 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
     outs = {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
+        monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: on_host)
         boundary = _every_k("multibalance", 3)
         boundary.on_nonfinite_loss = "raise"
         outs[on_host] = []
@@ -1302,14 +1299,13 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every)
     the rule masks, and kappa drops to 0 on the device where one is not usable), run here on CPU
     tensors: the same aggregates and telemetry as the CPU's step, a non-finite gradient left out of
     its step uncorrected, a non-finite loss raised with the next sum."""
-    import concord.balancing.boundary as module
 
     steps = _random_steps(36, 6)
     steps[2][1][4, 2] = float("nan")
     losses = [torch.tensor([1.0, float("inf") if t == 4 else 2.0, 0.5], dtype=torch.float64) for t in range(6)]
     outs, telemetry = {}, {}
     for on_host in (True, False):
-        monkeypatch.setattr(module, "_reads_on_host", lambda tensor: on_host)
+        monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: on_host)
         boundary = _every_k("cograd", every)
         boundary.on_nonfinite_loss = "raise"
         outs[on_host], telemetry[on_host] = [], []
@@ -1336,9 +1332,8 @@ def test_lagged_cograd_without_host_reads_steps_like_the_cpu(monkeypatch, every)
 
 
 def test_unreported_device_flags_survive_a_checkpoint(monkeypatch):
-    import concord.balancing.boundary as module
 
-    monkeypatch.setattr(module, "_reads_on_host", lambda tensor: False)
+    monkeypatch.setattr(views_module, "reads_on_host", lambda tensor: False)
     boundary = _every_k("multibalance", 4)
     first, second = _random_steps(35, 2)
     boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
@@ -1380,7 +1375,7 @@ def _steps_with_faults(boundary, steps, monkeypatch, caplog, absent_at, on_nativ
             with caplog.at_level(logging.WARNING, logger="concord.balancing"):
                 boundary.objective(torch.stack(losses)).backward()
                 assert boundary.backward_seconds >= 0
-            assert isinstance(boundary._record.backward_clock, _NativeClock) == on_native_node(t), t
+            assert isinstance(boundary._record.backward_clock, NativeClock) == on_native_node(t), t
             out.append((z.grad.clone(), boundary.lagged_state[2].copy(), boundary.balancer.step) + ((record(),) if record else ()))
             warnings.append(caplog.text.count("left out of this step"))
     return out, warnings

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import concord.balancing.boundary as boundary_module
+import concord.balancing.views as views_module
 from concord.balancing import RepresentationBoundary, build_balancer
 from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_possible
 from concord.balancing.param_level import PARAMETER_LEVEL, build_parameter_level
@@ -75,11 +75,11 @@ def _run(rank: int, world_size: int, empty_last_rank: bool = False):
         dist.init_process_group("gloo")
         group = dist.new_group()
     results = {}
-    reads_on_host = boundary_module._reads_on_host
+    reads_on_host = views_module.reads_on_host
     for case, (name, knobs, *mode) in CASES.items():
         if empty_last_rank and (name in PARAMETER_LEVEL or mode[2:] == ["ddp"]):
             continue
-        boundary_module._reads_on_host = (lambda tensor: False) if mode[2:] == ["device"] else reads_on_host
+        views_module.reads_on_host = (lambda tensor: False) if mode[2:] == ["device"] else reads_on_host
         model = ToyMTL(3)
         param_level = None
         if name in PARAMETER_LEVEL:  # weights the losses; the boundary passes the gradient through
@@ -125,7 +125,7 @@ def _run(rank: int, world_size: int, empty_last_rank: bool = False):
         results[case] = out
         if in_ddp or on_host:
             results[f"{case}:carried"] = len(carried)
-    boundary_module._reads_on_host = reads_on_host
+    views_module.reads_on_host = reads_on_host
     if empty_last_rank:
         return results
     results["nonfinite"] = _nonfinite_on_the_last_rank(rank, world_size, group)

@@ -1048,7 +1048,7 @@ def _validate_balancer(cfg: Config, fail) -> None:
         if b.name in PARAMETER_LEVEL:
             check_parameter_level_knobs(b.name, len(cfg.tasks), **b.knobs)
         else:  # what a boundary would refuse, without building one (that would import Dynamo)
-            from concord.balancing.boundary import statistics_for
+            from concord.balancing.lagged import statistics_for
 
             statistics_for(build_balancer(b.name, cfg.task_names, **b.knobs), b.statistics, b.statistics_every)
     except (ValueError, TypeError) as e:
