@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from concord.trainer.config import ConfigError, check_machine, load_config
+from concord.trainer.config import ConfigError, load_config
+from concord.trainer.config_checks import check_machine
 
 DEMO = "configs/demo.yaml"
 
@@ -154,7 +155,7 @@ def test_convert_rules_must_produce_exactly_what_the_trainer_reads(override, mes
     ("model.tables.0.sharding_types=[row_wise]", r"model\.tables\[0\]\.sharding_types: 'row_wise' needs CUDA"),
 ])
 def test_what_this_machine_cannot_run_is_a_config_error(override, message):
-    from concord.trainer.config import check_machine
+    from concord.trainer.config_checks import check_machine
 
     cfg = load_config("configs/tiny.yaml", [override, "dist.device=auto"] if "device" not in override else [override])
     with pytest.raises(ConfigError, match=message):

@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "convert":
             return _convert(cfg, args.force, args.encode_like, args.out)
         if args.command in ("train", "bench"):
-            from concord.trainer.config import check_machine
+            from concord.trainer.config_checks import check_machine
 
             check_machine(cfg)
             check_data_exists(cfg)
