@@ -9,6 +9,11 @@ Usage in any PyTorch model (TorchRec or not)::
 
 In that backward pass the heads receive their raw task gradients; the bottom (and, through it, the
 embedding tables) receives ``A`` from the balancer instead of ``sum_k G_k``.
+
+This module holds the boundary's forward, ``objective()`` and its backward on a CPU in each statistics
+mode; beside it, the autograd nodes that hand ``z`` to the heads (``views.py``), the statistics modes
+and the lagged state a checkpoint carries (``lagged.py``), the steps on the compiled nodes
+(``compiled_steps.py``) and the steps on a GPU (``device_steps.py``).
 """
 
 from __future__ import annotations
