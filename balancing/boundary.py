@@ -452,7 +452,7 @@ class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
             stats = self._in_flight.wait() if self._in_flight is not None else None
             self._in_flight = Ready(stats) if stats is not None else None
             state.update(stats_to_tensors(stats, self.num_tasks, self._balancer.extra_size))
-            if is_elementwise(self._balancer):  # the rule's constants until the next sum
+            if self._elementwise:  # the rule's constants until the next sum
                 state.update(stats_to_tensors(self._last_sum, self.num_tasks, self._balancer.extra_size, LAST_SUM))
             state[HELD] = torch.from_numpy(np.concatenate([[float(self._held is not None)], self._held if self._held is not None else np.zeros(self.num_tasks), self._unreported_losses().astype(np.float64)]))
         return state
@@ -620,7 +620,7 @@ class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
         is balanced with the last sum, which has arrived by now (with ``statistics_every`` k > 1 the
         steps between hold the coefficients of the last sum)."""
         on_host = views.reads_on_host(template)
-        if is_elementwise(self.balancer):
+        if self._elementwise:
             if on_host:
                 return self._balance_elementwise(grads, z, template, start, donated)
             return self._balance_elementwise_on_device(grads, z, template, start)
@@ -631,12 +631,9 @@ class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
         if self._in_flight is None:
             return self._between_sums(grads, start, donated)
         usable = self._usable_from_losses(grads)
-        stats, skip = self._read_last_sum(None)
-        if skip:
+        if self._hold_last_sum(None):
             start.stop()
             return torch.zeros_like(template)
-        if stats is not None:
-            self._hold(stats)
         return self._finish(self._checked_sum(grads, self._coefficients_between_sums(), usable, donated), start)
 
     def _statistics_step(self, grads, z, template: torch.Tensor, start: Clock, donated: Sequence[bool]) -> torch.Tensor:
@@ -763,13 +760,16 @@ class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
             record.losses = torch.where(flags, torch.full_like(record.losses, float("nan")), record.losses)
             self._unreported_on_device = None
 
-    def _read_last_sum(self, pending) -> Tuple[Optional[StepStats], bool]:
-        """Puts this step's statistics (or None) in flight and reads the last step's sum, if one is
-        in flight; the bool says the step is to be skipped (``skip_step``)."""
+    def _hold_last_sum(self, pending) -> bool:
+        """Puts this step's statistics (or None) in flight, reads the last step's sum, if one is in
+        flight, and holds its coefficients; True where the step is to be skipped (``skip_step``)."""
         previous = self._take_in_flight()
         if pending is not None:  # in flight now: None, taken above
             self._in_flight = pending
-        return self._read_sum(previous)
+        stats, skip = self._read_sum(previous)
+        if stats is not None and not skip:
+            self._hold(stats)
+        return skip
 
     def _read_sum_ahead(self) -> Tuple[Optional[StepStats], bool]:
         """The last sum, read before this step's statistics start (it has arrived): an element-wise

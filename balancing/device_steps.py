@@ -48,12 +48,9 @@ class DeviceSteps:
             usable, pending = self._start_statistics(grads, z, template, on_host=False, stacked=stacked)
         else:
             usable = self._usable_on_device(grads)
-        stats, skip = self._read_last_sum(pending)
-        if skip:
+        if self._hold_last_sum(pending):
             start.stop()
             return torch.zeros_like(template)
-        if stats is not None:
-            self._hold(stats)
         return self._finish(self._masked_sum(stacked, template, self._coefficients_between_sums(), usable), start)
 
     def _balance_elementwise_on_device(self, grads, z, template: torch.Tensor, start: Clock) -> torch.Tensor:
