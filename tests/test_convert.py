@@ -576,6 +576,12 @@ def test_cells_listed_in_missing_values_read_as_empty_cells_in_csv_and_parquet(t
     assert "?" in read(tmp_path, "train")["day"] + read(tmp_path, "eval")["day"]
     with pytest.raises(ConfigError, match=r"data.convert.missing_values\[1\].*'-999' is a number"):
         run(base(tmp_path, missing_values=["?", "-999"]))
+    # NaN is missing already and inf is not a number a column could hold: either may be listed
+    for cell in ("NaN", "inf"):
+        marked = base(tmp_path, rows=with_cells(cell), missing_values=["NaN", "inf"])
+        marked["data"]["passthrough"] = ["day"]
+        run(marked, force=True)
+        assert {s: read(tmp_path, s) for s in ("train", "eval")} == expected
 
 
 def test_a_cell_of_spaces_and_an_empty_parquet_text_cell_are_missing_as_an_empty_csv_cell_is(tmp_path):

@@ -251,12 +251,13 @@ def check_machine(cfg: Config) -> None:
                  f"{cfg.model.embedding_optimizer.name!r} has no CPU kernel in FBGEMM; on CPU use one of {CPU_EMBEDDING_OPTIMIZERS}")
 
 
-def _is_number_text(text: str) -> bool:
+def _is_finite_number_text(text: str) -> bool:
+    """Whether a cell holding ``text`` reads as a number. NaN and infinities do not: a cell of NaN is
+    missing already, and one of inf is a bad value that a user may rightly declare missing."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _validate_convert(cfg: Config, fail) -> None:
@@ -283,7 +284,7 @@ def _validate_convert(cfg: Config, fail) -> None:
     for i, marker in enumerate(cv.missing_values):
         if not marker.strip():
             fail(f"data.convert.missing_values[{i}]", f"must be text that a cell holds (such as '?'), got {marker!r}")
-        elif _is_number_text(marker):
+        elif _is_finite_number_text(marker):
             fail(f"data.convert.missing_values[{i}]", f"{marker!r} is a number, which would mean missing in every numeric "
                  "column; a label's codes for no label go in data.convert.unknown")
     sep = cv.thousands_separator
