@@ -86,6 +86,53 @@ def test_resume_is_exact(tmp_path, balancer, extra):
     assert all(isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values())
 
 
+def _whole_tensors(state, prefix=""):
+    """Flattens a checkpoint state into {key: whole tensor}: a ShardedTensor's shards put together
+    (on one rank every shard is local)."""
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_whole_tensors(value, name + "/"))
+        elif hasattr(value, "local_shards"):
+            whole = torch.zeros(value.size(), dtype=value.dtype)
+            for shard in value.local_shards():
+                where = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                whole[where] = shard.tensor.detach()
+            out[name] = whole
+        elif isinstance(value, torch.Tensor):
+            out[name] = value.detach().clone()
+    return out
+
+
+def _resumed_state(rank, world_size, cfg_overrides):
+    from concord.trainer.config import load_config
+    from concord.trainer.runtime import init_runtime
+    from concord.trainer.train import Trainer
+
+    trainer = Trainer.build(load_config("configs/tiny.yaml", cfg_overrides), init_runtime("cpu"))
+    step = trainer.resume()
+    return _whole_tensors(trainer.checkpoint_state(step))
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_of_two_ranks_resumes_whole_on_one(tmp_path):
+    """On one rank (``train.allow_changes=[world_size]``) every tensor of a 2-rank checkpoint loads as
+    it was saved: the tables and their optimizer state resharded, the dense state, the balancer's."""
+    run = tmp_path / "run"
+    _train(tmp_path, run, "multibalance", "train.max_steps=6", "model.tables[0].sharding_types=[column_wise]")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(run / "checkpoints/step-00000006", tmp_path / "saved.pt")
+    saved = _whole_tensors(torch.load(tmp_path / "saved.pt", weights_only=False))
+    (loaded,) = run_ranks(_resumed_state, 1, [*tiny_data(tmp_path), f"train.run_dir={run}", "balancer.name=multibalance",
+                                              "model.tables[0].sharding_types=[column_wise]", "dist.nproc_per_node=1",
+                                              "train.allow_changes=[world_size]"])
+    assert loaded.keys() == saved.keys()
+    assert any("momentum" in k for k in loaded) and any("boundary._extra_state" in k for k in loaded)
+    assert [k for k in loaded if not torch.equal(loaded[k], saved[k])] == []
+
+
 def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path):
     ck = Checkpointer(tmp_path, keep=2)
     for step in (1, 2, 3):

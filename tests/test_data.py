@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from concord.trainer.data.position import DataSchedule, EpochReading, PositionError, steps_per_epoch
 from concord.trainer.data.reader import Columns, DataError, ParquetReader
+from concord.trainer.train import Trainer
 
 COLUMNS = Columns(dense=("d0", "d1"), sparse=(("f", "f"), ("g", "g")), labels=("y",), table_sizes=(("f", 1000), ("g", 1000)))
 
@@ -265,6 +267,73 @@ def test_training_trains_every_row_once_per_epoch_but_the_counted_remainder(tmp_
         left_out = readers[0].rows_left_out()
         assert len(seen) + left_out == total  # the rest is counted exactly
         assert left_out < world_size * batch + world_size  # at most a partial batch per rank, plus < W
+
+
+def _trained(tmp_path, schedule, step, steps, shuffle):
+    """The ids each rank reads in ``steps`` steps from ``step`` under ``schedule``, as the trainer reads them."""
+    reading = schedule.reading_at(step)
+    readers = [ParquetReader(str(tmp_path), COLUMNS, reading.batch_size, r, reading.world_size, drop_last=True,
+                             shuffle=shuffle, seed=5, shuffle_rows=16) for r in range(reading.world_size)]
+    per_rank = []
+    for reader in readers:
+        batches = Trainer._epochs(reader, schedule, step)
+        per_rank.append([[int(i) for i in next(batches).dense[:, 0].tolist()] for _ in range(steps)])
+    return per_rank
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_run_resumed_on_other_ranks_or_batches_trains_the_rest_of_its_epoch_once(tmp_path, shuffle):
+    """2 ranks of 4 rows stop 3 steps into epoch 1; 3 ranks of 5 go on, stop, and 1 rank of 7 ends the
+    epoch: every row of the epoch is trained once but a counted remainder (under one batch a rank at
+    each change, besides the epoch's own), every rank reads as many batches as the others, and the
+    next epoch is read as usual."""
+    write(tmp_path / "a.parquet", 130, row_group_size=9)
+    write(tmp_path / "b.parquet", 41, start=130, row_group_size=41)
+    total = 171
+    first = DataSchedule.fresh(total, 2, 4)
+    spe = first.steps_per_epoch  # 21
+    stop = spe + 3
+    before = _trained(tmp_path, first, spe, 3, shuffle)
+    second = DataSchedule.resumed(stop, first.record(stop), 2, 4, total, 3, 5)
+    reading = second.current
+    assert (reading.epoch, reading.began_at, reading.world_size, reading.batch_size) == (1, stop, 3, 5)
+    assert reading.rows_held == 2 * (spe - 3) * 4 and reading.steps == reading.rows_held // 15
+    middle = _trained(tmp_path, second, stop, 2, shuffle)
+    third = DataSchedule.resumed(stop + 2, second.record(stop + 2), 3, 5, total, 1, 7)
+    after = _trained(tmp_path, third, stop + 2, third.current.steps, shuffle)
+    rows = [i for part in (before, middle, after) for ids in part for batch in ids for i in batch]
+    assert len(rows) == len(set(rows))  # no row twice
+    epoch = {i for ids in _trained(tmp_path, first, spe, spe, shuffle) for batch in ids for i in batch}
+    assert set(rows) <= epoch  # only the epoch's rows, and all but the remainders counted at each change
+    assert len(epoch) - len(rows) == second.current.rows_left_out + third.current.rows_left_out
+    assert second.current.rows_left_out < 3 * 5 and third.current.rows_left_out < 7
+    for reading in (second.current, third.current):  # equal work on every rank: whole batches, as many
+        for rank in range(reading.world_size):
+            assert sum(end - first for *_, first, end in reading.share(rank)) == reading.steps * reading.batch_size
+    # The same ranks resuming inside a shared-out epoch read on where they stopped.
+    again = DataSchedule.resumed(stop + 2, second.record(stop + 2), 3, 5, total, 3, 5)
+    assert _trained(tmp_path, again, stop + 2, 3, shuffle) == [ids[2:5] for ids in _trained(tmp_path, second, stop, 5, shuffle)]
+    # After it, epoch 2 on 1 rank of 7, from the step the shared-out epoch ended at.
+    end = third.current.ends_at
+    assert third.epochs_ended_at(end) == 2 and third.epochs_ended_at(end - 1) is None
+    assert third.reading_at(end).pieces is None and third.reading_at(end).epoch == 2
+    assert third.total_steps(3) == end + steps_per_epoch(total, 1, 7)
+    assert _trained(tmp_path, third, end, 2, shuffle) == _trained(tmp_path, DataSchedule(EpochReading(2, end, 1, 7, total)), end, 2, shuffle)
+
+
+def test_a_position_resumed_at_an_epoch_boundary_or_without_a_record():
+    """A checkpoint at an epoch's end continues with the next epoch read by the new ranks; one written
+    before positions were recorded is read as the old ranks read it; a position that does not fit the
+    data is refused."""
+    old = DataSchedule.fresh(100, 2, 5)  # 10 steps an epoch
+    assert old.total_steps(3) == 30 and old.epochs_ended_at(20) == 2 and old.epochs_ended_at(25) is None
+    at_end = DataSchedule.resumed(20, old.record(20), 2, 5, 100, 4, 5)
+    assert at_end.current == EpochReading(2, 20, 4, 5, 100) and at_end.total_steps(3) == 25
+    unrecorded = DataSchedule.resumed(13, None, 2, 5, 100, 2, 5)
+    assert unrecorded.current == EpochReading(1, 10, 2, 5, 100)
+    assert DataSchedule.resumed(13, None, 2, 5, 100, 1, 5).current.pieces == ((2, 0, 15, 50), (2, 1, 15, 50))
+    with pytest.raises(PositionError, match="of 10 steps: it was written for other data"):
+        DataSchedule.resumed(13, {"epoch": 1, "began_at": 0, "world_size": 2, "batch_size": 5, "pieces": None}, 2, 5, 100, 1, 5)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 7])

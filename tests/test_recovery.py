@@ -140,14 +140,18 @@ def test_no_intact_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
 
 
 def test_a_resume_mismatch_names_the_keys_and_the_ways_out():
-    saved = {"batch_size": 64, "world_size": 2, "balancer": {"name": "equal"}}
-    now = {"batch_size": 128, "world_size": 2, "balancer": {"name": "emtl"}}
+    saved = {"batch_size": 64, "world_size": 2, "seed": 0, "balancer": {"name": "equal"}}
+    now = {"batch_size": 128, "world_size": 2, "seed": 1, "balancer": {"name": "emtl"}}
     keys = differences(saved, now)
-    assert keys == ["balancer", "batch_size"]
+    assert keys == ["balancer", "batch_size", "seed"]
     message = mismatch_message("ck", keys, saved, now, [])
-    assert "batch_size: 64 -> 128" in message and "train.resume=false" in message
-    assert "only balancer may differ with train.allow_changes=[balancer]" in message
+    assert "batch_size: 64 -> 128" in message and "seed: 0 -> 1" in message and "train.resume=false" in message
+    assert "only balancer, batch_size may differ with train.allow_changes=[balancer,batch_size]" in message
     assert "balancer.name: equal -> emtl" in message
+    keys = differences({**saved, "seed": 1}, now)  # every change a safe one: the way out says what each does
+    message = mismatch_message("ck", keys, {**saved, "seed": 1}, now, [])
+    assert ("train.allow_changes=[balancer,batch_size] (the new balancer starts with fresh state on the trained model; "
+            "the rows the checkpoint's epoch has not trained are read in batches of the new size)") in message
 
     # A change deep in a section is named down to the setting, not as two whole sections cut short.
     tables = [{"name": "t_user", "embedding_dim": 16, "num_embeddings": 100}, {"name": "t_item", "embedding_dim": 16, "num_embeddings": 50}]
@@ -316,7 +320,7 @@ def _concord(*args):
 
 
 @pytest.mark.multiprocess
-def test_resume_refuses_another_batch_size_and_allows_another_balancer_when_asked(tmp_path):
+def test_resume_refuses_another_batch_size_and_allows_another_balancer_world_size_or_batch_size_when_asked(tmp_path):
     data = tiny_data(tmp_path)
     run = [f"train.run_dir={tmp_path}/run", "train.max_steps=8"]
     assert _concord("train", "--config", "configs/tiny.yaml", *data, *run).returncode == 0
@@ -331,6 +335,14 @@ def test_resume_refuses_another_batch_size_and_allows_another_balancer_when_aske
     assert "resumed from" in other.stdout and "at step 8" in other.stdout
     # What the fingerprint lets change is said, not taken on silently.
     assert "with settings other than that checkpoint's: balancer.name: equal -> multibalance; train.max_steps: 8 -> 12\n" in other.stdout
+    # On one rank of 32 rows, when asked: the 2 x (32 - 12) batches of 64 rows epoch 0 has left are
+    # shared out anew, and the run ends with the epoch.
+    fewer = _concord("train", "--config", "configs/tiny.yaml", *data, *run, "train.max_steps=200", "dist.nproc_per_node=1",
+                     "data.batch_size=32", "balancer.name=multibalance", "train.allow_changes=[world_size,batch_size]")
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    assert ("resumed from" in fewer.stdout and "at step 12" in fewer.stdout and "epoch 0 goes on with its 2560 rows not "
+            "yet trained, shared out in 80 steps x 32 rows x 1 rank (0 left out") in fewer.stdout, fewer.stdout
+    assert json.loads((tmp_path / "run/summary.json").read_text())["step"] == 12 + 80
 
 
 @pytest.mark.multiprocess

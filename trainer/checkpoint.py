@@ -3,8 +3,8 @@
 What is saved, all of it tensors: the sharded model (tables as ShardedTensors, dense parameters), the
 optimizers' state (the fused embedding optimizer's and the dense one's; hyper-parameters come from the
 config, so param_groups are left out), the balancer's state (EMA norms, weights, bandit, random
-generators) and the progress (global step; the data position follows from it, since every rank reads
-exactly ``steps_per_epoch`` full batches per epoch in a fixed order).
+generators) and the progress (global step). The data position beside it, in ``concord.json``, says
+how the step's epoch is being read (:mod:`concord.trainer.data.position`).
 
 Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier rank 0 records the size and
 CRC-32 of every file in ``concord.json`` (with the run's resume fingerprint) and renames the directory

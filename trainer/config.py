@@ -290,7 +290,7 @@ class TrainConfig:
     checkpoint_final: bool = True
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest intact checkpoint in run_dir/checkpoints
-    allow_changes: List[str] = field(default_factory=list)  # fingerprint keys that may differ on resume: [balancer]
+    allow_changes: List[str] = field(default_factory=list)  # fingerprint keys that may differ on resume: balancer, world_size, batch_size
     resume_from: Optional[str] = None  # a run directory (or one checkpoint) to start from when run_dir has none
     max_skipped_steps: int = 10  # on_nonfinite: skip stops with an error once more steps than this were skipped
 

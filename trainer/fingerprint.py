@@ -1,9 +1,10 @@
 """What must match for a checkpoint to be resumed, recorded beside every checkpoint.
 
-A mismatch stops the run with one line naming the differing keys and the ways out. Only a change of
-balancer is safe to continue from (``train.allow_changes=[balancer]``): the new balancer starts fresh
-on the trained model. Everything else (tables, model shape, tasks, batch size, world size, the training
-data, the seed) would silently re-train rows or load the wrong shapes.
+A mismatch stops the run with one line naming the differing keys and the ways out. Three changes are
+safe to continue from when asked for (``train.allow_changes=[...]``): the balancer (the new one starts
+fresh on the trained model), and the world size and the batch size (the rest of the checkpoint's epoch
+is shared out anew: :mod:`concord.trainer.data.position`). Everything else (tables, model shape, tasks,
+the training data, the seed) would silently re-train rows or load the wrong shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from concord.trainer.config import BalancerConfig, ModelConfig
 from concord.trainer.data.layout import count_rows, data_encoding, published_checkpoints, saved_fingerprint
 
 # Keys of the fingerprint a user may let differ, with what then happens.
-SAFE_CHANGES = {"balancer": "the new balancer starts with fresh state on the trained model"}
+SAFE_CHANGES = {
+    "balancer": "the new balancer starts with fresh state on the trained model",
+    "world_size": "the rows the checkpoint's epoch has not trained are shared out among the new ranks",
+    "batch_size": "the rows the checkpoint's epoch has not trained are read in batches of the new size",
+}
 
 
 def fingerprint(cfg, world_size: int, train_rows: int) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
 from concord.trainer.config import Config, to_dict, training_label_means
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
+from concord.trainer.data.position import DataSchedule
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import check_resume, fingerprint, nothing_to_resume_from, settings_changed
@@ -108,6 +109,7 @@ class Trainer:
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
     step: int = 0  # optimisation steps taken (skipped steps included)
     train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
+    data_schedule: Optional[DataSchedule] = None  # the epochs as steps; set by resume or train_batches
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
@@ -236,7 +238,8 @@ class Trainer:
         return fingerprint(self.cfg, self.rt.world_size, reader.total_rows)
 
     def save_checkpoint(self, step: int) -> Path:
-        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id, "config": to_dict(self.cfg)}
+        info = {"fingerprint": self.fingerprint(), "run_id": self.run_id, "config": to_dict(self.cfg),
+                "data": self.data_schedule.record(step)}
         return self.checkpointer.save(step, self.checkpoint_state(step), info)
 
     def resume(self) -> int:
@@ -272,7 +275,24 @@ class Trainer:
             if changes:
                 print(f"  with settings other than that checkpoint's: {changes}", flush=True)
         self.log.write({"kind": "resume", "step": step, "checkpoint": str(path)})
+        self.data_schedule = self._resumed_schedule(step, info.get("data"), saved, now["data"]["rows"])
         return step
+
+    def _resumed_schedule(self, step: int, record: Optional[Dict[str, Any]], saved: Dict[str, Any], rows: int) -> DataSchedule:
+        """Where the checkpoint left the data; on other ranks or another batch size (which the
+        fingerprint check let through), the rest of its epoch shared out anew, said so."""
+        batch, world = self.cfg.data.batch_size, self.rt.world_size
+        schedule = DataSchedule.resumed(step, record, int(saved.get("world_size", world)), int(saved.get("batch_size", batch)),
+                                        rows, world, batch)
+        reading = schedule.current
+        if reading.pieces is not None and self.rt.is_main:
+            ranks = f"{world} rank{'s' if world > 1 else ''}"
+            print(f"  epoch {reading.epoch} goes on with its {reading.rows_held} rows not yet trained, shared out in "
+                  f"{reading.steps} steps x {batch} rows x {ranks} ({reading.rows_left_out} left out, under one "
+                  f"batch a rank); later epochs are read by {ranks} as usual", flush=True)
+            self.log.write({"kind": "reshared", "step": step, "epoch": reading.epoch, "rows": reading.rows_held,
+                            "steps": reading.steps, "left_out": reading.rows_left_out})
+        return schedule
 
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -304,7 +324,7 @@ class Trainer:
         return LRSchedule(self.cfg.train.lr_schedule, total, groups)
 
     def _total_steps(self, step: int) -> int:
-        total = self.train_reader.full_batches_per_rank() * self.cfg.train.epochs
+        total = self.data_schedule.total_steps(self.cfg.train.epochs)
         if self.cfg.train.max_steps is not None:
             total = min(total, self.cfg.train.max_steps)
         if step >= total and self.rt.is_main:
@@ -480,6 +500,8 @@ class Trainer:
                 f"data.train: {self.cfg.data.train}: {reader.total_rows} rows make not one full batch of "
                 f"{self.cfg.data.batch_size} rows per rank for {self.rt.world_size} ranks; lower data.batch_size"
             )
+        if self.data_schedule is None:
+            self.data_schedule = DataSchedule.fresh(reader.total_rows, self.rt.world_size, reader.batch_size)
         if start_step == 0 and self.rt.is_main:
             logger.info(
                 "an epoch trains %d steps x %d rows x %d ranks = %d of the %d training rows; %d left out (%s)",
@@ -487,19 +509,23 @@ class Trainer:
                 reader.total_rows, reader.rows_left_out(),
                 "other rows each epoch: shuffled" if reader.shuffle else "the same rows each epoch: data.shuffle is off",
             )
-        return self._epochs(reader, steps, start_step)
+        return self._epochs(reader, self.data_schedule, start_step)
 
     @staticmethod
-    def _epochs(reader: ParquetReader, steps_per_epoch: int, start_step: int) -> Iterator[Batch]:
-        """Yields exactly ``steps_per_epoch`` batches per epoch on every rank, epoch after epoch. An
-        epoch's order is a function of the seed and the epoch, so a step's data is a function of the
-        step and a resumed run continues exactly."""
-        epoch, done_in_epoch = divmod(start_step, steps_per_epoch)
+    def _epochs(reader: ParquetReader, schedule: DataSchedule, start_step: int) -> Iterator[Batch]:
+        """Yields the same number of batches an epoch on every rank, epoch after epoch. An epoch's
+        order is a function of the seed and the epoch, so a step's data is a function of the step (and
+        of the position a resumed run started from) and a resumed run continues exactly."""
+        reading = schedule.reading_at(start_step)
+        done = start_step - reading.began_at
         while True:
-            batches = reader.batches(epoch=epoch, skip_rows=done_in_epoch * reader.batch_size)
-            for _ in range(steps_per_epoch - done_in_epoch):
+            if reading.pieces is None:
+                batches = reader.batches(epoch=reading.epoch, skip_rows=done * reader.batch_size)
+            else:
+                batches = reader.piece_batches(reading.epoch, reading.share(reader.rank, done))
+            for _ in range(reading.steps - done):
                 yield next(batches)
-            epoch, done_in_epoch = epoch + 1, 0
+            reading, done = schedule.reading_at(reading.ends_at), 0
 
     def _log_train(self, step: int, local_losses: torch.Tensor, qps: QPSMeter) -> None:
         stats = self.model.boundary.last_stats
@@ -527,10 +553,9 @@ class Trainer:
     def _epochs_ended_at(self, step: int) -> Optional[int]:
         """The epochs completed where ``step`` (counted from 1) ends one, else None (at step 0 the
         training data need not be open yet)."""
-        if step == 0:
+        if step == 0 or self.data_schedule is None:
             return None
-        per_epoch = self.train_reader.full_batches_per_rank()
-        return step // per_epoch if step % per_epoch == 0 else None
+        return self.data_schedule.epochs_ended_at(step)
 
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
         """NE/AUC/calibration/MSE per task on the held-out split (every row once); the record names

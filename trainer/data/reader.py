@@ -17,6 +17,7 @@ task's label may be missing (``missing_label: masked``), which labels each row h
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -309,9 +310,35 @@ class ParquetReader:
     def batches(self, epoch: int = 0, skip_rows: int = 0) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip_rows`` rows of this rank's range (resuming
         mid-epoch): row groups and windows wholly inside the skipped range are not read."""
+        return self._batched(self._blocks(epoch, skip_rows))
+
+    def piece_batches(self, epoch: int, pieces: Sequence[Tuple[int, int, int, int]]) -> Iterator[Batch]:
+        """Epoch ``epoch``'s rows that ``pieces`` name, in full batches: each piece ``(ranks, rank,
+        first, end)`` is rows ``[first, end)`` of what rank ``rank`` reads of the epoch laid out for
+        ``ranks`` ranks (a run resumed on another number of ranks reads the rest of its epoch so:
+        :mod:`concord.trainer.data.position`)."""
+        return self._batched(block for piece in pieces for block in self._piece_blocks(epoch, *piece))
+
+    def _piece_blocks(self, epoch: int, ranks: int, rank: int, first: int, end: int) -> Iterator[_Block]:
+        layout = copy.copy(self)  # the same files and counters, the rows of another rank and layout
+        layout.rank, layout.world_size = rank, ranks
+        if not (self.drop_last and 0 <= rank < ranks and 0 <= first <= end <= layout.num_rows):
+            raise DataError(f"rows [{first}, {end}) of rank {rank} of {ranks} are not in this training data's epoch "
+                            f"({layout.num_rows} rows a rank)")
+        left = end - first
+        if left == 0:
+            return
+        for block in layout._blocks(epoch, first):
+            block = block.slice(0, min(left, len(block)))
+            left -= len(block)
+            yield block
+            if left == 0:
+                return
+
+    def _batched(self, blocks: Iterator[_Block]) -> Iterator[Batch]:
         pending: List[_Block] = []
         pending_rows = 0
-        for block in self._blocks(epoch, skip_rows):
+        for block in blocks:
             pending.append(block)
             pending_rows += len(block)
             while pending_rows >= self.batch_size:
