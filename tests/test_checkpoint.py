@@ -29,13 +29,19 @@ def _train(tmp_path, run_dir, balancer, *extra):
     return proc.stdout
 
 
-def _local_tensors(state, prefix=""):
-    """Flattens a checkpoint state into {key: local tensor} (ShardedTensors: their local shards)."""
+def _local_tensors(state, prefix="", whole=False):
+    """Flattens a checkpoint state into {key: local tensor} (ShardedTensors: their local shards, or
+    with ``whole`` the shards put together, as on one rank, where every shard is local)."""
     out = {}
     for key, value in state.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_local_tensors(value, name + "/"))
+            out.update(_local_tensors(value, name + "/", whole))
+        elif hasattr(value, "local_shards") and whole:
+            out[name] = torch.zeros(value.size(), dtype=value.dtype)
+            for shard in value.local_shards():
+                where = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                out[name][where] = shard.tensor.detach()
         elif hasattr(value, "local_shards"):
             for shard in value.local_shards():
                 out[f"{name}@{tuple(shard.metadata.shard_offsets)}"] = shard.tensor.detach().clone()
@@ -86,25 +92,6 @@ def test_resume_is_exact(tmp_path, balancer, extra):
     assert all(isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values())
 
 
-def _whole_tensors(state, prefix=""):
-    """Flattens a checkpoint state into {key: whole tensor}: a ShardedTensor's shards put together
-    (on one rank every shard is local)."""
-    out = {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_whole_tensors(value, name + "/"))
-        elif hasattr(value, "local_shards"):
-            whole = torch.zeros(value.size(), dtype=value.dtype)
-            for shard in value.local_shards():
-                where = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
-                whole[where] = shard.tensor.detach()
-            out[name] = whole
-        elif isinstance(value, torch.Tensor):
-            out[name] = value.detach().clone()
-    return out
-
-
 def _resumed_state(rank, world_size, cfg_overrides):
     from concord.trainer.config import load_config
     from concord.trainer.runtime import init_runtime
@@ -112,7 +99,7 @@ def _resumed_state(rank, world_size, cfg_overrides):
 
     trainer = Trainer.build(load_config("configs/tiny.yaml", cfg_overrides), init_runtime("cpu"))
     step = trainer.resume()
-    return _whole_tensors(trainer.checkpoint_state(step))
+    return _local_tensors(trainer.checkpoint_state(step), whole=True)
 
 
 @pytest.mark.multiprocess
@@ -124,7 +111,7 @@ def test_a_checkpoint_of_two_ranks_resumes_whole_on_one(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(run / "checkpoints/step-00000006", tmp_path / "saved.pt")
-    saved = _whole_tensors(torch.load(tmp_path / "saved.pt", weights_only=False))
+    saved = _local_tensors(torch.load(tmp_path / "saved.pt", weights_only=False))
     (loaded,) = run_ranks(_resumed_state, 1, [*tiny_data(tmp_path), f"train.run_dir={run}", "balancer.name=multibalance",
                                               "model.tables[0].sharding_types=[column_wise]", "dist.nproc_per_node=1",
                                               "train.allow_changes=[world_size]"])
