@@ -329,6 +329,8 @@ def test_a_position_resumed_at_an_epoch_boundary_or_without_a_record():
     assert old.total_steps(3) == 30 and old.epochs_ended_at(20) == 2 and old.epochs_ended_at(25) is None
     at_end = DataSchedule.resumed(20, old.record(20), 2, 5, 100, 4, 5)
     assert at_end.current == EpochReading(2, 20, 4, 5, 100) and at_end.total_steps(3) == 25
+    assert at_end.epochs_ended_at(20) == 2  # a finished run resumed is evaluated as at its epoch's end
+    assert DataSchedule.resumed(30, old.record(30), 2, 5, 100, 2, 5).epochs_ended_at(30) == 3
     unrecorded = DataSchedule.resumed(13, None, 2, 5, 100, 2, 5)
     assert unrecorded.current == EpochReading(1, 10, 2, 5, 100)
     assert DataSchedule.resumed(13, None, 2, 5, 100, 1, 5).current.pieces == ((2, 0, 15, 50), (2, 1, 15, 50))

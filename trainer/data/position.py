@@ -132,6 +132,8 @@ class DataSchedule:
     def epochs_ended_at(self, step: int) -> Optional[int]:
         """The epochs completed where ``step`` (counted from 1) ends one, else None."""
         c = self.current
+        if step == c.began_at and c.pieces is None and step > 0:  # where it began, an epoch had ended
+            return c.epoch
         if step < c.ends_at or step == 0:
             return None
         later, inside = divmod(step - c.ends_at, max(self.steps_per_epoch, 1))
