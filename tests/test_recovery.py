@@ -24,6 +24,7 @@ from concord.trainer.data.reader import Columns, DataError, ParquetReader, colum
 from concord.trainer.fingerprint import ResumeError, check_resumable, differences, fingerprint, mismatch_message
 from concord.trainer.observe.runlog import RunLog, read_records
 from concord.trainer.rundir import RunDirError, RunDirLock, read_run, start_run
+from distributed import run_ranks
 from processes import alive, workers
 from tiny_data import tiny_data
 
@@ -129,6 +130,43 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     Checkpointer.load(ck.latest(), state)
     assert torch.equal(state["w"], torch.full((1000,), 2.0))
     assert ck.info(ck.latest()) == {"fingerprint": {"seed": 0}, "step": 2}
+
+
+def _check_together(rank, world_size, root):
+    import torch.distributed as dist
+
+    from concord.trainer import checkpoint
+
+    dist.init_process_group("gloo")
+    ck = Checkpointer(root, keep=3)
+    for step in (1, 2):  # each rank writes its own file of the (sharded) tensor
+        ck.save(step, {"w": torch.full((1000,), float(step)).chunk(world_size)[rank].clone()})
+    read, crc32 = [], checkpoint._crc32
+    checkpoint._crc32 = lambda path: read.append(path.name) or crc32(path)
+    assert ck.latest().name == "step-00000002"
+    intact_reads = sorted(read)
+    dist.barrier()
+    if rank == 0:
+        _flip_a_byte(ck.complete()[-1] / "__0_0.distcp")
+    dist.barrier()
+    newest = ck.latest().name
+    problem = checkpoint.verify_together(ck.complete()[-1])
+    dist.destroy_process_group()
+    return intact_reads, newest, problem
+
+
+@pytest.mark.multiprocess
+def test_ranks_check_a_checkpoint_together_each_reading_a_share_of_its_files(tmp_path):
+    """On 2 ranks each file of an intact checkpoint is read by one rank only; a file damaged in one
+    rank's share makes every rank pass the checkpoint over, that rank naming the file."""
+    results = run_ranks(_check_together, 2, str(tmp_path))
+    reads = [r[0] for r in results]
+    assert sorted(reads[0] + reads[1]) == sorted([".metadata", "__0_0.distcp", "__1_0.distcp"])
+    assert all(len(r) >= 1 for r in reads)
+    assert [r[1] for r in results] == ["step-00000001", "step-00000001"]
+    problems = [r[2] for r in results]
+    assert "__0_0.distcp does not match its checksum" in problems
+    assert "a file failed its check on another rank (that rank's log names it)" in problems
 
 
 def test_no_intact_checkpoint_is_an_error_that_says_what_to_do(tmp_path):

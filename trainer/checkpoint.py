@@ -11,8 +11,9 @@ CRC-32 of every file in ``concord.json`` (with the run's resume fingerprint) and
 to ``step-XXXXXXXX``, so a directory without ``.tmp`` is complete on every rank. A run killed mid-write
 leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
 
-Integrity: before loading, every file is checked against ``concord.json``. A damaged checkpoint (a
-file missing, truncated or changed) is reported and the previous intact one is used.
+Integrity: before loading, every file is checked against ``concord.json``, each rank reading its share
+of the files (:func:`verify_together`). A damaged checkpoint (a file missing, truncated or changed) is
+reported and the previous intact one is used.
 
 Safe loading: DCP reads its ``.metadata`` file with ``pickle.load``, and non-tensor entries with
 ``torch.load(weights_only=False)``. Concord saves no non-tensor entries, and reads the metadata with an
@@ -29,7 +30,7 @@ import pickle
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from concord.balancing.collectives import sum_over_ranks
 from concord.trainer.data.layout import published_checkpoints
 
 logger = logging.getLogger("concord.checkpoint")
@@ -108,11 +110,12 @@ class Checkpointer:
 
     def latest(self) -> Optional[Path]:
         """The newest intact checkpoint; damaged newer ones are reported (logged) and passed over.
-        Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
+        Raises :class:`CheckpointError` when checkpoints exist but none is intact. Collective where a
+        process group is up (:func:`verify_together`)."""
         published = self.complete()
         damaged = []
         for path in reversed(published):
-            problem = verify(path)
+            problem = verify_together(path)
             if problem is None:
                 if damaged:
                     logger.warning("using %s instead of the damaged newer checkpoint(s): %s", path.name, "; ".join(damaged))
@@ -189,8 +192,9 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if every file of the checkpoint matches its recorded size and CRC-32, else what is wrong."""
+def verify(path: Path, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
+    """None if every file of the checkpoint matches its recorded size and CRC-32, else what is wrong.
+    ``share`` (k, n): of the files in name order, only every n-th from the k-th."""
     info_path = path / INFO_FILE
     if not info_path.is_file():
         return f"{INFO_FILE} is missing (not written by this version, or the directory was damaged)"
@@ -198,7 +202,8 @@ def verify(path: Path) -> Optional[str]:
         files = json.loads(info_path.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{INFO_FILE} is unreadable ({e})"
-    for name, (size, crc) in files.items():
+    first, every = share
+    for name, (size, crc) in sorted(files.items())[first::every]:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -207,3 +212,17 @@ def verify(path: Path) -> Optional[str]:
         if _crc32(f) != crc:
             return f"{name} does not match its checksum"
     return None
+
+
+def verify_together(path: Path) -> Optional[str]:
+    """:func:`verify` by all ranks of the job at once, where a process group is up (collective): each
+    rank reads its share of the files, so that the job reads the checkpoint once where each rank read
+    all of it (on a shared file system, the ranks times the checkpoint's size); every rank gets a
+    problem where any rank found one, named by that rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return verify(path)
+    mine = verify(path, (dist.get_rank(), dist.get_world_size()))
+    found = sum_over_ranks(torch.tensor([float(mine is not None)], dtype=torch.float64))
+    if float(found[0]) == 0.0:
+        return None
+    return mine or "a file failed its check on another rank (that rank's log names it)"

@@ -23,7 +23,7 @@ from concord.balancing import NonFiniteLossError, RepresentationBoundary
 from concord.balancing.collectives import DDPRide, HostExchange, host_exchange_possible, sum_over_ranks
 from concord.balancing.param_level import PARAMETER_LEVEL, ParameterLevelBalancer, build_parameter_level
 from concord.embeddings.sharding import apply_fused_optimizer, shard_model, table_shardings
-from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify
+from concord.trainer.checkpoint import CheckpointError, Checkpointer, verify_together
 from concord.trainer.config import Config, to_dict, training_label_means
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
@@ -578,7 +578,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM
 def _checkpoint_in(source: Path) -> Path:
     """``train.resume_from``: a checkpoint directory itself, or a run directory's newest intact one."""
     if (source / "concord.json").is_file() or (source / ".metadata").is_file():
-        problem = verify(source)
+        problem = verify_together(source)
         if problem is not None:
             raise CheckpointError(f"train.resume_from: {source} is damaged: {problem}")
         return source
