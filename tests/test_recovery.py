@@ -132,6 +132,19 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     assert ck.info(ck.latest()) == {"fingerprint": {"seed": 0}, "step": 2}
 
 
+def test_a_checkpoints_files_are_dealt_to_the_ranks_by_size_each_once():
+    from concord.trainer.checkpoint import _shares
+
+    files = {".metadata": [5, 0], "__0_0.distcp": [100, 0], "__1_0.distcp": [90, 0], "__2_0.distcp": [10, 0]}
+    assert _shares(files, 2) == [[".metadata", "__0_0.distcp"], ["__1_0.distcp", "__2_0.distcp"]]
+    sizes = {f"__{i}_0.distcp": [(i * 37) % 101 + 1, 0] for i in range(40)}
+    for readers in (1, 3, 8, 64):  # more readers than files: some read none
+        shares = _shares(sizes, readers)
+        assert sorted(n for share in shares for n in share) == sorted(sizes)
+        loads = [sum(sizes[n][0] for n in share) for share in shares]
+        assert max(loads) <= sum(v[0] for v in sizes.values()) / readers + max(v[0] for v in sizes.values())
+
+
 def _check_together(rank, world_size, root):
     import torch.distributed as dist
 
@@ -146,13 +159,15 @@ def _check_together(rank, world_size, root):
     assert ck.latest().name == "step-00000002"
     intact_reads = sorted(read)
     dist.barrier()
+    newest = ck.complete()[-1]
+    damaged = checkpoint._shares(json.loads((newest / "concord.json").read_text())["files"], world_size)[1][0]
     if rank == 0:
-        _flip_a_byte(ck.complete()[-1] / "__0_0.distcp")
+        _flip_a_byte(newest / damaged)  # a file rank 1 reads
     dist.barrier()
-    newest = ck.latest().name
-    problem = checkpoint.verify_together(ck.complete()[-1])
+    chosen = ck.latest().name
+    problem = checkpoint.verify_together(newest)
     dist.destroy_process_group()
-    return intact_reads, newest, problem
+    return intact_reads, chosen, problem, damaged
 
 
 @pytest.mark.multiprocess
@@ -164,9 +179,8 @@ def test_ranks_check_a_checkpoint_together_each_reading_a_share_of_its_files(tmp
     assert sorted(reads[0] + reads[1]) == sorted([".metadata", "__0_0.distcp", "__1_0.distcp"])
     assert all(len(r) >= 1 for r in reads)
     assert [r[1] for r in results] == ["step-00000001", "step-00000001"]
-    problems = [r[2] for r in results]
-    assert "__0_0.distcp does not match its checksum" in problems
-    assert "a file failed its check on another rank (that rank's log names it)" in problems
+    assert [r[2] for r in results] == ["a file failed its check on another rank (that rank's log names it)",
+                                       f"{results[1][3]} does not match its checksum"]
 
 
 def test_no_intact_checkpoint_is_an_error_that_says_what_to_do(tmp_path):

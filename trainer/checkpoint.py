@@ -194,7 +194,7 @@ def _crc32(path: Path) -> int:
 
 def verify(path: Path, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
     """None if every file of the checkpoint matches its recorded size and CRC-32, else what is wrong.
-    ``share`` (k, n): of the files in name order, only every n-th from the k-th."""
+    ``share`` (k, n): only the files that :func:`_shares` gives the k-th of n readers."""
     info_path = path / INFO_FILE
     if not info_path.is_file():
         return f"{INFO_FILE} is missing (not written by this version, or the directory was damaged)"
@@ -202,8 +202,9 @@ def verify(path: Path, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
         files = json.loads(info_path.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{INFO_FILE} is unreadable ({e})"
-    first, every = share
-    for name, (size, crc) in sorted(files.items())[first::every]:
+    mine, readers = share
+    for name in _shares(files, readers)[mine]:
+        size, crc = files[name]
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -214,11 +215,24 @@ def verify(path: Path, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
     return None
 
 
+def _shares(files: Dict[str, Any], readers: int) -> list[list[str]]:
+    """The recorded files dealt to ``readers`` by size, largest first to the reader with the fewest
+    bytes so far (ties: the lower one), so that no reader waits long on another; each reader's files
+    in name order. The same on every rank, as the record is."""
+    shares: list[list[str]] = [[] for _ in range(readers)]
+    loads = [0] * readers
+    for name, (size, _) in sorted(files.items(), key=lambda item: (-item[1][0], item[0])):
+        reader = loads.index(min(loads))
+        shares[reader].append(name)
+        loads[reader] += size
+    return [sorted(share) for share in shares]
+
+
 def verify_together(path: Path) -> Optional[str]:
     """:func:`verify` by all ranks of the job at once, where a process group is up (collective): each
-    rank reads its share of the files, so that the job reads the checkpoint once where each rank read
-    all of it (on a shared file system, the ranks times the checkpoint's size); every rank gets a
-    problem where any rank found one, named by that rank."""
+    rank reads its share of the files (dealt by size), so that the job reads the checkpoint once where
+    each rank read all of it (on a shared file system, the ranks times the checkpoint's size); every
+    rank gets a problem where any rank found one, named by that rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return verify(path)
     mine = verify(path, (dist.get_rank(), dist.get_world_size()))
