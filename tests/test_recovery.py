@@ -152,11 +152,13 @@ def _check_together(rank, world_size, root):
 
     dist.init_process_group("gloo")
     ck = Checkpointer(root, keep=3)
-    for step in (1, 2):  # each rank writes its own file of the (sharded) tensor
-        ck.save(step, {"w": torch.full((1000,), float(step)).chunk(world_size)[rank].clone()})
     read, crc32 = [], checkpoint._crc32
     checkpoint._crc32 = lambda path: read.append(path.name) or crc32(path)
-    assert ck.latest().name == "step-00000002"
+    for step in (1, 2):  # each rank writes its own file of the (sharded) tensor
+        ck.save(step, {"w": torch.full((1000,), float(step)).chunk(world_size)[rank].clone()})
+    save_reads = sorted(read)
+    read.clear()
+    assert ck.latest().name == "step-00000002"  # the checksums the ranks gathered are the files'
     intact_reads = sorted(read)
     dist.barrier()
     newest = ck.complete()[-1]
@@ -167,17 +169,19 @@ def _check_together(rank, world_size, root):
     chosen = ck.latest().name
     problem = checkpoint.verify_together(newest)
     dist.destroy_process_group()
-    return intact_reads, chosen, problem, damaged
+    return intact_reads, chosen, problem, damaged, save_reads
 
 
 @pytest.mark.multiprocess
-def test_ranks_check_a_checkpoint_together_each_reading_a_share_of_its_files(tmp_path):
-    """On 2 ranks each file of an intact checkpoint is read by one rank only; a file damaged in one
-    rank's share makes every rank pass the checkpoint over, that rank naming the file."""
+def test_ranks_checksum_and_check_a_checkpoint_together_each_reading_a_share_of_its_files(tmp_path):
+    """On 2 ranks each file of a checkpoint is read by one rank only, to record its checksum and to
+    check it; a file damaged in one rank's share makes every rank pass the checkpoint over, that rank
+    naming the file."""
     results = run_ranks(_check_together, 2, str(tmp_path))
-    reads = [r[0] for r in results]
-    assert sorted(reads[0] + reads[1]) == sorted([".metadata", "__0_0.distcp", "__1_0.distcp"])
-    assert all(len(r) >= 1 for r in reads)
+    files = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    for reads in ([r[0] for r in results], [r[4] for r in results]):
+        assert sorted(reads[0] + reads[1]) == sorted(files * (len(reads[0] + reads[1]) // 3))
+        assert reads[0] and reads[1] and not set(reads[0]) & set(reads[1])
     assert [r[1] for r in results] == ["step-00000001", "step-00000001"]
     assert [r[2] for r in results] == ["a file failed its check on another rank (that rank's log names it)",
                                        f"{results[1][3]} does not match its checksum"]

@@ -6,8 +6,9 @@ config, so param_groups are left out), the balancer's state (EMA norms, weights,
 generators) and the progress (global step). The data position beside it, in ``concord.json``, says
 how the step's epoch is being read (:mod:`concord.trainer.data.position`).
 
-Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier rank 0 records the size and
-CRC-32 of every file in ``concord.json`` (with the run's resume fingerprint) and renames the directory
+Atomic: every rank writes into ``step-XXXXXXXX.tmp``; after a barrier the ranks checksum the files,
+each its share (:func:`checksums_together`), and rank 0 records the size and CRC-32 of every file in
+``concord.json`` (with the run's resume fingerprint) and renames the directory
 to ``step-XXXXXXXX``, so a directory without ``.tmp`` is complete on every rank. A run killed mid-write
 leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
 
@@ -151,8 +152,8 @@ class Checkpointer:
         except (Exception, CheckpointException) as error:  # noqa: BLE001 - named below when the cause is the disk
             raise CheckpointError(f"cannot write checkpoint {final}: {_disk_problem(self.root) or error}") from error
         _barrier()
+        files = checksums_together(tmp)
         if _is_main():
-            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / INFO_FILE).write_text(json.dumps({**(info or {}), "step": step, "files": files}, sort_keys=True))
             tmp.rename(final)
             for old in self.complete()[: -self.keep]:
@@ -228,12 +229,33 @@ def _shares(files: Dict[str, Any], readers: int) -> list[list[str]]:
     return [sorted(share) for share in shares]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def checksums_together(folder: Path) -> Dict[str, list[int]]:
+    """``{name: [size, CRC-32]}`` of every file in ``folder``. Collective where a process group is up:
+    rank 0 lists the files (a listing other ranks might see late on a network file system), each rank
+    reads its share of them (:func:`_shares`), and one sum over ranks gathers the checksums (each below
+    2^32, exact in float64): the job reads a new checkpoint once, not rank 0 all of it."""
+    listing = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()} if _is_main() else None
+    if not _distributed():
+        return {name: [size, _crc32(folder / name)] for name, size in listing.items()}
+    box = [listing]
+    dist.broadcast_object_list(box, src=0)
+    listing = box[0]
+    names = sorted(listing)
+    mine = set(_shares({name: [size, 0] for name, size in listing.items()}, dist.get_world_size())[dist.get_rank()])
+    crcs = torch.tensor([float(_crc32(folder / name)) if name in mine else 0.0 for name in names], dtype=torch.float64)
+    return {name: [listing[name], int(crc)] for name, crc in zip(names, sum_over_ranks(crcs).tolist())}
+
+
 def verify_together(path: Path) -> Optional[str]:
     """:func:`verify` by all ranks of the job at once, where a process group is up (collective): each
     rank reads its share of the files (dealt by size), so that the job reads the checkpoint once where
     each rank read all of it (on a shared file system, the ranks times the checkpoint's size); every
     rank gets a problem where any rank found one, named by that rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return verify(path)
     mine = verify(path, (dist.get_rank(), dist.get_world_size()))
     found = sum_over_ranks(torch.tensor([float(mine is not None)], dtype=torch.float64))
