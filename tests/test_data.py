@@ -381,6 +381,29 @@ def test_a_bad_sample_weight_is_named(tmp_path, value):
         list(ParquetReader(str(path), cols, 4))
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_ranks_check_every_sample_weight_before_training_each_its_share(tmp_path, world_size):
+    """A bad weight in any row group stops exactly one rank's check (the one whose share holds it),
+    before any batch is read; with every weight valid, no rank stops."""
+    weights = np.ones(40, np.float32)
+    write(tmp_path / "w.parquet", 40, w=weights, row_group_size=7)  # 6 row groups
+    cols = dataclasses.replace(COLUMNS, weight="w")
+    for rank in range(world_size):
+        ParquetReader(str(tmp_path), cols, 4, rank, world_size, drop_last=True).check_weights()
+    for row in range(0, 40, 7):
+        bad = weights.copy()
+        bad[row] = -1.0
+        write(tmp_path / "w.parquet", 40, w=bad, row_group_size=7)
+        stopped = []
+        for rank in range(world_size):
+            try:
+                ParquetReader(str(tmp_path), cols, 4, rank, world_size, drop_last=True).check_weights()
+            except DataError as error:
+                assert f"row group {row // 7}: weight column 'w': value -1.0 at row 0" in str(error)
+                stopped.append(rank)
+        assert stopped == [(row // 7) % world_size]
+
+
 def test_sample_weights_arrive_as_writable_tensors_with_no_warning(tmp_path):
     """A float32 weight column read without a copy is a read-only array, which torch warns about (once
     a rank, on the console) and may not write: a batch's weights own their memory, as its other parts do."""

@@ -205,8 +205,9 @@ class Trainer:
         )
 
     def check_data(self) -> None:
-        """Before the first step: both splits open with the right schema (every file), and their first
-        row group decodes cleanly (ids in range, labels and weights valid) on every rank."""
+        """Before the first step: both splits open with the right schema (every file), their first row
+        group decodes cleanly (ids in range, labels and weights valid) on every rank, and every sample
+        weight is valid (each rank its share of the row groups)."""
         splits = [("data.train", self.cfg.data.train, True)]
         if self.cfg.data.eval:
             splits.append(("data.eval", self.cfg.data.eval, False))

@@ -349,11 +349,13 @@ class ParquetReader:
             yield _Block.concat(pending).to_batch(self.keys)
 
     def check_weights(self) -> None:
-        """Reads only the weight column of every row group: a negative or non-finite sample weight
-        anywhere stops the run before its first step rather than in the middle."""
+        """Reads only the weight column of this rank's share of the row groups (every ``world_size``-th):
+        the ranks together read each once, so that a negative or non-finite sample weight anywhere stops
+        the run before its first step rather than in the middle, named by the rank that met it, without
+        every rank reading a weight a row of the whole data."""
         if not self.columns.weight:
             return
-        for group in self.groups:
+        for group in self.groups[self.rank :: self.world_size]:
             if self._file[0] != group.file:
                 self._file = (group.file, open_parquet(group.file))
             column = self._file[1].read_row_group(group.index, columns=[self.columns.weight]).column(0)
