@@ -91,8 +91,12 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.barrier()
 
 
@@ -227,10 +231,6 @@ def _shares(files: Dict[str, Any], readers: int) -> list[list[str]]:
         shares[reader].append(name)
         loads[reader] += size
     return [sorted(share) for share in shares]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def checksums_together(folder: Path) -> Dict[str, list[int]]:
