@@ -109,6 +109,7 @@ class Trainer:
     param_balancer: Optional[ParameterLevelBalancer] = None  # set for param_mgda / param_moco
     step: int = 0  # optimisation steps taken (skipped steps included)
     train_reader: Optional[ParquetReader] = None  # holds the counts of repaired rows
+    eval_reader: Optional[ParquetReader] = None  # kept: its plan reads every file's footer
     data_schedule: Optional[DataSchedule] = None  # the epochs as steps; set by resume or train_batches
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
@@ -217,6 +218,11 @@ class Trainer:
                 raise DataError(f"{key}: {spec} has no rows")
             reader.check_weights()
             next(reader.batches(), None)
+            reader.forget_reads()  # training counts its own repairs, from its first row
+            if train:
+                self.train_reader = reader
+            else:
+                self.eval_reader = reader
 
     # --- checkpoints --------------------------------------------------------------------------------
     @property
@@ -494,7 +500,7 @@ class Trainer:
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """The training split, full batches only, epoch after epoch (the same count on every rank),
         starting where step ``start_step`` left off."""
-        reader = self.train_reader = self._reader(self.cfg.data.train, train=True)
+        reader = self.train_reader = self.train_reader or self._reader(self.cfg.data.train, train=True)
         steps = reader.full_batches_per_rank()
         if steps == 0:
             raise DataError(
@@ -563,7 +569,9 @@ class Trainer:
         the epochs completed where ``step`` ends one."""
         if not self.cfg.data.eval:
             return {}
-        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self._reader(self.cfg.data.eval, train=False))
+        self.eval_reader = self.eval_reader or self._reader(self.cfg.data.eval, train=False)
+        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self.eval_reader)
+        self.eval_reader.forget_reads()  # the row group it holds decoded, until the next evaluation
         record = {"kind": "eval", "step": step, "eval": results}
         epoch = self._epochs_ended_at(step)
         if epoch is not None:

@@ -362,6 +362,12 @@ class ParquetReader:
             weights = column.to_numpy(zero_copy_only=False).astype(np.float64)
             _check_weights(weights, f"{group.file}: row group {group.index}", self.columns.weight)
 
+    def forget_reads(self) -> None:
+        """Drops the open file, the decoded row group and the repair counts: the reader as it was
+        made (its plan of the row groups kept, whose making read every file's footer)."""
+        self._file, self._decoded = (None, None), (None, None)
+        self.counts = {key: 0 for key in self.counts}
+
     def empty_batch(self) -> Batch:
         """A batch of no rows, with this data's columns (for a rank whose range is empty)."""
         return _Block.empty(self.columns).to_batch(self.keys)
