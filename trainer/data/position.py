@@ -10,8 +10,9 @@ over, fewer rows than one batch on every rank, stays out of that epoch, as an ep
 does. Later epochs are read normally.
 
 The position is plain numbers (the epoch, the step its reading began at, the pieces read), recorded in
-every checkpoint's ``concord.json``, so a resumed run, on any number of ranks, reads every row of
-the epoch it continues once (:class:`EpochReading`, :class:`DataSchedule`).
+every checkpoint's ``concord.json``, so that a run resumed on any number of ranks trains no row of
+the epoch it continues twice, and every row of it but the remainders counted at each change
+(:class:`EpochReading`, :class:`DataSchedule`).
 """
 
 from __future__ import annotations
