@@ -137,6 +137,9 @@ def test_a_checkpoints_files_are_dealt_to_the_ranks_by_size_each_once():
 
     files = {".metadata": [5, 0], "__0_0.distcp": [100, 0], "__1_0.distcp": [90, 0], "__2_0.distcp": [10, 0]}
     assert _shares(files, 2) == [[".metadata", "__0_0.distcp"], ["__1_0.distcp", "__2_0.distcp"]]
+    # Each rank its own data file (in its page cache after a save), whatever the sizes; the rest by size.
+    files = {".metadata": [1, 0], "__0_0.distcp": [10, 0], "__1_0.distcp": [100, 0], "__2_0.distcp": [100, 0]}
+    assert _shares(files, 3) == [[".metadata", "__0_0.distcp"], ["__1_0.distcp"], ["__2_0.distcp"]]
     sizes = {f"__{i}_0.distcp": [(i * 37) % 101 + 1, 0] for i in range(40)}
     for readers in (1, 3, 8, 64):  # more readers than files: some read none
         shares = _shares(sizes, readers)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -220,16 +221,26 @@ def verify(path: Path, share: Tuple[int, int] = (0, 1)) -> Optional[str]:
     return None
 
 
+_RANKS_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # how DCP's FileSystemWriter names rank k's data
+
+
 def _shares(files: Dict[str, Any], readers: int) -> list[list[str]]:
-    """The recorded files dealt to ``readers`` by size, largest first to the reader with the fewest
-    bytes so far (ties: the lower one), so that no reader waits long on another; each reader's files
-    in name order. The same on every rank, as the record is."""
+    """The recorded files dealt to ``readers``: a rank's own data file to that rank (after a save it
+    is still in that host's page cache), the rest by size, largest first to the reader with the fewest
+    bytes so far (ties: the lower one), so that no reader waits long on another; each reader's files in
+    name order. The same on every rank, as the record is."""
     shares: list[list[str]] = [[] for _ in range(readers)]
     loads = [0] * readers
-    for name, (size, _) in sorted(files.items(), key=lambda item: (-item[1][0], item[0])):
-        reader = loads.index(min(loads))
-        shares[reader].append(name)
-        loads[reader] += size
+    dealt = sorted(files.items(), key=lambda item: (-item[1][0], item[0]))
+    for own in (True, False):
+        for name, (size, _) in dealt:
+            match = _RANKS_FILE.fullmatch(name)
+            writer = int(match.group(1)) if match and int(match.group(1)) < readers else None
+            if own != (writer is not None):
+                continue
+            reader = writer if own else loads.index(min(loads))
+            shares[reader].append(name)
+            loads[reader] += size
     return [sorted(share) for share in shares]
 
 
@@ -252,7 +263,7 @@ def checksums_together(folder: Path) -> Dict[str, list[int]]:
 
 def verify_together(path: Path) -> Optional[str]:
     """:func:`verify` by all ranks of the job at once, where a process group is up (collective): each
-    rank reads its share of the files (dealt by size), so that the job reads the checkpoint once where
+    rank reads its share of the files (:func:`_shares`), so that the job reads the checkpoint once where
     each rank read all of it (on a shared file system, the ranks times the checkpoint's size); every
     rank gets a problem where any rank found one, named by that rank."""
     if not _distributed():
