@@ -231,16 +231,19 @@ def _shares(files: Dict[str, Any], readers: int) -> list[list[str]]:
     name order. The same on every rank, as the record is."""
     shares: list[list[str]] = [[] for _ in range(readers)]
     loads = [0] * readers
-    dealt = sorted(files.items(), key=lambda item: (-item[1][0], item[0]))
-    for own in (True, False):
-        for name, (size, _) in dealt:
-            match = _RANKS_FILE.fullmatch(name)
-            writer = int(match.group(1)) if match and int(match.group(1)) < readers else None
-            if own != (writer is not None):
-                continue
-            reader = writer if own else loads.index(min(loads))
-            shares[reader].append(name)
-            loads[reader] += size
+    rest = []
+    for name, (size, _) in sorted(files.items(), key=lambda item: (-item[1][0], item[0])):
+        match = _RANKS_FILE.fullmatch(name)
+        writer = int(match.group(1)) if match else readers
+        if writer < readers:
+            shares[writer].append(name)
+            loads[writer] += size
+        else:
+            rest.append((name, size))
+    for name, size in rest:  # after every own file, so that the least loaded counts them
+        reader = loads.index(min(loads))
+        shares[reader].append(name)
+        loads[reader] += size
     return [sorted(share) for share in shares]
 
 
