@@ -404,6 +404,50 @@ def test_the_ranks_check_every_sample_weight_before_training_each_its_share(tmp_
         assert stopped == [(row // 7) % world_size]
 
 
+def _plans_together(rank, world_size, specs, columns):
+    """On each rank, for each of ``specs``: the job's plan and the files this rank opened for it, or
+    the DataError it raised."""
+    import torch.distributed as dist
+
+    from concord.trainer.data import reader
+
+    dist.init_process_group("gloo")
+    open_parquet, results = reader.open_parquet, []
+    for spec in specs:
+        opened = []
+        reader.open_parquet = lambda path: opened.append(path) or open_parquet(path)
+        try:
+            results.append((reader.plan_together(spec, columns), opened))
+        except DataError as error:
+            results.append((str(error), opened))
+    return results
+
+
+@pytest.mark.multiprocess
+def test_the_ranks_plan_the_row_groups_together_each_opening_its_share_of_the_files(tmp_path):
+    """The job's plan is the plan one rank makes of the same files, every row group in the files' order,
+    and each footer is opened once in the job; a bad file stops every rank with its own line (the first
+    bad file in the files' order, whichever rank opened it), as does a path that names no data."""
+    from distributed import run_ranks
+
+    from concord.trainer.data.reader import plan_row_groups
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder in (good, bad):
+        folder.mkdir()
+        for i, (rows, group_size) in enumerate([(50, 7), (9, 9), (33, 5), (12, 4), (20, 20)]):
+            write(folder / f"{'abcde'[i]}.parquet", rows, start=100 * i, row_group_size=group_size)
+    write(bad / "b.parquet", 9, y=np.arange(9).astype(str))  # rank 1's first file
+    (bad / "c.parquet").write_bytes(b"not parquet")  # rank 0's second: a later problem
+    files = [str(good / f"{name}.parquet") for name in "abcde"]
+    alone = plan_row_groups(files, COLUMNS)
+
+    ranks = run_ranks(_plans_together, 2, [str(good), str(bad), str(tmp_path / "nowhere")], COLUMNS)
+    assert [rank[0] for rank in ranks] == [(alone, files[0::2]), (alone, files[1::2])]
+    assert [rank[1][0] for rank in ranks] == [f"{bad / 'b.parquet'}: column 'y' must be numeric, has type string"] * 2
+    assert [rank[2][0] for rank in ranks] == [f"{tmp_path / 'nowhere'}: no such file or directory"] * 2
+
+
 def test_sample_weights_arrive_as_writable_tensors_with_no_warning(tmp_path):
     """A float32 weight column read without a copy is a read-only array, which torch warns about (once
     a rank, on the console) and may not write: a batch's weights own their memory, as its other parts do."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
 from concord.trainer.data.layout import DataError, check_scored_encoding, list_files, run_config
-from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet
+from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet, plan_together
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint, with_todays_defaults
 from concord.trainer.runtime import Runtime
@@ -49,7 +49,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
     path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, files[0])
-    reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size)
+    reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size, groups=plan_together(spec, columns))
     parts = Path(str(out) + ".parts")
     if rt.is_main:
         shutil.rmtree(parts, ignore_errors=True)
@@ -77,7 +77,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         dist.barrier()
     if rt.is_main:
         scores = pa.concat_tables([pq.read_table(p) for p in sorted(parts.glob("rank-*.parquet"))])
-        pq.write_table(_with_passthrough(scores, files, cfg.data.passthrough), out)
+        scored = list(dict.fromkeys(group.file for group in reader.groups))  # the files the job read, in its order
+        pq.write_table(_with_passthrough(scores, scored, cfg.data.passthrough), out)
         shutil.rmtree(parts)
         logger.info("%d rows scored with %s -> %s", reader.total_rows, path, out)
     return results

@@ -28,7 +28,7 @@ from concord.trainer.config import Config, to_dict, training_label_means
 from concord.trainer.data.prefetch import Prefetcher
 from concord.trainer.data.layout import DataError
 from concord.trainer.data.position import DataSchedule
-from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
+from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config, plan_together
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import check_resume, fingerprint, nothing_to_resume_from, settings_changed
 from concord.trainer.lifecycle import StopRequest, Stopped
@@ -199,10 +199,11 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------------
     def _reader(self, spec: str, train: bool) -> ParquetReader:
-        data = self.cfg.data
+        data, columns = self.cfg.data, columns_from_config(self.cfg)
         return ParquetReader(
-            spec, columns_from_config(self.cfg), data.batch_size, self.rt.rank, self.rt.world_size,
-            drop_last=train, shuffle=train and data.shuffle, seed=self.cfg.train.seed, shuffle_rows=data.shuffle_rows,
+            spec, columns, data.batch_size, self.rt.rank, self.rt.world_size, drop_last=train,
+            shuffle=train and data.shuffle, seed=self.cfg.train.seed, shuffle_rows=data.shuffle_rows,
+            groups=plan_together(spec, columns),
         )
 
     def check_data(self) -> None:

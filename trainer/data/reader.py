@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
@@ -142,6 +143,42 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
     return groups
 
 
+def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
+    """:func:`plan_row_groups` of ``spec``'s files, made by the whole job where a process group of
+    several ranks is up (collective: every rank calls it at once). Rank 0 lists the files and the job
+    takes its listing: a rank that saw a network file system's listing late would otherwise cut the
+    rows into other ranges than its peers', training some twice and others never. Each rank reads the
+    footers of every ``world_size``-th file and the plans are gathered in the files' order, so that the
+    job opens each footer once where each rank opened all of them. Every rank raises the problem met
+    first in the files' order, naming its file, as one rank planning alone would."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return plan_row_groups(list_files(spec), columns)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    listing: list = [None]
+    if rank == 0:
+        try:
+            listing = [list_files(spec)]
+        except DataError as e:
+            listing = [str(e)]
+    dist.broadcast_object_list(listing, src=0)
+    if isinstance(listing[0], str):
+        raise DataError(listing[0])
+    files = listing[0]
+    mine: list = []  # this rank's files' plans in order, then (file index, problem) where one failed
+    for index in range(rank, len(files), world_size):
+        try:
+            mine.append(plan_row_groups([files[index]], columns))
+        except DataError as e:
+            mine.append((index, str(e)))
+            break
+    plans: list = [None] * world_size
+    dist.all_gather_object(plans, mine)
+    problems = [plan[-1] for plan in plans if plan and isinstance(plan[-1], tuple)]
+    if problems:
+        raise DataError(min(problems)[1])
+    return [group for index in range(len(files)) for group in plans[index % world_size][index // world_size]]
+
+
 class _Block:
     """Decoded rows: dense (n, nd), per feature (lengths (n,), values), labels (n, T), weights (n,),
     labelled (n, T) bool or None (every label present; so for every block of a reader with no
@@ -224,7 +261,8 @@ class ParquetReader:
     rows an epoch leaves out (at most one partial batch per rank, plus fewer than ``world_size``).
     ``drop_last=False`` (evaluation): every row exactly once across ranks, the last batch partial.
     ``shuffle``: row groups in a new order each epoch and rows permuted within windows of
-    ``shuffle_rows`` (the memory bound), all seeded by ``seed``.
+    ``shuffle_rows`` (the memory bound), all seeded by ``seed``. ``groups``: ``spec``'s row groups as
+    the job planned them together (:func:`plan_together`); without them the reader plans its own.
     """
 
     def __init__(
@@ -238,6 +276,7 @@ class ParquetReader:
         shuffle: bool = False,
         seed: int = 0,
         shuffle_rows: int = 65_536,
+        groups: Optional[Sequence[RowGroup]] = None,
     ) -> None:
         if shuffle_rows < 1:
             raise ValueError(f"shuffle_rows must be >= 1, got {shuffle_rows}")
@@ -249,7 +288,8 @@ class ParquetReader:
         self.shuffle = shuffle
         self.seed = seed
         self.shuffle_rows = shuffle_rows
-        self.groups = plan_row_groups(list_files(spec), columns)
+        # The job's plan (plan_together) where it made one, else this reader's own.
+        self.groups = list(groups) if groups is not None else plan_row_groups(list_files(spec), columns)
         self.total_rows = sum(g.num_rows for g in self.groups)
         self.keys = [f for f, _ in columns.sparse]
         self._sizes = dict(columns.table_sizes)
