@@ -402,6 +402,10 @@ def test_resume_refuses_another_batch_size_and_allows_another_balancer_world_siz
     assert ("resumed from" in fewer.stdout and "at step 12" in fewer.stdout and "epoch 0 goes on with its 2560 rows not "
             "yet trained, shared out in 80 steps x 32 rows x 1 rank (0 left out") in fewer.stdout, fewer.stdout
     assert json.loads((tmp_path / "run/summary.json").read_text())["step"] == 12 + 80
+    # The learning-rate schedule's course: where only the last step changed, the config's (the decay from
+    # the warm-up's end); on other ranks, on from the progress the checkpoint's had made (all, at its end).
+    lr = lambda step: json.loads((tmp_path / f"run/checkpoints/step-{step:08d}/concord.json").read_text())["lr"]
+    assert lr(12) == {"last_step": 12, "decay_from": [0, 0.0]} and lr(92) == {"last_step": 92, "decay_from": [12, 1.0]}
 
 
 @pytest.mark.multiprocess

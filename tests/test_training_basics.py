@@ -42,6 +42,27 @@ def test_the_schedule_sets_every_groups_rate():
     assert [g["lr"] for g in groups] == [0.1, 0.05]
 
 
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_a_run_resumed_on_steps_of_another_size_goes_on_with_the_rate_it_had(decay):
+    """Resumed at step 40 of 100 on half the ranks (160 steps left), the rate goes on from the
+    checkpoint's, falls without rising to the minimum on the new last step, and a later resume on the
+    same ranks keeps that course; where only the config's last step changed, the config decides, as in
+    a fresh run; a checkpoint without a record, or one still warming up, starts the decay afresh."""
+    cfg = ScheduleConfig(warmup_steps=5, decay=decay, min_ratio=0.1)
+    before = LRSchedule(cfg, 100, [])
+    after = LRSchedule.resumed(cfg, 200, [], 40, before.record(), relaid=True)
+    assert after.factor(40) == pytest.approx(before.factor(40))
+    f = [after.factor(t) for t in range(40, 200)]
+    assert all(a >= b for a, b in zip(f, f[1:])) and f[-1] == pytest.approx(0.1)
+    again = LRSchedule.resumed(cfg, 200, [], 120, after.record(), relaid=False)
+    assert [again.factor(t) for t in range(120, 200)] == f[80:]
+
+    longer = LRSchedule.resumed(cfg, 150, [], 40, before.record(), relaid=False)
+    assert [longer.factor(t) for t in range(150)] == _factors(150, warmup_steps=5, decay=decay, min_ratio=0.1)
+    for fresh in (LRSchedule.resumed(cfg, 200, [], 40, None, relaid=True), LRSchedule.resumed(cfg, 200, [], 3, before.record(), relaid=True)):
+        assert [fresh.factor(t) for t in range(200)] == _factors(200, warmup_steps=5, decay=decay, min_ratio=0.1)
+
+
 def _one_rank_run(rank, world_size, overrides):
     from concord.trainer.config import load_config
     from concord.trainer.runtime import init_runtime

@@ -11,7 +11,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -114,6 +114,7 @@ class Trainer:
     run_id: str = ""
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
+    resumed_lr: Tuple[Optional[Dict[str, Any]], bool] = (None, False)  # the checkpoint's schedule; data laid anew?
     nonfinite: Optional[NonFinitePolicy] = None  # set by build
     # each task's gradient norm at z summed over this invocation's logged steps, and their count
     grad_norm_sums: Dict[str, List[float]] = field(default_factory=dict)
@@ -248,6 +249,8 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         info = {"fingerprint": self.fingerprint(), "run_id": self.run_id, "config": to_dict(self.cfg),
                 "data": self.data_schedule.record(step)}
+        if self.schedule is not None:
+            info["lr"] = self.schedule.record()
         return self.checkpointer.save(step, self.checkpoint_state(step), info)
 
     def resume(self) -> int:
@@ -283,15 +286,18 @@ class Trainer:
             if changes:
                 print(f"  with settings other than that checkpoint's: {changes}", flush=True)
         self.log.write({"kind": "resume", "step": step, "checkpoint": str(path)})
-        self.data_schedule = self._resumed_schedule(step, info.get("data"), saved, now["data"]["rows"])
+        layout = (self.rt.world_size, self.cfg.data.batch_size)
+        saved_layout = (int(saved.get("world_size", layout[0])), int(saved.get("batch_size", layout[1])))
+        self.data_schedule = self._resumed_schedule(step, info.get("data"), saved_layout, now["data"]["rows"])
+        self.resumed_lr = (info.get("lr"), saved_layout != layout)
         return step
 
-    def _resumed_schedule(self, step: int, record: Optional[Dict[str, Any]], saved: Dict[str, Any], rows: int) -> DataSchedule:
-        """Where the checkpoint left the data; on other ranks or another batch size (which the
-        fingerprint check let through), the rest of its epoch shared out anew, said so."""
+    def _resumed_schedule(self, step: int, record: Optional[Dict[str, Any]], saved_layout: Tuple[int, int], rows: int) -> DataSchedule:
+        """Where the checkpoint left the data; on other ranks or another batch size than its
+        ``saved_layout`` (world size, batch size), which the fingerprint check let through, the rest of
+        its epoch shared out anew, said so."""
         batch, world = self.cfg.data.batch_size, self.rt.world_size
-        schedule = DataSchedule.resumed(step, record, int(saved.get("world_size", world)), int(saved.get("batch_size", batch)),
-                                        rows, world, batch)
+        schedule = DataSchedule.resumed(step, record, *saved_layout, rows, world, batch)
         reading = schedule.current
         if reading.pieces is not None and self.rt.is_main:
             ranks = f"{world} rank{'s' if world > 1 else ''}"
@@ -313,7 +319,7 @@ class Trainer:
             pin = (lambda b: b.pin_memory()) if rt.device.type == "cuda" else None
             batches = Prefetcher(batches, cfg.data.prefetch, pin)
         total = self._total_steps(step)
-        self.schedule = self._schedule(total)
+        self.schedule = self._schedule(total, step)
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
         stop = StopRequest().install()
         started = time.time()
@@ -325,11 +331,11 @@ class Trainer:
                 batches.close()
         return self._finish(step, qps, time.time() - started)
 
-    def _schedule(self, total: int) -> LRSchedule:
+    def _schedule(self, total: int, step: int) -> LRSchedule:
         groups = list(self.dense_optimizer.param_groups)
         if self.cfg.train.lr_schedule.embeddings:
             groups += list(self.dmp.fused_optimizer.param_groups)
-        return LRSchedule(self.cfg.train.lr_schedule, total, groups)
+        return LRSchedule.resumed(self.cfg.train.lr_schedule, total, groups, step, *self.resumed_lr)
 
     def _total_steps(self, step: int) -> int:
         total = self.data_schedule.total_steps(self.cfg.train.epochs)
