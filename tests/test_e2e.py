@@ -376,6 +376,34 @@ def test_predict_names_a_file_without_a_passthrough_column_before_scoring(tmp_pa
         _check_passthrough([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], ["request"])
 
 
+def test_predict_joins_the_ranks_parts_and_the_passthrough_columns_a_batch_at_a_time(tmp_path):
+    """Rank 0 streams the parts into the output beside the data's passthrough columns, however the
+    parts' rows and the files' rows are cut, in row order; a file whose passthrough column holds only
+    nulls joins; one whose column has another type than the first file's is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from concord.trainer.data.layout import DataError
+    from concord.trainer.predict import _join
+
+    keys = [f"k{r}" if r != 4 else None for r in range(10)]
+    for name, rows in (("a", range(0, 4)), ("b", range(4, 5)), ("c", range(5, 10))):
+        request = pa.array(keys[rows.start:rows.stop], pa.null() if name == "b" else pa.string())  # b's: nulls alone
+        pq.write_table(pa.table({"request": request, "day": [r // 3 for r in rows]}), tmp_path / f"{name}.parquet", row_group_size=2)
+    parts = []
+    for rank, rows in enumerate((range(0, 3), range(3, 10))):
+        parts.append(tmp_path / f"rank-{rank}.parquet")
+        pq.write_table(pa.table({"row": list(rows), "pred": [r / 10 for r in rows]}), parts[-1], row_group_size=2)
+    files = [str(tmp_path / f"{name}.parquet") for name in "abc"]
+    _join(parts, files, ["day", "request"], str(tmp_path / "out.parquet"))
+    assert pq.read_table(tmp_path / "out.parquet").to_pydict() == {
+        "row": list(range(10)), "pred": [r / 10 for r in range(10)], "day": [r // 3 for r in range(10)], "request": keys}
+
+    pq.write_table(pa.table({"request": [1, 2, 3, 4, 5], "day": [1, 2, 3, 3, 3]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=rf"c\.parquet: column 'request' \(data.passthrough\) is int64 here but string in {files[0]}"):
+        _join(parts, files, ["day", "request"], str(tmp_path / "out.parquet"))
+
+
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

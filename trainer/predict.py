@@ -2,7 +2,8 @@
 training's evaluation.
 
 Every rank scores a contiguous range of the rows (every row exactly once) and writes its part; rank 0
-joins the parts in rank order, so the output's rows follow the data's order. Columns: ``row`` (the
+streams the parts in rank order into the output, so its rows follow the data's order and no process
+holds them all. Columns: ``row`` (the
 row's index in the data set, files in sorted order), ``pred_<task>`` for every task, ``label_<task>``
 for every task whose label column the data has (null where a row has no label for it), ``weight``,
 and the data's ``data.passthrough`` columns as they are (keys to join the scores back to the log:
@@ -12,10 +13,11 @@ bad rows).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -56,9 +58,10 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         parts.mkdir(parents=True)
     if rt.world_size > 1:
         dist.barrier()
-    rows: List[pa.Table] = []
+    part: Optional[pq.ParquetWriter] = None  # this rank's, opened at its first row
 
     def sink(first: int, batch, predictions: torch.Tensor) -> None:
+        nonlocal part
         table = {"row": np.arange(first, first + batch.batch_size, dtype=np.int64)}
         for k, task in enumerate(cfg.tasks):
             table[f"pred_{task.name}"] = predictions[:, k].float().numpy()
@@ -66,19 +69,20 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
                 missing = None if batch.labelled is None else ~batch.labelled[:, k].numpy()
                 table[f"label_{task.name}"] = pa.array(batch.labels[:, k].numpy(), mask=missing)
         table["weight"] = batch.weights.numpy()
-        rows.append(pa.table(table))
+        table = pa.table(table)
+        part = part or pq.ParquetWriter(parts / f"rank-{rt.rank:05d}.parquet", table.schema)
+        part.write_table(table)
 
     results = Evaluator(cfg, rt, trainer.dmp, trainer.model.heads).run(reader, sink)
     # A task whose label the data lacks (data to score, unlabelled) has no metrics: its labels read as zeros.
     results = {t.name: results[t.name] for t, label in zip(cfg.tasks, columns.labels) if label is not None and t.name in results}
-    if rows:
-        pq.write_table(pa.concat_tables(rows), parts / f"rank-{rt.rank:05d}.parquet")
+    if part is not None:
+        part.close()
     if rt.world_size > 1:
         dist.barrier()
     if rt.is_main:
-        scores = pa.concat_tables([pq.read_table(p) for p in sorted(parts.glob("rank-*.parquet"))])
         scored = list(dict.fromkeys(group.file for group in reader.groups))  # the files the job read, in its order
-        pq.write_table(_with_passthrough(scores, scored, cfg.data.passthrough), out)
+        _join(sorted(parts.glob("rank-*.parquet")), scored, cfg.data.passthrough, out)
         shutil.rmtree(parts)
         logger.info("%d rows scored with %s -> %s", reader.total_rows, path, out)
     return results
@@ -118,15 +122,58 @@ def _check_passthrough(files: List[str], names: List[str]) -> None:
                             "data.passthrough, or leave it out")
 
 
-def _with_passthrough(scores: pa.Table, files: List[str], names: List[str]) -> pa.Table:
-    """``scores`` with the ``names`` columns of the data's rows beside them, row by ``row``."""
-    if not names:
-        return scores
-    carried = pa.concat_tables([open_parquet(path).read(columns=names) for path in files], promote_options="permissive")
-    carried = carried.take(scores.column("row"))
-    for name in names:
-        scores = scores.append_column(name, carried.column(name))
-    return scores
+def _join(parts: List[Path], files: List[str], names: List[str], out: str) -> None:
+    """Writes ``out``: the ranks' ``parts`` (their rows in the data's order, rank by rank) with the
+    ``names`` columns of the data's ``files`` beside them, streamed a batch at a time, so that scoring
+    a data set never holds all of its rows in one process."""
+    carried = _RowStream(_passthrough(files, names)) if names else None
+    written = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for path in parts:
+            for batch in pq.ParquetFile(path).iter_batches():
+                scores = pa.Table.from_batches([batch])
+                if scores.column("row")[0].as_py() != written:
+                    raise RuntimeError(f"{path}: its rows start at {scores.column('row')[0]}, not at {written}")
+                if carried is not None:
+                    for name, column in zip(names, carried.take(len(scores)).columns):
+                        scores = scores.append_column(name, column)
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(out, scores.schema))
+                writer.write_table(scores)
+                written += len(scores)
+
+
+def _passthrough(files: List[str], names: List[str]) -> Iterator[pa.Table]:
+    """The ``names`` columns of ``files``' rows in order, a batch at a time, of the first file's types
+    (a column of nulls alone takes them; another type is named, as convert writes one type a column)."""
+    schema = None
+    for path in files:
+        for batch in open_parquet(path).iter_batches(columns=names):
+            table = pa.Table.from_batches([batch])
+            schema = schema or table.schema
+            for field in table.schema:
+                first = schema.field(field.name).type
+                if field.type != first and not pa.types.is_null(field.type):
+                    raise DataError(f"{path}: column {field.name!r} (data.passthrough) is {field.type} here but {first} in {files[0]}")
+            yield table.cast(schema)
+
+
+class _RowStream:
+    """Tables of any length, taken ``n`` rows at a time."""
+
+    def __init__(self, tables: Iterator[pa.Table]) -> None:
+        self.tables, self.held = tables, None
+
+    def take(self, n: int) -> pa.Table:
+        pieces = []
+        while n > 0:
+            if self.held is None or len(self.held) == 0:
+                self.held = next(self.tables)
+            piece = self.held.slice(0, n)
+            self.held, n = self.held.slice(len(piece)), n - len(piece)
+            pieces.append(piece)
+        return pa.concat_tables(pieces)
 
 
 def _columns_present(cfg: Config, first_file: str) -> Columns:
