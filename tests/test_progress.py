@@ -26,3 +26,33 @@ def test_short_work_leaves_no_progress_in_a_log(monkeypatch):
     with progress.progress_bar(100, "convert: writing", "row") as bar:
         bar.update(100)
     assert log.getvalue() == ""
+
+
+def test_a_long_evaluation_shows_its_batches_in_a_log(tmp_path, monkeypatch):
+    """Evaluation (and `concord predict`, which runs it) shows rank 0's batches where it takes long:
+    each call of tqdm's clock here is 4 s later than the last."""
+    from types import SimpleNamespace
+
+    import torch
+    import tqdm.std
+
+    from tiny_data import ROOT, tiny_data
+    from concord.trainer.config import load_config
+    from concord.trainer.data.reader import ParquetReader, columns_from_config
+    from concord.trainer.evaluation import Evaluator
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*tiny_data(tmp_path), "train.progress=true"])
+    reader = ParquetReader(cfg.data.eval, columns_from_config(cfg), cfg.data.batch_size)
+    dmp = lambda batch: SimpleNamespace(logits=torch.zeros(batch.batch_size, len(cfg.tasks)))
+    dmp.eval = dmp.train = lambda: None
+    heads = SimpleNamespace(predictions=torch.sigmoid)
+    rt = SimpleNamespace(world_size=1, rank=0, is_main=True, device=torch.device("cpu"), balancer_group=None)
+    clock = iter(range(0, 10**6, 4))
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+    log = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", log)
+    Evaluator(cfg, rt, dmp, heads).run(reader)
+    batches = reader.max_batches_per_rank()
+    lines = log.getvalue().splitlines()
+    assert batches > 2 and lines and all(line.startswith("evaluate: ") for line in lines), lines
+    assert f"| {batches}/{batches} [" in lines[-1]

@@ -10,6 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from concord.trainer.data.reader import Batch, ParquetReader
 from concord.trainer.observe.metrics import TaskMetrics
+from concord.trainer.observe.progress import progress_bar
 
 # Called with each batch's real rows: (first row's index in the split, batch, predictions (n, T)).
 RowSink = Callable[[int, Batch, torch.Tensor], None]
@@ -23,13 +24,15 @@ class Evaluator:
         self.cfg, self.rt, self.dmp, self.heads = cfg, rt, dmp, heads
 
     @torch.no_grad()
-    def run(self, reader: ParquetReader, sink: Optional[RowSink] = None) -> Dict[str, Dict[str, float]]:
+    def run(self, reader: ParquetReader, sink: Optional[RowSink] = None, what: str = "evaluate") -> Dict[str, Dict[str, float]]:
+        """The metrics of the split ``reader`` reads; rank 0 shows its batches' progress as ``what``."""
         batch_size = self.cfg.data.batch_size
         metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, batch_size, self.rt.device, self.rt.balancer_group)
         self.dmp.eval()
         it = iter(reader)
         template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
         row = reader.rank_range(reader.rank)[0]
+        bar = progress_bar(reader.max_batches_per_rank(), what, "batch", enabled=self.rt.is_main and self.cfg.train.progress, leave=False)
         for _ in range(reader.max_batches_per_rank()):
             batch = next(it, None)
             template = template or batch
@@ -41,6 +44,8 @@ class Evaluator:
             if sink is not None and real:
                 sink(row, batch, predictions[:real].detach().cpu())
             row += real
+            bar.update()
+        bar.close()
         results = metrics.compute()
         self.dmp.train()
         return results

@@ -73,7 +73,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         part = part or pq.ParquetWriter(parts / f"rank-{rt.rank:05d}.parquet", table.schema)
         part.write_table(table)
 
-    results = Evaluator(cfg, rt, trainer.dmp, trainer.model.heads).run(reader, sink)
+    results = Evaluator(cfg, rt, trainer.dmp, trainer.model.heads).run(reader, sink, what="predict")
     # A task whose label the data lacks (data to score, unlabelled) has no metrics: its labels read as zeros.
     results = {t.name: results[t.name] for t, label in zip(cfg.tasks, columns.labels) if label is not None and t.name in results}
     if part is not None:

@@ -35,11 +35,12 @@ class _Lines:
         self.stream.flush()
 
 
-def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, leave: bool = True):
+    """``leave=False``: a terminal's bar is wiped when done (work inside other work with a bar of its own)."""
     if not enabled:
         return _Silent()
     from tqdm import tqdm
 
     if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, leave=leave)
     return tqdm(total=total, desc=desc, unit=unit, file=_Lines(sys.stderr), ncols=100, ascii=True, mininterval=10.0, delay=10.0)
