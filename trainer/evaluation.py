@@ -9,6 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from concord.trainer.data.reader import Batch, ParquetReader
+from concord.trainer.lifecycle import STOP_CHECK_EVERY
 from concord.trainer.observe.metrics import TaskMetrics
 from concord.trainer.observe.progress import progress_bar
 
@@ -24,8 +25,11 @@ class Evaluator:
         self.cfg, self.rt, self.dmp, self.heads = cfg, rt, dmp, heads
 
     @torch.no_grad()
-    def run(self, reader: ParquetReader, sink: Optional[RowSink] = None, what: str = "evaluate") -> Dict[str, Dict[str, float]]:
-        """The metrics of the split ``reader`` reads; rank 0 shows its batches' progress as ``what``."""
+    def run(self, reader: ParquetReader, sink: Optional[RowSink] = None, what: str = "evaluate",
+            stop: Optional[Callable[[], bool]] = None) -> Optional[Dict[str, Dict[str, float]]]:
+        """The metrics of the split ``reader`` reads; rank 0 shows its batches' progress as ``what``.
+        ``stop``, a collective every rank asks at the same batches (every ``STOP_CHECK_EVERY``), ends
+        the run without results (None) where it says so."""
         batch_size = self.cfg.data.batch_size
         metrics = TaskMetrics(self.cfg.tasks, self.rt.world_size, self.rt.rank, batch_size, self.rt.device, self.rt.balancer_group)
         self.dmp.eval()
@@ -33,7 +37,11 @@ class Evaluator:
         template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
         row = reader.rank_range(reader.rank)[0]
         bar = progress_bar(reader.max_batches_per_rank(), what, "batch", enabled=self.rt.is_main and self.cfg.train.progress, leave=False)
-        for _ in range(reader.max_batches_per_rank()):
+        for index in range(reader.max_batches_per_rank()):
+            if stop is not None and index % STOP_CHECK_EVERY == 0 and stop():
+                bar.close()
+                self.dmp.train()
+                return None
             batch = next(it, None)
             template = template or batch
             real = batch.batch_size if batch is not None else 0

@@ -37,6 +37,9 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return done
 
 
+STOP_CHECK_EVERY = 10  # steps (or evaluation batches) between the ranks' agreement on a pending SIGTERM / SIGINT (one tiny sum)
+
+
 class StopRequest:
     """Records SIGTERM / SIGINT instead of dying mid-step; see the module docstring."""
 

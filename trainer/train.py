@@ -11,7 +11,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from concord.trainer.data.position import DataSchedule
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config, plan_together
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import check_resume, fingerprint, nothing_to_resume_from, settings_changed
-from concord.trainer.lifecycle import StopRequest, Stopped
+from concord.trainer.lifecycle import STOP_CHECK_EVERY, StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
 from concord.trainer.observe.metrics import compact_results, format_table, quality_notes
@@ -115,6 +115,7 @@ class Trainer:
     lock: Optional[RunDirLock] = None  # rank 0: the run directory's ownership
     schedule: Optional[LRSchedule] = None  # set by fit
     resumed_lr: Tuple[Optional[Dict[str, Any]], bool] = (None, False)  # the checkpoint's schedule; data laid anew?
+    evaluation_owed: Optional[int] = None  # the step whose evaluation a signal stopped (its checkpoint says so)
     nonfinite: Optional[NonFinitePolicy] = None  # set by build
     # each task's gradient norm at z summed over this invocation's logged steps, and their count
     grad_norm_sums: Dict[str, List[float]] = field(default_factory=dict)
@@ -251,6 +252,8 @@ class Trainer:
                 "data": self.data_schedule.record(step)}
         if self.schedule is not None:
             info["lr"] = self.schedule.record()
+        if self.evaluation_owed == step:
+            info["evaluation_owed"] = True
         return self.checkpointer.save(step, self.checkpoint_state(step), info)
 
     def resume(self) -> int:
@@ -290,6 +293,7 @@ class Trainer:
         saved_layout = (int(saved.get("world_size", layout[0])), int(saved.get("batch_size", layout[1])))
         self.data_schedule = self._resumed_schedule(step, info.get("data"), saved_layout, now["data"]["rows"])
         self.resumed_lr = (info.get("lr"), saved_layout != layout)
+        self.evaluation_owed = step if info.get("evaluation_owed") else None
         return step
 
     def _resumed_schedule(self, step: int, record: Optional[Dict[str, Any]], saved_layout: Tuple[int, int], rows: int) -> DataSchedule:
@@ -355,6 +359,8 @@ class Trainer:
         timer = StepTimer(self.rt.device)
         bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
         bar.update(step)
+        if self.evaluation_owed == step < total:  # a signal stopped the evaluation due here: it comes first
+            self._evaluate_during_training(step, bar)
         self.dmp.train()
         saved_at = step
         while step < total:
@@ -372,15 +378,11 @@ class Trainer:
             if step < total and ((cfg.eval_every and step % cfg.eval_every == 0)
                                  or (cfg.eval_each_epoch and self._epochs_ended_at(step) is not None)):
                 steps.pause()
-                results = self.evaluate(step)
-                if self.rt.is_main and results:
-                    epoch = self._epochs_ended_at(step)
-                    where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
-                    bar.write(f"eval at {where}: {compact_results(results, self.cfg.tasks)}")
+                self._evaluate_during_training(step, bar, stop)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
                 saved_at = step
-            if step % STOP_CHECK_EVERY == 0 or step == total:
+            if step % STOP_CHECK_EVERY == 0 or step == total or self.evaluation_owed == step:
                 signum = stop.agreed(self.rt.balancer_group)
                 if signum is not None:
                     bar.close()
@@ -571,14 +573,29 @@ class Trainer:
             return None
         return self.data_schedule.epochs_ended_at(step)
 
-    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+    def _evaluate_during_training(self, step: int, bar, stop: Optional[StopRequest] = None) -> None:
+        """The evaluation due at ``step``, its line above the progress bar. A signal ``stop`` receives
+        stops it (a preemption's grace period is shorter than a long evaluation): the step's
+        checkpoint then owes it, and the run resumed there evaluates first."""
+        agreed = (lambda: stop.agreed(self.rt.balancer_group) is not None) if stop is not None else None
+        results = self.evaluate(step, agreed)
+        self.evaluation_owed = step if results is None else None
+        if self.rt.is_main and results:
+            epoch = self._epochs_ended_at(step)
+            where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
+            bar.write(f"eval at {where}: {compact_results(results, self.cfg.tasks)}")
+
+    def evaluate(self, step: int, stop: Optional[Callable[[], bool]] = None) -> Optional[Dict[str, Dict[str, float]]]:
         """NE/AUC/calibration/MSE per task on the held-out split (every row once); the record names
-        the epochs completed where ``step`` ends one."""
+        the epochs completed where ``step`` ends one. None, and no record, where ``stop`` (collective,
+        asked every few batches) stopped it."""
         if not self.cfg.data.eval:
             return {}
         self.eval_reader = self.eval_reader or self._reader(self.cfg.data.eval, train=False)
-        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self.eval_reader)
+        results = Evaluator(self.cfg, self.rt, self.dmp, self.model.heads).run(self.eval_reader, stop=stop)
         self.eval_reader.forget_reads()  # the row group it holds decoded, until the next evaluation
+        if results is None:
+            return None
         record = {"kind": "eval", "step": step, "eval": results}
         epoch = self._epochs_ended_at(step)
         if epoch is not None:
@@ -588,7 +605,6 @@ class Trainer:
 
 
 NO_BOUNDARY = "none"  # concord bench: the model without the boundary
-STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM / SIGINT (one tiny sum)
 
 
 def _checkpoint_in(source: Path) -> Path:
