@@ -37,26 +37,25 @@ class Evaluator:
         template: Optional[Batch] = reader.empty_batch() if reader.num_rows == 0 else None
         row = reader.rank_range(reader.rank)[0]
         bar = progress_bar(reader.max_batches_per_rank(), what, "batch", enabled=self.rt.is_main and self.cfg.train.progress, leave=False)
-        for index in range(reader.max_batches_per_rank()):
-            if stop is not None and index % STOP_CHECK_EVERY == 0 and stop():
-                bar.close()
-                self.dmp.train()
-                return None
-            batch = next(it, None)
-            template = template or batch
-            real = batch.batch_size if batch is not None else 0
-            padded = pad_batch(batch if batch is not None else template, batch_size, empty=batch is None).to(self.rt.device)
-            out = self.dmp(padded)
-            predictions = self.heads.predictions(out.logits)
-            metrics.update(predictions, padded.labels, padded.weights, padded.labelled)
-            if sink is not None and real:
-                sink(row, batch, predictions[:real].detach().cpu())
-            row += real
-            bar.update()
-        bar.close()
-        results = metrics.compute()
-        self.dmp.train()
-        return results
+        try:
+            for index in range(reader.max_batches_per_rank()):
+                if stop is not None and index % STOP_CHECK_EVERY == 0 and stop():
+                    return None
+                batch = next(it, None)
+                template = template or batch
+                real = batch.batch_size if batch is not None else 0
+                padded = pad_batch(batch if batch is not None else template, batch_size, empty=batch is None).to(self.rt.device)
+                out = self.dmp(padded)
+                predictions = self.heads.predictions(out.logits)
+                metrics.update(predictions, padded.labels, padded.weights, padded.labelled)
+                if sink is not None and real:
+                    sink(row, batch, predictions[:real].detach().cpu())
+                row += real
+                bar.update()
+        finally:
+            bar.close()
+            self.dmp.train()
+        return metrics.compute()
 
 
 def pad_batch(batch: Batch, size: int, empty: bool = False) -> Batch:

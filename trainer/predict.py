@@ -3,12 +3,11 @@ training's evaluation.
 
 Every rank scores a contiguous range of the rows (every row exactly once) and writes its part; rank 0
 streams the parts in rank order into the output, so its rows follow the data's order and no process
-holds them all. Columns: ``row`` (the
-row's index in the data set, files in sorted order), ``pred_<task>`` for every task, ``label_<task>``
-for every task whose label column the data has (null where a row has no label for it), ``weight``,
-and the data's ``data.passthrough`` columns as they are (keys to join the scores back to the log:
-``row`` counts the rows of the data scored, which are not the raw input's lines where convert skipped
-bad rows).
+holds them all. Columns: ``row`` (the row's index in the data set, files in sorted order),
+``pred_<task>`` for every task, ``label_<task>`` for every task whose label column the data has (null
+where a row has no label for it), ``weight``, and the data's ``data.passthrough`` columns as they are
+(keys to join the scores back to the log: ``row`` counts the rows of the data scored, which are not
+the raw input's lines where convert skipped bad rows).
 """
 
 from __future__ import annotations
