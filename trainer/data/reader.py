@@ -164,10 +164,10 @@ def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     if isinstance(listing[0], str):
         raise DataError(listing[0])
     files = listing[0]
-    mine: list = []  # this rank's files' plans in order, then (file index, problem) where one failed
+    mine: list = []  # the rows of each row group of this rank's files in order; (file index, problem) where one failed
     for index in range(rank, len(files), world_size):
         try:
-            mine.append(plan_row_groups([files[index]], columns))
+            mine.append([group.num_rows for group in plan_row_groups([files[index]], columns)])
         except DataError as e:
             mine.append((index, str(e)))
             break
@@ -176,7 +176,8 @@ def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     problems = [plan[-1] for plan in plans if plan and isinstance(plan[-1], tuple)]
     if problems:
         raise DataError(min(problems)[1])
-    return [group for index in range(len(files)) for group in plans[index % world_size][index // world_size]]
+    return [RowGroup(path, i, rows) for index, path in enumerate(files)
+            for i, rows in enumerate(plans[index % world_size][index // world_size])]
 
 
 class _Block:
