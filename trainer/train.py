@@ -359,10 +359,12 @@ class Trainer:
         timer = StepTimer(self.rt.device)
         bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
         bar.update(step)
-        if self.evaluation_owed == step < total:  # a signal stopped the evaluation due here: it comes first
-            self._evaluate_during_training(step, bar)
-        self.dmp.train()
         saved_at = step
+        if self.evaluation_owed == step < total:  # a signal stopped the evaluation due here: it comes first
+            self._evaluate_during_training(step, bar, stop)
+            if self.evaluation_owed == step:  # stopped again
+                self._stop_if_asked(step, saved_at, bar, stop)
+        self.dmp.train()
         while step < total:
             self.step = step
             if step + 2 == total and total % cfg.log_every != 0:
@@ -383,20 +385,26 @@ class Trainer:
                 self.save_checkpoint(step)
                 saved_at = step
             if step % STOP_CHECK_EVERY == 0 or step == total or self.evaluation_owed == step:
-                signum = stop.agreed(self.rt.balancer_group)
-                if signum is not None:
-                    bar.close()
-                    preempted = signum == signal.SIGTERM
-                    if preempted and saved_at != step:
-                        self.save_checkpoint(step)
-                    self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
-                    self.log.close()  # TensorBoard's writer holds up to two minutes of scalars unwritten
-                    raise Stopped(signum, step, checkpoint=preempted)
+                self._stop_if_asked(step, saved_at, bar, stop)
         bar.close()
         steps.close()
         if cfg.checkpoint_final and saved_at != step:
             self.save_checkpoint(step)
         return step
+
+    def _stop_if_asked(self, step: int, saved_at: int, bar, stop: StopRequest) -> None:
+        """Collective: where any rank received a signal, every rank stops after ``step`` (raises
+        :class:`Stopped`), SIGTERM writing the step's checkpoint unless ``saved_at`` is that step."""
+        signum = stop.agreed(self.rt.balancer_group)
+        if signum is None:
+            return
+        bar.close()
+        preempted = signum == signal.SIGTERM
+        if preempted and saved_at != step:
+            self.save_checkpoint(step)
+        self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
+        self.log.close()  # TensorBoard's writer holds up to two minutes of scalars unwritten
+        raise Stopped(signum, step, checkpoint=preempted)
 
     def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
         cfg, reader = self.cfg, self.train_reader
