@@ -363,33 +363,44 @@ def test_sigterm_to_the_launcher_stops_every_worker_after_a_checkpoint(tmp_path)
 def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_evaluates_there_first(tmp_path):
     """A preemption's grace period is shorter than a long evaluation: SIGTERM stops the evaluation of
     step 20 (no record of it), the checkpoint of step 20 says that it is owed, and the run resumed
-    there evaluates before its next step."""
+    there evaluates before its next step; SIGTERM in the final evaluation stops it after the last
+    checkpoint, which the same command then evaluates."""
     data = tiny_data(tmp_path, "data.synthetic.eval_rows=200000")  # an evaluation of seconds
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "concord.trainer.cli", "train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={run_dir}",
            "train.log_every=1", "train.eval_every=20", "train.max_steps=21"]
-    out = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     records = lambda: [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    try:
-        deadline = time.time() + 180
-        while not ((run_dir / "metrics.jsonl").exists() and any(r["kind"] == "train" and r["step"] == 20 for r in records())):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-3000:]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)  # step 20 is logged before its evaluation starts
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "job.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert [(r["kind"], r["step"]) for r in records()[-2:]] == [("train", 20), ("stopped", 20)]
-    assert json.loads((run_dir / "checkpoints/step-00000020/concord.json").read_text())["evaluation_owed"] is True
 
-    resumed = _concord("train", "--config", "configs/tiny.yaml", *data, f"train.run_dir={run_dir}", "train.log_every=1",
-                       "train.eval_every=20", "train.max_steps=21")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = records()[[r["kind"] for r in records()].index("resume"):]
-    assert [(r["kind"], r["step"]) for r in after] == [("resume", 20), ("eval", 20), ("train", 21), ("eval", 21), ("summary", 21)]
-    assert "eval at step 20: " in resumed.stdout
+    def stopped_once(ready):
+        """The job started afresh and sent SIGTERM once ``ready()``; its records from its start."""
+        before = len(records()) if (run_dir / "metrics.jsonl").exists() else 0
+        out = open(tmp_path / "job.log", "w")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while not ((run_dir / "metrics.jsonl").exists() and ready(records()[before:])):
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "job.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        return [(r["kind"], r["step"]) for r in records()[before:] if "step" in r]
+
+    logged = lambda step: lambda new: ("train", step) in [(r["kind"], r.get("step")) for r in new]
+    # Step 20 is logged before its evaluation starts.
+    assert stopped_once(logged(20))[-2:] == [("train", 20), ("stopped", 20)]
+    assert json.loads((run_dir / "checkpoints/step-00000020/concord.json").read_text())["evaluation_owed"] is True
+    # The last checkpoint is written before the final evaluation starts.
+    final = lambda new: logged(21)(new) and (run_dir / "checkpoints/step-00000021").is_dir()
+    assert stopped_once(final) == [("resume", 20), ("eval", 20), ("train", 21), ("stopped", 21)]
+    assert "evaluation_owed" not in json.loads((run_dir / "checkpoints/step-00000021/concord.json").read_text())
+
+    relaunched = _concord(*cmd[3:])
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert "already holds this run's last checkpoint (step 21 of 21): evaluating it without training" in relaunched.stdout
+    assert [(r["kind"], r["step"]) for r in records()[-3:]] == [("resume", 21), ("eval", 21), ("summary", 21)]
 
 
 @pytest.mark.multiprocess

@@ -116,6 +116,7 @@ class Trainer:
     schedule: Optional[LRSchedule] = None  # set by fit
     resumed_lr: Tuple[Optional[Dict[str, Any]], bool] = (None, False)  # the checkpoint's schedule; data laid anew?
     evaluation_owed: Optional[int] = None  # the step whose evaluation a signal stopped (its checkpoint says so)
+    saved_at: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed from
     nonfinite: Optional[NonFinitePolicy] = None  # set by build
     # each task's gradient norm at z summed over this invocation's logged steps, and their count
     grad_norm_sums: Dict[str, List[float]] = field(default_factory=dict)
@@ -254,7 +255,9 @@ class Trainer:
             info["lr"] = self.schedule.record()
         if self.evaluation_owed == step:
             info["evaluation_owed"] = True
-        return self.checkpointer.save(step, self.checkpoint_state(step), info)
+        path = self.checkpointer.save(step, self.checkpoint_state(step), info)
+        self.saved_at = step
+        return path
 
     def resume(self) -> int:
         """Loads the newest intact checkpoint, if any, after checking that it was written by a
@@ -315,7 +318,8 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         """Resumes if it can, trains to the configured step, evaluates, writes the summary. SIGTERM or
-        SIGINT stop it after a step that every rank agrees on (SIGTERM writes a checkpoint first)."""
+        SIGINT stop it after a step, or in an evaluation, that every rank agrees on (SIGTERM writes a
+        checkpoint first)."""
         cfg, rt = self.cfg, self.rt
         step = self.resume()
         batches = self.train_batches(start_step=step)
@@ -326,14 +330,18 @@ class Trainer:
         self.schedule = self._schedule(total, step)
         qps = QPSMeter(cfg.data.batch_size * rt.world_size, cfg.train.qps_skip_steps, cfg.train.qps_window)
         stop = StopRequest().install()
-        started = time.time()
+        started, self.saved_at = time.time(), step
         try:
             step = self._train_until(total, step, step_driver(self, batches), qps, stop)
+            seconds = time.time() - started
+            final = self.evaluate(step, self._agreed(stop))
+            if final is None:  # a signal: the last checkpoint is written (or now), and a relaunch evaluates it
+                self._stop_if_asked(step, stop)
         finally:
             stop.uninstall()
             if isinstance(batches, Prefetcher):
                 batches.close()
-        return self._finish(step, qps, time.time() - started)
+        return self._finish(step, final, qps, seconds)
 
     def _schedule(self, total: int, step: int) -> LRSchedule:
         groups = list(self.dense_optimizer.param_groups)
@@ -359,11 +367,10 @@ class Trainer:
         timer = StepTimer(self.rt.device)
         bar = progress_bar(total, "train", "step", enabled=self.rt.is_main and cfg.progress)
         bar.update(step)
-        saved_at = step
         if self.evaluation_owed == step < total:  # a signal stopped the evaluation due here: it comes first
             self._evaluate_during_training(step, bar, stop)
             if self.evaluation_owed == step:  # stopped again
-                self._stop_if_asked(step, saved_at, bar, stop)
+                self._stop_if_asked(step, stop, bar)
         self.dmp.train()
         while step < total:
             self.step = step
@@ -383,32 +390,35 @@ class Trainer:
                 self._evaluate_during_training(step, bar, stop)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step)
-                saved_at = step
             if step % STOP_CHECK_EVERY == 0 or step == total or self.evaluation_owed == step:
-                self._stop_if_asked(step, saved_at, bar, stop)
+                self._stop_if_asked(step, stop, bar)
         bar.close()
         steps.close()
-        if cfg.checkpoint_final and saved_at != step:
+        if cfg.checkpoint_final and self.saved_at != step:
             self.save_checkpoint(step)
         return step
 
-    def _stop_if_asked(self, step: int, saved_at: int, bar, stop: StopRequest) -> None:
+    def _agreed(self, stop: StopRequest) -> Callable[[], bool]:
+        """The question an evaluation asks every few batches (collective): has any rank a signal?"""
+        return lambda: stop.agreed(self.rt.balancer_group) is not None
+
+    def _stop_if_asked(self, step: int, stop: StopRequest, bar=None) -> None:
         """Collective: where any rank received a signal, every rank stops after ``step`` (raises
-        :class:`Stopped`), SIGTERM writing the step's checkpoint unless ``saved_at`` is that step."""
+        :class:`Stopped`), SIGTERM writing the step's checkpoint where there is none yet."""
         signum = stop.agreed(self.rt.balancer_group)
         if signum is None:
             return
-        bar.close()
+        if bar is not None:
+            bar.close()
         preempted = signum == signal.SIGTERM
-        if preempted and saved_at != step:
+        if preempted and self.saved_at != step:
             self.save_checkpoint(step)
         self.log.write({"kind": "stopped", "step": step, "signal": signal.Signals(signum).name})
         self.log.close()  # TensorBoard's writer holds up to two minutes of scalars unwritten
         raise Stopped(signum, step, checkpoint=preempted)
 
-    def _finish(self, step: int, qps: QPSMeter, seconds: float) -> Dict[str, Any]:
+    def _finish(self, step: int, final: Dict[str, Dict[str, float]], qps: QPSMeter, seconds: float) -> Dict[str, Any]:
         cfg, reader = self.cfg, self.train_reader
-        final = self.evaluate(step)
         summary = {
             "kind": "summary",
             "step": step,
@@ -581,12 +591,11 @@ class Trainer:
             return None
         return self.data_schedule.epochs_ended_at(step)
 
-    def _evaluate_during_training(self, step: int, bar, stop: Optional[StopRequest] = None) -> None:
+    def _evaluate_during_training(self, step: int, bar, stop: StopRequest) -> None:
         """The evaluation due at ``step``, its line above the progress bar. A signal ``stop`` receives
         stops it (a preemption's grace period is shorter than a long evaluation): the step's
         checkpoint then owes it, and the run resumed there evaluates first."""
-        agreed = (lambda: stop.agreed(self.rt.balancer_group) is not None) if stop is not None else None
-        results = self.evaluate(step, agreed)
+        results = self.evaluate(step, self._agreed(stop))
         self.evaluation_owed = step if results is None else None
         if self.rt.is_main and results:
             epoch = self._epochs_ended_at(step)
