@@ -148,9 +148,9 @@ def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     several ranks is up (collective: every rank calls it at once). Rank 0 lists the files and the job
     takes its listing: a rank that saw a network file system's listing late would otherwise cut the
     rows into other ranges than its peers', training some twice and others never. Each rank reads the
-    footers of every ``world_size``-th file and the plans are gathered in the files' order, so that the
-    job opens each footer once where each rank opened all of them. Every rank raises the problem met
-    first in the files' order, naming its file, as one rank planning alone would."""
+    footers of every ``world_size``-th file and the row groups' sizes are gathered in the files' order,
+    so that the job opens each footer once where each rank opened all of them. Every rank raises the
+    problem met first in the files' order, naming its file, as one rank planning alone would."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return plan_row_groups(list_files(spec), columns)
     rank, world_size = dist.get_rank(), dist.get_world_size()
