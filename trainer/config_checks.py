@@ -12,12 +12,23 @@ from concord.heads.options import TASK_TYPES
 from concord.trainer.config import DENSE_OPTIMIZER_CLASSES, MISSING_LABEL, OUTPUT_BIASES, Config, ConfigError, DataConfig
 
 
+class _Failure:
+    """A check's failure: one ConfigError naming the config file and the dotted key."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def __call__(self, key: str, msg: str) -> None:
+        raise ConfigError(f"{self.source}: {key}: {msg}")
+
+    def at_least(self, key: str, value, bound: int) -> None:
+        if value < bound:
+            self(key, f"must be >= {bound}, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks: every message names the file and the key."""
-    src = cfg.source
-
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{src}: {key}: {msg}")
+    fail = _Failure(cfg.source)
 
     for key in ("statistics_in_ddp", "statistics_on_host"):
         if getattr(cfg.dist, key) not in (True, False, "auto"):
@@ -27,16 +38,13 @@ def validate(cfg: Config) -> None:
         if path is not None and not path.strip():
             # "" would be read as the working directory
             fail(f"data.{key}", "is empty: give a folder, a file or a glob" + ("" if key == "train" else ", or leave it out"))
-    if d.batch_size < 1:
-        fail("data.batch_size", f"must be >= 1, got {d.batch_size}")
+    fail.at_least("data.batch_size", d.batch_size, 1)
     if d.on_bad_id not in ("error", "hash"):
         fail("data.on_bad_id", f"must be 'error' or 'hash', got {d.on_bad_id!r}")
     if d.on_nonfinite_dense not in ("error", "impute"):
         fail("data.on_nonfinite_dense", f"must be 'error' or 'impute', got {d.on_nonfinite_dense!r}")
-    if d.prefetch < 0:
-        fail("data.prefetch", f"must be >= 0, got {d.prefetch}")
-    if d.shuffle_rows < 1:
-        fail("data.shuffle_rows", f"must be >= 1, got {d.shuffle_rows}")
+    fail.at_least("data.prefetch", d.prefetch, 0)
+    fail.at_least("data.shuffle_rows", d.shuffle_rows, 1)
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
     _validate_passthrough(cfg, fail)
@@ -106,8 +114,7 @@ def validate(cfg: Config) -> None:
         if not ex.layers or any(s < 1 for s in ex.layers):
             fail("model.experts.layers", f"needs layer sizes >= 1, got {ex.layers}")
         for key in ("num_shared", "levels"):
-            if getattr(ex, key) < 1:
-                fail(f"model.experts.{key}", f"must be >= 1, got {getattr(ex, key)}")
+            fail.at_least(f"model.experts.{key}", getattr(ex, key), 1)
         if ex.type == "ple" and ex.num_task < 1:
             fail("model.experts.num_task", f"must be >= 1 for ple, got {ex.num_task}")
     if m.output_bias not in OUTPUT_BIASES:
@@ -124,13 +131,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.dense_optimizer.name not in DENSE_OPTIMIZER_CLASSES:
         fail("train.dense_optimizer.name", f"must be one of {tuple(DENSE_OPTIMIZER_CLASSES)}, got {cfg.train.dense_optimizer.name!r}")
     tr = cfg.train
-    if tr.epochs < 1:
-        fail("train.epochs", f"must be >= 1, got {tr.epochs}")
-    if tr.max_steps is not None and tr.max_steps < 1:
-        fail("train.max_steps", f"must be >= 1, got {tr.max_steps}")
+    fail.at_least("train.epochs", tr.epochs, 1)
+    if tr.max_steps is not None:
+        fail.at_least("train.max_steps", tr.max_steps, 1)
     for key in ("eval_every", "qps_skip_steps"):
-        if getattr(tr, key) < 0:
-            fail(f"train.{key}", f"must be >= 0, got {getattr(tr, key)}")
+        fail.at_least(f"train.{key}", getattr(tr, key), 0)
     if tr.on_nonfinite not in ("abort", "skip"):
         fail("train.on_nonfinite", f"must be 'abort' or 'skip', got {tr.on_nonfinite!r}")
     from concord.trainer.fingerprint import SAFE_CHANGES
@@ -139,8 +144,7 @@ def validate(cfg: Config) -> None:
         if change not in SAFE_CHANGES:
             fail("train.allow_changes", f"{change!r} cannot change on resume; only {sorted(SAFE_CHANGES)} can")
     sched = tr.lr_schedule
-    if sched.warmup_steps < 0:
-        fail("train.lr_schedule.warmup_steps", f"must be >= 0, got {sched.warmup_steps}")
+    fail.at_least("train.lr_schedule.warmup_steps", sched.warmup_steps, 0)
     if sched.decay not in ("constant", "linear", "cosine"):
         fail("train.lr_schedule.decay", f"must be constant, linear or cosine, got {sched.decay!r}")
     if not 0.0 <= sched.min_ratio <= 1.0:
@@ -151,18 +155,14 @@ def validate(cfg: Config) -> None:
         fail("train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
     if tr.pipeline not in ("sparse_dist", "plain"):
         fail("train.pipeline", f"must be sparse_dist or plain, got {tr.pipeline!r}")
-    if tr.max_skipped_steps < 0:
-        fail("train.max_skipped_steps", f"must be >= 0, got {tr.max_skipped_steps}")
-    if tr.checkpoint_every < 0:
-        fail("train.checkpoint_every", f"must be >= 0, got {tr.checkpoint_every}")
+    fail.at_least("train.max_skipped_steps", tr.max_skipped_steps, 0)
+    fail.at_least("train.checkpoint_every", tr.checkpoint_every, 0)
     for key in ("log_every", "qps_window", "keep_checkpoints"):
-        if getattr(tr, key) < 1:
-            fail(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+        fail.at_least(f"train.{key}", getattr(tr, key), 1)
     ds = cfg.dist
     if ds.nproc_per_node < 1 or ds.nnodes < 1:
         fail("dist", "nproc_per_node and nnodes must be >= 1")
-    if ds.max_restarts < 0:
-        fail("dist.max_restarts", f"must be >= 0, got {ds.max_restarts}")
+    fail.at_least("dist.max_restarts", ds.max_restarts, 0)
     if ds.backend not in ("auto", "gloo", "nccl"):
         fail("dist.backend", f"must be auto, gloo or nccl, got {ds.backend!r}")
     if ds.device not in ("auto", "cpu", "cuda"):
@@ -291,21 +291,18 @@ def _validate_convert(cfg: Config, fail) -> None:
     if sep and (len(sep) != 1 or sep.isalnum() or sep in ".+-"):
         fail("data.convert.thousands_separator", f"must be the one character that groups a number's thousands "
              f"(such as ',', ' ' or \"'\"; '.' is the decimal mark), got {sep!r}")
-    if cv.skip_rows < 0:
-        fail("data.convert.skip_rows", f"must be >= 0, got {cv.skip_rows}")
+    fail.at_least("data.convert.skip_rows", cv.skip_rows, 0)
     if cv.comment != cv.comment.strip() or "\n" in cv.comment:
         fail("data.convert.comment", f"must be the text a note line starts with (such as '#' or '|'), got {cv.comment!r}")
     for key in ("row_group_size", "chunk_rows"):
-        if getattr(cv, key) < 1:
-            fail(f"data.convert.{key}", f"must be >= 1, got {getattr(cv, key)}")
+        fail.at_least(f"data.convert.{key}", getattr(cv, key), 1)
     features = [c.feature for c in cv.categorical]
     for i, c in enumerate(cv.categorical):
         if c.feature not in d.sparse_columns:
             fail(f"data.convert.categorical[{i}].feature", f"{c.feature!r} is not a key of data.sparse_columns")
         if features.count(c.feature) > 1:
             fail(f"data.convert.categorical[{i}].feature", f"feature {c.feature!r} is produced twice")
-        if c.min_count < 1:
-            fail(f"data.convert.categorical[{i}].min_count", f"must be >= 1, got {c.min_count}")
+        fail.at_least(f"data.convert.categorical[{i}].min_count", c.min_count, 1)
         if c.separator == "":
             fail(f"data.convert.categorical[{i}].separator", "must not be empty")
     # Features of one table share its rows, so convert gives them one id space: a vocabulary of the
@@ -440,12 +437,10 @@ def _validate_synthetic(cfg: Config, fail) -> None:
     if s.validation_rows > 0 and not cfg.data.validation:
         fail("data.validation", "not set: data.synthetic.validation_rows needs a path to write the validation split to")
     for i, sp in enumerate(s.sparse):
-        if sp.vocab < 1:
-            fail(f"data.synthetic.sparse[{i}].vocab", f"must be >= 1, got {sp.vocab}")
+        fail.at_least(f"data.synthetic.sparse[{i}].vocab", sp.vocab, 1)
         if sp.zipf <= 1.0:
             fail(f"data.synthetic.sparse[{i}].zipf", f"a Zipf exponent must be > 1, got {sp.zipf}")
-        if sp.mean_len < 1.0:
-            fail(f"data.synthetic.sparse[{i}].mean_len", f"must be >= 1, got {sp.mean_len}")
+        fail.at_least(f"data.synthetic.sparse[{i}].mean_len", sp.mean_len, 1)
     for i, t in enumerate(s.tasks):
         if t.type not in TASK_TYPES:
             fail(f"data.synthetic.tasks[{i}].type", f"must be one of {', '.join(map(repr, TASK_TYPES))}, got {t.type!r}")
