@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -110,7 +110,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({e}){raw_text_hint(path)}") from None
 
 
-def _check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
+def check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
     names = set(schema.names)
     for col in columns.all:
         if col not in names:
@@ -135,7 +135,7 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
     groups: List[RowGroup] = []
     for f in files:
         pf = open_parquet(f)
-        _check_schema(f, pf.schema_arrow, columns)
+        check_schema(f, pf.schema_arrow, columns)
         if pf.metadata.num_rows == 0:
             raise DataError(f"{f}: file has no rows")
         for i in range(pf.num_row_groups):
@@ -145,15 +145,27 @@ def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
 
 def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     """:func:`plan_row_groups` of ``spec``'s files, made by the whole job where a process group of
-    several ranks is up (collective: every rank calls it at once). Rank 0 lists the files and the job
-    takes its listing: a rank that saw a network file system's listing late would otherwise cut the
-    rows into other ranges than its peers', training some twice and others never. Each rank reads the
-    footers of every ``world_size``-th file and the row groups' sizes are gathered in the files' order,
-    so that the job opens each footer once where each rank opened all of them. Every rank raises the
-    problem met first in the files' order, naming its file, as one rank planning alone would."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return plan_row_groups(list_files(spec), columns)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    several ranks is up (collective: every rank calls it at once), so that the job opens each footer
+    once where each rank opened all of them (:func:`each_file_once`)."""
+    files = files_together(spec)
+    sizes = each_file_once(files, lambda path: [group.num_rows for group in plan_row_groups([path], columns)])
+    return [RowGroup(path, i, rows) for path, rows_of_file in zip(files, sizes) for i, rows in enumerate(rows_of_file)]
+
+
+def _job() -> Tuple[int, int]:
+    """(rank, world size) where a process group of several ranks is up, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def files_together(spec: str) -> List[str]:
+    """``spec``'s files as rank 0 lists them, on every rank (collective where several ranks are up): a
+    rank that saw a network file system's listing late would otherwise cut the rows into other
+    ranges than its peers', training some twice and others never."""
+    rank, world_size = _job()
+    if world_size == 1:
+        return list_files(spec)
     listing: list = [None]
     if rank == 0:
         try:
@@ -163,21 +175,36 @@ def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     dist.broadcast_object_list(listing, src=0)
     if isinstance(listing[0], str):
         raise DataError(listing[0])
-    files = listing[0]
-    mine: list = []  # the rows of each row group of this rank's files in order; (file index, problem) where one failed
+    return listing[0]
+
+
+def each_file_once(files: Sequence[str], work: Callable[[str], Any]) -> List[Any]:
+    """``work(path)`` of every file, in the files' order, each file read by one rank of the job
+    (collective where several ranks are up): rank r takes files r, r + W, ... and the results are
+    gathered (they must pickle, and small: a file's row counts or sums). Every rank raises the
+    :class:`DataError` met first in the files' order, naming its file, as one rank alone would."""
+    rank, world_size = _job()
+    if world_size == 1:
+        return [work(path) for path in files]
+    mine: list = []  # this rank's results in order; (file index, problem) where one failed
     for index in range(rank, len(files), world_size):
         try:
-            mine.append([group.num_rows for group in plan_row_groups([files[index]], columns)])
+            mine.append(work(files[index]))
         except DataError as e:
-            mine.append((index, str(e)))
+            mine.append(_Problem(index, str(e)))
             break
-    plans: list = [None] * world_size
-    dist.all_gather_object(plans, mine)
-    problems = [plan[-1] for plan in plans if plan and isinstance(plan[-1], tuple)]
+    results: list = [None] * world_size
+    dist.all_gather_object(results, mine)
+    problems = [(r[-1].index, r[-1].message) for r in results if r and isinstance(r[-1], _Problem)]
     if problems:
         raise DataError(min(problems)[1])
-    return [RowGroup(path, i, rows) for index, path in enumerate(files)
-            for i, rows in enumerate(plans[index % world_size][index // world_size])]
+    return [results[index % world_size][index // world_size] for index in range(len(files))]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    index: int
+    message: str
 
 
 class _Block:
