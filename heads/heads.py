@@ -61,7 +61,7 @@ class TaskHeads(nn.Module):
         self.types: List[str] = [t.type for t in tasks]
         self.loss_weights: List[float] = [float(t.loss_weight) for t in tasks]
         self.heads = nn.ModuleList([TaskHead(in_dim, t.head) for t in tasks])
-        self.started_at_labels = False  # set by start_at
+        self.label_means: Optional[Dict[str, float]] = None  # where start_at started the heads
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor,
                 labelled: Optional[torch.Tensor] = None):
@@ -87,7 +87,11 @@ class TaskHeads(nn.Module):
                 head.out.bias.fill_(math.log(rate / (1 - rate)))
             else:
                 head.out.bias.fill_(mean)
-        self.started_at_labels = True
+        self.label_means = dict(label_means)
+
+    @property
+    def started_at_labels(self) -> bool:
+        return self.label_means is not None
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, T) logits -> (B, T) predictions."""

@@ -448,6 +448,69 @@ def test_the_ranks_plan_the_row_groups_together_each_opening_its_share_of_the_fi
     assert [rank[2][0] for rank in ranks] == [f"{tmp_path / 'nowhere'}: no such file or directory"] * 2
 
 
+def _label_files(folder):
+    """Two files of three labels and a weight: ``y`` binary, ``m`` masked (nulls), ``r`` a regression
+    with a NaN (the reader names it; a mean leaves it out); one row of negative weight. Returns the
+    columns to read them with and the labels' weighted means over the rows that hold them."""
+    folder.mkdir()
+    frames = []
+    for name, rows, start in (("a", 9, 0), ("b", 6, 9), ("c", 4, 15)):
+        ids = np.arange(start, start + rows)
+        m = pa.array([None if i % 3 == 0 else float(i % 2) for i in ids], pa.float64())
+        r = (ids * 1.5).astype(np.float64)
+        r[ids == 4] = np.nan
+        w = (1.0 + ids % 4).astype(np.float32)
+        w[ids == 7] = -1.0
+        write(folder / f"{name}.parquet", rows, start=start, row_group_size=4, m=m, r=r, w=w)
+        frames.append((ids, r, w))
+    ids, r, w = (np.concatenate(parts) for parts in zip(*frames))
+    use = w >= 0
+    expected = [
+        np.dot(w[use], ids[use] % 2) / w[use].sum(),
+        np.dot(w[use & (ids % 3 != 0)], ids[use & (ids % 3 != 0)] % 2) / w[use & (ids % 3 != 0)].sum(),
+        np.dot(w[use & (ids != 4)], r[use & (ids != 4)]) / w[use & (ids != 4)].sum(),
+    ]
+    columns = dataclasses.replace(COLUMNS, labels=("y", "m", "r"), weight="w", label_types=("binary", "binary", "regression"),
+                                  masked=(False, True, False))
+    return columns, expected
+
+
+def test_the_training_labels_means_are_weighted_over_the_rows_that_hold_each_label(tmp_path):
+    from concord.trainer.data.label_means import label_means
+
+    columns, expected = _label_files(tmp_path / "data")
+    assert label_means(str(tmp_path / "data"), columns) == pytest.approx(expected, rel=1e-12)
+    unweighted = dataclasses.replace(columns, weight=None, labels=("y",))
+    assert label_means(str(tmp_path / "data"), unweighted) == pytest.approx([9 / 19])  # ids 0..18: 9 odd
+    write(tmp_path / "none.parquet", 5, m=pa.array([None] * 5, pa.float64()), r=np.ones(5), w=np.ones(5, np.float32))
+    assert label_means(str(tmp_path / "none.parquet"), columns)[1] is None  # no row holds it
+
+
+def _means_together(rank, world_size, spec, columns):
+    import torch.distributed as dist
+
+    from concord.trainer.data import label_means, reader
+
+    dist.init_process_group("gloo")
+    opened, open_parquet = [], reader.open_parquet
+    label_means.open_parquet = lambda path: opened.append(path) or open_parquet(path)
+    return label_means.label_means(spec, columns), opened
+
+
+@pytest.mark.multiprocess
+def test_the_ranks_read_the_training_labels_means_together_each_its_share_of_the_files(tmp_path):
+    """Every rank gets the means one rank reads (the same bits: the sums are added in the files' order),
+    each file read by one rank."""
+    from distributed import run_ranks
+
+    from concord.trainer.data.label_means import label_means
+
+    columns, _ = _label_files(tmp_path / "data")
+    files = [str(tmp_path / "data" / f"{name}.parquet") for name in "abc"]
+    alone = label_means(str(tmp_path / "data"), columns)
+    assert run_ranks(_means_together, 2, str(tmp_path / "data"), columns) == [(alone, files[0::2]), (alone, files[1::2])]
+
+
 def test_sample_weights_arrive_as_writable_tensors_with_no_warning(tmp_path):
     """A float32 weight column read without a copy is a read-only array, which torch warns about (once
     a rank, on the console) and may not write: a batch's weights own their memory, as its other parts do."""

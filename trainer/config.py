@@ -249,7 +249,8 @@ class ModelConfig:
         default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05)
     )
     # labels: each head's output bias starts at its task's training labels, their mean (regression) or
-    # the log-odds of their positive rate (binary), from convert's record; torch: torch's initialisation;
+    # the log-odds of their positive rate (binary), from convert's record or else read from the training
+    # files; torch: torch's initialisation;
     # auto: labels where convert recorded them, else torch. A start only, not fingerprinted.
     output_bias: str = "auto"
 
@@ -499,9 +500,7 @@ def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
     """Where ``model.output_bias`` starts the heads: each task's mean label over the training split, as
     ``concord convert`` recorded it beside ``data.train``, or None for torch's initialisation (``torch``;
     ``auto`` without that record, as for synthetic data or Parquet written by other tools). ``labels``
-    without it is an error naming the record."""
-    from concord.trainer.data.layout import convert_report_path
-
+    without it reads the means from the training data (collective where several ranks are up)."""
     if cfg.model.output_bias == "torch":
         return None
     means = training_label_means(cfg)
@@ -510,9 +509,23 @@ def output_bias_means(cfg: Config) -> Optional[Dict[str, float]]:
         return {t.name: float(means[t.name]) for t in cfg.tasks}
     if cfg.model.output_bias == "auto":
         return None
-    raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, which "
-                      f"{convert_report_path(cfg.data.train)} gives for no row of task(s) {missing}: convert the data "
-                      "with this config (`concord convert`), or set model.output_bias: torch")
+    return _label_means_of_data(cfg)
+
+
+def _label_means_of_data(cfg: Config) -> Dict[str, float]:
+    from concord.trainer.data.label_means import label_means
+    from concord.trainer.data.reader import columns_from_config
+
+    if not cfg.data.train:
+        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean: "
+                          "it needs data.train")
+    means = label_means(cfg.data.train, columns_from_config(cfg))
+    empty = [t.name for t, mean in zip(cfg.tasks, means) if mean is None]
+    if empty:
+        raise ConfigError(f"{cfg.source}: model.output_bias: labels starts each head at its training labels' mean, and "
+                          f"{cfg.data.train} holds no label for task(s) {empty} (or only labels of weight 0): set "
+                          "model.output_bias: torch")
+    return {t.name: float(mean) for t, mean in zip(cfg.tasks, means)}
 
 
 def require_table_sizes(cfg: Config) -> None:

@@ -142,7 +142,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         if rt.is_main and own_run_dir:
-            start = "at the training labels' means recorded by convert" if model.heads.started_at_labels else "as torch initialises them"
+            start = _heads_start(cfg, model.heads.label_means)
             logger.info("the heads' output biases start %s (model.output_bias: %s)", start, cfg.model.output_bias)
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
@@ -443,7 +443,7 @@ class Trainer:
             print(format_table(final, cfg.tasks, cfg.data.weight_column))
             means = {name: total / count for name, (total, count) in self.grad_norm_sums.items()}
             for note in quality_notes(final, cfg.tasks, means, cfg.balancer.name, self.model.heads.started_at_labels,
-                                      training_label_means(cfg)):
+                                      self.model.heads.label_means or training_label_means(cfg)):
                 print(note)
             print(_qps_line(qps))
             print(f"outputs: {cfg.train.run_dir} (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)")
@@ -622,6 +622,14 @@ class Trainer:
 
 
 NO_BOUNDARY = "none"  # concord bench: the model without the boundary
+
+
+def _heads_start(cfg: Config, label_means: Optional[Dict[str, float]]) -> str:
+    if label_means is None:
+        return "as torch initialises them"
+    recorded = all(training_label_means(cfg).get(name) is not None for name in label_means)
+    means = ", ".join(f"{name} {mean:.6g}" for name, mean in label_means.items())
+    return f"at the training labels' means ({'recorded by convert' if recorded else 'read from data.train'}: {means})"
 
 
 def _checkpoint_in(source: Path) -> Path:

@@ -160,7 +160,7 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
     NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
     better than the labels' mean (a starved head, a head started far from its labels, held-out rows
     unlike the training rows, or nothing to learn), with what predicting the training labels' mean
-    (``training_means``, convert's record) would score there where that alone is worse than the
+    (``training_means``: where the heads started, or convert's record) would score there where that alone is worse than the
     held-out mean; and, from the mean gradient norms at ``z`` over the logged steps (``grad_norms``),
     tasks whose gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
     notes, gap_named = [], False
