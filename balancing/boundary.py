@@ -310,7 +310,13 @@ class RepresentationBoundary(CompiledSteps, DeviceSteps, nn.Module):
         key = (id(self._balancer), tuple(z.shape), z.dtype, z.device, lagged)
         if key not in self._warmed:
             self._warmed.add(key)
-            with torch.no_grad():  # as inside backward, so the compiled rule's guards match there
+            # As backward runs them, so that the compiled rules' guards match there: without grad,
+            # and outside a mixed-precision forward's autocast (a GPU's backward runs on a thread of
+            # its own, where autocast is off; a CPU's where the caller calls backward, after the
+            # forward's autocast block).
+            no_autocast = (torch.autocast(z.device.type, enabled=False) if torch.amp.is_autocast_available(z.device.type)
+                           else contextlib.nullcontext())
+            with torch.no_grad(), no_autocast:
                 self._balancer.warm_up(z.detach(), lagged, views.reads_on_host(z))
 
     def use_statistics(self, statistics: str, statistics_every: int | str = 1) -> None:

@@ -420,6 +420,27 @@ def test_a_model_under_torch_compile_trains_as_in_eager_with_the_boundary_run_ea
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method, statistics", [("cograd", "previous"), ("graddrop", "current")])
+def test_an_element_wise_rule_is_compiled_in_the_forward_of_a_mixed_precision_model_never_in_its_backward(method, statistics):
+    """Under autocast (bf16: CoGrad's and GradDrop's compiled rules, not the CPU's float passes) the
+    forward warms the rules up as backward will run them, outside autocast (always so on a GPU, whose
+    backward runs on a thread of its own): no compile stalls a backward, whose gradients the forward's
+    autocast state would not have matched."""
+    torch.manual_seed(0)
+    bottom, heads = torch.nn.Linear(64, 128), torch.nn.ModuleList(torch.nn.Linear(128, 1) for _ in TASKS)
+    boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics=statistics, telemetry_every=1)
+    for t in range(3):
+        x, y = torch.randn(512, 64), torch.randn(512, len(TASKS))  # (512, 128): a rule large enough to compile
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            views = boundary(bottom(x))
+            assert views[0].dtype == torch.bfloat16
+            losses = torch.stack([((head(v).squeeze(1).float() - y[:, k]) ** 2).mean() for k, (head, v) in enumerate(zip(heads, views))])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        boundary.objective(losses).backward()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, f"compiled in step {t}'s backward"
+        assert torch.isfinite(bottom.weight.grad).all()
+
+
 @pytest.mark.parametrize("statistics", ["current", "previous"])
 def test_two_boundaries_read_by_every_head_each_balance_their_own_representation(statistics):
     """Two shared representations (a user tower and an item tower), each through a boundary of its own
