@@ -142,8 +142,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, "meta", process_group=rt.balancer_group)
         if rt.is_main and own_run_dir:
-            start = _heads_start(cfg, model.heads.label_means)
-            logger.info("the heads' output biases start %s (model.output_bias: %s)", start, cfg.model.output_bias)
+            logger.info("the heads' output biases start %s", _heads_start(cfg, model.heads.label_means))
         apply_fused_optimizer(model.ebc, cfg.model.embedding_optimizer, rt.device)
         dmp, plan = shard_model(model, cfg.model.tables, rt.device, batch_size=cfg.data.batch_size)
         if statistics_ride_in_ddp(cfg.dist.statistics_in_ddp, model.boundary):
@@ -625,11 +624,14 @@ NO_BOUNDARY = "none"  # concord bench: the model without the boundary
 
 
 def _heads_start(cfg: Config, label_means: Optional[Dict[str, float]]) -> str:
+    setting = f"model.output_bias: {cfg.model.output_bias}"
     if label_means is None:
-        return "as torch initialises them"
+        if cfg.model.output_bias == "auto":  # data convert did not write: say how to start them at the labels
+            return f"as torch initialises them ({setting}, and convert recorded no label means beside data.train; labels reads them from its files)"
+        return f"as torch initialises them ({setting})"
     recorded = all(training_label_means(cfg).get(name) is not None for name in label_means)
     means = ", ".join(f"{name} {mean:.6g}" for name, mean in label_means.items())
-    return f"at the training labels' means ({'recorded by convert' if recorded else 'read from data.train'}: {means})"
+    return f"at the training labels' means, {'recorded by convert' if recorded else 'read from data.train'} ({setting}): {means}"
 
 
 def _checkpoint_in(source: Path) -> Path:
