@@ -318,6 +318,25 @@ def test_iso_timestamps_split_by_time(tmp_path):
     assert report["split"]["cutoff_used_utc"].startswith("2026-01-04T00:00:00")
 
 
+@pytest.mark.parametrize("cells", [
+    ["2024-01-05", "2024-01-05T10:20:30", "2024-01-05 10:20:30", None, "1969-12-31", "0999-01-01", "9999-12-31T23:59:59", "2024-02-29"],
+    ["2024-01-05", "2024-1-5", " 2024-01-05", "2024-02-30", "2023-02-29", "2024-04-31", "0000-01-01", "2024-01-05T23:59:60", "2024-01-05\t"],
+    ["2024-01-05", "2024-01", "2024-01-05T10:20:30Z", "2024-01-05T10:20:30+02:00", "2024-01-05T10:20:30.5", "2024-01-05T10:20", "20240105"],
+    ["2024", "12.5", "", None, "x", "true", "2024-01-05"],
+    ["2024", "12.5", None, " 7 "],
+])
+def test_times_read_in_one_pass_are_what_each_cell_read_alone_gives(cells):
+    """A time column's commonest ISO-8601 forms are read by Arrow at once, the other cells one by one:
+    every cell reads as it does alone (the parse alone would take ``2024-1-5``, a space, February
+    30th as March 1st, year 0 or a 60th second, which are not times here, and those stay bad rows)."""
+    from concord.trainer.data.values import parse_number, parse_numbers
+
+    values, bad = parse_numbers(pa.array(cells, pa.string()), time=True)
+    alone = [None if c is None else parse_number(c, True) for c in cells]
+    assert [None if np.isnan(v) else float(v) for v in values] == alone
+    assert bad.tolist() == [c is not None and a is None for c, a in zip(cells, alone)]
+
+
 def test_convert_says_where_a_time_split_fell_and_reads_plain_numbers_as_no_date(tmp_path, capsys):
     """Days 1-4 as plain numbers (a year, a step): the cutoff is printed as the number, with the share
     held out, which ties at the cutoff keep from eval_fraction; not as seconds since 1970."""

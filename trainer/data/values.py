@@ -55,21 +55,52 @@ def parse_numbers(arr: pa.Array, time: bool = False, thousands: str = "") -> Tup
             return ticks / _TICKS_PER_SECOND[arr.type.unit], np.zeros(len(arr), dtype=bool)
         values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
         return values, np.zeros(len(values), dtype=bool)
-    try:
-        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.zeros(len(arr), dtype=bool)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    values = np.full(len(arr), np.nan)
+    values = _iso_seconds(arr) if time else np.full(len(arr), np.nan)
+    rest = np.isnan(values) & arr.is_valid().to_numpy(zero_copy_only=False)
+    if not rest.any():  # every cell a time in ISO-8601's commonest forms (or missing)
+        return values, np.zeros(len(arr), dtype=bool)
+    if np.isnan(values).all():  # no such time: numbers, read at once if every cell is one
+        try:
+            return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.zeros(len(arr), dtype=bool)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
     bad = np.zeros(len(arr), dtype=bool)
-    for i, text in enumerate(arr.to_pylist()):  # the slow path, only for chunks with text in them
-        if text is None:
-            continue
+    rest = np.flatnonzero(rest)
+    for i, text in zip(rest, arr.take(pa.array(rest, pa.int64())).to_pylist()):  # cell by cell, the cells left
         number = parse_number(text, time)
         if number is None:
             bad[i] = True
         else:
             values[i] = number
     return values, bad
+
+
+# ISO-8601's commonest forms of a time, without a zone (what a log's time column mostly holds): each
+# strptime form with the text it reads, every field zero-padded and in its range.
+_DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+_CLOCK = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+_ISO_FORMS = {"%Y-%m-%d": f"^{_DATE}$", "%Y-%m-%dT%H:%M:%S": f"^{_DATE}T{_CLOCK}$", "%Y-%m-%d %H:%M:%S": f"^{_DATE} {_CLOCK}$"}
+
+
+def _iso_seconds(text: pa.Array) -> np.ndarray:
+    """:func:`parse_number`'s seconds (UTC) of each cell written in one of ``_ISO_FORMS``, by Arrow's
+    vectorised parse; NaN for every other cell, which is left to :func:`parse_number`. The parse alone
+    also takes what Python refuses (``2024-1-5``, `` 2024-01-05``, ``2024-02-30`` as March 1st, year
+    0): a cell counts only where its text has the form's exact layout, its year is 1 or later and its
+    day of the month is the day parsed."""
+    seconds = np.full(len(text), np.nan)
+    for form, layout in _ISO_FORMS.items():
+        shaped = pc.fill_null(pc.match_substring_regex(text, layout), False)
+        if not pc.any(shaped).as_py():
+            continue
+        where = np.flatnonzero(shaped.to_numpy(zero_copy_only=False))
+        cells = text.filter(shaped)
+        stamps = pc.strptime(cells, format=form, unit="s", error_is_null=True)
+        written_day = pc.cast(pc.utf8_slice_codeunits(cells, 8, 10), pa.int64())
+        exact = pc.fill_null(pc.and_(pc.equal(pc.day(stamps), written_day), pc.greater_equal(pc.year(stamps), 1)), False)
+        exact = exact.to_numpy(zero_copy_only=False)
+        seconds[where[exact]] = pc.cast(stamps, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)[exact]
+    return seconds
 
 
 def _ungrouped(text: pa.Array, separator: str) -> pa.Array:
