@@ -420,15 +420,15 @@ def test_a_model_under_torch_compile_trains_as_in_eager_with_the_boundary_run_ea
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method, statistics", [("cograd", "previous"), ("graddrop", "current")])
-def test_an_element_wise_rule_is_compiled_in_the_forward_of_a_mixed_precision_model_never_in_its_backward(method, statistics):
+def test_an_element_wise_rule_is_compiled_in_the_forward_of_a_mixed_precision_model_never_in_its_backward():
     """Under autocast (bf16: CoGrad's and GradDrop's compiled rules, not the CPU's float passes) the
     forward warms the rules up as backward will run them, outside autocast (always so on a GPU, whose
     backward runs on a thread of its own): no compile stalls a backward, whose gradients the forward's
-    autocast state would not have matched."""
+    autocast state would not have matched. GradDrop's one rule compiles in a second; CoGrad's seven
+    (lagged) took 19 s with Inductor's cache cold, and the warm-up is the boundary's, the same for both."""
     torch.manual_seed(0)
     bottom, heads = torch.nn.Linear(64, 128), torch.nn.ModuleList(torch.nn.Linear(128, 1) for _ in TASKS)
-    boundary = RepresentationBoundary(build_balancer(method, TASKS), statistics=statistics, telemetry_every=1)
+    boundary = RepresentationBoundary(build_balancer("graddrop", TASKS), statistics="current", telemetry_every=1)
     for t in range(3):
         x, y = torch.randn(512, 64), torch.randn(512, len(TASKS))  # (512, 128): a rule large enough to compile
         with torch.autocast("cpu", dtype=torch.bfloat16):
