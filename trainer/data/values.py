@@ -89,7 +89,10 @@ def _iso_seconds(text: pa.Array) -> np.ndarray:
     0): a cell counts only where its text has the form's exact layout, its year is 1 or later and its
     day of the month is the day parsed."""
     seconds = np.full(len(text), np.nan)
+    unread = len(text) - text.null_count
     for form, layout in _ISO_FORMS.items():
+        if unread == 0:  # a column holds one form: the others need not look
+            break
         shaped = pc.fill_null(pc.match_substring_regex(text, layout), False)
         if not pc.any(shaped).as_py():
             continue
@@ -100,6 +103,7 @@ def _iso_seconds(text: pa.Array) -> np.ndarray:
         exact = pc.fill_null(pc.and_(pc.equal(pc.day(stamps), written_day), pc.greater_equal(pc.year(stamps), 1)), False)
         exact = exact.to_numpy(zero_copy_only=False)
         seconds[where[exact]] = pc.cast(stamps, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)[exact]
+        unread -= int(exact.sum())
     return seconds
 
 
