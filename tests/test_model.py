@@ -161,6 +161,8 @@ def test_the_summary_notes_a_task_no_better_than_its_base_rate_and_gradients_ten
     assert "averaged" not in quality_notes(results, tasks, {"good": 0.008, "excellent": 0.008, "rating": 0.048})[0]
     assert quality_notes(results, tasks[1:2]) == ["note: task 'excellent' predicts the held-out rows no better than its "
                                                   "base rate (NE 1.0311 >= 1)"]  # alone: nothing else to starve it
+    assert quality_notes({"good": {"ne": 0.95}}, tasks[:2]) == [  # a masked task none of whose held-out rows is labelled
+        "note: task 'excellent' has no held-out figures: no held-out row holds its label with a weight above 0"]
 
     unlearned = {"good": {"ne": 0.95}, "excellent": {"ne": 0.97}, "rating": {"mse": 1.47, "r_squared": -0.0213}}
     assert quality_notes(unlearned, tasks, {"good": 0.048, "excellent": 0.05, "rating": 0.004}) == [

@@ -156,8 +156,8 @@ STEERING_RATIO = 10.0
 def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
                   balancer: str = "equal", heads_at_labels: bool = False,
                   training_means: Optional[Dict[str, float]] = None) -> List[str]:
-    """Lines for what a table of figures leaves for the reader to notice: a binary task whose held-out
-    NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
+    """Lines for what a table of figures leaves for the reader to notice: a task without figures (no
+    held-out row holds its label with a weight above 0), a binary task whose held-out NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
     better than the labels' mean (a starved head, a head started far from its labels, held-out rows
     unlike the training rows, or nothing to learn), with what predicting the training labels' mean
     (``training_means``: where the heads started, or convert's record) would score there where that alone is worse than the
@@ -168,6 +168,9 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
     largest = max(norms, key=norms.get) if norms else None
     for t in tasks:
         figures = results.get(t.name, {})
+        if not figures:  # its row of the table is dashes: say why
+            notes.append(f"note: task {t.name!r} has no held-out figures: no held-out row holds its label with a weight above 0")
+            continue
         if figures.get("ne", 0.0) >= 1.0:
             line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {figures['ne']:.4f} >= 1)"
         elif figures.get("r_squared", 1.0) <= 0.0:
