@@ -21,6 +21,7 @@ QPS drops carry the machine's load and drift between runs; ``concord bench`` mea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -111,13 +112,25 @@ def run_compare(
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
-    unscored = sorted({t.name for summary in summaries.values() for t in cfg.tasks if t.name not in summary["eval"]})
-    if unscored:  # missing_label: masked, and no held-out row has the label
-        raise CompareError(f"task {unscored[0]!r} has no held-out metrics: no row of {cfg.data.eval} has its label, "
-                           "so no method can be compared on it; hold out rows that have it (data.convert.split)")
-    report = write_report(out, cfg, methods, seeds, summaries, single, overrides, jobs)
+    unscored = [t.name for t in cfg.tasks if any(t.name not in summary["eval"] for summary in summaries.values())]
+    if len(unscored) == len(cfg.tasks):  # missing_label: masked, and no held-out row has any task's label
+        raise CompareError(f"no task has held-out metrics: no row of {cfg.data.eval} has a label with a weight above 0; "
+                           "hold out rows that have them (data.convert.split)")
+    if unscored:  # the report compares the others, and says so
+        print(f"concord compare: {_unscored_line(unscored, cfg)}", flush=True)
+    scored = dataclasses.replace(cfg, tasks=[t for t in cfg.tasks if t.name not in unscored])
+    report = write_report(out, scored, methods, seeds, summaries, single, overrides, jobs, unscored)
     print(f"report: {report}")
     return report
+
+
+def _capitalized(line: str) -> str:
+    return line[:1].upper() + line[1:]
+
+
+def _unscored_line(unscored: Sequence[str], cfg: Config) -> str:
+    return (f"task(s) {', '.join(map(repr, unscored))} trained but left out of the comparison: no row of {cfg.data.eval} "
+            "holds its label with a weight above 0 (a masked task the held-out split lacks; data.convert.split)")
 
 
 def snapshot_config(config_path: str, out: Path) -> str:
@@ -303,8 +316,9 @@ def config_label(source: str) -> str:
 
 def write_report(
     out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None, overrides: Sequence[str] = (),
-    jobs: int = 1,
+    jobs: int = 1, unscored: Sequence[str] = (),
 ) -> Path:
+    """``cfg.tasks``: the tasks compared; ``unscored``: those left out for want of held-out labels."""
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
@@ -318,7 +332,8 @@ def write_report(
         + (f" (every metric weighs each row by its `{cfg.data.weight_column}`)" if cfg.data.weight_column else "")
         + ". Mean ± std over seeds. QPS: lifetime training QPS of each run, "
         + ("which ran one after another" if jobs == 1 else f"{jobs} at a time sharing the machine's cores, so each carries the others' load")
-        + " (see `concord bench` for side-by-side QPS).",
+        + " (see `concord bench` for side-by-side QPS)."
+        + (f" {_capitalized(_unscored_line(unscored, cfg))}." if unscored else ""),
         "",
         "## Table 2: what is balanced, cost, gain",
         "",
