@@ -36,6 +36,21 @@ def test_the_score_is_each_cells_metric_relative_to_the_configs_cell_over_tasks_
     assert around(0.05) == [0.0167, 0.05, 0.15]
 
 
+def test_a_task_the_validation_split_has_no_label_for_is_named_and_left_out_of_the_score(tmp_path):
+    """A masked task none of whose validation rows is labelled has no figures: the score is the other
+    tasks', its column dashes, and the report says why."""
+    from concord.trainer.tools.tune import write_report
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    base, other = (0.001, 0.05, None), (0.003, 0.05, None)
+    results = {(base, 0): {"ctr": {"ne": 1.0}, "watch": {"mse": 100.0}}, (other, 0): {"ctr": {"ne": 0.9}, "watch": {"mse": 90.0}}}
+    assert score(cfg, [base, other], base, 1, results)[other] == pytest.approx(0.9)
+    assert write_report(tmp_path, cfg, [], "val", [base, other], base, 1, results)[0] == other
+    report = (tmp_path / "report.md").read_text()
+    assert "Not scored, for want of labels: 'cvr' (no row of the validation split holds its label with a weight above 0)." in report
+    assert "| 0.003 | 0.05 | 0.9000 | – | 90.0000 | 0.9000 **chosen** |" in report
+
+
 def test_seed_noise_is_the_paired_differences_standard_error_pooled_over_the_grid(tmp_path):
     """Each cell's score less the chosen one's, seed by seed: variances pooled over the cells, over the
     number of seeds, give the standard error; a cell whose mean difference is under two of it is one

@@ -227,11 +227,14 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
     scores = {cell: statistics.mean(values) for cell, values in per_seed.items()}
     chosen = min(grid, key=lambda cell: (scores[cell], cell != base))  # a tie keeps the config's own cell
     with_epochs = base[2] is not None
+    unscored = [t for t in cfg.task_names if t not in results[base, 0]]
     columns = ["dense lr", "table lr"] + (["epochs"] if with_epochs else [])
     lines = [f"# `{cfg.balancer.name}` on the validation split: `{config_label(cfg.source)}`", "",
              f"Validation split `{validation}`; {seeds} seed(s); overrides `{' '.join(overrides) or '-'}`. Score: mean "
              f"over tasks and seeds of the validation metric (NE, MSE for regression) relative to the config's cell "
-             f"({describe(base)}); lower is better.", "",
+             f"({describe(base)}); lower is better."
+             + (f" Not scored, for want of labels: {', '.join(map(repr, unscored))} (no row of the validation split holds "
+                "its label with a weight above 0)." if unscored else ""), "",
              "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in cfg.task_names) + " | score |",
              "|" + "---|" * (len(columns) + len(cfg.task_names) + 1)]
     for cell in grid:
@@ -239,7 +242,8 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
                  for t in cfg.task_names]
         mark = " **chosen**" if cell == chosen else (" (config)" if cell == base else "")
         values = [str(v) for v in cell if v is not None]
-        lines.append("| " + " | ".join(values) + " | " + " | ".join(f"{m:.4f}" for m in means) + f" | {scores[cell]:.4f}{mark} |")
+        lines.append("| " + " | ".join(values) + " | " + " | ".join("–" if math.isnan(m) else f"{m:.4f}" for m in means)
+                     + f" | {scores[cell]:.4f}{mark} |")
     noise = seed_noise(per_seed, chosen)
     edges = _edges(grid, chosen)
     flat = [(name, inward) for name, inward in edges if noise is not None and inward in noise[1]]
