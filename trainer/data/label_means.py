@@ -20,9 +20,9 @@ from concord.trainer.data.reader import Columns, check_schema, each_file_once, f
 
 def label_means(spec: str, columns: Columns) -> List[Optional[float]]:
     """Per label of ``columns`` (tasks' order): its mean over the training rows at ``spec`` that hold
-    one, None where none does. A value that is not a finite number
-    (or a row of negative or non-finite weight) is left out here: the reader names it when training
-    meets it. Collective where several ranks are up."""
+    one, None where none does. A value that is not a finite number (or a row of negative or non-finite
+    weight) is left out here: the reader names it when training meets it. Collective where several
+    ranks are up."""
     files = files_together(spec)
     totals = each_file_once(files, lambda path: _file_totals(path, columns))
     sums = np.zeros(len(columns.labels))
@@ -60,4 +60,3 @@ def _file_totals(path: str, columns: Columns) -> Tuple[np.ndarray, np.ndarray]:
 def _numbers(table: pa.Table, name: str) -> np.ndarray:
     """A numeric or boolean column as float64, a null as NaN."""
     return table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy()
-

@@ -186,7 +186,7 @@ def each_file_once(files: Sequence[str], work: Callable[[str], Any]) -> List[Any
     rank, world_size = _job()
     if world_size == 1:
         return [work(path) for path in files]
-    mine: list = []  # this rank's results in order; (file index, problem) where one failed
+    mine: list = []  # this rank's results in order, then a _Problem where one failed
     for index in range(rank, len(files), world_size):
         try:
             mine.append(work(files[index]))

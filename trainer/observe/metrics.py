@@ -157,12 +157,13 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
                   balancer: str = "equal", heads_at_labels: bool = False,
                   training_means: Optional[Dict[str, float]] = None) -> List[str]:
     """Lines for what a table of figures leaves for the reader to notice: a task without figures (no
-    held-out row holds its label with a weight above 0), a binary task whose held-out NE is 1 or more predicts no better than its base rate, a regression task whose R² is 0 or less no
-    better than the labels' mean (a starved head, a head started far from its labels, held-out rows
-    unlike the training rows, or nothing to learn), with what predicting the training labels' mean
-    (``training_means``: where the heads started, or convert's record) would score there where that alone is worse than the
-    held-out mean; and, from the mean gradient norms at ``z`` over the logged steps (``grad_norms``),
-    tasks whose gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
+    held-out row holds its label with a weight above 0); a binary task whose held-out NE is 1 or more
+    predicts no better than its base rate, a regression task whose R² is 0 or less no better than the
+    labels' mean (a starved head, a head started far from its labels, held-out rows unlike the
+    training rows, or nothing to learn), with what predicting the training labels' mean
+    (``training_means``: where the heads started, or convert's record) would score there where that
+    alone is worse than the held-out mean; and, from the mean gradient norms at ``z`` over the logged
+    steps (``grad_norms``), tasks whose gradients differ by ``STEERING_RATIO`` or more under ``equal``."""
     notes, gap_named = [], False
     norms = {name: value for name, value in (grad_norms or {}).items() if value > 0}
     largest = max(norms, key=norms.get) if norms else None
