@@ -71,6 +71,10 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["data"].update(train=" "), r"data\.train: is empty: give a folder, a file or a glob$"),
         (lambda r: r["data"].update(eval=""), r"data\.eval: is empty: give a folder, a file or a glob, or leave it out$"),
         (lambda r: r["model"].update(output_bias="mean"), r"model\.output_bias: must be one of \('auto', 'labels', 'torch'\), got 'mean'"),
+        (lambda r: r["data"]["dense_columns"].append(r["tasks"][2]["label"]),
+         r"data\.dense_columns\[8\]: 'label_watch_time' is the label column of task 'watch_time': the model would read the label it predicts"),
+        (lambda r: r["data"]["sparse_columns"].update(context=r["tasks"][1]["label"]),
+         r"data\.sparse_columns\.context: 'label_cvr' is the label column of task 'cvr': the model would read the label it predicts"),
         # synth (and convert) write each split's folder anew: two splits in one folder would lose one
         (lambda r: r["data"].update(eval=r["data"]["train"]), r"data\.eval: .* is data\.train's folder \(.*\); each split is written to a folder of its own"),
         (lambda r: r["data"].update(validation=r["data"]["train"] + "/v"), r"data\.validation: .*/v lies inside data\.train's folder"),
@@ -142,6 +146,10 @@ def test_single_task_keeps_that_task_with_equal_and_names_a_wrong_one():
     ("data.convert.split={by: time}", r"data\.convert\.split\.column: a time split needs the time column"),
     ("data.convert.on_bad_row=drop", r"data\.convert\.on_bad_row: must be 'error' or 'skip'"),
     ("data.convert.labels={clicked: click}", r"data\.convert\.labels\.clicked: 'clicked' is not the label column of any task"),
+    ("data.convert.dense.1.column=purchase",
+     r"data\.convert\.dense\[1\]\.column: 'purchase' is the input column of the label of task 'ctcvr': the model would read the label it predicts"),
+    ("data.convert.categorical.0.column=click",
+     r"data\.convert\.categorical\[0\]\.column: 'click' is the input column of the label of task 'ctr': the model would read"),
 ])
 def test_convert_rules_must_produce_exactly_what_the_trainer_reads(override, message):
     with pytest.raises(ConfigError, match=message):

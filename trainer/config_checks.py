@@ -48,6 +48,7 @@ def validate(cfg: Config) -> None:
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
     _validate_passthrough(cfg, fail)
+    _validate_labels_unread(cfg, fail)
     if not cfg.tasks:
         fail("tasks", "at least one task is required")
     names = cfg.task_names
@@ -183,6 +184,20 @@ def validate(cfg: Config) -> None:
         _validate_split_folders(d, fail)
 
 
+def _validate_labels_unread(cfg: Config, fail) -> None:
+    """No task's label column is also a feature: a head that reads its own label learns nothing it can
+    use on rows without it, and held-out figures computed so say nothing."""
+    d = cfg.data
+    task_of = {}
+    for t in cfg.tasks:
+        task_of.setdefault(t.label, t.name)
+    read = [(f"data.dense_columns[{j}]", col) for j, col in enumerate(d.dense_columns)]
+    read += [(f"data.sparse_columns.{f}", col) for f, col in d.sparse_columns.items()]
+    for key, col in read:
+        if col in task_of:
+            fail(key, f"{col!r} is the label column of task {task_of[col]!r}: the model would read the label it predicts")
+
+
 def _validate_passthrough(cfg: Config, fail) -> None:
     """Each carried column once, under a name no column the model reads or predict writes has: convert
     and predict would write two columns of one name."""
@@ -296,6 +311,14 @@ def _validate_convert(cfg: Config, fail) -> None:
         fail("data.convert.comment", f"must be the text a note line starts with (such as '#' or '|'), got {cv.comment!r}")
     for key in ("row_group_size", "chunk_rows"):
         fail.at_least(f"data.convert.{key}", getattr(cv, key), 1)
+    label_input_of = {}  # input column -> the first task whose label convert makes of it
+    for t in cfg.tasks:
+        label_input_of.setdefault(cv.labels.get(t.label, t.label), t.name)
+    for kind, rules in (("categorical", cv.categorical), ("dense", cv.dense)):
+        for i, c in enumerate(rules):
+            if c.column in label_input_of:
+                fail(f"data.convert.{kind}[{i}].column", f"{c.column!r} is the input column of the label of task "
+                     f"{label_input_of[c.column]!r}: the model would read the label it predicts")
     features = [c.feature for c in cv.categorical]
     for i, c in enumerate(cv.categorical):
         if c.feature not in d.sparse_columns:
