@@ -71,6 +71,8 @@ def test_a_partial_mapping_keeps_the_other_defaults():
         (lambda r: r["data"].update(train=" "), r"data\.train: is empty: give a folder, a file or a glob$"),
         (lambda r: r["data"].update(eval=""), r"data\.eval: is empty: give a folder, a file or a glob, or leave it out$"),
         (lambda r: r["model"].update(output_bias="mean"), r"model\.output_bias: must be one of \('auto', 'labels', 'torch'\), got 'mean'"),
+        (lambda r: r["data"]["dense_columns"].append("dense_3"),
+         r"data\.dense_columns\[8\]: 'dense_3' is listed twice \(data\.dense_columns\[3\] has it too\)"),
         (lambda r: r["data"]["dense_columns"].append(r["tasks"][2]["label"]),
          r"data\.dense_columns\[8\]: 'label_watch_time' is the label column of task 'watch_time': the model would read the label it predicts"),
         (lambda r: r["data"]["sparse_columns"].update(context=r["tasks"][1]["label"]),

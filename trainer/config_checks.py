@@ -47,6 +47,9 @@ def validate(cfg: Config) -> None:
     fail.at_least("data.shuffle_rows", d.shuffle_rows, 1)
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
+    for j, col in enumerate(d.dense_columns):
+        if d.dense_columns.index(col) != j:  # a typo, most likely: the model would read one column twice
+            fail(f"data.dense_columns[{j}]", f"{col!r} is listed twice (data.dense_columns[{d.dense_columns.index(col)}] has it too)")
     _validate_passthrough(cfg, fail)
     _validate_labels_unread(cfg, fail)
     if not cfg.tasks:
