@@ -62,6 +62,7 @@ def test_concord_train_launches_torchrun_and_evaluates_after_each_epoch(tmp_path
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training QPS" in proc.stdout and "NE" in proc.stdout
+    assert "not held out" not in proc.stdout + proc.stderr  # separate splits: no warning
     summary = read_summary(run_dir)
     check_summary(summary)
     assert summary["balancer"] == "multibalance"

@@ -107,6 +107,33 @@ def test_no_table_is_left_to_the_dense_optimizer_unless_its_config_asks_for_data
         assert allowed["mine"].sharding_types == ["data_parallel"]
 
 
+def _data_warnings(rank, world_size, overrides):
+    import logging
+
+    from concord.trainer.config import load_config
+    from concord.trainer.runtime import init_runtime
+    from concord.trainer.train import Trainer
+
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("concord.train").addHandler(handler)
+    Trainer.build(load_config("configs/tiny.yaml", overrides), init_runtime("cpu"))  # checks the data
+    return [line for line in seen if "data.eval" in line]
+
+
+@pytest.mark.multiprocess
+def test_held_out_data_that_reads_training_files_is_named_before_the_first_step(tmp_path):
+    from distributed import run_ranks
+    from tiny_data import tiny_data
+
+    base = [*tiny_data(tmp_path), f"train.run_dir={tmp_path}/run", "dist.nproc_per_node=1"]
+    train = sorted(str(f) for f in (tmp_path / "data/train").glob("*.parquet"))
+    # (Separate splits give no such line: tests/test_e2e.py, the training run evaluated each epoch.)
+    shared = run_ranks(_data_warnings, 1, [*base, f"data.eval={train[0]}", "data.synthetic=null"])
+    assert shared == [[f"data.eval reads 1 of data.train's files ({train[0]}): its figures are not held out"]]
+
+
 def _optimizer_of_each_table(rank, world_size, overrides):
     from concord.trainer.config import load_config
     from concord.trainer.runtime import init_runtime

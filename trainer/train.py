@@ -226,6 +226,11 @@ class Trainer:
                 self.train_reader = reader
             else:
                 self.eval_reader = reader
+        if self.rt.is_main and self.cfg.data.eval:
+            shared = _files_of(self.train_reader) & _files_of(self.eval_reader)
+            if shared:  # by mistake, mostly (a path copied twice); the figures would be training figures
+                logger.warning("data.eval reads %d of data.train's files (%s%s): its figures are not held out",
+                               len(shared), sorted(shared)[0], ", ..." if len(shared) > 1 else "")
 
     # --- checkpoints --------------------------------------------------------------------------------
     @property
@@ -621,6 +626,10 @@ class Trainer:
 
 
 NO_BOUNDARY = "none"  # concord bench: the model without the boundary
+
+
+def _files_of(reader: ParquetReader) -> set:
+    return {os.path.realpath(group.file) for group in reader.groups}
 
 
 def _heads_start(cfg: Config, label_means: Optional[Dict[str, float]]) -> str:
