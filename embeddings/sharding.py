@@ -71,13 +71,35 @@ PLANNER_RESERVED_FRACTION = 0.15
 
 
 def planner_topology(world_size: int, device: torch.device) -> Topology:
-    """The planner's view of the job, from this machine: ranks per node, and on CUDA the device's
-    memory (the planner would otherwise assume a default HBM size)."""
+    """The planner's view of the job, from this machine: ranks per node, each rank's share of the
+    host's memory, and on CUDA the device's memory (the planner would otherwise assume 128 GiB of host
+    memory a rank and a default HBM size, and plan tables that cannot be allocated)."""
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size)
-    if device.type == "cuda":
-        trainer.hbm_cap_bytes = torch.cuda.get_device_properties(device).total_memory
+    host = host_memory_bytes()
+    trainer = TrainerConfig(  # frozen: every override given here
+        world_size=world_size,
+        local_world_size=local_world_size,
+        ddr_cap_bytes=host // max(local_world_size, 1) if host is not None else None,
+        hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+    )
     return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device.type))
+
+
+def host_memory_bytes() -> Optional[int]:
+    """This host's memory as this process may use it: the physical memory, or a container's (cgroup)
+    limit where that is lower; None where neither can be read."""
+    try:
+        sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    except (ValueError, OSError, AttributeError):
+        sizes = []
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            text = open(limit).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
 
 
 def shard_model(
@@ -95,8 +117,9 @@ def shard_model(
     """
     pg = process_group or dist.GroupMember.WORLD
     world_size = dist.get_world_size(pg)
+    topology = planner_topology(world_size, device)
     planner = EmbeddingShardingPlanner(
-        topology=planner_topology(world_size, device),
+        topology=topology,
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(PLANNER_RESERVED_FRACTION),
         constraints=sharding_constraints(tables, device),
@@ -106,9 +129,11 @@ def shard_model(
         plan = planner.collective_plan(model, sharders, pg)
     except PlannerError as e:
         sizes = ", ".join(f"{t.name}: {t.num_embeddings} x {t.embedding_dim}" for t in tables)
+        storage = topology.devices[0].storage
+        memory = f"{storage.ddr / 2**30:.1f} GiB of host memory" + (f", {storage.hbm / 2**30:.1f} GiB of GPU memory" if storage.hbm else "")
         raise ShardingPlanError(
             f"the sharding planner found no plan for {world_size} rank(s) on {device.type} for tables "
-            f"[{sizes}]: {str(e).splitlines()[0]}"
+            f"[{sizes}] ({memory} a rank, {PLANNER_RESERVED_FRACTION:.0%} of it kept for the rest): {str(e).splitlines()[0]}"
         ) from None
     return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders), plan
 

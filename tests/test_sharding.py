@@ -89,3 +89,24 @@ def test_sharded_equals_unsharded(cfg, sharding, rows):
     for t in cfg.model.tables:
         key = f"ebc.embedding_bags.{t.name}.weight"
         assert (ref_params[key] - state[key]).abs().max() > 1e-4
+
+
+def test_the_planner_sees_each_ranks_share_of_the_host_and_the_gpus_memory(monkeypatch):
+    """Not TorchRec's defaults (128 GiB of host memory a rank, a stock HBM size), which plan tables that
+    cannot be allocated; on a GPU the device's own memory (TorchRec's topology config is frozen: every
+    figure goes in when it is made)."""
+    from types import SimpleNamespace
+
+    from concord.embeddings import sharding
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(sharding, "host_memory_bytes", lambda: 64 * 2**30)
+    cpu = sharding.planner_topology(8, torch.device("cpu"))
+    assert [d.storage.ddr for d in cpu.devices] == [16 * 2**30] * 8 and cpu.local_world_size == 4
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    gpu = sharding.planner_topology(8, torch.device("cuda", 0))
+    assert [(d.storage.hbm, d.storage.ddr) for d in gpu.devices] == [(80 * 2**30, 16 * 2**30)] * 8
+    monkeypatch.undo()
+    import os
+
+    assert 0 < sharding.host_memory_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
