@@ -4,6 +4,7 @@ and set the fused (in-backward) embedding optimizer."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -94,7 +95,7 @@ def host_memory_bytes() -> Optional[int]:
         sizes = []
     for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
         try:
-            text = open(limit).read().strip()
+            text = Path(limit).read_text().strip()
         except OSError:
             continue
         if text.isdigit():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 from concord.embeddings.options import CPU_EMBEDDING_OPTIMIZERS, CPU_SHARDING_TYPES, EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 from concord.heads.options import TASK_TYPES
@@ -47,9 +48,7 @@ def validate(cfg: Config) -> None:
     fail.at_least("data.shuffle_rows", d.shuffle_rows, 1)
     if not math.isfinite(d.impute_value):
         fail("data.impute_value", f"must be finite, got {d.impute_value}")
-    for j, col in enumerate(d.dense_columns):
-        if d.dense_columns.index(col) != j:  # a typo, most likely: the model would read one column twice
-            fail(f"data.dense_columns[{j}]", f"{col!r} is listed twice (data.dense_columns[{d.dense_columns.index(col)}] has it too)")
+    _each_once("data.dense_columns", d.dense_columns, fail)  # a typo, most likely: the model would read one column twice
     _validate_passthrough(cfg, fail)
     _validate_labels_unread(cfg, fail)
     if not cfg.tasks:
@@ -187,6 +186,14 @@ def validate(cfg: Config) -> None:
         _validate_split_folders(d, fail)
 
 
+def _each_once(key: str, names: Sequence, fail) -> None:
+    """Each of a list's names once: a second place is named, with the first."""
+    for i, name in enumerate(names):
+        first = names.index(name)
+        if first != i:
+            fail(f"{key}[{i}]", f"{name!r} is listed twice ({key}[{first}] has it too)")
+
+
 def _validate_labels_unread(cfg: Config, fail) -> None:
     """No task's label column is also a feature: a head that reads its own label learns nothing it can
     use on rows without it, and held-out figures computed so say nothing."""
@@ -208,12 +215,11 @@ def _validate_passthrough(cfg: Config, fail) -> None:
     read = {**{c: f"sparse feature {f!r}" for f, c in d.sparse_columns.items()}, **{c: "a dense column" for c in d.dense_columns},
             **{t.label: f"the label column of task {t.name!r}" for t in cfg.tasks}, **({d.weight_column: "the weight column"} if d.weight_column else {})}
     written = {"row", "weight", *(f"{kind}_{t.name}" for t in cfg.tasks for kind in ("pred", "label"))}
+    _each_once("data.passthrough", d.passthrough, fail)
     for i, name in enumerate(d.passthrough):
         key = f"data.passthrough[{i}]"
         if not isinstance(name, str) or not name:
             fail(key, f"must be a column name, got {name!r}")
-        if d.passthrough.index(name) != i:
-            fail(key, f"{name!r} is listed twice")
         if name in read:
             fail(key, f"{name!r} is also {read[name]} (a column the model reads); the model's column needs another name")
         if name in written:
