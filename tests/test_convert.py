@@ -1383,6 +1383,24 @@ def test_a_passthrough_column_keeps_the_type_of_its_first_parquet_file(tmp_path)
         run(raw, force=True)
 
 
+def test_a_passthrough_column_of_nulls_alone_in_the_first_file_takes_the_type_a_later_file_gives_it(tmp_path):
+    """A file in which a carried column holds only nulls (pandas and Arrow write it untyped) is no
+    reason to refuse the files that hold its values: the output takes their type."""
+    run(base(tmp_path))  # writes raw.csv
+    table = pacsv.read_csv(tmp_path / "raw.csv")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(table.slice(0, 4).append_column("request", pa.nulls(4)), parts / "a.parquet")
+    pq.write_table(table.slice(4).append_column("request", pa.array(["x", "y", None])), parts / "b.parquet")
+    raw = base(tmp_path, input=str(parts))
+    raw["data"]["passthrough"] = ["request", "day"]
+    run(raw, force=True)
+    carried = pq.read_table(tmp_path / "out/train", columns=["request", "day"])
+    assert carried.schema.field("request").type == pa.string()
+    days = [day for day in table.column("day").to_pylist() if day < 4]  # the training split: before the cutoff
+    assert carried.to_pydict() == {"request": [None, None, None, None, "x"], "day": days}
+
+
 @pytest.mark.parametrize("name, message", [
     ("user", "'user' is also sparse feature 'user' \\(a column the model reads\\)"),
     ("click", "'click' is also the label column of task 'ctr'"),

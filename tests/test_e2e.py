@@ -384,17 +384,18 @@ def test_predict_names_a_file_without_a_passthrough_column_before_scoring(tmp_pa
 
 def test_predict_joins_the_ranks_parts_and_the_passthrough_columns_a_batch_at_a_time(tmp_path):
     """Rank 0 streams the parts into the output beside the data's passthrough columns, however the
-    parts' rows and the files' rows are cut, in row order; a file whose passthrough column holds only
-    nulls joins; one whose column has another type than the first file's is named."""
+    parts' rows and the files' rows are cut, in row order; files whose passthrough column holds only
+    nulls join, the first of them too; one whose column has another type than the first typed file's is
+    named."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from concord.trainer.data.layout import DataError
     from concord.trainer.predict import _join
 
-    keys = [f"k{r}" if r != 4 else None for r in range(10)]
+    keys = [f"k{r}" if r not in (0, 1, 2, 3, 4) else None for r in range(10)]
     for name, rows in (("a", range(0, 4)), ("b", range(4, 5)), ("c", range(5, 10))):
-        request = pa.array(keys[rows.start:rows.stop], pa.null() if name == "b" else pa.string())  # b's: nulls alone
+        request = pa.array(keys[rows.start:rows.stop], pa.string() if name == "c" else pa.null())  # a's, b's: nulls alone
         pq.write_table(pa.table({"request": request, "day": [r // 3 for r in rows]}), tmp_path / f"{name}.parquet", row_group_size=2)
     parts = []
     for rank, rows in enumerate((range(0, 3), range(3, 10))):
@@ -406,6 +407,7 @@ def test_predict_joins_the_ranks_parts_and_the_passthrough_columns_a_batch_at_a_
         "row": list(range(10)), "pred": [r / 10 for r in range(10)], "day": [r // 3 for r in range(10)], "request": keys}
 
     pq.write_table(pa.table({"request": [1, 2, 3, 4, 5], "day": [1, 2, 3, 3, 3]}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"request": ["k0", "k1", "k2", "k3"], "day": [0, 0, 0, 1]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=rf"c\.parquet: column 'request' \(data.passthrough\) is int64 here but string in {files[0]}"):
         _join(parts, files, ["day", "request"], str(tmp_path / "out.parquet"))
 

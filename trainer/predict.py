@@ -144,18 +144,22 @@ def _join(parts: List[Path], files: List[str], names: List[str], out: str) -> No
 
 
 def _passthrough(files: List[str], names: List[str]) -> Iterator[pa.Table]:
-    """The ``names`` columns of ``files``' rows in order, a batch at a time, of the first file's types
-    (a column of nulls alone takes them; another type is named, as convert writes one type a column)."""
-    schema = None
+    """The ``names`` columns of ``files``' rows in order, a batch at a time, each of the type the first
+    file that types it gives it (a column of nulls alone takes it; another type is named, as convert
+    writes one type a column)."""
+    schemas = [(path, open_parquet(path).schema_arrow) for path in files]
+    fields = []
+    for name in names:
+        typed = [(path, schema.field(name)) for path, schema in schemas if not pa.types.is_null(schema.field(name).type)]
+        first_path, first = typed[0] if typed else (files[0], schemas[0][1].field(name))
+        for path, field in typed:
+            if field.type != first.type:
+                raise DataError(f"{path}: column {name!r} (data.passthrough) is {field.type} here but {first.type} in {first_path}")
+        fields.append(first)
+    schema = pa.schema(fields)
     for path in files:
         for batch in open_parquet(path).iter_batches(columns=names):
-            table = pa.Table.from_batches([batch])
-            schema = schema or table.schema
-            for field in table.schema:
-                first = schema.field(field.name).type
-                if field.type != first and not pa.types.is_null(field.type):
-                    raise DataError(f"{path}: column {field.name!r} (data.passthrough) is {field.type} here but {first} in {files[0]}")
-            yield table.cast(schema)
+            yield pa.Table.from_batches([batch]).select(names).cast(schema)
 
 
 class _RowStream:

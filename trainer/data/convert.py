@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from concord.trainer.config import Config
-from concord.trainer.data.raw import bad_value, csv_columns, input_files, partition_values, read_chunks
+from concord.trainer.data.raw import bad_value, column_type, csv_columns, input_files, partition_values, read_chunks
 from concord.trainer.data.values import (NOT_A_NUMBER_OR_MISSING, NOT_A_TIME, WHAT_A_TIME_IS, ConvertError, as_number, as_text,
                                           holds_categories, holds_stamps, holds_values, matches, parse_number, parse_numbers,
                                           stable_hash, tokens_of, value_advice)
@@ -166,7 +166,7 @@ class Converter:
         columns += [sp.column] if sp.by in ("time", "column") and self.like is None else []
         self.columns = list(dict.fromkeys(columns + d.passthrough))
         self._read_columns = set(columns)  # the others (passthrough alone) are copied, whatever they hold
-        self._passthrough_types: Dict[str, pa.DataType] = {}  # each carried column's type, as its first chunk had it
+        self._passthrough_types: Dict[str, pa.DataType] = {}  # each carried column's type in the output
 
     def _files_to_encode_like(self) -> List[Tuple[str, str]]:
         """The input to encode like :attr:`like`: ``data.convert.input``. Its labels and weight are
@@ -554,8 +554,12 @@ class Converter:
 
     def _carried(self, values: pa.Array, name: str, path: str) -> pa.Array:
         """A passthrough column as it came (CSV: text), in the type its first chunk had: one Parquet
-        schema for the whole output, whatever types the input files gave it."""
-        first = self._passthrough_types.setdefault(name, values.type)
+        schema for the whole output, whatever types the input files gave it. A first chunk of nulls
+        alone (an untyped column in its file) takes the type of the first file that types it."""
+        first = self._passthrough_types.get(name)
+        if first is None:
+            typed = (column_type(path, fmt, name) for path, fmt in self.files) if pa.types.is_null(values.type) else ()
+            first = self._passthrough_types[name] = next((t for t in typed if not pa.types.is_null(t)), values.type)
         if values.type == first:
             return values
         try:

@@ -108,6 +108,19 @@ def read_chunks(path: str, fmt: str, columns: List[str], cv, skipped: Counter, c
             first += piece.num_rows
 
 
+def column_type(path: str, fmt: str, name: str) -> pa.DataType:
+    """The type :func:`read_chunks` gives column ``name`` of the file ``path``, from its schema alone:
+    a Parquet column's in :func:`_plain_layout`; text for a CSV column or one its folders give."""
+    if fmt == "parquet":
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConvertError(f"{path}: not a readable Parquet file ({e})") from None
+        if name in schema.names:
+            return _plain_layout(pa.array([], schema.field(name).type)).type
+    return pa.string()
+
+
 def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
 
