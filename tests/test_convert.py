@@ -2016,3 +2016,21 @@ def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, cap
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base(tmp_path, rows=rows, on_bad_row="skip")))
     assert main(["convert", "--config", str(tmp_path / "c.yaml")]) == 0
     assert "; 3 rows skipped (price: not a number 2, click: missing label 1); " in capsys.readouterr().out
+
+
+def test_value_counts_summed_chunk_by_chunk_are_the_counts_of_all_values(monkeypatch):
+    """The vocabulary's counts, summed in Arrow and compacted whenever enough pairs are pending, are
+    what one count over every chunk gives, whatever the text layout of a chunk."""
+    from collections import Counter
+
+    from concord.trainer.data.convert import _ValueCounts
+
+    monkeypatch.setattr(_ValueCounts, "_COMPACT_AT", 5)
+    rng = np.random.default_rng(0)
+    values, expected = _ValueCounts(), Counter()
+    for chunk in range(30):
+        tokens = [f"v{k}" for k in rng.integers(0, 40 if chunk < 20 else 400, size=50)]
+        values.add(pa.array(tokens, pa.string() if chunk % 2 else pa.large_string()))
+        expected.update(tokens)
+    assert values.counter() == expected
+    assert _ValueCounts().counter() == Counter()

@@ -61,6 +61,36 @@ def held_out_cutoff(times: np.ndarray, fraction: float) -> float:
     return float(values[1:][np.flatnonzero(distance == distance.min())[-1]])
 
 # --- the conversion ------------------------------------------------------------------------------
+class _ValueCounts:
+    """How often each value of a categorical column occurs, summed chunk by chunk in Arrow: a Python
+    counter updated per chunk paid a dictionary operation for every distinct value of every chunk."""
+
+    _COMPACT_AT = 1 << 20  # pending (value, count) pairs before they are summed into one table
+
+    def __init__(self) -> None:
+        self._parts: List[pa.Table] = []
+        self._pending = 0
+        self._summed = 0  # rows of the last sum: compacting again only once as many more arrived
+
+    def add(self, tokens: pa.Array) -> None:
+        vc = pc.value_counts(tokens)
+        self._parts.append(pa.table({"value": vc.field("values").cast(pa.large_string()), "count": vc.field("counts")}))
+        self._pending += len(vc)
+        if self._pending >= max(self._COMPACT_AT, self._summed):
+            self._parts = [self._sum()]
+            self._pending = self._summed = len(self._parts[0])
+
+    def _sum(self) -> pa.Table:
+        if not self._parts:
+            return pa.table({"value": pa.array([], pa.large_string()), "count": pa.array([], pa.int64())})
+        summed = pa.concat_tables(self._parts).group_by("value").aggregate([("count", "sum")])
+        return pa.table({"value": summed.column("value"), "count": summed.column("count_sum")})
+
+    def counter(self) -> Counter:
+        summed = self._sum()
+        return Counter(dict(zip(summed.column("value").to_pylist(), summed.column("count").to_pylist())))
+
+
 @dataclass
 class _Welford:
     """Mean and variance merged chunk by chunk (Chan et al.), stable for long streams."""
@@ -433,7 +463,7 @@ class Converter:
         Features that share a table share one vocabulary, so the same value is the same row whichever
         feature holds it (a clicked item and the candidate item, say). It holds every value that
         meets the ``min_count`` of a feature holding it, by falling count over the table's features."""
-        counts = {c.feature: Counter() for c in self.cv.categorical if not c.hash}
+        counts = {c.feature: _ValueCounts() for c in self.cv.categorical if not c.hash}
         moments = [_Welford() for _ in self.dense_rules]
         text_labels = {task.label: _TextLabel(column, self.cv.positive[task.label]) for task, column in zip(self.cfg.tasks, self.label_inputs)
                        if task.label in self.cv.positive and column is not None}
@@ -444,14 +474,13 @@ class Converter:
                 label.add(train.column(label.column))
             for rule in self.cv.categorical:
                 if not rule.hash:
-                    tokens, _ = tokens_of(train.column(rule.column), rule.separator)
-                    vc = pc.value_counts(tokens)
-                    counts[rule.feature].update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+                    counts[rule.feature].add(tokens_of(train.column(rule.column), rule.separator)[0])
             dense = chunk.dense[in_train]
             for k, m in enumerate(moments):
                 column = dense[:, k]
                 m.add(column[np.isfinite(column)])
         self.absent_positives = {name: note for name, label in text_labels.items() if (note := label.absent_positives(name))}
+        counts = {feature: values.counter() for feature, values in counts.items()}
         vocabs = {}
         for table, rules in self._vocabulary_tables().items():
             self.shared_value_notes += _shared_value_notes(table, [(rule.feature, counts[rule.feature]) for rule in rules])
