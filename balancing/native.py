@@ -70,7 +70,9 @@ def wide_vector_passes() -> Optional[object]:
 def _build() -> Optional[object]:
     from torch.utils import cpp_extension
 
-    log.info("loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
+    # Said once a machine, by its first local rank (torchrun's LOCAL_RANK), not by each of its ranks.
+    level = logging.INFO if os.environ.get("LOCAL_RANK", "0") == "0" else logging.DEBUG
+    log.log(level, "loading Concord's native boundary nodes (the first time on a machine they are built: ~30 s)")
     sources = [source.read_text() for source in _SOURCES]
     functions = ["sum_at_view", "held_sum", "gram_and_sum", "checked_weighted_sum", "cograd_pass", "cograd_telemetry_pass", "vector_widths", "use_vector_width", "probe", "set_alone_references"]
     try:
