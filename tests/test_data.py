@@ -155,13 +155,21 @@ LABELED = Columns(dense=("d0", "d1"), sparse=(("f", "f"), ("g", "g")), labels=("
                   label_types=("binary",))
 
 
-def test_empty_file_and_file_without_rows(tmp_path):
+def test_an_empty_file_is_named_and_a_file_without_rows_adds_none(tmp_path):
+    """A file of no bytes is no Parquet file; a file of no rows is (Spark and Hive leave one where a
+    partition had no data): it adds no row group, and the others' rows are all read, each once."""
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty\.parquet: not a readable Parquet file"):
         ParquetReader(str(tmp_path / "empty.parquet"), COLUMNS, 4)
-    write(tmp_path / "norows.parquet", 0)
-    with pytest.raises(DataError, match=r"norows\.parquet: file has no rows"):
-        ParquetReader(str(tmp_path / "norows.parquet"), COLUMNS, 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    write(data / "part-0.parquet", 0)
+    write(data / "part-1.parquet", 20)
+    write(data / "part-2.parquet", 0)
+    reader = ParquetReader(str(data), COLUMNS, 4)
+    assert reader.total_rows == 20 and {g.file for g in reader.groups} == {str(data / "part-1.parquet")}
+    assert sorted(int(i) for batch in reader for i in batch.dense[:, 0]) == list(range(20))
+    assert ParquetReader(str(data / "part-0.parquet"), COLUMNS, 4).total_rows == 0  # refused by the caller: data.train has no rows
 
 
 def test_truncated_and_corrupt_parquet(tmp_path):

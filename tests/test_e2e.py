@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -464,6 +465,7 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
         missing = np.arange(len(ctr)) % 3 == 0
         t = t.append_column("request", pa.array([f"{i}-{r}" for r in range(len(t))]))
         pq.write_table(t.set_column(t.schema.get_field_index("label_ctr"), "label_ctr", pa.array(ctr, mask=missing)), partly / part.name)
+    pq.write_table(t.slice(0, 0), partly / "0-no-rows.parquet")  # as Spark leaves one: the first file, adding no row
     proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
                            "tasks.0.missing_label=masked", "data.passthrough=[request]", "--checkpoint", str(run), "--data", str(partly),
                            "--out", str(tmp_path / "p3.parquet")], cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
@@ -477,6 +479,15 @@ def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_p
     assert 0 < present.sum() < len(labels)
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ctr "))
     assert float(row[3]) == pytest.approx(_auc(np.array(scored["pred_ctr"])[present], labels[present]), abs=1e-4)
+
+    # Data of no rows at all: one line, and no output file claimed.
+    (tmp_path / "no_rows").mkdir()
+    shutil.copy(partly / "0-no-rows.parquet", tmp_path / "no_rows")
+    proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,
+                           "--checkpoint", str(run), "--data", str(tmp_path / "no_rows"), "--out", str(tmp_path / "p5.parquet")],
+                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3 and not (tmp_path / "p5.parquet").exists()
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"DataError: {tmp_path / 'no_rows'}: no rows to score (its files hold none)")
 
     # A config describing another model: one line naming the setting that differs.
     proc = subprocess.run([sys.executable, "-m", "concord.trainer.cli", "predict", "--config", "configs/tiny.yaml", *data,

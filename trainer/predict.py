@@ -51,6 +51,8 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     path = _load_model(trainer, Path(run_dir), spec)
     columns = _columns_present(cfg, files[0])
     reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size, groups=plan_together(spec, columns))
+    if reader.total_rows == 0:  # every rank knows: the same plan
+        raise DataError(f"{spec}: no rows to score (its files hold none)")
     parts = Path(str(out) + ".parts")
     if rt.is_main:
         shutil.rmtree(parts, ignore_errors=True)

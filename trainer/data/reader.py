@@ -131,15 +131,17 @@ def check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
 
 
 def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
-    """Every row group of every file, in a fixed order; checks each file's schema once."""
+    """Every row group that holds rows, of every file, in a fixed order; checks each file's schema
+    once. A file of no rows adds none: writers leave such files where a partition or a task had no
+    data (Spark, Hive), whole files with the data's schema; a split of no rows at all is the caller's
+    to refuse."""
     groups: List[RowGroup] = []
     for f in files:
         pf = open_parquet(f)
         check_schema(f, pf.schema_arrow, columns)
-        if pf.metadata.num_rows == 0:
-            raise DataError(f"{f}: file has no rows")
         for i in range(pf.num_row_groups):
-            groups.append(RowGroup(f, i, pf.metadata.row_group(i).num_rows))
+            if pf.metadata.row_group(i).num_rows:
+                groups.append(RowGroup(f, i, pf.metadata.row_group(i).num_rows))
     return groups
 
 
