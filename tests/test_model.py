@@ -135,6 +135,46 @@ def test_metrics_count_a_row_only_for_the_tasks_it_has_a_label_for():
         assert got[task.name] == pytest.approx(alone.compute()[task.name], rel=1e-5)
 
 
+def test_figures_that_need_two_label_values_are_left_out_where_every_counted_row_holds_one():
+    """torchrec reports an NE of ~10^11 and an AUC of 0.5 for held-out rows of one class, and an R² of 1
+    for a constant regression label: such figures are left out, with a note saying why; labels that
+    vary however little keep every figure."""
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics, compact_results, format_table, quality_notes
+    from concord.trainer.tools.compare import quality
+
+    torch.manual_seed(2)
+    tasks = [TaskConfig("buy", "b"), TaskConfig("click", "c"), TaskConfig("dwell", "d", type="regression")]
+    predictions = torch.stack([torch.rand(40), torch.rand(40), torch.randn(40)], 1)
+
+    def figures(buy: float, dwell: torch.Tensor) -> dict:
+        metrics = TaskMetrics(tasks, 1, 0, 40)
+        labels = torch.stack([torch.full((40,), buy), torch.randint(0, 2, (40,)).float(), dwell], 1)
+        metrics.update(predictions, labels, torch.rand(40) + 0.5)  # weighted rows: the means are not counts
+        return metrics.compute()
+
+    one_value = figures(1.0, torch.full((40,), 7.3))
+    assert set(one_value["buy"]) == {"calibration", "label_mean"} and one_value["buy"]["label_mean"] == 1.0
+    assert set(one_value["click"]) == {"ne", "auc", "calibration", "label_mean"}
+    assert set(one_value["dwell"]) == {"mse", "label_mean"} and one_value["dwell"]["label_mean"] == pytest.approx(7.3)
+    assert set(figures(0.0, torch.randn(40))["buy"]) == {"label_mean"}  # calibration divides by the positives too
+    varied = figures(1.0, 1000 + 0.1 * torch.randn(40))["dwell"]
+    assert set(varied) == {"mse", "r_squared", "label_mean"}
+
+    assert quality(one_value, tasks[0]) is None and quality(one_value, tasks[2]) == one_value["dwell"]["mse"]
+    assert compact_results(one_value, tasks).startswith("buy NE - AUC -, click NE ")
+    assert compact_results(one_value, tasks).endswith(f"dwell MSE {one_value['dwell']['mse']:.4f} R2 -")
+    assert format_table(one_value, tasks).splitlines()[1].split() == ["buy", "binary", "-", "-", f"{one_value['buy']['calibration']:.4f}", "-", "-"]
+    assert [note for note in quality_notes(one_value, tasks) if "'click'" not in note] == [  # click's: random predictions
+        "note: task 'buy': every held-out row it counts is positive (label 1): NE and AUC need both classes; the table "
+        "shows neither",
+        "note: task 'dwell': every held-out row it counts has the label 7.3: R2 needs labels that vary; the table shows "
+        "the MSE alone"]
+    assert quality_notes({"buy": {"label_mean": 0.0}}, tasks[:1]) == [
+        "note: task 'buy': every held-out row it counts is negative (label 0): NE and AUC need both classes, calibration "
+        "a positive; the table shows none of them"]
+
+
 def test_the_results_table_keeps_long_task_names_apart_from_their_type():
     from concord.trainer.config import TaskConfig
     from concord.trainer.observe.metrics import format_table

@@ -36,18 +36,23 @@ def test_the_score_is_each_cells_metric_relative_to_the_configs_cell_over_tasks_
     assert around(0.05) == [0.0167, 0.05, 0.15]
 
 
-def test_a_task_the_validation_split_has_no_label_for_is_named_and_left_out_of_the_score(tmp_path):
-    """A masked task none of whose validation rows is labelled has no figures: the score is the other
-    tasks', its column dashes, and the report says why."""
+@pytest.mark.parametrize("cvr", [None, {"calibration": 0.97, "label_mean": 1.0}])
+def test_a_task_the_validation_split_has_no_label_for_is_named_and_left_out_of_the_score(tmp_path, cvr):
+    """A masked task none of whose validation rows is labelled has no figures, and a binary task whose
+    rows are all of one class no NE: the score is the other tasks', its column dashes, and the report
+    says why."""
     from concord.trainer.tools.tune import write_report
 
     cfg = load_config(ROOT / "configs/tiny.yaml")
     base, other = (0.001, 0.05, None), (0.003, 0.05, None)
     results = {(base, 0): {"ctr": {"ne": 1.0}, "watch": {"mse": 100.0}}, (other, 0): {"ctr": {"ne": 0.9}, "watch": {"mse": 90.0}}}
+    for figures in results.values():
+        figures.update({"cvr": cvr} if cvr else {})
     assert score(cfg, [base, other], base, 1, results)[other] == pytest.approx(0.9)
     assert write_report(tmp_path, cfg, [], "val", [base, other], base, 1, results)[0] == other
     report = (tmp_path / "report.md").read_text()
-    assert "Not scored, for want of labels: 'cvr' (no row of the validation split holds its label with a weight above 0)." in report
+    assert ("Not scored, for want of labels: 'cvr' (no row of the validation split holds its label with a weight above 0, "
+            "or, a binary task, every one holds the same class).") in report
     assert "| 0.003 | 0.05 | 0.9000 | – | 90.0000 | 0.9000 **chosen** |" in report
 
 

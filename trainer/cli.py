@@ -387,7 +387,7 @@ def _train_worker(cfg) -> int:
 
 
 def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
-    from concord.trainer.observe.metrics import format_table
+    from concord.trainer.observe.metrics import format_table, one_value_note
     from concord.trainer.predict import predict
 
     def work(rt) -> None:
@@ -396,6 +396,9 @@ def _predict_worker(cfg, run_dir: str, data: Optional[str], out: str) -> int:
             unlabelled = [t.name for t in cfg.tasks if t.name not in results]
             if len(unlabelled) < len(cfg.tasks):
                 print(format_table(results, [t for t in cfg.tasks if t.name in results]))
+            for task in cfg.tasks:
+                if note := one_value_note(task, results.get(task.name, {}), rows="scored"):
+                    print(note)
             if unlabelled:
                 print(f"no metrics for {', '.join(unlabelled)}: the scored data holds no such labels")
             print(f"predictions: {out}")

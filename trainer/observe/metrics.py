@@ -1,7 +1,10 @@
 """Per-task quality with ``torchrec.metrics``: NE, AUC and calibration (sum of predictions over sum of
 labels, 1.0 when the mean prediction matches the base rate) for binary tasks; MSE and R² (1 - MSE over
 the held-out labels' variance, 0 when predicting their mean) for regression; and every task's weighted
-mean label (``label_mean``), which says whether the held-out rows resemble the training rows."""
+mean label (``label_mean``), which says whether the held-out rows resemble the training rows. Where
+every counted row holds the same label, the figures that need two values (NE and AUC; calibration
+against a mean label of 0; R²) are left out, not reported as torchrec computes them then (an NE of
+10^11, an AUC of 0.5, an R² of 1)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ from concord.balancing.collectives import sum_over_ranks
 # (torchrec's metric, its options, the figures read from it)
 _BINARY = ((NEMetric, {}, ("ne",)), (AUCMetric, {}, ("auc",)), (CalibrationMetric, {}, ("calibration",)))
 _REGRESSION = ((MSEMetric, {"include_r_squared": True}, ("mse", "r_squared")),)
+# Labels of one value leave a variance of float64 rounding, ~1e-16 of their mean square: far below this.
+_ONE_VALUE = 1e-12
+
+
+def _undefined_for_one_value(kind: str, mean: float) -> tuple:
+    if kind == "regression":
+        return ("r_squared",)
+    return ("ne", "auc", "calibration") if mean == 0 else ("ne", "auc")
 
 
 class TaskMetrics:
@@ -38,6 +49,7 @@ class TaskMetrics:
         # the weight of the rows each task counted on this rank, on the device: read once, in compute
         self._counted = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
         self._label_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # weighted, counted rows
+        self._label_squares = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # the same, of y^2
         self._metrics: List[tuple] = []
         for t in self.tasks:
             info = [RecTaskInfo(name=t.name, label_name="label", prediction_name="prediction", weight_name="weight")]
@@ -53,9 +65,11 @@ class TaskMetrics:
         labelled: (B, T) bool or None, a row counts for task k only where ``labelled[:, k]``."""
         index = {t.name: k for k, t in enumerate(self.tasks)}
         counted = (weights[:, None].expand(-1, len(self.tasks)) if labelled is None else weights[:, None] * labelled).float()
-        self._counted += counted.sum(dim=0).double()
+        self._counted += counted.double().sum(dim=0)
         # A row that does not count may hold a placeholder label (a masked task's NaN read as 0): weight 0 drops it.
-        self._label_sums += torch.where(counted > 0, counted.double() * labels.double(), 0.0).sum(dim=0)
+        weighted = torch.where(counted > 0, counted.double() * labels.double(), 0.0)
+        self._label_sums += weighted.sum(dim=0)
+        self._label_squares += (weighted * labels.double()).sum(dim=0)
         for task, _, metric in self._metrics:
             k = index[task]
             metric.update(
@@ -65,9 +79,9 @@ class TaskMetrics:
             )
 
     def compute(self) -> Dict[str, Dict[str, float]]:
-        sums = sum_over_ranks(torch.cat([self._counted, self._label_sums]).cpu(), self.group).tolist()
+        sums = sum_over_ranks(torch.cat([self._counted, self._label_sums, self._label_squares]).cpu(), self.group).tolist()
         names = [t.name for t in self.tasks]
-        counted, label_sums = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
+        counted, label_sums, label_squares = (dict(zip(names, sums[k * len(names):(k + 1) * len(names)])) for k in range(3))
         out: Dict[str, Dict[str, float]] = {}
         for task, figures, metric in self._metrics:
             values = {key.split("|")[-1]: value for key, value in metric.compute().items()}
@@ -76,9 +90,13 @@ class TaskMetrics:
                 value = values.get(f"lifetime_{figure}", values.get(f"window_{figure}"))
                 if value is not None and counted[task] > 0:
                     out.setdefault(task, {})[figure] = float(value)
-        for task in names:
-            if task in out:
-                out[task]["label_mean"] = label_sums[task] / counted[task]
+        for t in self.tasks:
+            if t.name in out:
+                mean, mean_square = label_sums[t.name] / counted[t.name], label_squares[t.name] / counted[t.name]
+                if mean_square - mean * mean <= _ONE_VALUE * mean_square:  # one label value
+                    for figure in _undefined_for_one_value(t.type, mean):
+                        out[t.name].pop(figure, None)
+                out[t.name]["label_mean"] = mean
         return out
 
     def reset(self) -> None:
@@ -89,11 +107,13 @@ class TaskMetrics:
 
 
 def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
-    """One line: each task's NE and AUC, or MSE and R²."""
-    def one(name: str, r: Dict[str, float]) -> str:
-        return f"{name} NE {r['ne']:.4f} AUC {r['auc']:.4f}" if "ne" in r else f"{name} MSE {r['mse']:.4f} R2 {r['r_squared']:.4f}"
+    """One line: each task's NE and AUC, or MSE and R² (a dash where a figure is undefined)."""
+    def one(t) -> str:
+        r = results[t.name]
+        shown = lambda key: f"{r[key]:.4f}" if key in r else "-"
+        return f"{t.name} NE {shown('ne')} AUC {shown('auc')}" if t.type == "binary" else f"{t.name} MSE {shown('mse')} R2 {shown('r_squared')}"
 
-    return ", ".join(one(t.name, results[t.name]) for t in tasks if t.name in results)
+    return ", ".join(one(t) for t in tasks if t.name in results)
 
 
 def format_table(results: Dict[str, Dict[str, float]], tasks: Sequence, weight_column: Optional[str] = None) -> str:
@@ -153,6 +173,22 @@ def _shift_note(kind: str, figures: Dict[str, float], training_mean: Optional[fl
 STEERING_RATIO = 10.0
 
 
+def one_value_note(task, figures: Dict[str, float], rows: str = "held-out") -> Optional[str]:
+    """Why ``task``'s row of the table lacks figures that need two label values (:class:`TaskMetrics`
+    leaves them out where every counted row holds one); None where it has them. ``rows``: which rows
+    the figures are of."""
+    if "label_mean" not in figures:
+        return None
+    if task.type == "binary" and "ne" not in figures:
+        why = ("positive (label 1): NE and AUC need both classes; the table shows neither" if figures["label_mean"] else
+               "negative (label 0): NE and AUC need both classes, calibration a positive; the table shows none of them")
+        return f"note: task {task.name!r}: every {rows} row it counts is {why}"
+    if task.type == "regression" and "r_squared" not in figures:
+        return (f"note: task {task.name!r}: every {rows} row it counts has the label {figures['label_mean']:g}: R2 needs "
+                "labels that vary; the table shows the MSE alone")
+    return None
+
+
 def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_norms: Optional[Dict[str, float]] = None,
                   balancer: str = "equal", heads_at_labels: bool = False,
                   training_means: Optional[Dict[str, float]] = None) -> List[str]:
@@ -171,6 +207,10 @@ def quality_notes(results: Dict[str, Dict[str, float]], tasks: Sequence, grad_no
         figures = results.get(t.name, {})
         if not figures:  # its row of the table is dashes: say why
             notes.append(f"note: task {t.name!r} has no held-out figures: no held-out row holds its label with a weight above 0")
+            continue
+        one_value = one_value_note(t, figures)
+        if one_value:
+            notes.append(one_value)
             continue
         if figures.get("ne", 0.0) >= 1.0:
             line = f"note: task {t.name!r} predicts the held-out rows no better than its base rate (NE {figures['ne']:.4f} >= 1)"

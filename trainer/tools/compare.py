@@ -112,10 +112,10 @@ def run_compare(
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
-    unscored = [t.name for t in cfg.tasks if any(t.name not in summary["eval"] for summary in summaries.values())]
+    unscored = [t.name for t in cfg.tasks if any(_quality(summary, t) is None for summary in summaries.values())]
     if len(unscored) == len(cfg.tasks):  # missing_label: masked, and no held-out row has any task's label
-        raise CompareError(f"no task has held-out metrics: no row of {cfg.data.eval} has a label with a weight above 0; "
-                           "hold out rows that have them (data.convert.split)")
+        raise CompareError(f"no task has a held-out NE or MSE: no row of {cfg.data.eval} has a label with a weight above 0, "
+                           "or (binary tasks) every one has the same; hold out rows that have both classes (data.convert.split)")
     if unscored:  # the report compares the others, and says so
         print(f"concord compare: {_unscored_line(unscored, cfg)}", flush=True)
     scored = dataclasses.replace(cfg, tasks=[t for t in cfg.tasks if t.name not in unscored])
@@ -130,7 +130,8 @@ def _capitalized(line: str) -> str:
 
 def _unscored_line(unscored: Sequence[str], cfg: Config) -> str:
     return (f"task(s) {', '.join(map(repr, unscored))} trained but left out of the comparison: no row of {cfg.data.eval} "
-            "holds its label with a weight above 0 (a masked task the held-out split lacks; data.convert.split)")
+            "holds its label with a weight above 0 (a masked task the held-out split lacks), or every one holds the same "
+            "class (a binary task, whose NE needs both); data.convert.split")
 
 
 def snapshot_config(config_path: str, out: Path) -> str:
@@ -274,8 +275,15 @@ def _training_data(run_dir: Path, train: str | None) -> Tuple[dict, dict]:
     return then, now
 
 
-def _quality(summary: dict, task) -> float:
-    return summary["eval"][task.name]["ne" if task.type == "binary" else "mse"]
+def quality(results: Dict[str, Dict[str, float]], task) -> Optional[float]:
+    """``task``'s held-out NE (binary) or MSE (regression) in a run's ``results`` (its summary's
+    ``eval``), the figure compare and tune score it by; None where the split gave none (no row held its
+    label, or, for a binary task, every row held the same)."""
+    return results.get(task.name, {}).get("ne" if task.type == "binary" else "mse")
+
+
+def _quality(summary: dict, task) -> Optional[float]:
+    return quality(summary["eval"], task)
 
 
 def gains(cfg: Config, methods: List[str], seeds: int, summaries: Dict) -> Dict[str, Dict[str, List[float]]]:

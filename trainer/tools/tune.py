@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from concord.trainer.config import Config, load_config
 from concord.trainer.data.layout import check_data_exists
 from concord.trainer.tools.cells import Cells
-from concord.trainer.tools.compare import CompareError, check_reusable, config_label, snapshot_config, train_cell
+from concord.trainer.tools.compare import CompareError, check_reusable, config_label, quality, snapshot_config, train_cell
 
 Cell = Tuple[float, float, Optional[int]]  # dense lr, table lr, epochs (None: the config's)
 
@@ -108,7 +108,7 @@ def run_tune(
             print(f"[{i}/{len(todo)}] {what}: training ...", flush=True)
             train_cell(config_path, [*on_validation, *cell_overrides(cell)], cfg, method, seed, run_dir, None, threads, runner)
         scores = json.loads((run_dir / "summary.json").read_text())["eval"]
-        shown = ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if t in scores)
+        shown = ", ".join(f"{t} {_metric(cfg, t, scores):.4f}" for t in cfg.task_names if _metric(cfg, t, scores) is not None)
         print(f"[{i}/{len(todo)}] {what}{' (done earlier, reused)' if reused else ''}: {shown}", flush=True)
 
     failed = runner.run(run, todo, jobs)
@@ -179,9 +179,10 @@ def chosen_settings(cell: Cell) -> Dict[str, float]:
 def seed_scores(cfg: Config, grid: List[Cell], base: Cell, seeds: int, results: Dict) -> Dict[Cell, List[float]]:
     """Each cell's score per seed: its mean over tasks of the validation metric relative to the base
     cell's of the same seed (a task unscored on the validation split, for want of labels, is left out)."""
-    tasks = [t for t in cfg.task_names if all(t in results[base, s] for s in range(seeds))]
+    tasks = [t for t in cfg.task_names if all(_metric(cfg, t, results[base, s]) is not None for s in range(seeds))]
     if not tasks:
-        raise TuneError("no task has metrics on the validation split: no row of it has a label")
+        raise TuneError("no task has a validation NE or MSE: no row of the validation split has a label, or (binary tasks) "
+                        "every one has the same")
     return {cell: [statistics.mean(_metric(cfg, t, results[cell, s]) / _metric(cfg, t, results[base, s]) for t in tasks)
                    for s in range(seeds)] for cell in grid}
 
@@ -227,18 +228,18 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
     scores = {cell: statistics.mean(values) for cell, values in per_seed.items()}
     chosen = min(grid, key=lambda cell: (scores[cell], cell != base))  # a tie keeps the config's own cell
     with_epochs = base[2] is not None
-    unscored = [t for t in cfg.task_names if t not in results[base, 0]]
+    unscored = [t for t in cfg.task_names if _metric(cfg, t, results[base, 0]) is None]
     columns = ["dense lr", "table lr"] + (["epochs"] if with_epochs else [])
     lines = [f"# `{cfg.balancer.name}` on the validation split: `{config_label(cfg.source)}`", "",
              f"Validation split `{validation}`; {seeds} seed(s); overrides `{' '.join(overrides) or '-'}`. Score: mean "
              f"over tasks and seeds of the validation metric (NE, MSE for regression) relative to the config's cell "
              f"({describe(base)}); lower is better."
              + (f" Not scored, for want of labels: {', '.join(map(repr, unscored))} (no row of the validation split holds "
-                "its label with a weight above 0)." if unscored else ""), "",
+                "its label with a weight above 0, or, a binary task, every one holds the same class)." if unscored else ""), "",
              "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in cfg.task_names) + " | score |",
              "|" + "---|" * (len(columns) + len(cfg.task_names) + 1)]
     for cell in grid:
-        means = [statistics.mean(_metric(cfg, t, results[cell, s]) for s in range(seeds)) if t in results[cell, 0] else float("nan")
+        means = [statistics.mean(_metric(cfg, t, results[cell, s]) for s in range(seeds)) if _metric(cfg, t, results[cell, 0]) is not None else float("nan")
                  for t in cfg.task_names]
         mark = " **chosen**" if cell == chosen else (" (config)" if cell == base else "")
         values = [str(v) for v in cell if v is not None]
@@ -288,9 +289,8 @@ def _edges(grid: List[Cell], chosen: Cell) -> List[Tuple[str, Optional[Cell]]]:
     return edges
 
 
-def _metric(cfg: Config, task: str, scores: dict) -> float:
-    kind = next(t.type for t in cfg.tasks if t.name == task)
-    return scores[task]["ne" if kind == "binary" else "mse"]
+def _metric(cfg: Config, task: str, scores: dict) -> Optional[float]:
+    return quality(scores, next(t for t in cfg.tasks if t.name == task))
 
 
 def _run_dir(out: Path, cell: Cell, seed: int) -> Path:
