@@ -333,14 +333,3 @@ class PendingStatistics:
 
     def wait(self) -> StepStats:
         return unpack_statistics(self._sum.wait(), self.num_tasks, self.batch_size, self.cross_terms)
-
-
-def reduce_statistics(
-    packed: torch.Tensor,
-    num_tasks: int,
-    batch_size: int,
-    process_group: Optional[dist.ProcessGroup] = None,
-    device: Optional[torch.device] = None,
-) -> StepStats:
-    """Sums the packed vector over ranks once (when a process group is initialised) and unpacks it."""
-    return PendingStatistics(packed, num_tasks, batch_size, process_group, device).wait()

@@ -146,25 +146,3 @@ def table_shardings(plan: ShardingPlan) -> Dict[str, str]:
         for module_plan in plan.plan.values()
         for table, ps in module_plan.items()  # type: ignore[union-attr]
     }
-
-
-def load_full_tables(dmp: nn.Module, full: Dict[str, torch.Tensor]) -> None:
-    """Copies whole tables (name -> (num_embeddings, dim)) into this rank's shards, whatever the
-    sharding type; used to start a sharded model from the same weights as an unsharded one."""
-    with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            if not key.endswith(".weight") or "embedding_bags" not in key:
-                continue
-            table = key.split(".")[-2]
-            if table not in full:
-                continue
-            src = full[table]
-            if hasattr(value, "local_shards"):  # ShardedTensor: row/column offsets per shard
-                for shard in value.local_shards():
-                    r, c = shard.metadata.shard_offsets
-                    rows, cols = shard.metadata.shard_sizes
-                    shard.tensor.copy_(src[r : r + rows, c : c + cols])
-            elif hasattr(value, "to_local"):  # DTensor
-                raise NotImplementedError("DTensor embedding shards are not handled here")
-            else:  # replicated (data_parallel)
-                value.copy_(src)

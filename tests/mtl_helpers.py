@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from concord.balancing.collectives import reduce_statistics
+from concord.balancing.collectives import PendingStatistics
 from concord.balancing.statistics import StepStats, local_statistics
 
 
@@ -15,7 +15,7 @@ def stats_for(grads: Sequence[torch.Tensor], losses: Sequence[float] | None = No
     t = len(grads)
     losses_t = torch.tensor(losses if losses is not None else [1.0] * t, dtype=torch.float64)
     packed = local_statistics(list(grads), losses_t, grads[0].shape[0])
-    return reduce_statistics(packed, t, grads[0].shape[0])
+    return PendingStatistics(packed, t, grads[0].shape[0]).wait()
 
 
 class ToyMTL(torch.nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from concord.embeddings.sharding import apply_fused_optimizer, load_full_tables, shard_model
+from concord.embeddings.sharding import apply_fused_optimizer, shard_model
 from concord.trainer.data.reader import Batch, ParquetReader, columns_from_config
 from concord.trainer.model import build_model
 from concord.trainer.runtime import init_runtime
@@ -75,3 +75,25 @@ def sharded_sgd_run(rank: int, world_size: int, cfg, state, batches, sharding: s
         elif isinstance(value, torch.Tensor):  # not the boundary's balancer state (a dict)
             params[key] = value.clone()
     return first_logits, params
+
+
+def load_full_tables(dmp: torch.nn.Module, full: Dict[str, torch.Tensor]) -> None:
+    """Copies whole tables (name -> (num_embeddings, dim)) into this rank's shards, whatever the
+    sharding type; used to start a sharded model from the same weights as an unsharded one."""
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            if not key.endswith(".weight") or "embedding_bags" not in key:
+                continue
+            table = key.split(".")[-2]
+            if table not in full:
+                continue
+            src = full[table]
+            if hasattr(value, "local_shards"):  # ShardedTensor: row/column offsets per shard
+                for shard in value.local_shards():
+                    r, c = shard.metadata.shard_offsets
+                    rows, cols = shard.metadata.shard_sizes
+                    shard.tensor.copy_(src[r : r + rows, c : c + cols])
+            elif hasattr(value, "to_local"):  # DTensor
+                raise NotImplementedError("DTensor embedding shards are not handled here")
+            else:  # replicated (data_parallel)
+                value.copy_(src)

@@ -25,7 +25,7 @@ from concord.balancing import (
 from concord.balancing.base import weighted_sum
 from concord.balancing import views as views_module
 from concord.balancing.compiled_steps import NativeClock
-from concord.balancing.collectives import reduce_statistics
+from concord.balancing.collectives import PendingStatistics
 from concord.balancing.statistics import StepStats, device_statistics, finite_flags, local_statistics
 from concord.balancing.simplex import kl_to_uniform, min_norm_weights, project_to_simplex
 from mtl_helpers import ToyMTL, stats_for, toy_batch
@@ -199,7 +199,7 @@ def test_the_boundary_with_early_work_equals_the_rule_applied_after_the_reductio
         boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
         got = boundary.balance(tuple(grads), z)
         packed = local_statistics(grads, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), 6, direct.local_extra(grads, z))
-        expected = direct.aggregate(grads, reduce_statistics(packed, 3, 6), z)
+        expected = direct.aggregate(grads, PendingStatistics(packed, 3, 6).wait(), z)
         direct.step += 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
 
