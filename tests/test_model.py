@@ -138,7 +138,7 @@ def test_metrics_count_a_row_only_for_the_tasks_it_has_a_label_for():
 def test_figures_that_need_two_label_values_are_left_out_where_every_counted_row_holds_one():
     """torchrec reports an NE of ~10^11 and an AUC of 0.5 for held-out rows of one class, and an R² of 1
     for a constant regression label: such figures are left out, with a note saying why; labels that
-    vary however little keep every figure."""
+    vary however little beside their size keep every figure, and a reset forgets the labels seen."""
     from concord.trainer.config import TaskConfig
     from concord.trainer.observe.metrics import TaskMetrics, compact_results, format_table, quality_notes
     from concord.trainer.tools.compare import quality
@@ -147,8 +147,10 @@ def test_figures_that_need_two_label_values_are_left_out_where_every_counted_row
     tasks = [TaskConfig("buy", "b"), TaskConfig("click", "c"), TaskConfig("dwell", "d", type="regression")]
     predictions = torch.stack([torch.rand(40), torch.rand(40), torch.randn(40)], 1)
 
+    metrics = TaskMetrics(tasks, 1, 0, 40)
+
     def figures(buy: float, dwell: torch.Tensor) -> dict:
-        metrics = TaskMetrics(tasks, 1, 0, 40)
+        metrics.reset()
         labels = torch.stack([torch.full((40,), buy), torch.randint(0, 2, (40,)).float(), dwell], 1)
         metrics.update(predictions, labels, torch.rand(40) + 0.5)  # weighted rows: the means are not counts
         return metrics.compute()
@@ -158,7 +160,7 @@ def test_figures_that_need_two_label_values_are_left_out_where_every_counted_row
     assert set(one_value["click"]) == {"ne", "auc", "calibration", "label_mean"}
     assert set(one_value["dwell"]) == {"mse", "label_mean"} and one_value["dwell"]["label_mean"] == pytest.approx(7.3)
     assert set(figures(0.0, torch.randn(40))["buy"]) == {"label_mean"}  # calibration divides by the positives too
-    varied = figures(1.0, 1000 + 0.1 * torch.randn(40))["dwell"]
+    varied = figures(1.0, 1e6 + torch.randn(40))["dwell"]  # a spread of 1e-12 of the mean square: two values all the same
     assert set(varied) == {"mse", "r_squared", "label_mean"}
 
     assert quality(one_value, tasks[0]) is None and quality(one_value, tasks[2]) == one_value["dwell"]["mse"]
@@ -173,6 +175,32 @@ def test_figures_that_need_two_label_values_are_left_out_where_every_counted_row
     assert quality_notes({"buy": {"label_mean": 0.0}}, tasks[:1]) == [
         "note: task 'buy': every held-out row it counts is negative (label 0): NE and AUC need both classes, calibration "
         "a positive; the table shows none of them"]
+
+
+def _one_value_on_ranks(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from concord.trainer.config import TaskConfig
+    from concord.trainer.observe.metrics import TaskMetrics
+
+    dist.init_process_group("gloo")
+    tasks = [TaskConfig("buy", "b"), TaskConfig("dwell", "d", type="regression"), TaskConfig("stay", "s", type="regression")]
+    metrics = TaskMetrics(tasks, world_size, rank, 8, group=dist.group.WORLD)
+    # buy: all positive on rank 0, all negative on rank 1; dwell: 7.3 on both; stay: 7.3 on rank 0, 7.4 on rank 1
+    labels = torch.tensor([[1.0 - rank, 7.3, 7.3 + 0.1 * rank]]).repeat(8, 1)
+    metrics.update(torch.rand(8, 3), labels, torch.ones(8))
+    return metrics.compute()
+
+
+@pytest.mark.multiprocess
+def test_one_label_value_is_one_over_every_ranks_rows():
+    """A task is of one label value only where every rank's counted rows are: ranks of one class each
+    make two classes together."""
+    from distributed import run_ranks
+
+    results, _ = run_ranks(_one_value_on_ranks, 2)
+    assert {"ne", "auc", "calibration"} <= set(results["buy"]) and results["buy"]["label_mean"] == 0.5
+    assert "r_squared" not in results["dwell"] and "r_squared" in results["stay"]
 
 
 def test_the_results_table_keeps_long_task_names_apart_from_their_type():

@@ -587,8 +587,11 @@ class Converter:
         alone (an untyped column in its file) takes the type of the first file that types it."""
         first = self._passthrough_types.get(name)
         if first is None:
-            typed = (column_type(path, fmt, name) for path, fmt in self.files) if pa.types.is_null(values.type) else ()
-            first = self._passthrough_types[name] = next((t for t in typed if not pa.types.is_null(t)), values.type)
+            first = values.type
+            if pa.types.is_null(first):
+                typed = (column_type(path, fmt, name) for path, fmt in self.files)
+                first = next((kind for kind in typed if not pa.types.is_null(kind)), first)
+            self._passthrough_types[name] = first
         if values.type == first:
             return values
         try:

@@ -19,15 +19,11 @@ from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.mse import MSEMetric
 from torchrec.metrics.ne import NEMetric
 
-from concord.balancing.collectives import sum_over_ranks
+from concord.balancing.collectives import group_device, sum_over_ranks
 
 # (torchrec's metric, its options, the figures read from it)
 _BINARY = ((NEMetric, {}, ("ne",)), (AUCMetric, {}, ("auc",)), (CalibrationMetric, {}, ("calibration",)))
 _REGRESSION = ((MSEMetric, {"include_r_squared": True}, ("mse", "r_squared")),)
-# Labels of one value leave a variance of float64 rounding, ~1e-16 of their mean square: far below this.
-_ONE_VALUE = 1e-12
-
-
 def _undefined_for_one_value(kind: str, mean: float) -> tuple:
     if kind == "regression":
         return ("r_squared",)
@@ -49,7 +45,9 @@ class TaskMetrics:
         # the weight of the rows each task counted on this rank, on the device: read once, in compute
         self._counted = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
         self._label_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # weighted, counted rows
-        self._label_squares = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # the same, of y^2
+        # the least and the greatest label of the counted rows: where they are equal, figures that need two are left out
+        self._label_low = torch.full((len(self.tasks),), math.inf, dtype=torch.float64, device=device)
+        self._label_high = torch.full((len(self.tasks),), -math.inf, dtype=torch.float64, device=device)
         self._metrics: List[tuple] = []
         for t in self.tasks:
             info = [RecTaskInfo(name=t.name, label_name="label", prediction_name="prediction", weight_name="weight")]
@@ -67,9 +65,9 @@ class TaskMetrics:
         counted = (weights[:, None].expand(-1, len(self.tasks)) if labelled is None else weights[:, None] * labelled).float()
         self._counted += counted.double().sum(dim=0)
         # A row that does not count may hold a placeholder label (a masked task's NaN read as 0): weight 0 drops it.
-        weighted = torch.where(counted > 0, counted.double() * labels.double(), 0.0)
-        self._label_sums += weighted.sum(dim=0)
-        self._label_squares += (weighted * labels.double()).sum(dim=0)
+        self._label_sums += torch.where(counted > 0, counted.double() * labels.double(), 0.0).sum(dim=0)
+        torch.minimum(self._label_low, torch.where(counted > 0, labels.double(), math.inf).amin(dim=0), out=self._label_low)
+        torch.maximum(self._label_high, torch.where(counted > 0, labels.double(), -math.inf).amax(dim=0), out=self._label_high)
         for task, _, metric in self._metrics:
             k = index[task]
             metric.update(
@@ -79,9 +77,11 @@ class TaskMetrics:
             )
 
     def compute(self) -> Dict[str, Dict[str, float]]:
-        sums = sum_over_ranks(torch.cat([self._counted, self._label_sums, self._label_squares]).cpu(), self.group).tolist()
+        sums = sum_over_ranks(torch.cat([self._counted, self._label_sums]).cpu(), self.group).tolist()
+        highest = _max_over_ranks(torch.cat([-self._label_low, self._label_high]), self.group).tolist()
         names = [t.name for t in self.tasks]
-        counted, label_sums, label_squares = (dict(zip(names, sums[k * len(names):(k + 1) * len(names)])) for k in range(3))
+        counted, label_sums = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
+        one_value = {name: -low == high for name, low, high in zip(names, highest[:len(names)], highest[len(names):])}
         out: Dict[str, Dict[str, float]] = {}
         for task, figures, metric in self._metrics:
             values = {key.split("|")[-1]: value for key, value in metric.compute().items()}
@@ -92,18 +92,28 @@ class TaskMetrics:
                     out.setdefault(task, {})[figure] = float(value)
         for t in self.tasks:
             if t.name in out:
-                mean, mean_square = label_sums[t.name] / counted[t.name], label_squares[t.name] / counted[t.name]
-                if mean_square - mean * mean <= _ONE_VALUE * mean_square:  # one label value
-                    for figure in _undefined_for_one_value(t.type, mean):
-                        out[t.name].pop(figure, None)
-                out[t.name]["label_mean"] = mean
+                out[t.name]["label_mean"] = label_sums[t.name] / counted[t.name]
+                for figure in _undefined_for_one_value(t.type, out[t.name]["label_mean"]) if one_value[t.name] else ():
+                    out[t.name].pop(figure, None)
         return out
 
     def reset(self) -> None:
         self._counted.zero_()
         self._label_sums.zero_()
+        self._label_low.fill_(math.inf)
+        self._label_high.fill_(-math.inf)
         for _, _, metric in self._metrics:
             metric.reset()
+
+
+def _max_over_ranks(values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """A small vector's element-wise maximum over the ranks of ``group``, on the CPU, the same on every
+    rank (itself where no group of several ranks is up); reduced where the group's backend reduces."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return values.cpu()
+    values = values.to(group_device(group))
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return values.cpu()
 
 
 def compact_results(results: Dict[str, Dict[str, float]], tasks: Sequence) -> str:
