@@ -369,30 +369,38 @@ def test_predict_without_a_checkpoint_is_one_line_before_any_rank_starts(tmp_pat
         f"concord: predict: --out {tmp_path}: is a folder; name the predictions' file, e.g. {tmp_path / 'predictions.parquet'}\n")
 
 
-def test_predict_names_a_file_without_a_passthrough_column_before_scoring(tmp_path):
+def test_predict_names_a_file_without_a_passthrough_column_or_of_another_type_before_scoring(tmp_path):
+    """Each carried column takes the type of the first file that types it (files where it holds only
+    nulls, untyped, do not count); a file without it, or of another type, is named before the model
+    is built."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from concord.trainer.data.layout import DataError
-    from concord.trainer.predict import _check_passthrough
+    from concord.trainer.predict import _passthrough_schema
 
-    pq.write_table(pa.table({"request": ["a"], "x": [1]}), tmp_path / "a.parquet")
-    pq.write_table(pa.table({"x": [2]}), tmp_path / "b.parquet")
-    _check_passthrough([str(tmp_path / "a.parquet")], ["request"])
-    with pytest.raises(DataError, match=r"b.parquet: no column 'request' \(data.passthrough\); convert the data again with it"):
-        _check_passthrough([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], ["request"])
+    files = [str(tmp_path / f"{name}.parquet") for name in "abcd"]
+    pq.write_table(pa.table({"request": pa.nulls(1), "x": [1]}), files[0])
+    pq.write_table(pa.table({"request": ["a"], "x": [1]}), files[1])
+    pq.write_table(pa.table({"x": [2]}), files[2])
+    pq.write_table(pa.table({"request": [7], "x": [2]}), files[3])
+    assert _passthrough_schema(files[:2], []) is None
+    assert _passthrough_schema(files[:1], ["request"]) == pa.schema([pa.field("request", pa.null())])
+    assert _passthrough_schema(files[:2], ["x", "request"]) == pa.schema([pa.field("x", pa.int64()), pa.field("request", pa.string())])
+    with pytest.raises(DataError, match=r"c.parquet: no column 'request' \(data.passthrough\); convert the data again with it"):
+        _passthrough_schema(files[:3], ["request"])
+    with pytest.raises(DataError, match=rf"d\.parquet: column 'request' \(data.passthrough\) is int64 here but string in {files[1]}"):
+        _passthrough_schema([files[0], files[1], files[3]], ["request"])
 
 
 def test_predict_joins_the_ranks_parts_and_the_passthrough_columns_a_batch_at_a_time(tmp_path):
     """Rank 0 streams the parts into the output beside the data's passthrough columns, however the
     parts' rows and the files' rows are cut, in row order; files whose passthrough column holds only
-    nulls join, the first of them too; one whose column has another type than the first typed file's is
-    named."""
+    nulls join, the first of them too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from concord.trainer.data.layout import DataError
-    from concord.trainer.predict import _join
+    from concord.trainer.predict import _join, _passthrough_schema
 
     keys = [f"k{r}" if r not in (0, 1, 2, 3, 4) else None for r in range(10)]
     for name, rows in (("a", range(0, 4)), ("b", range(4, 5)), ("c", range(5, 10))):
@@ -403,14 +411,9 @@ def test_predict_joins_the_ranks_parts_and_the_passthrough_columns_a_batch_at_a_
         parts.append(tmp_path / f"rank-{rank}.parquet")
         pq.write_table(pa.table({"row": list(rows), "pred": [r / 10 for r in rows]}), parts[-1], row_group_size=2)
     files = [str(tmp_path / f"{name}.parquet") for name in "abc"]
-    _join(parts, files, ["day", "request"], str(tmp_path / "out.parquet"))
+    _join(parts, files, _passthrough_schema(files, ["day", "request"]), str(tmp_path / "out.parquet"))
     assert pq.read_table(tmp_path / "out.parquet").to_pydict() == {
         "row": list(range(10)), "pred": [r / 10 for r in range(10)], "day": [r // 3 for r in range(10)], "request": keys}
-
-    pq.write_table(pa.table({"request": [1, 2, 3, 4, 5], "day": [1, 2, 3, 3, 3]}), tmp_path / "c.parquet")
-    pq.write_table(pa.table({"request": ["k0", "k1", "k2", "k3"], "day": [0, 0, 0, 1]}), tmp_path / "a.parquet")
-    with pytest.raises(DataError, match=rf"c\.parquet: column 'request' \(data.passthrough\) is int64 here but string in {files[0]}"):
-        _join(parts, files, ["day", "request"], str(tmp_path / "out.parquet"))
 
 
 def test_predict_writes_one_row_per_input_row_with_the_evaluations_metrics(tmp_path):

@@ -44,7 +44,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     if not spec:
         raise DataError("predict needs data: --data PATH, or data.eval in the config")
     files = list_files(spec)
-    _check_passthrough(files, cfg.data.passthrough)
+    carried = _passthrough_schema(files, cfg.data.passthrough)
     cfg.model.output_bias = "torch"  # the checkpoint gives the heads' biases: no need of the training data's record
     cfg.dist.statistics_on_host = False  # scoring runs no backward: no balancer statistics to sum
     trainer = Trainer.build(cfg, rt, own_run_dir=False)
@@ -83,7 +83,7 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
         dist.barrier()
     if rt.is_main:
         scored = list(dict.fromkeys(group.file for group in reader.groups))  # the files the job read, in its order
-        _join(sorted(parts.glob("rank-*.parquet")), scored, cfg.data.passthrough, out)
+        _join(sorted(parts.glob("rank-*.parquet")), scored, carried, out)
         shutil.rmtree(parts)
         logger.info("%d rows scored with %s -> %s", reader.total_rows, path, out)
     return results
@@ -113,43 +113,20 @@ def _load_model(trainer: Trainer, run_dir: Path, spec: str) -> Path:
     return path
 
 
-def _check_passthrough(files: List[str], names: List[str]) -> None:
-    """Every file to score has the columns to carry into its output: checked before the model is built."""
-    for path in files if names else ():
-        have = set(open_parquet(path).schema_arrow.names)
-        missing = [name for name in names if name not in have]
+def _passthrough_schema(files: List[str], names: List[str]) -> Optional[pa.Schema]:
+    """The columns to carry into the output (None: none), checked before the model is built: every
+    file to score has each, of one type, the type of the first file that types it (a column of nulls
+    alone, untyped, takes it; another type is named, as convert writes one type a column)."""
+    if not names:
+        return None
+    schemas = []
+    for path in files:
+        schema = open_parquet(path).schema_arrow
+        missing = [name for name in names if name not in schema.names]
         if missing:
             raise DataError(f"{path}: no column {missing[0]!r} (data.passthrough); convert the data again with it in "
                             "data.passthrough, or leave it out")
-
-
-def _join(parts: List[Path], files: List[str], names: List[str], out: str) -> None:
-    """Writes ``out``: the ranks' ``parts`` (their rows in the data's order, rank by rank) with the
-    ``names`` columns of the data's ``files`` beside them, streamed a batch at a time, so that scoring
-    a data set never holds all of its rows in one process."""
-    carried = _RowStream(_passthrough(files, names)) if names else None
-    written = 0
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for path in parts:
-            for batch in pq.ParquetFile(path).iter_batches():
-                scores = pa.Table.from_batches([batch])
-                if scores.column("row")[0].as_py() != written:
-                    raise RuntimeError(f"{path}: its rows start at {scores.column('row')[0]}, not at {written}")
-                if carried is not None:
-                    for name, column in zip(names, carried.take(len(scores)).columns):
-                        scores = scores.append_column(name, column)
-                if writer is None:
-                    writer = stack.enter_context(pq.ParquetWriter(out, scores.schema))
-                writer.write_table(scores)
-                written += len(scores)
-
-
-def _passthrough(files: List[str], names: List[str]) -> Iterator[pa.Table]:
-    """The ``names`` columns of ``files``' rows in order, a batch at a time, each of the type the first
-    file that types it gives it (a column of nulls alone takes it; another type is named, as convert
-    writes one type a column)."""
-    schemas = [(path, open_parquet(path).schema_arrow) for path in files]
+        schemas.append((path, schema))
     fields = []
     for name in names:
         typed = [(path, schema.field(name)) for path, schema in schemas if not pa.types.is_null(schema.field(name).type)]
@@ -158,10 +135,36 @@ def _passthrough(files: List[str], names: List[str]) -> Iterator[pa.Table]:
             if field.type != first.type:
                 raise DataError(f"{path}: column {name!r} (data.passthrough) is {field.type} here but {first.type} in {first_path}")
         fields.append(first)
-    schema = pa.schema(fields)
+    return pa.schema(fields)
+
+
+def _join(parts: List[Path], files: List[str], carried: Optional[pa.Schema], out: str) -> None:
+    """Writes ``out``: the ranks' ``parts`` (their rows in the data's order, rank by rank) with the
+    ``carried`` columns of the data's ``files`` beside them (:func:`_passthrough_schema`), streamed a
+    batch at a time, so that scoring a data set never holds all of its rows in one process."""
+    rows = _RowStream(_passthrough(files, carried)) if carried is not None else None
+    written = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for path in parts:
+            for batch in pq.ParquetFile(path).iter_batches():
+                scores = pa.Table.from_batches([batch])
+                if scores.column("row")[0].as_py() != written:
+                    raise RuntimeError(f"{path}: its rows start at {scores.column('row')[0]}, not at {written}")
+                if rows is not None:
+                    for name, column in zip(carried.names, rows.take(len(scores)).columns):
+                        scores = scores.append_column(name, column)
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(out, scores.schema))
+                writer.write_table(scores)
+                written += len(scores)
+
+
+def _passthrough(files: List[str], carried: pa.Schema) -> Iterator[pa.Table]:
+    """The ``carried`` columns of ``files``' rows in order, a batch at a time, in its types."""
     for path in files:
-        for batch in open_parquet(path).iter_batches(columns=names):
-            yield pa.Table.from_batches([batch]).select(names).cast(schema)
+        for batch in open_parquet(path).iter_batches(columns=carried.names):
+            yield pa.Table.from_batches([batch]).select(carried.names).cast(carried)
 
 
 class _RowStream:
