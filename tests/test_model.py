@@ -203,6 +203,27 @@ def test_one_label_value_is_one_over_every_ranks_rows():
     assert "r_squared" not in results["dwell"] and "r_squared" in results["stay"]
 
 
+def test_an_exact_auc_larger_than_half_a_ranks_memory_is_named_before_the_work(monkeypatch):
+    """The held-out split's (or the scored data's) exact AUC is held whole on each rank: where it would
+    take more than half of the rank's memory (its share of the host's, or its GPU's), a warning says so
+    before training or scoring, rather than an evaluation failing after them."""
+    import concord.embeddings.sharding as sharding
+    from concord.trainer.observe.metrics import AUC_BYTES_PER_ROW, auc_memory_note
+
+    monkeypatch.setattr(sharding, "host_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GiB a rank
+    fits = 4 * 2**30 // (2 * AUC_BYTES_PER_ROW)  # two binary tasks: half of the rank's share
+    assert auc_memory_note(fits, 2, torch.device("cpu"), "data.eval x") is None
+    note = auc_memory_note(fits + 1, 2, torch.device("cpu"), "data.eval x")
+    assert note.startswith(f"data.eval x: the exact AUC of its {fits + 1:,} rows and 2 binary task(s) holds ~4.0 GiB on each rank")
+    assert note.endswith("more than half of its share of the host's memory (8.0 GiB): score a sample of these rows (README, 'Metrics')")
+    assert auc_memory_note(10**9, 0, torch.device("cpu"), "x") is None  # no binary task: no AUC
+    monkeypatch.setattr(sharding, "host_memory_bytes", lambda: None)
+    assert auc_memory_note(10**9, 2, torch.device("cpu"), "x") is None  # unknown: no guess
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Props", (), {"total_memory": 80 * 2**30})())
+    assert "more than half of its GPU's memory (80.0 GiB)" in auc_memory_note(10**9, 1, torch.device("cuda", 0), "x")
+
+
 def test_the_results_table_keeps_long_task_names_apart_from_their_type():
     from concord.trainer.config import TaskConfig
     from concord.trainer.observe.metrics import format_table

@@ -28,6 +28,7 @@ from concord.trainer.checkpoint import Checkpointer
 from concord.trainer.config import Config
 from concord.trainer.data.layout import DataError, check_scored_encoding, list_files, run_config
 from concord.trainer.data.reader import Columns, ParquetReader, columns_from_config, open_parquet, plan_together
+from concord.trainer.observe.metrics import auc_memory_note
 from concord.trainer.evaluation import Evaluator
 from concord.trainer.fingerprint import ResumeError, describe_changes, differences, fingerprint, with_todays_defaults
 from concord.trainer.runtime import Runtime
@@ -53,6 +54,9 @@ def predict(cfg: Config, rt: Runtime, run_dir: str, data: Optional[str], out: st
     reader = ParquetReader(spec, columns, cfg.data.batch_size, rt.rank, rt.world_size, groups=plan_together(spec, columns))
     if reader.total_rows == 0:  # every rank knows: the same plan
         raise DataError(f"{spec}: no rows to score (its files hold none)")
+    binary = sum(t.type == "binary" and label is not None for t, label in zip(cfg.tasks, columns.labels))
+    if rt.is_main and (note := auc_memory_note(reader.total_rows, binary, rt.device, spec)):
+        logger.warning(note)
     parts = Path(str(out) + ".parts")
     if rt.is_main:
         shutil.rmtree(parts, ignore_errors=True)

@@ -34,7 +34,7 @@ from concord.trainer.fingerprint import check_resume, fingerprint, nothing_to_re
 from concord.trainer.lifecycle import STOP_CHECK_EVERY, StopRequest, Stopped
 from concord.trainer.model import ModelOutput, MultiTaskModel, boundary_method, build_model
 from concord.trainer.nonfinite import NonFinitePolicy
-from concord.trainer.observe.metrics import compact_results, format_table, quality_notes
+from concord.trainer.observe.metrics import auc_memory_note, compact_results, format_table, quality_notes
 from concord.trainer.observe.progress import progress_bar
 from concord.trainer.observe.runlog import RunLog
 from concord.trainer.observe.timing import QPSMeter, StepTimer
@@ -227,6 +227,9 @@ class Trainer:
             else:
                 self.eval_reader = reader
         if self.rt.is_main and self.cfg.data.eval:
+            binary = sum(t.type == "binary" for t in self.cfg.tasks)
+            if note := auc_memory_note(self.eval_reader.total_rows, binary, self.rt.device, f"data.eval {self.cfg.data.eval}"):
+                logger.warning(note)
             shared = _files_of(self.train_reader) & _files_of(self.eval_reader)
             if shared:  # by mistake, mostly (a path copied twice); the figures would be training figures
                 logger.warning("data.eval reads %d of data.train's files (%s%s): its figures are not held out",

@@ -9,6 +9,7 @@ against a mean label of 0; R²) are left out, not reported as torchrec computes 
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -24,6 +25,32 @@ from concord.balancing.collectives import group_device, sum_over_ranks
 # (torchrec's metric, its options, the figures read from it)
 _BINARY = ((NEMetric, {}, ("ne",)), (AUCMetric, {}, ("auc",)), (CalibrationMetric, {}, ("calibration",)))
 _REGRESSION = ((MSEMetric, {"include_r_squared": True}, ("mse", "r_squared")),)
+# torchrec's exact AUC holds every scored row's prediction, label and weight on each rank, and sorts
+# them at compute: its peak a row and binary task (docs/performance.md, "Evaluation's memory"), rounded up.
+AUC_BYTES_PER_ROW = 100
+
+
+def auc_memory_note(rows: int, binary_tasks: int, device: torch.device, what: str) -> Optional[str]:
+    """A warning where the exact AUC of ``rows`` rows would take more than half of the memory a rank
+    holds it in (a GPU's, or its share of the host's): the evaluation would fail after the work before
+    it. None where it fits or the memory cannot be read."""
+    from concord.embeddings.sharding import host_memory_bytes
+
+    need = rows * binary_tasks * AUC_BYTES_PER_ROW
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "its GPU's memory"
+    else:
+        host = host_memory_bytes()
+        if host is None:
+            return None
+        have, where = host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))), "its share of the host's memory"
+    if need <= have / 2:
+        return None
+    return (f"{what}: the exact AUC of its {rows:,} rows and {binary_tasks} binary task(s) holds ~{need / 2**30:.1f} GiB on "
+            f"each rank (~{AUC_BYTES_PER_ROW} bytes a row and task), more than half of {where} ({have / 2**30:.1f} GiB): "
+            "score a sample of these rows (README, 'Metrics')")
+
+
 def _undefined_for_one_value(kind: str, mean: float) -> tuple:
     if kind == "regression":
         return ("r_squared",)
