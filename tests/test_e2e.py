@@ -165,6 +165,24 @@ def test_torchx_component_passes_the_single_task_and_restarts(monkeypatch):
     assert "--single-task" not in train(config="configs/tiny.yaml").roles[0].args[-1]
 
 
+def test_a_task_left_out_of_a_comparison_is_named_with_why():
+    """A task some cell has no held-out NE or MSE for is left out, and the line says why: no labelled
+    held-out row (a masked task), or, for a binary task, held-out rows of one class."""
+    from concord.trainer.config import load_config
+    from concord.trainer.tools.compare import _unscored_line, _why_unscored
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    ctr, cvr, _ = cfg.tasks
+    summaries = {(0, "equal"): {"eval": {"ctr": {"calibration": 0.9, "label_mean": 1.0}, "watch": {"mse": 1.0}}}}
+    unscored = {task.name: _why_unscored(task, summaries, cfg) for task in (ctr, cvr)}
+    one_class = f"every row of {cfg.data.eval} that holds its label holds the same class (its NE needs both)"
+    unlabelled = f"no row of {cfg.data.eval} holds its label with a weight above 0 (a masked task the held-out split lacks)"
+    assert _unscored_line(unscored) == (f"task(s) 'ctr', 'cvr' trained but left out of the comparison: 'ctr': {one_class}; "
+                                        f"'cvr': {unlabelled}; data.convert.split")
+    assert _unscored_line({"ctr": unscored["ctr"]}) == (f"task(s) 'ctr' trained but left out of the comparison: {one_class}; "
+                                                        "data.convert.split")
+
+
 def test_the_verdict_is_a_paired_confidence_interval_over_seeds():
     from concord.trainer.tools.compare import paired_interval, verdict
 

@@ -51,8 +51,9 @@ def test_a_task_the_validation_split_has_no_label_for_is_named_and_left_out_of_t
     assert score(cfg, [base, other], base, 1, results)[other] == pytest.approx(0.9)
     assert write_report(tmp_path, cfg, [], "val", [base, other], base, 1, results)[0] == other
     report = (tmp_path / "report.md").read_text()
-    assert ("Not scored, for want of labels: 'cvr' (no row of the validation split holds its label with a weight above 0, "
-            "or, a binary task, every one holds the same class).") in report
+    assert (("Not scored, for want of labels: 'cvr' (no row of the validation split holds its label with a weight above 0).")
+            if cvr is None else ("Not scored, for want of two classes: 'cvr' (every row of the validation split that holds its "
+                                 "label holds the same).")) in report
     assert "| 0.003 | 0.05 | 0.9000 | – | 90.0000 | 0.9000 **chosen** |" in report
 
 

@@ -112,12 +112,13 @@ def run_compare(
         raise CompareError(f"{len(failed)} of {len(todo)} cells failed; first: {failed[0]}")
     summaries = {(s, m): json.loads((out / "runs" / cell_name(m, s) / "summary.json").read_text()) for s, m in cells}
     single = {(s, t): json.loads((out / "runs" / single_cell_name(t, s) / "summary.json").read_text()) for s, t in singles}
-    unscored = [t.name for t in cfg.tasks if any(_quality(summary, t) is None for summary in summaries.values())]
-    if len(unscored) == len(cfg.tasks):  # missing_label: masked, and no held-out row has any task's label
-        raise CompareError(f"no task has a held-out NE or MSE: no row of {cfg.data.eval} has a label with a weight above 0, "
-                           "or (binary tasks) every one has the same; hold out rows that have both classes (data.convert.split)")
+    unscored = {t.name: _why_unscored(t, summaries, cfg) for t in cfg.tasks
+                if any(_quality(summary, t) is None for summary in summaries.values())}
+    if len(unscored) == len(cfg.tasks):  # e.g. missing_label: masked, and no held-out row has any task's label
+        raise CompareError(f"no task has a held-out NE or MSE: {_reasons(unscored)}; hold out rows that have labels of "
+                           "both classes (data.convert.split)")
     if unscored:  # the report compares the others, and says so
-        print(f"concord compare: {_unscored_line(unscored, cfg)}", flush=True)
+        print(f"concord compare: {_unscored_line(unscored)}", flush=True)
     scored = dataclasses.replace(cfg, tasks=[t for t in cfg.tasks if t.name not in unscored])
     report = write_report(out, scored, methods, seeds, summaries, single, overrides, jobs, unscored)
     print(f"report: {report}")
@@ -128,10 +129,23 @@ def _capitalized(line: str) -> str:
     return line[:1].upper() + line[1:]
 
 
-def _unscored_line(unscored: Sequence[str], cfg: Config) -> str:
-    return (f"task(s) {', '.join(map(repr, unscored))} trained but left out of the comparison: no row of {cfg.data.eval} "
-            "holds its label with a weight above 0 (a masked task the held-out split lacks), or every one holds the same "
-            "class (a binary task, whose NE needs both); data.convert.split")
+def _why_unscored(task, summaries: Dict, cfg: Config) -> str:
+    """Why ``task`` has no held-out NE or MSE in some cell: no labelled row, or (binary) one class."""
+    if all(task.name not in summary["eval"] for summary in summaries.values()):
+        return f"no row of {cfg.data.eval} holds its label with a weight above 0 (a masked task the held-out split lacks)"
+    return f"every row of {cfg.data.eval} that holds its label holds the same class (its NE needs both)"
+
+
+def _reasons(unscored: Dict[str, str]) -> str:
+    """``unscored``'s reasons (:func:`_why_unscored`), each once, with its tasks where they differ."""
+    names_of: Dict[str, List[str]] = {}
+    for name, why in unscored.items():
+        names_of.setdefault(why, []).append(name)
+    return "; ".join(why if len(names_of) == 1 else f"{', '.join(map(repr, names))}: {why}" for why, names in names_of.items())
+
+
+def _unscored_line(unscored: Dict[str, str]) -> str:
+    return f"task(s) {', '.join(map(repr, unscored))} trained but left out of the comparison: {_reasons(unscored)}; data.convert.split"
 
 
 def snapshot_config(config_path: str, out: Path) -> str:
@@ -324,9 +338,9 @@ def config_label(source: str) -> str:
 
 def write_report(
     out: Path, cfg: Config, methods: List[str], seeds: int, summaries: Dict, single: Dict | None = None, overrides: Sequence[str] = (),
-    jobs: int = 1, unscored: Sequence[str] = (),
+    jobs: int = 1, unscored: Optional[Dict[str, str]] = None,
 ) -> Path:
-    """``cfg.tasks``: the tasks compared; ``unscored``: those left out for want of held-out labels."""
+    """``cfg.tasks``: the tasks compared; ``unscored``: those left out for want of held-out figures, with why."""
     g = gains(cfg, methods, seeds, summaries)
     qps = {m: [summaries[(s, m)]["qps_lifetime"] for s in range(seeds)] for m in methods}
     drops = {m: [100.0 * (qps["equal"][s] - qps[m][s]) / qps["equal"][s] for s in range(seeds)] for m in methods}
@@ -341,7 +355,7 @@ def write_report(
         + ". Mean ± std over seeds. QPS: lifetime training QPS of each run, "
         + ("which ran one after another" if jobs == 1 else f"{jobs} at a time sharing the machine's cores, so each carries the others' load")
         + " (see `concord bench` for side-by-side QPS)."
-        + (f" {_capitalized(_unscored_line(unscored, cfg))}." if unscored else ""),
+        + (f" {_capitalized(_unscored_line(unscored))}." if unscored else ""),
         "",
         "## Table 2: what is balanced, cost, gain",
         "",

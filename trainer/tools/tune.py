@@ -234,8 +234,7 @@ def write_report(out: Path, cfg: Config, overrides: Sequence[str], validation: s
              f"Validation split `{validation}`; {seeds} seed(s); overrides `{' '.join(overrides) or '-'}`. Score: mean "
              f"over tasks and seeds of the validation metric (NE, MSE for regression) relative to the config's cell "
              f"({describe(base)}); lower is better."
-             + (f" Not scored, for want of labels: {', '.join(map(repr, unscored))} (no row of the validation split holds "
-                "its label with a weight above 0, or, a binary task, every one holds the same class)." if unscored else ""), "",
+             + "".join(f" Not scored, {_why_unscored(t, results[base, 0])}." for t in unscored), "",
              "| " + " | ".join(columns) + " | " + " | ".join(f"{t} (mean over seeds)" for t in cfg.task_names) + " | score |",
              "|" + "---|" * (len(columns) + len(cfg.task_names) + 1)]
     for cell in grid:
@@ -287,6 +286,13 @@ def _edges(grid: List[Cell], chosen: Cell) -> List[Tuple[str, Optional[Cell]]]:
             neighbour = tuple(inward if i == axis else value for i, value in enumerate(chosen))
             edges.append((name, neighbour if neighbour in grid else None))
     return edges
+
+
+def _why_unscored(task: str, scores: dict) -> str:
+    """Why ``task`` has no validation NE or MSE in ``scores`` (a cell's summary ``eval``)."""
+    if task in scores:
+        return f"for want of two classes: {task!r} (every row of the validation split that holds its label holds the same)"
+    return f"for want of labels: {task!r} (no row of the validation split holds its label with a weight above 0)"
 
 
 def _metric(cfg: Config, task: str, scores: dict) -> Optional[float]:
