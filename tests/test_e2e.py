@@ -173,7 +173,9 @@ def test_a_task_left_out_of_a_comparison_is_named_with_why():
 
     cfg = load_config(ROOT / "configs/tiny.yaml")
     ctr, cvr, _ = cfg.tasks
-    summaries = {(0, "equal"): {"eval": {"ctr": {"calibration": 0.9, "label_mean": 1.0}, "watch": {"mse": 1.0}}}}
+    summaries = {(0, "equal"): {"eval": {"ctr": {"calibration": 0.9, "label_mean": 1.0}, "watch": {"mse": 1.0}}},
+                 (0, "emtl"): {"eval": {"ctr": {"calibration": 0.8, "label_mean": 1.0}, "cvr": {"ne": 0.9, "label_mean": 0.1},
+                                        "watch": {"mse": 1.1}}}}  # cvr's labels absent from one cell: no labelled row
     unscored = {task.name: _why_unscored(task, summaries, cfg) for task in (ctr, cvr)}
     one_class = f"every row of {cfg.data.eval} that holds its label holds the same class (its NE needs both)"
     unlabelled = f"no row of {cfg.data.eval} holds its label with a weight above 0 (a masked task the held-out split lacks)"

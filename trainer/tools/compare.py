@@ -130,8 +130,9 @@ def _capitalized(line: str) -> str:
 
 
 def _why_unscored(task, summaries: Dict, cfg: Config) -> str:
-    """Why ``task`` has no held-out NE or MSE in some cell: no labelled row, or (binary) one class."""
-    if all(task.name not in summary["eval"] for summary in summaries.values()):
+    """Why ``task`` has no held-out NE or MSE in some cell: no labelled row (the cell has no figure of
+    it at all), or (binary) one class (it has the others)."""
+    if any(task.name not in summary["eval"] for summary in summaries.values()):
         return f"no row of {cfg.data.eval} holds its label with a weight above 0 (a masked task the held-out split lacks)"
     return f"every row of {cfg.data.eval} that holds its label holds the same class (its NE needs both)"
 
