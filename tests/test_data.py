@@ -445,10 +445,19 @@ def test_the_ranks_plan_the_row_groups_together_each_opening_its_share_of_the_fi
         folder.mkdir()
         for i, (rows, group_size) in enumerate([(50, 7), (9, 9), (33, 5), (12, 4), (20, 20)]):
             write(folder / f"{'abcde'[i]}.parquet", rows, start=100 * i, row_group_size=group_size)
+    # f: a row group of no rows between two (a writer handed an empty table): the plan skips it and
+    # names the next by its own index; g: a file of no rows adds none
+    write(tmp_path / "f.parquet", 8, start=500)
+    table = pq.read_table(tmp_path / "f.parquet")
+    with pq.ParquetWriter(good / "f.parquet", table.schema) as writer:
+        for part in (table.slice(0, 5), table.slice(0, 0), table.slice(5)):
+            writer.write_table(part)
+    write(good / "g.parquet", 0)
     write(bad / "b.parquet", 9, y=np.arange(9).astype(str))  # rank 1's first file
     (bad / "c.parquet").write_bytes(b"not parquet")  # rank 0's second: a later problem
-    files = [str(good / f"{name}.parquet") for name in "abcde"]
+    files = [str(good / f"{name}.parquet") for name in "abcdefg"]
     alone = plan_row_groups(files, COLUMNS)
+    assert [(group.index, group.num_rows) for group in alone if group.file == files[5]] == [(0, 5), (2, 3)]
 
     ranks = run_ranks(_plans_together, 2, [str(good), str(bad), str(tmp_path / "nowhere")], COLUMNS)
     assert [rank[0] for rank in ranks] == [(alone, files[0::2]), (alone, files[1::2])]

@@ -132,17 +132,17 @@ def check_schema(path: str, schema: pa.Schema, columns: Columns) -> None:
 
 def plan_row_groups(files: Sequence[str], columns: Columns) -> List[RowGroup]:
     """Every row group that holds rows, of every file, in a fixed order; checks each file's schema
-    once. A file of no rows adds none: writers leave such files where a partition or a task had no
-    data (Spark, Hive), whole files with the data's schema; a split of no rows at all is the caller's
-    to refuse."""
-    groups: List[RowGroup] = []
-    for f in files:
-        pf = open_parquet(f)
-        check_schema(f, pf.schema_arrow, columns)
-        for i in range(pf.num_row_groups):
-            if pf.metadata.row_group(i).num_rows:
-                groups.append(RowGroup(f, i, pf.metadata.row_group(i).num_rows))
-    return groups
+    once. A file or row group of no rows adds none: writers leave such files where a partition or a
+    task had no data (Spark, Hive), whole files with the data's schema; a split of no rows at all is
+    the caller's to refuse."""
+    return [RowGroup(f, i, rows) for f in files for i, rows in enumerate(_row_group_sizes(f, columns)) if rows]
+
+
+def _row_group_sizes(path: str, columns: Columns) -> List[int]:
+    """The rows of each row group of the file ``path``, whose schema is checked."""
+    pf = open_parquet(path)
+    check_schema(path, pf.schema_arrow, columns)
+    return [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
 
 
 def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
@@ -150,8 +150,8 @@ def plan_together(spec: str, columns: Columns) -> List[RowGroup]:
     several ranks is up (collective: every rank calls it at once), so that the job opens each footer
     once where each rank opened all of them (:func:`each_file_once`)."""
     files = files_together(spec)
-    sizes = each_file_once(files, lambda path: [group.num_rows for group in plan_row_groups([path], columns)])
-    return [RowGroup(path, i, rows) for path, rows_of_file in zip(files, sizes) for i, rows in enumerate(rows_of_file)]
+    sizes = each_file_once(files, lambda path: _row_group_sizes(path, columns))
+    return [RowGroup(path, i, rows) for path, rows_of_file in zip(files, sizes) for i, rows in enumerate(rows_of_file) if rows]
 
 
 def _job() -> Tuple[int, int]:
