@@ -76,11 +76,10 @@ def planner_topology(world_size: int, device: torch.device) -> Topology:
     host's memory, and on CUDA the device's memory (the planner would otherwise assume 128 GiB of host
     memory a rank and a default HBM size, and plan tables that cannot be allocated)."""
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    host = host_memory_bytes()
     trainer = TrainerConfig(  # frozen: every override given here
         world_size=world_size,
         local_world_size=local_world_size,
-        ddr_cap_bytes=host // max(local_world_size, 1) if host is not None else None,
+        ddr_cap_bytes=host_memory_per_rank(local_world_size),
         hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     )
     return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device.type))
@@ -101,6 +100,12 @@ def host_memory_bytes() -> Optional[int]:
         if text.isdigit():
             sizes.append(int(text))
     return min(sizes) if sizes else None
+
+
+def host_memory_per_rank(local_world_size: int) -> Optional[int]:
+    """A rank's share of :func:`host_memory_bytes` among the ``local_world_size`` ranks on its host."""
+    host = host_memory_bytes()
+    return host // max(local_world_size, 1) if host is not None else None
 
 
 def shard_model(

@@ -34,16 +34,15 @@ def auc_memory_note(rows: int, binary_tasks: int, device: torch.device, what: st
     """A warning where the exact AUC of ``rows`` rows would take more than half of the memory a rank
     holds it in (a GPU's, or its share of the host's): the evaluation would fail after the work before
     it. None where it fits or the memory cannot be read."""
-    from concord.embeddings.sharding import host_memory_bytes
+    from concord.embeddings.sharding import host_memory_per_rank
 
     need = rows * binary_tasks * AUC_BYTES_PER_ROW
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, "its GPU's memory"
     else:
-        host = host_memory_bytes()
-        if host is None:
+        have, where = host_memory_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", 1))), "its share of the host's memory"
+        if have is None:
             return None
-        have, where = host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))), "its share of the host's memory"
     if need <= have / 2:
         return None
     return (f"{what}: the exact AUC of its {rows:,} rows and {binary_tasks} binary task(s) holds ~{need / 2**30:.1f} GiB on "
