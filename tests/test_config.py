@@ -158,6 +158,17 @@ def test_convert_rules_must_produce_exactly_what_the_trainer_reads(override, mes
         load_config("configs/aliccp.yaml", [override])
 
 
+@pytest.mark.parametrize("rule", ["positive={click: ['1']}", "positive_range={click: {at_least: 1}}", "unknown={click: [-1]}"])
+def test_a_label_rule_keyed_by_its_input_column_names_the_key_to_use(rule):
+    """A label rule is keyed by the task's label column; a user who renamed the label (``labels:
+    {clicked: click}``) and keyed the rule by the input column is told which key to use."""
+    renamed = ["tasks.0.label=clicked", "tasks.0.missing_label=masked", "data.convert.labels={clicked: click, purchase: purchase}"]
+    with pytest.raises(ConfigError, match=r"data\.convert\.\w+\.click: 'click' is not the label column of any task \(they are "
+                                          r"'clicked', 'purchase'\); it is the input column that data\.convert\.labels reads "
+                                          r"'clicked' from: key the rule by 'clicked'$"):
+        load_config("configs/aliccp.yaml", [*renamed, f"data.convert.{rule}"])
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a machine without a GPU refuses")
 @pytest.mark.parametrize("override,message", [
     ("dist.device=cuda", r"dist\.device: cuda, but this machine has no usable GPU"),

@@ -371,13 +371,22 @@ def _validate_convert(cfg: Config, fail) -> None:
         if col not in names:
             fail("data.convert.dense", f"no rule produces dense column {col!r} (data.dense_columns)")
     types = {t.label: t.type for t in cfg.tasks}  # a task's label column -> its type
+
+    def not_a_label(col: str) -> str:
+        """Why ``col`` keys no rule: rules are keyed by a task's label column, not by the input column
+        that ``labels`` reads it from (``labels: {female: sex}`` then ``positive: {female: [F]}``)."""
+        read_as = [label for label, source in cv.labels.items() if source == col and label != col]
+        return (f"{col!r} is not the label column of any task (they are {', '.join(map(repr, types))})"
+                + (f"; it is the input column that data.convert.labels reads {read_as[0]!r} from: key the rule by "
+                   f"{read_as[0]!r}" if read_as else ""))
+
     for col in cv.labels:
         if col not in types:
-            fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task")
+            fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task (they are {', '.join(map(repr, types))})")
 
     def binary_rule(key: str, col: str, makes: str) -> None:  # a rule that makes a task's binary label
         if col not in types:
-            fail(key, f"{col!r} is not the label column of any task")
+            fail(key, not_a_label(col))
         if types[col] != "binary":
             fail(key, f"{makes} a binary label; this task is a regression")
 
@@ -400,7 +409,7 @@ def _validate_convert(cfg: Config, fail) -> None:
     for col, values in cv.unknown.items():
         key = f"data.convert.unknown.{col}"
         if col not in types:
-            fail(key, f"{col!r} is not the label column of any task")
+            fail(key, not_a_label(col))
         if not values:
             fail(key, "list at least one value that means no label")
         for value in values:
