@@ -2007,6 +2007,28 @@ def test_the_randhie_config_holds_out_the_last_study_years_and_keeps_the_dollars
     assert both["general_missing"] == [0, 1, 0, 0, 0, 0, 0, 0]
 
 
+def test_the_rodents_config_masks_each_missing_label_and_skips_captures_without_any(tmp_path):
+    """configs/rodents.yaml on captures in ratdat's `complete` schema: sex F is 1, M 0, unrecorded a
+    masked label; a missing weight or foot length masks that task alone; a capture without any of the
+    three (species unknown) is skipped; the last years are held out at the share nearest 0.15 (1 of 7
+    written rows)."""
+    header = "record_id,month,day,year,plot_id,species_id,sex,hindfoot_length,weight,genus,species,taxa,plot_type"
+    captures = [(1977, "NL", "M", "32.0", ""), (1977, "DM", "F", "37.0", "41.0"), (1985, "DM", "", "36.0", "45.0"),
+                (1985, "", "", "", ""), (1990, "PF", "F", "", "8.0"), (1995, "DM", "M", "35.0", ""),
+                (2001, "DM", "F", "36.0", "40.0"), (2002, "NL", "M", "", "")]
+    rows = [f"{i + 1},{1 + i},16,{year},{1 + i % 3},{species},{sex},{foot},{weight},Genus,species,Rodent,Control"
+            for i, (year, species, sex, foot, weight) in enumerate(captures)]
+    report = convert_rows(tmp_path, "rodents", header, rows, f"data.validation={tmp_path}/validation",
+                          "data.convert.split.validation_fraction=0")
+    assert report["split"]["cutoff_used"] == 2002 and report["rows"] == {"train": 6, "eval": 1}
+    assert report["skipped_rows"] == {"no label for any task": 1}
+    both = both_splits(tmp_path, report)
+    assert both["female"] == [0, 1, None, 1, 0, 1, 0]
+    assert both["weight"] == [None, 41.0, 45.0, 8.0, None, 40.0, None]
+    assert both["foot"] == [32.0, 37.0, 36.0, None, 35.0, 36.0, None]
+    assert both["species"] == [[2], [1], [1], [3], [1], [1], [2]]  # DM 4, NL 1 and PF 1 in training (ties by value)
+
+
 def test_convert_says_why_rows_were_skipped_commonest_reason_first(tmp_path, capsys):
     import yaml
 
