@@ -32,6 +32,7 @@ from mtl_helpers import ToyMTL, stats_for, toy_batch
 
 TASKS = ["a", "b", "c"]
 METHODS = ["equal", "fixed", "multibalance", "emtl", "cograd"]
+COGRAD_STRENGTH = 0.02  # CoGrad's default strength, which the tests building it without one rely on
 
 
 def run_boundary(model, balancer, x, y, scales=(1.0, 1.0, 1.0), reduction="mean"):
@@ -657,7 +658,7 @@ def test_cograd_never_reverses_a_gradient_element():
     for grads in (small, small, large):
         boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
         got = boundary.balance(tuple(x.clone() for x in grads), None)
-    kappa = _cograd_written_out(small, [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+    kappa = _cograd_written_out(small, [1.0] * 3, [1 / 3] * 3, strength=COGRAD_STRENGTH)[3]
     expected, plain, correction, _, factors = _cograd_written_out(large, [1.0] * 3, [1 / 3] * 3, kappa=kappa)
     assert float((kappa * correction).norm()) > 10 * float(plain.norm())  # unbounded, the step would be overturned
     torch.testing.assert_close(got, expected)
@@ -684,7 +685,7 @@ def test_lagged_cograd_forms_its_sum_in_the_pass_that_gathers_its_statistics():
         boundary.objective(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
         got = boundary.balance(tuple(x.clone() for x in grads), None)
         assert rules == (["transference_norms"] if t == 0 else ["coordinated_with_norms"]), t
-    kappa = _cograd_written_out(steps[1], [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+    kappa = _cograd_written_out(steps[1], [1.0] * 3, [1 / 3] * 3, strength=COGRAD_STRENGTH)[3]
     torch.testing.assert_close(got, _cograd_written_out(steps[2], [1.0] * 3, [1 / 3] * 3, kappa=kappa)[0])
     bad = [x.clone() for x in steps[2]]
     bad[1][0, 0] = float("nan")
@@ -707,7 +708,7 @@ def test_cograd_default_makes_a_visible_correction_whatever_the_gradients_tails(
     sparse = [x * (torch.rand(256, 64, generator=g, dtype=torch.float64) < 0.02) for x in gaussian]  # heavy tails
     for grads in (gaussian, sparse):
         _, telemetry = _through_boundary("cograd", grads)
-        assert telemetry["correction_ratio"] == pytest.approx(0.05)
+        assert telemetry["correction_ratio"] == pytest.approx(COGRAD_STRENGTH)
 
 
 def test_cograd_is_independent_of_batch_duplication():
@@ -786,7 +787,7 @@ def test_lagged_statistics_balance_step_t_with_step_t_minus_1s(method):
     for t in range(1, 5):
         previous = stats_for(steps[t - 1], [1.0, 2.0, 0.5])
         if method == "cograd":  # element-wise: the previous step's kappa, this step's gradients
-            kappa = _cograd_written_out(steps[t - 1], [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+            kappa = _cograd_written_out(steps[t - 1], [1.0] * 3, [1 / 3] * 3, strength=COGRAD_STRENGTH)[3]
             expected = _cograd_written_out(steps[t], [1.0] * 3, [1 / 3] * 3, kappa=kappa)[0]
         else:
             expected = weighted_sum(steps[t], reference.coefficients(previous), np.ones(3, dtype=bool))
@@ -973,7 +974,7 @@ def test_cograd_every_k_steps_corrects_every_step_with_the_kappa_of_the_last_sum
     torch.testing.assert_close(got[0], sum(steps[0]) / 3)  # nothing summed yet: the prior
     for t in range(1, 9):
         source = steps[0 if t < 2 else 1 if t < 5 else 4 if t < 8 else 7]
-        kappa = _cograd_written_out(source, [1.0] * 3, [1 / 3] * 3, strength=0.05)[3]
+        kappa = _cograd_written_out(source, [1.0] * 3, [1 / 3] * 3, strength=COGRAD_STRENGTH)[3]
         expected, _, _, _, factors = _cograd_written_out(steps[t], [1.0] * 3, [1 / 3] * 3, kappa=kappa)
         torch.testing.assert_close(got[t], expected)
         assert not torch.allclose(got[t], sum(steps[t]) / 3)  # it corrects
@@ -1517,7 +1518,7 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
     from concord.balancing import cograd
 
     ops, grads, c, gamma, (plain2, correction2) = _cograd_pass_case(dtype, seed=46)
-    kappa = 0.05 * math.sqrt(plain2 / correction2)  # CoGrad's default strength: a correction of 5%
+    kappa = 0.05 * math.sqrt(plain2 / correction2)  # a correction of 5% of the plain sum
     eps = torch.finfo(dtype).eps
     threads = torch.get_num_threads()
     norms_by_threads = []

@@ -98,7 +98,7 @@ class EMTL:
         return sum(w[k] * g for k, g in enumerate(grads))
 
 
-def cograd(grads, strength=0.05, gamma=(1.0, 1.0, 1.0), bounded=True):
+def cograd(grads, strength=0.02, gamma=(1.0, 1.0, 1.0), bounded=True):
     """Clarification 4: A = sum_i c_i G_i (1 - clamp(f_i, -1, 1)), f_i = kappa G_i (S' - gamma_i G_i),
     kappa = strength ||P|| / ||C|| (c uniform); unbounded, Algorithm 1's A = P - kappa C."""
     c = [1 / 3] * 3
