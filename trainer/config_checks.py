@@ -373,8 +373,9 @@ def _validate_convert(cfg: Config, fail) -> None:
     types = {t.label: t.type for t in cfg.tasks}  # a task's label column -> its type
 
     def not_a_label(col: str) -> str:
-        """Why ``col`` keys no rule: rules are keyed by a task's label column, not by the input column
-        that ``labels`` reads it from (``labels: {female: sex}`` then ``positive: {female: [F]}``)."""
+        """The error for a key ``col`` that is no task's label column. Label rules are keyed by the label
+        column, not by the input column ``labels`` reads it from (``labels: {female: sex}``, then
+        ``positive: {female: [F]}``): where ``col`` is such an input column, the line names the key."""
         read_as = [label for label, source in cv.labels.items() if source == col and label != col]
         return (f"{col!r} is not the label column of any task (they are {', '.join(map(repr, types))})"
                 + (f"; it is the input column that data.convert.labels reads {read_as[0]!r} from: key the rule by "
@@ -382,7 +383,7 @@ def _validate_convert(cfg: Config, fail) -> None:
 
     for col in cv.labels:
         if col not in types:
-            fail(f"data.convert.labels.{col}", f"{col!r} is not the label column of any task (they are {', '.join(map(repr, types))})")
+            fail(f"data.convert.labels.{col}", not_a_label(col))
 
     def binary_rule(key: str, col: str, makes: str) -> None:  # a rule that makes a task's binary label
         if col not in types:
