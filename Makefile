@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.concord-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS ?=  # config overrides for demo and bench, e.g. ARGS="train.resume=false"
+TEST_WORKERS ?= 2  # pytest-xdist workers for make test; 0 runs the suite in one process
 
 GPU_VENV := .venv-gpu
 GPU_STAMP := $(GPU_VENV)/.concord-installed
@@ -48,8 +49,10 @@ demo: $(STAMP)
 	$(BIN)/concord synth --config configs/demo.yaml --if-missing
 	$(BIN)/concord train --config configs/demo.yaml $(ARGS)
 
+# One pytest process leaves a core idle much of the time (its tests wait on the ranks they start), so
+# two workers share a 2-core machine. Each takes whole files, so a module's fixture trains once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/concord synth --config configs/demo.yaml --if-missing
