@@ -1777,7 +1777,7 @@ def test_the_command_that_scoring_raw_or_foreign_data_is_told_encodes_it_as_give
         check_data_to_score(tmp_path / "run", "--data", str(tmp_path / out))
 
 
-def test_scoring_data_that_is_not_there_names_the_data_the_run_evaluated(tmp_path):
+def test_scoring_data_that_is_not_there_names_the_data_the_run_evaluated(tmp_path, monkeypatch):
     """`concord predict --config adult --checkpoint RUN` after training with `data.eval=...` overridden
     read the config file's own data.eval, absent, and each rank failed after building the model. The
     launcher says so first, with the data the run evaluated and the config that names it."""
@@ -1785,6 +1785,7 @@ def test_scoring_data_that_is_not_there_names_the_data_the_run_evaluated(tmp_pat
 
     from concord.trainer.data.layout import DataError, check_data_to_score
 
+    monkeypatch.chdir(tmp_path)  # the relative paths below are absent there, whatever the checkout holds
     run(base(tmp_path))
     (tmp_path / "run/checkpoints/step-00000001").mkdir(parents=True)
     (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(base(tmp_path)))
