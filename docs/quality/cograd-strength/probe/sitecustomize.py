@@ -20,21 +20,19 @@ if os.environ.get("RANK") == "0" and os.environ.get("COGRAD_PROBE"):
         live = [k for k, g in enumerate(grads) if g is not None and stats.active[k]]
         if live and self.last_telemetry.get("kappa", 0.0):
             gs = {k: grads[k].double() for k in live}
+            a64 = a.double()
             p = sum(self.weights[k] * gs[k] for k in live)
-            d = a.double() - p
+            d = a64 - p
             row = {"kappa": self.last_telemetry["kappa"], "ratio": float(d.norm() / p.norm())}
             for k in live:
-                gk = gs[k]; ck = float(self.weights[k])
-                contrib = ck * gk
+                contrib = float(self.weights[k]) * gs[k]
                 row[self.task_names[k]] = {
                     # the correction along task k's own contribution, as a share of it (negative: removes)
                     "along": float((d * contrib).sum() / (contrib * contrib).sum()),
                     "share_of_P": float(contrib.norm() / p.norm()),
+                    # elements where the aggregate points against task k's element while P did not
+                    "against": float(((a64 * gs[k] < 0) & (p * gs[k] > 0)).double().mean()),
                 }
-            # elements where the aggregate points against each task's element while P did not
-            for k in live:
-                gk = gs[k]
-                row[self.task_names[k]]["against"] = float(((a.double() * gk < 0) & (p * gk > 0)).double().mean())
             _out.write(json.dumps(row) + "\n"); _out.flush()
         return a
     _cg.CoGrad.aggregate = aggregate
