@@ -42,7 +42,6 @@ _PASS_MAX_TASKS = 16
 class CoGrad(Balancer):
     needs_cross_terms = False  # fixed weights; the rule is element-wise
     lag_safe_extras = True  # kappa from the previous step's norms is the same on every rank
-    extra_size = 2  # ||P||^2 and ||C||^2
     # kappa held for 10 steps: no detectable difference from every step's on any task of Adult, the
     # Ali-CCP-shaped log or the conflict preset (docs/quality/README.md, "CoGrad every 10 steps").
     lagged_statistics_every = 10
@@ -55,6 +54,7 @@ class CoGrad(Balancer):
         strength: float = 0.02,  # docs/ALGORITHMS.md, item 4: 0.05 cost more tasks than it helped
         fused: bool = True,
         bounded: bool = True,
+        guard: bool = False,
     ) -> None:
         super().__init__(task_names)
         self.gamma = check_task_vector("cograd.gamma", gamma, self.num_tasks)
@@ -74,13 +74,21 @@ class CoGrad(Balancer):
         # the rule is Algorithm 1's ``P - kappa C`` as written (an infinite limit clamps nothing).
         self.bounded = bounded
         self.limit = 1.0 if bounded else math.inf
+        if not isinstance(guard, bool):
+            raise ValueError(f"cograd.guard is true or false, got {guard!r}")
+        # The per-task guard (docs/ALGORITHMS.md, item 4): ``kappa`` small enough that the correction's
+        # first-order cost to any task is at most ``strength`` of what its own term gains it.
+        self.guard = guard
+        # The statistics: ||P||^2, ||C||^2, then with the guard for each task ||G_k||^2 and <G_k, C>.
+        self.extra_size = 2 + 2 * self.num_tasks if guard else 2
         self._formed: Optional[Tuple[List[int], float, torch.Tensor]] = None  # lagged: live, kappa, A
 
     def local_extra(self, grads: Sequence[Optional[torch.Tensor]], z: Optional[torch.Tensor]) -> torch.Tensor:
-        """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``: summed over ranks (and divided by ``B_g^2``,
-        which cancels in ``kappa``) they are the global batch's norms at per-sample scale.
+        """This rank's ``B^2 ||P||^2`` and ``B^2 ||C||^2``, then with the guard ``B^2 ||G_k||^2`` and ``B^2
+        <G_k, C>`` for each task (0 for an absent one): summed over ranks (and divided by ``B_g^2``, which
+        cancels in ``kappa``) they are the global batch's at per-sample scale.
 
-        One pass over the present gradients gives both and each ``||G_k||^2`` (handed to the
+        One pass over the present gradients gives them all and each ``||G_k||^2`` (handed to the
         boundary's statistics as :attr:`squared_norms_seen`, so the Gram's diagonal costs no second
         pass). With lagged statistics ``kappa`` is known before that pass (the last sum's), so the
         same pass also forms the aggregate, which :meth:`aggregate` then returns. A non-finite
@@ -89,7 +97,7 @@ class CoGrad(Balancer):
         present = [k for k, g in enumerate(grads) if g is not None]
         self._formed = None
         if not present:
-            return torch.zeros(2, dtype=torch.float64)
+            return torch.zeros(self.extra_size, dtype=torch.float64)
         knobs = self._knobs(present)
         present_grads = [grads[k] for k in present]
         kappa = self._lagged_kappa(grads)
@@ -102,9 +110,20 @@ class CoGrad(Balancer):
             squares = self.run_rule(transference_norms, present_grads, *knobs)
         if kappa:
             self._formed = (present, kappa, aggregated)
-        self.squared_norms_seen = squares[:-2]
+        n = len(present)
+        self.squared_norms_seen = squares[:n]
         b2 = float(present_grads[0].shape[0]) ** 2
-        return squares[-2:].double() * b2
+        squares = squares.double() * b2
+        if not self.guard:
+            return squares[n : n + 2]
+        if n == self.num_tasks:  # every task: no op per task (each would be a kernel on a GPU)
+            return torch.cat([squares[n : n + 2], squares[:n], squares[n + 2 :]])
+        extra = squares.new_zeros(self.extra_size)
+        extra[:2] = squares[n : n + 2]
+        for i, k in enumerate(present):
+            extra[2 + k] = squares[i]
+            extra[2 + self.num_tasks + k] = squares[n + 2 + i]
+        return extra
 
     def warm_up(self, template: torch.Tensor, lagged: bool = False, on_host: bool = True) -> None:
         zeros = [torch.zeros_like(template) for _ in range(self.num_tasks)]  # distinct, as the gradients are
@@ -145,7 +164,7 @@ class CoGrad(Balancer):
         dropped = any(g is not None and not active[k] for k, g in enumerate(grads))
         kappa = 0.0 if dropped else self.kappa(stats)
         formed, self._formed = self._formed, None
-        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa}
+        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa, **self._cost_telemetry(stats, kappa)}
         if not live or kappa == 0.0:
             self.last_telemetry.update(correction_ratio=0.0, bounded_share=0.0)
             return weighted_sum(grads, self.weights * active, active)
@@ -206,7 +225,7 @@ class CoGrad(Balancer):
         kappa_now = ok.all().to(torch.promote_types(grads[present[0]].dtype, torch.float32)) * kappa
         present_grads, knobs = [grads[k] for k in present], self._knobs(present)
         aggregated = self.run_rule(coordinated_masked, present_grads, *knobs, kappa_now, ok, self.limit)
-        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa_now}
+        self.last_telemetry = {"weights": self.weights.tolist(), "kappa": kappa_now, **self._cost_telemetry(stats, kappa)}
         if self.telemetry_due:  # device scalars: read when the telemetry is (after backward)
             masked = [torch.where(ok[i], g, 0.0) for i, g in enumerate(present_grads)]
             plain2, change2, bounded = self.run_rule(correction_telemetry, masked, *knobs, kappa_now, aggregated, self.limit).unbind()
@@ -230,12 +249,34 @@ class CoGrad(Balancer):
         return self.kappa(last)
 
     def kappa(self, stats: StepStats) -> float:
-        """``strength * ||P|| / ||C||`` over the global batch (0 where there is nothing to correct)."""
+        """``strength * ||P|| / ||C||`` over the global batch (0 where there is nothing to correct); with
+        the guard, at most ``strength * c_k ||G_k||^2 / <G_k, C>`` for every active task whose
+        ``<G_k, C>`` is positive (the correction's first-order cost to task k)."""
         if stats.extra is None or self.strength == 0.0:
             return 0.0
         plain2, correction2 = float(stats.extra[0]), float(stats.extra[1])
         usable = math.isfinite(plain2) and math.isfinite(correction2) and correction2 > 0 and plain2 > 0
-        return self.strength * math.sqrt(plain2 / correction2) if usable else 0.0
+        if not usable:
+            return 0.0
+        kappa = self.strength * math.sqrt(plain2 / correction2)
+        if self.guard:
+            t = self.num_tasks
+            gains, costs = self.weights * stats.extra[2 : 2 + t], stats.extra[2 + t : 2 + 2 * t]
+            for k in range(t):
+                if stats.active[k] and costs[k] > 0 and gains[k] > 0:
+                    kappa = min(kappa, self.strength * float(gains[k]) / float(costs[k]))
+        return kappa
+
+    def _cost_telemetry(self, stats: StepStats, kappa: float) -> dict:
+        """With the guard, ``correction_cost``: each task's ``kappa <G_k, C> / (c_k ||G_k||^2)`` in the
+        sum ``stats``, the share of its own term's first-order gain that the correction costs it (at
+        most ``strength``; negative where the correction helps it)."""
+        if not self.guard or stats.extra is None:
+            return {}
+        t = self.num_tasks
+        gains = self.weights * stats.extra[2 : 2 + t]
+        costs = kappa * stats.extra[2 + t : 2 + 2 * t]
+        return {"correction_cost": np.divide(costs, gains, out=np.zeros(t), where=gains > 0).tolist()}
 
     def _knobs(self, tasks: Sequence[int]) -> Tuple[List[float], List[float]]:
         return [float(self.weights[k]) for k in tasks], [float(self.gamma[k]) for k in tasks]
@@ -250,16 +291,17 @@ def _transfer(grads: List[torch.Tensor], gamma: List[float]) -> torch.Tensor:
 
 
 def transference_norms(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> torch.Tensor:
-    """``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2]`` over the given gradients (B, d), with
-    ``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` (Algorithm 1, line 9,
-    before its overall scale). Compiled, one loop that reads each ``G_i`` once and writes nothing."""
+    """``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2, <G_1, C> .. <G_n, C>]`` over the given gradients
+    (B, d), with ``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` (Algorithm 1,
+    line 9, before its overall scale). Compiled, one loop that reads each ``G_i`` once and writes nothing."""
     s_prime = _transfer(grads, gamma)
     plain = grads[0] * c[0]
     correction = grads[0] * grads[0] * (s_prime - grads[0] * gamma[0]) * c[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
         plain = plain + g * c_i
         correction = correction + g * g * (s_prime - g * gamma_i) * c_i
-    return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)])
+    costs = [(g * correction).sum(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+    return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)] + costs)
 
 
 def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float) -> torch.Tensor:

@@ -621,15 +621,20 @@ def test_cograd_with_zero_gamma_is_equal():
     torch.testing.assert_close(got, build_balancer("equal", TASKS).aggregate(grads, stats_for(grads)))
 
 
-def _cograd_written_out(grads, gamma, c, kappa=None, strength=None):
-    """Algorithm 1 line 9 with Concord's global strength and element bound (docs/ALGORITHMS.md item 4),
-    from the gradients alone: ``kappa`` given, or ``strength * ||P|| / ||C||`` of these gradients."""
+def _cograd_written_out(grads, gamma, c, kappa=None, strength=None, guard=False):
+    """Algorithm 1 line 9 with Concord's global strength, per-task guard and element bound
+    (docs/ALGORITHMS.md item 4), from the gradients alone: ``kappa`` given, or ``strength * ||P|| /
+    ||C||`` of these gradients, with the guard at most ``strength * c_k ||G_k||^2 / <G_k, C>`` for
+    every task whose ``<G_k, C>`` is positive."""
     n = len(grads)
     plain = sum(c[i] * grads[i] for i in range(n))
     transfer = [sum(gamma[j] * grads[j] for j in range(n) if j != i) for i in range(n)]
     correction = sum(c[i] * grads[i] * grads[i] * transfer[i] for i in range(n))
     if kappa is None:
         kappa = strength * float(plain.norm()) / float(correction.norm())
+        costs = [float((g * correction).sum()) for g in grads]
+        if guard:
+            kappa = min([kappa] + [strength * c[i] * float(grads[i].square().sum()) / costs[i] for i in range(n) if costs[i] > 0])
     factors = [kappa * grads[i] * transfer[i] for i in range(n)]
     bounded = sum(c[i] * grads[i] * (1 - factors[i].clamp(-1, 1)) for i in range(n))
     return bounded, plain, correction, kappa, factors
@@ -709,6 +714,47 @@ def test_cograd_default_makes_a_visible_correction_whatever_the_gradients_tails(
     for grads in (gaussian, sparse):
         _, telemetry = _through_boundary("cograd", grads)
         assert telemetry["correction_ratio"] == pytest.approx(COGRAD_STRENGTH)
+
+
+def _first_order_costs(grads, aggregated, c):
+    """Each task's ``<G_k, P - A> / (c_k ||G_k||^2)``: the share of its own term's first-order gain
+    that the correction ``P - A`` costs it."""
+    plain = sum(ck * g for ck, g in zip(c, grads))
+    return [float((g * (plain - aggregated)).sum()) / (ck * float(g.square().sum())) for ck, g in zip(c, grads)]
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_cograd_guard_bounds_the_corrections_cost_to_every_task_by_the_strength(correlated):
+    """Loss scales 100x apart: at the global strength alone the correction costs the smallest task
+    most of what its own gradient gains it to first order (the dominant task's term
+    ``-kappa c_j G_j ⊙ G_j ⊙ G_i`` points along ``-G_i``); with the guard no task pays more than
+    ``strength`` of it, and the task that binds pays exactly that. The logged ``correction_cost``
+    is that share, per task."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 64, generator=g, dtype=torch.float64) * float(correlated)
+    grads = [s * (base + torch.randn(256, 64, generator=g, dtype=torch.float64)) for s in (1.0, 0.1, 10.0)]
+    c = [1 / 3] * 3
+    unguarded, _ = _through_boundary("cograd", grads)
+    guarded, telemetry = _through_boundary("cograd", grads, guard=True)
+    assert max(_first_order_costs(grads, unguarded, c)) > 4 * COGRAD_STRENGTH
+    costs = _first_order_costs(grads, guarded, c)
+    assert max(costs) == pytest.approx(COGRAD_STRENGTH, rel=1e-6)
+    assert telemetry["correction_cost"] == pytest.approx(costs, rel=1e-6)
+    torch.testing.assert_close(guarded, _cograd_written_out(grads, [1.0] * 3, c, strength=COGRAD_STRENGTH, guard=True)[0])
+
+
+def test_cograd_guard_changes_nothing_where_no_task_pays_more_than_the_strength():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(256, 64, generator=g, dtype=torch.float64) for _ in range(3)]  # alike, independent
+    unguarded, _ = _through_boundary("cograd", grads)
+    guarded, telemetry = _through_boundary("cograd", grads, guard=True)
+    assert max(telemetry["correction_cost"]) < COGRAD_STRENGTH
+    assert torch.equal(guarded, unguarded)
+
+
+def test_cograd_guard_names_its_values():
+    with pytest.raises(ValueError, match=r"cograd.guard is true or false, got 'yes'"):
+        build_balancer("cograd", TASKS, guard="yes")
 
 
 def test_cograd_is_independent_of_batch_duplication():
@@ -980,9 +1026,12 @@ def test_cograd_every_k_steps_corrects_every_step_with_the_kappa_of_the_last_sum
         assert not torch.allclose(got[t], sum(steps[t]) / 3)  # it corrects
 
 
-def test_cograd_every_k_steps_keeps_its_kappa_through_a_checkpoint():
+@pytest.mark.parametrize("guard", [False, True])
+def test_cograd_every_k_steps_keeps_its_kappa_through_a_checkpoint(guard):
     # Stopped after step 3: the last sum (step 1's, read on step 2) is held, nothing is in flight.
-    _assert_a_restored_boundary_goes_on_alike(_random_steps(29, 9), 4, lambda: _every_k("cograd", 3))
+    make = lambda: RepresentationBoundary(build_balancer("cograd", TASKS, guard=guard), statistics="previous",  # noqa: E731
+                                          statistics_every=3)
+    _assert_a_restored_boundary_goes_on_alike(_random_steps(29, 9), 4, make)
 
 
 def test_cograd_between_sums_leaves_a_nonfinite_gradient_out_of_its_step_uncorrected(caplog):
@@ -1449,8 +1498,9 @@ def test_the_native_between_sums_node_matches_the_python_one(monkeypatch, caplog
     assert native[1] == python[1] and sum(native[1]) > 0
 
 
+@pytest.mark.parametrize("guard", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype, monkeypatch, caplog):
+def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype, guard, monkeypatch, caplog):
     """CoGrad every 3 steps, summed reduction, on the compiled node between sums (and the compiled
     pass on the steps with statistics) and on the Python node (the eager rule): the same kappa up
     to rounding; where the rule corrects, the node's vectorised pass gives the same
@@ -1467,7 +1517,7 @@ def test_the_native_node_forms_cograds_rule_between_sums_as_the_python_one(dtype
 
     def run(native):
         # The Python side runs the eager rule (fused: false) on the Python node.
-        boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=[1.0, 0.5, 2.0], fused=native),
+        boundary = RepresentationBoundary(build_balancer("cograd", TASKS, gamma=[1.0, 0.5, 2.0], fused=native, guard=guard),
                                           statistics="previous", statistics_every=3, telemetry_every=100)
         patch = None if native else _python_between_sums
 
@@ -1506,7 +1556,7 @@ def _cograd_pass_case(dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
     grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
     c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
-    return ops, grads, c, gamma, cograd.transference_norms(grads, c, gamma)[3:].tolist()
+    return ops, grads, c, gamma, cograd.transference_norms(grads, c, gamma)[3:5].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1624,7 +1674,7 @@ def test_the_compiled_cograd_pass_gives_the_same_aggregate_at_every_vector_width
     c, gamma = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
     for dtype in (torch.float32, torch.float64):
         grads = [torch.randn(131, 67, generator=g, dtype=torch.float64).to(dtype) * s for s in (1.0, 20.0, 0.3)]
-        plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:].tolist()
+        plain2, correction2 = cograd.transference_norms(grads, c, gamma)[3:5].tolist()
         kappa = 0.5 * math.sqrt(plain2 / correction2)
         results = {}
         try:

@@ -43,6 +43,7 @@ CASES = {
     "multibalance-every-2": ("multibalance", {}, "previous", 2),
     "emtl-every-2": ("emtl", {}, "previous", 2),
     "cograd-every-3": ("cograd", {"gamma": 0.05}, "previous", 3),  # each step corrected, kappa held
+    "cograd-guard-every-3": ("cograd", {"gamma": 0.05, "guard": True}, "previous", 3),  # kappa from every task's costs
     # the lagged statistics carried by DDP's gradient all-reduce (DDPRide) instead of their own collective
     "multibalance-lagged-in-ddp": ("multibalance", {}, "previous", 1, "ddp"),
     "emtl-every-2-in-ddp": ("emtl", {}, "previous", 2, "ddp"),
@@ -59,6 +60,7 @@ CASES = {
     "multibalance-every-2-no-host-reads": ("multibalance", {}, "previous", 2, "device"),
     "cograd-lagged-no-host-reads": ("cograd", {"gamma": 0.05}, "previous", 1, "device"),
     "cograd-every-3-no-host-reads": ("cograd", {"gamma": 0.05}, "previous", 3, "device"),
+    "cograd-guard-no-host-reads": ("cograd", {"gamma": 0.05, "guard": True}, "previous", 1, "device"),
     "param_mgda": ("param_mgda", {}),
     "param_moco": ("param_moco", {}),
 }

@@ -98,14 +98,18 @@ class EMTL:
         return sum(w[k] * g for k, g in enumerate(grads))
 
 
-def cograd(grads, strength=0.02, gamma=(1.0, 1.0, 1.0), bounded=True):
+def cograd(grads, strength=0.02, gamma=(1.0, 1.0, 1.0), bounded=True, guard=False):
     """Clarification 4: A = sum_i c_i G_i (1 - clamp(f_i, -1, 1)), f_i = kappa G_i (S' - gamma_i G_i),
-    kappa = strength ||P|| / ||C|| (c uniform); unbounded, Algorithm 1's A = P - kappa C."""
+    kappa = strength ||P|| / ||C|| (c uniform), with the guard at most strength c_k ||G_k||^2 / <G_k, C>
+    for every task whose <G_k, C> is positive; unbounded, Algorithm 1's A = P - kappa C."""
     c = [1 / 3] * 3
     plain = sum(ci * g for ci, g in zip(c, grads))
     s = sum(gj * g for gj, g in zip(gamma, grads))
     cubic = sum(ci * g * g * (s - gi * g) for ci, gi, g in zip(c, gamma, grads))
     kappa = strength * math.sqrt(_dot(plain, plain)) / math.sqrt(_dot(cubic, cubic))
+    if guard:
+        costs = [_dot(g, cubic) for g in grads]
+        kappa = min([kappa] + [strength * ci * _dot(g, g) / cost for ci, g, cost in zip(c, grads, costs) if cost > 0])
     if not bounded:
         return plain - kappa * cubic
     return sum(ci * g * (1 - np.clip(kappa * g * (s - gi * g), -1, 1)) for ci, gi, g in zip(c, gamma, grads))
@@ -158,3 +162,7 @@ def test_cograd_is_the_specified_rule_step_by_step():
              gamma=[0.5, 1.0, 2.0], bounded=False)
     bites = [np.abs(cograd(g, 0.3, (0.5, 1.0, 2.0)) - cograd(g, 0.3, (0.5, 1.0, 2.0), bounded=False)).max() for g, _ in _steps(11, 60)]
     assert min(bites) > 0  # the two rules differ on every step compared
+    # With the per-task guard, on steps where it binds (these tasks' scales are 150x apart).
+    _compare("cograd", lambda grads, losses: cograd(grads, guard=True), guard=True)
+    binds = [np.abs(cograd(g, guard=True) - cograd(g)).max() for g, _ in _steps(11, 60)]
+    assert min(binds) > 0  # the guard binds on every step compared

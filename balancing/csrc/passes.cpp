@@ -153,8 +153,8 @@ bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& c
 
 // CoGrad's rule (concord.balancing.cograd), a block at a time: its aggregate
 //   A = sum_k c_k G_k ⊙ (1 - clamp(kappa G_k ⊙ (S' - gamma_k G_k), -1, 1)),   S' = sum_j gamma_j G_j,
-// and, on a statistics step, its norms in the same pass (transference_norms: ||G_k||^2, ||P||^2 and
-// ||C||^2 with P = sum_k c_k G_k, C = sum_k c_k G_k ⊙ G_k ⊙ (S' - gamma_k G_k)), summed in lanes of the
+// and, on a statistics step, its norms in the same pass (transference_norms: ||G_k||^2, ||P||^2,
+// ||C||^2 and <G_k, C> with P = sum_k c_k G_k, C = sum_k c_k G_k ⊙ G_k ⊙ (S' - gamma_k G_k)), summed in lanes of the
 // gradients' dtype within a block and in float64 across blocks, in block order. Without the norms,
 // A is formed as kappa S' = sum_j (kappa gamma_j) G_j and G_k ⊙ (c_k - c_k clamp(G_k ⊙ (kappa S' -
 // kappa gamma_k G_k))): fewer operations than the rule as written, so its last bits differ from the
@@ -196,12 +196,13 @@ struct Coordinated {
   T* out;  // null: the norms alone
   int64_t n;
   T* checks_by_block;
-  double* norms_by_block;  // null: no norms; else T + 2 a block
+  double* norms_by_block;  // null: no norms; else 2 T + 2 a block
   double* telemetry_by_block;  // null: no telemetry; else 3 a block (without the norms only)
 };
 
 // The rule at one element (E = T) or one vector of elements (E = V); `x(k)`: task k's gradient there.
-// With the norms, each term's share is added to `squares`, `plain2` and `correction2`. With
+// With the norms, each term's share is added to `squares` (T, then <G_k, C> for each task after
+// them), `plain2` and `correction2`. With
 // `telemetry` (without the norms), the terms of correction_telemetry in concord.balancing.cograd are
 // added to it: P^2 (P = sum_k c_k G_k), (A - P)^2, and how many of the factors the bound met; the
 // aggregate is the same, bit for bit.
@@ -248,6 +249,7 @@ inline __attribute__((always_inline)) E coordinated_at(const Coordinated<T>& a, 
   }
   plain2 += plain * plain;
   correction2 += correction * correction;
+  for (int k = 0; k < tasks; ++k) squares[tasks + k] += x(k) * correction;
   return aggregated;
 }
 
@@ -262,7 +264,7 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     const int64_t start = b * kBlock;
     const int64_t stop = start + std::min(kBlock, a.n - start);
     V lanes = V{}, plain2 = V{}, correction2 = V{};
-    V squares[kMaxNormTasks] = {};
+    V squares[2 * kMaxNormTasks] = {};
     V measured[3] = {};
     int64_t i = start;
     for (; i + kWidth <= stop; i += kWidth) {
@@ -274,7 +276,7 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
       }
     }
     T nonfinite = 0, plain2_tail = 0, correction2_tail = 0;
-    T squares_tail[kMaxNormTasks] = {};
+    T squares_tail[2 * kMaxNormTasks] = {};
     T measured_tail[3] = {};
     for (; i < stop; ++i) {
       const T aggregated = coordinated_at<T>(a, norms, [&](int k) __attribute__((always_inline)) { return g[k][i]; }, squares_tail, plain2_tail, correction2_tail,
@@ -294,10 +296,11 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     if (telemetry)
       for (int j = 0; j < 3; ++j) a.telemetry_by_block[b * 3 + j] = lane_sum(measured[j], measured_tail[j]);
     if (!norms) continue;
-    double* block = a.norms_by_block + b * (tasks + 2);
+    double* block = a.norms_by_block + b * (2 * tasks + 2);
     for (int k = 0; k < tasks; ++k) block[k] = lane_sum(squares[k], squares_tail[k]);
     block[tasks] = lane_sum(plain2, plain2_tail);
     block[tasks + 1] = lane_sum(correction2, correction2_tail);
+    for (int k = 0; k < tasks; ++k) block[tasks + 2 + k] = lane_sum(squares[tasks + k], squares_tail[tasks + k]);
   }
 }
 
@@ -344,7 +347,7 @@ CoordinatedFn<T> coordinated_here() {
 }
 #endif
 
-// Returns whether every element of out is finite; with `norms`, fills it (float64, T + 2); with
+// Returns whether every element of out is finite; with `norms`, fills it (float64, 2 T + 2); with
 // `telemetry` (and no norms), fills it (float64, 3: see coordinated_at).
 template <typename T>
 bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
@@ -358,7 +361,7 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
   a.out = out.defined() ? out.data_ptr<T>() : nullptr;
   a.n = grads[0].numel();
   const int64_t count = (a.n + kBlock - 1) / kBlock;
-  const int64_t per_block = static_cast<int64_t>(grads.size()) + 2;
+  const int64_t per_block = 2 * static_cast<int64_t>(grads.size()) + 2;
   std::vector<T> checks(count, T(0));
   std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
   std::vector<double> telemetry_by_block(telemetry != nullptr ? count * 3 : 0, 0.0);
@@ -388,7 +391,7 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
 }
 
 // out = CoGrad's aggregate over `grads` (see concord::passable; `out` may be one of them: each element
-// is read before it is written; undefined: the norms alone); `norms` (T + 2 doubles, at most
+// is read before it is written; undefined: the norms alone); `norms` (2 T + 2 doubles, at most
 // kMaxNormTasks tasks) or null. Returns whether every element of out is finite.
 bool coordinated_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms = nullptr,
@@ -428,7 +431,7 @@ std::vector<at::Tensor> gram_and_sum(std::vector<at::Tensor> grads, std::vector<
 
 // CoGrad's step on a CPU (concord.balancing.cograd.CoGrad): its aggregate over `grads` (see
 // concord::passable) with `kappa` where `form` (in grads[0] where `donate_first`), and with `norms`
-// its transference norms [||G_k||^2 .., ||P||^2, ||C||^2] (float64), in one pass. Returns {the
+// its transference norms [||G_k||^2 .., ||P||^2, ||C||^2, <G_k, C> ..] (float64), in one pass. Returns {the
 // aggregate (undefined without `form`), its check (0 where every element is finite, else NaN, in
 // the gradients' dtype), the norms (undefined without `norms`)}.
 std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<double> coefficients, std::vector<double> gamma,
@@ -438,7 +441,7 @@ std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<d
   TORCH_CHECK(concord::passable(grads), "cograd_pass: contiguous CPU float32 or float64 gradients of one shape");
   TORCH_CHECK(!norms || grads.size() <= concord::kMaxNormTasks, "cograd_pass: norms for at most 16 tasks");
   at::Tensor out = form ? (donate_first ? grads[0] : at::empty_like(grads[0])) : at::Tensor();
-  at::Tensor squares = norms ? at::empty({static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
+  at::Tensor squares = norms ? at::empty({2 * static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
   const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr);
   at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
   return {out, check, squares};
