@@ -39,6 +39,32 @@ def test_the_tasks_are_drawn_in_the_configs_order_each_at_its_own_steps(tmp_path
     assert weighted["ctr"] == ([10, 30], [0.005, 0.005])  # weight x norm where both were logged
 
 
+def test_an_element_wise_correction_gets_a_panel_of_its_own(tmp_path):
+    """CoGrad's weights stay put: its correction's size, and with its guard what the correction costs
+    each task, are a fourth panel, each at the steps that logged it; other methods keep three."""
+    from concord.trainer.observe.plots import figure_series
+
+    (tmp_path / "config.yaml").write_text("balancer: {name: cograd}\ntasks: [{name: watch}, {name: ctr}]\n")
+    log = RunLog(tmp_path)
+    for step in (10, 20):
+        log.write({"kind": "train", "step": step, "balancer": {
+            "grad_norm": {"ctr": 0.01, "watch": 1.0}, "weights": {"ctr": 0.5, "watch": 0.5}, "correction_ratio": step / 1000,
+            "correction_cost": {"ctr": 0.02, "watch": 0.001}}}, step)
+    log.close()
+    _, panels = figure_series(tmp_path)
+    title, correction, log_scale = panels[3]
+    assert title.startswith("(f) correction") and not log_scale
+    assert correction == {"||A - P|| / ||P||": ([10, 20], [0.01, 0.02]), "cost to watch": ([10, 20], [0.001, 0.001]),
+                          "cost to ctr": ([10, 20], [0.02, 0.02])}
+    (path,) = plot_run(tmp_path)
+    assert path.is_file()
+    (other := tmp_path / "other").mkdir()
+    log = RunLog(other)
+    log.write({"kind": "train", "step": 10, "balancer": {"grad_norm": {"ctr": 0.01}, "weights": {"ctr": 1.0}}}, 10)
+    log.close()
+    assert len(figure_series(other)[1]) == 3
+
+
 def test_a_method_that_logs_no_weights_at_z_plots_without_a_warning(tmp_path):
     import warnings
 

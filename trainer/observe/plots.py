@@ -1,7 +1,9 @@
 """``concord plot RUN_DIR``: the MultiBalance paper's Figure 2(c)-(e) from a run's JSONL log.
 
 (c) raw gradient magnitude per task at the boundary, (d) learned task weights, (e) weighted gradient
-magnitudes (weight x rescaled norm for MultiBalance, weight x raw norm otherwise), over training steps.
+magnitudes (weight x rescaled norm for MultiBalance, weight x raw norm otherwise), over training steps;
+for a rule that corrects the gradient element by element (CoGrad), whose weights stay put, (f) the
+correction's size and, with its guard, what it costs each task.
 """
 
 from __future__ import annotations
@@ -46,8 +48,25 @@ def figure_series(run_dir: Path) -> Tuple[str, List[Tuple[str, Dict[str, Tuple[L
             kept = [(s, w * norm_at[s]) for s, w in zip(steps, values) if s in norm_at]
             weighted[task] = ([s for s, _ in kept], [v for _, v in kept])
     method = records[-1].get("balancer_name") or config.get("method", "?")
-    return method, [("(c) raw gradient magnitude at z", norms, True), ("(d) learned task weights", weights, False),
-                    ("(e) weighted gradient magnitude", weighted, True)]
+    panels = [("(c) raw gradient magnitude at z", norms, True), ("(d) learned task weights", weights, False),
+              ("(e) weighted gradient magnitude", weighted, True)]
+    correction = _correction_series(records, order)
+    if correction:
+        panels.append(("(f) correction ||A - P|| / ||P||; its cost to each task", correction, False))
+    return method, panels
+
+
+def _correction_series(records: List[dict], order: List[str]) -> Dict[str, Tuple[List[int], List[float]]]:
+    """CoGrad's logged ``correction_ratio`` (the aggregate's), and with its guard each task's
+    ``correction_cost`` (the share of its own first-order gain the correction takes); {} where the
+    method logs neither."""
+    ratio = [(r["step"], r["balancer"]["correction_ratio"]) for r in records if "correction_ratio" in r["balancer"]]
+    if not ratio:
+        return {}
+    out = {"||A - P|| / ||P||": ([s for s, _ in ratio], [v for _, v in ratio])}
+    for task, series in _series(records, "correction_cost", order).items():
+        out[f"cost to {task}"] = series
+    return out
 
 
 def plot_run(run_dir: str | Path) -> List[Path]:
@@ -58,7 +77,7 @@ def plot_run(run_dir: str | Path) -> List[Path]:
 
     run_dir = Path(run_dir)
     method, panels = figure_series(run_dir)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (title, series, log_scale) in zip(axes, panels):
         for task, (steps, values) in series.items():
             ax.plot(steps, values, label=task)
