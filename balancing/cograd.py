@@ -105,9 +105,9 @@ class CoGrad(Balancer):
         if ops is not None:
             aggregated, _, squares = ops.cograd_pass(present_grads, *knobs, kappa, bool(kappa), False, True)
         elif kappa:
-            aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa, self.limit)
+            aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa, self.limit, self.guard)
         else:
-            squares = self.run_rule(transference_norms, present_grads, *knobs)
+            squares = self.run_rule(transference_norms, present_grads, *knobs, self.guard)
         if kappa:
             self._formed = (present, kappa, aggregated)
         n = len(present)
@@ -134,7 +134,7 @@ class CoGrad(Balancer):
             for kappa in (1.0, 0.5) if lagged else ():
                 self.run_rule(correction_telemetry, zeros, *knobs, kappa, zeros[0], self.limit)
             return
-        self.run_rule(transference_norms, zeros, *knobs)  # current mode; a lagged run's first step
+        self.run_rule(transference_norms, zeros, *knobs, self.guard)  # current mode; a lagged run's first step
         if lagged and not on_host:
             flags = torch.ones(self.num_tasks, dtype=torch.bool, device=template.device)
             kappa = torch.ones((), dtype=torch.promote_types(template.dtype, torch.float32), device=template.device)
@@ -145,7 +145,7 @@ class CoGrad(Balancer):
         # step's new kappa does not recompile the rule inside backward.
         for kappa in (1.0, 0.5):
             if lagged:  # a statistics step forms the aggregate with the norms; the steps between, alone
-                self.run_rule(coordinated_with_norms, zeros, *knobs, kappa, self.limit)
+                self.run_rule(coordinated_with_norms, zeros, *knobs, kappa, self.limit, self.guard)
             aggregated, _ = self.run_rule(coordinated_with_total, zeros, *knobs, kappa, self.limit)
             self.run_rule(correction_telemetry, zeros, *knobs, kappa, aggregated, self.limit)
 
@@ -260,12 +260,16 @@ class CoGrad(Balancer):
             return 0.0
         kappa = self.strength * math.sqrt(plain2 / correction2)
         if self.guard:
-            t = self.num_tasks
-            gains, costs = self.weights * stats.extra[2 : 2 + t], stats.extra[2 + t : 2 + 2 * t]
-            for k in range(t):
-                if stats.active[k] and costs[k] > 0 and gains[k] > 0:
-                    kappa = min(kappa, self.strength * float(gains[k]) / float(costs[k]))
+            gains, costs = self._gains_and_costs(stats)
+            binding = stats.active & (costs > 0) & (gains > 0)
+            if binding.any():
+                kappa = min(kappa, self.strength * float((gains[binding] / costs[binding]).min()))
         return kappa
+
+    def _gains_and_costs(self, stats: StepStats) -> Tuple[np.ndarray, np.ndarray]:
+        """Each task's ``c_k ||G_k||^2`` and ``<G_k, C>`` in the sum ``stats`` (the guard's statistics)."""
+        t = self.num_tasks
+        return self.weights * stats.extra[2 : 2 + t], stats.extra[2 + t : 2 + 2 * t]
 
     def _cost_telemetry(self, stats: StepStats, kappa: float) -> dict:
         """With the guard, ``correction_cost``: each task's ``kappa <G_k, C> / (c_k ||G_k||^2)`` in the
@@ -273,10 +277,8 @@ class CoGrad(Balancer):
         most ``strength``; negative where the correction helps it)."""
         if not self.guard or stats.extra is None:
             return {}
-        t = self.num_tasks
-        gains = self.weights * stats.extra[2 : 2 + t]
-        costs = kappa * stats.extra[2 + t : 2 + 2 * t]
-        return {"correction_cost": np.divide(costs, gains, out=np.zeros(t), where=gains > 0).tolist()}
+        gains, costs = self._gains_and_costs(stats)
+        return {"correction_cost": np.divide(kappa * costs, gains, out=np.zeros(self.num_tasks), where=gains > 0).tolist()}
 
     def _knobs(self, tasks: Sequence[int]) -> Tuple[List[float], List[float]]:
         return [float(self.weights[k]) for k in tasks], [float(self.gamma[k]) for k in tasks]
@@ -290,18 +292,19 @@ def _transfer(grads: List[torch.Tensor], gamma: List[float]) -> torch.Tensor:
     return s_prime
 
 
-def transference_norms(grads: List[torch.Tensor], c: List[float], gamma: List[float]) -> torch.Tensor:
-    """``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2, <G_1, C> .. <G_n, C>]`` over the given gradients
-    (B, d), with ``P = sum_i c_i G_i`` and ``C = sum_i c_i G_i⊙G_i⊙(S' - gamma_i G_i)`` (Algorithm 1,
-    line 9, before its overall scale). Compiled, one loop that reads each ``G_i`` once and writes nothing."""
+def transference_norms(grads: List[torch.Tensor], c: List[float], gamma: List[float], costs: bool = True) -> torch.Tensor:
+    """``[||G_1||^2 .. ||G_n||^2, ||P||^2, ||C||^2]`` and with ``costs`` ``<G_1, C> .. <G_n, C>`` (the
+    guard's) over the given gradients (B, d), with ``P = sum_i c_i G_i`` and ``C = sum_i c_i
+    G_i⊙G_i⊙(S' - gamma_i G_i)`` (Algorithm 1, line 9, before its overall scale). Compiled, one loop
+    that reads each ``G_i`` once and writes nothing."""
     s_prime = _transfer(grads, gamma)
     plain = grads[0] * c[0]
     correction = grads[0] * grads[0] * (s_prime - grads[0] * gamma[0]) * c[0]
     for c_i, gamma_i, g in zip(c[1:], gamma[1:], grads[1:]):
         plain = plain + g * c_i
         correction = correction + g * g * (s_prime - g * gamma_i) * c_i
-    costs = [(g * correction).sum(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
-    return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)] + costs)
+    dots = [(g * correction).sum(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads] if costs else []
+    return torch.stack([_squared_sum(t) for t in (*grads, plain, correction)] + dots)
 
 
 def coordinated(grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float) -> torch.Tensor:
@@ -340,10 +343,10 @@ def correction_telemetry(grads: List[torch.Tensor], c: List[float], gamma: List[
 
 
 def coordinated_with_norms(
-    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float
+    grads: List[torch.Tensor], c: List[float], gamma: List[float], kappa: float, limit: float, costs: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`coordinated` and :func:`transference_norms` in one loop (``kappa`` known beforehand)."""
-    return coordinated(grads, c, gamma, kappa, limit), transference_norms(grads, c, gamma)
+    return coordinated(grads, c, gamma, kappa, limit), transference_norms(grads, c, gamma, costs)
 
 
 def coordinated_masked(
