@@ -632,8 +632,8 @@ def _cograd_written_out(grads, gamma, c, kappa=None, strength=None, guard=False)
     correction = sum(c[i] * grads[i] * grads[i] * transfer[i] for i in range(n))
     if kappa is None:
         kappa = strength * float(plain.norm()) / float(correction.norm())
-        costs = [float((g * correction).sum()) for g in grads]
         if guard:
+            costs = [float((g * correction).sum()) for g in grads]
             kappa = min([kappa] + [strength * c[i] * float(grads[i].square().sum()) / costs[i] for i in range(n) if costs[i] > 0])
     factors = [kappa * grads[i] * transfer[i] for i in range(n)]
     bounded = sum(c[i] * grads[i] * (1 - factors[i].clamp(-1, 1)) for i in range(n))
