@@ -103,7 +103,7 @@ class CoGrad(Balancer):
         kappa = self._lagged_kappa(grads)
         ops = self._compiled_pass(present_grads)
         if ops is not None:
-            aggregated, _, squares = ops.cograd_pass(present_grads, *knobs, kappa, bool(kappa), False, True)
+            aggregated, _, squares = ops.cograd_pass(present_grads, *knobs, kappa, bool(kappa), False, True, self.guard)
         elif kappa:
             aggregated, squares = self.run_rule(coordinated_with_norms, present_grads, *knobs, kappa, self.limit, self.guard)
         else:
@@ -113,9 +113,9 @@ class CoGrad(Balancer):
         n = len(present)
         self.squared_norms_seen = squares[:n]
         b2 = float(present_grads[0].shape[0]) ** 2
-        squares = squares.double() * b2
         if not self.guard:
-            return squares[n : n + 2]
+            return squares[n : n + 2].double() * b2
+        squares = squares.double() * b2
         if n == self.num_tasks:  # every task: no op per task (each would be a kernel on a GPU)
             return torch.cat([squares[n : n + 2], squares[:n], squares[n + 2 :]])
         extra = squares.new_zeros(self.extra_size)
@@ -177,7 +177,7 @@ class CoGrad(Balancer):
             if ops is not None and self.telemetry_due:
                 aggregated, self.aggregate_total, measured = ops.cograd_telemetry_pass(live_grads, *knobs, kappa)
             elif ops is not None:
-                aggregated, self.aggregate_total, _ = ops.cograd_pass(live_grads, *knobs, kappa, True, False, False)
+                aggregated, self.aggregate_total, _ = ops.cograd_pass(live_grads, *knobs, kappa, True, False, False, False)
             else:
                 aggregated, self.aggregate_total = self.run_rule(coordinated_with_total, live_grads, *knobs, kappa, self.limit)
         if self.telemetry_due:

@@ -1580,15 +1580,15 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
             # carries S''s rounding, relative to sum_j |gamma_j G_j| (which cancels in S' - gamma_k G_k).
             scale = sum(abs(y) * gy for y, gy in zip(grads, gamma))
             bound = 20 * eps * sum(ck * x.abs() * (1 + kappa * x.abs() * (scale + gk * x.abs())) for x, ck, gk in zip(grads, c, gamma))
-            alone, check, _ = ops.cograd_pass(grads, c, gamma, kappa, True, False, False)
-            with_norms, _, norms = ops.cograd_pass(grads, c, gamma, kappa, True, False, True)
+            alone, check, _ = ops.cograd_pass(grads, c, gamma, kappa, True, False, False, False)
+            with_norms, _, norms = ops.cograd_pass(grads, c, gamma, kappa, True, False, True, True)
             norms_by_threads.append(norms)
             for got in (alone, with_norms):
                 assert bool(((got - expected).abs() <= bound).all()), float(((got - expected).abs() / bound).max())
             torch.testing.assert_close(norms, expected_norms.double(), rtol=100 * eps, atol=0)
             assert float(check) == 0.0
             donated = [t.clone() for t in grads]
-            in_place, _, _ = ops.cograd_pass(donated, c, gamma, kappa, True, True, False)
+            in_place, _, _ = ops.cograd_pass(donated, c, gamma, kappa, True, True, False, False)
             assert in_place.data_ptr() == donated[0].data_ptr()
             torch.testing.assert_close(in_place, alone, rtol=0, atol=0)
     finally:
@@ -1599,7 +1599,7 @@ def test_the_compiled_cograd_pass_forms_the_rule_and_its_norms(dtype):
     for bad in (float("nan"), float("inf")):
         spoilt = [t.clone() for t in grads]
         spoilt[2][130, 66] = bad  # the last element: the tail of the last block
-        assert not math.isfinite(float(ops.cograd_pass(spoilt, c, gamma, kappa, True, False, False)[1]))
+        assert not math.isfinite(float(ops.cograd_pass(spoilt, c, gamma, kappa, True, False, False, False)[1]))
 
 
 def test_the_telemetry_pass_on_a_rank_with_no_rows_measures_zeros():
@@ -1637,7 +1637,7 @@ def test_the_telemetry_pass_forms_the_same_aggregate_and_the_logged_telemetry(dt
             torch.set_num_threads(n)
             kappa = strength * math.sqrt(plain2 / correction2)
             aggregated, check, measured = ops.cograd_telemetry_pass(grads, c, gamma, kappa)
-            torch.testing.assert_close(aggregated, ops.cograd_pass(grads, c, gamma, kappa, True, False, False)[0], rtol=0, atol=0)
+            torch.testing.assert_close(aggregated, ops.cograd_pass(grads, c, gamma, kappa, True, False, False, False)[0], rtol=0, atol=0)
             expected = cograd.correction_telemetry(grads, c, gamma, kappa, aggregated, 1.0)
             torch.testing.assert_close(measured[:2], expected[:2], rtol=1000 * torch.finfo(dtype).eps, atol=0)
             assert measured[2] == expected[2] and float(check) == 0.0
@@ -1680,7 +1680,7 @@ def test_the_compiled_cograd_pass_gives_the_same_aggregate_at_every_vector_width
         try:
             for width in ops.vector_widths():
                 ops.use_vector_width(width)
-                results[width] = [ops.cograd_pass(grads, c, gamma, kappa, True, False, norms) for norms in (False, True)]
+                results[width] = [ops.cograd_pass(grads, c, gamma, kappa, True, False, norms, norms) for norms in (False, True)]
         finally:
             ops.use_vector_width(0)
         expected, expected_norms = cograd.coordinated_with_norms(grads, c, gamma, kappa, 1.0)

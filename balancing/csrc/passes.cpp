@@ -154,7 +154,7 @@ bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& c
 // CoGrad's rule (concord.balancing.cograd), a block at a time: its aggregate
 //   A = sum_k c_k G_k ⊙ (1 - clamp(kappa G_k ⊙ (S' - gamma_k G_k), -1, 1)),   S' = sum_j gamma_j G_j,
 // and, on a statistics step, its norms in the same pass (transference_norms: ||G_k||^2, ||P||^2,
-// ||C||^2 and <G_k, C> with P = sum_k c_k G_k, C = sum_k c_k G_k ⊙ G_k ⊙ (S' - gamma_k G_k)), summed in lanes of the
+// ||C||^2 and, with `costs` (the guard's), <G_k, C>, with P = sum_k c_k G_k, C = sum_k c_k G_k ⊙ G_k ⊙ (S' - gamma_k G_k)), summed in lanes of the
 // gradients' dtype within a block and in float64 across blocks, in block order. Without the norms,
 // A is formed as kappa S' = sum_j (kappa gamma_j) G_j and G_k ⊙ (c_k - c_k clamp(G_k ⊙ (kappa S' -
 // kappa gamma_k G_k))): fewer operations than the rule as written, so its last bits differ from the
@@ -196,13 +196,14 @@ struct Coordinated {
   T* out;  // null: the norms alone
   int64_t n;
   T* checks_by_block;
-  double* norms_by_block;  // null: no norms; else 2 T + 2 a block
+  double* norms_by_block;  // null: no norms; else T + 2 a block, 2 T + 2 with `costs`
+  bool costs;  // with the norms, <G_k, C> for each task too
   double* telemetry_by_block;  // null: no telemetry; else 3 a block (without the norms only)
 };
 
 // The rule at one element (E = T) or one vector of elements (E = V); `x(k)`: task k's gradient there.
-// With the norms, each term's share is added to `squares` (T, then <G_k, C> for each task after
-// them), `plain2` and `correction2`. With
+// With the norms, each term's share is added to `squares` (T, then with `costs` <G_k, C> for each
+// task after them), `plain2` and `correction2`. With
 // `telemetry` (without the norms), the terms of correction_telemetry in concord.balancing.cograd are
 // added to it: P^2 (P = sum_k c_k G_k), (A - P)^2, and how many of the factors the bound met; the
 // aggregate is the same, bit for bit.
@@ -249,7 +250,8 @@ inline __attribute__((always_inline)) E coordinated_at(const Coordinated<T>& a, 
   }
   plain2 += plain * plain;
   correction2 += correction * correction;
-  for (int k = 0; k < tasks; ++k) squares[tasks + k] += x(k) * correction;
+  if (a.costs)
+    for (int k = 0; k < tasks; ++k) squares[tasks + k] += x(k) * correction;
   return aggregated;
 }
 
@@ -296,11 +298,12 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     if (telemetry)
       for (int j = 0; j < 3; ++j) a.telemetry_by_block[b * 3 + j] = lane_sum(measured[j], measured_tail[j]);
     if (!norms) continue;
-    double* block = a.norms_by_block + b * (2 * tasks + 2);
+    double* block = a.norms_by_block + b * ((a.costs ? 2 * tasks : tasks) + 2);
     for (int k = 0; k < tasks; ++k) block[k] = lane_sum(squares[k], squares_tail[k]);
     block[tasks] = lane_sum(plain2, plain2_tail);
     block[tasks + 1] = lane_sum(correction2, correction2_tail);
-    for (int k = 0; k < tasks; ++k) block[tasks + 2 + k] = lane_sum(squares[tasks + k], squares_tail[tasks + k]);
+    if (a.costs)
+      for (int k = 0; k < tasks; ++k) block[tasks + 2 + k] = lane_sum(squares[tasks + k], squares_tail[tasks + k]);
   }
 }
 
@@ -347,11 +350,13 @@ CoordinatedFn<T> coordinated_here() {
 }
 #endif
 
-// Returns whether every element of out is finite; with `norms`, fills it (float64, 2 T + 2); with
+// Returns whether every element of out is finite; with `norms`, fills it (float64, T + 2; 2 T + 2
+// with `costs`); with
 // `telemetry` (and no norms), fills it (float64, 3: see coordinated_at).
 template <typename T>
 bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
-                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms, double* telemetry) {
+                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms, double* telemetry,
+                       bool costs) {
   Coordinated<T> a;
   for (const auto& t : grads) a.g.push_back(t.data_ptr<T>());
   a.c.assign(coefficients.begin(), coefficients.end());
@@ -359,9 +364,10 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
   for (const double gamma_k : gamma) a.kappa_gamma.push_back(static_cast<T>(kappa * gamma_k));
   a.kappa = static_cast<T>(kappa);
   a.out = out.defined() ? out.data_ptr<T>() : nullptr;
+  a.costs = costs;
   a.n = grads[0].numel();
   const int64_t count = (a.n + kBlock - 1) / kBlock;
-  const int64_t per_block = 2 * static_cast<int64_t>(grads.size()) + 2;
+  const int64_t per_block = (costs ? 2 : 1) * static_cast<int64_t>(grads.size()) + 2;
   std::vector<T> checks(count, T(0));
   std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
   std::vector<double> telemetry_by_block(telemetry != nullptr ? count * 3 : 0, 0.0);
@@ -391,13 +397,13 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
 }
 
 // out = CoGrad's aggregate over `grads` (see concord::passable; `out` may be one of them: each element
-// is read before it is written; undefined: the norms alone); `norms` (2 T + 2 doubles, at most
-// kMaxNormTasks tasks) or null. Returns whether every element of out is finite.
+// is read before it is written; undefined: the norms alone); `norms` (T + 2 doubles, 2 T + 2 with
+// `costs`, at most kMaxNormTasks tasks) or null. Returns whether every element of out is finite.
 bool coordinated_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& coefficients,
                       const std::vector<double>& gamma, double kappa, const at::Tensor& out, double* norms = nullptr,
-                      double* telemetry = nullptr) {
-  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out, norms, telemetry);
-  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out, norms, telemetry);
+                      double* telemetry = nullptr, bool costs = false) {
+  if (grads[0].scalar_type() == at::kFloat) return typed_coordinated<float>(grads, coefficients, gamma, kappa, out, norms, telemetry, costs);
+  return typed_coordinated<double>(grads, coefficients, gamma, kappa, out, norms, telemetry, costs);
 }
 
 }  // namespace concord
@@ -431,18 +437,19 @@ std::vector<at::Tensor> gram_and_sum(std::vector<at::Tensor> grads, std::vector<
 
 // CoGrad's step on a CPU (concord.balancing.cograd.CoGrad): its aggregate over `grads` (see
 // concord::passable) with `kappa` where `form` (in grads[0] where `donate_first`), and with `norms`
-// its transference norms [||G_k||^2 .., ||P||^2, ||C||^2, <G_k, C> ..] (float64), in one pass. Returns {the
+// its transference norms [||G_k||^2 .., ||P||^2, ||C||^2] and with `costs` <G_k, C> .. after them
+// (float64), in one pass. Returns {the
 // aggregate (undefined without `form`), its check (0 where every element is finite, else NaN, in
 // the gradients' dtype), the norms (undefined without `norms`)}.
 std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<double> coefficients, std::vector<double> gamma,
-                                    double kappa, bool form, bool donate_first, bool norms) {
+                                    double kappa, bool form, bool donate_first, bool norms, bool costs) {
   TORCH_CHECK(!grads.empty() && grads.size() == coefficients.size() && grads.size() == gamma.size(),
               "cograd_pass: one coefficient and one gamma per gradient");
   TORCH_CHECK(concord::passable(grads), "cograd_pass: contiguous CPU float32 or float64 gradients of one shape");
   TORCH_CHECK(!norms || grads.size() <= concord::kMaxNormTasks, "cograd_pass: norms for at most 16 tasks");
   at::Tensor out = form ? (donate_first ? grads[0] : at::empty_like(grads[0])) : at::Tensor();
-  at::Tensor squares = norms ? at::empty({2 * static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
-  const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr);
+  at::Tensor squares = norms ? at::empty({(costs ? 2 : 1) * static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
+  const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr, nullptr, costs);
   at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
   return {out, check, squares};
 }
