@@ -2057,3 +2057,22 @@ def test_value_counts_summed_chunk_by_chunk_are_the_counts_of_all_values(monkeyp
         expected.update(tokens)
     assert values.counter() == expected
     assert _ValueCounts().counter() == Counter()
+
+
+def test_the_males_config_reads_yes_no_labels_and_holds_out_the_last_two_years(tmp_path):
+    """configs/males.yaml on interviews in plm's `Males` schema: union and married "yes" are 1, the log
+    wage stays as it is, a missing region is an empty bag, and 1986-87 are held out."""
+    header = "nr,year,school,exper,union,ethn,married,health,wage,industry,occupation,residence"
+    interviews = [(13, 1980, "no", "no", "1.1975", "north_east"), (13, 1985, "yes", "no", "1.8530", ""),
+                  (17, 1984, "no", "yes", "1.6754", "south"), (13, 1986, "yes", "yes", "1.5156", "north_east"),
+                  (17, 1987, "no", "yes", "1.7352", "")]
+    rows = [f"{nr},{year},14,{year - 1979},{union},other,{married},no,{wage},Trade,Service_Workers,{region}"
+            for nr, year, union, married, wage, region in interviews]
+    report = convert_rows(tmp_path, "males", header, rows, f"data.validation={tmp_path}/validation",
+                          "data.convert.split.validation_fraction=0")
+    assert report["rows"] == {"train": 3, "eval": 2}
+    both = both_splits(tmp_path, report)
+    assert both["union"] == [0, 1, 0, 1, 0] and both["married"] == [0, 0, 1, 1, 1]
+    assert both["log_wage"] == pytest.approx([1.1975, 1.8530, 1.6754, 1.5156, 1.7352])
+    assert both["residence"] == [[1], [], [2], [1], []]  # north_east and south once each in training: by value
+    assert both["person"] == [[1], [1], [2], [1], [2]]

@@ -15,6 +15,7 @@ def metric(summary, task):
 for out in sys.argv[1:]:
     runs = Path(out) / "runs"
     methods = sorted({p.name.rsplit("-seed", 1)[0] for p in runs.iterdir()} - {"equal"})
+    methods = [m for m in methods if not m.startswith("single-")]  # the tasks trained alone (--single-task)
     tasks = list(json.loads((runs / "equal-seed0/summary.json").read_text())["eval"])
     print(f"## {Path(out).name}")
     for m in methods:
