@@ -2076,3 +2076,21 @@ def test_the_males_config_reads_yes_no_labels_and_holds_out_the_last_two_years(t
     assert both["log_wage"] == pytest.approx([1.1975, 1.8530, 1.6754, 1.5156, 1.7352])
     assert both["residence"] == [[1], [], [2], [1], []]  # north_east and south once each in training: by value
     assert both["person"] == [[1], [1], [2], [1], [2]]
+
+
+def test_the_catsup_config_makes_four_exclusive_tasks_of_one_choice(tmp_path):
+    """configs/catsup.yaml on purchases in Ecdat's `Catsup` schema: each task is 1 where the choice
+    names its product, so every row has exactly one positive; dotted price and display columns are
+    renamed, the flags kept as 0/1."""
+    header = ("id,disp.heinz41,disp.heinz32,disp.heinz28,disp.hunts32,feat.heinz41,feat.heinz32,feat.heinz28,"
+              "feat.hunts32,price.heinz41,price.heinz32,price.heinz28,price.hunts32,choice")
+    choices = ["heinz28", "heinz32", "hunts32", "heinz41", "heinz32"]
+    rows = [f"{1 + i % 2},0,{i % 2},0,0,0,0,{int(i == 2)},0,4.6,{3.7 + i / 10},5.2,3.4,{choice}" for i, choice in enumerate(choices)]
+    report = convert_rows(tmp_path, "catsup", header, rows, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    tasks = ("heinz32", "heinz28", "hunts32", "heinz41")
+    assert [[train[t][i] for t in tasks] for i in range(5)] == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    assert train["disp_heinz32"] == [0, 1, 0, 1, 0] and train["feat_heinz28"] == [0, 0, 1, 0, 0]
+    assert train["price_heinz32"] == pytest.approx([(x - 3.9) / np.std([3.7, 3.8, 3.9, 4.0, 4.1]) for x in (3.7, 3.8, 3.9, 4.0, 4.1)], rel=1e-4)
+    assert report["vocab_sizes"] == {"household": 2}
