@@ -14,8 +14,8 @@ def metric(summary, task):
 
 for out in sys.argv[1:]:
     runs = Path(out) / "runs"
-    methods = sorted({p.name.rsplit("-seed", 1)[0] for p in runs.iterdir()} - {"equal"})
-    methods = [m for m in methods if not m.startswith("single-")]  # the tasks trained alone (--single-task)
+    names = {p.name.rsplit("-seed", 1)[0] for p in runs.iterdir()}
+    methods = sorted(m for m in names if m != "equal" and not m.startswith("single-"))  # single-: --single-task
     tasks = list(json.loads((runs / "equal-seed0/summary.json").read_text())["eval"])
     print(f"## {Path(out).name}")
     for m in methods:
