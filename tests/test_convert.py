@@ -2094,3 +2094,23 @@ def test_the_catsup_config_makes_four_exclusive_tasks_of_one_choice(tmp_path):
     assert train["disp_heinz32"] == [0, 1, 0, 1, 0] and train["feat_heinz28"] == [0, 0, 1, 0, 0]
     assert train["price_heinz32"] == pytest.approx([(x - 3.9) / np.std([3.7, 3.8, 3.9, 4.0, 4.1]) for x in (3.7, 3.8, 3.9, 4.0, 4.1)], rel=1e-4)
     assert report["vocab_sizes"] == {"household": 2}
+
+
+def test_the_yrbss_config_reads_days_as_thresholds_and_non_drivers_as_no_label(tmp_path):
+    """configs/yrbss.yaml on answers in openintro's `yrbss` schema: active from 5 days of 7 and strength
+    from 3, each masked where unanswered; texting 1 for any texting, 0 for none, no label for a
+    student who did not drive; a missing weight is filled and flagged; a student who answered none
+    of the three is skipped."""
+    header = ("age,gender,grade,hispanic,race,height,weight,helmet_12m,text_while_driving_30d,physically_active_7d,"
+              "hours_tv_per_school_day,strength_training_7d,school_night_hours_sleep")
+    answers = [("0", "4.0", "0.0", "70.0"), ("1-2", "5.0", "3.0", "60.0"), ("did not drive", "7.0", "", ""),
+               ("30", "", "2.0", "50.0"), ("did not drive", "", "", "55.0")]
+    rows = [f"16.0,female,10,not,White,1.7,{weight},never,{texting},{active},2,{strength},8"
+            for texting, active, strength, weight in answers]
+    report = convert_rows(tmp_path, "yrbss", header, rows, "data.convert.split.by=none",
+                          f"data.validation={tmp_path}/validation", "data.convert.split.validation_fraction=0")
+    assert report["skipped_rows"] == {"no label for any task": 1}
+    train = pq.read_table(tmp_path / "train").to_pydict()
+    assert train["active"] == [0, 1, 1, None] and train["strength"] == [0, 1, None, 0]
+    assert train["texting"] == [0, 1, None, 1]
+    assert train["weight_missing"] == [0, 0, 1, 0] and train["weight"][2] == 0.0  # the mean, once standardised
