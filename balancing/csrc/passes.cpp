@@ -163,6 +163,10 @@ bool sum_pass(const std::vector<at::Tensor>& grads, const std::vector<double>& c
 // Each block's check as in `blocks`.
 constexpr int kMaxNormTasks = 16;
 
+// How many numbers CoGrad's norms are for `tasks` gradients: ||G_k||^2 each, ||P||^2, ||C||^2, and with
+// `costs` <G_k, C> each (the layout transference_norms in concord.balancing.cograd returns).
+constexpr int64_t cograd_norm_count(int64_t tasks, bool costs) { return (costs ? 2 : 1) * tasks + 2; }
+
 template <typename T, int Bytes>
 struct VectorOf;
 template <int Bytes>
@@ -298,7 +302,7 @@ inline __attribute__((always_inline)) void coordinated_blocks(const Coordinated<
     if (telemetry)
       for (int j = 0; j < 3; ++j) a.telemetry_by_block[b * 3 + j] = lane_sum(measured[j], measured_tail[j]);
     if (!norms) continue;
-    double* block = a.norms_by_block + b * ((a.costs ? 2 * tasks : tasks) + 2);
+    double* block = a.norms_by_block + b * cograd_norm_count(tasks, a.costs);
     for (int k = 0; k < tasks; ++k) block[k] = lane_sum(squares[k], squares_tail[k]);
     block[tasks] = lane_sum(plain2, plain2_tail);
     block[tasks + 1] = lane_sum(correction2, correction2_tail);
@@ -367,7 +371,7 @@ bool typed_coordinated(const std::vector<at::Tensor>& grads, const std::vector<d
   a.costs = costs;
   a.n = grads[0].numel();
   const int64_t count = (a.n + kBlock - 1) / kBlock;
-  const int64_t per_block = (costs ? 2 : 1) * static_cast<int64_t>(grads.size()) + 2;
+  const int64_t per_block = cograd_norm_count(static_cast<int64_t>(grads.size()), costs);
   std::vector<T> checks(count, T(0));
   std::vector<double> by_block(norms != nullptr ? count * per_block : 0, 0.0);
   std::vector<double> telemetry_by_block(telemetry != nullptr ? count * 3 : 0, 0.0);
@@ -448,7 +452,7 @@ std::vector<at::Tensor> cograd_pass(std::vector<at::Tensor> grads, std::vector<d
   TORCH_CHECK(concord::passable(grads), "cograd_pass: contiguous CPU float32 or float64 gradients of one shape");
   TORCH_CHECK(!norms || grads.size() <= concord::kMaxNormTasks, "cograd_pass: norms for at most 16 tasks");
   at::Tensor out = form ? (donate_first ? grads[0] : at::empty_like(grads[0])) : at::Tensor();
-  at::Tensor squares = norms ? at::empty({(costs ? 2 : 1) * static_cast<int64_t>(grads.size()) + 2}, at::kDouble) : at::Tensor();
+  at::Tensor squares = norms ? at::empty({concord::cograd_norm_count(static_cast<int64_t>(grads.size()), costs)}, at::kDouble) : at::Tensor();
   const bool finite = concord::coordinated_pass(grads, coefficients, gamma, kappa, out, norms ? squares.data_ptr<double>() : nullptr, nullptr, costs);
   at::Tensor check = at::full({}, finite ? 0.0 : std::nan(""), grads[0].options());
   return {out, check, squares};
